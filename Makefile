@@ -1,0 +1,40 @@
+# Every entry point of longctx. `make test` and `make serve` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+MODEL_DIR ?= models/small
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup test serve model bench-cpu lint clean
+
+setup: $(STAMP)
+
+# torch first, pinned: every later requirement (`torch>=2.4`) is then already satisfied and pip
+# never reaches for a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[serve,test]"
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "warning: redis-server not installed; Redis tests will skip"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+$(MODEL_DIR)/config.json: | setup
+	$(BIN)/longctx make-model $(MODEL_DIR) --preset small
+
+model: $(MODEL_DIR)/config.json
+
+serve: setup model
+	$(BIN)/longctx serve --model $(MODEL_DIR) --port $(PORT)
+
+bench-cpu: setup
+	$(BIN)/python bench/engine_cpu.py
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

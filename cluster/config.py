@@ -1,0 +1,120 @@
+"""The one configuration of longctx: frozen, layered, validated once.
+
+YAML file -> CLI overrides -> `LongctxConfig` -> every component. Defaults live here and only
+here; argparse reads them from these classes. Nothing mutates a config after it is built: a
+per-rank or per-request variant is made with `model_copy(update=...)`.
+Extra keys are rejected so that a typo in a YAML file is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(_Frozen):
+    """Which model folder to serve and how to hold its weights."""
+
+    path: str = Field("", description="Hugging Face model folder (config.json, safetensors, tokenizer.json).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and activations; auto: config.json's torch_dtype on GPU, float32 on CPU."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + output in tokens; default: the model's max_position_embeddings."
+    )
+    attention_backend: str = Field("torch_sdpa", description="Name in model_shards.attention's registry.")
+
+
+class CacheSettings(_Frozen):
+    """The device KV cache: paged blocks plus automatic prefix caching."""
+
+    # 64 tokens: long contexts favour large blocks (1M tokens = 16,384 blocks instead of 65,536 at
+    # 16, so block tables, hashing and scheduler metadata shrink 4x) while prefix sharing stays
+    # fine-grained enough for chat turns. bench/engine_cpu.py measures hashing and scheduling per
+    # block size; bench/attention_gpu.py the paged attention rate.
+    block_size: int = Field(64, ge=1, le=4096, description="Tokens per KV block.")
+    num_device_blocks: int | None = Field(
+        None, ge=1, description="Device KV blocks; default: from device_memory_fraction (GPU) or cpu_kv_bytes (CPU)."
+    )
+    device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU memory share for weights + KV.")
+    cpu_kv_bytes: int = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
+    enable_prefix_caching: bool = True
+
+
+class SchedulerSettings(_Frozen):
+    """Continuous batching with chunked prefill under a per-step token budget."""
+
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once.")
+    max_tokens_per_step: int = Field(
+        2048, ge=1, description="Token budget per engine step: decodes first, then prefill chunks."
+    )
+    max_waiting_requests: int = Field(1024, ge=1, description="Queue bound in requests.")
+
+
+class ParallelSettings(_Frozen):
+    tensor_parallel_size: int = Field(1, ge=1)
+    sequence_parallel_size: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.sequence_parallel_size
+
+
+class LongctxConfig(_Frozen):
+    model: ModelSettings = ModelSettings()
+    cache: CacheSettings = CacheSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    parallel: ParallelSettings = ParallelSettings()
+
+    @model_validator(mode="after")
+    def _budget_covers_decodes(self) -> "LongctxConfig":
+        if self.scheduler.max_tokens_per_step < 1:
+            raise ValueError("scheduler.max_tokens_per_step must be >= 1")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "LongctxConfig":
+        """A new config with dotted keys replaced: {"cache.block_size": 16}. None values are skipped."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition(".")
+            if section not in data or key not in data[section]:
+                raise ConfigError(f"unknown config key {dotted!r}")
+            data[section][key] = value
+        return load_config_dict(data)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def load_config_dict(data: dict[str, Any]) -> LongctxConfig:
+    try:
+        return LongctxConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"config key {key!r}: {first['msg']}") from None
+
+
+def load_config(path: str | Path | None) -> LongctxConfig:
+    """Read a YAML config file; no file means all defaults."""
+    if path is None:
+        return LongctxConfig()
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return load_config_dict(data)

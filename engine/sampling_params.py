@@ -1,0 +1,81 @@
+"""Per-request sampling settings, validated once when the request arrives.
+
+Names follow OpenAI / vLLM so that the HTTP layer maps them one to one. A bad value raises
+`InvalidParameterError` naming the parameter, which the HTTP layer turns into a 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter out of range. `param` is the OpenAI-style parameter name."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy (argmax), the CLI default
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off; Hugging Face / CTRL semantics over prompt + output
+    presence_penalty: float = 0.0  # OpenAI semantics over output tokens only
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    eos_token_ids: tuple[int, ...] = field(default=(), compare=False)  # filled by the engine from the model
+
+    def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_probabilities()
+        self._check_penalties()
+
+    def _check_counts(self) -> None:
+        if self.max_tokens <= 0:
+            raise InvalidParameterError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise InvalidParameterError("n", f"must be >= 1, got {self.n}")
+        if self.top_k < 0:
+            raise InvalidParameterError("top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidParameterError("logprobs", f"must be between 0 and 20, got {self.logprobs}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidParameterError("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens}")
+        if any(not isinstance(text, str) or text == "" for text in self.stop):
+            raise InvalidParameterError("stop", "stop strings must be non-empty strings")
+
+    def _check_probabilities(self) -> None:
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidParameterError("temperature", f"must be between 0 and 100, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameterError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidParameterError("min_p", f"must be in [0, 1], got {self.min_p}")
+
+    def _check_penalties(self) -> None:
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise InvalidParameterError("repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidParameterError(name, f"must be between -2 and 2, got {value}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
