@@ -1,0 +1,153 @@
+"""Asynchronous front of the engine: `async for delta in engine.generate(...)`.
+
+The LLMEngine runs on one dedicated thread (its step is compute-bound and releases the GIL inside
+torch); callers on an asyncio loop talk to it through a command queue and get deltas back through
+per-request asyncio queues. Adding a request goes through the loop thread too, so a bad request
+raises in the caller's `generate` (the HTTP layer turns that into a 400), and an abort (a client
+that went away) frees the request's blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionDelta, EngineStats
+from engine.sampling_params import InvalidParameterError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; every request in flight gets this, and new ones too."""
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self.last_step_time = time.monotonic()  # health checks compare it with now
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run_loop, name="longctx-engine", daemon=True)
+        self._thread.start()
+
+    # --- caller side (any asyncio loop) ----------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> AsyncIterator[CompletionDelta]:
+        self._raise_if_dead()
+        if request_id in self._subscribers:
+            raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
+        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
+        self._subscribers[request_id] = subscriber
+        remaining = params.n
+        try:
+            await self._call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt))
+            while remaining:
+                item = await subscriber.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining -= item.finished
+                yield item
+        finally:
+            self._subscribers.pop(request_id, None)
+            if remaining and self._dead is None:
+                self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(lambda: self._dispatch(self.engine.abort_request(request_id)))
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the last step (no lock on the engine)."""
+        return self._stats
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    def seconds_since_last_step(self) -> float:
+        """0 while idle; how long the current step has run otherwise (stall detection)."""
+        if not self.engine.has_unfinished_requests() and self._commands.empty():
+            return 0.0
+        return time.monotonic() - self.last_step_time
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._submit(lambda: None)  # wake the loop
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    async def _call(self, function: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self._submit(function))
+
+    def _submit(self, function: Callable[[], Any]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((function, future))
+        return future
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+
+    # --- engine thread ---------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    self._dispatch(self.engine.step())
+                self.last_step_time = time.monotonic()
+                self._stats = self.engine.stats()
+        except BaseException as error:  # noqa: BLE001 - every failure must reach every caller
+            logger.exception("engine loop failed")
+            self._fail_everything(error)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            function, future = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._run_command(function, future)
+            try:
+                function, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _run_command(function, future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(function())
+        except Exception as error:  # noqa: BLE001 - handed to the caller, who raises it
+            future.set_exception(error)
+
+    def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        for delta in deltas:
+            subscriber = self._subscribers.get(delta.request_id)
+            if subscriber is not None:
+                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, delta)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        self._dead = error
+        dead = EngineDeadError(f"the engine stopped: {error!r}")
+        for subscriber in list(self._subscribers.values()):
+            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, dead)
+        while not self._commands.empty():
+            _, future = self._commands.get_nowait()
+            future.set_exception(dead)

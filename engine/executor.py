@@ -1,0 +1,61 @@
+"""Executors run a step on the model workers. One interface, several ways to host the workers.
+
+The scheduler and block manager stay in the driver; an executor only ships a `StepInput` to its
+workers and brings back the `StepOutput` of rank 0. In-process (one rank) lives here; the
+multiprocess and Ray-actor executors (tensor / sequence parallelism) register beside it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+from cluster.config import LongctxConfig
+from engine.step import StepInput, StepOutput
+
+
+class Executor(ABC):
+    @property
+    @abstractmethod
+    def num_kv_blocks(self) -> int:
+        """KV blocks every rank holds (the smallest over ranks)."""
+
+    @property
+    @abstractmethod
+    def kv_layout(self) -> str:
+        """A string naming dtype, block size and parallel layout, for prefix-hash fingerprints."""
+
+    @abstractmethod
+    def execute(self, step_input: StepInput) -> StepOutput: ...
+
+    def shutdown(self) -> None:
+        """Release workers and their memory."""
+
+
+class InProcessExecutor(Executor):
+    """One rank, in this process: the CPU default and the single-GPU path."""
+
+    def __init__(self, config: LongctxConfig):
+        from model_shards.worker import ModelWorker  # torch is imported only where a worker runs
+
+        self.worker = ModelWorker(config)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.worker.num_kv_blocks
+
+    @property
+    def kv_layout(self) -> str:
+        return self.worker.kv_layout
+
+    def execute(self, step_input: StepInput) -> StepOutput:
+        return self.worker.execute(step_input)
+
+
+EXECUTORS: dict[str, Callable[[LongctxConfig], Executor]] = {"in_process": InProcessExecutor}
+
+
+def create_executor(config: LongctxConfig) -> Executor:
+    if config.parallel.world_size > 1:
+        raise NotImplementedError("tensor / sequence parallelism needs the multiprocess executor")
+    return EXECUTORS["in_process"](config)

@@ -1,0 +1,195 @@
+"""The synchronous engine: add requests, step, read deltas. One step = schedule -> execute -> output.
+
+Threading: an LLMEngine is used by one thread (the async engine runs it on its own loop thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from cluster.config import LongctxConfig
+from engine.executor import Executor, create_executor
+from engine.output_processor import SequenceOutput
+from engine.outputs import CompletionDelta, EngineStats
+from engine.request import Request, RequestStatus
+from engine.sampling_params import InvalidParameterError, SamplingParams
+from engine.scheduler import Scheduler
+from engine.step import SampledToken
+from kvcache.block_hash import root_hash
+from kvcache.kv_cache_manager import KVCacheManager
+from model_shards.hf_config import load_architecture
+from model_shards.tokenizer import Tokenizer
+
+
+class ContextLengthExceededError(InvalidParameterError):
+    """The prompt does not fit the model's context; HTTP code `context_length_exceeded`."""
+
+    code = "context_length_exceeded"
+
+
+@dataclass
+class _Sequence:
+    """The engine's bookkeeping for one of a request's n sequences."""
+
+    request: Request
+    user_request_id: str
+    index: int
+    output: SequenceOutput
+    first_token_time: float | None = None
+    pending_logprobs: list[SampledToken] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: LongctxConfig, executor: Executor | None = None):
+        self.config = config
+        self.architecture = load_architecture(config.model.path)
+        self.tokenizer = Tokenizer.from_folder(config.model.path)
+        self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
+        self.executor = executor or create_executor(config)
+        self.block_size = config.cache.block_size
+        self.kv_cache_manager = KVCacheManager(
+            self.executor.num_kv_blocks, self.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.model_fingerprint = f"{self.architecture.fingerprint()}|{self.executor.kv_layout}"
+        self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
+        self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
+
+    # --- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        if request_id in self._request_groups:
+            raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
+        token_ids = self._tokenize(prompt)
+        self._check_fits_kv_cache(len(token_ids), params)
+        params = dataclasses.replace(params, eos_token_ids=self.tokenizer.eos_token_ids)
+        chain_root = root_hash(self.model_fingerprint, cache_salt)
+        internal_ids = []
+        for index in range(params.n):
+            internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            self._add_sequence(internal_id, request_id, index, token_ids, self._sequence_params(params, index), chain_root)
+            internal_ids.append(internal_id)
+        self._request_groups[request_id] = internal_ids
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if not prompt:  # "" would still encode to a lone BOS token
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ContextLengthExceededError(
+                "prompt",
+                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens, prompt and output together",
+            )
+        vocab_size = self.architecture.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab_size})")
+        return token_ids
+
+    def _check_fits_kv_cache(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        # A sequence that cannot fit the whole cache alone would be preempted for ever.
+        num_tokens = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        if num_blocks > self.executor.num_kv_blocks:
+            capacity = self.executor.num_kv_blocks * self.block_size
+            raise ContextLengthExceededError(
+                "prompt",
+                f"prompt and max_tokens need {num_tokens} tokens of KV cache; this replica holds {capacity}",
+            )
+
+    @staticmethod
+    def _sequence_params(params: SamplingParams, index: int) -> SamplingParams:
+        # n > 1: each sequence samples on its own, seeded with seed + index when a seed is given.
+        seed = None if params.seed is None else params.seed + index
+        return dataclasses.replace(params, n=1, seed=seed)
+
+    def _add_sequence(self, internal_id, user_id, index, token_ids, params, chain_root) -> None:
+        request = Request(internal_id, token_ids, params, chain_root, self.block_size)
+        output = SequenceOutput(request, self.tokenizer, self.max_model_len)
+        self.scheduler.add_request(request)
+        self._sequences[internal_id] = _Sequence(request, user_id, index, output)
+
+    def abort_request(self, request_id: str) -> list[CompletionDelta]:
+        """Abort all sequences of a caller's request; their blocks are freed now."""
+        deltas = []
+        for internal_id in self._request_groups.get(request_id, []):
+            sequence = self._sequences.get(internal_id)
+            if sequence is not None:
+                deltas.append(self._finish(sequence, RequestStatus.FINISHED_ABORTED, "", ()))
+        return deltas
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # --- the step ------------------------------------------------------------------------
+    def step(self) -> list[CompletionDelta]:
+        step_input = self.scheduler.schedule()
+        if not step_input.num_scheduled_tokens and not step_input.finished_request_ids:
+            return []
+        step_output = self.executor.execute(step_input)
+        sampled = self.scheduler.update_from_output(step_input, step_output)
+        return [self._process_token(self._sequences[rid], token) for rid, token in sampled.items()]
+
+    def _process_token(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
+        if sequence.first_token_time is None:
+            sequence.first_token_time = time.monotonic()
+        result = sequence.output.process(sequence.request, token)
+        logprobs = (token,) if sequence.request.sampling_params.logprobs is not None else ()
+        if result.finish_status is not None:
+            return self._finish(sequence, result.finish_status, result.text, (token.token_id,), logprobs)
+        return self._delta(sequence, result.text, (token.token_id,), logprobs)
+
+    def _finish(self, sequence, status: RequestStatus, text: str, token_ids, logprobs=()) -> CompletionDelta:
+        request = sequence.request
+        num_kv_blocks = len(self.kv_cache_manager.block_table(request.request_id))
+        self.scheduler.finish_request(request.request_id, status)
+        del self._sequences[request.request_id]
+        group = self._request_groups.get(sequence.user_request_id, [])
+        if request.request_id in group:
+            group.remove(request.request_id)
+        if not group:
+            self._request_groups.pop(sequence.user_request_id, None)
+        return self._delta(sequence, text, token_ids, logprobs, status.value, num_kv_blocks)
+
+    def _delta(self, sequence, text, token_ids, logprobs, finish_reason=None, num_kv_blocks=None) -> CompletionDelta:
+        request = sequence.request
+        if num_kv_blocks is None:
+            num_kv_blocks = len(self.kv_cache_manager.block_table(request.request_id))
+        return CompletionDelta(
+            request_id=sequence.user_request_id,
+            index=sequence.index,
+            text=text,
+            token_ids=tuple(token_ids),
+            logprobs=tuple(logprobs),
+            finished=finish_reason is not None,
+            finish_reason=finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_prefix_hit_tokens=request.num_prefix_hit_tokens,
+            num_kv_blocks=num_kv_blocks,
+        )
+
+    # --- observability -------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(self.scheduler.waiting),
+            num_queued_tokens=self.scheduler.num_queued_tokens,
+            num_running_kv_tokens=sum(r.num_computed_tokens for r in running),
+            num_free_kv_blocks=self.kv_cache_manager.num_free_blocks,
+            num_total_kv_blocks=self.executor.num_kv_blocks,
+            block_size=self.block_size,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

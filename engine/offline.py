@@ -1,0 +1,76 @@
+"""Run the engine to completion over a batch of prompts: the CLI, tests and benches use this."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionDelta
+from engine.sampling_params import SamplingParams
+from engine.step import SampledToken
+
+
+@dataclass
+class GenerationResult:
+    """One finished sequence, with the timing that the CLI's --json reports."""
+
+    request_id: str
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[SampledToken] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    num_kv_blocks: int = 0
+    start_time: float = 0.0
+    first_token_time: float | None = None
+    end_time: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.start_time
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.end_time is None or self.first_token_time is None or len(self.token_ids) < 2:
+            return None
+        return (self.end_time - self.first_token_time) / (len(self.token_ids) - 1)
+
+    def absorb(self, delta: CompletionDelta, now: float) -> None:
+        if delta.token_ids and self.first_token_time is None:
+            self.first_token_time = now
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        self.num_prompt_tokens = delta.num_prompt_tokens
+        self.num_prefix_hit_tokens = delta.num_prefix_hit_tokens
+        self.num_kv_blocks = max(self.num_kv_blocks, delta.num_kv_blocks)
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+            self.end_time = now
+
+
+def generate(
+    engine: LLMEngine,
+    prompts: list[str | list[int]],
+    params: SamplingParams | list[SamplingParams],
+    cache_salt: str | None = None,
+) -> list[list[GenerationResult]]:
+    """Generate for every prompt at once (continuous batching); result[i][j] is prompt i's j-th sequence."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    start = time.monotonic()
+    results: dict[tuple[str, int], GenerationResult] = {}
+    request_ids = [f"offline-{start:.6f}-{i}" for i in range(len(prompts))]
+    for request_id, prompt, request_params in zip(request_ids, prompts, params_list):
+        engine.add_request(request_id, prompt, request_params, cache_salt)
+        for index in range(request_params.n):
+            results[(request_id, index)] = GenerationResult(request_id, index, start_time=start)
+    while engine.has_unfinished_requests():
+        deltas = engine.step()
+        now = time.monotonic()
+        for delta in deltas:
+            results[(delta.request_id, delta.index)].absorb(delta, now)
+    return [[results[(rid, i)] for i in range(p.n)] for rid, p in zip(request_ids, params_list)]

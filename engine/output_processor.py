@@ -1,0 +1,50 @@
+"""Turn sampled token ids into text deltas and decide when each sequence stops. No tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.request import Request, RequestStatus
+from engine.step import SampledToken
+from engine.stop_strings import StopStringMatcher
+
+
+@dataclass
+class StepResult:
+    """One sequence's outcome of one step: new text, and a status when it finished."""
+
+    text: str
+    finish_status: RequestStatus | None
+
+
+class SequenceOutput:
+    """Per-sequence output state: incremental detokenizer plus stop-string matcher."""
+
+    def __init__(self, request: Request, tokenizer, max_model_len: int):
+        params = request.sampling_params
+        self.params = params
+        self.max_model_len = max_model_len
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        self.stop_matcher = StopStringMatcher(params.stop)
+        self.stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self.stop_token_ids.update(params.eos_token_ids)
+
+    def process(self, request: Request, token: SampledToken) -> StepResult:
+        """`request` already holds `token` as its last output token."""
+        if self._is_stop_token(request, token.token_id):
+            return StepResult(self.stop_matcher.flush(), RequestStatus.FINISHED_STOPPED)
+        text, hit_stop_string = self.stop_matcher.feed(self.detokenizer.append(token.token_id))
+        if hit_stop_string:
+            return StepResult(text, RequestStatus.FINISHED_STOPPED)
+        if self._reached_length(request):
+            return StepResult(text + self.stop_matcher.flush(), RequestStatus.FINISHED_LENGTH)
+        return StepResult(text, None)
+
+    def _is_stop_token(self, request: Request, token_id: int) -> bool:
+        # min_tokens: the sampler masks stop tokens until then; this guards the same rule here.
+        return token_id in self.stop_token_ids and request.num_output_tokens > self.params.min_tokens
+
+    def _reached_length(self, request: Request) -> bool:
+        return request.num_output_tokens >= self.params.max_tokens or request.num_tokens >= self.max_model_len

@@ -1,0 +1,37 @@
+"""What the engine hands back per step and per request: deltas, ready to stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.step import SampledToken
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """New output of one sequence since its previous delta. The last one has finished=True."""
+
+    request_id: str  # the caller's id; n > 1 sequences share it and differ by `index`
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[SampledToken, ...]  # one per token in token_ids when logprobs were asked for
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    num_prompt_tokens: int
+    num_output_tokens: int  # so far
+    num_prefix_hit_tokens: int  # prompt tokens served from the prefix cache
+    num_kv_blocks: int = 0  # blocks the sequence held when the delta was made
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for routing, autoscaling and metrics. Tokens, not requests."""
+
+    num_running: int
+    num_waiting: int
+    num_queued_tokens: int  # prompt tokens not yet computed, over the waiting queue
+    num_running_kv_tokens: int
+    num_free_kv_blocks: int
+    num_total_kv_blocks: int
+    block_size: int

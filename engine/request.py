@@ -1,0 +1,79 @@
+"""A request (one output sequence) as the scheduler sees it: token ids and progress, no tensors."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+from kvcache.block_hash import hash_full_blocks
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # eos, stop token or stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the model's context
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    root_hash: bytes  # start of this request's prefix-hash chain: model, KV layout, tenant salt
+    block_size: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    # Prompt then outputs, appended in place: a 1M-token prompt is never copied per step.
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (hits included)
+    num_prefix_hit_tokens: int = 0  # of the prompt, served from the prefix cache at admission
+    num_preemptions: int = 0
+    block_hashes: list[bytes] = field(init=False)  # one per full block of token_ids
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        self.block_hashes = []
+        self.extend_block_hashes()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if len(self.token_ids) % self.block_size == 0:
+            self.extend_block_hashes()
+
+    def extend_block_hashes(self) -> None:
+        """Hash the blocks that became full since the last call: O(new blocks)."""
+        num_full_blocks = len(self.token_ids) // self.block_size
+        num_hashed = len(self.block_hashes)
+        if num_full_blocks == num_hashed:
+            return
+        parent = self.block_hashes[-1] if self.block_hashes else self.root_hash
+        new_tokens = self.token_ids[num_hashed * self.block_size : num_full_blocks * self.block_size]
+        self.block_hashes.extend(hash_full_blocks(new_tokens, self.block_size, parent))

@@ -1,0 +1,189 @@
+"""Continuous batching with chunked prefill under a per-step token budget. No tensors.
+
+Each step spends at most `max_tokens_per_step` tokens, in this order:
+  1. one token for every running request that is decoding (decodes never wait behind a prefill),
+  2. the next prefill chunk of running requests whose prompt is not computed yet,
+  3. new requests from the waiting queue, FCFS, after a prefix-cache lookup.
+So a 1M-token prompt advances by one budget-sized chunk per step while every other request keeps
+producing a token per step. When the KV cache runs out of blocks, the most recently arrived
+running request is preempted: its blocks are freed and it goes back to the head of the queue to
+be recomputed (its full blocks usually survive in the prefix cache, so recompute is cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cluster.config import SchedulerSettings
+from engine.request import Request, RequestStatus
+from engine.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
+from kvcache.kv_cache_manager import KVCacheManager
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the HTTP layer answers 429."""
+
+
+@dataclass
+class _StepPlan:
+    """What one schedule() call decided, before it is frozen into a StepInput."""
+
+    budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    preempted_any: bool = False
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings, kv_cache_manager: KVCacheManager):
+        self.settings = settings
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # arrival order: the last one is preempted first
+        self.requests: dict[str, Request] = {}
+        self._dropped_request_ids: set[str] = set()  # workers must forget these next step
+        self._step_id = 0
+
+    # --- queue ---------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if len(self.waiting) >= self.settings.max_waiting_requests:
+            raise QueueFullError(f"waiting queue full ({self.settings.max_waiting_requests} requests)")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Stop a request (finished or aborted) and free its blocks at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache_manager.free(request_id)
+        self._dropped_request_ids.add(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_queued_tokens(self) -> int:
+        return sum(request.num_uncomputed_tokens for request in self.waiting)
+
+    # --- scheduling ----------------------------------------------------------------------
+    def schedule(self) -> StepInput:
+        plan = _StepPlan(budget=self.settings.max_tokens_per_step)
+        decoding = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefilling = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        for request in decoding + prefilling:
+            if plan.budget == 0:
+                break
+            if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
+                self._schedule_running(request, plan)
+        if not plan.preempted_any:
+            self._admit_waiting(plan)
+        return self._freeze(plan)
+
+    def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
+        num_new = min(request.num_uncomputed_tokens, plan.budget)
+        while True:
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request.request_id, request.num_computed_tokens + num_new
+            )
+            if new_blocks is not None:
+                break
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return
+        plan.num_scheduled_tokens[request.request_id] = num_new
+        plan.cached_requests.append(
+            CachedRequestData(request.request_id, tuple(new_blocks), request.num_computed_tokens)
+        )
+        plan.budget -= num_new
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        self.running.remove(request)
+        self.kv_cache_manager.free(request.request_id)
+        self._dropped_request_ids.add(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        plan.preempted_any = True
+        if request.request_id in plan.num_scheduled_tokens:  # scheduled earlier this step: undo
+            plan.budget += plan.num_scheduled_tokens.pop(request.request_id)
+            plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request.request_id]
+
+    def _admit_waiting(self, plan: _StepPlan) -> None:
+        while self.waiting and plan.budget > 0 and len(self.running) < self.settings.max_num_seqs:
+            if not self._admit(self.waiting[0], plan):
+                return
+            self.waiting.popleft()
+
+    def _admit(self, request: Request, plan: _StepPlan) -> bool:
+        cached_blocks, num_hit_tokens = self.kv_cache_manager.find_cached_prefix(
+            request.block_hashes, request.num_tokens
+        )
+        num_new = min(request.num_tokens - num_hit_tokens, plan.budget)
+        new_blocks = self.kv_cache_manager.allocate_slots(
+            request.request_id, num_hit_tokens + num_new, cached_blocks
+        )
+        if new_blocks is None:
+            return False
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_hit_tokens
+        if request.num_preemptions == 0:
+            request.num_prefix_hit_tokens = num_hit_tokens
+        self.running.append(request)
+        plan.num_scheduled_tokens[request.request_id] = num_new
+        plan.new_requests.append(self._new_request_data(request))
+        plan.budget -= num_new
+        return True
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            request_id=request.request_id,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            output_token_ids=tuple(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            block_ids=tuple(self.kv_cache_manager.block_table(request.request_id)),
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+    def _freeze(self, plan: _StepPlan) -> StepInput:
+        self._step_id += 1
+        dropped = frozenset(self._dropped_request_ids)
+        self._dropped_request_ids.clear()
+        return StepInput(
+            step_id=self._step_id,
+            new_requests=tuple(plan.new_requests),
+            cached_requests=tuple(plan.cached_requests),
+            num_scheduled_tokens=plan.num_scheduled_tokens,
+            finished_request_ids=dropped,
+        )
+
+    # --- after the step ------------------------------------------------------------------
+    def update_from_output(self, step_input: StepInput, step_output: StepOutput) -> dict[str, SampledToken]:
+        """Advance every scheduled request; return the tokens sampled for requests still alive."""
+        sampled: dict[str, SampledToken] = {}
+        for request_id, num_tokens in step_input.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += num_tokens
+            self._cache_computed_blocks(request)
+            token = step_output.sampled.get(request_id)
+            if token is not None:
+                request.append_output_token(token.token_id)
+                sampled[request_id] = token
+        return sampled
+
+    def _cache_computed_blocks(self, request: Request) -> None:
+        # A no-op in the manager when prefix caching is off.
+        self.kv_cache_manager.cache_full_blocks(
+            request.request_id, request.block_hashes, request.num_computed_tokens
+        )

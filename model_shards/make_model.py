@@ -1,0 +1,562 @@
+"""Write a complete Hugging Face model folder with deterministic random weights.
+
+No model hub is reachable here, so every test and demo builds its own model: a real config.json,
+real safetensors (sharded with an index when large), a real byte-level BPE tokenizer trained
+locally, a Llama-3-style chat template and generation_config.json. transformers loads the result
+with `from_pretrained`, which makes it the reference our engine is compared against.
+
+Random weights are scaled so that the model's next-token distribution is peaked (logit std about
+4, typical top-1 / top-2 gaps well above float32 noise): greedy outputs are then stable under
+reordered float32 arithmetic, which token-by-token comparisons against transformers need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import random
+import struct
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+BOS_TOKEN = "<|begin_of_text|>"
+END_OF_TEXT_TOKEN = "<|end_of_text|>"
+EOT_TOKEN = "<|eot_id|>"
+SPECIAL_TOKENS = (BOS_TOKEN, END_OF_TEXT_TOKEN, "<|start_header_id|>", "<|end_header_id|>", EOT_TOKEN)
+# The built-in corpus cannot support more merges than this; larger model vocabularies get padding
+# rows (ids the tokenizer never produces), as published checkpoints often have.
+MAX_TOKENIZER_VOCAB = 32768
+MIN_VOCAB = 512
+
+# Llama 3's pre-tokenizer split: contractions, letter runs, 1-3 digit groups, punctuation, spaces.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Llama 3's chat template, plus a role check that exercises `raise_exception`.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Initialisation. Embedding rows and projection outputs have unit scale, so every layer moves the
+# residual stream as much as the token embedding does (otherwise a random model mostly echoes the
+# current token). The output matrix gives logits of std LOGIT_STD: a peaked distribution.
+EMBEDDING_STD = 1.0
+NORM_WEIGHT_SPREAD = 0.1  # norm weights are 1 + N(0, 0.1^2): near 1, yet a lost norm weight shows
+BIAS_STD = 0.5
+LOGIT_STD = 4.0
+# Special-token and padding rows of the output matrix are shrunk so that a random model practically
+# never emits them: greedy runs last their full length and always decode to text.
+UNUSED_ROW_SCALE = 0.05
+
+ROPE_SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"}, {"beta_fast", "beta_slow", "attention_factor"}),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+}
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """The shape of a model; every field can be overridden by name."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "float32"
+    rope_scaling: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        _check_shape(self)
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", MappingProxyType(_checked_rope_scaling(self.rope_scaling)))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(spec.shape) for spec in weight_specs(self, "llama"))
+
+
+# --- presets and overrides ---------------------------------------------------------------------
+
+
+def _check_field_types(preset: ModelPreset) -> None:
+    hints = typing.get_type_hints(ModelPreset)
+    for field in dataclasses.fields(preset):
+        value = getattr(preset, field.name)
+        expected = hints[field.name]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(preset, field.name, float(value))
+        elif expected in (int, bool, str) and type(value) is not expected:
+            raise ValueError(f"{field.name} must be {expected.__name__}, got {value!r}")
+
+
+def _check_shape(preset: ModelPreset) -> None:
+    positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "max_position_embeddings")  # fmt: skip
+    for name in positive:
+        if getattr(preset, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(preset, name)}")
+    if preset.hidden_size % preset.num_attention_heads:
+        # transformers' LlamaConfig rejects this even when head_dim is explicit.
+        raise ValueError(f"hidden_size {preset.hidden_size} is not a multiple of num_attention_heads")
+    if preset.num_attention_heads % preset.num_key_value_heads:
+        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+    if preset.head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {preset.head_dim}")
+    if preset.vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (byte-level BPE), got {preset.vocab_size}")
+    if preset.torch_dtype not in DTYPES:
+        raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {preset.torch_dtype!r}")
+
+
+def _checked_rope_scaling(rope_scaling: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy with `rope_type` (older configs say `type`), after checking the keys for that type."""
+    scaling = dict(rope_scaling)
+    rope_type = scaling.pop("rope_type", scaling.pop("type", None))
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling rope_type must be one of {sorted(ROPE_SCALING_KEYS)}, got {rope_type!r}")
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    if missing := required - scaling.keys():
+        raise ValueError(f"rope_scaling of type {rope_type} lacks {sorted(missing)}")
+    if unknown := scaling.keys() - required - optional:
+        raise ValueError(f"rope_scaling of type {rope_type} has unknown keys {sorted(unknown)}")
+    if not isinstance(scaling["factor"], (int, float)) or scaling["factor"] < 1:
+        raise ValueError(f"rope_scaling factor must be a number >= 1, got {scaling['factor']!r}")
+    return {"rope_type": rope_type, **scaling}
+
+
+def resolve_preset(
+    preset: str, *, rope_scaling: Mapping[str, Any] | None = None, dtype: str | torch.dtype | None = None,
+    **overrides: Any,
+) -> ModelPreset:  # fmt: skip
+    """The named preset with overrides applied; `{"rope_type": "default"}` removes rope scaling."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    known = {field.name for field in dataclasses.fields(ModelPreset)}
+    if unknown := sorted(overrides.keys() - known):
+        raise ValueError(f"unknown model setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    if rope_scaling is not None:
+        default = rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
+        overrides["rope_scaling"] = None if default else rope_scaling
+    if dtype is not None:
+        overrides["torch_dtype"] = _dtype_name(dtype)
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        names = {value: name for name, value in DTYPES.items()}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        return names[dtype]
+    return dtype
+
+
+LLAMA3_ROPE_SCALING = MappingProxyType(
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+)
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=1024, max_position_embeddings=4096, rope_theta=10000.0,
+    ),
+    "small": ModelPreset(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        intermediate_size=1536, vocab_size=16384, max_position_embeddings=131072, rope_theta=500000.0,
+    ),
+    "llama3-8b-shape": ModelPreset(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        torch_dtype="bfloat16", rope_scaling=LLAMA3_ROPE_SCALING,
+    ),
+}  # fmt: skip
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    std: float  # for kind "normal"; the spread around 1 for "norm"
+    kind: str = "normal"  # "normal" | "norm"
+    unused_rows: tuple[int, int] | None = None  # (first id, count of ids) never emitted: see UNUSED_ROW_SCALE
+
+
+def weight_specs(preset: ModelPreset, architecture: str, tokenizer_vocab: int | None = None) -> list[TensorSpec]:
+    """Every tensor of the checkpoint, in model order, with its Hugging Face name."""
+    hidden, vocab = preset.hidden_size, preset.vocab_size
+    output_rows = None
+    if tokenizer_vocab is not None:
+        first_special = tokenizer_vocab - len(SPECIAL_TOKENS)
+        output_rows = (first_special, vocab - first_special)
+    output = TensorSpec("lm_head.weight", (vocab, hidden), LOGIT_STD / math.sqrt(hidden), unused_rows=output_rows)
+    if preset.tie_word_embeddings:
+        # One matrix serves both ends with the output's scale; the layers' unit outputs dominate it.
+        specs = [dataclasses.replace(output, name="model.embed_tokens.weight")]
+    else:
+        specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), EMBEDDING_STD)]
+    for layer in range(preset.num_hidden_layers):
+        specs += _layer_specs(preset, architecture, f"model.layers.{layer}.")
+    specs.append(TensorSpec("model.norm.weight", (hidden,), NORM_WEIGHT_SPREAD, kind="norm"))
+    if not preset.tie_word_embeddings:
+        specs.append(output)
+    return specs
+
+
+def _layer_specs(preset: ModelPreset, architecture: str, prefix: str) -> list[TensorSpec]:
+    hidden, ffn = preset.hidden_size, preset.intermediate_size
+    q_out = preset.num_attention_heads * preset.head_dim
+    kv_out = preset.num_key_value_heads * preset.head_dim
+    specs = [TensorSpec(prefix + "input_layernorm.weight", (hidden,), NORM_WEIGHT_SPREAD, kind="norm")]
+    for name, out_features in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
+        specs.append(_linear(prefix + f"self_attn.{name}.weight", out_features, hidden))
+        if architecture == "qwen2":
+            specs.append(TensorSpec(prefix + f"self_attn.{name}.bias", (out_features,), BIAS_STD))
+    specs.append(_linear(prefix + "self_attn.o_proj.weight", hidden, q_out))
+    specs.append(TensorSpec(prefix + "post_attention_layernorm.weight", (hidden,), NORM_WEIGHT_SPREAD, kind="norm"))
+    specs.append(_linear(prefix + "mlp.gate_proj.weight", ffn, hidden))
+    specs.append(_linear(prefix + "mlp.up_proj.weight", ffn, hidden))
+    specs.append(_linear(prefix + "mlp.down_proj.weight", hidden, ffn))
+    return specs
+
+
+def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
+    # std 1/sqrt(fan_in) keeps unit-scale inputs at unit scale (torch Linear layout: out x in).
+    return TensorSpec(name, (out_features, in_features), 1.0 / math.sqrt(in_features))
+
+
+def make_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
+    """The float32 values of one tensor; they depend only on (seed, name), not on write order."""
+    digest = hashlib.sha256(f"{seed}/{spec.name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    values = torch.randn(spec.shape, generator=generator, dtype=torch.float32) * spec.std
+    if spec.kind == "norm":
+        values += 1.0
+    if spec.unused_rows is not None:
+        first, count = spec.unused_rows
+        values[first : first + count] *= UNUSED_ROW_SCALE
+    return values
+
+
+# --- safetensors, streamed ---------------------------------------------------------------------
+
+
+def _plan_shards(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors packed greedily; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    shard_bytes = 0
+    for spec in specs:
+        nbytes = math.prod(spec.shape) * itemsize
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(spec)
+        shard_bytes += nbytes
+    return shards
+
+
+def _safetensors_header(specs: list[TensorSpec], dtype: torch.dtype) -> bytes:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        end = offset + math.prod(spec.shape) * itemsize
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(spec.shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def write_safetensors(path: Path, specs: list[TensorSpec], tensor_for: Callable[[TensorSpec], torch.Tensor],
+                      dtype: torch.dtype) -> None:  # fmt: skip
+    """Write the header from the shapes first, then one tensor at a time: memory holds one tensor."""
+    with open(path, "wb") as file:
+        file.write(_safetensors_header(specs, dtype))
+        for spec in specs:
+            tensor = tensor_for(spec).to(dtype).contiguous()
+            file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_weights(out_dir: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, max_shard_bytes: int) -> int:
+    """Write model.safetensors, or shards and their index; returns the number of files."""
+    for stale in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = _plan_shards(specs, itemsize, max_shard_bytes)
+    tensor_for = functools.partial(make_tensor, seed=seed)
+    if len(shards) == 1:
+        write_safetensors(out_dir / "model.safetensors", specs, tensor_for, dtype)
+        return 1
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out_dir / file_name, shard, tensor_for, dtype)
+        weight_map.update({spec.name: file_name for spec in shard})
+    total_size = sum(math.prod(spec.shape) for spec in specs) * itemsize
+    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    return len(shards)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
+
+# Real text in several scripts, so that byte-level BPE learns English and code well while rarer
+# multi-byte characters (CJK, emoji) stay split over several tokens.
+_CORPUS_TEXT = """\
+The quick brown fox jumps over the lazy dog. A long context lets a model read a whole book, a
+code base or a year of chat logs at once, and answer questions about any part of it.
+Serving large language models means batching requests, caching keys and values, and streaming
+tokens back to the client as soon as they are sampled. The scheduler decides which requests run
+in each step; the workers compute attention over every cached block of every sequence.
+It's a naïve café owner's résumé: she'd rather read Goethe's Faust über Nacht, à la française.
+El niño pidió una canción; la señora respondió con cariño. Ça va très bien, merci beaucoup!
+Москва — столица России. Съешь же ещё этих мягких французских булок, да выпей чаю.
+Η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο. Ελληνικά γράμματα: α β γ δ ε.
+東京は日本の首都です。今日はいい天気ですね。私は本を読みます。
+北京是中国的首都。我们今天去图书馆看书，然后一起吃饭。
+서울은 한국의 수도입니다. 안녕하세요, 만나서 반갑습니다.
+مرحبا بالعالم. اللغة العربية جميلة. हिन्दी भाषा भारत में बोली जाती है।
+Emoji: 😀 😂 🚀 🎉 👍🏽 👨‍👩‍👧‍👦 🇯🇵 ❤️ ✨ — math: ∑ ∫ √ ≤ ≥ ≠ ∞ π ≈ 3.14159; arrows → ← ↔.
+def fibonacci(n: int) -> int:
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+for index, value in enumerate(values):
+    print(f"{index}: {value!r}")  # comments explain why, not what
+
+class Request:
+    def __init__(self, request_id: str, prompt: list[int]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+
+{"model": "longctx", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 128}
+SELECT name, count(*) FROM requests WHERE status = 'done' GROUP BY name ORDER BY 2 DESC;
+if (x != NULL && y >= 0) { return x->next[y]; } else { exit(1); }
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 1024 65536 1000000 3.5e-7 2026-11-23 12:34:56.
+"""
+
+_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "ch",
+           "cl", "dr", "fl", "gr", "pl", "pr", "sh", "st", "th", "tr"]  # fmt: skip
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ee", "ie", "oo", "ou", "y"]
+_CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck", "x"]
+
+
+def _training_corpus(bpe_vocab: int) -> Iterator[str]:
+    """The real text, repeated, plus pseudo-words (enough distinct ones for large vocabularies)."""
+    for _ in range(8):
+        yield from _CORPUS_TEXT.splitlines(keepends=True)
+    rng = random.Random(20261123)
+    lexicon = [_pseudo_word(rng) for _ in range(bpe_vocab)]
+    weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]  # Zipf, like real word counts
+    for _ in range(bpe_vocab // 4):
+        words = rng.choices(lexicon, weights, k=12)
+        yield " ".join(words).capitalize() + rng.choice([". ", ", ", "? ", "!\n", ".\n"])
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    syllables = rng.randint(1, 4)
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+@functools.lru_cache(maxsize=8)
+def trained_tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE tokenizer of at most `vocab_size` ids, special tokens last (as in Llama 3).
+
+    Training is deterministic (fixed corpus, the trainer breaks count ties by pair), and cached in
+    this process so that tests making many model folders train once per vocabulary size.
+    """
+    bpe_vocab = min(vocab_size, MAX_TOKENIZER_VOCAB) - len(SPECIAL_TOKENS)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_training_corpus(bpe_vocab), trainer)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+        ),
+    ])  # fmt: skip
+    return tokenizer.to_str()
+
+
+def _tokenizer_config(tokenizer: Tokenizer, preset: ModelPreset) -> dict[str, Any]:
+    added_tokens = {
+        str(tokenizer.token_to_id(token)): {
+            "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True,
+        }
+        for token in SPECIAL_TOKENS
+    }  # fmt: skip
+    return {
+        "added_tokens_decoder": added_tokens,
+        "bos_token": BOS_TOKEN,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOT_TOKEN,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": preset.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+# --- config files ----------------------------------------------------------------------------------
+
+
+def _model_config(preset: ModelPreset, architecture: str, bos_id: int, eos_ids: list[int]) -> dict[str, Any]:
+    """config.json as published checkpoints write it: `rope_theta` + `rope_scaling` at the top."""
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[architecture]],
+        "model_type": architecture,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_ids,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "rope_scaling": dict(preset.rope_scaling) if preset.rope_scaling is not None else None,
+        "use_cache": True,
+        **{field.name: getattr(preset, field.name) for field in dataclasses.fields(preset) if field.name != "rope_scaling"},
+    }
+    if architecture == "llama":
+        config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif architecture == "mistral":
+        config.update(sliding_window=None)  # full attention: a sliding window would cap the context
+    else:
+        # Qwen2 configs carry no head_dim (the model derives it); its q/k/v always have biases.
+        del config["head_dim"]
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=preset.num_hidden_layers)
+    return config
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+
+def make_model(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    architecture: str = "llama",
+    rope_scaling: Mapping[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    **overrides: Any,
+) -> Path:
+    """Write a Hugging Face model folder with random weights from `seed`; returns the folder."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    shape = resolve_preset(preset, rope_scaling=rope_scaling, dtype=dtype, **overrides)
+    if architecture == "qwen2" and shape.head_dim * shape.num_attention_heads != shape.hidden_size:
+        raise ValueError("qwen2 needs head_dim * num_attention_heads == hidden_size (its config has no head_dim)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = trained_tokenizer_json(shape.vocab_size)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    (out / "tokenizer.json").write_text(tokenizer_json)
+    _write_metadata(out, shape, architecture, tokenizer)
+    specs = weight_specs(shape, architecture, tokenizer.get_vocab_size())
+    _write_weights(out, specs, seed, DTYPES[shape.torch_dtype], max_shard_bytes)
+    return out
+
+
+def _write_metadata(out: Path, preset: ModelPreset, architecture: str, tokenizer: Tokenizer) -> None:
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    eos_ids = [tokenizer.token_to_id(END_OF_TEXT_TOKEN), tokenizer.token_to_id(EOT_TOKEN)]
+    _write_json(out / "config.json", _model_config(preset, architecture, bos_id, eos_ids))
+    _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids})
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(tokenizer, preset))
+    _write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOT_TOKEN})
+
+
+def add_make_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", help="Folder to write (created; existing model files are replaced).")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="Model shape.")
+    parser.add_argument("--seed", type=int, default=0, help="Weights are a function of seed and tensor name.")
+    parser.add_argument("--architecture", default="llama", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--rope-scaling", type=json.loads, default=None,
+                        help='JSON as in config.json, e.g. \'{"rope_type": "linear", "factor": 2.0}\'.')  # fmt: skip
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: the preset's.")
+    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a preset field, e.g. --set num_hidden_layers=4 (repeatable).")  # fmt: skip
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings; values are JSON (numbers, true/false) or else plain strings."""
+    overrides = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    return overrides
+
+
+def run_make_model(args: argparse.Namespace) -> Path:
+    overrides = parse_overrides(args.overrides)
+    options = dict(rope_scaling=args.rope_scaling, dtype=args.dtype, **overrides)
+    out = make_model(args.out_dir, args.preset, seed=args.seed, architecture=args.architecture,
+                     max_shard_bytes=args.max_shard_bytes, **options)  # fmt: skip
+    shape = resolve_preset(args.preset, **options)
+    print(f"wrote {out}: {args.architecture} {args.preset}, {shape.num_parameters / 1e6:.1f}M parameters")
+    return out
