@@ -181,7 +181,8 @@ def _mask_stop_tokens_before_min_tokens(logits: torch.Tensor, states: Sequence[S
     if not rows:
         return logits
     row_index, token_index = _to_device([rows, token_ids], torch.long, logits.device)  # (2, M)
-    return logits.index_put((row_index, token_index), torch.tensor(float("-inf"), device=logits.device))
+    minus_inf = logits.new_full((), float("-inf"))  # made on the device: no host copy
+    return logits.index_put((row_index, token_index), minus_inf)
 
 
 # --- choosing the token --------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def _exponential_race(probs: torch.Tensor, states: Sequence[SamplingState]) -> t
         if state.generator is not None:
             # A seeded row draws exactly `vocab` numbers from its own stream each step, whatever
             # the batch: that is what makes the seed reproducible.
-            noise[row].exponential_()
+            noise[row].exponential_(generator=state.generator)
     # q == 0 would turn a zero-probability token into 0/0 = nan, which argmax would pick.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)

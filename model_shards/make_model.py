@@ -64,11 +64,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-# Initialisation. Embedding rows and projection outputs have unit scale, so every layer moves the
-# residual stream as much as the token embedding does (otherwise a random model mostly echoes the
-# current token). The output matrix gives logits of std LOGIT_STD: a peaked distribution.
+# Initialisation. Untied embedding rows and every projection output have unit-scale entries, so
+# each layer moves the residual stream as much as the token embedding does (otherwise a random
+# model mostly echoes its current token). The output matrix has unit-norm rows and the final norm's
+# weights are about LOGIT_STD, which makes the logits' std LOGIT_STD: a peaked distribution. A tied
+# matrix is therefore small as an embedding (rows of norm 1 against layer outputs of norm
+# sqrt(hidden)), which keeps tied models from repeating one token.
 EMBEDDING_STD = 1.0
-NORM_WEIGHT_SPREAD = 0.1  # norm weights are 1 + N(0, 0.1^2): near 1, yet a lost norm weight shows
+NORM_WEIGHT_SPREAD = 0.1  # norm weights are mean * (1 + N(0, 0.1^2)): a lost norm weight shows
 BIAS_STD = 0.5
 LOGIT_STD = 4.0
 # Special-token and padding rows of the output matrix are shrunk so that a random model practically
@@ -222,27 +225,35 @@ PRESETS: dict[str, ModelPreset] = {
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    std: float  # for kind "normal"; the spread around 1 for "norm"
-    kind: str = "normal"  # "normal" | "norm"
+    std: float
+    mean: float = 0.0
     unused_rows: tuple[int, int] | None = None  # (first id, count of ids) never emitted: see UNUSED_ROW_SCALE
+
+
+def _norm(name: str, size: int, mean: float = 1.0) -> TensorSpec:
+    return TensorSpec(name, (size,), NORM_WEIGHT_SPREAD * mean, mean=mean)
+
+
+def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
+    # std 1/sqrt(fan_in) keeps unit-scale inputs at unit scale (torch Linear layout: out x in).
+    return TensorSpec(name, (out_features, in_features), 1.0 / math.sqrt(in_features))
 
 
 def weight_specs(preset: ModelPreset, architecture: str, tokenizer_vocab: int | None = None) -> list[TensorSpec]:
     """Every tensor of the checkpoint, in model order, with its Hugging Face name."""
     hidden, vocab = preset.hidden_size, preset.vocab_size
-    output_rows = None
+    unused_rows = None
     if tokenizer_vocab is not None:
         first_special = tokenizer_vocab - len(SPECIAL_TOKENS)
-        output_rows = (first_special, vocab - first_special)
-    output = TensorSpec("lm_head.weight", (vocab, hidden), LOGIT_STD / math.sqrt(hidden), unused_rows=output_rows)
+        unused_rows = (first_special, vocab - first_special)
+    output = dataclasses.replace(_linear("lm_head.weight", vocab, hidden), unused_rows=unused_rows)
     if preset.tie_word_embeddings:
-        # One matrix serves both ends with the output's scale; the layers' unit outputs dominate it.
         specs = [dataclasses.replace(output, name="model.embed_tokens.weight")]
     else:
         specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), EMBEDDING_STD)]
     for layer in range(preset.num_hidden_layers):
         specs += _layer_specs(preset, architecture, f"model.layers.{layer}.")
-    specs.append(TensorSpec("model.norm.weight", (hidden,), NORM_WEIGHT_SPREAD, kind="norm"))
+    specs.append(_norm("model.norm.weight", hidden, mean=LOGIT_STD))
     if not preset.tie_word_embeddings:
         specs.append(output)
     return specs
@@ -252,31 +263,24 @@ def _layer_specs(preset: ModelPreset, architecture: str, prefix: str) -> list[Te
     hidden, ffn = preset.hidden_size, preset.intermediate_size
     q_out = preset.num_attention_heads * preset.head_dim
     kv_out = preset.num_key_value_heads * preset.head_dim
-    specs = [TensorSpec(prefix + "input_layernorm.weight", (hidden,), NORM_WEIGHT_SPREAD, kind="norm")]
+    specs = [_norm(prefix + "input_layernorm.weight", hidden)]
     for name, out_features in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
         specs.append(_linear(prefix + f"self_attn.{name}.weight", out_features, hidden))
         if architecture == "qwen2":
             specs.append(TensorSpec(prefix + f"self_attn.{name}.bias", (out_features,), BIAS_STD))
     specs.append(_linear(prefix + "self_attn.o_proj.weight", hidden, q_out))
-    specs.append(TensorSpec(prefix + "post_attention_layernorm.weight", (hidden,), NORM_WEIGHT_SPREAD, kind="norm"))
+    specs.append(_norm(prefix + "post_attention_layernorm.weight", hidden))
     specs.append(_linear(prefix + "mlp.gate_proj.weight", ffn, hidden))
     specs.append(_linear(prefix + "mlp.up_proj.weight", ffn, hidden))
     specs.append(_linear(prefix + "mlp.down_proj.weight", hidden, ffn))
     return specs
 
 
-def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
-    # std 1/sqrt(fan_in) keeps unit-scale inputs at unit scale (torch Linear layout: out x in).
-    return TensorSpec(name, (out_features, in_features), 1.0 / math.sqrt(in_features))
-
-
 def make_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
     """The float32 values of one tensor; they depend only on (seed, name), not on write order."""
     digest = hashlib.sha256(f"{seed}/{spec.name}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    values = torch.randn(spec.shape, generator=generator, dtype=torch.float32) * spec.std
-    if spec.kind == "norm":
-        values += 1.0
+    values = torch.randn(spec.shape, generator=generator, dtype=torch.float32) * spec.std + spec.mean
     if spec.unused_rows is not None:
         first, count = spec.unused_rows
         values[first : first + count] *= UNUSED_ROW_SCALE

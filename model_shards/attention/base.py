@@ -1,0 +1,117 @@
+"""What every attention backend is given for one step, and the interface it implements.
+
+One step runs a flattened batch: sequence i contributes rows query_start_loc[i]:query_start_loc[i+1]
+of the (T, ...) tensors, either a prefill chunk or one decode token. Region map of sequence i:
+
+    positions 0 ............ computed-1 | computed ........ context_len-1
+              already in the KV cache   | new this step (written, then attended)
+
+The query at absolute position p attends to keys 0..p of its own sequence only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: list[int]  # (num_seqs + 1,) row offsets of each sequence's new tokens
+    context_lens: list[int]  # tokens of sequence i in the cache after this step (computed + new)
+    block_tables: list[list[int]]  # block ids of each sequence, in order
+    slot_mapping: torch.Tensor  # (T,) long: block_id * block_size + offset for each new token
+    positions: torch.Tensor  # (T,) long: absolute position of each new token
+    block_table_tensor: torch.Tensor  # (num_seqs, max_blocks) long, rows padded with 0
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
+
+    def num_blocks_of(self, seq_index: int) -> int:
+        """Blocks that hold sequence i's context (its table may list more, allocated ahead)."""
+        return -(-self.context_lens[seq_index] // self.block_size)
+
+    @classmethod
+    def build(cls, seqs: list[tuple[list[int], int, int]], block_size: int,
+              device: torch.device | str) -> AttentionMetadata:
+        """From (block_table, num_computed_before, num_new) per sequence, in batch order.
+
+        Index arithmetic runs vectorized on the host (no Python loop over tokens), then moves to
+        the device in one copy per tensor.
+        """
+        query_start_loc, context_lens, positions, slots = [0], [], [], []
+        for block_table, computed, new in seqs:
+            _check_sequence(block_table, computed, new, block_size)
+            seq_positions = torch.arange(computed, computed + new)  # (new,)
+            table = torch.tensor(block_table, dtype=torch.long)
+            slots.append(table[seq_positions // block_size] * block_size
+                         + seq_positions % block_size)
+            positions.append(seq_positions)
+            query_start_loc.append(query_start_loc[-1] + new)
+            context_lens.append(computed + new)
+        return cls(
+            query_start_loc=query_start_loc,
+            context_lens=context_lens,
+            block_tables=[list(table) for table, _, _ in seqs],
+            slot_mapping=_cat_to(slots, device),
+            positions=_cat_to(positions, device),
+            block_table_tensor=_padded_tables([table for table, _, _ in seqs], device),
+            block_size=block_size,
+        )
+
+
+def _check_sequence(block_table: list[int], computed: int, new: int, block_size: int) -> None:
+    if computed < 0 or new < 1:
+        raise ValueError(f"a sequence needs num_computed >= 0 and num_new >= 1, got "
+                         f"{computed} and {new}")
+    if len(block_table) * block_size < computed + new:
+        raise ValueError(f"block table of {len(block_table)} blocks cannot hold "
+                         f"{computed + new} tokens at block_size {block_size}")
+
+
+def _cat_to(parts: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    return flat.to(device)
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    width = max((len(table) for table in tables), default=0)
+    padded = torch.zeros(len(tables), width, dtype=torch.long)
+    for row, table in enumerate(tables):
+        padded[row, :len(table)] = torch.tensor(table, dtype=torch.long)
+    return padded.to(device)
+
+
+def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V (T, kv_heads, head_dim) in layer_cache
+    (num_blocks, 2, block_size, kv_heads, head_dim) at their slots."""
+    block_size = layer_cache.shape[2]
+    block_ids = slot_mapping // block_size  # (T,)
+    offsets = slot_mapping % block_size  # (T,)
+    # The layer view is strided across blocks (other layers sit between), so index (block, offset)
+    # instead of flattening slots; index_put_ writes through the view into the shared tensor.
+    layer_cache[block_ids, 0, offsets] = key.to(layer_cache.dtype)
+    layer_cache[block_ids, 1, offsets] = value.to(layer_cache.dtype)
+
+
+class AttentionBackend(ABC):
+    """Paged causal attention over a flattened batch."""
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                layer_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """query (T, heads, head_dim), key/value (T, kv_heads, head_dim), layer_cache
+        (num_blocks, 2, block_size, kv_heads, head_dim) -> (T, heads, head_dim).
+
+        Writes the new K/V into layer_cache at metadata.slot_mapping, then lets each new token
+        attend causally to its sequence's whole context (cached + new)."""

@@ -1,0 +1,127 @@
+"""Lazy, memory-mapped reads of a safetensors checkpoint, one rank's slice at a time.
+
+Each tensor is read straight into the parameter that owns it and the read copy is dropped at
+once, so a model never holds its weights twice; with tensor parallelism a rank reads only its own
+rows or columns (`get_slice`), never the other ranks' parts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from model_shards.errors import ModelFolderError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightReader:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._file_of = _tensor_files(self.folder)  # tensor name -> file name
+        self._handles: dict[str, Any] = {}
+        self._read: set[str] = set()
+
+    def __enter__(self) -> WeightReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handles.clear()  # drops the memory maps
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open_slice(name).get_shape())
+
+    def get(self, name: str, *, shard_dim: int | None = None, rank: int = 0, world_size: int = 1,
+            dtype: torch.dtype | None = None,
+            device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor, or with shard_dim this rank's contiguous 1/world_size of it along that dim."""
+        tensor_slice = self._open_slice(name)
+        if shard_dim is None:
+            tensor = tensor_slice[:]
+        else:
+            start, stop = _shard_range(name, self.shape(name), shard_dim, rank, world_size)
+            index = (slice(None),) * shard_dim + (slice(start, stop),)
+            tensor = tensor_slice[index]
+        self._read.add(name)
+        return tensor.to(device=device, dtype=dtype)
+
+    def copy_into(self, destination: torch.Tensor, name: str, *, shard_dim: int | None = None,
+                  rank: int = 0, world_size: int = 1) -> None:
+        """Check the shape, then copy (and cast) this rank's part of `name` into destination."""
+        expected = _sharded_shape(name, self.shape(name), shard_dim, rank, world_size)
+        if expected != tuple(destination.shape):
+            raise ModelFolderError(
+                f"{self._file_of[name]}: tensor {name!r} has shape {self.shape(name)} "
+                f"(this rank's part {expected}) but the model expects {tuple(destination.shape)}")
+        destination.copy_(self.get(name, shard_dim=shard_dim, rank=rank, world_size=world_size,
+                                   device=destination.device))
+
+    def unread(self) -> list[str]:
+        """Tensors in the checkpoint that no `get` asked for (yet)."""
+        return sorted(set(self._file_of) - self._read)
+
+    def _open_slice(self, name: str) -> Any:
+        if name not in self._file_of:
+            raise ModelFolderError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        file_name = self._file_of[name]
+        if file_name not in self._handles:
+            self._handles[file_name] = _open(self.folder / file_name)
+        return self._handles[file_name].get_slice(name)
+
+
+def _tensor_files(folder: Path) -> dict[str, str]:
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        return _files_from_index(index_path)
+    single_path = folder / SINGLE_FILE
+    if single_path.is_file():
+        return {name: SINGLE_FILE for name in _open(single_path).keys()}
+    raise ModelFolderError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} is present "
+                           "(only safetensors checkpoints are supported)")
+
+
+def _files_from_index(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ModelFolderError(f"{index_path}: no valid 'weight_map' ({error})") from error
+    for file_name in sorted(set(weight_map.values())):
+        if not (index_path.parent / file_name).is_file():
+            raise ModelFolderError(f"{index_path.parent / file_name}: safetensors shard listed in "
+                                   f"{INDEX_FILE} is missing")
+    return dict(weight_map)
+
+
+def _open(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ModelFolderError(f"{path}: cannot be opened as safetensors ({error})") from error
+
+
+def _shard_range(name: str, shape: tuple[int, ...], shard_dim: int, rank: int,
+                 world_size: int) -> tuple[int, int]:
+    if shard_dim >= len(shape) or shape[shard_dim] % world_size:
+        raise ModelFolderError(f"tensor {name!r} of shape {shape} cannot be split {world_size} "
+                               f"ways along dim {shard_dim}")
+    part = shape[shard_dim] // world_size
+    return rank * part, (rank + 1) * part
+
+
+def _sharded_shape(name: str, shape: tuple[int, ...], shard_dim: int | None, rank: int,
+                   world_size: int) -> tuple[int, ...]:
+    if shard_dim is None:
+        return shape
+    start, stop = _shard_range(name, shape, shard_dim, rank, world_size)
+    return shape[:shard_dim] + (stop - start,) + shape[shard_dim + 1:]
