@@ -150,7 +150,7 @@ class LLMEngine:
 
     def _finish(self, sequence, status: RequestStatus, text: str, token_ids, logprobs=()) -> CompletionDelta:
         request = sequence.request
-        num_kv_blocks = len(self.kv_cache_manager.block_table(request.request_id))
+        num_kv_blocks = self._num_kv_blocks(request.request_id)
         self.scheduler.finish_request(request.request_id, status)
         del self._sequences[request.request_id]
         group = self._request_groups.get(sequence.user_request_id, [])
@@ -163,7 +163,7 @@ class LLMEngine:
     def _delta(self, sequence, text, token_ids, logprobs, finish_reason=None, num_kv_blocks=None) -> CompletionDelta:
         request = sequence.request
         if num_kv_blocks is None:
-            num_kv_blocks = len(self.kv_cache_manager.block_table(request.request_id))
+            num_kv_blocks = self._num_kv_blocks(request.request_id)
         return CompletionDelta(
             request_id=sequence.user_request_id,
             index=sequence.index,
@@ -177,6 +177,12 @@ class LLMEngine:
             num_prefix_hit_tokens=request.num_prefix_hit_tokens,
             num_kv_blocks=num_kv_blocks,
         )
+
+    def _num_kv_blocks(self, request_id: str) -> int:
+        request = self.scheduler.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            return 0  # waiting requests hold no blocks
+        return len(self.kv_cache_manager.block_table(request_id))
 
     # --- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:

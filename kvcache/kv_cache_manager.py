@@ -92,7 +92,7 @@ class KVCacheManager:
         # A hit on a free cached block takes it out of the free queue, so it costs a free block
         # just like a new allocation does.
         num_hits_on_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
-        if num_new + num_hits_on_free > self.pool.num_free_blocks:
+        if num_new > self.pool.num_free_blocks:
             return None
         if block_table is None:
             block_table = self._register(request_id, cached_block_ids)

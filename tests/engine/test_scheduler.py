@@ -1,0 +1,120 @@
+"""The scheduler on its own (no torch): budgets, ordering, chunking, preemption, prefix hits."""
+
+from __future__ import annotations
+
+from cluster.config import SchedulerSettings
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.step import SampledToken, StepOutput
+from kvcache.block_hash import root_hash
+from kvcache.kv_cache_manager import KVCacheManager
+
+BLOCK_SIZE = 4
+ROOT = root_hash("test-model")
+
+
+def make_scheduler(num_blocks=64, budget=16, max_num_seqs=8) -> Scheduler:
+    settings = SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=max_num_seqs)
+    return Scheduler(settings, KVCacheManager(num_blocks, BLOCK_SIZE))
+
+
+def make_request(request_id: str, num_prompt_tokens: int, first_token: int = 1, max_tokens=100) -> Request:
+    prompt = list(range(first_token, first_token + num_prompt_tokens))
+    return Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), ROOT, BLOCK_SIZE)
+
+
+def run_step(scheduler: Scheduler, next_token: int = 7):
+    """Schedule one step and answer it the way a worker would: sample where a chunk reached the end."""
+    step = scheduler.schedule()
+    sampled = {}
+    for request_id, num_tokens in step.num_scheduled_tokens.items():
+        request = scheduler.requests[request_id]
+        if request.num_computed_tokens + num_tokens == request.num_tokens:
+            sampled[request_id] = SampledToken(next_token)
+    scheduler.update_from_output(step, StepOutput(step.step_id, sampled))
+    return step
+
+
+def test_long_prompt_is_chunked_by_the_budget():
+    scheduler = make_scheduler(budget=16)
+    scheduler.add_request(make_request("long", 40))
+    chunks = [run_step(scheduler).num_scheduled_tokens["long"] for _ in range(3)]
+    assert chunks == [16, 16, 8]
+    assert scheduler.requests["long"].num_output_tokens == 1  # sampled after the last chunk
+
+
+def test_decodes_go_first_and_prefill_gets_the_rest_of_the_budget():
+    scheduler = make_scheduler(budget=16)
+    scheduler.add_request(make_request("short", 3))
+    run_step(scheduler)  # short: prefill, first token
+    scheduler.add_request(make_request("long", 100, first_token=500))
+    step = run_step(scheduler)
+    assert step.num_scheduled_tokens == {"short": 1, "long": 15}
+    assert list(step.num_scheduled_tokens) == ["short", "long"]
+    step = run_step(scheduler)
+    assert step.num_scheduled_tokens == {"short": 1, "long": 15}
+    assert [r.request_id for r in step.new_requests] == []
+
+
+def test_new_request_message_carries_prompt_once_then_only_growth():
+    scheduler = make_scheduler(budget=8)
+    scheduler.add_request(make_request("a", 10))
+    first = run_step(scheduler)
+    assert [r.request_id for r in first.new_requests] == ["a"]
+    assert first.new_requests[0].block_ids == (0, 1)  # 8 tokens in blocks of 4
+    second = run_step(scheduler)
+    assert second.new_requests == ()
+    assert second.cached_requests[0].new_block_ids == (2,)
+    assert second.cached_requests[0].num_computed_tokens == 8
+
+
+def test_preemption_frees_the_newest_request_and_resumes_it_with_its_outputs():
+    scheduler = make_scheduler(num_blocks=4, budget=64)
+    scheduler.add_request(make_request("old", 7))
+    scheduler.add_request(make_request("new", 7, first_token=100))
+    run_step(scheduler)  # both prefilled: 7 tokens in 2 blocks each, all 4 blocks used
+    step = run_step(scheduler)  # the 8th token of each still fits its 2 blocks
+    assert step.num_scheduled_tokens == {"old": 1, "new": 1}
+    step = run_step(scheduler)  # the 9th needs a 3rd block: the newest request is preempted
+    assert step.num_scheduled_tokens == {"old": 1}
+    assert "new" in step.finished_request_ids  # workers drop its state in this very step
+    preempted = scheduler.requests["new"]
+    assert preempted.status is RequestStatus.WAITING and preempted.num_preemptions == 1
+    scheduler.finish_request("old", RequestStatus.FINISHED_STOPPED)
+    resumed = scheduler.schedule()
+    assert [r.request_id for r in resumed.new_requests] == ["new"]
+    assert resumed.new_requests[0].output_token_ids == (7, 7)  # its outputs travel back
+
+
+def test_finished_request_frees_blocks_and_keeps_prefix_cached():
+    scheduler = make_scheduler(num_blocks=16, budget=64)
+    scheduler.add_request(make_request("a", 12))
+    run_step(scheduler)
+    scheduler.finish_request("a", RequestStatus.FINISHED_STOPPED)
+    assert scheduler.kv_cache_manager.num_free_blocks == 16
+    scheduler.add_request(make_request("b", 12))
+    step = run_step(scheduler)
+    # 12 tokens = 3 full blocks, but the last token is always recomputed: 2 blocks hit.
+    assert scheduler.requests["b"].num_prefix_hit_tokens == 8
+    assert step.num_scheduled_tokens == {"b": 4}
+    assert step.new_requests[0].num_computed_tokens == 8
+
+
+def test_abort_of_a_waiting_request_removes_it():
+    scheduler = make_scheduler(max_num_seqs=1)
+    scheduler.add_request(make_request("a", 4))
+    scheduler.add_request(make_request("b", 4))
+    run_step(scheduler)
+    scheduler.finish_request("b", RequestStatus.FINISHED_ABORTED)
+    assert not scheduler.waiting
+    assert scheduler.schedule().num_scheduled_tokens == {"a": 1}
+
+
+def test_max_num_seqs_bounds_the_running_set():
+    scheduler = make_scheduler(max_num_seqs=2)
+    for index in range(3):
+        scheduler.add_request(make_request(f"r{index}", 2, first_token=10 * index + 1))
+    step = run_step(scheduler)
+    assert sorted(step.num_scheduled_tokens) == ["r0", "r1"]
+    assert [r.request_id for r in scheduler.waiting] == ["r2"]
