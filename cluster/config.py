@@ -67,11 +67,55 @@ class ParallelSettings(_Frozen):
         return self.tensor_parallel_size * self.sequence_parallel_size
 
 
+class ServeSettings(_Frozen):
+    """The HTTP API on Ray Serve: replicas, admission bounds, timeouts, auth and routing.
+
+    Ray Serve's own defaults are sized for short requests (5 ongoing requests a replica, no
+    admission bound in tokens); deployments/app.py derives the Serve options from these.
+    """
+
+    model_name: str = Field("", description="Model id in /v1/models and responses; default: the folder's name.")
+    num_replicas: int = Field(1, ge=1, description="LLM server replicas; each owns one engine and its workers.")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (tokenize, route, stream).")
+    ingress_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs an ingress replica reserves.")
+    worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
+    executor: Literal["ray", "in_process"] = Field(
+        "ray", description="ray: model workers are Ray actors in the replica's placement group."
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
+    )
+    max_queued_tokens: int = Field(
+        4 * 1024 * 1024, ge=1, description="Per replica: prompt tokens of those requests; more get 429."
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After header of a 429.")
+    # A million-token prefill takes minutes; the per-request deadline, not Serve's proxy, bounds it.
+    request_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one request, queueing included.")
+    # 1M tokens are ~4 MB of text or ~7 MB as a JSON list of token ids.
+    max_request_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="A step running longer than this while requests wait marks the replica unhealthy."
+    )
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    drain_timeout_s: float = Field(60.0, ge=0, description="Shutdown waits this long for requests in flight.")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1/*.")
+    api_key_file: str | None = Field(None, description="Read the API key from this file (a mounted secret).")
+    routing_block_tokens: int = Field(
+        256, ge=1, description="Granularity of the router's prefix-affinity hashes, in tokens."
+    )
+    routing_max_tracked_blocks: int = Field(
+        262_144, ge=1, description="Prefix hashes the router remembers (LRU); ~200 bytes each."
+    )
+    routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
+
+
 class LongctxConfig(_Frozen):
     model: ModelSettings = ModelSettings()
     cache: CacheSettings = CacheSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     parallel: ParallelSettings = ParallelSettings()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> "LongctxConfig":

@@ -52,7 +52,16 @@ class InProcessExecutor(Executor):
         return self.worker.execute(step_input)
 
 
-EXECUTORS: dict[str, Callable[[LongctxConfig], Executor]] = {"in_process": InProcessExecutor}
+def _ray_actor_executor(config: LongctxConfig) -> Executor:
+    from engine.ray_executor import RayActorExecutor  # ray is imported only where it is used
+
+    return RayActorExecutor(config)
+
+
+EXECUTORS: dict[str, Callable[[LongctxConfig], Executor]] = {
+    "in_process": InProcessExecutor,
+    "ray": _ray_actor_executor,
+}
 
 
 def create_executor(config: LongctxConfig) -> Executor:

@@ -10,7 +10,8 @@ One step, for the rows of `logits` (num_requests, vocab), row i belonging to `st
         ├─ greedy rows             argmax (ties → lowest id)
         └─ other rows              / temperature → top_k → top_p → min_p → softmax → sample
 
-Each stage runs once per step over the rows that need it (none: skipped), never per token.
+Each stage runs once per step over the rows that need it (none: skipped), never per token: rows
+with top_p share one sort, rows with only top_k one (cheaper) topk.
 Penalty counts live on the request's `SamplingState` and grow by one token per `append`, so a
 1M-token prompt costs its work once, when its prompt mask is built. The only device-to-host copy
 is one `.tolist()` at the end of the step; the small per-row parameter tensors go host-to-device
@@ -76,7 +77,7 @@ class SamplingState:
         self._prompt_ids_to_mark, self._outputs_to_count = (), []
 
     @property
-    def in_min_tokens(self) -> bool:
+    def below_min_tokens(self) -> bool:
         return self.num_output_tokens < self.params.min_tokens
 
 
@@ -120,15 +121,20 @@ def _token_counts(token_ids: Sequence[int], vocab_size: int, device: torch.devic
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)  # (num_tokens,)
     # Ids past the logits' vocab (embedding vocab larger than lm_head) can never be sampled: dropped.
     counts = torch.bincount(ids[ids < vocab_size], minlength=vocab_size)  # (vocab,)
-    return counts.to(device=device, dtype=torch.int32)
+    return _host_to_device(counts.to(torch.int32), device)
 
 
 # --- per-step helpers ----------------------------------------------------------------------------
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor, copied from pinned memory so the host never waits."""
-    host = torch.tensor(values, dtype=dtype)
+    """A small host list as a device tensor."""
+    return _host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A copy from pageable memory makes the host wait for all queued GPU work; from pinned memory
+    # it is queued like a kernel (the caching host allocator keeps the buffer until it is done).
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
@@ -175,7 +181,7 @@ def _apply_presence_frequency_penalties(logits: torch.Tensor, states: Sequence[S
 def _mask_stop_tokens_before_min_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     rows, token_ids = [], []
     for row, state in enumerate(states):
-        if state.in_min_tokens:
+        if state.below_min_tokens:
             rows += [row] * len(state.stop_ids_before_min_tokens)
             token_ids += state.stop_ids_before_min_tokens
     if not rows:
@@ -204,13 +210,30 @@ def _sampling_probs(logits: torch.Tensor, states: Sequence[SamplingState]) -> to
     """(S, vocab) probabilities of non-greedy rows after temperature, top_k, top_p and min_p."""
     temperature = _param_column(states, list(range(len(states))), lambda p: p.temperature, logits.device)
     logits = logits / temperature  # (S, vocab)
+    logits = _apply_top_k_without_top_p(logits, states)
     logits = _apply_top_k_top_p(logits, states)
     logits = _apply_min_p(logits, states)
     return logits.softmax(dim=-1)
 
 
+def _apply_top_k_without_top_p(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """top_k alone needs only the k-th largest logit: a topk, several times cheaper than a full sort."""
+    rows = _rows_where(states, lambda p: p.top_k > 0 and p.top_p == 1.0)
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    index = _to_device(rows, torch.long, logits.device)
+    top_k = [min(states[row].params.top_k, vocab) for row in rows]
+    kth_position = _to_device([k - 1 for k in top_k], torch.long, logits.device).unsqueeze(1)  # (K, 1)
+    selected = logits.index_select(0, index)  # (K, vocab)
+    largest = selected.topk(max(top_k), dim=-1).values  # (K, max k), best first
+    kth_largest = largest.gather(1, kth_position)  # (K, 1)
+    # Ties with the k-th largest logit are kept, like TopKLogitsWarper.
+    return logits.index_copy(0, index, selected.masked_fill(selected < kth_largest, float("-inf")))
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    rows = _rows_where(states, lambda p: p.top_k > 0 or p.top_p < 1.0)
+    rows = _rows_where(states, lambda p: p.top_p < 1.0)
     if not rows:
         return logits
     index = _to_device(rows, torch.long, logits.device)

@@ -45,6 +45,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._dropped_request_ids: set[str] = set()  # workers must forget these next step
         self._step_id = 0
+        self.num_preemptions_total = 0
 
     # --- queue ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -112,6 +113,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions_total += 1
         self.waiting.appendleft(request)
         plan.preempted_any = True
         if request.request_id in plan.num_scheduled_tokens:  # scheduled earlier this step: undo

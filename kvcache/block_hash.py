@@ -61,15 +61,17 @@ def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
 def hash_full_blocks(token_ids: Sequence[int], block_size: int, parent: bytes) -> list[bytes]:
     """Names of every full block of `token_ids`, chained from `parent`; a partial tail is ignored.
 
-    Only the tokens of full blocks are encoded, so only those are range-checked.
+    Every token id is range-checked, the tail's too. To extend a sequence's names, pass the
+    tokens after its last full block with that block's name as `parent`.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     _check_parent(parent)
-    num_full_tokens = len(token_ids) // block_size * block_size
-    if num_full_tokens < len(token_ids):
-        token_ids = token_ids[:num_full_tokens]
-    return _chain_digests(parent, encode_token_ids(token_ids), block_size * _TOKEN_NBYTES)
+    # Encode the whole sequence rather than slice off the tail first: copying (and later freeing)
+    # a 1M-element list costs more than encoding a few extra tokens.
+    data = encode_token_ids(token_ids)
+    num_full_nbytes = len(token_ids) // block_size * block_size * _TOKEN_NBYTES
+    return _chain_digests(parent, data, block_size * _TOKEN_NBYTES, num_full_nbytes)
 
 
 def encode_token_ids(token_ids: Sequence[int]) -> bytes:
@@ -84,12 +86,12 @@ def encode_token_ids(token_ids: Sequence[int]) -> bytes:
     return encoded.tobytes()
 
 
-def _chain_digests(parent: bytes, data: bytes, chunk_nbytes: int) -> list[bytes]:
+def _chain_digests(parent: bytes, data: bytes, chunk_nbytes: int, end: int) -> list[bytes]:
     # The chain is inherently serial; this loop costs ~0.5 us per block, dominated by OpenSSL.
     sha256 = hashlib.sha256
     digests: list[bytes] = []
     digest = parent
-    for start in range(0, len(data), chunk_nbytes):
+    for start in range(0, end, chunk_nbytes):
         digest = sha256(digest + data[start : start + chunk_nbytes]).digest()
         digests.append(digest)
     return digests

@@ -21,6 +21,7 @@ blocks) per step, not O(its length).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 
 from kvcache.block_pool import BlockPool, EvictCallback
 
@@ -60,13 +61,14 @@ class KVCacheManager:
         """The longest run of leading blocks found in the pool: (block ids, hit tokens).
 
         Stops one token short of the whole prompt: the model must compute at least the last
-        prompt token to produce the logits of the first output token. Does not retain.
+        prompt token to produce the logits of the first output token. Does not retain, so the ids
+        are valid only until the next allocation: pass them straight to `allocate_slots`.
         """
         if not self.enable_prefix_caching:
             return [], 0
         max_hit_blocks = max(0, (num_prompt_tokens - 1) // self.block_size)
         hit_block_ids: list[int] = []
-        for block_hash in block_hashes[:max_hit_blocks]:
+        for block_hash in islice(block_hashes, max_hit_blocks):
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
@@ -85,17 +87,13 @@ class KVCacheManager:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         block_table = self._block_tables.get(request_id)
-        if block_table is not None and cached_block_ids:
+        if block_table is None:
+            return self._admit(request_id, num_tokens, cached_block_ids)
+        if cached_block_ids:
             raise ValueError(f"request {request_id!r} already has blocks; cached ids come first")
-        num_held = len(cached_block_ids) if block_table is None else len(block_table)
-        num_new = max(0, self._blocks_for(num_tokens) - num_held)
-        # A hit on a free cached block takes it out of the free queue, so it costs a free block
-        # just like a new allocation does.
-        num_hits_on_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
+        num_new = max(0, self._blocks_for(num_tokens) - len(block_table))
         if num_new > self.pool.num_free_blocks:
             return None
-        if block_table is None:
-            block_table = self._register(request_id, cached_block_ids)
         new_block_ids = self.pool.allocate(num_new)
         block_table.extend(new_block_ids)
         return new_block_ids
@@ -147,12 +145,24 @@ class KVCacheManager:
         num_held = len(self._block_tables.get(request_id, ()))
         return max(0, self._blocks_for(num_tokens) - num_held)
 
-    def _register(self, request_id: str, cached_block_ids: Sequence[int]) -> list[int]:
+    def _admit(
+        self, request_id: str, num_tokens: int, cached_block_ids: Sequence[int]
+    ) -> list[int] | None:
+        # A hit is only valid if no allocation evicted it since find_cached_prefix found it.
+        if any(self.pool.block_hash(b) is None for b in cached_block_ids):
+            raise ValueError(f"request {request_id!r}: a prefix-cache hit was evicted meanwhile")
+        num_new = max(0, self._blocks_for(num_tokens) - len(cached_block_ids))
+        # A hit on a free cached block takes it out of the free queue, so it costs a free block
+        # just like a new allocation does.
+        num_hits_on_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
+        if num_new + num_hits_on_free > self.pool.num_free_blocks:
+            return None
         self.pool.retain(cached_block_ids)
-        self._block_tables[request_id] = block_table = list(cached_block_ids)
+        new_block_ids = self.pool.allocate(num_new)
+        self._block_tables[request_id] = list(cached_block_ids) + new_block_ids
         # Prefix hits are cached already: cache_full_blocks starts after them.
-        self._num_marked[request_id] = len(block_table)
-        return block_table
+        self._num_marked[request_id] = len(cached_block_ids)
+        return new_block_ids
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -29,6 +29,14 @@ _DEFAULT_ROPE_THETA = 10000.0
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads")
 _SCALED_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+# rope_type -> (optional keys, required keys) that the method reads, besides the original length
+_ROPE_KEYS = {
+    "linear": (set(), {"factor"}),
+    "dynamic": (set(), {"factor"}),
+    "yarn": ({"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"},
+             set()),
+    "llama3": (set(), {"factor", "low_freq_factor", "high_freq_factor"}),
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,10 @@ class ModelArchitecture:
     sliding_window: int | None = None
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of all fields: equal iff the KV cache would be equal."""
+        """sha256 of the canonical JSON of all fields.
+
+        It identifies the architecture, not the weights: two fine-tunes of one base model share
+        it, so a KV-cache key must also name the checkpoint."""
         canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -126,11 +137,15 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _architecture_name(config: dict[str, Any]) -> str:
-    names = config.get("architectures") or []
-    if len(names) != 1 or names[0] not in SUPPORTED_ARCHITECTURES:
+    """From "architectures"; a config without it (as saved from a bare config object) is read by
+    its "model_type", as transformers' AutoModelForCausalLM does."""
+    names = config.get("architectures")
+    if not names and config.get("model_type") in SUPPORTED_ARCHITECTURES.values():
+        return config["model_type"]
+    if not names or len(names) != 1 or names[0] not in SUPPORTED_ARCHITECTURES:
         raise ModelFolderError(
-            f"config.json: architectures {names!r} is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            f"config.json: architectures {names!r} (model_type {config.get('model_type')!r}) is "
+            f"not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
     return SUPPORTED_ARCHITECTURES[names[0]]
 
 
@@ -200,34 +215,23 @@ def _rope_settings(config: dict[str, Any], max_positions: int) -> tuple[float, R
 
 def _scaling(params: dict[str, Any], rope_type: str, key: str, config: dict[str, Any],
              max_positions: int) -> RopeScaling:
-    def number(name: str, required: bool = False) -> float | None:
+    """Only the keys the method reads are kept, so stray keys cannot change the fingerprint."""
+    optional, required = _ROPE_KEYS[rope_type]
+    for name in sorted(required):
         if params.get(name) is None:
-            if required:
-                raise ModelFolderError(f"config.json: {key}.{name} is required for rope_type "
-                                       f"{rope_type!r}")
-            return None
-        return float(params[name])
-
-    original = None
-    if rope_type in ("yarn", "llama3"):
-        original = int(config.get("original_max_position_embeddings")
-                       or params.get("original_max_position_embeddings") or max_positions)
-    factor = number("factor", required=rope_type != "yarn")
-    if rope_type == "yarn" and factor is None:
-        if "factor" not in params:
-            raise ModelFolderError(f"config.json: {key}.factor is required for rope_type 'yarn'")
-        factor = max_positions / original  # transformers' reading of an explicit null
-    return RopeScaling(
-        rope_type=rope_type,
-        factor=factor,
-        original_max_position_embeddings=original,
-        low_freq_factor=number("low_freq_factor", required=rope_type == "llama3"),
-        high_freq_factor=number("high_freq_factor", required=rope_type == "llama3"),
-        attention_factor=number("attention_factor"),
-        beta_fast=number("beta_fast"),
-        beta_slow=number("beta_slow"),
-        mscale=number("mscale"),
-        mscale_all_dim=number("mscale_all_dim"),
-        # transformers reads .get("truncate", True): absent means True, an explicit null False
-        truncate=bool(params.get("truncate", True)) if rope_type == "yarn" else None,
-    )
+            raise ModelFolderError(f"config.json: {key}.{name} is required for rope_type "
+                                   f"{rope_type!r}")
+    values = {name: float(params[name]) for name in optional | required
+              if params.get(name) is not None}
+    if rope_type not in ("yarn", "llama3"):
+        return RopeScaling(rope_type=rope_type, **values)
+    original = int(config.get("original_max_position_embeddings")
+                   or params.get("original_max_position_embeddings") or max_positions)
+    if rope_type == "llama3":
+        return RopeScaling(rope_type=rope_type, original_max_position_embeddings=original, **values)
+    if "factor" not in params:
+        raise ModelFolderError(f"config.json: {key}.factor is required for rope_type 'yarn'")
+    values.setdefault("factor", max_positions / original)  # transformers' reading of a null
+    # transformers reads .get("truncate", True): absent means True, an explicit null False
+    return RopeScaling(rope_type=rope_type, original_max_position_embeddings=original,
+                       truncate=bool(params.get("truncate", True)), **values)

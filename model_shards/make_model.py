@@ -67,13 +67,15 @@ CHAT_TEMPLATE = (
 # Initialisation. Untied embedding rows and every projection output have unit-scale entries, so
 # each layer moves the residual stream as much as the token embedding does (otherwise a random
 # model mostly echoes its current token). The output matrix has unit-norm rows and the final norm's
-# weights are about LOGIT_STD, which makes the logits' std LOGIT_STD: a peaked distribution. A tied
-# matrix is therefore small as an embedding (rows of norm 1 against layer outputs of norm
-# sqrt(hidden)), which keeps tied models from repeating one token.
+# weights are about LOGIT_STD, which makes the logits' std LOGIT_STD: a peaked distribution.
 EMBEDDING_STD = 1.0
 NORM_WEIGHT_SPREAD = 0.1  # norm weights are mean * (1 + N(0, 0.1^2)): a lost norm weight shows
-BIAS_STD = 0.5
+BIAS_STD = 0.1  # larger q/k biases made random Qwen2 models fall into one-token loops more often
 LOGIT_STD = 4.0
+# A tied matrix is also the embedding: rows of norm 0.25 (final norm weights 4x larger to keep the
+# logit scale) keep the current token's own row from winning the next step, as it did at norm 1:
+# 5 of 24 greedy runs of tied tiny models repeated one token, 0 of 24 at 0.25.
+TIED_ROW_NORM = 0.25
 # Special-token and padding rows of the output matrix are shrunk so that a random model practically
 # never emits them: greedy runs last their full length and always decode to text.
 UNUSED_ROW_SCALE = 0.05
@@ -110,9 +112,8 @@ class ModelPreset:
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", MappingProxyType(_checked_rope_scaling(self.rope_scaling)))
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(math.prod(spec.shape) for spec in weight_specs(self, "llama"))
+    def num_parameters(self, architecture: str = "llama") -> int:
+        return sum(math.prod(spec.shape) for spec in weight_specs(self, architecture))
 
 
 # --- presets and overrides ---------------------------------------------------------------------
@@ -123,9 +124,9 @@ def _check_field_types(preset: ModelPreset) -> None:
     for field in dataclasses.fields(preset):
         value = getattr(preset, field.name)
         expected = hints[field.name]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(preset, field.name, float(value))
-        elif expected in (int, bool, str) and type(value) is not expected:
+        if expected is float and type(value) is int:
+            object.__setattr__(preset, field.name, float(value))  # JSON and CLI values say 500000 for 500000.0
+        elif expected in (int, float, bool, str) and type(value) is not expected:
             raise ValueError(f"{field.name} must be {expected.__name__}, got {value!r}")
 
 
@@ -246,14 +247,15 @@ def weight_specs(preset: ModelPreset, architecture: str, tokenizer_vocab: int | 
     if tokenizer_vocab is not None:
         first_special = tokenizer_vocab - len(SPECIAL_TOKENS)
         unused_rows = (first_special, vocab - first_special)
-    output = dataclasses.replace(_linear("lm_head.weight", vocab, hidden), unused_rows=unused_rows)
+    row_norm = TIED_ROW_NORM if preset.tie_word_embeddings else 1.0
+    output = TensorSpec("lm_head.weight", (vocab, hidden), row_norm / math.sqrt(hidden), unused_rows=unused_rows)
     if preset.tie_word_embeddings:
         specs = [dataclasses.replace(output, name="model.embed_tokens.weight")]
     else:
         specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), EMBEDDING_STD)]
     for layer in range(preset.num_hidden_layers):
         specs += _layer_specs(preset, architecture, f"model.layers.{layer}.")
-    specs.append(_norm("model.norm.weight", hidden, mean=LOGIT_STD))
+    specs.append(_norm("model.norm.weight", hidden, mean=LOGIT_STD / row_norm))
     if not preset.tie_word_embeddings:
         specs.append(output)
     return specs
@@ -310,7 +312,8 @@ def _safetensors_header(specs: list[TensorSpec], dtype: torch.dtype) -> bytes:
     offset = 0
     for spec in specs:
         end = offset + math.prod(spec.shape) * itemsize
-        header[spec.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(spec.shape), "data_offsets": [offset, end]}
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, end]}  # fmt: skip
         offset = end
     encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes with spaces
@@ -343,7 +346,8 @@ def _write_weights(out_dir: Path, specs: list[TensorSpec], seed: int, dtype: tor
         write_safetensors(out_dir / file_name, shard, tensor_for, dtype)
         weight_map.update({spec.name: file_name for spec in shard})
     total_size = sum(math.prod(spec.shape) for spec in specs) * itemsize
-    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    _write_json(out_dir / "model.safetensors.index.json", index)
     return len(shards)
 
 
@@ -408,14 +412,16 @@ def _pseudo_word(rng: random.Random) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
 
 
-@functools.lru_cache(maxsize=8)
 def trained_tokenizer_json(vocab_size: int) -> str:
-    """A byte-level BPE tokenizer of at most `vocab_size` ids, special tokens last (as in Llama 3).
+    """A byte-level BPE tokenizer of at most `vocab_size` ids, special tokens last (as in Llama 3)."""
+    return _train_tokenizer(min(vocab_size, MAX_TOKENIZER_VOCAB))
 
-    Training is deterministic (fixed corpus, the trainer breaks count ties by pair), and cached in
-    this process so that tests making many model folders train once per vocabulary size.
-    """
-    bpe_vocab = min(vocab_size, MAX_TOKENIZER_VOCAB) - len(SPECIAL_TOKENS)
+
+@functools.lru_cache(maxsize=8)
+def _train_tokenizer(vocab_size: int) -> str:
+    # Deterministic (fixed corpus; the trainer breaks count ties by pair) and cached in this process
+    # so that tests making many model folders train once per vocabulary size.
+    bpe_vocab = vocab_size - len(SPECIAL_TOKENS)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
@@ -531,13 +537,15 @@ def _write_metadata(out: Path, preset: ModelPreset, architecture: str, tokenizer
 
 def add_make_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="Folder to write (created; existing model files are replaced).")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="Model shape.")
+    # No argparse `choices`: make_model's ValueError gives the same one-line message to every caller.
+    parser.add_argument("--preset", default="tiny", help=f"Model shape: {', '.join(PRESETS)}.")
     parser.add_argument("--seed", type=int, default=0, help="Weights are a function of seed and tensor name.")
-    parser.add_argument("--architecture", default="llama", choices=sorted(ARCHITECTURES))
-    parser.add_argument("--rope-scaling", type=json.loads, default=None,
-                        help='JSON as in config.json, e.g. \'{"rope_type": "linear", "factor": 2.0}\'.')  # fmt: skip
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: the preset's.")
-    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
+    parser.add_argument("--architecture", default="llama", help=f"One of {', '.join(ARCHITECTURES)}.")
+    parser.add_argument("--rope-scaling", default=None, metavar="JSON",
+                        help='As in config.json, e.g. \'{"rope_type": "linear", "factor": 2.0}\'.')  # fmt: skip
+    parser.add_argument("--dtype", default=None, help=f"One of {', '.join(DTYPES)}; default: the preset's.")
+    parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
+                        help="Split weights into shards plus an index above this size.")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a preset field, e.g. --set num_hidden_layers=4 (repeatable).")  # fmt: skip
 
@@ -556,11 +564,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _parse_rope_scaling(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--rope-scaling is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--rope-scaling must be a JSON object, got {text!r}")
+    return value
+
+
 def run_make_model(args: argparse.Namespace) -> Path:
-    overrides = parse_overrides(args.overrides)
-    options = dict(rope_scaling=args.rope_scaling, dtype=args.dtype, **overrides)
+    """`longctx make-model`: write the folder and print a one-line summary."""
+    options = dict(rope_scaling=_parse_rope_scaling(args.rope_scaling), dtype=args.dtype,
+                   **parse_overrides(args.overrides))  # fmt: skip
     out = make_model(args.out_dir, args.preset, seed=args.seed, architecture=args.architecture,
                      max_shard_bytes=args.max_shard_bytes, **options)  # fmt: skip
-    shape = resolve_preset(args.preset, **options)
-    print(f"wrote {out}: {args.architecture} {args.preset}, {shape.num_parameters / 1e6:.1f}M parameters")
+    millions = resolve_preset(args.preset, **options).num_parameters(args.architecture) / 1e6
+    print(f"wrote {out}: {args.architecture} {args.preset}, {millions:.1f}M parameters")
     return out

@@ -67,10 +67,7 @@ class ModelWorker:
         num_blocks = self.config.cache.num_device_blocks or self._kv_budget_bytes() // bytes_per_block
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache ({bytes_per_block} bytes a block)")
-        return KVCacheTensors(
-            num_blocks, arch.num_hidden_layers, self.block_size, arch.num_key_value_heads, arch.head_dim,
-            self.dtype, self.device,
-        )
+        return self.model.allocate_kv_cache(num_blocks, self.block_size)
 
     def _kv_budget_bytes(self) -> int:
         if self.device.type != "cuda":

@@ -72,8 +72,9 @@ def test_greedy_ties_go_to_the_lowest_id():
 def test_sampler_leaves_the_input_logits_untouched():
     logits = random_logits(3)
     before = logits.clone()
-    params = SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.5, presence_penalty=1.0, min_tokens=1,
-                            eos_token_ids=(3,))
+    params = SamplingParams(
+        temperature=0.7, top_k=5, repetition_penalty=1.5, presence_penalty=1.0, min_tokens=1, eos_token_ids=(3,)
+    )
     Sampler()(logits, states_for([params, SamplingParams(), SamplingParams(temperature=1.0, min_p=0.1)]))
     assert torch.equal(logits, before)
 
@@ -311,4 +312,5 @@ def test_logprob_of_a_penalized_greedy_row_is_still_raw():
     token = Sampler()(logits, [state])[0]
     assert token.token_id == 1  # 2.0 / 2 < 1.9
     assert token.logprob == pytest.approx(logits.log_softmax(-1)[0, 1].item(), abs=0)
-    assert token.top_logprobs[0][0] == 0 and math.isclose(token.top_logprobs[0][1], logits.log_softmax(-1)[0, 0].item())
+    best_id, best_logprob = token.top_logprobs[0]
+    assert best_id == 0 and math.isclose(best_logprob, logits.log_softmax(-1)[0, 0].item())

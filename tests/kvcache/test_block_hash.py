@@ -104,6 +104,8 @@ def test_token_ids_outside_uint32_are_rejected(bad_token):
     with pytest.raises(ValueError, match="token ids"):
         hash_full_blocks([0] * 15 + [bad_token], 16, ROOT)
     with pytest.raises(ValueError, match="token ids"):
+        hash_full_blocks([0] * 16 + [bad_token], 16, ROOT)  # in the partial tail
+    with pytest.raises(ValueError, match="token ids"):
         hash_block(ROOT, [bad_token])
 
 

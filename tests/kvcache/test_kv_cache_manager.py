@@ -172,3 +172,32 @@ def test_cached_block_ids_are_accepted_only_on_a_request_s_first_call():
     manager.allocate_slots("a", 4)
     with pytest.raises(ValueError, match="already has blocks"):
         manager.allocate_slots("a", 8, [0])
+
+
+def test_cache_full_blocks_visits_each_block_once_across_steps_and_prefix_hits(monkeypatch):
+    # A 1M-token request calls cache_full_blocks every step: it must cost O(new blocks).
+    manager = KVCacheManager(num_blocks=16, block_size=BLOCK_SIZE)
+    admit(manager, "a", list(range(12)))
+    marked = []
+    mark_cached = manager.pool.mark_cached
+    monkeypatch.setattr(
+        manager.pool, "mark_cached", lambda b, h: marked.append(b) or mark_cached(b, h)
+    )
+    tokens = list(range(8)) + [60] * 24  # 2 blocks hit, 6 computed over several steps
+    hit_blocks, hit_tokens = manager.find_cached_prefix(hashes(tokens), len(tokens))
+    manager.allocate_slots("b", hit_tokens, hit_blocks)
+    for num_computed in range(hit_tokens + 1, len(tokens) + 1):
+        manager.allocate_slots("b", num_computed)
+        manager.cache_full_blocks("b", hashes(tokens[:num_computed]), num_computed)
+    assert marked == manager.block_table("b")[2:]
+
+
+def test_a_prefix_hit_evicted_before_allocate_slots_is_refused():
+    manager = KVCacheManager(num_blocks=3, block_size=BLOCK_SIZE)
+    admit(manager, "a", list(range(8)))
+    manager.free("a")
+    prompt = list(range(9))
+    hit_blocks, _ = manager.find_cached_prefix(hashes(prompt), len(prompt))
+    manager.allocate_slots("b", 3 * BLOCK_SIZE)  # evicts the hits
+    with pytest.raises(ValueError, match="evicted"):
+        manager.allocate_slots("c", len(prompt), hit_blocks)

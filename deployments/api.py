@@ -1,0 +1,181 @@
+"""The OpenAI-compatible HTTP API as a FastAPI app over an `LLMBackend`.
+
+Built per ingress replica by deployments/ingress.py (backend: Serve handles), and in tests and
+benches over an in-process LLM server, so every route runs without Ray too.
+
+A streamed response starts when the first token (or an error) arrives: an invalid request or
+a full queue still gets its own HTTP status rather than a 200 stream that fails. Clients of
+million-token prompts should allow for a long wait before the headers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cluster.config import ServeSettings
+from deployments.body_limit import BodySizeLimit
+from deployments.errors import APIError, api_error, install_error_handlers
+from deployments.generation import CLIENT_CLOSED_REQUEST, LLMBackend, ReplyStream, RequestTimer
+from deployments.messages import GenerateRequest
+from deployments.metrics import ServingMetrics
+from deployments.openai_api import ChatCompletionRequest, CompletionRequest
+from deployments.prompts import PromptBuilder
+from deployments.responses import ChatFormat, CompletionFormat, _Format
+from deployments.sampling import chat_params, completion_params
+from engine.outputs import CompletionDelta
+
+STATS_TIMEOUT_S = 5.0  # /health and /metrics ask every replica; a loading one must not hang a probe
+
+
+class OpenAIService:
+    def __init__(self, backend: LLMBackend, prompts: PromptBuilder, settings: ServeSettings, model_name: str):
+        self.backend = backend
+        self.prompts = prompts
+        self.settings = settings
+        self.model_name = model_name
+        self.metrics = ServingMetrics()
+        self.created = int(time.time())
+
+    # --- probes and listing --------------------------------------------------------------
+    async def health(self) -> JSONResponse:
+        """200 once a replica has its model loaded and its engine running; 503 before."""
+        stats = await self.backend.replica_stats(STATS_TIMEOUT_S)
+        alive = [s for s in stats if s.get("alive")]
+        status = 200 if alive else 503
+        return JSONResponse({"status": "ok" if alive else "loading", "replicas": len(alive)}, status_code=status)
+
+    async def metrics_text(self) -> Response:
+        stats = await self.backend.replica_stats(STATS_TIMEOUT_S)
+        return Response(self.metrics.exposition(stats), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> dict:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "longctx",
+                "max_model_len": self.prompts.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    # --- generation ----------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        token_ids = self.prompts.completion(body.prompt)
+        generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, completion_params(body), body.cache_salt)
+        output = CompletionFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
+        return await self._respond("completions", generate, output, body.stream, _include_usage(body))
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        token_ids = self.prompts.chat(body.template_messages())
+        params, fill = chat_params(body, self.prompts.max_model_len)
+        generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
+        output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
+        return await self._respond("chat_completions", generate, output, body.stream, _include_usage(body))
+
+    def _check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise api_error(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                            "model", "model_not_found")  # fmt: skip
+
+    async def _respond(self, endpoint: str, generate: GenerateRequest, output: _Format, stream: bool,
+                       include_usage: bool) -> Response:  # fmt: skip
+        timer = RequestTimer(self.metrics, endpoint)
+        replies = ReplyStream(self.backend.generate(generate), self.settings.request_timeout_s)
+        try:
+            first = await replies.next_batch()
+        except BaseException as error:
+            await replies.close()
+            timer.finish(_status_of(error))
+            raise
+        if stream:
+            events = _events(first, replies, output, timer, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _full_response(first, replies, output, timer)
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _status_of(error: BaseException) -> int:
+    if isinstance(error, APIError):
+        return error.error.status
+    return 500 if isinstance(error, Exception) else CLIENT_CLOSED_REQUEST
+
+
+async def _batches(first: list[CompletionDelta] | None, replies: ReplyStream, timer: RequestTimer):
+    batch = first
+    while batch is not None:
+        timer.on_deltas(batch)
+        yield batch
+        batch = await replies.next_batch()
+
+
+async def _full_response(first, replies: ReplyStream, output: _Format, timer: RequestTimer) -> JSONResponse:
+    status = 500
+    try:
+        async for batch in _batches(first, replies, timer):
+            for delta in batch:
+                output.absorb(delta)
+        status = 200
+    except BaseException as error:
+        status = _status_of(error)
+        raise
+    finally:
+        await replies.close()
+        timer.finish(status, output.usage)
+    return JSONResponse(output.response())
+
+
+async def _events(first, replies: ReplyStream, output: _Format, timer: RequestTimer,
+                  include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    status = CLIENT_CLOSED_REQUEST  # unless the loop below ends
+    try:
+        async for batch in _batches(first, replies, timer):
+            yield "".join(_event(output.chunk(delta)) for delta in batch)
+        if include_usage:
+            yield _event(output.usage_chunk())
+        status = 200
+    except APIError as error:  # headers are gone: the error travels as an event, as OpenAI's does
+        status = error.error.status
+        yield _event(error.error.body())
+    finally:
+        await replies.close()
+        timer.finish(status, output.usage)
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def bearer_auth(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(authorization: str | None = Header(None)) -> None:
+        # compare_digest: the time taken must not tell how much of a guessed key was right.
+        if authorization is None or not hmac.compare_digest(authorization.encode(), expected):
+            raise api_error(401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                            code="invalid_api_key")  # fmt: skip
+
+    return check
+
+
+def build_api(service: OpenAIService, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="longctx", docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_request_body_bytes)
+    guarded = [Depends(bearer_auth(api_key))] if api_key else []
+    # Probes stay open: a kubelet or Prometheus carries no API key.
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.metrics_text, methods=["GET"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"], dependencies=guarded)
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"], dependencies=guarded)
+    return app

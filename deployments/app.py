@@ -1,0 +1,99 @@
+"""The Serve application: OpenAIIngress -> LLMServer, with the Serve options longctx needs.
+
+`build_app` is the import path for `serve run` / `serve deploy` / KubeRay's serveConfigV2:
+
+    import_path: deployments.app:build_app
+    args: {config: <mapping or YAML path>, overrides: {"serve.num_replicas": 2}}
+
+`build_application(config)` is what `longctx serve` calls with its own config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import ConfigError, LongctxConfig, load_config, load_config_dict
+from deployments.ingress import OpenAIIngress
+from deployments.llm_server import LLMServer
+from engine.ray_executor import placement_group_bundles, uses_gpu
+
+REPLICA_NUM_CPUS = 1.0  # the engine's own thread: scheduling, block tables, detokenizing
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    return build_application(config_from_args(args))
+
+
+def config_from_args(args: dict[str, Any]) -> LongctxConfig:
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ConfigError(f"unknown application args {sorted(unknown)}; expected 'config' and 'overrides'")
+    source = args.get("config")
+    config = load_config_dict(source) if isinstance(source, dict) else load_config(source)
+    config = config.with_overrides(args.get("overrides") or {})
+    if not config.model.path:
+        raise ConfigError("no model: set model.path in the application's config")
+    return config
+
+
+def build_application(config: LongctxConfig) -> Application:
+    config_data = config.model_dump()
+    llm_server = serve.deployment(LLMServer, name="LLMServer").options(**llm_server_options(config))
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress").options(**ingress_options(config))
+    return ingress.bind(llm_server.bind(config_data), config_data)
+
+
+def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
+    settings = config.serve
+    return {
+        "num_replicas": settings.num_replicas,
+        # Serve's default (5) would starve continuous batching. A replica takes a full batch plus
+        # its admission queue; past that its own queue answers 429 with the token-aware bound.
+        "max_ongoing_requests": config.scheduler.max_num_seqs + settings.max_queued_requests,
+        # When every replica is at that bound, a caller queues at most this many before 429
+        # (Serve's default is unbounded: requests would wait there past their deadline).
+        "max_queued_requests": settings.max_queued_requests,
+        **_placement(config),
+        "health_check_period_s": settings.health_check_period_s,
+        "health_check_timeout_s": settings.health_check_timeout_s,
+        # Serve's default (20 s) would cut off a long generation in flight on every redeploy.
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+        "request_router_config": RequestRouterConfig(
+            request_router_class="deployments.router.PrefixAwareRequestRouter",
+            request_router_kwargs={
+                "chunk_tokens": settings.routing_block_tokens,
+                "max_entries": settings.routing_max_tracked_blocks,
+            },
+            request_routing_stats_period_s=settings.routing_stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, 5 * settings.routing_stats_period_s),
+        ),
+    }
+
+
+def _placement(config: LongctxConfig) -> dict[str, Any]:
+    if config.serve.executor != "ray":  # the worker runs inside the replica: it takes the resources
+        gpus = 1 if uses_gpu(config) else 0
+        return {"ray_actor_options": {"num_cpus": config.serve.worker_num_cpus, "num_gpus": gpus}}
+    return {
+        "ray_actor_options": {"num_cpus": REPLICA_NUM_CPUS},
+        "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),
+        # One node per replica: every step is a round trip between the engine and its workers.
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def ingress_options(config: LongctxConfig) -> dict[str, Any]:
+    settings = config.serve
+    per_replica = config.scheduler.max_num_seqs + settings.max_queued_requests
+    return {
+        "num_replicas": settings.ingress_replicas,
+        # An ongoing request is a coroutine waiting on an LLM server; the servers' admission
+        # queues are the real bound, so the ingress must not become a tighter one.
+        "max_ongoing_requests": max(1, per_replica * settings.num_replicas // settings.ingress_replicas),
+        "ray_actor_options": {"num_cpus": settings.ingress_num_cpus},
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,  # streams in flight finish first
+    }

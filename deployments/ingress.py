@@ -1,0 +1,86 @@
+"""The HTTP ingress deployment: the FastAPI app of deployments/api.py over Serve handles to the
+LLM server deployment.
+
+The app is built per replica (`__serve_build_asgi_app__`), after the constructor has loaded
+the tokenizer, so routes close over this replica's state instead of module-level globals.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import ConfigError, LongctxConfig, load_config_dict
+from deployments.api import OpenAIService, build_api
+from deployments.generation import Reply
+from deployments.messages import GenerateRequest, overloaded
+from deployments.prompts import PromptBuilder
+
+logger = logging.getLogger(__name__)
+
+
+class HandleBackend:
+    """`LLMBackend` over a Serve handle: streaming calls, routed by the deployment's router."""
+
+    def __init__(self, handle: DeploymentHandle, retry_after_s: int):
+        self._handle = handle
+        self._generate = handle.options(method_name="generate", stream=True)
+        self._retry_after_s = retry_after_s
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
+        response = self._generate.remote(request)
+        finished = False
+        try:
+            async for reply in response:
+                yield reply
+            finished = True
+        except BackPressureError as error:  # every replica full and the handle's queue too
+            finished = True
+            yield overloaded(f"all replicas are busy: {error}", self._retry_after_s)
+        finally:
+            if not finished:
+                response.cancel()  # the replica aborts the request and frees its KV blocks
+
+    async def replica_stats(self, timeout_s: float) -> list[dict]:
+        try:
+            broadcast = self._handle.broadcast("stats")
+            results = await broadcast.results_async(timeout_s=timeout_s, return_exceptions=True)
+        except (TimeoutError, DeploymentUnavailableError):
+            return []
+        return [result for result in results if isinstance(result, dict)]
+
+
+def served_model_name(config: LongctxConfig) -> str:
+    return config.serve.model_name or Path(config.model.path).name
+
+
+def resolve_api_key(config: LongctxConfig) -> str | None:
+    """The configured key, or the content of the key file (a mounted Kubernetes secret)."""
+    settings = config.serve
+    if settings.api_key_file is None:
+        return settings.api_key
+    try:
+        key = Path(settings.api_key_file).read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"serve.api_key_file: cannot read {settings.api_key_file}: {error.strerror}") from None
+    if not key:
+        raise ConfigError(f"serve.api_key_file: {settings.api_key_file} is empty")
+    return key
+
+
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, llm_server: DeploymentHandle, config: dict[str, Any]):
+        self.config = load_config_dict(config)
+        self.prompts = PromptBuilder.from_config(self.config)
+        self.backend = HandleBackend(llm_server, self.config.serve.retry_after_s)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        service = OpenAIService(self.backend, self.prompts, self.config.serve, served_model_name(self.config))
+        return build_api(service, resolve_api_key(self.config))

@@ -1,0 +1,163 @@
+"""The LLM server: one replica owns one engine, its model workers and a bounded queue.
+
+A plain class, so that tests and benches run it in process; deployments/app.py deploys it with
+`serve.deployment(LLMServer)`. Serve calls `check_health`, `record_routing_stats` and
+`record_autoscaling_stats` on it by name, and `__del__` after draining requests in flight.
+Errors never escape `generate` as exceptions: they come back as one `ServeError` item, so the
+ingress gets the param / code / status intact instead of a pickled Ray traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from cluster.config import LongctxConfig, load_config_dict
+from deployments.admission import AdmissionQueue
+from deployments.messages import GenerateRequest, ServeError, engine_failure, invalid_request, overloaded
+from engine.async_engine import AsyncEngine, EngineDeadError
+from engine.executor import EXECUTORS
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionDelta
+from engine.sampling_params import InvalidParameterError, SamplingParams
+from engine.scheduler import QueueFullError
+
+logger = logging.getLogger(__name__)
+
+Reply = list[CompletionDelta] | ServeError
+
+
+class LLMServer:
+    def __init__(self, config: LongctxConfig | dict[str, Any]):
+        self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
+        settings = self.config.serve
+        executor = EXECUTORS[settings.executor](self.config)
+        self.engine = AsyncEngine(LLMEngine(self.config, executor=executor))
+        self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
+        self.replica_id = _replica_id()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
+        ticket = self.admission.try_admit(len(request.prompt_token_ids))
+        if ticket is None:
+            yield self._overloaded("this replica's queue is full")
+            return
+        try:
+            params = self._params(request)
+            deltas = self.engine.generate(request.request_id, request.prompt_token_ids, params, request.cache_salt)
+            async for batch in coalesced(deltas):
+                self.admission.leave(ticket)
+                yield batch
+        except InvalidParameterError as error:
+            yield invalid_request(str(error), error.param, getattr(error, "code", None))
+        except QueueFullError as error:
+            yield self._overloaded(str(error))
+        except EngineDeadError as error:
+            yield engine_failure(str(error))
+        except Exception as error:  # noqa: BLE001 - the caller gets a 500, not a hang
+            logger.exception("request %s failed", request.request_id)
+            yield engine_failure(f"internal error: {error!r}")
+        finally:
+            self.admission.leave(ticket)
+
+    def _params(self, request: GenerateRequest) -> SamplingParams:
+        if not request.fill_max_tokens:
+            return request.params
+        stats = self.engine.stats()
+        capacity = min(self.engine.engine.max_model_len, stats.num_total_kv_blocks * stats.block_size)
+        room = max(1, capacity - len(request.prompt_token_ids))
+        return dataclasses.replace(request.params, max_tokens=room)
+
+    def _overloaded(self, reason: str) -> ServeError:
+        queue = self.admission
+        message = f"{reason} ({queue.num_requests} requests, {queue.num_tokens} prompt tokens queued); retry later"
+        return overloaded(message, self.config.serve.retry_after_s)
+
+    # --- observability and Serve hooks ---------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Engine and queue state; the ingress's /metrics and /health read it from every replica."""
+        return {
+            "replica": self.replica_id,
+            "alive": self.engine.is_alive,
+            "queued_requests": self.admission.num_requests,
+            "queued_prompt_tokens": self.admission.num_tokens,
+            **dataclasses.asdict(self.engine.stats()),
+        }
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        return {
+            "queued_prompt_tokens": self.admission.num_tokens,
+            "running_kv_tokens": stats.num_running_kv_tokens,
+            "free_kv_blocks": stats.num_free_kv_blocks,
+            "reported_at": time.time(),  # the router drops its own estimates older than this
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {
+            "queued_prompt_tokens": float(self.admission.num_tokens),
+            "queued_requests": float(self.admission.num_requests),
+            "num_running": float(stats.num_running),
+            "kv_usage": 1.0 - stats.num_free_kv_blocks / max(1, stats.num_total_kv_blocks),
+        }
+
+    def check_health(self) -> None:
+        """Raise when the engine cannot serve: its loop died, or one step has run too long."""
+        if not self.engine.is_alive:
+            raise RuntimeError("the engine loop is not running")
+        busy_s = self.engine.seconds_since_last_step()
+        if busy_s > self.config.serve.stall_timeout_s:
+            raise RuntimeError(f"the engine has not finished a step for {busy_s:.0f} s while requests wait")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class _End:
+    def __init__(self, error: BaseException | None):
+        self.error = error
+
+
+async def coalesced(source: AsyncIterator[CompletionDelta]) -> AsyncIterator[list[CompletionDelta]]:
+    """Every delta that is ready, as one list. Closing this closes `source` (the engine aborts)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    pump = asyncio.create_task(_pump(source, queue))
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            end = items[-1] if isinstance(items[-1], _End) else None
+            deltas = items[:-1] if end is not None else items
+            if deltas:
+                yield deltas
+            if end is not None:
+                if end.error is not None:
+                    raise end.error
+                return
+    finally:
+        pump.cancel()  # a client that left: the engine's generator aborts the request
+
+
+async def _pump(source: AsyncIterator[CompletionDelta], queue: asyncio.Queue) -> None:
+    try:
+        async for delta in source:
+            queue.put_nowait(delta)
+    except Exception as error:  # noqa: BLE001 - re-raised in the consumer
+        queue.put_nowait(_End(error))
+        return
+    queue.put_nowait(_End(None))
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests, benches)
+        return "local"

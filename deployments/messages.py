@@ -1,0 +1,52 @@
+"""What the ingress sends to an LLM server replica and what comes back, through Ray Serve.
+
+The ingress tokenizes, so a request carries token ids: the router hashes them for prefix
+affinity and the replica counts them against its queue bound without tokenizing again.
+A reply stream is a sequence of `list[CompletionDelta]` (every delta the engine had ready,
+so that a busy replica sends one Ray message per step, not one per token) or, in place of
+deltas, one `ServeError` that ends the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+    # No max_tokens from the client (chat): the replica fills in the room its context and KV
+    # cache leave after the prompt; only it knows its KV capacity.
+    fill_max_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class ServeError:
+    """An error as OpenAI's API reports it; the ingress turns it into the HTTP response."""
+
+    status: int
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    retry_after_s: int | None = None
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ServeError:
+    return ServeError(400, message, "invalid_request_error", param, code)
+
+
+def overloaded(message: str, retry_after_s: int) -> ServeError:
+    return ServeError(429, message, "rate_limit_error", None, "server_overloaded", retry_after_s)
+
+
+def engine_failure(message: str) -> ServeError:
+    return ServeError(500, message, "server_error", None, "engine_error")

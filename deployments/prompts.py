@@ -1,0 +1,65 @@
+"""Prompts -> token ids in the ingress: completions' text or ids, chat messages through the
+model folder's chat template.
+
+Tokenizing here, before routing, gives the router token ids to hash for prefix affinity and
+lets a prompt that cannot fit the context be refused without a trip to a replica. The engine
+checks again (it is the authority, and other callers bypass the ingress).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.config import LongctxConfig
+from deployments.errors import APIError
+from deployments.messages import invalid_request
+from engine.sampling_params import InvalidParameterError
+from model_shards.hf_config import load_architecture
+from model_shards.tokenizer import Tokenizer
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_config(cls, config: LongctxConfig) -> "PromptBuilder":
+        architecture = load_architecture(config.model.path)
+        max_model_len = config.model.max_model_len or architecture.max_position_embeddings
+        return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)
+
+    def completion(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidParameterError("prompt", "send one prompt per request (batched prompts are not supported)")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self._checked(self.tokenizer.encode(prompt) if prompt else [], "prompt")
+        return self._checked(list(prompt), "prompt")
+
+    def chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as error:  # noqa: BLE001 - a template's own raise_exception(), bad roles
+            raise InvalidParameterError("messages", f"the chat template rejected the messages: {error}") from None
+        # The rendered text starts with the BOS text already: no second BOS from the post-processor.
+        token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
+        return self._checked(token_ids, "messages")
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _checked(self, token_ids: list[int], param: str) -> list[int]:
+        if not token_ids:
+            raise InvalidParameterError(param, "the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            message = (
+                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens, prompt and output together"
+            )
+            raise APIError(invalid_request(message, param, "context_length_exceeded"))
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            raise InvalidParameterError(param, f"token ids must be in [0, {self.vocab_size})")
+        return token_ids

@@ -1,0 +1,124 @@
+"""Which LLM server replica a request goes to. Plain Python: no Ray, tested exhaustively.
+
+The router remembers which replica it sent each prompt prefix to, as chained hashes of
+fixed-size token chunks (`kvcache.block_hash`: the name of chunk i covers the whole prefix up
+to it, so matching chunk i means the replica saw that entire prefix). It then sends a request
+where it costs least to serve:
+
+    cost(replica) = queued prompt tokens on it + prompt tokens it would have to prefill
+
+Equal queues: the replica holding the longest prefix wins. No prefix anywhere: the fewest
+queued context tokens wins. A prefix holder buried under a backlog larger than what its cache
+saves loses to an idle replica, which is the point: a cache hit is worth exactly the prefill it
+saves. Ties go to the replica with fewer running KV tokens, then at random.
+
+Loads come from the replicas' `record_routing_stats` every period; between two reports the
+router adds what it sent itself, so a burst does not all land on the replica that looked
+idlest at the last report.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvcache.block_hash import hash_full_blocks, root_hash
+
+ROUTER_FINGERPRINT = "longctx.deployments.router"  # router-only names, never compared with the engine's
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    queued_prompt_tokens: int = 0
+    running_kv_tokens: int = 0
+    free_kv_blocks: int = 0
+    reported_at: float = 0.0
+
+    @classmethod
+    def from_stats(cls, stats: dict | None) -> "ReplicaLoad":
+        stats = stats or {}
+        return cls(**{name: stats[name] for name in cls.__dataclass_fields__ if name in stats})
+
+
+def prefix_hashes(token_ids: Sequence[int], chunk_tokens: int, cache_salt: str | None) -> list[bytes]:
+    """Names of the prompt's full chunks; tenants with different salts never match each other."""
+    return hash_full_blocks(token_ids, chunk_tokens, root_hash(ROUTER_FINGERPRINT, cache_salt))
+
+
+class PrefixAffinityTable:
+    """Chunk name -> replicas that were sent that prefix, least recently used evicted first."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._holders: OrderedDict[bytes, dict[str, None]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def record(self, replica: str, hashes: Sequence[bytes]) -> None:
+        for name in hashes:
+            holders = self._holders.get(name)
+            if holders is None:
+                holders = self._holders[name] = {}
+            else:
+                self._holders.move_to_end(name)
+            holders[replica] = None
+        while len(self._holders) > self.max_entries:
+            self._holders.popitem(last=False)
+
+    def matched_chunks(self, hashes: Sequence[bytes]) -> dict[str, int]:
+        """For each replica holding the first chunk, how many leading chunks it holds."""
+        depth: dict[str, int] = {}
+        active: set[str] | None = None
+        for index, name in enumerate(hashes):
+            holders = self._holders.get(name)
+            active = set(holders or ()) if active is None else active.intersection(holders or ())
+            if not active:
+                break
+            for replica in active:
+                depth[replica] = index + 1
+        return depth
+
+    def forget(self, replica: str) -> None:
+        for holders in self._holders.values():
+            holders.pop(replica, None)
+
+
+class PrefixAwarePolicy:
+    def __init__(self, chunk_tokens: int, max_entries: int, rng: random.Random | None = None):
+        self.chunk_tokens = chunk_tokens
+        self.table = PrefixAffinityTable(max_entries)
+        self.rng = rng or random.Random()
+        self._loads: dict[str, ReplicaLoad] = {}
+        self._sent_since_report: dict[str, int] = {}
+
+    def update_load(self, replica: str, load: ReplicaLoad) -> None:
+        previous = self._loads.get(replica)
+        if previous is None or load.reported_at > previous.reported_at:
+            self._sent_since_report[replica] = 0  # the new report counts what we sent before it
+        self._loads[replica] = load
+
+    def rank(self, candidates: Sequence[str], num_prompt_tokens: int, hashes: Sequence[bytes]) -> list[str]:
+        """Candidates, cheapest first."""
+        matched = self.table.matched_chunks(hashes)
+
+        def key(replica: str) -> tuple[int, int, float]:
+            load = self._loads.get(replica, ReplicaLoad())
+            uncached = num_prompt_tokens - matched.get(replica, 0) * self.chunk_tokens
+            queued = load.queued_prompt_tokens + self._sent_since_report.get(replica, 0)
+            return queued + uncached, load.running_kv_tokens, self.rng.random()
+
+        return sorted(candidates, key=key)
+
+    def on_routed(self, replica: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
+        matched = self.table.matched_chunks(hashes).get(replica, 0)
+        uncached = num_prompt_tokens - matched * self.chunk_tokens
+        self._sent_since_report[replica] = self._sent_since_report.get(replica, 0) + uncached
+        self.table.record(replica, hashes)
+
+    def forget(self, replica: str) -> None:
+        self.table.forget(replica)
+        self._loads.pop(replica, None)
+        self._sent_since_report.pop(replica, None)

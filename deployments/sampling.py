@@ -1,0 +1,74 @@
+"""OpenAI request fields -> `SamplingParams`. Ranges are SamplingParams' to check, not ours.
+
+Differences between the two endpoints live here: completions' `logprobs` is a count and its
+`max_tokens` defaults to 16 (OpenAI's default); chat's `logprobs` is a flag with `top_logprobs`
+beside it, and its output runs to the end of the context unless limited.
+"""
+
+from __future__ import annotations
+
+from engine.sampling_params import InvalidParameterError, SamplingParams
+from deployments.openai_api import ChatCompletionRequest, CompletionRequest, _SamplingFields
+
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def completion_params(request: CompletionRequest) -> SamplingParams:
+    _reject_unsupported_completion_fields(request)
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    return _sampling_params(request, max_tokens, request.logprobs)
+
+
+def chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[SamplingParams, bool]:
+    """The params and whether the replica must fill in max_tokens (the client gave none).
+
+    Until the replica fills it in, max_tokens is the model's context length: a bound that
+    passes every check that involves it (min_tokens <= max_tokens).
+    """
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    limit = max_model_len if max_tokens is None else max_tokens
+    return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
+
+
+def _chat_logprobs(request: ChatCompletionRequest) -> int | None:
+    if not request.logprobs:
+        if request.top_logprobs is not None:
+            raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs: true")
+        return None
+    return 0 if request.top_logprobs is None else request.top_logprobs
+
+
+def _reject_unsupported_completion_fields(request: CompletionRequest) -> None:
+    if request.echo:
+        raise InvalidParameterError("echo", "echo is not supported")
+    if request.suffix:
+        raise InvalidParameterError("suffix", "suffix is not supported")
+    if request.best_of is not None and request.best_of != request.n:
+        raise InvalidParameterError("best_of", "best_of other than n is not supported")
+
+
+def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=OPENAI_DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+        top_p=_or(request.top_p, 1.0),
+        top_k=0 if request.top_k == -1 else _or(request.top_k, 0),  # vLLM clients send -1 for off
+        min_p=_or(request.min_p, 0.0),
+        repetition_penalty=_or(request.repetition_penalty, 1.0),
+        presence_penalty=_or(request.presence_penalty, 0.0),
+        frequency_penalty=_or(request.frequency_penalty, 0.0),
+        seed=request.seed,
+        n=request.n,
+        stop=stop,
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        min_tokens=request.min_tokens,
+        skip_special_tokens=request.skip_special_tokens,
+    )
+
+
+def _or(value, default):
+    return default if value is None else value

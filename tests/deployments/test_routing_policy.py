@@ -1,0 +1,107 @@
+"""The router's choice logic, without Ray: prefix affinity first, then the fewest queued tokens."""
+
+import random
+
+from deployments.routing_policy import PrefixAffinityTable, PrefixAwarePolicy, ReplicaLoad, prefix_hashes
+
+CHUNK = 4
+
+
+def _policy(max_entries=1000):
+    return PrefixAwarePolicy(CHUNK, max_entries, rng=random.Random(0))
+
+
+def _hashes(tokens, salt=None):
+    return prefix_hashes(tokens, CHUNK, salt)
+
+
+def test_prefix_hashes_cover_full_chunks_only_and_chain():
+    assert len(_hashes(list(range(11)))) == 2
+    assert _hashes(list(range(8)))[0] == _hashes(list(range(4)) + [99, 98, 97, 96])[0]
+    assert _hashes(list(range(8)))[1] != _hashes(list(range(4)) + [99, 98, 97, 96])[1]
+
+
+def test_salts_separate_tenants():
+    assert _hashes(list(range(8)), "a") != _hashes(list(range(8)), "b")
+
+
+def test_matched_chunks_counts_leading_chunks_per_replica():
+    table = PrefixAffinityTable(100)
+    long_prompt = _hashes(list(range(40)))  # 10 chunks
+    table.record("r1", long_prompt)
+    table.record("r2", long_prompt[:3])
+    assert table.matched_chunks(long_prompt) == {"r1": 10, "r2": 3}
+    assert table.matched_chunks(_hashes([7] * 40)) == {}
+
+
+def test_table_evicts_least_recently_used():
+    table = PrefixAffinityTable(4)
+    old, new = _hashes(list(range(16))), _hashes(list(range(100, 116)))
+    table.record("r1", old)
+    table.record("r1", new)
+    assert len(table) == 4
+    assert table.matched_chunks(new) == {"r1": 4}
+    assert table.matched_chunks(old) == {}
+
+
+def test_request_goes_to_the_replica_holding_its_prefix():
+    policy = _policy()
+    shared = list(range(64))
+    policy.on_routed("r2", 64, _hashes(shared))
+    for name in ("r1", "r2", "r3"):
+        policy.update_load(name, ReplicaLoad(queued_prompt_tokens=0, reported_at=1.0))
+    prompt = shared + [500, 501]
+    assert policy.rank(["r1", "r2", "r3"], len(prompt), _hashes(prompt))[0] == "r2"
+
+
+def test_without_prefix_the_fewest_queued_tokens_win():
+    policy = _policy()
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=900, reported_at=1.0))
+    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=100, reported_at=1.0))
+    policy.update_load("r3", ReplicaLoad(queued_prompt_tokens=500, reported_at=1.0))
+    prompt = list(range(20))
+    assert policy.rank(["r1", "r2", "r3"], len(prompt), _hashes(prompt)) == ["r2", "r3", "r1"]
+
+
+def test_a_prefix_holder_loses_when_its_backlog_exceeds_the_prefill_saved():
+    policy = _policy()
+    shared = list(range(40))
+    policy.on_routed("r1", 40, _hashes(shared))
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=1000, reported_at=2.0))
+    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=0, reported_at=2.0))
+    assert policy.rank(["r1", "r2"], 40, _hashes(shared))[0] == "r2"
+
+
+def test_what_the_router_sent_counts_until_the_next_report():
+    policy = _policy()
+    for name in ("r1", "r2"):
+        policy.update_load(name, ReplicaLoad(reported_at=1.0))
+    first = list(range(100))
+    policy.on_routed("r1", 100, _hashes(first))
+    other = list(range(1000, 1010))
+    assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r2"
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=0, reported_at=2.0))  # r1 has done it
+    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=50, reported_at=2.0))
+    assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r1"
+
+
+def test_ties_break_on_running_kv_tokens():
+    policy = _policy()
+    policy.update_load("r1", ReplicaLoad(running_kv_tokens=5000, reported_at=1.0))
+    policy.update_load("r2", ReplicaLoad(running_kv_tokens=10, reported_at=1.0))
+    assert policy.rank(["r1", "r2"], 8, _hashes(list(range(8))))[0] == "r2"
+
+
+def test_only_candidates_are_ranked_and_a_forgotten_replica_holds_nothing():
+    policy = _policy()
+    prompt = list(range(40))
+    policy.on_routed("gone", 40, _hashes(prompt))
+    assert policy.rank(["r1"], 40, _hashes(prompt)) == ["r1"]
+    policy.forget("gone")
+    assert policy.table.matched_chunks(_hashes(prompt)) == {}
+
+
+def test_load_from_routing_stats_ignores_unknown_keys():
+    load = ReplicaLoad.from_stats({"queued_prompt_tokens": 3, "free_kv_blocks": 9, "other": 1})
+    assert load == ReplicaLoad(queued_prompt_tokens=3, free_kv_blocks=9)
+    assert ReplicaLoad.from_stats(None) == ReplicaLoad()
