@@ -282,7 +282,7 @@ def make_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
     """The float32 values of one tensor; they depend only on (seed, name), not on write order."""
     digest = hashlib.sha256(f"{seed}/{spec.name}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    values = torch.randn(spec.shape, generator=generator, dtype=torch.float32) * spec.std + spec.mean
+    values = torch.randn(spec.shape, generator=generator, dtype=torch.float32).mul_(spec.std).add_(spec.mean)
     if spec.unused_rows is not None:
         first, count = spec.unused_rows
         values[first : first + count] *= UNUSED_ROW_SCALE
