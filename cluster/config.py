@@ -38,7 +38,7 @@ class CacheSettings(_Frozen):
     # 64 tokens: long contexts favour large blocks (1M tokens = 16,384 blocks instead of 65,536 at
     # 16, so block tables, hashing and scheduler metadata shrink 4x) while prefix sharing stays
     # fine-grained enough for chat turns. bench/engine_cpu.py measures hashing and scheduling per
-    # block size; bench/attention_gpu.py the paged attention rate.
+    # block size; bench/block_size.py the paged decode and spill rates on a GPU.
     block_size: int = Field(64, ge=1, le=4096, description="Tokens per KV block.")
     num_device_blocks: int | None = Field(
         None, ge=1, description="Device KV blocks; default: from device_memory_fraction (GPU) or cpu_kv_bytes (CPU)."

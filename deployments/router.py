@@ -43,9 +43,13 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         request = _generate_request(pending_request)
-        hashes = self._hashes.pop(pending_request.metadata.internal_request_id, [])
+        key = pending_request.metadata.internal_request_id
+        hashes = self._hashes.pop(key, [])
         if request is not None:
-            self.policy.on_routed(_name(replica_id), len(request.prompt_token_ids), hashes)
+            self.policy.on_routed(_name(replica_id), key, len(request.prompt_token_ids), hashes)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.policy.on_completed(_name(replica_id), internal_request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

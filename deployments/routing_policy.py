@@ -13,8 +13,8 @@ saves loses to an idle replica, which is the point: a cache hit is worth exactly
 saves. Ties go to the replica with fewer running KV tokens, then at random.
 
 Loads come from the replicas' `record_routing_stats` every period; between two reports the
-router adds what it sent itself, so a burst does not all land on the replica that looked
-idlest at the last report.
+router adds the prompt tokens it sent itself and that have not completed, so a burst does not
+all land on the replica that looked idlest at the last report.
 """
 
 from __future__ import annotations
@@ -92,12 +92,12 @@ class PrefixAwarePolicy:
         self.table = PrefixAffinityTable(max_entries)
         self.rng = rng or random.Random()
         self._loads: dict[str, ReplicaLoad] = {}
-        self._sent_since_report: dict[str, int] = {}
+        self._unreported: dict[str, dict[str, int]] = {}  # replica -> request -> uncached tokens sent
 
     def update_load(self, replica: str, load: ReplicaLoad) -> None:
         previous = self._loads.get(replica)
         if previous is None or load.reported_at > previous.reported_at:
-            self._sent_since_report[replica] = 0  # the new report counts what we sent before it
+            self._unreported.pop(replica, None)  # the new report counts what was sent before it
         self._loads[replica] = load
 
     def rank(self, candidates: Sequence[str], num_prompt_tokens: int, hashes: Sequence[bytes]) -> list[str]:
@@ -107,18 +107,21 @@ class PrefixAwarePolicy:
         def key(replica: str) -> tuple[int, int, float]:
             load = self._loads.get(replica, ReplicaLoad())
             uncached = num_prompt_tokens - matched.get(replica, 0) * self.chunk_tokens
-            queued = load.queued_prompt_tokens + self._sent_since_report.get(replica, 0)
+            queued = load.queued_prompt_tokens + sum(self._unreported.get(replica, {}).values())
             return queued + uncached, load.running_kv_tokens, self.rng.random()
 
         return sorted(candidates, key=key)
 
-    def on_routed(self, replica: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
+    def on_routed(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
         matched = self.table.matched_chunks(hashes).get(replica, 0)
-        uncached = num_prompt_tokens - matched * self.chunk_tokens
-        self._sent_since_report[replica] = self._sent_since_report.get(replica, 0) + uncached
+        self._unreported.setdefault(replica, {})[request] = num_prompt_tokens - matched * self.chunk_tokens
         self.table.record(replica, hashes)
+
+    def on_completed(self, replica: str, request: str) -> None:
+        """A finished request's prompt is no longer queued anywhere."""
+        self._unreported.get(replica, {}).pop(request, None)
 
     def forget(self, replica: str) -> None:
         self.table.forget(replica)
         self._loads.pop(replica, None)
-        self._sent_since_report.pop(replica, None)
+        self._unreported.pop(replica, None)

@@ -28,7 +28,21 @@ def chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[Sam
     """
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     limit = max_model_len if max_tokens is None else max_tokens
-    return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
+    try:
+        return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
+    except InvalidParameterError as error:
+        raise _in_chat_terms(error, request) from None
+
+
+def _in_chat_terms(error: InvalidParameterError, request: ChatCompletionRequest) -> InvalidParameterError:
+    """Name the field the client sent: chat's count of top logprobs is `top_logprobs`."""
+    names = {"logprobs": "top_logprobs"}
+    if request.max_completion_tokens is not None:
+        names["max_tokens"] = "max_completion_tokens"
+    if error.param not in names:
+        return error
+    message = str(error).removeprefix(f"{error.param}: ")
+    return InvalidParameterError(names[error.param], message)
 
 
 def _chat_logprobs(request: ChatCompletionRequest) -> int | None:

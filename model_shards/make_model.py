@@ -468,7 +468,9 @@ def _tokenizer_config(tokenizer: Tokenizer, preset: ModelPreset) -> dict[str, An
 
 def _model_config(preset: ModelPreset, architecture: str, bos_id: int, eos_ids: list[int]) -> dict[str, Any]:
     """config.json as published checkpoints write it: `rope_theta` + `rope_scaling` at the top."""
+    shape = {field.name: getattr(preset, field.name) for field in dataclasses.fields(preset)}
     config: dict[str, Any] = {
+        **shape,
         "architectures": [ARCHITECTURES[architecture]],
         "model_type": architecture,
         "attention_dropout": 0.0,
@@ -478,7 +480,6 @@ def _model_config(preset: ModelPreset, architecture: str, bos_id: int, eos_ids: 
         "initializer_range": 0.02,
         "rope_scaling": dict(preset.rope_scaling) if preset.rope_scaling is not None else None,
         "use_cache": True,
-        **{field.name: getattr(preset, field.name) for field in dataclasses.fields(preset) if field.name != "rope_scaling"},
     }
     if architecture == "llama":
         config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)

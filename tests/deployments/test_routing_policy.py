@@ -47,7 +47,7 @@ def test_table_evicts_least_recently_used():
 def test_request_goes_to_the_replica_holding_its_prefix():
     policy = _policy()
     shared = list(range(64))
-    policy.on_routed("r2", 64, _hashes(shared))
+    policy.on_routed("r2", "a", 64, _hashes(shared))
     for name in ("r1", "r2", "r3"):
         policy.update_load(name, ReplicaLoad(queued_prompt_tokens=0, reported_at=1.0))
     prompt = shared + [500, 501]
@@ -66,7 +66,7 @@ def test_without_prefix_the_fewest_queued_tokens_win():
 def test_a_prefix_holder_loses_when_its_backlog_exceeds_the_prefill_saved():
     policy = _policy()
     shared = list(range(40))
-    policy.on_routed("r1", 40, _hashes(shared))
+    policy.on_routed("r1", "a", 40, _hashes(shared))
     policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=1000, reported_at=2.0))
     policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=0, reported_at=2.0))
     assert policy.rank(["r1", "r2"], 40, _hashes(shared))[0] == "r2"
@@ -76,13 +76,26 @@ def test_what_the_router_sent_counts_until_the_next_report():
     policy = _policy()
     for name in ("r1", "r2"):
         policy.update_load(name, ReplicaLoad(reported_at=1.0))
-    first = list(range(100))
-    policy.on_routed("r1", 100, _hashes(first))
+    policy.on_routed("r1", "a", 100, _hashes(list(range(100))))
     other = list(range(1000, 1010))
     assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r2"
     policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=0, reported_at=2.0))  # r1 has done it
     policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=50, reported_at=2.0))
     assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r1"
+
+
+def test_a_completed_request_no_longer_counts_as_queued():
+    policy = _policy()
+    for name in ("r1", "r2"):
+        policy.update_load(name, ReplicaLoad(reported_at=1.0))
+    shared = list(range(100))
+    policy.on_routed("r1", "a", 100, _hashes(shared))
+    policy.on_routed("r1", "b", 100, _hashes(shared))  # a prefix hit: 100 - 96 tokens to prefill
+    other = list(range(1000, 1010))
+    assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r2"
+    policy.on_completed("r1", "a")
+    policy.on_completed("r1", "b")
+    assert policy.rank(["r1", "r2"], len(shared) + 1, _hashes(shared + [7]))[0] == "r1"
 
 
 def test_ties_break_on_running_kv_tokens():
@@ -95,7 +108,7 @@ def test_ties_break_on_running_kv_tokens():
 def test_only_candidates_are_ranked_and_a_forgotten_replica_holds_nothing():
     policy = _policy()
     prompt = list(range(40))
-    policy.on_routed("gone", 40, _hashes(prompt))
+    policy.on_routed("gone", "a", 40, _hashes(prompt))
     assert policy.rank(["r1"], 40, _hashes(prompt)) == ["r1"]
     policy.forget("gone")
     assert policy.table.matched_chunks(_hashes(prompt)) == {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,9 @@ from model_shards.make_model import (
     add_make_model_arguments,
     make_model,
     make_tensor,
+    resolve_preset,
     run_make_model,
+    trained_tokenizer_json,
 )
 
 ROPE_SCALINGS = [
@@ -69,6 +73,12 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     for name in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+def test_tokenizer_training_is_deterministic_across_processes():
+    program = "from model_shards.make_model import trained_tokenizer_json; print(trained_tokenizer_json(1024))"
+    other_process = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert other_process.stdout == trained_tokenizer_json(1024) + "\n"
 
 
 def test_sharded_weights_load_and_equal_the_single_file(tmp_path):
@@ -135,6 +145,7 @@ def test_llama3_8b_shape_preset_has_llama3_8b_parameter_count():
     preset = PRESETS["llama3-8b-shape"]
     assert preset.num_parameters() == 8_030_261_248
     assert preset.rope_scaling["rope_type"] == "llama3" and preset.torch_dtype == "bfloat16"
+    assert resolve_preset("llama3-8b-shape", rope_scaling={"rope_type": "default"}).rope_scaling is None
 
 
 @pytest.mark.parametrize(

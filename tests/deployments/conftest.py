@@ -1,0 +1,87 @@
+"""Fixtures: one tiny model, one local Ray with one deployed app for the whole session, and
+in-process LLM servers for the tests that need to reach inside (faults, queue bounds, timeouts).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings, ServeSettings
+
+BLOCK_SIZE = 16
+NUM_KV_BLOCKS = 512  # 8,192 tokens a replica: a whole 4,096-token context plus company
+MODEL = "tiny"  # the served name: the model folder's name
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from model_shards.make_model import make_model
+
+    return str(make_model(tmp_path_factory.mktemp("model") / "tiny", "tiny"))
+
+
+def _make_config(model_dir: str, **serve_fields) -> LongctxConfig:
+    serve_settings = {"routing_block_tokens": BLOCK_SIZE, "max_request_body_bytes": 1 << 20, **serve_fields}
+    return LongctxConfig(
+        model=ModelSettings(path=model_dir),
+        cache=CacheSettings(block_size=BLOCK_SIZE, num_device_blocks=NUM_KV_BLOCKS),
+        scheduler=SchedulerSettings(max_tokens_per_step=512),
+        serve=ServeSettings(**serve_settings),
+    )
+
+
+@pytest.fixture(scope="session")
+def make_config(model_dir):
+    """config(**serve_fields): the tiny model with small KV blocks, Serve settings overridden."""
+    return lambda **serve_fields: _make_config(model_dir, **serve_fields)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(model_dir):
+    """Base URL of the app on a local Ray: 2 LLM server replicas, Ray actor workers."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_application
+
+    config = _make_config(model_dir, num_replicas=2, ingress_num_cpus=0.5)
+    port = free_port()
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(config), name="longctx-test", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/health").status_code == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the app did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def reference_engine(model_dir):
+    """The engine called directly, in this process: what the HTTP API must reproduce."""
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(_make_config(model_dir))
+    yield engine
+    engine.shutdown()

@@ -1,0 +1,138 @@
+"""The HTTP layer alone (FastAPI's TestClient, a scripted backend): health before and after the
+model loads, 429 with Retry-After, auth, errors in OpenAI's shape, errors in the middle of a stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cluster.config import ConfigError
+from deployments.api import OpenAIService, build_api
+from deployments.ingress import resolve_api_key
+from deployments.messages import engine_failure, overloaded
+from deployments.prompts import PromptBuilder
+from engine.outputs import CompletionDelta
+
+MODEL = "tiny"
+
+
+def _delta(text: str, finished: bool = False) -> CompletionDelta:
+    return CompletionDelta("r", 0, text, (7,), (), finished, "length" if finished else None, 3, 1, 0)
+
+
+class ScriptedBackend:
+    """Replies with a fixed script; reports whatever replica stats the test sets."""
+
+    def __init__(self, script):
+        self.script = script
+        self.stats: list[dict] = []
+        self.requests = []
+
+    async def generate(self, request):
+        self.requests.append(request)
+        for item in self.script:
+            yield item
+
+    async def replica_stats(self, timeout_s):
+        return self.stats
+
+
+@pytest.fixture(scope="module")
+def prompts(make_config):
+    return PromptBuilder.from_config(make_config())
+
+
+def _client(make_config, prompts, script, api_key=None, **serve_fields):
+    config = make_config(**serve_fields)
+    backend = ScriptedBackend(script)
+    service = OpenAIService(backend, prompts, config.serve, MODEL)
+    return TestClient(build_api(service, api_key)), backend
+
+
+def _assert_openai_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    assert error["code"] == code
+
+
+def test_health_is_503_until_a_replica_has_loaded_its_model(make_config, prompts):
+    client, backend = _client(make_config, prompts, [])
+    assert client.get("/health").status_code == 503
+    backend.stats = [{"replica": "a", "alive": False}]
+    assert client.get("/health").status_code == 503
+    backend.stats = [{"replica": "a", "alive": True}]
+    assert client.get("/health").status_code == 200
+
+
+def test_a_full_queue_is_429_with_retry_after(make_config, prompts):
+    client, _ = _client(make_config, prompts, [overloaded("queue full", 7)])
+    response = client.post("/v1/completions", json={"prompt": "hi"})
+    _assert_openai_error(response, 429, code="server_overloaded")
+    assert response.headers["retry-after"] == "7"
+    streamed = client.post("/v1/completions", json={"prompt": "hi", "stream": True})
+    _assert_openai_error(streamed, 429, code="server_overloaded")
+
+
+def test_an_engine_failure_is_500_before_the_stream_and_an_error_event_during_it(make_config, prompts):
+    client, _ = _client(make_config, prompts, [engine_failure("boom")])
+    _assert_openai_error(client.post("/v1/completions", json={"prompt": "hi"}), 500, code="engine_error")
+    client, _ = _client(make_config, prompts, [[_delta("a")], engine_failure("boom")])
+    response = client.post("/v1/completions", json={"prompt": "hi", "stream": True})
+    events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["text"] == "a"
+    assert json.loads(events[1])["error"]["code"] == "engine_error"
+    assert events[-1] == "[DONE]"
+
+
+def test_api_key_guards_v1_but_not_the_probes(make_config, prompts):
+    client, backend = _client(make_config, prompts, [[_delta("x", finished=True)]], api_key="s3cret")
+    backend.stats = [{"replica": "a", "alive": True}]
+    _assert_openai_error(client.get("/v1/models"), 401, code="invalid_api_key")
+    wrong = {"Authorization": "Bearer nope"}
+    _assert_openai_error(client.post("/v1/completions", json={"prompt": "hi"}, headers=wrong), 401, code="invalid_api_key")
+    right = {"Authorization": "Bearer s3cret"}
+    assert client.post("/v1/completions", json={"prompt": "hi"}, headers=right).status_code == 200
+    assert client.get("/health").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_api_key_from_a_secret_file(make_config, tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("from-file\n")
+    assert resolve_api_key(make_config(api_key_file=str(secret))) == "from-file"
+    assert resolve_api_key(make_config(api_key="inline")) == "inline"
+    with pytest.raises(ConfigError, match="api_key_file"):
+        resolve_api_key(make_config(api_key_file=str(tmp_path / "missing")))
+
+
+def test_request_fields_reach_the_backend(make_config, prompts):
+    client, backend = _client(make_config, prompts, [[_delta("x", finished=True)]])
+    body = {"messages": [{"role": "user", "content": "hi"}], "stop": "x", "top_k": 5, "cache_salt": "tenant-a",
+            "max_completion_tokens": 9, "seed": 3}  # fmt: skip
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    request = backend.requests[0]
+    assert request.params.stop == ("x",) and request.params.top_k == 5 and request.params.max_tokens == 9
+    assert request.params.seed == 3 and request.cache_salt == "tenant-a" and not request.fill_max_tokens
+    assert request.prompt_token_ids == prompts.chat([{"role": "user", "content": "hi"}])
+
+
+def test_chat_without_a_limit_leaves_max_tokens_to_the_replica(make_config, prompts):
+    client, backend = _client(make_config, prompts, [[_delta("x", finished=True)]])
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    assert backend.requests[0].fill_max_tokens
+
+
+def test_body_over_the_limit_is_413(make_config, prompts):
+    client, _ = _client(make_config, prompts, [], max_request_body_bytes=2048)
+    _assert_openai_error(client.post("/v1/completions", json={"prompt": "x" * 4096}), 413, code="request_too_large")
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(make_config, prompts):
+    client, _ = _client(make_config, prompts, [])
+    _assert_openai_error(client.get("/v1/nothing"), 404)
+    _assert_openai_error(client.get("/v1/completions"), 405)

@@ -1,0 +1,148 @@
+"""The LLM server in process (no Ray): its bounded queue, per-request deadline, engine failures
+and stalls, each seen through the HTTP API where the client would see it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.admission import AdmissionQueue
+from deployments.api import OpenAIService, build_api
+from deployments.llm_server import LLMServer
+from deployments.local_backend import LocalBackend
+from deployments.messages import GenerateRequest, ServeError
+from deployments.prompts import PromptBuilder
+from engine.sampling_params import SamplingParams
+
+LONG_RUN = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture
+def server_factory(make_config):
+    servers = []
+
+    def start(**serve_fields) -> LLMServer:
+        server = LLMServer(make_config(executor="in_process", **serve_fields))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.engine.shutdown()
+
+
+def _client(server: LLMServer) -> TestClient:
+    prompts = PromptBuilder.from_config(server.config)
+    service = OpenAIService(LocalBackend(server), prompts, server.config.serve, "tiny")
+    return TestClient(build_api(service))
+
+
+def _wait_until_all_blocks_free(server: LLMServer, timeout_s: float = 2.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        stats = server.stats()
+        if stats["num_free_kv_blocks"] == stats["num_total_kv_blocks"] and stats["num_running"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"KV blocks still held: {server.stats()}")
+
+
+def test_admission_queue_bounds_requests_and_tokens():
+    queue = AdmissionQueue(max_requests=2, max_tokens=100)
+    big = queue.try_admit(150)  # alone in the queue: admitted though larger than the bound
+    assert big is not None
+    assert queue.try_admit(1) is None  # 150 + 1 > 100
+    queue.leave(big)
+    queue.leave(big)  # idempotent
+    assert queue.num_requests == 0 and queue.num_tokens == 0
+    first, second = queue.try_admit(10), queue.try_admit(10)
+    assert first and second and queue.try_admit(1) is None  # two requests at most
+
+
+def test_a_full_queue_answers_429_and_admits_again_once_it_drains(server_factory):
+    server = server_factory(max_queued_requests=1)
+    prompt = list(range(1, 40))
+
+    async def scenario():
+        first = server.generate(GenerateRequest("a", prompt, SamplingParams(max_tokens=4)))
+        first_reply = asyncio.ensure_future(anext(first))
+        await asyncio.sleep(0)  # "a" is admitted and waits for its first token
+        refused = await anext(server.generate(GenerateRequest("b", prompt, SamplingParams(max_tokens=4))))
+        assert isinstance(refused, ServeError) and refused.status == 429 and refused.retry_after_s == 5
+        assert isinstance(await first_reply, list)
+        async for _ in first:
+            pass
+        replies = [reply async for reply in server.generate(GenerateRequest("c", prompt, SamplingParams(max_tokens=4)))]
+        assert all(isinstance(reply, list) for reply in replies)
+
+    asyncio.run(scenario())
+
+
+def test_the_request_deadline_is_504_and_frees_the_blocks(server_factory):
+    server = server_factory(request_timeout_s=0.3)
+    client = _client(server)
+    response = client.post("/v1/completions", json=LONG_RUN)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "request_timeout"
+    _wait_until_all_blocks_free(server)
+    streamed = client.post("/v1/completions", json={**LONG_RUN, "stream": True})
+    assert streamed.status_code == 200  # headers left with the first token
+    assert '"code": "request_timeout"' in streamed.text and streamed.text.endswith("data: [DONE]\n\n")
+    _wait_until_all_blocks_free(server)
+
+
+def test_an_engine_failure_is_500_and_fails_the_health_check(server_factory):
+    server = server_factory()
+    client = _client(server)
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    server.check_health()
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    server.engine.engine.step = broken_step
+    response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "engine_error"
+    with pytest.raises(RuntimeError, match="not running"):
+        server.check_health()
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 500  # no hang
+    assert client.get("/health").status_code == 503
+
+
+def test_a_stalled_step_fails_the_health_check(server_factory):
+    server = server_factory(stall_timeout_s=0.2)
+    executor = server.engine.engine.executor
+    execute = executor.execute
+
+    def slow_execute(step_input):
+        time.sleep(0.6)
+        return execute(step_input)
+
+    executor.execute = slow_execute
+    client = _client(server)
+
+    async def scenario():
+        request = GenerateRequest("slow", [1, 2, 3], SamplingParams(max_tokens=1))
+        replies = asyncio.ensure_future(_drain(server.generate(request)))
+        await asyncio.sleep(0.4)
+        with pytest.raises(RuntimeError, match="has not finished a step"):
+            server.check_health()
+        await replies
+
+    asyncio.run(scenario())
+    server.check_health()
+    assert client.get("/health").status_code == 200
+
+
+async def _drain(replies):
+    return [reply async for reply in replies]
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_kv_capacity(server_factory):
+    server = server_factory()
+    request = GenerateRequest("c", [1, 2, 3], SamplingParams(max_tokens=4096), fill_max_tokens=True)
+    assert server._params(request).max_tokens == 4096 - 3

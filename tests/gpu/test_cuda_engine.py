@@ -1,0 +1,53 @@
+"""The engine on a GPU against transformers on the CPU. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from cluster.config import CacheSettings, LongctxConfig, ModelSettings
+from engine.llm_engine import LLMEngine
+from engine.offline import generate
+from engine.sampling_params import SamplingParams
+from model_shards.make_model import make_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(make_model(tmp_path_factory.mktemp("tiny"), "tiny", seed=3))
+
+
+def cuda_engine(model_dir: str, dtype: str) -> LLMEngine:
+    config = LongctxConfig(
+        model=ModelSettings(path=model_dir, dtype=dtype, device="cuda"),
+        cache=CacheSettings(block_size=16, num_device_blocks=256),
+    )
+    return LLMEngine(config)
+
+
+def hf_greedy(model_dir: str, prompt: list[int], num_tokens: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_float32_greedy_on_cuda_equals_transformers_on_cpu(model_dir):
+    prompt = [random.Random(0).randrange(3, 500) for _ in range(70)]
+    ours = generate(cuda_engine(model_dir, "float32"), [prompt], SamplingParams(max_tokens=64, ignore_eos=True))
+    assert ours[0][0].token_ids == hf_greedy(model_dir, prompt, 64)
+
+
+def test_bfloat16_logprobs_stay_close_to_float32(model_dir):
+    # bf16 keeps 8 mantissa bits: logits of magnitude ~10 move by ~0.1; 0.5 is a loose, safe bound.
+    prompt = [random.Random(1).randrange(3, 500) for _ in range(50)]
+    params = SamplingParams(max_tokens=1, logprobs=5)
+    full = generate(cuda_engine(model_dir, "float32"), [prompt], params)[0][0].logprobs[0]
+    half = generate(cuda_engine(model_dir, "bfloat16"), [prompt], params)[0][0].logprobs[0]
+    assert abs(full.logprob - half.logprob) < 0.5
