@@ -34,13 +34,18 @@ class SequenceOutput:
     def process(self, request: Request, token: SampledToken) -> StepResult:
         """`request` already holds `token` as its last output token."""
         if self._is_stop_token(request, token.token_id):
-            return StepResult(self.stop_matcher.flush(), RequestStatus.FINISHED_STOPPED)
+            return StepResult(self._final_text(), RequestStatus.FINISHED_STOPPED)
         text, hit_stop_string = self.stop_matcher.feed(self.detokenizer.append(token.token_id))
         if hit_stop_string:
             return StepResult(text, RequestStatus.FINISHED_STOPPED)
         if self._reached_length(request):
-            return StepResult(text + self.stop_matcher.flush(), RequestStatus.FINISHED_LENGTH)
+            return StepResult(text + self._final_text(), RequestStatus.FINISHED_LENGTH)
         return StepResult(text, None)
+
+    def _final_text(self) -> str:
+        """What the detokenizer and the stop matcher still hold when the sequence ends."""
+        text, hit_stop_string = self.stop_matcher.feed(self.detokenizer.flush())
+        return text if hit_stop_string else text + self.stop_matcher.flush()
 
     def _is_stop_token(self, request: Request, token_id: int) -> bool:
         # min_tokens: the sampler masks stop tokens until then; this guards the same rule here.

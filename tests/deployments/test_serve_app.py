@@ -1,0 +1,145 @@
+"""The application on a real local Ray (one deployment for the session, 2 LLM server replicas with
+Ray-actor model workers), driven by the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.offline import generate
+from engine.sampling_params import SamplingParams
+
+MODEL = "tiny"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does the contract say?"}]
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """Sample name -> value summed over labels (replicas, endpoints)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def _greedy(engine, prompt, max_tokens):
+    return generate(engine, [prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0][0]
+
+
+def test_completions_stream_or_not_give_the_engine_s_greedy_text(client, reference_engine):
+    prompt = "The contract says that the tenant"
+    expected = _greedy(reference_engine, prompt, 24)
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert response.choices[0].text == expected.text
+    assert response.usage.prompt_tokens == expected.num_prompt_tokens
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_chat_uses_the_model_s_template_and_matches_the_engine(client, reference_engine):
+    tokenizer = reference_engine.tokenizer
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True), add_special_tokens=False)
+    expected = _greedy(reference_engine, prompt_ids, 20)
+    response = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, temperature=0)
+    assert response.choices[0].message.content == expected.text
+    assert response.choices[0].message.role == "assistant"
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_logprobs_n_and_stop(client, reference_engine):
+    completion = client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == 5 and all(len(top) <= 2 for top in logprobs.top_logprobs)
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
+    assert [len(entry.top_logprobs) for entry in chat.choices[0].logprobs.content] == [3, 3, 3]
+    several = client.completions.create(model=MODEL, prompt="Once", max_tokens=4, n=3, temperature=1.0, seed=1)
+    assert sorted(choice.index for choice in several.choices) == [0, 1, 2]
+    assert several.usage.completion_tokens == 12
+    text = _greedy(reference_engine, "Once upon", 24).text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(stop)]
+
+
+def test_models_health_and_metrics(client, served):
+    assert [model.id for model in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{served}/health").status_code == 200
+    metrics = _metrics(served)
+    for name in (
+        "longctx_requests_total", "longctx_prompt_tokens_total", "longctx_generation_tokens_total",
+        "longctx_time_to_first_token_seconds_count", "longctx_inter_token_latency_seconds_count",
+        "longctx_requests_running", "longctx_requests_waiting", "longctx_queued_tokens",
+        "longctx_kv_blocks_free", "longctx_kv_blocks_total",
+    ):  # fmt: skip
+        assert name in metrics, name
+    assert metrics["longctx_kv_blocks_total"] == 2 * 512
+
+
+def test_32_concurrent_streams_all_complete(served):
+    async def one(client: openai.AsyncOpenAI, index: int) -> tuple[str, int]:
+        stream = await client.completions.create(
+            model=MODEL, prompt=f"request number {index}", max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        text, usage = "", None
+        async for chunk in stream:
+            text += "".join(choice.text for choice in chunk.choices)
+            usage = chunk.usage or usage
+        return text, usage.completion_tokens
+
+    async def all_of_them():
+        async with openai.AsyncOpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(one(client, index) for index in range(32)))
+
+    results = asyncio.run(all_of_them())
+    assert [tokens for _, tokens in results] == [16] * 32
+    assert all(text for text, _ in results)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 3500, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{served}/v1/completions", json=body) as response:
+        events = 0
+        for line in response.iter_lines():
+            events += line.startswith("data: ")
+            if events == 20:
+                break
+        held = _metrics(served)
+        assert held["longctx_kv_blocks_free"] < held["longctx_kv_blocks_total"]
+    # Leaving the block closed the connection; 3,500 tokens would take seconds more to finish.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        metrics = _metrics(served)
+        if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_total"] and not metrics["longctx_requests_running"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"blocks not freed: {metrics}")
+
+
+def test_a_shared_long_prefix_goes_to_the_replica_that_holds_it(client):
+    document = " ".join(f"clause {i} binds the parties." for i in range(60))  # ~600 tokens
+    first = client.completions.create(model=MODEL, prompt=document + " Question 0?", max_tokens=1, temperature=0)
+    assert first.usage.prompt_tokens > 300
+    for question in range(1, 6):
+        response = client.completions.create(model=MODEL, prompt=f"{document} Question {question}?", max_tokens=1, temperature=0)
+        assert response.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 32
