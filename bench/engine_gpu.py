@@ -66,12 +66,38 @@ def run_case(model_dir: str, block_size: int, prompt_tokens: int, layers: int) -
     return row
 
 
+def profile_steps(model_dir: str, block_size: int, prompt_tokens: int) -> None:
+    """Print the top GPU and CPU ops of a prefill and a few decode steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = LongctxConfig(
+        model=ModelSettings(path=model_dir, dtype="bfloat16", device="cuda"),
+        cache=CacheSettings(block_size=block_size),
+        scheduler=SchedulerSettings(max_tokens_per_step=8192),
+    )
+    engine = LLMEngine(config)
+    prompt = [random.Random(0).randrange(10, 120_000) for _ in range(prompt_tokens)]
+    generate(engine, [prompt[:64]], SamplingParams(max_tokens=4))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        generate(engine, [prompt], SamplingParams(max_tokens=8, ignore_eos=True))
+    print(f"profile: block_size={block_size}, prompt={prompt_tokens}, blocks={engine.executor.num_kv_blocks}")
+    print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    engine.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--profile-block-size", type=int, default=None, help="profile instead of timing")
     args = parser.parse_args()
+    if args.profile_block_size:
+        with tempfile.TemporaryDirectory() as folder:
+            model_dir = str(make_model(folder, "llama3-8b-shape", num_hidden_layers=args.layers))
+            profile_steps(model_dir, args.profile_block_size, args.prompt_tokens[0])
+        return
     ceiling = matmul_ceiling_tflops()
     with tempfile.TemporaryDirectory() as folder:
         model_dir = str(make_model(folder, "llama3-8b-shape", num_hidden_layers=args.layers))
