@@ -110,12 +110,68 @@ class ServeSettings(_Frozen):
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
 
 
+class KVTierSettings(_Frozen):
+    """The KV memory hierarchy below the device cache: host memory, then Redis shared by replicas.
+
+    An evicted device block spills to host memory instead of being dropped; host overflow is
+    written back to Redis; a new request restores its longest cached prefix from the tiers when
+    that is estimated faster than recomputing it. docs/kv_tiers.md has the design.
+    """
+
+    host_bytes: int = Field(
+        0, ge=0, description="Host KV memory per worker (pinned on CUDA), LRU; 0 turns the host and Redis tiers off."
+    )
+    redis_urls: tuple[str, ...] = Field(
+        (), description="redis:// or rediss:// URLs (password in the URL); several shard the blocks by hash."
+    )
+    redis_key_prefix: str = Field("longctx", min_length=1, description="First part of every Redis key.")
+    redis_namespace: str | None = Field(
+        None,
+        description="Names the checkpoint in Redis keys; default: a digest of the weight files (read once at start).",
+    )
+    redis_ttl_s: int | None = Field(86_400, ge=1, description="Expiry of each block in Redis; None: until Redis evicts it.")
+    # On by default: sharing a long document's prefill with every replica is the point of the
+    # Redis tier, and a block written only when this replica evicts it may come too late.
+    redis_write_through: bool = Field(True, description="Write each newly computed full block to Redis at once.")
+    redis_socket_timeout_s: float = Field(2.0, gt=0, description="Per Redis command; a slower one counts as an error.")
+    redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard.")
+    redis_io_threads: int = Field(4, ge=1, description="Background threads moving blocks between host and Redis.")
+    redis_max_pending_write_bytes: int = Field(
+        1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
+    )
+    redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
+    redis_retry_backoff_max_s: float = Field(30.0, gt=0)
+    restore_timeout_s: float = Field(
+        2.0, ge=0, description="Longest a new request waits for its Redis prefetch; blocks not there by then are recomputed."
+    )
+    restore_policy: Literal["cost", "always", "never"] = Field(
+        "cost", description="cost: restore when the measured restore time beats the measured recompute time."
+    )
+    ema_alpha: float = Field(0.2, gt=0, le=1, description="Weight of each new bandwidth and prefill-rate sample.")
+    initial_host_bandwidth_bytes_per_s: float = Field(10e9, gt=0, description="Host<->device estimate until measured.")
+    initial_redis_bandwidth_bytes_per_s: float = Field(1e9, gt=0, description="Redis->host estimate until measured.")
+    initial_prefill_tokens_per_s: float = Field(10_000.0, gt=0, description="Prefill rate estimate until measured.")
+    transfer_chunk_bytes: int = Field(
+        64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_host(self) -> "KVTierSettings":
+        for url in self.redis_urls:
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(f"redis_urls: {url.split('@')[-1]!r} is not a redis://, rediss:// or unix:// URL")
+        if self.redis_urls and self.host_bytes == 0:
+            raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory")
+        return self
+
+
 class LongctxConfig(_Frozen):
     model: ModelSettings = ModelSettings()
     cache: CacheSettings = CacheSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     parallel: ParallelSettings = ParallelSettings()
     serve: ServeSettings = ServeSettings()
+    kv_tiers: KVTierSettings = KVTierSettings()
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> "LongctxConfig":

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import model_shards.make_model as make_model_module
+import model_shards.tokenizer_training as tokenizer_training
 from model_shards.make_model import (
     PRESETS,
     TensorSpec,
@@ -132,7 +133,7 @@ def test_tokenizer_splits_multibyte_characters_and_ends_with_special_tokens(tmp_
 
 
 def test_vocabulary_beyond_the_tokenizer_gets_padding_rows_that_greedy_never_picks(tmp_path, monkeypatch):
-    monkeypatch.setattr(make_model_module, "MAX_TOKENIZER_VOCAB", 1024)  # what 128256 does, but fast
+    monkeypatch.setattr(tokenizer_training, "MAX_TOKENIZER_VOCAB", 1024)  # what 128256 does, but fast
     folder = make_model(tmp_path, vocab_size=2048)
     assert Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size() == 1024
     model = load(folder)
