@@ -2,7 +2,8 @@
 
 Contract (scripts depend on it): `longctx generate --json` prints one JSON object with `text`,
 `token_ids`, `usage` {prompt_tokens, completion_tokens}, `timing` {ttft_s, tpot_s} and `kv`
-{block_size, blocks_used, prefix_hit_tokens}. Errors print one line on stderr and exit 2.
+{block_size, blocks_used, prefix_hit_tokens, device_hit_tokens, host_hit_tokens, redis_hit_tokens,
+computed_prefill_tokens}. Errors print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-per-step", type=int, default=None,
                         help=f"chunked-prefill budget (default {_default(SchedulerSettings, 'max_tokens_per_step')})")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--kv-host-bytes", type=int, default=None,
+                        help="host-memory KV tier per worker, in bytes (default 0: off)")
+    parser.add_argument("--kv-redis-url", action="append", default=None, metavar="URL",
+                        help="Redis KV tier shared by replicas: redis:// or rediss:// URL; repeat or "
+                             "comma-separate to shard (needs --kv-host-bytes)")
 
 
 def build_config(args: argparse.Namespace) -> LongctxConfig:
@@ -48,11 +54,19 @@ def build_config(args: argparse.Namespace) -> LongctxConfig:
         "cache.num_device_blocks": args.num_kv_blocks,
         "cache.enable_prefix_caching": False if args.no_prefix_caching else None,
         "scheduler.max_tokens_per_step": args.max_tokens_per_step,
+        "kv_tiers.host_bytes": args.kv_host_bytes,
+        "kv_tiers.redis_urls": _split_urls(args.kv_redis_url),
     }
     config = load_config(args.config).with_overrides(overrides)
     if not config.model.path:
         raise ConfigError("no model: pass --model DIR or set model.path in the config file")
     return config
+
+
+def _split_urls(values: list[str] | None) -> tuple[str, ...] | None:
+    if values is None:
+        return None
+    return tuple(url.strip() for value in values for url in value.split(",") if url.strip())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +129,10 @@ def _generation_json(result, config: LongctxConfig) -> dict[str, Any]:
             "block_size": config.cache.block_size,
             "blocks_used": result.num_kv_blocks,
             "prefix_hit_tokens": result.num_prefix_hit_tokens,
+            "device_hit_tokens": result.num_prefix_hit_tokens - result.num_host_hit_tokens - result.num_redis_hit_tokens,
+            "host_hit_tokens": result.num_host_hit_tokens,
+            "redis_hit_tokens": result.num_redis_hit_tokens,
+            "computed_prefill_tokens": result.num_prompt_tokens - result.num_prefix_hit_tokens,
         },
     }
 

@@ -142,7 +142,8 @@ class KVTierSettings(_Frozen):
     redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
     redis_retry_backoff_max_s: float = Field(30.0, gt=0)
     restore_timeout_s: float = Field(
-        2.0, ge=0, description="Longest a new request waits for its Redis prefetch; blocks not there by then are recomputed."
+        2.0, ge=0, description="A new request waits for its Redis prefetch this long beyond twice the estimated "
+        "transfer time; blocks not there by then are recomputed."
     )
     restore_policy: Literal["cost", "always", "never"] = Field(
         "cost", description="cost: restore when the measured restore time beats the measured recompute time."

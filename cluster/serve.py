@@ -25,7 +25,10 @@ def serve_foreground(config: LongctxConfig, host: str, port: int) -> int:
 
     from deployments.app import build_application
     from deployments.ingress import served_model_name
+    from deployments.prompts import PromptBuilder
 
+    # Fail fast and plainly on a bad model folder, before Ray starts and Serve retries replicas.
+    PromptBuilder.from_config(config)
     embedded = "RAY_ADDRESS" not in os.environ
     _start_ray(config, embedded)
     try:

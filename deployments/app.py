@@ -60,6 +60,9 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
         **_placement(config),
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": settings.health_check_timeout_s,
+        # A model that fails to load fails the same way again; Serve's default of 20 attempts
+        # would hide the error behind many minutes of retries.
+        "max_constructor_retry_count": 2,
         # Serve's default (20 s) would cut off a long generation in flight on every redeploy.
         "graceful_shutdown_timeout_s": settings.drain_timeout_s,
         "request_router_config": RequestRouterConfig(

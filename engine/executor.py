@@ -25,6 +25,11 @@ class Executor(ABC):
     def kv_layout(self) -> str:
         """A string naming dtype, block size and parallel layout, for prefix-hash fingerprints."""
 
+    @property
+    def kv_block_nbytes(self) -> int:
+        """Bytes of one KV block on every rank: sizes the host tier in blocks."""
+        raise NotImplementedError
+
     @abstractmethod
     def execute(self, step_input: StepInput) -> StepOutput: ...
 
@@ -48,6 +53,10 @@ class InProcessExecutor(Executor):
     def kv_layout(self) -> str:
         return self.worker.kv_layout
 
+    @property
+    def kv_block_nbytes(self) -> int:
+        return self.worker.kv_block_nbytes
+
     def execute(self, step_input: StepInput) -> StepOutput:
         return self.worker.execute(step_input)
 
@@ -58,13 +67,19 @@ def _ray_actor_executor(config: LongctxConfig) -> Executor:
     return RayActorExecutor(config)
 
 
+def _multiprocess_executor(config: LongctxConfig) -> Executor:
+    from engine.multiproc_executor import MultiprocessExecutor
+
+    return MultiprocessExecutor(config)
+
+
 EXECUTORS: dict[str, Callable[[LongctxConfig], Executor]] = {
     "in_process": InProcessExecutor,
+    "multiprocess": _multiprocess_executor,
     "ray": _ray_actor_executor,
 }
 
 
 def create_executor(config: LongctxConfig) -> Executor:
-    if config.parallel.world_size > 1:
-        raise NotImplementedError("tensor / sequence parallelism needs the multiprocess executor")
-    return EXECUTORS["in_process"](config)
+    """One rank: in this process; tensor / sequence parallel ranks: one local process each."""
+    return EXECUTORS["multiprocess" if config.parallel.world_size > 1 else "in_process"](config)

@@ -19,6 +19,7 @@ from engine.scheduler import Scheduler
 from engine.step import SampledToken
 from kvcache.block_hash import root_hash
 from kvcache.kv_cache_manager import KVCacheManager
+from kvcache.tier_manager import TierManager
 from model_shards.hf_config import load_architecture
 from model_shards.tokenizer import Tokenizer
 
@@ -49,10 +50,14 @@ class LLMEngine:
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
         self.executor = executor or create_executor(config)
         self.block_size = config.cache.block_size
+        # Host and Redis tiers below the device cache; metrics in this engine's own registry.
+        self.kv_tiers = TierManager.from_config(config, self.executor.kv_block_nbytes)
         self.kv_cache_manager = KVCacheManager(
-            self.executor.num_kv_blocks, self.block_size, config.cache.enable_prefix_caching
+            self.executor.num_kv_blocks, self.block_size, config.cache.enable_prefix_caching,
+            on_evict=self.kv_tiers.on_device_evict,
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.kv_tiers.track_device(self.kv_cache_manager.pool)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.kv_tiers)
         self.model_fingerprint = f"{self.architecture.fingerprint()}|{self.executor.kv_layout}"
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
@@ -128,14 +133,17 @@ class LLMEngine:
         return deltas
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        # Queued tier transfers (the last blocks' write-through) need one more step to reach the worker.
+        return self.scheduler.has_unfinished_requests() or self.kv_tiers.has_queued_ops
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[CompletionDelta]:
         step_input = self.scheduler.schedule()
-        if not step_input.num_scheduled_tokens and not step_input.finished_request_ids:
+        if not (step_input.num_scheduled_tokens or step_input.finished_request_ids or step_input.kv_transfers):
             return []
+        start = time.perf_counter()
         step_output = self.executor.execute(step_input)
+        self.kv_tiers.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
         sampled = self.scheduler.update_from_output(step_input, step_output)
         return [self._process_token(self._sequences[rid], token) for rid, token in sampled.items()]
 
@@ -176,6 +184,8 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             num_prefix_hit_tokens=request.num_prefix_hit_tokens,
             num_kv_blocks=num_kv_blocks,
+            num_host_hit_tokens=request.num_host_hit_tokens,
+            num_redis_hit_tokens=request.num_redis_hit_tokens,
         )
 
     def _num_kv_blocks(self, request_id: str) -> int:

@@ -22,7 +22,9 @@ class GenerationResult:
     logprobs: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
-    num_prefix_hit_tokens: int = 0
+    num_prefix_hit_tokens: int = 0  # device + host + Redis
+    num_host_hit_tokens: int = 0
+    num_redis_hit_tokens: int = 0
     num_kv_blocks: int = 0
     start_time: float = 0.0
     first_token_time: float | None = None
@@ -47,6 +49,8 @@ class GenerationResult:
         self.logprobs.extend(delta.logprobs)
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_prefix_hit_tokens = delta.num_prefix_hit_tokens
+        self.num_host_hit_tokens = delta.num_host_hit_tokens
+        self.num_redis_hit_tokens = delta.num_redis_hit_tokens
         self.num_kv_blocks = max(self.num_kv_blocks, delta.num_kv_blocks)
         if delta.finished:
             self.finish_reason = delta.finish_reason

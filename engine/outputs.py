@@ -22,6 +22,8 @@ class CompletionDelta:
     num_output_tokens: int  # so far
     num_prefix_hit_tokens: int  # prompt tokens served from the prefix cache
     num_kv_blocks: int = 0  # blocks the sequence held when the delta was made
+    num_host_hit_tokens: int = 0  # of the prefix hits, restored from host memory
+    num_redis_hit_tokens: int = 0  # of the prefix hits, restored from Redis
 
 
 @dataclass(frozen=True)

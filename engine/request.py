@@ -35,6 +35,8 @@ class Request:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (hits included)
     num_prefix_hit_tokens: int = 0  # of the prompt, served from the prefix cache at admission
+    num_host_hit_tokens: int = 0  # of those, restored from host memory
+    num_redis_hit_tokens: int = 0  # of those, restored from Redis (via host memory)
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(init=False)  # one per full block of token_ids
 

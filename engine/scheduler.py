@@ -19,6 +19,7 @@ from cluster.config import SchedulerSettings
 from engine.request import Request, RequestStatus
 from engine.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
 from kvcache.kv_cache_manager import KVCacheManager
+from kvcache.tier_manager import TierManager
 
 
 class QueueFullError(RuntimeError):
@@ -37,9 +38,11 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, kv_cache_manager: KVCacheManager):
+    def __init__(self, settings: SchedulerSettings, kv_cache_manager: KVCacheManager, kv_tiers: TierManager | None = None):
         self.settings = settings
         self.kv_cache_manager = kv_cache_manager
+        # Host / Redis tiers below the device cache: restores at admission, spills, transfers.
+        self.kv_tiers = kv_tiers or TierManager.disabled(kv_cache_manager.block_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order: the last one is preempted first
         self.requests: dict[str, Request] = {}
@@ -130,16 +133,23 @@ class Scheduler:
         cached_blocks, num_hit_tokens = self.kv_cache_manager.find_cached_prefix(
             request.block_hashes, request.num_tokens
         )
+        restore = self.kv_tiers.plan_restore(request, len(cached_blocks))
+        if restore is None:  # its prefix is on its way from Redis
+            return False
+        num_hit_tokens += restore.num_tokens  # restored into the first new blocks
         num_new = min(request.num_tokens - num_hit_tokens, plan.budget)
         new_blocks = self.kv_cache_manager.allocate_slots(
             request.request_id, num_hit_tokens + num_new, cached_blocks
         )
         if new_blocks is None:
+            self.kv_tiers.cancel(restore)
             return False
+        self.kv_tiers.commit(restore, new_blocks)
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = num_hit_tokens
         if request.num_preemptions == 0:
             request.num_prefix_hit_tokens = num_hit_tokens
+            request.num_host_hit_tokens, request.num_redis_hit_tokens = restore.host_tokens, restore.redis_tokens
         self.running.append(request)
         plan.num_scheduled_tokens[request.request_id] = num_new
         plan.new_requests.append(self._new_request_data(request))
@@ -166,6 +176,7 @@ class Scheduler:
             cached_requests=tuple(plan.cached_requests),
             num_scheduled_tokens=plan.num_scheduled_tokens,
             finished_request_ids=dropped,
+            kv_transfers=self.kv_tiers.take_ops(dropped, idle=not plan.num_scheduled_tokens),
         )
 
     # --- after the step ------------------------------------------------------------------
@@ -189,3 +200,4 @@ class Scheduler:
         self.kv_cache_manager.cache_full_blocks(
             request.request_id, request.block_hashes, request.num_computed_tokens
         )
+        self.kv_tiers.on_blocks_computed(request, self.kv_cache_manager.block_table(request.request_id))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from kvcache.tiers.ops import KVTransferOps, KVTransferReport
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class StepInput:
     # A request samples a token when the scheduled tokens reach the end of its known tokens.
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_request_ids: frozenset[str] = frozenset()  # workers drop their state for these
+    # Moves between the KV tiers, applied before the forward pass (kvcache/tiers/ops.py).
+    kv_transfers: KVTransferOps | None = None
 
     @property
     def total_scheduled_tokens(self) -> int:
@@ -62,3 +65,4 @@ class SampledToken:
 class StepOutput:
     step_id: int
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # only requests that sampled
+    kv_report: KVTransferReport | None = None  # what the worker's tier transfers did

@@ -2,13 +2,11 @@
 
 Projections are fused (q|k|v in one matrix, gate|up in one) so a step runs one GEMM where HF runs
 two or three; loading fills the fused matrix from the separate checkpoint tensors. Sizes come from
-per-rank head counts (`TensorParallel`) so that sharding heads later changes no shapes here;
-only rank 0 of 1 runs today.
+per-rank head counts of the tensor-parallel group (`model_shards/parallel/tensor_parallel.py`):
+q|k|v and gate|up are column-parallel, o_proj and down_proj row-parallel (one all-reduce each).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +14,14 @@ from torch import nn
 
 from model_shards.attention.base import AttentionBackend, AttentionMetadata
 from model_shards.hf_config import ModelArchitecture
+from model_shards.parallel.groups import ParallelGroup
+from model_shards.parallel.tensor_parallel import FusedPart, RowParallelLinear, load_column_parallel
 from model_shards.rope import apply_rotary
 from model_shards.weights import WeightReader
 
-
-@dataclass(frozen=True)
-class TensorParallel:
-    rank: int = 0
-    world_size: int = 1
-
-    def split(self, total: int, what: str) -> int:
-        if total % self.world_size:
-            raise ValueError(f"{what}={total} is not divisible by tensor parallel size "
-                             f"{self.world_size}")
-        return total // self.world_size
+# A million-token step would hold a (T, 2 * intermediate) activation of ~57 GB for an 8B model;
+# the MLP is token-wise, so running it in slices of this many tokens bounds that to ~1.8 GB.
+MLP_CHUNK_TOKENS = 32768
 
 
 class RMSNorm(nn.Module):
@@ -53,39 +45,51 @@ class RMSNorm(nn.Module):
 class SwiGLUMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up share one column-parallel matrix."""
 
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
+    def __init__(self, arch: ModelArchitecture, tp: ParallelGroup):
         super().__init__()
         self.tp = tp
         self.intermediate = tp.split(arch.intermediate_size, "intermediate_size")
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.intermediate, bias=arch.mlp_bias)
-        self.down_proj = nn.Linear(self.intermediate, arch.hidden_size, bias=arch.mlp_bias)
+        self.down_proj = RowParallelLinear(self.intermediate, arch.hidden_size, arch.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= MLP_CHUNK_TOKENS:
+            return self._forward(x)
+        out = torch.empty_like(x)  # (T, hidden)
+        for start in range(0, x.shape[0], MLP_CHUNK_TOKENS):
+            out[start:start + MLP_CHUNK_TOKENS] = self._forward(x[start:start + MLP_CHUNK_TOKENS])
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # (T, inter) each
         return self.down_proj(F.silu(gate) * up)  # (T, hidden)
 
     def load(self, reader: WeightReader, prefix: str) -> None:
-        parts = [(prefix + "gate_proj", self.intermediate), (prefix + "up_proj", self.intermediate)]
-        load_column_parallel(reader, self.gate_up_proj, parts, self.tp)
-        load_row_parallel(reader, self.down_proj, prefix + "down_proj", self.tp)
+        shard = (self.tp.rank, self.tp.size)
+        load_column_parallel(reader, self.gate_up_proj, [FusedPart(prefix + "gate_proj", self.intermediate, shard),
+                                                         FusedPart(prefix + "up_proj", self.intermediate, shard)])
+        self.down_proj.load(reader, prefix + "down_proj")
 
 
 class Attention(nn.Module):
     """q/k/v projections, RoPE, paged attention through a backend, output projection."""
 
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallel, backend: AttentionBackend):
+    def __init__(self, arch: ModelArchitecture, tp: ParallelGroup, backend: AttentionBackend):
         super().__init__()
         self.tp = tp
         self.backend = backend
         self.head_dim = arch.head_dim
         self.num_heads = tp.split(arch.num_attention_heads, "num_attention_heads")
-        self.num_kv_heads = tp.split(arch.num_key_value_heads, "num_key_value_heads")
+        # KV heads are split like the query heads, or replicated when there are fewer than ranks
+        # (rank r's query heads all map to the one KV head it holds).
+        self.kv_shard = tp.head_shard(arch.num_key_value_heads, "num_key_value_heads")
+        self.num_kv_heads = arch.num_key_value_heads // self.kv_shard[1]
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        self.o_proj = RowParallelLinear(self.q_size, arch.hidden_size, arch.o_proj_bias, tp)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 layer_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -99,16 +103,17 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, self.q_size))  # (T, hidden)
 
     def load(self, reader: WeightReader, prefix: str) -> None:
-        parts = [(prefix + "q_proj", self.q_size), (prefix + "k_proj", self.kv_size),
-                 (prefix + "v_proj", self.kv_size)]
-        load_column_parallel(reader, self.qkv_proj, parts, self.tp)
-        load_row_parallel(reader, self.o_proj, prefix + "o_proj", self.tp)
+        q_shard = (self.tp.rank, self.tp.size)
+        load_column_parallel(reader, self.qkv_proj, [FusedPart(prefix + "q_proj", self.q_size, q_shard),
+                                                     FusedPart(prefix + "k_proj", self.kv_size, self.kv_shard),
+                                                     FusedPart(prefix + "v_proj", self.kv_size, self.kv_shard)])
+        self.o_proj.load(reader, prefix + "o_proj")
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallel, backend: AttentionBackend):
+    def __init__(self, arch: ModelArchitecture, tp: ParallelGroup, backend: AttentionBackend):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch, tp, backend)
@@ -127,30 +132,3 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm.load(reader, prefix + "post_attention_layernorm.")
         self.mlp.load(reader, prefix + "mlp.")
 
-
-def load_column_parallel(reader: WeightReader, linear: nn.Linear,
-                         parts: list[tuple[str, int]], tp: TensorParallel) -> None:
-    """Fill a fused output-sharded linear: each checkpoint part (name prefix, per-rank rows)
-    contributes this rank's rows, stacked in order."""
-    offset = 0
-    for name, rows in parts:
-        reader.copy_into(linear.weight.data.narrow(0, offset, rows), name + ".weight",
-                         shard_dim=0, rank=tp.rank, world_size=tp.world_size)
-        if linear.bias is not None:
-            reader.copy_into(linear.bias.data.narrow(0, offset, rows), name + ".bias",
-                             shard_dim=0, rank=tp.rank, world_size=tp.world_size)
-        offset += rows
-
-
-def load_row_parallel(reader: WeightReader, linear: nn.Linear, name: str,
-                      tp: TensorParallel) -> None:
-    """An input-sharded linear: this rank's columns; the bias is added once, by rank 0's copy
-    (a later all-reduce sums the ranks' partial outputs)."""
-    reader.copy_into(linear.weight.data, name + ".weight", shard_dim=1, rank=tp.rank,
-                     world_size=tp.world_size)
-    if linear.bias is not None:
-        if tp.rank == 0:
-            reader.copy_into(linear.bias.data, name + ".bias")
-        else:
-            reader.get(name + ".bias")  # marks it read; only rank 0 adds the bias
-            linear.bias.data.zero_()

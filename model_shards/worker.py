@@ -4,6 +4,11 @@ Each step it applies the scheduler's `StepInput` (what changed), runs one forwar
 flattened batch of scheduled chunks, samples for the requests whose chunk reached their last
 known token, and appends those tokens to its own copy of each request's tokens, so that the
 driver never re-sends token lists.
+
+With tensor / sequence parallelism (docs/parallelism.md) one worker runs per rank: it holds its
+heads (TP) and its stripe of every KV block (SP), computes its share of the step's tokens
+(model_shards/parallel/sp_plan.py), and world rank 0 samples and broadcasts the sampled ids, so
+that every rank appends the same tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import torch
 from cluster.config import LongctxConfig
 from engine.sampler import Sampler, SamplingState
 from engine.step import CachedRequestData, NewRequestData, StepInput, StepOutput
+from kvcache.tiers.ops import KVTransferReport
 from model_shards.attention.base import AttentionMetadata
 from model_shards.device import resolve_device, resolve_dtype
 from model_shards.hf_config import load_architecture
 from model_shards.kv_cache import KVCacheTensors
+from model_shards.kv_transfer import KVTransfer
 from model_shards.llama import LlamaForCausalLM
+from model_shards.parallel.groups import ParallelLayout
+from model_shards.parallel.sp_attention import SequenceParallelBackend, SequenceParallelMetadata
+from model_shards.parallel.sp_plan import StepSequence
 from model_shards.weights import WeightReader
 
 
@@ -43,31 +53,43 @@ class _Batch:
 
 
 class ModelWorker:
-    def __init__(self, config: LongctxConfig):
+    def __init__(self, config: LongctxConfig, layout: ParallelLayout | None = None,
+                 device: torch.device | None = None):
+        """`layout`: this rank's process groups (one rank alone by default); `device`: the one
+        the launcher gave this rank (default: the config's)."""
         self.config = config
+        self.layout = layout or ParallelLayout.single()
         self.architecture = load_architecture(config.model.path)
-        self.device = resolve_device(config.model.device)
+        self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
         self.block_size = config.cache.block_size
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()
+        # Host-memory and Redis tiers below the KV cache (None when the config has none).
+        self.kv_transfer = KVTransfer.create(config, self.kv_cache, f"{self.architecture.fingerprint()}|{self.kv_layout}")
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
 
     def _load_model(self) -> LlamaForCausalLM:
+        backend = self.config.model.attention_backend
+        if self.layout.sp.size > 1:
+            backend = SequenceParallelBackend(self.layout.sp)
         model = LlamaForCausalLM(
-            self.architecture, dtype=self.dtype, device=self.device, attention_backend=self.config.model.attention_backend
+            self.architecture, dtype=self.dtype, device=self.device, attention_backend=backend, tp=self.layout.tp
         )
         model.load_weights(WeightReader(self.config.model.path))
         return model.eval()
 
     def _allocate_kv_cache(self) -> KVCacheTensors:
-        arch = self.architecture
-        bytes_per_block = KVCacheTensors.bytes_per_block_for(arch, self.block_size, self.dtype)
+        # With SP each rank stores 1/sp of every block (its stripe of positions): same block ids
+        # as the scheduler's, blocks of block_size / sp slots (model_shards/parallel/sp_plan.py).
+        local_block_size = self.block_size // self.layout.sp.size
+        bytes_per_block = self.model.kv_bytes_per_block(local_block_size)
         num_blocks = self.config.cache.num_device_blocks or self._kv_budget_bytes() // bytes_per_block
+        num_blocks = self.layout.world.min_int(num_blocks)  # one block id space: every rank the same
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache ({bytes_per_block} bytes a block)")
-        return self.model.allocate_kv_cache(num_blocks, self.block_size)
+        return self.model.allocate_kv_cache(num_blocks, local_block_size)
 
     def _kv_budget_bytes(self) -> int:
         if self.device.type != "cuda":
@@ -84,20 +106,34 @@ class ModelWorker:
         return self.kv_cache.num_blocks
 
     @property
+    def kv_block_nbytes(self) -> int:
+        return self.kv_cache.bytes_per_block
+
+    @property
     def kv_layout(self) -> str:
-        return f"dtype={self.dtype}|block={self.block_size}|tp=1|sp=1"
+        """What this rank's KV blocks hold: dtype, block size, the parallel layout and this rank's
+        place in it (its KV heads and its stripe of positions), so that tier keys built from it
+        never mix ranks."""
+        tp, sp = self.layout.tp, self.layout.sp
+        return f"dtype={self.dtype}|block={self.block_size}|tp={tp.size}|sp={sp.size}|{self.layout.describe()}"
 
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
         self._apply_changes(step_input)
+        kv_report = self._transfer_kv(step_input)  # before the forward pass overwrites evicted blocks
         if not step_input.num_scheduled_tokens:
-            return StepOutput(step_input.step_id)
+            return StepOutput(step_input.step_id, kv_report=kv_report)
         batch = self._build_batch(step_input)
         hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache)  # (tokens, hidden)
         sampled = self._sample(hidden, batch)
         self._advance(step_input)
-        return StepOutput(step_input.step_id, sampled)
+        return StepOutput(step_input.step_id, sampled, kv_report=kv_report)
+
+    def _transfer_kv(self, step_input: StepInput) -> KVTransferReport | None:
+        if step_input.kv_transfers is None or self.kv_transfer is None:
+            return None
+        return self.kv_transfer.run(step_input.kv_transfers)
 
     def _apply_changes(self, step_input: StepInput) -> None:
         for request_id in step_input.finished_request_ids:
@@ -122,6 +158,8 @@ class ModelWorker:
             )
 
     def _build_batch(self, step_input: StepInput) -> _Batch:
+        if self.layout.sp.size > 1:
+            return self._build_sequence_parallel_batch(step_input)
         token_ids: list[int] = []
         positions: list[int] = []
         sequences, sample_rows, sample_ids = [], [], []
@@ -142,17 +180,46 @@ class ModelWorker:
             sample_request_ids=sample_ids,
         )
 
+    def _build_sequence_parallel_batch(self, step_input: StepInput) -> _Batch:
+        """This SP rank's rows of the step (zigzag pieces of prefill chunks, then the replicated
+        decode tokens); sample rows are meaningful on SP rank 0, which holds every last token."""
+        request_ids = list(step_input.num_scheduled_tokens)
+        states = [self.requests[rid] for rid in request_ids]
+        sequences = [StepSequence(state.block_table, state.num_computed_tokens, num_new)
+                     for state, num_new in zip(states, step_input.num_scheduled_tokens.values())]
+        metadata = SequenceParallelMetadata.build_for(sequences, self.block_size, self.layout.sp.rank,
+                                                      self.layout.sp.size, self.device)
+        plan, token_ids, sample_rows, sample_ids = metadata.plan, [], [], []
+        for local, index in enumerate(plan.order):
+            for start, stop in plan.pieces[local]:
+                token_ids.extend(states[index].token_ids[start:stop])
+            if sequences[index].computed + sequences[index].num_new == len(states[index].token_ids):
+                sample_rows.append(plan.sample_row(local))
+                sample_ids.append(request_ids[index])
+        return _Batch(torch.tensor(token_ids, dtype=torch.long, device=self.device), metadata.positions, metadata,
+                      sample_rows, sample_ids)
+
     def _sample(self, hidden: torch.Tensor, batch: _Batch) -> dict:
         if not batch.sample_rows:
             return {}
+        tokens = self._sample_on_rank_zero(hidden, batch)  # None on every other rank
+        token_ids = self.layout.world.broadcast_ints([t.token_id for t in tokens] if tokens else None,
+                                                     len(batch.sample_rows))
+        for request_id, token_id in zip(batch.sample_request_ids, token_ids):
+            self.requests[request_id].token_ids.append(token_id)
+            self.requests[request_id].sampling.append(token_id)
+        return dict(zip(batch.sample_request_ids, tokens)) if tokens else {}
+
+    def _sample_on_rank_zero(self, hidden: torch.Tensor, batch: _Batch) -> list | None:
+        """Logits on SP rank 0 (where the sampled rows are; a collective over its TP group),
+        sampling on world rank 0 only: unseeded requests draw from one RNG, not one per rank."""
+        if self.layout.sp.rank != 0:
+            return None
         rows = torch.tensor(batch.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])  # (sampling requests, vocab) float32
-        states = [self.requests[rid].sampling for rid in batch.sample_request_ids]
-        tokens = self.sampler(logits, states)
-        for request_id, token in zip(batch.sample_request_ids, tokens):
-            self.requests[request_id].token_ids.append(token.token_id)
-            self.requests[request_id].sampling.append(token.token_id)
-        return dict(zip(batch.sample_request_ids, tokens))
+        if not self.layout.is_driver_rank:
+            return None
+        return self.sampler(logits, [self.requests[rid].sampling for rid in batch.sample_request_ids])
 
     def _advance(self, step_input: StepInput) -> None:
         for request_id, num_new in step_input.num_scheduled_tokens.items():

@@ -1,0 +1,319 @@
+"""Load generator for the HTTP API, in the manner of `vllm bench serve`, plus the serving overhead.
+
+Fixed input and output lengths (random token ids, ignore_eos), Poisson arrivals at --request-rate
+and at most --max-concurrency requests in flight. Each workload runs twice on the same model in
+the same run: against the engine called directly (AsyncEngine in this process) and through HTTP,
+Ray Serve, the router and the LLM server replica, once per --executors entry (ray: model worker
+as a Ray actor; in_process: the worker inside the replica). The difference is the overhead.
+
+Two workloads: `overhead` (one request at a time: TTFT and ITL without queueing) and `load`.
+Reports TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99), throughput and goodput (requests
+per second meeting --slo-ttft-ms and --slo-tpot-ms). Writes bench/results/serve_load.json.
+
+    python bench/serve_load.py                      # makes a tiny model in a temp folder
+    python bench/serve_load.py --model models/small --num-prompts 128 --request-rate 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "serve_load.json"
+
+
+# --- workload and per-request records ------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_len: int
+    arrival_offsets_s: list[float]  # Poisson process; all zeros for an infinite rate
+    max_concurrency: int
+
+
+@dataclass
+class RequestRecord:
+    start: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    end: float = 0.0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.start
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def tpot(self) -> float:
+        return (self.token_times[-1] - self.token_times[0]) / max(1, len(self.token_times) - 1)
+
+
+def make_workload(name, num_prompts, input_len, output_len, rate, concurrency, vocab_size, seed) -> Workload:
+    rng = random.Random(seed)
+    # Ids above 100 avoid the special tokens; distinct prompts keep the prefix cache out of it.
+    prompts = [[rng.randrange(100, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+    offsets, now = [], 0.0
+    for _ in range(num_prompts):
+        offsets.append(now)
+        now += 0.0 if rate == float("inf") else rng.expovariate(rate)
+    return Workload(name, prompts, output_len, offsets, concurrency)
+
+
+Sender = Callable[[list[int], int, RequestRecord], Awaitable[None]]
+
+
+async def run_workload(send: Sender, workload: Workload) -> tuple[list[RequestRecord], float]:
+    limit = asyncio.Semaphore(workload.max_concurrency)
+    begin = time.perf_counter()
+
+    async def one(prompt: list[int], offset: float) -> RequestRecord:
+        await asyncio.sleep(max(0.0, begin + offset - time.perf_counter()))
+        record = RequestRecord()
+        async with limit:
+            record.start = time.perf_counter()
+            try:
+                await send(prompt, workload.output_len, record)
+            except Exception as error:  # noqa: BLE001 - counted, reported, not fatal
+                record.error = repr(error)
+            record.end = time.perf_counter()
+        return record
+
+    records = await asyncio.gather(*(one(p, o) for p, o in zip(workload.prompts, workload.arrival_offsets_s)))
+    return list(records), time.perf_counter() - begin
+
+
+# --- the two ways in -----------------------------------------------------------------------------
+def direct_sender(engine) -> Sender:
+    from engine.sampling_params import SamplingParams
+
+    counter = iter(range(1 << 62))
+
+    async def send(prompt: list[int], output_len: int, record: RequestRecord) -> None:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        async for delta in engine.generate(f"bench-{next(counter)}", prompt, params):
+            now = time.perf_counter()
+            record.token_times.extend(now for _ in delta.token_ids)
+
+    return send
+
+
+def http_sender(client, url: str, model: str) -> Sender:
+    async def send(prompt: list[int], output_len: int, record: RequestRecord) -> None:
+        body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):  # one chunk per engine delta, one token each
+                    record.token_times.append(time.perf_counter())
+
+    return send
+
+
+# --- summaries -----------------------------------------------------------------------------------
+def _stats_ms(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"mean": round(statistics.fmean(values) * 1e3, 3), "p50": round(pick(0.5) * 1e3, 3),
+            "p99": round(pick(0.99) * 1e3, 3)}  # fmt: skip
+
+
+def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict:
+    done = [r for r in records if r.error is None and r.token_times]
+    good = [r for r in done if r.ttft <= slo_ttft_s and r.tpot <= slo_tpot_s]
+    output_tokens = sum(len(r.token_times) for r in done)
+    return {
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "duration_s": round(duration_s, 3),
+        "request_throughput_per_s": round(len(done) / duration_s, 3),
+        "output_throughput_tok_per_s": round(output_tokens / duration_s, 1),
+        "goodput_per_s": round(len(good) / duration_s, 3),
+        "ttft_ms": _stats_ms([r.ttft for r in done]),
+        "tpot_ms": _stats_ms([r.tpot for r in done]),
+        "itl_ms": _stats_ms([gap for r in done for gap in r.itls]),
+        "e2e_ms": _stats_ms([r.end - r.start for r in done]),
+        "errors": sorted({r.error for r in records if r.error})[:3],
+    }
+
+
+def overhead(direct: dict, served: dict) -> dict[str, float]:
+    """Added by HTTP + Serve, in ms: the figures the serving layer is held to."""
+    return {
+        "ttft_mean_ms": round(served["ttft_ms"]["mean"] - direct["ttft_ms"]["mean"], 3),
+        "ttft_p50_ms": round(served["ttft_ms"]["p50"] - direct["ttft_ms"]["p50"], 3),
+        "itl_mean_ms": round(served["itl_ms"]["mean"] - direct["itl_ms"]["mean"], 3),
+        "tpot_mean_ms": round(served["tpot_ms"]["mean"] - direct["tpot_ms"]["mean"], 3),
+    }
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    header = f"{'path':<22}{'ok':>5}{'req/s':>8}{'tok/s':>9}{'good/s':>8}"
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        header += f"{metric + ' mean/p50/p99 ms':>30}"
+    print(header)
+    for path, summary in rows.items():
+        line = f"{path:<22}{summary['completed']:>5}{summary['request_throughput_per_s']:>8.2f}"
+        line += f"{summary['output_throughput_tok_per_s']:>9.1f}{summary['goodput_per_s']:>8.2f}"
+        for metric in ("ttft", "tpot", "itl", "e2e"):
+            s = summary[f"{metric}_ms"]
+            line += f"{s['mean']:>10.2f}{s['p50']:>10.2f}{s['p99']:>10.2f}"
+        print(line)
+
+
+# --- the run -------------------------------------------------------------------------------------
+def bench_config(args, model_dir: str):
+    from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings, ServeSettings
+
+    return LongctxConfig(
+        model=ModelSettings(path=model_dir),
+        cache=CacheSettings(block_size=16, num_device_blocks=args.num_kv_blocks),
+        scheduler=SchedulerSettings(max_num_seqs=max(64, args.max_concurrency)),
+        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts)),
+    )
+
+
+async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+    import torch
+
+    from engine.async_engine import AsyncEngine
+    from engine.llm_engine import LLMEngine
+
+    # The Ray worker runs torch on as many threads as its CPUs (OMP_NUM_THREADS); so does this.
+    torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
+    engine = AsyncEngine(LLMEngine(config))
+    try:
+        return await _run_all(direct_sender(engine), workloads, slo)
+    finally:
+        engine.shutdown()
+
+
+async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+    warmup = Workload("warmup", workloads[0].prompts[:2], 4, [0.0, 0.0], 2)
+    await run_workload(send, warmup)
+    summaries = {}
+    for workload in workloads:
+        records, duration = await run_workload(send, workload)
+        summaries[workload.name] = summarize(records, duration, *slo)
+    return summaries
+
+
+def run_served(config, executor: str, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+    import httpx
+    import ray
+    from ray import serve
+
+    from cluster.serve import _cpus_needed
+    from deployments.app import build_application
+    from deployments.ingress import served_model_name
+
+    config = config.with_overrides({"serve.executor": executor})
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(config), name="bench", route_prefix="/")
+        url, model = f"http://127.0.0.1:{port}", served_model_name(config)
+
+        async def go():
+            limits = httpx.Limits(max_connections=workloads[-1].max_concurrency + 8)
+            async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+                return await _run_all(http_sender(client, url, model), workloads, slo)
+
+        return asyncio.run(go())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _model_dir(args) -> str:
+    if args.model:
+        return args.model
+    from model_shards.make_model import make_model
+
+    return str(make_model(Path(tempfile.mkdtemp(prefix="longctx-bench-")) / args.preset, args.preset))
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder (default: make --preset in a temp folder)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--request-rate", type=float, default=16.0, help="Poisson arrivals per second (inf: all at once)")
+    parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--overhead-requests", type=int, default=16, help="one-at-a-time requests of the overhead workload")
+    parser.add_argument("--executors", default="ray,in_process")
+    parser.add_argument("--num-kv-blocks", type=int, default=4096)
+    parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS_PATH))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
+    model_dir = _model_dir(args)
+    config = bench_config(args, model_dir)
+    from model_shards.hf_config import load_architecture
+
+    vocab = load_architecture(model_dir).vocab_size
+    common = (args.input_len, args.output_len)
+    workloads = [
+        make_workload("overhead", args.overhead_requests, *common, float("inf"), 1, vocab, args.seed),
+        make_workload("load", args.num_prompts, *common, args.request_rate, args.max_concurrency, vocab, args.seed + 1),
+    ]
+    slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    results = {"direct": asyncio.run(run_direct(config, workloads, slo))}
+    for executor in args.executors.split(","):
+        results[f"http_{executor}"] = run_served(config, executor, workloads, slo)
+    report = _report(args, results, workloads)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def _report(args, results: dict[str, dict[str, dict]], workloads: list[Workload]) -> dict:
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "args": vars(args), "workloads": {}}
+    for workload in workloads:
+        rows = {path: summaries[workload.name] for path, summaries in results.items()}
+        print_table(f"{workload.name}: {len(workload.prompts)} requests, {args.input_len} in / {args.output_len} out, "
+                    f"concurrency {workload.max_concurrency}", rows)  # fmt: skip
+        added = {path: overhead(rows["direct"], summary) for path, summary in rows.items() if path != "direct"}
+        for path, numbers in added.items():
+            print(f"  added by {path}: TTFT {numbers['ttft_mean_ms']:+.2f} ms (goal <= 30), "
+                  f"ITL {numbers['itl_mean_ms']:+.2f} ms, TPOT {numbers['tpot_mean_ms']:+.2f} ms (goal <= 2)")  # fmt: skip
+        report["workloads"][workload.name] = {"results": rows, "overhead_ms": added}
+    return report
+
+
+if __name__ == "__main__":
+    main()

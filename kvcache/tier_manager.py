@@ -1,0 +1,352 @@
+"""The driver's policy over the KV tiers: spill instead of drop, restore instead of recompute.
+
+Plain Python, no torch, no I/O: it decides which blocks live where and queues the moves; the
+worker moves the bytes (model_shards/kv_transfer.py) and reports back. Its hooks, in the order
+one engine step calls them:
+
+  Scheduler._admit           plan_restore -> device blocks allocated -> commit (or cancel)
+  BlockPool.allocate         on_device_evict: an evicted cached block is copied to host
+  Scheduler.update_from_output -> on_blocks_computed: write-through of newly full blocks
+  Scheduler._freeze          take_ops: this step's KVTransferOps ride on the StepInput
+  LLMEngine.step             on_step_done: the worker's report, the step time, pins released
+
+A request's restorable prompt blocks at admission (the last prompt token is always computed):
+
+  | device hits | host run: restored | Redis: prefetched to host first | recomputed |
+  0             d                    d + h
+
+A Redis prefetch is asynchronous: the request stays at the head of the queue until its blocks
+have reached host memory or `restore_timeout_s` passed, then restores the host run as above. A
+fetch that fails verification is a miss: the run ends there and the rest is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from cluster.config import KVTierSettings, LongctxConfig
+from kvcache.block_pool import BlockPool
+from kvcache.tier_metrics import TierMetrics
+from kvcache.tiers.cost_model import Decision, RestoreCostModel
+from kvcache.tiers.host_index import HOST, REDIS, HostIndex
+from kvcache.tiers.ops import HIT, KVTransferOps, KVTransferReport
+
+logger = logging.getLogger(__name__)
+
+DEVICE = "device"
+# How long an idle step may wait in the worker for a fetch to land: short enough to admit the
+# waiting request promptly, long enough that the engine does not spin through empty steps.
+_IDLE_POLL_S = 0.005
+
+
+class TieredRequest(Protocol):
+    request_id: str
+    block_hashes: list[bytes]
+    num_tokens: int
+    num_computed_tokens: int
+
+
+class _StepLike(Protocol):
+    @property
+    def total_scheduled_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """Host slots to load into a request's first new device blocks, in block order."""
+
+    request_id: str
+    block_size: int
+    first_block: int  # device hits come before the restored blocks
+    num_eligible_blocks: int  # full prompt blocks that a cache could serve
+    slots: tuple[int, ...] = ()
+    origins: tuple[str, ...] = ()  # HOST or REDIS, per slot
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.slots) * self.block_size
+
+    @property
+    def host_tokens(self) -> int:
+        return self.origins.count(HOST) * self.block_size
+
+    @property
+    def redis_tokens(self) -> int:
+        return self.origins.count(REDIS) * self.block_size
+
+
+@dataclass
+class _Prefetch:
+    deadline: float
+    waiting: set[int]  # slots in flight from Redis that the request waits for
+    pinned: list[int]  # host slots of its blocks, held so that spills cannot evict them meanwhile
+
+
+@dataclass
+class _PendingOps:
+    writebacks: list[tuple[int, bytes]] = field(default_factory=list)
+    saves: list[tuple[int, int]] = field(default_factory=list)
+    write_throughs: list[tuple[int, bytes]] = field(default_factory=list)
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    fetches: list[tuple[bytes, int]] = field(default_factory=list)
+
+    def take(self, poll_timeout_s: float) -> KVTransferOps:
+        ops = KVTransferOps(tuple(self.writebacks), tuple(self.saves), tuple(self.write_throughs),
+                            tuple(self.loads), tuple(self.fetches), poll_timeout_s)
+        for pending in (self.writebacks, self.saves, self.write_throughs, self.loads, self.fetches):
+            pending.clear()
+        return ops
+
+    def __bool__(self) -> bool:
+        return any((self.writebacks, self.saves, self.write_throughs, self.loads, self.fetches))
+
+
+class TierManager:
+    def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
+                 metrics: TierMetrics | None = None, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.block_size = block_size
+        self.block_nbytes = block_nbytes
+        self.metrics = metrics if metrics is not None else TierMetrics()
+        self.clock = clock
+        self.host = self._make_host_index()
+        self.redis_enabled = self.host is not None and bool(settings.redis_urls)
+        self.redis_up = self.redis_enabled
+        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes))
+        self._ops = _PendingOps()
+        self._step_pins: list[int] = []  # host slots used by this step's saves and loads
+        self._fetching: dict[int, bytes] = {}  # slot -> hash, Redis -> host in flight
+        self._fetching_slot: dict[bytes, int] = {}
+        self._writing: set[int] = set()  # write-through slots the worker has not read yet
+        self._prefetches: dict[str, _Prefetch] = {}
+        self._prefetch_tried: set[str] = set()  # one prefetch per admission attempt series
+        self._write_through_from: dict[str, int] = {}  # request -> first block not written through
+
+    @classmethod
+    def from_config(cls, config: LongctxConfig, block_nbytes: int, metrics: TierMetrics | None = None) -> TierManager:
+        # Without prefix caching no block has a name, so no tier could ever find one.
+        settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
+        return cls(settings, config.cache.block_size, block_nbytes, metrics)
+
+    @classmethod
+    def disabled(cls, block_size: int) -> TierManager:
+        return cls(KVTierSettings(), block_size, block_nbytes=0)
+
+    def _make_host_index(self) -> HostIndex | None:
+        if self.settings.host_bytes == 0:
+            return None
+        num_slots = self.settings.host_bytes // max(1, self.block_nbytes)
+        if num_slots == 0:
+            logger.warning("kv_tiers.host_bytes=%d holds no %d-byte block: host and Redis tiers off",
+                           self.settings.host_bytes, self.block_nbytes)
+            return None
+        host = HostIndex(num_slots, write_back=self._write_back)
+        self.metrics.track_tier(HOST, lambda: host.num_cached, self.block_nbytes)
+        return host
+
+    def track_device(self, pool: BlockPool) -> None:
+        self.metrics.track_tier(DEVICE, lambda: pool.num_cached_blocks, self.block_nbytes)
+
+    @property
+    def has_queued_ops(self) -> bool:
+        """Transfers decided but not yet sent to the worker."""
+        return bool(self._ops)
+
+    @property
+    def num_pending(self) -> int:
+        """Host slots held by transfers in flight (0 when idle: nothing leaked)."""
+        return len(self._fetching) + len(self._writing) + len(self._step_pins)
+
+    # --- admission -------------------------------------------------------------------------
+    def plan_restore(self, request: TieredRequest, num_device_blocks: int) -> RestorePlan | None:
+        """The host run after the device hits, or None while the request waits for Redis."""
+        eligible = min(len(request.block_hashes), max(0, (request.num_tokens - 1) // self.block_size))
+        plan = RestorePlan(request.request_id, self.block_size, num_device_blocks, eligible)
+        if self.host is None or num_device_blocks >= eligible:
+            return plan
+        hashes = request.block_hashes[num_device_blocks:eligible]
+        if self._waiting_for_prefetch(request.request_id, hashes):
+            return None
+        slots = self.host.leading_run(hashes)
+        if not slots or not self._decide(HOST, len(slots), request.request_id).restore:
+            return plan
+        self.host.pin(slots)  # before the device allocation, whose spills could evict them
+        return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots))
+
+    def commit(self, plan: RestorePlan, new_block_ids: Sequence[int]) -> None:
+        """The request got its device blocks: load the plan's slots into the first of them."""
+        self._ops.loads.extend(zip(plan.slots, new_block_ids))
+        self._step_pins.extend(plan.slots)  # the plan's pins now last until the step is done
+        for slot in plan.slots:
+            self.host.mark_restored(slot)
+        self._record_lookup(plan)
+        self._write_through_from[plan.request_id] = plan.first_block + len(plan.slots)
+
+    def cancel(self, plan: RestorePlan) -> None:
+        """The request was not admitted after all (no device blocks): unpin the plan's slots."""
+        if plan.slots:
+            self.host.unpin(plan.slots)
+
+    def _waiting_for_prefetch(self, request_id: str, hashes: Sequence[bytes]) -> bool:
+        state = self._prefetches.get(request_id)
+        if state is None and request_id not in self._prefetch_tried:
+            self._prefetch_tried.add(request_id)
+            state = self._start_prefetch(request_id, hashes)
+        if state is None:
+            return False
+        if state.waiting and self.clock() < state.deadline:
+            return True
+        self._end_prefetch(request_id, timed_out=bool(state.waiting))
+        return False
+
+    def _start_prefetch(self, request_id: str, hashes: Sequence[bytes]) -> _Prefetch | None:
+        if not (self.redis_enabled and self.redis_up):
+            return None
+        held = [slot for h in hashes if (slot := self.host.lookup(h)) is not None]
+        in_flight = {self._fetching_slot[h] for h in hashes if h in self._fetching_slot}
+        wanted = [h for h in hashes if self.host.lookup(h) is None and h not in self._fetching_slot]
+        if wanted and not self._decide(REDIS, len(wanted), request_id).restore:
+            wanted = []
+        self.host.pin(held)  # before allocating: the allocation evicts least recently used slots
+        slots = self.host.allocate(len(wanted)) if wanted else []
+        for block_hash, slot in zip(wanted, slots):  # fewer slots than wanted: the leading ones
+            self._fetching[slot], self._fetching_slot[block_hash] = block_hash, slot
+            self._ops.fetches.append((block_hash, slot))
+        if not slots and not in_flight:
+            self.host.unpin(held)
+            return None
+        # Wait for the estimated transfer (twice, for headroom) plus the configured slack.
+        deadline = self.clock() + 2 * self.cost.restore_seconds(REDIS, len(slots)) + self.settings.restore_timeout_s
+        self._prefetches[request_id] = state = _Prefetch(deadline, set(slots) | in_flight, held)
+        return state
+
+    def _end_prefetch(self, request_id: str, timed_out: bool) -> None:
+        state = self._prefetches.pop(request_id, None)
+        if state is None:
+            return
+        self.host.unpin(state.pinned)
+        if timed_out:
+            self.metrics.prefetch_timeouts.inc()
+            logger.warning("request %s: %d blocks still on their way from Redis after %.1f s; "
+                           "recomputing them", request_id, len(state.waiting), self.settings.restore_timeout_s)
+
+    def _decide(self, tier: str, num_blocks: int, request_id: str) -> Decision:
+        decision = self.cost.decide(tier, num_blocks)
+        self.metrics.record_decision(decision)
+        logger.info("request %s: %s %d blocks (%s: %.2f ms to restore, %.2f ms to recompute)", request_id,
+                    "restore" if decision.restore else "recompute", num_blocks, tier,
+                    decision.restore_s * 1e3, decision.recompute_s * 1e3)
+        return decision
+
+    def _record_lookup(self, plan: RestorePlan) -> None:
+        unserved = (plan.num_eligible_blocks - plan.first_block) * self.block_size
+        self.metrics.record_lookup(DEVICE, plan.first_block * self.block_size, unserved)
+        if self.host is not None:
+            unserved -= plan.host_tokens
+            self.metrics.record_lookup(HOST, plan.host_tokens, unserved)
+        if self.redis_enabled:
+            self.metrics.record_lookup(REDIS, plan.redis_tokens, unserved - plan.redis_tokens)
+
+    # --- spills ------------------------------------------------------------------------------
+    def on_device_evict(self, block_id: int, block_hash: bytes) -> None:
+        """BlockPool's on_evict: the block's KV is intact until this step's forward pass."""
+        if self.host is not None:
+            self._spill(block_id, block_hash, write_through=False)
+
+    def on_blocks_computed(self, request: TieredRequest, block_table: Sequence[int]) -> None:
+        """Write-through: copy the request's newly full blocks to host and on to Redis."""
+        start = self._write_through_from.get(request.request_id)
+        if start is None or not (self.redis_enabled and self.settings.redis_write_through):
+            return
+        end = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        if self.redis_up:  # while Redis is down, spills on eviction still reach the host tier
+            for index in range(start, end):
+                self._spill(block_table[index], request.block_hashes[index], write_through=True)
+        self._write_through_from[request.request_id] = max(start, end)
+
+    def _spill(self, block_id: int, block_hash: bytes, write_through: bool) -> None:
+        slot = self.host.lookup(block_hash)
+        if slot is not None:
+            self.host.touch(slot)  # host already holds it: keep the copy fresh in the LRU order
+        else:
+            slot = self._save(block_id, block_hash)
+            if slot is None:
+                return
+        if write_through and not self.host.in_redis(slot) and slot not in self._writing:
+            self.host.pin((slot,))
+            self._writing.add(slot)
+            self._ops.write_throughs.append((slot, block_hash))
+
+    def _save(self, block_id: int, block_hash: bytes) -> int | None:
+        slots = self.host.allocate(1)
+        if not slots:  # every slot is held by a transfer in flight
+            self.metrics.spills_dropped.inc()
+            return None
+        self.host.fill(slots[0], block_hash, HOST, in_redis=False)
+        self._ops.saves.append((block_id, slots[0]))
+        self._step_pins.append(slots[0])
+        return slots[0]
+
+    def _write_back(self, slot: int, block_hash: bytes) -> None:
+        """HostIndex evicts a block that Redis lacks: send it there before the slot is reused."""
+        if self.redis_enabled and self.redis_up:
+            self._ops.writebacks.append((slot, block_hash))
+        elif self.redis_enabled:
+            self.metrics.redis_writes.labels("dropped").inc()
+
+    # --- step boundary -----------------------------------------------------------------------
+    def take_ops(self, dropped_request_ids: Iterable[str], idle: bool) -> KVTransferOps | None:
+        """This step's transfers; None when there is nothing to move and nothing in flight."""
+        for request_id in dropped_request_ids:
+            self._forget(request_id)
+        in_flight = bool(self._fetching or self._writing)
+        if not self._ops and not in_flight:
+            return None
+        return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
+
+    def on_step_done(self, step_input: _StepLike, report: KVTransferReport | None, seconds: float) -> None:
+        """The worker ran the step: apply its report, measure the prefill rate, release pins."""
+        blocking_s = 0.0
+        if report is not None:
+            self._absorb(report)
+            blocking_s = report.blocking_seconds
+        if self._step_pins:
+            self.host.unpin(self._step_pins)
+            self._step_pins = []
+        num_tokens = step_input.total_scheduled_tokens
+        if num_tokens >= self.block_size:  # decode-only steps measure overhead, not prefill
+            self.cost.observe_prefill(num_tokens, seconds - blocking_s)
+        self.metrics.record_estimates(self.cost)
+
+    def _forget(self, request_id: str) -> None:
+        self._end_prefetch(request_id, timed_out=False)
+        self._prefetch_tried.discard(request_id)
+        self._write_through_from.pop(request_id, None)
+
+    def _absorb(self, report: KVTransferReport) -> None:
+        self.metrics.record_report(report)
+        for sample in report.transfers:
+            self.cost.observe_transfer(sample.path, sample.nbytes, sample.seconds)
+        for slot, outcome in report.fetched:
+            self._fetch_done(slot, outcome)
+        for slot, stored in report.written:
+            self._writing.discard(slot)
+            if stored:
+                self.host.set_in_redis(slot)
+            self.host.unpin((slot,))
+        if self.redis_enabled and report.redis_up != self.redis_up:
+            self.redis_up = report.redis_up
+            logger.warning("Redis tier %s", "is back" if report.redis_up else "is down: recomputing instead")
+
+    def _fetch_done(self, slot: int, outcome: str) -> None:
+        block_hash = self._fetching.pop(slot)
+        del self._fetching_slot[block_hash]
+        if outcome == HIT:
+            self.host.fill(slot, block_hash, REDIS, in_redis=True)
+        self.host.unpin((slot,))  # a slot whose fetch missed goes back to the free queue, empty
+        for state in self._prefetches.values():
+            state.waiting.discard(slot)

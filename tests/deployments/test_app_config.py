@@ -1,0 +1,68 @@
+"""The Serve application's construction without starting Ray: the config file for `serve run` /
+KubeRay, application args, and the Serve options chosen for million-token requests."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import ConfigError
+from deployments.app import build_app, config_from_args, ingress_options, llm_server_options
+
+SERVE_CONFIG = Path(__file__).parents[2] / "deployments" / "serve_config.yaml"
+
+
+def test_serve_config_is_valid_for_serve_deploy_and_kuberay():
+    document = yaml.safe_load(SERVE_CONFIG.read_text())
+    ServeDeploySchema.model_validate(document)
+    # KubeRay's serveConfigV2 carries the same document; its `applications` must stand alone.
+    ServeDeploySchema.model_validate({"applications": document["applications"]})
+    application = document["applications"][0]
+    assert application["import_path"] == "deployments.app:build_app"
+    assert config_from_args(application["args"]).model.path == "/models/model"
+
+
+def test_build_app_takes_a_config_mapping_a_file_and_overrides(model_dir, tmp_path):
+    config_file = tmp_path / "longctx.yaml"
+    config_file.write_text(yaml.safe_dump({"model": {"path": model_dir}, "serve": {"num_replicas": 3}}))
+    config = config_from_args({"config": str(config_file), "overrides": {"serve.max_queued_requests": 7}})
+    assert config.serve.num_replicas == 3 and config.serve.max_queued_requests == 7
+    assert build_app({"config": {"model": {"path": model_dir}}}) is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"config": {"model": {"path": "x"}}, "modle": 1}, "unknown application args"),
+        ({"config": {"serve": {"num_replicas": 1}}}, "no model"),
+        ({"config": {"model": {"path": "x"}, "serve": {"max_queued_tokens": 0}}}, "serve.max_queued_tokens"),
+        ({"config": {"model": {"path": "x"}}, "overrides": {"serve.nope": 1}}, "serve.nope"),
+    ],
+)
+def test_bad_application_args_name_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(args)
+
+
+def test_serve_options_fit_long_requests(make_config):
+    config = make_config(num_replicas=2, max_queued_requests=100, drain_timeout_s=120)
+    options = llm_server_options(config)
+    assert options["num_replicas"] == 2
+    assert options["max_ongoing_requests"] == config.scheduler.max_num_seqs + 100
+    assert options["graceful_shutdown_timeout_s"] == 120
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]  # the replica, one CPU worker
+    assert options["request_router_config"].request_router_class.endswith("PrefixAwareRequestRouter")
+    assert ingress_options(config)["max_ongoing_requests"] >= 2 * options["max_ongoing_requests"]
+
+
+def test_the_in_process_executor_needs_no_placement_group(make_config):
+    options = llm_server_options(make_config(executor="in_process"))
+    assert "placement_group_bundles" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+
+
+def test_gpu_workers_get_a_gpu_bundle_each(make_config):
+    config = make_config()
+    config = config.model_copy(update={"model": config.model.model_copy(update={"device": "cuda"})})
+    assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]

@@ -1,0 +1,64 @@
+"""`longctx serve` as a user runs it: its own embedded Ray beside the session's (two instances on
+one node), the URL printed, requests served, a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+LONGCTX = Path(sys.executable).parent / "longctx"
+
+
+def _serve(model_dir: str, port: int) -> subprocess.Popen:
+    command = [str(LONGCTX), "serve", "--model", model_dir, "--port", str(port), "--block-size", "16", "--num-kv-blocks", "64"]
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment)
+
+
+def _wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if needle in line:
+            return line
+        if not line and process.poll() is not None:
+            raise AssertionError(f"longctx serve exited with {process.returncode} before printing {needle!r}")
+    raise AssertionError(f"no {needle!r} within {timeout_s} s")
+
+
+def test_longctx_serve_runs_in_the_foreground_and_stops_on_sigterm(model_dir, served):
+    port = _free_port()
+    process = _serve(model_dir, port)
+    try:
+        line = _wait_for_line(process, "serving", timeout_s=90)
+        assert f"http://127.0.0.1:{port}/v1" in line
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        body = {"prompt": "hi", "max_tokens": 3}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30).status_code == 200
+        assert httpx.get(f"{served}/health").status_code == 200  # the session's instance is unaffected
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_bad_model_folder_fails_fast_with_exit_2(tmp_path):
+    result = subprocess.run([str(LONGCTX), "serve", "--model", str(tmp_path), "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "longctx: error:" in result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

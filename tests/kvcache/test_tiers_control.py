@@ -1,0 +1,294 @@
+"""The tier policy on its own (no torch, no Redis): the real Scheduler, KVCacheManager and
+TierManager against a shadow worker that moves block *names* where the real one moves bytes.
+
+After every step every computed block of every running request must hold exactly that
+request's prefix: a save after its block was overwritten, a load from the wrong slot, or a
+fetch used although it missed would all put a wrong name there.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from cluster.config import KVTierSettings, SchedulerSettings
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.step import SampledToken, StepInput, StepOutput
+from kvcache.block_hash import root_hash
+from kvcache.kv_cache_manager import KVCacheManager
+from kvcache.tier_manager import TierManager
+from kvcache.tiers.ops import CHECKSUM, HIT, MISSING, KVTransferReport
+
+BLOCK_SIZE = 4
+BLOCK_NBYTES = 1000
+ROOT = root_hash("tier-control-test")
+
+
+class ShadowWorker:
+    """Applies KVTransferOps and forward passes to names; fetches may land steps later."""
+
+    def __init__(self, scheduler: Scheduler, rng: random.Random | None = None, fetch_hit_rate: float = 1.0,
+                 max_fetch_delay: int = 0):
+        self.scheduler = scheduler
+        self.rng = rng or random.Random(0)
+        self.fetch_hit_rate = fetch_hit_rate
+        self.fetch_delay = lambda: self.rng.randint(0, max_fetch_delay)  # in steps
+        self.device: dict[int, object] = {}
+        self.host: dict[int, object] = {}
+        self.redis: dict[bytes, object] = {}
+        self.in_flight: list[tuple[int, bytes, int]] = []  # (steps left, hash, slot)
+        self.outcomes: Counter[str] = Counter()
+
+    def execute(self, step_input: StepInput) -> StepOutput:
+        report = self._transfer(step_input.kv_transfers) if step_input.kv_transfers else None
+        sampled = {}
+        for request_id, num_new in step_input.num_scheduled_tokens.items():
+            request = self.scheduler.requests[request_id]
+            self._forward(request, num_new)
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                sampled[request_id] = SampledToken(7)
+        return StepOutput(step_input.step_id, sampled, kv_report=report)
+
+    def _transfer(self, ops) -> KVTransferReport:
+        for slot, block_hash in ops.writebacks:
+            assert self.host[slot] == block_hash, "write-back of a slot that does not hold its block"
+            self.redis[block_hash] = self.host[slot]
+        for block, slot in ops.saves:
+            self.host[slot] = self.device[block]
+        written = []
+        for slot, block_hash in ops.write_throughs:
+            assert self.host[slot] == block_hash, "write-through of a slot that does not hold its block"
+            self.redis[block_hash] = self.host[slot]
+            written.append((slot, True))
+        for slot, block in ops.loads:
+            self.device[block] = self.host[slot]
+        self.in_flight += [(self.fetch_delay(), h, s) for h, s in ops.fetches]
+        return KVTransferReport(fetched=tuple(self._land_fetches()), written=tuple(written))
+
+    def _land_fetches(self) -> list[tuple[int, str]]:
+        landed, waiting = [], []
+        for steps_left, block_hash, slot in self.in_flight:
+            if steps_left > 0:
+                waiting.append((steps_left - 1, block_hash, slot))
+                continue
+            outcome = self._fetch_outcome(block_hash)
+            if outcome == HIT:
+                self.host[slot] = self.redis[block_hash]
+            else:
+                self.host[slot] = "garbage"  # a failed fetch may have written anything
+            self.outcomes[outcome] += 1
+            landed.append((slot, outcome))
+        self.in_flight = waiting
+        return landed
+
+    def _fetch_outcome(self, block_hash: bytes) -> str:
+        if block_hash not in self.redis:
+            return MISSING
+        return HIT if self.rng.random() < self.fetch_hit_rate else CHECKSUM
+
+    def _forward(self, request: Request, num_new: int) -> None:
+        table = self.scheduler.kv_cache_manager.block_table(request.request_id)
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        for index in range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            full = (index + 1) * BLOCK_SIZE <= end
+            self.device[table[index]] = request.block_hashes[index] if full else ("partial", request.request_id)
+
+    def check_running_requests(self) -> None:
+        for request in self.scheduler.running:
+            table = self.scheduler.kv_cache_manager.block_table(request.request_id)
+            for index in range(request.num_computed_tokens // BLOCK_SIZE):
+                assert self.device[table[index]] == request.block_hashes[index], (request.request_id, index)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_system(num_blocks=16, host_slots=8, redis=True, budget=16, clock=None, **tier_settings):
+    settings = KVTierSettings(host_bytes=host_slots * BLOCK_NBYTES,
+                              redis_urls=("redis://unused",) if redis else (), **tier_settings)
+    tiers = TierManager(settings, BLOCK_SIZE, BLOCK_NBYTES, clock=clock or FakeClock())
+    manager = KVCacheManager(num_blocks, BLOCK_SIZE, on_evict=tiers.on_device_evict)
+    scheduler = Scheduler(SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=8), manager, tiers)
+    return scheduler, tiers
+
+
+def run_step(scheduler: Scheduler, tiers: TierManager, worker: ShadowWorker, max_tokens: dict[str, int]):
+    step_input = scheduler.schedule()
+    output = worker.execute(step_input)
+    tiers.on_step_done(step_input, output.kv_report, seconds=0.01)
+    for request_id in scheduler.update_from_output(step_input, output):
+        request = scheduler.requests[request_id]
+        if request.num_output_tokens >= max_tokens[request_id]:
+            scheduler.finish_request(request_id, RequestStatus.FINISHED_LENGTH)
+    worker.check_running_requests()
+    return step_input
+
+
+def run_until_done(scheduler, tiers, worker, max_tokens, limit=2000):
+    for _ in range(limit):
+        if not scheduler.has_unfinished_requests() and not tiers.has_queued_ops and not tiers.num_pending:
+            return
+        run_step(scheduler, tiers, worker, max_tokens)
+    raise AssertionError("did not finish")
+
+
+def submit(scheduler, max_tokens, request_id, tokens, num_out=2):
+    scheduler.add_request(Request(request_id, list(tokens), SamplingParams(max_tokens=num_out), ROOT, BLOCK_SIZE))
+    max_tokens[request_id] = num_out
+
+
+DOC = list(range(100, 133))  # 8 full blocks and one token
+
+
+def test_an_evicted_prefix_is_restored_from_host_not_recomputed():
+    scheduler, tiers = make_system(num_blocks=9, host_slots=16, redis=False, budget=64)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    submit(scheduler, max_tokens, "doc", DOC)
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    submit(scheduler, max_tokens, "other", range(500, 533))  # takes the same blocks: evicts the doc
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert tiers.host.num_cached == 8
+    submit(scheduler, max_tokens, "again", DOC)
+    step = run_step(scheduler, tiers, worker, max_tokens)
+    again = scheduler.requests["again"]
+    assert again.num_prefix_hit_tokens == again.num_host_hit_tokens == 32  # all 8 full blocks, from host
+    assert step.num_scheduled_tokens["again"] == 1
+    assert len(step.kv_transfers.loads) == 8
+
+
+def test_a_request_waits_for_its_prefetch_and_then_uses_it():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    worker.redis.update({h: h for h in Request("x", DOC, SamplingParams(), ROOT, BLOCK_SIZE).block_hashes})
+    submit(scheduler, max_tokens, "r", DOC)
+    first = run_step(scheduler, tiers, worker, max_tokens)
+    assert not first.num_scheduled_tokens and len(first.kv_transfers.fetches) == 8
+    assert first.kv_transfers.poll_timeout_s > 0  # idle step: the worker may wait for the fetch
+    second = run_step(scheduler, tiers, worker, max_tokens)
+    request = scheduler.requests["r"]
+    assert request.num_redis_hit_tokens == 32 and second.num_scheduled_tokens == {"r": 1}
+
+
+def test_a_fetch_that_fails_verification_ends_the_restored_run():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    hashes = Request("x", DOC, SamplingParams(), ROOT, BLOCK_SIZE).block_hashes
+    worker.redis.update({h: h for h in hashes})
+    worker._fetch_outcome = lambda h: CHECKSUM if h == hashes[3] else HIT
+    submit(scheduler, max_tokens, "r", DOC)
+    run_step(scheduler, tiers, worker, max_tokens)
+    run_step(scheduler, tiers, worker, max_tokens)
+    assert scheduler.requests["r"].num_redis_hit_tokens == 3 * BLOCK_SIZE  # blocks 0-2; 3.. recomputed
+    assert tiers.metrics.registry.get_sample_value("longctx_kv_checksum_failures_total") == 1
+
+
+def test_a_late_prefetch_times_out_and_its_slots_come_back_when_it_lands():
+    clock = FakeClock()
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64, clock=clock, restore_timeout_s=1.0)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    worker.redis.update({h: h for h in Request("x", DOC, SamplingParams(), ROOT, BLOCK_SIZE).block_hashes})
+    worker.fetch_delay = lambda: 10**6  # stuck in Redis
+    submit(scheduler, max_tokens, "r", DOC)
+    run_step(scheduler, tiers, worker, max_tokens)
+    assert not run_step(scheduler, tiers, worker, max_tokens).num_scheduled_tokens
+    clock.now = 5.0
+    admitted = run_step(scheduler, tiers, worker, max_tokens)
+    assert admitted.num_scheduled_tokens == {"r": 33}  # recomputed
+    assert tiers.metrics.registry.get_sample_value("longctx_kv_prefetch_timeouts_total") == 1
+    worker.in_flight = [(0, h, s) for _, h, s in worker.in_flight]
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert tiers.num_pending == 0 and tiers.host.num_free == tiers.host.num_slots
+
+
+@pytest.mark.parametrize("policy, restored", [("never", 0), ("always", 32), ("cost", 32)])
+def test_the_restore_policy_decides_and_counts(policy, restored):
+    scheduler, tiers = make_system(num_blocks=9, host_slots=16, redis=False, budget=64, restore_policy=policy)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    for request_id, tokens in (("doc", DOC), ("other", range(500, 533)), ("again", DOC)):
+        submit(scheduler, max_tokens, request_id, tokens)
+        run_until_done(scheduler, tiers, worker, max_tokens)
+    assert tiers.metrics.registry.get_sample_value(
+        "longctx_kv_hit_tokens_total", {"tier": "host"}) == restored
+    decision = "restore" if restored else "recompute"
+    assert tiers.metrics.registry.get_sample_value(
+        "longctx_kv_restore_decisions_total", {"tier": "host", "decision": decision}) == 1
+
+
+def test_cost_model_recomputes_when_the_tier_is_slower_than_prefill():
+    scheduler, tiers = make_system(num_blocks=9, host_slots=16, redis=False, budget=64,
+                                   initial_host_bandwidth_bytes_per_s=1.0)  # 1 B/s: 1000 s a block
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    for request_id, tokens in (("doc", DOC), ("other", range(500, 533)), ("again", DOC)):
+        submit(scheduler, max_tokens, request_id, tokens)
+        run_until_done(scheduler, tiers, worker, max_tokens)
+    assert tiers.metrics.registry.get_sample_value(
+        "longctx_kv_restore_decisions_total", {"tier": "host", "decision": "recompute"}) == 1
+
+
+def test_host_overflow_writes_back_only_blocks_redis_lacks():
+    scheduler, tiers = make_system(num_blocks=12, host_slots=4, budget=64, redis_write_through=False)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    writebacks = []
+    for index in range(4):
+        submit(scheduler, max_tokens, f"r{index}", range(1000 * index, 1000 * index + 33))
+        while scheduler.has_unfinished_requests() or tiers.has_queued_ops:
+            step = run_step(scheduler, tiers, worker, max_tokens)
+            writebacks += step.kv_transfers.writebacks if step.kv_transfers else ()
+    assert writebacks and len({h for _, h in writebacks}) == len(writebacks)  # each block once
+    assert set(worker.redis) == {h for _, h in writebacks}
+
+
+def test_random_traffic_with_aborts_restores_exactly_and_leaks_nothing():
+    """1,000 requests over shared documents, random aborts, flaky and slow Redis, tiny pools."""
+    rng = random.Random(1234)
+    clock = FakeClock()
+    scheduler, tiers = make_system(num_blocks=40, host_slots=12, budget=24, clock=clock, restore_timeout_s=0.02,
+                                   redis_write_through=True)
+    worker, max_tokens = ShadowWorker(scheduler, rng, fetch_hit_rate=0.9, max_fetch_delay=4), {}
+    preemptions = 0
+    documents = [[rng.randrange(1000) for _ in range(36)] for _ in range(6)]
+    for index in range(1000):
+        document = rng.choice(documents)
+        prompt = document[: rng.randint(1, 36)] + [rng.randrange(1000) for _ in range(rng.randint(0, 6))]
+        submit(scheduler, max_tokens, f"r{index}", prompt, num_out=rng.randint(1, 8))
+        for _ in range(rng.randint(0, 4)):
+            clock.now += 0.01
+            run_step(scheduler, tiers, worker, max_tokens)
+            preemptions += sum(request.num_preemptions for request in scheduler.requests.values())
+            if rng.random() < 0.2:
+                _abort_random(scheduler, rng)
+            if rng.random() < 0.05 and worker.redis:  # Redis evicts something
+                worker.redis.pop(rng.choice(list(worker.redis)))
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    _drain(scheduler, tiers, worker, max_tokens)
+    assert scheduler.kv_cache_manager.num_free_blocks == 40
+    assert tiers.host.num_free == tiers.host.num_slots and tiers.num_pending == 0
+    assert not (tiers._prefetches or tiers._prefetch_tried or tiers._write_through_from)
+    registry = tiers.metrics.registry
+    for tier in ("device", "host", "redis"):  # every tier served some prefix
+        assert registry.get_sample_value("longctx_kv_hit_tokens_total", {"tier": tier}) > 0, tier
+    assert worker.outcomes[CHECKSUM] > 0 and worker.outcomes[MISSING] > 0
+    print("DBG", registry.get_sample_value("longctx_kv_prefetch_timeouts_total"), preemptions)
+    assert registry.get_sample_value("longctx_kv_prefetch_timeouts_total") > 0 and preemptions > 0
+
+
+def _abort_random(scheduler: Scheduler, rng: random.Random) -> None:
+    candidates = list(scheduler.requests)
+    if candidates:
+        scheduler.finish_request(rng.choice(candidates), RequestStatus.FINISHED_ABORTED)
+
+
+def _drain(scheduler, tiers, worker, max_tokens) -> None:
+    """Land every fetch still in flight (no request waits for them any more)."""
+    worker.in_flight = [(0, h, s) for _, h, s in worker.in_flight]
+    run_step(scheduler, tiers, worker, max_tokens)
+    run_until_done(scheduler, tiers, worker, max_tokens)

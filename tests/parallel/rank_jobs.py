@@ -1,0 +1,110 @@
+"""Functions the tests run on every rank of a spawned world (engine/multiproc_executor.py's
+RankProcesses): module-level, so that they pickle by name. Each returns this rank's share; the
+tests reassemble it and compare it with one rank computed in the test process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.multiproc_executor import RankContext
+from model_shards.attention import AttentionMetadata
+from model_shards.llama import LlamaForCausalLM
+from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout
+from model_shards.parallel.lse_attention import reference_attention
+from model_shards.parallel.ring import ring_attention
+from model_shards.parallel.sp_attention import SequenceParallelBackend, SequenceParallelMetadata
+from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence
+
+# name -> (block table, all its tokens, tokens already cached when it starts: a prefix-cache hit
+# on blocks another sequence wrote)
+Sequences = dict[str, tuple[list[int], list[int], int]]
+Schedule = list[dict[str, int]]  # per step: name -> tokens to compute
+
+
+def layout_for(context: RankContext, tp: int, sp: int) -> ParallelLayout:
+    """This rank's groups for tp x sp, created once per world (new_group is collective)."""
+    if tp * sp == 1:
+        return ParallelLayout.single()
+    key = ("layout", tp, sp)
+    if key not in context.state:
+        context.state[key] = build_layout(tp, sp, context.device)
+    return context.state[key]
+
+
+def run_model_steps(context: RankContext, folder: Path, tp: int, sp: int, block_size: int, num_blocks: int,
+                    sequences: Sequences, schedule: Schedule) -> list[dict[str, tuple[list[int], torch.Tensor]]]:
+    """Drive the model through `schedule`; per step and sequence, (positions, logits) of the rows
+    this rank computed (TP rank 0 only: the other TP ranks hold the same logits)."""
+    layout = layout_for(context, tp, sp)
+    backend = SequenceParallelBackend(layout.sp) if sp > 1 else "torch_sdpa"
+    model = LlamaForCausalLM.from_folder(folder, dtype=torch.float32, attention_backend=backend, tp=layout.tp)
+    cache = model.allocate_kv_cache(num_blocks, block_size // sp)
+    computed = {name: start for name, (_, _, start) in sequences.items()}
+    results = []
+    for step in schedule:
+        names = list(step)
+        steps = [StepSequence(sequences[n][0], computed[n], step[n]) for n in names]
+        input_ids, metadata, owners = _local_batch(steps, [sequences[n][1] for n in names], block_size, layout)
+        logits = model.compute_logits(model(input_ids, metadata.positions, metadata, cache))  # (rows, vocab)
+        results.append(_by_sequence(names, owners, metadata.positions.tolist(), logits, layout))
+        for name in names:
+            computed[name] += step[name]
+    return results
+
+
+def _local_batch(steps: list[StepSequence], tokens: list[list[int]], block_size: int,
+                 layout: ParallelLayout) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+    """(input ids, metadata, owning sequence of each row) of this rank's rows."""
+    if layout.sp.size == 1:
+        metadata = AttentionMetadata.build([(s.block_table, s.computed, s.num_new) for s in steps], block_size, "cpu")
+        owners = [i for i, s in enumerate(steps) for _ in range(s.num_new)]
+    else:
+        metadata = SequenceParallelMetadata.build_for(steps, block_size, layout.sp.rank, layout.sp.size, "cpu")
+        plan = metadata.plan
+        owners = [i for local, i in enumerate(plan.order) for a, b in plan.pieces[local] for _ in range(a, b)]
+    input_ids = torch.tensor([tokens[i][p] for i, p in zip(owners, metadata.positions.tolist())], dtype=torch.long)
+    return input_ids, metadata, owners
+
+
+def _by_sequence(names, owners, positions, logits, layout) -> dict[str, tuple[list[int], torch.Tensor]]:
+    if layout.tp.rank != 0:
+        return {}
+    rows = {name: [r for r, owner in enumerate(owners) if owner == i] for i, name in enumerate(names)}
+    return {name: ([positions[r] for r in rs], logits[rs]) for name, rs in rows.items()}
+
+
+def ring_group(context: RankContext, size: int) -> ParallelGroup | None:
+    """A group of world ranks 0 .. size-1 (None on the others), created once per world."""
+    key = ("ring", size)
+    if key not in context.state:
+        ranks = list(range(size))
+        process_group = dist.new_group(ranks) if context.world_size > 1 else None
+        member = context.rank < size
+        context.state[key] = ParallelGroup(context.rank, size, tuple(ranks), process_group) if member else None
+    return context.state[key]
+
+
+def run_ring(context: RankContext, size: int, queries: list[torch.Tensor], keys: list[torch.Tensor],
+             values: list[torch.Tensor]) -> tuple[list[tuple[int, int]], torch.Tensor, list[int]] | None:
+    """Ring attention over fresh chunks (no cache) of several sequences, on `size` ranks:
+    ((sequence, position) of this rank's rows, their outputs, positions this rank stored), or
+    None off the ring."""
+    group = ring_group(context, size)
+    if group is None:
+        return None
+    steps = [StepSequence(list(range(len(q))), 0, len(q)) for q in queries]  # tables: only slot arithmetic
+    plan = SequenceParallelPlan.build(steps, block_size=size, rank=group.rank, size=size)
+    rows = [(i, p) for local, i in enumerate(plan.order) for a, b in plan.pieces[local] for p in range(a, b)]
+    q, k, v = (torch.stack([t[i][p] for i, p in rows]) for t in (queries, keys, values))
+    stored: list[int] = []
+
+    def store(src: int, block: torch.Tensor) -> None:
+        src_rows, _ = plan.ring_writes(src)
+        src_plan = SequenceParallelPlan.build(steps, size, src, size)
+        stored.extend(src_plan.positions()[src_rows].tolist())
+
+    partial = ring_attention(q, k, v, plan, group, q.shape[-1] ** -0.5, reference_attention, on_block=store)
+    return rows, partial.out, stored
