@@ -37,6 +37,10 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-per-step", type=int, default=None,
                         help=f"chunked-prefill budget (default {_default(SchedulerSettings, 'max_tokens_per_step')})")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallel ranks: heads split over N GPUs (default 1)")
+    parser.add_argument("--sp", type=int, default=None, metavar="N",
+                        help="sequence parallel ranks: long prompts and their KV split over N GPUs (default 1)")
     parser.add_argument("--kv-host-bytes", type=int, default=None,
                         help="host-memory KV tier per worker, in bytes (default 0: off)")
     parser.add_argument("--kv-redis-url", action="append", default=None, metavar="URL",
@@ -54,6 +58,8 @@ def build_config(args: argparse.Namespace) -> LongctxConfig:
         "cache.num_device_blocks": args.num_kv_blocks,
         "cache.enable_prefix_caching": False if args.no_prefix_caching else None,
         "scheduler.max_tokens_per_step": args.max_tokens_per_step,
+        "parallel.tensor_parallel_size": args.tp,
+        "parallel.sequence_parallel_size": args.sp,
         "kv_tiers.host_bytes": args.kv_host_bytes,
         "kv_tiers.redis_urls": _split_urls(args.kv_redis_url),
     }
@@ -109,8 +115,11 @@ def run_generate(args: argparse.Namespace) -> int:
     config = build_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompt = _read_prompt(args)
-    engine = LLMEngine(config)
-    result = generate(engine, [prompt], params)[0][0]
+    engine = LLMEngine(config)  # with --tp / --sp: one local process per rank
+    try:
+        result = generate(engine, [prompt], params)[0][0]
+    finally:
+        engine.shutdown()
     if args.json:
         print(json.dumps(_generation_json(result, config)))
     else:

@@ -59,8 +59,12 @@ class SchedulerSettings(_Frozen):
 
 
 class ParallelSettings(_Frozen):
-    tensor_parallel_size: int = Field(1, ge=1)
-    sequence_parallel_size: int = Field(1, ge=1)
+    """How one replica's model is split over ranks (GPUs); see docs/parallelism.md."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks that split the heads, MLP and vocabulary.")
+    sequence_parallel_size: int = Field(
+        1, ge=1, description="Ranks that split prompts (ring attention) and every KV block (striped by position)."
+    )
 
     @property
     def world_size(self) -> int:
@@ -178,6 +182,9 @@ class LongctxConfig(_Frozen):
     def _budget_covers_decodes(self) -> "LongctxConfig":
         if self.scheduler.max_tokens_per_step < 1:
             raise ValueError("scheduler.max_tokens_per_step must be >= 1")
+        if self.cache.block_size % self.parallel.sequence_parallel_size:
+            # each SP rank holds block_size / sp positions of every block
+            raise ValueError("cache.block_size must be divisible by parallel.sequence_parallel_size")
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> "LongctxConfig":

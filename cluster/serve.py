@@ -70,10 +70,13 @@ def _wait_for_signal() -> None:
 
 
 def _stop(serve, ray, embedded: bool) -> None:
-    """Replicas drain their requests (serve.drain_timeout_s) before they stop."""
-    print("longctx: shutting down", flush=True)
+    """Requests in flight finish first (up to serve.drain_timeout_s), then everything stops.
+
+    Deleting the application drains its replicas while the HTTP proxy is still up to carry their
+    streams; serve.shutdown() alone would take the proxy down with them.
+    """
+    print("longctx: draining requests in flight, then shutting down", flush=True)
+    serve.delete(APP_NAME)
     if embedded:
         serve.shutdown()
         ray.shutdown()
-    else:
-        serve.delete(APP_NAME)

@@ -10,13 +10,15 @@ million-token prompts should allow for a long wait before the headers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
 import uuid
+from contextlib import contextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -31,8 +33,12 @@ from deployments.prompts import PromptBuilder
 from deployments.responses import ChatFormat, CompletionFormat, _Format
 from deployments.sampling import chat_params, completion_params
 from engine.outputs import CompletionDelta
+from engine.sampling_params import InvalidParameterError
 
 STATS_TIMEOUT_S = 5.0  # /health and /metrics ask every replica; a loading one must not hang a probe
+# Tokenizing runs at ~1.5 s per million tokens and releases the GIL: prompts above ~16k tokens
+# are tokenized on a thread so that the streams this ingress serves keep flowing meanwhile.
+LONG_PROMPT_CHARS = 64_000
 
 
 class OpenAIService:
@@ -62,40 +68,62 @@ class OpenAIService:
         return {"object": "list", "data": [card]}
 
     # --- generation ----------------------------------------------------------------------
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
-        token_ids = self.prompts.completion(body.prompt)
-        generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, completion_params(body), body.cache_salt)
-        output = CompletionFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
-        return await self._respond("completions", generate, output, body.stream, _include_usage(body))
+    async def completions(self, body: CompletionRequest) -> Response:
+        timer = RequestTimer(self.metrics, "completions")
+        with _counted_on_error(timer):
+            self._check_model(body.model)
+            num_chars = len(body.prompt) if isinstance(body.prompt, str) else 0
+            token_ids = await _off_loop_if_long(self.prompts.completion, body.prompt, num_chars)
+            generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, completion_params(body), body.cache_salt)
+            output = CompletionFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
+        return await self._respond(timer, generate, output, body.stream, _include_usage(body))
 
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
-        token_ids = self.prompts.chat(body.template_messages())
-        params, fill = chat_params(body, self.prompts.max_model_len)
-        generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
-        output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
-        return await self._respond("chat_completions", generate, output, body.stream, _include_usage(body))
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        timer = RequestTimer(self.metrics, "chat_completions")
+        with _counted_on_error(timer):
+            self._check_model(body.model)
+            messages = body.template_messages()
+            num_chars = sum(len(message["content"]) for message in messages)
+            token_ids = await _off_loop_if_long(self.prompts.chat, messages, num_chars)
+            params, fill = chat_params(body, self.prompts.max_model_len)
+            generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
+            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
+        return await self._respond(timer, generate, output, body.stream, _include_usage(body))
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
             raise api_error(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                             "model", "model_not_found")  # fmt: skip
 
-    async def _respond(self, endpoint: str, generate: GenerateRequest, output: _Format, stream: bool,
+    async def _respond(self, timer: RequestTimer, generate: GenerateRequest, output: _Format, stream: bool,
                        include_usage: bool) -> Response:  # fmt: skip
-        timer = RequestTimer(self.metrics, endpoint)
         replies = ReplyStream(self.backend.generate(generate), self.settings.request_timeout_s)
         try:
-            first = await replies.next_batch()
-        except BaseException as error:
+            with _counted_on_error(timer):
+                first = await replies.next_batch()
+        except BaseException:
             await replies.close()
-            timer.finish(_status_of(error))
             raise
         if stream:
             events = _events(first, replies, output, timer, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _full_response(first, replies, output, timer)
+
+
+@contextmanager
+def _counted_on_error(timer: RequestTimer):
+    """A request that fails here is counted with its status, then answered by the error handlers."""
+    try:
+        yield
+    except BaseException as error:
+        timer.finish(_status_of(error))
+        raise
+
+
+async def _off_loop_if_long(tokenize, prompt, num_chars: int) -> list[int]:
+    if num_chars < LONG_PROMPT_CHARS:
+        return tokenize(prompt)
+    return await asyncio.to_thread(tokenize, prompt)
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -105,6 +133,8 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 def _status_of(error: BaseException) -> int:
     if isinstance(error, APIError):
         return error.error.status
+    if isinstance(error, InvalidParameterError):
+        return 400
     return 500 if isinstance(error, Exception) else CLIENT_CLOSED_REQUEST
 
 

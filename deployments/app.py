@@ -23,6 +23,13 @@ from engine.ray_executor import placement_group_bundles, uses_gpu
 
 REPLICA_NUM_CPUS = 1.0  # the engine's own thread: scheduling, block tables, detokenizing
 
+# By default Serve runs user code on a second event loop thread and the handle's router on a
+# third, so every streamed token crosses threads several times in each process. One loop per
+# process gave ~1.5x the tokens/s through the stack at 16 streams on the CPU machine
+# (bench/serve_load.py). Our request path never blocks its loop: the engine steps on its own
+# thread, long prompts are tokenized on another, the sync hooks run in Serve's thread pool.
+SERVE_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
 
 def build_app(args: dict[str, Any]) -> Application:
     return build_application(config_from_args(args))
@@ -80,9 +87,9 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
 def _placement(config: LongctxConfig) -> dict[str, Any]:
     if config.serve.executor != "ray":  # the worker runs inside the replica: it takes the resources
         gpus = 1 if uses_gpu(config) else 0
-        return {"ray_actor_options": {"num_cpus": config.serve.worker_num_cpus, "num_gpus": gpus}}
+        return {"ray_actor_options": _actor_options(config.serve.worker_num_cpus, num_gpus=gpus)}
     return {
-        "ray_actor_options": {"num_cpus": REPLICA_NUM_CPUS},
+        "ray_actor_options": _actor_options(REPLICA_NUM_CPUS),
         "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),
         # One node per replica: every step is a round trip between the engine and its workers.
         "placement_group_strategy": "STRICT_PACK",
@@ -97,6 +104,10 @@ def ingress_options(config: LongctxConfig) -> dict[str, Any]:
         # An ongoing request is a coroutine waiting on an LLM server; the servers' admission
         # queues are the real bound, so the ingress must not become a tighter one.
         "max_ongoing_requests": max(1, per_replica * settings.num_replicas // settings.ingress_replicas),
-        "ray_actor_options": {"num_cpus": settings.ingress_num_cpus},
+        "ray_actor_options": _actor_options(settings.ingress_num_cpus),
         "graceful_shutdown_timeout_s": settings.drain_timeout_s,  # streams in flight finish first
     }
+
+
+def _actor_options(num_cpus: float, num_gpus: float = 0) -> dict[str, Any]:
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": dict(SERVE_ENV_VARS)}}

@@ -33,14 +33,15 @@ class LLMBackend(Protocol):
 class ReplyStream:
     def __init__(self, replies: AsyncIterator[Reply], timeout_s: float):
         self._replies = replies
-        self._deadline = time.monotonic() + timeout_s
+        self._deadline = asyncio.get_running_loop().time() + timeout_s
         self._timeout_s = timeout_s
 
     async def next_batch(self) -> list[CompletionDelta] | None:
         """The next deltas, or None at the end. A replica's error or the deadline raise APIError."""
-        remaining = self._deadline - time.monotonic()
         try:
-            item = await asyncio.wait_for(anext(self._replies), timeout=max(remaining, 0.0))
+            # A timer handle per wait, not a task as asyncio.wait_for makes: this runs per token.
+            async with asyncio.timeout_at(self._deadline):
+                item = await anext(self._replies)
         except StopAsyncIteration:
             return None
         except TimeoutError:

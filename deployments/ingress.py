@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import ConfigError, LongctxConfig, load_config_dict
 from deployments.api import OpenAIService, build_api
 from deployments.generation import Reply
-from deployments.messages import GenerateRequest, overloaded
+from deployments.messages import GenerateRequest, ServeError, overloaded
 from deployments.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class HandleBackend:
         except BackPressureError as error:  # every replica full and the handle's queue too
             finished = True
             yield overloaded(f"all replicas are busy: {error}", self._retry_after_s)
+        except DeploymentUnavailableError:  # the application is being deleted or redeployed
+            finished = True
+            yield ServeError(503, "the model server is not available", "service_unavailable_error")
         finally:
             if not finished:
                 response.cancel()  # the replica aborts the request and frees its KV blocks

@@ -15,6 +15,7 @@ CPU. Processes are started with the `spawn` method: CUDA cannot run in a forked 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import traceback
 from dataclasses import dataclass, field
@@ -153,6 +154,10 @@ def _join_world(rank: int, world_size: int, device_name: str, connection: Connec
         store = dist.TCPStore(_LOOPBACK, connection.recv(), world_size, is_master=False)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # CPU ranks share the node's cores; each taking all of them oversubscribes the CPU (and
+        # idle OpenMP threads spin) so that collectives wait on descheduled peers.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                             world_size=world_size, device_id=device if device.type == "cuda" else None)
     return RankContext(rank, world_size, device)

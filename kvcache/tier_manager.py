@@ -15,9 +15,10 @@ A request's restorable prompt blocks at admission (the last prompt token is alwa
   | device hits | host run: restored | Redis: prefetched to host first | recomputed |
   0             d                    d + h
 
-A Redis prefetch is asynchronous: the request stays at the head of the queue until its blocks
-have reached host memory or `restore_timeout_s` passed, then restores the host run as above. A
-fetch that fails verification is a miss: the run ends there and the rest is recomputed.
+A Redis prefetch is asynchronous (kvcache/tiers/prefetch.py): the request stays at the head of
+the queue until its blocks have reached host memory or its deadline passed, then restores the
+host run as above. A fetch that fails verification is a miss: the run ends there and the rest is
+recomputed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from cluster.config import KVTierSettings, LongctxConfig
@@ -33,7 +34,8 @@ from kvcache.block_pool import BlockPool
 from kvcache.tier_metrics import TierMetrics
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
-from kvcache.tiers.ops import HIT, KVTransferOps, KVTransferReport
+from kvcache.tiers.ops import KVTransferOps, KVTransferReport, OpsBuilder
+from kvcache.tiers.prefetch import RedisPrefetcher
 
 logger = logging.getLogger(__name__)
 
@@ -79,32 +81,6 @@ class RestorePlan:
         return self.origins.count(REDIS) * self.block_size
 
 
-@dataclass
-class _Prefetch:
-    deadline: float
-    waiting: set[int]  # slots in flight from Redis that the request waits for
-    pinned: list[int]  # host slots of its blocks, held so that spills cannot evict them meanwhile
-
-
-@dataclass
-class _PendingOps:
-    writebacks: list[tuple[int, bytes]] = field(default_factory=list)
-    saves: list[tuple[int, int]] = field(default_factory=list)
-    write_throughs: list[tuple[int, bytes]] = field(default_factory=list)
-    loads: list[tuple[int, int]] = field(default_factory=list)
-    fetches: list[tuple[bytes, int]] = field(default_factory=list)
-
-    def take(self, poll_timeout_s: float) -> KVTransferOps:
-        ops = KVTransferOps(tuple(self.writebacks), tuple(self.saves), tuple(self.write_throughs),
-                            tuple(self.loads), tuple(self.fetches), poll_timeout_s)
-        for pending in (self.writebacks, self.saves, self.write_throughs, self.loads, self.fetches):
-            pending.clear()
-        return ops
-
-    def __bool__(self) -> bool:
-        return any((self.writebacks, self.saves, self.write_throughs, self.loads, self.fetches))
-
-
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
                  metrics: TierMetrics | None = None, clock: Callable[[], float] = time.monotonic):
@@ -117,13 +93,10 @@ class TierManager:
         self.redis_enabled = self.host is not None and bool(settings.redis_urls)
         self.redis_up = self.redis_enabled
         self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes))
-        self._ops = _PendingOps()
+        self._ops = OpsBuilder()
+        self.prefetch = self._make_prefetcher() if self.redis_enabled else None
         self._step_pins: list[int] = []  # host slots used by this step's saves and loads
-        self._fetching: dict[int, bytes] = {}  # slot -> hash, Redis -> host in flight
-        self._fetching_slot: dict[bytes, int] = {}
         self._writing: set[int] = set()  # write-through slots the worker has not read yet
-        self._prefetches: dict[str, _Prefetch] = {}
-        self._prefetch_tried: set[str] = set()  # one prefetch per admission attempt series
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
 
     @classmethod
@@ -148,6 +121,11 @@ class TierManager:
         self.metrics.track_tier(HOST, lambda: host.num_cached, self.block_nbytes)
         return host
 
+    def _make_prefetcher(self) -> RedisPrefetcher:
+        return RedisPrefetcher(self.host, self._ops, self.metrics, decide=self._decide,
+                               estimate_s=lambda n: self.cost.restore_seconds(REDIS, n),
+                               timeout_s=self.settings.restore_timeout_s, clock=self.clock)
+
     def track_device(self, pool: BlockPool) -> None:
         self.metrics.track_tier(DEVICE, lambda: pool.num_cached_blocks, self.block_nbytes)
 
@@ -159,7 +137,7 @@ class TierManager:
     @property
     def num_pending(self) -> int:
         """Host slots held by transfers in flight (0 when idle: nothing leaked)."""
-        return len(self._fetching) + len(self._writing) + len(self._step_pins)
+        return (self.prefetch.num_fetching if self.prefetch else 0) + len(self._writing) + len(self._step_pins)
 
     # --- admission -------------------------------------------------------------------------
     def plan_restore(self, request: TieredRequest, num_device_blocks: int) -> RestorePlan | None:
@@ -169,7 +147,7 @@ class TierManager:
         if self.host is None or num_device_blocks >= eligible:
             return plan
         hashes = request.block_hashes[num_device_blocks:eligible]
-        if self._waiting_for_prefetch(request.request_id, hashes):
+        if self.prefetch is not None and self.prefetch.waiting(request.request_id, hashes, self.redis_up):
             return None
         slots = self.host.leading_run(hashes)
         if not slots or not self._decide(HOST, len(slots), request.request_id).restore:
@@ -190,49 +168,6 @@ class TierManager:
         """The request was not admitted after all (no device blocks): unpin the plan's slots."""
         if plan.slots:
             self.host.unpin(plan.slots)
-
-    def _waiting_for_prefetch(self, request_id: str, hashes: Sequence[bytes]) -> bool:
-        state = self._prefetches.get(request_id)
-        if state is None and request_id not in self._prefetch_tried:
-            self._prefetch_tried.add(request_id)
-            state = self._start_prefetch(request_id, hashes)
-        if state is None:
-            return False
-        if state.waiting and self.clock() < state.deadline:
-            return True
-        self._end_prefetch(request_id, timed_out=bool(state.waiting))
-        return False
-
-    def _start_prefetch(self, request_id: str, hashes: Sequence[bytes]) -> _Prefetch | None:
-        if not (self.redis_enabled and self.redis_up):
-            return None
-        held = [slot for h in hashes if (slot := self.host.lookup(h)) is not None]
-        in_flight = {self._fetching_slot[h] for h in hashes if h in self._fetching_slot}
-        wanted = [h for h in hashes if self.host.lookup(h) is None and h not in self._fetching_slot]
-        if wanted and not self._decide(REDIS, len(wanted), request_id).restore:
-            wanted = []
-        self.host.pin(held)  # before allocating: the allocation evicts least recently used slots
-        slots = self.host.allocate(len(wanted)) if wanted else []
-        for block_hash, slot in zip(wanted, slots):  # fewer slots than wanted: the leading ones
-            self._fetching[slot], self._fetching_slot[block_hash] = block_hash, slot
-            self._ops.fetches.append((block_hash, slot))
-        if not slots and not in_flight:
-            self.host.unpin(held)
-            return None
-        # Wait for the estimated transfer (twice, for headroom) plus the configured slack.
-        deadline = self.clock() + 2 * self.cost.restore_seconds(REDIS, len(slots)) + self.settings.restore_timeout_s
-        self._prefetches[request_id] = state = _Prefetch(deadline, set(slots) | in_flight, held)
-        return state
-
-    def _end_prefetch(self, request_id: str, timed_out: bool) -> None:
-        state = self._prefetches.pop(request_id, None)
-        if state is None:
-            return
-        self.host.unpin(state.pinned)
-        if timed_out:
-            self.metrics.prefetch_timeouts.inc()
-            logger.warning("request %s: %d blocks still on their way from Redis after %.1f s; "
-                           "recomputing them", request_id, len(state.waiting), self.settings.restore_timeout_s)
 
     def _decide(self, tier: str, num_blocks: int, request_id: str) -> Decision:
         decision = self.cost.decide(tier, num_blocks)
@@ -260,12 +195,11 @@ class TierManager:
     def on_blocks_computed(self, request: TieredRequest, block_table: Sequence[int]) -> None:
         """Write-through: copy the request's newly full blocks to host and on to Redis."""
         start = self._write_through_from.get(request.request_id)
-        if start is None or not (self.redis_enabled and self.settings.redis_write_through):
-            return
+        if start is None or not (self.redis_enabled and self.settings.redis_write_through and self.redis_up):
+            return  # while Redis is down, blocks wait here (and spill to host on eviction)
         end = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
-        if self.redis_up:  # while Redis is down, spills on eviction still reach the host tier
-            for index in range(start, end):
-                self._spill(block_table[index], request.block_hashes[index], write_through=True)
+        for index in range(start, end):
+            self._spill(block_table[index], request.block_hashes[index], write_through=True)
         self._write_through_from[request.request_id] = max(start, end)
 
     def _spill(self, block_id: int, block_hash: bytes, write_through: bool) -> None:
@@ -303,8 +237,11 @@ class TierManager:
         """This step's transfers; None when there is nothing to move and nothing in flight."""
         for request_id in dropped_request_ids:
             self._forget(request_id)
-        in_flight = bool(self._fetching or self._writing)
-        if not self._ops and not in_flight:
+        in_flight = bool(self._writing) or (self.prefetch is not None and self.prefetch.has_outstanding)
+        # While Redis is down the worker is still called each step: that is when it checks
+        # whether Redis is back (the driver sends it no Redis work meanwhile).
+        redis_down = self.redis_enabled and not self.redis_up
+        if not self._ops and not in_flight and not redis_down:
             return None
         return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
 
@@ -323,16 +260,18 @@ class TierManager:
         self.metrics.record_estimates(self.cost)
 
     def _forget(self, request_id: str) -> None:
-        self._end_prefetch(request_id, timed_out=False)
-        self._prefetch_tried.discard(request_id)
+        if self.prefetch is not None:
+            self.prefetch.forget(request_id)
         self._write_through_from.pop(request_id, None)
 
     def _absorb(self, report: KVTransferReport) -> None:
         self.metrics.record_report(report)
         for sample in report.transfers:
             self.cost.observe_transfer(sample.path, sample.nbytes, sample.seconds)
+        for probe_id, present in report.probed:
+            self.prefetch.probe_done(probe_id, present)
         for slot, outcome in report.fetched:
-            self._fetch_done(slot, outcome)
+            self.prefetch.fetch_done(slot, outcome)
         for slot, stored in report.written:
             self._writing.discard(slot)
             if stored:
@@ -341,12 +280,3 @@ class TierManager:
         if self.redis_enabled and report.redis_up != self.redis_up:
             self.redis_up = report.redis_up
             logger.warning("Redis tier %s", "is back" if report.redis_up else "is down: recomputing instead")
-
-    def _fetch_done(self, slot: int, outcome: str) -> None:
-        block_hash = self._fetching.pop(slot)
-        del self._fetching_slot[block_hash]
-        if outcome == HIT:
-            self.host.fill(slot, block_hash, REDIS, in_redis=True)
-        self.host.unpin((slot,))  # a slot whose fetch missed goes back to the free queue, empty
-        for state in self._prefetches.values():
-            state.waiting.discard(slot)

@@ -36,6 +36,7 @@ _PIPELINE_BYTES = 16 << 20
 class Completed:
     """What finished since the last drain."""
 
+    probed: list[tuple[int, tuple[bool, ...]]] = field(default_factory=list)  # (probe id, present)
     fetched: list[tuple[int, str]] = field(default_factory=list)  # (slot, outcome)
     written: list[tuple[int, bool]] = field(default_factory=list)  # (write-through slot, stored)
     transfers: list[TransferSample] = field(default_factory=list)
@@ -70,10 +71,11 @@ class RemoteBlockIO:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kv-redis")
         self._cond = threading.Condition()
         self._completed = Completed()
-        self._fetches_in_flight = 0
+        self._reads_in_flight = 0  # probes and fetched blocks: what an idle step may wait for
         self._pending_write_bytes = 0
         self._max_pending_write_bytes = max_pending_write_bytes
         self._errors_reported = 0
+        self._ping_pending = False
 
     # --- submitting (the worker's step thread) ------------------------------------------------
     def write_back(self, items: Sequence[tuple[int, bytes]]) -> None:
@@ -89,17 +91,39 @@ class RemoteBlockIO:
         chunks = [items[i : i + self._pipeline_blocks] for i in range(0, len(items), self._pipeline_blocks)]
         clock = _BatchClock(REDIS_TO_HOST, len(chunks))
         with self._cond:
-            self._fetches_in_flight += len(items)
+            self._reads_in_flight += len(items)
         for chunk in chunks:
             self._executor.submit(self._fetch_chunk, chunk, clock)
 
-    def drain(self, timeout_s: float = 0.0) -> Completed:
-        """Everything finished so far; waits up to `timeout_s` for a fetch if none has finished."""
+    def probe(self, items: Sequence[tuple[int, Sequence[bytes]]]) -> None:
+        """(probe id, hashes): which of the hashes the store holds; each comes back in `probed`."""
         with self._cond:
-            if timeout_s > 0 and self._fetches_in_flight and not self._completed.fetched:
+            self._reads_in_flight += len(items)
+        for probe_id, hashes in items:
+            self._executor.submit(self._probe, probe_id, hashes)
+
+    def drain(self, timeout_s: float = 0.0) -> Completed:
+        """Everything finished so far; waits up to `timeout_s` for a read if none has finished."""
+        self._check_health()
+        with self._cond:
+            if timeout_s > 0 and self._reads_in_flight and not (self._completed.fetched or self._completed.probed):
                 self._cond.wait(timeout_s)
             completed, self._completed = self._completed, Completed()
         return completed
+
+    def _check_health(self) -> None:
+        # While the store is down the driver sends it nothing, so something else must notice
+        # that it is back: a background ping, which the store itself spaces out by its backoff.
+        if self.store.up or self._ping_pending:
+            return
+        self._ping_pending = True
+        self._executor.submit(self._ping)
+
+    def _ping(self) -> None:
+        try:
+            self.store.ping()
+        finally:
+            self._ping_pending = False
 
     def new_errors(self) -> int:
         errors = self.store.errors
@@ -166,5 +190,17 @@ class RemoteBlockIO:
                 self._completed.fetched.extend((slot, outcome) for (_, slot), outcome in zip(chunk, outcomes))
                 if sample is not None:
                     self._completed.transfers.append(sample)
-                self._fetches_in_flight -= len(chunk)
+                self._reads_in_flight -= len(chunk)
+                self._cond.notify_all()
+
+    def _probe(self, probe_id: int, hashes: Sequence[bytes]) -> None:
+        present = (False,) * len(hashes)
+        try:
+            present = tuple(self.store.contains(hashes))
+        except Exception:
+            logger.exception("probing %d KV blocks in Redis failed", len(hashes))
+        finally:
+            with self._cond:
+                self._completed.probed.append((probe_id, present))
+                self._reads_in_flight -= 1
                 self._cond.notify_all()

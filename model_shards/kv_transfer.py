@@ -5,12 +5,15 @@ CUDA, laid out like the device cache so that a block is one contiguous piece in 
 allocated by the driver (kvcache/tier_manager.py); this file only moves bytes, in the order
 kvcache/tiers/ops.py gives.
 
-Copies are batched: one `index_select` gathers the device blocks of a chunk into a contiguous
-staging tensor, then each run of consecutive host slots is one copy (per-16 KiB copies crawl at
-~1 GB/s on an H100, >= 1 MiB pieces reach ~50 GB/s). The stream is synchronized once after the
-saves and once after the loads, only in steps that have them: the saves because I/O threads
-read those slots next, the loads because the driver may reuse their slots after this step; both
-finish before the forward pass would need them anyway. Steps without transfers never sync here.
+Copies are batched. A run of blocks that are consecutive on both sides is one copy. Small
+blocks on a GPU go through a device staging tensor: one `index_select` gathers a chunk of them,
+then each run of consecutive host slots is one copy (per-16 KiB copies crawl at ~1 GB/s on an
+H100, >= 1 MiB pieces reach ~50 GB/s). Blocks of >= 1 MiB, and every block on the CPU, are
+copied straight to their place: staging would only add a pass over memory (and on the CPU,
+fresh staging pages are slow to fault in). The stream is synchronized once after the saves and
+once after the loads, only in steps that have them: the saves because I/O threads read those
+slots next, the loads because the driver may reuse their slots after this step; both finish
+before the forward pass would need them anyway. Steps without transfers never sync here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from cluster.config import LongctxConfig
@@ -32,16 +36,27 @@ from model_shards.kv_remote_io import Completed, RemoteBlockIO
 
 logger = logging.getLogger(__name__)
 
+_DIRECT_COPY_BYTES = 1 << 20  # blocks at least this large are copied without staging
+
 
 class KVTransfer:
     def __init__(self, kv_cache: KVCacheTensors, num_slots: int, chunk_bytes: int,
-                 remote_factory: Callable[[BlockFormat, torch.Tensor], RemoteBlockIO] | None = None):
+                 remote_factory: Callable[[BlockFormat, np.ndarray], RemoteBlockIO] | None = None,
+                 staged: bool | None = None):
+        """`staged`: copy through a device staging tensor; None picks by device and block size."""
         self.kv = kv_cache
         self.host = torch.empty((num_slots, *kv_cache.data.shape[1:]), dtype=kv_cache.dtype,
                                 pin_memory=kv_cache.device.type == "cuda")
         self.format = BlockFormat(str(kv_cache.dtype).removeprefix("torch."), tuple(kv_cache.data.shape[1:]),
                                   kv_cache.bytes_per_block)
         self._chunk_blocks = max(1, chunk_bytes // kv_cache.bytes_per_block)
+        # One row per block on both sides: copies of 2-D rows skip the per-dimension stride
+        # bookkeeping that slices of the 6-D tensors cost.
+        self._host_rows = self.host.view(num_slots, -1)  # (slots, block elements)
+        self._kv_rows = kv_cache.data.view(kv_cache.num_blocks, -1)  # (blocks, block elements)
+        if staged is None:
+            staged = kv_cache.device.type == "cuda" and kv_cache.bytes_per_block < _DIRECT_COPY_BYTES
+        self._staged = staged
         slot_bytes = self.host.view(torch.uint8).view(num_slots, kv_cache.bytes_per_block).numpy()
         self.remote = remote_factory(self.format, slot_bytes) if remote_factory else None
 
@@ -79,42 +94,47 @@ class KVTransfer:
             self.remote.write_through(ops.write_throughs)
         if ops.loads:
             samples.append(_timed(HOST_TO_DEVICE, lambda: self.load(ops.loads)))
+        if ops.probes and self.remote is not None:
+            self.remote.probe(ops.probes)
         if ops.fetches and self.remote is not None:
             self.remote.fetch(ops.fetches)
         return self._report(ops, samples)
 
     def _report(self, ops: KVTransferOps, samples: list[TransferSample]) -> KVTransferReport:
         if self.remote is None:  # no Redis here: every remote op is a miss, reported at once
-            done = Completed(fetched=[(slot, MISSING) for _, slot in ops.fetches],
+            done = Completed(probed=[(probe_id, (False,) * len(hashes)) for probe_id, hashes in ops.probes],
+                             fetched=[(slot, MISSING) for _, slot in ops.fetches],
                              written=[(slot, False) for slot, _ in ops.write_throughs])
             errors, up = 0, False
         else:
             done = self.remote.drain(ops.poll_timeout_s)
             errors, up = self.remote.new_errors(), self.remote.store.up
         return KVTransferReport(
-            fetched=tuple(done.fetched), written=tuple(done.written), transfers=tuple(samples + done.transfers),
+            probed=tuple(done.probed), fetched=tuple(done.fetched), written=tuple(done.written), transfers=tuple(samples + done.transfers),
             blocking_seconds=sum(sample.seconds for sample in samples), writes_stored=done.stored,
             writes_dropped=done.dropped, redis_errors=errors, redis_up=up)
 
     # --- batched device <-> host copies -------------------------------------------------------
     def save(self, pairs: Sequence[tuple[int, int]]) -> int:
         """(device block, slot) pairs: device -> host. Returns the bytes moved."""
-        for chunk in _chunks(pairs, self._chunk_blocks):
+        if not self._staged:
+            _copy_runs(self._kv_rows, self._host_rows, pairs)
+        for chunk in _chunks(pairs, self._chunk_blocks) if self._staged else ():
             blocks, slots = zip(*chunk)
-            staged = self.kv.data.index_select(0, self._index(blocks))  # (n, layers, 2, block, heads, dim)
-            for first, end, slot in _slot_runs(slots):
-                self.host[slot : slot + end - first].copy_(staged[first:end], non_blocking=True)
+            staged = self._kv_rows.index_select(0, self._index(blocks))  # (n, block elements)
+            _copy_runs(staged, self._host_rows, list(enumerate(slots)))
         self._synchronize()
         return len(pairs) * self.kv.bytes_per_block
 
     def load(self, pairs: Sequence[tuple[int, int]]) -> int:
         """(slot, device block) pairs: host -> device. Returns the bytes moved."""
-        for chunk in _chunks(pairs, self._chunk_blocks):
+        if not self._staged:
+            _copy_runs(self._host_rows, self._kv_rows, pairs)
+        for chunk in _chunks(pairs, self._chunk_blocks) if self._staged else ():
             slots, blocks = zip(*chunk)
-            staged = torch.empty((len(chunk), *self.host.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
-            for first, end, slot in _slot_runs(slots):
-                staged[first:end].copy_(self.host[slot : slot + end - first], non_blocking=True)
-            self.kv.data.index_copy_(0, self._index(blocks), staged)
+            staged = torch.empty((len(chunk), self._kv_rows.shape[1]), dtype=self.kv.dtype, device=self.kv.device)
+            _copy_runs(self._host_rows, staged, list(zip(slots, range(len(chunk)))))
+            self._kv_rows.index_copy_(0, self._index(blocks), staged)
         self._synchronize()
         return len(pairs) * self.kv.bytes_per_block
 
@@ -150,10 +170,18 @@ def _chunks(pairs: Sequence, size: int) -> Iterator[Sequence]:
         yield pairs[start : start + size]
 
 
-def _slot_runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    """(first index, end index, first slot) of each run of consecutive slots: one copy each."""
-    first = 0
-    for index in range(1, len(slots) + 1):
-        if index == len(slots) or slots[index] != slots[index - 1] + 1:
-            yield first, index, slots[first]
-            first = index
+def _copy_runs(source: torch.Tensor, target: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
+    """target[t] = source[s] for each (s, t), one copy per run consecutive on both sides."""
+    for first_source, first_target, count in _runs(pairs):
+        target[first_target : first_target + count].copy_(source[first_source : first_source + count],
+                                                          non_blocking=True)
+
+
+def _runs(pairs: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+    """(first source, first target, length) of each run of pairs that step by one on both sides."""
+    start = 0
+    for index in range(1, len(pairs) + 1):
+        if (index == len(pairs) or pairs[index][0] != pairs[index - 1][0] + 1
+                or pairs[index][1] != pairs[index - 1][1] + 1):
+            yield pairs[start][0], pairs[start][1], index - start
+            start = index

@@ -28,7 +28,7 @@ from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_transfer import KVTransfer
 from model_shards.llama import LlamaForCausalLM
 from model_shards.parallel.groups import ParallelLayout
-from model_shards.parallel.sp_attention import SequenceParallelBackend, SequenceParallelMetadata
+from model_shards.parallel.sp_attention import SequenceParallelBackend, build_local_batch
 from model_shards.parallel.sp_plan import StepSequence
 from model_shards.weights import WeightReader
 
@@ -187,17 +187,12 @@ class ModelWorker:
         states = [self.requests[rid] for rid in request_ids]
         sequences = [StepSequence(state.block_table, state.num_computed_tokens, num_new)
                      for state, num_new in zip(states, step_input.num_scheduled_tokens.values())]
-        metadata = SequenceParallelMetadata.build_for(sequences, self.block_size, self.layout.sp.rank,
-                                                      self.layout.sp.size, self.device)
-        plan, token_ids, sample_rows, sample_ids = metadata.plan, [], [], []
-        for local, index in enumerate(plan.order):
-            for start, stop in plan.pieces[local]:
-                token_ids.extend(states[index].token_ids[start:stop])
-            if sequences[index].computed + sequences[index].num_new == len(states[index].token_ids):
-                sample_rows.append(plan.sample_row(local))
-                sample_ids.append(request_ids[index])
-        return _Batch(torch.tensor(token_ids, dtype=torch.long, device=self.device), metadata.positions, metadata,
-                      sample_rows, sample_ids)
+        local = build_local_batch(sequences, [state.token_ids for state in states], self.block_size, self.layout.sp,
+                                  self.device)
+        sampling = [(j, index) for j, index in enumerate(local.order)
+                    if sequences[index].computed + sequences[index].num_new == len(states[index].token_ids)]
+        return _Batch(local.input_ids, local.metadata.positions, local.metadata,
+                      [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling])
 
     def _sample(self, hidden: torch.Tensor, batch: _Batch) -> dict:
         if not batch.sample_rows:

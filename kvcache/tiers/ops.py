@@ -13,13 +13,14 @@ A worker applies one step's ops in this order, all before the forward pass:
                                           the slot until the report lists it in `written`
   4. loads           host -> device       after the saves, so a block that is evicted and restored
                                           in one step reads what the save wrote
-  5. fetches         Redis -> host slot   background; each slot comes back in `fetched` of a later
+  5. probes          which blocks Redis holds   background, no host memory; in `probed` later
+  6. fetches         Redis -> host slot   background; each slot comes back in `fetched` of a later
                                           report (or this one), exactly once
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 # Transfer paths, as measured by the worker and labelled in metrics.
 DEVICE_TO_HOST = "device_to_host"
@@ -41,6 +42,7 @@ class KVTransferOps:
     saves: tuple[tuple[int, int], ...] = ()  # (device block, slot)
     write_throughs: tuple[tuple[int, bytes], ...] = ()  # (slot, hash)
     loads: tuple[tuple[int, int], ...] = ()  # (slot, device block)
+    probes: tuple[tuple[int, tuple[bytes, ...]], ...] = ()  # (probe id, hashes)
     fetches: tuple[tuple[bytes, int], ...] = ()  # (hash, slot)
     # Set when the step computes nothing and a request waits for fetches: the worker may block
     # this long for one to finish instead of the engine spinning through empty steps.
@@ -56,6 +58,7 @@ class TransferSample:
 
 @dataclass(frozen=True)
 class KVTransferReport:
+    probed: tuple[tuple[int, tuple[bool, ...]], ...] = ()  # (probe id, whether Redis holds each hash)
     fetched: tuple[tuple[int, str], ...] = ()  # (slot, outcome) of fetches that finished
     written: tuple[tuple[int, bool], ...] = ()  # (slot, stored) of write-throughs that finished
     transfers: tuple[TransferSample, ...] = ()
@@ -66,3 +69,25 @@ class KVTransferReport:
     writes_dropped: int = 0  # Redis writes given up: queue full, or Redis down
     redis_errors: int = 0  # failed Redis calls since the previous report
     redis_up: bool = True
+
+
+@dataclass
+class OpsBuilder:
+    """The driver's queue of ops for the next step, in KVTransferOps' fields."""
+
+    writebacks: list[tuple[int, bytes]] = field(default_factory=list)
+    saves: list[tuple[int, int]] = field(default_factory=list)
+    write_throughs: list[tuple[int, bytes]] = field(default_factory=list)
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    probes: list[tuple[int, tuple[bytes, ...]]] = field(default_factory=list)
+    fetches: list[tuple[bytes, int]] = field(default_factory=list)
+
+    def take(self, poll_timeout_s: float) -> KVTransferOps:
+        """Freeze the queue into one step's ops and empty it."""
+        queued = {f.name: tuple(getattr(self, f.name)) for f in fields(self)}
+        for f in fields(self):
+            getattr(self, f.name).clear()
+        return KVTransferOps(**queued, poll_timeout_s=poll_timeout_s)
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))

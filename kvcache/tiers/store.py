@@ -27,6 +27,9 @@ class BlockStore(Protocol):
     def errors(self) -> int:
         """Failed backend calls so far."""
 
+    def ping(self) -> bool:
+        """Reach the backend (once its backoff allows); whether it answered."""
+
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
         """Store (hash, value) pairs; whether each was stored."""
 
@@ -49,6 +52,9 @@ class MemoryBlockStore:
         self._lock = threading.Lock()
         self.up = True
         self.errors = 0
+
+    def ping(self) -> bool:
+        return True
 
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
         with self._lock:

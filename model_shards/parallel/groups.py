@@ -79,11 +79,19 @@ class ParallelGroup:
         return out
 
     def all_to_all(self, send: list[torch.Tensor], recv: list[torch.Tensor]) -> None:
-        """send[j] goes to rank j, recv[j] comes from rank j; shapes may differ per peer."""
-        if self.size == 1:
-            recv[0].copy_(send[0])
-            return
-        dist.all_to_all(recv, [t.contiguous() for t in send], group=self.process_group)
+        """send[j] goes to rank j, recv[j] comes from rank j; shapes may differ per peer. Grouped
+        point-to-point (gloo's all_to_all wants equal shapes); empty tensors are not sent."""
+        recv[self.rank].copy_(send[self.rank])
+        ops = []
+        for peer in range(self.size):
+            if peer == self.rank:
+                continue
+            if send[peer].numel():
+                ops.append(dist.P2POp(dist.isend, send[peer].contiguous(), self.world_rank(peer), self.process_group))
+            if recv[peer].numel():
+                ops.append(dist.P2POp(dist.irecv, recv[peer], self.world_rank(peer), self.process_group))
+        for request in dist.batch_isend_irecv(ops) if ops else []:
+            request.wait()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Group rank `src`'s tensor on every rank, in place."""

@@ -67,21 +67,29 @@ def flash_attention_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuDNN's fused attention through torch's SDPA op, K/V expanded to the query heads."""
+    """cuDNN's fused attention through torch's SDPA op (GQA passed through as is)."""
     heads, n = q.shape[1], q.shape[0]
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _bhld(q), _bhld(_expand_heads(k, heads)), _bhld(_expand_heads(v, heads)), None, True, 0.0,
-        causal, False, scale=scale)[:2]
-    return out[0].transpose(0, 1), lse.reshape(heads, n).transpose(0, 1)
+        _bhld(q), _bhld(k), _bhld(v), None, True, 0.0, causal, False, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse.reshape(heads, n).transpose(0, 1)  # lse may come as (1, H, n, 1)
+
+
+def cudnn_attention_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = q.shape[1]
+    return cudnn_attention(q, _expand_heads(k, heads), _expand_heads(v, heads), scale, causal)
 
 
 KERNELS: dict[str, LseKernel] = {
     "reference": reference_attention,
-    "flash": flash_attention,
-    "flash_expanded": flash_attention_expanded,
     "cudnn": cudnn_attention,
+    "flash": flash_attention,
+    "cudnn_expanded": cudnn_attention_expanded,
+    "flash_expanded": flash_attention_expanded,
 }
-_CUDA_PREFERENCE = ("flash", "flash_expanded", "cudnn")
+# cuDNN first: on Hopper it is the fastest causal bf16 kernel torch ships (FlashAttention-2 is
+# an Ampere design); the expanded variants copy K/V up to the query heads, so they come last.
+CUDA_PREFERENCE = ("cudnn", "flash", "cudnn_expanded", "flash_expanded")
 
 
 def attention_with_lse(kernel: LseKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -100,14 +108,14 @@ def select_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads
     model's head shape, else the reference (CPU, float32 on GPU, or a torch without them)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "reference", reference_attention
-    for name in _CUDA_PREFERENCE:
-        if _probe(KERNELS[name], device, dtype, heads, kv_heads, head_dim):
+    for name in CUDA_PREFERENCE:
+        if kernel_matches_reference(KERNELS[name], device, dtype, heads, kv_heads, head_dim):
             return name, KERNELS[name]
     return "reference", reference_attention
 
 
-def _probe(kernel: LseKernel, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
-           head_dim: int) -> bool:
+def kernel_matches_reference(kernel: LseKernel, device: torch.device, dtype: torch.dtype, heads: int,
+                             kv_heads: int, head_dim: int) -> bool:
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(96, h, head_dim, device=device, dtype=dtype, generator=generator)
                for h in (heads, kv_heads, kv_heads))

@@ -16,6 +16,7 @@ All three are exact (log-sum-exp merges); rows sampled afterwards live on SP ran
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ class SequenceParallelMetadata(AttentionMetadata):
     @classmethod
     def build_for(cls, sequences: list[StepSequence], block_size: int, rank: int, size: int,
                   device: torch.device | str) -> SequenceParallelMetadata:
+        """From the step's sequences (batch order) and this rank's place in the SP group."""
         plan = SequenceParallelPlan.build(sequences, block_size, rank, size)
         local = [sequences[i] for i in plan.order]
         return cls(
@@ -59,6 +61,38 @@ class SequenceParallelMetadata(AttentionMetadata):
             decode_writes=tuple(t.to(device) for t in plan.decode_writes()),
             cached_queries=_arange_of([ring.rows for ring in plan.cached_ring()]).to(device),
         )
+
+
+@dataclass
+class LocalBatch:
+    """One rank's rows of a step. Local sequence j (batch index order[j]) owns rows
+    metadata.query_start_loc[j] .. [j + 1]; its last row is its last token on SP rank 0."""
+
+    input_ids: torch.Tensor  # (rows,)
+    metadata: AttentionMetadata
+    order: list[int]  # batch index of each local sequence
+
+    def last_row(self, local_index: int) -> int:
+        return self.metadata.query_start_loc[local_index + 1] - 1
+
+
+def build_local_batch(sequences: list[StepSequence], token_ids: list[Sequence[int]], block_size: int,
+                      sp: ParallelGroup, device: torch.device | str, plan: bool | None = None) -> LocalBatch:
+    """This SP rank's input ids and metadata; `token_ids[i]`: sequence i's tokens by position.
+    `plan`: SequenceParallelMetadata (for SequenceParallelBackend) or plain AttentionMetadata;
+    by default the former exactly when sp.size > 1."""
+    if not (sp.size > 1 if plan is None else plan):
+        metadata = AttentionMetadata.build([(s.block_table, s.computed, s.num_new) for s in sequences], block_size,
+                                           device)
+        order, pieces = list(range(len(sequences))), [[(s.computed, s.computed + s.num_new)] for s in sequences]
+    else:
+        metadata = SequenceParallelMetadata.build_for(sequences, block_size, sp.rank, sp.size, device)
+        order, pieces = metadata.plan.order, metadata.plan.pieces
+    ids: list[int] = []
+    for index, ranges in zip(order, pieces):
+        for start, stop in ranges:
+            ids.extend(token_ids[index][start:stop])
+    return LocalBatch(torch.tensor(ids, dtype=torch.long, device=device), metadata, order)
 
 
 class SequenceParallelBackend(AttentionBackend):
@@ -158,9 +192,11 @@ class SequenceParallelBackend(AttentionBackend):
 def stripe_context(layer_cache: torch.Tensor, table: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` tokens of a sequence's stripe on this rank, (count, KV, D) each, from
     layer_cache (num_blocks, 2, block_size / N, KV, D) and its block table row."""
-    local_block = layer_cache.shape[2]
-    blocks = layer_cache[table[:-(-count // local_block)]]  # (blocks, 2, local_block, KV, D)
-    return blocks[:, 0].flatten(0, 1)[:count], blocks[:, 1].flatten(0, 1)[:count]
+    block_ids = table[:-(-count // layer_cache.shape[2])]  # (blocks,)
+    # K and V gathered apart: each gather is then contiguous and flattens without a second copy
+    keys = layer_cache[block_ids, 0].flatten(0, 1)[:count]  # (count, KV, D)
+    values = layer_cache[block_ids, 1].flatten(0, 1)[:count]
+    return keys, values
 
 
 def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

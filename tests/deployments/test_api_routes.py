@@ -136,3 +136,24 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(make_config, prompts)
     client, _ = _client(make_config, prompts, [])
     _assert_openai_error(client.get("/v1/nothing"), 404)
     _assert_openai_error(client.get("/v1/completions"), 405)
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop_and_still_checked(make_config, prompts):
+    client, _ = _client(make_config, prompts, [])
+    response = client.post("/v1/completions", json={"prompt": "word " * 20_000})  # > LONG_PROMPT_CHARS
+    _assert_openai_error(response, 400, "prompt", "context_length_exceeded")
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 20_000}]})
+    _assert_openai_error(chat, 400, "messages", "context_length_exceeded")
+
+
+def test_metrics_count_requests_by_status_including_refusals(make_config, prompts):
+    client, backend = _client(make_config, prompts, [[_delta("a"), _delta("b", finished=True)]])
+    assert client.post("/v1/completions", json={"prompt": "hi", "stream": True}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "hi", "temperature": -1}).status_code == 400
+    assert client.post("/v1/completions", json={"prompt": "word " * 5000}).status_code == 400
+    text = client.get("/metrics").text
+    assert 'longctx_requests_total{endpoint="completions",status="200"} 1.0' in text
+    assert 'longctx_requests_total{endpoint="completions",status="400"} 2.0' in text
+    assert "longctx_generation_tokens_total 2.0" in text
+    assert "longctx_time_to_first_token_seconds_count 1.0" in text
+    assert "longctx_inter_token_latency_seconds_count 1.0" in text

@@ -146,3 +146,44 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_kv_capacity(server_facto
     server = server_factory()
     request = GenerateRequest("c", [1, 2, 3], SamplingParams(max_tokens=4096), fill_max_tokens=True)
     assert server._params(request).max_tokens == 4096 - 3
+
+
+def test_a_request_larger_than_the_replica_s_kv_cache_is_a_400(make_config):
+    config = make_config(executor="in_process")
+    config = config.model_copy(update={"cache": config.cache.model_copy(update={"num_device_blocks": 8})})
+    server = LLMServer(config)  # 8 blocks of 16 tokens
+    try:
+        request = GenerateRequest("big", list(range(1, 101)), SamplingParams(max_tokens=100))
+
+        async def first_reply():
+            return await anext(server.generate(request))
+
+        reply = asyncio.run(first_reply())
+        assert isinstance(reply, ServeError) and reply.status == 400
+        assert (reply.param, reply.code) == ("prompt", "context_length_exceeded")
+    finally:
+        server.engine.shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine/async_engine.py _run_command calls set_result on a future its caller cancelled: "
+    "a client gone before its request was admitted kills the engine loop (see the serving report)",
+)
+def test_a_client_gone_before_admission_leaves_the_engine_running(server_factory):
+    server = server_factory()
+    params = SamplingParams(max_tokens=300, ignore_eos=True)
+
+    async def scenario():
+        busy = asyncio.ensure_future(_drain(server.generate(GenerateRequest("busy", [5] * 32, params))))
+        await asyncio.sleep(0.05)  # the engine thread is in a step: new commands wait for it
+        for index in range(10):
+            gone = asyncio.ensure_future(_drain(server.generate(GenerateRequest(f"gone-{index}", [5] * 32, params))))
+            for _ in range(3):
+                await asyncio.sleep(0)  # its add_request is queued for the engine thread
+            gone.cancel()
+        return await busy
+
+    replies = asyncio.run(scenario())
+    assert all(isinstance(reply, list) for reply in replies)
+    server.check_health()

@@ -143,3 +143,33 @@ def test_a_shared_long_prefix_goes_to_the_replica_that_holds_it(client):
     for question in range(1, 6):
         response = client.completions.create(model=MODEL, prompt=f"{document} Question {question}?", max_tokens=1, temperature=0)
         assert response.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 32
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "code"),
+    [
+        ("/v1/completions", {"prompt": "word " * 5000}, 400, "prompt", "context_length_exceeded"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages", "context_length_exceeded"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", None),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens", None),
+        ("/v1/completions", {"max_tokens": 3}, 400, "prompt", None),
+        ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "prompt", None),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", None),
+        ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+        ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "model", "model_not_found"),
+        ("/v1/completions", {"prompt": "x" * (2 << 20)}, 413, None, "request_too_large"),
+    ],
+)
+def test_bad_requests_get_their_status_and_openai_error_json(served, path, body, status, param, code):
+    response = httpx.post(f"{served}{path}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_malformed_json_is_a_400_in_openai_form(served):
+    response = httpx.post(f"{served}/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"

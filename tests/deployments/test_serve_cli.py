@@ -42,12 +42,24 @@ def test_longctx_serve_runs_in_the_foreground_and_stops_on_sigterm(model_dir, se
         body = {"prompt": "hi", "max_tokens": 3}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30).status_code == 200
         assert httpx.get(f"{served}/health").status_code == 200  # the session's instance is unaffected
-        process.send_signal(signal.SIGTERM)
+        _stream_across_sigterm(port, process)
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _stream_across_sigterm(port: int, process: subprocess.Popen) -> None:
+    """SIGTERM during a stream: the stream still runs to its end (drain), then the process exits."""
+    body = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert '"finish_reason": "length"' in "".join(rest)
 
 
 def test_a_bad_model_folder_fails_fast_with_exit_2(tmp_path):

@@ -82,6 +82,11 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
+def free_tcp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
 def redis_server(start_redis) -> RedisServer:
     return start_redis()
 

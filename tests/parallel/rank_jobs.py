@@ -10,12 +10,11 @@ import torch
 import torch.distributed as dist
 
 from engine.multiproc_executor import RankContext
-from model_shards.attention import AttentionMetadata
 from model_shards.llama import LlamaForCausalLM
 from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout
 from model_shards.parallel.lse_attention import reference_attention
 from model_shards.parallel.ring import ring_attention
-from model_shards.parallel.sp_attention import SequenceParallelBackend, SequenceParallelMetadata
+from model_shards.parallel.sp_attention import LocalBatch, SequenceParallelBackend, build_local_batch
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence
 
 # name -> (block table, all its tokens, tokens already cached when it starts: a prefix-cache hit
@@ -47,33 +46,18 @@ def run_model_steps(context: RankContext, folder: Path, tp: int, sp: int, block_
     for step in schedule:
         names = list(step)
         steps = [StepSequence(sequences[n][0], computed[n], step[n]) for n in names]
-        input_ids, metadata, owners = _local_batch(steps, [sequences[n][1] for n in names], block_size, layout)
-        logits = model.compute_logits(model(input_ids, metadata.positions, metadata, cache))  # (rows, vocab)
-        results.append(_by_sequence(names, owners, metadata.positions.tolist(), logits, layout))
+        batch = build_local_batch(steps, [sequences[n][1] for n in names], block_size, layout.sp, "cpu")
+        logits = model.compute_logits(model(batch.input_ids, batch.metadata.positions, batch.metadata, cache))
+        results.append(_by_sequence(names, batch, logits) if layout.tp.rank == 0 else {})
         for name in names:
             computed[name] += step[name]
     return results
 
 
-def _local_batch(steps: list[StepSequence], tokens: list[list[int]], block_size: int,
-                 layout: ParallelLayout) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
-    """(input ids, metadata, owning sequence of each row) of this rank's rows."""
-    if layout.sp.size == 1:
-        metadata = AttentionMetadata.build([(s.block_table, s.computed, s.num_new) for s in steps], block_size, "cpu")
-        owners = [i for i, s in enumerate(steps) for _ in range(s.num_new)]
-    else:
-        metadata = SequenceParallelMetadata.build_for(steps, block_size, layout.sp.rank, layout.sp.size, "cpu")
-        plan = metadata.plan
-        owners = [i for local, i in enumerate(plan.order) for a, b in plan.pieces[local] for _ in range(a, b)]
-    input_ids = torch.tensor([tokens[i][p] for i, p in zip(owners, metadata.positions.tolist())], dtype=torch.long)
-    return input_ids, metadata, owners
-
-
-def _by_sequence(names, owners, positions, logits, layout) -> dict[str, tuple[list[int], torch.Tensor]]:
-    if layout.tp.rank != 0:
-        return {}
-    rows = {name: [r for r, owner in enumerate(owners) if owner == i] for i, name in enumerate(names)}
-    return {name: ([positions[r] for r in rs], logits[rs]) for name, rs in rows.items()}
+def _by_sequence(names: list[str], batch: LocalBatch, logits: torch.Tensor) -> dict[str, tuple[list[int], torch.Tensor]]:
+    starts, positions = batch.metadata.query_start_loc, batch.metadata.positions.tolist()
+    return {names[index]: (positions[starts[j]:starts[j + 1]], logits[starts[j]:starts[j + 1]])
+            for j, index in enumerate(batch.order)}
 
 
 def ring_group(context: RankContext, size: int) -> ParallelGroup | None:

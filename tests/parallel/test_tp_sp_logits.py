@@ -33,7 +33,7 @@ def decode_scenario():
 def chunked_mixed_scenario():
     """A and B prefill together (B in two chunks, the second over B's cached first chunk, beside
     A's first decode token), then both decode."""
-    sequences = {"a": (list(range(0, 5)), tokens(15, seed=2), 0), "b": (list(range(10, 16)), tokens(22, seed=3), 0)}
+    sequences = {"a": (list(range(0, 5)), tokens(15, seed=2), 0), "b": (list(range(10, 16)), tokens(23, seed=3), 0)}
     return sequences, [{"a": 13, "b": 10}, {"a": 1, "b": 9}, {"a": 1, "b": 1}, {"b": 3}]
 
 

@@ -1,0 +1,470 @@
+"""Tensor and sequence parallelism on 2 GPUs (NCCL), in one run of a few minutes:
+
+(a) correctness: logits of TP=2 and SP=2 against one GPU, on the `small` preset in bf16;
+(b) prefill of an 8B-shaped model (--layers, default 2) at 128K, 512K and 1M tokens, SP=1 (one
+    GPU) against SP=2 (ring attention), per layer, with each GPU's attention TFLOP/s against the
+    single-GPU cuDNN SDPA rate measured in the same run, and the ring's exposed communication;
+(c) one decode step over a 1M-token KV cache split across the 2 GPUs against one GPU.
+
+Run from the repo root on a 2-GPU machine: `python3 bench/parallel.py` (`--sizes 131072 524288`
+for a shorter run). Prints tables; writes $OUT/parallel.json if OUT is set, else
+bench/results/parallel.json, after every phase (a cut-off run still leaves what it measured).
+`--dry-run` runs every phase on the CPU (gloo, a tiny model, small sizes) to check the script
+itself before spending GPU time; its numbers mean nothing.
+
+bf16 tolerance of (a). Each rank reorders bf16 sums (TP all-reduces, log-sum-exp merges of
+attention partials in float32, a different attention kernel), which moves logits by about as much
+as bf16 itself does. So a parallel run must be about as close to the float32 truth (one GPU,
+float32, the reference attention) as the single-GPU bf16 run is: max and mean |logit - fp32| at
+most 1.5x single-GPU bf16's (+0.05 absolute on the max, for logits of std ~4). A wrong head, stripe,
+mask or merge moves logits by O(1) and fails by a wide margin.
+
+SP=1 runs the same sequence-parallel attention backend on one GPU (a one-rank ring: the fused
+causal kernel with log-sum-exp and the paged-cache writes), so the speedup compares like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python3 bench/parallel.py`
+
+from model_shards.hf_config import load_architecture  # noqa: E402
+from model_shards.llama import LlamaForCausalLM  # noqa: E402
+from model_shards.make_model import make_model  # noqa: E402
+from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout  # noqa: E402
+from model_shards.parallel.lse_attention import KERNELS, attention_with_lse, kernel_matches_reference  # noqa: E402
+from model_shards.parallel.ring import ring_attention  # noqa: E402
+from model_shards.parallel.sp_attention import SequenceParallelBackend, build_local_batch  # noqa: E402
+from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence  # noqa: E402
+
+WORLD = 2
+BLOCK_SIZE = 256  # SP=2: 128 positions of every block per GPU
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    ffn: int
+    vocab: int
+
+
+LLAMA3_8B = Shape(heads=32, kv_heads=8, head_dim=128, hidden=4096, ffn=14336, vocab=128256)
+DRY_RUN = Shape(heads=4, kv_heads=2, head_dim=16, hidden=64, ffn=128, vocab=1024)
+
+
+def results_path() -> Path:
+    out = os.environ.get("OUT")
+    return Path(out) / "parallel.json" if out else Path(__file__).resolve().parent / "results" / "parallel.json"
+
+
+# --- timing helpers ------------------------------------------------------------------------------
+
+
+class HostEvent:
+    """torch.cuda.Event's timing interface on the host clock (for --dry-run on the CPU)."""
+
+    def record(self) -> None:
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, other: HostEvent) -> float:
+        return (other.time - self.time) * 1e3  # milliseconds, as CUDA events report
+
+
+def new_event():
+    return torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else HostEvent()
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, repeats: int = 1) -> float:
+    """Seconds per call on the GPU clock (CUDA events), after the host waited for the GPU."""
+    synchronize()
+    start, stop = new_event(), new_event()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    stop.record()
+    synchronize()
+    return start.elapsed_time(stop) / 1e3 / repeats
+
+
+class LayerTimer:
+    """CUDA events around every decoder layer and its attention (forward hooks)."""
+
+    def __init__(self, model: LlamaForCausalLM):
+        self.events: dict[str, list] = {"layer": [], "attention": []}
+        for layer in model.layers:
+            self._hook(layer, "layer")
+            self._hook(layer.self_attn, "attention")
+
+    def _hook(self, module, kind: str) -> None:
+        def before(*_):
+            self.events[kind].append([new_event(), new_event()])
+            self.events[kind][-1][0].record()
+
+        def after(*_):
+            self.events[kind][-1][1].record()
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+
+    def reset(self) -> None:
+        self.events = {"layer": [], "attention": []}
+
+    def seconds(self, kind: str) -> list[float]:
+        synchronize()
+        return [start.elapsed_time(stop) / 1e3 for start, stop in self.events[kind]]
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def shaped_model(shape: Shape, layers: int, device: torch.device, backend) -> LlamaForCausalLM:
+    """A Llama with `shape` and `layers` layers, random weights made on the device (no folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="longctx-bench-config-"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": shape.vocab,
+              "hidden_size": shape.hidden, "intermediate_size": shape.ffn, "num_hidden_layers": layers,
+              "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
+              "max_position_embeddings": 1 << 21, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+              "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    model = LlamaForCausalLM(load_architecture(folder), torch.bfloat16, device, backend)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                parameter.fill_(1.0)  # norm weights
+            else:
+                std = 1.0 if "embed" in name else parameter.shape[1] ** -0.5
+                parameter.normal_(0.0, std)
+    return model.eval()
+
+
+def set_backend(model: LlamaForCausalLM, backend) -> None:
+    for layer in model.layers:
+        layer.self_attn.backend = backend
+
+
+# --- (0) kernels and the cuDNN SDPA reference rate --------------------------------------------------
+
+
+def kernel_report(device: torch.device, shape: Shape) -> dict:
+    return {name: kernel_matches_reference(kernel, device, torch.bfloat16, shape.heads, shape.kv_heads,
+                                           shape.head_dim)
+            for name, kernel in KERNELS.items() if name != "reference"}
+
+
+def sdpa_rate(device: torch.device, shape: Shape, length: int, backend) -> float:
+    """TFLOP/s of one causal SDPA call (B=1, K/V expanded to the query heads) under `backend`."""
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = (torch.randn(1, shape.heads, length, shape.head_dim, device=device, dtype=torch.bfloat16)
+               for _ in range(3))
+    with sdpa_kernel(backend):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        seconds = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats=3)
+    return causal_flops(shape, length) / seconds / 1e12
+
+
+def causal_flops(shape: Shape, length: int) -> float:
+    """QK^T and PV over the causal half: 2 matmuls x 2 flops x L(L+1)/2 pairs x heads x head_dim."""
+    return 4.0 * shape.heads * shape.head_dim * length * (length + 1) / 2
+
+
+# --- (a) correctness --------------------------------------------------------------------------------
+
+
+def run_schedule(model: LlamaForCausalLM, layout: ParallelLayout, tokens: list[int], schedule: list[int],
+                 block_size: int, device: torch.device) -> dict[int, torch.Tensor]:
+    """One sequence through `schedule` (tokens per step); position -> logits of this rank's rows."""
+    num_blocks = -(-len(tokens) // block_size)
+    cache = model.allocate_kv_cache(num_blocks, block_size // layout.sp.size)
+    table, computed, logits_at = list(range(num_blocks)), 0, {}
+    for num_new in schedule:
+        batch = build_local_batch([StepSequence(table, computed, num_new)], [tokens], block_size, layout.sp, device)
+        logits = model.compute_logits(model(batch.input_ids, batch.metadata.positions, batch.metadata, cache))
+        logits_at.update(zip(batch.metadata.positions.tolist(), logits.float().cpu()))
+        computed += num_new
+    return logits_at
+
+
+def correctness(rank: int, device: torch.device, preset: str) -> dict:
+    folder = Path(tempfile.gettempdir()) / f"longctx-bench-parallel-{preset}"
+    if rank == 0:
+        make_model(folder, preset, seed=0, dtype="bfloat16")
+    dist.barrier()
+    vocab = load_architecture(folder).vocab_size
+    tokens = torch.randint(10, vocab - 10, (1001,), generator=torch.Generator().manual_seed(0)).tolist()
+    schedule = [777, 216, 1, 1, 1, 1, 1, 1, 1, 1]  # a prefill, a chunk over its cache, 8 decodes
+    runs = {}
+    if rank == 0:  # one GPU: float32 (the truth) and bf16, reference attention
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            model = LlamaForCausalLM.from_folder(folder, dtype=dtype, device=device)
+            runs[name] = run_schedule(model, ParallelLayout.single(), tokens[:sum(schedule)], schedule, 16, device)
+    for name, (tp, sp) in (("tp2", (2, 1)), ("sp2", (1, 2))):
+        layout = build_layout(tp, sp, device)
+        backend = SequenceParallelBackend(layout.sp) if sp > 1 else "torch_sdpa"
+        model = LlamaForCausalLM.from_folder(folder, dtype=torch.bfloat16, device=device, attention_backend=backend,
+                                             tp=layout.tp)
+        mine = run_schedule(model, layout, tokens[:sum(schedule)], schedule, 16, device)
+        shares = [None] * WORLD if rank == 0 else None
+        dist.gather_object(mine if layout.tp.rank == 0 else {}, shares, dst=0)
+        if rank == 0:
+            runs[name] = {p: logits for share in shares for p, logits in share.items()}
+            runs[name + "_kernel"] = getattr(backend, "kernel_name", "torch_sdpa")
+    return compare_logits(runs) if rank == 0 else {}
+
+
+def compare_logits(runs: dict) -> dict:
+    positions = sorted(runs["fp32"])
+    truth = torch.stack([runs["fp32"][p] for p in positions])  # (positions, vocab)
+    def error(name: str) -> dict:
+        logits = torch.stack([runs[name][p] for p in positions])
+        diff = (logits - truth).abs()
+        return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+                "top1_vs_fp32": (logits.argmax(-1) == truth.argmax(-1)).float().mean().item()}
+    report = {"logit_std": truth.std().item(), "positions": len(positions), "single_bf16": error("bf16")}
+    base = report["single_bf16"]
+    for name in ("tp2", "sp2"):
+        row = error(name)
+        row["pass"] = (row["max_abs"] <= 1.5 * base["max_abs"] + 0.05 and row["mean_abs"] <= 1.5 * base["mean_abs"])
+        row["kernel"] = runs.get(name + "_kernel")
+        report[name] = row
+    return report
+
+
+# --- (b) prefill and (c) decode -------------------------------------------------------------------
+
+
+class NoExchange(ParallelGroup):
+    """The SP group with the ring's sends and receives left out: the same kernels on the same
+    shapes (equal pieces), to measure how much communication the ring leaves exposed."""
+
+    def start_ring_exchange(self, send, recv) -> list:
+        return []
+
+
+def prefill(model: LlamaForCausalLM, timer: LayerTimer, sp: ParallelGroup, length: int, device) -> tuple[dict, object]:
+    shape = shape_of(model)
+    num_blocks = -(-(length + 64) // BLOCK_SIZE)  # room for the decode steps after it
+    cache = model.allocate_kv_cache(num_blocks, BLOCK_SIZE // sp.size)
+    tokens = torch.randint(10, shape.vocab - 10, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    host_start = time.perf_counter()
+    batch = build_local_batch([StepSequence(list(range(num_blocks)), 0, length)], [tokens], BLOCK_SIZE, sp, device,
+                              plan=True)
+    plan_s = time.perf_counter() - host_start
+    timer.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = cuda_time(lambda: model(batch.input_ids, batch.metadata.positions, batch.metadata, cache))
+    layers, attention = timer.seconds("layer"), timer.seconds("attention")
+    flops_per_gpu = causal_flops(shape, length) / sp.size
+    row = {"tokens": length, "sp": sp.size, "total_s": seconds, "host_plan_s": plan_s,
+           "layer_s": layers, "attention_s": attention,
+           "attention_TFLOPs_per_gpu": [flops_per_gpu / a / 1e12 for a in attention],
+           "peak_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
+    return row, (cache, tokens, num_blocks)
+
+
+def shape_of(model: LlamaForCausalLM) -> Shape:
+    arch = model.arch
+    return Shape(arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim, arch.hidden_size,
+                 arch.intermediate_size, arch.vocab_size)
+
+
+def decode(model: LlamaForCausalLM, timer: LayerTimer, sp: ParallelGroup, state, length: int, device,
+           steps: int = 6) -> dict:
+    cache, tokens, num_blocks = state
+    table, samples, attention = list(range(num_blocks)), [], []
+    for step in range(steps):
+        tokens.append(100 + step)
+        synchronize()
+        host_start = time.perf_counter()
+        batch = build_local_batch([StepSequence(table, length + step, 1)], [tokens], BLOCK_SIZE, sp, device, plan=True)
+        timer.reset()
+        hidden = model(batch.input_ids, batch.metadata.positions, batch.metadata, cache)
+        if sp.rank == 0:
+            model.compute_logits(hidden[-1:])
+        synchronize()
+        if step >= 2:  # the first steps warm up the decode shapes
+            samples.append(time.perf_counter() - host_start)
+            attention.append(sum(timer.seconds("attention")))
+    shape = shape_of(model)
+    kv_bytes = 2 * len(model.layers) * length * shape.kv_heads * shape.head_dim * 2 / sp.size
+    step_s, attention_s = sorted(samples)[len(samples) // 2], sorted(attention)[len(attention) // 2]
+    return {"context": length, "sp": sp.size, "step_s": step_s, "attention_s": attention_s,
+            "kv_GB_per_gpu": kv_bytes / 1e9, "kv_read_GBps": kv_bytes / attention_s / 1e9}
+
+
+def exposed_communication(shape: Shape, sp: ParallelGroup, length: int, kernel: str, device) -> dict:
+    """One layer's ring attention with and without its sends/receives, on this rank's shapes."""
+    plan = SequenceParallelPlan.build([StepSequence(list(range(-(-length // BLOCK_SIZE))), 0, length)], BLOCK_SIZE,
+                                      sp.rank, sp.size)
+    rows = plan.num_ring_rows
+    q = torch.randn(rows, shape.heads, shape.head_dim, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(rows, shape.kv_heads, shape.head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    silent = NoExchange(sp.rank, sp.size, sp.ranks, sp.process_group, sp.device)
+    run = lambda group: ring_attention(q, k, v, plan, group, shape.head_dim ** -0.5, KERNELS[kernel])  # noqa: E731
+    with_comm, compute_only = cuda_time(lambda: run(sp)), cuda_time(lambda: run(silent))
+    block = torch.stack([k, v])
+    incoming = torch.empty_like(block)
+    transfer = cuda_time(lambda: [r.wait() for r in sp.start_ring_exchange(block, incoming)])
+    return {"tokens": length, "ring_s": with_comm, "compute_only_s": compute_only,
+            "exposed_comm_s": max(0.0, with_comm - compute_only), "kv_block_MB": block.numel() * 2 / 1e6,
+            "kv_block_transfer_s": transfer, "p2p_GBps": block.numel() * 2 / transfer / 1e9}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def scaling(rank: int, device: torch.device, options) -> dict:
+    layout = build_layout(1, WORLD, device)
+    single = ParallelGroup(0, 1, (rank,), None, device)
+    model = shaped_model(options.shape, options.layers, device, SequenceParallelBackend(single))
+    timer = LayerTimer(model)
+    result = {"prefill": [], "decode": [], "exposed_comm": []}
+    lengths = [min(16384, min(options.sizes))] + options.sizes  # a warm-up (kernels, allocator, NCCL) first
+    for index, length in enumerate(lengths):
+        measured = index > 0
+        for group in (single, layout.sp):
+            if group.size == 1 and rank != 0:
+                dist.barrier()
+                continue
+            backend = SequenceParallelBackend(group)
+            set_backend(model, backend)
+            row, state = prefill(model, timer, group, length, device)
+            row["kernel"] = backend.kernel_name
+            if measured and length == max(options.sizes):
+                result["decode"].append(decode(model, timer, group, state, length, device))
+            del state
+            torch.cuda.empty_cache()
+            if measured and rank == 0:
+                result["prefill"].append(row)
+                print_prefill(row, flush=True)
+            if group.size == 1:
+                dist.barrier()
+        if measured and length <= options.comm_max:
+            comm = exposed_communication(options.shape, layout.sp, length, backend.kernel_name, device)
+            result["exposed_comm"].append(comm)
+    return result
+
+
+def print_prefill(row: dict, flush: bool = False) -> None:
+    per_layer = ", ".join(f"{t:.2f}" for t in row["layer_s"])
+    rates = ", ".join(f"{r:.0f}" for r in row["attention_TFLOPs_per_gpu"])
+    print(f"prefill {row['tokens']:>8} tokens sp={row['sp']}: {row['total_s']:7.2f} s  layers [{per_layer}] s  "
+          f"attention TFLOP/s per GPU [{rates}]  kernel {row['kernel']}  peak {row['peak_GiB']:.1f} GiB", flush=flush)
+
+
+def summarize(results: dict) -> None:
+    prefill = {(r["tokens"], r["sp"]): r for r in results.get("scaling", {}).get("prefill", [])}
+    for (tokens, sp), row in sorted(prefill.items()):
+        if sp == 2 and (tokens, 1) in prefill:
+            row["speedup_vs_sp1"] = prefill[(tokens, 1)]["total_s"] / row["total_s"]
+            print(f"SP=2 prefill speedup at {tokens} tokens: {row['speedup_vs_sp1']:.2f}x (goal >= 1.9x at >= 512K)")
+    decode = {r["sp"]: r for r in results.get("scaling", {}).get("decode", [])}
+    if 1 in decode and 2 in decode:
+        results["decode_speedup"] = {"step": decode[1]["step_s"] / decode[2]["step_s"],
+                                     "attention": decode[1]["attention_s"] / decode[2]["attention_s"]}
+        print(f"decode over {decode[1]['context']} tokens: step {decode[1]['step_s'] * 1e3:.2f} -> "
+              f"{decode[2]['step_s'] * 1e3:.2f} ms ({results['decode_speedup']['step']:.2f}x, goal >= 1.8x); "
+              f"attention {results['decode_speedup']['attention']:.2f}x")
+    for comm in results.get("scaling", {}).get("exposed_comm", []):
+        print(f"ring at {comm['tokens']} tokens (rank 0): {comm['ring_s']:.3f} s with comm, "
+              f"{comm['compute_only_s']:.3f} s compute only, exposed {comm['exposed_comm_s'] * 1e3:.1f} ms; "
+              f"KV block {comm['kv_block_MB']:.0f} MB at {comm['p2p_GBps']:.0f} GB/s")
+
+
+def rank_main(rank: int, port: int, options) -> None:
+    device = torch.device("cpu") if options.dry_run else torch.device("cuda", rank)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=WORLD, device_id=device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    results: dict = {"torch": torch.__version__, "gpu": name, "layers": options.layers, "sizes": options.sizes}
+    if rank == 0:
+        results["kernels_matching_reference"] = kernel_report(device, options.shape)
+        results["single_gpu_sdpa_TFLOPs"] = reference_rates(device, options.shape, options.reference_length)
+        print(json.dumps({k: results[k] for k in ("gpu", "torch", "kernels_matching_reference",
+                                                  "single_gpu_sdpa_TFLOPs")}), flush=True)
+    dist.barrier()
+    if not options.skip_correctness:
+        results["correctness"] = correctness(rank, device, "tiny" if options.dry_run else "small")
+        save(rank, results)
+    results["scaling"] = scaling(rank, device, options)
+    summarize(results) if rank == 0 else None
+    save(rank, results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def reference_rates(device: torch.device, shape: Shape, length: int) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    rates: dict = {"length": length}
+    backends = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
+    if device.type != "cuda":
+        backends = (("math", SDPBackend.MATH),)
+    for name, backend in backends:
+        try:
+            rates[name] = sdpa_rate(device, shape, length, backend)
+        except RuntimeError as error:  # a backend this build or GPU lacks
+            rates[name] = f"unavailable: {str(error).splitlines()[0][:120]}"
+    return rates
+
+
+def save(rank: int, results: dict) -> None:
+    if rank != 0:
+        return
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if "correctness" in results and results["correctness"]:
+        print(json.dumps({"correctness": results["correctness"]}, indent=1), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[131072, 524288, 1048576])
+    parser.add_argument("--comm-max", type=int, default=524288, help="measure exposed ring communication up to this")
+    parser.add_argument("--reference-length", type=int, default=131072, help="tokens of the cuDNN SDPA reference call")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny model and sizes: checks the script")
+    options = parser.parse_args()
+    options.shape = LLAMA3_8B
+    if options.dry_run:
+        options.shape, options.sizes, options.comm_max, options.reference_length = DRY_RUN, [512, 1024], 1024, 256
+    elif torch.cuda.device_count() < WORLD:
+        sys.exit(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
+    store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, wait_for_workers=False)  # a free port, held
+    start = time.perf_counter()
+    mp.spawn(rank_main, args=(store.port, options), nprocs=WORLD)
+    print(f"wrote {results_path()} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

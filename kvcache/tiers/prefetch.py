@@ -1,0 +1,146 @@
+"""Redis -> host prefetch for a request at the head of the queue: probe first, then fetch.
+
+When a request's prompt runs past what the device and host hold, its remaining blocks are first
+*probed* (one pipelined EXISTS on the worker: no host memory is taken, so a cold document evicts
+nothing from the host tier), then the blocks that continue its cached run are fetched into host
+slots. The request waits at the head of the queue until they have landed or its deadline has
+passed; then the scheduler restores from host whatever arrived and recomputes the rest.
+
+    probe out --answer--> fetches out --all landed--> done
+        \\___________________ deadline __________________/--> done (a timeout, counted)
+
+A slot being fetched is referenced in the host pool until its outcome comes back, whether or not
+a request still waits for it, so a late fetch can never write into a reused slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvcache.tier_metrics import TierMetrics
+from kvcache.tiers.cost_model import Decision
+from kvcache.tiers.host_index import REDIS, HostIndex
+from kvcache.tiers.ops import HIT, OpsBuilder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prefetch:
+    hashes: tuple[bytes, ...]  # the request's blocks after its host run, in order
+    deadline: float
+    probe_id: int | None  # set while the probe is out
+    waiting: set[int] = field(default_factory=set)  # slots in flight that the request needs
+    pinned: list[int] = field(default_factory=list)  # host slots of its run, held while it waits
+
+
+class RedisPrefetcher:
+    def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, *,
+                 decide: Callable[[str, int, str], Decision], estimate_s: Callable[[int], float],
+                 timeout_s: float, clock: Callable[[], float]):
+        self.host, self.ops, self.metrics = host, ops, metrics
+        self._decide, self._estimate_s = decide, estimate_s
+        self._timeout_s, self._clock = timeout_s, clock
+        self._states: dict[str, _Prefetch] = {}
+        self._tried: set[str] = set()  # one prefetch per admission (a preempted request retries)
+        self._probes: dict[int, str] = {}  # probe id -> request id
+        self._probe_ids = itertools.count()
+        self._fetching: dict[int, bytes] = {}  # slot -> hash
+        self._fetching_slot: dict[bytes, int] = {}
+
+    @property
+    def num_fetching(self) -> int:
+        return len(self._fetching)
+
+    @property
+    def has_outstanding(self) -> bool:
+        """Probes or fetches the worker has not answered yet."""
+        return bool(self._fetching or self._probes)
+
+    def is_idle(self) -> bool:
+        """Nothing in flight and no request state (for leak checks)."""
+        return not (self._fetching or self._probes or self._states or self._tried)
+
+    def waiting(self, request_id: str, hashes: Sequence[bytes], may_start: bool) -> bool:
+        """Whether the request must wait for Redis now; the first call may start its prefetch."""
+        state = self._states.get(request_id)
+        if state is None and may_start and request_id not in self._tried:
+            self._tried.add(request_id)
+            state = self._probe(request_id, hashes)
+        if state is None:
+            return False
+        if (state.probe_id is not None or state.waiting) and self._clock() < state.deadline:
+            return True
+        self._finish(request_id, timed_out=state.probe_id is not None or bool(state.waiting))
+        return False
+
+    def forget(self, request_id: str) -> None:
+        """The request finished, was aborted or preempted: drop its state (not its fetches)."""
+        self._finish(request_id, timed_out=False)
+        self._tried.discard(request_id)
+
+    def probe_done(self, probe_id: int, present: Sequence[bool]) -> None:
+        request_id = self._probes.pop(probe_id, None)
+        state = self._states.get(request_id) if request_id is not None else None
+        if state is None:  # answered after its request stopped waiting
+            return
+        state.probe_id = None
+        wanted, state.pinned, in_flight = self._continuation(state.hashes, present)
+        if wanted and not self._decide(REDIS, len(wanted), request_id).restore:
+            wanted = []
+        self.host.pin(state.pinned)  # before allocating, which evicts the least recently used
+        slots = self.host.allocate(len(wanted)) if wanted else []  # fewer: the leading ones
+        for block_hash, slot in zip(wanted, slots):
+            self._fetching[slot], self._fetching_slot[block_hash] = block_hash, slot
+            self.ops.fetches.append((block_hash, slot))
+        state.waiting = set(slots) | in_flight
+        # Twice the estimated transfer, for headroom, plus the configured slack.
+        state.deadline = self._clock() + 2 * self._estimate_s(len(slots)) + self._timeout_s
+
+    def fetch_done(self, slot: int, outcome: str) -> None:
+        block_hash = self._fetching.pop(slot)
+        del self._fetching_slot[block_hash]
+        if outcome == HIT:
+            self.host.fill(slot, block_hash, REDIS, in_redis=True)
+        self.host.unpin((slot,))  # a missed slot goes back to the free queue, empty
+        for state in self._states.values():
+            state.waiting.discard(slot)
+
+    def _probe(self, request_id: str, hashes: Sequence[bytes]) -> _Prefetch | None:
+        rest = tuple(hashes[len(self.host.leading_run(hashes)):])
+        if not rest:
+            return None
+        probe_id = next(self._probe_ids)
+        self._probes[probe_id] = request_id
+        self.ops.probes.append((probe_id, rest))
+        self._states[request_id] = state = _Prefetch(rest, self._clock() + self._timeout_s, probe_id)
+        return state
+
+    def _continuation(self, hashes: Sequence[bytes], present: Sequence[bool]) -> tuple[list, list, set]:
+        """The blocks continuing the cached run: (hashes to fetch, host slots, slots in flight)."""
+        wanted, held, in_flight = [], [], set()
+        for block_hash, in_redis in zip(hashes, present):
+            if (slot := self.host.lookup(block_hash)) is not None:
+                held.append(slot)
+            elif block_hash in self._fetching_slot:
+                in_flight.add(self._fetching_slot[block_hash])
+            elif in_redis:
+                wanted.append(block_hash)
+            else:
+                break
+        return wanted, held, in_flight
+
+    def _finish(self, request_id: str, timed_out: bool) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        if state.probe_id is not None:
+            del self._probes[state.probe_id]
+        self.host.unpin(state.pinned)
+        if timed_out:
+            self.metrics.prefetch_timeouts.inc()
+            logger.warning("request %s: %s from Redis not there by its deadline; recomputing the rest",
+                           request_id, "the probe" if state.probe_id is not None else f"{len(state.waiting)} blocks")
