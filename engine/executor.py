@@ -62,7 +62,12 @@ class InProcessExecutor(Executor):
 
 
 def _ray_actor_executor(config: LongctxConfig) -> Executor:
-    from engine.ray_executor import RayActorExecutor  # ray is imported only where it is used
+    """Ray actors in the replica's placement group: one worker, or one per TP x SP rank."""
+    if config.parallel.world_size > 1:
+        from engine.ray_parallel_executor import RayParallelExecutor  # ray is imported only where it is used
+
+        return RayParallelExecutor(config)
+    from engine.ray_executor import RayActorExecutor
 
     return RayActorExecutor(config)
 

@@ -76,7 +76,9 @@ class RayActorExecutor(Executor):
         return self._kv_block_nbytes
 
     def execute(self, step_input: StepInput) -> StepOutput:
-        return ray.get(self._step.execute(step_input))
+        # No deadline here (the compiled graph's default is 10 s, less than a long prefill step on
+        # a CPU): a step that hangs is the replica health check's to catch (serve.stall_timeout_s).
+        return self._step.execute(step_input).get(timeout=-1)
 
     def shutdown(self) -> None:
         self._step.teardown()
@@ -84,8 +86,9 @@ class RayActorExecutor(Executor):
 
 
 def _compiled_step(worker: Any) -> Any:
-    """The step as a Ray compiled graph: ~0.05 ms a round trip over shared memory, where an actor
-    call costs ~0.8 ms on the CPU machine; there is one per engine step, so per output token.
+    """The step as a Ray compiled graph over shared memory. One per engine step, so per output
+    token: on the CPU machine it adds 0.45 ms a step where a plain actor call adds 1.2 ms. The
+    price: the worker polls its input channel, one busy core per worker even when idle.
     Channels grow to fit a large message (a new 1M-token prompt), so no buffer size is set."""
     from ray.dag import InputNode
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvcache.tiers.codec import BlockFormat, decode_block, encode_block
+from kvcache.tiers.codec import BlockFormat, decode_block, encode_block_into
 from kvcache.tiers.ops import HOST_TO_REDIS, MISSING, REDIS_TO_HOST, TransferSample
 from kvcache.tiers.store import BlockStore
 
@@ -76,6 +76,7 @@ class RemoteBlockIO:
         self._max_pending_write_bytes = max_pending_write_bytes
         self._errors_reported = 0
         self._ping_pending = False
+        self._local = threading.local()  # per I/O thread: reused value buffers
 
     # --- submitting (the worker's step thread) ------------------------------------------------
     def write_back(self, items: Sequence[tuple[int, bytes]]) -> None:
@@ -151,9 +152,10 @@ class RemoteBlockIO:
         start = time.perf_counter()
         stored = [False] * len(chunk)
         try:
-            values = [(h, encode_block(self.fmt, h, self._slots[slot] if payload is None else payload))
-                      for slot, h, payload in chunk]
-            stored = self.store.put(values)
+            buffers = self._value_buffers(len(chunk))
+            values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out))
+                      for (slot, h, payload), out in zip(chunk, buffers)]
+            stored = self.store.put(values)  # returns once sent: the buffers are free again
         except Exception:  # never lose an outcome: the driver holds the slots until it gets one
             logger.exception("writing %d KV blocks to Redis failed", len(chunk))
         finally:
@@ -161,6 +163,14 @@ class RemoteBlockIO:
                 self._pending_write_bytes -= nbytes
         sample = TransferSample(HOST_TO_REDIS, sum(stored) * self.fmt.nbytes, time.perf_counter() - start)
         self._finish_writes(chunk, stored, sample, dropped=False)
+
+    def _value_buffers(self, count: int) -> list[bytearray]:
+        # Reused across writes: a fresh multi-MiB value per block costs page faults, which are
+        # slow in sandboxed kernels such as the GPU machines' gVisor.
+        buffers = self._local.__dict__.setdefault("buffers", [])
+        while len(buffers) < count:
+            buffers.append(bytearray(self.fmt.header_nbytes + self.fmt.nbytes))
+        return buffers[:count]
 
     def _finish_writes(self, chunk, stored: list[bool], sample: TransferSample | None, dropped: bool) -> None:
         with self._cond:

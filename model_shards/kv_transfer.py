@@ -110,33 +110,41 @@ class KVTransfer:
             done = self.remote.drain(ops.poll_timeout_s)
             errors, up = self.remote.new_errors(), self.remote.store.up
         return KVTransferReport(
-            probed=tuple(done.probed), fetched=tuple(done.fetched), written=tuple(done.written), transfers=tuple(samples + done.transfers),
-            blocking_seconds=sum(sample.seconds for sample in samples), writes_stored=done.stored,
-            writes_dropped=done.dropped, redis_errors=errors, redis_up=up)
+            probed=tuple(done.probed), fetched=tuple(done.fetched), written=tuple(done.written),
+            transfers=tuple(samples + done.transfers), blocking_seconds=sum(sample.seconds for sample in samples),
+            writes_stored=done.stored, writes_dropped=done.dropped, redis_errors=errors, redis_up=up)
 
     # --- batched device <-> host copies -------------------------------------------------------
     def save(self, pairs: Sequence[tuple[int, int]]) -> int:
         """(device block, slot) pairs: device -> host. Returns the bytes moved."""
-        if not self._staged:
+        if self._staged:
+            for chunk in _chunks(pairs, self._chunk_blocks):
+                self._save_staged(chunk)
+        else:
             _copy_runs(self._kv_rows, self._host_rows, pairs)
-        for chunk in _chunks(pairs, self._chunk_blocks) if self._staged else ():
-            blocks, slots = zip(*chunk)
-            staged = self._kv_rows.index_select(0, self._index(blocks))  # (n, block elements)
-            _copy_runs(staged, self._host_rows, list(enumerate(slots)))
         self._synchronize()
         return len(pairs) * self.kv.bytes_per_block
 
     def load(self, pairs: Sequence[tuple[int, int]]) -> int:
         """(slot, device block) pairs: host -> device. Returns the bytes moved."""
-        if not self._staged:
+        if self._staged:
+            for chunk in _chunks(pairs, self._chunk_blocks):
+                self._load_staged(chunk)
+        else:
             _copy_runs(self._host_rows, self._kv_rows, pairs)
-        for chunk in _chunks(pairs, self._chunk_blocks) if self._staged else ():
-            slots, blocks = zip(*chunk)
-            staged = torch.empty((len(chunk), self._kv_rows.shape[1]), dtype=self.kv.dtype, device=self.kv.device)
-            _copy_runs(self._host_rows, staged, list(zip(slots, range(len(chunk)))))
-            self._kv_rows.index_copy_(0, self._index(blocks), staged)
         self._synchronize()
         return len(pairs) * self.kv.bytes_per_block
+
+    def _save_staged(self, chunk: Sequence[tuple[int, int]]) -> None:
+        blocks, slots = zip(*chunk)
+        staged = self._kv_rows.index_select(0, self._index(blocks))  # (n, block elements), contiguous
+        _copy_runs(staged, self._host_rows, list(enumerate(slots)))
+
+    def _load_staged(self, chunk: Sequence[tuple[int, int]]) -> None:
+        slots, blocks = zip(*chunk)
+        staged = torch.empty((len(chunk), self._kv_rows.shape[1]), dtype=self.kv.dtype, device=self.kv.device)
+        _copy_runs(self._host_rows, staged, [(slot, index) for index, slot in enumerate(slots)])
+        self._kv_rows.index_copy_(0, self._index(blocks), staged)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)

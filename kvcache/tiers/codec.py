@@ -52,10 +52,17 @@ def checksum(payload) -> int:
 
 def encode_block(fmt: BlockFormat, block_hash: bytes, payload) -> bytes:
     """header + payload as one bytes object (one copy of the payload)."""
+    return bytes(encode_block_into(fmt, block_hash, payload, bytearray(fmt.header_nbytes + fmt.nbytes)))
+
+
+def encode_block_into(fmt: BlockFormat, block_hash: bytes, payload, out: bytearray) -> memoryview:
+    """Write header + payload into `out` (exactly that long, reusable) and return a view of it."""
     view = memoryview(payload).cast("B")
-    if view.nbytes != fmt.nbytes:
+    if view.nbytes != fmt.nbytes or len(out) != fmt.header_nbytes + fmt.nbytes:
         raise ValueError(f"block payload has {view.nbytes} bytes, its format says {fmt.nbytes}")
-    return b"".join((fmt.header(block_hash, checksum(view)), view))
+    out[: fmt.header_nbytes] = fmt.header(block_hash, checksum(view))
+    out[fmt.header_nbytes :] = view
+    return memoryview(out)
 
 
 def decode_block(fmt: BlockFormat, block_hash: bytes, value: bytes | None) -> tuple[str, memoryview | None]:

@@ -87,9 +87,13 @@ KERNELS: dict[str, LseKernel] = {
     "cudnn_expanded": cudnn_attention_expanded,
     "flash_expanded": flash_attention_expanded,
 }
-# cuDNN first: on Hopper it is the fastest causal bf16 kernel torch ships (FlashAttention-2 is
-# an Ampere design); the expanded variants copy K/V up to the query heads, so they come last.
-CUDA_PREFERENCE = ("cudnn", "flash", "cudnn_expanded", "flash_expanded")
+# Prefill (many queries): cuDNN first, on Hopper the fastest causal bf16 kernel torch ships
+# (FlashAttention-2 is an Ampere design). Decode (one query over a long context): FlashAttention-2
+# first, which splits the keys over SMs and folds GQA groups into query rows; a kernel that
+# parallelizes over query tiles only would run one CTA per head. The expanded variants copy K/V
+# up to the query heads, so they come last.
+PREFILL_PREFERENCE = ("cudnn", "flash", "cudnn_expanded", "flash_expanded")
+DECODE_PREFERENCE = ("flash", "flash_expanded", "cudnn", "cudnn_expanded")
 
 
 def attention_with_lse(kernel: LseKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,13 +106,13 @@ def attention_with_lse(kernel: LseKernel, q: torch.Tensor, k: torch.Tensor, v: t
     return kernel(q, k, v, scale, causal)
 
 
-def select_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
-                  head_dim: int) -> tuple[str, LseKernel]:
-    """The first CUDA kernel whose (out, lse) match the reference on a small probe of this
-    model's head shape, else the reference (CPU, float32 on GPU, or a torch without them)."""
+def select_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                  preference: tuple[str, ...] = PREFILL_PREFERENCE) -> tuple[str, LseKernel]:
+    """The first CUDA kernel in `preference` whose (out, lse) match the reference on a small probe
+    of this model's head shape, else the reference (CPU, float32 on GPU, or a torch without them)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "reference", reference_attention
-    for name in CUDA_PREFERENCE:
+    for name in preference:
         if kernel_matches_reference(KERNELS[name], device, dtype, heads, kv_heads, head_dim):
             return name, KERNELS[name]
     return "reference", reference_attention

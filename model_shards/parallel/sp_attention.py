@@ -23,8 +23,8 @@ import torch
 
 from model_shards.attention.base import AttentionBackend, AttentionMetadata, _padded_tables, write_kv
 from model_shards.parallel.groups import ParallelGroup
-from model_shards.parallel.lse_attention import (LseKernel, PartialSum, attention_with_lse, merge_stacked,
-                                                 select_kernel)
+from model_shards.parallel.lse_attention import (DECODE_PREFERENCE, KERNELS, PREFILL_PREFERENCE, LseKernel,
+                                                 PartialSum, attention_with_lse, merge_stacked, select_kernel)
 from model_shards.parallel.ring import ring_attention
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence, _arange_of, local_count
 
@@ -98,37 +98,38 @@ def build_local_batch(sequences: list[StepSequence], token_ids: list[Sequence[in
 class SequenceParallelBackend(AttentionBackend):
     """The AttentionBackend of one SP rank; `group` is its SP group (same TP rank, same heads)."""
 
-    def __init__(self, group: ParallelGroup, kernel: str | None = None):
+    def __init__(self, group: ParallelGroup, kernel: str | None = None, decode_kernel: str | None = None):
+        """`kernel` (prefill chunks) and `decode_kernel`: names in lse_attention.KERNELS; None: the
+        fastest that matches the reference on this device, chosen at the first call."""
         self.group = group
-        self.kernel_name = kernel  # None: chosen at the first call (select_kernel)
-        self._kernel: LseKernel | None = None
+        self.kernel_name, self.decode_kernel_name = kernel, decode_kernel
+        self._kernels: tuple[LseKernel, LseKernel] | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         if not isinstance(metadata, SequenceParallelMetadata):
             raise TypeError("the sequence-parallel backend needs SequenceParallelMetadata")
-        kernel, plan = self._kernel_for(query, key), metadata.plan
+        (prefill_kernel, decode_kernel), plan = self._kernels_for(query, key), metadata.plan
         output = torch.empty_like(query)  # (T, H, D)
         ring_rows = plan.num_ring_rows
         if plan.ring:
             partial = self._prefill(query[:ring_rows], key[:ring_rows], value[:ring_rows], layer_cache, metadata,
-                                    scale, kernel)
+                                    scale, prefill_kernel)
             output[:ring_rows] = partial.out
         if plan.decode:
             output[ring_rows:] = self._decode(query[ring_rows:], key[ring_rows:], value[ring_rows:], layer_cache,
-                                              metadata, scale, kernel)
+                                              metadata, scale, decode_kernel)
         return output
 
-    def _kernel_for(self, query: torch.Tensor, key: torch.Tensor) -> LseKernel:
-        if self._kernel is None:
-            from model_shards.parallel.lse_attention import KERNELS
-
+    def _kernels_for(self, query: torch.Tensor, key: torch.Tensor) -> tuple[LseKernel, LseKernel]:
+        if self._kernels is None:
+            shape = (query.device, query.dtype, query.shape[1], key.shape[1], query.shape[2])
             if self.kernel_name is None:
-                self.kernel_name, self._kernel = select_kernel(query.device, query.dtype, query.shape[1],
-                                                               key.shape[1], query.shape[2])
-            else:
-                self._kernel = KERNELS[self.kernel_name]
-        return self._kernel
+                self.kernel_name = select_kernel(*shape, preference=PREFILL_PREFERENCE)[0]
+            if self.decode_kernel_name is None:
+                self.decode_kernel_name = select_kernel(*shape, preference=DECODE_PREFERENCE)[0]
+            self._kernels = KERNELS[self.kernel_name], KERNELS[self.decode_kernel_name]
+        return self._kernels
 
     # --- prefill chunks ----------------------------------------------------------------------
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor,

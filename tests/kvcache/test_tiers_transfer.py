@@ -14,6 +14,7 @@ from kvcache.tiers.codec import BlockFormat, decode_block, encode_block
 from kvcache.tiers.namespace import block_key, key_namespace, key_prefix
 from kvcache.tiers.ops import CHECKSUM, HIT, MISMATCH, MISSING, TRUNCATED, KVTransferOps
 from kvcache.tiers.redis_store import RedisBlockStore, redact
+from kvcache.tiers.store import MemoryBlockStore
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_remote_io import RemoteBlockIO
 from model_shards.kv_transfer import KVTransfer, _runs
@@ -183,3 +184,26 @@ def test_a_fetch_from_a_server_that_dies_is_a_miss_for_every_slot(start_redis):
                         lambda reports: len(fetched(reports)) == 2)
     assert fetched(reports) == {1: MISSING, 2: MISSING}
     assert any(r.redis_errors for r in reports) and not reports[-1].redis_up
+
+
+class BrokenStore(MemoryBlockStore):
+    """A store whose every read and write raises: outcomes must still come back."""
+
+    def get(self, hashes):
+        raise RuntimeError("broken store")
+
+    def put(self, items):
+        raise RuntimeError("broken store")
+
+
+def test_every_slot_comes_back_exactly_once_even_when_the_store_raises():
+    cache = random_bits_cache(torch.float16)
+
+    def connect(fmt, slots):
+        return RemoteBlockIO(BrokenStore(), fmt, slots, threads=2, max_pending_write_bytes=1 << 30)
+
+    transfer = KVTransfer(cache, 8, chunk_bytes=1 << 20, remote_factory=connect)
+    ops = KVTransferOps(saves=((0, 0),), write_throughs=((0, HASH),), fetches=((HASH, 1), (bytes(32), 2)))
+    reports = run_until(transfer, ops, lambda rs: len(fetched(rs)) == 2 and sum(len(r.written) for r in rs) == 1)
+    assert fetched(reports) == {1: MISSING, 2: MISSING}
+    assert [written for report in reports for written in report.written] == [(0, False)]

@@ -5,32 +5,17 @@ TP 2, SP 2 and TP 2 x SP 2, with a prefix-cache hit, chunked prefill and a mixed
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from cluster.cli import main
-from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings
 from engine.llm_engine import LLMEngine
 from engine.multiproc_executor import MultiprocessExecutor
 from engine.offline import generate
 from engine.sampling_params import SamplingParams
+from engine_configs import config_for, prompt
 
 LAYOUTS = {"tp2": (2, 1, "world2"), "sp2": (1, 2, "world2"), "tp2xsp2": (2, 2, "world4")}
-
-
-def config_for(folder, tp: int = 1, sp: int = 1, budget: int = 2048) -> LongctxConfig:
-    return LongctxConfig(
-        model=ModelSettings(path=str(folder), dtype="float32", device="cpu"),
-        cache=CacheSettings(block_size=4, num_device_blocks=256),
-        scheduler=SchedulerSettings(max_tokens_per_step=budget),
-        parallel=ParallelSettings(tensor_parallel_size=tp, sequence_parallel_size=sp),
-    )
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 1000) for _ in range(length)]
 
 
 def token_ids(results) -> list[list[int]]:
