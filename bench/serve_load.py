@@ -26,9 +26,9 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "serve_load.json"
 
@@ -131,7 +131,7 @@ def _stats_ms(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan")}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
     return {"mean": round(statistics.fmean(values) * 1e3, 3), "p50": round(pick(0.5) * 1e3, 3),
             "p99": round(pick(0.99) * 1e3, 3)}  # fmt: skip
 
@@ -182,7 +182,13 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
 
 # --- the run -------------------------------------------------------------------------------------
 def bench_config(args, model_dir: str):
-    from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings, ServeSettings
+    from cluster.config import (
+        CacheSettings,
+        LongctxConfig,
+        ModelSettings,
+        SchedulerSettings,
+        ServeSettings,
+    )
 
     return LongctxConfig(
         model=ModelSettings(path=model_dir),
@@ -302,7 +308,9 @@ def main() -> None:
 
 
 def _report(args, results: dict[str, dict[str, dict]], workloads: list[Workload]) -> dict:
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "args": vars(args), "workloads": {}}
+    # The load average tells whether other work shared the machine during the run.
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m_at_end": os.getloadavg()[0]}
+    report = {"machine": machine, "args": vars(args), "workloads": {}}
     for workload in workloads:
         rows = {path: summaries[workload.name] for path, summaries in results.items()}
         print_table(f"{workload.name}: {len(workload.prompts)} requests, {args.input_len} in / {args.output_len} out, "

@@ -15,8 +15,8 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import contextmanager
-from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,7 +25,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from cluster.config import ServeSettings
 from deployments.body_limit import BodySizeLimit
 from deployments.errors import APIError, api_error, install_error_handlers
-from deployments.generation import CLIENT_CLOSED_REQUEST, LLMBackend, ReplyStream, RequestTimer
+from deployments.generation import (
+    CLIENT_CLOSED_REQUEST,
+    LLMBackend,
+    ReplyStream,
+    RequestTimer,
+)
 from deployments.messages import GenerateRequest
 from deployments.metrics import ServingMetrics
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest

@@ -8,8 +8,9 @@ the tokenizer, so routes close over this replica's state instead of module-level
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from ray import serve

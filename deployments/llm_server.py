@@ -13,11 +13,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from cluster.config import LongctxConfig, load_config_dict
 from deployments.admission import AdmissionQueue
-from deployments.messages import GenerateRequest, ServeError, engine_failure, invalid_request, overloaded
+from deployments.messages import (
+    GenerateRequest,
+    ServeError,
+    engine_failure,
+    invalid_request,
+    overloaded,
+)
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.executor import EXECUTORS
 from engine.llm_engine import LLMEngine
@@ -56,7 +63,7 @@ class LLMServer:
             yield self._overloaded(str(error))
         except EngineDeadError as error:
             yield engine_failure(str(error))
-        except Exception as error:  # noqa: BLE001 - the caller gets a 500, not a hang
+        except Exception as error:
             logger.exception("request %s failed", request.request_id)
             yield engine_failure(f"internal error: {error!r}")
         finally:

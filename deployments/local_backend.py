@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from deployments.generation import Reply
 from deployments.llm_server import LLMServer

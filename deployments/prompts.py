@@ -25,7 +25,7 @@ class PromptBuilder:
         self.vocab_size = vocab_size
 
     @classmethod
-    def from_config(cls, config: LongctxConfig) -> "PromptBuilder":
+    def from_config(cls, config: LongctxConfig) -> PromptBuilder:
         architecture = load_architecture(config.model.path)
         max_model_len = config.model.max_model_len or architecture.max_position_embeddings
         return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)

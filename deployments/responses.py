@@ -8,8 +8,9 @@ vs `delta` / `message`) and the logprobs layout; usage and choice bookkeeping ar
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from engine.outputs import CompletionDelta
 from engine.step import SampledToken

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from deployments.messages import GenerateRequest
 from deployments.routing_policy import PrefixAwarePolicy, ReplicaLoad, prefix_hashes

@@ -37,7 +37,7 @@ class ReplicaLoad:
     reported_at: float = 0.0
 
     @classmethod
-    def from_stats(cls, stats: dict | None) -> "ReplicaLoad":
+    def from_stats(cls, stats: dict | None) -> ReplicaLoad:
         stats = stats or {}
         return cls(**{name: stats[name] for name in cls.__dataclass_fields__ if name in stats})
 

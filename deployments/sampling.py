@@ -7,8 +7,12 @@ beside it, and its output runs to the end of the context unless limited.
 
 from __future__ import annotations
 
+from deployments.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    _SamplingFields,
+)
 from engine.sampling_params import InvalidParameterError, SamplingParams
-from deployments.openai_api import ChatCompletionRequest, CompletionRequest, _SamplingFields
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

@@ -132,6 +132,8 @@ class AsyncEngine:
 
     @staticmethod
     def _run_command(function, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller went away before its command ran
         try:
             future.set_result(function())
         except Exception as error:  # noqa: BLE001 - handed to the caller, who raises it
@@ -150,4 +152,5 @@ class AsyncEngine:
             subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, dead)
         while not self._commands.empty():
             _, future = self._commands.get_nowait()
-            future.set_exception(dead)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(dead)

@@ -41,7 +41,8 @@ class WorkerActor:
     """A `ModelWorker` behind a Ray actor: remote calls cannot read properties, so `describe`."""
 
     def __init__(self, config: LongctxConfig):
-        from model_shards.worker import ModelWorker  # torch is imported in the actor only
+        # torch is imported in the actor only
+        from model_shards.worker import ModelWorker
 
         self.worker = ModelWorker(config)
 

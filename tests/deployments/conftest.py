@@ -10,7 +10,13 @@ import time
 import httpx
 import pytest
 
-from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings, ServeSettings
+from cluster.config import (
+    CacheSettings,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+    ServeSettings,
+)
 
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 512  # 8,192 tokens a replica: a whole 4,096-token context plus company

@@ -147,7 +147,7 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop_and_still_checked(make_co
 
 
 def test_metrics_count_requests_by_status_including_refusals(make_config, prompts):
-    client, backend = _client(make_config, prompts, [[_delta("a"), _delta("b", finished=True)]])
+    client, _ = _client(make_config, prompts, [[_delta("a"), _delta("b", finished=True)]])
     assert client.post("/v1/completions", json={"prompt": "hi", "stream": True}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": "hi", "temperature": -1}).status_code == 400
     assert client.post("/v1/completions", json={"prompt": "word " * 5000}).status_code == 400

@@ -8,7 +8,12 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.config import ConfigError
-from deployments.app import build_app, config_from_args, ingress_options, llm_server_options
+from deployments.app import (
+    build_app,
+    config_from_args,
+    ingress_options,
+    llm_server_options,
+)
 
 SERVE_CONFIG = Path(__file__).parents[2] / "deployments" / "serve_config.yaml"
 

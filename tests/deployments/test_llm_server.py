@@ -165,11 +165,6 @@ def test_a_request_larger_than_the_replica_s_kv_cache_is_a_400(make_config):
         server.engine.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/async_engine.py _run_command calls set_result on a future its caller cancelled: "
-    "a client gone before its request was admitted kills the engine loop (see the serving report)",
-)
 def test_a_client_gone_before_admission_leaves_the_engine_running(server_factory):
     server = server_factory()
     params = SamplingParams(max_tokens=300, ignore_eos=True)

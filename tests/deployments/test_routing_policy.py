@@ -2,7 +2,12 @@
 
 import random
 
-from deployments.routing_policy import PrefixAffinityTable, PrefixAwarePolicy, ReplicaLoad, prefix_hashes
+from deployments.routing_policy import (
+    PrefixAffinityTable,
+    PrefixAwarePolicy,
+    ReplicaLoad,
+    prefix_hashes,
+)
 
 CHUNK = 4
 

@@ -19,7 +19,7 @@ from engine_configs import config_for, prompt  # noqa: E402
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False,  # logical slots: 1 + 4 ranks fit
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)])}})
     yield
     ray.shutdown()
