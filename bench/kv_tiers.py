@@ -88,7 +88,7 @@ def redis_ceiling_gbps(port: int, value_bytes: int, total_bytes: int) -> dict[st
     # One key (no -r): every GET returns a whole value, and the server holds one value only.
     command = [tool[0], "-p", str(port), "-d", str(value_bytes), "-n", str(requests), "-c", str(IO_THREADS),
                "-t", "set,get", "--csv"]
-    output = subprocess.run(command, env=tool[1], capture_output=True, text=True, timeout=600).stdout
+    output = subprocess.run(command, env=tool[1], capture_output=True, text=True, timeout=600, check=False).stdout
     rates = {}
     for line in output.splitlines():
         fields = [field.strip('"') for field in line.split(",")]
@@ -221,7 +221,7 @@ def bench_ttft(args, model_dir: str, redis_url: str, vocab: int) -> list[dict]:
     docs = [[rng.randrange(10, vocab) for _ in range(args.context_tokens)] for _ in range(2 * args.repeats)]
     pairs = list(zip(docs[::2], docs[1::2]))  # (document, filler)
     num_blocks = -(-args.context_tokens // args.ttft_block_size) + 10  # one document and a little
-    tiers = dict(host_bytes=args.host_bytes, restore_policy="always")
+    tiers = {"host_bytes": args.host_bytes, "restore_policy": "always"}
     runs: dict[str, list[dict]] = {name: [] for name in (COLD, DEVICE, HOST, REDIS, RECOMPUTE)}
     served = engine_for(args, model_dir, num_blocks, redis_url, **tiers)
     for doc, filler in pairs:
@@ -231,8 +231,8 @@ def bench_ttft(args, model_dir: str, redis_url: str, vocab: int) -> list[dict]:
         runs[HOST].append(ttft_row(HOST, served, doc))
     settle(served)
     release(served)
-    for scenario, redis in ((REDIS, redis_url), (RECOMPUTE, None)):  # a fresh engine: another replica
-        engine = engine_for(args, model_dir, num_blocks, redis, **(tiers if redis else {}))
+    for scenario, url in ((REDIS, redis_url), (RECOMPUTE, None)):  # a fresh engine: another replica
+        engine = engine_for(args, model_dir, num_blocks, url, **(tiers if url else {}))
         runs[scenario] = [ttft_row(scenario, engine, doc) for doc, _ in pairs]
         release(engine)
     rows = [min(scenario_runs, key=lambda row: row["ttft_s"]) for scenario_runs in runs.values()]

@@ -15,9 +15,10 @@ itself before spending GPU time; its numbers mean nothing.
 bf16 tolerance of (a). Each rank reorders bf16 sums (TP all-reduces, log-sum-exp merges of
 attention partials in float32, a different attention kernel), which moves logits by about as much
 as bf16 itself does. So a parallel run must be about as close to the float32 truth (one GPU,
-float32, the reference attention) as the single-GPU bf16 run is: max and mean |logit - fp32| at
-most 1.5x single-GPU bf16's (+0.05 absolute on the max, for logits of std ~4). A wrong head, stripe,
-mask or merge moves logits by O(1) and fails by a wide margin.
+float32, the reference attention) as the single-GPU bf16 run is: mean |logit - fp32| at most 1.5x
+single-GPU bf16's, max at most 2x + 0.05 (a maximum over ~16M logits of std ~4 varies more between
+two equally good runs than a mean does). A wrong head, stripe, mask or merge moves logits by O(1)
+and fails both by a wide margin.
 
 SP=1 runs the same sequence-parallel attention backend on one GPU (a one-rank ring: the fused
 causal kernel with log-sum-exp and the paged-cache writes), so the speedup compares like with like.
@@ -46,7 +47,8 @@ from model_shards.hf_config import load_architecture  # noqa: E402
 from model_shards.llama import LlamaForCausalLM  # noqa: E402
 from model_shards.make_model import make_model  # noqa: E402
 from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout  # noqa: E402
-from model_shards.parallel.lse_attention import KERNELS, attention_with_lse, kernel_matches_reference  # noqa: E402
+from model_shards.parallel.lse_attention import (KERNELS, kernel_matches_reference, reference_attention,  # noqa: E402
+                                                 select_kernel)
 from model_shards.parallel.ring import ring_attention  # noqa: E402
 from model_shards.parallel.sp_attention import SequenceParallelBackend, build_local_batch  # noqa: E402
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence  # noqa: E402
@@ -141,14 +143,15 @@ class LayerTimer:
 
 def shaped_model(shape: Shape, layers: int, device: torch.device, backend) -> LlamaForCausalLM:
     """A Llama with `shape` and `layers` layers, random weights made on the device (no folder)."""
-    folder = Path(tempfile.mkdtemp(prefix="longctx-bench-config-"))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": shape.vocab,
               "hidden_size": shape.hidden, "intermediate_size": shape.ffn, "num_hidden_layers": layers,
               "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
               "max_position_embeddings": 1 << 21, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
               "torch_dtype": "bfloat16", "tie_word_embeddings": False}
-    (folder / "config.json").write_text(json.dumps(config))
-    model = LlamaForCausalLM(load_architecture(folder), torch.bfloat16, device, backend)
+    with tempfile.TemporaryDirectory(prefix="longctx-bench-config-") as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        arch = load_architecture(folder)
+    model = LlamaForCausalLM(arch, torch.bfloat16, device, backend)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() == 1:
@@ -246,7 +249,7 @@ def compare_logits(runs: dict) -> dict:
     base = report["single_bf16"]
     for name in ("tp2", "sp2"):
         row = error(name)
-        row["pass"] = (row["max_abs"] <= 1.5 * base["max_abs"] + 0.05 and row["mean_abs"] <= 1.5 * base["mean_abs"])
+        row["pass"] = row["max_abs"] <= 2 * base["max_abs"] + 0.05 and row["mean_abs"] <= 1.5 * base["mean_abs"]
         row["kernel"] = runs.get(name + "_kernel")
         report[name] = row
     return report
@@ -270,7 +273,7 @@ def prefill(model: LlamaForCausalLM, timer: LayerTimer, sp: ParallelGroup, lengt
     tokens = torch.randint(10, shape.vocab - 10, (length,), generator=torch.Generator().manual_seed(1)).tolist()
     host_start = time.perf_counter()
     batch = build_local_batch([StepSequence(list(range(num_blocks)), 0, length)], [tokens], BLOCK_SIZE, sp, device,
-                              plan=True)
+                              sequence_parallel=True)
     plan_s = time.perf_counter() - host_start
     timer.reset()
     if device.type == "cuda":
@@ -301,7 +304,8 @@ def decode(model: LlamaForCausalLM, timer: LayerTimer, sp: ParallelGroup, state,
         tokens.append(100 + step)
         synchronize()
         host_start = time.perf_counter()
-        batch = build_local_batch([StepSequence(table, length + step, 1)], [tokens], BLOCK_SIZE, sp, device, plan=True)
+        step_sequence = StepSequence(table, length + step, 1)
+        batch = build_local_batch([step_sequence], [tokens], BLOCK_SIZE, sp, device, sequence_parallel=True)
         timer.reset()
         start, stop = new_event(), new_event()
         start.record()
@@ -349,7 +353,12 @@ def scaling(rank: int, device: torch.device, options, checkpoint) -> dict:
     single = ParallelGroup(0, 1, (rank,), None, device)
     model = shaped_model(options.shape, options.layers, device, SequenceParallelBackend(single))
     timer, kernels = LayerTimer(model), {}
-    result: dict = {"prefill": [], "decode": [], "exposed_comm": [], "errors": []}
+    result: dict = {"prefill": [], "decode": [], "exposed_comm": [], "errors": [], "large_shape_checks": []}
+    shape = options.shape
+    best = select_kernel(device, torch.bfloat16, shape.heads, shape.kv_heads, shape.head_dim)[0]
+    if device.type == "cuda" and best == "reference":  # it materializes scores: 1M tokens would never fit
+        result["errors"].append({"error": "no fused attention kernel with log-sum-exp matched the reference"})
+        return result
     lengths = [min(16384, min(options.sizes))] + options.sizes  # a warm-up (kernels, allocator, NCCL) first
     for index, length in enumerate(lengths):
         for group in (single, layout.sp):
@@ -367,12 +376,52 @@ def scaling(rank: int, device: torch.device, options, checkpoint) -> dict:
     return result
 
 
+def large_shape_check(name: str, shape: Shape, rows: int, device) -> dict:
+    """Does kernel `name` still match the reference with `rows` queries (over 16 keys) and over
+    `rows` keys (for 16 queries)? Fused kernels have had 32-bit offset bugs past 2^31 elements
+    (a 512K-token q of 32 x 128 is exactly 2^31) that the small probe cannot see; this costs
+    milliseconds, where checking a causal call at that size would cost seconds."""
+    kernel, scale, few = KERNELS[name], shape.head_dim ** -0.5, 16
+    generator = torch.Generator(device=device).manual_seed(0)
+    def tensor(count, heads):
+        return torch.randn(count, heads, shape.head_dim, device=device, dtype=torch.bfloat16, generator=generator)
+    big_q, small_k, small_v = tensor(rows, shape.heads), tensor(few, shape.kv_heads), tensor(few, shape.kv_heads)
+    spread = torch.arange(0, rows, max(1, rows // 64), device=device)  # rows across the tensor, and its end
+    picked = torch.cat([spread, torch.arange(rows - 8, rows, device=device)])
+    out = kernel(big_q, small_k, small_v, scale, False)[0][picked]
+    errors = [(out.float() - reference_attention(big_q[picked], small_k, small_v, scale, False)[0].float()).abs().max()]
+    del big_q
+    small_q, big_k, big_v = tensor(few, shape.heads), tensor(rows, shape.kv_heads), tensor(rows, shape.kv_heads)
+    out, lse = kernel(small_q, big_k, big_v, scale, False)
+    ref_out, ref_lse = reference_attention(small_q, big_k, big_v, scale, False)
+    errors += [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse).abs().max()]
+    worst = max(e.item() for e in errors)
+    return {"kernel": name, "rows": rows, "max_error": worst, "ok": worst < 0.05}
+
+
+def checked_kernels(group: ParallelGroup, length: int, device, options, result: dict, kernels: dict) -> tuple:
+    """(prefill, decode) kernel names for this run: those chosen before (None: the backend's
+    probe chooses), each replaced by FlashAttention-2 if it fails the large-shape check here."""
+    chosen = [kernels.get(group.size), kernels.get(("decode", group.size))]
+    rows = length // group.size
+    if rows < 1 << 18 or device.type != "cuda":
+        return tuple(chosen)
+    for index, name in enumerate(chosen):
+        for candidate in dict.fromkeys([name, "flash"] if name else []):
+            check = large_shape_check(candidate, options.shape, rows, device)
+            result["large_shape_checks"].append(check)
+            if check["ok"]:
+                chosen[index] = candidate
+                break
+    return tuple(chosen)
+
+
 def run_one(model, timer, group: ParallelGroup, length: int, device, measured: bool, options, result: dict,
             kernels: dict) -> None:
     """One prefill (and, at the largest size, its decode steps). A fused kernel that fails at
     this size (a limit the small probe cannot see) is recorded and replaced by FlashAttention-2;
     every rank of the ring sees the same shapes, so they fail and retry together."""
-    backend = SequenceParallelBackend(group, kernels.get(group.size))
+    backend = SequenceParallelBackend(group, *checked_kernels(group, length, device, options, result, kernels))
     for attempt in range(2):
         set_backend(model, backend)
         try:
@@ -384,8 +433,9 @@ def run_one(model, timer, group: ParallelGroup, length: int, device, measured: b
             torch.cuda.empty_cache()
             if attempt or backend.kernel_name == "flash":
                 raise
-            backend = SequenceParallelBackend(group, "flash")
+            backend = SequenceParallelBackend(group, "flash", backend.decode_kernel_name)
     kernels[group.size] = row["kernel"] = backend.kernel_name
+    kernels[("decode", group.size)] = backend.decode_kernel_name
     if measured and length == max(options.sizes):
         result["decode"].append(decode(model, timer, group, state, length, device))
         result["decode"][-1]["kernel"] = backend.decode_kernel_name
@@ -405,6 +455,14 @@ def print_prefill(row: dict, flush: bool = False) -> None:
 
 def summarize(results: dict) -> None:
     prefill = {(r["tokens"], r["sp"]): r for r in results.get("scaling", {}).get("prefill", [])}
+    reference = results.get("single_gpu_sdpa_TFLOPs", {}).get("cudnn")
+    for row in prefill.values():
+        if isinstance(reference, float):
+            rates = row["attention_TFLOPs_per_gpu"]
+            row["attention_vs_cudnn_sdpa"] = sum(rates) / len(rates) / reference
+            print(f"{row['tokens']:>8} tokens sp={row['sp']}: attention per GPU at "
+                  f"{100 * row['attention_vs_cudnn_sdpa']:.0f}% of the single-GPU cuDNN SDPA rate "
+                  f"({reference:.0f} TFLOP/s)")
     for (tokens, sp), row in sorted(prefill.items()):
         if sp == 2 and (tokens, 1) in prefill:
             row["speedup_vs_sp1"] = prefill[(tokens, 1)]["total_s"] / row["total_s"]

@@ -84,6 +84,8 @@ class RankProcesses:
         return self._collect({0})[0]
 
     def _send_all(self, fn: Callable[..., Any], args: tuple, reply_all: bool) -> None:
+        if not self._connections:
+            raise RankFailure("the rank processes are shut down")
         message = pickle.dumps((fn, args, reply_all), protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
         for connection in self._connections:
             connection.send_bytes(message)

@@ -71,7 +71,7 @@ def decode_block(fmt: BlockFormat, block_hash: bytes, value: bytes | None) -> tu
         return MISSING, None
     if len(value) < _FIXED.size:
         return TRUNCATED, None
-    magic, version, header_nbytes, crc, nbytes, stored_hash, dtype, ndim = _FIXED.unpack_from(value)
+    magic, version, header_nbytes, crc, nbytes, *_ = _FIXED.unpack_from(value)  # the rest: compared below
     if magic != MAGIC or version != FORMAT_VERSION:
         return MISMATCH, None
     if header_nbytes + nbytes != len(value):

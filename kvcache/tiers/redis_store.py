@@ -10,6 +10,7 @@ Sentinel and Cluster URLs are not supported (future work): shard over plain serv
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -97,8 +98,9 @@ class RedisBlockStore:
     ):
         if not urls:
             raise ValueError("RedisBlockStore needs at least one URL")
-        settings = dict(max_connections=max_connections, timeout=socket_timeout_s, socket_timeout=socket_timeout_s,
-                        socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
+        settings = {"max_connections": max_connections, "timeout": socket_timeout_s,
+                    "socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s,
+                    "retry": Retry(NoBackoff(), 0)}
         self._shards = [_Shard(url, settings, ShardHealth(redact(url), backoff_s, backoff_max_s, clock))
                         for url in urls]
         self._prefix = key_prefix
@@ -149,7 +151,7 @@ class RedisBlockStore:
         shard could not answer."""
         replies = [failed_reply] * len(hashes)
         for shard_index, indices in self._group(hashes).items():
-            shard_replies = self._run(self._shards[shard_index], lambda pipe: build(pipe, indices))
+            shard_replies = self._run(self._shards[shard_index], functools.partial(build, indices=indices))
             if shard_replies is not None:
                 for i, reply in zip(indices, shard_replies):
                     replies[i] = reply

@@ -6,7 +6,7 @@ three groups one rank belongs to. World ranks are laid out TP-innermost:
 
     world rank = sp_rank * tp_size + tp_rank
 
-so that the ranks of one TP group (an all-reduce per layer, the heaviest traffic) are neighbours,
+so that the ranks of one TP group (two all-reduces per layer, the heaviest traffic) are neighbours,
 which on one node means NVLink peers; the SP ring (one KV block per ring step) runs across them.
 """
 
@@ -29,10 +29,6 @@ class ParallelGroup:
     @classmethod
     def single(cls, world_rank: int = 0) -> ParallelGroup:
         return cls(0, 1, (world_rank,), None)
-
-    @property
-    def world_size(self) -> int:
-        return self.size
 
     def world_rank(self, group_rank: int) -> int:
         return self.ranks[group_rank % self.size]

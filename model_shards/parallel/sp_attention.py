@@ -77,11 +77,12 @@ class LocalBatch:
 
 
 def build_local_batch(sequences: list[StepSequence], token_ids: list[Sequence[int]], block_size: int,
-                      sp: ParallelGroup, device: torch.device | str, plan: bool | None = None) -> LocalBatch:
+                      sp: ParallelGroup, device: torch.device | str,
+                      sequence_parallel: bool | None = None) -> LocalBatch:
     """This SP rank's input ids and metadata; `token_ids[i]`: sequence i's tokens by position.
-    `plan`: SequenceParallelMetadata (for SequenceParallelBackend) or plain AttentionMetadata;
-    by default the former exactly when sp.size > 1."""
-    if not (sp.size > 1 if plan is None else plan):
+    `sequence_parallel`: SequenceParallelMetadata (what SequenceParallelBackend reads; True also
+    on one rank) or plain AttentionMetadata; by default the former exactly when sp.size > 1."""
+    if not (sp.size > 1 if sequence_parallel is None else sequence_parallel):
         metadata = AttentionMetadata.build([(s.block_table, s.computed, s.num_new) for s in sequences], block_size,
                                            device)
         order, pieces = list(range(len(sequences))), [[(s.computed, s.computed + s.num_new)] for s in sequences]

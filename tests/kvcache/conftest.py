@@ -59,9 +59,11 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def _answers(self) -> bool:
+        import redis
+
         try:
             return self.client().ping()
-        except Exception:
+        except redis.RedisError:
             return False
 
 

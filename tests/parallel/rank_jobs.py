@@ -54,7 +54,8 @@ def run_model_steps(context: RankContext, folder: Path, tp: int, sp: int, block_
     return results
 
 
-def _by_sequence(names: list[str], batch: LocalBatch, logits: torch.Tensor) -> dict[str, tuple[list[int], torch.Tensor]]:
+def _by_sequence(names: list[str], batch: LocalBatch,
+                 logits: torch.Tensor) -> dict[str, tuple[list[int], torch.Tensor]]:
     starts, positions = batch.metadata.query_start_loc, batch.metadata.positions.tolist()
     return {names[index]: (positions[starts[j]:starts[j + 1]], logits[starts[j]:starts[j + 1]])
             for j, index in enumerate(batch.order)}
@@ -92,3 +93,9 @@ def run_ring(context: RankContext, size: int, queries: list[torch.Tensor], keys:
 
     partial = ring_attention(q, k, v, plan, group, q.shape[-1] ** -0.5, reference_attention, on_block=store)
     return rows, partial.out, stored
+
+
+def fail_on(context: RankContext, rank: int) -> int:
+    if context.rank == rank:
+        raise ValueError(f"planted failure on rank {rank}")
+    return context.rank

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_shards.parallel.lse_attention import PartialSum, merge_stacked, reference_attention
-from model_shards.parallel.sp_plan import StepSequence, SequenceParallelPlan, local_count, zigzag_bounds
+from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence, local_count, zigzag_bounds
 from rank_jobs import run_ring
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -72,6 +72,21 @@ def test_partial_merges_are_exact_and_order_free():
     summed = PartialSum(3, HEADS, HEAD_DIM, q.device, torch.float64)
     for out, lse in reversed(partials):
         summed.add(0, out, lse)
-    stacked_out, stacked_lse = merge_stacked(torch.stack([p[0] for p in partials]), torch.stack([p[1] for p in partials]))
+    stacked_out, stacked_lse = merge_stacked(torch.stack([out for out, _ in partials]),
+                                             torch.stack([lse for _, lse in partials]))
     for out, lse in ((summed.out, summed.lse), (stacked_out, stacked_lse)):
         assert torch.allclose(out, expected, atol=1e-12) and torch.allclose(lse, expected_lse, atol=1e-12)
+
+
+def test_reference_kernel_equals_torch_sdpa_in_float64():
+    """The reference that every fused kernel and the ring are checked against, checked itself
+    against torch's SDPA (math, float64), causal and not, with GQA."""
+    import torch.nn.functional as F
+
+    q, k, v = random_qkv(23, seed=5)
+    for causal in (True, False):
+        out, _ = reference_attention(q, k, v, 0.3, causal)
+        expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, 0),
+                                                  v.transpose(0, 1).repeat_interleave(2, 0), is_causal=causal,
+                                                  scale=0.3).transpose(0, 1)
+        assert torch.allclose(out, expected, atol=1e-12)

@@ -45,8 +45,14 @@ def prefix_hit_scenario():
     return sequences, [{"a": 24}, {"c": 9}, {"c": 1}, {"c": 1}]
 
 
-SCENARIOS = {"decode": decode_scenario, "chunked_mixed": chunked_mixed_scenario, "prefix_hit": prefix_hit_scenario}
-LAYOUTS = {"tp2": (2, 1, "world2"), "sp2": (1, 2, "world2"), "tp2xsp2": (2, 2, "world4")}
+def short_chunks_scenario():
+    """Chunks shorter than 2 * SP: some ranks compute no row of them (and still store theirs)."""
+    return {"a": (list(range(40, 44)), tokens(9, seed=6), 0)}, [{"a": 2}, {"a": 3}, {"a": 1}, {"a": 2}, {"a": 1}]
+
+
+SCENARIOS = {"decode": decode_scenario, "chunked_mixed": chunked_mixed_scenario, "prefix_hit": prefix_hit_scenario,
+             "short_chunks": short_chunks_scenario}
+LAYOUTS = {"tp2": (2, 1, "world2"), "sp2": (1, 2, "world2"), "tp2xsp2": (2, 2, "world4"), "sp4": (1, 4, "world4")}
 
 
 def assemble(per_rank: list[list[dict]]) -> list[dict[str, dict[int, torch.Tensor]]]:
