@@ -138,7 +138,9 @@ def _generation_json(result, config: LongctxConfig) -> dict[str, Any]:
             "block_size": config.cache.block_size,
             "blocks_used": result.num_kv_blocks,
             "prefix_hit_tokens": result.num_prefix_hit_tokens,
-            "device_hit_tokens": result.num_prefix_hit_tokens - result.num_host_hit_tokens - result.num_redis_hit_tokens,
+            "device_hit_tokens": (
+                result.num_prefix_hit_tokens - result.num_host_hit_tokens - result.num_redis_hit_tokens
+            ),
             "host_hit_tokens": result.num_host_hit_tokens,
             "redis_hit_tokens": result.num_redis_hit_tokens,
             "computed_prefill_tokens": result.num_prompt_tokens - result.num_prefix_hit_tokens,

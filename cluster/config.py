@@ -133,7 +133,9 @@ class KVTierSettings(_Frozen):
         None,
         description="Names the checkpoint in Redis keys; default: a digest of the weight files (read once at start).",
     )
-    redis_ttl_s: int | None = Field(86_400, ge=1, description="Expiry of each block in Redis; None: until Redis evicts it.")
+    redis_ttl_s: int | None = Field(
+        86_400, ge=1, description="Expiry of each block in Redis; None: until Redis evicts it."
+    )
     # On by default: sharing a long document's prefill with every replica is the point of the
     # Redis tier, and a block written only when this replica evicts it may come too late.
     redis_write_through: bool = Field(True, description="Write each newly computed full block to Redis at once.")

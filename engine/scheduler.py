@@ -38,7 +38,9 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, kv_cache_manager: KVCacheManager, kv_tiers: TierManager | None = None):
+    def __init__(
+        self, settings: SchedulerSettings, kv_cache_manager: KVCacheManager, kv_tiers: TierManager | None = None
+    ):
         self.settings = settings
         self.kv_cache_manager = kv_cache_manager
         # Host / Redis tiers below the device cache: restores at admission, spills, transfers.

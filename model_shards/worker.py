@@ -66,7 +66,8 @@ class ModelWorker:
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
-        self.kv_transfer = KVTransfer.create(config, self.kv_cache, f"{self.architecture.fingerprint()}|{self.kv_layout}")
+        fingerprint = f"{self.architecture.fingerprint()}|{self.kv_layout}"  # names this rank's KV in Redis keys
+        self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
 
