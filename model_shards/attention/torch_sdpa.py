@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model_shards.attention.base import AttentionBackend, AttentionMetadata, write_kv
+
+# Decode (one query, no mask) avoids cuDNN: it builds an execution plan per (queries, context
+# length) shape, and the context grows by one token every step. Measured on an H100: ~70 ms of
+# host time per new shape, which made decode 20x slower (bench/engine_gpu.py --profile-block-size).
+# Prefill chunks keep torch's choice: with a mask and GQA only cuDNN avoids materialising scores.
+_DECODE_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_PREFILL_KERNELS = [SDPBackend.CUDNN_ATTENTION, *_DECODE_KERNELS]
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -51,9 +59,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if n > 1:
         mask = torch.ones(n, context_len, dtype=torch.bool, device=query.device)
         mask = mask.tril(diagonal=context_len - n)  # (n, L) True = may attend
-    output = F.scaled_dot_product_attention(
-        query.transpose(0, 1).unsqueeze(0),  # (1, heads, n, head_dim)
-        key.transpose(0, 1).unsqueeze(0),  # (1, kv_heads, L, head_dim)
-        value.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    with sdpa_kernel(_DECODE_KERNELS if n == 1 else _PREFILL_KERNELS, set_priority=n > 1):
+        output = F.scaled_dot_product_attention(
+            query.transpose(0, 1).unsqueeze(0),  # (1, heads, n, head_dim)
+            key.transpose(0, 1).unsqueeze(0),  # (1, kv_heads, L, head_dim)
+            value.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     return output.squeeze(0).transpose(0, 1)  # (n, heads, head_dim)
