@@ -53,16 +53,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def served(model_dir):
+def served(model_dir, local_ray):
     """Base URL of the app on a local Ray: 2 LLM server replicas, Ray actor workers."""
-    import ray
     from ray import serve
 
     from deployments.app import build_application
 
     config = _make_config(model_dir, num_replicas=2, ingress_num_cpus=0.5)
     port = free_port()
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config), name="longctx-test", route_prefix="/")
@@ -71,7 +69,6 @@ def served(model_dir):
         yield url
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def _wait_healthy(url: str, timeout_s: float = 60) -> None:

@@ -3,7 +3,6 @@ generation equals one rank, and the KV layout names the parallel layout."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -15,14 +14,6 @@ from engine.ray_executor import placement_group_bundles  # noqa: E402
 from engine.ray_parallel_executor import RayParallelExecutor  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine_configs import config_for, prompt  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False,  # logical slots: 1 + 4 ranks fit
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)])}})
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("tp, sp", [(1, 2), (2, 2)])
