@@ -14,12 +14,13 @@ TESTS_DIR = Path(__file__).resolve().parent
 def local_ray():
     """One local Ray for the whole session (starting Ray costs seconds; two inits would clash).
 
-    8 logical CPUs whatever the machine has: the Serve app (ingress + 2 replicas + workers) and a
-    2x2 TP x SP placement group both fit. Actors import test helpers from tests/parallel.
+    16 logical CPUs whatever the machine has: the session's Serve app (ingress, 2 replicas and
+    their worker bundles) stays up while a 2x2 TP x SP placement group (1 + 4 bundles) is placed
+    beside it. Actors import test helpers from tests/parallel.
     """
     ray = pytest.importorskip("ray")
     python_path = os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR / "parallel")])
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     yield ray
     ray.shutdown()
