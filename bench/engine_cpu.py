@@ -23,6 +23,8 @@ from engine.step import SampledToken, StepOutput
 from kvcache.block_hash import hash_full_blocks, root_hash
 from kvcache.kv_cache_manager import KVCacheManager
 
+from report import print_table  # bench/ is on sys.path when a script runs
+
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "engine_cpu.json"
 VOCAB_SIZE = 152_064  # Qwen2-sized vocabulary: token ids well above 2**16
 
@@ -110,16 +112,6 @@ def bench_scheduler_step(block_size: int = 64, num_steps: int = 200) -> dict:
                      "p99_ms": round(timings[int(len(timings) * 0.99) - 1] * 1e3, 3), "goal_ms": 1.0})
     print_table(f"scheduler step, control plane only ({num_steps} steps)", rows)
     return {"rows": rows}
-
-
-def print_table(title: str, rows: list[dict]) -> None:
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(row[c])) for row in rows)) for c in columns]
-    print(title)
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(str(row[c]).rjust(w) for c, w in zip(columns, widths)))
-    print()
 
 
 def machine_info() -> dict:

@@ -38,6 +38,8 @@ from model_shards.kv_remote_io import RemoteBlockIO
 from model_shards.kv_transfer import KVTransfer
 from model_shards.make_model import make_model
 
+from report import print_table  # bench/ is on sys.path when a script runs
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IO_THREADS = 4
 
@@ -256,16 +258,6 @@ def release(engine: LLMEngine) -> None:
 
 
 # --- main -----------------------------------------------------------------------------------
-def print_table(title: str, rows: list[dict]) -> None:
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(row[c])) for row in rows)) for c in columns]
-    print(title)
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(str(row[c]).rjust(w) for c, w in zip(columns, widths)))
-    print()
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

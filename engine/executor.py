@@ -8,7 +8,7 @@ multiprocess and Ray-actor executors (tensor / sequence parallelism) register be
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable
 
 from cluster.config import LongctxConfig
 from engine.step import StepInput, StepOutput
@@ -35,6 +35,25 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Release workers and their memory."""
+
+
+class DescribedExecutor(Executor):
+    """An executor whose ranks report their KV facts once at start, in `self.description`
+    (any object with num_kv_blocks, kv_layout and kv_block_nbytes: rank 0's, the world's minimum)."""
+
+    description: Any
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.description.num_kv_blocks
+
+    @property
+    def kv_layout(self) -> str:
+        return self.description.kv_layout
+
+    @property
+    def kv_block_nbytes(self) -> int:
+        return self.description.kv_block_nbytes
 
 
 class InProcessExecutor(Executor):

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 from cluster.config import LongctxConfig
-from engine.executor import Executor
+from engine.executor import DescribedExecutor
 from engine.step import StepInput, StepOutput
 
 _LOOPBACK = "127.0.0.1"
@@ -215,7 +215,7 @@ def stop_worker(context: RankContext) -> None:
     context.state.pop("worker", None)
 
 
-class MultiprocessExecutor(Executor):
+class MultiprocessExecutor(DescribedExecutor):
     """tensor_parallel_size x sequence_parallel_size ranks on this node, one process each.
 
     `processes`: run on an existing world of the right size (tests reuse one across engines);
@@ -231,18 +231,6 @@ class MultiprocessExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.description.num_kv_blocks  # every rank allocated the world's minimum
-
-    @property
-    def kv_layout(self) -> str:
-        return self.description.kv_layout
-
-    @property
-    def kv_block_nbytes(self) -> int:
-        return self.description.kv_block_nbytes
 
     def execute(self, step_input: StepInput) -> StepOutput:
         return self.processes.call_first(execute_step, step_input)

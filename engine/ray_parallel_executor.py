@@ -22,7 +22,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import LongctxConfig
-from engine.executor import Executor
+from engine.executor import DescribedExecutor
 from engine.multiproc_executor import RankContext, WorkerDescription, execute_step, start_worker
 from engine.ray_executor import WORKER_BUNDLE_OFFSET, uses_gpu
 from engine.step import StepInput, StepOutput
@@ -65,7 +65,7 @@ def execute_on_rank(context: RankContext, step_input: StepInput) -> StepOutput |
     return output if context.rank == 0 else None
 
 
-class RayParallelExecutor(Executor):
+class RayParallelExecutor(DescribedExecutor):
     def __init__(self, config: LongctxConfig):
         world_size, use_gpu = config.parallel.world_size, uses_gpu(config)
         self._actors = [_start_actor(config, rank, world_size, use_gpu) for rank in range(world_size)]
@@ -77,18 +77,6 @@ class RayParallelExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.description.num_kv_blocks
-
-    @property
-    def kv_layout(self) -> str:
-        return self.description.kv_layout
-
-    @property
-    def kv_block_nbytes(self) -> int:
-        return self.description.kv_block_nbytes
 
     def execute(self, step_input: StepInput) -> StepOutput:
         return self._call_all(execute_on_rank, ray.put(step_input))[0]
