@@ -20,6 +20,7 @@ all land on the replica that looked idlest at the last report.
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,11 +94,16 @@ class PrefixAwarePolicy:
         self.rng = rng or random.Random()
         self._loads: dict[str, ReplicaLoad] = {}
         self._unreported: dict[str, dict[str, int]] = {}  # replica -> request -> uncached tokens sent
+        # A report taken while a request was queued keeps counting it after it finished, until the
+        # next report: a finished request's tokens are credited back against that report.
+        self._sent: dict[str, dict[str, tuple[int, float]]] = {}  # replica -> request -> (tokens, when)
+        self._finished_credit: dict[str, int] = {}
 
     def update_load(self, replica: str, load: ReplicaLoad) -> None:
         previous = self._loads.get(replica)
         if previous is None or load.reported_at > previous.reported_at:
             self._unreported.pop(replica, None)  # the new report counts what was sent before it
+            self._finished_credit.pop(replica, None)
         self._loads[replica] = load
 
     def rank(self, candidates: Sequence[str], num_prompt_tokens: int, hashes: Sequence[bytes]) -> list[str]:
@@ -107,21 +113,30 @@ class PrefixAwarePolicy:
         def key(replica: str) -> tuple[int, int, float]:
             load = self._loads.get(replica, ReplicaLoad())
             uncached = num_prompt_tokens - matched.get(replica, 0) * self.chunk_tokens
-            queued = load.queued_prompt_tokens + sum(self._unreported.get(replica, {}).values())
+            reported = max(0, load.queued_prompt_tokens - self._finished_credit.get(replica, 0))
+            queued = reported + sum(self._unreported.get(replica, {}).values())
             return queued + uncached, load.running_kv_tokens, self.rng.random()
 
         return sorted(candidates, key=key)
 
     def on_routed(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
         matched = self.table.matched_chunks(hashes).get(replica, 0)
-        self._unreported.setdefault(replica, {})[request] = num_prompt_tokens - matched * self.chunk_tokens
+        uncached = num_prompt_tokens - matched * self.chunk_tokens
+        self._unreported.setdefault(replica, {})[request] = uncached
+        self._sent.setdefault(replica, {})[request] = (uncached, time.time())
         self.table.record(replica, hashes)
 
     def on_completed(self, replica: str, request: str) -> None:
         """A finished request's prompt is no longer queued anywhere."""
         self._unreported.get(replica, {}).pop(request, None)
+        tokens, sent_at = self._sent.get(replica, {}).pop(request, (0, 0.0))
+        load = self._loads.get(replica)
+        if load is not None and load.reported_at >= sent_at:  # that report may still count it
+            self._finished_credit[replica] = self._finished_credit.get(replica, 0) + tokens
 
     def forget(self, replica: str) -> None:
         self.table.forget(replica)
         self._loads.pop(replica, None)
         self._unreported.pop(replica, None)
+        self._sent.pop(replica, None)
+        self._finished_credit.pop(replica, None)

@@ -1,6 +1,7 @@
 """The router's choice logic, without Ray: prefix affinity first, then the fewest queued tokens."""
 
 import random
+import time
 
 from deployments.routing_policy import (
     PrefixAffinityTable,
@@ -123,3 +124,16 @@ def test_load_from_routing_stats_ignores_unknown_keys():
     load = ReplicaLoad.from_stats({"queued_prompt_tokens": 3, "free_kv_blocks": 9, "other": 1})
     assert load == ReplicaLoad(queued_prompt_tokens=3, free_kv_blocks=9)
     assert ReplicaLoad.from_stats(None) == ReplicaLoad()
+
+
+def test_a_report_taken_while_a_request_queued_stops_counting_it_once_it_completes():
+    policy = _policy()
+    for name in ("r1", "r2"):
+        policy.update_load(name, ReplicaLoad(reported_at=1.0))
+    document = list(range(900))
+    policy.on_routed("r1", "first", len(document), _hashes(document))
+    stale = ReplicaLoad(queued_prompt_tokens=len(document), reported_at=time.time() + 1)  # sees it queued
+    policy.update_load("r1", stale)
+    policy.on_completed("r1", "first")
+    follow_up = document + [7, 8]
+    assert policy.rank(["r1", "r2"], len(follow_up), _hashes(follow_up))[0] == "r1"
