@@ -79,6 +79,9 @@ class InProcessExecutor(Executor):
     def execute(self, step_input: StepInput) -> StepOutput:
         return self.worker.execute(step_input)
 
+    def shutdown(self) -> None:
+        self.worker.close()
+
 
 def _ray_actor_executor(config: LongctxConfig) -> Executor:
     """Ray actors in the replica's placement group: one worker, or one per TP x SP rank."""
@@ -97,13 +100,18 @@ def _multiprocess_executor(config: LongctxConfig) -> Executor:
     return MultiprocessExecutor(config)
 
 
+def create_executor(config: LongctxConfig) -> Executor:
+    """One rank: in this process; tensor / sequence parallel ranks: one local process each."""
+    if config.parallel.world_size > 1:
+        return _multiprocess_executor(config)
+    return InProcessExecutor(config)
+
+
+# serve.executor -> executor. `in_process` keeps the model inside the replica, as create_executor
+# does: with TP x SP ranks, local processes beside it (InProcessExecutor alone would run one rank
+# and silently ignore the parallel config).
 EXECUTORS: dict[str, Callable[[LongctxConfig], Executor]] = {
-    "in_process": InProcessExecutor,
+    "in_process": create_executor,
     "multiprocess": _multiprocess_executor,
     "ray": _ray_actor_executor,
 }
-
-
-def create_executor(config: LongctxConfig) -> Executor:
-    """One rank: in this process; tensor / sequence parallel ranks: one local process each."""
-    return EXECUTORS["multiprocess" if config.parallel.world_size > 1 else "in_process"](config)

@@ -51,6 +51,9 @@ class RankProcesses:
         context = multiprocessing.get_context("spawn")
         self.world_size = world_size
         self._connections: list[Connection] = []
+        # Every reply names its call: after a call fails on one rank, the others' replies to it
+        # may still arrive, and must not be taken for the next call's.
+        self._call_id = 0
         self._processes = []
         for rank in range(world_size):
             parent, child = context.Pipe()
@@ -86,7 +89,8 @@ class RankProcesses:
     def _send_all(self, fn: Callable[..., Any], args: tuple, reply_all: bool) -> None:
         if not self._connections:
             raise RankFailure("the rank processes are shut down")
-        message = pickle.dumps((fn, args, reply_all), protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
+        self._call_id += 1
+        message = pickle.dumps((self._call_id, fn, args, reply_all), protocol=pickle.HIGHEST_PROTOCOL)  # once
         for connection in self._connections:
             connection.send_bytes(message)
 
@@ -101,7 +105,9 @@ class RankProcesses:
                 source = watched[ready]
                 if not isinstance(ready, Connection):
                     raise RankFailure(f"rank {source} exited with code {self._processes[source].exitcode}")
-                kind, payload = ready.recv()
+                call_id, kind, payload = ready.recv()
+                if call_id != self._call_id:
+                    continue  # a late reply to a call that already failed on another rank
                 if kind == "error":
                     raise RankFailure(f"rank {source} failed:\n{payload}")
                 if source not in expected or source in replies:
@@ -129,18 +135,18 @@ def _rank_main(rank: int, world_size: int, device_name: str, connection: Connect
     try:
         context = _join_world(rank, world_size, device_name, connection)
     except BaseException:
-        connection.send(("error", traceback.format_exc()))
+        connection.send((0, "error", traceback.format_exc()))
         return
-    connection.send(("ok", "joined"))
+    connection.send((0, "ok", "joined"))
     while (message := pickle.loads(connection.recv_bytes())) is not None:
-        fn, args, reply_all = message
+        call_id, fn, args, reply_all = message
         try:
             result = fn(context, *args)
         except BaseException:
-            connection.send(("error", traceback.format_exc()))
+            connection.send((call_id, "error", traceback.format_exc()))
             continue
         if reply_all or rank == 0:
-            connection.send(("ok", result))
+            connection.send((call_id, "ok", result))
     _leave_world()
 
 
@@ -151,7 +157,7 @@ def _join_world(rank: int, world_size: int, device_name: str, connection: Connec
     device = _rank_device(device_name, rank)
     if rank == 0:
         store = dist.TCPStore(_LOOPBACK, 0, world_size, is_master=True, wait_for_workers=False)
-        connection.send(("ok", store.port))
+        connection.send((0, "ok", store.port))
     else:
         store = dist.TCPStore(_LOOPBACK, connection.recv(), world_size, is_master=False)
     if device.type == "cuda":
@@ -212,7 +218,9 @@ def execute_step(context: RankContext, step_input: StepInput) -> StepOutput:
 
 
 def stop_worker(context: RankContext) -> None:
-    context.state.pop("worker", None)
+    worker = context.state.pop("worker", None)
+    if worker is not None:
+        worker.close()
 
 
 class MultiprocessExecutor(DescribedExecutor):

@@ -34,7 +34,6 @@ from kvcache.block_pool import BlockPool
 from kvcache.tier_metrics import TierMetrics
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
-from kvcache.tiers.namespace import check_redis_supported
 from kvcache.tiers.ops import KVTransferOps, KVTransferReport, OpsBuilder
 from kvcache.tiers.prefetch import RedisPrefetcher
 
@@ -104,7 +103,6 @@ class TierManager:
     def from_config(cls, config: LongctxConfig, block_nbytes: int, metrics: TierMetrics | None = None) -> TierManager:
         # Without prefix caching no block has a name, so no tier could ever find one.
         settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
-        check_redis_supported(config)
         return cls(settings, config.cache.block_size, block_nbytes, metrics)
 
     @classmethod

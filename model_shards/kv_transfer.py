@@ -28,7 +28,7 @@ import torch
 
 from cluster.config import LongctxConfig
 from kvcache.tiers.codec import BlockFormat
-from kvcache.tiers.namespace import check_redis_supported, checkpoint_digest, key_namespace, key_prefix
+from kvcache.tiers.namespace import checkpoint_digest, key_namespace, key_prefix
 from kvcache.tiers.ops import DEVICE_TO_HOST, HOST_TO_DEVICE, MISSING, KVTransferOps, KVTransferReport, TransferSample
 from kvcache.tiers.redis_store import RedisBlockStore, redact
 from model_shards.kv_cache import KVCacheTensors
@@ -68,7 +68,6 @@ class KVTransfer:
         if not config.cache.enable_prefix_caching or num_slots == 0:
             return None
         remote_factory = None
-        check_redis_supported(config)
         if settings.redis_urls:
             checkpoint = settings.redis_namespace or checkpoint_digest(config.model.path)
             prefix = key_prefix(settings.redis_key_prefix, key_namespace(model_fingerprint, checkpoint))

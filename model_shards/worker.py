@@ -21,6 +21,7 @@ from cluster.config import LongctxConfig
 from engine.sampler import Sampler, SamplingState
 from engine.step import CachedRequestData, NewRequestData, StepInput, StepOutput
 from kvcache.tiers.ops import KVTransferReport
+from kvcache.tiers.rank_agreement import RankAgreement
 from model_shards.attention.base import AttentionMetadata
 from model_shards.device import resolve_device, resolve_dtype
 from model_shards.hf_config import load_architecture
@@ -68,6 +69,7 @@ class ModelWorker:
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
         fingerprint = f"{self.architecture.fingerprint()}|{self.kv_layout}"  # names this rank's KV in Redis keys
         self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
+        self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
         self.requests: dict[str, _RequestState] = {}
 
@@ -118,6 +120,11 @@ class ModelWorker:
         tp, sp = self.layout.tp, self.layout.sp
         return f"dtype={self.dtype}|block={self.block_size}|tp={tp.size}|sp={sp.size}|{self.layout.describe()}"
 
+    def close(self) -> None:
+        """Stop the Redis I/O threads and connections (the KV tensors go with the worker)."""
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
+
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
@@ -133,8 +140,19 @@ class ModelWorker:
 
     def _transfer_kv(self, step_input: StepInput) -> KVTransferReport | None:
         if step_input.kv_transfers is None or self.kv_transfer is None:
-            return None
-        return self.kv_transfer.run(step_input.kv_transfers)
+            return None  # the same on every rank: they all get this StepInput and one host size
+        report = self.kv_transfer.run(step_input.kv_transfers)
+        if self.layout.world.size == 1:
+            return report
+        return self._agree_across_ranks(report)
+
+    def _agree_across_ranks(self, report: KVTransferReport) -> KVTransferReport:
+        """Each rank moved its own shard of the blocks: report a remote outcome only once every
+        rank has it, merged (kvcache/tiers/rank_agreement.py)."""
+        held = self.rank_agreement.hold(report)
+        every = self.layout.world.all_gather_object((held, report.redis_errors, report.blocking_seconds))
+        return self.rank_agreement.agree(report, [e[0] for e in every], [e[1] for e in every],
+                                         [e[2] for e in every])
 
     def _apply_changes(self, step_input: StepInput) -> None:
         for request_id in step_input.finished_request_ids:

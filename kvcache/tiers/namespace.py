@@ -14,7 +14,6 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cluster.config import LongctxConfig
 from kvcache.tiers.codec import FORMAT_VERSION
 
 _READ_NBYTES = 16 << 20
@@ -58,11 +57,3 @@ def _file_digest(path: Path) -> str:
             digest.update(chunk)  # releases the GIL for large chunks: files hash in parallel
     return digest.hexdigest()
 
-
-def check_redis_supported(config: LongctxConfig) -> None:
-    """Redis needs one rank for now: with several, each rank fetches its own shard of a block and
-    only rank 0 reports back, so a block that missed on another rank would be used (and a slot
-    another rank still reads could be reused). Every rank would have to agree on each fetch."""
-    if config.kv_tiers.redis_urls and config.parallel.world_size > 1:
-        raise ValueError(f"kv_tiers.redis_urls is not supported with tensor/sequence parallelism yet "
-                         f"(world size {config.parallel.world_size}); the host tier is")

@@ -103,6 +103,15 @@ class ParallelGroup:
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.process_group)
         return int(tensor.item())
 
+    def all_gather_object(self, value: object) -> list[object]:
+        """Every rank's picklable value, in rank order. A host round trip: for control data
+        outside the forward pass only (the KV tiers' outcomes), never per layer."""
+        if self.size == 1:
+            return [value]
+        gathered: list[object] = [None] * self.size
+        dist.all_gather_object(gathered, value, group=self.process_group)
+        return gathered
+
     def broadcast_ints(self, values: list[int] | None, count: int) -> list[int]:
         """Rank 0's `count` ints on every rank (the others pass None)."""
         if self.size == 1:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+# The test modules import tier_helpers.py by name (pytest's importlib mode adds no test folder).
+sys.path.insert(0, str(Path(__file__).parent))
 
 REDIS_SERVER = shutil.which("redis-server")
 

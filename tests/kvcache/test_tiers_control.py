@@ -308,14 +308,3 @@ def _drain(scheduler, tiers, worker, max_tokens) -> None:
     worker.in_flight = [(0, h, s) for _, h, s in worker.in_flight]
     run_step(scheduler, tiers, worker, max_tokens)
     run_until_done(scheduler, tiers, worker, max_tokens)
-
-
-def test_redis_with_several_ranks_is_refused_and_the_host_tier_is_not():
-    from cluster.config import LongctxConfig, ParallelSettings
-
-    tiers = KVTierSettings(host_bytes=1 << 20, redis_urls=("redis://h:1",))
-    config = LongctxConfig(parallel=ParallelSettings(tensor_parallel_size=2), kv_tiers=tiers)
-    with pytest.raises(ValueError, match="parallelism"):
-        TierManager.from_config(config, BLOCK_NBYTES)
-    host_only = config.model_copy(update={"kv_tiers": KVTierSettings(host_bytes=1 << 20)})
-    assert TierManager.from_config(host_only, BLOCK_NBYTES).host is not None

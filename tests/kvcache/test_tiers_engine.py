@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import subprocess
 import sys
 import time
@@ -20,10 +19,9 @@ from cluster.cli import _parser, build_config
 from cluster.config import CacheSettings, KVTierSettings, LongctxConfig, ModelSettings, SchedulerSettings
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from engine.request import Request
 from engine.sampling_params import SamplingParams
-from kvcache.block_hash import root_hash
 from model_shards.tokenizer import Tokenizer
+from tier_helpers import damage_block, document, metric, tokens_of, wait_for
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 REPO = Path(__file__).resolve().parents[2]
@@ -43,28 +41,6 @@ def redis_engine(model_dir: str, url: str, **kwargs) -> LLMEngine:
     kwargs.setdefault("host_bytes", 32 << 20)
     kwargs.setdefault("restore_policy", "always")
     return make_engine(model_dir, redis_urls=(url,), **kwargs)
-
-
-def document(num_tokens: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(10, 1000) for _ in range(num_tokens)]
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def tokens_of(results) -> list[list[int]]:
-    return [sequences[0].token_ids for sequences in results]
-
-
-def metric(engine: LLMEngine, name: str, labels: dict | None = None) -> float:
-    return engine.kv_tiers.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
 @pytest.fixture(scope="module")
@@ -107,23 +83,13 @@ def test_a_damaged_value_is_detected_counted_and_recomputed(tier_model_dir, redi
     doc = document(1000, seed=3)  # 15 full blocks of 64
     writer = redis_engine(tier_model_dir, redis_server.url)
     generate(writer, [doc], GREEDY)
-    client = redis_server.client()
-    block_5 = _hashes(writer, doc)[5].hex().encode()
-    key = next(k for k in client.scan_iter(count=1000) if k.endswith(block_5))
-    if damage == "flip":
-        client.setrange(key, client.strlen(key) - 100, b"\x7f")
-    else:
-        client.set(key, client.get(key)[:-64])
+    assert damage_block(redis_server.client(), writer, doc, index=5, damage=damage) == 1
     reader = redis_engine(tier_model_dir, redis_server.url)  # a second engine in this process
     result = generate(reader, [doc], GREEDY)[0][0]
     assert result.num_redis_hit_tokens == 5 * 64  # blocks 0-4; 5 failed, 6.. are past the break
     assert metric(reader, "longctx_kv_checksum_failures_total") == 1
     assert metric(writer, "longctx_kv_checksum_failures_total") == 0  # registries do not clash
     assert result.token_ids == reference([doc])[0]
-
-
-def _hashes(engine: LLMEngine, doc: list[int]) -> list[bytes]:
-    return Request("x", doc, GREEDY, root_hash(engine.model_fingerprint), engine.block_size).block_hashes
 
 
 def test_another_checkpoint_or_layout_never_hits(tier_model_dir, other_checkpoint_dir, redis_server, reference):
