@@ -20,6 +20,7 @@ from engine.step import SampledToken
 from kvcache.block_hash import root_hash
 from kvcache.kv_cache_manager import KVCacheManager
 from kvcache.tier_manager import TierManager
+from kvcache.tiers.cost_model import PrefillFlops
 from model_shards.hf_config import load_architecture
 from model_shards.tokenizer import Tokenizer
 
@@ -51,7 +52,8 @@ class LLMEngine:
         self.executor = executor or create_executor(config)
         self.block_size = config.cache.block_size
         # Host and Redis tiers below the device cache; metrics in this engine's own registry.
-        self.kv_tiers = TierManager.from_config(config, self.executor.kv_block_nbytes)
+        self.kv_tiers = TierManager.from_config(config, self.executor.kv_block_nbytes,
+                                                flops=PrefillFlops.of(self.architecture))
         self.kv_cache_manager = KVCacheManager(
             self.executor.num_kv_blocks, self.block_size, config.cache.enable_prefix_caching,
             on_evict=self.kv_tiers.on_device_evict,

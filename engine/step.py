@@ -53,6 +53,12 @@ class StepInput:
     def total_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
 
+    def scheduled_spans(self) -> list[tuple[int, int]]:
+        """(first position, tokens) of each request's chunk this step."""
+        starts = {new.request_id: new.num_computed_tokens for new in self.new_requests}
+        starts.update((cached.request_id, cached.num_computed_tokens) for cached in self.cached_requests)
+        return [(starts[request_id], count) for request_id, count in self.num_scheduled_tokens.items()]
+
 
 @dataclass(frozen=True)
 class SampledToken:

@@ -32,7 +32,7 @@ from typing import Protocol
 from cluster.config import KVTierSettings, LongctxConfig
 from kvcache.block_pool import BlockPool
 from kvcache.tier_metrics import TierMetrics
-from kvcache.tiers.cost_model import Decision, RestoreCostModel
+from kvcache.tiers.cost_model import Decision, PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
 from kvcache.tiers.ops import KVTransferOps, KVTransferReport, OpsBuilder
 from kvcache.tiers.prefetch import RedisPrefetcher
@@ -55,6 +55,8 @@ class TieredRequest(Protocol):
 class _StepLike(Protocol):
     @property
     def total_scheduled_tokens(self) -> int: ...
+
+    def scheduled_spans(self) -> Iterable[tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,10 @@ class RestorePlan:
 
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
-                 metrics: TierMetrics | None = None, clock: Callable[[], float] = time.monotonic):
+                 metrics: TierMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 flops: PrefillFlops | None = None):
+        """`flops`: the model's prefill cost (PrefillFlops.of(architecture)); without it the
+        recompute estimate is linear in tokens."""
         self.settings = settings
         self.block_size = block_size
         self.block_nbytes = block_nbytes
@@ -92,7 +97,7 @@ class TierManager:
         self.host = self._make_host_index()
         self.redis_enabled = self.host is not None and bool(settings.redis_urls)
         self.redis_up = self.redis_enabled
-        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes))
+        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes), flops)
         self._ops = OpsBuilder()
         self.prefetch = self._make_prefetcher() if self.redis_enabled else None
         self._step_pins: list[int] = []  # host slots used by this step's saves and loads
@@ -100,10 +105,11 @@ class TierManager:
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
 
     @classmethod
-    def from_config(cls, config: LongctxConfig, block_nbytes: int, metrics: TierMetrics | None = None) -> TierManager:
+    def from_config(cls, config: LongctxConfig, block_nbytes: int, flops: PrefillFlops | None = None,
+                    metrics: TierMetrics | None = None) -> TierManager:
         # Without prefix caching no block has a name, so no tier could ever find one.
         settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
-        return cls(settings, config.cache.block_size, block_nbytes, metrics)
+        return cls(settings, config.cache.block_size, block_nbytes, metrics, flops=flops)
 
     @classmethod
     def disabled(cls, block_size: int) -> TierManager:
@@ -147,10 +153,11 @@ class TierManager:
         if self.host is None or num_device_blocks >= eligible:
             return plan
         hashes = request.block_hashes[num_device_blocks:eligible]
-        if self.prefetch is not None and self.prefetch.waiting(request.request_id, hashes, self.redis_up):
+        if self.prefetch is not None and self.prefetch.waiting(request.request_id, num_device_blocks, hashes,
+                                                               self.redis_up):
             return None
         slots = self.host.leading_run(hashes)
-        if not slots or not self._decide(HOST, len(slots), request.request_id).restore:
+        if not slots or not self._decide(HOST, num_device_blocks, len(slots), request.request_id).restore:
             return plan
         self.host.pin(slots)  # before the device allocation, whose spills could evict them
         return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots))
@@ -169,8 +176,8 @@ class TierManager:
         if plan.slots:
             self.host.unpin(plan.slots)
 
-    def _decide(self, tier: str, num_blocks: int, request_id: str) -> Decision:
-        decision = self.cost.decide(tier, num_blocks)
+    def _decide(self, tier: str, first_block: int, num_blocks: int, request_id: str) -> Decision:
+        decision = self.cost.decide(tier, first_block, num_blocks)
         self.metrics.record_decision(decision)
         logger.info("request %s: %s %d blocks (%s: %.2f ms to restore, %.2f ms to recompute)", request_id,
                     "restore" if decision.restore else "recompute", num_blocks, tier,
@@ -254,9 +261,8 @@ class TierManager:
         if self._step_pins:
             self.host.unpin(self._step_pins)
             self._step_pins = []
-        num_tokens = step_input.total_scheduled_tokens
-        if num_tokens >= self.block_size:  # decode-only steps measure overhead, not prefill
-            self.cost.observe_prefill(num_tokens, seconds - blocking_s)
+        if step_input.total_scheduled_tokens >= self.block_size:  # decode-only steps measure overhead
+            self.cost.observe_prefill(step_input.scheduled_spans(), seconds - blocking_s)
         self.metrics.record_estimates(self.cost)
 
     def _forget(self, request_id: str) -> None:

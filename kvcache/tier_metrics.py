@@ -46,8 +46,9 @@ class TierMetrics:
                                         ["path"], registry=r)
         self.bandwidth = Gauge("longctx_kv_bandwidth_estimate_bytes_per_second", "Bandwidth estimate (EMA) "
                                "used by the restore decisions, by path.", ["path"], registry=r)
-        self.prefill_rate = Gauge("longctx_kv_prefill_estimate_tokens_per_second", "Prefill-rate estimate "
-                                  "(EMA) used by the restore decisions.", registry=r)
+        self.prefill_rate = Gauge("longctx_kv_prefill_estimate_flops_per_second", "Prefill-speed estimate "
+                                  "(EMA of weight + causal-attention FLOPs per second) used by the restore "
+                                  "decisions.", registry=r)
 
     def _define_redis_series(self) -> None:
         r = self.registry
@@ -91,4 +92,4 @@ class TierMetrics:
     def record_estimates(self, cost: RestoreCostModel) -> None:
         for path, ema in cost.bandwidth.items():
             self.bandwidth.labels(path).set(ema.value)
-        self.prefill_rate.set(cost.prefill_tokens_per_s.value)
+        self.prefill_rate.set(cost.prefill_flops_per_s.value)

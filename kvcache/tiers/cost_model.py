@@ -1,18 +1,25 @@
 """Restore or recompute: estimated restore time per tier against estimated recompute time.
 
 Both sides are measured while serving: each transfer the worker reports updates an EMA of that
-path's bandwidth, each step that computed tokens updates an EMA of the prefill rate; the
-settings' initial values stand in until then. Restoring n blocks from a tier costs
-n * block bytes over the bandwidth of every hop (Redis -> host -> device), recomputing them
-costs n * block_size tokens at the prefill rate. Both grow linearly in n, so one comparison per
-request and tier decides the whole run. The prefill rate is an average over the contexts seen;
-at contexts much longer than those, attention makes recompute slower than estimated, so the
-error is on the side of recomputing.
+path's bandwidth; each step that computed a prefill chunk updates an EMA of the prefill speed;
+the settings' initial values stand in until then. Restoring n blocks from a tier costs
+n * block bytes over the bandwidth of every hop (Redis -> host -> device).
+
+Recompute is not linear in tokens: a token at position p attends to p + 1 keys, so the last
+block of a 1M-token prefix costs several times what the first does, and at 1M tokens attention
+is most of the prefill (an 8B model: ~14 GFLOP of weights per token against ~0.5 MFLOP per
+attended key, equal at ~27K keys). A rate in tokens/s measured on short prompts would put a
+1M-token recompute at a fraction of its real time and refuse restores that win by minutes. So
+the speed is kept in FLOP/s, and a span of tokens costs its weight FLOPs plus its causal
+attention FLOPs (`PrefillFlops`, from the architecture); a step's FLOPs over its time is one
+sample. (The constant factors cancel: what matters is that one rate fits short and long.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cluster.config import KVTierSettings
 from kvcache.tiers.host_index import HOST, REDIS
@@ -32,6 +39,44 @@ class Ema:
         self.value += self.alpha * (sample - self.value)
 
 
+class _Architecture(Protocol):  # model_shards.hf_config.ModelArchitecture (torch-free)
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class PrefillFlops:
+    """FLOPs of computing positions [start, end) of one sequence, whose keys start at 0."""
+
+    per_token: float  # 2 x the weights one token passes through (projections and MLP)
+    per_key: float  # QK^T and PV for one (query, key) pair over every layer and head
+
+    @classmethod
+    def of(cls, arch: _Architecture) -> PrefillFlops:
+        attention_weights = arch.hidden_size * arch.head_dim * (2 * arch.num_attention_heads
+                                                                 + 2 * arch.num_key_value_heads)
+        mlp_weights = 3 * arch.hidden_size * arch.intermediate_size
+        return cls(per_token=2.0 * arch.num_hidden_layers * (attention_weights + mlp_weights),
+                   per_key=4.0 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim)
+
+    @classmethod
+    def tokens_only(cls) -> PrefillFlops:
+        """One "FLOP" per token: a rate in tokens/s, for callers without an architecture."""
+        return cls(per_token=1.0, per_key=0.0)
+
+    def span(self, start: int, end: int) -> float:
+        keys = (end * (end + 1) - start * (start + 1)) // 2  # position p attends to p + 1 keys
+        return self.per_token * (end - start) + self.per_key * keys
+
+    def of_step(self, spans: Iterable[tuple[int, int]]) -> float:
+        """(first position, tokens) of each scheduled chunk."""
+        return sum(self.span(start, start + count) for start, count in spans)
+
+
 @dataclass(frozen=True)
 class Decision:
     tier: str
@@ -42,10 +87,12 @@ class Decision:
 
 
 class RestoreCostModel:
-    def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int):
+    def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
+                 flops: PrefillFlops | None = None):
         self.policy = settings.restore_policy
         self.block_size = block_size
         self.block_nbytes = block_nbytes
+        self.flops = flops or PrefillFlops.tokens_only()
         host, remote = settings.initial_host_bandwidth_bytes_per_s, settings.initial_redis_bandwidth_bytes_per_s
         self.bandwidth = {
             DEVICE_TO_HOST: Ema(host, settings.ema_alpha),
@@ -53,24 +100,31 @@ class RestoreCostModel:
             HOST_TO_REDIS: Ema(remote, settings.ema_alpha),
             REDIS_TO_HOST: Ema(remote, settings.ema_alpha),
         }
-        self.prefill_tokens_per_s = Ema(settings.initial_prefill_tokens_per_s, settings.ema_alpha)
+        # The initial rate is given in tokens/s of short prompts (weights only).
+        initial = settings.initial_prefill_tokens_per_s * self.flops.per_token
+        self.prefill_flops_per_s = Ema(initial, settings.ema_alpha)
 
     def observe_transfer(self, path: str, nbytes: int, seconds: float) -> None:
         if nbytes >= _MIN_SAMPLE_BYTES and seconds > 0:
             self.bandwidth[path].update(nbytes / seconds)
 
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0 and seconds > 0:
-            self.prefill_tokens_per_s.update(num_tokens / seconds)
+    def observe_prefill(self, spans: Iterable[tuple[int, int]], seconds: float) -> None:
+        """One step's chunks, (first position, tokens) each, and the seconds it computed them."""
+        flops = self.flops.of_step(spans)
+        if flops > 0 and seconds > 0:
+            self.prefill_flops_per_s.update(flops / seconds)
 
     def restore_seconds(self, tier: str, num_blocks: int) -> float:
         nbytes = num_blocks * self.block_nbytes
         return sum(nbytes / self.bandwidth[path].value for path in _PATHS_OF_TIER[tier])
 
-    def recompute_seconds(self, num_blocks: int) -> float:
-        return num_blocks * self.block_size / self.prefill_tokens_per_s.value
+    def recompute_seconds(self, first_block: int, num_blocks: int) -> float:
+        start = first_block * self.block_size
+        return self.flops.span(start, start + num_blocks * self.block_size) / self.prefill_flops_per_s.value
 
-    def decide(self, tier: str, num_blocks: int) -> Decision:
-        restore_s, recompute_s = self.restore_seconds(tier, num_blocks), self.recompute_seconds(num_blocks)
+    def decide(self, tier: str, first_block: int, num_blocks: int) -> Decision:
+        """Restore blocks [first_block, first_block + num_blocks) of a prompt from `tier`?"""
+        restore_s = self.restore_seconds(tier, num_blocks)
+        recompute_s = self.recompute_seconds(first_block, num_blocks)
         restore = {"always": True, "never": False}.get(self.policy, restore_s < recompute_s)
         return Decision(tier, num_blocks, restore, restore_s, recompute_s)

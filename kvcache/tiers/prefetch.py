@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Prefetch:
     hashes: tuple[bytes, ...]  # the request's blocks after its host run, in order
+    first_block: int  # index of hashes[0] in the request's prompt
     deadline: float
     probe_id: int | None  # set while the probe is out
     waiting: set[int] = field(default_factory=set)  # slots in flight that the request needs
@@ -39,7 +40,7 @@ class _Prefetch:
 
 class RedisPrefetcher:
     def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, *,
-                 decide: Callable[[str, int, str], Decision], estimate_s: Callable[[int], float],
+                 decide: Callable[[str, int, int, str], Decision], estimate_s: Callable[[int], float],
                  timeout_s: float, clock: Callable[[], float]):
         self.host, self.ops, self.metrics = host, ops, metrics
         self._decide, self._estimate_s = decide, estimate_s
@@ -64,12 +65,13 @@ class RedisPrefetcher:
         """Nothing in flight and no request state (for leak checks)."""
         return not (self._fetching or self._probes or self._states or self._tried)
 
-    def waiting(self, request_id: str, hashes: Sequence[bytes], may_start: bool) -> bool:
-        """Whether the request must wait for Redis now; the first call may start its prefetch."""
+    def waiting(self, request_id: str, first_block: int, hashes: Sequence[bytes], may_start: bool) -> bool:
+        """Whether the request must wait for Redis now; the first call may start its prefetch.
+        `hashes`: its prompt blocks from `first_block` on (the device hits come before)."""
         state = self._states.get(request_id)
         if state is None and may_start and request_id not in self._tried:
             self._tried.add(request_id)
-            state = self._probe(request_id, hashes)
+            state = self._probe(request_id, first_block, hashes)
         if state is None:
             return False
         if (state.probe_id is not None or state.waiting) and self._clock() < state.deadline:
@@ -89,7 +91,7 @@ class RedisPrefetcher:
             return
         state.probe_id = None
         wanted, state.pinned, in_flight = self._continuation(state.hashes, present)
-        if wanted and not self._decide(REDIS, len(wanted), request_id).restore:
+        if wanted and not self._decide(REDIS, state.first_block, len(wanted), request_id).restore:
             wanted = []
         self.host.pin(state.pinned)  # before allocating, which evicts the least recently used
         slots = self.host.allocate(len(wanted)) if wanted else []  # fewer: the leading ones
@@ -109,14 +111,16 @@ class RedisPrefetcher:
         for state in self._states.values():
             state.waiting.discard(slot)
 
-    def _probe(self, request_id: str, hashes: Sequence[bytes]) -> _Prefetch | None:
-        rest = tuple(hashes[len(self.host.leading_run(hashes)):])
+    def _probe(self, request_id: str, first_block: int, hashes: Sequence[bytes]) -> _Prefetch | None:
+        num_on_host = len(self.host.leading_run(hashes))
+        rest = tuple(hashes[num_on_host:])
         if not rest:
             return None
         probe_id = next(self._probe_ids)
         self._probes[probe_id] = request_id
         self.ops.probes.append((probe_id, rest))
-        self._states[request_id] = state = _Prefetch(rest, self._clock() + self._timeout_s, probe_id)
+        self._states[request_id] = state = _Prefetch(rest, first_block + num_on_host, self._clock() + self._timeout_s,
+                                                     probe_id)
         return state
 
     def _continuation(self, hashes: Sequence[bytes], present: Sequence[bool]) -> tuple[list, list, set]:
