@@ -4,10 +4,14 @@
 (b) prefill of an 8B-shaped model (--layers, default 2) at 128K, 512K and 1M tokens, SP=1 (one
     GPU) against SP=2 (ring attention), per layer, with each GPU's attention TFLOP/s against the
     single-GPU cuDNN SDPA rate measured in the same run, and the ring's exposed communication;
-(c) one decode step over a 1M-token KV cache split across the 2 GPUs against one GPU.
+(c) one decode step over a 1M-token KV cache split across the 2 GPUs against one GPU;
+(d) prefill attention alone (one layer's causal attention, no model) at the same sizes: one GPU,
+    then SP=2 as ring attention and as Ulysses (all-to-all over heads, ulysses.py) on identical
+    local rows: the slowest rank's time, per-GPU TFLOP/s against the one-GPU rate of the same
+    kernel, and the communication (the ring's exposed part; Ulysses' two all-to-alls).
 
 Run from the repo root on a 2-GPU machine: `python3 bench/parallel.py` (`--sizes 131072 524288`
-for a shorter run). Prints tables; writes $OUT/parallel.json if OUT is set, else
+for a shorter run, `--skip-correctness --skip-scaling` for (d) alone). Prints tables; writes $OUT/parallel.json if OUT is set, else
 bench/results/parallel.json, after every phase (a cut-off run still leaves what it measured).
 `--dry-run` runs every phase on the CPU (gloo, a tiny model, small sizes) to check the script
 itself before spending GPU time; its numbers mean nothing.
@@ -32,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,11 +50,14 @@ from model_shards.hf_config import load_architecture  # noqa: E402
 from model_shards.llama import LlamaForCausalLM  # noqa: E402
 from model_shards.make_model import make_model  # noqa: E402
 from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout  # noqa: E402
-from model_shards.parallel.lse_attention import (KERNELS, kernel_matches_reference, reference_attention,  # noqa: E402
-                                                 select_kernel)
+from model_shards.parallel.lse_attention import (KERNELS, attention_with_lse, kernel_matches_reference,  # noqa: E402
+                                                 reference_attention, select_kernel)
 from model_shards.parallel.ring import ring_attention  # noqa: E402
 from model_shards.parallel.sp_attention import SequenceParallelBackend, build_local_batch  # noqa: E402
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence  # noqa: E402
+from model_shards.parallel.ulysses import (HeadSplit, SequenceShards, gather_heads, scatter_heads,  # noqa: E402
+                                           ulysses_attention)
+from report import print_table  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 WORLD = 2
 BLOCK_SIZE = 256  # SP=2: 128 positions of every block per GPU
@@ -343,6 +350,126 @@ def exposed_communication(shape: Shape, sp: ParallelGroup, length: int, kernel: 
             "kv_block_transfer_s": transfer, "p2p_GBps": block.numel() * 2 / transfer / 1e9}
 
 
+# --- (d) prefill attention alone: ring against Ulysses ------------------------------------------
+
+
+def attention_modes(rank: int, device: torch.device, options, checkpoint) -> dict:
+    """One layer's causal attention over a whole prompt, per size: on one GPU, then on SP=2 as the
+    ring and as Ulysses. `checkpoint(result)` saves what is measured after every size."""
+    sp = build_layout(1, WORLD, device).sp
+    result: dict = {"rows": [], "large_shape_checks": []}
+    lengths = [min(16384, min(options.sizes))] + options.sizes  # a warm-up (kernels, allocator, NCCL) first
+    for index, length in enumerate(lengths):
+        single = single_gpu_attention(rank, options.shape, length, device, result)
+        rows = [single] + [mode(options.shape, sp, length, device, options, result)
+                           for mode in (ring_mode, ulysses_mode)]
+        if index > 0 and rank == 0:
+            result["rows"] += [with_rates(row, single, options.shape) for row in rows]
+        checkpoint(result)
+    return result
+
+
+def random_qkv(shape: Shape, rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (rows, H, D), k/v (rows, KV, D) in bf16."""
+    return tuple(torch.randn(rows, heads, shape.head_dim, device=device, dtype=torch.bfloat16)
+                 for heads in (shape.heads, shape.kv_heads, shape.kv_heads))
+
+
+def single_gpu_attention(rank: int, shape: Shape, length: int, device, result: dict) -> dict | None:
+    """Rank 0 alone: the fused causal kernel over the whole prompt (the other rank waits)."""
+    row = None
+    if rank == 0:
+        name = checked_kernel(shape, length, device, result)
+        q, k, v = random_qkv(shape, length, device)
+        seconds = cuda_time(lambda: attention_with_lse(KERNELS[name], q, k, v, shape.head_dim ** -0.5, True))
+        row = {"mode": "1 GPU", "tokens": length, "gpus": 1, "kernel": name, "time_s": seconds, "comm_s": None}
+        del q, k, v
+        release_memory(device)
+    dist.barrier()
+    return row
+
+
+def ring_mode(shape: Shape, sp: ParallelGroup, length: int, device, options, result: dict) -> dict:
+    """Ring attention over the zigzag split; its exposed communication (time with the exchanges
+    minus time without) up to --comm-max."""
+    plan = SequenceParallelPlan.build([StepSequence(list(range(-(-length // BLOCK_SIZE))), 0, length)], BLOCK_SIZE,
+                                      sp.rank, sp.size)
+    name = agreed(sp, checked_kernel(shape, plan.num_ring_rows, device, result))
+    q, k, v = random_qkv(shape, plan.num_ring_rows, device)
+    def run(group: ParallelGroup):
+        return ring_attention(q, k, v, plan, group, shape.head_dim ** -0.5, KERNELS[name])
+    seconds = slowest(sp, lambda: run(sp))
+    comm = None
+    if length <= options.comm_max:
+        silent = NoExchange(sp.rank, sp.size, sp.ranks, sp.process_group, sp.device)
+        comm = max(0.0, seconds - slowest(sp, lambda: run(silent)))
+    release_memory(device)
+    return {"mode": "ring", "tokens": length, "gpus": sp.size, "kernel": name, "time_s": seconds, "comm_s": comm}
+
+
+def ulysses_mode(shape: Shape, sp: ParallelGroup, length: int, device, options, result: dict) -> dict:
+    """Ulysses on the ring's rows (identical inputs); its communication: the two all-to-alls
+    with the reorders between position and rank order, timed alone."""
+    shards, heads = SequenceShards.zigzag(length, sp.size), HeadSplit.of(shape.heads, shape.kv_heads, sp)
+    local_heads, local_kv_heads = heads.width(sp.rank)
+    local_shape = replace(shape, heads=local_heads, kv_heads=local_kv_heads)  # what the kernel sees
+    name = agreed(sp, checked_kernel(local_shape, length, device, result))
+    q, k, v = random_qkv(shape, shards.rows(sp.rank), device)
+    seconds = slowest(sp, lambda: ulysses_attention(q, k, v, shards, sp, shape.head_dim ** -0.5, KERNELS[name]))
+    comm = slowest(sp, lambda: gather_heads(scatter_heads(q, k, v, shards, heads, sp)[0], shards, sp))
+    release_memory(device)
+    return {"mode": "ulysses", "tokens": length, "gpus": sp.size, "kernel": name, "time_s": seconds, "comm_s": comm}
+
+
+def checked_kernel(shape: Shape, rows: int, device, result: dict) -> str:
+    """The prefill kernel chosen for `shape` (the heads one GPU attends with), replaced by
+    FlashAttention-2 if it fails the large-shape check at `rows` queries (see large_shape_check)."""
+    name = select_kernel(device, torch.bfloat16, shape.heads, shape.kv_heads, shape.head_dim)[0]
+    if rows < 1 << 18 or device.type != "cuda":
+        return name
+    for candidate in dict.fromkeys([name, "flash"]):
+        check = large_shape_check(candidate, shape, rows, device)
+        result["large_shape_checks"].append(check)
+        if check["ok"]:
+            return candidate
+    return "flash"  # failed too: the run reports its error rather than silently using the reference
+
+
+def agreed(group: ParallelGroup, name: str) -> str:
+    """Rank 0's kernel choice on every rank: a collective op must run the same kernel everywhere."""
+    names = list(KERNELS)
+    return names[group.broadcast_ints([names.index(name)] if group.rank == 0 else None, 1)[0]]
+
+
+def slowest(group: ParallelGroup, fn) -> float:
+    """Seconds of one call of a collective `fn`, started together (barrier), on the slowest rank."""
+    dist.barrier(group=group.process_group)
+    seconds = cuda_time(fn)
+    return max(group.all_gather(torch.tensor([seconds], dtype=torch.float64, device=group.device)).tolist())
+
+
+def release_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def with_rates(row: dict, single: dict, shape: Shape) -> dict:
+    """The row with per-GPU TFLOP/s, that rate against the one-GPU rate, and the speedup."""
+    rate = causal_flops(shape, row["tokens"]) / row["gpus"] / row["time_s"] / 1e12
+    single_rate = causal_flops(shape, single["tokens"]) / single["time_s"] / 1e12
+    return {**row, "TFLOPs_per_gpu": rate, "vs_1gpu_rate": rate / single_rate,
+            "speedup": single["time_s"] / row["time_s"]}
+
+
+def print_attention_modes(rows: list[dict]) -> None:
+    table = [{"tokens": r["tokens"], "mode": r["mode"], "GPUs": r["gpus"], "kernel": r["kernel"],
+              "time s": f"{r['time_s']:.4g}", "TFLOP/s per GPU": f"{r['TFLOPs_per_gpu']:.4g}",
+              "of 1-GPU rate": f"{100 * r['vs_1gpu_rate']:.0f}%", "speedup": f"{r['speedup']:.2f}x",
+              "comm s": "-" if r["comm_s"] is None else f"{r['comm_s']:.4g}"} for r in rows]
+    print_table("prefill attention alone, one layer (slowest rank; comm: ring exposed, Ulysses all-to-alls)",
+                table)
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -478,6 +605,8 @@ def summarize(results: dict) -> None:
         print(f"ring at {comm['tokens']} tokens (rank 0): {comm['ring_s']:.3f} s with comm, "
               f"{comm['compute_only_s']:.3f} s compute only, exposed {comm['exposed_comm_s'] * 1e3:.1f} ms; "
               f"KV block {comm['kv_block_MB']:.0f} MB at {comm['p2p_GBps']:.0f} GB/s")
+    if results.get("attention_modes", {}).get("rows"):
+        print_attention_modes(results["attention_modes"]["rows"])
 
 
 def rank_main(rank: int, port: int, options) -> None:
@@ -502,7 +631,11 @@ def rank_main(rank: int, port: int, options) -> None:
         save(rank, results)
         if rank == 0:
             print(json.dumps({"correctness": results["correctness"]}, indent=1), flush=True)
-    results["scaling"] = scaling(rank, device, options, lambda partial: save(rank, {**results, "scaling": partial}))
+    if not options.skip_scaling:
+        results["scaling"] = scaling(rank, device, options,
+                                     lambda partial: save(rank, {**results, "scaling": partial}))
+    results["attention_modes"] = attention_modes(rank, device, options,
+                                                 lambda partial: save(rank, {**results, "attention_modes": partial}))
     summarize(results) if rank == 0 else None
     save(rank, results)
     dist.barrier()
@@ -539,6 +672,7 @@ def main() -> None:
     parser.add_argument("--comm-max", type=int, default=524288, help="measure exposed ring communication up to this")
     parser.add_argument("--reference-length", type=int, default=131072, help="tokens of the cuDNN SDPA reference call")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true", help="skip (b) and (c): model prefill and decode")
     parser.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny model and sizes: checks the script")
     options = parser.parse_args()
     options.shape = LLAMA3_8B

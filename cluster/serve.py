@@ -23,7 +23,6 @@ def serve_foreground(config: LongctxConfig, host: str, port: int) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_application
     from deployments.ingress import served_model_name
     from deployments.prompts import PromptBuilder
 
@@ -32,8 +31,7 @@ def serve_foreground(config: LongctxConfig, host: str, port: int) -> int:
     embedded = "RAY_ADDRESS" not in os.environ
     _start_ray(config, embedded)
     try:
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
-        serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+        deploy(config, host, port)
         print(f"longctx: serving {served_model_name(config)!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         _wait_for_signal()
     except RuntimeError as error:  # a deployment that failed to start: the replica's error is in it
@@ -42,6 +40,20 @@ def serve_foreground(config: LongctxConfig, host: str, port: int) -> int:
     finally:
         _stop(serve, ray, embedded)
     return 0
+
+
+def deploy(config: LongctxConfig, host: str, port: int, name: str = APP_NAME, route_prefix: str = "/") -> None:
+    """Start Serve's HTTP proxy on host:port and run the application; returns once its replicas
+    (and their model workers, one per TP x SP rank) are up. On a Ray where Serve already runs,
+    the running proxy is kept (its host and port win) and the application joins it under
+    `route_prefix`: several applications can share one Ray."""
+    from ray import serve
+
+    from deployments.app import build_application
+
+    # No proxy-wide timeout: serve.request_timeout_s bounds each request, a long prefill included.
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
+    serve.run(build_application(config), name=name, route_prefix=route_prefix)
 
 
 def _start_ray(config: LongctxConfig, embedded: bool) -> None:

@@ -64,8 +64,8 @@ class OpenAIService:
         return JSONResponse({"status": "ok" if alive else "loading", "replicas": len(alive)}, status_code=status)
 
     async def metrics_text(self) -> Response:
-        stats = await self.backend.replica_stats(STATS_TIMEOUT_S)
-        return Response(self.metrics.exposition(stats), media_type=CONTENT_TYPE_LATEST)
+        snapshots = await self.backend.replica_metrics(STATS_TIMEOUT_S)
+        return Response(self.metrics.exposition(snapshots), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "longctx",

@@ -85,9 +85,12 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
 
 
 def _placement(config: LongctxConfig) -> dict[str, Any]:
-    if config.serve.executor != "ray":  # the worker runs inside the replica: it takes the resources
-        gpus = 1 if uses_gpu(config) else 0
-        return {"ray_actor_options": _actor_options(config.serve.worker_num_cpus, num_gpus=gpus)}
+    if config.serve.executor != "ray":
+        # The ranks run inside the replica (its process, or one local process each under TP x
+        # SP): the replica reserves what all of them use.
+        world_size = config.parallel.world_size
+        gpus = world_size if uses_gpu(config) else 0
+        return {"ray_actor_options": _actor_options(config.serve.worker_num_cpus * world_size, num_gpus=gpus)}
     return {
         "ray_actor_options": _actor_options(REPLICA_NUM_CPUS),
         "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),

@@ -30,6 +30,10 @@ class LLMBackend(Protocol):
 
     async def replica_stats(self, timeout_s: float) -> list[dict]: ...
 
+    async def replica_metrics(self, timeout_s: float) -> list[dict]:
+        """replica_stats plus each replica's own registry as exposition text (`exposition`)."""
+        ...
+
 
 class ReplyStream:
     def __init__(self, replies: AsyncIterator[Reply], timeout_s: float):

@@ -52,8 +52,15 @@ class HandleBackend:
                 response.cancel()  # the replica aborts the request and frees its KV blocks
 
     async def replica_stats(self, timeout_s: float) -> list[dict]:
+        return await self._broadcast("stats", timeout_s)
+
+    async def replica_metrics(self, timeout_s: float) -> list[dict]:
+        return await self._broadcast("metrics_snapshot", timeout_s)
+
+    async def _broadcast(self, method: str, timeout_s: float) -> list[dict]:
+        """`method` on every replica; a replica that fails or is still loading is left out."""
         try:
-            broadcast = self._handle.broadcast("stats")
+            broadcast = self._handle.broadcast(method)
             results = await broadcast.results_async(timeout_s=timeout_s, return_exceptions=True)
         except (TimeoutError, DeploymentUnavailableError):
             return []

@@ -2,7 +2,8 @@
 
 A plain class, so that tests and benches run it in process; deployments/app.py deploys it with
 `serve.deployment(LLMServer)`. Serve calls `check_health`, `record_routing_stats` and
-`record_autoscaling_stats` on it by name, and `__del__` after draining requests in flight.
+`record_autoscaling_stats` on it by name, and `__del__` after draining requests in flight; the
+ingress broadcasts `stats` (/health) and `metrics_snapshot` (/metrics) to every replica.
 Errors never escape `generate` as exceptions: they come back as one `ServeError` item, so the
 ingress gets the param / code / status intact instead of a pickled Ray traceback.
 """
@@ -15,6 +16,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+from prometheus_client import generate_latest
 
 from cluster.config import LongctxConfig, load_config_dict
 from deployments.admission import AdmissionQueue
@@ -92,6 +95,13 @@ class LLMServer:
             "queued_prompt_tokens": self.admission.num_tokens,
             **dataclasses.asdict(self.engine.stats()),
         }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """stats() plus this replica's own Prometheus series (the engine's KV-tier registry) as
+        exposition text: they live in this process, so the ingress's /metrics re-exports them
+        labelled by replica (deployments/metrics.py)."""
+        registry = self.engine.engine.kv_tiers.metrics.registry
+        return {**self.stats(), "exposition": generate_latest(registry).decode()}
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()

@@ -18,3 +18,6 @@ class LocalBackend:
 
     async def replica_stats(self, timeout_s: float) -> list[dict]:
         return [self.server.stats()]
+
+    async def replica_metrics(self, timeout_s: float) -> list[dict]:
+        return [self.server.metrics_snapshot()]

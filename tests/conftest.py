@@ -15,8 +15,9 @@ def local_ray():
     """One local Ray for the whole session (starting Ray costs seconds; two inits would clash).
 
     16 logical CPUs whatever the machine has: the session's Serve app (ingress, 2 replicas and
-    their worker bundles) stays up while a 2x2 TP x SP placement group (1 + 4 bundles) is placed
-    beside it. Actors import test helpers from tests/parallel.
+    their worker bundles: 4.5) stays up while a 2x2 TP x SP placement group (1 + 4 bundles) and
+    one more app of a deployments test (at most 3.5: the `--tp 2` app, deleted after its module)
+    are placed beside it. Actors import test helpers from tests/parallel.
     """
     ray = pytest.importorskip("ray")
     python_path = os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR / "parallel")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -69,6 +70,32 @@ def served(model_dir, local_ray):
         yield url
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deployed_app(served):
+    """deployed_app(config, name): a context manager that deploys one more application on the
+    session's Serve, as `longctx serve` deploys it (cluster/serve.py), under route /<name>, and
+    yields its base URL. It shares the session app's HTTP proxy (Serve runs one per Ray) and
+    deletes the application on exit, placement groups and model workers included, so that the
+    shared Ray's CPUs are free again for the tests after it."""
+    from ray import serve
+
+    from cluster.serve import deploy
+
+    host, port = served.removeprefix("http://").rsplit(":", 1)
+
+    @contextmanager
+    def deployed(config: LongctxConfig, name: str):
+        try:
+            deploy(config, host, int(port), name=name, route_prefix=f"/{name}")
+            url = f"{served}/{name}"
+            _wait_healthy(url)
+            yield url
+        finally:
+            serve.delete(name)
+
+    return deployed
 
 
 def _wait_healthy(url: str, timeout_s: float = 60) -> None:

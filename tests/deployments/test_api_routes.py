@@ -7,6 +7,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import ConfigError
 from deployments.api import OpenAIService, build_api
@@ -14,6 +16,7 @@ from deployments.ingress import resolve_api_key
 from deployments.messages import engine_failure, overloaded
 from deployments.prompts import PromptBuilder
 from engine.outputs import CompletionDelta
+from kvcache.tier_metrics import TierMetrics
 
 MODEL = "tiny"
 
@@ -36,6 +39,9 @@ class ScriptedBackend:
             yield item
 
     async def replica_stats(self, timeout_s):
+        return self.stats
+
+    async def replica_metrics(self, timeout_s):
         return self.stats
 
 
@@ -157,3 +163,27 @@ def test_metrics_count_requests_by_status_including_refusals(make_config, prompt
     assert "longctx_generation_tokens_total 2.0" in text
     assert "longctx_time_to_first_token_seconds_count 1.0" in text
     assert "longctx_inter_token_latency_seconds_count 1.0" in text
+
+
+def _tier_exposition(host_hit_tokens: int) -> str:
+    tiers = TierMetrics()
+    tiers.record_lookup("host", host_hit_tokens, 16)
+    tiers.track_tier("device", lambda: 3, 4096)
+    return generate_latest(tiers.registry).decode()
+
+
+def test_metrics_re_export_every_replica_s_own_series_labelled_by_replica(make_config, prompts):
+    client, backend = _client(make_config, prompts, [])
+    backend.stats = [
+        {"replica": "a", "alive": True, "exposition": _tier_exposition(32)},
+        {"replica": "b", "alive": True, "exposition": _tier_exposition(64)},
+        {"replica": "c", "alive": True, "exposition": "not { prometheus"},  # costs c's series only
+    ]
+    text = client.get("/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    hits = {(s.labels["replica"], s.labels["tier"]): s.value for s in families["longctx_kv_hit_tokens"].samples}
+    assert hits == {("a", "host"): 32, ("b", "host"): 64}
+    assert text.count("# TYPE longctx_kv_hit_tokens_total counter") == 1
+    assert text.count("# HELP longctx_kv_tier_bytes ") == 1
+    assert 'longctx_kv_tier_bytes{replica="b",tier="device"} 12288.0' in text
+    assert "longctx_requests_running" in families  # the ingress's own series are still there

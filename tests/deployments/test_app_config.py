@@ -14,6 +14,7 @@ from deployments.app import (
     ingress_options,
     llm_server_options,
 )
+from engine.executor import EXECUTORS
 
 SERVE_CONFIG = Path(__file__).parents[2] / "deployments" / "serve_config.yaml"
 
@@ -65,6 +66,26 @@ def test_the_in_process_executor_needs_no_placement_group(make_config):
     options = llm_server_options(make_config(executor="in_process"))
     assert "placement_group_bundles" not in options
     assert options["ray_actor_options"]["num_cpus"] == 1.0 and options["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_in_process_ranks_are_reserved_by_the_replica(make_config):
+    config = make_config(executor="in_process").with_overrides({"parallel.tensor_parallel_size": 2})
+    options = llm_server_options(config)
+    assert "placement_group_bundles" not in options
+    assert options["ray_actor_options"]["num_cpus"] == 2.0  # one local process per rank, inside the replica
+
+
+def test_in_process_ranks_run_as_local_processes_not_as_one_rank(make_config, monkeypatch):
+    import engine.multiproc_executor
+
+    monkeypatch.setattr(engine.multiproc_executor, "MultiprocessExecutor", lambda config: ("ranks", config.parallel.world_size))
+    config = make_config(executor="in_process").with_overrides({"parallel.tensor_parallel_size": 2})
+    assert EXECUTORS[config.serve.executor](config) == ("ranks", 2)
+
+
+def test_a_ray_replica_reserves_a_bundle_per_rank(make_config):
+    config = make_config().with_overrides({"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel_size": 2})
+    assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 1.0}] * 4
 
 
 def test_gpu_workers_get_a_gpu_bundle_each(make_config):

@@ -89,10 +89,10 @@ def test_models_health_and_metrics(client, served):
         "longctx_requests_total", "longctx_prompt_tokens_total", "longctx_generation_tokens_total",
         "longctx_time_to_first_token_seconds_count", "longctx_inter_token_latency_seconds_count",
         "longctx_requests_running", "longctx_requests_waiting", "longctx_queued_tokens",
-        "longctx_kv_blocks_free", "longctx_kv_blocks_total",
+        "longctx_kv_blocks_free", "longctx_kv_blocks_capacity",
     ):  # fmt: skip
         assert name in metrics, name
-    assert metrics["longctx_kv_blocks_total"] == 2 * 512
+    assert metrics["longctx_kv_blocks_capacity"] == 2 * 512
 
 
 def test_32_concurrent_streams_all_complete(served):
@@ -124,13 +124,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
         for _ in range(40):  # 20 events and their blank separators
             next(lines)
         held = _metrics(served)  # before the generator is closed: that would close the connection
-        assert held["longctx_kv_blocks_free"] < held["longctx_kv_blocks_total"]
+        assert held["longctx_kv_blocks_free"] < held["longctx_kv_blocks_capacity"]
         assert held["longctx_requests_running"] == 1
     # The connection is closed; the 3,500 tokens would take seconds more to finish.
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         metrics = _metrics(served)
-        if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_total"] and not metrics["longctx_requests_running"]:
+        if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_capacity"] and not metrics["longctx_requests_running"]:
             return
         time.sleep(0.02)
     raise AssertionError(f"blocks not freed: {metrics}")

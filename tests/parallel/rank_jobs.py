@@ -4,6 +4,7 @@ tests reassemble it and compare it with one rank computed in the test process.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from model_shards.parallel.lse_attention import reference_attention
 from model_shards.parallel.ring import ring_attention
 from model_shards.parallel.sp_attention import LocalBatch, SequenceParallelBackend, build_local_batch
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence
+from model_shards.parallel.ulysses import SequenceShards, ulysses_attention
 
 # name -> (block table, all its tokens, tokens already cached when it starts: a prefix-cache hit
 # on blocks another sequence wrote)
@@ -95,7 +97,38 @@ def run_ring(context: RankContext, size: int, queries: list[torch.Tensor], keys:
     return rows, partial.out, stored
 
 
-def fail_on(context: RankContext, rank: int) -> int:
+def fail_on(context: RankContext, rank: int, others_delay_s: float = 0.0, tag: str = "") -> str:
+    """Rank `rank` raises at once; the others answer f"{tag}{rank}" after `others_delay_s`."""
     if context.rank == rank:
         raise ValueError(f"planted failure on rank {rank}")
-    return context.rank
+    time.sleep(others_delay_s)
+    return f"{tag}{context.rank}"
+
+
+def run_ulysses(context: RankContext, size: int, layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                fed_layout: str | None = None) -> tuple[list[int], torch.Tensor] | None:
+    """Ulysses attention of one prompt on `size` ranks whose rows are split as `layout`
+    ("contiguous" or "zigzag"): (positions of this rank's rows, their outputs), or None off the
+    group. `fed_layout`: feed the rows of another layout than the one declared (a planted bug)."""
+    group = ring_group(context, size)
+    if group is None:
+        return None
+    shards = getattr(SequenceShards, layout)(len(q), size)
+    rows = getattr(SequenceShards, fed_layout or layout)(len(q), size).positions_of(group.rank)
+    out = ulysses_attention(q[rows], k[rows], v[rows], shards, group, q.shape[-1] ** -0.5, reference_attention)
+    return rows, out
+
+
+def ulysses_error(context: RankContext, size: int, heads: int, kv_heads: int) -> str | None:
+    """The ValueError message of Ulysses over `heads` / `kv_heads` on `size` ranks (None: no error).
+    Raised before any communication, on every rank alike."""
+    group = ring_group(context, size)
+    if group is None:
+        return None
+    q, k = torch.zeros(8, heads, 4), torch.zeros(8, kv_heads, 4)
+    shards = SequenceShards.contiguous(8 * size, size)
+    try:
+        ulysses_attention(q, k, k, shards, group, 0.5, reference_attention)
+    except ValueError as error:
+        return str(error)
+    return None
