@@ -6,14 +6,15 @@ GPU:        source .gpu/install.sh && PYTHONPATH=$PWD:$PYTHONPATH python3 bench/
 It starts its own redis-server (from PATH) on a free port and stops it at the end. Ceilings:
 a single torch copy of the same bytes (pinned on CUDA) for device<->host, and `redis-benchmark
 -d <value bytes> -t set,get` (same value size, as many clients as I/O threads) for Redis; the
-Redis->device path is set against both hops in sequence. Prints tables and writes
-bench/results/kv_tiers_<device>.json (or $OUT/kv_tiers_<device>.json when $OUT is set).
+Redis->device path is set against both hops in sequence. Shard scaling: host<->Redis over 1, 2
+and 4 redis-servers (`--shard-counts`, each set started here), each against as many
+redis-benchmark processes run at once, one per server, their rates summed. Prints tables and
+writes bench/results/kv_tiers_<device>.json (or $OUT/kv_tiers_<device>.json when $OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -38,7 +39,7 @@ from model_shards.kv_remote_io import RemoteBlockIO
 from model_shards.kv_transfer import KVTransfer
 from model_shards.make_model import make_model
 
-from report import print_table  # bench/ is on sys.path when a script runs
+from report import print_table, write_json  # bench/ is on sys.path when a script runs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IO_THREADS = 4
@@ -81,22 +82,29 @@ def redis_benchmark() -> tuple[str, dict[str, str]] | None:
     return str(root / "usr/bin/redis-benchmark"), env
 
 
-def redis_ceiling_gbps(port: int, value_bytes: int, total_bytes: int) -> dict[str, float | None]:
-    """SET and GET GB/s of `redis-benchmark -d value_bytes` with IO_THREADS clients."""
+def redis_ceiling_gbps(ports: list[int], value_bytes: int, total_bytes: int) -> dict[str, float | None]:
+    """SET and GET GB/s of `redis-benchmark -d value_bytes` with IO_THREADS clients, one process
+    per server, all at once (total_bytes split between them); their rates summed."""
     tool = redis_benchmark()
     if tool is None:
         return {"set": None, "get": None}
-    requests = max(2 * IO_THREADS, total_bytes // value_bytes)
+    requests = max(2 * IO_THREADS, total_bytes // value_bytes // len(ports))
     # One key (no -r): every GET returns a whole value, and the server holds one value only.
-    command = [tool[0], "-p", str(port), "-d", str(value_bytes), "-n", str(requests), "-c", str(IO_THREADS),
-               "-t", "set,get", "--csv"]
-    output = subprocess.run(command, env=tool[1], capture_output=True, text=True, timeout=600, check=False).stdout
+    runs = [subprocess.Popen([tool[0], "-p", str(port), "-d", str(value_bytes), "-n", str(requests), "-c",
+                              str(IO_THREADS), "-t", "set,get", "--csv"],
+                             env=tool[1], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for port in ports]
+    rates = [benchmark_rates(run.communicate(timeout=600)[0], value_bytes) for run in runs]
+    return {op: None if any(op not in r for r in rates) else sum(r[op] for r in rates) for op in ("set", "get")}
+
+
+def benchmark_rates(csv_output: str, value_bytes: int) -> dict[str, float]:
     rates = {}
-    for line in output.splitlines():
+    for line in csv_output.splitlines():
         fields = [field.strip('"') for field in line.split(",")]
         if fields and fields[0] in ("SET", "GET"):
             rates[fields[0].lower()] = float(fields[1]) * value_bytes / 1e9
-    return {"set": rates.get("set"), "get": rates.get("get")}
+    return rates
 
 
 # --- bandwidth of each path ------------------------------------------------------------------
@@ -124,14 +132,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_transfer(args, device: torch.device, block_size: int, num_blocks: int, port: int) -> KVTransfer:
+def make_transfer(args, device: torch.device, block_size: int, num_blocks: int, ports: list[int]) -> KVTransfer:
     cache = KVCacheTensors(num_blocks, args.layers, block_size, args.kv_heads, args.head_dim,
                            DTYPES[args.dtype], device)
     cache.data.view(torch.uint8).random_()  # every block distinct, like real KV
 
     def connect(fmt, slots):
         prefix = key_prefix("bench", key_namespace(f"bench|{block_size}", "none"))
-        store = RedisBlockStore([f"redis://127.0.0.1:{port}"], prefix, socket_timeout_s=30.0,
+        store = RedisBlockStore([f"redis://127.0.0.1:{port}" for port in ports], prefix, socket_timeout_s=30.0,
                                 max_connections=IO_THREADS)
         return RemoteBlockIO(store, fmt, slots, threads=IO_THREADS, max_pending_write_bytes=1 << 40)
 
@@ -146,11 +154,25 @@ def run_until_done(transfer: KVTransfer, ops: KVTransferOps, expected: int, fiel
         done += len(getattr(report, field))
 
 
+def num_bench_blocks(args, block_size: int) -> int:
+    """--blocks, or as many as make ~512 MiB."""
+    block_bytes = args.layers * 2 * block_size * args.kv_heads * args.head_dim * DTYPES[args.dtype].itemsize
+    return args.blocks or max(8, (512 << 20) // block_bytes)
+
+
+def redis_timings(transfer: KVTransfer, slots: list[int], hashes: list[bytes], device) -> dict[str, float]:
+    """Seconds to write the slots to Redis under `hashes`, and to fetch them back (best of 2)."""
+    n = len(slots)
+    return {"host_to_redis": best_of(2, lambda: run_until_done(
+                transfer, KVTransferOps(write_throughs=tuple(zip(slots, hashes))), n, "written"), device),
+            "redis_to_host": best_of(2, lambda: run_until_done(
+                transfer, KVTransferOps(fetches=tuple(zip(hashes, slots))), n, "fetched"), device)}
+
+
 def bench_paths(args, device: torch.device, block_size: int, port: int) -> list[dict]:
     """Time each path over the same scattered blocks (~512 MiB unless --blocks says otherwise)."""
-    block_bytes = args.layers * 2 * block_size * args.kv_heads * args.head_dim * DTYPES[args.dtype].itemsize
-    n = args.blocks or max(8, (512 << 20) // block_bytes)
-    transfer = make_transfer(args, device, block_size, n, port)
+    n = num_bench_blocks(args, block_size)
+    transfer = make_transfer(args, device, block_size, n, [port])
     nbytes = n * transfer.kv.bytes_per_block
     rng = random.Random(0)
     blocks, slots = rng.sample(range(n), n), rng.sample(range(n), n)  # scattered, as in serving
@@ -158,10 +180,7 @@ def bench_paths(args, device: torch.device, block_size: int, port: int) -> list[
     timings = {
         "device_to_host": best_of(3, lambda: transfer.save(list(zip(blocks, slots))), device),
         "host_to_device": best_of(3, lambda: transfer.load(list(zip(slots, blocks))), device),
-        "host_to_redis": best_of(2, lambda: run_until_done(
-            transfer, KVTransferOps(write_throughs=tuple(zip(slots, hashes))), n, "written"), device),
-        "redis_to_host": best_of(2, lambda: run_until_done(
-            transfer, KVTransferOps(fetches=tuple(zip(hashes, slots))), n, "fetched"), device),
+        **redis_timings(transfer, slots, hashes, device),
     }
     timings["redis_to_device"] = best_of(2, lambda: (
         run_until_done(transfer, KVTransferOps(fetches=tuple(zip(hashes, slots))), n, "fetched"),
@@ -173,7 +192,7 @@ def bench_paths(args, device: torch.device, block_size: int, port: int) -> list[
 def path_rows(timings: dict, nbytes: int, block_size: int, block_nbytes: int, device, port: int) -> list[dict]:
     copies = copy_ceiling_gbps(device, nbytes)
     value_bytes = block_nbytes + 256  # the header: a few dozen bytes, rounded up
-    redis = redis_ceiling_gbps(port, value_bytes, nbytes)
+    redis = redis_ceiling_gbps([port], value_bytes, nbytes)
     ceilings = {"device_to_host": (copies["device_to_host"], "torch copy"),
                 "host_to_device": (copies["host_to_device"], "torch copy"),
                 "host_to_redis": (redis["set"], "redis-benchmark SET"),
@@ -191,6 +210,47 @@ def path_rows(timings: dict, nbytes: int, block_size: int, block_nbytes: int, de
 
 def _in_sequence(*rates: float | None) -> float | None:
     return None if None in rates else 1 / sum(1 / rate for rate in rates)
+
+
+# --- shard scaling ------------------------------------------------------------------------
+def bench_shard_scaling(args, device: torch.device, folder: str) -> list[dict]:
+    """host<->Redis over 1, 2, 4... fresh redis-servers (blocks sharded by hash), each count
+    against as many concurrent redis-benchmark runs; `x_1_shard` is the gain over one server."""
+    block_size = args.block_sizes[0]
+    rows: list[dict] = []
+    for count in args.shard_counts:
+        servers = [start_redis(folder) for _ in range(count)]
+        try:
+            rows += shard_rows(args, device, block_size, [port for _, port in servers])
+        finally:
+            for process, _ in servers:
+                process.kill()
+                process.wait()
+    for row in rows:
+        one_shard = next((r for r in rows if r["path"] == row["path"] and r["shards"] == 1), None)
+        row["x_1_shard"] = round(row["GB_s"] / one_shard["GB_s"], 2) if one_shard else None
+    return rows
+
+
+def shard_rows(args, device: torch.device, block_size: int, ports: list[int]) -> list[dict]:
+    n = num_bench_blocks(args, block_size)
+    transfer = make_transfer(args, device, block_size, n, ports)
+    nbytes, block_nbytes = n * transfer.kv.bytes_per_block, transfer.format.nbytes
+    rng = random.Random(0)
+    slots, hashes = rng.sample(range(n), n), [rng.randbytes(32) for _ in range(n)]
+    transfer.save(list(zip(range(n), slots)))
+    timings = redis_timings(transfer, slots, hashes, device)
+    transfer.close()
+    ceiling = redis_ceiling_gbps(ports, block_nbytes + 256, nbytes)  # + the header, rounded up
+    rows = []
+    for path, op in (("host_to_redis", "set"), ("redis_to_host", "get")):
+        gbps = nbytes / timings[path] / 1e9
+        rows.append({"shards": len(ports), "block_tokens": block_size, "block_MiB": round(block_nbytes / 2**20, 2),
+                     "path": path, "GB_s": round(gbps, 2),
+                     "ceiling_GB_s": None if ceiling[op] is None else round(ceiling[op], 2),
+                     "of_ceiling": None if not ceiling[op] else round(gbps / ceiling[op], 2),
+                     "ceiling": f"{len(ports)} x redis-benchmark {op.upper()}"})
+    return rows
 
 
 # --- TTFT of a repeated long context --------------------------------------------------------
@@ -271,6 +331,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttft-layers", type=int, default=2, help="GPU TTFT model: Llama-3-8B shape, this many layers")
     parser.add_argument("--repeats", type=int, default=3, help="documents per TTFT scenario (best run kept)")
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--shard-counts", type=int, nargs="+", default=[1, 2, 4],
+                        help="redis-servers of the shard-scaling phase (first --block-sizes entry)")
+    parser.add_argument("--skip-shard-scaling", action="store_true")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.context_tokens = args.context_tokens or (32768 if cuda else 8192)
@@ -304,8 +367,11 @@ def main() -> None:
             results["bandwidth"] = [row for block_size in args.block_sizes
                                     for row in bench_paths(args, device, block_size, port)]
             results["bandwidth_torch_threads"] = torch.get_num_threads()
-            torch.set_num_threads(threads)
             print_table(f"KV tier bandwidth ({name}, {args.dtype}, GB/s)", results["bandwidth"])
+            if not args.skip_shard_scaling:
+                results["shard_scaling"] = bench_shard_scaling(args, device, folder)
+                print_table(f"Redis shard scaling ({name}, {os.cpu_count()} CPUs, GB/s)", results["shard_scaling"])
+            torch.set_num_threads(threads)
             if not args.skip_ttft:
                 model_dir, vocab = make_ttft_model(args, folder)
                 results["ttft"] = bench_ttft(args, model_dir, f"redis://127.0.0.1:{port}", vocab)
@@ -317,11 +383,7 @@ def main() -> None:
 
 
 def write_results(results: dict, device_kind: str) -> None:
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kv_tiers_{device_kind}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(f"kv_tiers_{device_kind}", results)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-host-bytes", type=int, default=None,
                         help="host-memory KV tier per worker, in bytes (default 0: off)")
     parser.add_argument("--kv-redis-url", action="append", default=None, metavar="URL",
-                        help="Redis KV tier shared by replicas: redis:// or rediss:// URL; repeat or "
-                             "comma-separate to shard (needs --kv-host-bytes)")
+                        help="Redis KV tier shared by replicas: redis://, rediss://, redis+sentinel:// or "
+                             "redis+cluster:// URL; repeat or comma-separate to shard (needs --kv-host-bytes)")
 
 
 def build_config(args: argparse.Namespace) -> LongctxConfig:
@@ -72,7 +72,15 @@ def build_config(args: argparse.Namespace) -> LongctxConfig:
 def _split_urls(values: list[str] | None) -> tuple[str, ...] | None:
     if values is None:
         return None
-    return tuple(url.strip() for value in values for url in value.split(",") if url.strip())
+    urls: list[str] = []
+    for value in values:
+        first = len(urls)
+        for piece in filter(None, (piece.strip() for piece in value.split(","))):
+            if "://" in piece or len(urls) == first:
+                urls.append(piece)
+            else:  # a further host of redis+sentinel://h1,h2/... or redis+cluster://h1,h2
+                urls[-1] += "," + piece
+    return tuple(urls)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -122,11 +122,15 @@ class KVTierSettings(_Frozen):
     that is estimated faster than recomputing it. docs/kv_tiers.md has the design.
     """
 
+    # Redis URLs carry passwords: a validation error must not echo them back.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
     host_bytes: int = Field(
         0, ge=0, description="Host KV memory per worker (pinned on CUDA), LRU; 0 turns the host and Redis tiers off."
     )
     redis_urls: tuple[str, ...] = Field(
-        (), description="redis:// or rediss:// URLs (password in the URL); several shard the blocks by hash."
+        (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
+        "several shard the blocks by hash. kvcache/tiers/redis_urls.py has the forms."
     )
     redis_key_prefix: str = Field("longctx", min_length=1, description="First part of every Redis key.")
     redis_namespace: str | None = Field(
@@ -164,9 +168,10 @@ class KVTierSettings(_Frozen):
 
     @model_validator(mode="after")
     def _redis_needs_host(self) -> "KVTierSettings":
+        from kvcache.tiers.redis_urls import parse_redis_url  # torch- and redis-free
+
         for url in self.redis_urls:
-            if not url.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError(f"redis_urls: {url.split('@')[-1]!r} is not a redis://, rediss:// or unix:// URL")
+            parse_redis_url(url)  # a ValueError naming the URL, its password redacted
         if self.redis_urls and self.host_bytes == 0:
             raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory")
         return self

@@ -1,11 +1,19 @@
-"""Blocks in Redis: one value per block, sharded by hash over several servers, pipelined.
+"""Blocks in Redis: one value per block, sharded by hash over several endpoints, pipelined.
 
-Each shard has a blocking connection pool (callers on several threads share it; a caller waits
-for a free connection rather than opening unbounded ones) and its own health: a connection
-error or timeout marks the shard down, calls to it then fail fast (a miss, not a wait) until a
-retry time that backs off exponentially, and the first call after that reconnects. redis-py's
-own retries are off, so one dead server costs at most one socket timeout per backoff period.
-Sentinel and Cluster URLs are not supported (future work): shard over plain servers instead.
+Each entry of `redis_urls` is one shard (kvcache/tiers/redis_urls.py has the URL forms): a plain
+server, a master found through Redis Sentinel, or a whole Redis Cluster (which shards again by
+key slot inside). Each shard has blocking connection pools (callers on several threads share
+them; a caller waits for a free connection rather than opening unbounded ones) and its own
+health: a connection error or timeout marks the shard down, calls to it then fail fast (a miss,
+not a wait) until a retry time that backs off exponentially, and the first call after that
+reconnects. redis-py's own retries are off, so one dead server costs at most one socket timeout
+per backoff period.
+
+Failover needs nothing more. Sentinel: a connection asks the sentinels for the master's address
+whenever it (re)connects, so the first call after the backoff reaches the promoted replica; a
+connection still open to a demoted master fails (READONLY) and is dropped. Cluster: a failed
+call (a node down or hung, MOVED/ASK while slots move) makes the next one reload the slot map
+first, so the first call after the backoff goes to the new owner of each slot.
 """
 
 from __future__ import annotations
@@ -15,23 +23,26 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from kvcache.tiers.namespace import block_key
+from kvcache.tiers.redis_urls import RedisEndpoint, parse_redis_url, redact
+
+__all__ = ["RedisBlockStore", "ShardHealth", "redact"]
 
 logger = logging.getLogger(__name__)
 
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or parts.path
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
+# The shard cannot answer at all: back off. ClusterDownError is a reply ("CLUSTERDOWN"), but
+# no call to that cluster can succeed until it heals; RedisClusterException (not a RedisError)
+# is what redis-py raises when no startup node answers while it loads the slot map.
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException)
 
 
 class ShardHealth:
@@ -74,11 +85,141 @@ class ShardHealth:
             self._wait_s = min(2 * self._wait_s, self._max_s)
 
 
+class _Command(NamedTuple):
+    """One keyed command of a pipeline: pipe.<name>(key, *args, **options)."""
+
+    name: str
+    key: bytes
+    args: tuple = ()
+    options: dict | None = None
+
+
+def _queue(pipe, commands: Sequence[_Command]) -> None:
+    for command in commands:
+        getattr(pipe, command.name)(command.key, *command.args, **(command.options or {}))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's pool (asks the sentinels for the master on each connect), blocking when full
+    like the pools of the other shards, instead of raising."""
+
+
 class _Shard:
-    def __init__(self, url: str, settings: dict[str, Any], health: ShardHealth):
-        self.pool = redis.BlockingConnectionPool.from_url(url, **settings)
-        self.client = redis.Redis(connection_pool=self.pool)
+    """One `redis_urls` entry, here one server: a client made on first use, and its health.
+
+    The client is made lazily because a cluster client loads the slot map in its constructor:
+    a cluster down at start must be a failed call (backoff, retried later), not a crash."""
+
+    def __init__(self, endpoint: RedisEndpoint, settings: dict[str, Any], health: ShardHealth):
+        self.endpoint = endpoint
         self.health = health
+        self._settings = settings
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def client(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
+
+    def execute(self, commands: Sequence[_Command]) -> list:
+        """One pipeline; the replies in order, or an exception."""
+        pipe = self.client().pipeline(transaction=False)
+        _queue(pipe, commands)
+        return pipe.execute()
+
+    def ping(self) -> bool:
+        return bool(self.client().ping())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def _connect(self):
+        pool = redis.BlockingConnectionPool.from_url(self.endpoint.url, **self._settings)
+        return redis.Redis.from_pool(pool)
+
+
+class _SentinelShard(_Shard):
+    """The master of a Sentinel service; its pool asks the sentinels where it is at each connect."""
+
+    def _connect(self):
+        endpoint, settings = self.endpoint, self._settings
+        sockets = {key: value for key, value in settings.items() if key.startswith("socket_")}
+        self._sentinel = Sentinel(
+            endpoint.hosts,
+            sentinel_kwargs={**sockets, "password": endpoint.sentinel_password, "ssl": endpoint.tls,
+                             "retry": settings["retry"]})
+        return self._sentinel.master_for(
+            endpoint.service, connection_pool_class=_BlockingSentinelPool, db=endpoint.db,
+            username=endpoint.username, password=endpoint.password, ssl=endpoint.tls, **settings)
+
+    def close(self) -> None:
+        super().close()
+        if self._client is not None:
+            self._sentinel.close()
+
+
+class _ClusterShard(_Shard):
+    """A Redis Cluster: RedisCluster keeps the slot map and a client per node; each call sends one
+    plain pipeline per node owning some of its keys.
+
+    Not redis-py's ClusterPipeline: after a connection error or timeout it resends each failed
+    command on its own, each waiting out its own timeout (a pipelined fetch of n blocks held by a
+    hung node took n socket timeouts). Here a node that fails fails the whole call at once, and
+    the next call first reloads the slot map (a failover or resharding may have moved slots).
+    A MOVED or ASK reply fails the call the same way: those blocks are misses this once.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reload_slots = False
+
+    def execute(self, commands: Sequence[_Command]) -> list:
+        client = self.client()
+        if self._reload_slots:
+            client.nodes_manager.initialize()
+            self._reload_slots = False
+        try:
+            return self._execute_per_node(client, commands)
+        except (redis.RedisError, RedisClusterException):
+            self._reload_slots = True
+            raise
+
+    def ping(self) -> bool:
+        return bool(self.client().ping(target_nodes=RedisCluster.PRIMARIES))
+
+    @staticmethod
+    def _execute_per_node(client: RedisCluster, commands: Sequence[_Command]) -> list:
+        nodes, positions = {}, {}
+        for position, command in enumerate(commands):
+            node = client.get_node_from_key(command.key)
+            nodes[node.name] = node
+            positions.setdefault(node.name, []).append(position)
+        replies: list = [None] * len(commands)
+        for name, node_positions in positions.items():
+            pipe = client.get_redis_connection(nodes[name]).pipeline(transaction=False)
+            _queue(pipe, [commands[p] for p in node_positions])
+            for position, reply in zip(node_positions, pipe.execute()):
+                replies[position] = reply
+        return replies
+
+    def _connect(self):
+        endpoint, settings = self.endpoint, self._settings
+        (host, port), *others = endpoint.hosts
+        # The first node goes in as a URL only because redis-py gives the node clients the
+        # `connection_pool_class` (blocking, as on the other shards) on that path alone. A call
+        # holds one node connection at a time, so blocking pools cannot deadlock here.
+        scheme = "rediss" if endpoint.tls else "redis"
+        return RedisCluster(
+            url=f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}",
+            startup_nodes=[ClusterNode(h, p) for h, p in others], username=endpoint.username,
+            password=endpoint.password, connection_pool_class=redis.BlockingConnectionPool, **settings)
+
+
+_SHARD_KINDS = {"server": _Shard, "sentinel": _SentinelShard, "cluster": _ClusterShard}
 
 
 class RedisBlockStore:
@@ -98,11 +239,15 @@ class RedisBlockStore:
     ):
         if not urls:
             raise ValueError("RedisBlockStore needs at least one URL")
+        endpoints = [parse_redis_url(url) for url in urls]  # ValueError naming a bad URL
+        # One command, one try: the shard's backoff, not redis-py, decides when to try again.
+        # `timeout` is how long a caller waits for a free pooled connection.
         settings = {"max_connections": max_connections, "timeout": socket_timeout_s,
                     "socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s,
                     "retry": Retry(NoBackoff(), 0)}
-        self._shards = [_Shard(url, settings, ShardHealth(redact(url), backoff_s, backoff_max_s, clock))
-                        for url in urls]
+        self._shards = [
+            _SHARD_KINDS[endpoint.kind](endpoint, settings, ShardHealth(endpoint.name, backoff_s, backoff_max_s, clock))
+            for endpoint in endpoints]
         self._prefix = key_prefix
         self._ttl_s = ttl_s
 
@@ -116,42 +261,37 @@ class RedisBlockStore:
 
     def ping(self) -> bool:
         """Reach every shard once; log the unreachable ones. Whether all answered."""
-        return all(self._run(shard, lambda pipe: pipe.ping()) is not None for shard in self._shards)
+        answers = [self._guarded(shard, shard.ping) is not None for shard in self._shards]  # each, no short cut
+        return all(answers)
 
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
-        def build(pipe, indices):
-            for i in indices:
-                pipe.set(block_key(self._prefix, items[i][0]), items[i][1], ex=self._ttl_s)
-
-        return [reply is True for reply in self._per_shard([h for h, _ in items], build, False)]
+        commands = [_Command("set", self._key(h), (value,), {"ex": self._ttl_s}) for h, value in items]
+        return [reply is True for reply in self._per_shard([h for h, _ in items], commands, False)]
 
     def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
-        return self._per_shard(hashes, self._command("get", hashes), None)
+        return self._per_shard(hashes, [_Command("get", self._key(h)) for h in hashes], None)
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:
-        return [bool(n) for n in self._per_shard(hashes, self._command("exists", hashes), 0)]
+        return [bool(n) for n in self._per_shard(hashes, [_Command("exists", self._key(h)) for h in hashes], 0)]
 
     def delete(self, hashes: Sequence[bytes]) -> int:
-        return sum(self._per_shard(hashes, self._command("delete", hashes), 0))
+        return sum(self._per_shard(hashes, [_Command("delete", self._key(h)) for h in hashes], 0))
 
     def close(self) -> None:
         for shard in self._shards:
-            shard.pool.disconnect()
+            shard.close()
 
     # --- plumbing ---------------------------------------------------------------------------
-    def _command(self, name: str, hashes: Sequence[bytes]):
-        def build(pipe, indices):
-            for i in indices:
-                getattr(pipe, name)(block_key(self._prefix, hashes[i]))
+    def _key(self, block_hash: bytes) -> bytes:
+        return block_key(self._prefix, block_hash)
 
-        return build
-
-    def _per_shard(self, hashes: Sequence[bytes], build, failed_reply) -> list:
-        """Run one pipeline per shard; replies in the order of `hashes`, `failed_reply` where a
-        shard could not answer."""
+    def _per_shard(self, hashes: Sequence[bytes], commands: list[_Command], failed_reply) -> list:
+        """Run each shard's commands (one pipeline per server); replies in the order of `hashes`,
+        `failed_reply` where a shard could not answer."""
         replies = [failed_reply] * len(hashes)
         for shard_index, indices in self._group(hashes).items():
-            shard_replies = self._run(self._shards[shard_index], functools.partial(build, indices=indices))
+            shard = self._shards[shard_index]
+            shard_replies = self._guarded(shard, functools.partial(shard.execute, [commands[i] for i in indices]))
             if shard_replies is not None:
                 for i, reply in zip(indices, shard_replies):
                     replies[i] = reply
@@ -165,18 +305,17 @@ class RedisBlockStore:
         return groups
 
     @staticmethod
-    def _run(shard: _Shard, build) -> list | None:
+    def _guarded(shard: _Shard, call: Callable[[], Any]) -> Any:
+        """call() unless the shard is backing off; None where it failed (recorded in its health)."""
         if not shard.health.available():
             return None
         try:
-            pipe = shard.client.pipeline(transaction=False)
-            build(pipe)
-            replies = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+            reply = call()
+        except _UNREACHABLE as error:
             shard.health.failed(error, unreachable=True)
             return None
         except redis.RedisError as error:  # e.g. OOM: the server is there but refused
             shard.health.failed(error, unreachable=False)
             return None
         shard.health.succeeded()
-        return replies
+        return reply

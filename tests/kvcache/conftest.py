@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process without persistence, on 127.0.0.1."""
+    """One redis-server process without persistence, on 127.0.0.1; `args` are more options
+    (`--cluster-enabled yes`), `config` a config file read first (a sentinel needs one)."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, args: Sequence[str] = (), config: Path | None = None):
         self.port = port or free_port()
         self.workdir = workdir
+        self.args = tuple(args)
+        self.config = config
         self.process: subprocess.Popen | None = None
 
     @property
@@ -42,8 +45,8 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [REDIS_SERVER, *([str(self.config)] if self.config else []), "--port", str(self.port), "--bind",
+             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not self._answers():
@@ -73,13 +76,14 @@ class RedisServer:
 
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """start_redis(port=None) -> a running RedisServer; all are killed after the test."""
+    """start_redis(port=None, args=(), config=None) -> a running RedisServer; all are killed
+    after the test."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (make setup installs it)")
     servers: list[RedisServer] = []
 
-    def start(port: int | None = None) -> RedisServer:
-        servers.append(RedisServer(tmp_path, port).start())
+    def start(port: int | None = None, args: Sequence[str] = (), config: Path | None = None) -> RedisServer:
+        servers.append(RedisServer(tmp_path, port, args, config).start())
         return servers[-1]
 
     yield start
