@@ -347,7 +347,8 @@ def parse_args() -> argparse.Namespace:
 def make_ttft_model(args, folder: str) -> tuple[str, int]:
     folder = Path(folder) / "model"
     if args.device.startswith("cuda"):
-        path = make_model(folder, "llama3-8b-shape", num_hidden_layers=args.ttft_layers)
+        path = make_model(folder, "llama3-8b-shape", num_hidden_layers=args.ttft_layers,
+                          max_position_embeddings=max(131072, 2 * args.context_tokens))
         return str(path), 128_256
     return str(make_model(folder, "tiny", seed=1, max_position_embeddings=max(16384, 2 * args.context_tokens))), 1024
 

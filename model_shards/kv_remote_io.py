@@ -71,7 +71,8 @@ class RemoteBlockIO:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kv-redis")
         self._cond = threading.Condition()
         self._completed = Completed()
-        self._reads_in_flight = 0  # probes and fetched blocks: what an idle step may wait for
+        self._reads_in_flight = 0  # probes and fetched blocks
+        self._writes_in_flight = 0  # write chunks submitted, not finished
         self._pending_write_bytes = 0
         self._max_pending_write_bytes = max_pending_write_bytes
         self._errors_reported = 0
@@ -104,10 +105,14 @@ class RemoteBlockIO:
             self._executor.submit(self._probe, probe_id, hashes)
 
     def drain(self, timeout_s: float = 0.0) -> Completed:
-        """Everything finished so far; waits up to `timeout_s` for a read if none has finished."""
+        """Everything finished so far; waits up to `timeout_s` for a read or a write to finish
+        if none has. (Waiting, not spinning: a caller polling in a loop would otherwise hold the
+        GIL that the I/O threads need.)"""
         self._check_health()
         with self._cond:
-            if timeout_s > 0 and self._reads_in_flight and not (self._completed.fetched or self._completed.probed):
+            done = self._completed
+            if (timeout_s > 0 and (self._reads_in_flight or self._writes_in_flight)
+                    and not (done.fetched or done.probed or done.written)):
                 self._cond.wait(timeout_s)
             completed, self._completed = self._completed, Completed()
         return completed
@@ -142,6 +147,7 @@ class RemoteBlockIO:
             with self._cond:
                 admitted = self._pending_write_bytes + nbytes <= self._max_pending_write_bytes
                 self._pending_write_bytes += nbytes if admitted else 0
+                self._writes_in_flight += 1 if admitted else 0
             if admitted:
                 self._executor.submit(self._write_chunk, chunk, nbytes)
             else:  # Redis is slower than we compute: drop rather than queue without bound
@@ -163,6 +169,9 @@ class RemoteBlockIO:
                 self._pending_write_bytes -= nbytes
         sample = TransferSample(HOST_TO_REDIS, sum(stored) * self.fmt.nbytes, time.perf_counter() - start)
         self._finish_writes(chunk, stored, sample, dropped=False)
+        with self._cond:
+            self._writes_in_flight -= 1
+            self._cond.notify_all()
 
     def _value_buffers(self, count: int) -> list[bytearray]:
         # Reused across writes: a fresh multi-MiB value per block costs page faults, which are

@@ -34,6 +34,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from kvcache.tiers.namespace import block_key
 from kvcache.tiers.redis_urls import RedisEndpoint, parse_redis_url, redact
+from kvcache.tiers.resp import RespPool
 
 __all__ = ["RedisBlockStore", "ShardHealth", "redact"]
 
@@ -130,6 +131,13 @@ class _Shard:
         _queue(pipe, commands)
         return pipe.execute()
 
+    def get_values(self, keys: Sequence[bytes]) -> list:
+        """Each key's value (bytes-like) or None; valid until this thread's next call."""
+        return self.execute([_Command("get", key) for key in keys])
+
+    def set_values(self, items: Sequence[tuple[bytes, Any]], ttl_s: int | None) -> list[bool]:
+        return [reply is True for reply in self.execute([_Command("set", k, (v,), {"ex": ttl_s}) for k, v in items])]
+
     def ping(self) -> bool:
         return bool(self.client().ping())
 
@@ -219,7 +227,43 @@ class _ClusterShard(_Shard):
             password=endpoint.password, connection_pool_class=redis.BlockingConnectionPool, **settings)
 
 
-_SHARD_KINDS = {"server": _Shard, "sentinel": _SentinelShard, "cluster": _ClusterShard}
+class _FastServerShard(_Shard):
+    """A plain server (no TLS): GET and SET go through kvcache/tiers/resp.py, received into
+    per-thread buffers and sent from memoryviews; other commands through redis-py."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fast = RespPool(self.endpoint.url, self._settings["max_connections"], self._settings["socket_timeout"])
+        self._local = threading.local()  # per I/O thread: reused value buffers
+
+    def get_values(self, keys: Sequence[bytes]) -> list:
+        buffers: list[bytearray] = self._local.__dict__.setdefault("buffers", [])
+
+        def sink(index: int, length: int) -> memoryview:
+            while len(buffers) <= index:
+                buffers.append(bytearray())
+            if len(buffers[index]) < length:
+                buffers[index] = bytearray(length)
+            return memoryview(buffers[index])[:length]
+
+        lengths = self._fast.run(lambda connection: connection.get_many(keys, sink))
+        return [None if n is None else memoryview(buffers[i])[:n] for i, n in enumerate(lengths)]
+
+    def set_values(self, items: Sequence[tuple[bytes, Any]], ttl_s: int | None) -> list[bool]:
+        views = [(key, memoryview(value).cast("B")) for key, value in items]
+        return self._fast.run(lambda connection: connection.set_many(views, ttl_s))
+
+    def close(self) -> None:
+        super().close()
+        self._fast.close()
+
+
+def _server_shard(endpoint: RedisEndpoint, settings: dict[str, Any], health: ShardHealth) -> _Shard:
+    kind = _FastServerShard if RespPool.supports(endpoint.url) else _Shard
+    return kind(endpoint, settings, health)
+
+
+_SHARD_KINDS = {"server": _server_shard, "sentinel": _SentinelShard, "cluster": _ClusterShard}
 
 
 class RedisBlockStore:
@@ -265,11 +309,14 @@ class RedisBlockStore:
         return all(answers)
 
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
-        commands = [_Command("set", self._key(h), (value,), {"ex": self._ttl_s}) for h, value in items]
-        return [reply is True for reply in self._per_shard([h for h, _ in items], commands, False)]
+        keyed = [(self._key(h), value) for h, value in items]
+        return self._per_shard_call([h for h, _ in items], False,
+                                    lambda shard, picked: shard.set_values([keyed[i] for i in picked], self._ttl_s))
 
     def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
-        return self._per_shard(hashes, [_Command("get", self._key(h)) for h in hashes], None)
+        """Values may be views into buffers reused by the calling thread's next get()."""
+        keys = [self._key(h) for h in hashes]
+        return self._per_shard_call(hashes, None, lambda shard, picked: shard.get_values([keys[i] for i in picked]))
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:
         return [bool(n) for n in self._per_shard(hashes, [_Command("exists", self._key(h)) for h in hashes], 0)]
@@ -288,10 +335,16 @@ class RedisBlockStore:
     def _per_shard(self, hashes: Sequence[bytes], commands: list[_Command], failed_reply) -> list:
         """Run each shard's commands (one pipeline per server); replies in the order of `hashes`,
         `failed_reply` where a shard could not answer."""
+        return self._per_shard_call(hashes, failed_reply,
+                                    lambda shard, picked: shard.execute([commands[i] for i in picked]))
+
+    def _per_shard_call(self, hashes: Sequence[bytes], failed_reply, call: Callable[[_Shard, list[int]], list]) -> list:
+        """call(shard, indices of its hashes) on each shard holding some; replies in the order of
+        `hashes`, `failed_reply` where a shard could not answer."""
         replies = [failed_reply] * len(hashes)
         for shard_index, indices in self._group(hashes).items():
             shard = self._shards[shard_index]
-            shard_replies = self._guarded(shard, functools.partial(shard.execute, [commands[i] for i in indices]))
+            shard_replies = self._guarded(shard, functools.partial(call, shard, indices))
             if shard_replies is not None:
                 for i, reply in zip(indices, shard_replies):
                     replies[i] = reply

@@ -1,0 +1,84 @@
+"""The raw RESP path of the Redis block store (kvcache/tiers/resp.py) against a real redis-server:
+exact values of every size, order, absent keys, TTL, AUTH and SELECT, error replies, threads."""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kvcache.tiers.redis_store import RedisBlockStore
+from kvcache.tiers.resp import RespPool
+
+PREFIX = b"resp-test:"
+
+
+def values_of_many_sizes(rng: random.Random) -> list[tuple[bytes, bytes]]:
+    """Sizes around the 64 KiB read buffer, several small replies per read, and a few MiB."""
+    sizes = [0, 1, 100, 65_533, 65_536, 65_539, 3 << 20, 17, 200_000]
+    return [(rng.randbytes(32), os.urandom(size)) for size in sizes]
+
+
+def test_values_of_every_size_come_back_exact_in_order(redis_server):
+    store = RedisBlockStore([redis_server.url], PREFIX, ttl_s=600)
+    items = values_of_many_sizes(random.Random(0))
+    assert store.put([(h, memoryview(v)) for h, v in items]) == [True] * len(items)
+    absent = random.Random(1).randbytes(32)
+    hashes = [absent] + [h for h, _ in items][::-1]
+    values = store.get(hashes)
+    assert values[0] is None
+    assert [bytes(v) for v in values[1:]] == [v for _, v in items][::-1]
+    client = redis_server.client()
+    assert 0 < client.ttl(PREFIX + items[0][0].hex().encode()) <= 600
+
+
+def test_auth_and_database_come_from_the_url(redis_server):
+    client = redis_server.client()
+    client.config_set("requirepass", "s3cret")
+    store = RedisBlockStore([f"redis://:s3cret@127.0.0.1:{redis_server.port}/3"], PREFIX)
+    block_hash = b"\x01" * 32
+    assert store.put([(block_hash, b"payload")]) == [True]
+    assert bytes(store.get([block_hash])[0]) == b"payload"
+    import redis
+
+    in_db3 = redis.Redis(port=redis_server.port, password="s3cret", db=3)
+    assert in_db3.get(PREFIX + block_hash.hex().encode()) == b"payload"
+    wrong = RedisBlockStore([f"redis://:wrong@127.0.0.1:{redis_server.port}/3"], PREFIX)
+    assert wrong.put([(block_hash, b"x")]) == [False] and wrong.get([block_hash]) == [None]
+    assert not wrong.up and wrong.errors == 1  # a failed connection: the shard backs off
+
+
+def test_an_error_reply_fails_that_write_only(redis_server):
+    client = redis_server.client()
+    store = RedisBlockStore([redis_server.url], PREFIX)
+    assert store.put([(b"\x02" * 32, b"kept")]) == [True]
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + (1 << 20))
+    stored = store.put([(bytes([i]) * 32, os.urandom(1 << 20)) for i in range(10, 14)])
+    assert not all(stored)  # OOM error replies, each read off the connection
+    assert store.up  # the server answered: not a reason to back off
+    client.config_set("maxmemory", 0)
+    assert store.put([(b"\x03" * 32, b"later")]) == [True]  # the same connection, still in step
+    assert [bytes(v) for v in store.get([b"\x02" * 32, b"\x03" * 32])] == [b"kept", b"later"]
+
+
+def test_threads_read_their_own_values(redis_server):
+    store = RedisBlockStore([redis_server.url], PREFIX, max_connections=4)
+    items = [(random.Random(i).randbytes(32), os.urandom(300_000 + i)) for i in range(32)]
+    assert all(store.put(items))
+    expected = dict(items)
+
+    def read(chunk):  # values are views into the thread's buffers: compare before the next get
+        return all(bytes(value) == expected[h] for h, value in zip(chunk, store.get(chunk)))
+
+    chunks = [[h for h, _ in items[i::4]] for i in range(4)] * 5
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(read, chunks))
+
+
+@pytest.mark.parametrize("url, fast", [("redis://h:1/0", True), ("unix:///tmp/r.sock", True),
+                                       ("rediss://h:1/0", False)])
+def test_tls_stays_on_redis_py(url, fast):
+    assert RespPool.supports(url) is fast
