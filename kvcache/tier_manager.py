@@ -129,6 +129,7 @@ class TierManager:
 
     def _make_prefetcher(self) -> RedisPrefetcher:
         return RedisPrefetcher(self.host, self._ops, self.metrics, decide=self._decide,
+                               worth_probing=lambda first, n: self.cost.decide(REDIS, first, n).restore,
                                estimate_s=lambda n: self.cost.restore_seconds(REDIS, n),
                                timeout_s=self.settings.restore_timeout_s, clock=self.clock)
 

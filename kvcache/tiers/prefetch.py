@@ -40,10 +40,12 @@ class _Prefetch:
 
 class RedisPrefetcher:
     def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, *,
-                 decide: Callable[[str, int, int, str], Decision], estimate_s: Callable[[int], float],
-                 timeout_s: float, clock: Callable[[], float]):
+                 decide: Callable[[str, int, int, str], Decision], worth_probing: Callable[[int, int], bool],
+                 estimate_s: Callable[[int], float], timeout_s: float, clock: Callable[[], float]):
+        """`decide(tier, first block, blocks, request id)`: the recorded decision;
+        `worth_probing(first block, blocks)`: whether restoring all of them would beat recomputing."""
         self.host, self.ops, self.metrics = host, ops, metrics
-        self._decide, self._estimate_s = decide, estimate_s
+        self._decide, self._worth_probing, self._estimate_s = decide, worth_probing, estimate_s
         self._timeout_s, self._clock = timeout_s, clock
         self._states: dict[str, _Prefetch] = {}
         self._tried: set[str] = set()  # one prefetch per admission (a preempted request retries)
@@ -115,6 +117,12 @@ class RedisPrefetcher:
         num_on_host = len(self.host.leading_run(hashes))
         rest = tuple(hashes[num_on_host:])
         if not rest:
+            return None
+        # Recomputing a block costs more the later it sits (attention), restoring it the same
+        # everywhere: if restoring the whole rest loses, so does restoring any prefix of it, and
+        # the request need not wait for the probe's round trip.
+        if not self._worth_probing(first_block + num_on_host, len(rest)):
+            self._decide(REDIS, first_block + num_on_host, len(rest), request_id)  # recorded: recompute
             return None
         probe_id = next(self._probe_ids)
         self._probes[probe_id] = request_id

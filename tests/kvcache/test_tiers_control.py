@@ -251,6 +251,19 @@ def test_cost_model_recomputes_when_the_tier_is_slower_than_prefill():
         "longctx_kv_restore_decisions_total", {"tier": "host", "decision": "recompute"}) == 1
 
 
+def test_a_prefix_that_redis_cannot_serve_faster_is_not_even_probed():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64,
+                                   initial_redis_bandwidth_bytes_per_s=1.0)  # 1000 s a block
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    worker.redis.update({h: h for h in Request("x", DOC, SamplingParams(), ROOT, BLOCK_SIZE).block_hashes})
+    submit(scheduler, max_tokens, "r", DOC)
+    first = run_step(scheduler, tiers, worker, max_tokens)
+    assert first.num_scheduled_tokens == {"r": 33}  # computed at once: no wait for a probe
+    assert first.kv_transfers is None or not first.kv_transfers.probes
+    assert tiers.metrics.registry.get_sample_value(
+        "longctx_kv_restore_decisions_total", {"tier": "redis", "decision": "recompute"}) == 1
+
+
 def test_host_overflow_writes_back_only_blocks_redis_lacks():
     scheduler, tiers = make_system(num_blocks=12, host_slots=4, budget=64, redis_write_through=False)
     worker, max_tokens = ShadowWorker(scheduler), {}
