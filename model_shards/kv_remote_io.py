@@ -136,7 +136,11 @@ class RemoteBlockIO:
         new, self._errors_reported = errors - self._errors_reported, errors
         return new
 
-    def close(self) -> None:
+    def close(self, write_timeout_s: float = 10.0) -> None:
+        """Let submitted writes finish (up to `write_timeout_s`: a write-back may hold the only
+        copy of a block), drop queued reads, then close the connections."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writes_in_flight, write_timeout_s)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 

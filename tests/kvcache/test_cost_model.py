@@ -55,3 +55,12 @@ def test_a_million_token_prefix_is_restored_although_a_rate_in_tokens_would_reco
 def test_a_short_prefix_is_recomputed_when_redis_is_slower():
     decision = cost_model(PrefillFlops.of(LLAMA_8B)).decide(REDIS, 0, 32)  # 2K tokens, 268 MB
     assert decision.recompute_s < decision.restore_s and not decision.restore
+
+
+def test_the_first_measurement_replaces_the_initial_guess():
+    model = RestoreCostModel(KVTierSettings(ema_alpha=0.2, initial_prefill_tokens_per_s=10_000), BLOCK,
+                             BLOCK_NBYTES, PrefillFlops.tokens_only())
+    model.observe_prefill([(0, 8192)], 0.025)  # 327,680 tokens/s
+    assert model.prefill_flops_per_s.value == pytest.approx(327_680)
+    model.observe_prefill([(0, 8192)], 0.05)
+    assert model.prefill_flops_per_s.value == pytest.approx(0.8 * 327_680 + 0.2 * 163_840)
