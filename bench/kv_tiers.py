@@ -140,8 +140,8 @@ def make_transfer(args, device: torch.device, block_size: int, num_blocks: int, 
     def connect(fmt, slots):
         prefix = key_prefix("bench", key_namespace(f"bench|{block_size}", "none"))
         store = RedisBlockStore([f"redis://127.0.0.1:{port}" for port in ports], prefix, socket_timeout_s=30.0,
-                                max_connections=IO_THREADS)
-        return RemoteBlockIO(store, fmt, slots, threads=IO_THREADS, max_pending_write_bytes=1 << 40)
+                                max_connections=args.io_threads)
+        return RemoteBlockIO(store, fmt, slots, threads=args.io_threads, max_pending_write_bytes=1 << 40)
 
     return KVTransfer(cache, num_blocks, chunk_bytes=64 << 20, remote_factory=connect)
 
@@ -331,6 +331,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttft-layers", type=int, default=2, help="GPU TTFT model: Llama-3-8B shape, this many layers")
     parser.add_argument("--repeats", type=int, default=3, help="documents per TTFT scenario (best run kept)")
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--io-threads", type=int, default=IO_THREADS,
+                        help="our Redis I/O threads (the ceiling keeps IO_THREADS clients per server)")
     parser.add_argument("--shard-counts", type=int, nargs="+", default=[1, 2, 4],
                         help="redis-servers of the shard-scaling phase (first --block-sizes entry)")
     parser.add_argument("--skip-shard-scaling", action="store_true")
@@ -358,7 +360,7 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict = {"device": name, "block_shape": [args.layers, 2, "block_tokens", args.kv_heads, args.head_dim],
-                     "dtype": args.dtype, "io_threads": IO_THREADS}
+                     "dtype": args.dtype, "io_threads": args.io_threads}
     with tempfile.TemporaryDirectory() as folder:
         process, port = start_redis(folder)
         try:
