@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from cluster.config import KVTierSettings
 from kvcache.tiers.host_index import HOST, REDIS
 from kvcache.tiers.ops import DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS, REDIS_TO_HOST
+
+if TYPE_CHECKING:  # the control plane reads config.json shapes, never model code
+    from model_shards.hf_config import ModelArchitecture
 
 # A smaller sample mostly measures call overhead, not bandwidth.
 _MIN_SAMPLE_BYTES = 64 << 10
@@ -44,15 +47,6 @@ class Ema:
         self.measured = True
 
 
-class _Architecture(Protocol):  # model_shards.hf_config.ModelArchitecture (torch-free)
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-
-
 @dataclass(frozen=True)
 class PrefillFlops:
     """FLOPs of computing positions [start, end) of one sequence, whose keys start at 0."""
@@ -61,7 +55,7 @@ class PrefillFlops:
     per_key: float  # QK^T and PV for one (query, key) pair over every layer and head
 
     @classmethod
-    def of(cls, arch: _Architecture) -> PrefillFlops:
+    def of(cls, arch: ModelArchitecture) -> PrefillFlops:
         attention_weights = arch.hidden_size * arch.head_dim * (2 * arch.num_attention_heads
                                                                  + 2 * arch.num_key_value_heads)
         mlp_weights = 3 * arch.hidden_size * arch.intermediate_size
