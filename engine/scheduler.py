@@ -126,18 +126,29 @@ class Scheduler:
             plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request.request_id]
 
     def _admit_waiting(self, plan: _StepPlan) -> None:
+        """First come, first served, except that a request whose prefix is still on its way
+        from Redis (seconds for a long document) lets the ones behind it go first; it keeps its
+        place at the head. A request that finds no free blocks stops admission (no overtaking
+        for memory, so a long prompt is never starved by short ones)."""
+        fetching: list[Request] = []
         while self.waiting and plan.budget > 0 and len(self.running) < self.settings.max_num_seqs:
-            if not self._admit(self.waiting[0], plan):
-                return
-            self.waiting.popleft()
+            request = self.waiting.popleft()
+            admitted = self._admit(request, plan)
+            if admitted is None:
+                fetching.append(request)
+            elif not admitted:
+                self.waiting.appendleft(request)
+                break
+        self.waiting.extendleft(reversed(fetching))
 
-    def _admit(self, request: Request, plan: _StepPlan) -> bool:
+    def _admit(self, request: Request, plan: _StepPlan) -> bool | None:
+        """Whether the request was admitted; None while its prefix is on its way from Redis."""
         cached_blocks, num_hit_tokens = self.kv_cache_manager.find_cached_prefix(
             request.block_hashes, request.num_tokens
         )
         restore = self.kv_tiers.plan_restore(request, len(cached_blocks))
-        if restore is None:  # its prefix is on its way from Redis
-            return False
+        if restore is None:
+            return None
         num_hit_tokens += restore.num_tokens  # restored into the first new blocks
         num_new = min(request.num_tokens - num_hit_tokens, plan.budget)
         new_blocks = self.kv_cache_manager.allocate_slots(

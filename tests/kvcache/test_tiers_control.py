@@ -251,6 +251,21 @@ def test_cost_model_recomputes_when_the_tier_is_slower_than_prefill():
         "longctx_kv_restore_decisions_total", {"tier": "host", "decision": "recompute"}) == 1
 
 
+def test_requests_behind_a_redis_prefetch_are_not_held_up():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    worker.redis.update({h: h for h in Request("x", DOC, SamplingParams(), ROOT, BLOCK_SIZE).block_hashes})
+    worker.fetch_delay = lambda: 5  # the fetch takes five steps
+    submit(scheduler, max_tokens, "doc", DOC)
+    submit(scheduler, max_tokens, "short", range(900, 904))  # no full block: nothing to probe
+    first = run_step(scheduler, tiers, worker, max_tokens)  # doc: probe; short: admitted anyway
+    assert first.num_scheduled_tokens == {"short": 4}
+    assert [r.request_id for r in scheduler.waiting] == ["doc"]  # still first in line
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert not scheduler.has_unfinished_requests()
+    assert tiers.metrics.registry.get_sample_value("longctx_kv_hit_tokens_total", {"tier": "redis"}) == 32
+
+
 def test_a_prefix_that_redis_cannot_serve_faster_is_not_even_probed():
     scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64,
                                    initial_redis_bandwidth_bytes_per_s=1.0)  # 1000 s a block
