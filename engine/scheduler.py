@@ -126,27 +126,29 @@ class Scheduler:
             plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request.request_id]
 
     def _admit_waiting(self, plan: _StepPlan) -> None:
-        """First come, first served, except that a request whose prefix is still on its way
-        from Redis (seconds for a long document) lets the ones behind it go first; it keeps its
-        place at the head. A request that finds no free blocks stops admission (no overtaking
-        for memory, so a long prompt is never starved by short ones)."""
-        fetching: list[Request] = []
+        """First come, first served, except that while the first request's prefix is on its way
+        from Redis (seconds for a long document) the ones behind it may go first if they need
+        nothing from Redis themselves; it keeps its place at the head. Only the first in line
+        asks Redis: an answer given long before admission would be stale. A request that finds
+        no free blocks stops admission (no overtaking for memory)."""
+        fetching: Request | None = None
         while self.waiting and plan.budget > 0 and len(self.running) < self.settings.max_num_seqs:
             request = self.waiting.popleft()
-            admitted = self._admit(request, plan)
-            if admitted is None:
-                fetching.append(request)
+            admitted = self._admit(request, plan, may_probe=fetching is None)
+            if admitted is None and fetching is None:
+                fetching = request
             elif not admitted:
                 self.waiting.appendleft(request)
                 break
-        self.waiting.extendleft(reversed(fetching))
+        if fetching is not None:
+            self.waiting.appendleft(fetching)
 
-    def _admit(self, request: Request, plan: _StepPlan) -> bool | None:
-        """Whether the request was admitted; None while its prefix is on its way from Redis."""
+    def _admit(self, request: Request, plan: _StepPlan, may_probe: bool = True) -> bool | None:
+        """Whether the request was admitted; None while it waits for Redis."""
         cached_blocks, num_hit_tokens = self.kv_cache_manager.find_cached_prefix(
             request.block_hashes, request.num_tokens
         )
-        restore = self.kv_tiers.plan_restore(request, len(cached_blocks))
+        restore = self.kv_tiers.plan_restore(request, len(cached_blocks), may_probe)
         if restore is None:
             return None
         num_hit_tokens += restore.num_tokens  # restored into the first new blocks

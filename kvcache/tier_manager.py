@@ -16,7 +16,8 @@ A request's restorable prompt blocks at admission (the last prompt token is alwa
   0             d                    d + h
 
 A Redis prefetch is asynchronous (kvcache/tiers/prefetch.py): the request keeps its place at the
-head of the queue (later requests are admitted meanwhile) until its blocks have reached host
+head of the queue (later requests that need nothing from Redis are admitted meanwhile) until
+its blocks have reached host
 memory or its deadline passed, then restores the host run as above. A fetch that fails verification is a miss: the run ends there and the rest is
 recomputed.
 """
@@ -147,15 +148,16 @@ class TierManager:
         return (self.prefetch.num_fetching if self.prefetch else 0) + len(self._writing) + len(self._step_pins)
 
     # --- admission -------------------------------------------------------------------------
-    def plan_restore(self, request: TieredRequest, num_device_blocks: int) -> RestorePlan | None:
-        """The host run after the device hits, or None while the request waits for Redis."""
+    def plan_restore(self, request: TieredRequest, num_device_blocks: int, may_probe: bool = True) -> RestorePlan | None:
+        """The host run after the device hits, or None while the request waits for Redis (or,
+        with `may_probe` False, would have to start asking it)."""
         eligible = min(len(request.block_hashes), max(0, (request.num_tokens - 1) // self.block_size))
         plan = RestorePlan(request.request_id, self.block_size, num_device_blocks, eligible)
         if self.host is None or num_device_blocks >= eligible:
             return plan
         hashes = request.block_hashes[num_device_blocks:eligible]
         if self.prefetch is not None and self.prefetch.waiting(request.request_id, num_device_blocks, hashes,
-                                                               self.redis_up):
+                                                               self.redis_up, may_probe):
             return None
         slots = self.host.leading_run(hashes)
         if not slots or not self._decide(HOST, num_device_blocks, len(slots), request.request_id).restore:

@@ -67,13 +67,25 @@ class RedisPrefetcher:
         """Nothing in flight and no request state (for leak checks)."""
         return not (self._fetching or self._probes or self._states or self._tried)
 
-    def waiting(self, request_id: str, first_block: int, hashes: Sequence[bytes], may_start: bool) -> bool:
+    def waiting(self, request_id: str, first_block: int, hashes: Sequence[bytes], redis_up: bool,
+                may_start: bool = True) -> bool:
         """Whether the request must wait for Redis now; the first call may start its prefetch.
-        `hashes`: its prompt blocks from `first_block` on (the device hits come before)."""
+        `hashes`: its prompt blocks from `first_block` on (the device hits come before).
+        With `may_start` False a request that would start one waits instead: a probe answered
+        long before admission would be stale by then."""
         state = self._states.get(request_id)
-        if state is None and may_start and request_id not in self._tried:
+        if state is None and redis_up and request_id not in self._tried:
+            first, rest = self._rest(first_block, hashes)
+            # Recomputing a block costs more the later it sits (attention), restoring it the same
+            # everywhere: if restoring the whole rest loses, so does restoring any prefix of it,
+            # and no probe is worth its round trip.
+            worth = bool(rest) and self._worth_probing(first, len(rest))
+            if not may_start:
+                return worth
             self._tried.add(request_id)
-            state = self._probe(request_id, first_block, hashes)
+            if rest and not worth:
+                self._decide(REDIS, first, len(rest), request_id)  # recorded: recompute
+            state = self._probe(request_id, first, rest) if worth else None
         if state is None:
             return False
         if (state.probe_id is not None or state.waiting) and self._clock() < state.deadline:
@@ -113,22 +125,16 @@ class RedisPrefetcher:
         for state in self._states.values():
             state.waiting.discard(slot)
 
-    def _probe(self, request_id: str, first_block: int, hashes: Sequence[bytes]) -> _Prefetch | None:
+    def _rest(self, first_block: int, hashes: Sequence[bytes]) -> tuple[int, tuple[bytes, ...]]:
+        """(first block, hashes) after the host run: what Redis might serve."""
         num_on_host = len(self.host.leading_run(hashes))
-        rest = tuple(hashes[num_on_host:])
-        if not rest:
-            return None
-        # Recomputing a block costs more the later it sits (attention), restoring it the same
-        # everywhere: if restoring the whole rest loses, so does restoring any prefix of it, and
-        # the request need not wait for the probe's round trip.
-        if not self._worth_probing(first_block + num_on_host, len(rest)):
-            self._decide(REDIS, first_block + num_on_host, len(rest), request_id)  # recorded: recompute
-            return None
+        return first_block + num_on_host, tuple(hashes[num_on_host:])
+
+    def _probe(self, request_id: str, first_block: int, rest: tuple[bytes, ...]) -> _Prefetch:
         probe_id = next(self._probe_ids)
         self._probes[probe_id] = request_id
         self.ops.probes.append((probe_id, rest))
-        self._states[request_id] = state = _Prefetch(rest, first_block + num_on_host, self._clock() + self._timeout_s,
-                                                     probe_id)
+        self._states[request_id] = state = _Prefetch(rest, first_block, self._clock() + self._timeout_s, probe_id)
         return state
 
     def _continuation(self, hashes: Sequence[bytes], present: Sequence[bool]) -> tuple[list, list, set]:

@@ -311,7 +311,7 @@ def test_random_traffic_with_aborts_restores_exactly_and_leaks_nothing():
             preempted = preempted or any(r.num_preemptions for r in scheduler.requests.values())
             if rng.random() < 0.2:
                 _abort_random(scheduler, rng)
-            if rng.random() < 0.05 and worker.redis:  # Redis evicts something
+            if rng.random() < 0.15 and worker.redis:  # Redis evicts something
                 worker.redis.pop(rng.choice(list(worker.redis)))
     run_until_done(scheduler, tiers, worker, max_tokens)
     _drain(scheduler, tiers, worker, max_tokens)
