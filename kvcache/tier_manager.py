@@ -16,10 +16,9 @@ A request's restorable prompt blocks at admission (the last prompt token is alwa
   0             d                    d + h
 
 A Redis prefetch is asynchronous (kvcache/tiers/prefetch.py): the request keeps its place at the
-head of the queue (later requests that need nothing from Redis are admitted meanwhile) until
-its blocks have reached host
-memory or its deadline passed, then restores the host run as above. A fetch that fails verification is a miss: the run ends there and the rest is
-recomputed.
+head of the queue (later requests that need nothing from Redis are admitted meanwhile) until its
+blocks have reached host memory or its deadline passed, then restores the host run as above. A
+fetch that fails verification is a miss: the run ends there and the rest is recomputed.
 """
 
 from __future__ import annotations
