@@ -131,6 +131,7 @@ class TierManager:
         return RedisPrefetcher(self.host, self._ops, self.metrics, decide=self._decide,
                                worth_probing=lambda first, n: self.cost.decide(REDIS, first, n).restore,
                                estimate_s=lambda n: self.cost.restore_seconds(REDIS, n),
+                               observe=self.cost.observe_redis_restore,
                                timeout_s=self.settings.restore_timeout_s, clock=self.clock)
 
     def track_device(self, pool: BlockPool) -> None:

@@ -49,6 +49,8 @@ class TierMetrics:
         self.prefill_rate = Gauge("longctx_kv_prefill_estimate_flops_per_second", "Prefill-speed estimate "
                                   "(EMA of weight + causal-attention FLOPs per second) used by the restore "
                                   "decisions.", registry=r)
+        self.redis_overhead = Gauge("longctx_kv_redis_restore_overhead_estimate_seconds", "Time a Redis restore "
+                                    "takes beyond moving its bytes (EMA): probe and fetch round trips.", registry=r)
 
     def _define_redis_series(self) -> None:
         r = self.registry
@@ -93,3 +95,4 @@ class TierMetrics:
         for path, ema in cost.bandwidth.items():
             self.bandwidth.labels(path).set(ema.value)
         self.prefill_rate.set(cost.prefill_flops_per_s.value)
+        self.redis_overhead.set(cost.redis_overhead_s.value)

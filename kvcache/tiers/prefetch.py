@@ -36,16 +36,21 @@ class _Prefetch:
     probe_id: int | None  # set while the probe is out
     waiting: set[int] = field(default_factory=set)  # slots in flight that the request needs
     pinned: list[int] = field(default_factory=list)  # host slots of its run, held while it waits
+    started: float = 0.0  # when the probe went out
+    num_fetching: int = 0  # blocks it asked for (0 again once their restore time is recorded)
 
 
 class RedisPrefetcher:
     def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, *,
                  decide: Callable[[str, int, int, str], Decision], worth_probing: Callable[[int, int], bool],
-                 estimate_s: Callable[[int], float], timeout_s: float, clock: Callable[[], float]):
+                 estimate_s: Callable[[int], float], observe: Callable[[int, float], None], timeout_s: float,
+                 clock: Callable[[], float]):
         """`decide(tier, first block, blocks, request id)`: the recorded decision;
-        `worth_probing(first block, blocks)`: whether restoring all of them would beat recomputing."""
+        `worth_probing(first block, blocks)`: whether restoring all of them would beat recomputing;
+        `observe(blocks, seconds)`: a prefetch's whole time, probe to the last block landed."""
         self.host, self.ops, self.metrics = host, ops, metrics
         self._decide, self._worth_probing, self._estimate_s = decide, worth_probing, estimate_s
+        self._observe = observe
         self._timeout_s, self._clock = timeout_s, clock
         self._states: dict[str, _Prefetch] = {}
         self._tried: set[str] = set()  # one prefetch per admission (a preempted request retries)
@@ -113,6 +118,7 @@ class RedisPrefetcher:
             self._fetching[slot], self._fetching_slot[block_hash] = block_hash, slot
             self.ops.fetches.append((block_hash, slot))
         state.waiting = set(slots) | in_flight
+        state.num_fetching = len(slots)
         # Twice the estimated transfer, for headroom, plus the configured slack.
         state.deadline = self._clock() + 2 * self._estimate_s(len(slots)) + self._timeout_s
 
@@ -124,6 +130,9 @@ class RedisPrefetcher:
         self.host.unpin((slot,))  # a missed slot goes back to the free queue, empty
         for state in self._states.values():
             state.waiting.discard(slot)
+            if not state.waiting and state.num_fetching:
+                self._observe(state.num_fetching, self._clock() - state.started)
+                state.num_fetching = 0
 
     def _rest(self, first_block: int, hashes: Sequence[bytes]) -> tuple[int, tuple[bytes, ...]]:
         """(first block, hashes) after the host run: what Redis might serve."""
@@ -134,7 +143,8 @@ class RedisPrefetcher:
         probe_id = next(self._probe_ids)
         self._probes[probe_id] = request_id
         self.ops.probes.append((probe_id, rest))
-        self._states[request_id] = state = _Prefetch(rest, first_block, self._clock() + self._timeout_s, probe_id)
+        now = self._clock()
+        self._states[request_id] = state = _Prefetch(rest, first_block, now + self._timeout_s, probe_id, started=now)
         return state
 
     def _continuation(self, hashes: Sequence[bytes], present: Sequence[bool]) -> tuple[list, list, set]:

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import KVTierSettings
 from kvcache.tiers.cost_model import PrefillFlops, RestoreCostModel
-from kvcache.tiers.host_index import REDIS
+from kvcache.tiers.host_index import HOST, REDIS
 from kvcache.tiers.ops import HOST_TO_DEVICE, REDIS_TO_HOST
 
 LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -64,3 +64,16 @@ def test_the_first_measurement_replaces_the_initial_guess():
     assert model.prefill_flops_per_s.value == pytest.approx(327_680)
     model.observe_prefill([(0, 8192)], 0.05)
     assert model.prefill_flops_per_s.value == pytest.approx(0.8 * 327_680 + 0.2 * 163_840)
+
+
+def test_a_redis_restore_is_charged_its_measured_round_trips():
+    model = cost_model(PrefillFlops.of(LLAMA_8B))
+    model.observe_transfer(REDIS_TO_HOST, 1 << 30, (1 << 30) / 10e9)  # Redis at 10 GB/s, PCIe at 50
+    per_block_s = BLOCK_NBYTES * (1 / 10e9 + 1 / 50e9)
+    model.observe_redis_restore(4, 4 * BLOCK_NBYTES / 10e9 + 0.100)  # 100 ms beyond moving the bytes
+    assert model.redis_overhead_s.value == pytest.approx(0.100)
+    assert model.restore_seconds(REDIS, 8) == pytest.approx(8 * per_block_s + 0.100)
+    assert model.restore_seconds(HOST, 8) == pytest.approx(8 * BLOCK_NBYTES / 50e9)  # host: no round trips
+    recompute_s = model.recompute_seconds(0, 8)  # 512 tokens: 16 ms
+    assert 8 * per_block_s < recompute_s < model.restore_seconds(REDIS, 8)
+    assert not model.decide(REDIS, 0, 8).restore  # the bytes alone would have said restore

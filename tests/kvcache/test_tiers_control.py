@@ -266,6 +266,21 @@ def test_requests_behind_a_redis_prefetch_are_not_held_up():
     assert tiers.metrics.registry.get_sample_value("longctx_kv_hit_tokens_total", {"tier": "redis"}) == 32
 
 
+def test_a_block_evicted_between_probe_and_fetch_ends_the_restored_run():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    hashes = Request("x", DOC, SamplingParams(), ROOT, BLOCK_SIZE).block_hashes
+    worker.redis.update({h: h for h in hashes})
+    submit(scheduler, max_tokens, "r", DOC)
+    request = scheduler.requests["r"]
+    run_step(scheduler, tiers, worker, max_tokens)  # the probe: all 8 blocks present
+    del worker.redis[hashes[5]]  # Redis evicts block 5 before the fetch reaches it
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert request.num_redis_hit_tokens == 5 * BLOCK_SIZE
+    assert worker.outcomes[MISSING] == 1
+    assert tiers.metrics.registry.get_sample_value("longctx_kv_redis_fetches_total", {"outcome": "missing"}) == 1
+
+
 def test_a_prefix_that_redis_cannot_serve_faster_is_not_even_probed():
     scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64,
                                    initial_redis_bandwidth_bytes_per_s=1.0)  # 1000 s a block
@@ -321,7 +336,7 @@ def test_random_traffic_with_aborts_restores_exactly_and_leaks_nothing():
     registry = tiers.metrics.registry
     for tier in ("device", "host", "redis"):  # every tier served some prefix
         assert registry.get_sample_value("longctx_kv_hit_tokens_total", {"tier": tier}) > 0, tier
-    assert worker.outcomes[CHECKSUM] > 0 and worker.outcomes[MISSING] > 0
+    assert worker.outcomes[CHECKSUM] > 0  # MISSING: its own test below
     assert registry.get_sample_value("longctx_kv_prefetch_timeouts_total") > 0 and preempted
 
 
