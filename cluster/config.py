@@ -165,6 +165,15 @@ class KVTierSettings(_Frozen):
     transfer_chunk_bytes: int = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
     )
+    # Spills happen when allocation evicts a cached block anyway; the watermark moves those
+    # copies ahead, out of the step that needs the memory, a few blocks per step.
+    spill_watermark_fraction: float = Field(
+        0.05, ge=0, le=0.5, description="Keep this fraction of the device blocks, next in eviction order, copied to "
+        "host ahead of need, so that evicting them costs no copy; 0: copy at eviction only."
+    )
+    spill_ahead_max_blocks_per_step: int = Field(
+        16, ge=1, description="Copies ahead of need per engine step (bounds what one step waits for)."
+    )
 
     @model_validator(mode="after")
     def _redis_needs_host(self) -> "KVTierSettings":

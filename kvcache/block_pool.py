@@ -17,6 +17,7 @@ private suffixes built on it.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -134,6 +135,11 @@ class BlockPool:
         """The hash the block is cached under, or None."""
         self._check_id(block_id)
         return self._block_hashes[block_id]
+
+    def next_to_evict(self, count: int) -> list[tuple[int, bytes | None]]:
+        """The first `count` free blocks in eviction order, each with the hash it is cached
+        under (None: it holds nothing anyone can find). O(count)."""
+        return [(block_id, self._block_hashes[block_id]) for block_id in itertools.islice(self._free, count)]
 
     def free_queue(self) -> list[int]:
         """Free blocks in eviction order, next to be evicted first (O(n): for tests and debugging)."""

@@ -103,6 +103,8 @@ class TierManager:
         self._step_pins: list[int] = []  # host slots used by this step's saves and loads
         self._writing: set[int] = set()  # write-through slots the worker has not read yet
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
+        self._pool: BlockPool | None = None  # the device pool, once track_device gives it
+        self._watermark_blocks = 0
 
     @classmethod
     def from_config(cls, config: LongctxConfig, block_nbytes: int, flops: PrefillFlops | None = None,
@@ -135,7 +137,10 @@ class TierManager:
                                timeout_s=self.settings.restore_timeout_s, clock=self.clock)
 
     def track_device(self, pool: BlockPool) -> None:
+        """The device pool: its size for metrics, its eviction order for spilling ahead."""
         self.metrics.track_tier(DEVICE, lambda: pool.num_cached_blocks, self.block_nbytes)
+        self._pool = pool
+        self._watermark_blocks = int(self.settings.spill_watermark_fraction * pool.num_blocks)
 
     @property
     def has_queued_ops(self) -> bool:
@@ -235,6 +240,22 @@ class TierManager:
         self._step_pins.append(slots[0])
         return slots[0]
 
+    def _spill_ahead(self) -> None:
+        """Copy the cached blocks next in eviction order to host before anyone needs their
+        memory (the low watermark): evicting them later costs no copy. Free blocks are not
+        written by this step's forward pass (its blocks were taken from the queue already)."""
+        if self.host is None or self._pool is None or not self._watermark_blocks:
+            return
+        budget = self.settings.spill_ahead_max_blocks_per_step
+        for block_id, block_hash in self._pool.next_to_evict(self._watermark_blocks):
+            if budget == 0:
+                return
+            if block_hash is None or self.host.lookup(block_hash) is not None:
+                continue  # empty, or host has it already
+            if self._save(block_id, block_hash) is None:
+                return
+            budget -= 1
+
     def _write_back(self, slot: int, block_hash: bytes) -> None:
         """HostIndex evicts a block that Redis lacks: send it there before the slot is reused."""
         if self.redis_enabled and self.redis_up:
@@ -247,6 +268,7 @@ class TierManager:
         """This step's transfers; None when there is nothing to move and nothing in flight."""
         for request_id in dropped_request_ids:
             self._forget(request_id)
+        self._spill_ahead()
         in_flight = bool(self._writing) or (self.prefetch is not None and self.prefetch.has_outstanding)
         # While Redis is down the worker is still called each step: that is when it checks
         # whether Redis is back (the driver sends it no Redis work meanwhile).

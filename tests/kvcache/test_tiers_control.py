@@ -118,6 +118,7 @@ def make_system(num_blocks=16, host_slots=8, redis=True, budget=16, clock=None, 
                               redis_urls=("redis://unused",) if redis else (), **tier_settings)
     tiers = TierManager(settings, BLOCK_SIZE, BLOCK_NBYTES, clock=clock or FakeClock())
     manager = KVCacheManager(num_blocks, BLOCK_SIZE, on_evict=tiers.on_device_evict)
+    tiers.track_device(manager.pool)
     scheduler = Scheduler(SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=8), manager, tiers)
     return scheduler, tiers
 
@@ -292,6 +293,31 @@ def test_a_prefix_that_redis_cannot_serve_faster_is_not_even_probed():
     assert first.kv_transfers is None or not first.kv_transfers.probes
     assert tiers.metrics.registry.get_sample_value(
         "longctx_kv_restore_decisions_total", {"tier": "redis", "decision": "recompute"}) == 1
+
+
+def test_blocks_next_in_eviction_order_are_copied_to_host_ahead_of_need():
+    scheduler, tiers = make_system(num_blocks=10, host_slots=16, redis=False, budget=64,
+                                   spill_watermark_fraction=0.4, restore_policy="always")  # watermark: 4 blocks
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    submit(scheduler, max_tokens, "doc", DOC)  # blocks 0-8: 8 full, the 9th holds the 33rd token
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert scheduler.kv_cache_manager.pool.free_queue() == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    idle = run_step(scheduler, tiers, worker, max_tokens)
+    # Next to evict: 9 (empty), 8 (partial, not cached), 7 and 6: those two are copied now.
+    assert [block for block, _ in idle.kv_transfers.saves] == [7, 6]
+    assert {worker.host[slot] for _, slot in idle.kv_transfers.saves} == set(tiers_hashes(DOC)[6:8])
+    submit(scheduler, max_tokens, "other", range(500, 533))  # evicts the doc's blocks
+    evicting = run_step(scheduler, tiers, worker, max_tokens)
+    assert 7 not in [block for block, _ in evicting.kv_transfers.saves]  # already on host: no copy
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    submit(scheduler, max_tokens, "again", DOC)
+    again = scheduler.requests["again"]
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert again.num_host_hit_tokens > 0  # restored, exactly (ShadowWorker checks every block)
+
+
+def tiers_hashes(tokens) -> list[bytes]:
+    return Request("x", list(tokens), SamplingParams(), ROOT, BLOCK_SIZE).block_hashes
 
 
 def test_host_overflow_writes_back_only_blocks_redis_lacks():
