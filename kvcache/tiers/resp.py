@@ -45,6 +45,7 @@ class RespConnection:
             raise redis.ConnectionError(f"connecting to Redis failed: {error}") from error
         self._buffer = bytearray(_READ_CHUNK)
         self._start = self._end = 0  # unread bytes are _buffer[_start:_end]
+        self.generation = 0  # the pool's failure count when this was opened
         self._setup(options)
 
     @staticmethod
@@ -160,7 +161,9 @@ class RespConnection:
 class RespPool:
     """At most `max_connections` connections; a caller waits up to the timeout for a free one
     (as redis-py's BlockingConnectionPool does). Connections are opened on demand; one that
-    raised is closed instead of coming back."""
+    raised is closed instead of coming back, and so is every idle one opened before that
+    failure: a server that restarted has closed them all, and each would otherwise fail once
+    more (and mark the shard down again) before the pool was clean."""
 
     def __init__(self, url: str, max_connections: int, timeout_s: float):
         self.options = redis.connection.parse_url(url)
@@ -170,6 +173,7 @@ class RespPool:
             self._idle.put(None)  # a slot without an open connection yet
         self._lock = threading.Lock()
         self._open: set[RespConnection] = set()
+        self._generation = 0  # bumped by each failure; older idle connections are not reused
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -181,10 +185,15 @@ class RespPool:
             connection = self._idle.get(timeout=self.timeout_s)
         except queue.Empty:
             raise redis.ConnectionError("no free Redis connection within the timeout") from None
+        if connection is not None and connection.generation != self._generation:
+            self._discard(connection)  # opened before a failure: likely dead too
+            connection = None
         try:
             connection = connection or self._connect()
             result = call(connection)
         except BaseException:
+            with self._lock:
+                self._generation += 1
             self._discard(connection)
             self._idle.put(None)
             raise
@@ -198,7 +207,9 @@ class RespPool:
             connection.close()
 
     def _connect(self) -> RespConnection:
+        generation = self._generation
         connection = RespConnection(self.options, self.timeout_s)
+        connection.generation = generation
         with self._lock:
             self._open.add(connection)
         return connection

@@ -82,3 +82,21 @@ def test_threads_read_their_own_values(redis_server):
                                        ("rediss://h:1/0", False)])
 def test_tls_stays_on_redis_py(url, fast):
     assert RespPool.supports(url) is fast
+
+
+def test_after_a_restart_one_failure_flushes_every_stale_connection(start_redis):
+    server = start_redis()
+    store = RedisBlockStore([server.url], PREFIX, max_connections=4, backoff_s=0.05, backoff_max_s=0.05)
+    block_hash = b"\x04" * 32
+    assert store.put([(block_hash, b"v")]) == [True]
+    with ThreadPoolExecutor(4) as pool:  # four idle connections in the pool
+        assert all(pool.map(lambda _: store.get([block_hash])[0] is not None, range(16)))
+    server.kill()
+    start_redis(server.port)  # same address, empty, every old connection dead
+    assert store.get([block_hash]) == [None] and store.errors == 1  # one failure: the shard backs off
+    import time
+
+    time.sleep(0.1)
+    with ThreadPoolExecutor(4) as pool:  # every pooled connection is taken again
+        assert all(pool.map(lambda _: store.put([(block_hash, b"again")]) == [True], range(16)))
+    assert store.errors == 1 and store.up  # no stale connection failed a second time
