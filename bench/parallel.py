@@ -497,7 +497,7 @@ def scaling(rank: int, device: torch.device, options, checkpoint) -> dict:
         return result
     lengths = [min(16384, min(options.sizes))] + options.sizes  # a warm-up (kernels, allocator, NCCL) first
     for index, length in enumerate(lengths):
-        for group in (single, layout.sp):
+        for group in (single, layout.sp) if layout.sp.size > 1 else (single,):  # --world 1: the baseline only
             if group.size == 1 and rank != 0:
                 dist.barrier()  # one GPU: the other ranks wait
                 continue
@@ -648,8 +648,9 @@ def rank_main(rank: int, port: int, options) -> None:
     if not options.skip_scaling:
         results["scaling"] = scaling(rank, device, options,
                                      lambda partial: save(rank, {**results, "scaling": partial}))
-    results["attention_modes"] = attention_modes(rank, device, options,
-                                                 lambda partial: save(rank, {**results, "attention_modes": partial}))
+    if options.world > 1:  # ring against Ulysses needs two ranks at least
+        results["attention_modes"] = attention_modes(rank, device, options,
+                                                     lambda partial: save(rank, {**results, "attention_modes": partial}))
     summarize(results) if rank == 0 else None
     save(rank, results)
     dist.barrier()
@@ -688,7 +689,8 @@ def main() -> None:
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true", help="skip (b) and (c): model prefill and decode")
     parser.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny model and sizes: checks the script")
-    parser.add_argument("--world", type=int, default=2, help="GPUs: SP over all of them (4 and 8: issue 6's run)")
+    parser.add_argument("--world", type=int, default=2,
+                        help="GPUs: SP over all of them (4 and 8: issue 6's run; 1: the single-GPU baseline alone)")
     options = parser.parse_args()
     options.shape = LLAMA3_8B
     if options.dry_run:
