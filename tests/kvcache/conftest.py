@@ -6,8 +6,6 @@ port) and kills it at teardown; without a redis-server binary those tests skip.
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +17,7 @@ import pytest
 # The test modules import tier_helpers.py by name (pytest's importlib mode adds no test folder).
 sys.path.insert(0, str(Path(__file__).parent))
 
-REDIS_SERVER = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tier_helpers import REDIS_SERVER, free_port  # noqa: E402 (after the sys.path line above)
 
 
 class RedisServer:

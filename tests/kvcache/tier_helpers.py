@@ -4,12 +4,23 @@ folder on sys.path, since pytest's importlib mode does not)."""
 from __future__ import annotations
 
 import random
+import shutil
+import socket
 import time
 
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from kvcache.block_hash import root_hash
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def document(num_tokens: int, seed: int = 0) -> list[int]:
