@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 EvictCallback = Callable[[int, bytes], None]
 
@@ -136,10 +136,11 @@ class BlockPool:
         self._check_id(block_id)
         return self._block_hashes[block_id]
 
-    def next_to_evict(self, count: int) -> list[tuple[int, bytes | None]]:
+    def next_to_evict(self, count: int) -> Iterator[tuple[int, bytes | None]]:
         """The first `count` free blocks in eviction order, each with the hash it is cached
-        under (None: it holds nothing anyone can find). O(count)."""
-        return [(block_id, self._block_hashes[block_id]) for block_id in itertools.islice(self._free, count)]
+        under (None: it holds nothing anyone can find); lazily, and valid only until the pool
+        changes."""
+        return ((block_id, self._block_hashes[block_id]) for block_id in itertools.islice(self._free, count))
 
     def free_queue(self) -> list[int]:
         """Free blocks in eviction order, next to be evicted first (O(n): for tests and debugging)."""

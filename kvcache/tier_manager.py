@@ -130,10 +130,7 @@ class TierManager:
         return host
 
     def _make_prefetcher(self) -> RedisPrefetcher:
-        return RedisPrefetcher(self.host, self._ops, self.metrics, decide=self._decide,
-                               worth_probing=lambda first, n: self.cost.decide(REDIS, first, n).restore,
-                               estimate_s=lambda n: self.cost.restore_seconds(REDIS, n),
-                               observe=self.cost.observe_redis_restore,
+        return RedisPrefetcher(self.host, self._ops, self.metrics, self.cost, decide=self._decide,
                                timeout_s=self.settings.restore_timeout_s, clock=self.clock)
 
     def track_device(self, pool: BlockPool) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.tier_metrics import TierMetrics
-from kvcache.tiers.cost_model import Decision
+from kvcache.tiers.cost_model import Decision, RestoreCostModel
 from kvcache.tiers.host_index import REDIS, HostIndex
 from kvcache.tiers.ops import HIT, OpsBuilder
 
@@ -41,16 +41,12 @@ class _Prefetch:
 
 
 class RedisPrefetcher:
-    def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, *,
-                 decide: Callable[[str, int, int, str], Decision], worth_probing: Callable[[int, int], bool],
-                 estimate_s: Callable[[int], float], observe: Callable[[int, float], None], timeout_s: float,
-                 clock: Callable[[], float]):
-        """`decide(tier, first block, blocks, request id)`: the recorded decision;
-        `worth_probing(first block, blocks)`: whether restoring all of them would beat recomputing;
-        `observe(blocks, seconds)`: a prefetch's whole time, probe to the last block landed."""
-        self.host, self.ops, self.metrics = host, ops, metrics
-        self._decide, self._worth_probing, self._estimate_s = decide, worth_probing, estimate_s
-        self._observe = observe
+    def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, cost: RestoreCostModel, *,
+                 decide: Callable[[str, int, int, str], Decision], timeout_s: float, clock: Callable[[], float]):
+        """`cost`: the estimates (read, and fed each prefetch's whole time); `decide(tier, first
+        block, blocks, request id)`: the decision that is logged and counted."""
+        self.host, self.ops, self.metrics, self.cost = host, ops, metrics, cost
+        self._decide = decide
         self._timeout_s, self._clock = timeout_s, clock
         self._states: dict[str, _Prefetch] = {}
         self._tried: set[str] = set()  # one prefetch per admission (a preempted request retries)
@@ -84,7 +80,7 @@ class RedisPrefetcher:
             # Recomputing a block costs more the later it sits (attention), restoring it the same
             # everywhere: if restoring the whole rest loses, so does restoring any prefix of it,
             # and no probe is worth its round trip.
-            worth = bool(rest) and self._worth_probing(first, len(rest))
+            worth = bool(rest) and self.cost.decide(REDIS, first, len(rest)).restore
             if not may_start:
                 return worth
             self._tried.add(request_id)
@@ -120,7 +116,7 @@ class RedisPrefetcher:
         state.waiting = set(slots) | in_flight
         state.num_fetching = len(slots)
         # Twice the estimated transfer, for headroom, plus the configured slack.
-        state.deadline = self._clock() + 2 * self._estimate_s(len(slots)) + self._timeout_s
+        state.deadline = self._clock() + 2 * self.cost.restore_seconds(REDIS, len(slots)) + self._timeout_s
 
     def fetch_done(self, slot: int, outcome: str) -> None:
         block_hash = self._fetching.pop(slot)
@@ -131,7 +127,7 @@ class RedisPrefetcher:
         for state in self._states.values():
             state.waiting.discard(slot)
             if not state.waiting and state.num_fetching:
-                self._observe(state.num_fetching, self._clock() - state.started)
+                self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started)
                 state.num_fetching = 0
 
     def _rest(self, first_block: int, hashes: Sequence[bytes]) -> tuple[int, tuple[bytes, ...]]:
