@@ -1,8 +1,9 @@
 """Triton for the kernel modules, in its interpreter where there is no CUDA.
 
 Without CUDA the interpreter (TRITON_INTERPRET=1, numpy on the CPU) is the only way a Triton
-kernel runs: CPU tests use it to check the kernels against their torch references. The choice is
-read when a kernel is defined, so every kernel module imports Triton from here.
+kernel runs: CPU tests use it to check the kernels against their torch references. Triton reads
+the choice when it defines a kernel, its own library's included, so it must come before anything
+imports Triton: tests/conftest.py sets it first for the tests, this module for other CPU uses.
 """
 
 from __future__ import annotations
