@@ -77,7 +77,7 @@ def kernel_sections(args, device: torch.device, deadline: Deadline) -> dict:
     report = {"matmul": attempt("matmul", deadline, 5, cases.matmul_ceiling, device, args.matmul_size),
               "copy": attempt("copy", deadline, 5, cases.copy_ceiling, device, args.copy_gib),
               "triton_vs_reference": attempt("triton vs reference", deadline, 30, cases.triton_vs_reference, device,
-                                             args.check_tokens)}
+                                             args.check_tokens, args.check_shapes)}
     report["attention"], report["decode_kernel"] = {}, {}
     for tokens in args.lengths:
         report["decode_kernel"][tokens] = {
@@ -167,10 +167,11 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.matmul_size, args.copy_gib, args.decode_kv_bytes_max = 8192, 2.0, 60 * 2**30
     args.preset, args.check_tokens, args.repeats = "llama3-8b-shape", 40_000, 20
+    args.check_shapes = cases.DECODE_CHECK_SHAPES
     if args.smoke:
         args.lengths, args.accuracy_lengths, args.batches, args.step_sweep = [256, 640], [256], [1, 2], [128]
         args.matmul_size, args.copy_gib, args.preset, args.hf_max_tokens = 512, 0.05, "tiny", 1 << 20
-        args.check_tokens, args.repeats = 300, 1
+        args.check_tokens, args.repeats, args.check_shapes = 300, 1, [(16, 8, 2, 2)]
     if args.step_tokens is None:
         from cluster.config import SchedulerSettings
 

@@ -129,13 +129,18 @@ def paged_decode_rate(batch: int, tokens: int, block_size: int, device: torch.de
 
 
 # --- correctness ---------------------------------------------------------------------------------
-def triton_vs_reference(device: torch.device, longest: int = 40_000, seed: int = 0) -> list[dict]:
+# (block size, query heads, KV heads, splits): GQA 4, 7 and 1; 64 splits as at batch 1
+DECODE_CHECK_SHAPES = [(16, 32, 8, 7), (64, 32, 8, 64), (256, 28, 4, 3), (64, 32, 32, 16)]
+
+
+def triton_vs_reference(device: torch.device, longest: int = 40_000, shapes=DECODE_CHECK_SHAPES,
+                        seed: int = 0) -> list[dict]:
     """The Triton decode against the torch reference on random layouts, several shapes (bf16)."""
     from model_shards.attention.triton_paged_decode import paged_decode, paged_decode_reference
 
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for block_size, heads, kv_heads, splits in [(16, 32, 8, 7), (64, 32, 8, 64), (256, 28, 4, 3), (64, 32, 32, 16)]:
+    for block_size, heads, kv_heads, splits in shapes:
         lengths = [1, longest // 40, longest, longest * 3 // 4, 5]
         width = max(-(-n // block_size) for n in lengths)
         num_blocks = width * len(lengths)

@@ -11,9 +11,11 @@ import torch
 from bench.gpu_cases import free_memory, synchronize
 
 
-def random_prompt(tokens: int, seed: int) -> list[int]:
+def random_prompt(tokens: int, seed: int, vocab_size: int) -> list[int]:
+    """The same ids for the same (tokens, seed) whatever the vocabulary past 120,000 (ids >= 100
+    avoid special tokens)."""
     rng = random.Random(seed)
-    return [rng.randrange(100, 120_000) for _ in range(tokens)]
+    return [rng.randrange(100, min(vocab_size, 120_000)) for _ in range(tokens)]
 
 
 def make_engine(model_dir: str, device: torch.device, max_model_len: int):
@@ -31,7 +33,7 @@ def engine_single(engine, tokens: int, output_tokens: int = 32) -> dict:
     from engine.offline import generate
     from engine.sampling_params import SamplingParams
 
-    prompt = random_prompt(tokens, tokens)
+    prompt = random_prompt(tokens, tokens, engine.architecture.vocab_size)
     result = generate(engine, [prompt], SamplingParams(max_tokens=output_tokens, ignore_eos=True))[0][0]
     return {"ttft_s": result.ttft_s, "tpot_ms": result.tpot_s * 1e3, "tokens": list(result.token_ids)[:8]}
 
@@ -42,8 +44,9 @@ def engine_batch_decode(engine, tokens: int, batch: int, output_tokens: int = 32
     from engine.offline import generate
     from engine.sampling_params import SamplingParams
 
-    prefix = random_prompt(tokens, tokens)[:tokens - 64]
-    prompts = [prefix + random_prompt(64, tokens + i + 1) for i in range(batch)]
+    vocab_size = engine.architecture.vocab_size
+    prefix = random_prompt(tokens, tokens, vocab_size)[:tokens - 64]
+    prompts = [prefix + random_prompt(64, tokens + i + 1, vocab_size) for i in range(batch)]
     start = time.perf_counter()
     results = generate(engine, prompts, SamplingParams(max_tokens=output_tokens, ignore_eos=True))
     elapsed = time.perf_counter() - start
@@ -63,7 +66,7 @@ def load_hf(model_dir: str, device: torch.device, dtype: torch.dtype):
 @torch.no_grad()
 def hf_single(model, tokens: int, device: torch.device, output_tokens: int = 32) -> dict:
     """transformers' generate on the same prompt as engine_single: TTFT and time per token."""
-    ids = torch.tensor([random_prompt(tokens, tokens)], device=device)
+    ids = torch.tensor([random_prompt(tokens, tokens, model.config.vocab_size)], device=device)
     model.generate(ids[:, :64], max_new_tokens=2, do_sample=False)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -96,7 +99,7 @@ def ours_last_logits(model_dir: str, tokens: int, rows: int, step_tokens: int, d
     model = LlamaForCausalLM.from_folder(model_dir, dtype=torch.bfloat16, device=device, attention_backend=backend)
     kv_cache = model.allocate_kv_cache(-(-tokens // block_size), block_size)
     table = list(range(kv_cache.num_blocks))
-    ids = torch.tensor(random_prompt(tokens, tokens), device=device)
+    ids = torch.tensor(random_prompt(tokens, tokens, arch.vocab_size), device=device)
     for start in range(0, tokens, step_tokens):
         count = min(step_tokens, tokens - start)
         metadata = AttentionMetadata.build([(table, start, count)], block_size, device)
@@ -112,7 +115,7 @@ def reference_last_logits(model_dir: str, tokens: int, rows: int, device: torch.
                           dtype: torch.dtype) -> torch.Tensor:
     """The same positions from transformers in `dtype`, dense attention over the whole prompt."""
     model = load_hf(model_dir, device, dtype)
-    ids = torch.tensor([random_prompt(tokens, tokens)], device=device)
+    ids = torch.tensor([random_prompt(tokens, tokens, model.config.vocab_size)], device=device)
     logits = model(ids, logits_to_keep=rows).logits[0].float()  # (rows, vocab)
     del model
     free_memory()

@@ -132,6 +132,7 @@ class DecodeGraphs:
         size = self.sizes[-1]
         # (5, size) int64 per step from the host: token ids, positions, slots, lengths, table rows
         self.inputs = torch.zeros(5, size, dtype=torch.long, device=self.device)
+        self.inputs[2].fill_(-1)  # warm-up and capture write no KV: every slot is padding
         self.seq_lens = torch.zeros(size, dtype=torch.int32, device=self.device)
         self.block_table = torch.zeros(size, max_blocks, dtype=torch.int32, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
