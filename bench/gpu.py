@@ -162,7 +162,7 @@ def parse_args() -> argparse.Namespace:
                         help="step budgets whose attention rate is measured at 128K tokens")
     parser.add_argument("--hf-max-tokens", type=int, default=131072, help="longest prompt given to transformers")
     parser.add_argument("--accuracy-lengths", type=int, nargs="+", default=[8192, 131072])
-    parser.add_argument("--budget-s", type=float, default=540, help="cases that would end later are skipped")
+    parser.add_argument("--budget-s", type=float, default=480, help="cases that would end later are skipped")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script")
     args = parser.parse_args()
     args.matmul_size, args.copy_gib, args.decode_kv_bytes_max = 8192, 2.0, 60 * 2**30
