@@ -99,7 +99,7 @@ async def run_workload(send: Sender, workload: Workload) -> tuple[list[RequestRe
 
 # --- the two ways in -----------------------------------------------------------------------------
 def direct_sender(engine) -> Sender:
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     counter = iter(range(1 << 62))
 
@@ -289,7 +289,7 @@ def main() -> None:
     args = _parse_args()
     model_dir = _model_dir(args)
     config = bench_config(args, model_dir)
-    from model_shards.hf_config import load_architecture
+    from model_folder.hf_config import load_architecture
 
     vocab = load_architecture(model_dir).vocab_size
     common = (args.input_len, args.output_len)

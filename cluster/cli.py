@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.config import CacheSettings, ConfigError, LongctxConfig, ModelSettings, SchedulerSettings, load_config
+from cluster.config import (
+    CacheSettings,
+    ConfigError,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+    load_config,
+)
 
 EXIT_USAGE = 2
 
@@ -118,7 +125,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     config = build_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)

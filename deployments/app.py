@@ -19,7 +19,8 @@ from ray.serve.config import RequestRouterConfig
 from cluster.config import ConfigError, LongctxConfig, load_config, load_config_dict
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
-from engine.ray_executor import placement_group_bundles, uses_gpu
+from executors import executor_backend
+from executors.placement import placement_group_bundles, uses_gpu
 
 REPLICA_NUM_CPUS = 1.0  # the engine's own thread: scheduling, block tables, detokenizing
 
@@ -85,7 +86,7 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
 
 
 def _placement(config: LongctxConfig) -> dict[str, Any]:
-    if config.serve.executor != "ray":
+    if executor_backend(config) != "ray":
         # The ranks run inside the replica (its process, or one local process each under TP x
         # SP): the replica reserves what all of them use.
         world_size = config.parallel.world_size

@@ -1,14 +1,17 @@
 """The driver's policy over the KV tiers: spill instead of drop, restore instead of recompute.
 
 Plain Python, no torch, no I/O: it decides which blocks live where and queues the moves; the
-worker moves the bytes (model_shards/kv_transfer.py) and reports back. Its hooks, in the order
+worker moves the bytes (model_shards/kv_io/kv_transfer.py) and reports back. Its hooks, in the order
 one engine step calls them:
 
-  Scheduler._admit           plan_restore -> device blocks allocated -> commit (or cancel)
-  BlockPool.allocate         on_device_evict: an evicted cached block is copied to host
-  Scheduler.update_from_output -> on_blocks_computed: write-through of newly full blocks
-  Scheduler._freeze          take_ops: this step's KVTransferOps ride on the StepInput
-  LLMEngine.step             on_step_done: the worker's report, the step time, pins released
+  KVCacheCoordinator.lookup    plan_restore
+  KVCacheCoordinator.allocate  device blocks allocated -> commit (or cancel)
+  BlockPool.allocate           on_device_evict: an evicted cached block is copied to host
+  KVCacheCoordinator.on_tokens_computed -> on_blocks_computed: write-through of newly full blocks
+  KVCacheCoordinator.take_transfers     take_ops: this step's KVTransferOps ride on the StepInput
+  KVCacheCoordinator.on_step_done       the worker's report, the step time, pins released
+
+The scheduler never calls it directly: kvcache/coordinator.py is its only caller.
 
 A request's restorable prompt blocks at admission (the last prompt token is always computed):
 
@@ -29,13 +32,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from cluster.config import KVTierSettings, LongctxConfig
+from cluster.config import KVTierSettings
 from kvcache.block_pool import BlockPool
 from kvcache.tier_metrics import TierMetrics
 from kvcache.tiers.cost_model import Decision, PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
-from kvcache.tiers.ops import KVTransferOps, KVTransferReport, OpsBuilder
 from kvcache.tiers.prefetch import RedisPrefetcher
+from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport, OpsBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +108,6 @@ class TierManager:
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
         self._pool: BlockPool | None = None  # the device pool, once track_device gives it
         self._watermark_blocks = 0
-
-    @classmethod
-    def from_config(cls, config: LongctxConfig, block_nbytes: int, flops: PrefillFlops | None = None,
-                    metrics: TierMetrics | None = None) -> TierManager:
-        # Without prefix caching no block has a name, so no tier could ever find one.
-        settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
-        return cls(settings, config.cache.block_size, block_nbytes, metrics, flops=flops)
 
     @classmethod
     def disabled(cls, block_size: int) -> TierManager:

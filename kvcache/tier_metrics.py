@@ -12,7 +12,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
-from kvcache.tiers.ops import CHECKSUM, MISMATCH, TRUNCATED, KVTransferReport
+from protocol.kv_transfer_ops import CHECKSUM, MISMATCH, TRUNCATED, KVTransferReport
 
 _FAILED_VERIFICATION = (CHECKSUM, TRUNCATED, MISMATCH)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from kvcache.tier_metrics import TierMetrics
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
 from kvcache.tiers.host_index import REDIS, HostIndex
-from kvcache.tiers.ops import HIT, OpsBuilder
+from protocol.kv_transfer_ops import HIT, OpsBuilder
 
 logger = logging.getLogger(__name__)
 
