@@ -126,7 +126,8 @@ class KVCacheCoordinator:
 
     @property
     def metrics(self) -> TierMetrics:
-        """Hit rates, transfers and decisions of every tier (a Prometheus registry inside)."""
+        """Hit rates, transfers and decisions of every tier: the tiers' observer, TierMetrics
+        (a Prometheus registry inside) unless the tiers were given another one."""
         return self.tiers.metrics
 
     def block_table(self, request_id: str) -> list[int]:
