@@ -75,6 +75,14 @@ class ParallelSettings(_Frozen):
         "the process is connected to Ray (a Serve replica), local otherwise (executors/)."
     )
 
+    # TP all-reduces every layer (NVLink-bound), the SP ring passes KV blocks once per chunk and
+    # hides them behind attention: only SP traffic can afford to leave a node.
+    span_nodes: bool = Field(
+        False, description="Ray executor only. false: the replica and all its ranks on one node (STRICT_PACK); "
+        "true: each SP rank's TP group on one node (one placement bundle per TP group), the SP groups packed "
+        "onto as few nodes as hold them (PACK), so TP stays inside a node and SP crosses nodes."
+    )
+
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.sequence_parallel_size

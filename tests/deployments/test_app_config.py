@@ -106,3 +106,26 @@ def test_auto_executor_is_local_without_ray_and_ray_inside_it(make_config):
     assert result.stdout.split() == ["local", "False"]  # decided without importing Ray
     assert executor_backend(make_config(executor="local")) == "local"
     assert executor_backend(make_config(executor="ray")) == "ray"
+
+
+def test_spanning_nodes_reserves_a_bundle_per_tp_group_packed_not_strict(make_config):
+    from executors.placement import rank_bundle_index
+
+    config = make_config(executor="ray").with_overrides({
+        "parallel.tensor_parallel_size": 2, "parallel.sequence_parallel_size": 4, "parallel.span_nodes": True,
+        "model.device": "cuda"})
+    options = llm_server_options(config)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 2.0, "GPU": 2.0}] * 4
+    assert options["placement_group_strategy"] == "PACK"
+    assert [rank_bundle_index(config, rank) for rank in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]  # TP groups together
+    one_node = config.with_overrides({"parallel.span_nodes": False})
+    assert llm_server_options(one_node)["placement_group_strategy"] == "STRICT_PACK"
+    assert [rank_bundle_index(one_node, rank) for rank in range(8)] == list(range(1, 9))
+
+
+def test_spanning_nodes_needs_the_ray_executor(make_config):
+    from cluster.config import ConfigError
+
+    config = make_config(executor="local").with_overrides({"parallel.span_nodes": True})
+    with pytest.raises(ConfigError, match="needs parallel.executor ray"):
+        create_executor(config)
