@@ -31,7 +31,7 @@ def make_engine(model_dir: str, device: torch.device, max_model_len: int):
 def engine_single(engine, tokens: int, output_tokens: int = 32) -> dict:
     """One request alone: TTFT (prefill) and time per output token (decode at batch 1)."""
     from engine.offline import generate
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     prompt = random_prompt(tokens, tokens, engine.architecture.vocab_size)
     result = generate(engine, [prompt], SamplingParams(max_tokens=output_tokens, ignore_eos=True))[0][0]
@@ -42,7 +42,7 @@ def engine_batch_decode(engine, tokens: int, batch: int, output_tokens: int = 32
     """`batch` requests over one shared `tokens`-long prefix (cached by engine_single's run of the
     same prompt) plus 64 tokens of their own: decode latency at that batch over long contexts."""
     from engine.offline import generate
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     vocab_size = engine.architecture.vocab_size
     prefix = random_prompt(tokens, tokens, vocab_size)[:tokens - 64]
@@ -90,7 +90,7 @@ def ours_last_logits(model_dir: str, tokens: int, rows: int, step_tokens: int, d
     prefilled in step_tokens chunks through the paged cache and the auto attention backend."""
     from model_shards.attention import resolve_attention_backend
     from model_shards.attention.base import AttentionMetadata
-    from model_shards.hf_config import load_architecture
+    from model_folder.hf_config import load_architecture
     from model_shards.llama import LlamaForCausalLM
 
     arch, block_size = load_architecture(model_dir), 64

@@ -53,7 +53,7 @@ def test_graph_decode_equals_eager_decode(model_folder):
     from cluster.config import CacheSettings, LongctxConfig, ModelSettings
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     folder = str(model_folder(num_key_value_heads=2, head_dim=64, hidden_size=512))
     prompts = [[random.Random(i).randrange(3, 500) for _ in range(20 + 37 * i)] for i in range(5)]

@@ -129,7 +129,7 @@ def test_engine_greedy_tokens_equal_the_reference_backend(model_folder):
     from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     prompts = [[random.Random(i).randrange(3, 500) for _ in range(n)] for i, n in enumerate((70, 9, 33))]
     folder = str(model_folder(num_key_value_heads=2))  # GQA 4
