@@ -201,13 +201,12 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
 def bench_config(args, model_dir: str):
     from cluster.config import (
         CacheSettings,
+        KVTierSettings,
         LongctxConfig,
         ModelSettings,
         SchedulerSettings,
         ServeSettings,
     )
-
-    from cluster.config import KVTierSettings
 
     tiers = KVTierSettings(host_bytes=args.host_kv_bytes, redis_urls=tuple(args.redis_url))
     return LongctxConfig(
