@@ -54,10 +54,10 @@ class BlockGroup(Protocol):
     def free(self, request_id: str) -> None: ...
 
 
-class FullGroup:
-    """Every token's KV: a KVCacheManager."""
+class _ManagedGroup:
+    """What every group does the same way: sizes, tables and freeing, read from its manager."""
 
-    def __init__(self, spec: KVCacheGroupSpec, manager: KVCacheManager):
+    def __init__(self, spec: KVCacheGroupSpec, manager):
         self.spec, self.manager = spec, manager
 
     @property
@@ -67,6 +67,18 @@ class FullGroup:
     @property
     def num_free_blocks(self) -> int:
         return self.manager.num_free_blocks
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.manager.block_table(request_id)
+
+    def free(self, request_id: str) -> None:
+        self.manager.free(request_id)
+
+
+class FullGroup(_ManagedGroup):
+    """Every token's KV: a KVCacheManager."""
+
+    manager: KVCacheManager
 
     def servable_prefix(self, block_hashes: Sequence[bytes], max_blocks: int) -> int:
         return len(self._hits(block_hashes, max_blocks))
@@ -89,26 +101,11 @@ class FullGroup:
     def on_tokens_computed(self, request_id, block_hashes, num_computed_tokens) -> None:
         self.manager.cache_full_blocks(request_id, block_hashes, num_computed_tokens)
 
-    def block_table(self, request_id: str) -> list[int]:
-        return self.manager.block_table(request_id)
 
-    def free(self, request_id: str) -> None:
-        self.manager.free(request_id)
-
-
-class SlidingWindowGroup:
+class SlidingWindowGroup(_ManagedGroup):
     """Raw KV that only a sliding window reads: a SlidingWindowManager."""
 
-    def __init__(self, spec: KVCacheGroupSpec, manager: SlidingWindowManager):
-        self.spec, self.manager = spec, manager
-
-    @property
-    def num_blocks(self) -> int:
-        return self.manager.num_blocks
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.manager.num_free_blocks
+    manager: SlidingWindowManager
 
     def servable_prefix(self, block_hashes: Sequence[bytes], max_blocks: int) -> int:
         return self.manager.servable_prefix(block_hashes, max_blocks)
@@ -123,12 +120,6 @@ class SlidingWindowGroup:
         """Name the full blocks first, then free what the next chunk can no longer read."""
         self.manager.cache_full_blocks(request_id, block_hashes, num_computed_tokens)
         self.manager.release_before(request_id, num_computed_tokens)
-
-    def block_table(self, request_id: str) -> list[int]:
-        return self.manager.block_table(request_id)
-
-    def free(self, request_id: str) -> None:
-        self.manager.free(request_id)
 
 
 def make_group(spec: KVCacheGroupSpec, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> BlockGroup:

@@ -28,30 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from cluster.config import ConfigError, KVTierSettings, LongctxConfig
 from kvcache.block_groups import BlockGroup, KVCacheGroupSpec, make_group
 from kvcache.kv_cache_manager import KVCacheManager
-from kvcache.tier_manager import RestorePlan, TierManager
+from kvcache.tier_manager import RestorePlan, TieredRequest, TierManager, StepLike
 from kvcache.tier_metrics import TierMetrics
 from kvcache.tiers.cost_model import PrefillFlops
 from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport
 from protocol.worker_description import WorkerDescription
-
-
-class CachedRequest(Protocol):
-    request_id: str
-    block_hashes: list[bytes]
-    num_tokens: int
-    num_computed_tokens: int
-
-
-class _StepLike(Protocol):
-    @property
-    def total_scheduled_tokens(self) -> int: ...
-
-    def scheduled_spans(self): ...
 
 
 @dataclass(frozen=True)
@@ -136,7 +121,7 @@ class KVCacheCoordinator:
                 *(tuple(group.block_table(request_id)) for group in self.extra_groups))
 
     # --- the scheduler's questions -------------------------------------------------------------
-    def lookup(self, request: CachedRequest, may_probe: bool = True) -> PrefixHit | None:
+    def lookup(self, request: TieredRequest, may_probe: bool = True) -> PrefixHit | None:
         """The longest cached prefix, or None while the request waits for Redis (or, with
         `may_probe` False, would have to start asking it). The device blocks found are not held:
         pass the hit straight to `allocate`."""
@@ -149,7 +134,7 @@ class KVCacheCoordinator:
             return None
         return PrefixHit(tuple(device_blocks[:num_blocks]), restore)
 
-    def allocate(self, request: CachedRequest, num_tokens: int, hit: PrefixHit | None = None) -> NewBlocks | None:
+    def allocate(self, request: TieredRequest, num_tokens: int, hit: PrefixHit | None = None) -> NewBlocks | None:
         """Grow the request's blocks to cover `num_tokens` tokens, in every group or in none.
         On its first allocation `hit` (from `lookup`) heads its tables and its host blocks are
         queued for restore. None when a group is short: nothing changed (a hit's restore is
@@ -166,7 +151,7 @@ class KVCacheCoordinator:
                  for group in self.extra_groups]
         return (new_blocks, *extra)
 
-    def _can_allocate(self, request: CachedRequest, num_tokens: int, device_hits: Sequence[int]) -> bool:
+    def _can_allocate(self, request: TieredRequest, num_tokens: int, device_hits: Sequence[int]) -> bool:
         return self.device.can_allocate(request.request_id, num_tokens, device_hits) and all(
             group.can_allocate(request.request_id, num_tokens, len(device_hits), request.block_hashes)
             for group in self.extra_groups)
@@ -177,7 +162,7 @@ class KVCacheCoordinator:
         for group in self.extra_groups:
             group.free(request_id)
 
-    def on_tokens_computed(self, request: CachedRequest) -> None:
+    def on_tokens_computed(self, request: TieredRequest) -> None:
         """Name the request's newly full blocks, write them through to the tiers, and let a
         sliding window free what it no longer reads."""
         self.device.cache_full_blocks(request.request_id, request.block_hashes, request.num_computed_tokens)
@@ -190,7 +175,7 @@ class KVCacheCoordinator:
         """This step's moves between tiers; None when nothing moves and nothing is in flight."""
         return self.tiers.take_ops(dropped_request_ids, idle)
 
-    def on_step_done(self, step_input: _StepLike, report: KVTransferReport | None, seconds: float) -> None:
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
         """The workers ran the step: apply their transfer report, learn the prefill rate."""
         self.tiers.on_step_done(step_input, report, seconds)
 
