@@ -207,11 +207,12 @@ class ModelWorker:
     def _new_state(self, new: NewRequestData) -> _RequestState:
         sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids, device=self.device)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
-        return _RequestState(token_ids, list(new.block_ids), new.num_computed_tokens, sampling)
+        # A dense model keeps one KV block group (a hybrid model's worker reads the others).
+        return _RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling)
 
     def _update_state(self, cached: CachedRequestData) -> None:
         state = self.requests[cached.request_id]
-        state.block_table.extend(cached.new_block_ids)
+        state.block_table.extend(cached.new_block_ids[0])
         if state.num_computed_tokens != cached.num_computed_tokens:
             raise RuntimeError(
                 f"request {cached.request_id}: worker computed {state.num_computed_tokens} tokens, "
