@@ -111,7 +111,12 @@ class GpuSampler:
                 return
 
     def temperature(self) -> int | None:
-        return self.read()[3] if self._handle is not None else None
+        """Degrees C now, or None without NVML (or when it cannot read the GPU)."""
+        try:
+            return self.read()[3] if self._handle is not None else None
+        except Exception as error:  # NVML errors have many types; the bench goes on without them
+            self.error = f"{type(error).__name__}: {error}"
+            return None
 
     def window(self, start: float, stop: float) -> dict:
         """Summary of the samples taken between two host times."""

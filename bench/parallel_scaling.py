@@ -48,11 +48,14 @@ class Bench:
         """Wait until this GPU is within 5 C of its starting temperature (at most --cooldown-s),
         then for every rank; seconds waited."""
         start = time.perf_counter()
-        while (self.start_celsius is not None and self.sampler.temperature() > self.start_celsius + 5
-               and time.perf_counter() - start < self.options.cooldown_s):
+        while time.perf_counter() - start < self.options.cooldown_s and self._hot():
             time.sleep(0.5)
         dist.barrier()
         return time.perf_counter() - start
+
+    def _hot(self) -> bool:
+        now = self.sampler.temperature()
+        return now is not None and self.start_celsius is not None and now > self.start_celsius + 5
 
     def traced_model(self, layers: int, group: ParallelGroup, tp: ParallelGroup | None = None):
         """(model, probe, traced SP group) for `layers` layers of the shape; SP attention over `group`."""
