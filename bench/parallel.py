@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python3 bench/parallel.py`
 
-from model_shards.hf_config import load_architecture  # noqa: E402
+from model_folder.hf_config import load_architecture  # noqa: E402
 from model_shards.llama import LlamaForCausalLM  # noqa: E402
 from model_shards.make_model import make_model  # noqa: E402
 from model_shards.parallel.groups import ParallelLayout, build_layout  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model_shards.hf_config import load_architecture
+from model_folder.hf_config import load_architecture
 from model_shards.llama import LlamaForCausalLM
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.lse_attention import KERNELS, reference_attention, select_kernel

@@ -21,13 +21,31 @@ from dataclasses import dataclass
 
 import torch
 
-from model_shards.attention.base import AttentionBackend, AttentionMetadata, _padded_tables, write_kv
+from model_shards.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    padded_block_tables,
+    write_kv,
+)
 from model_shards.parallel.groups import ParallelGroup
-from model_shards.parallel.lse_attention import (DECODE_PREFERENCE, KERNELS, PREFILL_PREFERENCE, LseKernel,
-                                                 PartialSum, attention_with_lse, merge_outputs, merge_stacked,
-                                                 select_kernel)
+from model_shards.parallel.lse_attention import (
+    DECODE_PREFERENCE,
+    KERNELS,
+    PREFILL_PREFERENCE,
+    LseKernel,
+    PartialSum,
+    attention_with_lse,
+    merge_outputs,
+    merge_stacked,
+    select_kernel,
+)
 from model_shards.parallel.ring import ring_attention
-from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence, _arange_of, local_count
+from model_shards.parallel.sp_plan import (
+    SequenceParallelPlan,
+    StepSequence,
+    arange_of_ranges,
+    local_count,
+)
 
 
 @dataclass
@@ -51,8 +69,8 @@ class SequenceParallelMetadata(AttentionMetadata):
         local = [sequences[i] for i in plan.order]
         ring_writes = [plan.ring_writes(src) for src in range(size)]
         positions, table, decode_rows, decode_slots, cached_queries, *ring_flat = to_device_together(
-            [plan.positions(), _padded_tables([seq.block_table for seq in local], "cpu"), *plan.decode_writes(),
-             _arange_of([ring.rows for ring in plan.cached_ring()]), *(t for pair in ring_writes for t in pair)],
+            [plan.positions(), padded_block_tables([seq.block_table for seq in local], "cpu"), *plan.decode_writes(),
+             arange_of_ranges([ring.rows for ring in plan.cached_ring()]), *(t for pair in ring_writes for t in pair)],
             device)
         return cls(
             query_start_loc=plan.query_start_loc(),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_shards.errors import ModelFolderError
+from model_folder.errors import ModelFolderError
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.weights import WeightReader
 

@@ -16,16 +16,18 @@ import torch
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from cluster.cli import main
-from engine.llm_engine import LLMEngine
-from engine.multiproc_executor import MultiprocessExecutor, RankContext
-from engine.offline import generate
-from engine.sampling_params import SamplingParams
 from engine_configs import config_for
-from model_shards.hf_config import load_architecture
-from model_shards.make_model import make_model
 from rank_jobs import run_model_steps
 from test_tp_sp_logits import BLOCK_SIZE, NUM_BLOCKS, assemble, assert_same_logits
+
+from cluster.cli import main
+from engine.llm_engine import LLMEngine
+from engine.offline import generate
+from executors.local import LocalProcessExecutor
+from model_folder.hf_config import load_architecture
+from model_shards.make_model import make_model
+from model_shards.rank import RankContext
+from protocol.sampling_params import SamplingParams
 
 ODD_VOCAB = 415  # 208 rows per rank under TP 2, the last one padding
 
@@ -64,7 +66,7 @@ def test_engine_with_tp2_over_an_odd_vocabulary_generates_what_one_rank_does(tmp
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompts = ["The quick brown fox", [5, 1030, 516, 515, 17]]
     one = [r[0].token_ids for r in generate(LLMEngine(config_for(folder)), prompts, params)]
-    executor = MultiprocessExecutor(config_for(folder, tp=2), processes=world2)
+    executor = LocalProcessExecutor(config_for(folder, tp=2), processes=world2)
     try:
         two = [r[0].token_ids for r in generate(LLMEngine(config_for(folder, tp=2), executor=executor), prompts, params)]
     finally:
