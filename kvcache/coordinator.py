@@ -3,7 +3,8 @@
 In the spirit of vLLM's KV connector, the scheduler sees four questions and nothing of the tiers
 behind them:
 
-  lookup(request)              -> PrefixHit (device blocks to share + host blocks to restore),
+  lookup(request)              -> PrefixHit (device blocks to share + host blocks to restore,
+                                  and where to pause if the rest is fetched meanwhile),
                                   or None: wait, its prefix is on its way from Redis
   allocate(request, n, hit)    -> new block ids covering n tokens, or None (nothing changed)
   free(request_id)             finish, abort or preemption
@@ -89,6 +90,13 @@ class PrefixHit:
     def redis_tokens(self) -> int:
         return self.restore.redis_tokens
 
+    @property
+    def pause_at_tokens(self) -> int | None:
+        """The prefill stops here, and the request goes back to the queue to restore what follows
+        (fetched from Redis while it computed up to here); None: no pause."""
+        pause = self.restore.pause_block
+        return None if pause is None else pause * self.restore.block_size
+
 
 class KVCacheCoordinator:
     def __init__(self, device: KVCacheManager, tiers: TierManager | None = None,
@@ -105,7 +113,8 @@ class KVCacheCoordinator:
         """The device pool the workers allocated, with the configured tiers below it."""
         # Without prefix caching no block has a name, so no tier could ever find one.
         tier_settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
-        tiers = TierManager(tier_settings, config.cache.block_size, workers.kv_block_nbytes, flops=flops)
+        tiers = TierManager(tier_settings, config.cache.block_size, workers.kv_block_nbytes, flops=flops,
+                            chunk_tokens=config.scheduler.max_tokens_per_step)
         device = KVCacheManager(workers.num_kv_blocks, config.cache.block_size,
                                 config.cache.enable_prefix_caching, on_evict=tiers.on_device_evict)
         tiers.track_device(device.pool)
