@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster.config import KVTierSettings, SchedulerSettings
-from kvcache.tiers.host_index import HOST, REDIS
+from kvcache.tiers.host_index import REDIS
 from kvcache.tiers.linear_estimate import LinearEstimate
 from protocol.kv_transfer_ops import (
     DEVICE_TO_HOST,
