@@ -221,3 +221,30 @@ class RestoreCostModel:
         else:
             restore = self.policy == "always"
         return Decision(tier, num_blocks, restore, restore_s, recompute_s, head if restore else 0)
+
+    # --- reporting -----------------------------------------------------------------------------
+    def restore_threshold_tokens(self, limit_tokens: int = 1 << 24) -> int | None:
+        """The shortest prefix that a Redis restore (from position 0) beats recomputing; None
+        below `limit_tokens`. Doubling, then bisection: longer prefixes favour restoring."""
+        limit = limit_tokens // self.block_size
+        high = 1
+        while high <= limit and not self.decide(REDIS, 0, high).restore:
+            high *= 2
+        if high > limit:
+            return None
+        low = high // 2  # loses (or is 0)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.decide(REDIS, 0, middle).restore else (middle, high)
+        return high * self.block_size
+
+    def describe(self) -> str:
+        """The estimates in words, for the log."""
+        step_s, per_weight_flop, per_attention_flop = self.prefill.coefficients
+        fetch_s, per_fetch_byte = self.redis_fetch.coefficients
+        load_s, per_load_byte = self.host_load.coefficients
+        threshold = self.restore_threshold_tokens()
+        return (f"prefill {step_s * 1e3:.1f} ms a step + weights at {1e-12 / per_weight_flop:.1f} TFLOP/s + attention "
+                f"at {1e-12 / per_attention_flop:.1f} TFLOP/s; Redis prefetch {fetch_s * 1e3:.1f} ms + "
+                f"{1e-9 / per_fetch_byte:.2f} GB/s; host load {load_s * 1e3:.2f} ms + {1e-9 / per_load_byte:.1f} GB/s; "
+                f"a Redis restore wins from {threshold or 'no'} tokens")
