@@ -160,8 +160,9 @@ class KVTierSettings(_Frozen):
     # GET 2.55 GB/s at 2 MiB, 0.80 GB/s at 8 MiB on the H200 host), and a Llama-3-8B block of 64
     # tokens is 8 MiB.
     redis_value_part_bytes: int = Field(
-        2 << 20, ge=64 << 10, description="A block value larger than this is stored as parts of this size "
-        "(keys <key>, <key>:1, ...; a missing part is a miss). Readers and writers of one Redis must agree."
+        2 << 20, ge=64 << 10, description="A block value of several times this size is stored as equal parts "
+        "of about this size (keys <key>, <key>:1, ...; a missing part is a miss). Readers and writers of one Redis "
+        "must agree."
     )
     redis_max_pending_write_bytes: int = Field(
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."

@@ -244,7 +244,7 @@ class RestoreCostModel:
         fetch_s, per_fetch_byte = self.redis_fetch.coefficients
         load_s, per_load_byte = self.host_load.coefficients
         threshold = self.restore_threshold_tokens()
-        return (f"prefill {step_s * 1e3:.1f} ms a step + weights at {1e-12 / per_weight_flop:.1f} TFLOP/s + attention "
-                f"at {1e-12 / per_attention_flop:.1f} TFLOP/s; Redis prefetch {fetch_s * 1e3:.1f} ms + "
-                f"{1e-9 / per_fetch_byte:.2f} GB/s; host load {load_s * 1e3:.2f} ms + {1e-9 / per_load_byte:.1f} GB/s; "
+        return (f"prefill {step_s * 1e3:.3g} ms a step + weights at {1 / per_weight_flop:.3g} FLOP/s + attention "
+                f"at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch {fetch_s * 1e3:.3g} ms + "
+                f"{1e-9 / per_fetch_byte:.3g} GB/s; host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
                 f"a Redis restore wins from {threshold or 'no'} tokens")

@@ -14,9 +14,9 @@ call (a node down or hung, MOVED/ASK while slots move) makes the next one reload
 first, so the first call after the backoff goes to the new owner of each slot.
 
 Parts. Redis serves 1-4 MiB values 2-3x faster than 8 MiB ones (its reply buffers, its
-allocator), and a Llama-3-8B block of 64 tokens is 8 MiB. So a value longer than `part_bytes` is
-stored as consecutive parts of that size under `<key>`, `<key>:1`, `<key>:2`, ... on the block's
-shard, and read back into one buffer. Eviction may take one part and leave the others: the block
+allocator), and a Llama-3-8B block of 64 tokens is 8 MiB. So a value much longer than
+`part_bytes` is stored as consecutive equal parts of about that size under `<key>`, `<key>:1`,
+`<key>:2`, ... on the block's shard, and read back into one buffer. Eviction may take one part and leave the others: the block
 is then a miss (its length or checksum no longer matches), never a wrong block. Every block of a
 store has the same `value_nbytes`, which fixes how many parts a read asks for.
 """
@@ -62,8 +62,8 @@ class RedisBlockStore:
         part_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """`value_nbytes`, `part_bytes`: values of that length are stored as parts of this size
-        (both None: one value per block, of any length)."""
+        """`value_nbytes`, `part_bytes`: values of that length are stored as equal parts of about
+        this size (both None: one value per block, of any length)."""
         if not urls:
             raise ValueError("RedisBlockStore needs at least one URL")
         endpoints = [parse_redis_url(url) for url in urls]  # ValueError naming a bad URL
@@ -77,8 +77,10 @@ class RedisBlockStore:
             for endpoint in endpoints]
         self._prefix = key_prefix
         self._ttl_s = ttl_s
-        self._part_bytes = part_bytes if value_nbytes and part_bytes and value_nbytes > part_bytes else None
-        self.num_parts = -(-value_nbytes // self._part_bytes) if self._part_bytes else 1
+        # Equal parts, as near `part_bytes` as whole parts get: an 8 MiB block and its header are
+        # four parts of 2 MiB and a bit, a 2 MiB block and its header one value.
+        self.num_parts = max(1, round(value_nbytes / part_bytes)) if value_nbytes and part_bytes else 1
+        self._part_bytes = -(-value_nbytes // self.num_parts) if self.num_parts > 1 else None
 
     @property
     def up(self) -> bool:
