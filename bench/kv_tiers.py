@@ -315,13 +315,16 @@ def main() -> None:
             results["bandwidth"] = [row for block_size in args.block_sizes
                                     for row in bench_paths(args, device, block_size, servers[0][1])]
             print_table(f"KV tier bandwidth ({name}, {args.dtype}, GB/s)", results["bandwidth"])
+            write_results(results, device)
             if args.part_sweep_mib:
                 results["parts"] = bench_parts(args, device, folder)
                 print_table(f"Redis value parts ({name}, one server, GB/s)", results["parts"])
+                write_results(results, device)
             if args.shard_counts:
                 results["shard_scaling"] = bench_shard_scaling(args, device, folder)
                 results["cores_note"] = cores_note(args)
                 print_table(f"Redis shard scaling ({name}, {results['cores_note']})", results["shard_scaling"])
+                write_results(results, device)
             torch.set_num_threads(threads)
             if not args.skip_ttft:
                 model_dir, vocab = make_ttft_model(args, folder, args.context_tokens)
@@ -330,6 +333,11 @@ def main() -> None:
                             results["ttft"])
         finally:
             stop_redis(servers)
+    write_results(results, device)
+
+
+def write_results(results: dict, device: torch.device) -> None:
+    """Rewritten after each table: a run cut short keeps the tables it finished."""
     write_json(f"kv_tiers_{'cuda' if device.type == 'cuda' else 'cpu'}", results)
 
 

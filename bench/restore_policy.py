@@ -129,8 +129,9 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error)
 
 
-def run_lengths(args, replicas: Replicas, vocab: int) -> list[dict]:
-    rng, rows = random.Random(2), []
+def run_lengths(args, replicas: Replicas, vocab: int, results: dict) -> list[dict]:
+    """Every length, shortest first; the JSON is rewritten after each (a run cut short keeps them)."""
+    rng, rows = random.Random(2), results.setdefault("rows", [])
     for length in args.contexts:
         try:
             rows.append(bench_length(args, replicas, rng, vocab, length))
@@ -141,7 +142,12 @@ def run_lengths(args, replicas: Replicas, vocab: int) -> list[dict]:
             rows.append({"context_tokens": length, "faster": f"out of memory: {str(error).splitlines()[0][:80]}"})
             break  # an engine that ran out of memory mid-step is not trusted further
         print_table(f"restore or recompute at {length} tokens", rows[-1:])
+        write_json(results_name(args), results)
     return rows
+
+
+def results_name(args) -> str:
+    return f"restore_policy_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
 
 
 def main() -> None:
@@ -157,7 +163,7 @@ def main() -> None:
             model_dir, vocab = make_ttft_model(args, folder, max(args.contexts))
             replicas = Replicas(args, model_dir, f"redis://127.0.0.1:{servers[0][1]}")
             results["calibrated"] = replicas.calibrated
-            results["rows"] = run_lengths(args, replicas, vocab)
+            run_lengths(args, replicas, vocab, results)
             results["estimates_at_end"] = replicas.cost_model.describe()
             replicas.release()
         finally:
@@ -166,7 +172,7 @@ def main() -> None:
     print(f"cost engine, at the end:             {results['estimates_at_end']}")
     print_table(f"Restore from Redis or recompute: the policy against the faster ({name}, {layers}; "
                 f"goal: within {GOAL - 1:.0%})", [_columns(row) for row in results["rows"]])
-    write_json(f"restore_policy_{'cuda' if device.type == 'cuda' else 'cpu'}", results)
+    write_json(results_name(args), results)
 
 
 def _columns(row: dict) -> dict:
