@@ -116,15 +116,9 @@ class Scheduler:
         plan.budget -= num_new
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
-        self.running.remove(request)
-        self.kv_cache.free(request.request_id)
-        self._dropped_request_ids.add(request.request_id)
-        request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
-        request.pause_at_tokens = None
+        self._requeue(request, self._dropped_request_ids)
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
         plan.preempted_any = True
         if request.request_id in plan.num_scheduled_tokens:  # scheduled earlier this step: undo
             plan.budget += plan.num_scheduled_tokens.pop(request.request_id)
@@ -213,15 +207,20 @@ class Scheduler:
 
     def _pause(self, request: Request) -> None:
         """The request computed up to its pause while the rest of its prefix came from Redis:
-        back to the head of the queue. Its blocks are freed but stay in the prefix cache, so its
-        next lookup finds them there and the rest in host memory (no preemption: nothing is lost)."""
+        back to the head of the queue, where its next lookup finds its blocks in the prefix cache
+        and the rest in host memory (no preemption: nothing is lost). The tiers keep its prefetch."""
+        self._requeue(request, self._paused_request_ids)
+        request.resumed = True
+
+    def _requeue(self, request: Request, forgotten: set[str]) -> None:
+        """Back to the head of the queue, its blocks freed (full ones stay cached); the workers
+        forget it next step (`forgotten`)."""
         self.running.remove(request)
         self.kv_cache.free(request.request_id)
-        self._paused_request_ids.add(request.request_id)
+        forgotten.add(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.pause_at_tokens = None
-        request.resumed = True
         self.waiting.appendleft(request)
 
 
