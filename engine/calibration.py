@@ -90,8 +90,8 @@ def _run_request(executor: Executor, kv_cache: KVCacheCoordinator, chunks: Seque
             if computed and time.monotonic() > deadline:
                 break
             step = StepInput(0, num_scheduled_tokens={_REQUEST_ID: count}, **(
-                {"cached_requests": (CachedRequestData(_REQUEST_ID, (), computed),)} if computed else
-                {"new_requests": (NewRequestData(_REQUEST_ID, prompt, (), _GREEDY, tuple(block_ids), 0),)}))
+                {"cached_requests": (CachedRequestData(_REQUEST_ID, ((),), computed),)} if computed else
+                {"new_requests": (NewRequestData(_REQUEST_ID, prompt, (), _GREEDY, (tuple(block_ids),), 0),)}))
             started = time.perf_counter()
             executor.execute(step)
             timings.append((((computed, count),), time.perf_counter() - started))
