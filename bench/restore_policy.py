@@ -47,14 +47,13 @@ def parse_args() -> argparse.Namespace:
                         help="context lengths (default 4K 16K 64K 256K 1M on GPU, 1K 4K 8K on CPU)")
     parser.add_argument("--ttft-layers", type=int, default=2, help="GPU model: Llama-3-8B shape, this many layers")
     parser.add_argument("--repeats", type=int, default=3, help="documents per length up to 64K (longer: 1)")
-    parser.add_argument("--max-tokens-per-step", type=int, default=None,
-                        help="prefill chunk (default 4096 on GPU: the reference attention masks a chunk x context)")
+    parser.add_argument("--max-tokens-per-step", type=int, default=None, help="prefill chunk (default 8192 on GPU)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.contexts = sorted(args.contexts or ([4096, 16384, 65536, 262144, 1 << 20] if cuda else [1024, 4096, 8192]))
     args.model_dtype = "bfloat16" if cuda else "float32"
     args.ttft_block_size = 64
-    args.max_tokens_per_step = args.max_tokens_per_step or (4096 if cuda else 1024)
+    args.max_tokens_per_step = args.max_tokens_per_step or (8192 if cuda else 1024)
     return args
 
 

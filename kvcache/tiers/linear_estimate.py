@@ -3,9 +3,9 @@
     seconds ~= sum(coefficient[i] * amount[i])
 
 e.g. one prefill step: (1 step, weight FLOPs, attention FLOPs); one restore: (1 restore, bytes).
-The coefficients are the non-negative least-squares fit of the recent measurements, in relative
-errors (a 4K-token step and a 1M-token restore count alike), held to a prior (the start-up
-calibration, or the settings' initial values) by a small weight:
+The coefficients are the non-negative least-squares fit of the recent measurements, in errors
+relative to the fit (a 4K-token step and a 1M-token restore count alike), held to a prior (the
+start-up calibration, or the settings' initial values) by a small weight:
 
 - One measurement nearly replaces the prior where it was taken: an estimate off by 2x is right
   after one measurement. With nothing else to go on the correction is shared by the terms in
@@ -16,6 +16,10 @@ calibration, or the settings' initial values) by a small weight:
   the fit follows a machine whose speed drifts and forgets what no longer holds.
 - A coefficient never drops below 1e-6 of its prior (a cost is positive): the fit is solved over
   each subset of free coefficients (at most 2^3 small solves) and the best feasible one kept.
+- A measurement more than 4x off the prediction is held back until another of about the same
+  amounts comes: if that one is far off the same way too, both count (the machine is not what
+  the estimate thought); if not, the first was a one-off stall (a kernel planning a new shape,
+  ~70 ms of cuDNN on an H100; a collection) and is dropped.
 
 numpy only: the control plane imports no torch.
 """
@@ -32,6 +36,7 @@ import numpy as np
 _PRIOR_WEIGHT = 1e-3  # of the prior against one measurement: it fills what the data leave open
 _FLOOR = 1e-6  # smallest coefficient, relative to its prior
 _FORGOTTEN = 1e-3  # a measurement weighing less than this is dropped
+_OUTLIER = 4.0  # a measurement this many times off the prediction waits for the next one
 
 
 class LinearEstimate:
@@ -40,6 +45,7 @@ class LinearEstimate:
         window = 1 if self._decay <= 0 else math.ceil(math.log(_FORGOTTEN) / math.log(self._decay))
         self._samples: deque[tuple[np.ndarray, float]] = deque(maxlen=max(1, min(window, 256)))
         self.num_observations = 0
+        self._held: list[tuple[np.ndarray, float, bool]] = []  # outliers waiting: (amounts, seconds, slower)
         self.reset(prior)
 
     def reset(self, prior: Sequence[float]) -> None:
@@ -49,6 +55,7 @@ class LinearEstimate:
         self._prior = np.array(prior, dtype=np.float64)
         self.coefficients = [float(c) for c in prior]
         self._samples.clear()
+        self._held = []
 
     def predict(self, amounts: Sequence[float]) -> float:
         return sum(c * a for c, a in zip(self.coefficients, amounts, strict=True))
@@ -56,7 +63,18 @@ class LinearEstimate:
     def observe(self, amounts: Sequence[float], seconds: float) -> None:
         if seconds <= 0 or not math.isfinite(seconds) or not any(amounts):
             return
-        self._samples.append((np.array(amounts, dtype=np.float64), seconds))
+        sample = (np.array(amounts, dtype=np.float64), seconds)
+        ratio = seconds / max(self.predict(amounts), 1e-300)
+        if 1 / _OUTLIER <= ratio <= _OUTLIER:
+            self._held = [held for held in self._held if not _alike(held[0], sample[0])]  # one-offs
+        else:
+            twin = next((held for held in self._held if held[2] == (ratio > 1) and _alike(held[0], sample[0])), None)
+            if twin is None:
+                self._held = (self._held + [(*sample, ratio > 1)])[-4:]
+                return
+            self._held.remove(twin)
+            self._samples.append(twin[:2])
+        self._samples.append(sample)
         self.num_observations += 1
         weights = [self._decay ** age for age in range(len(self._samples) - 1, -1, -1)]
         self.coefficients = self._fit(list(self._samples), weights)
@@ -68,20 +86,24 @@ class LinearEstimate:
             self.reset(self._fit(usable, [1.0] * len(usable)))
 
     def _fit(self, samples: list[tuple[np.ndarray, float]], weights: Sequence[float]) -> list[float]:
-        """argmin over ratios r >= floor of sum w (prediction / measured - 1)^2 + prior weight
-        * sum ((r - 1) / max(1, r))^2, where coefficient = r * prior (ratios keep the columns
-        alike in scale). The prior's pull is bounded: a guess 50x off costs no more than one 2x
-        off, so the data move it as easily (solved by reweighting, a few rounds at most)."""
-        rows = [math.sqrt(w) * amounts * self._prior / seconds for (amounts, seconds), w in zip(samples, weights)]
-        targets = [math.sqrt(w) for w in weights]
-        scales = np.maximum(1.0, np.array(self.coefficients) / self._prior)
+        """argmin over ratios r >= floor of sum w ((prediction - measured) / fitted prediction)^2
+        + prior weight * sum ((r - 1) / max(1, r))^2, where coefficient = r * prior (ratios keep
+        the columns alike in scale). Errors relative to the fit, not to the measurement, so that
+        a machine grown 10x slower moves it as fast as one grown 10x faster; the prior's pull is
+        bounded, so a guess 50x off costs no more than one 2x off. Both by reweighting: a few
+        rounds at most."""
+        coefficients = np.array(self.coefficients)
         for _ in range(4):
-            ratios = self._solve(np.vstack(rows), np.array(targets), scales)
-            new_scales = np.maximum(1.0, ratios)
-            if np.all(np.abs(new_scales / scales - 1.0) < 0.1):
+            predicted = [max(float(amounts @ coefficients), 1e-300) for amounts, _ in samples]
+            rows = [math.sqrt(w) * amounts * self._prior / p for (amounts, _), w, p in zip(samples, weights, predicted)]
+            targets = [math.sqrt(w) * seconds / p for (_, seconds), w, p in zip(samples, weights, predicted)]
+            scales = np.maximum(1.0, coefficients / self._prior)
+            fitted = self._solve(np.vstack(rows), np.array(targets), scales) * self._prior
+            settled = np.all(np.abs(fitted - coefficients) <= 0.05 * np.maximum(fitted, coefficients))
+            coefficients = fitted
+            if settled:
                 break
-            scales = new_scales
-        return [float(c) for c in ratios * self._prior]
+        return [float(c) for c in coefficients]
 
     def _solve(self, rows: np.ndarray, targets: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """Non-negative least squares over the ratios, the prior rows divided by `scales`."""
@@ -98,6 +120,11 @@ class LinearEstimate:
             if np.all(ratios >= _FLOOR) and cost < best_cost:
                 best, best_cost = ratios, cost
         return best
+
+
+def _alike(a: np.ndarray, b: np.ndarray) -> bool:
+    """Amounts within 2x of each other, term by term (zero only alike to zero)."""
+    return all((x == y == 0) or (x > 0 and y > 0 and 0.5 <= x / y <= 2) for x, y in zip(a, b))
 
 
 def _subsets(n: int) -> list[list[int]]:

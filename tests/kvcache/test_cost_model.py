@@ -107,9 +107,7 @@ def test_the_first_measurement_nearly_replaces_the_prior_and_later_ones_weigh_al
     for _ in range(100):
         estimate.observe((1.0,), 3.0)
     estimate.observe((1.0,), 4.0)
-    newest = 0.2  # weight of the newest, in relative errors: 1/3 and 1/4 are averaged, then inverted
-    assert estimate.predict((1.0,)) == pytest.approx(((1 - newest) / 3 + newest / 4) / ((1 - newest) / 9 + newest / 16),
-                                                     rel=1e-3)
+    assert estimate.predict((1.0,)) == pytest.approx(0.8 * 3.0 + 0.2 * 4.0, rel=1e-3)  # the newest weighs alpha
 
 
 def test_measurements_of_two_sizes_separate_a_fixed_cost_from_a_rate():
@@ -256,3 +254,14 @@ def test_restores_in_serving_correct_the_fixed_cost_of_a_prefetch():
         model.observe_redis_restore(blocks, machine.fetch(blocks))
     assert model.redis_fetch.coefficients[0] == pytest.approx(machine.fetch_s, rel=0.05)
     assert model.fetch_seconds(16384) == pytest.approx(machine.fetch(16384), rel=0.02)
+
+
+def test_a_one_off_stall_is_dropped_and_a_lasting_change_is_taken():
+    estimate = LinearEstimate((0.01,), alpha=0.2)
+    estimate.observe((1.0,), 0.01)
+    estimate.observe((1.0,), 0.08)  # a kernel planned a new shape: 8x
+    estimate.observe((1.0,), 0.01)
+    assert estimate.predict((1.0,)) == pytest.approx(0.01)
+    estimate.observe((1.0,), 0.1)  # the machine got 10x slower, and stays so
+    estimate.observe((1.0,), 0.1)
+    assert estimate.predict((1.0,)) > 0.05
