@@ -63,7 +63,7 @@ class StepLike(Protocol):
     @property
     def total_scheduled_tokens(self) -> int: ...
 
-    def scheduled_spans(self) -> Iterable[tuple[int, int]]: ...
+    def scheduled_spans(self) -> list[tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -289,9 +289,17 @@ class TierManager:
         if self._step_pins:
             self.host.unpin(self._step_pins)
             self._step_pins = []
-        if step_input.total_scheduled_tokens >= self.block_size:  # decode-only steps measure overhead
-            self.cost.observe_prefill(step_input.scheduled_spans(), seconds - blocking_s)
-        self.metrics.record_estimates(self.cost)
+        spans = step_input.scheduled_spans()
+        if self.host is not None and self._measures_prefill(spans):
+            self.cost.observe_prefill(spans, seconds - blocking_s)
+            self.metrics.record_estimates(self.cost)
+
+    def _measures_prefill(self, spans: list[tuple[int, int]]) -> bool:
+        """A step of prefill chunks, at least a block of them: decodes read their whole KV for
+        one token each, a cost in memory bandwidth that FLOPs do not describe."""
+        chunks = [count for _, count in spans if count > 1]
+        num_decodes = len(spans) - len(chunks)
+        return sum(chunks) >= self.block_size and num_decodes <= sum(chunks) // 8
 
     def _forget(self, request_id: str) -> None:
         if self.prefetch is not None:

@@ -68,12 +68,12 @@ class LinearEstimate:
         if 1 / _OUTLIER <= ratio <= _OUTLIER:
             self._held = [held for held in self._held if not _alike(held[0], sample[0])]  # one-offs
         else:
-            twin = next((held for held in self._held if held[2] == (ratio > 1) and _alike(held[0], sample[0])), None)
+            twin = next((index for index, held in enumerate(self._held)
+                         if held[2] == (ratio > 1) and _alike(held[0], sample[0])), None)
             if twin is None:
                 self._held = (self._held + [(*sample, ratio > 1)])[-4:]
                 return
-            self._held.remove(twin)
-            self._samples.append(twin[:2])
+            self._samples.append(self._held.pop(twin)[:2])
         self._samples.append(sample)
         self.num_observations += 1
         weights = [self._decay ** age for age in range(len(self._samples) - 1, -1, -1)]

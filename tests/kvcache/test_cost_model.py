@@ -265,3 +265,10 @@ def test_a_one_off_stall_is_dropped_and_a_lasting_change_is_taken():
     estimate.observe((1.0,), 0.1)  # the machine got 10x slower, and stays so
     estimate.observe((1.0,), 0.1)
     assert estimate.predict((1.0,)) > 0.05
+
+
+def test_stalls_of_several_sizes_wait_side_by_side():
+    estimate = LinearEstimate((0.01, 1e-9), alpha=0.2)
+    for nbytes in (1 << 20, 1 << 30, 1 << 20, 1 << 30):  # each 10x slower than thought, twice
+        estimate.observe((1.0, nbytes), 10 * (0.01 + nbytes * 1e-9))
+    assert estimate.predict((1.0, 1 << 30)) > 5 * (0.01 + (1 << 30) * 1e-9)
