@@ -178,8 +178,20 @@ class KVTierSettings(_Frozen):
     # Redis tier, and a block written only when this replica evicts it may come too late.
     redis_write_through: bool = Field(True, description="Write each newly computed full block to Redis at once.")
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Per Redis command; a slower one counts as an error.")
-    redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard.")
-    redis_io_threads: int = Field(4, ge=1, description="Background threads moving blocks between host and Redis.")
+    redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard (at least redis_io_threads).")
+    # Per shard: one client thread with one connection stops near one core's worth of receive,
+    # checksum and copy; more shards must bring more threads for their bandwidth to add up.
+    redis_io_threads: int = Field(
+        4, ge=1, description="Background threads per Redis shard moving blocks between host and Redis."
+    )
+    # Redis serves 1-4 MiB values 2-3x faster than 8 MiB ones (bench/kv_tiers.py: redis-benchmark
+    # GET 2.55 GB/s at 2 MiB, 0.80 GB/s at 8 MiB on the H200 host), and a Llama-3-8B block of 64
+    # tokens is 8 MiB.
+    redis_value_part_bytes: int = Field(
+        2 << 20, ge=64 << 10, description="A block value of several times this size is stored as equal parts "
+        "of about this size (keys <key>, <key>:1, ...; a missing part is a miss). Readers and writers of one Redis "
+        "must agree."
+    )
     redis_max_pending_write_bytes: int = Field(
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
     )
@@ -190,12 +202,29 @@ class KVTierSettings(_Frozen):
         "transfer time; blocks not there by then are recomputed."
     )
     restore_policy: Literal["cost", "always", "never"] = Field(
-        "cost", description="cost: restore when the measured restore time beats the measured recompute time."
+        "cost", description="cost: restore when the estimated restore time beats the estimated recompute time "
+        "by restore_margin (kvcache/tiers/cost_model.py); always, never: regardless."
     )
-    ema_alpha: float = Field(0.2, gt=0, le=1, description="Weight of each new bandwidth and prefill-rate sample.")
-    initial_host_bandwidth_bytes_per_s: float = Field(10e9, gt=0, description="Host<->device estimate until measured.")
-    initial_redis_bandwidth_bytes_per_s: float = Field(1e9, gt=0, description="Redis->host estimate until measured.")
-    initial_prefill_tokens_per_s: float = Field(10_000.0, gt=0, description="Prefill rate estimate until measured.")
+    restore_margin: float = Field(
+        0.1, ge=0, description="cost policy: restore only when estimated restore time x (1 + this) is below the "
+        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more)."
+    )
+    calibration_budget_s: float = Field(
+        3.0, ge=0, description="At start-up, time a few prefill steps and host<->device and Redis transfers on "
+        "this machine for the cost policy's estimates (logged), for at most about this long; 0: no probe."
+    )
+    ema_alpha: float = Field(
+        0.2, gt=0, le=1, description="Weight of a new measurement in the restore and prefill estimates once many "
+        "were seen (the first one nearly replaces the calibration)."
+    )
+    initial_host_bandwidth_bytes_per_s: float = Field(
+        10e9, gt=0, description="Host<->device estimate until calibrated or measured."
+    )
+    initial_redis_bandwidth_bytes_per_s: float = Field(1e9, gt=0, description="Redis->host estimate until calibrated "
+                                                       "or measured.")
+    initial_prefill_tokens_per_s: float = Field(
+        10_000.0, gt=0, description="Prefill rate estimate (short prompts) until calibrated or measured."
+    )
     transfer_chunk_bytes: int = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
     )

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.config import LongctxConfig
+from engine.calibration import calibrate_restore_estimates
 from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
@@ -56,6 +57,9 @@ class LLMEngine:
         self.kv_cache = KVCacheCoordinator.from_config(config, self.executor.description,
                                                        flops=PrefillFlops.of(self.architecture))
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        # Restore-or-recompute estimates measured on this machine before the first request.
+        calibrate_restore_estimates(config, self.executor, self.kv_cache, self.architecture.vocab_size,
+                                    self.max_model_len)
         self.model_fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.executor.kv_layout)
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids

@@ -38,6 +38,10 @@ class Request:
     num_host_hit_tokens: int = 0  # of those, restored from host memory
     num_redis_hit_tokens: int = 0  # of those, restored from Redis (via host memory)
     num_preemptions: int = 0
+    # The prefill stops here and the request requeues to restore what follows, fetched from Redis
+    # while it computed up to here (kvcache/tiers/prefetch.py); None: no pause.
+    pause_at_tokens: int | None = None
+    resumed: bool = False  # it paused once: its next admission adds to its hit counts
     block_hashes: list[bytes] = field(init=False)  # one per full block of token_ids
 
     def __post_init__(self) -> None:

@@ -46,13 +46,13 @@ class TierMetrics:
                                       ["path"], registry=r)
         self.transfer_seconds = Counter("longctx_kv_transfer_seconds", "Wall time of tier transfers, by path.",
                                         ["path"], registry=r)
-        self.bandwidth = Gauge("longctx_kv_bandwidth_estimate_bytes_per_second", "Bandwidth estimate (EMA) "
-                               "used by the restore decisions, by path.", ["path"], registry=r)
-        self.prefill_rate = Gauge("longctx_kv_prefill_estimate_flops_per_second", "Prefill-speed estimate "
-                                  "(EMA of weight + causal-attention FLOPs per second) used by the restore "
-                                  "decisions.", registry=r)
-        self.redis_overhead = Gauge("longctx_kv_redis_restore_overhead_estimate_seconds", "Time a Redis restore "
-                                    "takes beyond moving its bytes (EMA): probe and fetch round trips.", registry=r)
+        self.bandwidth = Gauge("longctx_kv_bandwidth_estimate_bytes_per_second", "Measured bandwidth (EMA "
+                               "of the worker's timed batches), by path.", ["path"], registry=r)
+        self.prefill_rate = Gauge("longctx_kv_prefill_estimate_flops_per_second", "Prefill-speed estimate used "
+                                  "by the restore decisions: weight FLOPs per second of a prefill step.", registry=r)
+        self.redis_overhead = Gauge("longctx_kv_redis_restore_overhead_estimate_seconds", "Fixed part of the "
+                                    "Redis restore estimate: probe and fetch round trips, engine steps between.",
+                                    registry=r)
 
     def _define_redis_series(self) -> None:
         r = self.registry
@@ -105,5 +105,5 @@ class TierMetrics:
     def record_estimates(self, cost: RestoreCostModel) -> None:
         for path, ema in cost.bandwidth.items():
             self.bandwidth.labels(path).set(ema.value)
-        self.prefill_rate.set(cost.prefill_flops_per_s.value)
-        self.redis_overhead.set(cost.redis_overhead_s.value)
+        self.prefill_rate.set(1.0 / cost.prefill.coefficients[1])
+        self.redis_overhead.set(cost.redis_fetch.coefficients[0])

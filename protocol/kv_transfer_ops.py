@@ -47,6 +47,10 @@ class KVTransferOps:
     # Set when the step computes nothing and a request waits for fetches: the worker may block
     # this long for one to finish instead of the engine spinning through empty steps.
     poll_timeout_s: float = 0.0
+    # Start-up only (engine/calibration.py): time moving one block and about this many bytes each
+    # way between device, host and Redis, in blocks and slots from 0 (none is in use yet); the
+    # timings come back in the report's `transfers`.
+    calibration_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,8 @@ def _file_digest(path: Path) -> str:
             digest.update(chunk)  # releases the GIL for large chunks: files hash in parallel
     return digest.hexdigest()
 
+
+
+def part_key(key: bytes, index: int) -> bytes:
+    """The key of part `index` >= 1 of a value stored in parts (part 0 is the key itself)."""
+    return b"%s:%d" % (key, index)
