@@ -27,11 +27,12 @@ from deployments.messages import (
     engine_failure,
     invalid_request,
     overloaded,
+    request_failure,
 )
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.executor import EXECUTORS
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionDelta
+from engine.outputs import CompletionDelta, RequestFailedError
 from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import QueueFullError
 
@@ -64,6 +65,8 @@ class LLMServer:
             yield invalid_request(str(error), error.param, getattr(error, "code", None))
         except QueueFullError as error:
             yield self._overloaded(str(error))
+        except RequestFailedError as error:
+            yield request_failure(str(error))
         except EngineDeadError as error:
             yield engine_failure(str(error))
         except Exception as error:

@@ -50,3 +50,8 @@ def overloaded(message: str, retry_after_s: int) -> ServeError:
 
 def engine_failure(message: str) -> ServeError:
     return ServeError(500, message, "server_error", None, "engine_error")
+
+
+def request_failure(message: str) -> ServeError:
+    """This request failed inside the engine; the engine and every other request went on."""
+    return ServeError(500, message, "server_error", None, "request_failed")
