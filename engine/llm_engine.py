@@ -152,7 +152,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> list[CompletionDelta]:
         """Abort all sequences of a caller's request; their blocks are freed now."""
         deltas = []
-        for internal_id in self._request_groups.get(request_id, []):
+        for internal_id in list(self._request_groups.get(request_id, ())):  # _finish shrinks the group
             sequence = self._sequences.get(internal_id)
             if sequence is not None:
                 deltas.append(self._finish(sequence, RequestStatus.FINISHED_ABORTED, "", ()))
