@@ -93,6 +93,13 @@ class ServeSettings(_Frozen):
         4 * 1024 * 1024, ge=1, description="Per replica: prompt tokens of those requests; more get 429."
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After header of a 429.")
+    # Each choice is one sequence in the engine's queue and one object in the ingress, made before
+    # the first token: an unbounded n let one request exhaust both.
+    max_n: int = Field(16, ge=1, description="Most choices one request may ask for (n, best_of); more get 400.")
+    default_chat_max_tokens: int = Field(
+        4096, ge=1, description="max_tokens of a chat request that gives none (lowered to the room its context "
+        "and the KV cache leave); without it a chat runs to the end of a million-token context."
+    )
     # A million-token prefill takes minutes; the per-request deadline, not Serve's proxy, bounds it.
     request_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one request, queueing included.")
     # 1M tokens are ~4 MB of text or ~7 MB as a JSON list of token ids.

@@ -35,6 +35,7 @@ from deployments.messages import GenerateRequest
 from deployments.metrics import ServingMetrics
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
 from deployments.prompts import PromptBuilder
+from deployments.request_limits import RequestLimits
 from deployments.responses import ChatFormat, CompletionFormat, _Format
 from deployments.sampling import chat_params, completion_params
 from engine.outputs import CompletionDelta
@@ -54,6 +55,8 @@ class OpenAIService:
         self.model_name = model_name
         self.metrics = ServingMetrics()
         self.created = int(time.time())
+        self.limits = RequestLimits(prompts.max_model_len, prompts.vocab_size, settings.max_n,
+                                    settings.default_chat_max_tokens)
 
     # --- probes and listing --------------------------------------------------------------
     async def health(self) -> JSONResponse:
@@ -77,9 +80,10 @@ class OpenAIService:
         timer = RequestTimer(self.metrics, "completions")
         with _counted_on_error(timer):
             self._check_model(body.model)
+            params = completion_params(body, self.limits)  # every field checked before the prompt is read
             num_chars = len(body.prompt) if isinstance(body.prompt, str) else 0
             token_ids = await _off_loop_if_long(self.prompts.completion, body.prompt, num_chars)
-            generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, completion_params(body), body.cache_salt)
+            generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt)
             output = CompletionFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
         return await self._respond(timer, generate, output, body.stream, _include_usage(body))
 
@@ -87,10 +91,10 @@ class OpenAIService:
         timer = RequestTimer(self.metrics, "chat_completions")
         with _counted_on_error(timer):
             self._check_model(body.model)
+            params, fill = chat_params(body, self.limits)  # every field checked before the prompt is read
             messages = body.template_messages()
             num_chars = sum(len(message["content"]) for message in messages)
             token_ids = await _off_loop_if_long(self.prompts.chat, messages, num_chars)
-            params, fill = chat_params(body, self.prompts.max_model_len)
             generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
             output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
         return await self._respond(timer, generate, output, body.stream, _include_usage(body))

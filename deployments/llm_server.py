@@ -76,12 +76,13 @@ class LLMServer:
             self.admission.leave(ticket)
 
     def _params(self, request: GenerateRequest) -> SamplingParams:
+        """The client's params; with no max_tokens from it, the default bounded by the room left."""
         if not request.fill_max_tokens:
             return request.params
         stats = self.engine.stats()
         capacity = min(self.engine.engine.max_model_len, stats.num_total_kv_blocks * stats.block_size)
         room = max(1, capacity - len(request.prompt_token_ids))
-        return dataclasses.replace(request.params, max_tokens=room)
+        return dataclasses.replace(request.params, max_tokens=min(request.params.max_tokens, room))
 
     def _overloaded(self, reason: str) -> ServeError:
         queue = self.admission

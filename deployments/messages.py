@@ -20,8 +20,8 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
-    # No max_tokens from the client (chat): the replica fills in the room its context and KV
-    # cache leave after the prompt; only it knows its KV capacity.
+    # No max_tokens from the client (chat): the replica lowers the default in params to the room
+    # its context and KV cache leave after the prompt; only it knows its KV capacity.
     fill_max_tokens: bool = False
 
 
