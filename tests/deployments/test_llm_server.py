@@ -142,10 +142,12 @@ async def _drain(replies):
     return [reply async for reply in replies]
 
 
-def test_chat_without_max_tokens_runs_to_the_end_of_the_kv_capacity(server_factory):
+def test_chat_without_max_tokens_gets_its_default_lowered_to_the_kv_room(server_factory):
     server = server_factory()
     request = GenerateRequest("c", [1, 2, 3], SamplingParams(max_tokens=4096), fill_max_tokens=True)
     assert server._params(request).max_tokens == 4096 - 3
+    bounded = GenerateRequest("c", [1, 2, 3], SamplingParams(max_tokens=100), fill_max_tokens=True)
+    assert server._params(bounded).max_tokens == 100
 
 
 def test_a_request_larger_than_the_replica_s_kv_cache_is_a_400(make_config):
