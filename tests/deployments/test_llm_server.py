@@ -113,6 +113,26 @@ def test_an_engine_failure_is_500_and_fails_the_health_check(server_factory):
     assert client.get("/health").status_code == 503
 
 
+def test_a_request_that_fails_in_its_step_is_a_500_for_its_caller_alone(server_factory):
+    server = server_factory()
+    worker = server.engine.engine.executor.worker
+    sample = worker.sampler
+
+    def failing_for_seed_13(logits, states):
+        if any(state.params.seed == 13 for state in states):
+            raise RuntimeError("injected")
+        return sample(logits, states)
+
+    worker.sampler = failing_for_seed_13
+    client = _client(server)
+    response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": 13})
+    assert response.status_code == 500 and response.json()["error"]["code"] == "request_failed"
+    assert "injected" in response.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    server.check_health()
+    _wait_until_all_blocks_free(server)
+
+
 def test_a_stalled_step_fails_the_health_check(server_factory):
     server = server_factory(stall_timeout_s=0.2)
     executor = server.engine.engine.executor
