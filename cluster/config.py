@@ -150,6 +150,19 @@ class KVTierSettings(_Frozen):
     # On by default: sharing a long document's prefill with every replica is the point of the
     # Redis tier, and a block written only when this replica evicts it may come too late.
     redis_write_through: bool = Field(True, description="Write each newly computed full block to Redis at once.")
+    # Shared: anything besides this deployment's own model workers can write to the Redis servers
+    # (other applications or teams, another deployment with other weights, any client on a
+    # network not closed to all but this cluster). Private: Redis ACLs or the network let only
+    # this deployment's workers write. A checksum cannot tell a forged block from a real one.
+    redis_shared: bool = Field(
+        False, description="Others can write to the Redis servers (see the comment above); then every block "
+        "carries an HMAC-SHA256 and redis_mac_key or redis_mac_key_file is required."
+    )
+    redis_mac_key: str | None = Field(
+        None, min_length=16, description="Secret key of the blocks' HMAC-SHA256 (the same on every replica); "
+        "with one, a block that does not verify is a counted miss (longctx_kv_unauthentic_blocks)."
+    )
+    redis_mac_key_file: str | None = Field(None, description="Read redis_mac_key from this file (a mounted secret).")
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Per Redis command; a slower one counts as an error.")
     redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard.")
     redis_io_threads: int = Field(4, ge=1, description="Background threads moving blocks between host and Redis.")
@@ -190,6 +203,15 @@ class KVTierSettings(_Frozen):
             parse_redis_url(url)  # a ValueError naming the URL, its password redacted
         if self.redis_urls and self.host_bytes == 0:
             raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory")
+        return self
+
+    @model_validator(mode="after")
+    def _mac_key_when_shared(self) -> "KVTierSettings":
+        if self.redis_mac_key is not None and self.redis_mac_key_file is not None:
+            raise ValueError("give redis_mac_key or redis_mac_key_file, not both")
+        if self.redis_shared and self.redis_mac_key is None and self.redis_mac_key_file is None:
+            raise ValueError("redis_shared needs redis_mac_key or redis_mac_key_file: anyone who can write to a "
+                             "shared Redis could forge KV blocks")
         return self
 
 

@@ -2,9 +2,9 @@
 
 The worker's step only submits: a write-back copies its slot first (the driver reuses the slot
 at once), a write-through and a fetch touch their slot later on an I/O thread (the driver holds
-those slots until they come back in a report). Values are encoded, checksummed and verified on
-the I/O threads (`kvcache/tiers/codec.py`; crc32 and the copies release the GIL), so nothing in
-the step waits on Redis. Every submitted fetch and write-through produces exactly one outcome,
+those slots until they come back in a report). Values are encoded, sealed (crc32 or a keyed MAC)
+and verified on the I/O threads (`kvcache/tiers/codec.py`; the seals and the copies release the
+GIL), so nothing in the step waits on Redis. Every submitted fetch and write-through produces exactly one outcome,
 whatever fails, because the driver frees its slot only then.
 
 Torch-free: the host slots arrive as a (num_slots, block bytes) uint8 numpy view.
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvcache.tiers.block_seal import CHECKSUM_SEAL, Seal
 from kvcache.tiers.codec import BlockFormat, decode_block, encode_block_into
 from kvcache.tiers.ops import HOST_TO_REDIS, MISSING, REDIS_TO_HOST, TransferSample
 from kvcache.tiers.store import BlockStore
@@ -65,9 +66,11 @@ class _BatchClock:
 
 class RemoteBlockIO:
     def __init__(self, store: BlockStore, fmt: BlockFormat, slots: np.ndarray, *, threads: int,
-                 max_pending_write_bytes: int):
+                 max_pending_write_bytes: int, seal: Seal = CHECKSUM_SEAL):
+        """`seal`: what each value carries and each read checks (kvcache/tiers/block_seal.py)."""
         self.store = store
         self.fmt = fmt
+        self.seal = seal
         self._slots = slots  # (num_slots, fmt.nbytes) uint8, a view of the host pool
         self._pipeline_blocks = max(1, _PIPELINE_BYTES // fmt.nbytes)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kv-redis")
@@ -165,7 +168,8 @@ class RemoteBlockIO:
         stored = [False] * len(chunk)
         try:
             buffers = self._value_buffers(len(chunk))
-            values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out))
+            values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out,
+                                            self.seal))
                       for (slot, h, payload), out in zip(chunk, buffers)]
             stored = self.store.put(values)  # returns once sent: the buffers are free again
         except Exception:  # never lose an outcome: the driver holds the slots until it gets one
@@ -202,7 +206,7 @@ class RemoteBlockIO:
         try:
             values = self.store.get([block_hash for block_hash, _ in chunk])
             for index, ((block_hash, slot), value) in enumerate(zip(chunk, values)):
-                outcome, payload = decode_block(self.fmt, block_hash, value)
+                outcome, payload = decode_block(self.fmt, block_hash, value, self.seal)
                 if payload is not None:
                     self._slots[slot] = np.frombuffer(payload, dtype=np.uint8)
                     nbytes += payload.nbytes

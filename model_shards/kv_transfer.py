@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cluster.config import LongctxConfig
+from kvcache.tiers.block_seal import seal_for
 from kvcache.tiers.codec import BlockFormat
 from kvcache.tiers.namespace import checkpoint_digest, key_namespace, key_prefix
 from kvcache.tiers.ops import DEVICE_TO_HOST, HOST_TO_DEVICE, MISSING, KVTransferOps, KVTransferReport, TransferSample
@@ -163,8 +164,9 @@ def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots
     if not store.ping():  # start anyway: the store retries with backoff and the tier comes back
         logger.warning("Redis KV tier unreachable at start (%s): serving without it until it answers",
                        ", ".join(redact(url) for url in settings.redis_urls))
+    seal = seal_for(settings.redis_mac_key, settings.redis_mac_key_file, context=prefix)
     return RemoteBlockIO(store, fmt, slots, threads=settings.redis_io_threads,
-                         max_pending_write_bytes=settings.redis_max_pending_write_bytes)
+                         max_pending_write_bytes=settings.redis_max_pending_write_bytes, seal=seal)
 
 
 def _timed(path: str, move: Callable[[], int]) -> TransferSample:
