@@ -8,8 +8,10 @@ a single torch copy of the same bytes (pinned on CUDA) for device<->host, and `r
 -d <value bytes> -t set,get` (same value size, as many clients as I/O threads) for Redis; the
 Redis->device path is set against both hops in sequence. Shard scaling: host<->Redis over 1, 2
 and 4 redis-servers (`--shard-counts`, each set started here), each against as many
-redis-benchmark processes run at once, one per server, their rates summed. Prints tables and
-writes bench/results/kv_tiers_<device>.json (or $OUT/kv_tiers_<device>.json when $OUT is set).
+redis-benchmark processes run at once, one per server, their rates summed. Seals: GB/s of sealing
+and verifying blocks with crc32 and with HMAC-SHA256 (kv_tiers.redis_mac_key), on one and on
+--io-threads threads, and host<->Redis with each. Prints tables and writes
+bench/results/kv_tiers_<device>.json (or $OUT/kv_tiers_<device>.json when $OUT is set).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
@@ -31,8 +34,10 @@ from cluster.config import CacheSettings, KVTierSettings, LongctxConfig, ModelSe
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
 from engine.sampling_params import SamplingParams
+from kvcache.tiers.block_seal import CHECKSUM_SEAL, MacSeal, Seal
+from kvcache.tiers.codec import BlockFormat, decode_block, encode_block, encode_block_into
 from kvcache.tiers.namespace import key_namespace, key_prefix
-from kvcache.tiers.ops import KVTransferOps
+from kvcache.tiers.ops import HIT, KVTransferOps
 from kvcache.tiers.redis_store import RedisBlockStore
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_remote_io import RemoteBlockIO
@@ -132,7 +137,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_transfer(args, device: torch.device, block_size: int, num_blocks: int, ports: list[int]) -> KVTransfer:
+def make_transfer(args, device: torch.device, block_size: int, num_blocks: int, ports: list[int],
+                  seal_name: str = "crc32") -> KVTransfer:
     cache = KVCacheTensors(num_blocks, args.layers, block_size, args.kv_heads, args.head_dim,
                            DTYPES[args.dtype], device)
     cache.data.view(torch.uint8).random_()  # every block distinct, like real KV
@@ -141,7 +147,8 @@ def make_transfer(args, device: torch.device, block_size: int, num_blocks: int, 
         prefix = key_prefix("bench", key_namespace(f"bench|{block_size}", "none"))
         store = RedisBlockStore([f"redis://127.0.0.1:{port}" for port in ports], prefix, socket_timeout_s=30.0,
                                 max_connections=args.io_threads)
-        return RemoteBlockIO(store, fmt, slots, threads=args.io_threads, max_pending_write_bytes=1 << 40)
+        return RemoteBlockIO(store, fmt, slots, threads=args.io_threads, max_pending_write_bytes=1 << 40,
+                             seal=make_seal(seal_name, prefix))
 
     return KVTransfer(cache, num_blocks, chunk_bytes=64 << 20, remote_factory=connect)
 
@@ -210,6 +217,80 @@ def path_rows(timings: dict, nbytes: int, block_size: int, block_nbytes: int, de
 
 def _in_sequence(*rates: float | None) -> float | None:
     return None if None in rates else 1 / sum(1 / rate for rate in rates)
+
+
+# --- the cost of authenticating blocks ----------------------------------------------------------
+SEALS = ("crc32", "hmac-sha256")
+
+
+def make_seal(name: str, context: bytes) -> Seal:
+    return CHECKSUM_SEAL if name == "crc32" else MacSeal(b"a bench key of at least 16 bytes", context)
+
+
+def bench_seals(args) -> list[dict]:
+    """GB/s of sealing (encode: tag + copy into the value) and verifying (decode: header and tag)
+    blocks, as the Redis I/O threads do off the decode path: crc32 against HMAC-SHA256, on one
+    thread and on --io-threads threads at once."""
+    rows = []
+    for block_size in args.block_sizes:
+        fmt = BlockFormat(args.dtype, (args.layers, 2, block_size, args.kv_heads, args.head_dim),
+                          args.layers * 2 * block_size * args.kv_heads * args.head_dim * DTYPES[args.dtype].itemsize)
+        num_blocks = max(2 * args.io_threads, (256 << 20) // fmt.nbytes)
+        payloads = [random.Random(i).randbytes(fmt.nbytes) for i in range(num_blocks)]
+        hashes = [bytes([i % 256]) * 32 for i in range(num_blocks)]
+        for name in SEALS:
+            seal = make_seal(name, b"bench:")
+            for threads in sorted({1, args.io_threads}):
+                encode_s, decode_s = seal_seconds(fmt, seal, payloads, hashes, threads)
+                total = num_blocks * fmt.nbytes
+                rows.append({"block_tokens": block_size, "block_MiB": round(fmt.nbytes / 2**20, 2), "seal": name,
+                             "threads": threads, "seal_GB_s": round(total / encode_s / 1e9, 2),
+                             "verify_GB_s": round(total / decode_s / 1e9, 2)})
+    return rows
+
+
+def seal_seconds(fmt: BlockFormat, seal: Seal, payloads: list[bytes], hashes: list[bytes],
+                 threads: int) -> tuple[float, float]:
+    """Seconds to encode every payload, then to decode every value, split over `threads` (best of 2)."""
+    values = [encode_block(fmt, h, p, seal) for h, p in zip(hashes, payloads)]
+    shares = [list(range(i, len(payloads), threads)) for i in range(threads)]
+
+    def encode_share(share):
+        out = bytearray(fmt.header_nbytes + fmt.nbytes)  # reused, as the I/O threads reuse theirs
+        for i in share:
+            encode_block_into(fmt, hashes[i], payloads[i], out, seal)
+
+    def decode_share(share):
+        for i in share:
+            assert decode_block(fmt, hashes[i], values[i], seal)[0] == HIT
+
+    with ThreadPoolExecutor(threads) as pool:
+        timed = [min(_timed_run(pool, work, shares) for _ in range(2)) for work in (encode_share, decode_share)]
+    return timed[0], timed[1]
+
+
+def _timed_run(pool: ThreadPoolExecutor, work, shares) -> float:
+    start = time.perf_counter()
+    list(pool.map(work, shares))
+    return time.perf_counter() - start
+
+
+def bench_sealed_redis(args, device: torch.device, port: int) -> list[dict]:
+    """host<->Redis GB/s with each seal, over the first --block-sizes entry: what the MAC costs end to end."""
+    block_size = args.block_sizes[0]
+    n = num_bench_blocks(args, block_size)
+    rows = []
+    for name in SEALS:
+        transfer = make_transfer(args, device, block_size, n, [port], seal_name=name)
+        rng = random.Random(0)
+        slots, hashes = rng.sample(range(n), n), [rng.randbytes(32) for _ in range(n)]
+        transfer.save(list(zip(range(n), slots)))
+        timings = redis_timings(transfer, slots, hashes, device)
+        transfer.close()
+        for path, seconds in timings.items():
+            rows.append({"block_tokens": block_size, "seal": name, "path": path,
+                         "GB_s": round(n * transfer.format.nbytes / seconds / 1e9, 2)})
+    return rows
 
 
 # --- shard scaling ------------------------------------------------------------------------
@@ -336,6 +417,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shard-counts", type=int, nargs="+", default=[1, 2, 4],
                         help="redis-servers of the shard-scaling phase (first --block-sizes entry)")
     parser.add_argument("--skip-shard-scaling", action="store_true")
+    parser.add_argument("--skip-seal", action="store_true", help="skip the crc32 / HMAC-SHA256 cost phase")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.context_tokens = args.context_tokens or (32768 if cuda else 8192)
@@ -371,6 +453,11 @@ def main() -> None:
                                     for row in bench_paths(args, device, block_size, port)]
             results["bandwidth_torch_threads"] = torch.get_num_threads()
             print_table(f"KV tier bandwidth ({name}, {args.dtype}, GB/s)", results["bandwidth"])
+            if not args.skip_seal:
+                results["seals"] = bench_seals(args)
+                print_table(f"Sealing KV blocks for Redis ({os.cpu_count()} CPUs, GB/s)", results["seals"])
+                results["sealed_redis"] = bench_sealed_redis(args, device, port)
+                print_table("host<->Redis with each seal (GB/s)", results["sealed_redis"])
             if not args.skip_shard_scaling:
                 results["shard_scaling"] = bench_shard_scaling(args, device, folder)
                 print_table(f"Redis shard scaling ({name}, {os.cpu_count()} CPUs, GB/s)", results["shard_scaling"])
