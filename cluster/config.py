@@ -111,7 +111,15 @@ class ServeSettings(_Frozen):
     health_check_timeout_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(60.0, ge=0, description="Shutdown waits this long for requests in flight.")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1/*.")
-    api_key_file: str | None = Field(None, description="Read the API key from this file (a mounted secret).")
+    api_key_file: str | None = Field(
+        None, description="API keys from this file (a mounted secret), one a line: `<key>`, or `<tenant> <key>` "
+        "(several keys may name one tenant). Each tenant's prompts get their own cache namespace; a key "
+        "without a tenant is a tenant of its own (deployments/tenants.py)."
+    )
+    tenants_share_cache: bool = Field(
+        False, description="With API keys: put every tenant in one cache namespace (more prefix hits across "
+        "keys); cached_tokens is then reported as 0, since a hit may be on another tenant's prompt."
+    )
     routing_block_tokens: int = Field(
         256, ge=1, description="Granularity of the router's prefix-affinity hashes, in tokens."
     )
