@@ -10,7 +10,7 @@ from engine.offline import generate
 from kvcache.tiers.block_seal import CHECKSUM_SEAL, MacSeal, seal_for
 from kvcache.tiers.codec import BlockFormat, decode_block, encode_block
 from kvcache.tiers.ops import CHECKSUM, HIT, MISMATCH, UNAUTHENTIC
-from test_tiers_engine import GREEDY, make_engine, redis_engine, reference  # noqa: F401 (a fixture)
+from test_tiers_engine import GREEDY, redis_engine, reference  # noqa: F401 (reference: a fixture)
 from tier_helpers import block_hashes, document, metric
 
 FMT = BlockFormat("float16", (2, 2, 4, 2, 8), 2 * 2 * 4 * 2 * 8 * 2)
