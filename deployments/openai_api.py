@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from engine.sampling_params import InvalidParameterError
+from protocol.sampling_params import InvalidParameterError
 
 # Per-token work in the engine grows with these (stop strings are matched after every token).
 MAX_STOP_STRINGS = 16

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from engine.sampling_params import InvalidParameterError
+from protocol.sampling_params import InvalidParameterError
 
 
 @dataclass(frozen=True)

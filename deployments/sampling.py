@@ -15,7 +15,7 @@ from deployments.openai_api import (
     _SamplingFields,
 )
 from deployments.request_limits import RequestLimits
-from engine.sampling_params import InvalidParameterError, SamplingParams
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

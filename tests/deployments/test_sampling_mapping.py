@@ -5,7 +5,7 @@ import pytest
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
 from deployments.request_limits import RequestLimits
 from deployments.sampling import chat_params, completion_params
-from engine.sampling_params import InvalidParameterError, SamplingParams
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 MAX_MODEL_LEN = 4096
 LIMITS = RequestLimits(max_model_len=MAX_MODEL_LEN, vocab_size=1024, max_n=16, default_chat_max_tokens=512)

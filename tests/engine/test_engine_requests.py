@@ -12,8 +12,8 @@ import pytest
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import ContextLengthExceededError
 from engine.offline import generate
-from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import QueueFullError
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 
 def test_empty_prompt_is_rejected(tiny_engine):
@@ -95,13 +95,13 @@ def test_a_group_that_does_not_fit_the_queue_leaves_nothing_behind(tiny_model_di
 
 
 def test_abort_frees_blocks_at_once(tiny_engine):
-    total = tiny_engine.kv_cache_manager.num_free_blocks
+    total = tiny_engine.kv_cache.num_free_blocks
     tiny_engine.add_request("to-abort", [7] * 40, SamplingParams(max_tokens=50))
     tiny_engine.step()
-    assert tiny_engine.kv_cache_manager.num_free_blocks < total
+    assert tiny_engine.kv_cache.num_free_blocks < total
     deltas = tiny_engine.abort_request("to-abort")
     assert [d.finish_reason for d in deltas] == ["abort"]
-    assert tiny_engine.kv_cache_manager.num_free_blocks == total
+    assert tiny_engine.kv_cache.num_free_blocks == total
     assert not tiny_engine.has_unfinished_requests()
 
 
@@ -124,7 +124,7 @@ def test_async_stream_concatenates_to_the_offline_result(tiny_model_dir, make_en
 
 def test_async_stream_closed_early_aborts_the_request(tiny_model_dir, make_engine_for):
     engine = AsyncEngine(make_engine_for(tiny_model_dir))
-    total = engine.engine.kv_cache_manager.num_free_blocks
+    total = engine.engine.kv_cache.num_free_blocks
 
     async def read_two_then_leave():
         stream = engine.generate("leaver", "A long answer", SamplingParams(max_tokens=500, ignore_eos=True))
@@ -133,7 +133,7 @@ def test_async_stream_closed_early_aborts_the_request(tiny_model_dir, make_engin
                 break
         await stream.aclose()
         for _ in range(100):  # the abort runs on the engine thread before its next step
-            if engine.engine.kv_cache_manager.num_free_blocks == total:
+            if engine.engine.kv_cache.num_free_blocks == total:
                 return True
             await asyncio.sleep(0.01)
         return False

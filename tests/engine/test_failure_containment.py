@@ -12,8 +12,8 @@ import pytest
 from engine.async_engine import AsyncEngine
 from engine.offline import generate
 from engine.outputs import RequestFailedError
-from engine.sampling_params import SamplingParams
-from engine.step import NewRequestData, StepInput
+from protocol.sampling_params import SamplingParams
+from protocol.step import NewRequestData, StepInput
 
 POISON_SEED = 666  # marks the request whose sampling fails; greedy rows never read their seed
 FAIL_AT_OUTPUT = 2  # its third token is the one that fails

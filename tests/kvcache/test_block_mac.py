@@ -7,9 +7,9 @@ import pytest
 
 from cluster.config import KVTierSettings
 from engine.offline import generate
-from kvcache.tiers.block_seal import CHECKSUM_SEAL, MacSeal, seal_for
-from kvcache.tiers.codec import BlockFormat, decode_block, encode_block
-from kvcache.tiers.ops import CHECKSUM, HIT, MISMATCH, UNAUTHENTIC
+from model_shards.kv_io.block_seal import CHECKSUM_SEAL, MacSeal, seal_for
+from model_shards.kv_io.codec import BlockFormat, decode_block, encode_block
+from protocol.kv_transfer_ops import CHECKSUM, HIT, MISMATCH, UNAUTHENTIC
 from test_tiers_engine import GREEDY, redis_engine, reference  # noqa: F401 (reference: a fixture)
 from tier_helpers import block_hashes, document, metric
 
