@@ -25,7 +25,7 @@ SLOWEST_CALL_S = 20.0  # a call slower than this is a hang (no request here need
 
 @pytest.fixture(scope="module")
 def app(make_config):
-    config = make_config(executor="in_process", max_n=4, default_chat_max_tokens=16, request_timeout_s=60)
+    config = make_config(executor="local", max_n=4, default_chat_max_tokens=16, request_timeout_s=60)
     config = config.model_copy(update={"model": config.model.model_copy(update={"max_model_len": CONTEXT})})
     server = LLMServer(config)
     service = OpenAIService(LocalBackend(server), PromptBuilder.from_config(config), config.serve, "tiny")
@@ -45,9 +45,11 @@ def test_openapi_describes_the_request_models(app):
     assert {"200", "400", "413", "429", "500"} <= set(generation["responses"]) and "422" not in generation["responses"]
 
 
-# Beside what schemathesis draws from the schema: n and max_tokens on both sides of their bounds.
+# Beside what schemathesis draws from the schema: n and max_tokens on both sides of their bounds,
+# and for chat, at times, messages its template accepts (most drawn ones it refuses: 400s).
 CHOICES = st.none() | st.integers(-2, 6) | st.sampled_from([10**9, 2**63])
 LENGTHS = st.none() | st.integers(-2, CONTEXT + 8) | st.sampled_from([10**9, 10**20])
+USER_TURNS = st.none() | st.builds(lambda text: [{"role": "user", "content": text}], st.text(max_size=40))
 
 
 @pytest.mark.slow
@@ -56,12 +58,13 @@ def test_schemathesis_finds_no_server_error_and_no_hang(app, path):
     operation = schemathesis.openapi.from_asgi("/openapi.json", app)[path]["POST"]
     seen: Counter = Counter()
 
-    @given(case=operation.as_strategy(), n=CHOICES, max_tokens=LENGTHS)
+    @given(case=operation.as_strategy(), n=CHOICES, max_tokens=LENGTHS, messages=USER_TURNS)
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    def call(case, n, max_tokens):
+    def call(case, n, max_tokens, messages):
         if isinstance(case.body, dict):
-            case.body.update({key: value for key, value in (("n", n), ("max_tokens", max_tokens)) if value is not None})
+            overrides = {"n": n, "max_tokens": max_tokens, "messages": messages if "chat" in path else None}
+            case.body.update({key: value for key, value in overrides.items() if value is not None})
         start = time.perf_counter()
         response = case.call()
         elapsed = time.perf_counter() - start

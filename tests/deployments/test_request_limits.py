@@ -23,7 +23,7 @@ FINDING_1 = [  # each of these used to crash the engine's step for every stream 
 
 @pytest.fixture(scope="module")
 def server(make_config):
-    server = LLMServer(make_config(executor="in_process", max_n=4, default_chat_max_tokens=7,
+    server = LLMServer(make_config(executor="local", max_n=4, default_chat_max_tokens=7,
                                    max_request_body_bytes=64 * 1024))
     yield server
     server.engine.shutdown()

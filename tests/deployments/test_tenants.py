@@ -30,7 +30,7 @@ def key_file(tmp_path_factory):
 
 
 def _app(make_config, key_file, **serve_fields):
-    server = LLMServer(make_config(executor="in_process", api_key_file=key_file, **serve_fields))
+    server = LLMServer(make_config(executor="local", api_key_file=key_file, **serve_fields))
     service = OpenAIService(LocalBackend(server), PromptBuilder.from_config(server.config), server.config.serve, "tiny")
     return server, TestClient(build_api(service, load_api_keys(server.config.serve)))
 

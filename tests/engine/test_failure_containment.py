@@ -67,8 +67,8 @@ def test_a_failure_in_one_request_s_sampling_ends_it_alone(tiny_model_dir, make_
         assert "injected sampling failure" in str(outcomes["poisoned"])
         assert outcomes["first"] == reference["first"] and outcomes["third"] == reference["third"]
         assert engine.is_alive
-        manager = engine.engine.kv_cache_manager
-        assert manager.num_free_blocks == manager.pool.num_blocks and not engine.engine.has_unfinished_requests()
+        manager = engine.engine.kv_cache
+        assert manager.num_free_blocks == manager.num_blocks and not engine.engine.has_unfinished_requests()
         again = asyncio.run(scenario())  # the engine still serves, the poisoned request fails alike
         assert again["first"] == reference["first"] and isinstance(again["poisoned"], RequestFailedError)
     finally:
@@ -91,7 +91,7 @@ def test_a_failure_processing_one_request_s_output_ends_it_alone(tiny_model_dir,
     broken = [d for d in deltas if d.request_id == "broken"]
     assert len(broken) == 1 and broken[0].finish_reason == "error" and "injected" in broken[0].error
     assert [t for d in deltas if d.request_id == "fine" for t in d.token_ids] == reference
-    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.pool.num_blocks
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 
 def _past_every_check(**fields) -> SamplingParams:
@@ -122,7 +122,7 @@ def test_the_worker_reports_a_request_it_cannot_sample_and_serves_the_rest(own_e
     num_blocks = -(-len(prompt) // own_engine.block_size)
 
     def new(request_id: str, params: SamplingParams, place: int) -> NewRequestData:
-        blocks = tuple(range(place * num_blocks, (place + 1) * num_blocks))
+        blocks = (tuple(range(place * num_blocks, (place + 1) * num_blocks)),)  # one KV block group
         return NewRequestData(request_id, prompt, (), params, blocks, 0)
 
     good = dataclasses.replace(_greedy(4), eos_token_ids=())
