@@ -138,6 +138,9 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generate(engine, [prompt], params)[0][0]
     finally:
         engine.shutdown()
+    if result.error is not None:
+        print(f"longctx: error: {result.error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(_generation_json(result, config)))
     else:

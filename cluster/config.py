@@ -127,6 +127,13 @@ class ServeSettings(_Frozen):
         4 * 1024 * 1024, ge=1, description="Per replica: prompt tokens of those requests; more get 429."
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After header of a 429.")
+    # Each choice is one sequence in the engine's queue and one object in the ingress, made before
+    # the first token: an unbounded n let one request exhaust both.
+    max_n: int = Field(16, ge=1, description="Most choices one request may ask for (n, best_of); more get 400.")
+    default_chat_max_tokens: int = Field(
+        4096, ge=1, description="max_tokens of a chat request that gives none (lowered to the room its context "
+        "and the KV cache leave); without it a chat runs to the end of a million-token context."
+    )
     # A million-token prefill takes minutes; the per-request deadline, not Serve's proxy, bounds it.
     request_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one request, queueing included.")
     # 1M tokens are ~4 MB of text or ~7 MB as a JSON list of token ids.
@@ -138,7 +145,15 @@ class ServeSettings(_Frozen):
     health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails the replica.")
     drain_timeout_s: float = Field(60.0, ge=0, description="Shutdown waits this long for requests in flight.")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1/*.")
-    api_key_file: str | None = Field(None, description="Read the API key from this file (a mounted secret).")
+    api_key_file: str | None = Field(
+        None, description="API keys from this file (a mounted secret), one a line: `<key>`, or `<tenant> <key>` "
+        "(several keys may name one tenant). Each tenant's prompts get their own cache namespace; a key "
+        "without a tenant is a tenant of its own (deployments/tenants.py)."
+    )
+    tenants_share_cache: bool = Field(
+        False, description="With API keys: put every tenant in one cache namespace (more prefix hits across "
+        "keys); cached_tokens is then reported as 0, since a hit may be on another tenant's prompt."
+    )
     routing_block_tokens: int = Field(
         256, ge=1, description="Granularity of the router's prefix-affinity hashes, in tokens."
     )
@@ -177,6 +192,19 @@ class KVTierSettings(_Frozen):
     # On by default: sharing a long document's prefill with every replica is the point of the
     # Redis tier, and a block written only when this replica evicts it may come too late.
     redis_write_through: bool = Field(True, description="Write each newly computed full block to Redis at once.")
+    # Shared: anything besides this deployment's own model workers can write to the Redis servers
+    # (other applications or teams, another deployment with other weights, any client on a
+    # network not closed to all but this cluster). Private: Redis ACLs or the network let only
+    # this deployment's workers write. A checksum cannot tell a forged block from a real one.
+    redis_shared: bool = Field(
+        False, description="Others can write to the Redis servers (see the comment above); then every block "
+        "carries an HMAC-SHA256 and redis_mac_key or redis_mac_key_file is required."
+    )
+    redis_mac_key: str | None = Field(
+        None, min_length=16, description="Secret key of the blocks' HMAC-SHA256 (the same on every replica); "
+        "with one, a block that does not verify is a counted miss (longctx_kv_unauthentic_blocks)."
+    )
+    redis_mac_key_file: str | None = Field(None, description="Read redis_mac_key from this file (a mounted secret).")
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Per Redis command; a slower one counts as an error.")
     redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard (at least redis_io_threads).")
     # Per shard: one client thread with one connection stops near one core's worth of receive,
@@ -246,6 +274,15 @@ class KVTierSettings(_Frozen):
             parse_redis_url(url)  # a ValueError naming the URL, its password redacted
         if self.redis_urls and self.host_bytes == 0:
             raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory")
+        return self
+
+    @model_validator(mode="after")
+    def _mac_key_when_shared(self) -> "KVTierSettings":
+        if self.redis_mac_key is not None and self.redis_mac_key_file is not None:
+            raise ValueError("give redis_mac_key or redis_mac_key_file, not both")
+        if self.redis_shared and self.redis_mac_key is None and self.redis_mac_key_file is None:
+            raise ValueError("redis_shared needs redis_mac_key or redis_mac_key_file: anyone who can write to a "
+                             "shared Redis could forge KV blocks")
         return self
 
 

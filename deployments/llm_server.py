@@ -27,10 +27,11 @@ from deployments.messages import (
     engine_failure,
     invalid_request,
     overloaded,
+    request_failure,
 )
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionDelta
+from engine.outputs import CompletionDelta, RequestFailedError
 from engine.scheduler import QueueFullError
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
@@ -62,6 +63,8 @@ class LLMServer:
             yield invalid_request(str(error), error.param, getattr(error, "code", None))
         except QueueFullError as error:
             yield self._overloaded(str(error))
+        except RequestFailedError as error:
+            yield request_failure(str(error))
         except EngineDeadError as error:
             yield engine_failure(str(error))
         except Exception as error:
@@ -71,12 +74,13 @@ class LLMServer:
             self.admission.leave(ticket)
 
     def _params(self, request: GenerateRequest) -> SamplingParams:
+        """The client's params; with no max_tokens from it, the default bounded by the room left."""
         if not request.fill_max_tokens:
             return request.params
         stats = self.engine.stats()
         capacity = min(self.engine.max_model_len, stats.num_total_kv_blocks * stats.block_size)
         room = max(1, capacity - len(request.prompt_token_ids))
-        return dataclasses.replace(request.params, max_tokens=room)
+        return dataclasses.replace(request.params, max_tokens=min(request.params.max_tokens, room))
 
     def _overloaded(self, reason: str) -> ServeError:
         queue = self.admission

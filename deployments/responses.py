@@ -28,10 +28,11 @@ class _Choice:
 
 
 class Usage:
-    def __init__(self) -> None:
+    def __init__(self, reports_cached_tokens: bool = True) -> None:
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.cached_tokens = 0
+        self.cached_tokens = 0  # counted always (metrics); told the client only when `reports_cached_tokens`
+        self.reports_cached_tokens = reports_cached_tokens
 
     def absorb(self, delta: CompletionDelta) -> None:
         self.prompt_tokens = delta.num_prompt_tokens
@@ -43,7 +44,7 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens if self.reports_cached_tokens else 0},
         }
 
 
@@ -51,12 +52,12 @@ class _Format:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int):
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, reports_cached_tokens: bool = True):
         self.request_id = request_id
         self.model = model
         self.token_text = token_text
         self.created = int(time.time())
-        self.usage = Usage()
+        self.usage = Usage(reports_cached_tokens)
         self.choices = [_Choice() for _ in range(n)]
 
     def _envelope(self, object_name: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""OpenAI request fields -> `SamplingParams`. Ranges are SamplingParams' to check, not ours.
+"""OpenAI request fields -> `SamplingParams`, after the request fits the served model's bounds.
 
-Differences between the two endpoints live here: completions' `logprobs` is a count and its
-`max_tokens` defaults to 16 (OpenAI's default); chat's `logprobs` is a flag with `top_logprobs`
-beside it, and its output runs to the end of the context unless limited.
+Ranges that hold for every model are SamplingParams' to check, the served model's bounds
+`RequestLimits`'. Differences between the two endpoints live here: completions' `logprobs` is a
+count and its `max_tokens` defaults to 16 (OpenAI's default); chat's `logprobs` is a flag with
+`top_logprobs` beside it, and without a limit its output runs to serve.default_chat_max_tokens
+or the end of the context, whichever comes first.
 """
 
 from __future__ import annotations
@@ -12,26 +14,29 @@ from deployments.openai_api import (
     CompletionRequest,
     _SamplingFields,
 )
+from deployments.request_limits import RequestLimits
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
-def completion_params(request: CompletionRequest) -> SamplingParams:
+def completion_params(request: CompletionRequest, limits: RequestLimits) -> SamplingParams:
+    limits.check(request)
     _reject_unsupported_completion_fields(request)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     return _sampling_params(request, max_tokens, request.logprobs)
 
 
-def chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[SamplingParams, bool]:
-    """The params and whether the replica must fill in max_tokens (the client gave none).
+def chat_params(request: ChatCompletionRequest, limits: RequestLimits) -> tuple[SamplingParams, bool]:
+    """The params and whether the replica must fit max_tokens to its KV room (the client gave none).
 
-    Until the replica fills it in, max_tokens is the model's context length: a bound that
-    passes every check that involves it (min_tokens <= max_tokens).
+    Without a limit from the client, max_tokens is the bounded default; the replica lowers it to
+    what its context and KV cache leave after the prompt.
     """
+    limits.check(request)
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    limit = max_model_len if max_tokens is None else max_tokens
+    limit = min(limits.default_chat_max_tokens, limits.max_model_len) if max_tokens is None else max_tokens
     try:
         return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
     except InvalidParameterError as error:

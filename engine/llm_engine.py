@@ -6,6 +6,7 @@ Threading: an LLMEngine is used by one thread (the async engine runs it on its o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 from protocol.step import SampledToken
+
+logger = logging.getLogger(__name__)
+
+SEED_MODULUS = 2**64  # torch generators take 64-bit seeds; n > 1 seeds seed + index wrap around
 
 
 class ContextLengthExceededError(InvalidParameterError):
@@ -72,18 +77,26 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
     ) -> None:
+        """Queue the request's n sequences, all or none: a refusal (400, 429) leaves nothing behind."""
         if request_id in self._request_groups:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
         token_ids = self._tokenize(prompt)
+        self._check_against_model(params)
         self._check_fits_kv_cache(len(token_ids), params)
+        self.scheduler.check_room(params.n)  # the whole group, up front
         params = dataclasses.replace(params, eos_token_ids=self.tokenizer.eos_token_ids)
         chain_root = root_hash(self.model_fingerprint, cache_salt)
-        internal_ids = []
-        for index in range(params.n):
-            internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            self._add_sequence(internal_id, request_id, index, token_ids, self._sequence_params(params, index), chain_root)
-            internal_ids.append(internal_id)
-        self._request_groups[request_id] = internal_ids
+        internal_ids = self._request_groups[request_id] = []
+        try:
+            for index in range(params.n):
+                internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
+                sequence_params = self._sequence_params(params, index)
+                self._add_sequence(internal_id, request_id, index, token_ids, sequence_params, chain_root)
+                internal_ids.append(internal_id)
+        except BaseException:
+            self.abort_request(request_id)
+            self._request_groups.pop(request_id, None)
+            raise
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if not prompt:  # "" would still encode to a lone BOS token
@@ -102,6 +115,17 @@ class LLMEngine:
             raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab_size})")
         return token_ids
 
+    def _check_against_model(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: ids within the vocabulary, n within the queue."""
+        vocab_size = self.architecture.vocab_size
+        if any(not 0 <= token_id < vocab_size for token_id in params.stop_token_ids):
+            raise InvalidParameterError("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+        if params.top_k > vocab_size:
+            raise InvalidParameterError("top_k", f"must be at most the vocabulary size {vocab_size}, got {params.top_k}")
+        if params.n > self.scheduler.settings.max_waiting_requests:
+            raise InvalidParameterError(
+                "n", f"must be at most {self.scheduler.settings.max_waiting_requests} (the queue bound), got {params.n}")
+
     def _check_fits_kv_cache(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         # A sequence that cannot fit the whole cache alone would be preempted for ever.
         num_tokens = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
@@ -116,7 +140,7 @@ class LLMEngine:
     @staticmethod
     def _sequence_params(params: SamplingParams, index: int) -> SamplingParams:
         # n > 1: each sequence samples on its own, seeded with seed + index when a seed is given.
-        seed = None if params.seed is None else params.seed + index
+        seed = None if params.seed is None else (params.seed + index) % SEED_MODULUS
         return dataclasses.replace(params, n=1, seed=seed)
 
     def _add_sequence(self, internal_id, user_id, index, token_ids, params, chain_root) -> None:
@@ -128,7 +152,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> list[CompletionDelta]:
         """Abort all sequences of a caller's request; their blocks are freed now."""
         deltas = []
-        for internal_id in self._request_groups.get(request_id, []):
+        for internal_id in list(self._request_groups.get(request_id, ())):  # _finish shrinks the group
             sequence = self._sequences.get(internal_id)
             if sequence is not None:
                 deltas.append(self._finish(sequence, RequestStatus.FINISHED_ABORTED, "", ()))
@@ -147,7 +171,22 @@ class LLMEngine:
         step_output = self.executor.execute(step_input)
         self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
         sampled = self.scheduler.update_from_output(step_input, step_output)
-        return [self._process_token(self._sequences[rid], token) for rid, token in sampled.items()]
+        failed = [self._fail(rid, why) for rid, why in step_output.failed.items() if rid in self._sequences]
+        return failed + [self._contained(self._sequences[rid], token) for rid, token in sampled.items()]
+
+    def _contained(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
+        """The token's delta; a failure here (detokenizing, stop checks) ends this sequence alone."""
+        try:
+            return self._process_token(sequence, token)
+        except Exception as error:  # noqa: BLE001 - one request's failure, reported to its caller
+            logger.exception("request %s failed after its token", sequence.request.request_id)
+            return self._fail(sequence.request.request_id, f"its output could not be processed: {error!r}")
+
+    def _fail(self, request_id: str, why: str) -> CompletionDelta:
+        logger.error("request %s failed: %s", request_id, why)
+        sequence = self._sequences[request_id]
+        delta = self._finish(sequence, RequestStatus.FINISHED_FAILED, "", ())
+        return dataclasses.replace(delta, error=f"the request failed in the engine: {why}")
 
     def _process_token(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
         if sequence.first_token_time is None:
@@ -162,7 +201,7 @@ class LLMEngine:
         request = sequence.request
         num_kv_blocks = self._num_kv_blocks(request.request_id)
         self.scheduler.finish_request(request.request_id, status)
-        del self._sequences[request.request_id]
+        self._sequences.pop(request.request_id, None)
         group = self._request_groups.get(sequence.user_request_id, [])
         if request.request_id in group:
             group.remove(request.request_id)

@@ -21,6 +21,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why it failed (finish_reason "error")
     num_prompt_tokens: int = 0
     num_prefix_hit_tokens: int = 0  # device + host + Redis
     num_host_hit_tokens: int = 0
@@ -54,6 +55,7 @@ class GenerationResult:
         self.num_kv_blocks = max(self.num_kv_blocks, delta.num_kv_blocks)
         if delta.finished:
             self.finish_reason = delta.finish_reason
+            self.error = delta.error
             self.end_time = now
 
 

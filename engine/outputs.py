@@ -17,13 +17,18 @@ class CompletionDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[SampledToken, ...]  # one per token in token_ids when logprobs were asked for
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     num_prompt_tokens: int
     num_output_tokens: int  # so far
     num_prefix_hit_tokens: int  # prompt tokens served from the prefix cache
     num_kv_blocks: int = 0  # blocks the sequence held when the delta was made
     num_host_hit_tokens: int = 0  # of the prefix hits, restored from host memory
     num_redis_hit_tokens: int = 0  # of the prefix hits, restored from Redis
+    error: str | None = None  # why the sequence failed (finish_reason "error"); the caller's alone
+
+
+class RequestFailedError(RuntimeError):
+    """Handling this request failed inside the engine; the engine and other requests go on."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # eos, stop token or stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context
     FINISHED_ABORTED = "abort"
+    FINISHED_FAILED = "error"  # handling this request failed; the others went on
 
     @property
     def finished(self) -> bool:

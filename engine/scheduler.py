@@ -60,9 +60,15 @@ class Scheduler:
         self.num_preemptions_total = 0
 
     # --- queue ---------------------------------------------------------------------------
+    def check_room(self, num_requests: int) -> None:
+        """QueueFullError unless `num_requests` more fit the waiting queue (a group, checked whole)."""
+        if len(self.waiting) + num_requests > self.settings.max_waiting_requests:
+            raise QueueFullError(
+                f"waiting queue full ({len(self.waiting)} of {self.settings.max_waiting_requests} requests; "
+                f"{num_requests} more asked)")
+
     def add_request(self, request: Request) -> None:
-        if len(self.waiting) >= self.settings.max_waiting_requests:
-            raise QueueFullError(f"waiting queue full ({self.settings.max_waiting_requests} requests)")
+        self.check_room(1)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -197,6 +203,8 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if request_id in step_output.failed:
+                continue  # the engine ends it; none of this step's KV is cached
             request.num_computed_tokens += num_tokens
             self.kv_cache.on_tokens_computed(request)
             if request.num_computed_tokens == request.pause_at_tokens:

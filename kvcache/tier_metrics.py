@@ -12,9 +12,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
-from protocol.kv_transfer_ops import CHECKSUM, MISMATCH, TRUNCATED, KVTransferReport
+from protocol.kv_transfer_ops import CHECKSUM, MISMATCH, TRUNCATED, UNAUTHENTIC, KVTransferReport
 
-_FAILED_VERIFICATION = (CHECKSUM, TRUNCATED, MISMATCH)
+_FAILED_VERIFICATION = (CHECKSUM, TRUNCATED, MISMATCH, UNAUTHENTIC)
 
 
 class TierMetrics:
@@ -57,9 +57,13 @@ class TierMetrics:
     def _define_redis_series(self) -> None:
         r = self.registry
         self.fetch_outcomes = Counter("longctx_kv_redis_fetches", "Blocks fetched from Redis, by outcome "
-                                      "(hit, missing, checksum, truncated, mismatch).", ["outcome"], registry=r)
+                                      "(hit, missing, checksum, truncated, mismatch, unauthentic).", ["outcome"],
+                                      registry=r)
         self.checksum_failures = Counter("longctx_kv_checksum_failures", "Fetched values that failed "
-                                         "verification (checksum, length, header) and were recomputed.", registry=r)
+                                         "verification (checksum, length, header, MAC) and were recomputed.", registry=r)
+        self.unauthentic_blocks = Counter("longctx_kv_unauthentic_blocks", "Fetched values whose MAC did not "
+                                          "verify (forged, or copied from another block or namespace): someone "
+                                          "without the key wrote to Redis. Each was recomputed.", registry=r)
         self.prefetch_timeouts = Counter("longctx_kv_prefetch_timeouts", "Requests that stopped waiting for "
                                          "their Redis prefetch.", registry=r)
         self.redis_writes = Counter("longctx_kv_redis_writes", "Blocks written to Redis, by result (stored, "
@@ -88,6 +92,8 @@ class TierMetrics:
             self.fetch_outcomes.labels(outcome).inc()
             if outcome in _FAILED_VERIFICATION:
                 self.checksum_failures.inc()
+            if outcome == UNAUTHENTIC:
+                self.unauthentic_blocks.inc()
         self.redis_writes.labels("stored").inc(report.writes_stored)
         self.redis_writes.labels("dropped").inc(report.writes_dropped)
         self.redis_errors.inc(report.redis_errors)

@@ -34,6 +34,7 @@ MISSING = "missing"  # no value: never written, expired, evicted, or the shard i
 CHECKSUM = "checksum"  # the payload does not match its checksum
 TRUNCATED = "truncated"  # shorter or longer than its header says
 MISMATCH = "mismatch"  # a well-formed value of another format, dtype, shape or block
+UNAUTHENTIC = "unauthentic"  # its MAC does not verify: forged, or copied from another block or namespace
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,6 @@ class StepOutput:
     step_id: int
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # only requests that sampled
     kv_report: KVTransferReport | None = None  # what the worker's tier transfers did
+    # request id -> why the worker could not handle it this step (its sampling state, its sample):
+    # the engine ends that request with this error; the rest of the step stands.
+    failed: dict[str, str] = field(default_factory=dict)

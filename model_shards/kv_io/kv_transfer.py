@@ -28,6 +28,7 @@ import torch
 
 from cluster.config import LongctxConfig
 from model_shards.kv_cache import KVCacheTensors
+from model_shards.kv_io.block_seal import seal_for
 from model_shards.kv_io.codec import BlockFormat
 from model_shards.kv_io.namespace import checkpoint_digest, key_namespace, key_prefix
 from model_shards.kv_io.redis_store import RedisBlockStore, redact
@@ -189,8 +190,9 @@ def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots
     if not store.ping():  # start anyway: the store retries with backoff and the tier comes back
         logger.warning("Redis KV tier unreachable at start (%s): serving without it until it answers",
                        ", ".join(redact(url) for url in settings.redis_urls))
+    seal = seal_for(settings.redis_mac_key, settings.redis_mac_key_file, context=prefix)
     return RemoteBlockIO(store, fmt, slots, threads_per_shard=settings.redis_io_threads,
-                         max_pending_write_bytes=settings.redis_max_pending_write_bytes)
+                         max_pending_write_bytes=settings.redis_max_pending_write_bytes, seal=seal)
 
 
 def _timed(path: str, move: Callable[[], int]) -> TransferSample:

@@ -2,10 +2,10 @@
 
 The worker's step only submits: a write-back copies its slot first (the driver reuses the slot
 at once), a write-through and a fetch touch their slot later on an I/O thread (the driver holds
-those slots until they come back in a report). Values are encoded, checksummed and verified on
-the I/O threads (`model_shards/kv_io/codec.py`; crc32 and the copies release the GIL), so nothing in
-the step waits on Redis. Every submitted fetch and write-through produces exactly one outcome,
-whatever fails, because the driver frees its slot only then.
+those slots until they come back in a report). Values are encoded, sealed (crc32 or a keyed MAC)
+and verified on the I/O threads (`model_shards/kv_io/codec.py`; the seals and the copies release
+the GIL), so nothing in the step waits on Redis. Every submitted fetch and write-through produces
+exactly one outcome, whatever fails, because the driver frees its slot only then.
 
 Parallelism grows with the shards: each shard has its own `threads_per_shard` I/O threads (and
 as many connections), and a batch is cut into pipelines of one shard each, so that four servers
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model_shards.kv_io.block_seal import CHECKSUM_SEAL, Seal
 from model_shards.kv_io.codec import BlockFormat, decode_block, encode_block_into
 from model_shards.kv_io.store import BlockStore
 from protocol.kv_transfer_ops import (
@@ -81,9 +82,11 @@ _WriteItem = tuple[int | None, bytes, np.ndarray | None]  # (write-through slot 
 
 class RemoteBlockIO:
     def __init__(self, store: BlockStore, fmt: BlockFormat, slots: np.ndarray, *, threads_per_shard: int,
-                 max_pending_write_bytes: int):
+                 max_pending_write_bytes: int, seal: Seal = CHECKSUM_SEAL):
+        """`seal`: what each value carries and each read checks (kvcache/tiers/block_seal.py)."""
         self.store = store
         self.fmt = fmt
+        self.seal = seal
         self._slots = slots  # (num_slots, fmt.nbytes) uint8, a view of the host pool
         self._pipeline_blocks = max(1, _PIPELINE_BYTES // fmt.nbytes)
         self._shard_threads = [ThreadPoolExecutor(threads_per_shard, thread_name_prefix=f"kv-redis-{shard}")
@@ -219,7 +222,8 @@ class RemoteBlockIO:
     def _write(self, chunk: list[_WriteItem]) -> list[bool]:
         """Encode each block and store it; whether each was stored."""
         buffers = self._value_buffers(len(chunk))
-        values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out))
+        values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out,
+                                    self.seal))
                   for (slot, h, payload), out in zip(chunk, buffers)]
         return self.store.put(values)  # returns once sent: the buffers are free again
 
@@ -228,7 +232,7 @@ class RemoteBlockIO:
         outcomes = [MISSING] * len(chunk)
         values = self.store.get([block_hash for block_hash, _ in chunk])
         for index, ((block_hash, slot), value) in enumerate(zip(chunk, values)):
-            outcome, payload = decode_block(self.fmt, block_hash, value)
+            outcome, payload = decode_block(self.fmt, block_hash, value, self.seal)
             if payload is not None:
                 self._slots[slot] = np.frombuffer(payload, dtype=np.uint8)
             outcomes[index] = outcome  # only after the copy: a failed copy stays a miss

@@ -134,7 +134,7 @@ def test_the_store_shards_by_hash_and_answers_every_call(start_redis):
     assert store.get([items[0][0]]) == [None]
     key = block_key(PREFIX, items[20][0])
     assert servers[int.from_bytes(items[20][0][:8], "little") % 2].client().ttl(key) == -1  # no ttl set
-    assert key.startswith(b"test:kv:v1:")
+    assert key.startswith(b"test:kv:v2:")
 
 
 def test_a_dead_shard_is_a_fast_miss_then_reconnects_after_backoff(start_redis, free_tcp_port):
