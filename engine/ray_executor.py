@@ -29,11 +29,16 @@ def uses_gpu(config: LongctxConfig) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+ACCELERATOR_TYPE_SHARE = 0.001
+
+
 def placement_group_bundles(config: LongctxConfig, replica_num_cpus: float = 1.0) -> list[dict[str, float]]:
     """Bundle 0 for the replica, then one bundle per model worker (a GPU each on GPU nodes)."""
     worker: dict[str, float] = {"CPU": config.serve.worker_num_cpus}
     if uses_gpu(config):
         worker["GPU"] = 1.0
+        if config.serve.accelerator_type:  # Ray's convention: a sliver of the node's type resource
+            worker[f"accelerator_type:{config.serve.accelerator_type}"] = ACCELERATOR_TYPE_SHARE
     return [{"CPU": replica_num_cpus}] + [dict(worker) for _ in range(config.parallel.world_size)]
 
 

@@ -31,6 +31,7 @@ from kvcache.tiers.codec import BlockFormat
 from kvcache.tiers.namespace import checkpoint_digest, key_namespace, key_prefix
 from kvcache.tiers.ops import DEVICE_TO_HOST, HOST_TO_DEVICE, MISSING, KVTransferOps, KVTransferReport, TransferSample
 from kvcache.tiers.redis_store import RedisBlockStore, redact
+from kvcache.tiers.redis_urls import with_password
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_remote_io import Completed, RemoteBlockIO
 
@@ -157,7 +158,7 @@ class KVTransfer:
 def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots) -> RemoteBlockIO:
     settings = config.kv_tiers
     store = RedisBlockStore(
-        settings.redis_urls, prefix, ttl_s=settings.redis_ttl_s, socket_timeout_s=settings.redis_socket_timeout_s,
+        _redis_urls(settings), prefix, ttl_s=settings.redis_ttl_s, socket_timeout_s=settings.redis_socket_timeout_s,
         max_connections=settings.redis_max_connections, backoff_s=settings.redis_retry_backoff_s,
         backoff_max_s=settings.redis_retry_backoff_max_s)
     if not store.ping():  # start anyway: the store retries with backoff and the tier comes back
@@ -165,6 +166,19 @@ def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots
                        ", ".join(redact(url) for url in settings.redis_urls))
     return RemoteBlockIO(store, fmt, slots, threads=settings.redis_io_threads,
                          max_pending_write_bytes=settings.redis_max_pending_write_bytes)
+
+
+def _redis_urls(settings) -> tuple[str, ...]:
+    """The configured URLs, with the password from `redis_password_file` where they carry none."""
+    if settings.redis_password_file is None:
+        return settings.redis_urls
+    try:
+        with open(settings.redis_password_file) as file:
+            password = file.read().strip()
+    except OSError as error:
+        raise ValueError(f"kv_tiers.redis_password_file: cannot read {settings.redis_password_file}: "
+                         f"{error.strerror}") from None
+    return tuple(with_password(url, password) for url in settings.redis_urls)
 
 
 def _timed(path: str, move: Callable[[], int]) -> TransferSample:

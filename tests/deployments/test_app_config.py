@@ -92,3 +92,11 @@ def test_gpu_workers_get_a_gpu_bundle_each(make_config):
     config = make_config()
     config = config.model_copy(update={"model": config.model.model_copy(update={"device": "cuda"})})
     assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+
+
+def test_an_accelerator_type_pins_every_gpu_worker_to_that_gpu_model(make_config):
+    config = make_config().with_overrides({"model.device": "cuda", "serve.accelerator_type": "H200"})
+    worker = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H200": 0.001}
+    assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, worker]
+    in_process = llm_server_options(config.with_overrides({"serve.executor": "in_process"}))
+    assert in_process["ray_actor_options"]["accelerator_type"] == "H200"
