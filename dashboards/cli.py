@@ -29,7 +29,8 @@ def run_dashboards(args: argparse.Namespace) -> int:
     try:
         saved = push_dashboards(args.url, args.token, folder=args.folder)
     except GrafanaException as error:
-        raise ValueError(f"Grafana at {args.url} refused the dashboards: {error}") from None
+        detail = f"HTTP {error.status_code}: {error.message}" if error.status_code else error.message
+        raise ValueError(f"Grafana at {args.url} refused the dashboards ({detail})") from None
     for url in saved:
         print(url)
     return 0
