@@ -11,19 +11,22 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import yaml
 
-from dashboards.prometheus import free_port
+from dashboards.prometheus import PrometheusServer, free_port
 
 LONGCTX = Path(sys.executable).parent / "longctx"
 REDIS_SERVER = shutil.which("redis-server")
 DOCUMENT_TOKENS = 400
 NUM_DOCUMENTS = 4
+BURST = 8  # concurrent requests, more than fit the device cache at once: some wait, queued
 
 # 16-token blocks of the tiny model are 8 KiB: the device holds 40 blocks (1.6 documents), the
 # host tier 32 (1.3): cycling through 4 documents evicts each from both, so asking again restores
@@ -71,15 +74,19 @@ def longctx_serve(model_dir: str, workdir: Path, redis_url: str) -> Iterator[str
 
 
 def send_traffic(url: str, rounds: int = 3, pause_s: float = 0.5) -> dict[int, int]:
-    """Cycle through the documents `rounds` times (spills, host and Redis restores), stream a chat,
-    and send two bad requests (400, 404); returns the count of each status code."""
+    """Cycle through the documents `rounds` times (spills, host and Redis restores), then send them
+    all at once (queued context), stream a chat, and send two bad requests (400, 404); returns the
+    count of each status code."""
     statuses: dict[int, int] = {}
     documents = [_document(seed) for seed in range(NUM_DOCUMENTS)]
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(BURST) as pool:
         for _ in range(rounds):
             for document in documents:
                 _count(statuses, client.post("/v1/completions", json={"prompt": document, "max_tokens": 8}))
                 time.sleep(pause_s)
+            burst = [{"prompt": _document(seed), "max_tokens": 64} for seed in range(BURST)]
+            for response in pool.map(lambda body: client.post("/v1/completions", json=body), burst):
+                _count(statuses, response)
             chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16, "stream": True}
             with client.stream("POST", "/v1/chat/completions", json=chat) as response:
                 response.read()
@@ -134,3 +141,24 @@ def _stop(process: subprocess.Popen, timeout_s: float = 10) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@dataclass(frozen=True)
+class LiveStack:
+    serve_url: str
+    prometheus: PrometheusServer
+
+
+@contextmanager
+def live_stack(workdir: Path) -> Iterator[LiveStack]:
+    """A tiny model, Redis, `longctx serve` and a Prometheus scraping its /metrics every second."""
+    from model_shards.make_model import make_model
+
+    model_dir = str(make_model(workdir / "tiny", "tiny"))
+    with redis_server(workdir) as redis_url, longctx_serve(model_dir, workdir, redis_url) as serve_url:
+        prometheus = PrometheusServer(workdir / "prometheus", [serve_url.removeprefix("http://")]).start()
+        try:
+            _wait_for(lambda: prometheus.scraped_samples() > 0, 30, "the first scrape")
+            yield LiveStack(serve_url, prometheus)
+        finally:
+            prometheus.stop()

@@ -34,6 +34,7 @@ class PrometheusServer:
         if PROMETHEUS is None:
             raise FileNotFoundError("prometheus is not installed (make setup installs Debian's package)")
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.targets = targets
         self.scrape_interval_s = scrape_interval_s
         self.port = free_port()
