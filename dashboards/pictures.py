@@ -44,20 +44,36 @@ def draw_dashboard(model: dict[str, Any], prometheus: PrometheusServer, start: f
 
 def _draw_panel(axis, panel: dict[str, Any], prometheus: PrometheusServer, start: float, end: float) -> None:
     step = max(1.0, (end - start) / 200)
+    right = _right_axis_targets(panel)
+    axes = {False: axis, True: axis.twinx() if right else None}
+    lines = []
     for target in panel["targets"]:
         for series in prometheus.query_range(concrete(target["expr"], RATE_WINDOW), start, end, step):
             times = [float(t) - start for t, _ in series["values"]]
             values = [float(v) for _, v in series["values"]]
-            axis.plot(times, values, linewidth=1, label=_legend(target.get("legendFormat", ""), series["metric"]))
+            label = _legend(target.get("legendFormat", ""), series["metric"])
+            lines += axes[target["refId"] in right].plot(times, values, linewidth=1, color=f"C{len(lines)}",
+                                                         label=label)
     unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
     axis.set_title(panel["title"] + (f"  [{unit}]" if unit else ""), fontsize=9)
-    axis.tick_params(labelsize=7)
+    for side in filter(None, axes.values()):
+        side.tick_params(labelsize=7)
     axis.set_xlabel("seconds", fontsize=7)
-    if axis.lines:
-        axis.legend(fontsize=6, loc="upper left")
+    if lines:
+        axis.legend(lines, [line.get_label() for line in lines], fontsize=6, loc="upper left")
     else:
         axis.text(0.5, 0.5, "no data here (GPU nodes only)", ha="center", va="center", fontsize=8,
                   transform=axis.transAxes)
+
+
+def _right_axis_targets(panel: dict[str, Any]) -> set[str]:
+    """refIds that a Grafana override puts on the right axis."""
+    placed = set()
+    for override in panel.get("fieldConfig", {}).get("overrides", []):
+        if override["matcher"]["id"] == "byFrameRefID" and {"id": "custom.axisPlacement", "value": "right"} in \
+                override["properties"]:
+            placed.add(override["matcher"]["options"])
+    return placed
 
 
 def _legend(template: str, labels: dict[str, str]) -> str:

@@ -8,6 +8,7 @@ node metrics (`ray_node_gram_*`, MiB), which Ray exports on GPU nodes only.
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard
+from grafana_foundation_sdk.models.dashboard import DynamicConfigValue
 
 from dashboards.panels import FULL_WIDTH, Query, new_dashboard, percentile_queries, rate, stat_panel, timeseries_panel
 
@@ -65,10 +66,12 @@ def _load_panels() -> list:
     return [
         timeseries_panel("Queued context tokens and replicas", "Prompt tokens not yet computed (scheduler) and "
                          "admitted but not streaming (admission queue), summed over replicas, beside the replica "
-                         "count: what replica autoscaling by context length acts on.", "short",
+                         "count (right axis): what replica autoscaling by context length acts on.", "short",
                          [Query("sum(longctx_queued_tokens)", "queued prefill tokens"),
                           Query("sum(longctx_admission_queued_tokens)", "admission-queued tokens"),
-                          Query("count(longctx_kv_blocks_capacity)", "replicas")]),
+                          Query("count(longctx_kv_blocks_capacity)", "replicas")])
+        .override_by_query("C", [DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                                 DynamicConfigValue(id_val="decimals", value=0)]),
         timeseries_panel("Sequences per replica", "Running and waiting sequences of each LLM server replica.",
                          "short", [Query("longctx_requests_running", "running {{replica}}"),
                                    Query("longctx_requests_waiting", "waiting {{replica}}")]),
