@@ -12,14 +12,10 @@ UID = "longctx-kv-tiers"
 
 
 def kv_tiers_dashboard() -> dashboard.Dashboard:
-    board = new_dashboard(UID, "longctx / KV tiers", "Device, host and Redis KV tiers: contents, hits, transfers, "
-                          "restore decisions, Redis health.")
-    for title, panels in (("Contents", _content_panels()), ("Hits and decisions", _hit_panels()),
-                          ("Transfers", _transfer_panels()), ("Redis", _redis_panels())):
-        board = board.with_row(dashboard.Row(title))
-        for panel in panels:
-            board = board.with_panel(panel)
-    return board
+    rows = [("Contents", _content_panels()), ("Hits and decisions", _hit_panels()), ("Transfers", _transfer_panels()),
+            ("Redis", _redis_panels())]
+    return new_dashboard(UID, "longctx / KV tiers", "Device, host and Redis KV tiers: contents, hits, transfers, "
+                         "restore decisions, Redis health.", rows)
 
 
 def _content_panels() -> list:

@@ -62,10 +62,16 @@ def _with_targets(panel, queries: list[Query]):
     return panel
 
 
-def new_dashboard(uid: str, title: str, description: str) -> dashboard.Dashboard:
-    """A dashboard with the Prometheus data-source variable every panel reads through."""
-    return (
+def new_dashboard(uid: str, title: str, description: str, rows: list[tuple[str, list]]) -> dashboard.Dashboard:
+    """A dashboard of (row title, panels) rows, with the Prometheus data-source variable every
+    panel reads through."""
+    board = (
         dashboard.Dashboard(title).uid(uid).description(description).tags(["longctx"]).refresh("30s")
         .time("now-1h", "now").timezone("browser")
         .with_variable(dashboard.DatasourceVariable(DATASOURCE_VARIABLE).label("Prometheus").type("prometheus"))
     )
+    for row_title, panels in rows:
+        board = board.with_row(dashboard.Row(row_title))
+        for panel in panels:
+            board = board.with_panel(panel)
+    return board

@@ -18,20 +18,9 @@ _ERRORS = 'status=~"4..|5.."'
 
 
 def serving_dashboard() -> dashboard.Dashboard:
-    board = new_dashboard(UID, "longctx / serving", "Requests, latency, queued context and replicas, GPU memory.")
-    board = board.with_row(dashboard.Row("Traffic"))
-    for panel in _traffic_panels():
-        board = board.with_panel(panel)
-    board = board.with_row(dashboard.Row("Latency"))
-    for panel in _latency_panels():
-        board = board.with_panel(panel)
-    board = board.with_row(dashboard.Row("Load and replicas"))
-    for panel in _load_panels():
-        board = board.with_panel(panel)
-    board = board.with_row(dashboard.Row("GPU memory"))
-    for panel in _memory_panels():
-        board = board.with_panel(panel)
-    return board
+    rows = [("Traffic", _traffic_panels()), ("Latency", _latency_panels()), ("Load and replicas", _load_panels()),
+            ("GPU memory", _memory_panels())]
+    return new_dashboard(UID, "longctx / serving", "Requests, latency, queued context and replicas, GPU memory.", rows)
 
 
 def _traffic_panels() -> list:
