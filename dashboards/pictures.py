@@ -58,6 +58,8 @@ def _draw_panel(axis, panel: dict[str, Any], prometheus: PrometheusServer, start
     axis.set_title(panel["title"] + (f"  [{unit}]" if unit else ""), fontsize=9)
     for side in filter(None, axes.values()):
         side.tick_params(labelsize=7)
+    if axes[True] is not None:  # counts (replicas): from zero, with headroom
+        axes[True].set_ylim(0, math.ceil(axes[True].get_ylim()[1]) + 1)
     axis.set_xlabel("seconds", fontsize=7)
     if lines:
         axis.legend(lines, [line.get_label() for line in lines], fontsize=6, loc="upper left")
