@@ -48,18 +48,32 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python3 bench/parallel.py`
 
-from model_shards.hf_config import load_architecture  # noqa: E402
+from report import print_table  # noqa: E402  (bench/ is on sys.path when a script runs)
+
+from model_folder.hf_config import load_architecture  # noqa: E402
 from model_shards.llama import LlamaForCausalLM  # noqa: E402
 from model_shards.make_model import make_model  # noqa: E402
 from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout  # noqa: E402
-from model_shards.parallel.lse_attention import (KERNELS, attention_with_lse, kernel_matches_reference,  # noqa: E402
-                                                 reference_attention, select_kernel)
+from model_shards.parallel.lse_attention import (  # noqa: E402
+    KERNELS,
+    attention_with_lse,
+    kernel_matches_reference,
+    reference_attention,
+    select_kernel,
+)
 from model_shards.parallel.ring import ring_attention  # noqa: E402
-from model_shards.parallel.sp_attention import SequenceParallelBackend, build_local_batch  # noqa: E402
+from model_shards.parallel.sp_attention import (  # noqa: E402
+    SequenceParallelBackend,
+    build_local_batch,
+)
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence  # noqa: E402
-from model_shards.parallel.ulysses import (HeadSplit, SequenceShards, gather_heads, scatter_heads,  # noqa: E402
-                                           ulysses_attention)
-from report import print_table  # noqa: E402  (bench/ is on sys.path when a script runs)
+from model_shards.parallel.ulysses import (  # noqa: E402
+    HeadSplit,
+    SequenceShards,
+    gather_heads,
+    scatter_heads,
+    ulysses_attention,
+)
 
 BLOCK_SIZE = 256  # SP=2: 128 positions of every block per GPU
 

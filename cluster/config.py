@@ -45,7 +45,7 @@ class CacheSettings(_Frozen):
     )
     device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU memory share for weights + KV.")
     cpu_kv_bytes: int = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="Name full blocks by their prefix hash so later requests share them.")
 
 
 class SchedulerSettings(_Frozen):
@@ -66,6 +66,23 @@ class ParallelSettings(_Frozen):
         1, ge=1, description="Ranks that split prompts (ring attention) and every KV block (striped by position)."
     )
 
+    # auto keeps each entry point's natural host: `longctx generate` and offline engines run
+    # their ranks locally (no Ray to start), a Serve replica places them as Ray actors in its
+    # placement group (GPUs reserved by Serve, ranks placeable on other nodes).
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto", description="Where the ranks run. local: one rank in the engine's process, TP x SP ranks in one "
+        "local process each; ray: one Ray actor per rank in the Serve replica's placement group; auto: ray when "
+        "the process is connected to Ray (a Serve replica), local otherwise (executors/)."
+    )
+
+    # TP all-reduces every layer (NVLink-bound), the SP ring passes KV blocks once per chunk and
+    # hides them behind attention: only SP traffic can afford to leave a node.
+    span_nodes: bool = Field(
+        False, description="Ray executor only. false: the replica and all its ranks on one node (STRICT_PACK); "
+        "true: each SP rank's TP group on one node (one placement bundle per TP group), the SP groups packed "
+        "onto as few nodes as hold them (PACK), so TP stays inside a node and SP crosses nodes."
+    )
+
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.sequence_parallel_size
@@ -83,9 +100,6 @@ class ServeSettings(_Frozen):
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (tokenize, route, stream).")
     ingress_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs an ingress replica reserves.")
     worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
-    executor: Literal["ray", "in_process"] = Field(
-        "ray", description="ray: model workers are Ray actors in the replica's placement group."
-    )
     accelerator_type: str | None = Field(
         None, description="GPU model every model worker needs, as Ray names it (H100, H200, A100...: the node "
         "resource `accelerator_type:<name>`); None: any GPU."
@@ -104,8 +118,8 @@ class ServeSettings(_Frozen):
     stall_timeout_s: float = Field(
         300.0, gt=0, description="A step running longer than this while requests wait marks the replica unhealthy."
     )
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve calls a replica's health check.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails the replica.")
     drain_timeout_s: float = Field(60.0, ge=0, description="Shutdown waits this long for requests in flight.")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1/*.")
     api_key_file: str | None = Field(None, description="Read the API key from this file (a mounted secret).")
@@ -134,7 +148,7 @@ class KVTierSettings(_Frozen):
     )
     redis_urls: tuple[str, ...] = Field(
         (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
-        "several shard the blocks by hash. kvcache/tiers/redis_urls.py has the forms."
+        "several shard the blocks by hash. protocol/redis_urls.py has the forms."
     )
     redis_password_file: str | None = Field(
         None, description="Read the Redis password from this file (a mounted secret) for URLs that carry none."
@@ -157,7 +171,7 @@ class KVTierSettings(_Frozen):
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
     )
     redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
-    redis_retry_backoff_max_s: float = Field(30.0, gt=0)
+    redis_retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a failed shard.")
     restore_timeout_s: float = Field(
         2.0, ge=0, description="A new request waits for its Redis prefetch this long beyond twice the estimated "
         "transfer time; blocks not there by then are recomputed."
@@ -184,7 +198,7 @@ class KVTierSettings(_Frozen):
 
     @model_validator(mode="after")
     def _redis_needs_host(self) -> "KVTierSettings":
-        from kvcache.tiers.redis_urls import parse_redis_url  # torch- and redis-free
+        from protocol.redis_urls import parse_redis_url  # torch- and redis-free
 
         for url in self.redis_urls:
             parse_redis_url(url)  # a ValueError naming the URL, its password redacted

@@ -152,9 +152,9 @@ class LiveStack:
 @contextmanager
 def live_stack(workdir: Path) -> Iterator[LiveStack]:
     """A tiny model, Redis, `longctx serve` and a Prometheus scraping its /metrics every second."""
-    from model_shards.make_model import make_model
-
-    model_dir = str(make_model(workdir / "tiny", "tiny"))
+    model_dir = str(workdir / "tiny")
+    # the CLI, not model_shards: this package runs beside the driver and imports no torch
+    subprocess.run([str(LONGCTX), "make-model", model_dir, "--preset", "tiny"], check=True, capture_output=True)
     with redis_server(workdir) as redis_url, longctx_serve(model_dir, workdir, redis_url) as serve_url:
         prometheus = PrometheusServer(workdir / "prometheus", [serve_url.removeprefix("http://")]).start()
         try:

@@ -13,9 +13,9 @@ from typing import Any
 from cluster.config import LongctxConfig
 from deployments.errors import APIError
 from deployments.messages import invalid_request
-from engine.sampling_params import InvalidParameterError
-from model_shards.hf_config import load_architecture
-from model_shards.tokenizer import Tokenizer
+from model_folder.hf_config import load_architecture
+from model_folder.tokenizer import Tokenizer
+from protocol.sampling_params import InvalidParameterError
 
 
 class PromptBuilder:

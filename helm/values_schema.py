@@ -136,19 +136,27 @@ def kubernetes_sections() -> dict[str, Any]:
     }
 
 
+def gpu_shape_fits(tensor: int, sequence: int, gpus_per_pod: int, nodes: int) -> bool:
+    if nodes not in NODES_PER_REPLICA or gpus_per_pod * nodes != tensor * sequence:
+        return False
+    return nodes == 1 or gpus_per_pod % tensor == 0
+
+
 def gpu_rules() -> list[dict[str, Any]]:
-    """For each (TP, SP): gpusPerPod x nodesPerReplica must equal TP x SP."""
+    """For each (TP, SP): gpusPerPod x nodesPerReplica must equal TP x SP, and a replica over
+    several pods keeps each TP group inside one (parallel.span_nodes: only SP crosses nodes)."""
     rules = []
     for tensor in PARALLEL_SIZES:
         for sequence in PARALLEL_SIZES:
             world = tensor * sequence
             shapes = [{"properties": {"gpusPerPod": {"const": gpus}, "nodesPerReplica": {"const": world // gpus}}}
-                      for gpus in GPUS_PER_POD if world % gpus == 0 and world // gpus in NODES_PER_REPLICA]
+                      for gpus in GPUS_PER_POD if gpu_shape_fits(tensor, sequence, gpus, world // gpus)]
             parallel = {"tensorParallelSize": {"const": tensor}, "sequenceParallelSize": {"const": sequence}}
             rules.append({
                 "if": {"properties": {"parallel": {"properties": parallel}}},
                 "then": {"properties": {"workers": {
-                    "description": f"TP x SP = {world}: gpusPerPod x nodesPerReplica must be {world}",
+                    "description": f"TP x SP = {world}: gpusPerPod x nodesPerReplica must be {world}, and over "
+                                   f"several pods a pod holds whole TP groups of {tensor}",
                     "anyOf": shapes or [{"not": {}}]}}},
             })
     return rules

@@ -18,20 +18,25 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import LongctxConfig
-from engine.sampler import Sampler, SamplingState
-from engine.step import CachedRequestData, NewRequestData, StepInput, StepOutput
-from kvcache.tiers.ops import KVTransferReport
-from kvcache.tiers.rank_agreement import RankAgreement
+from model_folder.hf_config import load_architecture
 from model_shards.attention.base import AttentionMetadata
 from model_shards.device import resolve_device, resolve_dtype
-from model_shards.hf_config import load_architecture
 from model_shards.kv_cache import KVCacheTensors
-from model_shards.kv_transfer import KVTransfer
+from model_shards.kv_io.kv_transfer import KVTransfer
+from model_shards.kv_io.rank_agreement import RankAgreement
 from model_shards.llama import LlamaForCausalLM
 from model_shards.parallel.groups import ParallelLayout
-from model_shards.parallel.sp_attention import SequenceParallelBackend, build_local_batch
+from model_shards.parallel.sp_attention import (
+    SequenceParallelBackend,
+    build_local_batch,
+)
 from model_shards.parallel.sp_plan import StepSequence
+from model_shards.sampler import Sampler, SamplingState
 from model_shards.weights import WeightReader
+from protocol.kv_fingerprint import kv_fingerprint
+from protocol.kv_transfer_ops import KVTransferReport
+from protocol.step import CachedRequestData, NewRequestData, StepInput, StepOutput
+from protocol.worker_description import WorkerDescription
 
 
 @dataclass
@@ -67,7 +72,8 @@ class ModelWorker:
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
-        fingerprint = f"{self.architecture.fingerprint()}|{self.kv_layout}"  # names this rank's KV in Redis keys
+        # This rank's KV in Redis keys: its own layout, so that keys never mix ranks.
+        fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.kv_layout)
         self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
         self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
@@ -105,12 +111,8 @@ class ModelWorker:
         return int(free - reserved)
 
     @property
-    def num_kv_blocks(self) -> int:
-        return self.kv_cache.num_blocks
-
-    @property
-    def kv_block_nbytes(self) -> int:
-        return self.kv_cache.bytes_per_block
+    def description(self) -> WorkerDescription:
+        return WorkerDescription(self.kv_cache.num_blocks, self.kv_layout, self.kv_cache.bytes_per_block)
 
     @property
     def kv_layout(self) -> str:
@@ -148,7 +150,7 @@ class ModelWorker:
 
     def _agree_across_ranks(self, report: KVTransferReport) -> KVTransferReport:
         """Each rank moved its own shard of the blocks: report a remote outcome only once every
-        rank has it, merged (kvcache/tiers/rank_agreement.py)."""
+        rank has it, merged (model_shards/kv_io/rank_agreement.py)."""
         held = self.rank_agreement.hold(report)
         every = self.layout.world.all_gather_object((held, report.redis_errors, report.blocking_seconds))
         return self.rank_agreement.agree(report, [e[0] for e in every], [e[1] for e in every],

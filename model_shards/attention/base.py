@@ -63,7 +63,7 @@ class AttentionMetadata:
             block_tables=[list(table) for table, _, _ in seqs],
             slot_mapping=_cat_to(slots, device),
             positions=_cat_to(positions, device),
-            block_table_tensor=_padded_tables([table for table, _, _ in seqs], device),
+            block_table_tensor=padded_block_tables([table for table, _, _ in seqs], device),
             block_size=block_size,
         )
 
@@ -82,7 +82,7 @@ def _cat_to(parts: list[torch.Tensor], device: torch.device | str) -> torch.Tens
     return flat.to(device)
 
 
-def _padded_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
+def padded_block_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
     width = max((len(table) for table in tables), default=0)
     padded = torch.zeros(len(tables), width, dtype=torch.long)
     for row, table in enumerate(tables):

@@ -21,12 +21,30 @@ from dataclasses import dataclass
 
 import torch
 
-from model_shards.attention.base import AttentionBackend, AttentionMetadata, _padded_tables, write_kv
+from model_shards.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    padded_block_tables,
+    write_kv,
+)
 from model_shards.parallel.groups import ParallelGroup
-from model_shards.parallel.lse_attention import (DECODE_PREFERENCE, KERNELS, PREFILL_PREFERENCE, LseKernel,
-                                                 PartialSum, attention_with_lse, merge_stacked, select_kernel)
+from model_shards.parallel.lse_attention import (
+    DECODE_PREFERENCE,
+    KERNELS,
+    PREFILL_PREFERENCE,
+    LseKernel,
+    PartialSum,
+    attention_with_lse,
+    merge_stacked,
+    select_kernel,
+)
 from model_shards.parallel.ring import ring_attention
-from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence, _arange_of, local_count
+from model_shards.parallel.sp_plan import (
+    SequenceParallelPlan,
+    StepSequence,
+    arange_of_ranges,
+    local_count,
+)
 
 
 @dataclass
@@ -54,12 +72,12 @@ class SequenceParallelMetadata(AttentionMetadata):
             block_tables=[seq.block_table for seq in local],
             slot_mapping=torch.empty(0, dtype=torch.long, device=device),
             positions=plan.positions().to(device),
-            block_table_tensor=_padded_tables([seq.block_table for seq in local], device),
+            block_table_tensor=padded_block_tables([seq.block_table for seq in local], device),
             block_size=block_size,
             plan=plan,
             ring_writes=[tuple(t.to(device) for t in plan.ring_writes(src)) for src in range(size)],
             decode_writes=tuple(t.to(device) for t in plan.decode_writes()),
-            cached_queries=_arange_of([ring.rows for ring in plan.cached_ring()]).to(device),
+            cached_queries=arange_of_ranges([ring.rows for ring in plan.cached_ring()]).to(device),
         )
 
 

@@ -82,7 +82,7 @@ def _span(ranges: list[tuple[int, int]]) -> int:
     return sum(stop - start for start, stop in ranges)
 
 
-def _arange_of(ranges: list[tuple[int, int]]) -> torch.Tensor:
+def arange_of_ranges(ranges: list[tuple[int, int]]) -> torch.Tensor:
     parts = [torch.arange(start, stop) for start, stop in ranges]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
@@ -160,7 +160,7 @@ class SequenceParallelPlan:
 
     def positions(self) -> torch.Tensor:
         """(rows,) absolute position of each local row."""
-        return torch.cat([_arange_of(ranges) for ranges in self.pieces]) if self.pieces \
+        return torch.cat([arange_of_ranges(ranges) for ranges in self.pieces]) if self.pieces \
             else torch.empty(0, dtype=torch.long)
 
     def query_start_loc(self) -> list[int]:
@@ -180,7 +180,7 @@ class SequenceParallelPlan:
         rows, slots = [], []
         for ring in self.ring:
             seq = self.sequences[ring.seq]
-            positions = _arange_of(rank_pieces(seq, src, self.size))  # in src's row order
+            positions = arange_of_ranges(rank_pieces(seq, src, self.size))  # in src's row order
             mine = torch.nonzero(positions % self.size == self.rank).flatten()
             rows.append(mine + ring.src_rows[src][0])
             slots.append(local_slots(seq.block_table, positions[mine], self.block_size, self.size))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from cluster.config import SchedulerSettings
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import SampledToken, StepOutput
 from kvcache.block_hash import root_hash
+from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken, StepOutput
 
 BLOCK_SIZE = 4
 ROOT = root_hash("test-model")
@@ -16,7 +17,7 @@ ROOT = root_hash("test-model")
 
 def make_scheduler(num_blocks=64, budget=16, max_num_seqs=8) -> Scheduler:
     settings = SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=max_num_seqs)
-    return Scheduler(settings, KVCacheManager(num_blocks, BLOCK_SIZE))
+    return Scheduler(settings, KVCacheCoordinator(KVCacheManager(num_blocks, BLOCK_SIZE)))
 
 
 def make_request(request_id: str, num_prompt_tokens: int, first_token: int = 1, max_tokens=100) -> Request:
@@ -92,7 +93,7 @@ def test_finished_request_frees_blocks_and_keeps_prefix_cached():
     scheduler.add_request(make_request("a", 12))
     run_step(scheduler)
     scheduler.finish_request("a", RequestStatus.FINISHED_STOPPED)
-    assert scheduler.kv_cache_manager.num_free_blocks == 16
+    assert scheduler.kv_cache.device.num_free_blocks == 16
     scheduler.add_request(make_request("b", 12))
     step = run_step(scheduler)
     # 12 tokens = 3 full blocks, but the last token is always recomputed: 2 blocks hit.

@@ -5,15 +5,13 @@ placement-group bundles."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from chart_helpers import SCENARIOS, one, render, serve_config
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.serve import APP_NAME
 from deployments.app import config_from_args, ingress_options, llm_server_options
-from engine.ray_executor import placement_group_bundles
+from executors.placement import placement_group_bundles
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -67,32 +65,35 @@ def test_autoscaling_overrides_the_llm_server_replicas():
     assert (group["minReplicas"], group["maxReplicas"]) == (1, 6)
 
 
-def test_a_replica_over_two_nodes_is_packed_not_strictly():
+def test_a_replica_over_two_nodes_keeps_tp_in_a_node_and_packs_sp_over_nodes():
     document = serve_config(render(SCENARIOS["TP x SP over 2 nodes"]))
-    (overrides,) = document["applications"][0]["deployments"]
-    assert overrides == {"name": "LLMServer", "placement_group_strategy": "PACK"}
+    assert "deployments" not in document["applications"][0]  # the code's own placement, no override
+    config = config_from_args(document["applications"][0]["args"])
+    assert config.parallel.span_nodes is True
+    assert llm_server_options(config)["placement_group_strategy"] == "PACK"
+    assert config_from_args(serve_config(render())["applications"][0]["args"]).parallel.span_nodes is False
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_gpu_worker_pods_hold_every_replica_bundle(scenario):
-    """The bundles longctx asks for (deployments/app.py) fit the pods the chart asks for."""
+    """The bundles longctx asks for (executors/placement.py) fit the pods the chart asks for, with
+    no GPU left idle: first-fit over one replica's pods, the ingress replicas included."""
     objects = render(SCENARIOS[scenario])
     config = config_from_args(serve_config(objects)["applications"][0]["args"])
     cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
     (group,) = cluster["workerGroupSpecs"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no bundle can land on the head
     assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["version"] == "v2"
-    container = group["template"]["spec"]["containers"][0]
-    pod_gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    pod_cpus = float(container["resources"]["limits"]["cpu"])
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    nodes = group["minReplicas"] // config.serve.num_replicas
+    pods = [{"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"]), **{
+        name: float(amount) for name, amount in group.get("resources", {}).items()}} for _ in range(nodes)]
     bundles = placement_group_bundles(config)
     assert llm_server_options(config)["placement_group_bundles"] == bundles
-    gpu_bundles = [bundle for bundle in bundles if bundle.get("GPU")]
-    nodes = math.ceil(len(gpu_bundles) / pod_gpus)
-    assert len(gpu_bundles) == config.parallel.world_size == nodes * pod_gpus  # no GPU of a pod left idle
-    ingress_cpus = ingress_options(config)["ray_actor_options"]["num_cpus"] * config.serve.ingress_replicas
-    assert sum(bundle["CPU"] for bundle in bundles) + ingress_cpus <= nodes * pod_cpus
-    assert group["minReplicas"] == config.serve.num_replicas * nodes
-    for bundle in gpu_bundles:  # the group declares every custom resource the bundles ask for
-        for resource in set(bundle) - {"CPU", "GPU"}:
-            assert resource in group.get("resources", {}), resource
+    ingress = {"CPU": ingress_options(config)["ray_actor_options"]["num_cpus"]}
+    for bundle in sorted(bundles, key=lambda b: -b.get("GPU", 0)) + [ingress] * config.serve.ingress_replicas:
+        pod = next((pod for pod in pods if all(pod.get(name, 0) >= amount for name, amount in bundle.items())), None)
+        assert pod is not None, f"{bundle} fits no pod of {pods}"
+        for name, amount in bundle.items():
+            pod[name] -= amount
+    assert all(pod["GPU"] == 0 for pod in pods)

@@ -55,7 +55,8 @@ def test_bad_values_are_rejected_naming_the_key(values, message):
 
 
 def test_gpu_counts_must_give_tp_times_sp():
-    """Every combination of the allowed sizes: accepted exactly when gpusPerPod x nodesPerReplica = TP x SP."""
+    """Every combination of the allowed sizes: accepted exactly when gpusPerPod x nodesPerReplica =
+    TP x SP and, over several pods, each pod holds whole TP groups."""
     module = _schema_module()
     import jsonschema
 
@@ -64,13 +65,16 @@ def test_gpu_counts_must_give_tp_times_sp():
                                                            module.GPUS_PER_POD, module.NODES_PER_REPLICA):
         values = {"parallel": {"tensorParallelSize": tensor, "sequenceParallelSize": sequence},
                   "workers": {"gpusPerPod": gpus, "nodesPerReplica": nodes}}
-        assert validator.is_valid(values) == (gpus * nodes == tensor * sequence), values
+        fits = gpus * nodes == tensor * sequence and (nodes == 1 or gpus % tensor == 0)
+        assert validator.is_valid(values) == fits, values
 
 
-def test_helm_rejects_tp_8_on_one_gpu_pods():
-    with pytest.raises(helm_python.HelmValuesError, match="nodesPerReplica"):
+def test_helm_rejects_tp_8_on_one_gpu_pods_and_tp_across_pods():
+    with pytest.raises(helm_python.HelmValuesError, match="/workers"):
         chart().validate_schema({"parallel": {"tensorParallelSize": 8}})
     chart().validate_schema({"parallel": {"tensorParallelSize": 8}, "workers": {"gpusPerPod": 8}})
+    with pytest.raises(helm_python.HelmValuesError, match="gpusPerPod"):  # TP all-reduces must stay on NVLink
+        chart().validate_schema({"parallel": {"tensorParallelSize": 8}, "workers": {"gpusPerPod": 4, "nodesPerReplica": 2}})
 
 
 def test_install_fails_early_without_a_model_location():

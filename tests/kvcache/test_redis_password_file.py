@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import KVTierSettings
-from kvcache.tiers.redis_store import RedisBlockStore
-from kvcache.tiers.redis_urls import parse_redis_url, with_password
-from model_shards.kv_transfer import _redis_urls
+from model_shards.kv_io.kv_transfer import _redis_urls
+from model_shards.kv_io.redis_store import RedisBlockStore
+from protocol.redis_urls import parse_redis_url, with_password
 
 
 @pytest.mark.parametrize(

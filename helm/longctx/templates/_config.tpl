@@ -1,14 +1,19 @@
 {{/*
 The longctx config (cluster/config.py's keys) from the values, then extraConfig merged over it.
 The device is cuda, not auto: the Serve controller builds the application on the head, which has
-no GPU, and must still give every model worker a GPU bundle.
+no GPU, and must still give every rank a GPU bundle.
 */}}
 {{- define "longctx.config" -}}
 {{- $v := .Values -}}
 {{- $model := dict "path" $v.model.mountPath "dtype" $v.model.dtype "device" "cuda" "max_model_len" $v.model.maxModelLen -}}
 {{- $cache := dict "block_size" $v.cache.blockSize "device_memory_fraction" $v.cache.deviceMemoryFraction "enable_prefix_caching" $v.cache.enablePrefixCaching -}}
 {{- $scheduler := dict "max_num_seqs" $v.scheduler.maxNumSeqs "max_tokens_per_step" $v.scheduler.maxTokensPerStep "max_waiting_requests" $v.scheduler.maxWaitingRequests -}}
-{{- $parallel := dict "tensor_parallel_size" $v.parallel.tensorParallelSize "sequence_parallel_size" $v.parallel.sequenceParallelSize -}}
+{{/* ray, not auto: the ranks are Ray actors in the replica's placement group, whatever process builds the app */}}
+{{- $parallel := dict "tensor_parallel_size" $v.parallel.tensorParallelSize "sequence_parallel_size" $v.parallel.sequenceParallelSize "executor" "ray" -}}
+{{- if gt (int $v.workers.nodesPerReplica) 1 -}}
+{{/* each TP group stays on one node, SP ranks cross nodes (executors/placement.py) */}}
+{{- $_ := set $parallel "span_nodes" true -}}
+{{- end -}}
 {{- $replicas := ternary $v.serve.autoscaling.minReplicas $v.serve.numReplicas $v.serve.autoscaling.enabled -}}
 {{- $serve := dict "model_name" $v.model.name "num_replicas" $replicas "ingress_replicas" $v.serve.ingressReplicas "ingress_num_cpus" $v.serve.ingressNumCpus "worker_num_cpus" $v.serve.workerNumCpus "max_queued_requests" $v.serve.maxQueuedRequests "max_queued_tokens" $v.serve.maxQueuedTokens "request_timeout_s" $v.serve.requestTimeoutS "max_request_body_bytes" $v.serve.maxRequestBodyBytes "drain_timeout_s" $v.serve.drainTimeoutS "routing_block_tokens" $v.router.blockTokens "routing_max_tracked_blocks" $v.router.maxTrackedBlocks "routing_stats_period_s" $v.router.statsPeriodS -}}
 {{- if $v.workers.acceleratorType -}}
@@ -28,7 +33,7 @@ no GPU, and must still give every model worker a GPU bundle.
 {{- toYaml (mustMergeOverwrite $config (deepCopy $v.extraConfig)) -}}
 {{- end -}}
 
-{{/* Serve's option overrides of the LLM server deployment: autoscaling, placement over nodes. */}}
+{{/* Serve's option overrides of the LLM server deployment: autoscaling. */}}
 {{- define "longctx.llmServerOverrides" -}}
 {{- $v := .Values -}}
 {{- $overrides := dict "name" "LLMServer" -}}
@@ -39,10 +44,6 @@ no GPU, and must still give every model worker a GPU bundle.
 {{- end -}}
 {{- $_ := set $overrides "num_replicas" "auto" -}}
 {{- $_ := set $overrides "autoscaling_config" $scaling -}}
-{{- end -}}
-{{- if gt (int $v.workers.nodesPerReplica) 1 -}}
-{{/* a replica's bundles span several pods: STRICT_PACK (the code's one-node default) cannot place them */}}
-{{- $_ := set $overrides "placement_group_strategy" "PACK" -}}
 {{- end -}}
 {{- if gt (len $overrides) 1 -}}
 {{- list $overrides | toYaml -}}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
-from kvcache.tiers.ops import KVTransferOps, KVTransferReport
+from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport
+from protocol.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class StepInput:
     # A request samples a token when the scheduled tokens reach the end of its known tokens.
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_request_ids: frozenset[str] = frozenset()  # workers drop their state for these
-    # Moves between the KV tiers, applied before the forward pass (kvcache/tiers/ops.py).
+    # Moves between the KV tiers, applied before the forward pass (protocol/kv_transfer_ops.py).
     kv_transfers: KVTransferOps | None = None
 
     @property

@@ -1,6 +1,6 @@
 """Blocks in Redis: one value per block, sharded by hash over several endpoints, pipelined.
 
-Each entry of `redis_urls` is one shard (kvcache/tiers/redis_urls.py has the URL forms): a plain
+Each entry of `redis_urls` is one shard (protocol/redis_urls.py has the URL forms): a plain
 server, a master found through Redis Sentinel, or a whole Redis Cluster (which shards again by
 key slot inside). Each shard has blocking connection pools (callers on several threads share
 them; a caller waits for a free connection rather than opening unbounded ones) and its own
@@ -32,9 +32,9 @@ from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from kvcache.tiers.namespace import block_key
-from kvcache.tiers.redis_urls import RedisEndpoint, parse_redis_url, redact
-from kvcache.tiers.resp import RespPool
+from model_shards.kv_io.namespace import block_key
+from model_shards.kv_io.resp import RespPool
+from protocol.redis_urls import RedisEndpoint, parse_redis_url, redact
 
 __all__ = ["RedisBlockStore", "ShardHealth", "redact"]
 
@@ -228,7 +228,7 @@ class _ClusterShard(_Shard):
 
 
 class _FastServerShard(_Shard):
-    """A plain server (no TLS): GET and SET go through kvcache/tiers/resp.py, received into
+    """A plain server (no TLS): GET and SET go through model_shards/kv_io/resp.py, received into
     per-thread buffers and sent from memoryviews; other commands through redis-py."""
 
     def __init__(self, *args, **kwargs):
@@ -267,7 +267,7 @@ _SHARD_KINDS = {"server": _server_shard, "sentinel": _SentinelShard, "cluster": 
 
 
 class RedisBlockStore:
-    """A BlockStore over Redis servers (kvcache/tiers/store.py)."""
+    """A BlockStore over Redis servers (model_shards/kv_io/store.py)."""
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kvcache.tiers.codec import FORMAT_VERSION
+from model_shards.kv_io.codec import FORMAT_VERSION
 
 _READ_NBYTES = 16 << 20
 

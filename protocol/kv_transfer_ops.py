@@ -1,6 +1,6 @@
 """The KV-tier messages between the driver and a worker: what to move this step, what came back.
 
-Plain tuples of ints and bytes, carried by StepInput / StepOutput (engine/step.py). Block ids
+Plain tuples of ints and bytes, carried by StepInput / StepOutput (protocol/step.py). Block ids
 name device blocks; slots name host-memory blocks, allocated by the driver
 (`kvcache/tiers/host_index.py`); hashes are the 32-byte chained block names.
 

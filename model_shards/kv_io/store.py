@@ -1,8 +1,8 @@
 """The interface of a remote block store, and an in-memory one for tests and benchmarks.
 
-A store maps block hashes to encoded block values (`kvcache/tiers/codec.py`). Every call is
+A store maps block hashes to encoded block values (`model_shards/kv_io/codec.py`). Every call is
 batched; calls are synchronous and thread-safe: callers that must not wait (the worker's step)
-run them on background threads (`model_shards/kv_remote_io.py`). A store never raises for an
+run them on background threads (`model_shards/kv_io/remote_block_io.py`). A store never raises for an
 unreachable backend: an unreadable value is a miss, an unwritten one is reported as not stored,
 and `errors` counts the failures.
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
-from engine.step import SampledToken
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken
 
 
 class SamplingState:

@@ -2,7 +2,7 @@
 
 With tensor or sequence parallelism every rank holds its own shard of each KV block (its KV
 heads, its stripe of positions) and moves it to and from Redis itself, under a key of its own
-(kvcache/tiers/namespace.py). The driver, though, keeps one host index for all of them: a block
+(model_shards/kv_io/namespace.py). The driver, though, keeps one host index for all of them: a block
 is in Redis, or restorable, only if *every* rank's shard is. Remote outcomes also finish at
 different times on different ranks, while the driver frees a host slot the moment it hears the
 outcome, so a slot must not be reported before every rank is done with it.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from kvcache.tiers.ops import HIT, KVTransferReport
+from protocol.kv_transfer_ops import HIT, KVTransferReport
 
 
 @dataclass

@@ -14,14 +14,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from engine.sampler import (
+from model_shards.sampler import (
     Sampler,
     SamplingState,
     _apply_presence_frequency_penalties,
     _apply_repetition_penalty,
     _sampling_probs,
 )
-from engine.sampling_params import SamplingParams
+from protocol.sampling_params import SamplingParams
 
 VOCAB = 64
 

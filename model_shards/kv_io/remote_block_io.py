@@ -3,7 +3,7 @@
 The worker's step only submits: a write-back copies its slot first (the driver reuses the slot
 at once), a write-through and a fetch touch their slot later on an I/O thread (the driver holds
 those slots until they come back in a report). Values are encoded, checksummed and verified on
-the I/O threads (`kvcache/tiers/codec.py`; crc32 and the copies release the GIL), so nothing in
+the I/O threads (`model_shards/kv_io/codec.py`; crc32 and the copies release the GIL), so nothing in
 the step waits on Redis. Every submitted fetch and write-through produces exactly one outcome,
 whatever fails, because the driver frees its slot only then.
 
@@ -21,9 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvcache.tiers.codec import BlockFormat, decode_block, encode_block_into
-from kvcache.tiers.ops import HOST_TO_REDIS, MISSING, REDIS_TO_HOST, TransferSample
-from kvcache.tiers.store import BlockStore
+from model_shards.kv_io.codec import BlockFormat, decode_block, encode_block_into
+from model_shards.kv_io.store import BlockStore
+from protocol.kv_transfer_ops import (
+    HOST_TO_REDIS,
+    MISSING,
+    REDIS_TO_HOST,
+    TransferSample,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from kvcache.tiers.ops import CHECKSUM, HIT, MISMATCH, MISSING, TRUNCATED
+from protocol.kv_transfer_ops import CHECKSUM, HIT, MISMATCH, MISSING, TRUNCATED
 
 MAGIC = b"LCKV"
 FORMAT_VERSION = 1

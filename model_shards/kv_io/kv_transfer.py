@@ -3,7 +3,7 @@
 The host pool is one tensor (num_slots, layers, 2, block_size, kv_heads, head_dim), pinned on
 CUDA, laid out like the device cache so that a block is one contiguous piece in both. Slots are
 allocated by the driver (kvcache/tier_manager.py); this file only moves bytes, in the order
-kvcache/tiers/ops.py gives.
+protocol/kv_transfer_ops.py gives.
 
 Copies are batched. A run of blocks that are consecutive on both sides is one copy. Small
 blocks on a GPU go through a device staging tensor: one `index_select` gathers a chunk of them,
@@ -27,13 +27,20 @@ import numpy as np
 import torch
 
 from cluster.config import LongctxConfig
-from kvcache.tiers.codec import BlockFormat
-from kvcache.tiers.namespace import checkpoint_digest, key_namespace, key_prefix
-from kvcache.tiers.ops import DEVICE_TO_HOST, HOST_TO_DEVICE, MISSING, KVTransferOps, KVTransferReport, TransferSample
-from kvcache.tiers.redis_store import RedisBlockStore, redact
-from kvcache.tiers.redis_urls import with_password
 from model_shards.kv_cache import KVCacheTensors
-from model_shards.kv_remote_io import Completed, RemoteBlockIO
+from model_shards.kv_io.codec import BlockFormat
+from model_shards.kv_io.namespace import checkpoint_digest, key_namespace, key_prefix
+from model_shards.kv_io.redis_store import RedisBlockStore, redact
+from model_shards.kv_io.remote_block_io import Completed, RemoteBlockIO
+from protocol.redis_urls import with_password
+from protocol.kv_transfer_ops import (
+    DEVICE_TO_HOST,
+    HOST_TO_DEVICE,
+    MISSING,
+    KVTransferOps,
+    KVTransferReport,
+    TransferSample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ class KVTransfer:
 
     # --- one step ---------------------------------------------------------------------------
     def run(self, ops: KVTransferOps) -> KVTransferReport:
-        """Apply one step's ops in kvcache/tiers/ops.py's order; report what finished."""
+        """Apply one step's ops in protocol/kv_transfer_ops.py's order; report what finished."""
         samples = []
         if ops.writebacks and self.remote is not None:
             self.remote.write_back(ops.writebacks)

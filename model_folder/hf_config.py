@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_shards.errors import ModelFolderError
+from model_folder.errors import ModelFolderError
 
 # config.json "architectures" entry -> our name
 SUPPORTED_ARCHITECTURES = {
