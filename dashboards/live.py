@@ -67,7 +67,7 @@ def longctx_serve(model_dir: str, workdir: Path, redis_url: str) -> Iterator[str
                                stdout=subprocess.DEVNULL, stderr=(workdir / "serve.log").open("w"), env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: _healthy(url, process), 180, "longctx serve")
+        _wait_for(lambda: _healthy(url, process, workdir / "serve.log"), 180, "longctx serve")
         yield url
     finally:
         _stop(process, timeout_s=90)  # SIGTERM: drains, deletes the app, stops its Ray
@@ -115,9 +115,10 @@ def _redis_answers(port: int) -> bool:
         return False
 
 
-def _healthy(url: str, process: subprocess.Popen) -> bool:
+def _healthy(url: str, process: subprocess.Popen, log: Path) -> bool:
     if process.poll() is not None:
-        raise RuntimeError(f"longctx serve exited with {process.returncode}")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"longctx serve exited with {process.returncode}; the end of {log}:\n{tail}")
     try:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
