@@ -86,7 +86,7 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
 
 
 def _placement(config: LongctxConfig) -> dict[str, Any]:
-    if executor_backend(config) != "ray":
+    if executor_backend(config, inside_ray_actor=True) != "ray":
         # The ranks run inside the replica (its process, or one local process each under TP x
         # SP): the replica reserves what all of them use.
         world_size = config.parallel.world_size

@@ -1,6 +1,7 @@
 """Continuous batching with chunked prefill under a per-step token budget. No tensors.
 
-Each step spends at most `max_tokens_per_step` tokens, in this order:
+Each step spends at most `max_tokens_per_step` tokens (`max_tokens_per_step_while_decoding` when
+any request is decoding, so a prefill chunk delays others' next token by one short step), in this order:
   1. one token for every running request that is decoding (decodes never wait behind a prefill),
   2. the next prefill chunk of running requests whose prompt is not computed yet,
   3. new requests from the waiting queue, FCFS, after a prefix-cache lookup.
@@ -83,9 +84,12 @@ class Scheduler:
 
     # --- scheduling ----------------------------------------------------------------------
     def schedule(self) -> StepInput:
-        plan = _StepPlan(budget=self.settings.max_tokens_per_step)
         decoding = [r for r in self.running if r.num_uncomputed_tokens == 1]
         prefilling = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        budget = self.settings.max_tokens_per_step
+        if decoding:
+            budget = min(budget, self.settings.max_tokens_per_step_while_decoding)
+        plan = _StepPlan(budget=budget)
         for request in decoding + prefilling:
             if plan.budget == 0:
                 break
@@ -106,9 +110,8 @@ class Scheduler:
             if victim is request:
                 return
         plan.num_scheduled_tokens[request.request_id] = num_new
-        plan.cached_requests.append(
-            CachedRequestData(request.request_id, tuple(new_blocks), request.num_computed_tokens)
-        )
+        plan.cached_requests.append(CachedRequestData(
+            request.request_id, tuple(tuple(group) for group in new_blocks), request.num_computed_tokens))
         plan.budget -= num_new
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
@@ -168,7 +171,7 @@ class Scheduler:
             prompt_token_ids=tuple(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
             sampling_params=request.sampling_params,
-            block_ids=tuple(self.kv_cache.block_table(request.request_id)),
+            block_ids=self.kv_cache.block_tables(request.request_id),
             num_computed_tokens=request.num_computed_tokens,
         )
 

@@ -56,7 +56,7 @@ class TieredRequest(Protocol):
     num_computed_tokens: int
 
 
-class _StepLike(Protocol):
+class StepLike(Protocol):
     @property
     def total_scheduled_tokens(self) -> int: ...
 
@@ -271,7 +271,7 @@ class TierManager:
             return None
         return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
 
-    def on_step_done(self, step_input: _StepLike, report: KVTransferReport | None, seconds: float) -> None:
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
         """The worker ran the step: apply its report, measure the prefill rate, release pins."""
         blocking_s = 0.0
         if report is not None:

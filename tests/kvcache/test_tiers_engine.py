@@ -22,7 +22,6 @@ from cluster.config import (
     KVTierSettings,
     LongctxConfig,
     ModelSettings,
-    ParallelSettings,
     SchedulerSettings,
 )
 from engine.llm_engine import LLMEngine
@@ -41,9 +40,6 @@ def make_engine(model_dir: str, *, block_size=64, num_blocks=512, budget=2048, m
         cache=CacheSettings(block_size=block_size, num_device_blocks=num_blocks),
         scheduler=SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=max_num_seqs),
         kv_tiers=KVTierSettings(**tiers),
-        # in this process, not Ray actors: the KV I/O's warnings must reach caplog even when an
-        # earlier test left the session's Ray up (`auto` would then pick ray)
-        parallel=ParallelSettings(executor="local"),
     ))
 
 
