@@ -1,4 +1,4 @@
-"""The `longctx` command line: make-model, generate, serve.
+"""The `longctx` command line: make-model, generate, serve, dashboards.
 
 Contract (scripts depend on it): `longctx generate --json` prints one JSON object with `text`,
 `token_ids`, `usage` {prompt_tokens, completion_tokens}, `timing` {ttft_s, tpot_s} and `kv`
@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    from dashboards.cli import add_dashboards_parser
+
+    add_dashboards_parser(commands)
     return parser
 
 
@@ -183,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_make_model(args)
             return 0
+        if args.command == "dashboards":
+            from dashboards.cli import run_dashboards
+
+            return run_dashboards(args)
         return run_generate(args) if args.command == "generate" else run_serve(args)
     except (ValueError, OSError) as error:  # config, model folder and parameter errors
         print(f"longctx: error: {error}", file=sys.stderr)

@@ -120,6 +120,10 @@ class ServeSettings(_Frozen):
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (tokenize, route, stream).")
     ingress_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs an ingress replica reserves.")
     worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
+    accelerator_type: str | None = Field(
+        None, description="GPU model every model worker needs, as Ray names it (H100, H200, A100...: the node "
+        "resource `accelerator_type:<name>`); None: any GPU."
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
     )
@@ -180,6 +184,9 @@ class KVTierSettings(_Frozen):
     redis_urls: tuple[str, ...] = Field(
         (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
         "several shard the blocks by hash. protocol/redis_urls.py has the forms."
+    )
+    redis_password_file: str | None = Field(
+        None, description="Read the Redis password from this file (a mounted secret) for URLs that carry none."
     )
     redis_key_prefix: str = Field("longctx", min_length=1, description="First part of every Redis key.")
     redis_namespace: str | None = Field(

@@ -91,7 +91,10 @@ def _placement(config: LongctxConfig) -> dict[str, Any]:
         # SP): the replica reserves what all of them use.
         world_size = config.parallel.world_size
         gpus = world_size if uses_gpu(config) else 0
-        return {"ray_actor_options": _actor_options(config.serve.worker_num_cpus * world_size, num_gpus=gpus)}
+        options = _actor_options(config.serve.worker_num_cpus * world_size, num_gpus=gpus)
+        if gpus and config.serve.accelerator_type:
+            options["accelerator_type"] = config.serve.accelerator_type
+        return {"ray_actor_options": options}
     return {
         "ray_actor_options": _actor_options(REPLICA_NUM_CPUS),
         "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),

@@ -33,6 +33,7 @@ from model_shards.kv_io.codec import BlockFormat
 from model_shards.kv_io.namespace import checkpoint_digest, key_namespace, key_prefix
 from model_shards.kv_io.redis_store import RedisBlockStore, redact
 from model_shards.kv_io.remote_block_io import Completed, RemoteBlockIO
+from protocol.redis_urls import with_password
 from protocol.kv_transfer_ops import (
     DEVICE_TO_HOST,
     HOST_TO_DEVICE,
@@ -183,7 +184,7 @@ class KVTransfer:
 def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots) -> RemoteBlockIO:
     settings = config.kv_tiers
     store = RedisBlockStore(
-        settings.redis_urls, prefix, ttl_s=settings.redis_ttl_s, socket_timeout_s=settings.redis_socket_timeout_s,
+        _redis_urls(settings), prefix, ttl_s=settings.redis_ttl_s, socket_timeout_s=settings.redis_socket_timeout_s,
         max_connections=max(settings.redis_max_connections, settings.redis_io_threads),
         backoff_s=settings.redis_retry_backoff_s, backoff_max_s=settings.redis_retry_backoff_max_s,
         value_nbytes=fmt.header_nbytes + fmt.nbytes, part_bytes=settings.redis_value_part_bytes)
@@ -193,6 +194,19 @@ def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots
     seal = seal_for(settings.redis_mac_key, settings.redis_mac_key_file, context=prefix)
     return RemoteBlockIO(store, fmt, slots, threads_per_shard=settings.redis_io_threads,
                          max_pending_write_bytes=settings.redis_max_pending_write_bytes, seal=seal)
+
+
+def _redis_urls(settings) -> tuple[str, ...]:
+    """The configured URLs, with the password from `redis_password_file` where they carry none."""
+    if settings.redis_password_file is None:
+        return settings.redis_urls
+    try:
+        with open(settings.redis_password_file) as file:
+            password = file.read().strip()
+    except OSError as error:
+        raise ValueError(f"kv_tiers.redis_password_file: cannot read {settings.redis_password_file}: "
+                         f"{error.strerror}") from None
+    return tuple(with_password(url, password) for url in settings.redis_urls)
 
 
 def _timed(path: str, move: Callable[[], int]) -> TransferSample:

@@ -149,3 +149,11 @@ def test_auto_resolves_inside_an_actor_as_ray_and_in_a_ray_driver_as_local(local
     assert local_ray.get(probe.backend.remote()) == "ray"
     assert executor_backend(LongctxConfig()) == "local"  # this test process called ray.init(): still a driver
     local_ray.kill(probe)
+
+
+def test_an_accelerator_type_pins_every_gpu_worker_to_that_gpu_model(make_config):
+    config = make_config(executor="ray").with_overrides({"model.device": "cuda", "serve.accelerator_type": "H200"})
+    worker = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H200": 0.001}
+    assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, worker]
+    local = llm_server_options(config.with_overrides({"parallel.executor": "local"}))
+    assert local["ray_actor_options"]["accelerator_type"] == "H200"
