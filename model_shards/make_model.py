@@ -40,6 +40,7 @@ from model_shards.tokenizer_training import (
 )
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
+DEEPSEEK_V4_PRESET_PREFIX = "deepseek-v4"  # those presets live in model_shards/deepseek_v4/presets.py
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
@@ -443,7 +444,10 @@ def _write_metadata(out: Path, preset: ModelPreset, architecture: str, tokenizer
 def add_make_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="Folder to write (created; existing model files are replaced).")
     # No argparse `choices`: make_model's ValueError gives the same one-line message to every caller.
-    parser.add_argument("--preset", default="tiny", help=f"Model shape: {', '.join(PRESETS)}.")
+    parser.add_argument("--preset", default="tiny",
+                        help=f"Model shape: {', '.join(PRESETS)}, deepseek-v4-tiny, deepseek-v4-flash-shape.")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="num_hidden_layers (DeepSeek-V4 presets keep the first N layers of their schedule).")
     parser.add_argument("--seed", type=int, default=0, help="Weights are a function of seed and tensor name.")
     parser.add_argument("--architecture", default="llama", help=f"One of {', '.join(ARCHITECTURES)}.")
     parser.add_argument("--rope-scaling", default=None, metavar="JSON",
@@ -483,6 +487,12 @@ def _parse_rope_scaling(text: str | None) -> dict[str, Any] | None:
 
 def run_make_model(args: argparse.Namespace) -> Path:
     """`longctx make-model`: write the folder and print a one-line summary."""
+    if args.preset.startswith(DEEPSEEK_V4_PRESET_PREFIX):
+        from model_shards.deepseek_v4.presets import run_make_deepseek_v4_model
+
+        return run_make_deepseek_v4_model(args)
+    if args.layers is not None:
+        args.overrides = [*args.overrides, f"num_hidden_layers={args.layers}"]
     options = dict(rope_scaling=_parse_rope_scaling(args.rope_scaling), dtype=args.dtype,
                    **parse_overrides(args.overrides))  # fmt: skip
     out = make_model(args.out_dir, args.preset, seed=args.seed, architecture=args.architecture,

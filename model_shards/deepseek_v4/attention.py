@@ -88,20 +88,20 @@ class DeepseekV4Attention(nn.Module):
         q = apply_interleaved_rotary(unweighted_rms_norm(q, self.eps), cos, sin)  # (T, heads, D)
         kv = apply_interleaved_rotary(self.kv_norm(self.kv_proj(x)), cos, sin)  # (T, D)
         window_keys = state.window.append(kv)  # (w + T, D)
-        compressed = self._compressed_keys(state, x, q_residual, start, positions, (cos, sin))
+        compressed = self._compressed_keys(state, x, q_residual, start, (cos, sin))
         out = sink_attention(q, window_keys, self.sliding_window, compressed, self.sinks, self.scale)
         out = apply_interleaved_rotary(out, cos, -sin)  # (T, heads, D)
         grouped = self.o_a_proj(out.reshape(tokens, self.num_groups, -1))  # (T, groups, o_lora_rank)
         return self.o_b_proj(grouped.flatten(1))  # (T, hidden)
 
     def _compressed_keys(self, state: LayerState, x: torch.Tensor, q_residual: torch.Tensor, start: int,
-                         positions: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> CompressedKeys | None:
+                         cos_sin: tuple[torch.Tensor, torch.Tensor]) -> CompressedKeys | None:
         if self.compressor is None:
             return None
         entries = self.compressor.append(state.compressor, x)  # (E, D)
         if self.layer_type == HCA:
             return CompressedKeys(entries, first_position=start, rate=self.compressor.rate)
-        selected = self.indexer.select(state.indexer, x, q_residual, positions, *cos_sin)  # (T, k)
+        selected = self.indexer.select(state.indexer, x, q_residual, start, *cos_sin)  # (T, k)
         return CompressedKeys(entries, selected=selected)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:

@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
 }  # fmt: skip
 DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
+# Legacy per-layer `compress_ratios` name a layer type by these fixed values (whatever compress_rates say).
+_LEGACY_RATIO_TYPES = {0: SLIDING, 4: CSA, 128: HCA}
 DEFAULT_NUM_HASH_LAYERS = 3
 DEFAULT_PARTIAL_ROTARY_FACTOR = 64 / 512
 
@@ -116,7 +118,7 @@ def parse_deepseek_v4_config(config: dict[str, Any]) -> DeepseekV4Architecture:
     architecture = DeepseekV4Architecture(
         architecture="deepseek_v4",
         **{name: value.int(name) for name in _INT_FIELDS},
-        layer_types=_layer_types(config, layers, compress_rates),
+        layer_types=_layer_types(config, layers),
         compress_rates=tuple(sorted(compress_rates.items())),
         **{name: value.float(name) for name in _FLOAT_FIELDS},
         mlp_layer_types=_mlp_layer_types(config, layers),
@@ -177,17 +179,15 @@ def _compress_rates(config: dict[str, Any]) -> dict[str, int]:
     return rates
 
 
-def _layer_types(config: dict[str, Any], layers: int, rates: dict[str, int]) -> tuple[str, ...]:
+def _layer_types(config: dict[str, Any], layers: int) -> tuple[str, ...]:
     """Explicit `layer_types` > legacy per-layer `compress_ratios` > V4's default schedule
     (two HCA layers, then CSA / HCA alternating)."""
     types = config.get("layer_types")
     if types is None and config.get("compress_ratios") is not None:
-        by_ratio = {0: SLIDING, rates[CSA]: CSA, rates[HCA]: HCA}
-        unknown = [ratio for ratio in config["compress_ratios"] if ratio not in by_ratio]
+        unknown = [ratio for ratio in config["compress_ratios"] if ratio not in _LEGACY_RATIO_TYPES]
         if unknown:
-            raise ModelFolderError(f"config.json: compress_ratios entries must be 0, {rates[CSA]} or "
-                                   f"{rates[HCA]}, got {unknown[0]!r}")
-        types = [by_ratio[ratio] for ratio in config["compress_ratios"]]
+            raise ModelFolderError(f"config.json: compress_ratios entries must be 0, 4 or 128, got {unknown[0]!r}")
+        types = [_LEGACY_RATIO_TYPES[ratio] for ratio in config["compress_ratios"]]
     if types is None:
         types = [HCA] * min(layers, 2) + [CSA if i % 2 else HCA for i in range(max(layers - 2, 0))]
     return _checked_schedule("layer_types", types[:layers], layers, LAYER_TYPES)

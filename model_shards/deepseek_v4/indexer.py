@@ -11,7 +11,6 @@ the top-k, so every rank selects the same entries.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
@@ -43,29 +42,37 @@ class LightningIndexer(nn.Module):
         self.q_b_proj = nn.Linear(arch.q_lora_rank, self.num_heads * self.head_dim, bias=False, dtype=dtype)
         self.weights_proj = nn.Linear(arch.hidden_size, self.num_heads, bias=False, dtype=dtype)
 
-    def select(self, state: CompressorState, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor,
+    def select(self, state: CompressorState, x: torch.Tensor, q_residual: torch.Tensor, start: int,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Fold the chunk into the indexer's keys, then pick each query's entries: (T, min(topk, E))
-        entry indices, NO_ENTRY where a query has fewer closed entries than that."""
+        """Fold the chunk (tokens at positions start ..) into the indexer's keys, then pick each
+        query's entries: (T, min(topk, E)) indices, NO_ENTRY where a query has fewer closed entries."""
         keys = self.compressor.append(state, x).float()  # (E, head_dim)
         tokens = x.shape[0]
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
         q = apply_interleaved_rotary(q, cos, sin).float()  # (T, heads, head_dim)
-        head_weights = self.weights_proj(x).float() * self.head_weight_scale  # (T, heads)
-        visible = (positions + 1) // self.rate  # (T,) entries closed at each query
+        head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
+        width = min(self.topk, keys.shape[0])
         block = max(1, SCORE_BLOCK_ELEMENTS // max(1, self.num_heads * keys.shape[0]))
-        return torch.cat([self._select_block(q[i:i + block], head_weights[i:i + block], keys, visible[i:i + block])
-                          for i in range(0, tokens, block)])
+        chosen = torch.full((tokens, width), NO_ENTRY, dtype=torch.long, device=x.device)
+        for i in range(0, tokens, block):
+            stop = min(tokens, i + block)
+            closed = (start + stop) // self.rate  # entries closed at the block's last query (host int)
+            picked = self._select_block(q[i:stop], head_weights[i:stop], keys[:closed], start + i)
+            chosen[i:stop, :picked.shape[1]] = picked
+        return chosen
 
     def _select_block(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
-                      visible: torch.Tensor) -> torch.Tensor:
-        scores = F.relu(torch.matmul(q, keys.T)) * self.score_scale  # (t, heads, E)
-        scores = (scores * head_weights[..., None]).sum(dim=1)  # (t, E)
+                      first_position: int) -> torch.Tensor:
+        """(t, min(topk, E_b)) choices of queries at first_position .. among the first E_b keys."""
+        # sum over heads of weight * ReLU(q.k), as one batched matmul: (t, 1, heads) @ (t, heads, E_b)
+        scores = torch.bmm(head_weights[:, None, :], torch.matmul(q, keys.T).relu_())[:, 0]  # (t, E_b)
         self.tp.all_reduce(scores)
+        positions = torch.arange(first_position, first_position + q.shape[0], device=q.device)
+        visible = (positions[:, None] + 1) // self.rate  # (t, 1) entries closed at each query
         entry = torch.arange(keys.shape[0], device=keys.device)
-        scores = scores.masked_fill(entry >= visible[:, None], float("-inf"))  # not closed yet
-        chosen = top_k_earliest_first(scores, min(self.topk, keys.shape[0]))  # (t, k)
-        return chosen.masked_fill(chosen >= visible[:, None], NO_ENTRY)
+        scores = scores.masked_fill(entry >= visible, float("-inf"))  # not closed yet
+        chosen = top_k_earliest_first(scores, min(self.topk, keys.shape[0]))
+        return chosen.masked_fill(chosen >= visible, NO_ENTRY)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         shard = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)

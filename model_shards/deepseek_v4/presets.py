@@ -16,6 +16,7 @@ with transformers' 0.02 initialisation a tiny V4 repeats one token forever.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import math
@@ -29,7 +30,7 @@ from model_shards.deepseek_v4.config import CSA, HASH_MOE, HCA, MOE, SLIDING, De
     parse_deepseek_v4_config
 from model_shards.deepseek_v4.weights import transformers_name
 from model_shards.make_model import DTYPES, LOGIT_STD, NORM_WEIGHT_SPREAD, SPECIAL_TOKENS, TensorSpec, make_tensor, \
-    special_token_ids, write_tokenizer_files, write_weights
+    parse_overrides, special_token_ids, write_tokenizer_files, write_weights
 
 COMPRESS_YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
                  "beta_fast": 32.0, "beta_slow": 1.0}
@@ -45,6 +46,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v4-flash-shape": dict(num_hidden_layers=43, rope_parameters=COMPRESS_YARN, torch_dtype="bfloat16"),
 }  # fmt: skip
 FLASH_LAYERS = 43
+
+
+def run_make_deepseek_v4_model(args: argparse.Namespace) -> Path:
+    """`longctx make-model --preset deepseek-v4-...`: write the folder, print a one-line summary."""
+    if args.architecture != "llama" or args.rope_scaling is not None:
+        raise ValueError("--architecture and --rope-scaling do not apply to DeepSeek-V4 presets "
+                         "(use --set rope_parameters=... to change the compress RoPE)")
+    overrides = parse_overrides(args.overrides)
+    out = make_deepseek_v4_model(args.out_dir, args.preset, seed=args.seed, layers=args.layers, dtype=args.dtype,
+                                 max_shard_bytes=args.max_shard_bytes, **overrides)
+    arch = parse_deepseek_v4_config(preset_config(args.preset, layers=args.layers, dtype=args.dtype, **overrides))
+    print(f"wrote {out}: deepseek_v4 {args.preset}, {arch.num_hidden_layers} layers, "
+          f"{num_parameters(arch) / 1e6:.1f}M parameters")
+    return out
 
 
 def make_deepseek_v4_model(out_dir: str | Path, preset: str, *, seed: int = 0, layers: int | None = None,

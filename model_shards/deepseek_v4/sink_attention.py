@@ -8,22 +8,23 @@ takes probability mass and gives no value (K = V throughout: one shared head, MQ
     compressed   HCA: every entry w with (w + 1) * m <= p + 1           (dense, masked)
                  CSA: the indexer's top-k of those entries              (gathered per query)
 
-Queries run in blocks sized so that no (queries x keys) float32 block exceeds
-ATTENTION_BLOCK_ELEMENTS: a long prefill is linear in memory, never (tokens x tokens).
+Each query scores exactly its W window keys (a strided view, never a (queries x keys) band), and
+queries run in blocks sized so that no float32 block of logits exceeds ATTENTION_BLOCK_ELEMENTS:
+memory stays linear in the chunk length.
 
 Region map of `window_keys` for a chunk of T queries starting at position n (w rows carried over):
 
     window_keys row:   0 ........ w-1 | w ........... w+T-1
     position:          n-w ...... n-1 | n ........... n+T-1
-    query i (position n+i) reaches rows i+w-W+1 .. i+w
+    query i (position n+i) reaches rows i+w-W+1 .. i+w (those that exist)
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 ATTENTION_BLOCK_ELEMENTS = 1 << 24
 
@@ -44,15 +45,13 @@ def sink_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: i
                    compressed: CompressedKeys | None, sinks: torch.Tensor, scale: float) -> torch.Tensor:
     """q (T, heads, head_dim), window_keys (w + T, head_dim) -> (T, heads, head_dim)."""
     tokens, heads, _ = q.shape
-    carried = window_keys.shape[0] - tokens
+    windows, reachable = _query_windows(window_keys, tokens, sliding_window)
     extra = 0 if compressed is None else _keys_per_query(compressed)
-    # a block of t queries scores about t * (t + W + extra) keys per head
-    block = max(1, min(ATTENTION_BLOCK_ELEMENTS // (heads * (sliding_window + extra)),
-                       math.isqrt(ATTENTION_BLOCK_ELEMENTS // heads)))
+    block = max(1, ATTENTION_BLOCK_ELEMENTS // (heads * (sliding_window + extra)))
     out = torch.empty_like(q)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
-        groups = [_window_group(window_keys, carried, start, stop, sliding_window)]
+        groups = [(windows[start:stop], _mask_bias(reachable[start:stop], window_keys.dtype))]
         if compressed is not None:
             groups.append(_compressed_group(compressed, start, stop))
         out[start:stop] = _attend(q[start:stop], [g for g in groups if g[0].shape[-2]], sinks, scale)
@@ -65,14 +64,15 @@ def _keys_per_query(compressed: CompressedKeys) -> int:
     return compressed.entries.shape[0]
 
 
-def _window_group(window_keys: torch.Tensor, carried: int, start: int, stop: int,
-                  sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys rows lo .. hi-1 reachable from queries start .. stop-1, with the band mask (t, hi - lo)."""
-    lo, hi = max(0, start + carried - sliding_window + 1), stop + carried
-    row = torch.arange(lo, hi, device=window_keys.device)
-    query = torch.arange(start, stop, device=window_keys.device)[:, None] + carried  # query's own row
-    reachable = (row <= query) & (row > query - sliding_window)
-    return window_keys[lo:hi], _mask_bias(reachable, window_keys.dtype)
+def _query_windows(window_keys: torch.Tensor, tokens: int, sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's W window rows as a strided view (T, W, head_dim), oldest first, and which of
+    them exist (T, W): near the sequence start zero rows pad the front and are masked."""
+    pad = sliding_window - 1 - (window_keys.shape[0] - tokens)  # w <= W - 1 rows were carried over
+    padded = F.pad(window_keys, (0, 0, pad, 0))  # (W - 1 + T, D): query i's own row is W - 1 + i
+    windows = padded.unfold(0, sliding_window, 1).transpose(1, 2)  # (T, W, D), no copy
+    slot = torch.arange(sliding_window, device=window_keys.device)
+    reachable = slot + torch.arange(tokens, device=window_keys.device)[:, None] >= pad  # (T, W)
+    return windows, reachable
 
 
 def _compressed_group(compressed: CompressedKeys, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
