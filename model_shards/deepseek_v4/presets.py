@@ -103,9 +103,9 @@ def _first_layers(config: dict[str, Any], layers: int) -> dict[str, Any]:
     """The first `layers` layers of the preset's schedule (the flash shape's 43-layer one)."""
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
-    full = parse_deepseek_v4_config({**config, "num_hidden_layers": max(layers, config["num_hidden_layers"])})
     if config.get("layer_types") is not None and layers > len(config["layer_types"]):
         raise ValueError(f"layers={layers} exceeds the preset's {len(config['layer_types'])} layers")
+    full = parse_deepseek_v4_config({**config, "num_hidden_layers": max(layers, config["num_hidden_layers"])})
     return {"num_hidden_layers": layers, "layer_types": list(full.layer_types[:layers]),
             "mlp_layer_types": list(full.mlp_layer_types[:layers])}
 
