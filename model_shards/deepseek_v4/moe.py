@@ -89,8 +89,12 @@ class LocalExperts(nn.Module):
         return out
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
-        for local in range(self.num_local):
-            name = f"{prefix}{self.first + local}."
+        for expert in range(self.num_local * self.ep.size):
+            name, local = f"{prefix}{expert}.", expert - self.first
+            if not 0 <= local < self.num_local:
+                for matrix in ("w1", "w2", "w3"):
+                    reader.held_elsewhere(f"{name}{matrix}.weight")
+                continue
             reader.copy_into(self.gate_up.data[local, :self.intermediate], name + "w1.weight")
             reader.copy_into(self.gate_up.data[local, self.intermediate:], name + "w3.weight")
             reader.copy_into(self.down.data[local], name + "w2.weight")

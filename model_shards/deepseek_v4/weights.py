@@ -51,6 +51,7 @@ class CheckpointTensors:
         self.reader = reader
         self.folder = reader.folder
         self._actual: dict[str, str] = {}
+        self._elsewhere: set[str] = set()
         for name in reader.names():
             canonical = canonical_name(name)
             if canonical in self._actual:
@@ -70,9 +71,14 @@ class CheckpointTensors:
     def get(self, name: str) -> torch.Tensor:
         return self.reader.get(self._actual_name(name))
 
+    def held_elsewhere(self, name: str) -> None:
+        """Tensor `name` exists but belongs to another rank (an expert of expert parallelism)."""
+        self._elsewhere.add(self._actual_name(name))
+
     def unused(self) -> list[str]:
-        """Checkpoint tensors nobody read (outside the skipped mtp layers)."""
-        return [name for name in self.reader.unread() if not canonical_name(name).startswith(_SKIPPED_PREFIXES)]
+        """Checkpoint tensors nobody read or placed on another rank (the mtp layers are skipped)."""
+        return [name for name in self.reader.unread()
+                if name not in self._elsewhere and not canonical_name(name).startswith(_SKIPPED_PREFIXES)]
 
     def _actual_name(self, name: str) -> str:
         if name not in self._actual:
