@@ -21,6 +21,7 @@ from kvcache.block_hash import root_hash
 from kvcache.kv_cache_manager import KVCacheManager
 from kvcache.tier_manager import TierManager
 from kvcache.tiers.cost_model import PrefillFlops
+from model_shards.errors import ModelFolderError
 from model_shards.hf_config import load_architecture
 from model_shards.tokenizer import Tokenizer
 
@@ -47,6 +48,9 @@ class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         self.config = config
         self.architecture = load_architecture(config.model.path)
+        if self.architecture.architecture == "deepseek_v4":
+            raise ModelFolderError(f"{config.model.path}: DeepSeek-V4 (model_shards/deepseek_v4) is not served by the "
+                                   "engine yet: its hybrid KV cache awaits the KV-cache coordinator")
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
         self.executor = executor or create_executor(config)

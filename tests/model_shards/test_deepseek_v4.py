@@ -153,3 +153,10 @@ def test_chunking_cannot_change_a_model_with_frequent_ties(tmp_path):
     whole = run_chunks(model, ids, 150)
     for chunk in (1, 7):
         torch.testing.assert_close(run_chunks(model, ids, chunk), whole, atol=ATOL, rtol=0)
+
+
+def test_the_engine_refuses_v4_folders_in_one_line(v4_folder, capsys):
+    from cluster.cli import main
+
+    assert main(["generate", "--model", str(v4_folder), "--prompt", "hello"]) != 0
+    assert "DeepSeek-V4 (model_shards/deepseek_v4) is not served by the engine yet" in capsys.readouterr().err
