@@ -16,13 +16,11 @@ from torch import nn
 from model_shards.deepseek_v4.compressor import Compressor
 from model_shards.deepseek_v4.config import CSA, DeepseekV4Architecture
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
+from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 
-# Scores are (queries, local heads, entries) float32: queries go in blocks of at most this many
-# elements (64 MiB), so a million-token context never materialises a (tokens x entries) matrix.
-SCORE_BLOCK_ELEMENTS = 1 << 24
 NO_ENTRY = -1  # a selection slot without an entry (fewer closed entries than index_topk)
 
 
@@ -52,7 +50,8 @@ class LightningIndexer(nn.Module):
         q = apply_interleaved_rotary(q, cos, sin).float()  # (T, heads, head_dim)
         head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
         width = min(self.topk, keys.shape[0])
-        block = max(1, SCORE_BLOCK_ELEMENTS // max(1, self.num_heads * keys.shape[0]))
+        # (queries, heads, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
+        block = max(1, block_elements(x.device) // max(1, self.num_heads * keys.shape[0]))
         chosen = torch.full((tokens, width), NO_ENTRY, dtype=torch.long, device=x.device)
         for i in range(0, tokens, block):
             stop = min(tokens, i + block)

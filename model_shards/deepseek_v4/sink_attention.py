@@ -9,7 +9,7 @@ takes probability mass and gives no value (K = V throughout: one shared head, MQ
                  CSA: the indexer's top-k of those entries              (gathered per query)
 
 Each query scores exactly its W window keys (a strided view, never a (queries x keys) band), and
-queries run in blocks sized so that no float32 block of logits exceeds ATTENTION_BLOCK_ELEMENTS:
+queries run in blocks sized so that no float32 block of logits exceeds `block_elements`:
 memory stays linear in the chunk length.
 
 Region map of `window_keys` for a chunk of T queries starting at position n (w rows carried over):
@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BLOCK_ELEMENTS = 1 << 24
+# Elements of one float32 block of logits or indexer scores: 64 MiB on a CPU, 1 GiB on a GPU
+# (where fewer, larger blocks keep kernel launches off the critical path).
+BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+
+
+def block_elements(device: torch.device) -> int:
+    return BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ def sink_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: i
     tokens, heads, _ = q.shape
     windows, reachable = _query_windows(window_keys, tokens, sliding_window)
     extra = 0 if compressed is None else _keys_per_query(compressed)
-    block = max(1, ATTENTION_BLOCK_ELEMENTS // (heads * (sliding_window + extra)))
+    block = max(1, block_elements(q.device) // (heads * (sliding_window + extra)))
     out = torch.empty_like(q)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
@@ -96,7 +102,7 @@ def _attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], si
     """One softmax over every group's keys and the sink. Keys (K, D) are shared by the block's
     queries, (t, K, D) are per query; biases (t, K) are 0 or -inf."""
     logits = [_scores(q, keys) * scale + bias[:, None, :] for keys, bias in groups]  # (t, heads, K) each
-    sink = sinks.to(logits[0].dtype).view(1, -1, 1).expand(q.shape[0], -1, 1)
+    sink = sinks.view(1, -1, 1).expand(q.shape[0], -1, 1)  # float32: the softmax runs in float32, as in HF
     combined = torch.cat([*logits, sink], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     probs = torch.softmax(combined, dim=-1).to(q.dtype)
