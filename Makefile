@@ -8,7 +8,7 @@ MODEL_DIR ?= models/small
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve model bench-cpu lint clean
+.PHONY: setup test serve model bench-cpu docs clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ serve: setup model
 
 bench-cpu: setup
 	$(BIN)/python bench/engine_cpu.py
+
+# docs/configuration.md is generated from cluster/config.py (a test checks they agree).
+docs: setup
+	$(BIN)/python -m cluster.config_docs > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python3 bench/deepseek_v4.py`
 
-from model_shards.deepseek_v4.config import parse_deepseek_v4_config  # noqa: E402
-from model_shards.deepseek_v4.kv_budget import entry_bytes, kv_bytes_per_token, max_fixed_bytes_per_request  # noqa: E402
+from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # noqa: E402
+from model_folder.deepseek_v4_kv_budget import entry_bytes, kv_bytes_per_token, max_fixed_bytes_per_request  # noqa: E402
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM  # noqa: E402
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model, preset_config  # noqa: E402
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
-from model_shards.deepseek_v4.config import CSA, HCA, SLIDING, DeepseekV4Architecture
+from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.indexer import LightningIndexer
 from model_shards.deepseek_v4.norms import RMSNorm, unweighted_rms_norm
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary

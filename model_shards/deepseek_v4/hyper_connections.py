@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_shards.deepseek_v4.config import DeepseekV4Architecture
+from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_shards.deepseek_v4.norms import unweighted_rms_norm
 from model_shards.deepseek_v4.weights import CheckpointTensors
 

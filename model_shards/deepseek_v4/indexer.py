@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
-from model_shards.deepseek_v4.config import CSA, DeepseekV4Architecture
+from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState

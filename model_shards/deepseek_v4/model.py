@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model_folder.errors import ModelFolderError
+from model_folder.hf_config import load_architecture
 from model_shards.deepseek_v4.attention import DeepseekV4Attention
-from model_shards.deepseek_v4.config import DeepseekV4Architecture
+from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.state import SequenceState
 from model_shards.deepseek_v4.weights import CheckpointTensors
-from model_shards.errors import ModelFolderError
-from model_shards.hf_config import load_architecture
 from model_shards.llama import checkpoint_dtype
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.tensor_parallel import VocabParallelEmbedding

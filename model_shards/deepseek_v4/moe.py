@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_shards.deepseek_v4.config import HASH_MOE, DeepseekV4Architecture
+from model_folder.deepseek_v4_config import HASH_MOE, DeepseekV4Architecture
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from model_shards.deepseek_v4.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Architecture, \
+from model_folder.deepseek_v4_config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Architecture, \
     parse_deepseek_v4_config
 from model_shards.deepseek_v4.weights import transformers_name
 from model_shards.make_model import DTYPES, LOGIT_STD, NORM_WEIGHT_SPREAD, SPECIAL_TOKENS, TensorSpec, make_tensor, \

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from model_shards.deepseek_v4.config import RopeSpec
+from model_folder.deepseek_v4_config import RopeSpec
 from model_shards.rope import inv_freq_for
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from model_shards.errors import ModelFolderError
+from model_folder.errors import ModelFolderError
 from model_shards.weights import WeightReader
 
 _ALIASES = {
@@ -67,6 +67,13 @@ class CheckpointTensors:
         """Check the shape, then copy (and cast) this rank's part of tensor `name` into destination."""
         self.reader.copy_into(destination, self._actual_name(name), shard_dim=shard_dim, rank=rank,
                               world_size=world_size)
+
+    def copy_rows_into(self, destination: torch.Tensor, name: str, start: int, stop: int) -> None:
+        """Rows start .. stop-1 of tensor `name` (those that exist) into destination's first rows."""
+        self.reader.copy_rows_into(destination, self._actual_name(name), start, stop)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(self._actual_name(name))
 
     def get(self, name: str) -> torch.Tensor:
         return self.reader.get(self._actual_name(name))

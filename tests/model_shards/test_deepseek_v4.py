@@ -18,9 +18,9 @@ import pytest
 import torch
 from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
-from model_shards.deepseek_v4.config import CSA, HCA
+from model_folder.deepseek_v4_config import CSA, HCA
 from model_shards.deepseek_v4.indexer import top_k_earliest_first
-from model_shards.deepseek_v4.kv_budget import entry_bytes, kv_bytes_per_token, max_fixed_bytes_per_request
+from model_folder.deepseek_v4_kv_budget import entry_bytes, kv_bytes_per_token, max_fixed_bytes_per_request
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 

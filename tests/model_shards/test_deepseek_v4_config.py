@@ -9,12 +9,12 @@ import torch
 from transformers import DeepseekV4Config
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
-from model_shards.deepseek_v4.config import CSA, HCA, SLIDING, parse_deepseek_v4_config
-from model_shards.deepseek_v4.kv_budget import kv_bytes_per_token, max_fixed_bytes_per_request
+from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, parse_deepseek_v4_config
+from model_folder.deepseek_v4_kv_budget import kv_bytes_per_token, max_fixed_bytes_per_request
 from model_shards.deepseek_v4.presets import PRESETS, preset_config
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.errors import ModelFolderError
-from model_shards.hf_config import load_architecture
+from model_folder.errors import ModelFolderError
+from model_folder.hf_config import load_architecture
 
 SMALL = dict(vocab_size=512, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, head_dim=32, q_lora_rank=32,
              o_groups=2, o_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=8192)

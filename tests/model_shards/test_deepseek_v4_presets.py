@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, DeepseekV4Config
 from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
-from model_shards.deepseek_v4.config import parse_deepseek_v4_config
+from model_folder.deepseek_v4_config import parse_deepseek_v4_config
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model, num_parameters, preset_config, weight_specs
 from model_shards.make_model import add_make_model_arguments, run_make_model

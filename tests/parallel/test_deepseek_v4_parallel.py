@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from deepseek_v4_jobs import run_deepseek_v4_chunks
-from engine.multiproc_executor import RankContext
+from model_shards.rank import RankContext
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 
 TOLERANCE = 1e-4
