@@ -25,15 +25,7 @@ from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 
 ATOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: OpenMP hand-offs cost more than they save (40x more on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

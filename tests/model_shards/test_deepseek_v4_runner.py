@@ -14,14 +14,7 @@ from protocol.sampling_params import SamplingParams
 from protocol.step import CachedRequestData, NewRequestData, StepInput
 
 GREEDY = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
