@@ -96,8 +96,18 @@ class DeepseekV4Architecture:
         """Source tokens per compressed entry of a CSA or HCA layer."""
         return dict(self.compress_rates)[layer_type]
 
-    def rope_for(self, layer_type: str) -> RopeSpec:
-        return self.main_rope if layer_type == SLIDING else self.compress_rope
+    def tensor_parallel_sizes(self) -> list[int]:
+        """TP sizes that split query heads, output groups, indexer heads, experts (expert
+        parallelism over the same ranks) and the shared expert's channels evenly."""
+        split = (self.num_attention_heads, self.o_groups, self.index_n_heads, self.n_routed_experts,
+                 self.moe_intermediate_size)
+        return [tp for tp in range(1, self.o_groups + 1) if all(count % tp == 0 for count in split)]
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """A one-line ValueError naming the valid sizes when `tp` cannot split this model."""
+        if tp not in (valid := self.tensor_parallel_sizes()):
+            raise ValueError(f"tensor parallel size {tp} cannot split this DeepSeek-V4 model ({self.o_groups} output "
+                             f"groups, {self.n_routed_experts} experts); valid sizes: {', '.join(map(str, valid))}")
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of all fields (identifies the architecture, not weights)."""

@@ -21,12 +21,12 @@ from torch import nn
 from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
 from model_shards.deepseek_v4.attention import DeepseekV4Attention
-from model_folder.deepseek_v4_config import DeepseekV4Architecture
+from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.deepseek_v4.state import SequenceState
+from model_shards.deepseek_v4.state import LayerState, SequenceState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.llama import checkpoint_dtype
 from model_shards.parallel.groups import ParallelGroup
@@ -45,7 +45,9 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
 
-    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, start: int, state) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, start: int,
+                state: LayerState) -> torch.Tensor:
+        """streams (T, hc, hidden) of tokens at positions start .. -> (T, hc, hidden)."""
         post, comb, collapsed = self.attn_hc(streams)
         attended = self.self_attn(self.input_layernorm(collapsed), start, state)
         streams = mix_streams(streams, attended, post, comb)
@@ -68,14 +70,13 @@ class DeepseekV4ForCausalLM(nn.Module):
                  tp: ParallelGroup | None = None):
         super().__init__()
         self.arch, self.dtype, self.tp = arch, dtype, tp or ParallelGroup.single()
-        rotary = {"main": InterleavedRotary(arch.main_rope, arch.max_position_embeddings, dtype, device),
-                  "compress": InterleavedRotary(arch.compress_rope, arch.max_position_embeddings, dtype, device)}
+        main_rope = InterleavedRotary(arch.main_rope, arch.max_position_embeddings, dtype, device)
+        compress_rope = InterleavedRotary(arch.compress_rope, arch.max_position_embeddings, dtype, device)
         with torch.device("meta"):  # storage is allocated once below, never randomly initialised
             self.embed = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp).to(dtype)
             self.layers = nn.ModuleList(
-                DeepseekV4DecoderLayer(arch, i, self.tp, dtype, rotary["main" if t == "sliding_attention" else
-                                                                      "compress"])
-                for i, t in enumerate(arch.layer_types))
+                DeepseekV4DecoderLayer(arch, index, self.tp, dtype, main_rope if layer_type == SLIDING else compress_rope)
+                for index, layer_type in enumerate(arch.layer_types))
             self.hc_head = HyperHead(arch)
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
             self.head = self.embed if arch.tie_word_embeddings else VocabParallelEmbedding(

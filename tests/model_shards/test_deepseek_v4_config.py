@@ -95,3 +95,12 @@ def test_flash_shape_kv_bytes_per_token():
     assert (arch.layer_types.count(CSA), arch.layer_types.count(HCA)) == (20, 23)
     assert per_token == {CSA: 20 * 320.0, HCA: 23 * 8.0, "total": 6584.0}
     assert max_fixed_bytes_per_request(arch) < 12 << 20  # under 12 MiB a request, whatever its length
+
+
+def test_tensor_parallel_sizes_split_heads_groups_and_experts():
+    flash = parse_deepseek_v4_config(preset_config("deepseek-v4-flash-shape"))
+    assert flash.tensor_parallel_sizes() == [1, 2, 4, 8]  # 8 output groups bound it
+    tiny = parse_deepseek_v4_config(PRESETS["deepseek-v4-tiny"])
+    assert tiny.tensor_parallel_sizes() == [1, 2]
+    with pytest.raises(ValueError, match="valid sizes: 1, 2"):
+        tiny.check_tensor_parallel(4)
