@@ -21,6 +21,7 @@ import functools
 import hashlib
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,16 @@ def make_deepseek_v4_model(out_dir: str | Path, preset: str, *, seed: int = 0, l
     config = preset_config(preset, layers=layers, dtype=dtype, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shape = parse_deepseek_v4_config(config)
-    tokenizer = write_tokenizer_files(out, shape.vocab_size, shape.max_position_embeddings)
-    config["bos_token_id"], config["eos_token_id"] = special_token_ids(tokenizer)
     arch = parse_deepseek_v4_config(config)
+    tokenizer = write_tokenizer_files(out, arch.vocab_size, arch.max_position_embeddings)
+    config["bos_token_id"], config["eos_token_id"] = special_token_ids(tokenizer)
     specs = weight_specs(arch, tokenizer.get_vocab_size())
+    tensor_for = functools.partial(v4_tensor, seed=seed, arch=arch)
     if preset == "deepseek-v4-tiny":
-        _save_through_transformers(out, config, specs, seed)
+        _save_through_transformers(out, config, specs, tensor_for)
     else:
         _hf_config(config).save_pretrained(out)
-        write_weights(out, specs, seed, DTYPES[config["torch_dtype"]], max_shard_bytes,
-                      functools.partial(v4_tensor, seed=seed, arch=arch))
+        write_weights(out, specs, seed, DTYPES[config["torch_dtype"]], max_shard_bytes, tensor_for)
     return out
 
 
@@ -123,14 +123,14 @@ def _hf_config(config: dict[str, Any]):
     return hf_config
 
 
-def _save_through_transformers(out: Path, config: dict[str, Any], specs: list[TensorSpec], seed: int) -> None:
+def _save_through_transformers(out: Path, config: dict[str, Any], specs: list[TensorSpec],
+                               tensor_for: Callable[[TensorSpec], torch.Tensor]) -> None:
+    """Stage the tensors, have transformers load every one of them (and nothing else), save."""
     from transformers import DeepseekV4ForCausalLM
 
-    arch = parse_deepseek_v4_config(config)
     with tempfile.TemporaryDirectory() as staging:
         _hf_config(config).save_pretrained(staging)
-        write_weights(Path(staging), specs, seed, DTYPES[config["torch_dtype"]], 1 << 40,
-                      functools.partial(v4_tensor, seed=seed, arch=arch))
+        write_weights(Path(staging), specs, 0, DTYPES[config["torch_dtype"]], 1 << 40, tensor_for)
         model, info = DeepseekV4ForCausalLM.from_pretrained(staging, output_loading_info=True)
     problems = {key: value for key, value in info.items() if value and key != "error_msgs"}
     if problems:
