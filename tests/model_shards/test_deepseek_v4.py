@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
 from model_folder.deepseek_v4_config import CSA, HCA
+from model_folder.errors import ModelFolderError
 from model_shards.deepseek_v4.indexer import top_k_earliest_first
 from model_folder.deepseek_v4_kv_budget import entry_bytes, kv_bytes_per_token, max_fixed_bytes_per_request
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
+from model_shards.deepseek_v4.weights import canonical_name
 
 ATOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -152,3 +155,29 @@ def test_the_engine_refuses_v4_folders_in_one_line(v4_folder, capsys):
 
     assert main(["generate", "--model", str(v4_folder), "--prompt", "hello"]) != 0
     assert "DeepSeek-V4 (model_shards/deepseek_v4) is not served by the engine yet" in capsys.readouterr().err
+
+
+def test_deepseek_spelling_of_the_checkpoint_loads_alike(model, v4_folder, tmp_path):
+    """DeepSeek's own names (no `model.` prefix, embed.weight, hc_head_fn, ...) and an mtp layer,
+    which serving skips, give the same model as transformers' spelling."""
+    tensors = load_file(v4_folder / "model.safetensors")
+    renamed = {canonical_name(name): tensor for name, tensor in tensors.items()}
+    assert "embed.weight" in renamed and "hc_head_fn" in renamed and "layers.1.attn.indexer.wq_b.weight" in renamed
+    renamed["mtp.0.ffn.gate.weight"] = torch.zeros(2, 2)
+    save_file(renamed, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((v4_folder / "config.json").read_text())
+    deepseek_spelled = DeepseekV4ForCausalLM.from_folder(tmp_path, dtype=torch.float32)
+    ids = prompt(30, seed=4)
+    torch.testing.assert_close(run_chunks(deepseek_spelled, ids, 30), run_chunks(model, ids, 30), atol=0, rtol=0)
+
+
+def test_a_tensor_the_model_does_not_know_is_refused(v4_folder, tmp_path):
+    tensors = load_file(v4_folder / "model.safetensors")
+    save_file({**tensors, "model.layers.0.attn.extra.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((v4_folder / "config.json").read_text())
+    with pytest.raises(ModelFolderError, match="unexpected tensors in the checkpoint: \\['model.layers.0.attn.extra"):
+        DeepseekV4ForCausalLM.from_folder(tmp_path)
+    del tensors["model.layers.2.attn.compressor.ape"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ModelFolderError, match="'layers.2.attn.compressor.ape' .* is missing"):
+        DeepseekV4ForCausalLM.from_folder(tmp_path)
