@@ -79,3 +79,8 @@ def test_bad_preset_options_are_one_line_errors(tmp_path):
         preset_config("deepseek-v4-tiny", layers=9)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("deepseek-v4-huge")
+
+
+def test_layers_option_sets_the_layer_count_of_llama_presets_too(tmp_path):
+    folder = run_make_model(cli(str(tmp_path), "--preset", "tiny", "--layers", "3"))
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 3
