@@ -8,7 +8,7 @@
 - deepseek-v4-flash-shape: DeepSeek-V4-Flash's per-layer shapes (DeepseekV4Config's defaults,
   YaRN x16 on the compress RoPE), bf16, its first `layers` layers. Far too large for transformers to
   hold: tensors are streamed to safetensors shards one at a time, under the names save_pretrained
-  uses. 43 layers with 256 experts is about 280B parameters; `--set n_routed_experts=16` shrinks it.
+  uses, and config.json is written directly (no transformers needed, e.g. on a GPU machine). 43 layers with 256 experts is about 280B parameters; `--set n_routed_experts=16` shrinks it.
 
 Random weights are scaled as in model_shards/make_model.py (unit-scale activations, peaked logits):
 with transformers' 0.02 initialisation a tiny V4 repeats one token forever.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import math
 import tempfile
 from collections.abc import Callable
@@ -76,8 +77,10 @@ def make_deepseek_v4_model(out_dir: str | Path, preset: str, *, seed: int = 0, l
     tensor_for = functools.partial(v4_tensor, seed=seed, arch=arch)
     if preset == "deepseek-v4-tiny":
         _save_through_transformers(out, config, specs, tensor_for)
-    else:
-        _hf_config(config).save_pretrained(out)
+    else:  # config.json as written here (keys left out mean DeepseekV4Config's defaults): no transformers needed
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_weights(out, specs, seed, DTYPES[config["torch_dtype"]], max_shard_bytes, tensor_for)
     return out
 
