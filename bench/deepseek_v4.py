@@ -42,8 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="flash shape: the first N of its 43 layers")
     parser.add_argument("--experts", type=int, default=16, help="flash shape: routed experts (256 in V4-Flash)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # 128K works too, but the indexer scores in float32 (as transformers does): minutes per CSA layer
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--chunk-tokens", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--check-length", type=int, default=2048)
