@@ -20,6 +20,7 @@ from executors import Executor, create_executor
 from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
+from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
@@ -53,6 +54,9 @@ class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         self.config = config
         self.architecture = load_architecture(config.model.path)
+        if self.architecture.architecture == "deepseek_v4":
+            raise ModelFolderError(f"{config.model.path}: DeepSeek-V4 (model_shards/deepseek_v4) is not served by the "
+                                   "engine yet: its hybrid KV cache awaits the KV-cache coordinator")
         self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
