@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.config import LongctxConfig
+from engine.backlog import measure_backlog
 from engine.executor import Executor, create_executor
 from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
@@ -199,6 +200,7 @@ class LLMEngine:
     # --- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:
         running = self.scheduler.running
+        backlog = measure_backlog(self.scheduler.waiting, running, self.kv_tiers.cost)
         return EngineStats(
             num_running=len(running),
             num_waiting=len(self.scheduler.waiting),
@@ -207,6 +209,10 @@ class LLMEngine:
             num_free_kv_blocks=self.kv_cache_manager.num_free_blocks,
             num_total_kv_blocks=self.executor.num_kv_blocks,
             block_size=self.block_size,
+            num_pending_prefill_tokens=backlog.num_tokens,
+            pending_prefill_s=backlog.seconds,
+            num_decoding=backlog.num_decoding,
+            longest_request_tokens=backlog.longest_request_tokens,
         )
 
     def shutdown(self) -> None:

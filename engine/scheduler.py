@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.config import SchedulerSettings
+from engine.backlog import expected_hit_tokens
 from engine.request import Request, RequestStatus
 from engine.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
 from kvcache.kv_cache_manager import KVCacheManager
@@ -56,6 +57,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if len(self.waiting) >= self.settings.max_waiting_requests:
             raise QueueFullError(f"waiting queue full ({self.settings.max_waiting_requests} requests)")
+        pending = [*self.waiting, *self.running]
+        request.num_expected_hit_tokens = expected_hit_tokens(request, self.kv_cache_manager, pending)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
