@@ -1,4 +1,4 @@
-"""The `longctx` command line: make-model, generate, serve.
+"""The `longctx` command line: make-model, generate, serve, autoscale.
 
 Contract (scripts depend on it): `longctx generate --json` prints one JSON object with `text`,
 `token_ids`, `usage` {prompt_tokens, completion_tokens}, `timing` {ttft_s, tpot_s} and `kv`
@@ -103,7 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    _add_autoscale_command(commands)
     return parser
+
+
+def _add_autoscale_command(commands) -> None:
+    from autoscaler.simulator.cli import add_autoscale_arguments
+
+    autoscale = commands.add_parser("autoscale", help="simulate autoscaling policies on request traces")
+    add_autoscale_arguments(autoscale)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -170,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_make_model(args)
             return 0
+        if args.command == "autoscale":
+            from autoscaler.simulator.cli import run_autoscale
+
+            return run_autoscale(args)
         return run_generate(args) if args.command == "generate" else run_serve(args)
     except (ValueError, OSError) as error:  # config, model folder and parameter errors
         print(f"longctx: error: {error}", file=sys.stderr)

@@ -197,17 +197,20 @@ class AutoscalingSettings(_Frozen):
 
     enabled: bool = Field(False, description="Scale the LLM server replicas with this policy; "
                           "off: serve.num_replicas, fixed. On: serve.num_replicas is ignored.")
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets Serve scale to zero (cold starts).")
+    # Two: a replica busy with a long prefill blocks every request routed behind it, and a new
+    # one starts too late for a burst's first requests; a standing second replica is the lane
+    # short requests keep (docs/autoscaling.md has the simulator's evidence).
+    min_replicas: int = Field(2, ge=0, description="Fewest replicas; 0 lets Serve scale to zero (cold starts).")
     max_replicas: int = Field(4, ge=1, description="Most replicas; each reserves its GPUs (KubeRay adds nodes).")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; default: min_replicas.")
     ttft_target_s: float = Field(
-        30.0, gt=0, description="Little's law horizon: enough replicas that the queued prefill (net of prefix "
+        60.0, gt=0, description="Little's law horizon: enough replicas that the queued prefill (net of prefix "
         "hits) drains within this many seconds, i.e. ceil(queued prefill seconds / ttft_target_s).")
     interactive_ttft_s: float = Field(
         2.0, gt=0, description="A replica owing more prefill than this many seconds is busy: a short request "
         "routed to it would wait behind a long prompt.")
     spare_replicas: int = Field(
-        1, ge=0, description="Replicas kept free of long prefills (below interactive_ttft_s of backlog) while "
+        2, ge=0, description="Replicas kept free of long prefills (below interactive_ttft_s of backlog) while "
         "any replica is busy: a lane for short requests, since one prompt cannot be split over replicas.")
     prefill_tokens_per_s: float | None = Field(
         None, gt=0, description="Prefill rate of one replica; None: each replica's own estimate, measured while "
@@ -223,7 +226,7 @@ class AutoscalingSettings(_Frozen):
         120.0, ge=0, description="The load must stay low this long before replicas are removed (at least "
         "replica_startup_s: a replica is released only after idling as long as a new one takes to start).")
     replica_startup_s: float = Field(
-        60.0, ge=0, description="Scale-up to serving: placement (KubeRay may add a GPU node), model load, warm-up.")
+        30.0, ge=0, description="Scale-up to serving: placement (KubeRay may add a GPU node), model load, warm-up.")
     long_request_tokens: int = Field(
         32_768, ge=1, description="No downscale while any replica holds a request this long (prompt + output): "
         "Serve, not the policy, picks the replica to stop, and a long request may outlast serve.drain_timeout_s.")

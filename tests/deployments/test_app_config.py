@@ -99,7 +99,7 @@ def test_autoscaling_replaces_the_fixed_replica_count_with_the_queued_context_po
     options = llm_server_options(config)
     assert "num_replicas" not in options
     autoscaling = options["autoscaling_config"]
-    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 5)
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (2, 5)
     assert autoscaling.policy.policy_function == "autoscaler.serve_policy.QueuedContextPolicy"
     # The ingress must not bound what five replicas could take.
     assert ingress_options(config)["max_ongoing_requests"] == 5 * options["max_ongoing_requests"]
