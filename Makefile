@@ -8,7 +8,7 @@ MODEL_DIR ?= models/small
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve model bench-cpu lint clean
+.PHONY: setup test serve model bench-cpu bench-autoscale lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ serve: setup model
 
 bench-cpu: setup
 	$(BIN)/python bench/engine_cpu.py
+
+# docs/autoscaling.md's table: the simulator, queued-context vs ongoing-requests scaling (~5 min, CPU)
+bench-autoscale: setup
+	$(BIN)/python bench/autoscale.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
