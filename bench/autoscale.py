@@ -1,7 +1,7 @@
 """The autoscaler comparison of docs/autoscaling.md: queued-context scaling against Serve's
 ongoing-requests scaling on generated bursty long-context traces, in the simulator (no GPU).
 
-Run: `make bench-autoscale` (or `python bench/autoscale.py [--seeds 1 2 3 4] [--plot PNG]`). For
+Run: `make bench-autoscale` (or `python bench/autoscale.py [--seeds 1 2 3] [--plot PNG]`). For
 each scenario and trace seed it runs the queued-context policy, sweeps the ongoing-requests
 target, and finds the cheapest target that reaches the same SLO attainment; the goal is
 attainment >= 95% with <= 80% of that target's replica-seconds. Prints the table, writes
@@ -11,6 +11,7 @@ bench/results/autoscale.json and the plot of the first seed of the first scenari
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +57,22 @@ def table_row(name: str, seed: int, result: dict) -> dict:
     }
 
 
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Per scenario: on how many seeds the goal held, and the spread of attainment and ratio."""
+    summary = []
+    for name in dict.fromkeys(row["scenario"] for row in rows):
+        mine = [row for row in rows if row["scenario"] == name]
+        ratios = [float(row["ratio"]) for row in mine if row["ratio"] != "-"]
+        attainments = [float(row["queued-context SLO"]) for row in mine]
+        summary.append({
+            "scenario": name, "goal met": f"{sum(row['goal'] == 'met' for row in mine)}/{len(mine)}",
+            "SLO min": f"{min(attainments):.3f}", "SLO median": f"{statistics.median(attainments):.3f}",
+            "ratio median": f"{statistics.median(ratios):.2f}" if ratios else "-",
+            "ratio range": f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-",
+        })
+    return summary
+
+
 def plot_first(scenario: Scenario, trace: list, result: dict, path: Path) -> None:
     ours, _ = simulate(trace, "queued-context", scenario)
     cheapest = result["cheapest_matching"] or result["ongoing_requests_sweep"][0]
@@ -67,7 +84,7 @@ def plot_first(scenario: Scenario, trace: list, result: dict, path: Path) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 13)))
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "results" / "autoscale.png")
     args = parser.parse_args()
@@ -81,7 +98,9 @@ def main() -> None:
                 args.plot.parent.mkdir(parents=True, exist_ok=True)
                 plot_first(scenario, trace, result, args.plot)
     print_table(f"queued-context vs ongoing-requests scaling ({time.perf_counter() - started:.0f} s)", rows)
-    write_json("autoscale", {"rows": rows, "runs": results})
+    summary = summary_rows(rows)
+    print_table("per scenario", summary)
+    write_json("autoscale", {"summary": summary, "rows": rows, "runs": results})
 
 
 if __name__ == "__main__":

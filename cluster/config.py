@@ -203,8 +203,11 @@ class AutoscalingSettings(_Frozen):
     min_replicas: int = Field(2, ge=0, description="Fewest replicas; 0 lets Serve scale to zero (cold starts).")
     max_replicas: int = Field(4, ge=1, description="Most replicas; each reserves its GPUs (KubeRay adds nodes).")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; default: min_replicas.")
+    # 120 s: a replica added for queued prefill serves only the requests routed after it is up
+    # (the queued ones are bound to their replica), so a tighter horizon buys replicas that idle;
+    # the simulator's sweep (docs/autoscaling.md) found 120 s cheaper than 60 or 30 s.
     ttft_target_s: float = Field(
-        60.0, gt=0, description="Little's law horizon: enough replicas that the queued prefill (net of prefix "
+        120.0, gt=0, description="Little's law horizon: enough replicas that the queued prefill (net of prefix "
         "hits) drains within this many seconds, i.e. ceil(queued prefill seconds / ttft_target_s).")
     interactive_ttft_s: float = Field(
         2.0, gt=0, description="A replica owing more prefill than this many seconds is busy: a short request "

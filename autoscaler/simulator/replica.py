@@ -141,9 +141,9 @@ class SimReplica:
     def routing_cost(self, request: TraceRequest) -> tuple[int, int, int]:
         """The router's cost (deployments/routing_policy.py): prompt tokens queued here plus the
         ones this request would compute here; ties to fewer running KV tokens, then the oldest."""
-        queued = sum(job.request.input_length for job in self.queue)
-        queued += self.prefilling.request.input_length if self.prefilling else 0
-        sent = [self.cache, *(job.blocks for job in self.queue)]
+        admitted = [*self.queue, *([self.prefilling] if self.prefilling else [])]  # not yet streaming
+        queued = sum(job.request.input_length for job in admitted)
+        sent = [self.cache, *(job.blocks for job in admitted)]
         uncached = request.input_length - _hit_tokens(request, sent)
         return queued + uncached, self.kv_used, self.replica_id
 

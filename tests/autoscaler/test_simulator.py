@@ -112,8 +112,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_queued_context_meets_the_slo_with_at_most_80_percent_of_the_replica_seconds():
-    trace = generate_trace(TraceShape(duration_s=1800, seed=3))
-    result = compare(trace, Scenario(config()), targets=(1.0, 2.0, 3.0, 4.0, 6.0, 8.0))
+    # One hour of the default generated trace (bench/autoscale.py runs twelve, and more scenarios).
+    trace = generate_trace(TraceShape(seed=1))
+    result = compare(trace, Scenario(config()))
     assert result["queued_context"]["slo_attainment"] >= 0.95
     assert result["cheapest_matching"] is not None
     assert result["replica_seconds_ratio"] <= 0.8
