@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from report import print_table  # bench/ is on sys.path when a script runs
+
 from cluster.config import SchedulerSettings
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import SampledToken, StepOutput
 from kvcache.block_hash import hash_full_blocks, root_hash
+from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
-
-from report import print_table  # bench/ is on sys.path when a script runs
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken, StepOutput
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "engine_cpu.json"
 VOCAB_SIZE = 152_064  # Qwen2-sized vocabulary: token ids well above 2**16
@@ -84,7 +85,7 @@ def _time_steps(scheduler: Scheduler, num_steps: int) -> list[float]:
 
 def _scheduler_with(requests: list[Request], num_blocks: int, budget: int) -> Scheduler:
     settings = SchedulerSettings(max_num_seqs=512, max_tokens_per_step=budget, max_waiting_requests=4096)
-    scheduler = Scheduler(settings, KVCacheManager(num_blocks, requests[0].block_size))
+    scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(num_blocks, requests[0].block_size)))
     for request in requests:
         scheduler.add_request(request)
     return scheduler

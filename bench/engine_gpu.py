@@ -17,11 +17,16 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings
+from cluster.config import (
+    CacheSettings,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+)
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
 from model_shards.make_model import make_model
+from protocol.sampling_params import SamplingParams
 
 
 def matmul_ceiling_tflops(size: int = 8192) -> float:

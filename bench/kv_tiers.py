@@ -26,20 +26,25 @@ from pathlib import Path
 
 import redis
 import torch
+from report import print_table, write_json  # bench/ is on sys.path when a script runs
 
-from cluster.config import CacheSettings, KVTierSettings, LongctxConfig, ModelSettings, SchedulerSettings
+from cluster.config import (
+    CacheSettings,
+    KVTierSettings,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+)
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
-from kvcache.tiers.namespace import key_namespace, key_prefix
-from kvcache.tiers.ops import KVTransferOps
-from kvcache.tiers.redis_store import RedisBlockStore
 from model_shards.kv_cache import KVCacheTensors
-from model_shards.kv_remote_io import RemoteBlockIO
-from model_shards.kv_transfer import KVTransfer
+from model_shards.kv_io.kv_transfer import KVTransfer
+from model_shards.kv_io.namespace import key_namespace, key_prefix
+from model_shards.kv_io.redis_store import RedisBlockStore
+from model_shards.kv_io.remote_block_io import RemoteBlockIO
 from model_shards.make_model import make_model
-
-from report import print_table, write_json  # bench/ is on sys.path when a script runs
+from protocol.kv_transfer_ops import KVTransferOps
+from protocol.sampling_params import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IO_THREADS = 4
@@ -306,7 +311,7 @@ def bench_ttft(args, model_dir: str, redis_url: str, vocab: int) -> list[dict]:
 def settle(engine: LLMEngine, timeout_s: float = 60.0) -> None:
     """Step an idle engine until its background Redis writes are done (so another replica sees them)."""
     deadline = time.monotonic() + timeout_s
-    while engine.kv_tiers.num_pending and time.monotonic() < deadline:
+    while engine.kv_cache.tiers.num_pending and time.monotonic() < deadline:
         engine.step()
         time.sleep(0.001)
 

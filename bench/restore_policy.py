@@ -78,7 +78,7 @@ def write_documents(args, model_dir: str, url: str, docs: list[list[int]]) -> in
 
 
 def decisions(engine) -> dict[str, float]:
-    registry = engine.kv_tiers.metrics.registry
+    registry = engine.kv_cache.metrics.registry
     return {d: registry.get_sample_value("longctx_kv_restore_decisions_total", {"tier": REDIS, "decision": d}) or 0
             for d in ("restore", "recompute")}
 
@@ -89,14 +89,14 @@ def cost_run(args, model_dir: str, url: str, block_nbytes: int, doc: list[int], 
     engine = engine_for(args, model_dir, blocks, url, host_bytes=host_bytes_for(blocks, block_nbytes),
                         restore_policy="always")
     ttft_row("warm-up restore", engine, warm[0])  # measures Redis -> host -> device
-    engine.kv_tiers.cost.policy = "never"
+    engine.kv_cache.tiers.cost.policy = "never"
     ttft_row("warm-up prefill", engine, warm[1])  # measures the prefill speed
-    engine.kv_tiers.cost.policy = "cost"
+    engine.kv_cache.tiers.cost.policy = "cost"
     before = decisions(engine)
     row = ttft_row("cost", engine, doc)
     after = decisions(engine)
     row["decision"] = next((d for d in after if after[d] > before[d]), "none")
-    estimate = engine.kv_tiers.cost.decide(REDIS, 0, (len(doc) - 1) // args.ttft_block_size)
+    estimate = engine.kv_cache.tiers.cost.decide(REDIS, 0, (len(doc) - 1) // args.ttft_block_size)
     row["estimated_restore_s"] = round(estimate.restore_s, 4)
     row["estimated_recompute_s"] = round(estimate.recompute_s, 4)
     release(engine)

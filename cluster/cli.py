@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.config import CacheSettings, ConfigError, LongctxConfig, ModelSettings, SchedulerSettings, load_config
+from cluster.config import (
+    CacheSettings,
+    ConfigError,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+    load_config,
+)
 
 EXIT_USAGE = 2
 
@@ -41,6 +48,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor parallel ranks: heads split over N GPUs (default 1)")
     parser.add_argument("--sp", type=int, default=None, metavar="N",
                         help="sequence parallel ranks: long prompts and their KV split over N GPUs (default 1)")
+    parser.add_argument("--span-nodes", action="store_true", default=None,
+                        help="serve with Ray actors: TP groups stay inside a node, SP ranks may cross nodes")
     parser.add_argument("--kv-host-bytes", type=int, default=None,
                         help="host-memory KV tier per worker, in bytes (default 0: off)")
     parser.add_argument("--kv-redis-url", action="append", default=None, metavar="URL",
@@ -60,6 +69,7 @@ def build_config(args: argparse.Namespace) -> LongctxConfig:
         "scheduler.max_tokens_per_step": args.max_tokens_per_step,
         "parallel.tensor_parallel_size": args.tp,
         "parallel.sequence_parallel_size": args.sp,
+        "parallel.span_nodes": args.span_nodes,
         "kv_tiers.host_bytes": args.kv_host_bytes,
         "kv_tiers.redis_urls": _split_urls(args.kv_redis_url),
     }
@@ -126,7 +136,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
-    from engine.sampling_params import SamplingParams
+    from protocol.sampling_params import SamplingParams
 
     config = build_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)

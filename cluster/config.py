@@ -29,7 +29,15 @@ class ModelSettings(_Frozen):
     max_model_len: int | None = Field(
         None, ge=1, description="Longest prompt + output in tokens; default: the model's max_position_embeddings."
     )
-    attention_backend: str = Field("torch_sdpa", description="Name in model_shards.attention's registry.")
+    attention_backend: str = Field(
+        "auto", description="Name in model_shards.attention's registry; auto: cudnn_triton (Triton paged decode, "
+        "cuDNN prefill) on a GPU in bf16/fp16, torch_sdpa (the reference) elsewhere."
+    )
+    # Decode steps replay a captured graph (model_shards/cuda_graphs.py): the 2-layer 8B-shaped
+    # model spent 4-5 ms a token in eager Python and kernel launches against ~1 ms of GPU work.
+    cuda_graph_max_batch: int = Field(
+        256, ge=0, description="Largest decode batch run as a CUDA graph (GPU, one rank); 0: always eager."
+    )
 
 
 class CacheSettings(_Frozen):
@@ -45,15 +53,27 @@ class CacheSettings(_Frozen):
     )
     device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU memory share for weights + KV.")
     cpu_kv_bytes: int = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="Name full blocks by their prefix hash so later requests share them.")
 
 
 class SchedulerSettings(_Frozen):
     """Continuous batching with chunked prefill under a per-step token budget."""
 
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once.")
+    # Two budgets: a step that carries decodes stays small, so a long prefill delays everyone
+    # else's next token by one short step (~50 ms for an 8B model at 2048 tokens on an H100-class
+    # GPU); a step of prefill alone takes big chunks. At 2048 a 130K-token prompt took 64 steps,
+    # TTFT 3.9 s on an H200 against 1.05 s for transformers in one shot, 1.3-1.9 s at 8192
+    # (../shared/measurements/longctx_step_sizes-H200.log, before the bucketed cuDNN shapes of
+    # model_shards/attention/chunked_prefill.py). 16384 amortises each step's fixed cost (Python,
+    # launches, the log-sum-exp merges of the prefix pieces: ~1-2 ms) over ~0.2 s of 8B work and
+    # keeps the (tokens, 2 * intermediate) activation under 1 GB; bench/gpu.py --step-sweep
+    # measures the attention rate per chunk size.
     max_tokens_per_step: int = Field(
-        2048, ge=1, description="Token budget per engine step: decodes first, then prefill chunks."
+        16384, ge=1, description="Token budget of an engine step: decodes first, then prefill chunks."
+    )
+    max_tokens_per_step_while_decoding: int = Field(
+        2048, ge=1, description="While any request is decoding, a step's budget is at most this (decodes included)."
     )
     max_waiting_requests: int = Field(1024, ge=1, description="Queue bound in requests.")
 
@@ -64,6 +84,23 @@ class ParallelSettings(_Frozen):
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks that split the heads, MLP and vocabulary.")
     sequence_parallel_size: int = Field(
         1, ge=1, description="Ranks that split prompts (ring attention) and every KV block (striped by position)."
+    )
+
+    # auto keeps each entry point's natural host: `longctx generate` and engines built in a script
+    # run their ranks locally (no Ray to start), a Serve replica places them as Ray actors in its
+    # placement group (GPUs reserved by Serve, ranks placeable on other nodes).
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto", description="Where the ranks run. local: one rank in the engine's process, TP x SP ranks in one "
+        "local process each; ray: one Ray actor per rank in the Serve replica's placement group; auto: ray inside "
+        "a Ray actor (a Serve replica), local otherwise (executors/)."
+    )
+
+    # TP all-reduces every layer (NVLink-bound), the SP ring passes KV blocks once per chunk and
+    # hides them behind attention: only SP traffic can afford to leave a node.
+    span_nodes: bool = Field(
+        False, description="Ray executor only. false: the replica and all its ranks on one node (STRICT_PACK); "
+        "true: each SP rank's TP group on one node (one placement bundle per TP group), the SP groups packed "
+        "onto as few nodes as hold them (PACK), so TP stays inside a node and SP crosses nodes."
     )
 
     @property
@@ -83,9 +120,6 @@ class ServeSettings(_Frozen):
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (tokenize, route, stream).")
     ingress_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs an ingress replica reserves.")
     worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
-    executor: Literal["ray", "in_process"] = Field(
-        "ray", description="ray: model workers are Ray actors in the replica's placement group."
-    )
     max_queued_requests: int = Field(
         256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
     )
@@ -100,8 +134,8 @@ class ServeSettings(_Frozen):
     stall_timeout_s: float = Field(
         300.0, gt=0, description="A step running longer than this while requests wait marks the replica unhealthy."
     )
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve calls a replica's health check.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails the replica.")
     drain_timeout_s: float = Field(60.0, ge=0, description="Shutdown waits this long for requests in flight.")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1/*.")
     api_key_file: str | None = Field(None, description="Read the API key from this file (a mounted secret).")
@@ -130,7 +164,7 @@ class KVTierSettings(_Frozen):
     )
     redis_urls: tuple[str, ...] = Field(
         (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
-        "several shard the blocks by hash. kvcache/tiers/redis_urls.py has the forms."
+        "several shard the blocks by hash. protocol/redis_urls.py has the forms."
     )
     redis_key_prefix: str = Field("longctx", min_length=1, description="First part of every Redis key.")
     redis_namespace: str | None = Field(
@@ -150,7 +184,7 @@ class KVTierSettings(_Frozen):
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
     )
     redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
-    redis_retry_backoff_max_s: float = Field(30.0, gt=0)
+    redis_retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a failed shard.")
     restore_timeout_s: float = Field(
         2.0, ge=0, description="A new request waits for its Redis prefetch this long beyond twice the estimated "
         "transfer time; blocks not there by then are recomputed."
@@ -177,7 +211,7 @@ class KVTierSettings(_Frozen):
 
     @model_validator(mode="after")
     def _redis_needs_host(self) -> "KVTierSettings":
-        from kvcache.tiers.redis_urls import parse_redis_url  # torch- and redis-free
+        from protocol.redis_urls import parse_redis_url  # torch- and redis-free
 
         for url in self.redis_urls:
             parse_redis_url(url)  # a ValueError naming the URL, its password redacted

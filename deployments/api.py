@@ -38,7 +38,7 @@ from deployments.prompts import PromptBuilder
 from deployments.responses import ChatFormat, CompletionFormat, _Format
 from deployments.sampling import chat_params, completion_params
 from engine.outputs import CompletionDelta
-from engine.sampling_params import InvalidParameterError
+from protocol.sampling_params import InvalidParameterError
 
 STATS_TIMEOUT_S = 5.0  # /health and /metrics ask every replica; a loading one must not hang a probe
 # Tokenizing runs at ~1.5 s per million tokens and releases the GIL: prompts above ~16k tokens

@@ -20,7 +20,8 @@ from autoscaler.serve_policy import QueuedContextPolicy
 from cluster.config import AutoscalingSettings, ConfigError, LongctxConfig, load_config, load_config_dict
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
-from engine.ray_executor import placement_group_bundles, uses_gpu
+from executors import executor_backend
+from executors.placement import placement_group_bundles, placement_strategy, uses_gpu
 
 REPLICA_NUM_CPUS = 1.0  # the engine's own thread: scheduling, block tables, detokenizing
 
@@ -110,7 +111,7 @@ def autoscaling_config(settings: AutoscalingSettings) -> AutoscalingConfig:
 
 
 def _placement(config: LongctxConfig) -> dict[str, Any]:
-    if config.serve.executor != "ray":
+    if executor_backend(config, inside_ray_actor=True) != "ray":
         # The ranks run inside the replica (its process, or one local process each under TP x
         # SP): the replica reserves what all of them use.
         world_size = config.parallel.world_size
@@ -119,8 +120,9 @@ def _placement(config: LongctxConfig) -> dict[str, Any]:
     return {
         "ray_actor_options": _actor_options(REPLICA_NUM_CPUS),
         "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),
-        # One node per replica: every step is a round trip between the engine and its workers.
-        "placement_group_strategy": "STRICT_PACK",
+        # One node per replica unless SP may cross nodes: every step is a round trip between the
+        # engine and its ranks, and TP's all-reduces must stay on NVLink.
+        "placement_group_strategy": placement_strategy(config),
     }
 
 

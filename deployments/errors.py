@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from deployments.messages import ServeError, invalid_request
-from engine.sampling_params import InvalidParameterError
+from protocol.sampling_params import InvalidParameterError
 
 logger = logging.getLogger(__name__)
 

@@ -30,11 +30,10 @@ from deployments.messages import (
     overloaded,
 )
 from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.executor import EXECUTORS
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta
-from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import QueueFullError
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,7 @@ class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any]):
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
-        executor = EXECUTORS[settings.executor](self.config)
-        self.engine = AsyncEngine(LLMEngine(self.config, executor=executor))
+        self.engine = AsyncEngine(LLMEngine(self.config))
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
 
@@ -77,7 +75,7 @@ class LLMServer:
         if not request.fill_max_tokens:
             return request.params
         stats = self.engine.stats()
-        capacity = min(self.engine.engine.max_model_len, stats.num_total_kv_blocks * stats.block_size)
+        capacity = min(self.engine.max_model_len, stats.num_total_kv_blocks * stats.block_size)
         room = max(1, capacity - len(request.prompt_token_ids))
         return dataclasses.replace(request.params, max_tokens=room)
 
@@ -101,7 +99,7 @@ class LLMServer:
         """stats() plus this replica's own Prometheus series (the engine's KV-tier registry) as
         exposition text: they live in this process, so the ingress's /metrics re-exports them
         labelled by replica (deployments/metrics.py)."""
-        registry = self.engine.engine.kv_tiers.metrics.registry
+        registry = self.engine.kv_metrics_registry
         return {**self.stats(), "exposition": generate_latest(registry).decode()}
 
     def record_routing_stats(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from protocol.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import InvalidParameterError
+from protocol.sampling_params import InvalidParameterError
 
 
 class _Body(BaseModel):

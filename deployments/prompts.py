@@ -13,9 +13,9 @@ from typing import Any
 from cluster.config import LongctxConfig
 from deployments.errors import APIError
 from deployments.messages import invalid_request
-from engine.sampling_params import InvalidParameterError
-from model_shards.hf_config import load_architecture
-from model_shards.tokenizer import Tokenizer
+from model_folder.hf_config import load_architecture
+from model_folder.tokenizer import Tokenizer
+from protocol.sampling_params import InvalidParameterError
 
 
 class PromptBuilder:
@@ -27,6 +27,7 @@ class PromptBuilder:
     @classmethod
     def from_config(cls, config: LongctxConfig) -> PromptBuilder:
         architecture = load_architecture(config.model.path)
+        architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)
         max_model_len = config.model.max_model_len or architecture.max_position_embeddings
         return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)
 

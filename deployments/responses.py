@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.outputs import CompletionDelta
-from engine.step import SampledToken
+from protocol.step import SampledToken
 
 TokenText = Callable[[int], str]
 

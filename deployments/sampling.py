@@ -12,7 +12,7 @@ from deployments.openai_api import (
     CompletionRequest,
     _SamplingFields,
 )
-from engine.sampling_params import InvalidParameterError, SamplingParams
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats
-from engine.sampling_params import InvalidParameterError, SamplingParams
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,16 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The snapshot taken after the last step (no lock on the engine)."""
         return self._stats
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output in tokens."""
+        return self.engine.max_model_len
+
+    @property
+    def kv_metrics_registry(self) -> Any:
+        """The engine's KV-tier Prometheus registry (hit rates, transfers, decisions)."""
+        return self.engine.kv_cache.metrics.registry
 
     @property
     def is_alive(self) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model_shards.tokenizer import Tokenizer
+from model_folder.tokenizer import Tokenizer
 
 REPLACEMENT_CHARACTER = "\ufffd"
 # Prompt tokens decoded before the first output token, so that context-dependent decoders (a

@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 
 from cluster.config import LongctxConfig
 from engine.backlog import measure_backlog
-from engine.executor import Executor, create_executor
 from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
-from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import SampledToken
+from executors import Executor, create_executor
 from kvcache.block_hash import root_hash
-from kvcache.kv_cache_manager import KVCacheManager
-from kvcache.tier_manager import TierManager
+from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
-from model_shards.hf_config import load_architecture
-from model_shards.tokenizer import Tokenizer
+from model_folder.hf_config import load_architecture
+from model_folder.tokenizer import Tokenizer
+from protocol.kv_fingerprint import kv_fingerprint
+from protocol.sampling_params import InvalidParameterError, SamplingParams
+from protocol.step import SampledToken
 
 
 class ContextLengthExceededError(InvalidParameterError):
@@ -48,20 +48,16 @@ class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         self.config = config
         self.architecture = load_architecture(config.model.path)
+        self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
         self.executor = executor or create_executor(config)
         self.block_size = config.cache.block_size
-        # Host and Redis tiers below the device cache; metrics in this engine's own registry.
-        self.kv_tiers = TierManager.from_config(config, self.executor.kv_block_nbytes,
-                                                flops=PrefillFlops.of(self.architecture))
-        self.kv_cache_manager = KVCacheManager(
-            self.executor.num_kv_blocks, self.block_size, config.cache.enable_prefix_caching,
-            on_evict=self.kv_tiers.on_device_evict,
-        )
-        self.kv_tiers.track_device(self.kv_cache_manager.pool)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.kv_tiers)
-        self.model_fingerprint = f"{self.architecture.fingerprint()}|{self.executor.kv_layout}"
+        # Device blocks, prefix cache, host and Redis tiers; metrics in this engine's own registry.
+        self.kv_cache = KVCacheCoordinator.from_config(config, self.executor.description,
+                                                       flops=PrefillFlops.of(self.architecture))
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.model_fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.executor.kv_layout)
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
 
@@ -107,8 +103,8 @@ class LLMEngine:
         # A sequence that cannot fit the whole cache alone would be preempted for ever.
         num_tokens = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
-        if num_blocks > self.executor.num_kv_blocks:
-            capacity = self.executor.num_kv_blocks * self.block_size
+        if num_blocks > self.kv_cache.num_blocks:
+            capacity = self.kv_cache.num_blocks * self.block_size
             raise ContextLengthExceededError(
                 "prompt",
                 f"prompt and max_tokens need {num_tokens} tokens of KV cache; this replica holds {capacity}",
@@ -137,7 +133,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         # Queued tier transfers (the last blocks' write-through) need one more step to reach the worker.
-        return self.scheduler.has_unfinished_requests() or self.kv_tiers.has_queued_ops
+        return self.scheduler.has_unfinished_requests() or self.kv_cache.has_queued_transfers
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[CompletionDelta]:
@@ -146,7 +142,7 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         step_output = self.executor.execute(step_input)
-        self.kv_tiers.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
+        self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
         sampled = self.scheduler.update_from_output(step_input, step_output)
         return [self._process_token(self._sequences[rid], token) for rid, token in sampled.items()]
 
@@ -195,19 +191,19 @@ class LLMEngine:
         request = self.scheduler.requests.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING:
             return 0  # waiting requests hold no blocks
-        return len(self.kv_cache_manager.block_table(request_id))
+        return len(self.kv_cache.block_table(request_id))
 
     # --- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:
         running = self.scheduler.running
-        backlog = measure_backlog(self.scheduler.waiting, running, self.kv_tiers.cost)
+        backlog = measure_backlog(self.scheduler.waiting, running, self.kv_cache.tiers.cost)
         return EngineStats(
             num_running=len(running),
             num_waiting=len(self.scheduler.waiting),
             num_queued_tokens=self.scheduler.num_queued_tokens,
             num_running_kv_tokens=sum(r.num_computed_tokens for r in running),
-            num_free_kv_blocks=self.kv_cache_manager.num_free_blocks,
-            num_total_kv_blocks=self.executor.num_kv_blocks,
+            num_free_kv_blocks=self.kv_cache.num_free_blocks,
+            num_total_kv_blocks=self.kv_cache.num_blocks,
             block_size=self.block_size,
             num_pending_prefill_tokens=backlog.num_tokens,
             pending_prefill_s=backlog.seconds,

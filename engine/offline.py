@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta
-from engine.sampling_params import SamplingParams
-from engine.step import SampledToken
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken
 
 
 @dataclass

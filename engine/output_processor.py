@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import Request, RequestStatus
-from engine.step import SampledToken
 from engine.stop_strings import StopStringMatcher
+from protocol.step import SampledToken
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.step import SampledToken
+from protocol.step import SampledToken
 
 
 @dataclass(frozen=True)

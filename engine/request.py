@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
 from kvcache.block_hash import hash_full_blocks
+from protocol.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -1,6 +1,7 @@
 """Continuous batching with chunked prefill under a per-step token budget. No tensors.
 
-Each step spends at most `max_tokens_per_step` tokens, in this order:
+Each step spends at most `max_tokens_per_step` tokens (`max_tokens_per_step_while_decoding` when
+any request is decoding, so a prefill chunk delays others' next token by one short step), in this order:
   1. one token for every running request that is decoding (decodes never wait behind a prefill),
   2. the next prefill chunk of running requests whose prompt is not computed yet,
   3. new requests from the waiting queue, FCFS, after a prefix-cache lookup.
@@ -18,9 +19,14 @@ from dataclasses import dataclass, field
 from cluster.config import SchedulerSettings
 from engine.backlog import expected_hit_tokens
 from engine.request import Request, RequestStatus
-from engine.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
-from kvcache.kv_cache_manager import KVCacheManager
-from kvcache.tier_manager import TierManager
+from kvcache.coordinator import KVCacheCoordinator
+from protocol.step import (
+    CachedRequestData,
+    NewRequestData,
+    SampledToken,
+    StepInput,
+    StepOutput,
+)
 
 
 class QueueFullError(RuntimeError):
@@ -39,13 +45,10 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(
-        self, settings: SchedulerSettings, kv_cache_manager: KVCacheManager, kv_tiers: TierManager | None = None
-    ):
+    def __init__(self, settings: SchedulerSettings, kv_cache: KVCacheCoordinator):
         self.settings = settings
-        self.kv_cache_manager = kv_cache_manager
-        # Host / Redis tiers below the device cache: restores at admission, spills, transfers.
-        self.kv_tiers = kv_tiers or TierManager.disabled(kv_cache_manager.block_size)
+        # Device blocks, prefix cache and the tiers below: the scheduler sees only the coordinator.
+        self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order: the last one is preempted first
         self.requests: dict[str, Request] = {}
@@ -58,7 +61,7 @@ class Scheduler:
         if len(self.waiting) >= self.settings.max_waiting_requests:
             raise QueueFullError(f"waiting queue full ({self.settings.max_waiting_requests} requests)")
         pending = [*self.waiting, *self.running]
-        request.num_expected_hit_tokens = expected_hit_tokens(request, self.kv_cache_manager, pending)
+        request.num_expected_hit_tokens = expected_hit_tokens(request, self.kv_cache.device, pending)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -72,7 +75,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv_cache_manager.free(request_id)
+        self.kv_cache.free(request_id)
         self._dropped_request_ids.add(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -84,9 +87,12 @@ class Scheduler:
 
     # --- scheduling ----------------------------------------------------------------------
     def schedule(self) -> StepInput:
-        plan = _StepPlan(budget=self.settings.max_tokens_per_step)
         decoding = [r for r in self.running if r.num_uncomputed_tokens == 1]
         prefilling = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        budget = self.settings.max_tokens_per_step
+        if decoding:
+            budget = min(budget, self.settings.max_tokens_per_step_while_decoding)
+        plan = _StepPlan(budget=budget)
         for request in decoding + prefilling:
             if plan.budget == 0:
                 break
@@ -99,9 +105,7 @@ class Scheduler:
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
         num_new = min(request.num_uncomputed_tokens, plan.budget)
         while True:
-            new_blocks = self.kv_cache_manager.allocate_slots(
-                request.request_id, request.num_computed_tokens + num_new
-            )
+            new_blocks = self.kv_cache.allocate(request, request.num_computed_tokens + num_new)
             if new_blocks is not None:
                 break
             victim = self.running[-1]
@@ -109,14 +113,13 @@ class Scheduler:
             if victim is request:
                 return
         plan.num_scheduled_tokens[request.request_id] = num_new
-        plan.cached_requests.append(
-            CachedRequestData(request.request_id, tuple(new_blocks), request.num_computed_tokens)
-        )
+        plan.cached_requests.append(CachedRequestData(
+            request.request_id, tuple(tuple(group) for group in new_blocks), request.num_computed_tokens))
         plan.budget -= num_new
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         self.running.remove(request)
-        self.kv_cache_manager.free(request.request_id)
+        self.kv_cache.free(request.request_id)
         self._dropped_request_ids.add(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
@@ -148,26 +151,17 @@ class Scheduler:
 
     def _admit(self, request: Request, plan: _StepPlan, may_probe: bool = True) -> bool | None:
         """Whether the request was admitted; None while it waits for Redis."""
-        cached_blocks, num_hit_tokens = self.kv_cache_manager.find_cached_prefix(
-            request.block_hashes, request.num_tokens
-        )
-        restore = self.kv_tiers.plan_restore(request, len(cached_blocks), may_probe)
-        if restore is None:
+        hit = self.kv_cache.lookup(request, may_probe)
+        if hit is None:
             return None
-        num_hit_tokens += restore.num_tokens  # restored into the first new blocks
-        num_new = min(request.num_tokens - num_hit_tokens, plan.budget)
-        new_blocks = self.kv_cache_manager.allocate_slots(
-            request.request_id, num_hit_tokens + num_new, cached_blocks
-        )
-        if new_blocks is None:
-            self.kv_tiers.cancel(restore)
+        num_new = min(request.num_tokens - hit.num_tokens, plan.budget)
+        if self.kv_cache.allocate(request, hit.num_tokens + num_new, hit) is None:
             return False
-        self.kv_tiers.commit(restore, new_blocks)
         request.status = RequestStatus.RUNNING
-        request.num_computed_tokens = num_hit_tokens
+        request.num_computed_tokens = hit.num_tokens
         if request.num_preemptions == 0:
-            request.num_prefix_hit_tokens = num_hit_tokens
-            request.num_host_hit_tokens, request.num_redis_hit_tokens = restore.host_tokens, restore.redis_tokens
+            request.num_prefix_hit_tokens = hit.num_tokens
+            request.num_host_hit_tokens, request.num_redis_hit_tokens = hit.host_tokens, hit.redis_tokens
         self.running.append(request)
         plan.num_scheduled_tokens[request.request_id] = num_new
         plan.new_requests.append(self._new_request_data(request))
@@ -180,7 +174,7 @@ class Scheduler:
             prompt_token_ids=tuple(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
             sampling_params=request.sampling_params,
-            block_ids=tuple(self.kv_cache_manager.block_table(request.request_id)),
+            block_ids=self.kv_cache.block_tables(request.request_id),
             num_computed_tokens=request.num_computed_tokens,
         )
 
@@ -194,7 +188,7 @@ class Scheduler:
             cached_requests=tuple(plan.cached_requests),
             num_scheduled_tokens=plan.num_scheduled_tokens,
             finished_request_ids=dropped,
-            kv_transfers=self.kv_tiers.take_ops(dropped, idle=not plan.num_scheduled_tokens),
+            kv_transfers=self.kv_cache.take_transfers(dropped, idle=not plan.num_scheduled_tokens),
         )
 
     # --- after the step ------------------------------------------------------------------
@@ -206,16 +200,9 @@ class Scheduler:
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += num_tokens
-            self._cache_computed_blocks(request)
+            self.kv_cache.on_tokens_computed(request)
             token = step_output.sampled.get(request_id)
             if token is not None:
                 request.append_output_token(token.token_id)
                 sampled[request_id] = token
         return sampled
-
-    def _cache_computed_blocks(self, request: Request) -> None:
-        # A no-op in the manager when prefix caching is off.
-        self.kv_cache_manager.cache_full_blocks(
-            request.request_id, request.block_hashes, request.num_computed_tokens
-        )
-        self.kv_tiers.on_blocks_computed(request, self.kv_cache_manager.block_table(request.request_id))

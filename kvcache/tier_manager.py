@@ -1,14 +1,17 @@
 """The driver's policy over the KV tiers: spill instead of drop, restore instead of recompute.
 
 Plain Python, no torch, no I/O: it decides which blocks live where and queues the moves; the
-worker moves the bytes (model_shards/kv_transfer.py) and reports back. Its hooks, in the order
+worker moves the bytes (model_shards/kv_io/kv_transfer.py) and reports back. Its hooks, in the order
 one engine step calls them:
 
-  Scheduler._admit           plan_restore -> device blocks allocated -> commit (or cancel)
-  BlockPool.allocate         on_device_evict: an evicted cached block is copied to host
-  Scheduler.update_from_output -> on_blocks_computed: write-through of newly full blocks
-  Scheduler._freeze          take_ops: this step's KVTransferOps ride on the StepInput
-  LLMEngine.step             on_step_done: the worker's report, the step time, pins released
+  KVCacheCoordinator.lookup    plan_restore
+  KVCacheCoordinator.allocate  device blocks allocated -> commit (or cancel)
+  BlockPool.allocate           on_device_evict: an evicted cached block is copied to host
+  KVCacheCoordinator.on_tokens_computed -> on_blocks_computed: write-through of newly full blocks
+  KVCacheCoordinator.take_transfers     take_ops: this step's KVTransferOps ride on the StepInput
+  KVCacheCoordinator.on_step_done       the worker's report, the step time, pins released
+
+The scheduler never calls it directly: kvcache/coordinator.py is its only caller.
 
 A request's restorable prompt blocks at admission (the last prompt token is always computed):
 
@@ -29,13 +32,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from cluster.config import KVTierSettings, LongctxConfig
+from cluster.config import KVTierSettings
 from kvcache.block_pool import BlockPool
 from kvcache.tier_metrics import TierMetrics
+from kvcache.tier_observer import TierObserver
 from kvcache.tiers.cost_model import Decision, PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
-from kvcache.tiers.ops import KVTransferOps, KVTransferReport, OpsBuilder
 from kvcache.tiers.prefetch import RedisPrefetcher
+from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport, OpsBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class TieredRequest(Protocol):
     num_computed_tokens: int
 
 
-class _StepLike(Protocol):
+class StepLike(Protocol):
     @property
     def total_scheduled_tokens(self) -> int: ...
 
@@ -85,7 +89,7 @@ class RestorePlan:
 
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
-                 metrics: TierMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 metrics: TierObserver | None = None, clock: Callable[[], float] = time.monotonic,
                  flops: PrefillFlops | None = None):
         """`flops`: the model's prefill cost (PrefillFlops.of(architecture)); without it the
         recompute estimate is linear in tokens."""
@@ -105,13 +109,6 @@ class TierManager:
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
         self._pool: BlockPool | None = None  # the device pool, once track_device gives it
         self._watermark_blocks = 0
-
-    @classmethod
-    def from_config(cls, config: LongctxConfig, block_nbytes: int, flops: PrefillFlops | None = None,
-                    metrics: TierMetrics | None = None) -> TierManager:
-        # Without prefix caching no block has a name, so no tier could ever find one.
-        settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
-        return cls(settings, config.cache.block_size, block_nbytes, metrics, flops=flops)
 
     @classmethod
     def disabled(cls, block_size: int) -> TierManager:
@@ -230,7 +227,7 @@ class TierManager:
     def _save(self, block_id: int, block_hash: bytes) -> int | None:
         slots = self.host.allocate(1)
         if not slots:  # every slot is held by a transfer in flight
-            self.metrics.spills_dropped.inc()
+            self.metrics.record_spill_dropped()
             return None
         self.host.fill(slots[0], block_hash, HOST, in_redis=False)
         self._ops.saves.append((block_id, slots[0]))
@@ -258,7 +255,7 @@ class TierManager:
         if self.redis_enabled and self.redis_up:
             self._ops.writebacks.append((slot, block_hash))
         elif self.redis_enabled:
-            self.metrics.redis_writes.labels("dropped").inc()
+            self.metrics.record_redis_write_dropped()
 
     # --- step boundary -----------------------------------------------------------------------
     def take_ops(self, dropped_request_ids: Iterable[str], idle: bool) -> KVTransferOps | None:
@@ -274,7 +271,7 @@ class TierManager:
             return None
         return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
 
-    def on_step_done(self, step_input: _StepLike, report: KVTransferReport | None, seconds: float) -> None:
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
         """The worker ran the step: apply its report, measure the prefill rate, release pins."""
         blocking_s = 0.0
         if report is not None:

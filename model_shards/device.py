@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model_shards.hf_config import ModelArchitecture
+from model_folder.hf_config import ModelArchitecture
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from model_shards.hf_config import ModelArchitecture
-
 
 class KVCacheTensors:
     def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int,
@@ -29,12 +27,6 @@ class KVCacheTensors:
         # reading a whole tile could multiply by a zero attention weight
         self.data = torch.zeros(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
-
-    @classmethod
-    def for_model(cls, arch: ModelArchitecture, num_blocks: int, block_size: int,
-                  dtype: torch.dtype, device: torch.device | str) -> KVCacheTensors:
-        return cls(num_blocks, arch.num_hidden_layers, block_size, arch.num_key_value_heads,
-                   arch.head_dim, dtype, device)
 
     @property
     def device(self) -> torch.device:
@@ -51,10 +43,3 @@ class KVCacheTensors:
     @property
     def bytes_per_block(self) -> int:
         return self.data[0].numel() * self.data.element_size()
-
-    @staticmethod
-    def bytes_per_block_for(arch: ModelArchitecture, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one block for a model, before allocating (to size num_blocks from memory)."""
-        element_size = torch.empty(0, dtype=dtype).element_size()
-        return (arch.num_hidden_layers * 2 * block_size * arch.num_key_value_heads * arch.head_dim
-                * element_size)

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_folder.hf_config import ModelArchitecture
 from model_shards.attention.base import AttentionBackend, AttentionMetadata
-from model_shards.hf_config import ModelArchitecture
 from model_shards.parallel.groups import ParallelGroup
-from model_shards.parallel.tensor_parallel import FusedPart, RowParallelLinear, load_column_parallel
+from model_shards.parallel.tensor_parallel import (
+    FusedPart,
+    RowParallelLinear,
+    load_column_parallel,
+)
 from model_shards.rope import apply_rotary
 from model_shards.weights import WeightReader
 

@@ -14,9 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model_shards.attention import AttentionBackend, AttentionMetadata, get_attention_backend
-from model_shards.errors import ModelFolderError
-from model_shards.hf_config import ModelArchitecture, load_architecture
+from model_folder.errors import ModelFolderError
+from model_folder.hf_config import ModelArchitecture, load_architecture
+from model_shards.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    get_attention_backend,
+)
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.layers import DecoderLayer, RMSNorm
 from model_shards.parallel.groups import ParallelGroup

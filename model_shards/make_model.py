@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from model_shards.tokenizer_training import (
+from model_folder.tokenizer_training import (
     BOS_TOKEN,
     CHAT_TEMPLATE,
     END_OF_TEXT_TOKEN,

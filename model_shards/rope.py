@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from model_shards.hf_config import ModelArchitecture, RopeScaling
+from model_folder.hf_config import ModelArchitecture, RopeScaling
 
 _MIN_TABLE_ROWS = 256
 

@@ -23,10 +23,15 @@ from typing import TYPE_CHECKING
 
 from cluster.config import KVTierSettings
 from kvcache.tiers.host_index import HOST, REDIS
-from kvcache.tiers.ops import DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS, REDIS_TO_HOST
+from protocol.kv_transfer_ops import (
+    DEVICE_TO_HOST,
+    HOST_TO_DEVICE,
+    HOST_TO_REDIS,
+    REDIS_TO_HOST,
+)
 
 if TYPE_CHECKING:  # the control plane reads config.json shapes, never model code
-    from model_shards.hf_config import ModelArchitecture
+    from model_folder.hf_config import ModelArchitecture
 
 # A smaller sample mostly measures call overhead, not bandwidth.
 _MIN_SAMPLE_BYTES = 64 << 10

@@ -24,7 +24,11 @@ from typing import Callable
 import torch
 
 from model_shards.parallel.groups import ParallelGroup
-from model_shards.parallel.lse_attention import LseKernel, PartialSum, attention_with_lse
+from model_shards.parallel.lse_attention import (
+    LseKernel,
+    PartialSum,
+    attention_with_lse,
+)
 from model_shards.parallel.sp_plan import RingSequence, SequenceParallelPlan
 
 BlockCallback = Callable[[int, torch.Tensor], None]  # (src rank, its (2, rows, KV, D) block)

@@ -15,6 +15,7 @@ from cluster.config import (
     CacheSettings,
     LongctxConfig,
     ModelSettings,
+    ParallelSettings,
     SchedulerSettings,
     ServeSettings,
 )
@@ -31,10 +32,11 @@ def model_dir(tmp_path_factory):
     return str(make_model(tmp_path_factory.mktemp("model") / "tiny", "tiny"))
 
 
-def _make_config(model_dir: str, **serve_fields) -> LongctxConfig:
+def _make_config(model_dir: str, executor: str = "local", **serve_fields) -> LongctxConfig:
     serve_settings = {"routing_block_tokens": BLOCK_SIZE, "max_request_body_bytes": 1 << 20, **serve_fields}
     return LongctxConfig(
         model=ModelSettings(path=model_dir),
+        parallel=ParallelSettings(executor=executor),
         cache=CacheSettings(block_size=BLOCK_SIZE, num_device_blocks=NUM_KV_BLOCKS),
         scheduler=SchedulerSettings(max_tokens_per_step=512),
         serve=ServeSettings(**serve_settings),
@@ -43,7 +45,7 @@ def _make_config(model_dir: str, **serve_fields) -> LongctxConfig:
 
 @pytest.fixture(scope="session")
 def make_config(model_dir):
-    """config(**serve_fields): the tiny model with small KV blocks, Serve settings overridden."""
+    """config(executor="local", **serve_fields): the tiny model with small KV blocks, Serve settings overridden."""
     return lambda **serve_fields: _make_config(model_dir, **serve_fields)
 
 
@@ -60,7 +62,7 @@ def served(model_dir, local_ray):
 
     from deployments.app import build_application
 
-    config = _make_config(model_dir, num_replicas=2, ingress_num_cpus=0.5)
+    config = _make_config(model_dir, executor="ray", num_replicas=2, ingress_num_cpus=0.5)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -14,7 +14,7 @@ from deployments.app import (
     ingress_options,
     llm_server_options,
 )
-from engine.executor import EXECUTORS
+from executors import create_executor
 
 SERVE_CONFIG = Path(__file__).parents[2] / "deployments" / "serve_config.yaml"
 
@@ -52,7 +52,7 @@ def test_bad_application_args_name_the_key(args, message):
 
 
 def test_serve_options_fit_long_requests(make_config):
-    config = make_config(num_replicas=2, max_queued_requests=100, drain_timeout_s=120)
+    config = make_config(executor="ray", num_replicas=2, max_queued_requests=100, drain_timeout_s=120)
     options = llm_server_options(config)
     assert options["num_replicas"] == 2
     assert options["max_ongoing_requests"] == config.scheduler.max_num_seqs + 100
@@ -62,34 +62,34 @@ def test_serve_options_fit_long_requests(make_config):
     assert ingress_options(config)["max_ongoing_requests"] >= 2 * options["max_ongoing_requests"]
 
 
-def test_the_in_process_executor_needs_no_placement_group(make_config):
-    options = llm_server_options(make_config(executor="in_process"))
+def test_the_local_executor_needs_no_placement_group(make_config):
+    options = llm_server_options(make_config())
     assert "placement_group_bundles" not in options
     assert options["ray_actor_options"]["num_cpus"] == 1.0 and options["ray_actor_options"]["num_gpus"] == 0
 
 
-def test_in_process_ranks_are_reserved_by_the_replica(make_config):
-    config = make_config(executor="in_process").with_overrides({"parallel.tensor_parallel_size": 2})
+def test_local_ranks_are_reserved_by_the_replica(make_config):
+    config = make_config().with_overrides({"parallel.tensor_parallel_size": 2})
     options = llm_server_options(config)
     assert "placement_group_bundles" not in options
     assert options["ray_actor_options"]["num_cpus"] == 2.0  # one local process per rank, inside the replica
 
 
-def test_in_process_ranks_run_as_local_processes_not_as_one_rank(make_config, monkeypatch):
-    import engine.multiproc_executor
+def test_local_ranks_run_as_local_processes_not_as_one_rank(make_config, monkeypatch):
+    import executors.local
 
-    monkeypatch.setattr(engine.multiproc_executor, "MultiprocessExecutor", lambda config: ("ranks", config.parallel.world_size))
-    config = make_config(executor="in_process").with_overrides({"parallel.tensor_parallel_size": 2})
-    assert EXECUTORS[config.serve.executor](config) == ("ranks", 2)
+    monkeypatch.setattr(executors.local, "LocalProcessExecutor", lambda config: ("ranks", config.parallel.world_size))
+    config = make_config().with_overrides({"parallel.tensor_parallel_size": 2})
+    assert create_executor(config) == ("ranks", 2)
 
 
 def test_a_ray_replica_reserves_a_bundle_per_rank(make_config):
-    config = make_config().with_overrides({"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel_size": 2})
+    config = make_config(executor="ray").with_overrides({"parallel.tensor_parallel_size": 2, "parallel.sequence_parallel_size": 2})
     assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 1.0}] * 4
 
 
 def test_gpu_workers_get_a_gpu_bundle_each(make_config):
-    config = make_config()
+    config = make_config(executor="ray")
     config = config.model_copy(update={"model": config.model.model_copy(update={"device": "cuda"})})
     assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
 
@@ -103,3 +103,60 @@ def test_autoscaling_replaces_the_fixed_replica_count_with_the_queued_context_po
     assert autoscaling.policy.policy_function == "autoscaler.serve_policy.QueuedContextPolicy"
     # The ingress must not bound what five replicas could take.
     assert ingress_options(config)["max_ongoing_requests"] == 5 * options["max_ongoing_requests"]
+
+
+def test_auto_executor_is_local_outside_a_ray_actor_and_ray_inside_one(make_config, local_ray):
+    import subprocess
+    import sys
+
+    from executors import executor_backend
+
+    code = ("from cluster.config import LongctxConfig; from executors import executor_backend; "
+            "import sys; print(executor_backend(LongctxConfig()), 'ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["local", "False"]  # decided without importing Ray
+    assert executor_backend(make_config(executor="local")) == "local"
+    assert executor_backend(make_config(executor="ray")) == "ray"
+    auto = make_config(executor="auto")
+    assert executor_backend(auto, inside_ray_actor=True) == "ray"  # what a Serve replica resolves
+    assert "placement_group_bundles" in llm_server_options(auto)  # so its driver reserves the bundles
+
+
+def test_spanning_nodes_reserves_a_bundle_per_tp_group_packed_not_strict(make_config):
+    from executors.placement import rank_bundle_index
+
+    config = make_config(executor="ray").with_overrides({
+        "parallel.tensor_parallel_size": 2, "parallel.sequence_parallel_size": 4, "parallel.span_nodes": True,
+        "model.device": "cuda"})
+    options = llm_server_options(config)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 2.0, "GPU": 2.0}] * 4
+    assert options["placement_group_strategy"] == "PACK"
+    assert [rank_bundle_index(config, rank) for rank in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]  # TP groups together
+    one_node = config.with_overrides({"parallel.span_nodes": False})
+    assert llm_server_options(one_node)["placement_group_strategy"] == "STRICT_PACK"
+    assert [rank_bundle_index(one_node, rank) for rank in range(8)] == list(range(1, 9))
+
+
+def test_spanning_nodes_needs_the_ray_executor(make_config):
+    from cluster.config import ConfigError
+
+    config = make_config(executor="local").with_overrides({"parallel.span_nodes": True})
+    with pytest.raises(ConfigError, match="needs parallel.executor ray"):
+        create_executor(config)
+
+
+def test_auto_resolves_inside_an_actor_as_ray_and_in_a_ray_driver_as_local(local_ray):
+    from cluster.config import LongctxConfig
+    from executors import executor_backend
+
+    @local_ray.remote(num_cpus=0)
+    class Probe:
+        def backend(self):
+            from executors import executor_backend
+
+            return executor_backend(LongctxConfig())
+
+    probe = Probe.remote()
+    assert local_ray.get(probe.backend.remote()) == "ray"
+    assert executor_backend(LongctxConfig()) == "local"  # this test process called ray.init(): still a driver
+    local_ray.kill(probe)

@@ -15,7 +15,7 @@ from deployments.llm_server import LLMServer
 from deployments.local_backend import LocalBackend
 from deployments.messages import GenerateRequest, ServeError
 from deployments.prompts import PromptBuilder
-from engine.sampling_params import SamplingParams
+from protocol.sampling_params import SamplingParams
 
 LONG_RUN = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
 
@@ -25,7 +25,7 @@ def server_factory(make_config):
     servers = []
 
     def start(**serve_fields) -> LLMServer:
-        server = LLMServer(make_config(executor="in_process", **serve_fields))
+        server = LLMServer(make_config(**serve_fields))
         servers.append(server)
         return server
 
@@ -149,7 +149,7 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_kv_capacity(server_facto
 
 
 def test_a_request_larger_than_the_replica_s_kv_cache_is_a_400(make_config):
-    config = make_config(executor="in_process")
+    config = make_config()
     config = config.model_copy(update={"cache": config.cache.model_copy(update={"num_device_blocks": 8})})
     server = LLMServer(config)  # 8 blocks of 16 tokens
     try:

@@ -4,7 +4,7 @@ import pytest
 
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
 from deployments.sampling import chat_params, completion_params
-from engine.sampling_params import InvalidParameterError, SamplingParams
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 MAX_MODEL_LEN = 4096
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
+from protocol.sampling_params import SamplingParams
 
 MODEL = "tiny"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does the contract say?"}]

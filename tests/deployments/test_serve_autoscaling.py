@@ -22,7 +22,7 @@ LONG_PROMPT_TOKENS = 2500  # "long" for this test's policy: long_request_tokens 
 def autoscaled_url(make_config, deployed_app):
     # Small intervals for a 2-core machine. A configured prefill rate of 1,000 tokens/s makes the
     # burst's queued prompts minutes of work to the policy, whatever the CPU's real speed.
-    config = make_config(executor="in_process", ingress_num_cpus=0.5, drain_timeout_s=30).with_overrides({
+    config = make_config(executor="local", ingress_num_cpus=0.5, drain_timeout_s=30).with_overrides({
         "autoscaling.enabled": True,
         "autoscaling.min_replicas": 1,
         "autoscaling.max_replicas": MAX_REPLICAS,

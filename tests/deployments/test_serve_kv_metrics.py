@@ -12,7 +12,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-
 APP = "longctx-kv-tiers"
 MODEL = "tiny"
 

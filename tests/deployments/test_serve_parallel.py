@@ -11,7 +11,7 @@ import pytest
 
 from cluster.cli import _parser, build_config
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
+from protocol.sampling_params import SamplingParams
 
 APP = "longctx-tp2"
 MODEL = "tiny"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings
+from cluster.config import (
+    CacheSettings,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+)
 from engine.llm_engine import LLMEngine
 from model_shards.make_model import make_model
 

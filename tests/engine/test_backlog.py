@@ -5,12 +5,13 @@ from __future__ import annotations
 from cluster.config import KVTierSettings, SchedulerSettings
 from engine.backlog import measure_backlog
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import SampledToken, StepOutput
 from kvcache.block_hash import root_hash
+from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
 from kvcache.tiers.cost_model import PrefillFlops, RestoreCostModel
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken, StepOutput
 
 BLOCK_SIZE = 4
 ROOT = root_hash("test-model")
@@ -22,7 +23,7 @@ def make_request(request_id: str, prompt: list[int], root: bytes = ROOT) -> Requ
 
 def make_scheduler(budget: int = 16, prefix_caching: bool = True) -> Scheduler:
     cache = KVCacheManager(64, BLOCK_SIZE, enable_prefix_caching=prefix_caching)
-    return Scheduler(SchedulerSettings(max_tokens_per_step=budget), cache)
+    return Scheduler(SchedulerSettings(max_tokens_per_step=budget), KVCacheCoordinator(cache))
 
 
 def cost_model(tokens_per_s: float = 10.0, flops: PrefillFlops | None = None) -> RestoreCostModel:

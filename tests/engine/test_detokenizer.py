@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer
+from model_folder.tokenizer import Tokenizer
 from model_shards.make_model import make_model
-from model_shards.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

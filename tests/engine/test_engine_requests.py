@@ -12,7 +12,7 @@ import pytest
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import ContextLengthExceededError
 from engine.offline import generate
-from engine.sampling_params import InvalidParameterError, SamplingParams
+from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 
 def test_empty_prompt_is_rejected(tiny_engine):
@@ -80,13 +80,13 @@ def test_n_sequences_with_a_seed_are_reproducible_and_distinct(tiny_engine):
 
 
 def test_abort_frees_blocks_at_once(tiny_engine):
-    total = tiny_engine.kv_cache_manager.num_free_blocks
+    total = tiny_engine.kv_cache.num_free_blocks
     tiny_engine.add_request("to-abort", [7] * 40, SamplingParams(max_tokens=50))
     tiny_engine.step()
-    assert tiny_engine.kv_cache_manager.num_free_blocks < total
+    assert tiny_engine.kv_cache.num_free_blocks < total
     deltas = tiny_engine.abort_request("to-abort")
     assert [d.finish_reason for d in deltas] == ["abort"]
-    assert tiny_engine.kv_cache_manager.num_free_blocks == total
+    assert tiny_engine.kv_cache.num_free_blocks == total
     assert not tiny_engine.has_unfinished_requests()
 
 
@@ -109,7 +109,7 @@ def test_async_stream_concatenates_to_the_offline_result(tiny_model_dir, make_en
 
 def test_async_stream_closed_early_aborts_the_request(tiny_model_dir, make_engine_for):
     engine = AsyncEngine(make_engine_for(tiny_model_dir))
-    total = engine.engine.kv_cache_manager.num_free_blocks
+    total = engine.engine.kv_cache.num_free_blocks
 
     async def read_two_then_leave():
         stream = engine.generate("leaver", "A long answer", SamplingParams(max_tokens=500, ignore_eos=True))
@@ -118,7 +118,7 @@ def test_async_stream_closed_early_aborts_the_request(tiny_model_dir, make_engin
                 break
         await stream.aclose()
         for _ in range(100):  # the abort runs on the engine thread before its next step
-            if engine.engine.kv_cache_manager.num_free_blocks == total:
+            if engine.engine.kv_cache.num_free_blocks == total:
                 return True
             await asyncio.sleep(0.01)
         return False

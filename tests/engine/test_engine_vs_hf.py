@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
+from protocol.sampling_params import SamplingParams
 
 GREEDY_64 = SamplingParams(max_tokens=64, ignore_eos=True)
 
@@ -79,4 +79,4 @@ def test_preemption_under_memory_pressure_keeps_outputs(tiny_model_dir, make_eng
     tight = generate(tight_engine, prompts, params)
     assert [s[0].token_ids for s in tight] == [s[0].token_ids for s in roomy]
     assert tight_engine.scheduler.num_preemptions_total > 0
-    assert tight_engine.kv_cache_manager.num_free_blocks == 40
+    assert tight_engine.kv_cache.num_free_blocks == 40

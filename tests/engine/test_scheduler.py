@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from cluster.config import SchedulerSettings
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import SampledToken, StepOutput
 from kvcache.block_hash import root_hash
+from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken, StepOutput
 
 BLOCK_SIZE = 4
 ROOT = root_hash("test-model")
@@ -16,7 +17,7 @@ ROOT = root_hash("test-model")
 
 def make_scheduler(num_blocks=64, budget=16, max_num_seqs=8) -> Scheduler:
     settings = SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=max_num_seqs)
-    return Scheduler(settings, KVCacheManager(num_blocks, BLOCK_SIZE))
+    return Scheduler(settings, KVCacheCoordinator(KVCacheManager(num_blocks, BLOCK_SIZE)))
 
 
 def make_request(request_id: str, num_prompt_tokens: int, first_token: int = 1, max_tokens=100) -> Request:
@@ -62,10 +63,10 @@ def test_new_request_message_carries_prompt_once_then_only_growth():
     scheduler.add_request(make_request("a", 10))
     first = run_step(scheduler)
     assert [r.request_id for r in first.new_requests] == ["a"]
-    assert first.new_requests[0].block_ids == (0, 1)  # 8 tokens in blocks of 4
+    assert first.new_requests[0].block_ids == ((0, 1),)  # 8 tokens in blocks of 4, one group
     second = run_step(scheduler)
     assert second.new_requests == ()
-    assert second.cached_requests[0].new_block_ids == (2,)
+    assert second.cached_requests[0].new_block_ids == ((2,),)
     assert second.cached_requests[0].num_computed_tokens == 8
 
 
@@ -92,7 +93,7 @@ def test_finished_request_frees_blocks_and_keeps_prefix_cached():
     scheduler.add_request(make_request("a", 12))
     run_step(scheduler)
     scheduler.finish_request("a", RequestStatus.FINISHED_STOPPED)
-    assert scheduler.kv_cache_manager.num_free_blocks == 16
+    assert scheduler.kv_cache.device.num_free_blocks == 16
     scheduler.add_request(make_request("b", 12))
     step = run_step(scheduler)
     # 12 tokens = 3 full blocks, but the last token is always recomputed: 2 blocks hit.
@@ -118,3 +119,15 @@ def test_max_num_seqs_bounds_the_running_set():
     step = run_step(scheduler)
     assert sorted(step.num_scheduled_tokens) == ["r0", "r1"]
     assert [r.request_id for r in scheduler.waiting] == ["r2"]
+
+
+def test_a_prefill_alone_takes_big_chunks_and_shrinks_while_others_decode():
+    settings = SchedulerSettings(max_tokens_per_step=32, max_tokens_per_step_while_decoding=8)
+    scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(64, BLOCK_SIZE)))
+    scheduler.add_request(make_request("short", 3, first_token=500))
+    scheduler.add_request(make_request("long", 100))
+    assert run_step(scheduler).num_scheduled_tokens == {"short": 3, "long": 29}  # nobody decodes yet
+    # "short" decodes now: the step shrinks to 8 tokens, its decode included
+    assert run_step(scheduler).num_scheduled_tokens == {"short": 1, "long": 7}
+    scheduler.finish_request("short", RequestStatus.FINISHED_ABORTED)
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 32}  # alone again: the big budget

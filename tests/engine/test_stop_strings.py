@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.stop_strings import StopStringMatcher
+from model_folder.tokenizer import Tokenizer
 from model_shards.make_model import make_model
-from model_shards.tokenizer import Tokenizer
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -11,8 +11,8 @@ import transformers
 from cluster.config import CacheSettings, LongctxConfig, ModelSettings
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
 from model_shards.make_model import make_model
+from protocol.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -9,7 +9,7 @@ import pytest
 from cluster.config import KVTierSettings
 from kvcache.tiers.cost_model import PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS
-from kvcache.tiers.ops import HOST_TO_DEVICE, REDIS_TO_HOST
+from protocol.kv_transfer_ops import HOST_TO_DEVICE, REDIS_TO_HOST
 
 LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, head_dim=128)

@@ -1,9 +1,9 @@
-"""Merging the KV-tier reports of several ranks (kvcache/tiers/rank_agreement.py): exact outcomes."""
+"""Merging the KV-tier reports of several ranks (model_shards/kv_io/rank_agreement.py): exact outcomes."""
 
 from __future__ import annotations
 
-from kvcache.tiers.ops import CHECKSUM, HIT, MISSING, KVTransferReport
-from kvcache.tiers.rank_agreement import RankAgreement
+from model_shards.kv_io.rank_agreement import RankAgreement
+from protocol.kv_transfer_ops import CHECKSUM, HIT, MISSING, KVTransferReport
 
 
 def step(agreements: list[RankAgreement], reports: list[KVTransferReport]) -> list[KVTransferReport]:

@@ -13,7 +13,7 @@ import pytest
 import redis
 from tier_helpers import REDIS_SERVER, free_port
 
-from kvcache.tiers.redis_store import RedisBlockStore
+from model_shards.kv_io.redis_store import RedisBlockStore
 
 OPENSSL = shutil.which("openssl")
 

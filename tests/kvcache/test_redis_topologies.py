@@ -1,6 +1,6 @@
 """The Redis tier over Sentinel and Cluster, against real servers started here on free ports.
 
-Blocks are real values (kvcache/tiers/codec.py) with random payloads, compared bit for bit.
+Blocks are real values (model_shards/kv_io/codec.py) with random payloads, compared bit for bit.
 Sentinel: a master, one replica and one sentinel with short timeouts; the master is killed and
 the store must find the promoted replica by itself. Cluster: three masters, no replicas.
 """
@@ -20,11 +20,11 @@ from redis.crc import key_slot
 
 from cluster.cli import _split_urls
 from cluster.config import KVTierSettings
-from kvcache.tiers.codec import BlockFormat, decode_block, encode_block
-from kvcache.tiers.namespace import block_key, key_namespace, key_prefix
-from kvcache.tiers.ops import HIT, MISSING
-from kvcache.tiers.redis_store import RedisBlockStore
-from kvcache.tiers.redis_urls import parse_redis_url, redact
+from model_shards.kv_io.codec import BlockFormat, decode_block, encode_block
+from model_shards.kv_io.namespace import block_key, key_namespace, key_prefix
+from model_shards.kv_io.redis_store import RedisBlockStore
+from protocol.kv_transfer_ops import HIT, MISSING
+from protocol.redis_urls import parse_redis_url, redact
 
 PREFIX = key_prefix("test", key_namespace("fingerprint", "checkpoint"))
 FMT = BlockFormat("float16", (2, 2, 16, 2, 8), 2 * 2 * 16 * 2 * 8 * 2)  # 2 KiB payloads

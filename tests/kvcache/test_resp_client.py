@@ -1,4 +1,4 @@
-"""The raw RESP path of the Redis block store (kvcache/tiers/resp.py) against a real redis-server:
+"""The raw RESP path of the Redis block store (model_shards/kv_io/resp.py) against a real redis-server:
 exact values of every size, order, absent keys, TTL, AUTH and SELECT, error replies, threads."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kvcache.tiers.redis_store import RedisBlockStore
-from kvcache.tiers.resp import RespPool
+from model_shards.kv_io.redis_store import RedisBlockStore
+from model_shards.kv_io.resp import RespPool
 
 PREFIX = b"resp-test:"
 

@@ -15,13 +15,14 @@ import pytest
 
 from cluster.config import KVTierSettings, SchedulerSettings
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.step import SampledToken, StepInput, StepOutput
 from kvcache.block_hash import root_hash
+from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
 from kvcache.tier_manager import TierManager
-from kvcache.tiers.ops import CHECKSUM, HIT, MISSING, KVTransferReport
+from protocol.kv_transfer_ops import CHECKSUM, HIT, MISSING, KVTransferReport
+from protocol.sampling_params import SamplingParams
+from protocol.step import SampledToken, StepInput, StepOutput
 
 BLOCK_SIZE = 4
 BLOCK_NBYTES = 1000
@@ -92,7 +93,7 @@ class ShadowWorker:
         return HIT if self.rng.random() < self.fetch_hit_rate else CHECKSUM
 
     def _forward(self, request: Request, num_new: int) -> None:
-        table = self.scheduler.kv_cache_manager.block_table(request.request_id)
+        table = self.scheduler.kv_cache.device.block_table(request.request_id)
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
         for index in range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
             full = (index + 1) * BLOCK_SIZE <= end
@@ -100,7 +101,7 @@ class ShadowWorker:
 
     def check_running_requests(self) -> None:
         for request in self.scheduler.running:
-            table = self.scheduler.kv_cache_manager.block_table(request.request_id)
+            table = self.scheduler.kv_cache.device.block_table(request.request_id)
             for index in range(request.num_computed_tokens // BLOCK_SIZE):
                 assert self.device[table[index]] == request.block_hashes[index], (request.request_id, index)
 
@@ -119,7 +120,7 @@ def make_system(num_blocks=16, host_slots=8, redis=True, budget=16, clock=None, 
     tiers = TierManager(settings, BLOCK_SIZE, BLOCK_NBYTES, clock=clock or FakeClock())
     manager = KVCacheManager(num_blocks, BLOCK_SIZE, on_evict=tiers.on_device_evict)
     tiers.track_device(manager.pool)
-    scheduler = Scheduler(SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=8), manager, tiers)
+    scheduler = Scheduler(SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=8), KVCacheCoordinator(manager, tiers))
     return scheduler, tiers
 
 
@@ -301,7 +302,7 @@ def test_blocks_next_in_eviction_order_are_copied_to_host_ahead_of_need():
     worker, max_tokens = ShadowWorker(scheduler), {}
     submit(scheduler, max_tokens, "doc", DOC)  # blocks 0-8: 8 full, the 9th holds the 33rd token
     run_until_done(scheduler, tiers, worker, max_tokens)
-    assert scheduler.kv_cache_manager.pool.free_queue() == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert scheduler.kv_cache.device.pool.free_queue() == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
     idle = run_step(scheduler, tiers, worker, max_tokens)
     # Next to evict: 9 (empty), 8 (partial, not cached), 7 and 6: those two are copied now.
     assert [block for block, _ in idle.kv_transfers.saves] == [7, 6]
@@ -356,7 +357,7 @@ def test_random_traffic_with_aborts_restores_exactly_and_leaks_nothing():
                 worker.redis.pop(rng.choice(list(worker.redis)))
     run_until_done(scheduler, tiers, worker, max_tokens)
     _drain(scheduler, tiers, worker, max_tokens)
-    assert scheduler.kv_cache_manager.num_free_blocks == 24
+    assert scheduler.kv_cache.device.num_free_blocks == 24
     assert tiers.host.num_free == tiers.host.num_slots and tiers.num_pending == 0
     assert tiers.prefetch.is_idle() and not tiers._write_through_from
     registry = tiers.metrics.registry

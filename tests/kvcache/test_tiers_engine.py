@@ -14,14 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
+from tier_helpers import damage_block, document, metric, tokens_of, wait_for
 
 from cluster.cli import _parser, build_config
-from cluster.config import CacheSettings, KVTierSettings, LongctxConfig, ModelSettings, SchedulerSettings
+from cluster.config import (
+    CacheSettings,
+    KVTierSettings,
+    LongctxConfig,
+    ModelSettings,
+    SchedulerSettings,
+)
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
-from model_shards.tokenizer import Tokenizer
-from tier_helpers import damage_block, document, metric, tokens_of, wait_for
+from model_folder.tokenizer import Tokenizer
+from protocol.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 REPO = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ import torch
 from cluster.config import CacheSettings, KVTierSettings, LongctxConfig, ModelSettings
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
 from model_shards.kv_cache import KVCacheTensors
-from model_shards.kv_transfer import KVTransfer
+from model_shards.kv_io.kv_transfer import KVTransfer
+from protocol.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 _INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}

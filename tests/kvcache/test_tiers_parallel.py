@@ -8,14 +8,21 @@ a miss). Greedy outputs must equal one rank's without tiers.
 from __future__ import annotations
 
 import pytest
-
-from cluster.config import (CacheSettings, KVTierSettings, LongctxConfig, ModelSettings, ParallelSettings,
-                            SchedulerSettings)
-from engine.llm_engine import LLMEngine
-from engine.multiproc_executor import MultiprocessExecutor, RankProcesses
-from engine.offline import generate
-from engine.sampling_params import SamplingParams
 from tier_helpers import damage_block, document, metric
+
+from cluster.config import (
+    CacheSettings,
+    KVTierSettings,
+    LongctxConfig,
+    ModelSettings,
+    ParallelSettings,
+    SchedulerSettings,
+)
+from engine.llm_engine import LLMEngine
+from engine.offline import generate
+from executors.local import LocalProcessExecutor
+from executors.rank_processes import RankProcesses
+from protocol.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 LAYOUTS = {"tp2": (2, 1), "sp2": (1, 2)}
@@ -44,7 +51,7 @@ def run_parallel(world2):
     executors = []
 
     def run(config: LongctxConfig, prompts: list[list[int]]):
-        executors.append(MultiprocessExecutor(config, processes=world2))
+        executors.append(LocalProcessExecutor(config, processes=world2))
         engine = LLMEngine(config, executor=executors[-1])
         return engine, [sequences[0] for sequences in generate(engine, prompts, GREEDY)]
 

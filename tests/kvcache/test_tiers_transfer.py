@@ -10,14 +10,21 @@ import time
 import pytest
 import torch
 
-from kvcache.tiers.codec import BlockFormat, decode_block, encode_block
-from kvcache.tiers.namespace import block_key, key_namespace, key_prefix
-from kvcache.tiers.ops import CHECKSUM, HIT, MISMATCH, MISSING, TRUNCATED, KVTransferOps
-from kvcache.tiers.redis_store import RedisBlockStore, redact
-from kvcache.tiers.store import MemoryBlockStore
 from model_shards.kv_cache import KVCacheTensors
-from model_shards.kv_remote_io import RemoteBlockIO
-from model_shards.kv_transfer import KVTransfer, _runs
+from model_shards.kv_io.codec import BlockFormat, decode_block, encode_block
+from model_shards.kv_io.kv_transfer import KVTransfer, _runs
+from model_shards.kv_io.namespace import block_key, key_namespace, key_prefix
+from model_shards.kv_io.redis_store import RedisBlockStore, redact
+from model_shards.kv_io.remote_block_io import RemoteBlockIO
+from model_shards.kv_io.store import MemoryBlockStore
+from protocol.kv_transfer_ops import (
+    CHECKSUM,
+    HIT,
+    MISMATCH,
+    MISSING,
+    TRUNCATED,
+    KVTransferOps,
+)
 
 FMT = BlockFormat("float16", (2, 2, 4, 2, 8), 2 * 2 * 4 * 2 * 8 * 2)
 HASH = bytes(range(32))

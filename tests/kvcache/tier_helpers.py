@@ -10,9 +10,8 @@ import time
 
 from engine.llm_engine import LLMEngine
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from kvcache.block_hash import root_hash
-
+from protocol.sampling_params import SamplingParams
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -42,7 +41,7 @@ def tokens_of(results) -> list[list[int]]:
 
 
 def metric(engine: LLMEngine, name: str, labels: dict | None = None) -> float:
-    return engine.kv_tiers.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+    return engine.kv_cache.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
 def block_hashes(engine: LLMEngine, prompt: list[int]) -> list[bytes]:

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from model_folder.hf_config import load_architecture
 from model_shards.attention import AttentionMetadata
-from model_shards.hf_config import load_architecture
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.llama import LlamaForCausalLM
 from model_shards.rope import RotaryEmbedding, _dynamic_inv_freq, initial_inv_freq

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import model_shards.tokenizer_training as tokenizer_training
+import model_folder.tokenizer_training as tokenizer_training
 from model_shards.make_model import (
     PRESETS,
     TensorSpec,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_shards.errors import ModelFolderError
-from model_shards.hf_config import load_architecture
+from model_folder.errors import ModelFolderError
+from model_folder.hf_config import load_architecture
 from model_shards.llama import LlamaForCausalLM
 
 DROPPED_TENSOR = "model.layers.1.mlp.up_proj.weight"

@@ -1,4 +1,4 @@
-"""model_shards.tokenizer.Tokenizer gives what transformers' AutoTokenizer gives for the same folder."""
+"""model_folder.tokenizer.Tokenizer gives what transformers' AutoTokenizer gives for the same folder."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from model_shards.errors import ModelFolderError
+from model_folder.errors import ModelFolderError
+from model_folder.tokenizer import Tokenizer
 from model_shards.make_model import make_model
-from model_shards.tokenizer import Tokenizer
 
 SAMPLES = ["Hello world", "東京 😀 naïve café", "<|eot_id|> after a special token", "  spaces\n\ttabs  ", ""]
 CHAT = [

@@ -16,7 +16,7 @@ import pytest
 # mode does not add test folders).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine.multiproc_executor import RankProcesses
+from executors.rank_processes import RankProcesses
 from model_shards.make_model import make_model
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings
+from cluster.config import (
+    CacheSettings,
+    LongctxConfig,
+    ModelSettings,
+    ParallelSettings,
+    SchedulerSettings,
+)
 
 
 def config_for(folder, tp: int = 1, sp: int = 1, budget: int = 2048) -> LongctxConfig:

@@ -10,14 +10,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.multiproc_executor import RankContext
 from model_shards.llama import LlamaForCausalLM
 from model_shards.parallel.groups import ParallelGroup, ParallelLayout, build_layout
 from model_shards.parallel.lse_attention import reference_attention
 from model_shards.parallel.ring import ring_attention
-from model_shards.parallel.sp_attention import LocalBatch, SequenceParallelBackend, build_local_batch
+from model_shards.parallel.sp_attention import (
+    LocalBatch,
+    SequenceParallelBackend,
+    build_local_batch,
+)
 from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence
 from model_shards.parallel.ulysses import SequenceShards, ulysses_attention
+from model_shards.rank import RankContext
 
 # name -> (block table, all its tokens, tokens already cached when it starts: a prefix-cache hit
 # on blocks another sequence wrote)

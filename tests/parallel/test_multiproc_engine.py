@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from engine_configs import config_for, prompt
 
 from cluster.cli import main
 from engine.llm_engine import LLMEngine
-from engine.multiproc_executor import MultiprocessExecutor
 from engine.offline import generate
-from engine.sampling_params import SamplingParams
-from engine_configs import config_for, prompt
+from executors.local import LocalProcessExecutor
+from protocol.sampling_params import SamplingParams
 
 LAYOUTS = {"tp2": (2, 1, "world2"), "sp2": (1, 2, "world2"), "tp2xsp2": (2, 2, "world4")}
 
@@ -42,7 +42,7 @@ def single_rank(tiny_folder):
 def test_engine_with_multiprocess_executor_equals_one_rank(layout, tiny_folder, single_rank, request):
     tp, sp, world = LAYOUTS[layout]
     config = config_for(tiny_folder, tp, sp, budget=24)  # the 61-token prompt takes several steps
-    executor = MultiprocessExecutor(config, processes=request.getfixturevalue(world))
+    executor = LocalProcessExecutor(config, processes=request.getfixturevalue(world))
     try:
         batch, repeat, hits = run_workload(LLMEngine(config, executor=executor))
     finally:

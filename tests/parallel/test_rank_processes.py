@@ -5,9 +5,9 @@ with its traceback instead of a hang, and the world stays usable; two worlds coe
 from __future__ import annotations
 
 import pytest
-
-from engine.multiproc_executor import RankFailure
 from rank_jobs import fail_on
+
+from executors.base import RankFailure
 
 
 def test_a_failing_rank_raises_in_the_driver_with_its_traceback(world2):

@@ -3,17 +3,17 @@ generation equals one rank, and the KV layout names the parallel layout."""
 
 from __future__ import annotations
 
-
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from engine_configs import config_for, prompt  # noqa: E402
+
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.offline import generate  # noqa: E402
-from engine.ray_executor import placement_group_bundles  # noqa: E402
-from engine.ray_parallel_executor import RayParallelExecutor  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from engine_configs import config_for, prompt  # noqa: E402
+from executors.placement import placement_group_bundles  # noqa: E402
+from executors.ray_actors import RayActorExecutor  # noqa: E402
+from protocol.sampling_params import SamplingParams  # noqa: E402
 
 
 @pytest.mark.parametrize("tp, sp", [(1, 2), (2, 2)])
@@ -27,7 +27,7 @@ def test_ray_actor_ranks_generate_what_one_rank_generates(local_ray, tiny_folder
 
     @ray.remote(num_cpus=0)
     def run_in_group():  # the engine runs where a replica would: inside the placement group
-        executor = RayParallelExecutor(config)
+        executor = RayActorExecutor(config)
         try:
             results = generate(LLMEngine(config, executor=executor), prompts, params)
             return [s[0].token_ids for s in results], executor.kv_layout

@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model_shards.parallel.lse_attention import PartialSum, merge_stacked, reference_attention
-from model_shards.parallel.sp_plan import SequenceParallelPlan, StepSequence, local_count, zigzag_bounds
 from rank_jobs import run_ring
+
+from model_shards.parallel.lse_attention import (
+    PartialSum,
+    merge_stacked,
+    reference_attention,
+)
+from model_shards.parallel.sp_plan import (
+    SequenceParallelPlan,
+    StepSequence,
+    local_count,
+    zigzag_bounds,
+)
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.multiproc_executor import RankContext
 from rank_jobs import run_model_steps
+
+from model_shards.rank import RankContext
 
 TOLERANCE = 1e-4
 BLOCK_SIZE = 4

@@ -1,0 +1,40 @@
+"""The executor interface: ship a step to the ranks, bring back rank 0's output."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from protocol.step import StepInput, StepOutput
+from protocol.worker_description import WorkerDescription
+
+
+class RankFailure(RuntimeError):
+    """A rank raised or died; the message carries its traceback or exit code."""
+
+
+class Executor(ABC):
+    """Every backend learns its workers' `WorkerDescription` when they have started (weights and
+    KV cache loaded: a replica is ready only then) and keeps it in `description`."""
+
+    description: WorkerDescription
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV blocks every rank holds (the smallest over ranks)."""
+        return self.description.num_kv_blocks
+
+    @property
+    def kv_layout(self) -> str:
+        """dtype, block size and parallel layout: part of the KV fingerprint."""
+        return self.description.kv_layout
+
+    @property
+    def kv_block_nbytes(self) -> int:
+        """Bytes of one KV block on one rank: sizes the host tier in blocks."""
+        return self.description.kv_block_nbytes
+
+    @abstractmethod
+    def execute(self, step_input: StepInput) -> StepOutput: ...
+
+    def shutdown(self) -> None:
+        """Release the workers and their memory."""

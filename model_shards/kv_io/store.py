@@ -1,0 +1,77 @@
+"""The interface of a remote block store, and an in-memory one for tests and benchmarks.
+
+A store maps block hashes to encoded block values (`model_shards/kv_io/codec.py`). Every call is
+batched; calls are synchronous and thread-safe: callers that must not wait (the worker's step)
+run them on background threads (`model_shards/kv_io/remote_block_io.py`). A store never raises for an
+unreachable backend: an unreadable value is a miss, an unwritten one is reported as not stored,
+and `errors` counts the failures.
+
+The device and host tiers are not stores: their contents are indexed by hash in the driver
+(`kvcache/block_pool.py` for device blocks, `kvcache/tiers/host_index.py` for host slots), so
+that lookups never leave the driver; the worker moves their bytes by block id and slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class BlockStore(Protocol):
+    @property
+    def up(self) -> bool:
+        """Whether the last call reached the backend (False: calls fail fast until a retry)."""
+
+    @property
+    def errors(self) -> int:
+        """Failed backend calls so far."""
+
+    def ping(self) -> bool:
+        """Reach the backend (once its backoff allows); whether it answered."""
+
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """Store (hash, value) pairs; whether each was stored."""
+
+    def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
+        """The value of each hash, or None (absent or unreachable)."""
+
+    def contains(self, hashes: Sequence[bytes]) -> list[bool]: ...
+
+    def delete(self, hashes: Sequence[bytes]) -> int:
+        """Remove these blocks; how many existed."""
+
+    def close(self) -> None: ...
+
+
+class MemoryBlockStore:
+    """A dict behind the BlockStore interface: one process, no expiry, no eviction."""
+
+    def __init__(self) -> None:
+        self._values: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+        self.up = True
+        self.errors = 0
+
+    def ping(self) -> bool:
+        return True
+
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        with self._lock:
+            self._values.update(items)
+        return [True] * len(items)
+
+    def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
+        with self._lock:
+            return [self._values.get(h) for h in hashes]
+
+    def contains(self, hashes: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            return [h in self._values for h in hashes]
+
+    def delete(self, hashes: Sequence[bytes]) -> int:
+        with self._lock:
+            return sum(self._values.pop(h, None) is not None for h in hashes)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,14 @@
+"""What a model worker tells the driver once, at start-up, about its KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerDescription:
+    """Rank 0's facts; every rank allocated alike (the block count is the world's minimum)."""
+
+    num_kv_blocks: int
+    kv_layout: str  # dtype, block size, parallel layout and this rank's place in it
+    kv_block_nbytes: int  # bytes of one block on one rank: sizes the host tier in blocks
