@@ -8,7 +8,7 @@ MODEL_DIR ?= models/small
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve model bench-cpu docs clean
+.PHONY: setup test serve model bench-cpu bench-autoscale docs clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ serve: setup model
 
 bench-cpu: setup
 	$(BIN)/python bench/engine_cpu.py
+
+# docs/autoscaling.md's table: the simulator, queued-context vs ongoing-requests scaling (~5 min, CPU)
+bench-autoscale: setup
+	$(BIN)/python bench/autoscale.py
 
 # docs/configuration.md is generated from cluster/config.py (a test checks they agree).
 docs: setup

@@ -1,4 +1,4 @@
-"""The `longctx` command line: make-model, generate, serve, dashboards.
+"""The `longctx` command line: make-model, generate, serve, dashboards, autoscale.
 
 Contract (scripts depend on it): `longctx generate --json` prints one JSON object with `text`,
 `token_ids`, `usage` {prompt_tokens, completion_tokens}, `timing` {ttft_s, tpot_s} and `kv`
@@ -116,7 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     from dashboards.cli import add_dashboards_parser
 
     add_dashboards_parser(commands)
+    _add_autoscale_command(commands)
     return parser
+
+
+def _add_autoscale_command(commands) -> None:
+    from autoscaler.simulator.cli import add_autoscale_arguments
+
+    autoscale = commands.add_parser("autoscale", help="simulate autoscaling policies on request traces")
+    add_autoscale_arguments(autoscale)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -190,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             from dashboards.cli import run_dashboards
 
             return run_dashboards(args)
+        if args.command == "autoscale":
+            from autoscaler.simulator.cli import run_autoscale
+
+            return run_autoscale(args)
         return run_generate(args) if args.command == "generate" else run_serve(args)
     except (ValueError, OSError) as error:  # config, model folder and parameter errors
         print(f"longctx: error: {error}", file=sys.stderr)

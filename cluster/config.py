@@ -293,6 +293,73 @@ class KVTierSettings(_Frozen):
         return self
 
 
+class AutoscalingSettings(_Frozen):
+    """Replicas sized by queued context tokens instead of ongoing requests (autoscaler/).
+
+    Two 500K-token prompts are a thousand times the work of two 500-token ones, so the policy
+    reads what replicas owe in tokens and seconds of prefill, KV and decode, and sizes the
+    deployment by Little's law: enough replicas that the queued prefill drains within
+    `ttft_target_s`. docs/autoscaling.md has the model and the simulator's comparison.
+    """
+
+    enabled: bool = Field(False, description="Scale the LLM server replicas with this policy; "
+                          "off: serve.num_replicas, fixed. On: serve.num_replicas is ignored.")
+    # Two: a replica busy with a long prefill blocks every request routed behind it, and a new
+    # one starts too late for a burst's first requests; a standing second replica is the lane
+    # short requests keep (docs/autoscaling.md has the simulator's evidence).
+    min_replicas: int = Field(2, ge=0, description="Fewest replicas; 0 lets Serve scale to zero (cold starts).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas; each reserves its GPUs (KubeRay adds nodes).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; default: min_replicas.")
+    # 120 s: a replica added for queued prefill serves only the requests routed after it is up
+    # (the queued ones are bound to their replica), so a tighter horizon buys replicas that idle;
+    # the simulator's sweep (docs/autoscaling.md) found 120 s cheaper than 60 or 30 s.
+    ttft_target_s: float = Field(
+        120.0, gt=0, description="Little's law horizon: enough replicas that the queued prefill (net of prefix "
+        "hits) drains within this many seconds, i.e. ceil(queued prefill seconds / ttft_target_s).")
+    interactive_ttft_s: float = Field(
+        2.0, gt=0, description="A replica owing more prefill than this many seconds is busy: a short request "
+        "routed to it would wait behind a long prompt.")
+    spare_replicas: int = Field(
+        2, ge=0, description="Replicas kept free of long prefills (below interactive_ttft_s of backlog) while "
+        "any replica is busy: a lane for short requests, since one prompt cannot be split over replicas.")
+    prefill_tokens_per_s: float | None = Field(
+        None, gt=0, description="Prefill rate of one replica; None: each replica's own estimate, measured while "
+        "serving (in FLOPs, so a 1M-token prompt's quadratic attention is priced in).")
+    kv_target_utilization: float = Field(
+        0.9, gt=0, le=1, description="Running KV tokens per replica at most this share of its KV capacity.")
+    decode_sequences_per_replica: int = Field(
+        128, ge=1, description="Decoding sequences one replica should carry (the decode load target).")
+    downscale_headroom: float = Field(
+        0.8, gt=0, le=1, description="Hysteresis: scale down to m replicas only when the load fits m at this "
+        "share of their targets, so a load at the boundary does not flap.")
+    downscale_delay_s: float = Field(
+        120.0, ge=0, description="The load must stay low this long before replicas are removed (at least "
+        "replica_startup_s: a replica is released only after idling as long as a new one takes to start).")
+    replica_startup_s: float = Field(
+        30.0, ge=0, description="Scale-up to serving: placement (KubeRay may add a GPU node), model load, warm-up.")
+    long_request_tokens: int = Field(
+        32_768, ge=1, description="No downscale while any replica holds a request this long (prompt + output): "
+        "Serve, not the policy, picks the replica to stop, and a long request may outlast serve.drain_timeout_s.")
+    # Serve's default push interval (10 s) hides a burst shorter than that and delays every
+    # scale-up by up to 10 s. One push a second per replica is one small RPC to the controller:
+    # negligible at hundreds of replicas, and well below a replica's start-up time.
+    metrics_push_interval_s: float = Field(
+        1.0, gt=0, description="How often each replica reports its autoscaling stats to Serve's controller.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("initial_replicas must be between min_replicas and max_replicas")
+        return self
+
+    @property
+    def effective_downscale_delay_s(self) -> float:
+        return max(self.downscale_delay_s, self.replica_startup_s)
+
+
 class LongctxConfig(_Frozen):
     model: ModelSettings = ModelSettings()
     cache: CacheSettings = CacheSettings()
@@ -300,6 +367,12 @@ class LongctxConfig(_Frozen):
     parallel: ParallelSettings = ParallelSettings()
     serve: ServeSettings = ServeSettings()
     kv_tiers: KVTierSettings = KVTierSettings()
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+
+    @property
+    def max_llm_replicas(self) -> int:
+        """LLM server replicas there may be at once (what Ray must have room for)."""
+        return self.autoscaling.max_replicas if self.autoscaling.enabled else self.serve.num_replicas
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> "LongctxConfig":

@@ -70,7 +70,7 @@ def _start_ray(config: LongctxConfig, embedded: bool) -> None:
 def _cpus_needed(config: LongctxConfig) -> int:
     settings = config.serve
     per_replica = 1.0 + settings.worker_num_cpus * config.parallel.world_size
-    return math.ceil(settings.ingress_replicas * settings.ingress_num_cpus + settings.num_replicas * per_replica)
+    return math.ceil(settings.ingress_replicas * settings.ingress_num_cpus + config.max_llm_replicas * per_replica)
 
 
 def _wait_for_signal() -> None:

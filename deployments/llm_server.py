@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from autoscaler.signal import ReplicaSignal
 from cluster.config import LongctxConfig, load_config_dict
 from deployments.admission import AdmissionQueue
 from deployments.messages import (
@@ -115,8 +116,19 @@ class LLMServer:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
+        """The queued-context policy's signal (autoscaler/signal.py), pushed to Serve's controller
+        every autoscaling.metrics_push_interval_s, plus queue and KV figures for dashboards."""
         stats = self.engine.stats()
+        signal = ReplicaSignal(
+            pending_prefill_tokens=stats.num_pending_prefill_tokens,
+            pending_prefill_s=stats.pending_prefill_s,
+            running_kv_tokens=stats.num_running_kv_tokens,
+            kv_capacity_tokens=stats.num_total_kv_blocks * stats.block_size,
+            num_decoding=stats.num_decoding,
+            longest_request_tokens=stats.longest_request_tokens,
+        )
         return {
+            **signal.as_metrics(),
             "queued_prompt_tokens": float(self.admission.num_tokens),
             "queued_requests": float(self.admission.num_requests),
             "num_running": float(stats.num_running),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from cluster.config import LongctxConfig
 from engine.calibration import calibrate_restore_estimates
+from engine.backlog import measure_backlog
 from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
@@ -242,6 +243,7 @@ class LLMEngine:
     # --- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:
         running = self.scheduler.running
+        backlog = measure_backlog(self.scheduler.waiting, running, self.kv_cache.tiers.cost)
         return EngineStats(
             num_running=len(running),
             num_waiting=len(self.scheduler.waiting),
@@ -250,6 +252,10 @@ class LLMEngine:
             num_free_kv_blocks=self.kv_cache.num_free_blocks,
             num_total_kv_blocks=self.kv_cache.num_blocks,
             block_size=self.block_size,
+            num_pending_prefill_tokens=backlog.num_tokens,
+            pending_prefill_s=backlog.seconds,
+            num_decoding=backlog.num_decoding,
+            longest_request_tokens=backlog.longest_request_tokens,
         )
 
     def shutdown(self) -> None:

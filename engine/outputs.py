@@ -42,3 +42,8 @@ class EngineStats:
     num_free_kv_blocks: int
     num_total_kv_blocks: int
     block_size: int
+    # The autoscaler's signal (engine/backlog.py): prefill still owed, net of expected prefix hits.
+    num_pending_prefill_tokens: int = 0
+    pending_prefill_s: float = 0.0
+    num_decoding: int = 0
+    longest_request_tokens: int = 0  # prompt + output of the longest request in flight

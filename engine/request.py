@@ -38,6 +38,7 @@ class Request:
     num_prefix_hit_tokens: int = 0  # of the prompt, served from the prefix cache at admission
     num_host_hit_tokens: int = 0  # of those, restored from host memory
     num_redis_hit_tokens: int = 0  # of those, restored from Redis (via host memory)
+    num_expected_hit_tokens: int = 0  # estimated on arrival, for the autoscaler (engine/backlog.py)
     num_preemptions: int = 0
     # The prefill stops here and the request requeues to restore what follows, fetched from Redis
     # while it computed up to here (kvcache/tiers/prefetch.py); None: no pause.

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.config import SchedulerSettings
+from engine.backlog import expected_hit_tokens
 from engine.request import Request, RequestStatus
 from kvcache.coordinator import KVCacheCoordinator, PrefixHit
 from protocol.step import (
@@ -69,6 +70,8 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.check_room(1)
+        pending = [*self.waiting, *self.running]
+        request.num_expected_hit_tokens = expected_hit_tokens(request, self.kv_cache.device, pending)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
