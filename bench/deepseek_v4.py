@@ -82,7 +82,7 @@ def run_ours(model: DeepseekV4ForCausalLM, ids: torch.Tensor, chunk: int, state=
 def reference_logits(folder: Path, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
-    reference = ReferenceModel.from_pretrained(folder, dtype=dtype).to(ids.device).eval()
+    reference = ReferenceModel.from_pretrained(folder, dtype=dtype).to(device=ids.device, dtype=dtype).eval()
     with torch.no_grad():
         logits = reference(ids[None], use_cache=False).logits[0].float()
     del reference
@@ -140,7 +140,7 @@ def state_bytes(model: DeepseekV4ForCausalLM, state) -> dict:
 def measure_reference(folder: Path, args: argparse.Namespace, device: torch.device) -> list[dict]:
     from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
-    reference = ReferenceModel.from_pretrained(folder).to(device).eval()
+    reference = ReferenceModel.from_pretrained(folder, dtype=torch.bfloat16).to(device=device, dtype=torch.bfloat16).eval()
     rows = []
     for length in [n for n in args.lengths if n <= args.hf_max_length]:
         ids = torch.randint(0, 1000, (1, length)).to(device)
