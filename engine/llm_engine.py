@@ -22,7 +22,7 @@ from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.sampling_params import InvalidParameterError, SamplingParams
-from protocol.step import SampledToken
+from protocol.step import PromptLogprobs, SampledToken
 
 
 class ContextLengthExceededError(InvalidParameterError):
@@ -41,6 +41,15 @@ class _Sequence:
     output: SequenceOutput
     first_token_time: float | None = None
     pending_logprobs: list[SampledToken] = field(default_factory=list)
+    # Of prompt positions 1, 2, ...; None once handed out with the first delta.
+    prompt_logprobs: list[SampledToken] | None = field(default_factory=list)
+
+    def absorb_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
+        """A recomputed chunk (after a preemption) repeats positions already held: those are skipped."""
+        if self.prompt_logprobs is None:
+            return
+        already = len(self.prompt_logprobs) + 1 - chunk.first_position
+        self.prompt_logprobs.extend(chunk.tokens[max(0, already) :])
 
 
 class LLMEngine:
@@ -71,6 +80,7 @@ class LLMEngine:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
         token_ids = self._tokenize(prompt)
         self._check_fits_kv_cache(len(token_ids), params)
+        self._check_prompt_logprobs(params)
         params = dataclasses.replace(params, eos_token_ids=self.tokenizer.eos_token_ids)
         chain_root = root_hash(self.model_fingerprint, cache_salt)
         internal_ids = []
@@ -108,6 +118,12 @@ class LLMEngine:
                 f"prompt and max_tokens need {num_tokens} tokens of KV cache; this replica holds {capacity}",
             )
 
+    def _check_prompt_logprobs(self, params: SamplingParams) -> None:
+        if params.prompt_logprobs is not None and self.config.parallel.sequence_parallel_size > 1:
+            raise InvalidParameterError(
+                "prompt_logprobs", "prompt logprobs need parallel.sequence_parallel_size 1 (SP splits the prompt's rows)"
+            )
+
     @staticmethod
     def _sequence_params(params: SamplingParams, index: int) -> SamplingParams:
         # n > 1: each sequence samples on its own, seeded with seed + index when a seed is given.
@@ -142,11 +158,16 @@ class LLMEngine:
         step_output = self.executor.execute(step_input)
         self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
         sampled = self.scheduler.update_from_output(step_input, step_output)
+        for request_id, chunk in step_output.prompt_logprobs.items():
+            if request_id in self._sequences:
+                self._sequences[request_id].absorb_prompt_logprobs(chunk)
         return [self._process_token(self._sequences[rid], token) for rid, token in sampled.items()]
 
     def _process_token(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
         if sequence.first_token_time is None:
             sequence.first_token_time = time.monotonic()
+            if sequence.request.sampling_params.max_tokens == 0:  # the prompt scored: no output
+                return self._finish(sequence, RequestStatus.FINISHED_LENGTH, "", ())
         result = sequence.output.process(sequence.request, token)
         logprobs = (token,) if sequence.request.sampling_params.logprobs is not None else ()
         if result.finish_status is not None:
@@ -183,7 +204,16 @@ class LLMEngine:
             num_kv_blocks=num_kv_blocks,
             num_host_hit_tokens=request.num_host_hit_tokens,
             num_redis_hit_tokens=request.num_redis_hit_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(sequence),
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(sequence: _Sequence) -> tuple[SampledToken, ...] | None:
+        """All of them, on the sequence's first delta (its prompt is computed by then)."""
+        if sequence.request.sampling_params.prompt_logprobs is None or sequence.prompt_logprobs is None:
+            return None
+        taken, sequence.prompt_logprobs = tuple(sequence.prompt_logprobs), None
+        return taken
 
     def _num_kv_blocks(self, request_id: str) -> int:
         request = self.scheduler.requests.get(request_id)

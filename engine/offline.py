@@ -20,6 +20,7 @@ class GenerationResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: list[SampledToken] | None = None  # of prompt tokens 1, 2, ... (prompt_logprobs)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_prefix_hit_tokens: int = 0  # device + host + Redis
@@ -47,6 +48,8 @@ class GenerationResult:
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = list(delta.prompt_logprobs)
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_prefix_hit_tokens = delta.num_prefix_hit_tokens
         self.num_host_hit_tokens = delta.num_host_hit_tokens

@@ -24,6 +24,8 @@ class CompletionDelta:
     num_kv_blocks: int = 0  # blocks the sequence held when the delta was made
     num_host_hit_tokens: int = 0  # of the prefix hits, restored from host memory
     num_redis_hit_tokens: int = 0  # of the prefix hits, restored from Redis
+    # prompt_logprobs: on a sequence's first delta, one per prompt token after the first.
+    prompt_logprobs: tuple[SampledToken, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ class Scheduler:
 
     def _admit(self, request: Request, plan: _StepPlan, may_probe: bool = True) -> bool | None:
         """Whether the request was admitted; None while it waits for Redis."""
-        hit = self.kv_cache.lookup(request, may_probe)
+        hit = self.kv_cache.miss(request) if request.computes_whole_prompt else self.kv_cache.lookup(request, may_probe)
         if hit is None:
             return None
         num_new = min(request.num_tokens - hit.num_tokens, plan.budget)

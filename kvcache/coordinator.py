@@ -144,6 +144,11 @@ class KVCacheCoordinator:
             return None
         return PrefixHit(tuple(device_blocks), restore)
 
+    def miss(self, request: CachedRequest) -> PrefixHit:
+        """No prefix served from any cache: for a request that needs every prompt row computed
+        (prompt logprobs). Its blocks are still named and shared once computed."""
+        return PrefixHit((), RestorePlan(request.request_id, self.block_size, 0, 0))
+
     def allocate(self, request: CachedRequest, num_tokens: int, hit: PrefixHit | None = None) -> list[int] | None:
         """Grow the request's blocks to cover `num_tokens` tokens. On its first allocation `hit`
         (from `lookup`) heads its table and its host blocks are queued for restore. None when the

@@ -31,6 +31,7 @@ from model_shards.parallel.sp_attention import (
     build_local_batch,
 )
 from model_shards.parallel.sp_plan import StepSequence
+from model_shards.prompt_logprobs import PromptRows, compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
 from model_shards.weights import WeightReader
 from protocol.kv_fingerprint import kv_fingerprint
@@ -45,6 +46,7 @@ class _RequestState:
     block_table: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    num_prompt_tokens: int
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _Batch:
     metadata: AttentionMetadata
     sample_rows: list[int]  # row of the last token of each sampling request
     sample_request_ids: list[str]
+    prompt_rows: list[PromptRows]  # rows that predict prompt tokens, for prompt_logprobs
 
 
 class ModelWorker:
@@ -136,9 +139,11 @@ class ModelWorker:
             return StepOutput(step_input.step_id, kv_report=kv_report)
         batch = self._build_batch(step_input)
         hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache)  # (tokens, hidden)
+        prompt_logprobs = compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
+                                                  keep=self.layout.is_driver_rank)
         sampled = self._sample(hidden, batch)
         self._advance(step_input)
-        return StepOutput(step_input.step_id, sampled, kv_report=kv_report)
+        return StepOutput(step_input.step_id, sampled, kv_report=kv_report, prompt_logprobs=prompt_logprobs)
 
     def _transfer_kv(self, step_input: StepInput) -> KVTransferReport | None:
         if step_input.kv_transfers is None or self.kv_transfer is None:
@@ -167,7 +172,8 @@ class ModelWorker:
     def _new_state(self, new: NewRequestData) -> _RequestState:
         sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids, device=self.device)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
-        return _RequestState(token_ids, list(new.block_ids), new.num_computed_tokens, sampling)
+        return _RequestState(token_ids, list(new.block_ids), new.num_computed_tokens, sampling,
+                             len(new.prompt_token_ids))
 
     def _update_state(self, cached: CachedRequestData) -> None:
         state = self.requests[cached.request_id]
@@ -183,10 +189,11 @@ class ModelWorker:
             return self._build_sequence_parallel_batch(step_input)
         token_ids: list[int] = []
         positions: list[int] = []
-        sequences, sample_rows, sample_ids = [], [], []
+        sequences, sample_rows, sample_ids, scored = [], [], [], []
         for request_id, num_new in step_input.num_scheduled_tokens.items():
             state = self.requests[request_id]
             start = state.num_computed_tokens
+            scored.append(self._prompt_rows(request_id, state, len(token_ids), num_new))
             token_ids.extend(state.token_ids[start : start + num_new])
             positions.extend(range(start, start + num_new))
             sequences.append((state.block_table, start, num_new))
@@ -199,7 +206,16 @@ class ModelWorker:
             metadata=AttentionMetadata.build(sequences, self.block_size, self.device),
             sample_rows=sample_rows,
             sample_request_ids=sample_ids,
+            prompt_rows=[rows for rows in scored if rows is not None],
         )
+
+    @staticmethod
+    def _prompt_rows(request_id: str, state: _RequestState, first_row: int, num_new: int) -> PromptRows | None:
+        top_k = state.sampling.params.prompt_logprobs
+        if top_k is None:
+            return None
+        return prompt_rows(request_id, first_row, state.num_computed_tokens, num_new, state.token_ids,
+                           state.num_prompt_tokens, top_k)
 
     def _build_sequence_parallel_batch(self, step_input: StepInput) -> _Batch:
         """This SP rank's rows of the step (zigzag pieces of prefill chunks, then the replicated
@@ -212,8 +228,9 @@ class ModelWorker:
                                   self.device)
         sampling = [(j, index) for j, index in enumerate(local.order)
                     if sequences[index].computed + sequences[index].num_new == len(states[index].token_ids)]
+        # Prompt logprobs need every row on one rank: the engine refuses them with SP > 1.
         return _Batch(local.input_ids, local.metadata.positions, local.metadata,
-                      [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling])
+                      [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling], [])
 
     def _sample(self, hidden: torch.Tensor, batch: _Batch) -> dict:
         if not batch.sample_rows:
