@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster.config import ServeSettings
+from deployments.batched_prompts import merged_replies
 from deployments.body_limit import BodySizeLimit
 from deployments.errors import APIError, api_error, install_error_handlers
 from deployments.generation import (
@@ -34,8 +35,8 @@ from deployments.generation import (
 from deployments.messages import GenerateRequest
 from deployments.metrics import ServingMetrics
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
-from deployments.prompts import PromptBuilder
-from deployments.responses import ChatFormat, CompletionFormat, _Format
+from deployments.prompts import PromptBuilder, split_prompts
+from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format
 from deployments.sampling import chat_params, completion_params
 from engine.outputs import CompletionDelta
 from protocol.sampling_params import InvalidParameterError
@@ -77,11 +78,18 @@ class OpenAIService:
         timer = RequestTimer(self.metrics, "completions")
         with _counted_on_error(timer):
             self._check_model(body.model)
-            num_chars = len(body.prompt) if isinstance(body.prompt, str) else 0
-            token_ids = await _off_loop_if_long(self.prompts.completion, body.prompt, num_chars)
-            generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, completion_params(body), body.cache_salt)
-            output = CompletionFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
-        return await self._respond(timer, generate, output, body.stream, _include_usage(body))
+            prompts = await _off_loop_if_long(self.prompts.completion, body.prompt, _num_chars(body.prompt))
+            params, request_id = completion_params(body), f"cmpl-{uuid.uuid4().hex}"
+            generates = [GenerateRequest(f"{request_id}-{i}" if len(prompts) > 1 else request_id, token_ids, params,
+                                         body.cache_salt) for i, token_ids in enumerate(prompts)]  # fmt: skip
+            echoed = self._echoed(body, prompts) if body.echo else None
+            output = CompletionFormat(request_id, self.model_name, self.prompts.token_text, body.n, echoed, len(prompts))
+        return await self._respond(timer, generates, output, body.stream, _include_usage(body))
+
+    def _echoed(self, body: CompletionRequest, prompts: list[list[int]]) -> list[EchoedPrompt]:
+        texts = split_prompts(body.prompt)
+        return [EchoedPrompt(text if isinstance(text, str) else self.prompts.prompt_text(ids, body.skip_special_tokens),
+                             tuple(ids)) for text, ids in zip(texts, prompts)]  # fmt: skip
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         timer = RequestTimer(self.metrics, "chat_completions")
@@ -93,16 +101,18 @@ class OpenAIService:
             params, fill = chat_params(body, self.prompts.max_model_len)
             generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
             output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
-        return await self._respond(timer, generate, output, body.stream, _include_usage(body))
+        return await self._respond(timer, [generate], output, body.stream, _include_usage(body))
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
             raise api_error(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                             "model", "model_not_found")  # fmt: skip
 
-    async def _respond(self, timer: RequestTimer, generate: GenerateRequest, output: _Format, stream: bool,
+    async def _respond(self, timer: RequestTimer, generates: list[GenerateRequest], output: _Format, stream: bool,
                        include_usage: bool) -> Response:  # fmt: skip
-        replies = ReplyStream(self.backend.generate(generate), self.settings.request_timeout_s)
+        sources = [self.backend.generate(generate) for generate in generates]
+        n = generates[0].params.n
+        replies = ReplyStream(merged_replies(sources, n), self.settings.request_timeout_s)
         try:
             with _counted_on_error(timer):
                 first = await replies.next_batch()
@@ -125,7 +135,13 @@ def _counted_on_error(timer: RequestTimer):
         raise
 
 
-async def _off_loop_if_long(tokenize, prompt, num_chars: int) -> list[int]:
+def _num_chars(prompt: str | list) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(one) for one in prompt if isinstance(one, str))
+
+
+async def _off_loop_if_long(tokenize, prompt, num_chars: int):
     if num_chars < LONG_PROMPT_CHARS:
         return tokenize(prompt)
     return await asyncio.to_thread(tokenize, prompt)

@@ -18,6 +18,15 @@ from model_folder.tokenizer import Tokenizer
 from protocol.sampling_params import InvalidParameterError
 
 
+def split_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """A completion request's prompts: `prompt` is one (text or ids) or a list of them."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return list(prompt)
+    if isinstance(prompt, list) and not prompt:
+        raise InvalidParameterError("prompt", "the prompt is empty")
+    return [prompt]
+
+
 class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int):
         self.tokenizer = tokenizer
@@ -30,11 +39,11 @@ class PromptBuilder:
         max_model_len = config.model.max_model_len or architecture.max_position_embeddings
         return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)
 
-    def completion(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise InvalidParameterError("prompt", "send one prompt per request (batched prompts are not supported)")
-            prompt = prompt[0]
+    def completion(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+        """The token ids of each prompt: one text or id list, or a list of them (a batch)."""
+        return [self._one_completion(one) for one in split_prompts(prompt)]
+
+    def _one_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._checked(self.tokenizer.encode(prompt) if prompt else [], "prompt")
         return self._checked(list(prompt), "prompt")
@@ -50,6 +59,9 @@ class PromptBuilder:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def prompt_text(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def _checked(self, token_ids: list[int], param: str) -> list[int]:
         if not token_ids:

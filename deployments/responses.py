@@ -22,21 +22,42 @@ TokenText = Callable[[int], str]
 class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: tuple[SampledToken, ...] | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
     streamed: bool = False  # a chunk went out already (chat: only the first carries the role)
 
 
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """A completion prompt sent back before its output (`echo`)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
 class Usage:
-    def __init__(self) -> None:
-        self.prompt_tokens = 0
+    """Token counts over every prompt of the request; choice i belongs to prompt i // n."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
         self.completion_tokens = 0
-        self.cached_tokens = 0
+        self._prompt_tokens: dict[int, int] = {}
+        self._cached_tokens: dict[int, int] = {}
 
     def absorb(self, delta: CompletionDelta) -> None:
-        self.prompt_tokens = delta.num_prompt_tokens
+        prompt = delta.index // self.n
+        self._prompt_tokens[prompt] = delta.num_prompt_tokens
+        self._cached_tokens[prompt] = max(self._cached_tokens.get(prompt, 0), delta.num_prefix_hit_tokens)
         self.completion_tokens += len(delta.token_ids)
-        self.cached_tokens = max(self.cached_tokens, delta.num_prefix_hit_tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._prompt_tokens.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached_tokens.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,13 +72,13 @@ class _Format:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int):
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, num_prompts: int = 1):
         self.request_id = request_id
         self.model = model
         self.token_text = token_text
         self.created = int(time.time())
-        self.usage = Usage()
-        self.choices = [_Choice() for _ in range(n)]
+        self.usage = Usage(n)
+        self.choices = [_Choice() for _ in range(n * num_prompts)]
 
     def _envelope(self, object_name: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model}
@@ -68,6 +89,7 @@ class _Format:
         choice = self.choices[delta.index]
         choice.text.append(delta.text)
         choice.logprobs.extend(delta.logprobs)
+        choice.prompt_logprobs = choice.prompt_logprobs or delta.prompt_logprobs
         choice.num_tokens += len(delta.token_ids)
         choice.finish_reason = delta.finish_reason or choice.finish_reason
 
@@ -94,17 +116,40 @@ class _Format:
 
 
 class CompletionFormat(_Format):
+    """`echo`: each choice starts with its prompt (`echoed[i // n]`), and with `logprobs` its
+    tokens' logprobs lead the choice's, the first prompt token's None (nothing precedes it)."""
+
     object_name = chunk_object_name = "text_completion"
 
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int,
+                 echoed: list[EchoedPrompt] | None = None, num_prompts: int = 1):  # fmt: skip
+        super().__init__(request_id, model, token_text, n, num_prompts)
+        self.n = n
+        self.echoed = echoed
+
     def _chunk_choice(self, delta: CompletionDelta, first: bool) -> dict[str, Any]:
-        logprobs = self._logprobs(delta.logprobs) if delta.logprobs else None
-        return {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        prompt_text, prompt_tokens = self._echo(delta.index, delta.prompt_logprobs) if first else ("", [])
+        tokens = prompt_tokens + list(delta.logprobs)
+        logprobs = self._logprobs(tokens) if tokens else None
+        return {"index": delta.index, "text": prompt_text + delta.text, "logprobs": logprobs,
+                "finish_reason": delta.finish_reason}  # fmt: skip
 
     def _full_choice(self, index: int, choice: _Choice) -> dict[str, Any]:
-        logprobs = self._logprobs(choice.logprobs) if choice.logprobs else None
-        return {"index": index, "text": "".join(choice.text), "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        prompt_text, prompt_tokens = self._echo(index, choice.prompt_logprobs)
+        tokens = prompt_tokens + choice.logprobs
+        logprobs = self._logprobs(tokens) if tokens else None
+        return {"index": index, "text": prompt_text + "".join(choice.text), "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}  # fmt: skip
 
-    def _logprobs(self, tokens: list[SampledToken] | tuple[SampledToken, ...]) -> dict[str, Any]:
+    def _echo(self, index: int, prompt_logprobs: tuple[SampledToken, ...] | None) -> tuple[str, list[SampledToken]]:
+        if self.echoed is None:
+            return "", []
+        prompt = self.echoed[index // self.n]
+        if prompt_logprobs is None:
+            return prompt.text, []
+        return prompt.text, [SampledToken(prompt.token_ids[0]), *prompt_logprobs]
+
+    def _logprobs(self, tokens: list[SampledToken]) -> dict[str, Any]:
         texts = [self.token_text(token.token_id) for token in tokens]
         offsets, offset = [], 0
         for text in texts:
@@ -113,9 +158,14 @@ class CompletionFormat(_Format):
         return {
             "tokens": texts,
             "token_logprobs": [token.logprob for token in tokens],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in token.top_logprobs} for token in tokens],
+            "top_logprobs": [self._top(token) for token in tokens],
             "text_offset": offsets,
         }
+
+    def _top(self, token: SampledToken) -> dict[str, float] | None:
+        if token.logprob is None:  # the first prompt token
+            return None
+        return {self.token_text(t): lp for t, lp in token.top_logprobs}
 
 
 class ChatFormat(_Format):

@@ -7,6 +7,8 @@ beside it, and its output runs to the end of the context unless limited.
 
 from __future__ import annotations
 
+import dataclasses
+
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -19,9 +21,14 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 def completion_params(request: CompletionRequest) -> SamplingParams:
+    """`echo` with `logprobs` scores the prompt too, in the same prefill (prompt_logprobs); with
+    `max_tokens` 0 that is all it does, as lm-eval's loglikelihood asks."""
     _reject_unsupported_completion_fields(request)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
-    return _sampling_params(request, max_tokens, request.logprobs)
+    params = _sampling_params(request, max_tokens, request.logprobs)
+    if request.echo and request.logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=request.logprobs)
+    return params
 
 
 def chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[SamplingParams, bool]:
@@ -31,6 +38,9 @@ def chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[Sam
     passes every check that involves it (min_tokens <= max_tokens).
     """
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        raise InvalidParameterError(name, f"must be >= 1, got {max_tokens}")
     limit = max_model_len if max_tokens is None else max_tokens
     try:
         return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
@@ -58,8 +68,6 @@ def _chat_logprobs(request: ChatCompletionRequest) -> int | None:
 
 
 def _reject_unsupported_completion_fields(request: CompletionRequest) -> None:
-    if request.echo:
-        raise InvalidParameterError("echo", "echo is not supported")
     if request.suffix:
         raise InvalidParameterError("suffix", "suffix is not supported")
     if request.best_of is not None and request.best_of != request.n:
