@@ -118,6 +118,11 @@ class ServeSettings(_Frozen):
         262_144, ge=1, description="Prefix hashes the router remembers (LRU); ~200 bytes each."
     )
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="How tool calls read in the model's text (tool_choice auto): hermes "
+        "(<tool_call>{json}</tool_call>), llama3_json (bare JSON); auto: hermes when the chat template mentions "
+        "<tool_call>, else llama3_json."
+    )
 
 
 class KVTierSettings(_Frozen):

@@ -38,6 +38,7 @@ from deployments.openai_api import ChatCompletionRequest, CompletionRequest
 from deployments.prompts import PromptBuilder, split_prompts
 from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format
 from deployments.sampling import chat_params, completion_params
+from deployments.tool_calls import parser_for, plan_tools
 from engine.outputs import CompletionDelta
 from protocol.sampling_params import InvalidParameterError
 
@@ -55,6 +56,7 @@ class OpenAIService:
         self.model_name = model_name
         self.metrics = ServingMetrics()
         self.created = int(time.time())
+        self.tool_parser = parser_for(settings.tool_call_parser, prompts.tokenizer.chat_template)
 
     # --- probes and listing --------------------------------------------------------------
     async def health(self) -> JSONResponse:
@@ -97,10 +99,12 @@ class OpenAIService:
             self._check_model(body.model)
             messages = body.template_messages()
             num_chars = sum(len(message["content"]) for message in messages)
-            token_ids = await _off_loop_if_long(self.prompts.chat, messages, num_chars)
-            params, fill = chat_params(body, self.prompts.max_model_len)
+            tools = plan_tools(body, self.prompts.template_defines_tools, self.tool_parser)
+            params, fill = chat_params(body, self.prompts.max_model_len, tools)
+            template_tools = tools.template_tools if tools else None
+            token_ids = await _off_loop_if_long(lambda m: self.prompts.chat(m, template_tools), messages, num_chars)
             generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
-            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n)
+            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n, tools)
         return await self._respond(timer, [generate], output, body.stream, _include_usage(body))
 
     def _check_model(self, model: str | None) -> None:

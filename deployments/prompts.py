@@ -48,9 +48,14 @@ class PromptBuilder:
             return self._checked(self.tokenizer.encode(prompt) if prompt else [], "prompt")
         return self._checked(list(prompt), "prompt")
 
-    def chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    @property
+    def template_defines_tools(self) -> bool:
+        """Whether the chat template renders `tools` (a template without them would drop them)."""
+        return bool(self.tokenizer.chat_template) and "tools" in self.tokenizer.chat_template
+
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except Exception as error:  # noqa: BLE001 - a template's own raise_exception(), bad roles
             raise InvalidParameterError("messages", f"the chat template rejected the messages: {error}") from None
         # The rendered text starts with the BOS text already: no second BOS from the post-processor.

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.tool_calls import ToolCallStream, ToolPlan, call_entry, read_calls
 from engine.outputs import CompletionDelta
 from protocol.step import SampledToken
 
@@ -169,18 +170,46 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
+    """With `tools` (deployments/tool_calls.py) the text is read for tool calls: whole in a full
+    response, through one ToolCallStream per choice in a stream."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, tools: ToolPlan | None = None):
+        super().__init__(request_id, model, token_text, n)
+        self.tools = tools
+        self.tool_streams = [ToolCallStream(tools) for _ in self.choices] if tools is not None else []
+
     def _chunk_choice(self, delta: CompletionDelta, first: bool) -> dict[str, Any]:
-        message = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+        message: dict[str, Any] = {"role": "assistant"} if first else {}
+        finish_reason = delta.finish_reason
+        if self.tools is None:
+            message["content"] = delta.text
+        else:
+            stream = self.tool_streams[delta.index]
+            _merge(message, stream.feed(delta.text))
+            if delta.finished:
+                _merge(message, stream.finish())
+                finish_reason = _tool_finish_reason(self.tools, finish_reason, stream.num_calls)
+            if "content" not in message and "tool_calls" not in message:
+                message["content"] = ""
         logprobs = self._logprobs(delta.logprobs) if delta.logprobs else None
-        return {"index": delta.index, "delta": message, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        return {"index": delta.index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _full_choice(self, index: int, choice: _Choice) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(choice.text)}
+        text, finish_reason = "".join(choice.text), choice.finish_reason
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            content, calls = read_calls(self.tools, text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [call_entry(i, name, arguments) for i, (name, arguments) in enumerate(calls)]
+                for call in message["tool_calls"]:
+                    del call["index"]  # only stream deltas carry an index
+            finish_reason = _tool_finish_reason(self.tools, finish_reason, len(calls))
         logprobs = self._logprobs(choice.logprobs) if choice.logprobs else None
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _logprobs(self, tokens: list[SampledToken] | tuple[SampledToken, ...]) -> dict[str, Any]:
         return {"content": [self._entry(t.token_id, t.logprob, t.top_logprobs) for t in tokens]}
@@ -191,3 +220,16 @@ class ChatFormat(_Format):
         if top is not None:
             entry["top_logprobs"] = [self._entry(t, lp) for t, lp in top]
         return entry
+
+
+def _merge(message: dict[str, Any], part: dict[str, Any]) -> None:
+    """Add a ToolCallStream delta to a message delta; content pieces join."""
+    for key, value in part.items():
+        message[key] = message[key] + value if key in message else value
+
+
+def _tool_finish_reason(tools: ToolPlan, finish_reason: str | None, num_calls: int) -> str | None:
+    """OpenAI's: `tool_calls` when the model chose to call; a function named by tool_choice ends with `stop`."""
+    if num_calls and finish_reason == "stop" and tools.reader != "named":
+        return "tool_calls"
+    return finish_reason

@@ -14,6 +14,8 @@ from deployments.openai_api import (
     CompletionRequest,
     _SamplingFields,
 )
+from deployments.structured_outputs import reject_unserved_fields, response_format_output
+from deployments.tool_calls import ToolPlan
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -26,17 +28,31 @@ def completion_params(request: CompletionRequest) -> SamplingParams:
     _reject_unsupported_completion_fields(request)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     params = _sampling_params(request, max_tokens, request.logprobs)
-    if request.echo and request.logprobs is not None:
-        params = dataclasses.replace(params, prompt_logprobs=request.logprobs)
-    return params
+    prompt_logprobs = request.logprobs if request.echo else None
+    grammar = response_format_output(request.response_format)
+    return dataclasses.replace(params, prompt_logprobs=prompt_logprobs, structured_output=grammar)
 
 
-def chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[SamplingParams, bool]:
+def chat_params(request: ChatCompletionRequest, max_model_len: int,
+                tools: ToolPlan | None = None) -> tuple[SamplingParams, bool]:  # fmt: skip
     """The params and whether the replica must fill in max_tokens (the client gave none).
 
     Until the replica fills it in, max_tokens is the model's context length: a bound that
-    passes every check that involves it (min_tokens <= max_tokens).
+    passes every check that involves it (min_tokens <= max_tokens). The output follows the
+    grammar of `tools` (tool_choice required or named) or of `response_format`, not both.
     """
+    reject_unserved_fields(request)
+    grammar = response_format_output(request.response_format)
+    if tools is not None and tools.constraint is not None:
+        if grammar is not None:
+            raise InvalidParameterError("response_format", "response_format cannot be combined with tool_choice "
+                                        "required or a named function")  # fmt: skip
+        grammar = tools.constraint
+    params, fill = _chat_params(request, max_model_len)
+    return dataclasses.replace(params, structured_output=grammar), fill
+
+
+def _chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[SamplingParams, bool]:
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     if max_tokens is not None and max_tokens < 1:
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
@@ -68,6 +84,7 @@ def _chat_logprobs(request: ChatCompletionRequest) -> int | None:
 
 
 def _reject_unsupported_completion_fields(request: CompletionRequest) -> None:
+    reject_unserved_fields(request)
     if request.suffix:
         raise InvalidParameterError("suffix", "suffix is not supported")
     if request.best_of is not None and request.best_of != request.n:

@@ -33,6 +33,7 @@ from model_shards.parallel.sp_attention import (
 from model_shards.parallel.sp_plan import StepSequence
 from model_shards.prompt_logprobs import PromptRows, compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.structured_output import GrammarCompiler
 from model_shards.weights import WeightReader
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.kv_transfer_ops import KVTransferReport
@@ -80,6 +81,7 @@ class ModelWorker:
         self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
         self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.requests: dict[str, _RequestState] = {}
 
     def _load_model(self) -> LlamaForCausalLM:
@@ -126,9 +128,11 @@ class ModelWorker:
         return f"dtype={self.dtype}|block={self.block_size}|tp={tp.size}|sp={sp.size}|{self.layout.describe()}"
 
     def close(self) -> None:
-        """Stop the Redis I/O threads and connections (the KV tensors go with the worker)."""
+        """Stop the Redis I/O threads and connections and the grammar thread (the KV tensors go
+        with the worker)."""
         if self.kv_transfer is not None:
             self.kv_transfer.close()
+        self.grammars.close()
 
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -170,7 +174,11 @@ class ModelWorker:
             self._update_state(cached)
 
     def _new_state(self, new: NewRequestData) -> _RequestState:
-        sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids, device=self.device)
+        params = new.sampling_params
+        # Only the rank that samples keeps a grammar (it compiles meanwhile, off this thread).
+        grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
+                   if params.structured_output is not None and self.layout.is_driver_rank else None)
+        sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.device, grammar)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
         return _RequestState(token_ids, list(new.block_ids), new.num_computed_tokens, sampling,
                              len(new.prompt_token_ids))

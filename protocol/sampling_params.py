@@ -36,7 +36,7 @@ class StructuredOutput:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16  # 0: score the prompt only (prompt_logprobs), no output token
+    max_tokens: int = 16  # 0: prefill only (warms the prefix cache; with prompt_logprobs, scores the prompt)
     temperature: float = 0.0  # 0: greedy (argmax), the CLI default
     top_k: int = 0  # 0: off
     top_p: float = 1.0
