@@ -4,7 +4,7 @@ Fixed input and output lengths (random token ids, ignore_eos), Poisson arrivals 
 and at most --max-concurrency requests in flight. Each workload runs twice on the same model in
 the same run: against the engine called directly (AsyncEngine in this process) and through HTTP,
 Ray Serve, the router and the LLM server replica, once per --executors entry (ray: model worker
-as a Ray actor; in_process: the worker inside the replica). The difference is the overhead.
+as a Ray actor; local: the worker inside the replica). The difference is the overhead.
 
 Two workloads: `overhead` (one request at a time: TTFT and ITL without queueing) and `load`.
 Reports TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99), throughput and goodput (requests
@@ -232,7 +232,7 @@ def run_served(config, executor: str, workloads: list[Workload], slo: tuple[floa
     from deployments.app import build_application
     from deployments.ingress import served_model_name
 
-    config = config.with_overrides({"serve.executor": executor})
+    config = config.with_overrides({"parallel.executor": executor})
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
              log_to_driver=False)  # fmt: skip
     try:
@@ -276,7 +276,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--request-rate", type=float, default=16.0, help="Poisson arrivals per second (inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--overhead-requests", type=int, default=16, help="one-at-a-time requests of the overhead workload")
-    parser.add_argument("--executors", default="ray,in_process")
+    parser.add_argument("--executors", default="ray,local")
     parser.add_argument("--num-kv-blocks", type=int, default=4096)
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)

@@ -48,6 +48,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor parallel ranks: heads split over N GPUs (default 1)")
     parser.add_argument("--sp", type=int, default=None, metavar="N",
                         help="sequence parallel ranks: long prompts and their KV split over N GPUs (default 1)")
+    parser.add_argument("--span-nodes", action="store_true", default=None,
+                        help="serve with Ray actors: TP groups stay inside a node, SP ranks may cross nodes")
     parser.add_argument("--kv-host-bytes", type=int, default=None,
                         help="host-memory KV tier per worker, in bytes (default 0: off)")
     parser.add_argument("--kv-redis-url", action="append", default=None, metavar="URL",
@@ -67,6 +69,7 @@ def build_config(args: argparse.Namespace) -> LongctxConfig:
         "scheduler.max_tokens_per_step": args.max_tokens_per_step,
         "parallel.tensor_parallel_size": args.tp,
         "parallel.sequence_parallel_size": args.sp,
+        "parallel.span_nodes": args.span_nodes,
         "kv_tiers.host_bytes": args.kv_host_bytes,
         "kv_tiers.redis_urls": _split_urls(args.kv_redis_url),
     }

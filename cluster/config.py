@@ -66,13 +66,21 @@ class ParallelSettings(_Frozen):
         1, ge=1, description="Ranks that split prompts (ring attention) and every KV block (striped by position)."
     )
 
-    # auto keeps each entry point's natural host: `longctx generate` and offline engines run
-    # their ranks locally (no Ray to start), a Serve replica places them as Ray actors in its
+    # auto keeps each entry point's natural host: `longctx generate` and engines built in a script
+    # run their ranks locally (no Ray to start), a Serve replica places them as Ray actors in its
     # placement group (GPUs reserved by Serve, ranks placeable on other nodes).
     executor: Literal["auto", "local", "ray"] = Field(
         "auto", description="Where the ranks run. local: one rank in the engine's process, TP x SP ranks in one "
-        "local process each; ray: one Ray actor per rank in the Serve replica's placement group; auto: ray when "
-        "the process is connected to Ray (a Serve replica), local otherwise (executors/)."
+        "local process each; ray: one Ray actor per rank in the Serve replica's placement group; auto: ray inside "
+        "a Ray actor (a Serve replica), local otherwise (executors/)."
+    )
+
+    # TP all-reduces every layer (NVLink-bound), the SP ring passes KV blocks once per chunk and
+    # hides them behind attention: only SP traffic can afford to leave a node.
+    span_nodes: bool = Field(
+        False, description="Ray executor only. false: the replica and all its ranks on one node (STRICT_PACK); "
+        "true: each SP rank's TP group on one node (one placement bundle per TP group), the SP groups packed "
+        "onto as few nodes as hold them (PACK), so TP stays inside a node and SP crosses nodes."
     )
 
     @property

@@ -20,7 +20,7 @@ from cluster.config import ConfigError, LongctxConfig, load_config, load_config_
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
 from executors import executor_backend
-from executors.placement import placement_group_bundles, uses_gpu
+from executors.placement import placement_group_bundles, placement_strategy, uses_gpu
 
 REPLICA_NUM_CPUS = 1.0  # the engine's own thread: scheduling, block tables, detokenizing
 
@@ -86,7 +86,7 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
 
 
 def _placement(config: LongctxConfig) -> dict[str, Any]:
-    if executor_backend(config) != "ray":
+    if executor_backend(config, inside_ray_actor=True) != "ray":
         # The ranks run inside the replica (its process, or one local process each under TP x
         # SP): the replica reserves what all of them use.
         world_size = config.parallel.world_size
@@ -95,8 +95,9 @@ def _placement(config: LongctxConfig) -> dict[str, Any]:
     return {
         "ray_actor_options": _actor_options(REPLICA_NUM_CPUS),
         "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),
-        # One node per replica: every step is a round trip between the engine and its workers.
-        "placement_group_strategy": "STRICT_PACK",
+        # One node per replica unless SP may cross nodes: every step is a round trip between the
+        # engine and its ranks, and TP's all-reduces must stay on NVLink.
+        "placement_group_strategy": placement_strategy(config),
     }
 
 

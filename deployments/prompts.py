@@ -36,6 +36,7 @@ class PromptBuilder:
     @classmethod
     def from_config(cls, config: LongctxConfig) -> PromptBuilder:
         architecture = load_architecture(config.model.path)
+        architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)
         max_model_len = config.model.max_model_len or architecture.max_position_embeddings
         return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)
 

@@ -56,6 +56,7 @@ class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         self.config = config
         self.architecture = load_architecture(config.model.path)
+        self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
         self.executor = executor or create_executor(config)

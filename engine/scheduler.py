@@ -106,9 +106,8 @@ class Scheduler:
             if victim is request:
                 return
         plan.num_scheduled_tokens[request.request_id] = num_new
-        plan.cached_requests.append(
-            CachedRequestData(request.request_id, tuple(new_blocks), request.num_computed_tokens)
-        )
+        plan.cached_requests.append(CachedRequestData(
+            request.request_id, tuple(tuple(group) for group in new_blocks), request.num_computed_tokens))
         plan.budget -= num_new
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
@@ -168,7 +167,7 @@ class Scheduler:
             prompt_token_ids=tuple(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
             sampling_params=request.sampling_params,
-            block_ids=tuple(self.kv_cache.block_table(request.request_id)),
+            block_ids=self.kv_cache.block_tables(request.request_id),
             num_computed_tokens=request.num_computed_tokens,
         )
 

@@ -9,8 +9,8 @@ rank 0's `StepOutput` back. Where the ranks live is `parallel.executor`, read on
   ray     one Ray actor per rank, in bundles 1.. of the caller's placement group
           (executors/ray_actors.py; the bundles are laid out in executors/placement.py).
 
-`auto` (the default) is `ray` in a process connected to Ray (a Serve replica, the driver that
-deploys it) and `local` otherwise (`longctx generate`, an engine built in a script).
+`auto` (the default) is `ray` inside a Ray actor (a Serve replica) and `local` otherwise
+(`longctx generate`, an engine built in a script or a test, even one connected to Ray).
 
 What runs on a rank (join the world, build the worker, run a step) is worker-side code in
 `model_shards/rank.py`; both backends call the same functions. Backends import torch and Ray
@@ -41,13 +41,22 @@ def _ray(config: LongctxConfig) -> Executor:
 BACKENDS: dict[str, Callable[[LongctxConfig], Executor]] = {"local": _local, "ray": _ray}
 
 
-def executor_backend(config: LongctxConfig) -> str:
-    """The backend `parallel.executor` names, `auto` resolved. Ray is never imported for this:
-    a process that has not imported it cannot be connected to it."""
+def executor_backend(config: LongctxConfig, inside_ray_actor: bool | None = None) -> str:
+    """The backend `parallel.executor` names, `auto` resolved for a process that is a Ray actor
+    (a Serve replica) or not; by default, for this process. A driver deciding a replica's
+    placement passes `inside_ray_actor=True`: the replica will be one."""
     if config.parallel.executor != "auto":
         return config.parallel.executor
+    if inside_ray_actor is None:
+        inside_ray_actor = _inside_ray_actor()
+    return "ray" if inside_ray_actor else "local"
+
+
+def _inside_ray_actor() -> bool:
+    """Ray is never imported for this: a process that has not imported it is no Ray actor. A
+    driver that merely called ray.init() (a script, a test session) keeps local ranks."""
     ray = sys.modules.get("ray")
-    return "ray" if ray is not None and ray.is_initialized() else "local"
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def create_executor(config: LongctxConfig) -> Executor:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from cluster.config import LongctxConfig
+from cluster.config import ConfigError, LongctxConfig
 from executors.base import Executor
 from executors.rank_processes import RankProcesses
 from protocol.step import StepInput, StepOutput
 
 
 def create_local_executor(config: LongctxConfig) -> Executor:
+    if config.parallel.span_nodes:
+        raise ConfigError("parallel.span_nodes places ranks on other nodes: it needs parallel.executor ray "
+                          "(the default inside `longctx serve`)")
     if config.parallel.world_size == 1:
         return InProcessExecutor(config)
     return LocalProcessExecutor(config)

@@ -1,15 +1,24 @@
 """Where a Serve replica's ranks run: the layout of its placement group, decided here only.
 
-Bundle 0 holds the replica itself (the engine: scheduler, KV coordinator, no tensors); bundles
-1.. hold one rank each, with one GPU per bundle on GPU nodes. Serve reserves the whole group
-before it starts the replica, so ranks never wait for resources after the replica is up.
+Bundle 0 holds the replica itself (the engine: scheduler, KV coordinator, no tensors); the
+bundles after it hold the ranks. Serve reserves the whole group before it starts the replica, so
+ranks never wait for resources after the replica is up. Two layouts (`parallel.span_nodes`):
+
+  one node (default)   one bundle per rank, STRICT_PACK: every rank on the replica's node.
+  TP in a node,        one bundle per SP rank holding its whole TP group (tp GPUs), PACK: a
+  SP across nodes      bundle never splits across nodes, so each TP group's all-reduces stay on
+                       NVLink, while the SP ring (one KV pass per chunk, hidden behind
+                       attention) may cross the network to the next node.
+
+World rank r is (sp_rank, tp_rank) = divmod(r, tp) (model_shards/parallel/groups.py), so a TP
+group is tp consecutive ranks: rank r sits in bundle `rank_bundle_index(config, r)`.
 """
 
 from __future__ import annotations
 
 from cluster.config import LongctxConfig
 
-WORKER_BUNDLE_OFFSET = 1  # bundle 0 is the replica's own
+REPLICA_BUNDLE = 0
 
 
 def uses_gpu(config: LongctxConfig) -> bool:
@@ -21,9 +30,28 @@ def uses_gpu(config: LongctxConfig) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def placement_group_bundles(config: LongctxConfig, replica_num_cpus: float = 1.0) -> list[dict[str, float]]:
-    """Bundle 0 for the replica, then one bundle per rank (a GPU each on GPU nodes)."""
-    worker: dict[str, float] = {"CPU": config.serve.worker_num_cpus}
+def rank_resources(config: LongctxConfig) -> dict[str, float]:
+    """What one rank's actor asks for: a GPU on GPU nodes."""
+    resources: dict[str, float] = {"CPU": config.serve.worker_num_cpus}
     if uses_gpu(config):
-        worker["GPU"] = 1.0
-    return [{"CPU": replica_num_cpus}] + [dict(worker) for _ in range(config.parallel.world_size)]
+        resources["GPU"] = 1.0
+    return resources
+
+
+def placement_group_bundles(config: LongctxConfig, replica_num_cpus: float = 1.0) -> list[dict[str, float]]:
+    """Bundle 0 for the replica, then one bundle per rank, or per TP group when spanning nodes."""
+    parallel, rank = config.parallel, rank_resources(config)
+    if not parallel.span_nodes:
+        return [{"CPU": replica_num_cpus}] + [dict(rank) for _ in range(parallel.world_size)]
+    group = {name: amount * parallel.tensor_parallel_size for name, amount in rank.items()}
+    return [{"CPU": replica_num_cpus}] + [dict(group) for _ in range(parallel.sequence_parallel_size)]
+
+
+def placement_strategy(config: LongctxConfig) -> str:
+    return "PACK" if config.parallel.span_nodes else "STRICT_PACK"
+
+
+def rank_bundle_index(config: LongctxConfig, rank: int) -> int:
+    if config.parallel.span_nodes:
+        return REPLICA_BUNDLE + 1 + rank // config.parallel.tensor_parallel_size
+    return REPLICA_BUNDLE + 1 + rank

@@ -1,4 +1,4 @@
-"""The Ray backend: one actor per rank, in bundles 1.. of the caller's placement group.
+"""The Ray backend: one actor per rank, in the caller's placement group (executors/placement.py).
 
 For TP x SP the actors join one torch.distributed world:
 1. rank 0 opens a TCPStore on port 0 of its node (`ray.util.get_node_ip_address()`; the OS picks
@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import LongctxConfig
 from executors.base import Executor
-from executors.placement import WORKER_BUNDLE_OFFSET, uses_gpu
+from executors.placement import rank_bundle_index, rank_resources, uses_gpu
 from protocol.step import StepInput, StepOutput
 
 
@@ -117,11 +117,12 @@ def _compiled_step(actor: Any) -> Any:
 
 
 def _start_actor(config: LongctxConfig, rank: int, world_size: int, use_gpu: bool) -> Any:
-    options: dict[str, Any] = {"num_cpus": config.serve.worker_num_cpus, "num_gpus": 1 if use_gpu else 0}
+    resources = rank_resources(config)
+    options: dict[str, Any] = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0)}
     group = ray.util.get_current_placement_group()
     if group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            group, placement_group_bundle_index=WORKER_BUNDLE_OFFSET + rank
+            group, placement_group_bundle_index=rank_bundle_index(config, rank)
         )
     # A rank that dies takes its KV shard with it; restarting it under a live engine would leave
     # the block manager describing blocks that no longer exist. No restart: the replica fails its

@@ -15,54 +15,28 @@ and, at the step boundary, `take_transfers` (the moves riding on the StepInput) 
 tables (kv_cache_manager.py), the host / Redis tiers with the prefetcher and the cost model
 (tier_manager.py), and metrics through the tiers' observer (tier_metrics.py).
 
-Block groups. Every model today keeps one kind of KV per layer, so there is one group: one pool,
-one table per request, one block size. A hybrid model (DeepSeek-V4: a sliding window of raw KV
-next to compressed entries) adds groups that share the block size and the block hashes but keep
-their own pools: a hit is then the longest prefix that every group can serve, and a sliding
-group frees the blocks that leave its window. `KVCacheGroupSpec` names the group kinds; the
-coordinator is the only place that would combine them.
+Block groups (kvcache/block_groups.py). A dense model keeps one kind of KV: one group, one pool,
+one table per request. A hybrid model (DeepSeek-V4: raw KV of a sliding window next to compressed
+entries) adds groups that share the block size and the prefix hashes but keep their own pools:
+a hit is the longest prefix that every group can serve, an allocation succeeds in every group
+or in none, and a sliding-window group frees the blocks that leave its window. The step message
+carries one block table per group (group 0 first). The host / Redis tiers back group 0 only, so
+they are refused for a model with more groups until they move every group's blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
 
-from cluster.config import KVTierSettings, LongctxConfig
+from cluster.config import ConfigError, KVTierSettings, LongctxConfig
+from kvcache.block_groups import BlockGroup, KVCacheGroupSpec, make_group
 from kvcache.kv_cache_manager import KVCacheManager
-from kvcache.tier_manager import RestorePlan, TierManager
+from kvcache.tier_manager import RestorePlan, TieredRequest, TierManager, StepLike
 from kvcache.tier_metrics import TierMetrics
 from kvcache.tiers.cost_model import PrefillFlops
 from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport
 from protocol.worker_description import WorkerDescription
-
-
-@dataclass(frozen=True)
-class KVCacheGroupSpec:
-    """One kind of KV a model keeps: `full` holds every token's entry; `sliding_window` only the
-    blocks covering the last `window_tokens` tokens (older ones are freed as the window moves)."""
-
-    name: str
-    kind: Literal["full", "sliding_window"] = "full"
-    window_tokens: int | None = None
-
-
-FULL_ATTENTION = KVCacheGroupSpec("full_attention")
-
-
-class CachedRequest(Protocol):
-    request_id: str
-    block_hashes: list[bytes]
-    num_tokens: int
-    num_computed_tokens: int
-
-
-class _StepLike(Protocol):
-    @property
-    def total_scheduled_tokens(self) -> int: ...
-
-    def scheduled_spans(self): ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +48,7 @@ class PrefixHit:
       0                        len(device_block_ids)                           num_tokens / block
     """
 
-    device_block_ids: tuple[int, ...]
+    device_block_ids: tuple[int, ...]  # group 0's; every other group serves the same prefix
     restore: RestorePlan
 
     @property
@@ -90,26 +64,33 @@ class PrefixHit:
         return self.restore.redis_tokens
 
 
+NewBlocks = tuple[list[int], ...]  # the block ids an allocation added, per group (group 0 first)
+
+
 class KVCacheCoordinator:
     def __init__(self, device: KVCacheManager, tiers: TierManager | None = None,
-                 groups: Sequence[KVCacheGroupSpec] = (FULL_ATTENTION,)):
-        if tuple(groups) != (FULL_ATTENTION,):
-            raise NotImplementedError("several KV block groups: only one full-attention group is served yet")
+                 extra_groups: Sequence[BlockGroup] = ()):
+        """`device`: group 0 (full attention; the tiers back it); `extra_groups`: a hybrid
+        model's other kinds of KV (kvcache/block_groups.py)."""
         self.device = device
         self.tiers = tiers or TierManager.disabled(device.block_size)
-        self.groups = tuple(groups)
+        self.extra_groups = tuple(extra_groups)
+        if self.extra_groups and self.tiers.host is not None:
+            raise ConfigError("kv_tiers: the host and Redis tiers back models with one kind of KV only")
 
     @classmethod
-    def from_config(cls, config: LongctxConfig, workers: WorkerDescription,
-                    flops: PrefillFlops | None = None) -> KVCacheCoordinator:
-        """The device pool the workers allocated, with the configured tiers below it."""
+    def from_config(cls, config: LongctxConfig, workers: WorkerDescription, flops: PrefillFlops | None = None,
+                    extra_groups: Sequence[tuple[KVCacheGroupSpec, int]] = ()) -> KVCacheCoordinator:
+        """The device pool the workers allocated, with the configured tiers below it;
+        `extra_groups`: (spec, number of blocks) of a hybrid model's other kinds of KV."""
+        block_size, prefix_caching = config.cache.block_size, config.cache.enable_prefix_caching
         # Without prefix caching no block has a name, so no tier could ever find one.
-        tier_settings = config.kv_tiers if config.cache.enable_prefix_caching else KVTierSettings()
-        tiers = TierManager(tier_settings, config.cache.block_size, workers.kv_block_nbytes, flops=flops)
-        device = KVCacheManager(workers.num_kv_blocks, config.cache.block_size,
-                                config.cache.enable_prefix_caching, on_evict=tiers.on_device_evict)
+        tier_settings = config.kv_tiers if prefix_caching else KVTierSettings()
+        tiers = TierManager(tier_settings, block_size, workers.kv_block_nbytes, flops=flops)
+        device = KVCacheManager(workers.num_kv_blocks, block_size, prefix_caching, on_evict=tiers.on_device_evict)
         tiers.track_device(device.pool)
-        return cls(device, tiers)
+        groups = [make_group(spec, num_blocks, block_size, prefix_caching) for spec, num_blocks in extra_groups]
+        return cls(device, tiers, groups)
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -126,57 +107,80 @@ class KVCacheCoordinator:
 
     @property
     def metrics(self) -> TierMetrics:
-        """Hit rates, transfers and decisions of every tier (a Prometheus registry inside)."""
+        """Hit rates, transfers and decisions of every tier: the tiers' observer, TierMetrics
+        (a Prometheus registry inside) unless the tiers were given another one."""
         return self.tiers.metrics
 
     def block_table(self, request_id: str) -> list[int]:
-        """The request's device blocks in token order (the manager's own list: do not mutate)."""
+        """The request's group-0 blocks in token order (the manager's own list: do not mutate)."""
         return self.device.block_table(request_id)
 
+    def block_tables(self, request_id: str) -> tuple[tuple[int, ...], ...]:
+        """Every group's table, group 0 first (a sliding window's holds NULL_BLOCK where freed)."""
+        return (tuple(self.device.block_table(request_id)),
+                *(tuple(group.block_table(request_id)) for group in self.extra_groups))
+
     # --- the scheduler's questions -------------------------------------------------------------
-    def lookup(self, request: CachedRequest, may_probe: bool = True) -> PrefixHit | None:
+    def lookup(self, request: TieredRequest, may_probe: bool = True) -> PrefixHit | None:
         """The longest cached prefix, or None while the request waits for Redis (or, with
         `may_probe` False, would have to start asking it). The device blocks found are not held:
         pass the hit straight to `allocate`."""
         device_blocks, _ = self.device.find_cached_prefix(request.block_hashes, request.num_tokens)
-        restore = self.tiers.plan_restore(request, len(device_blocks), may_probe)
+        num_blocks = len(device_blocks)
+        for group in self.extra_groups:  # the prefix every group can serve
+            num_blocks = group.servable_prefix(request.block_hashes, num_blocks)
+        restore = self.tiers.plan_restore(request, num_blocks, may_probe)
         if restore is None:
             return None
-        return PrefixHit(tuple(device_blocks), restore)
+        return PrefixHit(tuple(device_blocks[:num_blocks]), restore)
 
-    def miss(self, request: CachedRequest) -> PrefixHit:
+    def miss(self, request: TieredRequest) -> PrefixHit:
         """No prefix served from any cache: for a request that needs every prompt row computed
         (prompt logprobs). Its blocks are still named and shared once computed."""
         return PrefixHit((), RestorePlan(request.request_id, self.block_size, 0, 0))
 
-    def allocate(self, request: CachedRequest, num_tokens: int, hit: PrefixHit | None = None) -> list[int] | None:
-        """Grow the request's blocks to cover `num_tokens` tokens. On its first allocation `hit`
-        (from `lookup`) heads its table and its host blocks are queued for restore. None when the
-        device is short, in which case nothing changed (a hit's restore is released)."""
-        if hit is None:
-            return self.device.allocate_slots(request.request_id, num_tokens)
-        new_blocks = self.device.allocate_slots(request.request_id, num_tokens, hit.device_block_ids)
-        if new_blocks is None:
-            self.tiers.cancel(hit.restore)
-        else:
+    def allocate(self, request: TieredRequest, num_tokens: int, hit: PrefixHit | None = None) -> NewBlocks | None:
+        """Grow the request's blocks to cover `num_tokens` tokens, in every group or in none.
+        On its first allocation `hit` (from `lookup`) heads its tables and its host blocks are
+        queued for restore. None when a group is short: nothing changed (a hit's restore is
+        released)."""
+        device_hits = hit.device_block_ids if hit is not None else ()
+        if not self._can_allocate(request, num_tokens, device_hits):
+            if hit is not None:
+                self.tiers.cancel(hit.restore)
+            return None
+        new_blocks = self.device.allocate_slots(request.request_id, num_tokens, device_hits)
+        if hit is not None:
             self.tiers.commit(hit.restore, new_blocks)
-        return new_blocks
+        extra = [group.allocate(request.request_id, num_tokens, len(device_hits), request.block_hashes)
+                 for group in self.extra_groups]
+        return (new_blocks, *extra)
+
+    def _can_allocate(self, request: TieredRequest, num_tokens: int, device_hits: Sequence[int]) -> bool:
+        return self.device.can_allocate(request.request_id, num_tokens, device_hits) and all(
+            group.can_allocate(request.request_id, num_tokens, len(device_hits), request.block_hashes)
+            for group in self.extra_groups)
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks; its cached ones stay findable until reused."""
         self.device.free(request_id)
+        for group in self.extra_groups:
+            group.free(request_id)
 
-    def on_tokens_computed(self, request: CachedRequest) -> None:
-        """Name the request's newly full blocks and write them through to the tiers."""
+    def on_tokens_computed(self, request: TieredRequest) -> None:
+        """Name the request's newly full blocks, write them through to the tiers, and let a
+        sliding window free what it no longer reads."""
         self.device.cache_full_blocks(request.request_id, request.block_hashes, request.num_computed_tokens)
         self.tiers.on_blocks_computed(request, self.device.block_table(request.request_id))
+        for group in self.extra_groups:
+            group.on_tokens_computed(request.request_id, request.block_hashes, request.num_computed_tokens)
 
     # --- the step boundary -----------------------------------------------------------------------
     def take_transfers(self, dropped_request_ids: Sequence[str], idle: bool) -> KVTransferOps | None:
         """This step's moves between tiers; None when nothing moves and nothing is in flight."""
         return self.tiers.take_ops(dropped_request_ids, idle)
 
-    def on_step_done(self, step_input: _StepLike, report: KVTransferReport | None, seconds: float) -> None:
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
         """The workers ran the step: apply their transfer report, learn the prefill rate."""
         self.tiers.on_step_done(step_input, report, seconds)
 

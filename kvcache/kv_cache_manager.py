@@ -145,18 +145,26 @@ class KVCacheManager:
         num_held = len(self._block_tables.get(request_id, ()))
         return max(0, self._blocks_for(num_tokens) - num_held)
 
+    def can_allocate(self, request_id: str, num_tokens: int, cached_block_ids: Sequence[int] = ()) -> bool:
+        """Whether `allocate_slots` with the same arguments would succeed."""
+        block_table = self._block_tables.get(request_id)
+        if block_table is not None:
+            return self._blocks_for(num_tokens) - len(block_table) <= self.pool.num_free_blocks
+        num_new = max(0, self._blocks_for(num_tokens) - len(cached_block_ids))
+        # A hit on a free cached block takes it out of the free queue, so it costs a free block
+        # just like a new allocation does.
+        num_hits_on_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
+        return num_new + num_hits_on_free <= self.pool.num_free_blocks
+
     def _admit(
         self, request_id: str, num_tokens: int, cached_block_ids: Sequence[int]
     ) -> list[int] | None:
         # A hit is only valid if no allocation evicted it since find_cached_prefix found it.
         if any(self.pool.block_hash(b) is None for b in cached_block_ids):
             raise ValueError(f"request {request_id!r}: a prefix-cache hit was evicted meanwhile")
-        num_new = max(0, self._blocks_for(num_tokens) - len(cached_block_ids))
-        # A hit on a free cached block takes it out of the free queue, so it costs a free block
-        # just like a new allocation does.
-        num_hits_on_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
-        if num_new + num_hits_on_free > self.pool.num_free_blocks:
+        if not self.can_allocate(request_id, num_tokens, cached_block_ids):
             return None
+        num_new = max(0, self._blocks_for(num_tokens) - len(cached_block_ids))
         self.pool.retain(cached_block_ids)
         new_block_ids = self.pool.allocate(num_new)
         self._block_tables[request_id] = list(cached_block_ids) + new_block_ids

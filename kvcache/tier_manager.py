@@ -35,6 +35,7 @@ from typing import Protocol
 from cluster.config import KVTierSettings
 from kvcache.block_pool import BlockPool
 from kvcache.tier_metrics import TierMetrics
+from kvcache.tier_observer import TierObserver
 from kvcache.tiers.cost_model import Decision, PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
 from kvcache.tiers.prefetch import RedisPrefetcher
@@ -55,7 +56,7 @@ class TieredRequest(Protocol):
     num_computed_tokens: int
 
 
-class _StepLike(Protocol):
+class StepLike(Protocol):
     @property
     def total_scheduled_tokens(self) -> int: ...
 
@@ -88,7 +89,7 @@ class RestorePlan:
 
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
-                 metrics: TierMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 metrics: TierObserver | None = None, clock: Callable[[], float] = time.monotonic,
                  flops: PrefillFlops | None = None):
         """`flops`: the model's prefill cost (PrefillFlops.of(architecture)); without it the
         recompute estimate is linear in tokens."""
@@ -226,7 +227,7 @@ class TierManager:
     def _save(self, block_id: int, block_hash: bytes) -> int | None:
         slots = self.host.allocate(1)
         if not slots:  # every slot is held by a transfer in flight
-            self.metrics.spills_dropped.inc()
+            self.metrics.record_spill_dropped()
             return None
         self.host.fill(slots[0], block_hash, HOST, in_redis=False)
         self._ops.saves.append((block_id, slots[0]))
@@ -254,7 +255,7 @@ class TierManager:
         if self.redis_enabled and self.redis_up:
             self._ops.writebacks.append((slot, block_hash))
         elif self.redis_enabled:
-            self.metrics.redis_writes.labels("dropped").inc()
+            self.metrics.record_redis_write_dropped()
 
     # --- step boundary -----------------------------------------------------------------------
     def take_ops(self, dropped_request_ids: Iterable[str], idle: bool) -> KVTransferOps | None:
@@ -270,7 +271,7 @@ class TierManager:
             return None
         return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
 
-    def on_step_done(self, step_input: _StepLike, report: KVTransferReport | None, seconds: float) -> None:
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
         """The worker ran the step: apply its report, measure the prefill rate, release pins."""
         blocking_s = 0.0
         if report is not None:

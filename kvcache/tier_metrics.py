@@ -18,6 +18,8 @@ _FAILED_VERIFICATION = (CHECKSUM, TRUNCATED, MISMATCH)
 
 
 class TierMetrics:
+    """The `kvcache.tier_observer.TierObserver` that keeps Prometheus series."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self._define_tier_series()
@@ -90,6 +92,15 @@ class TierMetrics:
         self.redis_writes.labels("dropped").inc(report.writes_dropped)
         self.redis_errors.inc(report.redis_errors)
         self.redis_up.set(1 if report.redis_up else 0)
+
+    def record_spill_dropped(self) -> None:
+        self.spills_dropped.inc()
+
+    def record_redis_write_dropped(self) -> None:
+        self.redis_writes.labels("dropped").inc()
+
+    def record_prefetch_timeout(self) -> None:
+        self.prefetch_timeouts.inc()
 
     def record_estimates(self, cost: RestoreCostModel) -> None:
         for path, ema in cost.bandwidth.items():

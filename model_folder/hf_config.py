@@ -95,6 +95,23 @@ class ModelArchitecture:
         canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def tensor_parallel_sizes(self) -> list[int]:
+        """Every TP size that splits this model: it divides the query heads and the MLP, and the
+        KV heads divide by it or it by them (then each KV head is replicated on tp / KV ranks).
+        The vocabulary never limits it: the embedding and LM head are padded."""
+        return [tp for tp in range(1, self.num_attention_heads + 1)
+                if not self.num_attention_heads % tp and not self.intermediate_size % tp
+                and (not self.num_key_value_heads % tp or not tp % self.num_key_value_heads)]
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """A one-line ValueError naming the valid sizes when `tp` cannot split this model."""
+        valid = self.tensor_parallel_sizes()
+        if tp not in valid:
+            raise ValueError(
+                f"tensor parallel size {tp} cannot split this model ({self.num_attention_heads} attention heads, "
+                f"{self.num_key_value_heads} KV heads, intermediate_size {self.intermediate_size}); "
+                f"valid sizes: {', '.join(map(str, valid))}")
+
 
 def load_architecture(folder: str | Path) -> ModelArchitecture:
     """Parse `folder/config.json`; raise ModelFolderError naming the file or key that is wrong."""

@@ -46,15 +46,29 @@ class WeightReader:
             dtype: torch.dtype | None = None,
             device: torch.device | str | None = None) -> torch.Tensor:
         """The tensor, or with shard_dim this rank's contiguous 1/world_size of it along that dim."""
-        tensor_slice = self._open_slice(name)
         if shard_dim is None:
-            tensor = tensor_slice[:]
+            tensor = self._open_slice(name)[:]
         else:
             start, stop = _shard_range(name, self.shape(name), shard_dim, rank, world_size)
-            index = (slice(None),) * shard_dim + (slice(start, stop),)
-            tensor = tensor_slice[index]
+            tensor = self._read_range(name, shard_dim, start, stop)
         self._read.add(name)
         return tensor.to(device=device, dtype=dtype)
+
+    def copy_rows_into(self, destination: torch.Tensor, name: str, start: int, stop: int) -> None:
+        """Rows start .. stop of `name` (clipped to its end) into the first rows of destination;
+        for a vocabulary split over ranks that it does not divide (the last rank's tail is padding)."""
+        shape = self.shape(name)
+        stop = min(stop, shape[0])
+        rows = max(0, stop - start)
+        if tuple(destination.shape[1:]) != shape[1:] or rows > destination.shape[0]:
+            raise ModelFolderError(f"{self._file_of[name]}: tensor {name!r} has shape {shape} (rows {start}..{stop} "
+                                   f"for this rank) but the model expects {tuple(destination.shape)}")
+        if rows:
+            destination[:rows].copy_(self._read_range(name, 0, start, stop).to(destination.device))
+        self._read.add(name)
+
+    def _read_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self._open_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
 
     def copy_into(self, destination: torch.Tensor, name: str, *, shard_dim: int | None = None,
                   rank: int = 0, world_size: int = 1) -> None:

@@ -180,12 +180,13 @@ class ModelWorker:
                    if params.structured_output is not None and self.layout.is_driver_rank else None)
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.device, grammar)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
-        return _RequestState(token_ids, list(new.block_ids), new.num_computed_tokens, sampling,
+        # A dense model keeps one KV block group (a hybrid model's worker reads the others).
+        return _RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling,
                              len(new.prompt_token_ids))
 
     def _update_state(self, cached: CachedRequestData) -> None:
         state = self.requests[cached.request_id]
-        state.block_table.extend(cached.new_block_ids)
+        state.block_table.extend(cached.new_block_ids[0])
         if state.num_computed_tokens != cached.num_computed_tokens:
             raise RuntimeError(
                 f"request {cached.request_id}: worker computed {state.num_computed_tokens} tokens, "

@@ -24,7 +24,9 @@ class NewRequestData:
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]  # non-empty when a preempted request resumes
     sampling_params: SamplingParams
-    block_ids: tuple[int, ...]  # its whole block table at this step
+    # Its whole block table at this step, one per KV block group (kvcache/block_groups.py):
+    # dense models have one group; a sliding-window group holds NULL_BLOCK (-1) where freed.
+    block_ids: tuple[tuple[int, ...], ...]
     num_computed_tokens: int  # tokens whose KV is already in those blocks (prefix-cache hits)
 
 
@@ -33,7 +35,7 @@ class CachedRequestData:
     """A request the workers already hold: only its growth."""
 
     request_id: str
-    new_block_ids: tuple[int, ...]
+    new_block_ids: tuple[tuple[int, ...], ...]  # appended to each group's table, group 0 first
     num_computed_tokens: int
 
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvcache.tier_metrics import TierMetrics
+from kvcache.tier_observer import TierObserver
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
 from kvcache.tiers.host_index import REDIS, HostIndex
 from protocol.kv_transfer_ops import HIT, OpsBuilder
@@ -41,7 +41,7 @@ class _Prefetch:
 
 
 class RedisPrefetcher:
-    def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierMetrics, cost: RestoreCostModel, *,
+    def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierObserver, cost: RestoreCostModel, *,
                  decide: Callable[[str, int, int, str], Decision], timeout_s: float, clock: Callable[[], float]):
         """`cost`: the estimates (read, and fed each prefetch's whole time); `decide(tier, first
         block, blocks, request id)`: the decision that is logged and counted."""
@@ -165,6 +165,6 @@ class RedisPrefetcher:
             del self._probes[state.probe_id]
         self.host.unpin(state.pinned)
         if timed_out:
-            self.metrics.prefetch_timeouts.inc()
+            self.metrics.record_prefetch_timeout()
             logger.warning("request %s: %s from Redis not there by its deadline; recomputing the rest",
                            request_id, "the probe" if state.probe_id is not None else f"{len(state.waiting)} blocks")

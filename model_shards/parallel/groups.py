@@ -170,20 +170,32 @@ def build_layout(tp_size: int, sp_size: int, device: torch.device | str = "cpu")
     tp_ranks = [tuple(s * tp_size + t for t in range(tp_size)) for s in range(sp_size)]
     sp_ranks = [tuple(s * tp_size + t for s in range(sp_size)) for t in range(tp_size)]
     tp = _group_of(tp_ranks, world_rank, tp_rank, device)
-    sp = _group_of(sp_ranks, world_rank, sp_rank, device)
+    sp = _group_of(sp_ranks, world_rank, sp_rank, device, high_priority=True)
     world = ParallelGroup(world_rank, world_size, tuple(range(world_size)),
                           dist.group.WORLD if world_size > 1 else None, device)
     return ParallelLayout(tp, sp, world)
 
 
 def _group_of(all_ranks: list[tuple[int, ...]], world_rank: int, rank_in_group: int,
-              device: torch.device) -> ParallelGroup:
+              device: torch.device, high_priority: bool = False) -> ParallelGroup:
     """Create each group of a partition (collectively) and return the one holding this rank."""
     mine = ParallelGroup(0, 1, (world_rank,), None, device)
     for ranks in all_ranks:
         if len(ranks) == 1:
             continue  # a group of one needs no process group, and gloo would build one anyway
-        process_group = dist.new_group(list(ranks))
+        process_group = new_process_group(ranks, high_priority)
         if world_rank in ranks:
             mine = ParallelGroup(rank_in_group, len(ranks), ranks, process_group, device)
     return mine
+
+
+def new_process_group(ranks: tuple[int, ...], high_priority: bool = False) -> dist.ProcessGroup:
+    """A process group (collective over the world). `high_priority` (NCCL only): its kernels run
+    on a high-priority stream. The SP group's ring exchange is posted beside a multi-second
+    attention kernel; on a normal stream its NCCL kernel can wait for SMs behind that kernel's
+    blocks, holding back the peer (Megatron-LM gives context-parallel groups such streams too)."""
+    if high_priority and dist.get_backend() == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = True
+        return dist.new_group(list(ranks), pg_options=options)
+    return dist.new_group(list(ranks))

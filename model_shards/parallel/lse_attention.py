@@ -137,29 +137,64 @@ def kernel_matches_reference(kernel: LseKernel, device: torch.device, dtype: tor
 
 
 class PartialSum:
-    """Running exact combination of partial attentions of `rows` queries, over disjoint keys."""
+    """Running exact combination of partial attentions of `rows` queries, over disjoint keys.
+
+    At a million tokens `out` is gigabytes, so each row range is written once by the first partial
+    that reaches it (a copy: no zero fill, no rescale of zeros) and merged in place by later ones;
+    rows that no partial reached read as out 0, lse -inf."""
 
     def __init__(self, rows: int, heads: int, head_dim: int, device: torch.device,
                  dtype: torch.dtype = torch.float32):
-        self.out = torch.zeros(rows, heads, head_dim, dtype=dtype, device=device)
-        self.lse = torch.full((rows, heads), -math.inf, dtype=dtype, device=device)
+        self._out = torch.empty(rows, heads, head_dim, dtype=dtype, device=device)  # (rows, H, D)
+        self._lse = torch.empty(rows, heads, dtype=dtype, device=device)  # (rows, H)
+        self._filled = 0  # rows [0, _filled) hold a partial (or were set empty)
+
+    @property
+    def out(self) -> torch.Tensor:
+        self._set_empty_through(self._out.shape[0])
+        return self._out
+
+    @property
+    def lse(self) -> torch.Tensor:
+        self._set_empty_through(self._out.shape[0])
+        return self._lse
 
     def add(self, start: int, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Merge a partial for rows start .. start + len(out), in place (no (rows, H, D) temporary
-        beyond the rescale: at a million tokens each one is gigabytes)."""
-        if out.shape[0] == 0:
+        """Merge a partial for rows start .. start + len(out), in place."""
+        stop = start + out.shape[0]
+        if stop == start:
             return
-        acc_out, acc_lse = self.out[start:start + out.shape[0]], self.lse[start:start + out.shape[0]]
+        self._set_empty_through(start)
+        seen = min(max(self._filled, start), stop)  # rows [start, seen) hold partials, [seen, stop) are new
+        if seen > start:
+            self._merge(start, out[:seen - start], lse[:seen - start])
+        if stop > seen:
+            self._out[seen:stop].copy_(out[seen - start:])
+            self._lse[seen:stop].copy_(lse[seen - start:])
+            self._filled = stop
+
+    def _merge(self, start: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        acc_out, acc_lse = self._out[start:start + out.shape[0]], self._lse[start:start + out.shape[0]]
         merged = torch.logaddexp(acc_lse, lse.to(acc_lse.dtype))  # (n, H)
         finite = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)  # both empty: 0 weights
         acc_out.mul_(torch.exp(acc_lse - finite)[..., None])
         acc_out.addcmul_(out, torch.exp(lse - finite)[..., None])
         acc_lse.copy_(merged)
 
+    def _set_empty_through(self, row: int) -> None:
+        if row > self._filled:
+            self._out[self._filled:row].zero_()
+            self._lse[self._filled:row].fill_(-math.inf)
+            self._filled = row
+
 
 def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials of the same rows from several ranks: outs (N, n, H, D), lses (N, n, H) -> merged."""
-    lse = torch.logsumexp(lses, dim=0)  # (n, H)
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    weights = torch.exp(lses - finite)  # (N, n, H)
-    return (outs * weights[..., None]).sum(dim=0), lse
+    return merge_outputs(outs, lses), torch.logsumexp(lses, dim=0)
+
+
+def merge_outputs(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """The merged output alone (a decode step needs no merged lse), in four kernels: partial i's
+    weight exp(lse_i - lse) is a softmax over the partials of their lse."""
+    weights = torch.softmax(lses, dim=0).nan_to_num_(0.0)  # (N, n, H); a row no partial saw: NaN -> 0
+    return (outs * weights[..., None]).sum(dim=0)  # (n, H, D)

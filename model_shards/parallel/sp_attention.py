@@ -35,6 +35,7 @@ from model_shards.parallel.lse_attention import (
     LseKernel,
     PartialSum,
     attention_with_lse,
+    merge_outputs,
     merge_stacked,
     select_kernel,
 )
@@ -66,19 +67,32 @@ class SequenceParallelMetadata(AttentionMetadata):
         """From the step's sequences (batch order) and this rank's place in the SP group."""
         plan = SequenceParallelPlan.build(sequences, block_size, rank, size)
         local = [sequences[i] for i in plan.order]
+        ring_writes = [plan.ring_writes(src) for src in range(size)]
+        positions, table, decode_rows, decode_slots, cached_queries, *ring_flat = to_device_together(
+            [plan.positions(), padded_block_tables([seq.block_table for seq in local], "cpu"), *plan.decode_writes(),
+             arange_of_ranges([ring.rows for ring in plan.cached_ring()]), *(t for pair in ring_writes for t in pair)],
+            device)
         return cls(
             query_start_loc=plan.query_start_loc(),
             context_lens=[seq.computed + seq.num_new for seq in local],
             block_tables=[seq.block_table for seq in local],
             slot_mapping=torch.empty(0, dtype=torch.long, device=device),
-            positions=plan.positions().to(device),
-            block_table_tensor=padded_block_tables([seq.block_table for seq in local], device),
+            positions=positions,
+            block_table_tensor=table,
             block_size=block_size,
             plan=plan,
-            ring_writes=[tuple(t.to(device) for t in plan.ring_writes(src)) for src in range(size)],
-            decode_writes=tuple(t.to(device) for t in plan.decode_writes()),
-            cached_queries=arange_of_ranges([ring.rows for ring in plan.cached_ring()]).to(device),
+            ring_writes=list(zip(ring_flat[0::2], ring_flat[1::2])),
+            decode_writes=(decode_rows, decode_slots),
+            cached_queries=cached_queries,
         )
+
+
+def to_device_together(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Small long tensors as views of one device buffer: one host-to-device copy per step
+    instead of one per tensor (each copy from pageable memory costs its own latency)."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors]).to(device)
+    parts = flat.split([tensor.numel() for tensor in tensors])
+    return [part.view(tensor.shape) for part, tensor in zip(parts, tensors)]
 
 
 @dataclass
@@ -197,16 +211,18 @@ class SequenceParallelBackend(AttentionBackend):
         rows, slots = metadata.decode_writes
         if rows.numel():
             write_kv(layer_cache, k[rows], v[rows], slots)  # before attending: a token sees itself
-        parts = []
+        head_dim = q.shape[-1]
+        packed = q.new_empty((len(plan.decode), q.shape[1], head_dim + 1),
+                             dtype=torch.promote_types(q.dtype, torch.float32))  # (decodes, H, D + 1): one message
         for decode in plan.decode:
             count = local_count(decode.context_len, plan.rank, plan.size)
             table = metadata.block_table_tensor[len(plan.ring) + decode.row]
             keys, values = stripe_context(layer_cache, table, count)
-            parts.append(_pack(*attention_with_lse(kernel, q[decode.row:decode.row + 1], keys, values, scale,
-                                                   False)))
-        gathered = self.group.all_gather_stacked(torch.cat(parts))  # (N, decodes, H, D + 1)
-        out, _ = merge_stacked(gathered[..., :-1], gathered[..., -1])
-        return out.to(q.dtype)
+            out, lse = attention_with_lse(kernel, q[decode.row:decode.row + 1], keys, values, scale, False)
+            packed[decode.row, :, :head_dim] = out[0]
+            packed[decode.row, :, head_dim] = lse[0]
+        gathered = self.group.all_gather_stacked(packed)  # (N, decodes, H, D + 1)
+        return merge_outputs(gathered[..., :head_dim], gathered[..., head_dim]).to(q.dtype)
 
 
 def stripe_context(layer_cache: torch.Tensor, table: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

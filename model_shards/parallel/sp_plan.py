@@ -74,8 +74,16 @@ def local_count(num_tokens: int, rank: int, sp_size: int) -> int:
 
 def local_slots(block_table: list[int], positions: torch.Tensor, block_size: int, sp_size: int) -> torch.Tensor:
     """Slots in the local cache (blocks of block_size / N) of positions this rank owns."""
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[positions // block_size] * (block_size // sp_size) + (positions % block_size) // sp_size
+    if not positions.numel():
+        return torch.empty(0, dtype=torch.long)
+    first = int(positions.min()) // block_size  # only the blocks touched: a table can hold 4096+ ids
+    table = torch.tensor(block_table[first:int(positions.max()) // block_size + 1], dtype=torch.long)
+    return table[positions // block_size - first] * (block_size // sp_size) + (positions % block_size) // sp_size
+
+
+def local_slot(block_table: list[int], position: int, block_size: int, sp_size: int) -> int:
+    """local_slots of one position, in plain Python (a decode token: no tensor of the table)."""
+    return block_table[position // block_size] * (block_size // sp_size) + (position % block_size) // sp_size
 
 
 def _span(ranges: list[tuple[int, int]]) -> int:
@@ -193,9 +201,8 @@ class SequenceParallelPlan:
             seq = self.sequences[decode.seq]
             if seq.computed % self.size == self.rank:
                 rows.append(decode.row)
-                slots.append(local_slots(seq.block_table, torch.tensor([seq.computed]), self.block_size,
-                                         self.size))
-        return torch.tensor(rows, dtype=torch.long), _cat_long(slots)
+                slots.append(local_slot(seq.block_table, seq.computed, self.block_size, self.size))
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
 
     # --- the cached context of prefill chunks (chunked prefill, prefix-cache hits) -----------
     def cached_ring(self) -> list[RingSequence]:

@@ -4,8 +4,9 @@
   matrix stacks this rank's rows of each checkpoint tensor.
 - Row-parallel (o_proj, down_proj): input columns split; partial products are summed with one
   all-reduce, then the bias is added once (after the sum, on every rank).
-- Vocab-parallel embedding and LM head: vocabulary rows split; a lookup zeroes the rows other
-  ranks own and all-reduces; logits are all-gathered along the vocabulary.
+- Vocab-parallel embedding and LM head: vocabulary rows split (padded up to a multiple of tp);
+  a lookup zeroes the rows other ranks own and all-reduces; logits are all-gathered along the
+  vocabulary and the padding columns dropped.
 Each rank reads only its part of every tensor from the safetensors files (`WeightReader` slices).
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_folder.errors import ModelFolderError
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.weights import WeightReader
 
@@ -65,15 +67,25 @@ class RowParallelLinear(nn.Linear):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [rank * V / tp, (rank + 1) * V / tp) of a (V, hidden) matrix: the token embedding,
-    or the LM head (a tied model uses one instance for both)."""
+    """Rows [rank * V' / tp, (rank + 1) * V' / tp) of a (V', hidden) matrix: the token embedding,
+    or the LM head (a tied model uses one instance for both).
+
+    V' is the vocabulary V padded up to a multiple of tp (vLLM does the same), so that any
+    vocabulary splits: 415 tokens over 2 ranks is 208 rows each, the last one zero padding. No
+    token id reaches a padding row, and `logits` drops the padding columns before anyone samples.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: ParallelGroup):
         super().__init__()
         self.tp = tp
-        self.num_local = tp.split(vocab_size, "vocab_size")
+        self.vocab_size = vocab_size
+        self.num_local = -(-vocab_size // tp.size)  # rows per rank, padding included
         self.start = tp.rank * self.num_local
         self.weight = nn.Parameter(torch.empty(self.num_local, hidden_size))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.num_local * self.tp.size
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(T,) token ids -> (T, hidden)."""
@@ -87,8 +99,19 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32; the matmul runs in the model dtype, as in HF."""
-        local = F.linear(hidden, self.weight).float()  # (N, vocab / tp)
-        return self.tp.all_gather(local, dim=-1)
+        local = F.linear(hidden, self.weight).float()  # (N, V' / tp)
+        logits = self.tp.all_gather(local, dim=-1)  # (N, V'): padding columns last
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        return logits[:, :self.vocab_size].contiguous()  # padded logits never reach the sampler
 
     def load(self, reader: WeightReader, name: str) -> None:
-        reader.copy_into(self.weight.data, name, shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)
+        if self.tp.size == 1:
+            reader.copy_into(self.weight.data, name)
+            return
+        rows = reader.shape(name)[0]
+        if rows != self.vocab_size:
+            raise ModelFolderError(f"{reader.folder}: tensor {name!r} has {rows} rows but vocab_size is "
+                                   f"{self.vocab_size}")
+        self.weight.data.zero_()  # padding rows: zero, never looked up, their logits dropped
+        reader.copy_rows_into(self.weight.data, name, self.start, self.start + self.num_local)

@@ -94,7 +94,7 @@ def test_gpu_workers_get_a_gpu_bundle_each(make_config):
     assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
 
 
-def test_auto_executor_is_local_without_ray_and_ray_inside_it(make_config):
+def test_auto_executor_is_local_outside_a_ray_actor_and_ray_inside_one(make_config, local_ray):
     import subprocess
     import sys
 
@@ -106,3 +106,46 @@ def test_auto_executor_is_local_without_ray_and_ray_inside_it(make_config):
     assert result.stdout.split() == ["local", "False"]  # decided without importing Ray
     assert executor_backend(make_config(executor="local")) == "local"
     assert executor_backend(make_config(executor="ray")) == "ray"
+    auto = make_config(executor="auto")
+    assert executor_backend(auto, inside_ray_actor=True) == "ray"  # what a Serve replica resolves
+    assert "placement_group_bundles" in llm_server_options(auto)  # so its driver reserves the bundles
+
+
+def test_spanning_nodes_reserves_a_bundle_per_tp_group_packed_not_strict(make_config):
+    from executors.placement import rank_bundle_index
+
+    config = make_config(executor="ray").with_overrides({
+        "parallel.tensor_parallel_size": 2, "parallel.sequence_parallel_size": 4, "parallel.span_nodes": True,
+        "model.device": "cuda"})
+    options = llm_server_options(config)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 2.0, "GPU": 2.0}] * 4
+    assert options["placement_group_strategy"] == "PACK"
+    assert [rank_bundle_index(config, rank) for rank in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]  # TP groups together
+    one_node = config.with_overrides({"parallel.span_nodes": False})
+    assert llm_server_options(one_node)["placement_group_strategy"] == "STRICT_PACK"
+    assert [rank_bundle_index(one_node, rank) for rank in range(8)] == list(range(1, 9))
+
+
+def test_spanning_nodes_needs_the_ray_executor(make_config):
+    from cluster.config import ConfigError
+
+    config = make_config(executor="local").with_overrides({"parallel.span_nodes": True})
+    with pytest.raises(ConfigError, match="needs parallel.executor ray"):
+        create_executor(config)
+
+
+def test_auto_resolves_inside_an_actor_as_ray_and_in_a_ray_driver_as_local(local_ray):
+    from cluster.config import LongctxConfig
+    from executors import executor_backend
+
+    @local_ray.remote(num_cpus=0)
+    class Probe:
+        def backend(self):
+            from executors import executor_backend
+
+            return executor_backend(LongctxConfig())
+
+    probe = Probe.remote()
+    assert local_ray.get(probe.backend.remote()) == "ray"
+    assert executor_backend(LongctxConfig()) == "local"  # this test process called ray.init(): still a driver
+    local_ray.kill(probe)

@@ -63,10 +63,10 @@ def test_new_request_message_carries_prompt_once_then_only_growth():
     scheduler.add_request(make_request("a", 10))
     first = run_step(scheduler)
     assert [r.request_id for r in first.new_requests] == ["a"]
-    assert first.new_requests[0].block_ids == (0, 1)  # 8 tokens in blocks of 4
+    assert first.new_requests[0].block_ids == ((0, 1),)  # 8 tokens in blocks of 4, one group
     second = run_step(scheduler)
     assert second.new_requests == ()
-    assert second.cached_requests[0].new_block_ids == (2,)
+    assert second.cached_requests[0].new_block_ids == ((2,),)
     assert second.cached_requests[0].num_computed_tokens == 8
 
 
