@@ -170,6 +170,10 @@ class KVTierSettings(_Frozen):
     )
     redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
     redis_retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a failed shard.")
+    redis_health_check_period_s: float = Field(
+        5.0, gt=0, description="How often the workers ping Redis and report up / down (longctx_kv_redis_up, "
+        "/health), requests or not."
+    )
     restore_timeout_s: float = Field(
         2.0, ge=0, description="A new request waits for its Redis prefetch this long beyond twice the estimated "
         "transfer time; blocks not there by then are recomputed."

@@ -63,8 +63,11 @@ class OpenAIService:
         """200 once a replica has its model loaded and its engine running; 503 before."""
         stats = await self.backend.replica_stats(STATS_TIMEOUT_S)
         alive = [s for s in stats if s.get("alive")]
-        status = 200 if alive else 503
-        return JSONResponse({"status": "ok" if alive else "loading", "replicas": len(alive)}, status_code=status)
+        body = {"status": "ok" if alive else "loading", "replicas": len(alive)}
+        redis = [s["kv_redis_up"] for s in alive if s.get("kv_redis_up") is not None]
+        if redis:  # a cache: serving goes on without it, so it is reported, not a failure
+            body["kv_redis"] = "up" if all(redis) else "down"
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     async def metrics_text(self) -> Response:
         snapshots = await self.backend.replica_metrics(STATS_TIMEOUT_S)

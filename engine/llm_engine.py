@@ -233,6 +233,7 @@ class LLMEngine:
             num_free_kv_blocks=self.kv_cache.num_free_blocks,
             num_total_kv_blocks=self.kv_cache.num_blocks,
             block_size=self.block_size,
+            kv_redis_up=self.kv_cache.redis_up,
         )
 
     def shutdown(self) -> None:

@@ -39,3 +39,4 @@ class EngineStats:
     num_free_kv_blocks: int
     num_total_kv_blocks: int
     block_size: int
+    kv_redis_up: bool | None = None  # None: no Redis tier; else its last background ping

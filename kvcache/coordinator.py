@@ -106,6 +106,11 @@ class KVCacheCoordinator:
         return self.device.num_free_blocks
 
     @property
+    def redis_up(self) -> bool | None:
+        """None without a Redis tier; else whether it answered the workers' last ping."""
+        return self.tiers.redis_up if self.tiers.redis_enabled else None
+
+    @property
     def metrics(self) -> TierMetrics:
         """Hit rates, transfers and decisions of every tier: the tiers' observer, TierMetrics
         (a Prometheus registry inside) unless the tiers were given another one."""

@@ -30,7 +30,7 @@ from cluster.config import LongctxConfig
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.codec import BlockFormat
 from model_shards.kv_io.namespace import checkpoint_digest, key_namespace, key_prefix
-from model_shards.kv_io.redis_store import RedisBlockStore, redact
+from model_shards.kv_io.redis_store import RedisBlockStore
 from model_shards.kv_io.remote_block_io import Completed, RemoteBlockIO
 from protocol.kv_transfer_ops import (
     DEVICE_TO_HOST,
@@ -168,10 +168,11 @@ def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots
         max_connections=settings.redis_max_connections, backoff_s=settings.redis_retry_backoff_s,
         backoff_max_s=settings.redis_retry_backoff_max_s)
     if not store.ping():  # start anyway: the store retries with backoff and the tier comes back
-        logger.warning("Redis KV tier unreachable at start (%s): serving without it until it answers",
-                       ", ".join(redact(url) for url in settings.redis_urls))
+        logger.warning("Redis KV tier: %s unreachable at start; serving without them until they answer",
+                       ", ".join(store.unreachable_shards()))
     return RemoteBlockIO(store, fmt, slots, threads=settings.redis_io_threads,
-                         max_pending_write_bytes=settings.redis_max_pending_write_bytes)
+                         max_pending_write_bytes=settings.redis_max_pending_write_bytes,
+                         health_check_period_s=settings.redis_health_check_period_s)
 
 
 def _timed(path: str, move: Callable[[], int]) -> TransferSample:

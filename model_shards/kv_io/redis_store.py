@@ -303,6 +303,10 @@ class RedisBlockStore:
     def errors(self) -> int:
         return sum(shard.health.errors for shard in self._shards)
 
+    def unreachable_shards(self) -> list[str]:
+        """The shards marked down by their last call (names carry no password)."""
+        return [shard.health.name for shard in self._shards if not shard.health.up]
+
     def ping(self) -> bool:
         """Reach every shard once; log the unreachable ones. Whether all answered."""
         answers = [self._guarded(shard, shard.ping) is not None for shard in self._shards]  # each, no short cut
