@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+
+# Host memory that stages Redis blocks when redis_urls are set and host_bytes is not.
+DEFAULT_REDIS_STAGING_BYTES = 1 << 30
 
 
 class _Frozen(BaseModel):
@@ -44,7 +47,7 @@ class CacheSettings(_Frozen):
         None, ge=1, description="Device KV blocks; default: from device_memory_fraction (GPU) or cpu_kv_bytes (CPU)."
     )
     device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU memory share for weights + KV.")
-    cpu_kv_bytes: int = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
+    cpu_kv_bytes: ByteSize = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
     enable_prefix_caching: bool = Field(True, description="Name full blocks by their prefix hash so later requests share them.")
 
 
@@ -110,7 +113,7 @@ class ServeSettings(_Frozen):
     # A million-token prefill takes minutes; the per-request deadline, not Serve's proxy, bounds it.
     request_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one request, queueing included.")
     # 1M tokens are ~4 MB of text or ~7 MB as a JSON list of token ids.
-    max_request_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_request_body_bytes: ByteSize = Field(64 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     stall_timeout_s: float = Field(
         300.0, gt=0, description="A step running longer than this while requests wait marks the replica unhealthy."
     )
@@ -126,6 +129,11 @@ class ServeSettings(_Frozen):
         262_144, ge=1, description="Prefix hashes the router remembers (LRU); ~200 bytes each."
     )
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
+    cluster_grows: bool = Field(
+        False, description="The Ray cluster adds nodes on demand (an autoscaler, KubeRay): do not refuse an "
+        "application that a one-node cluster cannot hold yet (without it, `serve run` on a small machine fails "
+        "at once instead of waiting for ever)."
+    )
     tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="How tool calls read in the model's text (tool_choice auto): hermes "
         "(<tool_call>{json}</tool_call>), llama3_json (bare JSON); auto: hermes when the chat template mentions "
@@ -144,8 +152,9 @@ class KVTierSettings(_Frozen):
     # Redis URLs carry passwords: a validation error must not echo them back.
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    host_bytes: int = Field(
-        0, ge=0, description="Host KV memory per worker (pinned on CUDA), LRU; 0 turns the host and Redis tiers off."
+    host_bytes: ByteSize = Field(
+        0, ge=0, description="Host KV memory per worker (pinned on CUDA), LRU; 0 turns the host and Redis tiers off; "
+        "left out with redis_urls set: 1GiB (Redis blocks are staged through it)."
     )
     redis_urls: tuple[str, ...] = Field(
         (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
@@ -165,7 +174,7 @@ class KVTierSettings(_Frozen):
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Per Redis command; a slower one counts as an error.")
     redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard.")
     redis_io_threads: int = Field(4, ge=1, description="Background threads moving blocks between host and Redis.")
-    redis_max_pending_write_bytes: int = Field(
+    redis_max_pending_write_bytes: ByteSize = Field(
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
     )
     redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
@@ -185,7 +194,7 @@ class KVTierSettings(_Frozen):
     initial_host_bandwidth_bytes_per_s: float = Field(10e9, gt=0, description="Host<->device estimate until measured.")
     initial_redis_bandwidth_bytes_per_s: float = Field(1e9, gt=0, description="Redis->host estimate until measured.")
     initial_prefill_tokens_per_s: float = Field(10_000.0, gt=0, description="Prefill rate estimate until measured.")
-    transfer_chunk_bytes: int = Field(
+    transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
     )
     # Spills happen when allocation evicts a cached block anyway; the watermark moves those
@@ -198,6 +207,14 @@ class KVTierSettings(_Frozen):
         16, ge=1, description="Copies ahead of need per engine step (bounds what one step waits for)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_stages_through_host(cls, data: Any) -> Any:
+        """Redis without host_bytes: the default staging size (an explicit 0 stays an error)."""
+        if isinstance(data, dict) and data.get("redis_urls") and "host_bytes" not in data:
+            return {**data, "host_bytes": DEFAULT_REDIS_STAGING_BYTES}
+        return data
+
     @model_validator(mode="after")
     def _redis_needs_host(self) -> "KVTierSettings":
         from protocol.redis_urls import parse_redis_url  # torch- and redis-free
@@ -205,7 +222,8 @@ class KVTierSettings(_Frozen):
         for url in self.redis_urls:
             parse_redis_url(url)  # a ValueError naming the URL, its password redacted
         if self.redis_urls and self.host_bytes == 0:
-            raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory")
+            raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory "
+                             "(leave host_bytes out for 1GiB)")
         return self
 
 

@@ -14,7 +14,9 @@ from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
-from executors import Executor, create_executor
+from engine.progress import PrefillProgressLog
+from engine.summary import EngineSummary, redis_shard_names
+from executors import Executor, create_executor, executor_backend
 from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
@@ -54,6 +56,7 @@ class _Sequence:
 
 class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
+        start = time.perf_counter()
         self.config = config
         self.architecture = load_architecture(config.model.path)
         self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
@@ -68,6 +71,8 @@ class LLMEngine:
         self.model_fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.executor.kv_layout)
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
+        self.prefill_progress = PrefillProgressLog()
+        self.load_seconds = time.perf_counter() - start
 
     # --- requests ------------------------------------------------------------------------
     def add_request(
@@ -159,6 +164,7 @@ class LLMEngine:
         step_output = self.executor.execute(step_input)
         self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
         sampled = self.scheduler.update_from_output(step_input, step_output)
+        self.prefill_progress.observe(self.scheduler.running)
         for request_id, chunk in step_output.prompt_logprobs.items():
             if request_id in self._sequences:
                 self._sequences[request_id].absorb_prompt_logprobs(chunk)
@@ -235,6 +241,17 @@ class LLMEngine:
             block_size=self.block_size,
             kv_redis_up=self.kv_cache.redis_up,
         )
+
+    def summary(self) -> EngineSummary:
+        description, parallel = self.executor.description, self.config.parallel
+        return EngineSummary(
+            model_path=self.config.model.path, dtype=description.dtype, device=description.device,
+            tensor_parallel_size=parallel.tensor_parallel_size, sequence_parallel_size=parallel.sequence_parallel_size,
+            executor=executor_backend(self.config), block_size=self.block_size,
+            device_kv_tokens=self.kv_cache.num_blocks * self.block_size, host_kv_tokens=self.kv_cache.host_tier_tokens,
+            redis_shards=redis_shard_names(self.config.kv_tiers.redis_urls) if self.kv_cache.redis_up is not None else (),
+            redis_up=self.kv_cache.redis_up, load_seconds=self.load_seconds,
+        )  # fmt: skip
 
     def shutdown(self) -> None:
         self.executor.shutdown()

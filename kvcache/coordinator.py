@@ -106,6 +106,11 @@ class KVCacheCoordinator:
         return self.device.num_free_blocks
 
     @property
+    def host_tier_tokens(self) -> int:
+        """Tokens the host-memory tier holds when full (0: no host tier)."""
+        return self.tiers.host.num_slots * self.block_size if self.tiers.host is not None else 0
+
+    @property
     def redis_up(self) -> bool | None:
         """None without a Redis tier; else whether it answered the workers' last ping."""
         return self.tiers.redis_up if self.tiers.redis_enabled else None

@@ -117,7 +117,8 @@ class ModelWorker:
 
     @property
     def description(self) -> WorkerDescription:
-        return WorkerDescription(self.kv_cache.num_blocks, self.kv_layout, self.kv_cache.bytes_per_block)
+        return WorkerDescription(self.kv_cache.num_blocks, self.kv_layout, self.kv_cache.bytes_per_block,
+                                 str(self.dtype).removeprefix("torch."), str(self.device))
 
     @property
     def kv_layout(self) -> str:
