@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster.config import ServeSettings
-from deployments.batched_prompts import merged_replies
+from deployments.batched_prompts import merged_replies, requests_per_prompt
 from deployments.body_limit import BodySizeLimit
 from deployments.errors import APIError, api_error, install_error_handlers
 from deployments.generation import (
@@ -84,9 +84,8 @@ class OpenAIService:
         with _counted_on_error(timer):
             self._check_model(body.model)
             prompts = await _off_loop_if_long(self.prompts.completion, body.prompt, _num_chars(body.prompt))
-            params, request_id = completion_params(body), f"cmpl-{uuid.uuid4().hex}"
-            generates = [GenerateRequest(f"{request_id}-{i}" if len(prompts) > 1 else request_id, token_ids, params,
-                                         body.cache_salt) for i, token_ids in enumerate(prompts)]  # fmt: skip
+            request_id = f"cmpl-{uuid.uuid4().hex}"
+            generates = requests_per_prompt(request_id, prompts, completion_params(body), body.cache_salt)
             echoed = self._echoed(body, prompts) if body.echo else None
             output = CompletionFormat(request_id, self.model_name, self.prompts.token_text, body.n, echoed, len(prompts))
         return await self._respond(timer, generates, output, body.stream, _include_usage(body))

@@ -13,7 +13,17 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 from deployments.generation import Reply
-from deployments.messages import ServeError
+from deployments.messages import GenerateRequest, ServeError
+from protocol.sampling_params import SamplingParams
+
+
+def requests_per_prompt(request_id: str, prompts: list[list[int]], params: SamplingParams,
+                        cache_salt: str | None) -> list[GenerateRequest]:  # fmt: skip
+    """One generate request per prompt; with several, ids `<request_id>-<prompt index>`."""
+    if len(prompts) == 1:
+        return [GenerateRequest(request_id, prompts[0], params, cache_salt)]
+    return [GenerateRequest(f"{request_id}-{index}", token_ids, params, cache_salt)
+            for index, token_ids in enumerate(prompts)]  # fmt: skip
 
 
 class _Done:
