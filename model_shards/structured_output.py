@@ -92,13 +92,16 @@ class RequestGrammar:
         self._ready_matcher()
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Allowed next tokens as bits of `bitmask[row]` (int32, (rows, ceil(vocab / 32)))."""
-        self._ready_matcher().fill_next_token_bitmask(bitmask, row)
+        """Allowed next tokens as bits of `bitmask[row]` (int32, (rows, ceil(vocab / 32))). After
+        the grammar has ended (its stop token sampled and ignored: ignore_eos), the row is free."""
+        matcher = self._ready_matcher()
+        if not matcher.is_terminated():
+            matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> None:
         if self._matcher is None:
             self._replay.append(token_id)
-        elif not self._matcher.accept_token(token_id):
+        elif not self._matcher.is_terminated() and not self._matcher.accept_token(token_id):
             raise GrammarError(f"the sampled token {token_id} breaks the request's grammar")
 
     def _ready_matcher(self) -> Any:

@@ -63,3 +63,12 @@ def test_a_schema_that_cannot_compile_fails_its_step(tiny_model_dir, make_engine
     bad = StructuredOutput("json_schema", json.dumps({"type": "strin"}))
     with pytest.raises(RuntimeError, match="grammar could not be compiled"):
         generate(engine, ["x"], SamplingParams(max_tokens=4, structured_output=bad))
+
+
+def test_with_ignore_eos_the_output_runs_on_after_its_json(tiny_model_dir, make_engine_for):
+    params = SamplingParams(max_tokens=60, ignore_eos=True, structured_output=TRIP_OUTPUT)
+    result = generate(make_engine_for(tiny_model_dir), ["Plan a trip"], params)[0][0]
+    assert len(result.token_ids) == 60
+    trip, end = json.JSONDecoder().raw_decode(result.text)
+    _assert_trip(json.dumps(trip))
+    assert end < len(result.text)  # free text after the object: the grammar ended, the row was let go
