@@ -12,6 +12,9 @@ per second meeting --slo-ttft-ms and --slo-tpot-ms). Writes bench/results/serve_
 
     python bench/serve_load.py                      # makes a tiny model in a temp folder
     python bench/serve_load.py --model models/small --num-prompts 128 --request-rate 4
+    # on a GPU (bench/gpu_serve.sh): the 8B shape, a shared 32K prefix, the Redis tier, 1/16/64 at once
+    python bench/serve_load.py --preset llama3-8b-shape --layers 2 --block-size 64 --num-kv-blocks 0 \
+        --shared-prefix-len 32768 --concurrency 1 16 64 --redis-url redis://127.0.0.1:6379
 """
 
 from __future__ import annotations
@@ -63,10 +66,13 @@ class RequestRecord:
         return (self.token_times[-1] - self.token_times[0]) / max(1, len(self.token_times) - 1)
 
 
-def make_workload(name, num_prompts, input_len, output_len, rate, concurrency, vocab_size, seed) -> Workload:
+def make_workload(name, num_prompts, input_len, output_len, rate, concurrency, vocab_size, seed,
+                  shared_prefix: list[int] = ()) -> Workload:
     rng = random.Random(seed)
-    # Ids above 100 avoid the special tokens; distinct prompts keep the prefix cache out of it.
-    prompts = [[rng.randrange(100, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+    # Ids above 100 avoid the special tokens; distinct prompts keep the prefix cache out of it,
+    # but for the shared prefix (a long document every request asks about), when one is given.
+    prompts = [list(shared_prefix) + [rng.randrange(100, vocab_size) for _ in range(input_len)]
+               for _ in range(num_prompts)]
     offsets, now = [], 0.0
     for _ in range(num_prompts):
         offsets.append(now)
@@ -165,6 +171,17 @@ def overhead(direct: dict, served: dict) -> dict[str, float]:
     }
 
 
+def relative_overhead(direct: dict, served: dict) -> str:
+    """Served over direct, in percent: TTFT and TPOT means (higher is worse), output tok/s (lower is worse)."""
+    def change(key: str, metric: str | None) -> float:
+        a = direct[key][metric] if metric else direct[key]
+        b = served[key][metric] if metric else served[key]
+        return (b / a - 1) * 100 if a else float("nan")
+
+    return (f"TTFT {change('ttft_ms', 'mean'):+.1f}%, TPOT {change('tpot_ms', 'mean'):+.1f}%, "
+            f"output tok/s {change('output_throughput_tok_per_s', None):+.1f}%")
+
+
 def print_table(title: str, rows: dict[str, dict]) -> None:
     print(f"\n{title}")
     header = f"{'path':<22}{'ok':>5}{'req/s':>8}{'tok/s':>9}{'good/s':>8}"
@@ -184,17 +201,20 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
 def bench_config(args, model_dir: str):
     from cluster.config import (
         CacheSettings,
+        KVTierSettings,
         LongctxConfig,
         ModelSettings,
         SchedulerSettings,
         ServeSettings,
     )
 
+    tiers = KVTierSettings(host_bytes=args.host_kv_bytes, redis_urls=tuple(args.redis_url))
     return LongctxConfig(
         model=ModelSettings(path=model_dir),
-        cache=CacheSettings(block_size=16, num_device_blocks=args.num_kv_blocks),
-        scheduler=SchedulerSettings(max_num_seqs=max(64, args.max_concurrency)),
+        cache=CacheSettings(block_size=args.block_size, num_device_blocks=args.num_kv_blocks or None),
+        scheduler=SchedulerSettings(max_num_seqs=max(64, *args.concurrency)),
         serve=ServeSettings(max_queued_requests=max(256, args.num_prompts)),
+        kv_tiers=tiers,
     )
 
 
@@ -211,6 +231,12 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
         return await _run_all(direct_sender(engine), workloads, slo)
     finally:
         engine.shutdown()
+        del engine
+        if torch.cuda.is_available():  # the served replicas need the GPU memory this engine held
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
@@ -263,7 +289,8 @@ def _model_dir(args) -> str:
         return args.model
     from model_shards.make_model import make_model
 
-    return str(make_model(Path(tempfile.mkdtemp(prefix="longctx-bench-")) / args.preset, args.preset))
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    return str(make_model(Path(tempfile.mkdtemp(prefix="longctx-bench-")) / args.preset, args.preset, **overrides))
 
 
 def _parse_args() -> argparse.Namespace:
@@ -275,14 +302,25 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--request-rate", type=float, default=16.0, help="Poisson arrivals per second (inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="one load workload per level (default: --max-concurrency)")
+    parser.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--host-kv-bytes", type=int, default=0, help="host KV tier (needed by --redis-url)")
+    parser.add_argument("--redis-url", action="append", default=[], help="Redis KV tier (repeatable)")
     parser.add_argument("--overhead-requests", type=int, default=16, help="one-at-a-time requests of the overhead workload")
     parser.add_argument("--executors", default="ray,local")
-    parser.add_argument("--num-kv-blocks", type=int, default=4096)
+    parser.add_argument("--num-kv-blocks", type=int, default=4096, help="0: sized from device memory")
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS_PATH))
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.concurrency = args.concurrency or [args.max_concurrency]
+    if args.redis_url and not args.host_kv_bytes:
+        args.host_kv_bytes = 4 << 30
+    return args
 
 
 def main() -> None:
@@ -293,10 +331,10 @@ def main() -> None:
 
     vocab = load_architecture(model_dir).vocab_size
     common = (args.input_len, args.output_len)
-    workloads = [
-        make_workload("overhead", args.overhead_requests, *common, float("inf"), 1, vocab, args.seed),
-        make_workload("load", args.num_prompts, *common, args.request_rate, args.max_concurrency, vocab, args.seed + 1),
-    ]
+    prefix = random.Random(args.seed - 1).choices(range(100, vocab), k=args.shared_prefix_len)
+    workloads = [make_workload("overhead", args.overhead_requests, *common, float("inf"), 1, vocab, args.seed, prefix)]
+    workloads += [make_workload(f"load_c{level}", max(args.num_prompts, 2 * level), *common, args.request_rate, level,
+                                vocab, args.seed + level, prefix) for level in args.concurrency]
     slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     results = {"direct": asyncio.run(run_direct(config, workloads, slo))}
     for executor in args.executors.split(","):
@@ -313,12 +351,13 @@ def _report(args, results: dict[str, dict[str, dict]], workloads: list[Workload]
     report = {"machine": machine, "args": vars(args), "workloads": {}}
     for workload in workloads:
         rows = {path: summaries[workload.name] for path, summaries in results.items()}
-        print_table(f"{workload.name}: {len(workload.prompts)} requests, {args.input_len} in / {args.output_len} out, "
+        print_table(f"{workload.name}: {len(workload.prompts)} requests, {args.shared_prefix_len}+{args.input_len} in / {args.output_len} out, "
                     f"concurrency {workload.max_concurrency}", rows)  # fmt: skip
         added = {path: overhead(rows["direct"], summary) for path, summary in rows.items() if path != "direct"}
         for path, numbers in added.items():
             print(f"  added by {path}: TTFT {numbers['ttft_mean_ms']:+.2f} ms (goal <= 30), "
                   f"ITL {numbers['itl_mean_ms']:+.2f} ms, TPOT {numbers['tpot_mean_ms']:+.2f} ms (goal <= 2)")  # fmt: skip
+            print(f"  {path} against direct: {relative_overhead(rows['direct'], rows[path])} (goal: within 5%)")
         report["workloads"][workload.name] = {"results": rows, "overhead_ms": added}
     return report
 

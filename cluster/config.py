@@ -32,7 +32,15 @@ class ModelSettings(_Frozen):
     max_model_len: int | None = Field(
         None, ge=1, description="Longest prompt + output in tokens; default: the model's max_position_embeddings."
     )
-    attention_backend: str = Field("torch_sdpa", description="Name in model_shards.attention's registry.")
+    attention_backend: str = Field(
+        "auto", description="Name in model_shards.attention's registry; auto: cudnn_triton (Triton paged decode, "
+        "cuDNN prefill) on a GPU in bf16/fp16, torch_sdpa (the reference) elsewhere."
+    )
+    # Decode steps replay a captured graph (model_shards/cuda_graphs.py): the 2-layer 8B-shaped
+    # model spent 4-5 ms a token in eager Python and kernel launches against ~1 ms of GPU work.
+    cuda_graph_max_batch: int = Field(
+        256, ge=0, description="Largest decode batch run as a CUDA graph (GPU, one rank); 0: always eager."
+    )
 
 
 class CacheSettings(_Frozen):
@@ -55,8 +63,20 @@ class SchedulerSettings(_Frozen):
     """Continuous batching with chunked prefill under a per-step token budget."""
 
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once.")
+    # Two budgets: a step that carries decodes stays small, so a long prefill delays everyone
+    # else's next token by one short step (~50 ms for an 8B model at 2048 tokens on an H100-class
+    # GPU); a step of prefill alone takes big chunks. At 2048 a 130K-token prompt took 64 steps,
+    # TTFT 3.9 s on an H200 against 1.05 s for transformers in one shot, 1.3-1.9 s at 8192
+    # (../shared/measurements/longctx_step_sizes-H200.log, before the bucketed cuDNN shapes of
+    # model_shards/attention/chunked_prefill.py). 16384 amortises each step's fixed cost (Python,
+    # launches, the log-sum-exp merges of the prefix pieces: ~1-2 ms) over ~0.2 s of 8B work and
+    # keeps the (tokens, 2 * intermediate) activation under 1 GB; bench/gpu.py --step-sweep
+    # measures the attention rate per chunk size.
     max_tokens_per_step: int = Field(
-        2048, ge=1, description="Token budget per engine step: decodes first, then prefill chunks."
+        16384, ge=1, description="Token budget of an engine step: decodes first, then prefill chunks."
+    )
+    max_tokens_per_step_while_decoding: int = Field(
+        2048, ge=1, description="While any request is decoding, a step's budget is at most this (decodes included)."
     )
     max_waiting_requests: int = Field(1024, ge=1, description="Queue bound in requests.")
 

@@ -1,6 +1,7 @@
 """Continuous batching with chunked prefill under a per-step token budget. No tensors.
 
-Each step spends at most `max_tokens_per_step` tokens, in this order:
+Each step spends at most `max_tokens_per_step` tokens (`max_tokens_per_step_while_decoding` when
+any request is decoding, so a prefill chunk delays others' next token by one short step), in this order:
   1. one token for every running request that is decoding (decodes never wait behind a prefill),
   2. the next prefill chunk of running requests whose prompt is not computed yet,
   3. new requests from the waiting queue, FCFS, after a prefix-cache lookup.
@@ -83,9 +84,12 @@ class Scheduler:
 
     # --- scheduling ----------------------------------------------------------------------
     def schedule(self) -> StepInput:
-        plan = _StepPlan(budget=self.settings.max_tokens_per_step)
         decoding = [r for r in self.running if r.num_uncomputed_tokens == 1]
         prefilling = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        budget = self.settings.max_tokens_per_step
+        if decoding:
+            budget = min(budget, self.settings.max_tokens_per_step_while_decoding)
+        plan = _StepPlan(budget=budget)
         for request in decoding + prefilling:
             if plan.budget == 0:
                 break

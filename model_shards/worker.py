@@ -19,7 +19,9 @@ import torch
 
 from cluster.config import LongctxConfig
 from model_folder.hf_config import load_architecture
+from model_shards.attention import resolve_attention_backend
 from model_shards.attention.base import AttentionMetadata
+from model_shards.cuda_graphs import DecodeGraphs, DecodeRow
 from model_shards.device import resolve_device, resolve_dtype
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.kv_transfer import KVTransfer
@@ -83,9 +85,13 @@ class ModelWorker:
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.requests: dict[str, _RequestState] = {}
+        self.decode_graphs = self._capture_decode_graphs()
 
     def _load_model(self) -> LlamaForCausalLM:
-        backend = self.config.model.attention_backend
+        arch = self.architecture
+        backend = resolve_attention_backend(self.config.model.attention_backend, self.device, self.dtype,
+                                            self.block_size, arch.head_dim, arch.num_attention_heads,
+                                            arch.num_key_value_heads)
         if self.layout.sp.size > 1:
             backend = SequenceParallelBackend(self.layout.sp)
         model = LlamaForCausalLM(
@@ -93,6 +99,20 @@ class ModelWorker:
         )
         model.load_weights(WeightReader(self.config.model.path))
         return model.eval()
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        """Decode steps as CUDA graphs: one GPU rank whose attention backend is graph-safe and
+        whose RoPE table is static (model_shards/cuda_graphs.py)."""
+        max_batch = min(self.config.model.cuda_graph_max_batch, self.config.scheduler.max_num_seqs)
+        graph_safe = self.model.layers[0].self_attn.backend.graph_safe_decode
+        if (self.device.type != "cuda" or max_batch == 0 or self.layout.world.size > 1 or not graph_safe
+                or self.model.rotary.is_dynamic):
+            return None
+        max_model_len = self.config.model.max_model_len or self.architecture.max_position_embeddings
+        graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_model_len,
+                              self.config.scheduler.max_num_seqs)
+        graphs.capture()
+        return graphs
 
     def _allocate_kv_cache(self) -> KVCacheTensors:
         # With SP each rank stores 1/sp of every block (its stripe of positions): same block ids
@@ -142,13 +162,30 @@ class ModelWorker:
         kv_report = self._transfer_kv(step_input)  # before the forward pass overwrites evicted blocks
         if not step_input.num_scheduled_tokens:
             return StepOutput(step_input.step_id, kv_report=kv_report)
-        batch = self._build_batch(step_input)
-        hidden = self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache)  # (tokens, hidden)
+        hidden, batch = self._run_model(step_input)  # (tokens, hidden)
         prompt_logprobs = compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
                                                   keep=self.layout.is_driver_rank)
         sampled = self._sample(hidden, batch)
         self._advance(step_input)
         return StepOutput(step_input.step_id, sampled, kv_report=kv_report, prompt_logprobs=prompt_logprobs)
+
+    def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, _Batch]:
+        """A step of decodes replays a CUDA graph when one fits; anything else runs eagerly."""
+        if self.decode_graphs is not None and set(step_input.num_scheduled_tokens.values()) == {1}:
+            rows = [self._decode_row(rid) for rid in step_input.num_scheduled_tokens]
+            hidden = self.decode_graphs.run(rows)
+            if hidden is not None:
+                sampling = [j for j, row in enumerate(rows)
+                            if row.position + 1 == len(self.requests[row.request_id].token_ids)]
+                # A decode row predicts no prompt token: no prompt logprobs here.
+                return hidden, _Batch(None, None, None, sampling, [rows[j].request_id for j in sampling], [])
+        batch = self._build_batch(step_input)
+        return self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache), batch
+
+    def _decode_row(self, request_id: str) -> DecodeRow:
+        state = self.requests[request_id]
+        position = state.num_computed_tokens
+        return DecodeRow(request_id, state.token_ids[position], position, state.block_table)
 
     def _transfer_kv(self, step_input: StepInput) -> KVTransferReport | None:
         if step_input.kv_transfers is None or self.kv_transfer is None:
@@ -171,6 +208,10 @@ class ModelWorker:
             self.requests.pop(request_id, None)
         for new in step_input.new_requests:
             self.requests[new.request_id] = self._new_state(new)
+        if self.decode_graphs is not None:  # a rebuilt request brings a new block table
+            rebuilt = [new.request_id for new in step_input.new_requests]
+            for request_id in [*step_input.finished_request_ids, *rebuilt]:
+                self.decode_graphs.release(request_id)
         for cached in step_input.cached_requests:
             self._update_state(cached)
 
@@ -258,7 +299,10 @@ class ModelWorker:
         sampling on world rank 0 only: unseeded requests draw from one RNG, not one per rank."""
         if self.layout.sp.rank != 0:
             return None
-        rows = torch.tensor(batch.sample_rows, device=self.device)
+        rows = torch.tensor(batch.sample_rows)
+        if self.device.type == "cuda":  # pinned: queued behind the forward pass, not waited for
+            rows = rows.pin_memory()
+        rows = rows.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[rows])  # (sampling requests, vocab) float32
         if not self.layout.is_driver_rank:
             return None

@@ -6,8 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS_DIR = Path(__file__).resolve().parent
+
+# Without CUDA, Triton kernels run in Triton's interpreter. It must be chosen before anything
+# imports Triton (its own library functions are defined at import), and test collection may
+# import it through other packages before model_shards/attention/triton_runtime.py runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from array import array
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 
 import torch
@@ -36,6 +37,22 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return self.query_start_loc[-1]
+
+    @cached_property
+    def num_decode_seqs(self) -> int:
+        """How many leading sequences have one new token (the scheduler puts decodes first)."""
+        count = 0
+        while count < self.num_seqs and self.query_start_loc[count + 1] - self.query_start_loc[count] == 1:
+            count += 1
+        return count
+
+    @cached_property
+    def seq_lens_tensor(self) -> torch.Tensor:
+        """(num_seqs,) int32 on the device: context_lens, for kernels; built once per step."""
+        lengths = torch.tensor(self.context_lens, dtype=torch.int32)
+        if self.slot_mapping.is_cuda:
+            lengths = lengths.pin_memory()
+        return lengths.to(self.slot_mapping.device, non_blocking=True)
 
     def num_blocks_of(self, seq_index: int) -> int:
         """Blocks that hold sequence i's context (its table may list more, allocated ahead)."""
@@ -111,6 +128,10 @@ def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 class AttentionBackend(ABC):
     """Paged causal attention over a flattened batch."""
+
+    # True when a step of decodes reads only device tensors of the metadata (no host lists but
+    # context_lens as an upper bound), so the step can be captured as a CUDA graph.
+    graph_safe_decode = False
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -119,3 +119,15 @@ def test_max_num_seqs_bounds_the_running_set():
     step = run_step(scheduler)
     assert sorted(step.num_scheduled_tokens) == ["r0", "r1"]
     assert [r.request_id for r in scheduler.waiting] == ["r2"]
+
+
+def test_a_prefill_alone_takes_big_chunks_and_shrinks_while_others_decode():
+    settings = SchedulerSettings(max_tokens_per_step=32, max_tokens_per_step_while_decoding=8)
+    scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(64, BLOCK_SIZE)))
+    scheduler.add_request(make_request("short", 3, first_token=500))
+    scheduler.add_request(make_request("long", 100))
+    assert run_step(scheduler).num_scheduled_tokens == {"short": 3, "long": 29}  # nobody decodes yet
+    # "short" decodes now: the step shrinks to 8 tokens, its decode included
+    assert run_step(scheduler).num_scheduled_tokens == {"short": 1, "long": 7}
+    scheduler.finish_request("short", RequestStatus.FINISHED_ABORTED)
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 32}  # alone again: the big budget

@@ -1,0 +1,81 @@
+"""The GPU attention backend: decode rows through the Triton paged kernel, prefill chunks
+through cuDNN on bucketed shapes (chunked_prefill.py). One step may mix both.
+
+The scheduler puts decoding sequences first in a step, so the leading sequences with one new
+token form one launch of the paged decode kernel (triton_paged_decode.py), whatever their number.
+Each remaining sequence is a prefill chunk (a handful per step at most, since they share the
+step's token budget). New K/V go into the cache first, in one kernel (triton_store_kv.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_shards.attention.base import AttentionBackend, AttentionMetadata
+from model_shards.attention.chunked_prefill import PrefillKernels, chunk_attention
+from model_shards.attention.triton_paged_decode import choose_num_splits, paged_decode
+from model_shards.attention.triton_store_kv import store_kv
+from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, select_kernel
+
+# Prefix pieces are power-of-two multiples of this many tokens (at least the block size): few
+# enough shapes for cuDNN's plan cache, large enough that each piece runs at full rate.
+PREFIX_QUANTUM_TOKENS = 1024
+_UNPLANNED_PREFERENCE = ("flash", "flash_expanded")
+_CPU_SMS = 4  # the interpreter runs programs one by one: few splits keep CPU tests quick
+
+
+class CudnnTritonBackend(AttentionBackend):
+    graph_safe_decode = True
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple, PrefillKernels] = {}  # per (device, dtype, heads, kv_heads, head_dim)
+        self._num_sms: dict[torch.device, int] = {}
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(layer_cache, key, value, metadata.slot_mapping)
+        out = torch.empty_like(query)  # (T, heads, head_dim)
+        num_decodes = metadata.num_decode_seqs
+        if num_decodes:
+            out[:num_decodes] = self.decode(query[:num_decodes], layer_cache, metadata, scale)
+        if num_decodes < metadata.num_seqs:
+            kernels = self._prefill_kernels(query, layer_cache)
+            for i in range(num_decodes, metadata.num_seqs):
+                self._prefill(i, query, key, value, layer_cache, metadata, scale, kernels, out)
+        return out
+
+    def decode(self, query: torch.Tensor, layer_cache: torch.Tensor, metadata: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """The first len(query) sequences of the step, one token each."""
+        count = query.shape[0]
+        splits = choose_num_splits(count, layer_cache.shape[3], max(metadata.context_lens[:count]),
+                                   self.num_sms(query.device))
+        return paged_decode(query, layer_cache, metadata.block_table_tensor[:count],
+                            metadata.seq_lens_tensor[:count], scale, splits)
+
+    def _prefill(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                 kernels: PrefillKernels, out: torch.Tensor) -> None:
+        start, end = metadata.query_start_loc[index], metadata.query_start_loc[index + 1]
+        prefix_len = metadata.context_lens[index] - (end - start)
+        block_ids = metadata.block_table_tensor[index, :metadata.num_blocks_of(index)]
+        out[start:end] = chunk_attention(query[start:end], key[start:end], value[start:end], layer_cache,
+                                         block_ids, prefix_len, scale, kernels)
+
+    def num_sms(self, device: torch.device) -> int:
+        if device not in self._num_sms:
+            self._num_sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                     if device.type == "cuda" else _CPU_SMS)
+        return self._num_sms[device]
+
+    def _prefill_kernels(self, query: torch.Tensor, layer_cache: torch.Tensor) -> PrefillKernels:
+        heads, head_dim = query.shape[1], query.shape[2]
+        key = (query.device, query.dtype, heads, layer_cache.shape[3], head_dim)
+        if key not in self._kernels:
+            planned_name, planned = select_kernel(*key, preference=PREFILL_PREFERENCE)
+            unplanned_name, unplanned = select_kernel(*key, preference=_UNPLANNED_PREFERENCE)
+            if unplanned_name == "reference" and planned_name != "reference":
+                unplanned = planned  # a new plan for the odd shape beats materialising its scores
+            quantum = max(PREFIX_QUANTUM_TOKENS, layer_cache.shape[2])
+            self._kernels[key] = PrefillKernels(planned, unplanned, quantum)
+        return self._kernels[key]

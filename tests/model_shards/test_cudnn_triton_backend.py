@@ -1,0 +1,145 @@
+"""The GPU backend's logic against the reference backend, on the CPU.
+
+The prefill pieces (chunked_prefill.py) are checked for exact coverage and for the bounded set of
+shapes the planned kernel sees; the whole backend (Triton decode in the interpreter, the
+reference LSE kernel in place of cuDNN) against TorchSDPABackend on mixed batches.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from model_shards.attention.base import AttentionMetadata  # noqa: E402
+from model_shards.attention.chunked_prefill import (PrefillKernels, bucket_tokens, chunk_attention,  # noqa: E402
+                                                    prefix_pieces)
+from model_shards.attention.cudnn_triton import CudnnTritonBackend  # noqa: E402
+from model_shards.attention.torch_sdpa import TorchSDPABackend  # noqa: E402
+from model_shards.parallel.lse_attention import reference_attention  # noqa: E402
+
+
+@given(st.integers(1, 1 << 20))
+def test_query_buckets_pad_at_most_a_quarter(count):
+    bucket = bucket_tokens(count)
+    assert bucket >= max(count, 128)
+    assert count <= 128 or bucket <= count * 1.25
+
+
+def test_query_buckets_are_few():
+    assert len({bucket_tokens(n) for n in range(1, 16385)}) == 1 + 4 * 7  # 128, then 4 per octave
+    assert [bucket_tokens(n) for n in (129, 8189, 8192, 8193)] == [160, 8192, 8192, 10240]
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 1 << 21), st.sampled_from([64, 1024, 4096]))
+def test_prefix_pieces_cover_the_prefix_with_few_shapes(prefix_len, quantum):
+    pieces = prefix_pieces(prefix_len, quantum)
+    assert sum(length for _, length in pieces) == prefix_len
+    assert all(start == sum(length for _, length in pieces[:i]) for i, (start, _) in enumerate(pieces))
+    aligned = [length for _, length in pieces if length % quantum == 0]
+    assert all(length // quantum & (length // quantum - 1) == 0 for length in aligned)  # powers of two
+    assert aligned == sorted(set(aligned), reverse=True)  # each size once, largest first
+    rest = [length for _, length in pieces if length % quantum]
+    assert len(rest) <= 1 and all(length < quantum for length in rest)
+    assert not rest or pieces[-1][1] == rest[0]
+
+
+class RecordingKernel:
+    """The reference LSE kernel, remembering each (queries, keys, causal) shape it was given."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, q, k, v, scale, causal):
+        self.shapes.append((q.shape[0], k.shape[0], causal))
+        return reference_attention(q, k, v, scale, causal)
+
+
+def paged_cache(num_blocks, block_size, kv_heads, head_dim, generator):
+    return torch.randn(num_blocks, 2, 2, block_size, kv_heads, head_dim, generator=generator)[:, 0]
+
+
+@pytest.mark.parametrize("prefix_len, count", [(0, 50), (96, 40), (5 * 32 + 7, 33), (7 * 32, 128)])
+def test_chunk_attention_equals_attention_over_the_whole_context(prefix_len, count):
+    generator = torch.Generator().manual_seed(prefix_len + count)
+    block_size, heads, kv_heads, head_dim = 16, 4, 2, 32
+    cache = paged_cache(64, block_size, kv_heads, head_dim, generator)
+    block_ids = torch.randperm(64, generator=generator)[:-(-(prefix_len + count) // block_size)]
+    query = torch.randn(count, heads, head_dim, generator=generator)
+    key, value = (torch.randn(count, kv_heads, head_dim, generator=generator) for _ in range(2))
+    context_keys = torch.cat([cache[block_ids, 0].flatten(0, 1)[:prefix_len], key])
+    context_values = torch.cat([cache[block_ids, 1].flatten(0, 1)[:prefix_len], value])
+    planned, unplanned = RecordingKernel(), RecordingKernel()
+    out = chunk_attention(query, key, value, cache, block_ids, prefix_len, 0.2,
+                          PrefillKernels(planned, unplanned, quantum=32))
+    expected, _ = reference_attention(query, context_keys, context_values, 0.2, causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    bucket = bucket_tokens(count)
+    for queries, keys, causal in planned.shapes:  # the planned kernel sees bucketed shapes only
+        assert queries == bucket and (keys == bucket if causal else keys % 32 == 0)
+    assert all(keys < 32 and queries == count for queries, keys, _ in unplanned.shapes)
+
+
+def build_step(generator, block_size, sequences):
+    """sequences: (computed, new) per sequence -> block tables over a shuffled pool, metadata."""
+    pool = torch.randperm(200, generator=generator).tolist()
+    tables = []
+    for computed, new in sequences:
+        blocks = -(-(computed + new) // block_size) + 1  # one block allocated ahead
+        tables.append([pool.pop() for _ in range(blocks)])
+    metadata = AttentionMetadata.build([(t, c, n) for t, (c, n) in zip(tables, sequences)], block_size, "cpu")
+    return metadata
+
+
+@pytest.mark.parametrize("sequences", [
+    [(40, 1), (95, 1), (0, 1)],  # decodes only (a one-token prompt too)
+    [(10, 1), (300, 1), (0, 70)],  # decodes, then a new prompt
+    [(33, 1), (64, 64), (130, 45), (0, 1)],  # decodes, two chunks with cached prefixes, a late one-token prompt
+    [(0, 20), (17, 1)],  # a chunk first: the decode after it goes the prefill way
+])
+def test_backend_matches_reference_on_mixed_steps(sequences):
+    generator = torch.Generator().manual_seed(len(sequences) * 31 + sequences[-1][1])
+    block_size, heads, kv_heads, head_dim = 16, 8, 2, 32
+    cache = paged_cache(200, block_size, kv_heads, head_dim, generator)
+    expected_cache = cache.clone()
+    metadata = build_step(generator, block_size, sequences)
+    tokens = metadata.num_tokens
+    query = torch.randn(tokens, heads, head_dim, generator=generator)
+    key, value = (torch.randn(tokens, kv_heads, head_dim, generator=generator) for _ in range(2))
+    out = CudnnTritonBackend().forward(query, key, value, cache, metadata, 0.17)
+    expected = TorchSDPABackend().forward(query, key, value, expected_cache, metadata, 0.17)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    assert torch.equal(cache, expected_cache)  # the same K/V written to the same slots
+
+
+def test_leading_one_token_sequences_are_the_decodes():
+    metadata = build_step(torch.Generator().manual_seed(0), 16, [(5, 1), (9, 1), (0, 7), (3, 1)])
+    assert metadata.num_decode_seqs == 2
+    assert metadata.seq_lens_tensor.tolist() == [6, 10, 7, 4]
+    assert metadata.seq_lens_tensor.dtype == torch.int32
+
+
+def test_engine_greedy_tokens_equal_the_reference_backend(model_folder):
+    from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings
+    from engine.llm_engine import LLMEngine
+    from engine.offline import generate
+    from protocol.sampling_params import SamplingParams
+
+    prompts = [[random.Random(i).randrange(3, 500) for _ in range(n)] for i, n in enumerate((70, 9, 33))]
+    folder = str(model_folder(num_key_value_heads=2))  # GQA 4
+    results = {}
+    for backend in ("torch_sdpa", "cudnn_triton"):
+        config = LongctxConfig(model=ModelSettings(path=folder, attention_backend=backend),
+                               cache=CacheSettings(block_size=16, num_device_blocks=64),
+                               scheduler=SchedulerSettings(max_tokens_per_step=48))  # chunked prompts
+        engine = LLMEngine(config)
+        outputs = generate(engine, prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+        results[backend] = [output[0].token_ids for output in outputs]
+        engine.shutdown()
+    assert results["cudnn_triton"] == results["torch_sdpa"]
