@@ -64,6 +64,8 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequence parallel ranks: long prompts and their KV split over N GPUs (default 1)")
     parser.add_argument("--executor", choices=["auto", "local", "ray"], default=None,
                         help="where the ranks run: local processes or Ray actors (default auto)")
+    parser.add_argument("--span-nodes", action="store_true", default=None,
+                        help="serve with Ray actors: TP groups stay inside a node, SP ranks may cross nodes")
 
 
 def _add_tier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +118,7 @@ def _overrides(args: argparse.Namespace, base: LongctxConfig) -> dict[str, Any]:
         "parallel.tensor_parallel_size": args.tp,
         "parallel.sequence_parallel_size": args.sp,
         "parallel.executor": args.executor,
+        "parallel.span_nodes": args.span_nodes,
         "kv_tiers.host_bytes": args.kv_host_bytes,
         "kv_tiers.redis_urls": split_urls(args.kv_redis_url),
     }
