@@ -8,7 +8,7 @@ MODEL_DIR ?= models/small
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve model bench-cpu docs clean
+.PHONY: setup test serve model bench-cpu bench-autoscale docs clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e ".[serve,test]"
+	$(BIN)/pip install -q -e ".[serve,ops,test]"
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "warning: redis-server not installed; Redis tests will skip"
+	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || echo "warning: prometheus not installed; the dashboard query tests will skip"
 	touch $(STAMP)
 
 test: setup
@@ -35,6 +36,10 @@ serve: setup model
 
 bench-cpu: setup
 	$(BIN)/python bench/engine_cpu.py
+
+# docs/autoscaling.md's table: the simulator, queued-context vs ongoing-requests scaling (~5 min, CPU)
+bench-autoscale: setup
+	$(BIN)/python bench/autoscale.py
 
 # docs/configuration.md is generated from cluster/config.py (a test checks they agree).
 docs: setup

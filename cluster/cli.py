@@ -1,4 +1,4 @@
-"""The `longctx` command line: make-model, generate, serve.
+"""The `longctx` command line: make-model, generate, serve, dashboards, autoscale.
 
 Contract (scripts depend on it): `longctx generate --json` prints one JSON object with `text`,
 `token_ids`, `usage` {prompt_tokens, completion_tokens}, `timing` {ttft_s, tpot_s} and `kv`
@@ -55,7 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
     add_engine_arguments(serve)
     add_serve_arguments(serve)
+    from dashboards.cli import add_dashboards_parser
+
+    add_dashboards_parser(commands)
+    _add_autoscale_command(commands)
     return parser
+
+
+def _add_autoscale_command(commands) -> None:
+    from autoscaler.simulator.cli import add_autoscale_arguments
+
+    autoscale = commands.add_parser("autoscale", help="simulate autoscaling policies on request traces")
+    add_autoscale_arguments(autoscale)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -85,6 +96,9 @@ def run_generate(args: argparse.Namespace) -> int:
         engine.shutdown()
     if progress is not None:
         progress.done()
+    if result.error is not None:
+        print(f"longctx: error: {result.error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(_generation_json(result, config)))
     else:
@@ -127,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
             run_make_model(args)
             return 0
+        if args.command == "dashboards":
+            from dashboards.cli import run_dashboards
+
+            return run_dashboards(args)
+        if args.command == "autoscale":
+            from autoscaler.simulator.cli import run_autoscale
+
+            return run_autoscale(args)
         return run_generate(args) if args.command == "generate" else run_serve(args)
     except (ValueError, OSError) as error:  # config, model folder and parameter errors
         print(f"longctx: error: {error}", file=sys.stderr)

@@ -123,6 +123,10 @@ class ServeSettings(_Frozen):
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (tokenize, route, stream).")
     ingress_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs an ingress replica reserves.")
     worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
+    accelerator_type: str | None = Field(
+        None, description="GPU model every model worker needs, as Ray names it (H100, H200, A100...: the node "
+        "resource `accelerator_type:<name>`); None: any GPU."
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
     )
@@ -130,6 +134,13 @@ class ServeSettings(_Frozen):
         4 * 1024 * 1024, ge=1, description="Per replica: prompt tokens of those requests; more get 429."
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After header of a 429.")
+    # Each choice is one sequence in the engine's queue and one object in the ingress, made before
+    # the first token: an unbounded n let one request exhaust both.
+    max_n: int = Field(16, ge=1, description="Most choices one request may ask for (n, best_of); more get 400.")
+    default_chat_max_tokens: int = Field(
+        4096, ge=1, description="max_tokens of a chat request that gives none (lowered to the room its context "
+        "and the KV cache leave); without it a chat runs to the end of a million-token context."
+    )
     # A million-token prefill takes minutes; the per-request deadline, not Serve's proxy, bounds it.
     request_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one request, queueing included.")
     # 1M tokens are ~4 MB of text or ~7 MB as a JSON list of token ids.
@@ -141,7 +152,15 @@ class ServeSettings(_Frozen):
     health_check_timeout_s: float = Field(30.0, gt=0, description="A health check slower than this fails the replica.")
     drain_timeout_s: float = Field(60.0, ge=0, description="Shutdown waits this long for requests in flight.")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` on /v1/*.")
-    api_key_file: str | None = Field(None, description="Read the API key from this file (a mounted secret).")
+    api_key_file: str | None = Field(
+        None, description="API keys from this file (a mounted secret), one a line: `<key>`, or `<tenant> <key>` "
+        "(several keys may name one tenant). Each tenant's prompts get their own cache namespace; a key "
+        "without a tenant is a tenant of its own (deployments/tenants.py)."
+    )
+    tenants_share_cache: bool = Field(
+        False, description="With API keys: put every tenant in one cache namespace (more prefix hits across "
+        "keys); cached_tokens is then reported as 0, since a hit may be on another tenant's prompt."
+    )
     routing_block_tokens: int = Field(
         256, ge=1, description="Granularity of the router's prefix-affinity hashes, in tokens."
     )
@@ -180,6 +199,9 @@ class KVTierSettings(_Frozen):
         (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
         "several shard the blocks by hash. protocol/redis_urls.py has the forms."
     )
+    redis_password_file: str | None = Field(
+        None, description="Read the Redis password from this file (a mounted secret) for URLs that carry none."
+    )
     redis_key_prefix: str = Field("longctx", min_length=1, description="First part of every Redis key.")
     redis_namespace: str | None = Field(
         None,
@@ -191,9 +213,34 @@ class KVTierSettings(_Frozen):
     # On by default: sharing a long document's prefill with every replica is the point of the
     # Redis tier, and a block written only when this replica evicts it may come too late.
     redis_write_through: bool = Field(True, description="Write each newly computed full block to Redis at once.")
+    # Shared: anything besides this deployment's own model workers can write to the Redis servers
+    # (other applications or teams, another deployment with other weights, any client on a
+    # network not closed to all but this cluster). Private: Redis ACLs or the network let only
+    # this deployment's workers write. A checksum cannot tell a forged block from a real one.
+    redis_shared: bool = Field(
+        False, description="Others can write to the Redis servers (see the comment above); then every block "
+        "carries an HMAC-SHA256 and redis_mac_key or redis_mac_key_file is required."
+    )
+    redis_mac_key: str | None = Field(
+        None, min_length=16, description="Secret key of the blocks' HMAC-SHA256 (the same on every replica); "
+        "with one, a block that does not verify is a counted miss (longctx_kv_unauthentic_blocks)."
+    )
+    redis_mac_key_file: str | None = Field(None, description="Read redis_mac_key from this file (a mounted secret).")
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Per Redis command; a slower one counts as an error.")
-    redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard.")
-    redis_io_threads: int = Field(4, ge=1, description="Background threads moving blocks between host and Redis.")
+    redis_max_connections: int = Field(8, ge=1, description="Connections per Redis shard (at least redis_io_threads).")
+    # Per shard: one client thread with one connection stops near one core's worth of receive,
+    # checksum and copy; more shards must bring more threads for their bandwidth to add up.
+    redis_io_threads: int = Field(
+        4, ge=1, description="Background threads per Redis shard moving blocks between host and Redis."
+    )
+    # Redis serves 1-4 MiB values 2-3x faster than 8 MiB ones (bench/kv_tiers.py: redis-benchmark
+    # GET 2.55 GB/s at 2 MiB, 0.80 GB/s at 8 MiB on the H200 host), and a Llama-3-8B block of 64
+    # tokens is 8 MiB.
+    redis_value_part_bytes: ByteSize = Field(
+        2 << 20, ge=64 << 10, description="A block value of several times this size is stored as equal parts "
+        "of about this size (keys <key>, <key>:1, ...; a missing part is a miss). Readers and writers of one Redis "
+        "must agree."
+    )
     redis_max_pending_write_bytes: ByteSize = Field(
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
     )
@@ -208,12 +255,29 @@ class KVTierSettings(_Frozen):
         "transfer time; blocks not there by then are recomputed."
     )
     restore_policy: Literal["cost", "always", "never"] = Field(
-        "cost", description="cost: restore when the measured restore time beats the measured recompute time."
+        "cost", description="cost: restore when the estimated restore time beats the estimated recompute time "
+        "by restore_margin (kvcache/tiers/cost_model.py); always, never: regardless."
     )
-    ema_alpha: float = Field(0.2, gt=0, le=1, description="Weight of each new bandwidth and prefill-rate sample.")
-    initial_host_bandwidth_bytes_per_s: float = Field(10e9, gt=0, description="Host<->device estimate until measured.")
-    initial_redis_bandwidth_bytes_per_s: float = Field(1e9, gt=0, description="Redis->host estimate until measured.")
-    initial_prefill_tokens_per_s: float = Field(10_000.0, gt=0, description="Prefill rate estimate until measured.")
+    restore_margin: float = Field(
+        0.1, ge=0, description="cost policy: restore only when estimated restore time x (1 + this) is below the "
+        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more)."
+    )
+    calibration_budget_s: float = Field(
+        3.0, ge=0, description="At start-up, time a few prefill steps and host<->device and Redis transfers on "
+        "this machine for the cost policy's estimates (logged), for at most about this long; 0: no probe."
+    )
+    ema_alpha: float = Field(
+        0.2, gt=0, le=1, description="Weight of a new measurement in the restore and prefill estimates once many "
+        "were seen (the first one nearly replaces the calibration)."
+    )
+    initial_host_bandwidth_bytes_per_s: float = Field(
+        10e9, gt=0, description="Host<->device estimate until calibrated or measured."
+    )
+    initial_redis_bandwidth_bytes_per_s: float = Field(1e9, gt=0, description="Redis->host estimate until calibrated "
+                                                       "or measured.")
+    initial_prefill_tokens_per_s: float = Field(
+        10_000.0, gt=0, description="Prefill rate estimate (short prompts) until calibrated or measured."
+    )
     transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
     )
@@ -246,6 +310,82 @@ class KVTierSettings(_Frozen):
                              "(leave host_bytes out for 1GiB)")
         return self
 
+    @model_validator(mode="after")
+    def _mac_key_when_shared(self) -> "KVTierSettings":
+        if self.redis_mac_key is not None and self.redis_mac_key_file is not None:
+            raise ValueError("give redis_mac_key or redis_mac_key_file, not both")
+        if self.redis_shared and self.redis_mac_key is None and self.redis_mac_key_file is None:
+            raise ValueError("redis_shared needs redis_mac_key or redis_mac_key_file: anyone who can write to a "
+                             "shared Redis could forge KV blocks")
+        return self
+
+
+class AutoscalingSettings(_Frozen):
+    """Replicas sized by queued context tokens instead of ongoing requests (autoscaler/).
+
+    Two 500K-token prompts are a thousand times the work of two 500-token ones, so the policy
+    reads what replicas owe in tokens and seconds of prefill, KV and decode, and sizes the
+    deployment by Little's law: enough replicas that the queued prefill drains within
+    `ttft_target_s`. docs/autoscaling.md has the model and the simulator's comparison.
+    """
+
+    enabled: bool = Field(False, description="Scale the LLM server replicas with this policy; "
+                          "off: serve.num_replicas, fixed. On: serve.num_replicas is ignored.")
+    # Two: a replica busy with a long prefill blocks every request routed behind it, and a new
+    # one starts too late for a burst's first requests; a standing second replica is the lane
+    # short requests keep (docs/autoscaling.md has the simulator's evidence).
+    min_replicas: int = Field(2, ge=0, description="Fewest replicas; 0 lets Serve scale to zero (cold starts).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas; each reserves its GPUs (KubeRay adds nodes).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; default: min_replicas.")
+    # 120 s: a replica added for queued prefill serves only the requests routed after it is up
+    # (the queued ones are bound to their replica), so a tighter horizon buys replicas that idle;
+    # the simulator's sweep (docs/autoscaling.md) found 120 s cheaper than 60 or 30 s.
+    ttft_target_s: float = Field(
+        120.0, gt=0, description="Little's law horizon: enough replicas that the queued prefill (net of prefix "
+        "hits) drains within this many seconds, i.e. ceil(queued prefill seconds / ttft_target_s).")
+    interactive_ttft_s: float = Field(
+        2.0, gt=0, description="A replica owing more prefill than this many seconds is busy: a short request "
+        "routed to it would wait behind a long prompt.")
+    spare_replicas: int = Field(
+        2, ge=0, description="Replicas kept free of long prefills (below interactive_ttft_s of backlog) while "
+        "any replica is busy: a lane for short requests, since one prompt cannot be split over replicas.")
+    prefill_tokens_per_s: float | None = Field(
+        None, gt=0, description="Prefill rate of one replica; None: each replica's own estimate, measured while "
+        "serving (in FLOPs, so a 1M-token prompt's quadratic attention is priced in).")
+    kv_target_utilization: float = Field(
+        0.9, gt=0, le=1, description="Running KV tokens per replica at most this share of its KV capacity.")
+    decode_sequences_per_replica: int = Field(
+        128, ge=1, description="Decoding sequences one replica should carry (the decode load target).")
+    downscale_headroom: float = Field(
+        0.8, gt=0, le=1, description="Hysteresis: scale down to m replicas only when the load fits m at this "
+        "share of their targets, so a load at the boundary does not flap.")
+    downscale_delay_s: float = Field(
+        120.0, ge=0, description="The load must stay low this long before replicas are removed (at least "
+        "replica_startup_s: a replica is released only after idling as long as a new one takes to start).")
+    replica_startup_s: float = Field(
+        30.0, ge=0, description="Scale-up to serving: placement (KubeRay may add a GPU node), model load, warm-up.")
+    long_request_tokens: int = Field(
+        32_768, ge=1, description="No downscale while any replica holds a request this long (prompt + output): "
+        "Serve, not the policy, picks the replica to stop, and a long request may outlast serve.drain_timeout_s.")
+    # Serve's default push interval (10 s) hides a burst shorter than that and delays every
+    # scale-up by up to 10 s. One push a second per replica is one small RPC to the controller:
+    # negligible at hundreds of replicas, and well below a replica's start-up time.
+    metrics_push_interval_s: float = Field(
+        1.0, gt=0, description="How often each replica reports its autoscaling stats to Serve's controller.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("initial_replicas must be between min_replicas and max_replicas")
+        return self
+
+    @property
+    def effective_downscale_delay_s(self) -> float:
+        return max(self.downscale_delay_s, self.replica_startup_s)
+
 
 class LongctxConfig(_Frozen):
     model: ModelSettings = ModelSettings()
@@ -254,6 +394,12 @@ class LongctxConfig(_Frozen):
     parallel: ParallelSettings = ParallelSettings()
     serve: ServeSettings = ServeSettings()
     kv_tiers: KVTierSettings = KVTierSettings()
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+
+    @property
+    def max_llm_replicas(self) -> int:
+        """LLM server replicas there may be at once (what Ray must have room for)."""
+        return self.autoscaling.max_replicas if self.autoscaling.enabled else self.serve.num_replicas
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> "LongctxConfig":

@@ -11,15 +11,14 @@ million-token prompts should allow for a long wait before the headers.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
-from fastapi import Depends, FastAPI, Header
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster.config import ServeSettings
@@ -35,9 +34,18 @@ from deployments.generation import (
 from deployments.messages import GenerateRequest
 from deployments.metrics import ServingMetrics
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
+from deployments.openapi_docs import (
+    API_VERSION,
+    GENERATION_RESPONSES,
+    GUARDED_RESPONSES,
+    PROBE_RESPONSES,
+    install_openapi,
+)
 from deployments.prompts import PromptBuilder, split_prompts
+from deployments.request_limits import RequestLimits
 from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format
 from deployments.sampling import chat_params, completion_params
+from deployments.tenants import bearer_auth, no_auth, tenant_cache_salt
 from deployments.tool_calls import parser_for, plan_tools
 from engine.outputs import CompletionDelta
 from protocol.sampling_params import InvalidParameterError
@@ -57,6 +65,8 @@ class OpenAIService:
         self.metrics = ServingMetrics()
         self.created = int(time.time())
         self.tool_parser = parser_for(settings.tool_call_parser, prompts.tokenizer.chat_template)
+        self.limits = RequestLimits(prompts.max_model_len, prompts.vocab_size, settings.max_n,
+                                    settings.default_chat_max_tokens)
 
     # --- probes and listing --------------------------------------------------------------
     async def health(self) -> JSONResponse:
@@ -79,15 +89,17 @@ class OpenAIService:
         return {"object": "list", "data": [card]}
 
     # --- generation ----------------------------------------------------------------------
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, tenant: str | None = None) -> Response:
         timer = RequestTimer(self.metrics, "completions")
         with _counted_on_error(timer):
             self._check_model(body.model)
+            params = completion_params(body, self.limits)  # every field checked before the prompt is read
             prompts = await _off_loop_if_long(self.prompts.completion, body.prompt, _num_chars(body.prompt))
             request_id = f"cmpl-{uuid.uuid4().hex}"
-            generates = requests_per_prompt(request_id, prompts, completion_params(body), body.cache_salt)
+            generates = requests_per_prompt(request_id, prompts, params, self._cache_salt(tenant, body.cache_salt))
             echoed = self._echoed(body, prompts) if body.echo else None
-            output = CompletionFormat(request_id, self.model_name, self.prompts.token_text, body.n, echoed, len(prompts))
+            output = CompletionFormat(request_id, self.model_name, self.prompts.token_text, body.n, echoed, len(prompts),
+                                      self._reports_cached_tokens(tenant))  # fmt: skip
         return await self._respond(timer, generates, output, body.stream, _include_usage(body))
 
     def _echoed(self, body: CompletionRequest, prompts: list[list[int]]) -> list[EchoedPrompt]:
@@ -95,19 +107,29 @@ class OpenAIService:
         return [EchoedPrompt(text if isinstance(text, str) else self.prompts.prompt_text(ids, body.skip_special_tokens),
                              tuple(ids)) for text, ids in zip(texts, prompts)]  # fmt: skip
 
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, tenant: str | None = None) -> Response:
         timer = RequestTimer(self.metrics, "chat_completions")
         with _counted_on_error(timer):
             self._check_model(body.model)
+            tools = plan_tools(body, self.prompts.template_defines_tools, self.tool_parser)
+            params, fill = chat_params(body, self.limits, tools)  # every field checked before the prompt is read
             messages = body.template_messages()
             num_chars = sum(len(message["content"]) for message in messages)
-            tools = plan_tools(body, self.prompts.template_defines_tools, self.tool_parser)
-            params, fill = chat_params(body, self.prompts.max_model_len, tools)
             template_tools = tools.template_tools if tools else None
             token_ids = await _off_loop_if_long(lambda m: self.prompts.chat(m, template_tools), messages, num_chars)
-            generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params, body.cache_salt, fill)
-            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n, tools)
+            generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params,
+                                       self._cache_salt(tenant, body.cache_salt), fill)
+            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n, tools,
+                                self._reports_cached_tokens(tenant))
         return await self._respond(timer, [generate], output, body.stream, _include_usage(body))
+
+    def _cache_salt(self, tenant: str | None, cache_salt: str | None) -> str | None:
+        """The tenant's own cache namespace (deployments/tenants.py), unless tenants share one."""
+        return tenant_cache_salt(None if self.settings.tenants_share_cache else tenant, cache_salt)
+
+    def _reports_cached_tokens(self, tenant: str | None) -> bool:
+        """Not when tenants share a namespace: the hit may be on another tenant's prompt."""
+        return tenant is None or not self.settings.tenants_share_cache
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -212,27 +234,28 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def bearer_auth(api_key: str):
-    expected = f"Bearer {api_key}".encode()
-
-    async def check(authorization: str | None = Header(None)) -> None:
-        # compare_digest: the time taken must not tell how much of a guessed key was right.
-        if authorization is None or not hmac.compare_digest(authorization.encode(), expected):
-            raise api_error(401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
-                            code="invalid_api_key")  # fmt: skip
-
-    return check
-
-
-def build_api(service: OpenAIService, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="longctx", docs_url=None, redoc_url=None, openapi_url=None)
+def build_api(service: OpenAIService, api_keys: dict[str, str] | None = None) -> FastAPI:
+    """The app; `api_keys` (key -> tenant, deployments/tenants.py) guards /v1/*, None leaves it open."""
+    app = FastAPI(title="longctx", version=API_VERSION, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description="OpenAI-compatible completions and chat completions over long contexts.")
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_request_body_bytes)
-    guarded = [Depends(bearer_auth(api_key))] if api_key else []
+    caller = bearer_auth(api_keys) if api_keys else no_auth
+
+    async def completions(body: CompletionRequest, tenant: str | None = Depends(caller)) -> Response:
+        return await service.completions(body, tenant)
+
+    async def chat_completions(body: ChatCompletionRequest, tenant: str | None = Depends(caller)) -> Response:
+        return await service.chat_completions(body, tenant)
+
     # Probes stay open: a kubelet or Prometheus carries no API key.
-    app.add_api_route("/health", service.health, methods=["GET"])
-    app.add_api_route("/metrics", service.metrics_text, methods=["GET"])
-    app.add_api_route("/v1/models", service.models, methods=["GET"], dependencies=guarded)
-    app.add_api_route("/v1/completions", service.completions, methods=["POST"], dependencies=guarded)
-    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/health", service.health, methods=["GET"], responses=PROBE_RESPONSES)
+    app.add_api_route("/metrics", service.metrics_text, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route("/v1/models", service.models, methods=["GET"], dependencies=[Depends(caller)],
+                      responses=GUARDED_RESPONSES)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=GENERATION_RESPONSES,
+                      summary="Complete a prompt (text or token ids)")
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=GENERATION_RESPONSES,
+                      summary="Answer a chat")
     return app

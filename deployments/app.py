@@ -16,9 +16,10 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from cluster.config import ConfigError, LongctxConfig, load_config, load_config_dict
+from autoscaler.serve_policy import QueuedContextPolicy
+from cluster.config import AutoscalingSettings, ConfigError, LongctxConfig, load_config, load_config_dict
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
 from executors import executor_backend
@@ -48,7 +49,7 @@ def application_needs(config: LongctxConfig) -> dict[str, float]:
     _add(needs, ingress["ray_actor_options"], ingress["num_replicas"])
     server = llm_server_options(config)
     for bundle in server.get("placement_group_bundles") or [server["ray_actor_options"]]:
-        _add(needs, bundle, server["num_replicas"])
+        _add(needs, bundle, config.max_llm_replicas)  # autoscaling: room for its most replicas
     return needs
 
 
@@ -107,7 +108,7 @@ def build_application(config: LongctxConfig) -> Application:
 def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
     settings = config.serve
     return {
-        "num_replicas": settings.num_replicas,
+        **_replica_count(config),
         # Serve's default (5) would starve continuous batching. A replica takes a full batch plus
         # its admission queue; past that its own queue answers 429 with the token-aware bound.
         "max_ongoing_requests": config.scheduler.max_num_seqs + settings.max_queued_requests,
@@ -134,13 +135,40 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
     }
 
 
+def _replica_count(config: LongctxConfig) -> dict[str, Any]:
+    if not config.autoscaling.enabled:
+        return {"num_replicas": config.serve.num_replicas}
+    return {"autoscaling_config": autoscaling_config(config.autoscaling)}
+
+
+def autoscaling_config(settings: AutoscalingSettings) -> AutoscalingConfig:
+    """Serve's autoscaler driving the queued-context policy (autoscaler/serve_policy.py)."""
+    return AutoscalingConfig(
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        initial_replicas=settings.initial_replicas,
+        # Deprecated in Ray 2.60 but still what the replicas push on (the env vars that replace
+        # it, RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S, are read nowhere yet).
+        metrics_interval_s=settings.metrics_push_interval_s,
+        # Replicas sample their stats every 0.2 x look_back: one sample per push.
+        look_back_period_s=5 * settings.metrics_push_interval_s,
+        # The policy has its own delays; Serve's would hold back scale-ups as well.
+        upscale_delay_s=0.0,
+        downscale_delay_s=0.0,
+        policy=AutoscalingPolicy(policy_function=QueuedContextPolicy, policy_kwargs=settings.model_dump(mode="json")),
+    )
+
+
 def _placement(config: LongctxConfig) -> dict[str, Any]:
     if executor_backend(config, inside_ray_actor=True) != "ray":
         # The ranks run inside the replica (its process, or one local process each under TP x
         # SP): the replica reserves what all of them use.
         world_size = config.parallel.world_size
         gpus = world_size if uses_gpu(config) else 0
-        return {"ray_actor_options": _actor_options(config.serve.worker_num_cpus * world_size, num_gpus=gpus)}
+        options = _actor_options(config.serve.worker_num_cpus * world_size, num_gpus=gpus)
+        if gpus and config.serve.accelerator_type:
+            options["accelerator_type"] = config.serve.accelerator_type
+        return {"ray_actor_options": options}
     return {
         "ray_actor_options": _actor_options(REPLICA_NUM_CPUS),
         "placement_group_bundles": placement_group_bundles(config, REPLICA_NUM_CPUS),
@@ -157,7 +185,7 @@ def ingress_options(config: LongctxConfig) -> dict[str, Any]:
         "num_replicas": settings.ingress_replicas,
         # An ongoing request is a coroutine waiting on an LLM server; the servers' admission
         # queues are the real bound, so the ingress must not become a tighter one.
-        "max_ongoing_requests": max(1, per_replica * settings.num_replicas // settings.ingress_replicas),
+        "max_ongoing_requests": max(1, per_replica * config.max_llm_replicas // settings.ingress_replicas),
         "ray_actor_options": _actor_options(settings.ingress_num_cpus),
         "graceful_shutdown_timeout_s": settings.drain_timeout_s,  # streams in flight finish first
     }

@@ -20,11 +20,12 @@ from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import ConfigError, LongctxConfig, load_config_dict
+from cluster.config import LongctxConfig, load_config_dict
 from deployments.api import OpenAIService, build_api
 from deployments.generation import Reply
 from deployments.messages import GenerateRequest, ServeError, overloaded
 from deployments.prompts import PromptBuilder
+from deployments.tenants import load_api_keys
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +86,6 @@ def served_model_name(config: LongctxConfig) -> str:
     return config.serve.model_name or Path(config.model.path).name
 
 
-def resolve_api_key(config: LongctxConfig) -> str | None:
-    """The configured key, or the content of the key file (a mounted Kubernetes secret)."""
-    settings = config.serve
-    if settings.api_key_file is None:
-        return settings.api_key
-    try:
-        key = Path(settings.api_key_file).read_text().strip()
-    except OSError as error:
-        raise ConfigError(f"serve.api_key_file: cannot read {settings.api_key_file}: {error.strerror}") from None
-    if not key:
-        raise ConfigError(f"serve.api_key_file: {settings.api_key_file} is empty")
-    return key
-
-
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, llm_server: DeploymentHandle, config: dict[str, Any]):
@@ -108,4 +95,4 @@ class OpenAIIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         service = OpenAIService(self.backend, self.prompts, self.config.serve, served_model_name(self.config))
-        return build_api(service, resolve_api_key(self.config))
+        return build_api(service, load_api_keys(self.config.serve))

@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from autoscaler.signal import ReplicaSignal
 from cluster.config import LongctxConfig, load_config_dict
 from deployments.admission import AdmissionQueue
 from deployments.messages import (
@@ -27,10 +28,11 @@ from deployments.messages import (
     engine_failure,
     invalid_request,
     overloaded,
+    request_failure,
 )
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionDelta
+from engine.outputs import CompletionDelta, RequestFailedError
 from engine.scheduler import QueueFullError
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
@@ -65,6 +67,8 @@ class LLMServer:
             yield invalid_request(str(error), error.param, getattr(error, "code", None))
         except QueueFullError as error:
             yield self._overloaded(str(error))
+        except RequestFailedError as error:
+            yield request_failure(str(error))
         except EngineDeadError as error:
             yield engine_failure(str(error))
         except Exception as error:
@@ -74,12 +78,13 @@ class LLMServer:
             self.admission.leave(ticket)
 
     def _params(self, request: GenerateRequest) -> SamplingParams:
+        """The client's params; with no max_tokens from it, the default bounded by the room left."""
         if not request.fill_max_tokens:
             return request.params
         stats = self.engine.stats()
         capacity = min(self.engine.max_model_len, stats.num_total_kv_blocks * stats.block_size)
         room = max(1, capacity - len(request.prompt_token_ids))
-        return dataclasses.replace(request.params, max_tokens=room)
+        return dataclasses.replace(request.params, max_tokens=min(request.params.max_tokens, room))
 
     def _overloaded(self, reason: str) -> ServeError:
         queue = self.admission
@@ -118,8 +123,19 @@ class LLMServer:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
+        """The queued-context policy's signal (autoscaler/signal.py), pushed to Serve's controller
+        every autoscaling.metrics_push_interval_s, plus queue and KV figures for dashboards."""
         stats = self.engine.stats()
+        signal = ReplicaSignal(
+            pending_prefill_tokens=stats.num_pending_prefill_tokens,
+            pending_prefill_s=stats.pending_prefill_s,
+            running_kv_tokens=stats.num_running_kv_tokens,
+            kv_capacity_tokens=stats.num_total_kv_blocks * stats.block_size,
+            num_decoding=stats.num_decoding,
+            longest_request_tokens=stats.longest_request_tokens,
+        )
         return {
+            **signal.as_metrics(),
             "queued_prompt_tokens": float(self.admission.num_tokens),
             "queued_requests": float(self.admission.num_requests),
             "num_running": float(stats.num_running),

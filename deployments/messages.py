@@ -20,8 +20,8 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
-    # No max_tokens from the client (chat): the replica fills in the room its context and KV
-    # cache leave after the prompt; only it knows its KV capacity.
+    # No max_tokens from the client (chat): the replica lowers the default in params to the room
+    # its context and KV cache leave after the prompt; only it knows its KV capacity.
     fill_max_tokens: bool = False
 
 
@@ -50,3 +50,8 @@ def overloaded(message: str, retry_after_s: int) -> ServeError:
 
 def engine_failure(message: str) -> ServeError:
     return ServeError(500, message, "server_error", None, "engine_error")
+
+
+def request_failure(message: str) -> ServeError:
+    """This request failed inside the engine; the engine and every other request went on."""
+    return ServeError(500, message, "server_error", None, "request_failed")

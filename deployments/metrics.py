@@ -23,10 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 logger = logging.getLogger(__name__)
 
-# Seconds: a CPU decode step takes milliseconds, a 1M-token prefill minutes.
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Seconds: a CPU decode step takes milliseconds, a 1M-token prefill minutes (tens of minutes
+# queued behind others), up to serve.request_timeout_s (3600 by default) and beyond when raised:
+# the top buckets keep histogram_quantile exact there instead of pinned at the last bound.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 
 # stats() key of an LLM server replica -> (gauge name, help)
 REPLICA_GAUGES = {

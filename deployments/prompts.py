@@ -25,6 +25,10 @@ def split_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list
     if isinstance(prompt, list) and not prompt:
         raise InvalidParameterError("prompt", "the prompt is empty")
     return [prompt]
+# A normalizer may shrink text before it is split into tokens (NFC composes three Hangul jamo,
+# 9 bytes, into one 3-byte syllable; NFKC a 3-byte fullwidth letter into 1 byte).
+NORMALIZER_HEADROOM = 4
+UTF8_MAX_CHAR_BYTES = 4
 
 
 class PromptBuilder:
@@ -32,6 +36,9 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        # More bytes than this cannot fit the context whatever their tokens: such a prompt is
+        # refused before tokenizing it (10 MB of text took 15 s of CPU to find it too long).
+        self.max_prompt_bytes = max_model_len * tokenizer.max_token_bytes * NORMALIZER_HEADROOM
 
     @classmethod
     def from_config(cls, config: LongctxConfig) -> PromptBuilder:
@@ -46,6 +53,7 @@ class PromptBuilder:
 
     def _one_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            self._check_bytes([prompt], "prompt")
             return self._checked(self.tokenizer.encode(prompt) if prompt else [], "prompt")
         return self._checked(list(prompt), "prompt")
 
@@ -55,6 +63,7 @@ class PromptBuilder:
         return bool(self.tokenizer.chat_template) and "tools" in self.tokenizer.chat_template
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        self._check_bytes([message["content"] for message in messages], "messages")
         try:
             rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except Exception as error:  # noqa: BLE001 - a template's own raise_exception(), bad roles
@@ -68,16 +77,23 @@ class PromptBuilder:
 
     def prompt_text(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    def _check_bytes(self, texts: list[str], param: str) -> None:
+        if sum(map(len, texts)) * UTF8_MAX_CHAR_BYTES <= self.max_prompt_bytes:
+            return  # the common case, without encoding anything
+        num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+        if num_bytes > self.max_prompt_bytes:
+            self._too_long(f"the prompt has {num_bytes} bytes, more than {self.max_model_len} tokens can hold", param)
 
     def _checked(self, token_ids: list[int], param: str) -> list[int]:
         if not token_ids:
             raise InvalidParameterError(param, "the prompt is empty")
         if len(token_ids) >= self.max_model_len:
-            message = (
-                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
-                f"{self.max_model_len} tokens, prompt and output together"
-            )
-            raise APIError(invalid_request(message, param, "context_length_exceeded"))
+            self._too_long(f"the prompt has {len(token_ids)} tokens", param)
         if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
             raise InvalidParameterError(param, f"token ids must be in [0, {self.vocab_size})")
         return token_ids
+
+    def _too_long(self, what: str, param: str) -> None:
+        message = (f"{what}; this model's maximum context length is {self.max_model_len} tokens, "
+                   "prompt and output together")
+        raise APIError(invalid_request(message, param, "context_length_exceeded"))

@@ -40,11 +40,13 @@ class EchoedPrompt:
 class Usage:
     """Token counts over every prompt of the request; choice i belongs to prompt i // n."""
 
-    def __init__(self, n: int = 1) -> None:
+    def __init__(self, n: int = 1, reports_cached_tokens: bool = True) -> None:
         self.n = n
         self.completion_tokens = 0
         self._prompt_tokens: dict[int, int] = {}
         self._cached_tokens: dict[int, int] = {}
+        # cached tokens are counted always (metrics); told the client only when `reports_cached_tokens`
+        self.reports_cached_tokens = reports_cached_tokens
 
     def absorb(self, delta: CompletionDelta) -> None:
         prompt = delta.index // self.n
@@ -65,7 +67,7 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens if self.reports_cached_tokens else 0},
         }
 
 
@@ -73,12 +75,13 @@ class _Format:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, num_prompts: int = 1):
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, num_prompts: int = 1,
+                 reports_cached_tokens: bool = True):  # fmt: skip
         self.request_id = request_id
         self.model = model
         self.token_text = token_text
         self.created = int(time.time())
-        self.usage = Usage(n)
+        self.usage = Usage(n, reports_cached_tokens)
         self.choices = [_Choice() for _ in range(n * num_prompts)]
 
     def _envelope(self, object_name: str) -> dict[str, Any]:
@@ -123,8 +126,9 @@ class CompletionFormat(_Format):
     object_name = chunk_object_name = "text_completion"
 
     def __init__(self, request_id: str, model: str, token_text: TokenText, n: int,
-                 echoed: list[EchoedPrompt] | None = None, num_prompts: int = 1):  # fmt: skip
-        super().__init__(request_id, model, token_text, n, num_prompts)
+                 echoed: list[EchoedPrompt] | None = None, num_prompts: int = 1,
+                 reports_cached_tokens: bool = True):  # fmt: skip
+        super().__init__(request_id, model, token_text, n, num_prompts, reports_cached_tokens)
         self.n = n
         self.echoed = echoed
 
@@ -176,8 +180,9 @@ class ChatFormat(_Format):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, tools: ToolPlan | None = None):
-        super().__init__(request_id, model, token_text, n)
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, tools: ToolPlan | None = None,
+                 reports_cached_tokens: bool = True):  # fmt: skip
+        super().__init__(request_id, model, token_text, n, reports_cached_tokens=reports_cached_tokens)
         self.tools = tools
         self.tool_streams = [ToolCallStream(tools) for _ in self.choices] if tools is not None else []
 

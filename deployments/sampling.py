@@ -1,8 +1,10 @@
-"""OpenAI request fields -> `SamplingParams`. Ranges are SamplingParams' to check, not ours.
+"""OpenAI request fields -> `SamplingParams`, after the request fits the served model's bounds.
 
-Differences between the two endpoints live here: completions' `logprobs` is a count and its
-`max_tokens` defaults to 16 (OpenAI's default); chat's `logprobs` is a flag with `top_logprobs`
-beside it, and its output runs to the end of the context unless limited.
+Ranges that hold for every model are SamplingParams' to check, the served model's bounds
+`RequestLimits`'. Differences between the two endpoints live here: completions' `logprobs` is a
+count and its `max_tokens` defaults to 16 (OpenAI's default); chat's `logprobs` is a flag with
+`top_logprobs` beside it, and without a limit its output runs to serve.default_chat_max_tokens
+or the end of the context, whichever comes first.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from deployments.openai_api import (
 )
 from deployments.structured_outputs import reject_unserved_fields, response_format_output
 from deployments.tool_calls import ToolPlan
+from deployments.request_limits import RequestLimits
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
-def completion_params(request: CompletionRequest) -> SamplingParams:
+def completion_params(request: CompletionRequest, limits: RequestLimits) -> SamplingParams:
     """`echo` with `logprobs` scores the prompt too, in the same prefill (prompt_logprobs); with
     `max_tokens` 0 that is all it does, as lm-eval's loglikelihood asks."""
+    limits.check(request)
     _reject_unsupported_completion_fields(request)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     params = _sampling_params(request, max_tokens, request.logprobs)
@@ -33,14 +37,15 @@ def completion_params(request: CompletionRequest) -> SamplingParams:
     return dataclasses.replace(params, prompt_logprobs=prompt_logprobs, structured_output=grammar)
 
 
-def chat_params(request: ChatCompletionRequest, max_model_len: int,
+def chat_params(request: ChatCompletionRequest, limits: RequestLimits,
                 tools: ToolPlan | None = None) -> tuple[SamplingParams, bool]:  # fmt: skip
-    """The params and whether the replica must fill in max_tokens (the client gave none).
+    """The params and whether the replica must fit max_tokens to its KV room (the client gave none).
 
-    Until the replica fills it in, max_tokens is the model's context length: a bound that
-    passes every check that involves it (min_tokens <= max_tokens). The output follows the
-    grammar of `tools` (tool_choice required or named) or of `response_format`, not both.
+    Without a limit from the client, max_tokens is the bounded default; the replica lowers it to
+    what its context and KV cache leave after the prompt. The output follows the grammar of
+    `tools` (tool_choice required or named) or of `response_format`, not both.
     """
+    limits.check(request)
     reject_unserved_fields(request)
     grammar = response_format_output(request.response_format)
     if tools is not None and tools.constraint is not None:
@@ -48,16 +53,16 @@ def chat_params(request: ChatCompletionRequest, max_model_len: int,
             raise InvalidParameterError("response_format", "response_format cannot be combined with tool_choice "
                                         "required or a named function")  # fmt: skip
         grammar = tools.constraint
-    params, fill = _chat_params(request, max_model_len)
+    params, fill = _chat_params(request, limits)
     return dataclasses.replace(params, structured_output=grammar), fill
 
 
-def _chat_params(request: ChatCompletionRequest, max_model_len: int) -> tuple[SamplingParams, bool]:
+def _chat_params(request: ChatCompletionRequest, limits: RequestLimits) -> tuple[SamplingParams, bool]:
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     if max_tokens is not None and max_tokens < 1:
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         raise InvalidParameterError(name, f"must be >= 1, got {max_tokens}")
-    limit = max_model_len if max_tokens is None else max_tokens
+    limit = min(limits.default_chat_max_tokens, limits.max_model_len) if max_tokens is None else max_tokens
     try:
         return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
     except InvalidParameterError as error:

@@ -4,7 +4,8 @@ The LLMEngine runs on one dedicated thread (its step is compute-bound and releas
 torch); callers on an asyncio loop talk to it through a command queue and get deltas back through
 per-request asyncio queues. Adding a request goes through the loop thread too, so a bad request
 raises in the caller's `generate` (the HTTP layer turns that into a 400), and an abort (a client
-that went away) frees the request's blocks before the next step.
+that went away) frees the request's blocks before the next step. A request that fails inside a
+step raises `RequestFailedError` in its own caller's `generate` only; the loop goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionDelta, EngineStats
+from engine.outputs import CompletionDelta, EngineStats, RequestFailedError
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 remaining -= item.finished
+                if item.error is not None:  # this request alone failed; its other sequences abort below
+                    raise RequestFailedError(item.error)
                 yield item
         finally:
             self._subscribers.pop(request_id, None)

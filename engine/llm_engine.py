@@ -6,10 +6,13 @@ Threading: an LLMEngine is used by one thread (the async engine runs it on its o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
 from cluster.config import LongctxConfig
+from engine.calibration import calibrate_restore_estimates
+from engine.backlog import measure_backlog
 from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
@@ -20,11 +23,16 @@ from executors import Executor, create_executor, executor_backend
 from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
+from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 from protocol.step import PromptLogprobs, SampledToken
+
+logger = logging.getLogger(__name__)
+
+SEED_MODULUS = 2**64  # torch generators take 64-bit seeds; n > 1 seeds seed + index wrap around
 
 
 class ContextLengthExceededError(InvalidParameterError):
@@ -59,6 +67,9 @@ class LLMEngine:
         start = time.perf_counter()
         self.config = config
         self.architecture = load_architecture(config.model.path)
+        if self.architecture.architecture == "deepseek_v4":
+            raise ModelFolderError(f"{config.model.path}: DeepSeek-V4 (model_shards/deepseek_v4) is not served by the "
+                                   "engine yet: its hybrid KV cache awaits the KV-cache coordinator")
         self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
@@ -68,6 +79,9 @@ class LLMEngine:
         self.kv_cache = KVCacheCoordinator.from_config(config, self.executor.description,
                                                        flops=PrefillFlops.of(self.architecture))
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        # Restore-or-recompute estimates measured on this machine before the first request.
+        calibrate_restore_estimates(config, self.executor, self.kv_cache, self.architecture.vocab_size,
+                                    self.max_model_len)
         self.model_fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.executor.kv_layout)
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
@@ -82,19 +96,27 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
     ) -> None:
+        """Queue the request's n sequences, all or none: a refusal (400, 429) leaves nothing behind."""
         if request_id in self._request_groups:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
         token_ids = self._tokenize(prompt)
+        self._check_against_model(params)
         self._check_fits_kv_cache(len(token_ids), params)
         self._check_prompt_logprobs(params)
+        self.scheduler.check_room(params.n)  # the whole group, up front
         params = dataclasses.replace(params, eos_token_ids=self.tokenizer.eos_token_ids)
         chain_root = root_hash(self.model_fingerprint, cache_salt)
-        internal_ids = []
-        for index in range(params.n):
-            internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            self._add_sequence(internal_id, request_id, index, token_ids, self._sequence_params(params, index), chain_root)
-            internal_ids.append(internal_id)
-        self._request_groups[request_id] = internal_ids
+        internal_ids = self._request_groups[request_id] = []
+        try:
+            for index in range(params.n):
+                internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
+                sequence_params = self._sequence_params(params, index)
+                self._add_sequence(internal_id, request_id, index, token_ids, sequence_params, chain_root)
+                internal_ids.append(internal_id)
+        except BaseException:
+            self.abort_request(request_id)
+            self._request_groups.pop(request_id, None)
+            raise
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if not prompt:  # "" would still encode to a lone BOS token
@@ -112,6 +134,17 @@ class LLMEngine:
         if min(token_ids) < 0 or max(token_ids) >= vocab_size:
             raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab_size})")
         return token_ids
+
+    def _check_against_model(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: ids within the vocabulary, n within the queue."""
+        vocab_size = self.architecture.vocab_size
+        if any(not 0 <= token_id < vocab_size for token_id in params.stop_token_ids):
+            raise InvalidParameterError("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+        if params.top_k > vocab_size:
+            raise InvalidParameterError("top_k", f"must be at most the vocabulary size {vocab_size}, got {params.top_k}")
+        if params.n > self.scheduler.settings.max_waiting_requests:
+            raise InvalidParameterError(
+                "n", f"must be at most {self.scheduler.settings.max_waiting_requests} (the queue bound), got {params.n}")
 
     def _check_fits_kv_cache(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         # A sequence that cannot fit the whole cache alone would be preempted for ever.
@@ -133,7 +166,7 @@ class LLMEngine:
     @staticmethod
     def _sequence_params(params: SamplingParams, index: int) -> SamplingParams:
         # n > 1: each sequence samples on its own, seeded with seed + index when a seed is given.
-        seed = None if params.seed is None else params.seed + index
+        seed = None if params.seed is None else (params.seed + index) % SEED_MODULUS
         return dataclasses.replace(params, n=1, seed=seed)
 
     def _add_sequence(self, internal_id, user_id, index, token_ids, params, chain_root) -> None:
@@ -145,7 +178,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> list[CompletionDelta]:
         """Abort all sequences of a caller's request; their blocks are freed now."""
         deltas = []
-        for internal_id in self._request_groups.get(request_id, []):
+        for internal_id in list(self._request_groups.get(request_id, ())):  # _finish shrinks the group
             sequence = self._sequences.get(internal_id)
             if sequence is not None:
                 deltas.append(self._finish(sequence, RequestStatus.FINISHED_ABORTED, "", ()))
@@ -166,9 +199,24 @@ class LLMEngine:
         sampled = self.scheduler.update_from_output(step_input, step_output)
         self.prefill_progress.observe(self.scheduler.running)
         for request_id, chunk in step_output.prompt_logprobs.items():
-            if request_id in self._sequences:
+            if request_id in self._sequences and request_id not in step_output.failed:
                 self._sequences[request_id].absorb_prompt_logprobs(chunk)
-        return [self._process_token(self._sequences[rid], token) for rid, token in sampled.items()]
+        failed = [self._fail(rid, why) for rid, why in step_output.failed.items() if rid in self._sequences]
+        return failed + [self._contained(self._sequences[rid], token) for rid, token in sampled.items()]
+
+    def _contained(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
+        """The token's delta; a failure here (detokenizing, stop checks) ends this sequence alone."""
+        try:
+            return self._process_token(sequence, token)
+        except Exception as error:  # noqa: BLE001 - one request's failure, reported to its caller
+            logger.exception("request %s failed after its token", sequence.request.request_id)
+            return self._fail(sequence.request.request_id, f"its output could not be processed: {error!r}")
+
+    def _fail(self, request_id: str, why: str) -> CompletionDelta:
+        logger.error("request %s failed: %s", request_id, why)
+        sequence = self._sequences[request_id]
+        delta = self._finish(sequence, RequestStatus.FINISHED_FAILED, "", ())
+        return dataclasses.replace(delta, error=f"the request failed in the engine: {why}")
 
     def _process_token(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
         if sequence.first_token_time is None:
@@ -185,7 +233,7 @@ class LLMEngine:
         request = sequence.request
         num_kv_blocks = self._num_kv_blocks(request.request_id)
         self.scheduler.finish_request(request.request_id, status)
-        del self._sequences[request.request_id]
+        self._sequences.pop(request.request_id, None)
         group = self._request_groups.get(sequence.user_request_id, [])
         if request.request_id in group:
             group.remove(request.request_id)
@@ -231,6 +279,7 @@ class LLMEngine:
     # --- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:
         running = self.scheduler.running
+        backlog = measure_backlog(self.scheduler.waiting, running, self.kv_cache.tiers.cost)
         return EngineStats(
             num_running=len(running),
             num_waiting=len(self.scheduler.waiting),
@@ -240,6 +289,10 @@ class LLMEngine:
             num_total_kv_blocks=self.kv_cache.num_blocks,
             block_size=self.block_size,
             kv_redis_up=self.kv_cache.redis_up,
+            num_pending_prefill_tokens=backlog.num_tokens,
+            pending_prefill_s=backlog.seconds,
+            num_decoding=backlog.num_decoding,
+            longest_request_tokens=backlog.longest_request_tokens,
         )
 
     def summary(self) -> EngineSummary:

@@ -24,6 +24,7 @@ class GenerationResult:
     logprobs: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: list[SampledToken] | None = None  # of prompt tokens 1, 2, ... (prompt_logprobs)
     finish_reason: str | None = None
+    error: str | None = None  # why it failed (finish_reason "error")
     num_prompt_tokens: int = 0
     num_prefix_hit_tokens: int = 0  # device + host + Redis
     num_host_hit_tokens: int = 0
@@ -59,6 +60,7 @@ class GenerationResult:
         self.num_kv_blocks = max(self.num_kv_blocks, delta.num_kv_blocks)
         if delta.finished:
             self.finish_reason = delta.finish_reason
+            self.error = delta.error
             self.end_time = now
 
 

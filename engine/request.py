@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # eos, stop token or stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context
     FINISHED_ABORTED = "abort"
+    FINISHED_FAILED = "error"  # handling this request failed; the others went on
 
     @property
     def finished(self) -> bool:
@@ -37,7 +38,12 @@ class Request:
     num_prefix_hit_tokens: int = 0  # of the prompt, served from the prefix cache at admission
     num_host_hit_tokens: int = 0  # of those, restored from host memory
     num_redis_hit_tokens: int = 0  # of those, restored from Redis (via host memory)
+    num_expected_hit_tokens: int = 0  # estimated on arrival, for the autoscaler (engine/backlog.py)
     num_preemptions: int = 0
+    # The prefill stops here and the request requeues to restore what follows, fetched from Redis
+    # while it computed up to here (kvcache/tiers/prefetch.py); None: no pause.
+    pause_at_tokens: int | None = None
+    resumed: bool = False  # it paused once: its next admission adds to its hit counts
     block_hashes: list[bytes] = field(init=False)  # one per full block of token_ids
 
     def __post_init__(self) -> None:

@@ -9,6 +9,9 @@ So a 1M-token prompt advances by one budget-sized chunk per step while every oth
 producing a token per step. When the KV cache runs out of blocks, the most recently arrived
 running request is preempted: its blocks are freed and it goes back to the head of the queue to
 be recomputed (its full blocks usually survive in the prefix cache, so recompute is cheap).
+A request whose cached prefix is fetched from Redis while it computes the first part itself
+(kvcache/tiers/prefetch.py) pauses at the end of that part: it goes back to the head of the
+queue, where its next lookup finds that part on the device and the fetched rest in host memory.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.config import SchedulerSettings
+from engine.backlog import expected_hit_tokens
 from engine.request import Request, RequestStatus
-from kvcache.coordinator import KVCacheCoordinator
+from kvcache.coordinator import KVCacheCoordinator, PrefixHit
 from protocol.step import (
     CachedRequestData,
     NewRequestData,
@@ -52,13 +56,22 @@ class Scheduler:
         self.running: list[Request] = []  # arrival order: the last one is preempted first
         self.requests: dict[str, Request] = {}
         self._dropped_request_ids: set[str] = set()  # workers must forget these next step
+        self._paused_request_ids: set[str] = set()  # workers forget these too; the KV tiers do not
         self._step_id = 0
         self.num_preemptions_total = 0
 
     # --- queue ---------------------------------------------------------------------------
+    def check_room(self, num_requests: int) -> None:
+        """QueueFullError unless `num_requests` more fit the waiting queue (a group, checked whole)."""
+        if len(self.waiting) + num_requests > self.settings.max_waiting_requests:
+            raise QueueFullError(
+                f"waiting queue full ({len(self.waiting)} of {self.settings.max_waiting_requests} requests; "
+                f"{num_requests} more asked)")
+
     def add_request(self, request: Request) -> None:
-        if len(self.waiting) >= self.settings.max_waiting_requests:
-            raise QueueFullError(f"waiting queue full ({self.settings.max_waiting_requests} requests)")
+        self.check_room(1)
+        pending = [*self.waiting, *self.running]
+        request.num_expected_hit_tokens = expected_hit_tokens(request, self.kv_cache.device, pending)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -100,7 +113,7 @@ class Scheduler:
         return self._freeze(plan)
 
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
-        num_new = min(request.num_uncomputed_tokens, plan.budget)
+        num_new = min(request.num_uncomputed_tokens, plan.budget, _tokens_before_pause(request))
         while True:
             new_blocks = self.kv_cache.allocate(request, request.num_computed_tokens + num_new)
             if new_blocks is not None:
@@ -115,14 +128,9 @@ class Scheduler:
         plan.budget -= num_new
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
-        self.running.remove(request)
-        self.kv_cache.free(request.request_id)
-        self._dropped_request_ids.add(request.request_id)
-        request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
+        self._requeue(request, self._dropped_request_ids)
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
         plan.preempted_any = True
         if request.request_id in plan.num_scheduled_tokens:  # scheduled earlier this step: undo
             plan.budget += plan.num_scheduled_tokens.pop(request.request_id)
@@ -151,14 +159,14 @@ class Scheduler:
         hit = self.kv_cache.miss(request) if request.computes_whole_prompt else self.kv_cache.lookup(request, may_probe)
         if hit is None:
             return None
-        num_new = min(request.num_tokens - hit.num_tokens, plan.budget)
+        request.pause_at_tokens = hit.pause_at_tokens
+        num_new = min(request.num_tokens - hit.num_tokens, plan.budget, _tokens_before_pause(request, hit.num_tokens))
         if self.kv_cache.allocate(request, hit.num_tokens + num_new, hit) is None:
             return False
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = hit.num_tokens
         if request.num_preemptions == 0:
-            request.num_prefix_hit_tokens = hit.num_tokens
-            request.num_host_hit_tokens, request.num_redis_hit_tokens = hit.host_tokens, hit.redis_tokens
+            _record_hits(request, hit)
         self.running.append(request)
         plan.num_scheduled_tokens[request.request_id] = num_new
         plan.new_requests.append(self._new_request_data(request))
@@ -178,13 +186,15 @@ class Scheduler:
     def _freeze(self, plan: _StepPlan) -> StepInput:
         self._step_id += 1
         dropped = frozenset(self._dropped_request_ids)
+        paused = frozenset(self._paused_request_ids)
         self._dropped_request_ids.clear()
+        self._paused_request_ids.clear()
         return StepInput(
             step_id=self._step_id,
             new_requests=tuple(plan.new_requests),
             cached_requests=tuple(plan.cached_requests),
             num_scheduled_tokens=plan.num_scheduled_tokens,
-            finished_request_ids=dropped,
+            finished_request_ids=dropped | paused,
             kv_transfers=self.kv_cache.take_transfers(dropped, idle=not plan.num_scheduled_tokens),
         )
 
@@ -196,10 +206,52 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if request_id in step_output.failed:
+                continue  # the engine ends it; none of this step's KV is cached
             request.num_computed_tokens += num_tokens
             self.kv_cache.on_tokens_computed(request)
+            if request.num_computed_tokens == request.pause_at_tokens:
+                self._pause(request)
+                continue
             token = step_output.sampled.get(request_id)
             if token is not None:
                 request.append_output_token(token.token_id)
                 sampled[request_id] = token
         return sampled
+
+    def _pause(self, request: Request) -> None:
+        """The request computed up to its pause while the rest of its prefix came from Redis:
+        back to the head of the queue, where its next lookup finds its blocks in the prefix cache
+        and the rest in host memory (no preemption: nothing is lost). The tiers keep its prefetch."""
+        self._requeue(request, self._paused_request_ids)
+        request.resumed = True
+
+    def _requeue(self, request: Request, forgotten: set[str]) -> None:
+        """Back to the head of the queue, its blocks freed (full ones stay cached); the workers
+        forget it next step (`forgotten`)."""
+        self.running.remove(request)
+        self.kv_cache.free(request.request_id)
+        forgotten.add(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.pause_at_tokens = None
+        self.waiting.appendleft(request)
+
+
+def _tokens_before_pause(request: Request, computed: int | None = None) -> int:
+    """Tokens the request may compute before its pause (no limit without one)."""
+    if request.pause_at_tokens is None:
+        return request.num_tokens
+    return request.pause_at_tokens - (request.num_computed_tokens if computed is None else computed)
+
+
+def _record_hits(request: Request, hit: PrefixHit) -> None:
+    """What the caches served at admission; after a pause, what the second admission restored
+    adds to the first's (the blocks computed before the pause are not hits)."""
+    if request.resumed:
+        request.num_prefix_hit_tokens += hit.restore.num_tokens
+        request.num_host_hit_tokens += hit.host_tokens
+        request.num_redis_hit_tokens += hit.redis_tokens
+    else:
+        request.num_prefix_hit_tokens = hit.num_tokens
+        request.num_host_hit_tokens, request.num_redis_hit_tokens = hit.host_tokens, hit.redis_tokens

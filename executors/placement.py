@@ -19,6 +19,7 @@ from __future__ import annotations
 from cluster.config import LongctxConfig
 
 REPLICA_BUNDLE = 0
+ACCELERATOR_TYPE_SHARE = 0.001
 
 
 def uses_gpu(config: LongctxConfig) -> bool:
@@ -31,10 +32,12 @@ def uses_gpu(config: LongctxConfig) -> bool:
 
 
 def rank_resources(config: LongctxConfig) -> dict[str, float]:
-    """What one rank's actor asks for: a GPU on GPU nodes."""
+    """What one rank's actor asks for: a GPU on GPU nodes, of the configured GPU model if any."""
     resources: dict[str, float] = {"CPU": config.serve.worker_num_cpus}
     if uses_gpu(config):
         resources["GPU"] = 1.0
+        if config.serve.accelerator_type:  # Ray's convention: a sliver of the node's type resource
+            resources[f"accelerator_type:{config.serve.accelerator_type}"] = ACCELERATOR_TYPE_SHARE
     return resources
 
 

@@ -3,7 +3,8 @@
 In the spirit of vLLM's KV connector, the scheduler sees four questions and nothing of the tiers
 behind them:
 
-  lookup(request)              -> PrefixHit (device blocks to share + host blocks to restore),
+  lookup(request)              -> PrefixHit (device blocks to share + host blocks to restore,
+                                  and where to pause if the rest is fetched meanwhile),
                                   or None: wait, its prefix is on its way from Redis
   allocate(request, n, hit)    -> new block ids covering n tokens, or None (nothing changed)
   free(request_id)             finish, abort or preemption
@@ -63,6 +64,13 @@ class PrefixHit:
     def redis_tokens(self) -> int:
         return self.restore.redis_tokens
 
+    @property
+    def pause_at_tokens(self) -> int | None:
+        """The prefill stops here, and the request goes back to the queue to restore what follows
+        (fetched from Redis while it computed up to here); None: no pause."""
+        pause = self.restore.pause_block
+        return None if pause is None else pause * self.restore.block_size
+
 
 NewBlocks = tuple[list[int], ...]  # the block ids an allocation added, per group (group 0 first)
 
@@ -86,7 +94,8 @@ class KVCacheCoordinator:
         block_size, prefix_caching = config.cache.block_size, config.cache.enable_prefix_caching
         # Without prefix caching no block has a name, so no tier could ever find one.
         tier_settings = config.kv_tiers if prefix_caching else KVTierSettings()
-        tiers = TierManager(tier_settings, block_size, workers.kv_block_nbytes, flops=flops)
+        tiers = TierManager(tier_settings, block_size, workers.kv_block_nbytes, flops=flops,
+                            chunk_tokens=config.scheduler.max_tokens_per_step)
         device = KVCacheManager(workers.num_kv_blocks, block_size, prefix_caching, on_evict=tiers.on_device_evict)
         tiers.track_device(device.pool)
         groups = [make_group(spec, num_blocks, block_size, prefix_caching) for spec, num_blocks in extra_groups]

@@ -21,7 +21,10 @@ A request's restorable prompt blocks at admission (the last prompt token is alwa
 A Redis prefetch is asynchronous (kvcache/tiers/prefetch.py): the request keeps its place at the
 head of the queue (later requests that need nothing from Redis are admitted meanwhile) until its
 blocks have reached host memory or its deadline passed, then restores the host run as above. A
-fetch that fails verification is a miss: the run ends there and the rest is recomputed.
+fetch that fails verification is a miss: the run ends there and the rest is recomputed. When the
+cost model splits the run, the request is admitted at once to compute the run's first blocks
+while the rest is fetched, pauses after them (`RestorePlan.pause_block`), and comes back for the
+rest.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class StepLike(Protocol):
     @property
     def total_scheduled_tokens(self) -> int: ...
 
-    def scheduled_spans(self) -> Iterable[tuple[int, int]]: ...
+    def scheduled_spans(self) -> list[tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class RestorePlan:
     num_eligible_blocks: int  # full prompt blocks that a cache could serve
     slots: tuple[int, ...] = ()
     origins: tuple[str, ...] = ()  # HOST or REDIS, per slot
+    # The request computes up to this block, then goes back to the queue to restore what follows
+    # (fetched from Redis meanwhile); None: no pause.
+    pause_block: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -90,9 +96,9 @@ class RestorePlan:
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
                  metrics: TierObserver | None = None, clock: Callable[[], float] = time.monotonic,
-                 flops: PrefillFlops | None = None):
+                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None):
         """`flops`: the model's prefill cost (PrefillFlops.of(architecture)); without it the
-        recompute estimate is linear in tokens."""
+        recompute estimate is linear in tokens. `chunk_tokens`: the scheduler's step budget."""
         self.settings = settings
         self.block_size = block_size
         self.block_nbytes = block_nbytes
@@ -101,7 +107,7 @@ class TierManager:
         self.host = self._make_host_index()
         self.redis_enabled = self.host is not None and bool(settings.redis_urls)
         self.redis_up = self.redis_enabled
-        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes), flops)
+        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes), flops, chunk_tokens)
         self._ops = OpsBuilder()
         self.prefetch = self._make_prefetcher() if self.redis_enabled else None
         self._step_pins: list[int] = []  # host slots used by this step's saves and loads
@@ -160,10 +166,11 @@ class TierManager:
                                                                self.redis_up, may_probe):
             return None
         slots = self.host.leading_run(hashes)
-        if not slots or not self._decide(HOST, num_device_blocks, len(slots), request.request_id).restore:
-            return plan
+        if slots and not self._decide(HOST, num_device_blocks, len(slots), request.request_id).restore:
+            slots = []
         self.host.pin(slots)  # before the device allocation, whose spills could evict them
-        return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots))
+        pause = self.prefetch.pause_block(request.request_id, num_device_blocks + len(slots)) if self.prefetch else None
+        return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots), pause_block=pause)
 
     def commit(self, plan: RestorePlan, new_block_ids: Sequence[int]) -> None:
         """The request got its device blocks: load the plan's slots into the first of them."""
@@ -172,19 +179,21 @@ class TierManager:
         for slot in plan.slots:
             self.host.mark_restored(slot)
         self._record_lookup(plan)
-        self._write_through_from[plan.request_id] = plan.first_block + len(plan.slots)
+        # A head computed while the rest is fetched: Redis holds its blocks already.
+        self._write_through_from[plan.request_id] = max(plan.first_block + len(plan.slots), plan.pause_block or 0)
 
     def cancel(self, plan: RestorePlan) -> None:
         """The request was not admitted after all (no device blocks): unpin the plan's slots."""
         if plan.slots:
             self.host.unpin(plan.slots)
 
-    def _decide(self, tier: str, first_block: int, num_blocks: int, request_id: str) -> Decision:
-        decision = self.cost.decide(tier, first_block, num_blocks)
+    def _decide(self, tier: str, first_block: int, num_blocks: int, request_id: str, split: bool = True) -> Decision:
+        decision = self.cost.decide(tier, first_block, num_blocks, split)
         self.metrics.record_decision(decision)
-        logger.info("request %s: %s %d blocks (%s: %.2f ms to restore, %.2f ms to recompute)", request_id,
+        head = f", the first {decision.head_blocks} recomputed meanwhile" if decision.head_blocks else ""
+        logger.info("request %s: %s %d blocks (%s: %.2f ms to restore%s, %.2f ms to recompute)", request_id,
                     "restore" if decision.restore else "recompute", num_blocks, tier,
-                    decision.restore_s * 1e3, decision.recompute_s * 1e3)
+                    decision.restore_s * 1e3, head, decision.recompute_s * 1e3)
         return decision
 
     def _record_lookup(self, plan: RestorePlan) -> None:
@@ -289,9 +298,17 @@ class TierManager:
         if self._step_pins:
             self.host.unpin(self._step_pins)
             self._step_pins = []
-        if step_input.total_scheduled_tokens >= self.block_size:  # decode-only steps measure overhead
-            self.cost.observe_prefill(step_input.scheduled_spans(), seconds - blocking_s)
-        self.metrics.record_estimates(self.cost)
+        spans = step_input.scheduled_spans()
+        if self.host is not None and self._measures_prefill(spans):
+            self.cost.observe_prefill(spans, seconds - blocking_s)
+            self.metrics.record_estimates(self.cost)
+
+    def _measures_prefill(self, spans: list[tuple[int, int]]) -> bool:
+        """A step of prefill chunks, at least a block of them: decodes read their whole KV for
+        one token each, a cost in memory bandwidth that FLOPs do not describe."""
+        chunks = [count for _, count in spans if count > 1]
+        num_decodes = len(spans) - len(chunks)
+        return sum(chunks) >= self.block_size and num_decodes <= sum(chunks) // 8
 
     def _forget(self, request_id: str) -> None:
         if self.prefetch is not None:

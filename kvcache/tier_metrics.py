@@ -12,9 +12,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
-from protocol.kv_transfer_ops import CHECKSUM, MISMATCH, TRUNCATED, KVTransferReport
+from protocol.kv_transfer_ops import CHECKSUM, MISMATCH, TRUNCATED, UNAUTHENTIC, KVTransferReport
 
-_FAILED_VERIFICATION = (CHECKSUM, TRUNCATED, MISMATCH)
+_FAILED_VERIFICATION = (CHECKSUM, TRUNCATED, MISMATCH, UNAUTHENTIC)
 
 
 class TierMetrics:
@@ -46,20 +46,24 @@ class TierMetrics:
                                       ["path"], registry=r)
         self.transfer_seconds = Counter("longctx_kv_transfer_seconds", "Wall time of tier transfers, by path.",
                                         ["path"], registry=r)
-        self.bandwidth = Gauge("longctx_kv_bandwidth_estimate_bytes_per_second", "Bandwidth estimate (EMA) "
-                               "used by the restore decisions, by path.", ["path"], registry=r)
-        self.prefill_rate = Gauge("longctx_kv_prefill_estimate_flops_per_second", "Prefill-speed estimate "
-                                  "(EMA of weight + causal-attention FLOPs per second) used by the restore "
-                                  "decisions.", registry=r)
-        self.redis_overhead = Gauge("longctx_kv_redis_restore_overhead_estimate_seconds", "Time a Redis restore "
-                                    "takes beyond moving its bytes (EMA): probe and fetch round trips.", registry=r)
+        self.bandwidth = Gauge("longctx_kv_bandwidth_estimate_bytes_per_second", "Measured bandwidth (EMA "
+                               "of the worker's timed batches), by path.", ["path"], registry=r)
+        self.prefill_rate = Gauge("longctx_kv_prefill_estimate_flops_per_second", "Prefill-speed estimate used "
+                                  "by the restore decisions: weight FLOPs per second of a prefill step.", registry=r)
+        self.redis_overhead = Gauge("longctx_kv_redis_restore_overhead_estimate_seconds", "Fixed part of the "
+                                    "Redis restore estimate: probe and fetch round trips, engine steps between.",
+                                    registry=r)
 
     def _define_redis_series(self) -> None:
         r = self.registry
         self.fetch_outcomes = Counter("longctx_kv_redis_fetches", "Blocks fetched from Redis, by outcome "
-                                      "(hit, missing, checksum, truncated, mismatch).", ["outcome"], registry=r)
+                                      "(hit, missing, checksum, truncated, mismatch, unauthentic).", ["outcome"],
+                                      registry=r)
         self.checksum_failures = Counter("longctx_kv_checksum_failures", "Fetched values that failed "
-                                         "verification (checksum, length, header) and were recomputed.", registry=r)
+                                         "verification (checksum, length, header, MAC) and were recomputed.", registry=r)
+        self.unauthentic_blocks = Counter("longctx_kv_unauthentic_blocks", "Fetched values whose MAC did not "
+                                          "verify (forged, or copied from another block or namespace): someone "
+                                          "without the key wrote to Redis. Each was recomputed.", registry=r)
         self.prefetch_timeouts = Counter("longctx_kv_prefetch_timeouts", "Requests that stopped waiting for "
                                          "their Redis prefetch.", registry=r)
         self.redis_writes = Counter("longctx_kv_redis_writes", "Blocks written to Redis, by result (stored, "
@@ -88,6 +92,8 @@ class TierMetrics:
             self.fetch_outcomes.labels(outcome).inc()
             if outcome in _FAILED_VERIFICATION:
                 self.checksum_failures.inc()
+            if outcome == UNAUTHENTIC:
+                self.unauthentic_blocks.inc()
         self.redis_writes.labels("stored").inc(report.writes_stored)
         self.redis_writes.labels("dropped").inc(report.writes_dropped)
         self.redis_errors.inc(report.redis_errors)
@@ -105,5 +111,5 @@ class TierMetrics:
     def record_estimates(self, cost: RestoreCostModel) -> None:
         for path, ema in cost.bandwidth.items():
             self.bandwidth.labels(path).set(ema.value)
-        self.prefill_rate.set(cost.prefill_flops_per_s.value)
-        self.redis_overhead.set(cost.redis_overhead_s.value)
+        self.prefill_rate.set(1.0 / cost.prefill.coefficients[1])
+        self.redis_overhead.set(cost.redis_fetch.coefficients[0])

@@ -12,9 +12,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_folder.errors import ModelFolderError
+
+if TYPE_CHECKING:
+    from model_folder.deepseek_v4_config import DeepseekV4Architecture
 
 # config.json "architectures" entry -> our name
 SUPPORTED_ARCHITECTURES = {
@@ -22,6 +25,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+
+DEEPSEEK_V4_ARCHITECTURE = "DeepseekV4ForCausalLM"
 
 # max_position_embeddings when config.json leaves it out (the transformers class defaults)
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
@@ -113,9 +118,14 @@ class ModelArchitecture:
                 f"valid sizes: {', '.join(map(str, valid))}")
 
 
-def load_architecture(folder: str | Path) -> ModelArchitecture:
-    """Parse `folder/config.json`; raise ModelFolderError naming the file or key that is wrong."""
+def load_architecture(folder: str | Path) -> ModelArchitecture | DeepseekV4Architecture:
+    """Parse `folder/config.json`; raise ModelFolderError naming the file or key that is wrong.
+    DeepSeek-V4 folders get their own description (model_folder/deepseek_v4_config.py)."""
     config = _read_config(Path(folder) / "config.json")
+    if config.get("architectures") == [DEEPSEEK_V4_ARCHITECTURE] or config.get("model_type") == "deepseek_v4":
+        from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # lazy: it imports this module
+
+        return parse_deepseek_v4_config(config)
     architecture = _architecture_name(config)
     for key in _REQUIRED_KEYS:
         if config.get(key) is None:

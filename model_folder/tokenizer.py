@@ -6,6 +6,7 @@ same folder (encode, decode, apply_chat_template), without importing transformer
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -74,6 +75,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Ids the tokenizer knows, added tokens included (transformers' `len(tokenizer)`)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest vocabulary entry, added tokens included. No token stands for
+        more bytes of text than its entry spells: byte-level BPE spells each byte with one or two
+        bytes, sentencepiece a space with "▁" (3 bytes) and a fallback byte with "<0xNN>" (6)."""
+        return max(len(piece.encode("utf-8")) for piece in self.backend.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; `add_special_tokens` applies the post-processor (e.g. a leading BOS)."""

@@ -40,9 +40,10 @@ from model_folder.tokenizer_training import (
 )
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
+DEEPSEEK_V4_PRESET_PREFIX = "deepseek-v4"  # those presets live in model_shards/deepseek_v4/presets.py
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
 # Initialisation. Untied embedding rows and every projection output have unit-scale entries, so
 # each layer moves the residual stream as much as the token embedding does (otherwise a random
@@ -209,6 +210,7 @@ class TensorSpec:
     std: float
     mean: float = 0.0
     unused_rows: tuple[int, int] | None = None  # (first id, count of ids) never emitted: see UNUSED_ROW_SCALE
+    dtype: torch.dtype | None = None  # stored dtype when not the checkpoint's (an integer table)
 
 
 def _norm(name: str, size: int, mean: float = 1.0) -> TensorSpec:
@@ -287,12 +289,12 @@ def _plan_shards(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) -
 
 
 def _safetensors_header(specs: list[TensorSpec], dtype: torch.dtype) -> bytes:
-    itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
-        end = offset + math.prod(spec.shape) * itemsize
-        header[spec.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(spec.shape),
+        stored = spec.dtype or dtype
+        end = offset + math.prod(spec.shape) * torch.empty((), dtype=stored).element_size()
+        header[spec.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[stored], "shape": list(spec.shape),
                              "data_offsets": [offset, end]}  # fmt: skip
         offset = end
     encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -306,17 +308,19 @@ def write_safetensors(path: Path, specs: list[TensorSpec], tensor_for: Callable[
     with open(path, "wb") as file:
         file.write(_safetensors_header(specs, dtype))
         for spec in specs:
-            tensor = tensor_for(spec).to(dtype).contiguous()
+            tensor = tensor_for(spec).to(spec.dtype or dtype).contiguous()
             file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def _write_weights(out_dir: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, max_shard_bytes: int) -> int:
-    """Write model.safetensors, or shards and their index; returns the number of files."""
+def write_weights(out_dir: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, max_shard_bytes: int,
+                  tensor_for: Callable[[TensorSpec], torch.Tensor] | None = None) -> int:
+    """Write model.safetensors, or shards and their index; returns the number of files. Values
+    come from `tensor_for` (default: make_tensor with `seed`)."""
     for stale in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _plan_shards(specs, itemsize, max_shard_bytes)
-    tensor_for = functools.partial(make_tensor, seed=seed)
+    tensor_for = tensor_for or functools.partial(make_tensor, seed=seed)
     if len(shards) == 1:
         write_safetensors(out_dir / "model.safetensors", specs, tensor_for, dtype)
         return 1
@@ -333,7 +337,7 @@ def _write_weights(out_dir: Path, specs: list[TensorSpec], seed: int, dtype: tor
 
 # --- tokenizer -------------------------------------------------------------------------------------
 
-def _tokenizer_config(tokenizer: Tokenizer, preset: ModelPreset) -> dict[str, Any]:
+def _tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict[str, Any]:
     added_tokens = {
         str(tokenizer.token_to_id(token)): {
             "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -348,7 +352,7 @@ def _tokenizer_config(tokenizer: Tokenizer, preset: ModelPreset) -> dict[str, An
         "clean_up_tokenization_spaces": False,
         "eos_token": EOT_TOKEN,
         "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": preset.max_position_embeddings,
+        "model_max_length": model_max_length,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
 
@@ -408,28 +412,42 @@ def make_model(
         raise ValueError("qwen2 needs head_dim * num_attention_heads == hidden_size (its config has no head_dim)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_json = trained_tokenizer_json(shape.vocab_size)
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    (out / "tokenizer.json").write_text(tokenizer_json)
+    tokenizer = write_tokenizer_files(out, shape.vocab_size, shape.max_position_embeddings)
     _write_metadata(out, shape, architecture, tokenizer)
     specs = weight_specs(shape, architecture, tokenizer.get_vocab_size())
-    _write_weights(out, specs, seed, DTYPES[shape.torch_dtype], max_shard_bytes)
+    write_weights(out, specs, seed, DTYPES[shape.torch_dtype], max_shard_bytes)
     return out
 
 
+def write_tokenizer_files(out: Path, vocab_size: int, model_max_length: int) -> Tokenizer:
+    """tokenizer.json (trained here), tokenizer_config.json with the chat template, and
+    special_tokens_map.json; returns the tokenizer."""
+    tokenizer_json = trained_tokenizer_json(vocab_size)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    (out / "tokenizer.json").write_text(tokenizer_json)
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(tokenizer, model_max_length))
+    _write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOT_TOKEN})
+    return tokenizer
+
+
+def special_token_ids(tokenizer: Tokenizer) -> tuple[int, list[int]]:
+    """(bos id, eos ids) of a tokenizer from `write_tokenizer_files`."""
+    return tokenizer.token_to_id(BOS_TOKEN), [tokenizer.token_to_id(END_OF_TEXT_TOKEN), tokenizer.token_to_id(EOT_TOKEN)]
+
+
 def _write_metadata(out: Path, preset: ModelPreset, architecture: str, tokenizer: Tokenizer) -> None:
-    bos_id = tokenizer.token_to_id(BOS_TOKEN)
-    eos_ids = [tokenizer.token_to_id(END_OF_TEXT_TOKEN), tokenizer.token_to_id(EOT_TOKEN)]
+    bos_id, eos_ids = special_token_ids(tokenizer)
     _write_json(out / "config.json", _model_config(preset, architecture, bos_id, eos_ids))
     _write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids})
-    _write_json(out / "tokenizer_config.json", _tokenizer_config(tokenizer, preset))
-    _write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOT_TOKEN})
 
 
 def add_make_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="Folder to write (created; existing model files are replaced).")
     # No argparse `choices`: make_model's ValueError gives the same one-line message to every caller.
-    parser.add_argument("--preset", default="tiny", help=f"Model shape: {', '.join(PRESETS)}.")
+    parser.add_argument("--preset", default="tiny",
+                        help=f"Model shape: {', '.join(PRESETS)}, deepseek-v4-tiny, deepseek-v4-flash-shape.")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="num_hidden_layers (DeepSeek-V4 presets keep the first N layers of their schedule).")
     parser.add_argument("--seed", type=int, default=0, help="Weights are a function of seed and tensor name.")
     parser.add_argument("--architecture", default="llama", help=f"One of {', '.join(ARCHITECTURES)}.")
     parser.add_argument("--rope-scaling", default=None, metavar="JSON",
@@ -469,6 +487,12 @@ def _parse_rope_scaling(text: str | None) -> dict[str, Any] | None:
 
 def run_make_model(args: argparse.Namespace) -> Path:
     """`longctx make-model`: write the folder and print a one-line summary."""
+    if args.preset.startswith(DEEPSEEK_V4_PRESET_PREFIX):
+        from model_shards.deepseek_v4.presets import run_make_deepseek_v4_model
+
+        return run_make_deepseek_v4_model(args)
+    if args.layers is not None:
+        args.overrides = [*args.overrides, f"num_hidden_layers={args.layers}"]
     options = dict(rope_scaling=_parse_rope_scaling(args.rope_scaling), dtype=args.dtype,
                    **parse_overrides(args.overrides))  # fmt: skip
     out = make_model(args.out_dir, args.preset, seed=args.seed, architecture=args.architecture,

@@ -109,13 +109,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def initial_inv_freq(arch: ModelArchitecture) -> tuple[torch.Tensor, float]:
     """(inv_freq (head_dim // 2,) float32 on CPU, attention scaling) as transformers builds
     them at model construction."""
-    theta, dim, scaling = arch.rope_theta, arch.head_dim, arch.rope_scaling
+    return inv_freq_for(arch.rope_theta, arch.head_dim, arch.rope_scaling, arch.max_position_embeddings)
+
+
+def inv_freq_for(theta: float, dim: int, scaling: RopeScaling | None,
+                 max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq (dim // 2,) float32 on CPU, attention scaling) for `dim` rotated channels."""
     if scaling is None:
         return _default_inv_freq(theta, dim), 1.0
     if scaling.rope_type == "linear":
         return _default_inv_freq(theta, dim) / scaling.factor, 1.0
     if scaling.rope_type == "dynamic":
-        return _dynamic_inv_freq(theta, dim, scaling.factor, arch.max_position_embeddings, None), 1.0
+        return _dynamic_inv_freq(theta, dim, scaling.factor, max_position_embeddings, None), 1.0
     if scaling.rope_type == "yarn":
         return _yarn_inv_freq(theta, dim, scaling), _yarn_attention_factor(scaling)
     if scaling.rope_type == "llama3":

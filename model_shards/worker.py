@@ -13,6 +13,7 @@ that every rank appends the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,10 @@ from model_shards.structured_output import GrammarCompiler
 from model_shards.weights import WeightReader
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.kv_transfer_ops import KVTransferReport
-from protocol.step import CachedRequestData, NewRequestData, StepInput, StepOutput
+from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
 from protocol.worker_description import WorkerDescription
+
+FAILED_ROW = -1  # the token id broadcast for a row whose sampling failed
 
 
 @dataclass
@@ -158,16 +161,22 @@ class ModelWorker:
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
-        self._apply_changes(step_input)
+        """One step. A request whose own handling fails (its sampling state, its sample) is left
+        out and reported in `failed`; the other requests of the step go on as if it were absent."""
+        failed: dict[str, str] = {}
+        self._apply_changes(step_input, failed)
         kv_report = self._transfer_kv(step_input)  # before the forward pass overwrites evicted blocks
+        step_input = _without(step_input, failed)
         if not step_input.num_scheduled_tokens:
-            return StepOutput(step_input.step_id, kv_report=kv_report)
+            return StepOutput(step_input.step_id, kv_report=kv_report, failed=failed)
         hidden, batch = self._run_model(step_input)  # (tokens, hidden)
         prompt_logprobs = compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
                                                   keep=self.layout.is_driver_rank)
-        sampled = self._sample(hidden, batch)
+        sampled = self._sample(hidden, batch, failed)
         self._advance(step_input)
-        return StepOutput(step_input.step_id, sampled, kv_report=kv_report, prompt_logprobs=prompt_logprobs)
+        prompt_logprobs = {rid: chunk for rid, chunk in prompt_logprobs.items() if rid not in failed}
+        return StepOutput(step_input.step_id, sampled, kv_report=kv_report, prompt_logprobs=prompt_logprobs,
+                          failed=failed)
 
     def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, _Batch]:
         """A step of decodes replays a CUDA graph when one fits; anything else runs eagerly."""
@@ -203,11 +212,14 @@ class ModelWorker:
         return self.rank_agreement.agree(report, [e[0] for e in every], [e[1] for e in every],
                                          [e[2] for e in every])
 
-    def _apply_changes(self, step_input: StepInput) -> None:
+    def _apply_changes(self, step_input: StepInput, failed: dict[str, str]) -> None:
         for request_id in step_input.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in step_input.new_requests:
-            self.requests[new.request_id] = self._new_state(new)
+            try:  # e.g. a seed no generator takes: that request fails, not the step
+                self.requests[new.request_id] = self._new_state(new)
+            except Exception as error:  # noqa: BLE001 - reported to the engine, which aborts the request
+                failed[new.request_id] = f"its sampling state could not be built: {error!r}"
         if self.decode_graphs is not None:  # a rebuilt request brings a new block table
             rebuilt = [new.request_id for new in step_input.new_requests]
             for request_id in [*step_input.finished_request_ids, *rebuilt]:
@@ -283,18 +295,26 @@ class ModelWorker:
         return _Batch(local.input_ids, local.metadata.positions, local.metadata,
                       [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling], [])
 
-    def _sample(self, hidden: torch.Tensor, batch: _Batch) -> dict:
+    def _sample(self, hidden: torch.Tensor, batch: _Batch, failed: dict[str, str]) -> dict:
         if not batch.sample_rows:
             return {}
-        tokens = self._sample_on_rank_zero(hidden, batch)  # None on every other rank
-        token_ids = self.layout.world.broadcast_ints([t.token_id for t in tokens] if tokens else None,
-                                                     len(batch.sample_rows))
-        for request_id, token_id in zip(batch.sample_request_ids, token_ids):
+        tokens = self._sample_on_rank_zero(hidden, batch, failed)  # None on every other rank
+        # A row whose sampling failed travels as -1: every rank drops that request alike.
+        sent = [FAILED_ROW if t is None else t.token_id for t in tokens] if tokens is not None else None
+        token_ids = self.layout.world.broadcast_ints(sent, len(batch.sample_rows))
+        sampled = {}
+        for row, (request_id, token_id) in enumerate(zip(batch.sample_request_ids, token_ids)):
+            if token_id == FAILED_ROW:
+                failed.setdefault(request_id, "its sampling failed on rank 0")
+                del self.requests[request_id]
+                continue
             self.requests[request_id].token_ids.append(token_id)
             self.requests[request_id].sampling.append(token_id)
-        return dict(zip(batch.sample_request_ids, tokens)) if tokens else {}
+            if tokens is not None:
+                sampled[request_id] = tokens[row]
+        return sampled
 
-    def _sample_on_rank_zero(self, hidden: torch.Tensor, batch: _Batch) -> list | None:
+    def _sample_on_rank_zero(self, hidden: torch.Tensor, batch: _Batch, failed: dict[str, str]) -> list | None:
         """Logits on SP rank 0 (where the sampled rows are; a collective over its TP group),
         sampling on world rank 0 only: unseeded requests draw from one RNG, not one per rank."""
         if self.layout.sp.rank != 0:
@@ -306,8 +326,34 @@ class ModelWorker:
         logits = self.model.compute_logits(hidden[rows])  # (sampling requests, vocab) float32
         if not self.layout.is_driver_rank:
             return None
-        return self.sampler(logits, [self.requests[rid].sampling for rid in batch.sample_request_ids])
+        states = [self.requests[rid].sampling for rid in batch.sample_request_ids]
+        try:
+            return self.sampler(logits, states)
+        except Exception:  # noqa: BLE001 - find the rows at fault; the others still get their token
+            return [self._sample_row(logits[row : row + 1], state, request_id, failed)
+                    for row, (state, request_id) in enumerate(zip(states, batch.sample_request_ids))]
+
+    def _sample_row(self, logits: torch.Tensor, state: SamplingState, request_id: str,
+                    failed: dict[str, str]) -> SampledToken | None:
+        """One row alone, after the batch failed. The stages before the final draw consume no
+        random numbers, so a seeded row that failed only because of another draws what it would
+        have drawn in the batch."""
+        try:
+            return self.sampler(logits, [state])[0]
+        except Exception as error:  # noqa: BLE001 - reported to the engine, which aborts the request
+            failed[request_id] = f"its sampling failed: {error!r}"
+            return None
 
     def _advance(self, step_input: StepInput) -> None:
         for request_id, num_new in step_input.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += num_new
+            state = self.requests.get(request_id)  # None: it failed in sampling and was dropped
+            if state is not None:
+                state.num_computed_tokens += num_new
+
+
+def _without(step_input: StepInput, failed: dict[str, str]) -> StepInput:
+    """The step minus the requests that failed before the forward pass."""
+    if not failed:
+        return step_input
+    scheduled = {rid: num for rid, num in step_input.num_scheduled_tokens.items() if rid not in failed}
+    return dataclasses.replace(step_input, num_scheduled_tokens=scheduled)

@@ -34,6 +34,7 @@ MISSING = "missing"  # no value: never written, expired, evicted, or the shard i
 CHECKSUM = "checksum"  # the payload does not match its checksum
 TRUNCATED = "truncated"  # shorter or longer than its header says
 MISMATCH = "mismatch"  # a well-formed value of another format, dtype, shape or block
+UNAUTHENTIC = "unauthentic"  # its MAC does not verify: forged, or copied from another block or namespace
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class KVTransferOps:
     # Set when the step computes nothing and a request waits for fetches: the worker may block
     # this long for one to finish instead of the engine spinning through empty steps.
     poll_timeout_s: float = 0.0
+    # Start-up only (engine/calibration.py): time moving one block and about this many bytes each
+    # way between device, host and Redis, in blocks and slots from 0 (none is in use yet); the
+    # timings come back in the report's `transfers`.
+    calibration_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 SERVER_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -157,3 +157,11 @@ def _query(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}" + (f"; known: {', '.join(allowed)}" if allowed else ""))
     return options
+
+
+def with_password(url: str, password: str) -> str:
+    """The URL with `password` in it, unless it already carries credentials (those win)."""
+    scheme, _, rest = url.partition("://")
+    if "@" in rest.partition("/")[0]:
+        return url
+    return f"{scheme}://:{quote(password, safe='')}@{rest}"

@@ -76,6 +76,8 @@ class SamplingParams:
                 raise InvalidParameterError(name, f"must be between 0 and {MAX_LOGPROBS}, got {value}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidParameterError("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidParameterError("seed", f"must fit 64 bits (-2**63 to 2**64 - 1), got {self.seed}")
         if any(not isinstance(text, str) or text == "" for text in self.stop):
             raise InvalidParameterError("stop", "stop strings must be non-empty strings")
 

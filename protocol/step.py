@@ -84,3 +84,6 @@ class StepOutput:
     kv_report: KVTransferReport | None = None  # what the worker's tier transfers did
     # Requests that asked for prompt_logprobs and had prompt rows in this step.
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+    # request id -> why the worker could not handle it this step (its sampling state, its sample):
+    # the engine ends that request with this error; the rest of the step stands.
+    failed: dict[str, str] = field(default_factory=dict)

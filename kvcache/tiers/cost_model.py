@@ -1,28 +1,47 @@
-"""Restore or recompute: estimated restore time per tier against estimated recompute time.
+"""Restore or recompute: the estimated time to first token of each, on this machine.
 
-Both sides are measured while serving: each transfer the worker reports updates an EMA of that
-path's bandwidth; each step that computed a prefill chunk updates an EMA of the prefill speed;
-the settings' initial values stand in until then. Restoring n blocks from a tier costs
-n * block bytes over the bandwidth of every hop (Redis -> host -> device).
+Three estimates, each a `LinearEstimate` (kvcache/tiers/linear_estimate.py): calibrated at start-up
+by a short probe on the actual device and Redis (engine/calibration.py), then corrected by every
+measurement while serving, so that an estimate off by 2x is right after one measurement.
 
-Recompute is not linear in tokens: a token at position p attends to p + 1 keys, so the last
-block of a 1M-token prefix costs several times what the first does, and at 1M tokens attention
-is most of the prefill (an 8B model: ~14 GFLOP of weights per token against ~0.5 MFLOP per
-attended key, equal at ~27K keys). A rate in tokens/s measured on short prompts would put a
-1M-token recompute at a fraction of its real time and refuse restores that win by minutes. So
-the speed is kept in FLOP/s, and a span of tokens costs its weight FLOPs plus its causal
-attention FLOPs (`PrefillFlops`, from the architecture); a step's FLOPs over its time is one
-sample. (The constant factors cancel: what matters is that one rate fits short and long.)
+  prefill      one engine step: (1, weight FLOPs, attention FLOPs) -> seconds. Every step that
+               computed a prefill chunk is a measurement (minus the transfers it waited for).
+  host load    host -> device copy of a step's loads: (1, bytes) -> seconds.
+  redis fetch  a whole prefetch as the driver sees it, probe out to the last block in host
+               memory: (1, bytes) -> seconds. Its fixed part holds the round trips and the engine
+               steps between them (~0.1 s on the H200 host, as much as moving 16K tokens).
+
+Recompute is not linear in tokens: a token at position p attends to p + 1 keys, so the last block
+of a 1M-token prefix costs ~40x the first (an 8B model), and at 1M tokens attention is most of
+the prefill. A rate in tokens/s measured on short prompts would put a 1M-token recompute at a
+fraction of its real time and refuse restores that win by minutes. So a step's cost is split into
+weight FLOPs and causal-attention FLOPs (`PrefillFlops`, from the architecture), each with its own
+coefficient (attention kernels and matmuls run at different fractions of peak), plus a fixed cost
+per step (scheduling, launches, sampling: what dominates a 64-token step).
+
+Overlap. Restoring blocks from Redis keeps the device idle for that request, and recomputing the
+first blocks of a prefix is cheap (they attend to few keys). So a Redis restore may be split: the
+first `head_blocks` are recomputed *while* the rest is fetched, and the request then restores that
+rest (kvcache/tiers/prefetch.py). Its time is
+
+    max(prefill of the head, fetch of the rest) + host -> device load of the rest
+
+and the head is chosen to minimize it: where the prefill of the head catches up with the fetch of
+the rest. Both paths then compute the same remaining prompt tokens, so those cancel.
+
+A restore is chosen only when its estimate beats recomputing by `restore_margin` (a restore also
+costs Redis bandwidth and host memory, and its time varies more than a prefill's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.config import KVTierSettings
-from kvcache.tiers.host_index import HOST, REDIS
+from cluster.config import KVTierSettings, SchedulerSettings
+from kvcache.tiers.host_index import REDIS
+from kvcache.tiers.linear_estimate import LinearEstimate
 from protocol.kv_transfer_ops import (
     DEVICE_TO_HOST,
     HOST_TO_DEVICE,
@@ -33,14 +52,18 @@ from protocol.kv_transfer_ops import (
 if TYPE_CHECKING:  # the control plane reads config.json shapes, never model code
     from model_folder.hf_config import ModelArchitecture
 
-# A smaller sample mostly measures call overhead, not bandwidth.
+# A smaller transfer mostly measures call overhead, not bandwidth.
 _MIN_SAMPLE_BYTES = 64 << 10
-_PATHS_OF_TIER = {HOST: (HOST_TO_DEVICE,), REDIS: (REDIS_TO_HOST, HOST_TO_DEVICE)}
+# Fixed costs until calibrated or measured: one engine step, one host -> device batch, one Redis
+# prefetch (probe and fetch round trips). Guesses; the start-up probe replaces them.
+_INITIAL_STEP_S = 2e-3
+_INITIAL_LOAD_S = 1e-4
+_INITIAL_FETCH_S = 2e-3
 
 
 class Ema:
-    """An exponential moving average whose first sample replaces the initial guess: a guess off
-    by 30x (10K tokens/s against an H100's 300K) would otherwise weigh on a dozen decisions."""
+    """An exponential moving average whose first sample replaces the initial guess (the
+    measured bandwidth of each path, exported as a metric)."""
 
     def __init__(self, initial: float, alpha: float):
         self.value = initial
@@ -72,73 +95,156 @@ class PrefillFlops:
         """One "FLOP" per token: a rate in tokens/s, for callers without an architecture."""
         return cls(per_token=1.0, per_key=0.0)
 
-    def span(self, start: int, end: int) -> float:
+    def amounts(self, start: int, end: int) -> tuple[float, float]:
+        """(weight FLOPs, attention FLOPs) of positions [start, end)."""
         keys = (end * (end + 1) - start * (start + 1)) // 2  # position p attends to p + 1 keys
-        return self.per_token * (end - start) + self.per_key * keys
+        return self.per_token * (end - start), self.per_key * keys
 
-    def of_step(self, spans: Iterable[tuple[int, int]]) -> float:
-        """(first position, tokens) of each scheduled chunk."""
-        return sum(self.span(start, start + count) for start, count in spans)
+    def span(self, start: int, end: int) -> float:
+        return sum(self.amounts(start, end))
+
+    def of_step(self, spans: Iterable[tuple[int, int]]) -> tuple[float, float]:
+        """(weight FLOPs, attention FLOPs) of one step's chunks, (first position, tokens) each."""
+        weights = attention = 0.0
+        for start, count in spans:
+            w, a = self.amounts(start, start + count)
+            weights, attention = weights + w, attention + a
+        return weights, attention
 
 
 @dataclass(frozen=True)
 class Decision:
     tier: str
-    num_blocks: int
+    num_blocks: int  # blocks the tier holds, from the first block on
     restore: bool
-    restore_s: float
+    restore_s: float  # estimated, with the best split (REDIS)
     recompute_s: float
+    head_blocks: int = 0  # of them, recomputed while the rest is fetched (REDIS, when restoring)
 
 
 class RestoreCostModel:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
-                 flops: PrefillFlops | None = None):
+                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None):
+        """`chunk_tokens`: the scheduler's token budget per step (a prefill's chunk size)."""
         self.policy = settings.restore_policy
+        self.margin = settings.restore_margin
         self.block_size = block_size
         self.block_nbytes = block_nbytes
+        self.chunk_tokens = chunk_tokens or SchedulerSettings().max_tokens_per_step
         self.flops = flops or PrefillFlops.tokens_only()
-        host, remote = settings.initial_host_bandwidth_bytes_per_s, settings.initial_redis_bandwidth_bytes_per_s
-        self.bandwidth = {
-            DEVICE_TO_HOST: Ema(host, settings.ema_alpha),
-            HOST_TO_DEVICE: Ema(host, settings.ema_alpha),
-            HOST_TO_REDIS: Ema(remote, settings.ema_alpha),
-            REDIS_TO_HOST: Ema(remote, settings.ema_alpha),
-        }
-        # The initial rate is given in tokens/s of short prompts (weights only).
-        initial = settings.initial_prefill_tokens_per_s * self.flops.per_token
-        self.prefill_flops_per_s = Ema(initial, settings.ema_alpha)
-        # What a Redis restore costs beyond moving its bytes: the probe's and the fetch's round
-        # trips and the engine steps in between (~0.1 s on the H100 host, where a 16K-token
-        # prefix moves in 0.07 s and recomputes in 0.06 s).
-        self.redis_overhead_s = Ema(0.0, settings.ema_alpha)
+        alpha = settings.ema_alpha
+        seconds_per_flop = 1.0 / (settings.initial_prefill_tokens_per_s * self.flops.per_token)
+        self.prefill = LinearEstimate((_INITIAL_STEP_S, seconds_per_flop, seconds_per_flop), alpha)
+        self.host_load = LinearEstimate((_INITIAL_LOAD_S, 1.0 / settings.initial_host_bandwidth_bytes_per_s), alpha)
+        self.redis_fetch = LinearEstimate((_INITIAL_FETCH_S, 1.0 / settings.initial_redis_bandwidth_bytes_per_s),
+                                          alpha)
+        # What each path measured (metrics only: the estimates above decide).
+        self.bandwidth = {path: Ema(0.0, alpha) for path in (DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS,
+                                                             REDIS_TO_HOST)}
 
-    def observe_transfer(self, path: str, nbytes: int, seconds: float) -> None:
-        if nbytes >= _MIN_SAMPLE_BYTES and seconds > 0:
-            self.bandwidth[path].update(nbytes / seconds)
-
+    # --- measurements ----------------------------------------------------------------------------
     def observe_prefill(self, spans: Iterable[tuple[int, int]], seconds: float) -> None:
         """One step's chunks, (first position, tokens) each, and the seconds it computed them."""
-        flops = self.flops.of_step(spans)
-        if flops > 0 and seconds > 0:
-            self.prefill_flops_per_s.update(flops / seconds)
+        self.prefill.observe((1.0, *self.flops.of_step(spans)), seconds)
+
+    def observe_transfer(self, path: str, nbytes: int, seconds: float) -> None:
+        """One batch the worker timed; host -> device batches correct the load estimate."""
+        if nbytes < _MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        self.bandwidth[path].update(nbytes / seconds)
+        if path == HOST_TO_DEVICE:
+            self.host_load.observe((1.0, nbytes), seconds)
 
     def observe_redis_restore(self, num_blocks: int, seconds: float) -> None:
         """A whole prefetch, probe to the last block in host memory."""
-        moving_s = num_blocks * self.block_nbytes / self.bandwidth[REDIS_TO_HOST].value
-        self.redis_overhead_s.update(max(0.0, seconds - moving_s))
+        self.redis_fetch.observe((1.0, num_blocks * self.block_nbytes), seconds)
 
-    def restore_seconds(self, tier: str, num_blocks: int) -> float:
-        nbytes = num_blocks * self.block_nbytes
-        moving_s = sum(nbytes / self.bandwidth[path].value for path in _PATHS_OF_TIER[tier])
-        return moving_s + (self.redis_overhead_s.value if tier == REDIS else 0.0)
+    def calibrate(self, steps: Sequence[tuple[Sequence[tuple[int, int]], float]],
+                  loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]]) -> None:
+        """The start-up probe's measurements become the priors: prefill steps (spans, seconds),
+        host -> device loads and Redis fetches (bytes, seconds). Each estimate is fitted to its
+        own, and the fit becomes its prior: the first real measurement still corrects it."""
+        self.prefill.calibrate([((1.0, *self.flops.of_step(spans)), seconds) for spans, seconds in steps])
+        self.host_load.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in loads])
+        self.redis_fetch.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in fetches])
+
+    # --- estimates -------------------------------------------------------------------------------
+    def prefill_seconds(self, start: int, end: int) -> float:
+        """Computing positions [start, end) of one prompt, in chunks of the step budget."""
+        if end <= start:
+            return 0.0
+        num_steps = -(-(end - start) // self.chunk_tokens)
+        return self.prefill.predict((num_steps, *self.flops.amounts(start, end)))
 
     def recompute_seconds(self, first_block: int, num_blocks: int) -> float:
         start = first_block * self.block_size
-        return self.flops.span(start, start + num_blocks * self.block_size) / self.prefill_flops_per_s.value
+        return self.prefill_seconds(start, start + num_blocks * self.block_size)
 
-    def decide(self, tier: str, first_block: int, num_blocks: int) -> Decision:
-        """Restore blocks [first_block, first_block + num_blocks) of a prompt from `tier`?"""
-        restore_s = self.restore_seconds(tier, num_blocks)
+    def load_seconds(self, num_blocks: int) -> float:
+        return self.host_load.predict((1.0, num_blocks * self.block_nbytes)) if num_blocks else 0.0
+
+    def fetch_seconds(self, num_blocks: int) -> float:
+        return self.redis_fetch.predict((1.0, num_blocks * self.block_nbytes)) if num_blocks else 0.0
+
+    def restore_seconds(self, tier: str, num_blocks: int) -> float:
+        """Restoring all blocks, none recomputed."""
+        return self.load_seconds(num_blocks) + (self.fetch_seconds(num_blocks) if tier == REDIS else 0.0)
+
+    def split_seconds(self, first_block: int, num_blocks: int, head_blocks: int) -> float:
+        """Recompute the first `head_blocks` while the rest comes from Redis, then load the rest."""
+        rest = num_blocks - head_blocks
+        return (max(self.recompute_seconds(first_block, head_blocks), self.fetch_seconds(rest))
+                + self.load_seconds(rest))
+
+    def best_head(self, first_block: int, num_blocks: int) -> int:
+        """The head that minimizes `split_seconds`: near where the head's prefill catches up with
+        the fetch of the rest (the one grows with the head, the other shrinks)."""
+        low, high = 0, num_blocks - 1  # the first head whose prefill is no faster than the fetch
+        while low < high:
+            middle = (low + high) // 2
+            if self.recompute_seconds(first_block, middle) >= self.fetch_seconds(num_blocks - middle):
+                high = middle
+            else:
+                low = middle + 1
+        candidates = {0, max(0, low - 1), low}
+        return min(sorted(candidates), key=lambda head: self.split_seconds(first_block, num_blocks, head))
+
+    # --- the decision ------------------------------------------------------------------------------
+    def decide(self, tier: str, first_block: int, num_blocks: int, split: bool = True) -> Decision:
+        """Restore blocks [first_block, first_block + num_blocks) of a prompt from `tier`?
+        `split`: a Redis restore may recompute a head while the rest is fetched."""
         recompute_s = self.recompute_seconds(first_block, num_blocks)
-        restore = {"always": True, "never": False}.get(self.policy, restore_s < recompute_s)
-        return Decision(tier, num_blocks, restore, restore_s, recompute_s)
+        head = self.best_head(first_block, num_blocks) if tier == REDIS and split and self.policy == "cost" else 0
+        restore_s = self.split_seconds(first_block, num_blocks, head) if tier == REDIS else self.load_seconds(num_blocks)
+        if self.policy == "cost":
+            restore = num_blocks > 0 and restore_s * (1.0 + self.margin) < recompute_s
+        else:
+            restore = self.policy == "always"
+        return Decision(tier, num_blocks, restore, restore_s, recompute_s, head if restore else 0)
+
+    # --- reporting -----------------------------------------------------------------------------
+    def restore_threshold_tokens(self, limit_tokens: int = 1 << 24) -> int | None:
+        """The shortest prefix that a Redis restore (from position 0) beats recomputing; None
+        below `limit_tokens`. Doubling, then bisection: longer prefixes favour restoring."""
+        limit = limit_tokens // self.block_size
+        high = 1
+        while high <= limit and not self.decide(REDIS, 0, high).restore:
+            high *= 2
+        if high > limit:
+            return None
+        low = high // 2  # loses (or is 0)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.decide(REDIS, 0, middle).restore else (middle, high)
+        return high * self.block_size
+
+    def describe(self) -> str:
+        """The estimates in words, for the log."""
+        step_s, per_weight_flop, per_attention_flop = self.prefill.coefficients
+        fetch_s, per_fetch_byte = self.redis_fetch.coefficients
+        load_s, per_load_byte = self.host_load.coefficients
+        threshold = self.restore_threshold_tokens()
+        return (f"prefill {step_s * 1e3:.3g} ms a step + weights at {1 / per_weight_flop:.3g} FLOP/s + attention "
+                f"at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch {fetch_s * 1e3:.3g} ms + "
+                f"{1e-9 / per_fetch_byte:.3g} GB/s; host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
+                f"a Redis restore wins from {threshold or 'no'} tokens")

@@ -9,8 +9,16 @@ passed; then the scheduler restores from host whatever arrived and recomputes th
     probe out --answer--> fetches out --all landed--> done
         \\___________________ deadline __________________/--> done (a timeout, counted)
 
+Overlap: when the cost model says so (kvcache/tiers/cost_model.py), the first `head_blocks` of
+the run are not fetched but recomputed meanwhile. The request is admitted at the probe's answer
+with a pause point at the end of its head; at the pause it goes back to the head of the queue
+(its head blocks stay in the device prefix cache), waits for the rest as above and restores it:
+
+  | device hits | host run | head: computed meanwhile | rest: fetched meanwhile | computed |
+
 A slot being fetched is referenced in the host pool until its outcome comes back, whether or not
-a request still waits for it, so a late fetch can never write into a reused slot.
+a request still waits for it, so a late fetch can never write into a reused slot; a block that
+landed stays referenced by each request waiting for it until that request is admitted.
 """
 
 from __future__ import annotations
@@ -38,13 +46,18 @@ class _Prefetch:
     pinned: list[int] = field(default_factory=list)  # host slots of its run, held while it waits
     started: float = 0.0  # when the probe went out
     num_fetching: int = 0  # blocks it asked for (0 again once their restore time is recorded)
+    head_blocks: int = 0  # recomputed while the rest is fetched: the request pauses after them
+
+    @property
+    def pause_block(self) -> int:
+        return self.first_block + self.head_blocks
 
 
 class RedisPrefetcher:
     def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierObserver, cost: RestoreCostModel, *,
-                 decide: Callable[[str, int, int, str], Decision], timeout_s: float, clock: Callable[[], float]):
+                 decide: Callable[..., Decision], timeout_s: float, clock: Callable[[], float]):
         """`cost`: the estimates (read, and fed each prefetch's whole time); `decide(tier, first
-        block, blocks, request id)`: the decision that is logged and counted."""
+        block, blocks, request id, split=True)`: the decision that is logged and counted."""
         self.host, self.ops, self.metrics, self.cost = host, ops, metrics, cost
         self._decide = decide
         self._timeout_s, self._clock = timeout_s, clock
@@ -89,10 +102,19 @@ class RedisPrefetcher:
             state = self._probe(request_id, first, rest) if worth else None
         if state is None:
             return False
+        if state.probe_id is None and state.head_blocks and first_block < state.pause_block:
+            return False  # admitted now to compute its head; it comes back for the rest
         if (state.probe_id is not None or state.waiting) and self._clock() < state.deadline:
             return True
         self._finish(request_id, timed_out=state.probe_id is not None or bool(state.waiting))
         return False
+
+    def pause_block(self, request_id: str, first_block: int) -> int | None:
+        """Where a request admitted from `first_block` stops computing its head, if it has one."""
+        state = self._states.get(request_id)
+        if state is None or not state.head_blocks or first_block >= state.pause_block:
+            return None
+        return state.pause_block
 
     def forget(self, request_id: str) -> None:
         """The request finished, was aborted or preempted: drop its state (not its fetches)."""
@@ -106,8 +128,13 @@ class RedisPrefetcher:
             return
         state.probe_id = None
         wanted, state.pinned, in_flight = self._continuation(state.hashes, present)
-        if wanted and not self._decide(REDIS, state.first_block, len(wanted), request_id).restore:
-            wanted = []
+        restore_s = 0.0
+        if wanted:
+            # A head can be recomputed only when the whole run is to be fetched, from its start.
+            decision = self._decide(REDIS, state.first_block, len(wanted), request_id,
+                                    split=not state.pinned and not in_flight)
+            state.head_blocks, restore_s = decision.head_blocks, decision.restore_s
+            wanted = wanted[decision.head_blocks:] if decision.restore else []
         self.host.pin(state.pinned)  # before allocating, which evicts the least recently used
         slots = self.host.allocate(len(wanted)) if wanted else []  # fewer: the leading ones
         for block_hash, slot in zip(wanted, slots):
@@ -115,20 +142,25 @@ class RedisPrefetcher:
             self.ops.fetches.append((block_hash, slot))
         state.waiting = set(slots) | in_flight
         state.num_fetching = len(slots)
-        # Twice the estimated transfer, for headroom, plus the configured slack.
-        state.deadline = self._clock() + 2 * self.cost.restore_seconds(REDIS, len(slots)) + self._timeout_s
+        # Twice the estimate, for headroom, plus the configured slack.
+        state.deadline = self._clock() + 2 * max(restore_s, self.cost.restore_seconds(REDIS, len(slots))) \
+            + self._timeout_s
 
     def fetch_done(self, slot: int, outcome: str) -> None:
         block_hash = self._fetching.pop(slot)
         del self._fetching_slot[block_hash]
-        if outcome == HIT:
-            self.host.fill(slot, block_hash, REDIS, in_redis=True)
-        self.host.unpin((slot,))  # a missed slot goes back to the free queue, empty
+        landed = outcome == HIT and self.host.fill(slot, block_hash, REDIS, in_redis=True)
         for state in self._states.values():
+            if slot not in state.waiting:
+                continue
             state.waiting.discard(slot)
+            if landed:  # held for the request until it is admitted (a head may take a while)
+                self.host.pin((slot,))
+                state.pinned.append(slot)
             if not state.waiting and state.num_fetching:
                 self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started)
                 state.num_fetching = 0
+        self.host.unpin((slot,))  # the fetch's own reference; a missed slot goes back empty
 
     def _rest(self, first_block: int, hashes: Sequence[bytes]) -> tuple[int, tuple[bytes, ...]]:
         """(first block, hashes) after the host run: what Redis might serve."""

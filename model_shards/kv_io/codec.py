@@ -4,27 +4,29 @@ Redis keeps one value per block, so its eviction drops whole blocks, never half 
 header lets a reader reject anything it cannot use bit for bit; every rejection is a miss that
 is recomputed, never a block that is used.
 
-Header, little-endian (`_FIXED`, then `ndim` u32 dims):
+Header, little-endian (`_FIXED`, then `ndim` u32 dims, then the 32-byte tag):
 
-    magic b"LCKV" | version u16 | header bytes u16 | crc32 u32 | payload bytes u64
-    | block hash 32 bytes | dtype 16 bytes ASCII, NUL-padded | ndim u8 | dims
+    magic b"LCKV" | version u16 | header bytes u16 | seal kind u8 | payload bytes u64
+    | block hash 32 bytes | dtype 16 bytes ASCII, NUL-padded | ndim u8 | dims | tag 32 bytes
 
-crc32 (zlib): ~4 GB/s on one core and releases the GIL, so background threads check blocks in
-parallel; it detects corruption and truncation, which is its job here (keys are not secret,
-the block hash in the header catches a value stored under the wrong key).
+The tag is what kvcache/tiers/block_seal.py makes: a crc32 of the payload (kind 0: finds
+corruption and truncation; the block hash in the header catches a value stored under the wrong
+key), or an HMAC-SHA256 under a secret key over the key prefix, the header before the tag and the
+payload (kind 1: also finds a forged block, or one copied from another key or namespace).
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
-import zlib
 from dataclasses import dataclass
 
-from protocol.kv_transfer_ops import CHECKSUM, HIT, MISMATCH, MISSING, TRUNCATED
+from model_shards.kv_io.block_seal import CHECKSUM_SEAL, TAG_NBYTES, Seal
+from protocol.kv_transfer_ops import HIT, MISMATCH, MISSING, TRUNCATED
 
 MAGIC = b"LCKV"
-FORMAT_VERSION = 1
-_FIXED = struct.Struct("<4sHHIQ32s16sB")
+FORMAT_VERSION = 2  # 2: the 32-byte tag of any seal kind (1: a crc32 only)
+_FIXED = struct.Struct("<4sHHBQ32s16sB")
 _DTYPE_NBYTES = 16
 
 
@@ -38,47 +40,52 @@ class BlockFormat:
 
     @property
     def header_nbytes(self) -> int:
-        return _FIXED.size + 4 * len(self.shape)
+        return _FIXED.size + 4 * len(self.shape) + TAG_NBYTES
 
-    def header(self, block_hash: bytes, crc: int) -> bytes:
-        fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, self.header_nbytes, crc, self.nbytes, block_hash,
+    def header(self, block_hash: bytes, seal_kind: int) -> bytes:
+        """The header up to its tag."""
+        fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, self.header_nbytes, seal_kind, self.nbytes, block_hash,
                             self.dtype.encode("ascii"), len(self.shape))
         return fixed + struct.pack(f"<{len(self.shape)}I", *self.shape)
 
 
-def checksum(payload) -> int:
-    return zlib.crc32(payload)
-
-
-def encode_block(fmt: BlockFormat, block_hash: bytes, payload) -> bytes:
+def encode_block(fmt: BlockFormat, block_hash: bytes, payload, seal: Seal = CHECKSUM_SEAL) -> bytes:
     """header + payload as one bytes object (one copy of the payload)."""
-    return bytes(encode_block_into(fmt, block_hash, payload, bytearray(fmt.header_nbytes + fmt.nbytes)))
+    out = bytearray(fmt.header_nbytes + fmt.nbytes)
+    return bytes(encode_block_into(fmt, block_hash, payload, out, seal))
 
 
-def encode_block_into(fmt: BlockFormat, block_hash: bytes, payload, out: bytearray) -> memoryview:
+def encode_block_into(fmt: BlockFormat, block_hash: bytes, payload, out: bytearray,
+                      seal: Seal = CHECKSUM_SEAL) -> memoryview:
     """Write header + payload into `out` (exactly that long, reusable) and return a view of it."""
     view = memoryview(payload).cast("B")
     if view.nbytes != fmt.nbytes or len(out) != fmt.header_nbytes + fmt.nbytes:
         raise ValueError(f"block payload has {view.nbytes} bytes, its format says {fmt.nbytes}")
-    out[: fmt.header_nbytes] = fmt.header(block_hash, checksum(view))
+    header = fmt.header(block_hash, seal.kind)
+    out[: len(header)] = header
+    out[len(header) : fmt.header_nbytes] = seal.tag(header, view)
     out[fmt.header_nbytes :] = view
     return memoryview(out)
 
 
-def decode_block(fmt: BlockFormat, block_hash: bytes, value: bytes | None) -> tuple[str, memoryview | None]:
+def decode_block(fmt: BlockFormat, block_hash: bytes, value: bytes | None,
+                 seal: Seal = CHECKSUM_SEAL) -> tuple[str, memoryview | None]:
     """(HIT, payload view) or (a miss outcome, None). Never trusts anything it did not check."""
     if value is None:
         return MISSING, None
     if len(value) < _FIXED.size:
         return TRUNCATED, None
-    magic, version, header_nbytes, crc, nbytes, *_ = _FIXED.unpack_from(value)  # the rest: compared below
+    magic, version, header_nbytes, seal_kind, nbytes, *_ = _FIXED.unpack_from(value)  # the rest: compared below
     if magic != MAGIC or version != FORMAT_VERSION:
         return MISMATCH, None
     if header_nbytes + nbytes != len(value):
         return TRUNCATED, None
-    if header_nbytes != fmt.header_nbytes or value[: header_nbytes] != fmt.header(block_hash, crc):
+    if seal_kind != seal.kind:
+        return seal.other_kind, None
+    header = fmt.header(block_hash, seal.kind)
+    if header_nbytes != fmt.header_nbytes or value[: len(header)] != header:
         return MISMATCH, None  # another dtype, shape or block
     payload = memoryview(value)[header_nbytes:]
-    if checksum(payload) != crc:
-        return CHECKSUM, None
+    if not hmac.compare_digest(seal.tag(header, payload), bytes(value[len(header) : header_nbytes])):
+        return seal.failed, None
     return HIT, payload

@@ -28,10 +28,12 @@ import torch
 
 from cluster.config import LongctxConfig
 from model_shards.kv_cache import KVCacheTensors
+from model_shards.kv_io.block_seal import seal_for
 from model_shards.kv_io.codec import BlockFormat
 from model_shards.kv_io.namespace import checkpoint_digest, key_namespace, key_prefix
 from model_shards.kv_io.redis_store import RedisBlockStore
 from model_shards.kv_io.remote_block_io import Completed, RemoteBlockIO
+from protocol.redis_urls import with_password
 from protocol.kv_transfer_ops import (
     DEVICE_TO_HOST,
     HOST_TO_DEVICE,
@@ -105,7 +107,25 @@ class KVTransfer:
             self.remote.probe(ops.probes)
         if ops.fetches and self.remote is not None:
             self.remote.fetch(ops.fetches)
+        if ops.calibration_bytes:
+            samples += self.calibrate(ops.calibration_bytes)
         return self._report(ops, samples)
+
+    def calibrate(self, nbytes: int) -> list[TransferSample]:
+        """Time one block and about `nbytes` each way, device <-> host and host <-> Redis, as
+        scattered as in serving (blocks and slots in opposite orders: no copy merges). Blocks and
+        slots from 0: nothing is in use before the first request. Twice; the second is kept."""
+        count = max(1, min(self.num_slots, self.kv.num_blocks, nbytes // self.kv.bytes_per_block))
+        samples: list[TransferSample] = []
+        for _ in range(2):  # the first pass pays first-touch and connection costs
+            samples = []
+            for n in sorted({1, count}):
+                pairs = [(index, n - 1 - index) for index in range(n)]
+                samples.append(_timed(DEVICE_TO_HOST, lambda: self.save(pairs)))
+                samples.append(_timed(HOST_TO_DEVICE, lambda: self.load(pairs)))
+        if self.remote is not None:
+            samples += self.remote.calibrate(list(range(count)))
+        return samples
 
     def _report(self, ops: KVTransferOps, samples: list[TransferSample]) -> KVTransferReport:
         if self.remote is None:  # no Redis here: every remote op is a miss, reported at once
@@ -164,15 +184,30 @@ class KVTransfer:
 def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots) -> RemoteBlockIO:
     settings = config.kv_tiers
     store = RedisBlockStore(
-        settings.redis_urls, prefix, ttl_s=settings.redis_ttl_s, socket_timeout_s=settings.redis_socket_timeout_s,
-        max_connections=settings.redis_max_connections, backoff_s=settings.redis_retry_backoff_s,
-        backoff_max_s=settings.redis_retry_backoff_max_s)
+        _redis_urls(settings), prefix, ttl_s=settings.redis_ttl_s, socket_timeout_s=settings.redis_socket_timeout_s,
+        max_connections=max(settings.redis_max_connections, settings.redis_io_threads),
+        backoff_s=settings.redis_retry_backoff_s, backoff_max_s=settings.redis_retry_backoff_max_s,
+        value_nbytes=fmt.header_nbytes + fmt.nbytes, part_bytes=settings.redis_value_part_bytes)
     if not store.ping():  # start anyway: the store retries with backoff and the tier comes back
         logger.warning("Redis KV tier: %s unreachable at start; serving without them until they answer",
                        ", ".join(store.unreachable_shards()))
-    return RemoteBlockIO(store, fmt, slots, threads=settings.redis_io_threads,
-                         max_pending_write_bytes=settings.redis_max_pending_write_bytes,
+    seal = seal_for(settings.redis_mac_key, settings.redis_mac_key_file, context=prefix)
+    return RemoteBlockIO(store, fmt, slots, threads_per_shard=settings.redis_io_threads,
+                         max_pending_write_bytes=settings.redis_max_pending_write_bytes, seal=seal,
                          health_check_period_s=settings.redis_health_check_period_s)
+
+
+def _redis_urls(settings) -> tuple[str, ...]:
+    """The configured URLs, with the password from `redis_password_file` where they carry none."""
+    if settings.redis_password_file is None:
+        return settings.redis_urls
+    try:
+        with open(settings.redis_password_file) as file:
+            password = file.read().strip()
+    except OSError as error:
+        raise ValueError(f"kv_tiers.redis_password_file: cannot read {settings.redis_password_file}: "
+                         f"{error.strerror}") from None
+    return tuple(with_password(url, password) for url in settings.redis_urls)
 
 
 def _timed(path: str, move: Callable[[], int]) -> TransferSample:

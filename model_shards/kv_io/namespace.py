@@ -5,7 +5,7 @@ block size, parallel layout) and the tenant salt. The explicit namespace adds wh
 checkpoint. Two fine-tunes of one architecture share a fingerprint but not their KV, so the
 namespace names the weight files' content (or an operator-given name), and the rank whose KV
 heads / sequence shard the value holds. It is readable as a prefix, so an operator can list or
-drop one model's blocks: `longctx:kv:v1:<namespace>:*`.
+drop one model's blocks: `longctx:kv:v2:<namespace>:*`.
 """
 
 from __future__ import annotations
@@ -57,3 +57,8 @@ def _file_digest(path: Path) -> str:
             digest.update(chunk)  # releases the GIL for large chunks: files hash in parallel
     return digest.hexdigest()
 
+
+
+def part_key(key: bytes, index: int) -> bytes:
+    """The key of part `index` >= 1 of a value stored in parts (part 0 is the key itself)."""
+    return b"%s:%d" % (key, index)

@@ -1,10 +1,8 @@
-"""Blocks in Redis: one value per block, sharded by hash over several endpoints, pipelined.
+"""Blocks in Redis: one value per block (or its parts), sharded by hash over several endpoints.
 
-Each entry of `redis_urls` is one shard (protocol/redis_urls.py has the URL forms): a plain
-server, a master found through Redis Sentinel, or a whole Redis Cluster (which shards again by
-key slot inside). Each shard has blocking connection pools (callers on several threads share
-them; a caller waits for a free connection rather than opening unbounded ones) and its own
-health: a connection error or timeout marks the shard down, calls to it then fail fast (a miss,
+Each entry of `redis_urls` is one shard (model_shards/kv_io/redis_shards.py): a plain server, a
+master found through Redis Sentinel, or a whole Redis Cluster (which shards again by key slot
+inside). A connection error or timeout marks a shard down, calls to it then fail fast (a miss,
 not a wait) until a retry time that backs off exponentially, and the first call after that
 reconnects. redis-py's own retries are off, so one dead server costs at most one socket timeout
 per backoff period.
@@ -14,256 +12,37 @@ whenever it (re)connects, so the first call after the backoff reaches the promot
 connection still open to a demoted master fails (READONLY) and is dropped. Cluster: a failed
 call (a node down or hung, MOVED/ASK while slots move) makes the next one reload the slot map
 first, so the first call after the backoff goes to the new owner of each slot.
+
+Parts. Redis serves 1-4 MiB values 2-3x faster than 8 MiB ones (its reply buffers, its
+allocator), and a Llama-3-8B block of 64 tokens is 8 MiB. So a value much longer than
+`part_bytes` is stored as consecutive equal parts of about that size under `<key>`, `<key>:1`,
+`<key>:2`, ... on the block's shard, and read back into one buffer. Eviction may take one part and leave the others: the block
+is then a miss (its length or checksum no longer matches), never a wrong block. Every block of a
+store has the same `value_nbytes`, which fixes how many parts a read asks for.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from model_shards.kv_io.namespace import block_key
-from model_shards.kv_io.resp import RespPool
-from protocol.redis_urls import RedisEndpoint, parse_redis_url, redact
+from model_shards.kv_io.namespace import block_key, part_key
+from model_shards.kv_io.redis_shards import SHARD_KINDS, Command, Shard, ShardHealth
+from protocol.redis_urls import parse_redis_url, redact
 
 __all__ = ["RedisBlockStore", "ShardHealth", "redact"]
-
-logger = logging.getLogger(__name__)
 
 # The shard cannot answer at all: back off. ClusterDownError is a reply ("CLUSTERDOWN"), but
 # no call to that cluster can succeed until it heals; RedisClusterException (not a RedisError)
 # is what redis-py raises when no startup node answers while it loads the slot map.
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException)
-
-
-class ShardHealth:
-    """Up/down state of one shard with exponential backoff; thread-safe."""
-
-    def __init__(self, name: str, backoff_s: float, backoff_max_s: float, clock: Callable[[], float]):
-        self.name = name
-        self.errors = 0
-        self._initial_s, self._max_s, self._clock = backoff_s, backoff_max_s, clock
-        self._wait_s = backoff_s
-        self._retry_at = 0.0
-        self._up = True
-        self._lock = threading.Lock()
-
-    @property
-    def up(self) -> bool:
-        return self._up
-
-    def available(self) -> bool:
-        return self._up or self._clock() >= self._retry_at
-
-    def succeeded(self) -> None:
-        if self._up:
-            return
-        with self._lock:
-            if not self._up:
-                logger.warning("Redis shard %s is reachable again", self.name)
-            self._up, self._wait_s = True, self._initial_s
-
-    def failed(self, error: Exception, *, unreachable: bool) -> None:
-        with self._lock:
-            self.errors += 1
-            if not unreachable:
-                return
-            if self._up:
-                logger.warning("Redis shard %s failed (%s); blocks there are misses, retrying in %.1f s",
-                               self.name, error, self._wait_s)
-            self._up = False
-            self._retry_at = self._clock() + self._wait_s
-            self._wait_s = min(2 * self._wait_s, self._max_s)
-
-
-class _Command(NamedTuple):
-    """One keyed command of a pipeline: pipe.<name>(key, *args, **options)."""
-
-    name: str
-    key: bytes
-    args: tuple = ()
-    options: dict | None = None
-
-
-def _queue(pipe, commands: Sequence[_Command]) -> None:
-    for command in commands:
-        getattr(pipe, command.name)(command.key, *command.args, **(command.options or {}))
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """Sentinel's pool (asks the sentinels for the master on each connect), blocking when full
-    like the pools of the other shards, instead of raising."""
-
-
-class _Shard:
-    """One `redis_urls` entry, here one server: a client made on first use, and its health.
-
-    The client is made lazily because a cluster client loads the slot map in its constructor:
-    a cluster down at start must be a failed call (backoff, retried later), not a crash."""
-
-    def __init__(self, endpoint: RedisEndpoint, settings: dict[str, Any], health: ShardHealth):
-        self.endpoint = endpoint
-        self.health = health
-        self._settings = settings
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def client(self):
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = self._connect()
-        return self._client
-
-    def execute(self, commands: Sequence[_Command]) -> list:
-        """One pipeline; the replies in order, or an exception."""
-        pipe = self.client().pipeline(transaction=False)
-        _queue(pipe, commands)
-        return pipe.execute()
-
-    def get_values(self, keys: Sequence[bytes]) -> list:
-        """Each key's value (bytes-like) or None; valid until this thread's next call."""
-        return self.execute([_Command("get", key) for key in keys])
-
-    def set_values(self, items: Sequence[tuple[bytes, Any]], ttl_s: int | None) -> list[bool]:
-        return [reply is True for reply in self.execute([_Command("set", k, (v,), {"ex": ttl_s}) for k, v in items])]
-
-    def ping(self) -> bool:
-        return bool(self.client().ping())
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-    def _connect(self):
-        pool = redis.BlockingConnectionPool.from_url(self.endpoint.url, **self._settings)
-        return redis.Redis.from_pool(pool)
-
-
-class _SentinelShard(_Shard):
-    """The master of a Sentinel service; its pool asks the sentinels where it is at each connect."""
-
-    def _connect(self):
-        endpoint, settings = self.endpoint, self._settings
-        sockets = {key: value for key, value in settings.items() if key.startswith("socket_")}
-        self._sentinel = Sentinel(
-            endpoint.hosts,
-            sentinel_kwargs={**sockets, "password": endpoint.sentinel_password, "ssl": endpoint.tls,
-                             "retry": settings["retry"]})
-        return self._sentinel.master_for(
-            endpoint.service, connection_pool_class=_BlockingSentinelPool, db=endpoint.db,
-            username=endpoint.username, password=endpoint.password, ssl=endpoint.tls, **settings)
-
-    def close(self) -> None:
-        super().close()
-        if self._client is not None:
-            self._sentinel.close()
-
-
-class _ClusterShard(_Shard):
-    """A Redis Cluster: RedisCluster keeps the slot map and a client per node; each call sends one
-    plain pipeline per node owning some of its keys.
-
-    Not redis-py's ClusterPipeline: after a connection error or timeout it resends each failed
-    command on its own, each waiting out its own timeout (a pipelined fetch of n blocks held by a
-    hung node took n socket timeouts). Here a node that fails fails the whole call at once, and
-    the next call first reloads the slot map (a failover or resharding may have moved slots).
-    A MOVED or ASK reply fails the call the same way: those blocks are misses this once.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._reload_slots = False
-
-    def execute(self, commands: Sequence[_Command]) -> list:
-        client = self.client()
-        if self._reload_slots:
-            client.nodes_manager.initialize()
-            self._reload_slots = False
-        try:
-            return self._execute_per_node(client, commands)
-        except (redis.RedisError, RedisClusterException):
-            self._reload_slots = True
-            raise
-
-    def ping(self) -> bool:
-        return bool(self.client().ping(target_nodes=RedisCluster.PRIMARIES))
-
-    @staticmethod
-    def _execute_per_node(client: RedisCluster, commands: Sequence[_Command]) -> list:
-        nodes, positions = {}, {}
-        for position, command in enumerate(commands):
-            node = client.get_node_from_key(command.key)
-            nodes[node.name] = node
-            positions.setdefault(node.name, []).append(position)
-        replies: list = [None] * len(commands)
-        for name, node_positions in positions.items():
-            pipe = client.get_redis_connection(nodes[name]).pipeline(transaction=False)
-            _queue(pipe, [commands[p] for p in node_positions])
-            for position, reply in zip(node_positions, pipe.execute()):
-                replies[position] = reply
-        return replies
-
-    def _connect(self):
-        endpoint, settings = self.endpoint, self._settings
-        (host, port), *others = endpoint.hosts
-        # The first node goes in as a URL only because redis-py gives the node clients the
-        # `connection_pool_class` (blocking, as on the other shards) on that path alone. A call
-        # holds one node connection at a time, so blocking pools cannot deadlock here.
-        scheme = "rediss" if endpoint.tls else "redis"
-        return RedisCluster(
-            url=f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}",
-            startup_nodes=[ClusterNode(h, p) for h, p in others], username=endpoint.username,
-            password=endpoint.password, connection_pool_class=redis.BlockingConnectionPool, **settings)
-
-
-class _FastServerShard(_Shard):
-    """A plain server (no TLS): GET and SET go through model_shards/kv_io/resp.py, received into
-    per-thread buffers and sent from memoryviews; other commands through redis-py."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fast = RespPool(self.endpoint.url, self._settings["max_connections"], self._settings["socket_timeout"])
-        self._local = threading.local()  # per I/O thread: reused value buffers
-
-    def get_values(self, keys: Sequence[bytes]) -> list:
-        buffers: list[bytearray] = self._local.__dict__.setdefault("buffers", [])
-
-        def sink(index: int, length: int) -> memoryview:
-            while len(buffers) <= index:
-                buffers.append(bytearray())
-            if len(buffers[index]) < length:
-                buffers[index] = bytearray(length)
-            return memoryview(buffers[index])[:length]
-
-        lengths = self._fast.run(lambda connection: connection.get_many(keys, sink))
-        return [None if n is None else memoryview(buffers[i])[:n] for i, n in enumerate(lengths)]
-
-    def set_values(self, items: Sequence[tuple[bytes, Any]], ttl_s: int | None) -> list[bool]:
-        views = [(key, memoryview(value).cast("B")) for key, value in items]
-        return self._fast.run(lambda connection: connection.set_many(views, ttl_s))
-
-    def close(self) -> None:
-        super().close()
-        self._fast.close()
-
-
-def _server_shard(endpoint: RedisEndpoint, settings: dict[str, Any], health: ShardHealth) -> _Shard:
-    kind = _FastServerShard if RespPool.supports(endpoint.url) else _Shard
-    return kind(endpoint, settings, health)
-
-
-_SHARD_KINDS = {"server": _server_shard, "sentinel": _SentinelShard, "cluster": _ClusterShard}
 
 
 class RedisBlockStore:
@@ -279,8 +58,12 @@ class RedisBlockStore:
         max_connections: int = 8,
         backoff_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        value_nbytes: int | None = None,
+        part_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """`value_nbytes`, `part_bytes`: values of that length are stored as equal parts of about
+        this size (both None: one value per block, of any length)."""
         if not urls:
             raise ValueError("RedisBlockStore needs at least one URL")
         endpoints = [parse_redis_url(url) for url in urls]  # ValueError naming a bad URL
@@ -290,10 +73,14 @@ class RedisBlockStore:
                     "socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s,
                     "retry": Retry(NoBackoff(), 0)}
         self._shards = [
-            _SHARD_KINDS[endpoint.kind](endpoint, settings, ShardHealth(endpoint.name, backoff_s, backoff_max_s, clock))
+            SHARD_KINDS[endpoint.kind](endpoint, settings, ShardHealth(endpoint.name, backoff_s, backoff_max_s, clock))
             for endpoint in endpoints]
         self._prefix = key_prefix
         self._ttl_s = ttl_s
+        # Equal parts, as near `part_bytes` as whole parts get: an 8 MiB block and its header are
+        # four parts of 2 MiB and a bit, a 2 MiB block and its header one value.
+        self.num_parts = max(1, round(value_nbytes / part_bytes)) if value_nbytes and part_bytes else 1
+        self._part_bytes = -(-value_nbytes // self.num_parts) if self.num_parts > 1 else None
 
     @property
     def up(self) -> bool:
@@ -306,6 +93,13 @@ class RedisBlockStore:
     def unreachable_shards(self) -> list[str]:
         """The shards marked down by their last call (names carry no password)."""
         return [shard.health.name for shard in self._shards if not shard.health.up]
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def shard_of(self, block_hash: bytes) -> int:
+        """The hash is uniform already: its first 8 bytes pick the shard."""
+        return int.from_bytes(block_hash[:8], "little") % len(self._shards)
 
     def ping(self) -> bool:
         """Reach every shard once; log the unreachable ones. Whether all answered."""
@@ -313,36 +107,51 @@ class RedisBlockStore:
         return all(answers)
 
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
-        keyed = [(self._key(h), value) for h, value in items]
-        return self._per_shard_call([h for h, _ in items], False,
-                                    lambda shard, picked: shard.set_values([keyed[i] for i in picked], self._ttl_s))
+        parts = [list(zip(self._keys(h), self._split(value))) for h, value in items]
+
+        def call(shard: Shard, picked: list[int]) -> list[bool]:
+            stored = shard.set_values([part for i in picked for part in parts[i]], self._ttl_s)
+            return [all(group) for group in _regroup(stored, [len(parts[i]) for i in picked])]
+
+        return self._per_shard_call([h for h, _ in items], False, call)
 
     def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
         """Values may be views into buffers reused by the calling thread's next get()."""
-        keys = [self._key(h) for h in hashes]
+        keys = [self._keys(h) for h in hashes]
         return self._per_shard_call(hashes, None, lambda shard, picked: shard.get_values([keys[i] for i in picked]))
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:
-        return [bool(n) for n in self._per_shard(hashes, [_Command("exists", self._key(h)) for h in hashes], 0)]
+        """Whether every part of each block is there."""
+        return [all(group) for group in self._per_part(hashes, "exists", [0] * self.num_parts)]
 
     def delete(self, hashes: Sequence[bytes]) -> int:
-        return sum(self._per_shard(hashes, [_Command("delete", self._key(h)) for h in hashes], 0))
+        """Remove these blocks; how many existed (whole or in part)."""
+        return sum(any(group) for group in self._per_part(hashes, "delete", [0] * self.num_parts))
 
     def close(self) -> None:
         for shard in self._shards:
             shard.close()
 
     # --- plumbing ---------------------------------------------------------------------------
-    def _key(self, block_hash: bytes) -> bytes:
-        return block_key(self._prefix, block_hash)
+    def _keys(self, block_hash: bytes) -> list[bytes]:
+        key = block_key(self._prefix, block_hash)
+        return [key] + [part_key(key, index) for index in range(1, self.num_parts)]
 
-    def _per_shard(self, hashes: Sequence[bytes], commands: list[_Command], failed_reply) -> list:
-        """Run each shard's commands (one pipeline per server); replies in the order of `hashes`,
-        `failed_reply` where a shard could not answer."""
-        return self._per_shard_call(hashes, failed_reply,
-                                    lambda shard, picked: shard.execute([commands[i] for i in picked]))
+    def _split(self, value) -> list:
+        if self._part_bytes is None:
+            return [value]
+        view = memoryview(value).cast("B")  # slices, not copies
+        return [view[start : start + self._part_bytes] for start in range(0, len(view), self._part_bytes)]
 
-    def _per_shard_call(self, hashes: Sequence[bytes], failed_reply, call: Callable[[_Shard, list[int]], list]) -> list:
+    def _per_part(self, hashes: Sequence[bytes], command: str, failed_reply: list) -> list[list]:
+        """One `command` per part key of each block; the replies grouped by block."""
+        def call(shard: Shard, picked: list[int]) -> list[list]:
+            commands = [Command(command, key) for i in picked for key in self._keys(hashes[i])]
+            return _regroup(shard.execute(commands), [self.num_parts] * len(picked))
+
+        return self._per_shard_call(hashes, failed_reply, call)
+
+    def _per_shard_call(self, hashes: Sequence[bytes], failed_reply, call: Callable[[Shard, list[int]], list]) -> list:
         """call(shard, indices of its hashes) on each shard holding some; replies in the order of
         `hashes`, `failed_reply` where a shard could not answer."""
         replies = [failed_reply] * len(hashes)
@@ -355,14 +164,13 @@ class RedisBlockStore:
         return replies
 
     def _group(self, hashes: Sequence[bytes]) -> dict[int, list[int]]:
-        # The hash is uniform already: its first 8 bytes pick the shard.
         groups: dict[int, list[int]] = {}
         for i, block_hash in enumerate(hashes):
-            groups.setdefault(int.from_bytes(block_hash[:8], "little") % len(self._shards), []).append(i)
+            groups.setdefault(self.shard_of(block_hash), []).append(i)
         return groups
 
     @staticmethod
-    def _guarded(shard: _Shard, call: Callable[[], Any]) -> Any:
+    def _guarded(shard: Shard, call: Callable[[], Any]) -> Any:
         """call() unless the shard is backing off; None where it failed (recorded in its health)."""
         if not shard.health.available():
             return None
@@ -376,3 +184,12 @@ class RedisBlockStore:
             return None
         shard.health.succeeded()
         return reply
+
+
+def _regroup(flat: Sequence, sizes: Sequence[int]) -> list[list]:
+    """flat[0:sizes[0]], flat[sizes[0]:sizes[0] + sizes[1]], ..."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(list(flat[start : start + size]))
+        start += size
+    return groups

@@ -2,28 +2,37 @@
 
 The worker's step only submits: a write-back copies its slot first (the driver reuses the slot
 at once), a write-through and a fetch touch their slot later on an I/O thread (the driver holds
-those slots until they come back in a report). Values are encoded, checksummed and verified on
-the I/O threads (`model_shards/kv_io/codec.py`; crc32 and the copies release the GIL), so nothing in
-the step waits on Redis. Every submitted fetch and write-through produces exactly one outcome,
-whatever fails, because the driver frees its slot only then.
+those slots until they come back in a report). Values are encoded, sealed (crc32 or a keyed MAC)
+and verified on the I/O threads (`model_shards/kv_io/codec.py`; the seals and the copies release
+the GIL), so nothing in the step waits on Redis. Every submitted fetch and write-through produces
+exactly one outcome, whatever fails, because the driver frees its slot only then.
+
+Parallelism grows with the shards: each shard has its own `threads_per_shard` I/O threads (and
+as many connections), and a batch is cut into pipelines of one shard each, so that four servers
+are read by four times the threads, and a slow or down shard holds up only its own. Probes and
+pings run on a thread of their own: a probe never queues behind a gigabyte of writes.
 
 Torch-free: the host slots arrive as a (num_slots, block bytes) uint8 numpy view.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from model_shards.kv_io.block_seal import CHECKSUM_SEAL, Seal
 from model_shards.kv_io.codec import BlockFormat, decode_block, encode_block_into
 from model_shards.kv_io.store import BlockStore
 from protocol.kv_transfer_ops import (
+    HIT,
     HOST_TO_REDIS,
     MISSING,
     REDIS_TO_HOST,
@@ -68,14 +77,21 @@ class _BatchClock:
         return TransferSample(self.path, self._nbytes, time.perf_counter() - self._start)
 
 
+_WriteItem = tuple[int | None, bytes, np.ndarray | None]  # (write-through slot or None, hash, copied payload)
+
+
 class RemoteBlockIO:
-    def __init__(self, store: BlockStore, fmt: BlockFormat, slots: np.ndarray, *, threads: int,
-                 max_pending_write_bytes: int, health_check_period_s: float = 5.0):
+    def __init__(self, store: BlockStore, fmt: BlockFormat, slots: np.ndarray, *, threads_per_shard: int,
+                 max_pending_write_bytes: int, seal: Seal = CHECKSUM_SEAL, health_check_period_s: float = 5.0):
+        """`seal`: what each value carries and each read checks (kvcache/tiers/block_seal.py)."""
         self.store = store
         self.fmt = fmt
+        self.seal = seal
         self._slots = slots  # (num_slots, fmt.nbytes) uint8, a view of the host pool
         self._pipeline_blocks = max(1, _PIPELINE_BYTES // fmt.nbytes)
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kv-redis")
+        self._shard_threads = [ThreadPoolExecutor(threads_per_shard, thread_name_prefix=f"kv-redis-{shard}")
+                               for shard in range(store.num_shards)]
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="kv-redis-probe")  # probes and pings
         self._cond = threading.Condition()
         self._completed = Completed()
         self._reads_in_flight = 0  # probes and fetched blocks
@@ -99,19 +115,39 @@ class RemoteBlockIO:
 
     def fetch(self, items: Sequence[tuple[bytes, int]]) -> None:
         """(hash, slot): fill each slot from the store; each comes back in `fetched`."""
-        chunks = [items[i : i + self._pipeline_blocks] for i in range(0, len(items), self._pipeline_blocks)]
+        chunks = self._pipelines(items, lambda item: item[0])
         clock = _BatchClock(REDIS_TO_HOST, len(chunks))
         with self._cond:
             self._reads_in_flight += len(items)
-        for chunk in chunks:
-            self._executor.submit(self._fetch_chunk, chunk, clock)
+        for shard, chunk in chunks:
+            self._shard_threads[shard].submit(self._fetch_chunk, chunk, clock)
 
     def probe(self, items: Sequence[tuple[int, Sequence[bytes]]]) -> None:
         """(probe id, hashes): which of the hashes the store holds; each comes back in `probed`."""
         with self._cond:
             self._reads_in_flight += len(items)
         for probe_id, hashes in items:
-            self._executor.submit(self._probe, probe_id, hashes)
+            self._control.submit(self._probe, probe_id, hashes)
+
+    def calibrate(self, slots: Sequence[int]) -> list[TransferSample]:
+        """Time writing these slots to the store under throwaway keys, then probing and reading
+        back one of them and all of them, as a prefetch does; the keys are deleted after. For
+        the start-up probe only: nothing else may be in flight. No samples if the store fails."""
+        hashes = [os.urandom(32) for _ in slots]
+        try:
+            write_s, stored = self._run_parallel(self._write, [(slot, h, None) for slot, h in zip(slots, hashes)],
+                                                 lambda item: item[1])
+            samples = [TransferSample(HOST_TO_REDIS, len(slots) * self.fmt.nbytes, write_s)]
+            succeeded = all(flag for chunk in stored for flag in chunk)
+            for count in sorted({1, len(slots)}):
+                start = time.perf_counter()
+                self.store.contains(hashes[:count])
+                _, outcomes = self._run_parallel(self._read, list(zip(hashes, slots))[:count], lambda item: item[0])
+                samples.append(TransferSample(REDIS_TO_HOST, count * self.fmt.nbytes, time.perf_counter() - start))
+                succeeded = succeeded and all(outcome == HIT for chunk in outcomes for outcome in chunk)
+        finally:
+            self.store.delete(hashes)
+        return samples if succeeded else []
 
     def drain(self, timeout_s: float = 0.0) -> Completed:
         """Everything finished so far; waits up to `timeout_s` for a read or a write to finish
@@ -135,7 +171,7 @@ class RemoteBlockIO:
         if self._ping_pending or (self.store.up and now - self._last_ping < self._health_check_period_s):
             return
         self._ping_pending, self._last_ping = True, now
-        self._executor.submit(self._ping)
+        self._control.submit(self._ping)
 
     def _ping(self) -> None:
         try:
@@ -153,31 +189,65 @@ class RemoteBlockIO:
         copy of a block), drop queued reads, then close the connections."""
         with self._cond:
             self._cond.wait_for(lambda: not self._writes_in_flight, write_timeout_s)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (*self._shard_threads, self._control):
+            pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
-    def _submit_writes(self, items: list[tuple[int | None, bytes, np.ndarray | None]]) -> None:
-        for start in range(0, len(items), self._pipeline_blocks):
-            chunk = items[start : start + self._pipeline_blocks]
+    def _pipelines(self, items: Sequence, hash_of: Callable) -> list[tuple[int, list]]:
+        """(shard, items) pipelines: the items of each shard, cut into pieces of about
+        _PIPELINE_BYTES, the shards interleaved so that every shard starts at once."""
+        by_shard: dict[int, list] = {}
+        for item in items:
+            by_shard.setdefault(self.store.shard_of(hash_of(item)), []).append(item)
+        pieces = [[(shard, group[start : start + self._pipeline_blocks])
+                   for start in range(0, len(group), self._pipeline_blocks)] for shard, group in by_shard.items()]
+        return [piece for round_ in itertools.zip_longest(*pieces) for piece in round_ if piece is not None]
+
+    def _run_parallel(self, work: Callable[[list], list], items: list, hash_of: Callable) -> tuple[float, list]:
+        """work(pipeline) on every pipeline of `items` at once, on the shards' threads; (seconds
+        until the last is done, each pipeline's result)."""
+        start = time.perf_counter()
+        futures = [self._shard_threads[shard].submit(work, chunk) for shard, chunk in self._pipelines(items, hash_of)]
+        wait(futures)
+        return time.perf_counter() - start, [future.result() for future in futures]
+
+    def _submit_writes(self, items: list[_WriteItem]) -> None:
+        for shard, chunk in self._pipelines(items, lambda item: item[1]):
             nbytes = len(chunk) * self.fmt.nbytes
             with self._cond:
                 admitted = self._pending_write_bytes + nbytes <= self._max_pending_write_bytes
                 self._pending_write_bytes += nbytes if admitted else 0
                 self._writes_in_flight += 1 if admitted else 0
             if admitted:
-                self._executor.submit(self._write_chunk, chunk, nbytes)
+                self._shard_threads[shard].submit(self._write_chunk, chunk, nbytes)
             else:  # Redis is slower than we compute: drop rather than queue without bound
                 self._finish_writes(chunk, [False] * len(chunk), None, dropped=True)
 
     # --- on I/O threads -----------------------------------------------------------------------
-    def _write_chunk(self, chunk: list[tuple[int | None, bytes, np.ndarray | None]], nbytes: int) -> None:
+    def _write(self, chunk: list[_WriteItem]) -> list[bool]:
+        """Encode each block and store it; whether each was stored."""
+        buffers = self._value_buffers(len(chunk))
+        values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out,
+                                    self.seal))
+                  for (slot, h, payload), out in zip(chunk, buffers)]
+        return self.store.put(values)  # returns once sent: the buffers are free again
+
+    def _read(self, chunk: Sequence[tuple[bytes, int]]) -> list[str]:
+        """Fetch, verify and copy each block into its slot; each one's outcome."""
+        outcomes = [MISSING] * len(chunk)
+        values = self.store.get([block_hash for block_hash, _ in chunk])
+        for index, ((block_hash, slot), value) in enumerate(zip(chunk, values)):
+            outcome, payload = decode_block(self.fmt, block_hash, value, self.seal)
+            if payload is not None:
+                self._slots[slot] = np.frombuffer(payload, dtype=np.uint8)
+            outcomes[index] = outcome  # only after the copy: a failed copy stays a miss
+        return outcomes
+
+    def _write_chunk(self, chunk: list[_WriteItem], nbytes: int) -> None:
         start = time.perf_counter()
         stored = [False] * len(chunk)
         try:
-            buffers = self._value_buffers(len(chunk))
-            values = [(h, encode_block_into(self.fmt, h, self._slots[slot] if payload is None else payload, out))
-                      for (slot, h, payload), out in zip(chunk, buffers)]
-            stored = self.store.put(values)  # returns once sent: the buffers are free again
+            stored = self._write(chunk)
         except Exception:  # never lose an outcome: the driver holds the slots until it gets one
             logger.exception("writing %d KV blocks to Redis failed", len(chunk))
         finally:
@@ -208,19 +278,12 @@ class RemoteBlockIO:
 
     def _fetch_chunk(self, chunk: Sequence[tuple[bytes, int]], clock: _BatchClock) -> None:
         outcomes = [MISSING] * len(chunk)
-        nbytes = 0
         try:
-            values = self.store.get([block_hash for block_hash, _ in chunk])
-            for index, ((block_hash, slot), value) in enumerate(zip(chunk, values)):
-                outcome, payload = decode_block(self.fmt, block_hash, value)
-                if payload is not None:
-                    self._slots[slot] = np.frombuffer(payload, dtype=np.uint8)
-                    nbytes += payload.nbytes
-                outcomes[index] = outcome  # only after the copy: a failed copy stays a miss
+            outcomes = self._read(chunk)
         except Exception:
             logger.exception("fetching %d KV blocks from Redis failed", len(chunk))
         finally:
-            sample = clock.chunk_done(nbytes)
+            sample = clock.chunk_done(outcomes.count(HIT) * self.fmt.nbytes)
             with self._cond:
                 self._completed.fetched.extend((slot, outcome) for (_, slot), outcome in zip(chunk, outcomes))
                 if sample is not None:

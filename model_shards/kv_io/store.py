@@ -27,6 +27,13 @@ class BlockStore(Protocol):
     def errors(self) -> int:
         """Failed backend calls so far."""
 
+    @property
+    def num_shards(self) -> int:
+        """Independent backends (Redis servers): transfers to different ones run in parallel."""
+
+    def shard_of(self, block_hash: bytes) -> int:
+        """The shard holding this block, in [0, num_shards)."""
+
     def ping(self) -> bool:
         """Reach the backend (once its backoff allows); whether it answered."""
 
@@ -52,6 +59,10 @@ class MemoryBlockStore:
         self._lock = threading.Lock()
         self.up = True
         self.errors = 0
+        self.num_shards = 1
+
+    def shard_of(self, block_hash: bytes) -> int:
+        return 0
 
     def ping(self) -> bool:
         return True

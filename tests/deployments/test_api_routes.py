@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import ConfigError
 from deployments.api import OpenAIService, build_api
-from deployments.ingress import resolve_api_key
+from deployments.tenants import load_api_keys
 from deployments.messages import engine_failure, overloaded
 from deployments.prompts import PromptBuilder
 from engine.outputs import CompletionDelta
@@ -54,7 +54,7 @@ def _client(make_config, prompts, script, api_key=None, **serve_fields):
     config = make_config(**serve_fields)
     backend = ScriptedBackend(script)
     service = OpenAIService(backend, prompts, config.serve, MODEL)
-    return TestClient(build_api(service, api_key)), backend
+    return TestClient(build_api(service, {api_key: "tenant"} if api_key else None)), backend
 
 
 def _assert_openai_error(response, status, param=None, code=None):
@@ -107,13 +107,19 @@ def test_api_key_guards_v1_but_not_the_probes(make_config, prompts):
     assert client.get("/metrics").status_code == 200
 
 
-def test_api_key_from_a_secret_file(make_config, tmp_path):
-    secret = tmp_path / "key"
-    secret.write_text("from-file\n")
-    assert resolve_api_key(make_config(api_key_file=str(secret))) == "from-file"
-    assert resolve_api_key(make_config(api_key="inline")) == "inline"
+def test_api_keys_from_a_secret_file_name_their_tenants(make_config, tmp_path):
+    secret = tmp_path / "keys"
+    secret.write_text("from-file\n# a comment\nacme  sk-1\nacme sk-2  # rotated\n\n")
+    keys = load_api_keys(make_config(api_key_file=str(secret)).serve)
+    assert keys["sk-1"] == keys["sk-2"] == "acme" and keys["from-file"].startswith("key-")
+    assert "from-file" not in keys["from-file"]  # a key's own tenant name does not reveal it
+    assert set(load_api_keys(make_config(api_key="inline").serve)) == {"inline"}
+    assert load_api_keys(make_config().serve) is None
     with pytest.raises(ConfigError, match="api_key_file"):
-        resolve_api_key(make_config(api_key_file=str(tmp_path / "missing")))
+        load_api_keys(make_config(api_key_file=str(tmp_path / "missing")).serve)
+    secret.write_text("a b c\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        load_api_keys(make_config(api_key_file=str(secret)).serve)
 
 
 def test_request_fields_reach_the_backend(make_config, prompts):

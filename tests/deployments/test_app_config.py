@@ -94,6 +94,17 @@ def test_gpu_workers_get_a_gpu_bundle_each(make_config):
     assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
 
 
+def test_autoscaling_replaces_the_fixed_replica_count_with_the_queued_context_policy(make_config):
+    config = make_config(num_replicas=2).with_overrides({"autoscaling.enabled": True, "autoscaling.max_replicas": 5})
+    options = llm_server_options(config)
+    assert "num_replicas" not in options
+    autoscaling = options["autoscaling_config"]
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (2, 5)
+    assert autoscaling.policy.policy_function == "autoscaler.serve_policy.QueuedContextPolicy"
+    # The ingress must not bound what five replicas could take.
+    assert ingress_options(config)["max_ongoing_requests"] == 5 * options["max_ongoing_requests"]
+
+
 def test_auto_executor_is_local_outside_a_ray_actor_and_ray_inside_one(make_config, local_ray):
     import subprocess
     import sys
@@ -149,3 +160,11 @@ def test_auto_resolves_inside_an_actor_as_ray_and_in_a_ray_driver_as_local(local
     assert local_ray.get(probe.backend.remote()) == "ray"
     assert executor_backend(LongctxConfig()) == "local"  # this test process called ray.init(): still a driver
     local_ray.kill(probe)
+
+
+def test_an_accelerator_type_pins_every_gpu_worker_to_that_gpu_model(make_config):
+    config = make_config(executor="ray").with_overrides({"model.device": "cuda", "serve.accelerator_type": "H200"})
+    worker = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H200": 0.001}
+    assert llm_server_options(config)["placement_group_bundles"] == [{"CPU": 1.0}, worker]
+    local = llm_server_options(config.with_overrides({"parallel.executor": "local"}))
+    assert local["ray_actor_options"]["accelerator_type"] == "H200"

@@ -113,6 +113,26 @@ def test_an_engine_failure_is_500_and_fails_the_health_check(server_factory):
     assert client.get("/health").status_code == 503
 
 
+def test_a_request_that_fails_in_its_step_is_a_500_for_its_caller_alone(server_factory):
+    server = server_factory()
+    worker = server.engine.engine.executor.worker
+    sample = worker.sampler
+
+    def failing_for_seed_13(logits, states):
+        if any(state.params.seed == 13 for state in states):
+            raise RuntimeError("injected")
+        return sample(logits, states)
+
+    worker.sampler = failing_for_seed_13
+    client = _client(server)
+    response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": 13})
+    assert response.status_code == 500 and response.json()["error"]["code"] == "request_failed"
+    assert "injected" in response.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    server.check_health()
+    _wait_until_all_blocks_free(server)
+
+
 def test_a_stalled_step_fails_the_health_check(server_factory):
     server = server_factory(stall_timeout_s=0.2)
     executor = server.engine.engine.executor
@@ -142,10 +162,12 @@ async def _drain(replies):
     return [reply async for reply in replies]
 
 
-def test_chat_without_max_tokens_runs_to_the_end_of_the_kv_capacity(server_factory):
+def test_chat_without_max_tokens_gets_its_default_lowered_to_the_kv_room(server_factory):
     server = server_factory()
     request = GenerateRequest("c", [1, 2, 3], SamplingParams(max_tokens=4096), fill_max_tokens=True)
     assert server._params(request).max_tokens == 4096 - 3
+    bounded = GenerateRequest("c", [1, 2, 3], SamplingParams(max_tokens=100), fill_max_tokens=True)
+    assert server._params(bounded).max_tokens == 100
 
 
 def test_a_request_larger_than_the_replica_s_kv_cache_is_a_400(make_config):

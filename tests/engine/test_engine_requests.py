@@ -12,6 +12,7 @@ import pytest
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import ContextLengthExceededError
 from engine.offline import generate
+from engine.scheduler import QueueFullError
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 
@@ -77,6 +78,20 @@ def test_n_sequences_with_a_seed_are_reproducible_and_distinct(tiny_engine):
     second = [s.token_ids for s in generate(tiny_engine, ["Once upon"], params)[0]]
     assert first == second
     assert len({tuple(tokens) for tokens in first}) == 3
+
+
+def test_a_group_that_does_not_fit_the_queue_leaves_nothing_behind(tiny_model_dir, make_engine_for):
+    engine = make_engine_for(tiny_model_dir)  # the scheduler queues at most 1,024 sequences
+    engine.add_request("earlier", "x", SamplingParams(max_tokens=2, n=1000))
+    with pytest.raises(QueueFullError):  # 24 of these 100 would fit: none may be queued
+        engine.add_request("group", "Hello there", SamplingParams(max_tokens=64, n=100, ignore_eos=True))
+    assert engine.stats().num_waiting == 1000 and "group" not in engine._request_groups
+    with pytest.raises(InvalidParameterError) as error:  # could never fit: a 400, not a 429
+        engine.add_request("huge", "Hello there", SamplingParams(n=2000))
+    assert error.value.param == "n" and engine.stats().num_waiting == 1000
+    engine.abort_request("earlier")
+    engine.add_request("group", "Hello there", SamplingParams(max_tokens=2, n=100))  # the same id is free
+    assert engine.stats().num_waiting == 100
 
 
 def test_abort_frees_blocks_at_once(tiny_engine):

@@ -1,7 +1,13 @@
-"""Restore-or-recompute estimates (kvcache/tiers/cost_model.py): FLOP counts and decisions."""
+"""Restore-or-recompute estimates (kvcache/tiers/cost_model.py): FLOP counts, calibration, online
+correction, the overlap of a Redis restore with recomputing a head, and exact decisions.
+
+The measurements are synthetic: a `Machine` with known costs produces them, so every estimate and
+every decision can be checked against the truth.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -9,22 +15,82 @@ import pytest
 from cluster.config import KVTierSettings
 from kvcache.tiers.cost_model import PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS
-from protocol.kv_transfer_ops import HOST_TO_DEVICE, REDIS_TO_HOST
+from kvcache.tiers.linear_estimate import LinearEstimate
+from protocol.kv_transfer_ops import HOST_TO_DEVICE
 
 LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, head_dim=128)
+LLAMA_8B_2_LAYERS = SimpleNamespace(**{**vars(LLAMA_8B), "num_hidden_layers": 2})  # bench/restore_policy.py's
 BLOCK = 64
-BLOCK_NBYTES = 32 * 2 * 8 * 128 * 2 * BLOCK  # layers x K,V x KV heads x head dim x bf16 x tokens: 8 MiB
+CHUNK = 8192  # the scheduler's step budget
+KiB, MiB = 1 << 10, 1 << 20
 
 
+@dataclass(frozen=True)
+class Machine:
+    """The true costs: what every synthetic measurement is taken from."""
+
+    flops: PrefillFlops
+    block_nbytes: int
+    step_s: float = 0.004  # fixed cost of an engine step
+    weight_flops_per_s: float = 400e12
+    attention_flops_per_s: float = 250e12
+    fetch_s: float = 0.09  # fixed cost of a Redis prefetch: round trips, engine steps between
+    redis_bytes_per_s: float = 3e9
+    load_s: float = 0.0002
+    host_bytes_per_s: float = 50e9
+
+    def step(self, start: int, count: int) -> float:
+        weights, attention = self.flops.amounts(start, start + count)
+        return self.step_s + weights / self.weight_flops_per_s + attention / self.attention_flops_per_s
+
+    def prefill(self, start: int, end: int) -> float:
+        return sum(self.step(s, min(CHUNK, end - s)) for s in range(start, end, CHUNK))
+
+    def fetch(self, num_blocks: int) -> float:
+        return self.fetch_s + num_blocks * self.block_nbytes / self.redis_bytes_per_s
+
+    def load(self, num_blocks: int) -> float:
+        return self.load_s + num_blocks * self.block_nbytes / self.host_bytes_per_s
+
+    def restore(self, first_block: int, num_blocks: int, head: int) -> float:
+        start = first_block * BLOCK
+        return max(self.prefill(start, start + head * BLOCK), self.fetch(num_blocks - head)) + self.load(num_blocks - head)
+
+    def calibration(self) -> dict:
+        """What the start-up probe measures (engine/calibration.py): a block-sized step and two
+        full chunks; one block and 256 MiB each way."""
+        steps = [((0, BLOCK),), ((0, CHUNK),), ((CHUNK, CHUNK),)]
+        blocks = (1, (256 * MiB) // self.block_nbytes)
+        return {"steps": [(spans, sum(self.step(*span) for span in spans)) for spans in steps],
+                "loads": [(n * self.block_nbytes, self.load(n)) for n in blocks],
+                "fetches": [(n * self.block_nbytes, self.fetch(n)) for n in blocks]}
+
+
+def block_nbytes(arch) -> int:
+    return arch.num_hidden_layers * 2 * BLOCK * arch.num_key_value_heads * arch.head_dim * 2  # bf16
+
+
+def calibrated(machine: Machine, **settings) -> RestoreCostModel:
+    model = RestoreCostModel(KVTierSettings(**settings), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
+    model.calibrate(**machine.calibration())
+    return model
+
+
+def bench_machine() -> Machine:
+    """Llama-3-8B, 2 layers (bench/restore_policy.py), H200-like speeds."""
+    return Machine(PrefillFlops.of(LLAMA_8B_2_LAYERS), block_nbytes(LLAMA_8B_2_LAYERS))
+
+
+# --- FLOPs --------------------------------------------------------------------------------------
 def test_prefill_flops_of_an_8b_model():
     flops = PrefillFlops.of(LLAMA_8B)
     # 6.98e9 weights outside the embeddings, two FLOPs each per token
     assert flops.per_token == 2 * 32 * (4096 * 128 * (64 + 16) + 3 * 4096 * 14336) == pytest.approx(13.96e9, rel=1e-3)
     assert flops.per_key == 4 * 32 * 32 * 128
-    assert flops.span(0, 3) == 3 * flops.per_token + (1 + 2 + 3) * flops.per_key  # position p sees p + 1 keys
+    assert flops.amounts(0, 3) == (3 * flops.per_token, (1 + 2 + 3) * flops.per_key)  # position p sees p + 1 keys
     assert flops.span(2, 4) == 2 * flops.per_token + (3 + 4) * flops.per_key
-    assert flops.of_step([(0, 3), (2, 2)]) == flops.span(0, 3) + flops.span(2, 4)
+    assert flops.of_step([(0, 3), (2, 2)]) == (5 * flops.per_token, (1 + 2 + 3 + 3 + 4) * flops.per_key)
 
 
 def test_the_cost_of_a_block_grows_with_its_position():
@@ -33,47 +99,176 @@ def test_the_cost_of_a_block_grows_with_its_position():
     assert last / first == pytest.approx(40.3, rel=0.01)  # attention to a million keys dominates
 
 
-def cost_model(flops: PrefillFlops) -> RestoreCostModel:
-    """Redis at 1 GB/s, PCIe at 50 GB/s; prefill measured on 8K-token prompts at 0.3 s each."""
-    model = RestoreCostModel(KVTierSettings(ema_alpha=1.0), BLOCK, BLOCK_NBYTES, flops)
-    model.observe_transfer(REDIS_TO_HOST, 1 << 30, (1 << 30) / 1e9)
-    model.observe_transfer(HOST_TO_DEVICE, 1 << 30, (1 << 30) / 50e9)
-    model.observe_prefill([(0, 8192)], 0.3)
-    return model
+# --- the online estimate ------------------------------------------------------------------------
+def test_the_first_measurement_nearly_replaces_the_prior_and_later_ones_weigh_alpha():
+    estimate = LinearEstimate((1.0,), alpha=0.2)
+    estimate.observe((1.0,), 3.0)
+    assert estimate.predict((1.0,)) == pytest.approx(3.0, rel=0.01)
+    for _ in range(100):
+        estimate.observe((1.0,), 3.0)
+    estimate.observe((1.0,), 4.0)
+    assert estimate.predict((1.0,)) == pytest.approx(0.8 * 3.0 + 0.2 * 4.0, rel=1e-3)  # the newest weighs alpha
+
+
+def test_measurements_of_two_sizes_separate_a_fixed_cost_from_a_rate():
+    estimate = LinearEstimate((0.001, 1e-9), alpha=0.2)  # prior: 1 ms + 1 GB/s
+    for _ in range(10):
+        for nbytes in (16 * MiB, 512 * MiB):
+            estimate.observe((1.0, nbytes), 0.1 + nbytes / 3e9)  # truth: 100 ms + 3 GB/s
+    assert estimate.coefficients == pytest.approx([0.1, 1 / 3e9], rel=0.02)
+
+
+def test_the_prior_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        LinearEstimate((0.0, 1e-9), alpha=0.2)
+
+
+# --- calibration and decisions ------------------------------------------------------------------
+def test_the_start_up_probe_calibrates_every_estimate_to_the_machine():
+    machine = bench_machine()
+    model = calibrated(machine)
+    for tokens in (4096, 65536, 1 << 20):
+        assert model.prefill_seconds(0, tokens) == pytest.approx(machine.prefill(0, tokens), rel=0.02)
+    for blocks in (1, 256, 16384):
+        assert model.fetch_seconds(blocks) == pytest.approx(machine.fetch(blocks), rel=0.02)
+        assert model.load_seconds(blocks) == pytest.approx(machine.load(blocks), rel=0.02)
+
+
+@pytest.mark.parametrize("tokens", [4096, 16384, 65536, 262144, 1 << 20])
+def test_each_decision_is_the_faster_path_of_the_machine(tokens):
+    """bench/restore_policy.py's sizes on the H200-like machine: the estimated best matches the
+    machine's best (brute force over every head), restore or not."""
+    machine = bench_machine()
+    model = calibrated(machine, restore_margin=0.0)
+    blocks = (tokens - 1) // BLOCK
+    best_head = min(range(blocks), key=lambda head: machine.restore(0, blocks, head))
+    best_restore_s = machine.restore(0, blocks, best_head)
+    decision = model.decide(REDIS, 0, blocks)
+    assert decision.restore == (best_restore_s < machine.prefill(0, blocks * BLOCK))
+    if decision.restore:
+        assert machine.restore(0, blocks, decision.head_blocks) == pytest.approx(best_restore_s, rel=0.02)
+
+
+def test_short_prefixes_are_recomputed_long_ones_restored_and_mid_sized_ones_split():
+    model = calibrated(bench_machine())
+    decisions = {tokens: model.decide(REDIS, 0, tokens // BLOCK) for tokens in (4096, 16384, 65536, 1 << 20)}
+    assert [decisions[t].restore for t in (4096, 16384)] == [False, False]  # the fetch's round trips lose
+    assert decisions[65536].restore and 0 < decisions[65536].head_blocks < 1024  # recompute some, fetch the rest
+    assert decisions[1 << 20].restore and decisions[1 << 20].head_blocks > 0
+    # Overlapped, the 64K restore beats both pure paths.
+    pure_restore_s = model.split_seconds(0, 1024, 0)
+    assert decisions[65536].restore_s < min(pure_restore_s, decisions[65536].recompute_s)
+
+
+def test_the_head_is_where_its_prefill_catches_up_with_the_fetch_of_the_rest():
+    model = calibrated(bench_machine())
+    first, blocks = 100, 3000
+    by_brute_force = min(range(blocks), key=lambda head: model.split_seconds(first, blocks, head))
+    assert model.best_head(first, blocks) == by_brute_force
+    head = model.best_head(first, blocks)
+    assert model.recompute_seconds(first, head) <= model.fetch_seconds(blocks - head) + model.recompute_seconds(
+        first + head - 1, 1)
+
+
+def test_a_restore_must_beat_recompute_by_the_margin():
+    machine = bench_machine()
+    blocks = 32768 // BLOCK
+    ratio = calibrated(machine).decide(REDIS, 0, blocks)
+    ratio = ratio.recompute_s / ratio.restore_s
+    assert ratio > 1.0
+    assert calibrated(machine, restore_margin=ratio - 1 - 0.01).decide(REDIS, 0, blocks).restore
+    assert not calibrated(machine, restore_margin=ratio - 1 + 0.01).decide(REDIS, 0, blocks).restore
+
+
+def test_always_and_never_override_the_estimates_and_always_restores_everything():
+    machine = bench_machine()
+    always = calibrated(machine, restore_policy="always").decide(REDIS, 0, 8)  # 512 tokens: recompute wins
+    assert always.restore and always.head_blocks == 0
+    assert not calibrated(machine, restore_policy="never").decide(REDIS, 0, 16384).restore
+
+
+def test_a_host_restore_is_a_load_and_is_never_split():
+    model = calibrated(bench_machine())
+    decision = model.decide(HOST, 0, 256)
+    assert decision.restore and decision.head_blocks == 0
+    assert decision.restore_s == pytest.approx(model.load_seconds(256))
+
+
+# --- the H200 failure -----------------------------------------------------------------------------
+def test_estimates_off_by_2x_in_opposite_directions_are_right_after_one_observation_each():
+    """bench/gpu_tiers.sh on the H200 (../shared/measurements/kv_tiers-H200.log): at 16K tokens the
+    policy estimated restore 0.082 s against recompute 0.123 s and restored, taking 0.172 s where
+    recompute took 0.055 s. Here the calibration is off the same way (restore 2x too fast,
+    prefill 2x too slow); one measured restore and one measured prefill step put both right."""
+    truth = Machine(PrefillFlops.of(LLAMA_8B_2_LAYERS), block_nbytes(LLAMA_8B_2_LAYERS))
+    misled = Machine(truth.flops, truth.block_nbytes, step_s=2 * truth.step_s,
+                     weight_flops_per_s=truth.weight_flops_per_s / 2,
+                     attention_flops_per_s=truth.attention_flops_per_s / 2, fetch_s=truth.fetch_s / 2,
+                     redis_bytes_per_s=2 * truth.redis_bytes_per_s, load_s=truth.load_s / 2,
+                     host_bytes_per_s=2 * truth.host_bytes_per_s)
+    model = RestoreCostModel(KVTierSettings(), BLOCK, truth.block_nbytes, truth.flops, chunk_tokens=16384)
+    model.calibrate(**misled.calibration())
+    blocks = 16384 // BLOCK - 1
+    before = model.decide(REDIS, 0, blocks, split=False)
+    assert before.restore  # the H200's mistake
+    model.observe_prefill([(0, 16384)], truth.step(0, 16384))  # one 16K-token step
+    model.observe_redis_restore(blocks, truth.fetch(blocks))  # one prefetch
+    model.observe_transfer(HOST_TO_DEVICE, blocks * truth.block_nbytes, truth.load(blocks))
+    after = model.decide(REDIS, 0, blocks, split=False)
+    assert after.recompute_s == pytest.approx(truth.step(0, blocks * BLOCK), rel=0.05)
+    assert after.restore_s == pytest.approx(truth.fetch(blocks) + truth.load(blocks), rel=0.05)
+    assert not after.restore
+
+
+def test_short_overhead_bound_steps_do_not_drag_the_prefill_estimate_down():
+    """The other half of the H200 failure: 64-token steps (the last block after a restore, a
+    warm-up prompt) are mostly fixed cost; as FLOPs per second they looked 10x slower than an
+    8K-token chunk. Here they correct the fixed cost, not the rate."""
+    machine = bench_machine()
+    model = calibrated(machine)
+    for _ in range(20):
+        model.observe_prefill([(16320, 64)], machine.step(16320, 64))
+    model.observe_prefill([(0, CHUNK)], machine.step(0, CHUNK))
+    assert model.prefill_seconds(0, 65536) == pytest.approx(machine.prefill(0, 65536), rel=0.02)
 
 
 def test_a_million_token_prefix_is_restored_although_a_rate_in_tokens_would_recompute_it():
-    blocks = (1 << 20) // BLOCK  # 128 GiB of KV: ~140 s from Redis
-    decision = cost_model(PrefillFlops.of(LLAMA_8B)).decide(REDIS, 0, blocks)
-    assert decision.restore_s == pytest.approx(140.2, rel=0.01)
-    assert decision.recompute_s == pytest.approx(689, rel=0.01)  # quadratic attention, at the 8K-measured speed
+    """An 8B model, all 32 layers: 128 GiB of KV from Redis at 1 GB/s (~140 s) against ~11
+    minutes of quadratic prefill; a rate in tokens/s measured on 8K prompts says 38 s."""
+    machine = Machine(PrefillFlops.of(LLAMA_8B), block_nbytes(LLAMA_8B), redis_bytes_per_s=1e9,
+                      attention_flops_per_s=400e12)
+    blocks = (1 << 20) // BLOCK
+    decision = calibrated(machine).decide(REDIS, 0, blocks, split=False)
+    assert decision.restore_s == pytest.approx(machine.fetch(blocks) + machine.load(blocks), rel=0.02)
+    assert decision.recompute_s == pytest.approx(machine.prefill(0, 1 << 20), rel=0.02)
     assert decision.restore
-    linear = cost_model(PrefillFlops.tokens_only()).decide(REDIS, 0, blocks)
-    assert linear.recompute_s == pytest.approx(38.4, rel=0.01) and not linear.restore  # the error this avoids
+    linear = Machine(PrefillFlops.tokens_only(), machine.block_nbytes, redis_bytes_per_s=1e9,
+                     weight_flops_per_s=CHUNK / machine.step(0, CHUNK), step_s=1e-9)
+    assert not calibrated(linear).decide(REDIS, 0, blocks, split=False).restore  # the error this avoids
 
 
-def test_a_short_prefix_is_recomputed_when_redis_is_slower():
-    decision = cost_model(PrefillFlops.of(LLAMA_8B)).decide(REDIS, 0, 32)  # 2K tokens, 268 MB
-    assert decision.recompute_s < decision.restore_s and not decision.restore
+def test_restores_in_serving_correct_the_fixed_cost_of_a_prefetch():
+    machine = bench_machine()
+    model = RestoreCostModel(KVTierSettings(), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
+    for blocks in (64, 1024, 256, 4096):  # as requests come
+        model.observe_redis_restore(blocks, machine.fetch(blocks))
+    assert model.redis_fetch.coefficients[0] == pytest.approx(machine.fetch_s, rel=0.05)
+    assert model.fetch_seconds(16384) == pytest.approx(machine.fetch(16384), rel=0.02)
 
 
-def test_the_first_measurement_replaces_the_initial_guess():
-    model = RestoreCostModel(KVTierSettings(ema_alpha=0.2, initial_prefill_tokens_per_s=10_000), BLOCK,
-                             BLOCK_NBYTES, PrefillFlops.tokens_only())
-    model.observe_prefill([(0, 8192)], 0.025)  # 327,680 tokens/s
-    assert model.prefill_flops_per_s.value == pytest.approx(327_680)
-    model.observe_prefill([(0, 8192)], 0.05)
-    assert model.prefill_flops_per_s.value == pytest.approx(0.8 * 327_680 + 0.2 * 163_840)
+def test_a_one_off_stall_is_dropped_and_a_lasting_change_is_taken():
+    estimate = LinearEstimate((0.01,), alpha=0.2)
+    estimate.observe((1.0,), 0.01)
+    estimate.observe((1.0,), 0.08)  # a kernel planned a new shape: 8x
+    estimate.observe((1.0,), 0.01)
+    assert estimate.predict((1.0,)) == pytest.approx(0.01)
+    estimate.observe((1.0,), 0.1)  # the machine got 10x slower, and stays so
+    estimate.observe((1.0,), 0.1)
+    assert estimate.predict((1.0,)) > 0.05
 
 
-def test_a_redis_restore_is_charged_its_measured_round_trips():
-    model = cost_model(PrefillFlops.of(LLAMA_8B))
-    model.observe_transfer(REDIS_TO_HOST, 1 << 30, (1 << 30) / 10e9)  # Redis at 10 GB/s, PCIe at 50
-    per_block_s = BLOCK_NBYTES * (1 / 10e9 + 1 / 50e9)
-    model.observe_redis_restore(4, 4 * BLOCK_NBYTES / 10e9 + 0.100)  # 100 ms beyond moving the bytes
-    assert model.redis_overhead_s.value == pytest.approx(0.100)
-    assert model.restore_seconds(REDIS, 8) == pytest.approx(8 * per_block_s + 0.100)
-    assert model.restore_seconds(HOST, 8) == pytest.approx(8 * BLOCK_NBYTES / 50e9)  # host: no round trips
-    recompute_s = model.recompute_seconds(0, 8)  # 512 tokens: 16 ms
-    assert 8 * per_block_s < recompute_s < model.restore_seconds(REDIS, 8)
-    assert not model.decide(REDIS, 0, 8).restore  # the bytes alone would have said restore
+def test_stalls_of_several_sizes_wait_side_by_side():
+    estimate = LinearEstimate((0.01, 1e-9), alpha=0.2)
+    for nbytes in (1 << 20, 1 << 30, 1 << 20, 1 << 30):  # each 10x slower than thought, twice
+        estimate.observe((1.0, nbytes), 10 * (0.01 + nbytes * 1e-9))
+    assert estimate.predict((1.0, 1 << 30)) > 5 * (0.01 + (1 << 30) * 1e-9)

@@ -124,10 +124,15 @@ def make_system(num_blocks=16, host_slots=8, redis=True, budget=16, clock=None, 
     return scheduler, tiers
 
 
-def run_step(scheduler: Scheduler, tiers: TierManager, worker: ShadowWorker, max_tokens: dict[str, int]):
+def run_step(scheduler: Scheduler, tiers: TierManager, worker: ShadowWorker, max_tokens: dict[str, int],
+             clock: FakeClock | None = None):
+    """One engine step; with `clock`, it takes as long as the SPLIT speeds say, and the clock moves."""
     step_input = scheduler.schedule()
     output = worker.execute(step_input)
-    tiers.on_step_done(step_input, output.kv_report, seconds=0.01)
+    seconds = 0.002 + step_input.total_scheduled_tokens / SPLIT["initial_prefill_tokens_per_s"] if clock else 0.01
+    if clock is not None:
+        clock.now += seconds
+    tiers.on_step_done(step_input, output.kv_report, seconds=seconds)
     for request_id in scheduler.update_from_output(step_input, output):
         request = scheduler.requests[request_id]
         if request.num_output_tokens >= max_tokens[request_id]:
@@ -283,6 +288,64 @@ def test_a_block_evicted_between_probe_and_fetch_ends_the_restored_run():
     assert tiers.metrics.registry.get_sample_value("longctx_kv_redis_fetches_total", {"outcome": "missing"}) == 1
 
 
+# A block (4 tokens) takes 1 ms to compute and 1 ms to fetch, a step or a prefetch 2 ms more:
+# restoring 8 blocks is fastest as 4 recomputed while the other 4 are fetched.
+SPLIT = {"initial_prefill_tokens_per_s": 4000.0, "initial_redis_bandwidth_bytes_per_s": 1e6}
+
+
+def test_a_redis_restore_recomputes_the_head_while_the_rest_is_fetched():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=16, **SPLIT)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    hashes = tiers_hashes(DOC)
+    worker.redis.update({h: h for h in hashes})
+    submit(scheduler, max_tokens, "r", DOC)
+    request = scheduler.requests["r"]
+    probe = run_step(scheduler, tiers, worker, max_tokens)
+    assert not probe.num_scheduled_tokens and probe.kv_transfers.probes
+    head = run_step(scheduler, tiers, worker, max_tokens)
+    assert head.num_scheduled_tokens == {"r": 16}  # blocks 0-3, up to the pause
+    assert [h for h, _ in head.kv_transfers.fetches] == hashes[4:]  # meanwhile, blocks 4-7 come from Redis
+    assert list(scheduler.waiting) == [request] and request.num_computed_tokens == 0  # paused: back first in line
+    rest = run_step(scheduler, tiers, worker, max_tokens)
+    assert rest.num_scheduled_tokens == {"r": 1} and len(rest.kv_transfers.loads) == 4
+    assert "r" in rest.finished_request_ids and rest.new_requests[0].num_computed_tokens == 32  # workers rebuild it
+    assert (request.num_prefix_hit_tokens, request.num_redis_hit_tokens) == (16, 16)  # the head was computed
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    assert tiers.metrics.registry.get_sample_value(
+        "longctx_kv_restore_decisions_total", {"tier": "redis", "decision": "restore"}) == 1
+
+
+def test_the_head_is_not_written_through_again_and_a_late_rest_is_waited_for():
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=16, **SPLIT)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    hashes = tiers_hashes(DOC)
+    worker.redis.update({h: h for h in hashes})
+    worker.fetch_delay = lambda: 3  # lands three steps after the head is done
+    submit(scheduler, max_tokens, "r", DOC)
+    steps = [run_step(scheduler, tiers, worker, max_tokens) for _ in range(6)]
+    assert [step.num_scheduled_tokens for step in steps] == [{}, {"r": 16}, {}, {}, {}, {"r": 1}]
+    written = [h for step in steps if step.kv_transfers for _, h in step.kv_transfers.write_throughs]
+    assert not set(written) & set(hashes[:4])
+    assert scheduler.requests["r"].num_redis_hit_tokens == 16
+
+
+def test_a_rest_that_misses_its_deadline_is_recomputed_after_the_head():
+    clock = FakeClock()
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=16, clock=clock, restore_timeout_s=1.0, **SPLIT)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    worker.redis.update({h: h for h in tiers_hashes(DOC)})
+    worker.fetch_delay = lambda: 10**6  # stuck in Redis
+    submit(scheduler, max_tokens, "r", DOC)
+    run_step(scheduler, tiers, worker, max_tokens)  # probe
+    assert run_step(scheduler, tiers, worker, max_tokens).num_scheduled_tokens == {"r": 16}  # the head
+    assert not run_step(scheduler, tiers, worker, max_tokens).num_scheduled_tokens  # waits for the rest
+    clock.now = 5.0
+    assert run_step(scheduler, tiers, worker, max_tokens).num_scheduled_tokens == {"r": 16}  # recomputes it
+    assert scheduler.requests["r"].num_redis_hit_tokens == 0
+    _drain(scheduler, tiers, worker, max_tokens)
+    assert tiers.num_pending == 0 and tiers.host.num_free == tiers.host.num_slots
+
+
 def test_a_prefix_that_redis_cannot_serve_faster_is_not_even_probed():
     scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64,
                                    initial_redis_bandwidth_bytes_per_s=1.0)  # 1000 s a block
@@ -336,35 +399,64 @@ def test_host_overflow_writes_back_only_blocks_redis_lacks():
 
 def test_random_traffic_with_aborts_restores_exactly_and_leaks_nothing():
     """1,000 requests over shared documents, random aborts, flaky and slow Redis, tiny pools."""
-    rng = random.Random(1234)
-    clock = FakeClock()
-    scheduler, tiers = make_system(num_blocks=24, host_slots=12, budget=24, clock=clock, restore_timeout_s=0.02,
-                                   redis_write_through=True)
-    worker, max_tokens = ShadowWorker(scheduler, rng, fetch_hit_rate=0.9, max_fetch_delay=3), {}
-    preempted = False
-    documents = [[rng.randrange(1000) for _ in range(36)] for _ in range(6)]
-    for index in range(1000):
-        document = rng.choice(documents)
-        prompt = document[: rng.randint(1, 36)] + [rng.randrange(1000) for _ in range(rng.randint(0, 6))]
-        submit(scheduler, max_tokens, f"r{index}", prompt, num_out=rng.randint(1, 8))
-        for _ in range(rng.randint(0, 4)):
-            clock.now += 0.01
-            run_step(scheduler, tiers, worker, max_tokens)
-            preempted = preempted or any(r.num_preemptions for r in scheduler.requests.values())
-            if rng.random() < 0.2:
-                _abort_random(scheduler, rng)
-            if rng.random() < 0.15 and worker.redis:  # Redis evicts something
-                worker.redis.pop(rng.choice(list(worker.redis)))
-    run_until_done(scheduler, tiers, worker, max_tokens)
-    _drain(scheduler, tiers, worker, max_tokens)
-    assert scheduler.kv_cache.device.num_free_blocks == 24
-    assert tiers.host.num_free == tiers.host.num_slots and tiers.num_pending == 0
-    assert tiers.prefetch.is_idle() and not tiers._write_through_from
-    registry = tiers.metrics.registry
+    traffic = RandomTraffic(num_blocks=24, host_slots=12, document_tokens=36)
+    traffic.run(1000)
+    registry = traffic.tiers.metrics.registry
     for tier in ("device", "host", "redis"):  # every tier served some prefix
         assert registry.get_sample_value("longctx_kv_hit_tokens_total", {"tier": tier}) > 0, tier
-    assert worker.outcomes[CHECKSUM] > 0  # MISSING: its own test below
-    assert registry.get_sample_value("longctx_kv_prefetch_timeouts_total") > 0 and preempted
+    assert traffic.worker.outcomes[CHECKSUM] > 0  # MISSING: its own test below
+    assert registry.get_sample_value("longctx_kv_prefetch_timeouts_total") > 0 and traffic.preempted
+
+
+def test_random_traffic_whose_restores_recompute_a_head_and_pause_is_exact_too():
+    """Longer documents at SPLIT speeds: restores recompute a head and pause, amid aborts,
+    preemptions, Redis evictions and late fetches."""
+    traffic = RandomTraffic(num_blocks=128, host_slots=96, document_tokens=256, speeds=SPLIT)
+    traffic.run(300)
+    assert len(traffic.paused) >= 10 and traffic.preempted
+    assert traffic.tiers.metrics.registry.get_sample_value("longctx_kv_hit_tokens_total", {"tier": "redis"}) > 0
+
+
+class RandomTraffic:
+    def __init__(self, num_blocks: int, host_slots: int, document_tokens: int, speeds: dict | None = None):
+        self.rng, self.clock, self.speeds = random.Random(1234), FakeClock(), speeds
+        self.num_blocks, self.document_tokens = num_blocks, document_tokens
+        self.scheduler, self.tiers = make_system(num_blocks=num_blocks, host_slots=host_slots, budget=24,
+                                                 clock=self.clock, restore_timeout_s=0.02, redis_write_through=True,
+                                                 **(speeds or {}))
+        self.worker = ShadowWorker(self.scheduler, self.rng, fetch_hit_rate=0.9, max_fetch_delay=3)
+        self.max_tokens: dict[str, int] = {}
+        self.documents = [[self.rng.randrange(1000) for _ in range(document_tokens)] for _ in range(6)]
+        self.preempted, self.paused = False, set()
+
+    def run(self, num_requests: int) -> None:
+        """Submit requests a few steps apart, then finish; every step checks every block."""
+        for index in range(num_requests):
+            document = self.rng.choice(self.documents)
+            prompt = document[: self.rng.randint(1, self.document_tokens)] + [
+                self.rng.randrange(1000) for _ in range(self.rng.randint(0, 6))]
+            submit(self.scheduler, self.max_tokens, f"r{index}", prompt, num_out=self.rng.randint(1, 8))
+            for _ in range(self.rng.randint(0, 4)):
+                self._step()
+        run_until_done(self.scheduler, self.tiers, self.worker, self.max_tokens)
+        _drain(self.scheduler, self.tiers, self.worker, self.max_tokens)
+        assert self.scheduler.kv_cache.device.num_free_blocks == self.num_blocks
+        assert self.tiers.host.num_free == self.tiers.host.num_slots and self.tiers.num_pending == 0
+        assert self.tiers.prefetch.is_idle() and not self.tiers._write_through_from
+
+    def _step(self) -> None:
+        if self.speeds:
+            run_step(self.scheduler, self.tiers, self.worker, self.max_tokens, self.clock)
+        else:
+            self.clock.now += 0.01
+            run_step(self.scheduler, self.tiers, self.worker, self.max_tokens)
+        requests = self.scheduler.requests.values()
+        self.preempted = self.preempted or any(r.num_preemptions for r in requests)
+        self.paused |= {r.request_id for r in requests if r.resumed}
+        if self.rng.random() < 0.2:
+            _abort_random(self.scheduler, self.rng)
+        if self.rng.random() < 0.15 and self.worker.redis:  # Redis evicts something
+            self.worker.redis.pop(self.rng.choice(list(self.worker.redis)))
 
 
 def _abort_random(scheduler: Scheduler, rng: random.Random) -> None:

@@ -64,7 +64,8 @@ def reference(tier_model_dir):
 
 
 def test_a_second_process_prefills_the_document_from_redis(tier_model_dir, redis_server, tmp_path):
-    """Two `longctx generate` processes share one Redis: the second computes the last block only."""
+    """Two `longctx generate` processes share one Redis: the second restores the document, but
+    for its last block and any head the cost policy chose to recompute while fetching the rest."""
     tokenizer = Tokenizer.from_folder(tier_model_dir)
     text = tokenizer.decode(document(9000), skip_special_tokens=True)
     prompt_file = tmp_path / "doc.txt"
@@ -78,8 +79,9 @@ def test_a_second_process_prefills_the_document_from_redis(tier_model_dir, redis
     last_block = num_prompt - 64 * ((num_prompt - 1) // 64)
     assert num_prompt > 8192
     assert first["kv"]["computed_prefill_tokens"] == num_prompt
-    assert second["kv"]["redis_hit_tokens"] == num_prompt - last_block
-    assert second["kv"]["computed_prefill_tokens"] == last_block
+    restored, computed = second["kv"]["redis_hit_tokens"], second["kv"]["computed_prefill_tokens"]
+    assert restored + computed == num_prompt and (computed - last_block) % 64 == 0
+    assert restored > num_prompt // 2
     assert second["kv"]["device_hit_tokens"] == second["kv"]["host_hit_tokens"] == 0
     assert second["token_ids"] == first["token_ids"]
 

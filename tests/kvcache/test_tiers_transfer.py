@@ -48,7 +48,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def redis_transfer(cache: KVCacheTensors, url: str, num_slots: int = 8) -> KVTransfer:
     def connect(fmt, slots):
         store = RedisBlockStore([url], PREFIX, socket_timeout_s=1.0)
-        return RemoteBlockIO(store, fmt, slots, threads=2, max_pending_write_bytes=1 << 30)
+        return RemoteBlockIO(store, fmt, slots, threads_per_shard=2, max_pending_write_bytes=1 << 30)
 
     return KVTransfer(cache, num_slots, chunk_bytes=3 * cache.bytes_per_block, remote_factory=connect)
 
@@ -134,7 +134,7 @@ def test_the_store_shards_by_hash_and_answers_every_call(start_redis):
     assert store.get([items[0][0]]) == [None]
     key = block_key(PREFIX, items[20][0])
     assert servers[int.from_bytes(items[20][0][:8], "little") % 2].client().ttl(key) == -1  # no ttl set
-    assert key.startswith(b"test:kv:v1:")
+    assert key.startswith(b"test:kv:v2:")
 
 
 def test_a_dead_shard_is_a_fast_miss_then_reconnects_after_backoff(start_redis, free_tcp_port):
@@ -166,7 +166,7 @@ def test_writes_beyond_the_pending_bound_are_dropped_and_reported(redis_server):
 
     def connect(fmt, slots):
         store = RedisBlockStore([redis_server.url], PREFIX)
-        return RemoteBlockIO(store, fmt, slots, threads=1, max_pending_write_bytes=0)
+        return RemoteBlockIO(store, fmt, slots, threads_per_shard=1, max_pending_write_bytes=0)
 
     transfer = KVTransfer(cache, 4, chunk_bytes=1 << 20, remote_factory=connect)
     report = transfer.run(KVTransferOps(saves=((0, 0),), write_throughs=((0, HASH),)))
@@ -207,7 +207,7 @@ def test_every_slot_comes_back_exactly_once_even_when_the_store_raises():
     cache = random_bits_cache(torch.float16)
 
     def connect(fmt, slots):
-        return RemoteBlockIO(BrokenStore(), fmt, slots, threads=2, max_pending_write_bytes=1 << 30)
+        return RemoteBlockIO(BrokenStore(), fmt, slots, threads_per_shard=2, max_pending_write_bytes=1 << 30)
 
     transfer = KVTransfer(cache, 8, chunk_bytes=1 << 20, remote_factory=connect)
     ops = KVTransferOps(saves=((0, 0),), write_throughs=((0, HASH),), fetches=((HASH, 1), (bytes(32), 2)))

@@ -1,0 +1,53 @@
+"""One simulated run from a config, and the comparison the issue asks for: the queued-context
+policy against the cheapest ongoing-requests target that reaches the same SLO attainment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from autoscaler.simulator.hardware import ReplicaHardware
+from autoscaler.simulator.results import SloRule, summarize
+from autoscaler.simulator.scalers import make_scaler
+from autoscaler.simulator.simulation import Simulation, SimulationRun, SimulationSettings
+from autoscaler.simulator.trace import TraceRequest
+from cluster.config import LongctxConfig
+
+# Serve's default target is 2; a sweep from 1 (a replica per two requests in flight) to 16.
+ONGOING_TARGETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything a run depends on besides the trace and the policy."""
+
+    config: LongctxConfig  # autoscaling.*, serve.drain_timeout_s
+    hardware: ReplicaHardware = ReplicaHardware()
+    slo: SloRule = SloRule()
+
+    def simulation_settings(self) -> SimulationSettings:
+        settings = self.config.autoscaling
+        initial = settings.initial_replicas if settings.initial_replicas is not None else settings.min_replicas
+        return SimulationSettings(settings.metrics_push_interval_s, self.config.serve.drain_timeout_s,
+                                  settings.replica_startup_s, initial)
+
+
+def simulate(trace: list[TraceRequest], policy: str, scenario: Scenario,
+             target_ongoing_requests: float = 2.0) -> tuple[SimulationRun, dict[str, Any]]:
+    scaler = make_scaler(policy, scenario.config.autoscaling, target_ongoing_requests)
+    run = Simulation(trace, scaler, scenario.hardware, scenario.simulation_settings()).simulate()
+    summary = summarize(run, policy, scenario.slo, scenario.hardware)
+    if policy == "ongoing-requests":
+        summary["target_ongoing_requests"] = target_ongoing_requests
+    return run, summary
+
+
+def compare(trace: list[TraceRequest], scenario: Scenario, targets=ONGOING_TARGETS) -> dict[str, Any]:
+    """Queued-context, the ongoing-requests sweep, and the cheapest target at least as good."""
+    _, ours = simulate(trace, "queued-context", scenario)
+    sweep = [simulate(trace, "ongoing-requests", scenario, target)[1] for target in targets]
+    matching = [run for run in sweep if run["slo_attainment"] >= ours["slo_attainment"]]
+    cheapest = min(matching, key=lambda run: run["replica_seconds"], default=None)
+    ratio = ours["replica_seconds"] / cheapest["replica_seconds"] if cheapest else None
+    return {"queued_context": ours, "ongoing_requests_sweep": sweep, "cheapest_matching": cheapest,
+            "replica_seconds_ratio": ratio}

@@ -1,0 +1,62 @@
+{{/*
+The longctx config (cluster/config.py's keys) from the values, then extraConfig merged over it.
+The device is cuda, not auto: the Serve controller builds the application on the head, which has
+no GPU, and must still give every rank a GPU bundle.
+*/}}
+{{- define "longctx.config" -}}
+{{- $v := .Values -}}
+{{- $model := dict "path" $v.model.mountPath "dtype" $v.model.dtype "device" "cuda" "max_model_len" $v.model.maxModelLen -}}
+{{- $cache := dict "block_size" $v.cache.blockSize "device_memory_fraction" $v.cache.deviceMemoryFraction "enable_prefix_caching" $v.cache.enablePrefixCaching -}}
+{{- $scheduler := dict "max_num_seqs" $v.scheduler.maxNumSeqs "max_tokens_per_step" $v.scheduler.maxTokensPerStep "max_waiting_requests" $v.scheduler.maxWaitingRequests -}}
+{{/* ray, not auto: the ranks are Ray actors in the replica's placement group, whatever process builds the app */}}
+{{- $parallel := dict "tensor_parallel_size" $v.parallel.tensorParallelSize "sequence_parallel_size" $v.parallel.sequenceParallelSize "executor" "ray" -}}
+{{- if gt (int $v.workers.nodesPerReplica) 1 -}}
+{{/* each TP group stays on one node, SP ranks cross nodes (executors/placement.py) */}}
+{{- $_ := set $parallel "span_nodes" true -}}
+{{- end -}}
+{{- $replicas := ternary $v.serve.autoscaling.minReplicas $v.serve.numReplicas $v.serve.autoscaling.enabled -}}
+{{- $serve := dict "model_name" $v.model.name "num_replicas" $replicas "ingress_replicas" $v.serve.ingressReplicas "ingress_num_cpus" $v.serve.ingressNumCpus "worker_num_cpus" $v.serve.workerNumCpus "max_queued_requests" $v.serve.maxQueuedRequests "max_queued_tokens" $v.serve.maxQueuedTokens "request_timeout_s" $v.serve.requestTimeoutS "max_request_body_bytes" $v.serve.maxRequestBodyBytes "drain_timeout_s" $v.serve.drainTimeoutS "routing_block_tokens" $v.router.blockTokens "routing_max_tracked_blocks" $v.router.maxTrackedBlocks "routing_stats_period_s" $v.router.statsPeriodS -}}
+{{- if $v.workers.acceleratorType -}}
+{{- $_ := set $serve "accelerator_type" $v.workers.acceleratorType -}}
+{{- end -}}
+{{- if $v.serve.apiKey.existingSecret -}}
+{{- $_ := set $serve "api_key_file" (include "longctx.apiKeyFile" .) -}}
+{{- end -}}
+{{- $tiers := dict "host_bytes" $v.kvTiers.hostBytes "restore_policy" $v.kvTiers.restorePolicy "redis_ttl_s" $v.kvTiers.redisTtlS "redis_write_through" $v.kvTiers.redisWriteThrough "redis_key_prefix" $v.kvTiers.redisKeyPrefix -}}
+{{- if include "longctx.redisEnabled" . -}}
+{{- $_ := set $tiers "redis_urls" (include "longctx.redisUrls" . | fromJsonArray) -}}
+{{- if include "longctx.redisPasswordMounted" . -}}
+{{- $_ := set $tiers "redis_password_file" (include "longctx.redisPasswordFile" .) -}}
+{{- end -}}
+{{- end -}}
+{{- $config := dict "model" $model "cache" $cache "scheduler" $scheduler "parallel" $parallel "serve" $serve "kv_tiers" $tiers -}}
+{{- toYaml (mustMergeOverwrite $config (deepCopy $v.extraConfig)) -}}
+{{- end -}}
+
+{{/* Serve's option overrides of the LLM server deployment: autoscaling. */}}
+{{- define "longctx.llmServerOverrides" -}}
+{{- $v := .Values -}}
+{{- $overrides := dict "name" "LLMServer" -}}
+{{- if $v.serve.autoscaling.enabled -}}
+{{- $scaling := dict "min_replicas" $v.serve.autoscaling.minReplicas "max_replicas" $v.serve.autoscaling.maxReplicas "target_ongoing_requests" $v.serve.autoscaling.targetOngoingRequests "upscale_delay_s" $v.serve.autoscaling.upscaleDelayS "downscale_delay_s" $v.serve.autoscaling.downscaleDelayS -}}
+{{- if $v.serve.autoscaling.policy -}}
+{{- $_ := set $scaling "policy" (dict "policy_function" $v.serve.autoscaling.policy) -}}
+{{- end -}}
+{{- $_ := set $overrides "num_replicas" "auto" -}}
+{{- $_ := set $overrides "autoscaling_config" $scaling -}}
+{{- end -}}
+{{- if gt (len $overrides) 1 -}}
+{{- list $overrides | toYaml -}}
+{{- end -}}
+{{- end -}}
+
+{{/* KubeRay's serveConfigV2: Ray Serve's deploy schema, as deployments/serve_config.yaml. */}}
+{{- define "longctx.serveConfig" -}}
+{{- $application := dict "name" "longctx" "route_prefix" "/" "import_path" "deployments.app:build_app" "args" (dict "config" (include "longctx.config" . | fromYaml) "overrides" (dict)) -}}
+{{- $deployments := include "longctx.llmServerOverrides" . | fromYamlArray -}}
+{{- if $deployments -}}
+{{- $_ := set $application "deployments" $deployments -}}
+{{- end -}}
+{{- $http := dict "host" "0.0.0.0" "port" 8000 "request_timeout_s" nil -}}
+{{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $application)) -}}
+{{- end -}}

@@ -1,0 +1,16 @@
+"""DeepSeek-V4 (transformers' DeepseekV4ForCausalLM), exact against its full forward.
+
+    model.py            the causal LM over explicit per-request state (one chunk of one sequence)
+    state.py            that state: sliding window, compressed entries, open windows, overlaps
+    attention.py        one attention layer: projections, RoPE, state update, grouped output
+    sink_attention.py   the attention core over window + compressed keys with per-head sinks
+    compressor.py       gated pooling of every m tokens into one entry (CSA overlapping, HCA not)
+    indexer.py          the Lightning Indexer's top-k choice of compressed entries (CSA)
+    rope.py             partial, interleaved RoPE ("main" and "compress", YaRN on the latter)
+    hyper_connections.py  mHC: Sinkhorn-mixed residual streams and the hyper head
+    moe.py              sqrtsoftplus top-k and hash routing, routed and shared experts (EP)
+    weights.py          checkpoint names, DeepSeek's and transformers' spellings
+    runner.py           the engine's steps on this model, state keyed by request id
+    presets.py          `longctx make-model --preset deepseek-v4-tiny | deepseek-v4-flash-shape`
+The config reader and the KV budget live in model_folder/ (the driver reads them too).
+"""

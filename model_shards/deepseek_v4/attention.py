@@ -1,0 +1,120 @@
+"""One DeepSeek-V4 attention layer over a chunk of one sequence, with its explicit state.
+
+    q  = rope(rms(q_b_proj(q_residual)))        q_residual = q_a_norm(q_a_proj(x))   (T, heads, D)
+    kv = rope(kv_norm(kv_proj(x)))              one K = V head                       (T, D)
+    out = sink_attention(q, window | compressed entries)                            (T, heads, D)
+    out = rope^-1(out) at the query position    (V carries RoPE since V = K: undo it, so each
+                                                 entry contributes by relative distance only)
+    y  = o_b_proj(grouped o_a_proj(out))        heads in o_groups, each to o_lora_rank
+
+Sliding layers rotate with the "main" RoPE, CSA/HCA layers (and their compressors and indexer)
+with the "compress" one. With tensor parallelism a rank holds heads / tp query heads, their sinks
+and o_groups / tp output groups (o_b_proj is row-parallel: one all-reduce); the shared K = V head,
+the compressors and so the whole state are replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_shards.deepseek_v4.compressor import Compressor
+from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Architecture
+from model_shards.deepseek_v4.indexer import LightningIndexer
+from model_shards.deepseek_v4.norms import RMSNorm, unweighted_rms_norm
+from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
+from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
+from model_shards.deepseek_v4.state import LayerState, SlidingWindowState
+from model_shards.deepseek_v4.weights import CheckpointTensors
+from model_shards.parallel.groups import ParallelGroup
+from model_shards.parallel.tensor_parallel import RowParallelLinear
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal projection: group g of the input (its heads) -> rows g*R .. (g+1)*R - 1."""
+
+    def __init__(self, in_per_group: int, out_per_group: int, groups: int, dtype: torch.dtype):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, groups, in_per_group) -> (T, groups, out_per_group)."""
+        weight = self.weight.view(self.groups, -1, self.weight.shape[-1]).transpose(1, 2)  # (G, in, out)
+        return torch.bmm(x.transpose(0, 1), weight).transpose(0, 1)
+
+
+class DeepseekV4Attention(nn.Module):
+    def __init__(self, arch: DeepseekV4Architecture, layer_type: str, tp: ParallelGroup, dtype: torch.dtype,
+                 rotary: InterleavedRotary):
+        super().__init__()
+        self.layer_type, self.tp, self.rotary = layer_type, tp, rotary
+        self.head_dim, self.eps = arch.head_dim, arch.rms_norm_eps
+        self.sliding_window = arch.sliding_window
+        self.num_heads = tp.split(arch.num_attention_heads, "num_attention_heads")
+        self.num_groups = tp.split(arch.o_groups, "o_groups")
+        self.scale = arch.head_dim ** -0.5
+        self.q_a_proj = nn.Linear(arch.hidden_size, arch.q_lora_rank, bias=False, dtype=dtype)
+        self.q_a_norm = RMSNorm(arch.q_lora_rank, arch.rms_norm_eps)
+        self.q_b_proj = nn.Linear(arch.q_lora_rank, self.num_heads * self.head_dim, bias=False, dtype=dtype)
+        self.kv_proj = nn.Linear(arch.hidden_size, self.head_dim, bias=False, dtype=dtype)
+        self.kv_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
+        heads_per_group = arch.num_attention_heads // arch.o_groups
+        self.o_a_proj = GroupedLinear(heads_per_group * self.head_dim, arch.o_lora_rank, self.num_groups, dtype)
+        self.o_b_proj = RowParallelLinear(self.num_groups * arch.o_lora_rank, arch.hidden_size, False, tp).to(dtype)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.compressor = self.indexer = None
+        if layer_type != SLIDING:
+            self.compressor = Compressor(arch.hidden_size, self.head_dim, arch.compress_rate(layer_type),
+                                         layer_type == CSA, arch.rms_norm_eps, dtype, rotary)
+        if layer_type == CSA:
+            self.indexer = LightningIndexer(arch, tp, dtype, rotary)
+
+    def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
+        window = SlidingWindowState(self.sliding_window - 1,
+                                    torch.empty(0, self.head_dim, dtype=dtype, device=device))
+        return LayerState(self.layer_type, window,
+                          self.compressor and self.compressor.new_state(dtype, device),
+                          self.indexer and self.indexer.compressor.new_state(dtype, device))
+
+    def forward(self, x: torch.Tensor, start: int, state: LayerState) -> torch.Tensor:
+        """x (T, hidden): the normed layer input of tokens at positions start .. start+T-1, the
+        state holding tokens 0 .. start-1 (and afterwards tokens up to start+T-1) -> (T, hidden)."""
+        tokens = x.shape[0]
+        positions = torch.arange(start, start + tokens, device=x.device)
+        cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
+        q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
+        q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
+        q = apply_interleaved_rotary(unweighted_rms_norm(q, self.eps), cos, sin)  # (T, heads, D)
+        kv = apply_interleaved_rotary(self.kv_norm(self.kv_proj(x)), cos, sin)  # (T, D)
+        window_keys = state.window.append(kv)  # (w + T, D)
+        compressed = self._compressed_keys(state, x, q_residual, start, (cos, sin))
+        out = sink_attention(q, window_keys, self.sliding_window, compressed, self.sinks, self.scale)
+        out = apply_interleaved_rotary(out, cos, -sin)  # (T, heads, D)
+        grouped = self.o_a_proj(out.reshape(tokens, self.num_groups, -1))  # (T, groups, o_lora_rank)
+        return self.o_b_proj(grouped.flatten(1))  # (T, hidden)
+
+    def _compressed_keys(self, state: LayerState, x: torch.Tensor, q_residual: torch.Tensor, start: int,
+                         cos_sin: tuple[torch.Tensor, torch.Tensor]) -> CompressedKeys | None:
+        if self.compressor is None:
+            return None
+        entries = self.compressor.append(state.compressor, x)  # (E, D)
+        if self.layer_type == HCA:
+            return CompressedKeys(entries, first_position=start, rate=self.compressor.rate)
+        selected = self.indexer.select(state.indexer, x, q_residual, start, *cos_sin)  # (T, k)
+        return CompressedKeys(entries, selected=selected)
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        heads = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)
+        reader.copy_into(self.q_a_proj.weight.data, prefix + "wq_a.weight")
+        self.q_a_norm.load(reader, prefix + "q_norm.weight")
+        reader.copy_into(self.q_b_proj.weight.data, prefix + "wq_b.weight", **heads)
+        reader.copy_into(self.kv_proj.weight.data, prefix + "wkv.weight")
+        self.kv_norm.load(reader, prefix + "norm.weight")
+        reader.copy_into(self.o_a_proj.weight.data, prefix + "wo_a.weight", **heads)
+        self.o_b_proj.load(reader, prefix + "wo_b")
+        reader.copy_into(self.sinks.data, prefix + "attn_sink", **heads)
+        if self.compressor is not None:
+            self.compressor.load(reader, prefix + "compressor.")
+        if self.indexer is not None:
+            self.indexer.load(reader, prefix + "indexer.")

@@ -1,0 +1,76 @@
+"""V4's KV compressor: gated pooling of every m source tokens into one attention entry.
+
+    entry_w = kv_norm( sum_j softmax_j(gate_j + position_bias_j) * kv_j ),  then RoPE at w * m
+
+with the softmax per channel over the window's slots (paper §2.3, eqs. 9-12 and 20-23).
+- HCA (non-overlapping): the slots are window w's m tokens.
+- CSA and its Lightning Indexer (overlapping): projections are 2 * dim wide. The first half of
+  each token (Ca) feeds the *next* window's entry, the second half (Cb) its own, so entry w pools
+  2m slots: Ca of window w - 1, then Cb of window w (window 0 has no predecessor: its Ca slots get
+  gate -inf, weight 0). That is why CompressorState keeps the last closed window's Ca half.
+
+An entry exists once its window has closed, and a query at position p sees entries w with
+(w + 1) * m <= p + 1: exactly those folded after appending tokens 0..p.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
+from model_shards.deepseek_v4.state import CompressorState
+from model_shards.deepseek_v4.weights import CheckpointTensors
+
+
+class Compressor(nn.Module):
+    def __init__(self, hidden_size: int, dim: int, rate: int, overlapping: bool, eps: float, dtype: torch.dtype,
+                 rotary: InterleavedRotary):
+        super().__init__()
+        self.dim, self.rate, self.overlapping = dim, rate, overlapping
+        width = 2 * dim if overlapping else dim
+        self.kv_proj = nn.Linear(hidden_size, width, bias=False, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False, dtype=dtype)
+        self.position_bias = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
+        self.kv_norm = RMSNorm(dim, eps)
+        self.rotary = rotary
+
+    def new_state(self, dtype: torch.dtype, device: torch.device) -> CompressorState:
+        return CompressorState.empty(self.rate, self.dim, self.kv_proj.out_features, dtype, device)
+
+    def append(self, state: CompressorState, x: torch.Tensor) -> torch.Tensor:
+        """Fold the chunk's tokens x (T, hidden) into `state`; return all entries so far (E, dim)."""
+        windows_kv, windows_gate, first_entry = state.close_windows(self.kv_proj(x), self.gate_proj(x))
+        closed = windows_kv.shape[0]
+        if closed == 0:
+            return state.entries
+        windows_gate = windows_gate + self.position_bias  # (closed, m, width)
+        if self.overlapping:
+            windows_kv, windows_gate = self._overlapping_slots(state, windows_kv, windows_gate)
+        weights = windows_gate.softmax(dim=1, dtype=torch.float32).to(windows_kv.dtype)  # per channel
+        pooled = self.kv_norm((windows_kv * weights).sum(dim=1))  # (closed, dim)
+        positions = (torch.arange(closed, device=x.device) + first_entry) * self.rate
+        cos, sin = self.rotary.cos_sin(positions)
+        return state.add_entries(apply_interleaved_rotary(pooled, cos, sin))
+
+    def _overlapping_slots(self, state: CompressorState, kv: torch.Tensor,
+                           gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(closed, m, 2 dim) projections -> (closed, 2m, dim) slots: [Ca of the previous window | Cb]."""
+        dim = self.dim
+        if state.overlap_kv is None:  # the sequence's first window: nothing before it
+            first_kv = kv.new_zeros(1, self.rate, dim)
+            first_gate = gate.new_full((1, self.rate, dim), float("-inf"))
+        else:
+            first_kv, first_gate = state.overlap_kv[None].to(kv.dtype), state.overlap_gate[None].to(gate.dtype)
+        previous_kv = torch.cat((first_kv, kv[:-1, :, :dim]))  # (closed, m, dim)
+        previous_gate = torch.cat((first_gate, gate[:-1, :, :dim]))
+        state.overlap_kv, state.overlap_gate = kv[-1, :, :dim].clone(), gate[-1, :, :dim].clone()
+        return (torch.cat((previous_kv, kv[..., dim:]), dim=1),  # (closed, 2m, dim)
+                torch.cat((previous_gate, gate[..., dim:]), dim=1))
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        reader.copy_into(self.kv_proj.weight.data, prefix + "wkv.weight")
+        reader.copy_into(self.gate_proj.weight.data, prefix + "wgate.weight")
+        reader.copy_into(self.position_bias.data, prefix + "ape")
+        self.kv_norm.load(reader, prefix + "norm.weight")

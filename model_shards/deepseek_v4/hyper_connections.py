@@ -1,0 +1,87 @@
+"""Manifold-constrained hyper-connections (mHC, paper §2.2): the residual is hc_mult streams.
+
+Around each attention and MoE block, one linear map of the (normed, flattened) streams gives
+  pre  (hc,)    how the streams collapse into the block's input
+  post (hc,)    how the block's output spreads back over the streams
+  comb (hc, hc) how the streams mix, projected by Sinkhorn iterations onto doubly-stochastic
+                matrices (rows and columns summing to 1), so deep stacks neither blow up nor fade
+and the block's streams become `post * output + comb^T @ streams`. The hyper head collapses the
+streams once more before the final norm. All of it runs in float32, as in transformers, and is
+token-wise: chunking cannot change it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_folder.deepseek_v4_config import DeepseekV4Architecture
+from model_shards.deepseek_v4.norms import unweighted_rms_norm
+from model_shards.deepseek_v4.weights import CheckpointTensors
+
+
+class HyperConnection(nn.Module):
+    def __init__(self, arch: DeepseekV4Architecture):
+        super().__init__()
+        self.hc, self.iterations = arch.hc_mult, arch.hc_sinkhorn_iters
+        self.hc_eps, self.norm_eps = arch.hc_eps, arch.rms_norm_eps
+        outputs = (2 + self.hc) * self.hc  # pre, post, comb
+        self.fn = nn.Parameter(torch.empty(outputs, self.hc * arch.hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(outputs, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams (T, hc, hidden) -> post (T, hc), comb (T, hc, hc) float32, and the collapsed
+        block input (T, hidden) in the streams' dtype."""
+        hc = self.hc
+        mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn)
+        pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])
+        pre_scale, post_scale, comb_scale = self.scale.unbind(0)
+        pre = torch.sigmoid(pre_w * pre_scale + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post_w * post_scale + post_b)
+        comb = torch.softmax(comb_w.view(-1, hc, hc) * comb_scale + comb_b.view(hc, hc), dim=-1) + self.hc_eps
+        comb = self._sinkhorn(comb)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        return post, comb, collapsed
+
+    def _sinkhorn(self, comb: torch.Tensor) -> torch.Tensor:
+        """Alternate column and row normalisation (columns first and last), as transformers does."""
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        for _ in range(self.iterations - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        return comb
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        for name in ("fn", "base", "scale"):
+            reader.copy_into(getattr(self, name).data, f"{prefix}_{name}")
+
+
+def mix_streams(streams: torch.Tensor, block_output: torch.Tensor, post: torch.Tensor,
+                comb: torch.Tensor) -> torch.Tensor:
+    """post * output + comb^T @ streams: (T, hc, hidden), in the streams' dtype."""
+    dtype = streams.dtype
+    return post.to(dtype).unsqueeze(-1) * block_output.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2),
+                                                                                    streams)
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the streams into one hidden state (T, hidden)."""
+
+    def __init__(self, arch: DeepseekV4Architecture):
+        super().__init__()
+        self.eps, self.norm_eps = arch.hc_eps, arch.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty(arch.hc_mult, arch.hc_mult * arch.hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(arch.hc_mult, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn)
+        pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps  # (T, hc)
+        return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        for name in ("fn", "base", "scale"):
+            reader.copy_into(getattr(self, name).data, f"{prefix}_{name}")

@@ -1,0 +1,137 @@
+"""DeepSeek-V4 causal LM over explicit per-request state (model_shards/deepseek_v4/state.py).
+
+    streams = embed(ids) copied to hc_mult streams                        (T, hc, hidden)
+    per layer:  x = attn_hc collapse -> attn_norm -> attention(state)     mix back into streams
+                x = ffn_hc collapse  -> ffn_norm  -> MoE(x, ids)          mix back into streams
+    hidden = norm(hyper_head(streams)); logits = head(hidden)
+
+`forward` runs one chunk of one sequence (a whole prompt, any piece of it, or one decode token)
+and appends it to that sequence's state; the result does not depend on how a sequence is cut
+into chunks. Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert
+parallelism over the same group) and the vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model_folder.errors import ModelFolderError
+from model_folder.hf_config import load_architecture
+from model_shards.deepseek_v4.attention import DeepseekV4Attention
+from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
+from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
+from model_shards.deepseek_v4.moe import MixtureOfExperts
+from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.rope import InterleavedRotary
+from model_shards.deepseek_v4.state import LayerState, SequenceState
+from model_shards.deepseek_v4.weights import CheckpointTensors
+from model_shards.llama import checkpoint_dtype
+from model_shards.parallel.groups import ParallelGroup
+from model_shards.parallel.tensor_parallel import VocabParallelEmbedding
+from model_shards.weights import WeightReader
+
+
+class DeepseekV4DecoderLayer(nn.Module):
+    def __init__(self, arch: DeepseekV4Architecture, index: int, tp: ParallelGroup, dtype: torch.dtype,
+                 rotary: InterleavedRotary):
+        super().__init__()
+        self.attn_hc = HyperConnection(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = DeepseekV4Attention(arch, arch.layer_types[index], tp, dtype, rotary)
+        self.ffn_hc = HyperConnection(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, start: int,
+                state: LayerState) -> torch.Tensor:
+        """streams (T, hc, hidden) of tokens at positions start .. -> (T, hc, hidden)."""
+        post, comb, collapsed = self.attn_hc(streams)
+        attended = self.self_attn(self.input_layernorm(collapsed), start, state)
+        streams = mix_streams(streams, attended, post, comb)
+        post, comb, collapsed = self.ffn_hc(streams)
+        return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        self.attn_hc.load(reader, prefix + "hc_attn")
+        self.input_layernorm.load(reader, prefix + "attn_norm.weight")
+        self.self_attn.load(reader, prefix + "attn.")
+        self.ffn_hc.load(reader, prefix + "hc_ffn")
+        self.post_attention_layernorm.load(reader, prefix + "ffn_norm.weight")
+        self.mlp.load(reader, prefix + "ffn.")
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    """Parameters are uninitialized until `load_weights` (or use `from_folder`)."""
+
+    def __init__(self, arch: DeepseekV4Architecture, dtype: torch.dtype, device: torch.device | str,
+                 tp: ParallelGroup | None = None):
+        super().__init__()
+        self.arch, self.dtype, self.tp = arch, dtype, tp or ParallelGroup.single()
+        main_rope = InterleavedRotary(arch.main_rope, arch.max_position_embeddings, dtype, device)
+        compress_rope = InterleavedRotary(arch.compress_rope, arch.max_position_embeddings, dtype, device)
+        with torch.device("meta"):  # storage is allocated once below, never randomly initialised
+            self.embed = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp).to(dtype)
+            self.layers = nn.ModuleList(
+                DeepseekV4DecoderLayer(arch, index, self.tp, dtype, main_rope if layer_type == SLIDING else compress_rope)
+                for index, layer_type in enumerate(arch.layer_types))
+            self.hc_head = HyperHead(arch)
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+            self.head = self.embed if arch.tie_word_embeddings else VocabParallelEmbedding(
+                arch.vocab_size, arch.hidden_size, self.tp).to(dtype)
+        self.to_empty(device=device)
+        self.eval()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", tp: ParallelGroup | None = None) -> DeepseekV4ForCausalLM:
+        arch = load_architecture(folder)
+        if not isinstance(arch, DeepseekV4Architecture):
+            raise ModelFolderError(f"{folder}: not a DeepSeek-V4 folder ({arch.architecture})")
+        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp)
+        with WeightReader(folder) as reader:
+            model.load_weights(reader)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_state(self) -> SequenceState:
+        """The state of a request before its first token."""
+        return SequenceState(0, [layer.self_attn.new_state(self.dtype, self.device) for layer in self.layers])
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, state: SequenceState) -> torch.Tensor:
+        """The next chunk of one sequence, input_ids (T,) at positions state.num_tokens onwards ->
+        final hidden states (T, hidden); `state` then holds the chunk too."""
+        start = state.num_tokens
+        streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
+        for layer, layer_state in zip(self.layers, state.layers):
+            streams = layer(streams, input_ids, start, layer_state)  # (T, hc, hidden)
+        state.num_tokens += input_ids.shape[0]
+        return self.norm(self.hc_head(streams))
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32. Collective over the TP group (vocabulary split)."""
+        return self.head.logits(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, reader: WeightReader) -> None:
+        """Copy every tensor into its parameter; reject missing, misshapen and unknown tensors."""
+        tensors = CheckpointTensors(reader)
+        self.embed.load(tensors, "embed.weight")
+        for index, layer in enumerate(self.layers):
+            layer.load(tensors, f"layers.{index}.")
+        self.hc_head.load(tensors, "hc_head")
+        self.norm.load(tensors, "norm.weight")
+        if not self.arch.tie_word_embeddings:
+            self.head.load(tensors, "head.weight")
+        elif tensors.has("head.weight"):
+            tensors.get("head.weight")  # a tied checkpoint may still store the copy
+        if unused := tensors.unused():
+            raise ModelFolderError(f"{reader.folder}: unexpected tensors in the checkpoint: {unused[:10]}"
+                                   f"{' ...' if len(unused) > 10 else ''}")

@@ -1,0 +1,142 @@
+"""DeepSeek-V4's mixture of experts: routed experts (top-k or hash-routed) plus one shared expert.
+
+Routing, per token:
+  scores  = sqrtsoftplus(x @ gate^T)                   (E,)   (or sigmoid, per scoring_func)
+  experts = top-k of scores + e_score_correction_bias   "moe" layers
+          = tid2eid[token id]                           "hash_moe" layers (a frozen table)
+  weights = scores[experts] / sum(scores[experts]) * routed_scaling_factor
+Each expert (and the shared one) is a SwiGLU whose gate is clipped above and whose up projection is
+clipped both ways at swiglu_limit.
+
+Expert parallelism: rank r of the group holds experts r*E/ep .. (r+1)*E/ep - 1 and the shared
+expert's r-th slice of intermediate channels. Tokens are replicated on every rank (attention is
+head-parallel), so each rank runs its experts on the tokens routed to them and one all-reduce sums
+routed and shared partial outputs: dispatch is a local gather, combine the all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_folder.deepseek_v4_config import HASH_MOE, DeepseekV4Architecture
+from model_shards.deepseek_v4.weights import CheckpointTensors
+from model_shards.parallel.groups import ParallelGroup
+
+_SCORE_FUNCTIONS = {"sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(), "sigmoid": torch.sigmoid}
+
+
+class Router(nn.Module):
+    def __init__(self, arch: DeepseekV4Architecture, hashed: bool, dtype: torch.dtype):
+        super().__init__()
+        self.hashed, self.top_k = hashed, arch.num_experts_per_tok
+        self.score = _SCORE_FUNCTIONS[arch.scoring_func]
+        self.routed_scaling_factor = arch.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(arch.n_routed_experts, arch.hidden_size, dtype=dtype))
+        if hashed:
+            self.register_buffer("tid2eid", torch.empty(arch.vocab_size, self.top_k, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.empty(arch.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> routing weights (T, k), expert ids (T, k)."""
+        scores = self.score(F.linear(x, self.weight))  # (T, E)
+        if self.hashed:
+            experts = self.tid2eid[input_ids]
+        else:
+            experts = torch.topk(scores + self.bias, self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, experts
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        reader.copy_into(self.weight.data, prefix + "weight")
+        if self.hashed:
+            reader.copy_into(self.tid2eid, prefix + "tid2eid")
+        else:
+            reader.copy_into(self.bias, prefix + "bias")
+
+
+def clipped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+class LocalExperts(nn.Module):
+    """This rank's experts as 3-D weights: gate|up (E_local, 2I, hidden), down (E_local, hidden, I)."""
+
+    def __init__(self, arch: DeepseekV4Architecture, ep: ParallelGroup, dtype: torch.dtype):
+        super().__init__()
+        self.ep = ep
+        self.num_local = ep.split(arch.n_routed_experts, "n_routed_experts")
+        self.first = ep.rank * self.num_local
+        self.intermediate, self.limit = arch.moe_intermediate_size, arch.swiglu_limit
+        self.gate_up = nn.Parameter(torch.empty(self.num_local, 2 * self.intermediate, arch.hidden_size,
+                                                dtype=dtype))
+        self.down = nn.Parameter(torch.empty(self.num_local, arch.hidden_size, self.intermediate, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's routed experts held here of weight * expert(x): (T, hidden)."""
+        out = torch.zeros_like(x)
+        local = experts - self.first  # (T, k): in [0, num_local) for experts held here
+        for expert in range(self.num_local):
+            token, slot = torch.where(local == expert)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.gate_up[expert]).split(self.intermediate, dim=-1)
+            y = F.linear(clipped_swiglu(gate, up, self.limit), self.down[expert])  # (n, hidden)
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        for expert in range(self.num_local * self.ep.size):
+            name, local = f"{prefix}{expert}.", expert - self.first
+            if not 0 <= local < self.num_local:
+                for matrix in ("w1", "w2", "w3"):
+                    reader.held_elsewhere(f"{name}{matrix}.weight")
+                continue
+            reader.copy_into(self.gate_up.data[local, :self.intermediate], name + "w1.weight")
+            reader.copy_into(self.gate_up.data[local, self.intermediate:], name + "w3.weight")
+            reader.copy_into(self.down.data[local], name + "w2.weight")
+
+
+class SharedExpertSlice(nn.Module):
+    """This rank's 1/ep of the shared expert's intermediate channels; its output is a partial sum."""
+
+    def __init__(self, arch: DeepseekV4Architecture, ep: ParallelGroup, dtype: torch.dtype):
+        super().__init__()
+        self.ep, self.limit = ep, arch.swiglu_limit
+        width = ep.split(arch.moe_intermediate_size, "moe_intermediate_size")
+        self.gate_proj = nn.Linear(arch.hidden_size, width, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(arch.hidden_size, width, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(width, arch.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(clipped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        rows = dict(shard_dim=0, rank=self.ep.rank, world_size=self.ep.size)
+        reader.copy_into(self.gate_proj.weight.data, prefix + "w1.weight", **rows)
+        reader.copy_into(self.up_proj.weight.data, prefix + "w3.weight", **rows)
+        reader.copy_into(self.down_proj.weight.data, prefix + "w2.weight", shard_dim=1, rank=self.ep.rank,
+                         world_size=self.ep.size)
+
+
+class MixtureOfExperts(nn.Module):
+    def __init__(self, arch: DeepseekV4Architecture, mlp_type: str, ep: ParallelGroup, dtype: torch.dtype):
+        super().__init__()
+        self.ep = ep
+        self.gate = Router(arch, mlp_type == HASH_MOE, dtype)
+        self.experts = LocalExperts(arch, ep, dtype)
+        self.shared_experts = SharedExpertSlice(arch, ep, dtype)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden), the tokens' ids (T,) (hash routing reads them) -> (T, hidden)."""
+        weights, experts = self.gate(x, input_ids)
+        out = self.experts(x, weights, experts) + self.shared_experts(x)
+        return self.ep.all_reduce(out)
+
+    def load(self, reader: CheckpointTensors, prefix: str) -> None:
+        self.gate.load(reader, prefix + "gate.")
+        self.experts.load(reader, prefix + "experts.")
+        self.shared_experts.load(reader, prefix + "shared_experts.")

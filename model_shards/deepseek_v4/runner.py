@@ -1,0 +1,104 @@
+"""The worker side of DeepSeek-V4: runs the engine's steps (protocol/step.py) on the V4 model.
+
+ModelWorker owns a paged dense cache; V4's cache is per request state (state.py). This runner
+keeps one SequenceState per request id beside the request's tokens, block tables and sampler
+state, runs each scheduled chunk through the model (one request at a time: the V4 forward takes
+one sequence), samples as ModelWorker does (world rank 0 samples, every rank appends the same
+tokens) and appends its own tokens, so the driver never re-sends them.
+
+Block ids of every block group are recorded but not read yet: the KV-cache coordinator will place
+the states in them (entries in per-layer-type groups, the window and open windows in a fixed slot).
+Until then a prefix-cache hit, a request arriving with num_computed_tokens > 0 that this runner
+holds no state for, is recomputed from the request's own tokens: exact, only not faster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.state import SequenceState
+from model_shards.parallel.groups import ParallelLayout
+from model_shards.sampler import Sampler, SamplingState
+from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
+
+
+@dataclass
+class _Request:
+    token_ids: list[int]  # prompt + outputs, grows by the tokens this runner samples
+    block_ids: list[list[int]]  # one table per block group, kept for the coordinator
+    num_computed_tokens: int  # as the scheduler counts them
+    state: SequenceState  # holds state.num_tokens tokens: fewer than computed after a prefix hit
+    sampling: SamplingState
+
+
+class DeepseekV4Runner:
+    def __init__(self, model: DeepseekV4ForCausalLM, layout: ParallelLayout | None = None):
+        self.model = model
+        self.layout = layout or ParallelLayout.single()
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+
+    @torch.inference_mode()
+    def execute(self, step_input: StepInput) -> StepOutput:
+        if step_input.kv_transfers is not None:
+            raise NotImplementedError("DeepSeek-V4 states do not move between KV tiers yet (the coordinator's work)")
+        self._apply_changes(step_input)
+        last_hidden, sampling_ids = [], []
+        for request_id, count in step_input.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            hidden = self._run_chunk(request, count)  # (count, hidden)
+            request.num_computed_tokens += count
+            if request.num_computed_tokens == len(request.token_ids):
+                last_hidden.append(hidden[-1])
+                sampling_ids.append(request_id)
+        if not sampling_ids:
+            return StepOutput(step_input.step_id)
+        return StepOutput(step_input.step_id, self._sample(torch.stack(last_hidden), sampling_ids))
+
+    def _apply_changes(self, step_input: StepInput) -> None:
+        for request_id in step_input.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in step_input.new_requests:  # new, or rebuilt after a preemption: a fresh state
+            self.requests[new.request_id] = self._new_request(new)
+        for cached in step_input.cached_requests:
+            self._update_request(cached)
+
+    def _new_request(self, new: NewRequestData) -> _Request:
+        sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids,
+                                 device=self.model.device)
+        return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
+                        new.num_computed_tokens, self.model.new_state(), sampling)
+
+    def _update_request(self, cached: CachedRequestData) -> None:
+        request = self.requests[cached.request_id]
+        for table, new_ids in zip(request.block_ids, cached.new_block_ids):
+            table.extend(new_ids)
+        if request.num_computed_tokens != cached.num_computed_tokens:
+            raise RuntimeError(f"request {cached.request_id}: runner computed {request.num_computed_tokens} tokens, "
+                               f"scheduler says {cached.num_computed_tokens}")
+
+    def _run_chunk(self, request: _Request, count: int) -> torch.Tensor:
+        """Hidden states of the chunk's tokens, after catching the state up to where it starts."""
+        start = request.num_computed_tokens
+        if request.state.num_tokens < start:  # a prefix-cache hit this runner holds no state for
+            self.model(self._ids(request, request.state.num_tokens, start), request.state)
+        return self.model(self._ids(request, start, start + count), request.state)
+
+    def _ids(self, request: _Request, start: int, stop: int) -> torch.Tensor:
+        return torch.tensor(request.token_ids[start:stop], dtype=torch.long, device=self.model.device)
+
+    def _sample(self, last_hidden: torch.Tensor, request_ids: list[str]) -> dict[str, SampledToken]:
+        """Logits on every TP rank (a collective), sampling on world rank 0, the ids broadcast."""
+        logits = self.model.compute_logits(last_hidden)  # (sampling requests, vocab) float32
+        tokens = None
+        if self.layout.is_driver_rank:
+            tokens = self.sampler(logits, [self.requests[rid].sampling for rid in request_ids])
+        token_ids = self.layout.world.broadcast_ints([t.token_id for t in tokens] if tokens else None,
+                                                     len(request_ids))
+        for request_id, token_id in zip(request_ids, token_ids):
+            self.requests[request_id].token_ids.append(token_id)
+            self.requests[request_id].sampling.append(token_id)
+        return dict(zip(request_ids, tokens)) if tokens else {}

@@ -1,0 +1,120 @@
+"""A request's DeepSeek-V4 attention state: plain tensors, one small dataclass per kind.
+
+V4's cache is hybrid. Per layer, after a request's first n tokens it holds:
+
+    every layer   SlidingWindowState  K(=V) of the last min(n, W - 1) tokens (W = sliding_window):
+                                      all a later query needs of the raw keys
+    CSA, HCA      CompressorState     n // m compressed entries (m = the layer's compress rate),
+                                      the n % m projected tokens of the open window, and (CSA
+                                      only) the first half of the last closed window's
+                                      projections, which the next entry overlaps
+    CSA           CompressorState     the same for the Lightning Indexer's own keys
+
+Appending a chunk is the one way the state changes (`SlidingWindowState.append`,
+`CompressorState.close_windows` + `add_entries`, called by the attention layer in that order), and
+it depends only on the chunk's tokens: any split of a sequence into chunks yields the same state.
+Tensors are replaced, never written in place, so a snapshot (`SequenceState.snapshot`) shares
+them safely, which is what a cached prefix needs. Only `entries` grow with the context; everything
+else is bounded by W and m, so a paged cache keeps `entries` in blocks per layer type and the rest
+in one small fixed slot per request and layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SlidingWindowState:
+    keep: int  # W - 1: rows a query at the next position can still reach
+    keys: torch.Tensor  # (min(n, keep), head_dim) after kv_norm and RoPE, oldest first
+
+    def append(self, new_keys: torch.Tensor) -> torch.Tensor:
+        """Add the chunk's keys (T, head_dim); return the keys its queries may reach (w + T, head_dim),
+        w = rows held before, the first at position n - w."""
+        reachable = torch.cat((self.keys, new_keys))  # (w + T, head_dim)
+        self.keys = reachable[max(0, reachable.shape[0] - self.keep):].clone()  # a view would pin the chunk
+        return reachable
+
+
+@dataclass
+class CompressorState:
+    rate: int  # m: source tokens per entry
+    entries: torch.Tensor  # (n // m, dim), after kv_norm and RoPE at position (entry index) * m
+    pending_kv: torch.Tensor  # (n % m, width) projections of the open window's tokens
+    pending_gate: torch.Tensor  # (n % m, width) gate logits, position bias not yet added
+    overlap_kv: torch.Tensor | None = None  # (m, dim) CSA: first half of the last closed window
+    overlap_gate: torch.Tensor | None = None  # (m, dim) its gate logits, position bias added
+
+    @classmethod
+    def empty(cls, rate: int, dim: int, width: int, dtype: torch.dtype, device: torch.device) -> CompressorState:
+        return cls(rate, torch.empty(0, dim, dtype=dtype, device=device),
+                   torch.empty(0, width, dtype=dtype, device=device), torch.empty(0, width, dtype=dtype, device=device))
+
+    @property
+    def num_entries(self) -> int:
+        return self.entries.shape[0]
+
+    def close_windows(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Append the chunk's projections (T, width) to the open window; return the windows that are
+        now complete, (closed, m, width) each, and the entry index the first of them becomes. The
+        remainder (< m tokens) stays pending."""
+        kv, gate = torch.cat((self.pending_kv, kv)), torch.cat((self.pending_gate, gate))  # (p + T, width)
+        closed = kv.shape[0] // self.rate
+        usable = closed * self.rate
+        self.pending_kv, self.pending_gate = kv[usable:].clone(), gate[usable:].clone()
+        width = kv.shape[-1]
+        return kv[:usable].view(closed, self.rate, width), gate[:usable].view(closed, self.rate, width), \
+            self.num_entries
+
+    def add_entries(self, entries: torch.Tensor) -> torch.Tensor:
+        """Append folded entries (closed, dim); return all entries so far."""
+        if entries.shape[0]:
+            self.entries = torch.cat((self.entries, entries))
+        return self.entries
+
+
+@dataclass
+class LayerState:
+    layer_type: str
+    window: SlidingWindowState
+    compressor: CompressorState | None = None  # CSA and HCA layers
+    indexer: CompressorState | None = None  # CSA layers: the Lightning Indexer's keys
+
+
+@dataclass
+class SequenceState:
+    """All layers' state of one request after its first `num_tokens` tokens."""
+
+    num_tokens: int
+    layers: list[LayerState]
+
+    def snapshot(self) -> SequenceState:
+        """An independent copy that shares the (never mutated) tensors."""
+        layers = [dataclasses.replace(layer, window=dataclasses.replace(layer.window),
+                                      compressor=layer.compressor and dataclasses.replace(layer.compressor),
+                                      indexer=layer.indexer and dataclasses.replace(layer.indexer))
+                  for layer in self.layers]
+        return SequenceState(self.num_tokens, layers)
+
+    def nbytes(self) -> Counter[str]:
+        """Bytes held, keyed "<layer type>/entries" (grows with the context: compressed entries and
+        indexer keys) and "<layer type>/fixed" (sliding window, open windows, overlaps)."""
+        totals: Counter[str] = Counter()
+        for layer in self.layers:
+            totals[f"{layer.layer_type}/fixed"] += _bytes(layer.window.keys)
+            for compressor in (layer.compressor, layer.indexer):
+                if compressor is not None:
+                    totals[f"{layer.layer_type}/entries"] += _bytes(compressor.entries)
+                    totals[f"{layer.layer_type}/fixed"] += sum(
+                        _bytes(t) for t in (compressor.pending_kv, compressor.pending_gate, compressor.overlap_kv,
+                                            compressor.overlap_gate))
+        return totals
+
+
+def _bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()

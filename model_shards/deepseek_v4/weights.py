@@ -1,0 +1,93 @@
+"""DeepSeek-V4 checkpoint tensor names, as DeepSeek publishes them and as transformers saves them.
+
+transformers 5 loads V4 through a renaming table (`conversion_mapping.py`, "deepseek_v4") and
+saves back to DeepSeek's own names, under a `model.` prefix, except three top-level tensors it
+keeps under its own names. Both spellings are accepted here; the model asks for DeepSeek's names
+without prefix (`layers.0.attn.wq_a.weight`, `layers.0.ffn.experts.3.w1.weight`, ...):
+
+    transformers' save_pretrained        DeepSeek's checkpoint     here (canonical)
+    model.embed_tokens.weight            embed.weight              embed.weight
+    head.weight                          head.weight               head.weight
+    model.hc_head.hc_fn                  hc_head_fn                hc_head_fn
+    model.layers.0.attn.wkv.weight       layers.0.attn.wkv.weight  layers.0.attn.wkv.weight
+
+The multi-token-prediction layers (`mtp.*`) are not used for serving and are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_folder.errors import ModelFolderError
+from model_shards.weights import WeightReader
+
+_ALIASES = {
+    "embed_tokens.weight": "embed.weight",
+    "lm_head.weight": "head.weight",
+    "hc_head.hc_fn": "hc_head_fn",
+    "hc_head.hc_base": "hc_head_base",
+    "hc_head.hc_scale": "hc_head_scale",
+}
+_SKIPPED_PREFIXES = ("mtp.",)
+
+
+def canonical_name(name: str) -> str:
+    name = name.removeprefix("model.")
+    return _ALIASES.get(name, name)
+
+
+def transformers_name(canonical: str) -> str:
+    """The spelling transformers' save_pretrained gives a canonical name."""
+    if canonical == "head.weight":
+        return canonical
+    saved = {alias: name for name, alias in _ALIASES.items()}.get(canonical, canonical)
+    return "model." + saved
+
+
+class CheckpointTensors:
+    """A WeightReader addressed by canonical names; it remembers which it handed out."""
+
+    def __init__(self, reader: WeightReader):
+        self.reader = reader
+        self.folder = reader.folder
+        self._actual: dict[str, str] = {}
+        self._elsewhere: set[str] = set()
+        for name in reader.names():
+            canonical = canonical_name(name)
+            if canonical in self._actual:
+                raise ModelFolderError(f"{reader.folder}: tensors {self._actual[canonical]!r} and {name!r} "
+                                       "are the same weight spelled twice")
+            self._actual[canonical] = name
+
+    def has(self, name: str) -> bool:
+        return name in self._actual
+
+    def copy_into(self, destination: torch.Tensor, name: str, *, shard_dim: int | None = None, rank: int = 0,
+                  world_size: int = 1) -> None:
+        """Check the shape, then copy (and cast) this rank's part of tensor `name` into destination."""
+        self.reader.copy_into(destination, self._actual_name(name), shard_dim=shard_dim, rank=rank,
+                              world_size=world_size)
+
+    def copy_rows_into(self, destination: torch.Tensor, name: str, start: int, stop: int) -> None:
+        """Rows start .. stop-1 of tensor `name` (those that exist) into destination's first rows."""
+        self.reader.copy_rows_into(destination, self._actual_name(name), start, stop)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(self._actual_name(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(self._actual_name(name))
+
+    def held_elsewhere(self, name: str) -> None:
+        """Tensor `name` exists but belongs to another rank (an expert of expert parallelism)."""
+        self._elsewhere.add(self._actual_name(name))
+
+    def unused(self) -> list[str]:
+        """Checkpoint tensors nobody read or placed on another rank (the mtp layers are skipped)."""
+        return [name for name in self.reader.unread()
+                if name not in self._elsewhere and not canonical_name(name).startswith(_SKIPPED_PREFIXES)]
+
+    def _actual_name(self, name: str) -> str:
+        if name not in self._actual:
+            raise ModelFolderError(f"{self.folder}: tensor {name!r} (or model.{name}) is missing from the checkpoint")
+        return self._actual[name]

@@ -1,0 +1,40 @@
+"""DeepSeek-V4 with tensor parallelism over attention and indexer heads and expert parallelism
+for the MoE (gloo, 2 ranks) gives one rank's logits.
+
+On 2 ranks each holds 2 of 4 query heads, 1 of 2 output groups, 8 of 16 indexer heads, 2 of 4
+experts, half the shared expert and half the vocabulary; the K = V head, the compressors and so
+the whole cache state are replicated. 1e-4 absolute on logits (float32): ranks only reorder sums
+(three all-reduces a layer, the indexer's head sum among them), ~1e-6; a wrong head, group or
+expert moves logits by O(1), and a differing top-k choice on one rank by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_v4_jobs import run_deepseek_v4_chunks
+from model_shards.rank import RankContext
+from model_shards.deepseek_v4.presets import make_deepseek_v4_model
+
+TOLERANCE = 1e-4
+# prefill 37 tokens in odd chunks, decode 6; resume from the state after 2 chunks (13 tokens:
+# inside a CSA window and an HCA window)
+CHUNKS = [6, 7, 11, 13, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.fixture(scope="session")
+def v4_tiny_folder(tmp_path_factory):
+    return make_deepseek_v4_model(tmp_path_factory.mktemp("v4-tp"), "deepseek-v4-tiny", seed=7)
+
+
+def test_tp2_ep2_logits_and_state_equal_one_rank(world2, v4_tiny_folder):
+    token_ids = torch.randint(0, 1000, (sum(CHUNKS),), generator=torch.Generator().manual_seed(8)).tolist()
+    args = (v4_tiny_folder, token_ids, CHUNKS, 2)
+    single, single_state = run_deepseek_v4_chunks(RankContext(0, 1, torch.device("cpu")), args[0], 1, *args[1:])
+    per_rank = world2.call(run_deepseek_v4_chunks, args[0], 2, *args[1:])
+    assert single.shape == (sum(CHUNKS) + sum(CHUNKS[2:]), 1024)
+    for logits, state in per_rank:
+        assert (logits - single).abs().max().item() <= TOLERANCE
+        torch.testing.assert_close(state, single_state, atol=1e-4, rtol=0)
+    torch.testing.assert_close(single[-sum(CHUNKS[2:]):], single[13:sum(CHUNKS)], atol=TOLERANCE, rtol=0)
