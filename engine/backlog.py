@@ -55,17 +55,17 @@ def _shared_blocks(hashes: list[bytes], other: list[bytes], limit: int) -> int:
 
 
 def measure_backlog(waiting: Iterable[Request], running: Iterable[Request], cost: RestoreCostModel) -> PrefillBacklog:
-    flops, tokens, decoding, longest = 0.0, 0, 0, 0
+    seconds, tokens, decoding, longest = 0.0, 0, 0, 0
     for request in running:
         longest = max(longest, request.num_tokens)
         if request.num_computed_tokens >= request.num_prompt_tokens:
             decoding += 1
             continue
-        flops += cost.flops.span(request.num_computed_tokens, request.num_prompt_tokens)
+        seconds += cost.prefill_seconds(request.num_computed_tokens, request.num_prompt_tokens)
         tokens += request.num_prompt_tokens - request.num_computed_tokens
     for request in waiting:
         longest = max(longest, request.num_tokens)
         start = max(request.num_computed_tokens, request.num_expected_hit_tokens)
-        flops += cost.flops.span(start, request.num_prompt_tokens)
+        seconds += cost.prefill_seconds(start, request.num_prompt_tokens)
         tokens += request.num_prompt_tokens - start
-    return PrefillBacklog(tokens, flops / cost.prefill_flops_per_s.value, decoding, longest)
+    return PrefillBacklog(tokens, seconds, decoding, longest)

@@ -58,11 +58,13 @@ def test_a_preempted_request_resumes_in_its_grammar(tiny_model_dir, make_engine_
         _assert_trip(sequences[0].text)
 
 
-def test_a_schema_that_cannot_compile_fails_its_step(tiny_model_dir, make_engine_for):
+def test_a_schema_that_cannot_compile_fails_its_request_alone(tiny_model_dir, make_engine_for):
     engine = make_engine_for(tiny_model_dir)
     bad = StructuredOutput("json_schema", json.dumps({"type": "strin"}))
-    with pytest.raises(RuntimeError, match="grammar could not be compiled"):
-        generate(engine, ["x"], SamplingParams(max_tokens=4, structured_output=bad))
+    failed = generate(engine, ["x"], SamplingParams(max_tokens=4, structured_output=bad))[0][0]
+    assert failed.error is not None and "grammar could not be compiled" in failed.error
+    ok = generate(engine, ["x"], SamplingParams(max_tokens=4))[0][0]  # the engine goes on
+    assert ok.error is None and len(ok.token_ids) == 4
 
 
 def test_with_ignore_eos_the_output_runs_on_after_its_json(tiny_model_dir, make_engine_for):
