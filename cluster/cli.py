@@ -14,105 +14,47 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.config import (
-    CacheSettings,
-    ConfigError,
-    LongctxConfig,
-    ModelSettings,
-    SchedulerSettings,
-    load_config,
+from cluster.arguments import (
+    add_engine_arguments,
+    add_sampling_arguments,
+    add_serve_arguments,
+    build_config,
+    split_urls,
 )
+from cluster.config import ConfigError, LongctxConfig
 
 EXIT_USAGE = 2
+_split_urls = split_urls  # the name tests and older scripts import
 
 
-def _default(settings_class, name: str) -> Any:
-    return settings_class.model_fields[name].default
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by generate and serve; defaults come from the config classes."""
-    parser.add_argument("--config", help="YAML config file (see docs/configuration.md)")
-    parser.add_argument("--model", help="Hugging Face model folder")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
-                        help=f"default: {_default(ModelSettings, 'dtype')}")
-    parser.add_argument("--device", default=None, help=f"default: {_default(ModelSettings, 'device')}")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=None,
-                        help=f"tokens per KV block (default {_default(CacheSettings, 'block_size')})")
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--max-tokens-per-step", type=int, default=None,
-                        help=f"chunked-prefill budget (default {_default(SchedulerSettings, 'max_tokens_per_step')})")
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--tp", type=int, default=None, metavar="N",
-                        help="tensor parallel ranks: heads split over N GPUs (default 1)")
-    parser.add_argument("--sp", type=int, default=None, metavar="N",
-                        help="sequence parallel ranks: long prompts and their KV split over N GPUs (default 1)")
-    parser.add_argument("--span-nodes", action="store_true", default=None,
-                        help="serve with Ray actors: TP groups stay inside a node, SP ranks may cross nodes")
-    parser.add_argument("--kv-host-bytes", type=int, default=None,
-                        help="host-memory KV tier per worker, in bytes (default 0: off)")
-    parser.add_argument("--kv-redis-url", action="append", default=None, metavar="URL",
-                        help="Redis KV tier shared by replicas: redis://, rediss://, redis+sentinel:// or "
-                             "redis+cluster:// URL; repeat or comma-separate to shard (needs --kv-host-bytes)")
-
-
-def build_config(args: argparse.Namespace) -> LongctxConfig:
-    overrides = {
-        "model.path": args.model,
-        "model.dtype": args.dtype,
-        "model.device": args.device,
-        "model.max_model_len": args.max_model_len,
-        "cache.block_size": args.block_size,
-        "cache.num_device_blocks": args.num_kv_blocks,
-        "cache.enable_prefix_caching": False if args.no_prefix_caching else None,
-        "scheduler.max_tokens_per_step": args.max_tokens_per_step,
-        "parallel.tensor_parallel_size": args.tp,
-        "parallel.sequence_parallel_size": args.sp,
-        "parallel.span_nodes": args.span_nodes,
-        "kv_tiers.host_bytes": args.kv_host_bytes,
-        "kv_tiers.redis_urls": _split_urls(args.kv_redis_url),
-    }
-    config = load_config(args.config).with_overrides(overrides)
-    if not config.model.path:
-        raise ConfigError("no model: pass --model DIR or set model.path in the config file")
-    return config
-
-
-def _split_urls(values: list[str] | None) -> tuple[str, ...] | None:
-    if values is None:
-        return None
-    urls: list[str] = []
-    for value in values:
-        first = len(urls)
-        for piece in filter(None, (piece.strip() for piece in value.split(","))):
-            if "://" in piece or len(urls) == first:
-                urls.append(piece)
-            else:  # a further host of redis+sentinel://h1,h2/... or redis+cluster://h1,h2
-                urls[-1] += "," + piece
-    return tuple(urls)
+    try:
+        return f"longctx {version('longctx')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "longctx (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
     from model_shards.make_model import add_make_model_arguments
 
     parser = argparse.ArgumentParser(prog="longctx", description="Exact long-context LLM serving.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
     make_model = commands.add_parser("make-model", help="write a Hugging Face model folder with random weights")
     add_make_model_arguments(make_model)
     generate = commands.add_parser("generate", help="generate from one prompt")
-    _add_engine_arguments(generate)
+    add_engine_arguments(generate)
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt")
     prompt.add_argument("--prompt-file")
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    generate.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.add_argument("--quiet", action="store_true", help="no progress on stderr")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
-    _add_engine_arguments(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    add_engine_arguments(serve)
+    add_serve_arguments(serve)
     from dashboards.cli import add_dashboards_parser
 
     add_dashboards_parser(commands)
@@ -137,18 +79,23 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from cluster.progress_line import ProgressLine
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
     from protocol.sampling_params import SamplingParams
 
     config = build_config(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=tuple(args.stop or ()), seed=args.seed)  # fmt: skip
     prompt = _read_prompt(args)
+    progress = None if args.quiet else ProgressLine(sys.stderr)
     engine = LLMEngine(config)  # with --tp / --sp: one local process per rank
     try:
-        result = generate(engine, [prompt], params)[0][0]
+        result = generate(engine, [prompt], params, on_progress=progress)[0][0]
     finally:
         engine.shutdown()
+    if progress is not None:
+        progress.done()
     if result.error is not None:
         print(f"longctx: error: {result.error}", file=sys.stderr)
         return 1

@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+
+# Host memory that stages Redis blocks when redis_urls are set and host_bytes is not.
+DEFAULT_REDIS_STAGING_BYTES = 1 << 30
 
 
 class _Frozen(BaseModel):
@@ -52,7 +55,7 @@ class CacheSettings(_Frozen):
         None, ge=1, description="Device KV blocks; default: from device_memory_fraction (GPU) or cpu_kv_bytes (CPU)."
     )
     device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU memory share for weights + KV.")
-    cpu_kv_bytes: int = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
+    cpu_kv_bytes: ByteSize = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
     enable_prefix_caching: bool = Field(True, description="Name full blocks by their prefix hash so later requests share them.")
 
 
@@ -141,7 +144,7 @@ class ServeSettings(_Frozen):
     # A million-token prefill takes minutes; the per-request deadline, not Serve's proxy, bounds it.
     request_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one request, queueing included.")
     # 1M tokens are ~4 MB of text or ~7 MB as a JSON list of token ids.
-    max_request_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_request_body_bytes: ByteSize = Field(64 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     stall_timeout_s: float = Field(
         300.0, gt=0, description="A step running longer than this while requests wait marks the replica unhealthy."
     )
@@ -165,6 +168,16 @@ class ServeSettings(_Frozen):
         262_144, ge=1, description="Prefix hashes the router remembers (LRU); ~200 bytes each."
     )
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
+    cluster_grows: bool = Field(
+        False, description="The Ray cluster adds nodes on demand (an autoscaler, KubeRay): do not refuse an "
+        "application that a one-node cluster cannot hold yet (without it, `serve run` on a small machine fails "
+        "at once instead of waiting for ever)."
+    )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="How tool calls read in the model's text (tool_choice auto): hermes "
+        "(<tool_call>{json}</tool_call>), llama3_json (bare JSON); auto: hermes when the chat template mentions "
+        "<tool_call>, else llama3_json."
+    )
 
 
 class KVTierSettings(_Frozen):
@@ -178,8 +191,9 @@ class KVTierSettings(_Frozen):
     # Redis URLs carry passwords: a validation error must not echo them back.
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    host_bytes: int = Field(
-        0, ge=0, description="Host KV memory per worker (pinned on CUDA), LRU; 0 turns the host and Redis tiers off."
+    host_bytes: ByteSize = Field(
+        0, ge=0, description="Host KV memory per worker (pinned on CUDA), LRU; 0 turns the host and Redis tiers off; "
+        "left out with redis_urls set: 1GiB (Redis blocks are staged through it)."
     )
     redis_urls: tuple[str, ...] = Field(
         (), description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs (password in the URL); "
@@ -222,16 +236,20 @@ class KVTierSettings(_Frozen):
     # Redis serves 1-4 MiB values 2-3x faster than 8 MiB ones (bench/kv_tiers.py: redis-benchmark
     # GET 2.55 GB/s at 2 MiB, 0.80 GB/s at 8 MiB on the H200 host), and a Llama-3-8B block of 64
     # tokens is 8 MiB.
-    redis_value_part_bytes: int = Field(
+    redis_value_part_bytes: ByteSize = Field(
         2 << 20, ge=64 << 10, description="A block value of several times this size is stored as equal parts "
         "of about this size (keys <key>, <key>:1, ...; a missing part is a miss). Readers and writers of one Redis "
         "must agree."
     )
-    redis_max_pending_write_bytes: int = Field(
+    redis_max_pending_write_bytes: ByteSize = Field(
         1 << 30, ge=0, description="Redis writes queued beyond this are dropped (counted), never waited for."
     )
     redis_retry_backoff_s: float = Field(0.5, gt=0, description="First wait before retrying a failed shard; doubles.")
     redis_retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries of a failed shard.")
+    redis_health_check_period_s: float = Field(
+        5.0, gt=0, description="How often the workers ping Redis and report up / down (longctx_kv_redis_up, "
+        "/health), requests or not."
+    )
     restore_timeout_s: float = Field(
         2.0, ge=0, description="A new request waits for its Redis prefetch this long beyond twice the estimated "
         "transfer time; blocks not there by then are recomputed."
@@ -260,7 +278,7 @@ class KVTierSettings(_Frozen):
     initial_prefill_tokens_per_s: float = Field(
         10_000.0, gt=0, description="Prefill rate estimate (short prompts) until calibrated or measured."
     )
-    transfer_chunk_bytes: int = Field(
+    transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
     )
     # Spills happen when allocation evicts a cached block anyway; the watermark moves those
@@ -273,6 +291,14 @@ class KVTierSettings(_Frozen):
         16, ge=1, description="Copies ahead of need per engine step (bounds what one step waits for)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_stages_through_host(cls, data: Any) -> Any:
+        """Redis without host_bytes: the default staging size (an explicit 0 stays an error)."""
+        if isinstance(data, dict) and data.get("redis_urls") and "host_bytes" not in data:
+            return {**data, "host_bytes": DEFAULT_REDIS_STAGING_BYTES}
+        return data
+
     @model_validator(mode="after")
     def _redis_needs_host(self) -> "KVTierSettings":
         from protocol.redis_urls import parse_redis_url  # torch- and redis-free
@@ -280,7 +306,8 @@ class KVTierSettings(_Frozen):
         for url in self.redis_urls:
             parse_redis_url(url)  # a ValueError naming the URL, its password redacted
         if self.redis_urls and self.host_bytes == 0:
-            raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory")
+            raise ValueError("redis_urls needs host_bytes > 0: Redis blocks are staged through host memory "
+                             "(leave host_bytes out for 1GiB)")
         return self
 
     @model_validator(mode="after")

@@ -22,7 +22,8 @@ Every key of longctx's one configuration, generated from `cluster/config.py` by
 `--config` sets any of them (`section: {key: value}`); CLI flags override the file; unknown keys
 are an error. In a Ray Serve config (`deployments/serve_config.yaml`, KubeRay's `serveConfigV2`)
 the same mapping goes under the application's `args.config`, and `args.overrides` takes dotted
-keys (`{"cache.block_size": 128}`).
+keys (`{"cache.block_size": 128}`). A `ByteSize` is a number of bytes or a string with a unit:
+`64MiB`, `1GiB`, `512MB` (MB, GB: powers of 1000; MiB, GiB: of 1024).
 """
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 
@@ -25,21 +27,79 @@ def serve_foreground(config: LongctxConfig, host: str, port: int) -> int:
 
     from deployments.ingress import served_model_name
     from deployments.prompts import PromptBuilder
+    from model_folder.weight_files import sharded_weight_map
 
-    # Fail fast and plainly on a bad model folder, before Ray starts and Serve retries replicas.
+    # Fail fast and plainly on a bad model folder or a busy port, before Ray starts and Serve
+    # retries replicas.
     PromptBuilder.from_config(config)
+    sharded_weight_map(config.model.path)
     embedded = "RAY_ADDRESS" not in os.environ
+    if embedded:
+        check_port_free(host, port)
     _start_ray(config, embedded)
     try:
         deploy(config, host, port)
+        for line in _replica_summary(config):
+            print(f"longctx: {line}", flush=True)
         print(f"longctx: serving {served_model_name(config)!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         _wait_for_signal()
     except RuntimeError as error:  # a deployment that failed to start: the replica's error is in it
-        print(f"longctx: error: {error}", file=sys.stderr)
+        print(f"longctx: error: the model server did not start: {_failure_cause(error)}", file=sys.stderr)
+        print(f"longctx: full logs under {_log_dir()}", file=sys.stderr)
         return 1
     finally:
         _stop(serve, ray, embedded)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError naming the port when something listens there already. Ray's HTTP proxy
+    binds with SO_REUSEPORT, so a second server would share the port and split the requests."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(f"port {port} on {host} is in use ({error.strerror}): is another server running? "
+                          "Stop it or pass another --port") from None
+
+
+def _replica_summary(config: LongctxConfig) -> list[str]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", APP_NAME)
+    lines = handle.summary_lines.remote().result(timeout_s=30)
+    replicas = config.serve.num_replicas
+    return [*lines, f"{replicas} replica{'s' if replicas > 1 else ''} of that; logs under {_log_dir()}"]
+
+
+def _failure_cause(error: RuntimeError) -> str:
+    """The replica's own exception, one line, out of Serve's status (its traceback is there)."""
+    from ray import serve
+
+    try:
+        message = serve.status().applications[APP_NAME].deployments["LLMServer"].message
+    except Exception:  # noqa: BLE001 - no status to read: Serve's own error is all there is
+        message = str(error)
+    return _exception_line(message) or str(error).splitlines()[0]
+
+
+def _exception_line(text: str) -> str | None:
+    """The last `SomeError: why` line of a traceback."""
+    matches = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    if not matches:
+        return None
+    name, why = matches[-1]
+    return f"{name.rsplit('.', 1)[-1]}: {why}"
+
+
+def _log_dir() -> str:
+    import ray
+
+    try:
+        context = ray.get_runtime_context()
+        return os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")
+    except Exception:  # noqa: BLE001 - Ray not up (a failure before it started): its default place
+        return "/tmp/ray/session_latest/logs"
 
 
 def deploy(config: LongctxConfig, host: str, port: int, name: str = APP_NAME, route_prefix: str = "/") -> None:
@@ -64,13 +124,16 @@ def _start_ray(config: LongctxConfig, embedded: bool) -> None:
         return
     # Logical CPUs are scheduling slots, not threads: reserve enough for every bundle even on a
     # machine with fewer cores, or the placement groups would wait for ever.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False)
+    # The replicas' logs (their tracebacks on every retry among them) stay in Ray's log files;
+    # this terminal gets longctx's own lines: the summary, or the one cause of a failure.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
+             log_to_driver=False)
 
 
 def _cpus_needed(config: LongctxConfig) -> int:
-    settings = config.serve
-    per_replica = 1.0 + settings.worker_num_cpus * config.parallel.world_size
-    return math.ceil(settings.ingress_replicas * settings.ingress_num_cpus + config.max_llm_replicas * per_replica)
+    from deployments.app import application_needs
+
+    return math.ceil(application_needs(config).get("CPU", 0))
 
 
 def _wait_for_signal() -> None:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster.config import ServeSettings
+from deployments.batched_prompts import merged_replies, requests_per_prompt
 from deployments.body_limit import BodySizeLimit
 from deployments.errors import APIError, api_error, install_error_handlers
 from deployments.generation import (
@@ -40,11 +41,12 @@ from deployments.openapi_docs import (
     PROBE_RESPONSES,
     install_openapi,
 )
-from deployments.prompts import PromptBuilder
+from deployments.prompts import PromptBuilder, split_prompts
 from deployments.request_limits import RequestLimits
-from deployments.responses import ChatFormat, CompletionFormat, _Format
+from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format
 from deployments.sampling import chat_params, completion_params
 from deployments.tenants import bearer_auth, no_auth, tenant_cache_salt
+from deployments.tool_calls import parser_for, plan_tools
 from engine.outputs import CompletionDelta
 from protocol.sampling_params import InvalidParameterError
 
@@ -62,6 +64,7 @@ class OpenAIService:
         self.model_name = model_name
         self.metrics = ServingMetrics()
         self.created = int(time.time())
+        self.tool_parser = parser_for(settings.tool_call_parser, prompts.tokenizer.chat_template)
         self.limits = RequestLimits(prompts.max_model_len, prompts.vocab_size, settings.max_n,
                                     settings.default_chat_max_tokens)
 
@@ -70,8 +73,11 @@ class OpenAIService:
         """200 once a replica has its model loaded and its engine running; 503 before."""
         stats = await self.backend.replica_stats(STATS_TIMEOUT_S)
         alive = [s for s in stats if s.get("alive")]
-        status = 200 if alive else 503
-        return JSONResponse({"status": "ok" if alive else "loading", "replicas": len(alive)}, status_code=status)
+        body = {"status": "ok" if alive else "loading", "replicas": len(alive)}
+        redis = [s["kv_redis_up"] for s in alive if s.get("kv_redis_up") is not None]
+        if redis:  # a cache: serving goes on without it, so it is reported, not a failure
+            body["kv_redis"] = "up" if all(redis) else "down"
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     async def metrics_text(self) -> Response:
         snapshots = await self.backend.replica_metrics(STATS_TIMEOUT_S)
@@ -88,27 +94,34 @@ class OpenAIService:
         with _counted_on_error(timer):
             self._check_model(body.model)
             params = completion_params(body, self.limits)  # every field checked before the prompt is read
-            num_chars = len(body.prompt) if isinstance(body.prompt, str) else 0
-            token_ids = await _off_loop_if_long(self.prompts.completion, body.prompt, num_chars)
-            generate = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", token_ids, params,
-                                       self._cache_salt(tenant, body.cache_salt))
-            output = CompletionFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n,
-                                      self._reports_cached_tokens(tenant))
-        return await self._respond(timer, generate, output, body.stream, _include_usage(body))
+            prompts = await _off_loop_if_long(self.prompts.completion, body.prompt, _num_chars(body.prompt))
+            request_id = f"cmpl-{uuid.uuid4().hex}"
+            generates = requests_per_prompt(request_id, prompts, params, self._cache_salt(tenant, body.cache_salt))
+            echoed = self._echoed(body, prompts) if body.echo else None
+            output = CompletionFormat(request_id, self.model_name, self.prompts.token_text, body.n, echoed, len(prompts),
+                                      self._reports_cached_tokens(tenant))  # fmt: skip
+        return await self._respond(timer, generates, output, body.stream, _include_usage(body))
+
+    def _echoed(self, body: CompletionRequest, prompts: list[list[int]]) -> list[EchoedPrompt]:
+        texts = split_prompts(body.prompt)
+        return [EchoedPrompt(text if isinstance(text, str) else self.prompts.prompt_text(ids, body.skip_special_tokens),
+                             tuple(ids)) for text, ids in zip(texts, prompts)]  # fmt: skip
 
     async def chat_completions(self, body: ChatCompletionRequest, tenant: str | None = None) -> Response:
         timer = RequestTimer(self.metrics, "chat_completions")
         with _counted_on_error(timer):
             self._check_model(body.model)
-            params, fill = chat_params(body, self.limits)  # every field checked before the prompt is read
+            tools = plan_tools(body, self.prompts.template_defines_tools, self.tool_parser)
+            params, fill = chat_params(body, self.limits, tools)  # every field checked before the prompt is read
             messages = body.template_messages()
             num_chars = sum(len(message["content"]) for message in messages)
-            token_ids = await _off_loop_if_long(self.prompts.chat, messages, num_chars)
+            template_tools = tools.template_tools if tools else None
+            token_ids = await _off_loop_if_long(lambda m: self.prompts.chat(m, template_tools), messages, num_chars)
             generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params,
                                        self._cache_salt(tenant, body.cache_salt), fill)
-            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n,
+            output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n, tools,
                                 self._reports_cached_tokens(tenant))
-        return await self._respond(timer, generate, output, body.stream, _include_usage(body))
+        return await self._respond(timer, [generate], output, body.stream, _include_usage(body))
 
     def _cache_salt(self, tenant: str | None, cache_salt: str | None) -> str | None:
         """The tenant's own cache namespace (deployments/tenants.py), unless tenants share one."""
@@ -123,9 +136,11 @@ class OpenAIService:
             raise api_error(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                             "model", "model_not_found")  # fmt: skip
 
-    async def _respond(self, timer: RequestTimer, generate: GenerateRequest, output: _Format, stream: bool,
+    async def _respond(self, timer: RequestTimer, generates: list[GenerateRequest], output: _Format, stream: bool,
                        include_usage: bool) -> Response:  # fmt: skip
-        replies = ReplyStream(self.backend.generate(generate), self.settings.request_timeout_s)
+        sources = [self.backend.generate(generate) for generate in generates]
+        n = generates[0].params.n
+        replies = ReplyStream(merged_replies(sources, n), self.settings.request_timeout_s)
         try:
             with _counted_on_error(timer):
                 first = await replies.next_batch()
@@ -148,7 +163,13 @@ def _counted_on_error(timer: RequestTimer):
         raise
 
 
-async def _off_loop_if_long(tokenize, prompt, num_chars: int) -> list[int]:
+def _num_chars(prompt: str | list) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(one) for one in prompt if isinstance(one, str))
+
+
+async def _off_loop_if_long(tokenize, prompt, num_chars: int):
     if num_chars < LONG_PROMPT_CHARS:
         return tokenize(prompt)
     return await asyncio.to_thread(tokenize, prompt)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 from ray import serve
@@ -34,7 +36,54 @@ SERVE_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    return build_application(config_from_args(args))
+    config = config_from_args(args)
+    check_cluster_fits(config)
+    return build_application(config)
+
+
+def application_needs(config: LongctxConfig) -> dict[str, float]:
+    """Logical resources the whole application reserves: ingress replicas, LLM server replicas
+    and (Ray executor) their ranks' bundles."""
+    needs: dict[str, float] = {}
+    ingress = ingress_options(config)
+    _add(needs, ingress["ray_actor_options"], ingress["num_replicas"])
+    server = llm_server_options(config)
+    for bundle in server.get("placement_group_bundles") or [server["ray_actor_options"]]:
+        _add(needs, bundle, config.max_llm_replicas)  # autoscaling: room for its most replicas
+    return needs
+
+
+def _add(needs: dict[str, float], resources: dict[str, Any], times: int) -> None:
+    for name, key in (("CPU", "num_cpus"), ("GPU", "num_gpus"), ("CPU", "CPU"), ("GPU", "GPU")):
+        amount = resources.get(key) or 0
+        if amount:
+            needs[name] = needs.get(name, 0.0) + amount * times
+
+
+def check_cluster_fits(config: LongctxConfig, resources: dict[str, float] | None = None,
+                       num_nodes: int | None = None) -> None:  # fmt: skip
+    """On a one-node Ray that nothing will grow (RAY_ADDRESS unset: `serve run` started it, or a
+    local `ray start`), an application larger than the node would wait for ever: refuse it now."""
+    import ray
+
+    if config.serve.cluster_grows:
+        return
+    if resources is None:
+        if not ray.is_initialized() or "RAY_ADDRESS" in os.environ or len(ray.nodes()) != 1:
+            return
+        resources, num_nodes = ray.cluster_resources(), 1
+    if num_nodes != 1:
+        return
+    needs = application_needs(config)
+    short = [f"{amount:g} {name}s (it has {resources.get(name, 0):g})" for name, amount in needs.items()
+             if amount > resources.get(name, 0) + 1e-9]  # fmt: skip
+    if short:
+        raise ConfigError(
+            f"this one-node Ray cannot hold the application, which needs {' and '.join(short)}; it would wait "
+            "for ever. Run `longctx serve --config FILE` (it sizes its own Ray), or start Ray with more logical "
+            f"CPUs (`ray start --head --num-cpus {math.ceil(needs.get('CPU', 0))}`) before `serve run`, or lower "
+            "serve.num_replicas / serve.worker_num_cpus / serve.ingress_num_cpus, or set parallel.executor: local "
+            "(a cluster that adds nodes on demand: set serve.cluster_grows: true)")
 
 
 def config_from_args(args: dict[str, Any]) -> LongctxConfig:

@@ -7,6 +7,8 @@ the tokenizer, so routes close over this replica's state instead of module-level
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -36,7 +39,7 @@ class HandleBackend:
         self._retry_after_s = retry_after_s
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
-        response = self._generate.remote(request)
+        response = contextvars.copy_context().run(self._call_of_its_own, request)
         finished = False
         try:
             async for reply in response:
@@ -51,6 +54,17 @@ class HandleBackend:
         finally:
             if not finished:
                 response.cancel()  # the replica aborts the request and frees its KV blocks
+
+    def _call_of_its_own(self, request: GenerateRequest) -> Any:
+        """The Serve call, under an internal request id of its own. A call made while serving an
+        HTTP request inherits that request's internal id, and Serve's router files pending calls
+        by it: the prompts of one batched completion would collide, all but one never routed.
+        Runs in a copy of the context, so the HTTP request's own context is left as it was (its
+        request id, which the logs show, is kept)."""
+        current = serve_context._serve_request_context.get()
+        if current is not None and current._internal_request_id:
+            serve_context._serve_request_context.set(dataclasses.replace(current, _internal_request_id=""))
+        return self._generate.remote(request)
 
     async def replica_stats(self, timeout_s: float) -> list[dict]:
         return await self._broadcast("stats", timeout_s)

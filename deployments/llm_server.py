@@ -48,6 +48,9 @@ class LLMServer:
         self.engine = AsyncEngine(LLMEngine(self.config))
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
+        _log_progress_to_stderr()
+        for line in self.summary_lines():
+            logger.info("replica %s: %s", self.replica_id, line)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
         ticket = self.admission.try_admit(len(request.prompt_token_ids))
@@ -89,6 +92,10 @@ class LLMServer:
         return overloaded(message, self.config.serve.retry_after_s)
 
     # --- observability and Serve hooks ---------------------------------------------------
+    def summary_lines(self) -> list[str]:
+        """What this replica serves and holds (engine/summary.py); `longctx serve` prints it."""
+        return dataclasses.replace(self.engine.engine.summary(), redis_up=self.engine.stats().kv_redis_up).lines()
+
     def stats(self) -> dict[str, Any]:
         """Engine and queue state; the ingress's /metrics and /health read it from every replica."""
         return {
@@ -183,6 +190,18 @@ async def _pump(source: AsyncIterator[CompletionDelta], queue: asyncio.Queue) ->
         queue.put_nowait(_End(error))
         return
     queue.put_nowait(_End(None))
+
+
+def _log_progress_to_stderr() -> None:
+    """INFO from longctx's own loggers (start-up summary, long prefills, Redis state) to stderr,
+    which Ray keeps in the replica's log file; the root logger and other libraries untouched."""
+    for name in ("engine", "deployments", "kvcache", "executors"):
+        package_logger = logging.getLogger(name)
+        if not package_logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            package_logger.addHandler(handler)
+            package_logger.setLevel(logging.INFO)
 
 
 def _replica_id() -> str:

@@ -12,6 +12,7 @@ min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, cache_salt.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -67,11 +68,62 @@ class _SamplingFields(_Body):
     cache_salt: Text | None = Field(None, description="Tenants with different salts never share KV blocks.")
 
 
-class CompletionRequest(_SamplingFields):
+class JSONSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    # `schema` would shadow pydantic's BaseModel.schema(): the attribute is json_schema.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class _StructuredFields(_Body):
+    response_format: ResponseFormat | None = None
+    # OpenAI fields longctx does not serve: declared so that sending one is a 400, not silence.
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_SamplingFields, _StructuredFields):
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
-        description="Text or token ids; one prompt per request.")
+        description="Text or token ids, or a list of prompts (each one's choices, prompt-major).")
     logprobs: int | None = None  # the sampled token's logprob plus the top k
-    echo: bool = False
+    echo: bool = False  # the prompt leads each choice; with logprobs, its tokens are scored
     best_of: int | None = Field(None, description="Only equal to n; at most the server's serve.max_n.")
     suffix: Text | None = None
 
@@ -85,17 +137,47 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one
+
+    def template_message(self) -> dict[str, Any]:
+        """As chat templates expect it: `content` a plain string, tool-call arguments a mapping
+        (templates render them with `tojson`)."""
+        message: dict[str, Any] = {"role": self.role, "content": _text(self.content)}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [_template_tool_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, _StructuredFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="Wins over max_tokens; the same bound.")
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # Declared so that sending one is a 400 naming it (deployments/structured_outputs.py).
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as chat templates expect them: `content` a plain string."""
-        return [{"role": message.role, "content": _text(message.content)} for message in self.messages]
+        return [message.template_message() for message in self.messages]
+
+
+def _template_tool_call(call: ToolCall) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = call.function.arguments  # as sent; a template may still render it
+    return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def _text(content: str | list[ContentPart] | None) -> str:

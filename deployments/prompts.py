@@ -18,6 +18,13 @@ from model_folder.tokenizer import Tokenizer
 from protocol.sampling_params import InvalidParameterError
 
 
+def split_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """A completion request's prompts: `prompt` is one (text or ids) or a list of them."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return list(prompt)
+    if isinstance(prompt, list) and not prompt:
+        raise InvalidParameterError("prompt", "the prompt is empty")
+    return [prompt]
 # A normalizer may shrink text before it is split into tokens (NFC composes three Hangul jamo,
 # 9 bytes, into one 3-byte syllable; NFKC a 3-byte fullwidth letter into 1 byte).
 NORMALIZER_HEADROOM = 4
@@ -40,20 +47,25 @@ class PromptBuilder:
         max_model_len = config.model.max_model_len or architecture.max_position_embeddings
         return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)
 
-    def completion(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise InvalidParameterError("prompt", "send one prompt per request (batched prompts are not supported)")
-            prompt = prompt[0]
+    def completion(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+        """The token ids of each prompt: one text or id list, or a list of them (a batch)."""
+        return [self._one_completion(one) for one in split_prompts(prompt)]
+
+    def _one_completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             self._check_bytes([prompt], "prompt")
             return self._checked(self.tokenizer.encode(prompt) if prompt else [], "prompt")
         return self._checked(list(prompt), "prompt")
 
-    def chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    @property
+    def template_defines_tools(self) -> bool:
+        """Whether the chat template renders `tools` (a template without them would drop them)."""
+        return bool(self.tokenizer.chat_template) and "tools" in self.tokenizer.chat_template
+
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         self._check_bytes([message["content"] for message in messages], "messages")
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except Exception as error:  # noqa: BLE001 - a template's own raise_exception(), bad roles
             raise InvalidParameterError("messages", f"the chat template rejected the messages: {error}") from None
         # The rendered text starts with the BOS text already: no second BOS from the post-processor.
@@ -63,6 +75,8 @@ class PromptBuilder:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def prompt_text(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
     def _check_bytes(self, texts: list[str], param: str) -> None:
         if sum(map(len, texts)) * UTF8_MAX_CHAR_BYTES <= self.max_prompt_bytes:
             return  # the common case, without encoding anything

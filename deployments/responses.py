@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.tool_calls import ToolCallStream, ToolPlan, call_entry, read_calls
 from engine.outputs import CompletionDelta
 from protocol.step import SampledToken
 
@@ -22,22 +23,44 @@ TokenText = Callable[[int], str]
 class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: tuple[SampledToken, ...] | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
     streamed: bool = False  # a chunk went out already (chat: only the first carries the role)
 
 
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """A completion prompt sent back before its output (`echo`)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
 class Usage:
-    def __init__(self, reports_cached_tokens: bool = True) -> None:
-        self.prompt_tokens = 0
+    """Token counts over every prompt of the request; choice i belongs to prompt i // n."""
+
+    def __init__(self, n: int = 1, reports_cached_tokens: bool = True) -> None:
+        self.n = n
         self.completion_tokens = 0
-        self.cached_tokens = 0  # counted always (metrics); told the client only when `reports_cached_tokens`
+        self._prompt_tokens: dict[int, int] = {}
+        self._cached_tokens: dict[int, int] = {}
+        # cached tokens are counted always (metrics); told the client only when `reports_cached_tokens`
         self.reports_cached_tokens = reports_cached_tokens
 
     def absorb(self, delta: CompletionDelta) -> None:
-        self.prompt_tokens = delta.num_prompt_tokens
+        prompt = delta.index // self.n
+        self._prompt_tokens[prompt] = delta.num_prompt_tokens
+        self._cached_tokens[prompt] = max(self._cached_tokens.get(prompt, 0), delta.num_prefix_hit_tokens)
         self.completion_tokens += len(delta.token_ids)
-        self.cached_tokens = max(self.cached_tokens, delta.num_prefix_hit_tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._prompt_tokens.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached_tokens.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,13 +75,14 @@ class _Format:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, reports_cached_tokens: bool = True):
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, num_prompts: int = 1,
+                 reports_cached_tokens: bool = True):  # fmt: skip
         self.request_id = request_id
         self.model = model
         self.token_text = token_text
         self.created = int(time.time())
-        self.usage = Usage(reports_cached_tokens)
-        self.choices = [_Choice() for _ in range(n)]
+        self.usage = Usage(n, reports_cached_tokens)
+        self.choices = [_Choice() for _ in range(n * num_prompts)]
 
     def _envelope(self, object_name: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model}
@@ -69,6 +93,7 @@ class _Format:
         choice = self.choices[delta.index]
         choice.text.append(delta.text)
         choice.logprobs.extend(delta.logprobs)
+        choice.prompt_logprobs = choice.prompt_logprobs or delta.prompt_logprobs
         choice.num_tokens += len(delta.token_ids)
         choice.finish_reason = delta.finish_reason or choice.finish_reason
 
@@ -95,17 +120,41 @@ class _Format:
 
 
 class CompletionFormat(_Format):
+    """`echo`: each choice starts with its prompt (`echoed[i // n]`), and with `logprobs` its
+    tokens' logprobs lead the choice's, the first prompt token's None (nothing precedes it)."""
+
     object_name = chunk_object_name = "text_completion"
 
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int,
+                 echoed: list[EchoedPrompt] | None = None, num_prompts: int = 1,
+                 reports_cached_tokens: bool = True):  # fmt: skip
+        super().__init__(request_id, model, token_text, n, num_prompts, reports_cached_tokens)
+        self.n = n
+        self.echoed = echoed
+
     def _chunk_choice(self, delta: CompletionDelta, first: bool) -> dict[str, Any]:
-        logprobs = self._logprobs(delta.logprobs) if delta.logprobs else None
-        return {"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        prompt_text, prompt_tokens = self._echo(delta.index, delta.prompt_logprobs) if first else ("", [])
+        tokens = prompt_tokens + list(delta.logprobs)
+        logprobs = self._logprobs(tokens) if tokens else None
+        return {"index": delta.index, "text": prompt_text + delta.text, "logprobs": logprobs,
+                "finish_reason": delta.finish_reason}  # fmt: skip
 
     def _full_choice(self, index: int, choice: _Choice) -> dict[str, Any]:
-        logprobs = self._logprobs(choice.logprobs) if choice.logprobs else None
-        return {"index": index, "text": "".join(choice.text), "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        prompt_text, prompt_tokens = self._echo(index, choice.prompt_logprobs)
+        tokens = prompt_tokens + choice.logprobs
+        logprobs = self._logprobs(tokens) if tokens else None
+        return {"index": index, "text": prompt_text + "".join(choice.text), "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}  # fmt: skip
 
-    def _logprobs(self, tokens: list[SampledToken] | tuple[SampledToken, ...]) -> dict[str, Any]:
+    def _echo(self, index: int, prompt_logprobs: tuple[SampledToken, ...] | None) -> tuple[str, list[SampledToken]]:
+        if self.echoed is None:
+            return "", []
+        prompt = self.echoed[index // self.n]
+        if prompt_logprobs is None:
+            return prompt.text, []
+        return prompt.text, [SampledToken(prompt.token_ids[0]), *prompt_logprobs]
+
+    def _logprobs(self, tokens: list[SampledToken]) -> dict[str, Any]:
         texts = [self.token_text(token.token_id) for token in tokens]
         offsets, offset = [], 0
         for text in texts:
@@ -114,24 +163,58 @@ class CompletionFormat(_Format):
         return {
             "tokens": texts,
             "token_logprobs": [token.logprob for token in tokens],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in token.top_logprobs} for token in tokens],
+            "top_logprobs": [self._top(token) for token in tokens],
             "text_offset": offsets,
         }
 
+    def _top(self, token: SampledToken) -> dict[str, float] | None:
+        if token.logprob is None:  # the first prompt token
+            return None
+        return {self.token_text(t): lp for t, lp in token.top_logprobs}
+
 
 class ChatFormat(_Format):
+    """With `tools` (deployments/tool_calls.py) the text is read for tool calls: whole in a full
+    response, through one ToolCallStream per choice in a stream."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, request_id: str, model: str, token_text: TokenText, n: int, tools: ToolPlan | None = None,
+                 reports_cached_tokens: bool = True):  # fmt: skip
+        super().__init__(request_id, model, token_text, n, reports_cached_tokens=reports_cached_tokens)
+        self.tools = tools
+        self.tool_streams = [ToolCallStream(tools) for _ in self.choices] if tools is not None else []
+
     def _chunk_choice(self, delta: CompletionDelta, first: bool) -> dict[str, Any]:
-        message = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+        message: dict[str, Any] = {"role": "assistant"} if first else {}
+        finish_reason = delta.finish_reason
+        if self.tools is None:
+            message["content"] = delta.text
+        else:
+            stream = self.tool_streams[delta.index]
+            _merge(message, stream.feed(delta.text))
+            if delta.finished:
+                _merge(message, stream.finish())
+                finish_reason = _tool_finish_reason(self.tools, finish_reason, stream.num_calls)
+            if "content" not in message and "tool_calls" not in message:
+                message["content"] = ""
         logprobs = self._logprobs(delta.logprobs) if delta.logprobs else None
-        return {"index": delta.index, "delta": message, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        return {"index": delta.index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _full_choice(self, index: int, choice: _Choice) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(choice.text)}
+        text, finish_reason = "".join(choice.text), choice.finish_reason
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.tools is not None:
+            content, calls = read_calls(self.tools, text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [call_entry(i, name, arguments) for i, (name, arguments) in enumerate(calls)]
+                for call in message["tool_calls"]:
+                    del call["index"]  # only stream deltas carry an index
+            finish_reason = _tool_finish_reason(self.tools, finish_reason, len(calls))
         logprobs = self._logprobs(choice.logprobs) if choice.logprobs else None
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _logprobs(self, tokens: list[SampledToken] | tuple[SampledToken, ...]) -> dict[str, Any]:
         return {"content": [self._entry(t.token_id, t.logprob, t.top_logprobs) for t in tokens]}
@@ -142,3 +225,16 @@ class ChatFormat(_Format):
         if top is not None:
             entry["top_logprobs"] = [self._entry(t, lp) for t, lp in top]
         return entry
+
+
+def _merge(message: dict[str, Any], part: dict[str, Any]) -> None:
+    """Add a ToolCallStream delta to a message delta; content pieces join."""
+    for key, value in part.items():
+        message[key] = message[key] + value if key in message else value
+
+
+def _tool_finish_reason(tools: ToolPlan, finish_reason: str | None, num_calls: int) -> str | None:
+    """OpenAI's: `tool_calls` when the model chose to call; a function named by tool_choice ends with `stop`."""
+    if num_calls and finish_reason == "stop" and tools.reader != "named":
+        return "tool_calls"
+    return finish_reason

@@ -9,11 +9,15 @@ or the end of the context, whichever comes first.
 
 from __future__ import annotations
 
+import dataclasses
+
 from deployments.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     _SamplingFields,
 )
+from deployments.structured_outputs import reject_unserved_fields, response_format_output
+from deployments.tool_calls import ToolPlan
 from deployments.request_limits import RequestLimits
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
@@ -22,20 +26,42 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 def completion_params(request: CompletionRequest, limits: RequestLimits) -> SamplingParams:
+    """`echo` with `logprobs` scores the prompt too, in the same prefill (prompt_logprobs); with
+    `max_tokens` 0 that is all it does, as lm-eval's loglikelihood asks."""
     limits.check(request)
     _reject_unsupported_completion_fields(request)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
-    return _sampling_params(request, max_tokens, request.logprobs)
+    params = _sampling_params(request, max_tokens, request.logprobs)
+    prompt_logprobs = request.logprobs if request.echo else None
+    grammar = response_format_output(request.response_format)
+    return dataclasses.replace(params, prompt_logprobs=prompt_logprobs, structured_output=grammar)
 
 
-def chat_params(request: ChatCompletionRequest, limits: RequestLimits) -> tuple[SamplingParams, bool]:
+def chat_params(request: ChatCompletionRequest, limits: RequestLimits,
+                tools: ToolPlan | None = None) -> tuple[SamplingParams, bool]:  # fmt: skip
     """The params and whether the replica must fit max_tokens to its KV room (the client gave none).
 
     Without a limit from the client, max_tokens is the bounded default; the replica lowers it to
-    what its context and KV cache leave after the prompt.
+    what its context and KV cache leave after the prompt. The output follows the grammar of
+    `tools` (tool_choice required or named) or of `response_format`, not both.
     """
     limits.check(request)
+    reject_unserved_fields(request)
+    grammar = response_format_output(request.response_format)
+    if tools is not None and tools.constraint is not None:
+        if grammar is not None:
+            raise InvalidParameterError("response_format", "response_format cannot be combined with tool_choice "
+                                        "required or a named function")  # fmt: skip
+        grammar = tools.constraint
+    params, fill = _chat_params(request, limits)
+    return dataclasses.replace(params, structured_output=grammar), fill
+
+
+def _chat_params(request: ChatCompletionRequest, limits: RequestLimits) -> tuple[SamplingParams, bool]:
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        raise InvalidParameterError(name, f"must be >= 1, got {max_tokens}")
     limit = min(limits.default_chat_max_tokens, limits.max_model_len) if max_tokens is None else max_tokens
     try:
         return _sampling_params(request, limit, _chat_logprobs(request)), max_tokens is None
@@ -63,8 +89,7 @@ def _chat_logprobs(request: ChatCompletionRequest) -> int | None:
 
 
 def _reject_unsupported_completion_fields(request: CompletionRequest) -> None:
-    if request.echo:
-        raise InvalidParameterError("echo", "echo is not supported")
+    reject_unserved_fields(request)
     if request.suffix:
         raise InvalidParameterError("suffix", "suffix is not supported")
     if request.best_of is not None and request.best_of != request.n:

@@ -17,7 +17,9 @@ from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
-from executors import Executor, create_executor
+from engine.progress import PrefillProgressLog
+from engine.summary import EngineSummary, redis_shard_names
+from executors import Executor, create_executor, executor_backend
 from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
@@ -26,7 +28,7 @@ from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.sampling_params import InvalidParameterError, SamplingParams
-from protocol.step import SampledToken
+from protocol.step import PromptLogprobs, SampledToken
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,20 @@ class _Sequence:
     output: SequenceOutput
     first_token_time: float | None = None
     pending_logprobs: list[SampledToken] = field(default_factory=list)
+    # Of prompt positions 1, 2, ...; None once handed out with the first delta.
+    prompt_logprobs: list[SampledToken] | None = field(default_factory=list)
+
+    def absorb_prompt_logprobs(self, chunk: PromptLogprobs) -> None:
+        """A recomputed chunk (after a preemption) repeats positions already held: those are skipped."""
+        if self.prompt_logprobs is None:
+            return
+        already = len(self.prompt_logprobs) + 1 - chunk.first_position
+        self.prompt_logprobs.extend(chunk.tokens[max(0, already) :])
 
 
 class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
+        start = time.perf_counter()
         self.config = config
         self.architecture = load_architecture(config.model.path)
         if self.architecture.architecture == "deepseek_v4":
@@ -73,6 +85,8 @@ class LLMEngine:
         self.model_fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.executor.kv_layout)
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
+        self.prefill_progress = PrefillProgressLog()
+        self.load_seconds = time.perf_counter() - start
 
     # --- requests ------------------------------------------------------------------------
     def add_request(
@@ -88,6 +102,7 @@ class LLMEngine:
         token_ids = self._tokenize(prompt)
         self._check_against_model(params)
         self._check_fits_kv_cache(len(token_ids), params)
+        self._check_prompt_logprobs(params)
         self.scheduler.check_room(params.n)  # the whole group, up front
         params = dataclasses.replace(params, eos_token_ids=self.tokenizer.eos_token_ids)
         chain_root = root_hash(self.model_fingerprint, cache_salt)
@@ -142,6 +157,12 @@ class LLMEngine:
                 f"prompt and max_tokens need {num_tokens} tokens of KV cache; this replica holds {capacity}",
             )
 
+    def _check_prompt_logprobs(self, params: SamplingParams) -> None:
+        if params.prompt_logprobs is not None and self.config.parallel.sequence_parallel_size > 1:
+            raise InvalidParameterError(
+                "prompt_logprobs", "prompt logprobs need parallel.sequence_parallel_size 1 (SP splits the prompt's rows)"
+            )
+
     @staticmethod
     def _sequence_params(params: SamplingParams, index: int) -> SamplingParams:
         # n > 1: each sequence samples on its own, seeded with seed + index when a seed is given.
@@ -176,6 +197,10 @@ class LLMEngine:
         step_output = self.executor.execute(step_input)
         self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
         sampled = self.scheduler.update_from_output(step_input, step_output)
+        self.prefill_progress.observe(self.scheduler.running)
+        for request_id, chunk in step_output.prompt_logprobs.items():
+            if request_id in self._sequences and request_id not in step_output.failed:
+                self._sequences[request_id].absorb_prompt_logprobs(chunk)
         failed = [self._fail(rid, why) for rid, why in step_output.failed.items() if rid in self._sequences]
         return failed + [self._contained(self._sequences[rid], token) for rid, token in sampled.items()]
 
@@ -196,6 +221,8 @@ class LLMEngine:
     def _process_token(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
         if sequence.first_token_time is None:
             sequence.first_token_time = time.monotonic()
+            if sequence.request.sampling_params.max_tokens == 0:  # the prompt scored: no output
+                return self._finish(sequence, RequestStatus.FINISHED_LENGTH, "", ())
         result = sequence.output.process(sequence.request, token)
         logprobs = (token,) if sequence.request.sampling_params.logprobs is not None else ()
         if result.finish_status is not None:
@@ -232,7 +259,16 @@ class LLMEngine:
             num_kv_blocks=num_kv_blocks,
             num_host_hit_tokens=request.num_host_hit_tokens,
             num_redis_hit_tokens=request.num_redis_hit_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(sequence),
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(sequence: _Sequence) -> tuple[SampledToken, ...] | None:
+        """All of them, on the sequence's first delta (its prompt is computed by then)."""
+        if sequence.request.sampling_params.prompt_logprobs is None or sequence.prompt_logprobs is None:
+            return None
+        taken, sequence.prompt_logprobs = tuple(sequence.prompt_logprobs), None
+        return taken
 
     def _num_kv_blocks(self, request_id: str) -> int:
         request = self.scheduler.requests.get(request_id)
@@ -252,11 +288,23 @@ class LLMEngine:
             num_free_kv_blocks=self.kv_cache.num_free_blocks,
             num_total_kv_blocks=self.kv_cache.num_blocks,
             block_size=self.block_size,
+            kv_redis_up=self.kv_cache.redis_up,
             num_pending_prefill_tokens=backlog.num_tokens,
             pending_prefill_s=backlog.seconds,
             num_decoding=backlog.num_decoding,
             longest_request_tokens=backlog.longest_request_tokens,
         )
+
+    def summary(self) -> EngineSummary:
+        description, parallel = self.executor.description, self.config.parallel
+        return EngineSummary(
+            model_path=self.config.model.path, dtype=description.dtype, device=description.device,
+            tensor_parallel_size=parallel.tensor_parallel_size, sequence_parallel_size=parallel.sequence_parallel_size,
+            executor=executor_backend(self.config), block_size=self.block_size,
+            device_kv_tokens=self.kv_cache.num_blocks * self.block_size, host_kv_tokens=self.kv_cache.host_tier_tokens,
+            redis_shards=redis_shard_names(self.config.kv_tiers.redis_urls) if self.kv_cache.redis_up is not None else (),
+            redis_up=self.kv_cache.redis_up, load_seconds=self.load_seconds,
+        )  # fmt: skip
 
     def shutdown(self) -> None:
         self.executor.shutdown()

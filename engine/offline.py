@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta
+from engine.progress import PrefillProgress
 from protocol.sampling_params import SamplingParams
 from protocol.step import SampledToken
 
@@ -20,6 +22,7 @@ class GenerationResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: list[SampledToken] | None = None  # of prompt tokens 1, 2, ... (prompt_logprobs)
     finish_reason: str | None = None
     error: str | None = None  # why it failed (finish_reason "error")
     num_prompt_tokens: int = 0
@@ -48,6 +51,8 @@ class GenerationResult:
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = list(delta.prompt_logprobs)
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_prefix_hit_tokens = delta.num_prefix_hit_tokens
         self.num_host_hit_tokens = delta.num_host_hit_tokens
@@ -64,8 +69,10 @@ def generate(
     prompts: list[str | list[int]],
     params: SamplingParams | list[SamplingParams],
     cache_salt: str | None = None,
+    on_progress: Callable[[list[PrefillProgress]], None] | None = None,
 ) -> list[list[GenerationResult]]:
-    """Generate for every prompt at once (continuous batching); result[i][j] is prompt i's j-th sequence."""
+    """Generate for every prompt at once (continuous batching); result[i][j] is prompt i's j-th
+    sequence. `on_progress` gets the prefills under way after every step."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     start = time.monotonic()
     results: dict[tuple[str, int], GenerationResult] = {}
@@ -76,6 +83,8 @@ def generate(
             results[(request_id, index)] = GenerationResult(request_id, index, start_time=start)
     while engine.has_unfinished_requests():
         deltas = engine.step()
+        if on_progress is not None:
+            on_progress(engine.prefill_progress.current)
         now = time.monotonic()
         for delta in deltas:
             results[(delta.request_id, delta.index)].absorb(delta, now)

@@ -24,6 +24,8 @@ class CompletionDelta:
     num_kv_blocks: int = 0  # blocks the sequence held when the delta was made
     num_host_hit_tokens: int = 0  # of the prefix hits, restored from host memory
     num_redis_hit_tokens: int = 0  # of the prefix hits, restored from Redis
+    # prompt_logprobs: on a sequence's first delta, one per prompt token after the first.
+    prompt_logprobs: tuple[SampledToken, ...] | None = None
     error: str | None = None  # why the sequence failed (finish_reason "error"); the caller's alone
 
 
@@ -42,6 +44,7 @@ class EngineStats:
     num_free_kv_blocks: int
     num_total_kv_blocks: int
     block_size: int
+    kv_redis_up: bool | None = None  # None: no Redis tier; else its last background ping
     # The autoscaler's signal (engine/backlog.py): prefill still owed, net of expected prefix hits.
     num_pending_prefill_tokens: int = 0
     pending_prefill_s: float = 0.0

@@ -68,6 +68,11 @@ class Request:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
+    def computes_whole_prompt(self) -> bool:
+        """Prompt logprobs come from the prompt's rows: none may be skipped by a prefix hit."""
+        return self.sampling_params.prompt_logprobs is not None
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 

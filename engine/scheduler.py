@@ -156,7 +156,7 @@ class Scheduler:
 
     def _admit(self, request: Request, plan: _StepPlan, may_probe: bool = True) -> bool | None:
         """Whether the request was admitted; None while it waits for Redis."""
-        hit = self.kv_cache.lookup(request, may_probe)
+        hit = self.kv_cache.miss(request) if request.computes_whole_prompt else self.kv_cache.lookup(request, may_probe)
         if hit is None:
             return None
         request.pause_at_tokens = hit.pause_at_tokens

@@ -115,6 +115,16 @@ class KVCacheCoordinator:
         return self.device.num_free_blocks
 
     @property
+    def host_tier_tokens(self) -> int:
+        """Tokens the host-memory tier holds when full (0: no host tier)."""
+        return self.tiers.host.num_slots * self.block_size if self.tiers.host is not None else 0
+
+    @property
+    def redis_up(self) -> bool | None:
+        """None without a Redis tier; else whether it answered the workers' last ping."""
+        return self.tiers.redis_up if self.tiers.redis_enabled else None
+
+    @property
     def metrics(self) -> TierMetrics:
         """Hit rates, transfers and decisions of every tier: the tiers' observer, TierMetrics
         (a Prometheus registry inside) unless the tiers were given another one."""
@@ -142,6 +152,11 @@ class KVCacheCoordinator:
         if restore is None:
             return None
         return PrefixHit(tuple(device_blocks[:num_blocks]), restore)
+
+    def miss(self, request: TieredRequest) -> PrefixHit:
+        """No prefix served from any cache: for a request that needs every prompt row computed
+        (prompt logprobs). Its blocks are still named and shared once computed."""
+        return PrefixHit((), RestorePlan(request.request_id, self.block_size, 0, 0))
 
     def allocate(self, request: TieredRequest, num_tokens: int, hit: PrefixHit | None = None) -> NewBlocks | None:
         """Grow the request's blocks to cover `num_tokens` tokens, in every group or in none.

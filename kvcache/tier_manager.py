@@ -115,6 +115,7 @@ class TierManager:
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
         self._pool: BlockPool | None = None  # the device pool, once track_device gives it
         self._watermark_blocks = 0
+        self._next_health_report = clock()  # Redis up or down: reported by the first step
 
     @classmethod
     def disabled(cls, block_size: int) -> TierManager:
@@ -144,8 +145,8 @@ class TierManager:
 
     @property
     def has_queued_ops(self) -> bool:
-        """Transfers decided but not yet sent to the worker."""
-        return bool(self._ops)
+        """Transfers decided but not yet sent to the worker, or a Redis health report due."""
+        return bool(self._ops) or self._health_report_due()
 
     @property
     def num_pending(self) -> int:
@@ -276,9 +277,17 @@ class TierManager:
         # While Redis is down the worker is still called each step: that is when it checks
         # whether Redis is back (the driver sends it no Redis work meanwhile).
         redis_down = self.redis_enabled and not self.redis_up
-        if not self._ops and not in_flight and not redis_down:
+        health_due = self._health_report_due()
+        if not self._ops and not in_flight and not redis_down and not health_due:
             return None
+        if health_due:
+            self._next_health_report = self.clock() + self.settings.redis_health_check_period_s
         return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
+
+    def _health_report_due(self) -> bool:
+        """An idle replica still steps this often while Redis is configured: the worker pings
+        Redis in the background and the step's report says whether it answers."""
+        return self.redis_enabled and self.clock() >= self._next_health_report
 
     def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
         """The worker ran the step: apply its report, measure the prefill rate, release pins."""

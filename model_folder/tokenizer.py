@@ -91,15 +91,17 @@ class Tokenizer:
         # transformers 5 skips `clean_up_tokenization_spaces` for BPE models, so none is applied here.
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a chat. It often starts with the BOS text: encode it without special tokens."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+        """The prompt text for a chat. It often starts with the BOS text: encode it without special tokens.
+        `tools`: OpenAI's tool definitions, for templates that render them."""
         if self.chat_template is None:
             raise ModelFolderError(f"{TOKENIZER_CONFIG_FILE}: the model folder has no chat_template")
         if self._compiled_template is None:
             self._compiled_template = _template_environment().from_string(self.chat_template)
         return self._compiled_template.render(
             messages=[dict(message) for message in messages],
-            tools=None,
+            tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **self.special_tokens,

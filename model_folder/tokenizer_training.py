@@ -35,19 +35,51 @@ LLAMA3_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Llama 3's chat template, plus a role check that exercises `raise_exception`.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Unknown role: ' + message['role']) }}"
-    "{% endif %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
+# Llama 3's chat template, plus a role check that exercises `raise_exception`, plus tools the
+# way Hermes / Qwen 2.5 templates render them: signatures in the system turn, calls as
+# <tool_call>{json}</tool_call>, answers as <tool_response> (longctx reads those tags back).
+CHAT_TEMPLATE = """\
+{%- set preamble = namespace(text='') %}
+{%- if tools %}
+    {%- set preamble.text = '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+        ~ 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' %}
+    {%- for tool in tools %}
+        {%- set preamble.text = preamble.text ~ '\n' ~ (tool | tojson) %}
+    {%- endfor %}
+    {%- set preamble.text = preamble.text ~ '\n</tools>\n\nFor each function call, return a json object with '
+        ~ 'function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n'
+        ~ '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' %}
+    {%- if messages[0]['role'] != 'system' %}
+        {{- bos_token ~ '<|start_header_id|>system<|end_header_id|>\n\n' ~ preamble.text ~ '<|eot_id|>' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}
+        {{- raise_exception('Unknown role: ' + message['role']) }}
+    {%- endif %}
+    {%- set turn = namespace(body=message['content'] | trim) %}
+    {%- if message['role'] == 'system' and preamble.text %}
+        {%- set turn.body = turn.body ~ '\n\n' ~ preamble.text %}
+    {%- endif %}
+    {%- for call in message.get('tool_calls') or [] %}
+        {%- set call_json = {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson %}
+        {%- set turn.body = turn.body ~ '\n<tool_call>\n' ~ call_json ~ '\n</tool_call>' %}
+    {%- endfor %}
+    {%- set role = message['role'] %}
+    {%- if role == 'tool' %}
+        {%- set role = 'ipython' %}
+        {%- set turn.body = '<tool_response>\n' ~ turn.body ~ '\n</tool_response>' %}
+    {%- endif %}
+    {%- set content = '<|start_header_id|>' ~ role ~ '<|end_header_id|>\n\n' ~ turn.body ~ '<|eot_id|>' %}
+    {%- if loop.index0 == 0 and not (tools and messages[0]['role'] != 'system') %}
+        {%- set content = bos_token ~ content %}
+    {%- endif %}
+    {{- content }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
 
 
 # Real text in several scripts, so that byte-level BPE learns English and code well while rarer

@@ -4,6 +4,7 @@ One step, for the rows of `logits` (num_requests, vocab), row i belonging to `st
 
     raw logits ──► logprobs (log_softmax of the RAW logits: OpenAI / vLLM "raw logprobs")
         │
+        ├─ grammar mask            structured outputs: tokens the grammar forbids → -inf
         ├─ repetition penalty      HF / CTRL, over prompt + output: logit > 0 → /p, else *p
         ├─ presence / frequency    OpenAI, over output only: logit -= presence*(count>0) + frequency*count
         ├─ min_tokens              eos and stop_token_ids → -inf while fewer than min_tokens outputs
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_shards.structured_output import RequestGrammar, apply_grammar_masks
 from protocol.sampling_params import SamplingParams
 from protocol.step import SampledToken
 
@@ -44,8 +46,11 @@ class SamplingState:
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int] = (),
         device: str | torch.device = "cpu",
+        grammar: RequestGrammar | None = None,
     ):
+        """`grammar`: on the rank that samples, when the request asked for structured output."""
         self.params = params
+        self.grammar = grammar
         self.device = torch.device(device)
         self.num_output_tokens = len(output_token_ids)
         self.generator = _seeded_generator(params.seed, self.device)
@@ -60,6 +65,8 @@ class SamplingState:
     def append(self, token_id: int) -> None:
         """Record a token sampled for this request; the worker calls this after each step."""
         self.num_output_tokens += 1
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         if not self.params.has_penalties:
             return
         if self.output_counts is None:
@@ -93,6 +100,7 @@ class Sampler:
         for state in states:
             state.ensure_penalty_tensors(logits.shape[1])
         logprobs = _raw_logprobs_for_rows_that_ask(logits, states)
+        logits = apply_grammar_masks(logits, [state.grammar for state in states])
         logits = _apply_repetition_penalty(logits, states)
         logits = _apply_presence_frequency_penalties(logits, states)
         logits = _mask_stop_tokens_before_min_tokens(logits, states)

@@ -7,7 +7,6 @@ rows or columns (`get_slice`), never the other ranks' parts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,8 @@ import torch
 from safetensors import safe_open
 
 from model_folder.errors import ModelFolderError
+from model_folder.weight_files import SINGLE_FILE, sharded_weight_map
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 class WeightReader:
@@ -95,26 +93,10 @@ class WeightReader:
 
 
 def _tensor_files(folder: Path) -> dict[str, str]:
-    index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        return _files_from_index(index_path)
-    single_path = folder / SINGLE_FILE
-    if single_path.is_file():
-        return {name: SINGLE_FILE for name in _open(single_path).keys()}
-    raise ModelFolderError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} is present "
-                           "(only safetensors checkpoints are supported)")
-
-
-def _files_from_index(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ModelFolderError(f"{index_path}: no valid 'weight_map' ({error})") from error
-    for file_name in sorted(set(weight_map.values())):
-        if not (index_path.parent / file_name).is_file():
-            raise ModelFolderError(f"{index_path.parent / file_name}: safetensors shard listed in "
-                                   f"{INDEX_FILE} is missing")
-    return dict(weight_map)
+    weight_map = sharded_weight_map(folder)
+    if weight_map is not None:
+        return weight_map
+    return {name: SINGLE_FILE for name in _open(folder / SINGLE_FILE).keys()}
 
 
 def _open(path: Path) -> Any:

@@ -34,7 +34,9 @@ from model_shards.parallel.sp_attention import (
     build_local_batch,
 )
 from model_shards.parallel.sp_plan import StepSequence
+from model_shards.prompt_logprobs import PromptRows, compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.structured_output import GrammarCompiler
 from model_shards.weights import WeightReader
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.kv_transfer_ops import KVTransferReport
@@ -50,6 +52,7 @@ class _RequestState:
     block_table: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    num_prompt_tokens: int
 
 
 @dataclass
@@ -61,6 +64,7 @@ class _Batch:
     metadata: AttentionMetadata
     sample_rows: list[int]  # row of the last token of each sampling request
     sample_request_ids: list[str]
+    prompt_rows: list[PromptRows]  # rows that predict prompt tokens, for prompt_logprobs
 
 
 class ModelWorker:
@@ -82,6 +86,7 @@ class ModelWorker:
         self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
         self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.requests: dict[str, _RequestState] = {}
         self.decode_graphs = self._capture_decode_graphs()
 
@@ -135,7 +140,8 @@ class ModelWorker:
 
     @property
     def description(self) -> WorkerDescription:
-        return WorkerDescription(self.kv_cache.num_blocks, self.kv_layout, self.kv_cache.bytes_per_block)
+        return WorkerDescription(self.kv_cache.num_blocks, self.kv_layout, self.kv_cache.bytes_per_block,
+                                 str(self.dtype).removeprefix("torch."), str(self.device))
 
     @property
     def kv_layout(self) -> str:
@@ -146,9 +152,11 @@ class ModelWorker:
         return f"dtype={self.dtype}|block={self.block_size}|tp={tp.size}|sp={sp.size}|{self.layout.describe()}"
 
     def close(self) -> None:
-        """Stop the Redis I/O threads and connections (the KV tensors go with the worker)."""
+        """Stop the Redis I/O threads and connections and the grammar thread (the KV tensors go
+        with the worker)."""
         if self.kv_transfer is not None:
             self.kv_transfer.close()
+        self.grammars.close()
 
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -162,9 +170,13 @@ class ModelWorker:
         if not step_input.num_scheduled_tokens:
             return StepOutput(step_input.step_id, kv_report=kv_report, failed=failed)
         hidden, batch = self._run_model(step_input)  # (tokens, hidden)
+        prompt_logprobs = compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
+                                                  keep=self.layout.is_driver_rank)
         sampled = self._sample(hidden, batch, failed)
         self._advance(step_input)
-        return StepOutput(step_input.step_id, sampled, kv_report=kv_report, failed=failed)
+        prompt_logprobs = {rid: chunk for rid, chunk in prompt_logprobs.items() if rid not in failed}
+        return StepOutput(step_input.step_id, sampled, kv_report=kv_report, prompt_logprobs=prompt_logprobs,
+                          failed=failed)
 
     def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, _Batch]:
         """A step of decodes replays a CUDA graph when one fits; anything else runs eagerly."""
@@ -174,7 +186,8 @@ class ModelWorker:
             if hidden is not None:
                 sampling = [j for j, row in enumerate(rows)
                             if row.position + 1 == len(self.requests[row.request_id].token_ids)]
-                return hidden, _Batch(None, None, None, sampling, [rows[j].request_id for j in sampling])
+                # A decode row predicts no prompt token: no prompt logprobs here.
+                return hidden, _Batch(None, None, None, sampling, [rows[j].request_id for j in sampling], [])
         batch = self._build_batch(step_input)
         return self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache), batch
 
@@ -215,10 +228,15 @@ class ModelWorker:
             self._update_state(cached)
 
     def _new_state(self, new: NewRequestData) -> _RequestState:
-        sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids, device=self.device)
+        params = new.sampling_params
+        # Only the rank that samples keeps a grammar (it compiles meanwhile, off this thread).
+        grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
+                   if params.structured_output is not None and self.layout.is_driver_rank else None)
+        sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.device, grammar)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
         # A dense model keeps one KV block group (a hybrid model's worker reads the others).
-        return _RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling)
+        return _RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling,
+                             len(new.prompt_token_ids))
 
     def _update_state(self, cached: CachedRequestData) -> None:
         state = self.requests[cached.request_id]
@@ -234,10 +252,11 @@ class ModelWorker:
             return self._build_sequence_parallel_batch(step_input)
         token_ids: list[int] = []
         positions: list[int] = []
-        sequences, sample_rows, sample_ids = [], [], []
+        sequences, sample_rows, sample_ids, scored = [], [], [], []
         for request_id, num_new in step_input.num_scheduled_tokens.items():
             state = self.requests[request_id]
             start = state.num_computed_tokens
+            scored.append(self._prompt_rows(request_id, state, len(token_ids), num_new))
             token_ids.extend(state.token_ids[start : start + num_new])
             positions.extend(range(start, start + num_new))
             sequences.append((state.block_table, start, num_new))
@@ -250,7 +269,16 @@ class ModelWorker:
             metadata=AttentionMetadata.build(sequences, self.block_size, self.device),
             sample_rows=sample_rows,
             sample_request_ids=sample_ids,
+            prompt_rows=[rows for rows in scored if rows is not None],
         )
+
+    @staticmethod
+    def _prompt_rows(request_id: str, state: _RequestState, first_row: int, num_new: int) -> PromptRows | None:
+        top_k = state.sampling.params.prompt_logprobs
+        if top_k is None:
+            return None
+        return prompt_rows(request_id, first_row, state.num_computed_tokens, num_new, state.token_ids,
+                           state.num_prompt_tokens, top_k)
 
     def _build_sequence_parallel_batch(self, step_input: StepInput) -> _Batch:
         """This SP rank's rows of the step (zigzag pieces of prefill chunks, then the replicated
@@ -263,8 +291,9 @@ class ModelWorker:
                                   self.device)
         sampling = [(j, index) for j, index in enumerate(local.order)
                     if sequences[index].computed + sequences[index].num_new == len(states[index].token_ids)]
+        # Prompt logprobs need every row on one rank: the engine refuses them with SP > 1.
         return _Batch(local.input_ids, local.metadata.positions, local.metadata,
-                      [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling])
+                      [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling], [])
 
     def _sample(self, hidden: torch.Tensor, batch: _Batch, failed: dict[str, str]) -> dict:
         if not batch.sample_rows:

@@ -7,6 +7,7 @@ Names follow OpenAI / vLLM so that the HTTP layer maps them one to one. A bad va
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class InvalidParameterError(ValueError):
@@ -17,9 +18,25 @@ class InvalidParameterError(ValueError):
         self.param = param
 
 
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow; the worker turns it into a token mask each step.
+
+    `json_schema`: `spec` is a JSON schema (text); `strict` forbids properties and items the schema
+    does not name. `json_object`: any JSON object (`spec` unused).
+    """
+
+    kind: Literal["json_schema", "json_object"]
+    spec: str = ""
+    strict: bool = True
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: prefill only (warms the prefix cache; with prompt_logprobs, scores the prompt)
     temperature: float = 0.0  # 0: greedy (argmax), the CLI default
     top_k: int = 0  # 0: off
     top_p: float = 1.0
@@ -35,6 +52,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # None: none; k >= 0: each prompt token's logprob given the tokens before it, and the top k.
+    # Computed in the prefill that runs anyway; such a prompt is never served from the prefix cache.
+    prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
     eos_token_ids: tuple[int, ...] = field(default=(), compare=False)  # filled by the engine from the model
 
     def __post_init__(self) -> None:
@@ -43,14 +64,16 @@ class SamplingParams:
         self._check_penalties()
 
     def _check_counts(self) -> None:
-        if self.max_tokens <= 0:
-            raise InvalidParameterError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise InvalidParameterError("max_tokens", f"must be >= 0, got {self.max_tokens}")
         if self.n < 1:
             raise InvalidParameterError("n", f"must be >= 1, got {self.n}")
         if self.top_k < 0:
             raise InvalidParameterError("top_k", f"must be >= 0 (0 disables), got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidParameterError("logprobs", f"must be between 0 and 20, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidParameterError(name, f"must be between 0 and {MAX_LOGPROBS}, got {value}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidParameterError("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:

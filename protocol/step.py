@@ -70,10 +70,20 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of consecutive prompt tokens, from one step's chunk of a request's prompt."""
+
+    first_position: int  # prompt position of tokens[0] (>= 1: the first prompt token has none)
+    tokens: tuple[SampledToken, ...]  # token_id: the prompt's own token at that position
+
+
+@dataclass(frozen=True)
 class StepOutput:
     step_id: int
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # only requests that sampled
     kv_report: KVTransferReport | None = None  # what the worker's tier transfers did
+    # Requests that asked for prompt_logprobs and had prompt rows in this step.
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     # request id -> why the worker could not handle it this step (its sampling state, its sample):
     # the engine ends that request with this error; the rest of the step stands.
     failed: dict[str, str] = field(default_factory=dict)

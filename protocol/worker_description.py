@@ -12,3 +12,5 @@ class WorkerDescription:
     num_kv_blocks: int
     kv_layout: str  # dtype, block size, parallel layout and this rank's place in it
     kv_block_nbytes: int  # bytes of one block on one rank: sizes the host tier in blocks
+    dtype: str = ""  # of the weights and KV cache as loaded ("bfloat16"), for the start-up summary
+    device: str = ""  # rank 0's ("cuda:0", "cpu")

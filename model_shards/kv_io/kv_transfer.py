@@ -31,7 +31,7 @@ from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.block_seal import seal_for
 from model_shards.kv_io.codec import BlockFormat
 from model_shards.kv_io.namespace import checkpoint_digest, key_namespace, key_prefix
-from model_shards.kv_io.redis_store import RedisBlockStore, redact
+from model_shards.kv_io.redis_store import RedisBlockStore
 from model_shards.kv_io.remote_block_io import Completed, RemoteBlockIO
 from protocol.redis_urls import with_password
 from protocol.kv_transfer_ops import (
@@ -189,11 +189,12 @@ def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots
         backoff_s=settings.redis_retry_backoff_s, backoff_max_s=settings.redis_retry_backoff_max_s,
         value_nbytes=fmt.header_nbytes + fmt.nbytes, part_bytes=settings.redis_value_part_bytes)
     if not store.ping():  # start anyway: the store retries with backoff and the tier comes back
-        logger.warning("Redis KV tier unreachable at start (%s): serving without it until it answers",
-                       ", ".join(redact(url) for url in settings.redis_urls))
+        logger.warning("Redis KV tier: %s unreachable at start; serving without them until they answer",
+                       ", ".join(store.unreachable_shards()))
     seal = seal_for(settings.redis_mac_key, settings.redis_mac_key_file, context=prefix)
     return RemoteBlockIO(store, fmt, slots, threads_per_shard=settings.redis_io_threads,
-                         max_pending_write_bytes=settings.redis_max_pending_write_bytes, seal=seal)
+                         max_pending_write_bytes=settings.redis_max_pending_write_bytes, seal=seal,
+                         health_check_period_s=settings.redis_health_check_period_s)
 
 
 def _redis_urls(settings) -> tuple[str, ...]:

@@ -90,6 +90,9 @@ class RedisBlockStore:
     def errors(self) -> int:
         return sum(shard.health.errors for shard in self._shards)
 
+    def unreachable_shards(self) -> list[str]:
+        """The shards marked down by their last call (names carry no password)."""
+        return [shard.health.name for shard in self._shards if not shard.health.up]
     @property
     def num_shards(self) -> int:
         return len(self._shards)

@@ -82,7 +82,7 @@ _WriteItem = tuple[int | None, bytes, np.ndarray | None]  # (write-through slot 
 
 class RemoteBlockIO:
     def __init__(self, store: BlockStore, fmt: BlockFormat, slots: np.ndarray, *, threads_per_shard: int,
-                 max_pending_write_bytes: int, seal: Seal = CHECKSUM_SEAL):
+                 max_pending_write_bytes: int, seal: Seal = CHECKSUM_SEAL, health_check_period_s: float = 5.0):
         """`seal`: what each value carries and each read checks (kvcache/tiers/block_seal.py)."""
         self.store = store
         self.fmt = fmt
@@ -100,6 +100,8 @@ class RemoteBlockIO:
         self._max_pending_write_bytes = max_pending_write_bytes
         self._errors_reported = 0
         self._ping_pending = False
+        self._health_check_period_s = health_check_period_s
+        self._last_ping = time.monotonic()  # the store was pinged when it was connected
         self._local = threading.local()  # per I/O thread: reused value buffers
 
     # --- submitting (the worker's step thread) ------------------------------------------------
@@ -163,9 +165,12 @@ class RemoteBlockIO:
     def _check_health(self) -> None:
         # While the store is down the driver sends it nothing, so something else must notice
         # that it is back: a background ping, which the store itself spaces out by its backoff.
-        if self.store.up or self._ping_pending:
+        # While it is up but idle nothing would notice it fail: a ping every period. (The driver
+        # runs a step at least that often while Redis is configured, requests or not.)
+        now = time.monotonic()
+        if self._ping_pending or (self.store.up and now - self._last_ping < self._health_check_period_s):
             return
-        self._ping_pending = True
+        self._ping_pending, self._last_ping = True, now
         self._control.submit(self._ping)
 
     def _ping(self) -> None:

@@ -117,3 +117,29 @@ def reference_engine(model_dir):
     engine = LLMEngine(_make_config(model_dir))
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def in_process_http(model_dir):
+    """The whole HTTP API over one LLM server in this process (no Ray), as an httpx client: the
+    official clients (openai, LangChain) take it as their `http_client`."""
+    from fastapi.testclient import TestClient
+
+    from deployments.api import OpenAIService, build_api
+    from deployments.llm_server import LLMServer
+    from deployments.local_backend import LocalBackend
+    from deployments.prompts import PromptBuilder
+
+    config = _make_config(model_dir)
+    server = LLMServer(config)
+    service = OpenAIService(LocalBackend(server), PromptBuilder.from_config(config), config.serve, MODEL)
+    with TestClient(build_api(service), base_url="http://in-process") as http:
+        yield http
+    server.engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def in_process_openai(in_process_http):
+    import openai
+
+    return openai.OpenAI(base_url="http://in-process/v1", api_key="unused", max_retries=0, http_client=in_process_http)

@@ -64,7 +64,7 @@ def test_chat_logprobs_flag_and_top_logprobs():
     [
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"logprobs": 21}, "logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -73,7 +73,6 @@ def test_chat_logprobs_flag_and_top_logprobs():
         ({"min_p": 1.5}, "min_p"),
         ({"top_k": -2}, "top_k"),
         ({"stop": [""]}, "stop"),
-        ({"echo": True}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"n": 17}, "n"),  # the served model's bounds (RequestLimits)
@@ -97,7 +96,7 @@ def test_completion_errors_name_the_parameter(fields, param):
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"temperature": 200}, "temperature"),
         ({"max_completion_tokens": MAX_MODEL_LEN + 1}, "max_completion_tokens"),
         ({"max_tokens": MAX_MODEL_LEN + 1, "max_completion_tokens": 5}, "max_tokens"),

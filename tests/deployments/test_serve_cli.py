@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 LONGCTX = Path(sys.executable).parent / "longctx"
 
@@ -21,10 +22,12 @@ def _serve(model_dir: str, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment)
 
 
-def _wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float) -> str:
+def _wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float, seen: list[str] | None = None) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = process.stdout.readline()
+        if seen is not None:
+            seen.append(line)
         if needle in line:
             return line
         if not line and process.poll() is not None:
@@ -36,8 +39,12 @@ def test_longctx_serve_runs_in_the_foreground_and_stops_on_sigterm(model_dir, se
     port = _free_port()
     process = _serve(model_dir, port)
     try:
-        line = _wait_for_line(process, "serving", timeout_s=90)
+        summary: list[str] = []
+        line = _wait_for_line(process, "serving", timeout_s=90, seen=summary)
         assert f"http://127.0.0.1:{port}/v1" in line
+        # The start-up summary: model, dtype, layout, KV capacity per tier, Redis.
+        assert any("float32 on cpu, TP 1 x SP 1" in text and "loaded in" in text for text in summary), summary
+        assert any("KV cache: device 1,024 tokens (blocks of 16), host off, Redis off" in text for text in summary)
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
         body = {"prompt": "hi", "max_tokens": 3}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30).status_code == 200
@@ -75,3 +82,42 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_busy_port_is_refused_before_anything_starts(model_dir):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        start = time.monotonic()
+        result = subprocess.run([str(LONGCTX), "serve", "--model", model_dir, "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and time.monotonic() - start < 30  # no Ray was started
+    assert result.stderr.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_missing_weights_are_one_line_before_ray_starts(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    result = subprocess.run([str(LONGCTX), "serve", "--model", str(folder), "--port", str(_free_port())],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "neither model.safetensors nor" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_replica_that_fails_to_load_is_reported_once_with_its_cause(model_dir, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model: {{path: {model_dir}, attention_backend: no_such_backend}}\n")
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([str(LONGCTX), "serve", "--config", str(config), "--port", str(_free_port())],
+                            capture_output=True, text=True, timeout=240, env=environment)  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("longctx: error:")]
+    assert len(errors) == 1 and "unknown attention backend 'no_such_backend'" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout

@@ -39,7 +39,7 @@ def test_prompt_that_cannot_fit_the_kv_cache_is_rejected(tiny_model_dir, make_en
 
 @pytest.mark.parametrize(
     "field, value",
-    [("max_tokens", 0), ("max_tokens", -3), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),
+    [("max_tokens", -3), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),
      ("top_k", -1), ("min_p", 2.0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0),
      ("frequency_penalty", -2.5), ("n", 0), ("logprobs", 21)],
 )
@@ -158,7 +158,7 @@ def test_cli_generate_json_contract(tiny_model_dir):
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     cases = [
         ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"],
-        ["generate", "--model", tiny_model_dir, "--prompt", "x", "--max-tokens", "0"],
+        ["generate", "--model", tiny_model_dir, "--prompt", "x", "--max-tokens", "-1"],
         ["generate", "--model", tiny_model_dir, "--prompt", ""],
     ]
     for arguments in cases:
