@@ -16,7 +16,7 @@ from torch import nn
 from model_shards.deepseek_v4.compressor import Compressor
 from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
-from model_shards.deepseek_v4.index_scores import index_scores
+from model_shards.deepseek_v4.index_scores import index_scores, ranking_keys
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -57,12 +57,19 @@ class LightningIndexer(nn.Module):
         for i in range(0, tokens, block):
             stop = min(tokens, i + block)
             closed = (start + stop) // self.rate  # entries closed at the block's last query (host int)
-            scores = index_scores(q[i:stop], head_weights[i:stop], keys[:closed], start + i, self.rate)
-            self.tp.all_reduce(scores)  # (t, E_b): this rank's heads summed over all ranks' heads
-            picked = top_k_earliest_first(scores, min(self.topk, closed))
+            picked = self._top_k(q[i:stop], head_weights[i:stop], keys[:closed], start + i)
             visible = (torch.arange(start + i, start + stop, device=x.device) + 1) // self.rate  # (t,)
             chosen[i:stop, :picked.shape[1]] = picked.masked_fill(picked >= visible[:, None], NO_ENTRY)
         return chosen
+
+    def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int) -> torch.Tensor:
+        """(t, min(topk, E_b)) earliest-first best entries of queries at first_position .."""
+        if self.tp.size == 1:  # scores ranked as they are computed
+            ranked = index_scores(q, head_weights, keys, first_position, self.rate, ranked=True)
+        else:  # every rank holds some heads: sum the scores over ranks first
+            scores = index_scores(q, head_weights, keys, first_position, self.rate)
+            ranked = ranking_keys(self.tp.all_reduce(scores))
+        return top_k_of_ranking(ranked, min(self.topk, keys.shape[0]))
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         shard = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)
@@ -79,13 +86,12 @@ def top_k_earliest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     exactly 0), and torch.topk breaks ties by the row's length. transformers' full forward scores
     every query against the whole sequence's entries, so there a query's choice, and its logits,
     change with tokens that come after it. Earliest-first is causal, so any chunking, prefix hit
-    or decode order chooses alike; it equals transformers wherever the k-th score is not tied.
+    or decode order chooses alike; it equals transformers wherever the k-th score is not tied."""
+    return top_k_of_ranking(ranking_keys(scores), k)
 
-    One topk over int64 keys `ordered(score) << 32 | (E - 1 - entry)`: the high word orders as the
-    float32 score does, the low word puts earlier entries first among equal scores."""
+
+def top_k_of_ranking(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """One topk over int64 ranking keys (index_scores.ranking_keys) -> ascending indices (t, k)."""
     if k == 0:
-        return scores.new_empty(scores.shape[0], 0, dtype=torch.long)
-    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # as float order, -inf lowest
-    entry = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
-    return ((ordered << 32) | entry).topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+        return ranked.new_empty(ranked.shape[0], 0)
+    return ranked.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values

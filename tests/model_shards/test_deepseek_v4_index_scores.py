@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_shards.deepseek_v4.index_scores import index_scores_torch, index_scores_triton
-from model_shards.deepseek_v4.indexer import top_k_earliest_first
+from model_shards.deepseek_v4.index_scores import index_scores_torch, index_scores_triton, ranking_keys
+from model_shards.deepseek_v4.indexer import top_k_earliest_first, top_k_of_ranking
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +49,18 @@ def test_fused_scores_equal_the_torch_reference(tokens, entries, first_position)
     finite = expected > float("-inf")
     assert finite.any() and expected[finite].abs().max() > 0.1
     torch.testing.assert_close(fused[finite], expected[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_ranking_keys_equal_the_encoded_scores():
+    """Ranked in the kernel: the same keys as encoding its float scores, so the same picks; with
+    4 heads of weights 0 or 1 whole rows tie at 0 (and -0.0)."""
+    q, weights, keys = scoring_inputs(40, 4, 16, 60, seed=6)
+    weights = (weights > 0).float() - (weights < -0.15).float()  # 1, 0, -1: exact 0 and -0.0 sums
+    fused_scores = index_scores_triton(q, weights, keys, 200, 4, block_tokens=16, block_entries=16)
+    ranked = index_scores_triton(q, weights, keys, 200, 4, block_tokens=16, block_entries=16, ranked=True)
+    assert (fused_scores == 0).sum() > 10
+    assert torch.equal(ranked, ranking_keys(fused_scores))
+    assert torch.equal(top_k_of_ranking(ranked, 8), top_k_earliest_first(fused_scores, 8))
 
 
 def test_one_topk_selects_as_the_two_pass_form():
