@@ -15,7 +15,8 @@ from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
 from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
-from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
+from model_shards.deepseek_v4.norm_rope import norm_and_rotate
+from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.index_scores import index_scores, ranking_keys
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
@@ -48,7 +49,7 @@ class LightningIndexer(nn.Module):
         keys = self.compressor.append(state, x)  # (E, head_dim)
         tokens = x.shape[0]
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
-        q = apply_interleaved_rotary(q, cos, sin)  # (T, heads, head_dim)
+        q = norm_and_rotate(q, cos, sin, "none")  # (T, heads, head_dim), in place on a GPU
         head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
         width = min(self.topk, keys.shape[0])
         # (queries, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
