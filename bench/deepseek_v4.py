@@ -153,7 +153,7 @@ def matmul_tflops(device: torch.device) -> float:
 def check_index_scores(device: torch.device) -> dict:
     """A 4096-query block against 32768 entries (a 128K context), flash shapes."""
     from model_shards.deepseek_v4.index_scores import index_scores_torch, index_scores_triton
-    from model_shards.deepseek_v4.indexer import top_k_earliest_first
+    from model_shards.deepseek_v4.indexer import top_k_earliest_first, top_k_of_ranking
 
     q = torch.randn(4096, 64, 128, device=device, dtype=torch.bfloat16)
     weights, keys = torch.randn(4096, 64, device=device) / 64, torch.randn(32768, 128, device=device, dtype=torch.bfloat16)
@@ -166,7 +166,9 @@ def check_index_scores(device: torch.device) -> dict:
            "same_inf": bool(torch.equal(fused == float("-inf"), expected == float("-inf"))),
            "queries_with_equal_top512": same_picks.float().mean().item(),
            "torch_ms": gpu_ms(lambda: index_scores_torch(q, weights, keys, first, 4), 3),
-           "top_k_ms": gpu_ms(lambda: top_k_earliest_first(expected, 512), 3)}
+           "top_k_from_scores_ms": gpu_ms(lambda: top_k_earliest_first(expected, 512), 3),
+           "ranked_scores_and_top_k_ms": gpu_ms(lambda: top_k_of_ranking(
+               index_scores_triton(q, weights, keys, first, 4, ranked=True), 512), 3)}
     flops = 2 * 64 * 128 * finite.sum().item()
     for tile in [(64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4), (64, 256, 8)]:
         ms = gpu_ms(lambda: index_scores_triton(q, weights, keys, first, 4, *tile), 5)
@@ -220,7 +222,9 @@ def measure_length(model: DeepseekV4ForCausalLM, args: argparse.Namespace, lengt
 
 
 def measure_speed(model: DeepseekV4ForCausalLM, args: argparse.Namespace) -> tuple[list[dict], dict | None]:
-    run_ours(model, random_ids(args, 2 * args.chunk_tokens, model.device), args.chunk_tokens, last_only=True)  # warm-up
+    warm_ids, warm_state = random_ids(args, 2 * args.chunk_tokens, model.device), model.new_state()
+    run_ours(model, warm_ids, args.chunk_tokens, warm_state, last_only=True)  # warm-up: kernels compile
+    run_ours(model, warm_ids[:4], 1, warm_state, last_only=True)  # for the decode shapes too
     rows, longest = [], None
     for length in args.lengths:
         try:

@@ -26,7 +26,7 @@ def _sink_softmax(first_ptr, first_allowed_ptr, second_ptr, second_allowed_ptr, 
     row = tl.program_id(0)  # query * heads + head
     query, head = row // heads, row % heads
     peak = tl.load(sink_ptr + head).to(tl.float32)
-    total = tl.full((), 1.0, tl.float32)  # the sink's exp(sink - peak)
+    total = peak * 0.0 + 1.0  # the sink's exp(sink - peak)
     cols = tl.arange(0, BK)
     for start in range(0, first_keys + second_keys, BK):  # pass 1: running max and sum
         logit = _scaled(first_ptr, first_allowed_ptr, second_ptr, second_allowed_ptr, row, query, start + cols,

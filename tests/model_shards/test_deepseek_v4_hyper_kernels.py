@@ -17,6 +17,7 @@ from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHea
 from model_shards.deepseek_v4.presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the interpreter without CUDA
 TOLERANCE = dict(atol=2e-5, rtol=2e-5)
 
 
@@ -29,11 +30,11 @@ def random_module(module, seed: int = 0):
     for parameter in module.parameters():
         parameter.data = torch.randn(parameter.shape, generator=generator) * parameter.shape[-1] ** -0.5
     module.scale.data = torch.rand(module.scale.shape, generator=generator) + 0.5
-    return module
+    return module.to(DEVICE)
 
 
 def random_streams(tokens: int, hc: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(tokens, hc, 96, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(tokens, hc, 96, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.mark.parametrize("hc, tokens", [(4, 1), (4, 37), (2, 70)])
@@ -42,8 +43,9 @@ def test_fused_hyper_connection_equals_torch(hc, tokens):
     for fused, reference in zip(module.fused(streams), module.reference(streams)):
         torch.testing.assert_close(fused, reference, **TOLERANCE)
     _, comb, _ = module.fused(streams)
-    torch.testing.assert_close(comb.sum(dim=-2), torch.ones(tokens, hc), atol=1e-3, rtol=0)  # doubly
-    torch.testing.assert_close(comb.sum(dim=-1), torch.ones(tokens, hc), atol=1e-3, rtol=0)  # stochastic
+    ones = torch.ones(tokens, hc, device=DEVICE)
+    torch.testing.assert_close(comb.sum(dim=-2), ones, atol=1e-3, rtol=0)  # doubly
+    torch.testing.assert_close(comb.sum(dim=-1), ones, atol=1e-3, rtol=0)  # stochastic
 
 
 def test_fused_hyper_head_equals_torch():
@@ -55,7 +57,8 @@ def test_fused_hyper_head_equals_torch():
 def test_fused_mix_equals_torch(dtype):
     generator = torch.Generator().manual_seed(3)
     streams, output = random_streams(23, 4).to(dtype), torch.randn(23, 96, generator=generator).to(dtype)
-    post, comb = torch.rand(23, 4, generator=generator) * 2, torch.rand(23, 4, 4, generator=generator)
+    output = output.to(DEVICE)
+    post, comb = (torch.rand(23, 4, generator=generator) * 2).to(DEVICE), torch.rand(23, 4, 4, generator=generator).to(DEVICE)
     expected = mix_streams_reference(streams.float(), output.float(), post, comb)
     tolerance = TOLERANCE if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(hyper_kernels.mix(streams, output, post, comb).float(), expected, **tolerance)

@@ -13,6 +13,7 @@ import torch
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate_torch, norm_and_rotate_triton
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the interpreter without CUDA
 
 
 def inputs(shape: tuple[int, ...], half: int, dtype: torch.dtype, seed: int = 0):
@@ -20,7 +21,7 @@ def inputs(shape: tuple[int, ...], half: int, dtype: torch.dtype, seed: int = 0)
     x = (torch.randn(shape, generator=generator) * 3).to(dtype)
     angles = torch.rand(shape[0], half, generator=generator) * 6
     weight = torch.rand(shape[-1], generator=generator) + 0.5
-    return x, angles.cos().to(dtype), angles.sin().to(dtype), weight
+    return x.to(DEVICE), angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype), weight.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])

@@ -15,6 +15,7 @@ import torch
 from model_shards.deepseek_v4.sink_attention import attend_fused, attend_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the interpreter without CUDA
 
 
 def groups_for(kind: str, tokens: int, dtype: torch.dtype, generator: torch.Generator):
@@ -36,7 +37,8 @@ def test_fused_softmax_attention_equals_torch(kind, dtype, tolerance):
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(11, 4, 32, generator=generator).to(dtype)
     sinks = torch.randn(4, generator=generator)
-    groups = groups_for(kind, 11, dtype, generator)
+    groups = [(keys.to(DEVICE), allowed.to(DEVICE)) for keys, allowed in groups_for(kind, 11, dtype, generator)]
+    q, sinks = q.to(DEVICE), sinks.to(DEVICE)
     expected = attend_torch(q, groups, sinks, 32 ** -0.5)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(attend_fused(q, groups, sinks, 32 ** -0.5), expected, atol=tolerance, rtol=tolerance)
