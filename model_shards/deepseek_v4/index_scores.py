@@ -27,6 +27,7 @@ import torch
 from model_shards.deepseek_v4.sink_attention import block_elements
 
 BLOCK_TOKENS, BLOCK_ENTRIES, WARPS = 64, 128, 4  # tile of one program; see bench/deepseek_v4.py
+DECODE_BLOCK_TOKENS = 16  # a decode step's one query would waste 63 of 64 rows
 
 
 def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
@@ -35,7 +36,8 @@ def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor
     first_position .. -> scores (t, E) float32, entries not closed at a query's position -inf;
     or with `ranked` their ranking keys (t, E) int64."""
     if _fused_kernel_runs(q, keys):
-        return index_scores_triton(q, head_weights, keys, first_position, rate, ranked=ranked)
+        block_tokens = DECODE_BLOCK_TOKENS if q.shape[0] <= DECODE_BLOCK_TOKENS else BLOCK_TOKENS
+        return index_scores_triton(q, head_weights, keys, first_position, rate, block_tokens, ranked=ranked)
     scores = index_scores_torch(q, head_weights, keys, first_position, rate)
     return ranking_keys(scores) if ranked else scores
 
