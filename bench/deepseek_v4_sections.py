@@ -27,6 +27,7 @@ SECTIONS = [
     ("indexer: projections", "model_shards.deepseek_v4.indexer", "LightningIndexer.select"),
     ("indexer: scores", "model_shards.deepseek_v4.indexer", "index_scores"),
     ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_earliest_first"),
+    ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_of_ranking"),
     ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "sink_attention"),
     ("attention core: window views", "model_shards.deepseek_v4.sink_attention", "_query_windows"),
     ("attention core: compressed gather", "model_shards.deepseek_v4.sink_attention", "_compressed_group"),

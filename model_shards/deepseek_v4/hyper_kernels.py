@@ -39,10 +39,10 @@ def _stream_mixes(x_ptr, fn_ptr, out_ptr, tokens, width, outputs, eps, stride_x,
         k_ok = ks < width
         x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)  # (BT, BK)
-        weight = tl.load(fn_ptr + cols[None, :] * stride_fn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
-                         other=0.0)  # (BK, BN)
+        weight = tl.load(fn_ptr + cols[:, None] * stride_fn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # (BN, BK): rows of fn, read along their contiguous dimension
         squares += tl.sum(x * x, axis=1)
-        acc += tl.dot(x, weight, input_precision="ieee")
+        acc += tl.dot(x, tl.trans(weight), input_precision="ieee")
     acc = acc * (1.0 / tl.sqrt(squares / width + eps))[:, None]
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
