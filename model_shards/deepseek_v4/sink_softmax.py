@@ -17,7 +17,7 @@ import torch
 
 from model_shards.attention.triton_runtime import tl, triton
 
-BLOCK_KEYS = 128
+MAX_BLOCK_KEYS = 2048  # keys a program handles per step: a row's keys in one or a few wide steps
 
 
 @triton.jit
@@ -72,8 +72,9 @@ def sink_softmax_(logits: list[torch.Tensor], allowed: list[torch.Tensor], sinks
     first, second = logits[0], logits[-1] if len(logits) == 2 else logits[0][:, :, :0]
     first_allowed = allowed[0].contiguous().view(torch.uint8)
     second_allowed = allowed[-1].contiguous().view(torch.uint8) if len(logits) == 2 else first_allowed
+    block = min(MAX_BLOCK_KEYS, triton.next_power_of_2(first.shape[2] + second.shape[2]))
     if tokens * heads:
         _sink_softmax[(tokens * heads,)](
             first, first_allowed, second, second_allowed, sinks.float().contiguous(), heads, first.shape[2],
-            second.shape[2], scale, BK=BLOCK_KEYS, num_warps=2)
+            second.shape[2], scale, BK=block, num_warps=max(1, min(8, block // 256)))
     return logits

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_shards.deepseek_v4 import sink_softmax
 from model_shards.deepseek_v4.sink_attention import attend_fused, attend_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,3 +43,9 @@ def test_fused_softmax_attention_equals_torch(kind, dtype, tolerance):
     expected = attend_torch(q, groups, sinks, 32 ** -0.5)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(attend_fused(q, groups, sinks, 32 ** -0.5), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_rows_longer_than_one_step_of_keys(monkeypatch):
+    """HCA rows of 308 keys in steps of 64: the running max and sum across steps."""
+    monkeypatch.setattr(sink_softmax, "MAX_BLOCK_KEYS", 64)
+    test_fused_softmax_attention_equals_torch("hca", torch.float32, 1e-5)
