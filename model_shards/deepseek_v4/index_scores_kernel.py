@@ -2,7 +2,8 @@
 
 Program (i, j) owns queries i*BT .. and entries j*BE ..: it loads its BE keys once, then for each
 head one (BT x dim) @ (dim x BE) tensor-core dot, ReLU, times that head's per-query weight, summed
-into a (BT x BE) float32 accumulator. Only the summed scores reach memory, or straight away their ranking keys (index_scores.py).
+into a (BT x BE) float32 accumulator. Only the summed scores reach memory, or straight away
+their ranking keys (index_scores.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _index_scores(
     if RANKED:  # index_scores.ranking_keys, in registers
         bits = tl.where(acc == 0.0, 0.0, acc).to(tl.int32, bitcast=True)  # -0.0 ranks as 0.0
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        tl.store(target, (ordered << 32) | (entries - 1 - cols).to(tl.int64)[None, :], mask=row_ok[:, None] & col_ok[None, :])
+        ranked = (ordered << 32) | (entries - 1 - cols).to(tl.int64)[None, :]
+        tl.store(target, ranked, mask=row_ok[:, None] & col_ok[None, :])
     else:
         tl.store(target, acc, mask=row_ok[:, None] & col_ok[None, :])
 

@@ -63,7 +63,8 @@ class LightningIndexer(nn.Module):
             chosen[i:stop, :picked.shape[1]] = picked.masked_fill(picked >= visible[:, None], NO_ENTRY)
         return chosen
 
-    def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int) -> torch.Tensor:
+    def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
+               first_position: int) -> torch.Tensor:
         """(t, min(topk, E_b)) earliest-first best entries of queries at first_position .."""
         if self.tp.size == 1:  # scores ranked as they are computed
             ranked = index_scores(q, head_weights, keys, first_position, self.rate, ranked=True)

@@ -26,7 +26,8 @@ def _norm_rope(x_ptr, cos_ptr, sin_ptr, out_ptr, weight_ptr, rows, rows_per_toke
         else:  # norms.RMSNorm: float32 weight times the float32 normed row
             y = tl.load(weight_ptr + cols, mask=cols < dim, other=0.0)[None, :] * (x * factor[:, None])
         nope = (cols < rope_start)[None, :]
-        tl.store(out_ptr + row[:, None] * dim + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & nope)
+        tl.store(out_ptr + row[:, None] * dim + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & nope)
     pairs = tl.arange(0, BH)
     pair_ok = row_ok[:, None] & (pairs < half)[None, :]
     even_at = row[:, None] * dim + rope_start + 2 * pairs[None, :]  # (BR, BH)
