@@ -21,6 +21,10 @@ from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_shards.deepseek_v4.norms import unweighted_rms_norm
 from model_shards.deepseek_v4.weights import CheckpointTensors
 
+# Below this many tokens (decode) the mixes kernel is one program looping over hc * hidden
+# columns; cuBLAS's matrix-vector product spreads that work over the GPU.
+FUSED_MIXES_MIN_TOKENS = 64
+
 
 class HyperConnection(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture):
@@ -40,14 +44,14 @@ class HyperConnection(nn.Module):
     def fused(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from model_shards.deepseek_v4 import hyper_kernels
 
-        mixes = hyper_kernels.stream_mixes(streams, self.fn, self.norm_eps)
+        mixes = stream_mixes(streams, self.fn, self.norm_eps)
         pre, post, comb = hyper_kernels.hyper_weights(mixes, self.base, self.scale, self.hc, self.iterations,
                                                       self.hc_eps)
         return post, comb, hyper_kernels.collapse(pre, streams)
 
     def reference(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hc = self.hc
-        mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn)
+        mixes = stream_mixes_torch(streams, self.fn, self.norm_eps)
         pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
         pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])
         pre_scale, post_scale, comb_scale = self.scale.unbind(0)
@@ -69,6 +73,19 @@ class HyperConnection(nn.Module):
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         for name in ("fn", "base", "scale"):
             reader.copy_into(getattr(self, name).data, f"{prefix}_{name}")
+
+
+def stream_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """(T, hc, hidden) -> (T, N) float32: fn applied to the RMS-normed, flattened streams."""
+    if fused_kernels_run(streams) and streams.shape[0] >= FUSED_MIXES_MIN_TOKENS:
+        from model_shards.deepseek_v4 import hyper_kernels
+
+        return hyper_kernels.stream_mixes(streams, fn, eps)
+    return stream_mixes_torch(streams, fn, eps)
+
+
+def stream_mixes_torch(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.linear(unweighted_rms_norm(streams.flatten(1).float(), eps), fn)
 
 
 def fused_kernels_run(streams: torch.Tensor) -> bool:
@@ -110,12 +127,12 @@ class HyperHead(nn.Module):
     def fused(self, streams: torch.Tensor) -> torch.Tensor:
         from model_shards.deepseek_v4 import hyper_kernels
 
-        mixes = hyper_kernels.stream_mixes(streams, self.fn, self.norm_eps)
+        mixes = stream_mixes(streams, self.fn, self.norm_eps)
         pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps  # (T, hc)
         return hyper_kernels.collapse(pre, streams)
 
     def reference(self, streams: torch.Tensor) -> torch.Tensor:
-        mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn)
+        mixes = stream_mixes_torch(streams, self.fn, self.norm_eps)
         pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps  # (T, hc)
         return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
 

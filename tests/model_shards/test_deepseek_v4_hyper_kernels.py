@@ -13,7 +13,8 @@ import torch
 
 from model_folder.deepseek_v4_config import parse_deepseek_v4_config
 from model_shards.deepseek_v4 import hyper_kernels
-from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams_reference
+from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams_reference, \
+    stream_mixes_torch
 from model_shards.deepseek_v4.presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,6 +47,14 @@ def test_fused_hyper_connection_equals_torch(hc, tokens):
     ones = torch.ones(tokens, hc, device=DEVICE)
     torch.testing.assert_close(comb.sum(dim=-2), ones, atol=1e-3, rtol=0)  # doubly
     torch.testing.assert_close(comb.sum(dim=-1), ones, atol=1e-3, rtol=0)  # stochastic
+
+
+@pytest.mark.parametrize("hc, tokens", [(4, 1), (4, 70), (2, 37)])
+def test_stream_mixes_kernel_equals_torch(hc, tokens):
+    """The kernel the layers use from FUSED_MIXES_MIN_TOKENS tokens on (cuBLAS below)."""
+    module, streams = random_module(HyperConnection(arch(hc))), random_streams(tokens, hc)
+    torch.testing.assert_close(hyper_kernels.stream_mixes(streams, module.fn, 1e-6),
+                               stream_mixes_torch(streams, module.fn, 1e-6), **TOLERANCE)
 
 
 def test_fused_hyper_head_equals_torch():
