@@ -70,12 +70,13 @@ def _grouped_mm_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(rows.device)[0] >= 9)
 
 
-def combine(outputs: torch.Tensor, rows: ExpertRows, weights: torch.Tensor) -> torch.Tensor:
+def combine(outputs: torch.Tensor, rows: ExpertRows, weights: torch.Tensor, all_held: bool) -> torch.Tensor:
     """outputs (R, hidden) in sorted order, routing weights (T, k) -> sum over held slots of
-    weight * output, (T, hidden) in the outputs' dtype."""
+    weight * output, (T, hidden) in the outputs' dtype. `all_held`: this rank holds every expert."""
     tokens, slots = rows.held.shape
     unsorted = torch.empty_like(outputs)
     unsorted[rows.order] = outputs
     weighted = unsorted.view(tokens, slots, -1) * weights.unsqueeze(-1).to(outputs.dtype)  # (T, k, hidden)
-    weighted = torch.where(rows.held.unsqueeze(-1), weighted, 0)  # remote rows are undefined, maybe NaN
+    if not all_held:
+        weighted = torch.where(rows.held.unsqueeze(-1), weighted, 0)  # remote rows are undefined, maybe NaN
     return weighted.sum(dim=1, dtype=torch.float32).to(outputs.dtype)

@@ -82,7 +82,7 @@ class LocalExperts(nn.Module):
         rows = sort_by_expert(experts - self.first, self.num_local)
         gate, up = grouped_linear(x[rows.tokens], self.gate_up, rows.offsets).split(self.intermediate, dim=-1)
         outputs = grouped_linear(clipped_swiglu(gate, up, self.limit), self.down, rows.offsets)  # (R, hidden)
-        return combine(outputs, rows, weights)
+        return combine(outputs, rows, weights, all_held=self.ep.size == 1)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         for expert in range(self.num_local * self.ep.size):
