@@ -30,6 +30,16 @@ class KVCacheGroupSpec:
 FULL_ATTENTION = KVCacheGroupSpec("full_attention")
 
 
+def extra_group_specs(architecture) -> tuple[KVCacheGroupSpec, ...]:
+    """A model's KV groups after group 0. DeepSeek-V4: group 0 holds the compressed entries (and
+    indexer keys, and the overlap state at each block's end: kind full, prefix-cached); one more
+    holds every layer's raw K(=V), read only by the sliding window of W - 1 tokens before a query.
+    A dense model has none."""
+    if architecture.architecture != "deepseek_v4":
+        return ()
+    return (KVCacheGroupSpec("window", "sliding_window", architecture.sliding_window - 1),)
+
+
 class BlockGroup(Protocol):
     spec: KVCacheGroupSpec
 

@@ -77,7 +77,7 @@ class ModelWorker:
         self.architecture = load_architecture(config.model.path)
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
-        self.block_size = config.cache.block_size
+        self.block_size = config.cache.resolved_block_size()
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
