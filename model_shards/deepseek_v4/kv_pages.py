@@ -3,18 +3,21 @@
     compressed (group 0, full, prefix-cached)     per block of B tokens and per layer:
         CSA   entries       (B / m, head_dim)        the block's compressed entries
               index_keys    (B / m, index_head_dim)  the Lightning Indexer's keys
-              overlap_kv    (m, head_dim)            first half (Ca) of the block's last window:
-              overlap_gate  (m, head_dim) float32    what the next block's first entry overlaps
-              index_overlap_kv / index_overlap_gate  the same for the indexer's compressor
         HCA   entries       (B / m', head_dim)
     window (group 1, sliding window of W - 1 tokens)  per block and per layer:
               keys          (B, head_dim)            raw K (= V) after kv_norm and RoPE
+        CSA   overlap_kv    (m, head_dim)            first half (Ca) of the block's last window,
+              overlap_gate  (m, head_dim) float32    which the next block's first entry overlaps
+              index_overlap_kv / index_overlap_gate  the same for the indexer's compressor
 
 B is a multiple of every compress rate (cluster/config.py resolves it), so a block boundary closes
 every compression window: nothing is pending there, and a prefix of whole blocks resumes from
-these pages alone (paged_state.py). Each block is one contiguous run of bytes holding every
-layer's fields (typed views into a uint8 tensor), so a tier moves a block with one copy, as the
-dense cache's block-major layout does (model_shards/kv_cache.py).
+these pages alone (paged_state.py). The overlap halves sit in the window block that ends at the
+boundary: a prefix hit always holds that block (its window reaches into it), and the compressed
+group then holds exactly the entries that grow with the context, the config's bytes per token.
+Each block is one contiguous run of bytes holding every layer's fields (typed views into a uint8
+tensor), so a tier moves a block with one copy, as the dense cache's block-major layout does
+(model_shards/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -64,20 +67,23 @@ class PageLayout:
 def compressed_layout(arch: DeepseekV4Architecture, block_size: int, dtype: torch.dtype) -> PageLayout:
     shapes = []
     for layer, layer_type in enumerate(arch.layer_types):
-        if layer_type not in (CSA, HCA):
-            continue
-        rate = arch.compress_rate(layer_type)
-        shapes.append((layer, "entries", block_size // rate, arch.head_dim, dtype))
+        if layer_type in (CSA, HCA):
+            shapes.append((layer, "entries", block_size // arch.compress_rate(layer_type), arch.head_dim, dtype))
         if layer_type == CSA:
-            shapes.append((layer, "index_keys", block_size // rate, arch.index_head_dim, dtype))
-            for prefix, dim in (("", arch.head_dim), ("index_", arch.index_head_dim)):
-                shapes += [(layer, prefix + "overlap_kv", rate, dim, dtype),
-                           (layer, prefix + "overlap_gate", rate, dim, GATE_DTYPE)]
+            shapes.append((layer, "index_keys", block_size // arch.compress_rate(CSA), arch.index_head_dim, dtype))
     return PageLayout(shapes)
 
 
 def window_layout(arch: DeepseekV4Architecture, block_size: int, dtype: torch.dtype) -> PageLayout:
-    return PageLayout([(layer, "keys", block_size, arch.head_dim, dtype) for layer in range(arch.num_hidden_layers)])
+    shapes = []
+    for layer, layer_type in enumerate(arch.layer_types):
+        shapes.append((layer, "keys", block_size, arch.head_dim, dtype))
+        if layer_type == CSA:
+            rate = arch.compress_rate(CSA)
+            for prefix, dim in (("", arch.head_dim), ("index_", arch.index_head_dim)):
+                shapes += [(layer, prefix + "overlap_kv", rate, dim, dtype),
+                           (layer, prefix + "overlap_gate", rate, dim, GATE_DTYPE)]
+    return PageLayout(shapes)
 
 
 class PagePool:

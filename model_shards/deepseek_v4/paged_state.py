@@ -7,6 +7,7 @@ Before each chunk starting at token s, `PagedKV.load` builds the SequenceState t
     open windows    s on a block boundary: nothing pending, and CSA's overlap half from the
                     previous block's page (how a prefix hit, a restore or a preemption resumes);
                     inside a block: the request's slot (the state after its previous chunk)
+                    (the overlap halves live in the window block ending at the boundary: kv_pages.py)
 
 and attaches sinks, so that while the model runs every new window key, every new entry and the
 overlap half at each block end land in the request's pages. After the chunk `PagedKV.slot` keeps
@@ -57,7 +58,8 @@ class WindowPages:
 
 class CompressorPages:
     """CompressorSink: new entries into their rows; of the windows just closed, those that end a
-    block leave their first half in that block's overlap fields."""
+    block leave their first half in that block's overlap fields (in the window pool: `table` is
+    the window group's)."""
 
     def __init__(self, entries: torch.Tensor, rows: BlockRows, overlap: tuple[torch.Tensor, torch.Tensor] | None,
                  table: torch.Tensor):
@@ -101,7 +103,8 @@ class PagedKV:
             self._load_window(index, layer.window, window_table, start)
             for name, compressor in (("", layer.compressor), ("index_", layer.indexer)):
                 if compressor is not None:
-                    self._load_compressor(index, name, compressor, compressed_table, start, inside_block)
+                    self._load_compressor(index, name, compressor, (compressed_table, window_table), start,
+                                          inside_block)
         return state
 
     def _table(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -112,19 +115,19 @@ class PagedKV:
         window.keys = rows.read(view, max(0, start - window.keep), start)
         window.sink = WindowPages(view, rows, start)
 
-    def _load_compressor(self, layer: int, prefix: str, compressor: CompressorState, table: torch.Tensor,
-                         start: int, inside_block: bool) -> None:
+    def _load_compressor(self, layer: int, prefix: str, compressor: CompressorState,
+                         tables: tuple[torch.Tensor, torch.Tensor], start: int, inside_block: bool) -> None:
+        compressed_table, window_table = tables
         entries = self.compressed.view(layer, "index_keys" if prefix else "entries")
-        rows = BlockRows(table, self.block_size // compressor.rate)
+        rows = BlockRows(compressed_table, self.block_size // compressor.rate)
         compressor.entries = rows.read(entries, 0, start // compressor.rate)
         overlap = None
-        if (layer, prefix + "overlap_kv") in self.compressed.layout.fields:  # CSA: overlapping windows
-            overlap = (self.compressed.view(layer, prefix + "overlap_kv"),
-                       self.compressed.view(layer, prefix + "overlap_gate"))
+        if (layer, prefix + "overlap_kv") in self.window.layout.fields:  # CSA: overlapping windows
+            overlap = (self.window.view(layer, prefix + "overlap_kv"), self.window.view(layer, prefix + "overlap_gate"))
             if not inside_block and start > 0:  # resume from the previous block's last window
-                previous = table[start // self.block_size - 1]
+                previous = window_table[start // self.block_size - 1]
                 compressor.overlap_kv, compressor.overlap_gate = overlap[0][previous], overlap[1][previous]
-        compressor.sink = CompressorPages(entries, rows, overlap, table)
+        compressor.sink = CompressorPages(entries, rows, overlap, window_table)
 
     @staticmethod
     def slot(state: SequenceState) -> SequenceState:
