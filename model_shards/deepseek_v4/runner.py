@@ -20,6 +20,7 @@ from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.state import SequenceState
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.structured_output import GrammarCompiler
 from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
 
 
@@ -33,8 +34,10 @@ class _Request:
 
 
 class DeepseekV4Runner:
-    def __init__(self, model: DeepseekV4ForCausalLM, pages: PagedKV, layout: ParallelLayout | None = None):
-        self.model, self.pages = model, pages
+    def __init__(self, model: DeepseekV4ForCausalLM, pages: PagedKV, layout: ParallelLayout | None = None,
+                 grammars: GrammarCompiler | None = None):
+        """`grammars`: compiles structured-output grammars (None: requests ask for none)."""
+        self.model, self.pages, self.grammars = model, pages, grammars
         self.layout = layout or ParallelLayout.single()
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
@@ -65,8 +68,11 @@ class DeepseekV4Runner:
             self._update_request(cached)
 
     def _new_request(self, new: NewRequestData) -> _Request:
-        sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids,
-                                 device=self.model.device)
+        params = new.sampling_params
+        # Only the rank that samples keeps a grammar (it compiles meanwhile, off this thread).
+        grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
+                   if params.structured_output is not None and self.layout.is_driver_rank else None)
+        sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.model.device, grammar)
         return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
                         new.num_computed_tokens, sampling)
 

@@ -15,6 +15,7 @@ from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from model_shards.device import resolve_device, resolve_dtype
 from model_shards.parallel.groups import ParallelLayout
+from model_shards.structured_output import GrammarCompiler
 from protocol.step import StepInput, StepOutput
 from protocol.worker_description import WorkerDescription
 
@@ -35,7 +36,8 @@ class DeepseekV4Worker:
         self.model = DeepseekV4ForCausalLM.from_folder(config.model.path, dtype=self.dtype, device=self.device,
                                                        tp=self.layout.tp)
         self.pages = self._allocate_pages()
-        self.runner = DeepseekV4Runner(self.model, self.pages, self.layout)
+        self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
+        self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars)
 
     def _allocate_pages(self) -> PagedKV:
         arch, cache, scheduler = self.architecture, self.config.cache, self.config.scheduler
@@ -73,4 +75,5 @@ class DeepseekV4Worker:
         return self.runner.execute(step_input)
 
     def close(self) -> None:
-        """Nothing to stop: no tier I/O threads yet (the pages go with the worker)."""
+        """Stop the grammar thread (the pages go with the worker)."""
+        self.grammars.close()
