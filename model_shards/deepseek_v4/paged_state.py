@@ -36,9 +36,12 @@ class BlockRows:
         return self.table[rows // self.rows_per_block], rows % self.rows_per_block
 
     def read(self, view: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-        """(stop - first, width) rows of a (num_blocks, rows, width) field view."""
-        blocks, rows = self.address(first, stop)
-        return view[blocks, rows]
+        """(stop - first, width) rows of a (num_blocks, rows, width) field view: whole blocks
+        gathered at once (one index_select), then the rows cut out of them."""
+        first_block, stop_block = first // self.rows_per_block, -(-stop // self.rows_per_block)
+        blocks = view.index_select(0, self.table[first_block:stop_block])  # (blocks, rows, width)
+        offset = first_block * self.rows_per_block
+        return blocks.flatten(0, 1)[first - offset:stop - offset]
 
     def write(self, view: torch.Tensor, first: int, values: torch.Tensor) -> None:
         blocks, rows = self.address(first, first + values.shape[0])
