@@ -207,10 +207,7 @@ class ModelWorker:
     def _agree_across_ranks(self, report: KVTransferReport) -> KVTransferReport:
         """Each rank moved its own shard of the blocks: report a remote outcome only once every
         rank has it, merged (model_shards/kv_io/rank_agreement.py)."""
-        held = self.rank_agreement.hold(report)
-        every = self.layout.world.all_gather_object((held, report.redis_errors, report.blocking_seconds))
-        return self.rank_agreement.agree(report, [e[0] for e in every], [e[1] for e in every],
-                                         [e[2] for e in every])
+        return self.rank_agreement.across(self.layout.world, report)
 
     def _apply_changes(self, step_input: StepInput, failed: dict[str, str]) -> None:
         for request_id in step_input.finished_request_ids:

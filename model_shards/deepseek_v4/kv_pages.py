@@ -98,6 +98,10 @@ class PagePool:
     def bytes_per_block(self) -> int:
         return self.layout.nbytes
 
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
     def view(self, layer: int, name: str) -> torch.Tensor:
         """(num_blocks, rows, width) typed view of one field in every block; no copy."""
         field = self.layout.fields[layer, name]

@@ -44,8 +44,6 @@ class DeepseekV4Runner:
 
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
-        if step_input.kv_transfers is not None:
-            raise NotImplementedError("DeepSeek-V4 blocks do not move between KV tiers yet")
         self._apply_changes(step_input)
         last_hidden, sampling_ids = [], []
         for request_id, count in step_input.num_scheduled_tokens.items():

@@ -4,18 +4,24 @@ executor hosts it unchanged (model_shards/rank.py picks the worker by architectu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from cluster.config import LongctxConfig
 from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_folder.hf_config import load_architecture
+from model_shards.deepseek_v4.kv_tiers import HybridKVTransfer
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, plan_pool_sizes, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from model_shards.device import resolve_device, resolve_dtype
+from model_shards.kv_io.rank_agreement import RankAgreement
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.structured_output import GrammarCompiler
+from protocol.kv_fingerprint import kv_fingerprint
+from protocol.kv_transfer_ops import KVTransferReport
 from protocol.step import StepInput, StepOutput
 from protocol.worker_description import WorkerDescription
 
@@ -38,6 +44,10 @@ class DeepseekV4Worker:
         self.pages = self._allocate_pages()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars)
+        # Host and Redis tiers (None without them); Redis keys under this layout's fingerprint.
+        fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.kv_layout)
+        self.kv_transfer = HybridKVTransfer.create_for(config, self.pages, fingerprint)
+        self.rank_agreement = RankAgreement()  # used with several ranks only
 
     def _allocate_pages(self) -> PagedKV:
         arch, cache, scheduler = self.architecture, self.config.cache, self.config.scheduler
@@ -61,7 +71,9 @@ class DeepseekV4Worker:
     @property
     def description(self) -> WorkerDescription:
         compressed, window = self.pages.compressed, self.pages.window
-        return WorkerDescription(compressed.num_blocks, self.kv_layout, compressed.bytes_per_block,
+        # A tier slot holds block i of both pools (kv_tiers.py): the tiers size slots by both.
+        return WorkerDescription(compressed.num_blocks, self.kv_layout,
+                                 compressed.bytes_per_block + window.bytes_per_block,
                                  str(self.dtype).removeprefix("torch."), str(self.device),
                                  extra_group_blocks=(window.num_blocks,))
 
@@ -69,11 +81,24 @@ class DeepseekV4Worker:
     def kv_layout(self) -> str:
         """What this rank's blocks hold (both pools' field layouts), so tier keys never mix layouts."""
         return (f"deepseek_v4|dtype={self.dtype}|block={self.block_size}|tp={self.layout.tp.size}|"
-                f"{self.layout.describe()}|compressed={self.pages.compressed.layout.describe()}")
+                f"{self.layout.describe()}|compressed={self.pages.compressed.layout.describe()}|"
+                f"window={self.pages.window.layout.describe()}")
 
     def execute(self, step_input: StepInput) -> StepOutput:
-        return self.runner.execute(step_input)
+        """Tier transfers first (protocol/kv_transfer_ops.py: all before the forward pass), then
+        the step's chunks."""
+        report = self._transfer_kv(step_input)
+        output = self.runner.execute(step_input)
+        return output if report is None else dataclasses.replace(output, kv_report=report)
+
+    def _transfer_kv(self, step_input: StepInput) -> KVTransferReport | None:
+        if step_input.kv_transfers is None or self.kv_transfer is None:
+            return None  # the same on every rank: they all get this StepInput and one host size
+        report = self.kv_transfer.run(step_input.kv_transfers)
+        return report if self.layout.world.size == 1 else self.rank_agreement.across(self.layout.world, report)
 
     def close(self) -> None:
-        """Stop the grammar thread (the pages go with the worker)."""
+        """Stop the Redis I/O threads and the grammar thread (the pages go with the worker)."""
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
         self.grammars.close()
