@@ -17,6 +17,10 @@ Tensors are replaced, never written in place, so a snapshot (`SequenceState.snap
 them safely, which is what a cached prefix needs. Only `entries` grow with the context; everything
 else is bounded by W and m, so a paged cache keeps `entries` in blocks per layer type and the rest
 in one small fixed slot per request and layer.
+
+The paged cache (paged_state.py) fills a state from pages before each chunk and attaches sinks
+(`WindowSink`, `CompressorSink`): every appended key, every new entry and the overlap half of
+every closed window reach them as the model runs, so the pages stay the store of record.
 """
 
 from __future__ import annotations
