@@ -84,7 +84,7 @@ class PrefillFlops:
 
     @classmethod
     def of(cls, arch: ModelArchitecture) -> PrefillFlops:
-        if arch.architecture == "deepseek_v4":
+        if getattr(arch, "architecture", None) == "deepseek_v4":  # (tests pass plain namespaces of shapes)
             return cls._of_deepseek_v4(arch)
         attention_weights = arch.hidden_size * arch.head_dim * (2 * arch.num_attention_heads
                                                                  + 2 * arch.num_key_value_heads)
