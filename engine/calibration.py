@@ -48,8 +48,8 @@ def calibrate_restore_estimates(config: LongctxConfig, executor: Executor, kv_ca
     nothing when the cost policy has no tiers to decide about or no budget."""
     tiers = kv_cache.tiers
     budget_s = config.kv_tiers.calibration_budget_s
-    if tiers.host is None or tiers.cost.policy != "cost" or budget_s <= 0:
-        return
+    if tiers.host is None or tiers.cost.policy != "cost" or budget_s <= 0 or kv_cache.extra_groups:
+        return  # (a hybrid model's estimates start from the defaults and learn from its steps)
     start = time.monotonic()
     steps = _prefill_timings(executor, kv_cache, config.scheduler.max_tokens_per_step, vocab_size, max_model_len,
                              deadline=start + budget_s)

@@ -84,11 +84,29 @@ class PrefillFlops:
 
     @classmethod
     def of(cls, arch: ModelArchitecture) -> PrefillFlops:
+        if getattr(arch, "architecture", None) == "deepseek_v4":  # (tests pass plain namespaces of shapes)
+            return cls._of_deepseek_v4(arch)
         attention_weights = arch.hidden_size * arch.head_dim * (2 * arch.num_attention_heads
                                                                  + 2 * arch.num_key_value_heads)
         mlp_weights = 3 * arch.hidden_size * arch.intermediate_size
         return cls(per_token=2.0 * arch.num_hidden_layers * (attention_weights + mlp_weights),
                    per_key=4.0 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim)
+
+    @classmethod
+    def _of_deepseek_v4(cls, arch) -> PrefillFlops:
+        """Active weights per token (projections, top-k experts and the one shared expert) plus the attention a
+        query always pays (its window, CSA's top-k entries); only HCA's entries grow with the
+        context, one per m' keys."""
+        heads, head_dim, hidden = arch.num_attention_heads, arch.head_dim, arch.hidden_size
+        attention_weights = (hidden * arch.q_lora_rank + arch.q_lora_rank * heads * head_dim + hidden * head_dim
+                             + heads * head_dim * arch.o_lora_rank // arch.o_groups + arch.o_lora_rank * hidden)
+        expert_weights = (arch.num_experts_per_tok + 1) * 3 * hidden * arch.moe_intermediate_size
+        per_pair = 4.0 * heads * head_dim  # QK^T and PV of one (query, key) pair in one layer
+        fixed_keys = sum(arch.sliding_window + (arch.index_topk if t == "compressed_sparse_attention" else 0)
+                         for t in arch.layer_types)
+        growing = sum(1 / arch.compress_rate(t) for t in arch.layer_types if t == "heavily_compressed_attention")
+        return cls(per_token=2.0 * arch.num_hidden_layers * (attention_weights + expert_weights) + per_pair * fixed_keys,
+                   per_key=per_pair * growing)
 
     @classmethod
     def tokens_only(cls) -> PrefillFlops:

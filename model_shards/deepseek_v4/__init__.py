@@ -15,7 +15,11 @@
     moe.py              sqrtsoftplus top-k and hash routing, routed and shared experts (EP)
     grouped_experts.py  routed experts as grouped matmuls over tokens sorted by expert, no host sync
     weights.py          checkpoint names, DeepSeek's and transformers' spellings
-    runner.py           the engine's steps on this model, state keyed by request id
+    runner.py           the engine's steps on this model, per request: tokens, block tables, open windows
+    kv_pages.py         the paged cache: compressed and window page pools (byte layouts, sizes)
+    paged_state.py      a request's state read from its pages, written through by sinks
+    kv_tiers.py         host / Redis slots of block i of both pools
+    worker.py           the rank's worker: model, pages, runner, tier transfers
     presets.py          `longctx make-model --preset deepseek-v4-tiny | deepseek-v4-flash-shape`
 The config reader and the KV budget live in model_folder/ (the driver reads them too).
 """

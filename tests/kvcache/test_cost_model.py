@@ -272,3 +272,17 @@ def test_stalls_of_several_sizes_wait_side_by_side():
     for nbytes in (1 << 20, 1 << 30, 1 << 20, 1 << 30):  # each 10x slower than thought, twice
         estimate.observe((1.0, nbytes), 10 * (0.01 + nbytes * 1e-9))
     assert estimate.predict((1.0, 1 << 30)) > 5 * (0.01 + (1 << 30) * 1e-9)
+
+
+def test_prefill_flops_of_deepseek_v4_grow_only_with_hca_entries():
+    """V4's attention per query is its window plus CSA's top-k entries (fixed) and every HCA
+    entry (one per m' keys): the per-key cost is HCA's alone."""
+    from model_folder.deepseek_v4_config import parse_deepseek_v4_config
+    from model_shards.deepseek_v4.presets import preset_config
+
+    flash = parse_deepseek_v4_config(preset_config("deepseek-v4-flash-shape"))
+    flops = PrefillFlops.of(flash)
+    hca_layers = flash.layer_types.count("heavily_compressed_attention")
+    assert flops.per_key == pytest.approx(4.0 * 64 * 512 * hca_layers / 128)
+    # V4-Flash activates ~13B parameters a token; projections and the 6 + 1 experts are ~10B of them
+    assert 2 * 9e9 < flops.per_token < 2 * 16e9
