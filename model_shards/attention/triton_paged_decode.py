@@ -1,15 +1,22 @@
 """Paged decode attention as a Triton kernel (flash-decoding), with its plain-torch reference.
 
-One query token per sequence attends to its whole paged context. The keys of a long context are
-split over `num_splits` programs (split-K), each writes a partial (out, log-sum-exp), and a
-second kernel merges them exactly; a short batch of long contexts so still fills every SM.
-Each program owns one (sequence, KV head, split) and loads each K/V tile once for all the query
-heads of that KV head's GQA group (they are the rows of one tl.dot), so the cache is read once.
+One query token per sequence attends to its whole paged context. A long context is split over
+several programs (split-K), each writes a partial (out, log-sum-exp), and a second kernel merges
+them exactly; one sequence with a long context so still fills every SM. Each program owns one
+(sequence, KV head, split) and loads each K/V tile once for all the query heads of that KV head's
+GQA group (they are the rows of one tl.dot), so the cache is read once.
+
+How a sequence is split depends on its own length only (`DecodePlan`): the launch grid is just an
+upper bound, and programs past a sequence's splits do nothing. So a CUDA graph captured with a
+grid for `max_model_len` and an eager step sized for its actual lengths cut every sequence at the
+same places, reduce in the same order and agree bitwise; neither batch size nor padded rows change
+a sequence's result.
 
 The cache is the layer view of model_shards/kv_cache.py, (num_blocks, 2, block_size, kv_heads,
 head_dim) with any strides between blocks (the other layers sit there); the kernel reads the
 block table directly: token t of a sequence lives in block table[t // block_size] at offset
-t % block_size.
+t % block_size. A tile spans several blocks when blocks are smaller than the tile: their ids are
+read as one vector.
 
 Without CUDA the kernels run in Triton's interpreter (CPU tests; see triton_runtime.py).
 """
@@ -17,22 +24,74 @@ Without CUDA the kernels run in Triton's interpreter (CPU tests; see triton_runt
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from model_shards.attention.triton_runtime import tl, triton
 
-# Tokens per K/V tile: a divisor of the block size, at most one (64, head_dim) tile of K and one
-# of V in registers per iteration.
-_MAX_TILE_TOKENS = 64
-_MAX_SPLITS = 64
 _LOG2_E = 1.4426950408889634
+_MERGE_CHUNK = 16  # splits merged per iteration: (16, head_dim) float32 partials in registers
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the kernel cuts and runs a sequence: a tile is `tile_tokens` tokens; a split is at least
+    `min_split_tiles` tiles (short contexts: few programs, each worth its start-up) and there are at
+    most `max_splits` of them (long contexts: a bounded merge). Tuned on an H200 (bench/gpu.py's
+    decode sweep): batch 1 x 8 KV heads at 128K tokens is 8 x 128 programs, ~8 waves over 132 SMs."""
+
+    max_splits: int = 128
+    min_split_tiles: int = 4
+    tile_tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def splits_for(self, context_len: int) -> int:
+        """The splits of one sequence of `context_len` tokens (the kernels compute the same)."""
+        tiles = -(-context_len // self.tile_tokens)
+        tiles_per_split = max(self.min_split_tiles, -(-tiles // self.max_splits))
+        return -(-tiles // tiles_per_split)
+
+    def grid_splits(self, max_context_len: int) -> int:
+        """Programs per (sequence, KV head) that cover every length up to max_context_len (the
+        split count is not monotone in the length: past max_splits x min_split_tiles tiles it is
+        max_splits or a little less)."""
+        tiles = -(-max(max_context_len, 1) // self.tile_tokens)
+        return max(1, min(self.max_splits, -(-tiles // self.min_split_tiles)))
+
+
+DEFAULT_PLAN = DecodePlan()
+
+
+@triton.jit
+def _split_range(seq_len, split, max_splits, min_split_tiles, TILE: tl.constexpr):
+    """(first tile, end tile, splits) of `split` for a sequence of seq_len tokens: DecodePlan's rule."""
+    num_tiles = tl.cdiv(seq_len, TILE)
+    tiles_per_split = tl.maximum(min_split_tiles, tl.cdiv(num_tiles, max_splits))
+    first_tile = split * tiles_per_split
+    return first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles), tl.cdiv(num_tiles, tiles_per_split)
+
+
+@triton.jit
+def _tile_offsets(block_table_row, position, tokens, seq_len, stride_cache_block, stride_cache_token,
+                  BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    """(TILE,) element offsets of a tile's tokens in the layer cache, and which tokens exist."""
+    token = position + tokens
+    valid = token < seq_len
+    if BLOCK_SIZE >= TILE:  # the tile lies in one block: one table entry
+        block_id = tl.load(block_table_row + position // BLOCK_SIZE).to(tl.int64)
+        offsets = block_id * stride_cache_block + (position % BLOCK_SIZE + tokens) * stride_cache_token
+    else:  # one entry per token, a vector load (entries repeat: block_size tokens share one)
+        block_ids = tl.load(block_table_row + token // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offsets = block_ids * stride_cache_block + (token % BLOCK_SIZE) * stride_cache_token
+    return offsets, valid
 
 
 @triton.jit
 def _paged_decode_partials(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2, num_splits, head_dim,
+    scale_log2, grid_splits, max_splits, min_split_tiles, head_dim,
     stride_query_seq, stride_query_head,
     stride_cache_block, stride_cache_kv, stride_cache_token, stride_cache_head,
     stride_table_seq,
@@ -44,10 +103,7 @@ def _paged_decode_partials(
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_tiles = tl.cdiv(seq_len, TILE)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    first_tile = split * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    first_tile, end_tile, _ = _split_range(seq_len, split, max_splits, min_split_tiles, TILE)
 
     group_rows = tl.arange(0, BLOCK_HEADS)  # (BLOCK_HEADS,) query heads of this GQA group, padded
     heads = kv_head * GROUP + group_rows
@@ -63,18 +119,19 @@ def _paged_decode_partials(
     running_sum = tl.zeros([BLOCK_HEADS], tl.float32)
     accumulator = tl.zeros([BLOCK_HEADS, HEAD_DIM], tl.float32)
     tokens = tl.arange(0, TILE)
-    for tile in range(first_tile, last_tile):
-        position = tile * TILE
-        block_id = tl.load(block_table_ptr + seq * stride_table_seq + position // BLOCK_SIZE).to(tl.int64)
-        base = (cache_ptr + block_id * stride_cache_block + kv_head * stride_cache_head
-                + (position % BLOCK_SIZE + tokens[:, None]) * stride_cache_token + dims[None, :])
-        key = tl.load(base, mask=dim_mask[None, :], other=0.0)  # (TILE, HEAD_DIM)
-        value = tl.load(base + stride_cache_kv, mask=dim_mask[None, :], other=0.0)
+    head_base = cache_ptr + kv_head * stride_cache_head + dims[None, :]
+    table_row = block_table_ptr + seq * stride_table_seq
+    for tile in range(first_tile, end_tile):
+        offsets, valid = _tile_offsets(table_row, tile * TILE, tokens, seq_len, stride_cache_block,
+                                       stride_cache_token, BLOCK_SIZE, TILE)
+        load_mask = valid[:, None] & dim_mask[None, :]
+        key = tl.load(head_base + offsets[:, None], mask=load_mask, other=0.0)  # (TILE, HEAD_DIM)
+        value = tl.load(head_base + offsets[:, None] + stride_cache_kv, mask=load_mask, other=0.0)
         if UPCAST:
             key = key.to(tl.float32)
             value = value.to(tl.float32)
         scores = tl.dot(query, tl.trans(key)) * scale_log2  # (BLOCK_HEADS, TILE)
-        scores = tl.where((position + tokens < seq_len)[None, :], scores, float("-inf"))
+        scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))  # finite: a tile holds >= 1 valid token
         rescale = tl.exp2(running_max - new_max)
         probs = tl.exp2(scores - new_max[:, None])
@@ -82,76 +139,81 @@ def _paged_decode_partials(
         accumulator = accumulator * rescale[:, None] + tl.dot(probs.to(value.dtype), value)
         running_max = new_max
 
-    # Natural-log LSE; an empty split (-inf) gets weight 0 in the merge.
-    empty = running_sum == 0.0
-    lse = tl.where(empty, float("-inf"), (running_max + tl.log2(tl.where(empty, 1.0, running_sum))) / 1.4426950408889634)
-    out = accumulator / tl.where(empty, 1.0, running_sum)[:, None]
-    row = (seq * num_heads + heads) * num_splits + split  # (BLOCK_HEADS,)
-    tl.store(partial_lse_ptr + row, lse, mask=head_mask)
-    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
+    # A split past the sequence's last one writes nothing: the merge reads only the used splits.
+    used = first_tile < end_tile
+    store_rows = head_mask & (group_rows * 0 + first_tile < end_tile)  # (BLOCK_HEADS,): a vector mask
+    lse = (running_max + tl.log2(tl.where(used, running_sum, 1.0))) / 1.4426950408889634  # natural log
+    out = accumulator / tl.where(used, running_sum, 1.0)[:, None]
+    row = (seq * num_heads + heads) * grid_splits + split  # (BLOCK_HEADS,)
+    tl.store(partial_lse_ptr + row, lse, mask=store_rows)
+    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=store_rows[:, None])
 
 
 @triton.jit
 def _merge_partials(
-    partial_out_ptr, partial_lse_ptr, out_ptr, num_splits, head_dim,
+    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr, grid_splits, max_splits, min_split_tiles, head_dim,
     stride_out_seq, stride_out_head,
-    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """One (sequence, head): its used splits, CHUNK at a time in a fixed order (same bits whatever
+    the grid), weighted by exp(lse - max lse). No split (seq_len 0): output 0."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    row = seq * tl.num_programs(1) + head
-    splits = tl.arange(0, SPLITS)
-    split_mask = splits < num_splits
-    lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
-    largest = tl.max(lse, 0)
-    largest = tl.where(largest == float("-inf"), 0.0, largest)  # no key at all: every weight 0
-    weights = tl.exp(lse - largest)  # (SPLITS,)
-    total = tl.sum(weights, 0)
+    _, _, num_splits = _split_range(tl.load(seq_lens_ptr + seq), 0, max_splits, min_split_tiles, TILE)
+    first_row = (seq * tl.num_programs(1) + head) * grid_splits
+    chunk = tl.arange(0, CHUNK)
+    largest = tl.full([CHUNK], float("-inf"), tl.float32)
+    for start in range(0, num_splits, CHUNK):
+        lse = tl.load(partial_lse_ptr + first_row + start + chunk, mask=start + chunk < num_splits,
+                      other=float("-inf"))
+        largest = tl.maximum(largest, lse)
+    largest_lse = tl.max(largest, 0)
     dims = tl.arange(0, HEAD_DIM)
-    partials = tl.load(partial_out_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :],
-                       mask=split_mask[:, None], other=0.0)  # (SPLITS, HEAD_DIM)
-    out = tl.sum(partials * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    total = tl.zeros([CHUNK], tl.float32)
+    accumulator = tl.zeros([CHUNK, HEAD_DIM], tl.float32)
+    for start in range(0, num_splits, CHUNK):
+        in_range = start + chunk < num_splits
+        lse = tl.load(partial_lse_ptr + first_row + start + chunk, mask=in_range, other=float("-inf"))
+        weights = tl.where(in_range, tl.exp(lse - largest_lse), 0.0)  # (CHUNK,)
+        partials = tl.load(partial_out_ptr + (first_row + start + chunk[:, None]) * HEAD_DIM + dims[None, :],
+                           mask=in_range[:, None], other=0.0)  # (CHUNK, HEAD_DIM)
+        total += weights
+        accumulator += partials * weights[:, None]
+    out = tl.sum(accumulator, 0) / tl.maximum(tl.sum(total, 0), 1e-30)  # 0 / tiny = 0 for an idle row
     tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < head_dim)
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
-                      tile_tokens: int = _MAX_TILE_TOKENS) -> int:
-    """Splits per (sequence, KV head): enough programs for ~4 waves over the SMs, never more
-    splits than tiles of the longest context, at most 64 (the merge reads them all)."""
-    programs = num_seqs * num_kv_heads
-    wanted = -(-4 * num_sms // max(programs, 1))
-    tiles = max(1, -(-max_context_len // tile_tokens))
-    return max(1, min(wanted, tiles, _MAX_SPLITS))
-
-
 def paged_decode(query: torch.Tensor, layer_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+                 seq_lens: torch.Tensor, scale: float, max_context_len: int,
+                 plan: DecodePlan = DEFAULT_PLAN) -> torch.Tensor:
     """query (S, heads, head_dim), layer_cache (num_blocks, 2, block_size, kv_heads, head_dim),
-    block_table (S, max_blocks) int32/int64, seq_lens (S,) int32 (0: an idle row, output 0)
+    block_table (S, max_blocks) int32/int64, seq_lens (S,) int32 (0: an idle row, output 0), every
+    length <= max_context_len (a host-side bound: it sizes the grid, never the result)
     -> (S, heads, head_dim) in the query's dtype. No host sync: CUDA-graph safe."""
     _check_inputs(query, layer_cache, block_table, seq_lens)
     num_seqs, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     padded_dim = triton.next_power_of_2(head_dim)
-    partial_out = torch.empty(num_seqs, num_heads, num_splits, padded_dim, dtype=torch.float32,
+    grid_splits = plan.grid_splits(max_context_len)
+    partial_out = torch.empty(num_seqs, num_heads, grid_splits, padded_dim, dtype=torch.float32,
                               device=query.device)
-    partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty(num_seqs, num_heads, grid_splits, dtype=torch.float32, device=query.device)
     group = num_heads // num_kv_heads
-    _paged_decode_partials[(num_seqs, num_kv_heads, num_splits)](
+    _paged_decode_partials[(num_seqs, num_kv_heads, grid_splits)](
         query, layer_cache, block_table, seq_lens, partial_out, partial_lse,
-        scale * _LOG2_E, num_splits, head_dim,
+        scale * _LOG2_E, grid_splits, plan.max_splits, plan.min_split_tiles, head_dim,
         query.stride(0), query.stride(1),
         layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
         block_table.stride(0),
         GROUP=group, BLOCK_HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=padded_dim,
-        BLOCK_SIZE=block_size, TILE=min(block_size, _MAX_TILE_TOKENS), UPCAST=not query.is_cuda,
-        num_warps=4, num_stages=2,
+        BLOCK_SIZE=block_size, TILE=plan.tile_tokens, UPCAST=not query.is_cuda,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     out = torch.empty_like(query)
     _merge_partials[(num_seqs, num_heads)](
-        partial_out, partial_lse, out, num_splits, head_dim, out.stride(0), out.stride(1),
-        HEAD_DIM=padded_dim, SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
+        partial_out, partial_lse, seq_lens, out, grid_splits, plan.max_splits, plan.min_split_tiles, head_dim,
+        out.stride(0), out.stride(1), HEAD_DIM=padded_dim, TILE=plan.tile_tokens, CHUNK=_MERGE_CHUNK, num_warps=4,
     )
     return out
 
