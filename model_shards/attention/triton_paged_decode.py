@@ -38,10 +38,11 @@ _MERGE_CHUNK = 16  # splits merged per iteration: (16, head_dim) float32 partial
 class DecodePlan:
     """How the kernel cuts and runs a sequence: a tile is `tile_tokens` tokens; a split is at least
     `min_split_tiles` tiles (short contexts: few programs, each worth its start-up) and there are at
-    most `max_splits` of them (long contexts: a bounded merge). Tuned on an H200 (bench/gpu.py's
-    decode sweep): batch 1 x 8 KV heads at 128K tokens is 8 x 128 programs, ~8 waves over 132 SMs."""
+    most `max_splits` of them (long contexts: a bounded merge). Chosen on an H200 by bench/gpu.py's
+    decode sweep (docs/measurements/gpu_decode_sweep-H200.txt): at batch 1 x 8 KV heads, 64 splits
+    read 128K tokens at 1.02x the copy rate, 128 splits at 0.98x, 32K tokens at 0.82x vs 0.71x."""
 
-    max_splits: int = 128
+    max_splits: int = 64
     min_split_tiles: int = 4
     tile_tokens: int = 64
     num_warps: int = 4
