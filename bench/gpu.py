@@ -138,8 +138,8 @@ def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -
     model = model_cases.load_hf(model_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = {}
     for tokens in [t for t in args.lengths if t <= args.hf_max_tokens]:
-        estimate = args.layers * 3 * attention_estimate_s(tokens) + 5
         output_tokens = 32 if tokens <= 131072 else 0  # longer: TTFT only (a second prefill costs a minute)
+        estimate = args.layers * (3 if output_tokens else 1) * attention_estimate_s(tokens) + 10
         rows[tokens] = attempt(f"transformers {tokens}", deadline, estimate, model_cases.hf_single, model, tokens, device,
                                output_tokens)
     del model
