@@ -149,12 +149,13 @@ class DecodeCase:
             self.copies.append((cache, tables))
         self.seq_lens = torch.full((batch,), tokens, dtype=torch.int32, device=device)
         self.query = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
     def calls(self, plan) -> list:
         from model_shards.attention.triton_paged_decode import paged_decode
 
         return [lambda cache=cache, tables=tables: paged_decode(self.query, cache, tables, self.seq_lens,
-                                                                HEAD_DIM ** -0.5, self.tokens, plan)
+                                                                HEAD_DIM ** -0.5, self.tokens, plan, self.num_sms)
                 for cache, tables in self.copies]
 
     def rate(self, plan, repeats: int) -> dict:
@@ -174,7 +175,7 @@ def paged_decode_rate(batch: int, tokens: int, block_size: int, device: torch.de
 
 
 def sweep_plans() -> list:
-    """Split caps x tile sizes x warps x pipeline stages around the default plan."""
+    """Split caps x smallest splits x tile sizes x warps x pipeline stages (4 waves of programs)."""
     from model_shards.attention.triton_paged_decode import DecodePlan
 
     return [DecodePlan(max_splits=splits, min_split_tiles=min_tiles, tile_tokens=tile, num_warps=warps,

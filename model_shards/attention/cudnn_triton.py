@@ -21,6 +21,7 @@ from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, select_kerne
 # enough shapes for cuDNN's plan cache, large enough that each piece runs at full rate.
 PREFIX_QUANTUM_TOKENS = 1024
 _UNPLANNED_PREFERENCE = ("flash", "flash_expanded")
+_CPU_SMS = 4  # the interpreter runs programs one by one: few of them keep CPU tests quick
 
 
 class CudnnTritonBackend(AttentionBackend):
@@ -28,6 +29,7 @@ class CudnnTritonBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._kernels: dict[tuple, PrefillKernels] = {}  # per (device, dtype, heads, kv_heads, head_dim)
+        self._num_sms: dict[torch.device, int] = {}
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -45,9 +47,9 @@ class CudnnTritonBackend(AttentionBackend):
     def decode(self, query: torch.Tensor, layer_cache: torch.Tensor, metadata: AttentionMetadata,
                scale: float) -> torch.Tensor:
         """The first len(query) sequences of the step, one token each."""
-        count = query.shape[0]  # a CUDA graph's context_lens are max_model_len: a bigger grid, same bits
-        return paged_decode(query, layer_cache, metadata.block_table_tensor[:count],
-                            metadata.seq_lens_tensor[:count], scale, max(metadata.context_lens[:count]))
+        count = query.shape[0]  # a CUDA graph's context_lens are max_model_len: more slots, same bits
+        return paged_decode(query, layer_cache, metadata.block_table_tensor[:count], metadata.seq_lens_tensor[:count],
+                            scale, max(metadata.context_lens[:count]), num_sms=self.num_sms(query.device))
 
     def _prefill(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
@@ -57,6 +59,12 @@ class CudnnTritonBackend(AttentionBackend):
         block_ids = metadata.block_table_tensor[index, :metadata.num_blocks_of(index)]
         out[start:end] = chunk_attention(query[start:end], key[start:end], value[start:end], layer_cache,
                                          block_ids, prefix_len, scale, kernels)
+
+    def num_sms(self, device: torch.device) -> int:
+        if device not in self._num_sms:
+            self._num_sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                     if device.type == "cuda" else _CPU_SMS)
+        return self._num_sms[device]
 
     def _prefill_kernels(self, query: torch.Tensor, layer_cache: torch.Tensor) -> PrefillKernels:
         heads, head_dim = query.shape[1], query.shape[2]

@@ -6,11 +6,11 @@ them exactly; one sequence with a long context so still fills every SM. Each pro
 (sequence, KV head, split) and loads each K/V tile once for all the query heads of that KV head's
 GQA group (they are the rows of one tl.dot), so the cache is read once.
 
-How a sequence is split depends on its own length only (`DecodePlan`): the launch grid is just an
-upper bound, and programs past a sequence's splits do nothing. So a CUDA graph captured with a
-grid for `max_model_len` and an eager step sized for its actual lengths cut every sequence at the
-same places, reduce in the same order and agree bitwise; neither batch size nor padded rows change
-a sequence's result.
+How a sequence is split depends on its own length only (`DecodePlan`); which program computes a
+split, and how many programs share a head's splits, depend on the batch and the SM count. So a
+CUDA graph captured for `max_model_len` and an eager step sized for its actual lengths cut every
+sequence at the same places, reduce in the same order and agree bitwise; neither batch size nor
+padded rows change a sequence's result, and a big batch of short contexts launches no idle programs.
 
 The cache is the layer view of model_shards/kv_cache.py, (num_blocks, 2, block_size, kv_heads,
 head_dim) with any strides between blocks (the other layers sit there); the kernel reads the
@@ -40,13 +40,15 @@ class DecodePlan:
     `min_split_tiles` tiles (short contexts: few programs, each worth its start-up) and there are at
     most `max_splits` of them (long contexts: a bounded merge). Chosen on an H200 by bench/gpu.py's
     decode sweep (docs/measurements/gpu_decode_sweep-H200.txt): at batch 1 x 8 KV heads, 64 splits
-    read 128K tokens at 1.02x the copy rate, 128 splits at 0.98x, 32K tokens at 0.82x vs 0.71x."""
+    read 128K tokens at 1.02x the copy rate, 128 splits at 0.98x, 32K tokens at 0.82x vs 0.71x.
+    The launch aims at `waves` waves of programs over the SMs (programs_per_head)."""
 
     max_splits: int = 64
     min_split_tiles: int = 4
     tile_tokens: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    waves: int = 4
 
     def splits_for(self, context_len: int) -> int:
         """The splits of one sequence of `context_len` tokens (the kernels compute the same)."""
@@ -54,12 +56,22 @@ class DecodePlan:
         tiles_per_split = max(self.min_split_tiles, -(-tiles // self.max_splits))
         return -(-tiles // tiles_per_split)
 
-    def grid_splits(self, max_context_len: int) -> int:
-        """Programs per (sequence, KV head) that cover every length up to max_context_len (the
-        split count is not monotone in the length: past max_splits x min_split_tiles tiles it is
+    def split_slots(self, max_context_len: int) -> int:
+        """Partials per (sequence, head) that hold every length up to max_context_len (the split
+        count is not monotone in the length: past max_splits x min_split_tiles tiles it is
         max_splits or a little less)."""
         tiles = -(-max(max_context_len, 1) // self.tile_tokens)
         return max(1, min(self.max_splits, -(-tiles // self.min_split_tiles)))
+
+    def programs_per_head(self, max_context_len: int, num_seqs: int, num_kv_heads: int, num_sms: int | None) -> int:
+        """Programs per (sequence, KV head), each taking every n-th split: about `waves` waves over
+        the SMs, no more than there are split slots. A big batch so gets one program per head that
+        loops over its splits instead of a grid of mostly idle programs (a CUDA graph's bound is
+        max_model_len). Without an SM count: one program per slot."""
+        slots = self.split_slots(max_context_len)
+        if num_sms is None:
+            return slots
+        return max(1, min(slots, -(-self.waves * num_sms // max(1, num_seqs * num_kv_heads))))
 
 
 DEFAULT_PLAN = DecodePlan()
@@ -90,38 +102,16 @@ def _tile_offsets(block_table_row, position, tokens, seq_len, stride_cache_block
 
 
 @triton.jit
-def _paged_decode_partials(
-    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2, grid_splits, max_splits, min_split_tiles, head_dim,
-    stride_query_seq, stride_query_head,
-    stride_cache_block, stride_cache_kv, stride_cache_token, stride_cache_head,
-    stride_table_seq,
-    GROUP: tl.constexpr, BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * GROUP
-    seq_len = tl.load(seq_lens_ptr + seq)
-    first_tile, end_tile, _ = _split_range(seq_len, split, max_splits, min_split_tiles, TILE)
-
-    group_rows = tl.arange(0, BLOCK_HEADS)  # (BLOCK_HEADS,) query heads of this GQA group, padded
-    heads = kv_head * GROUP + group_rows
-    head_mask = group_rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    dim_mask = dims < head_dim
-    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
-                    mask=head_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_HEADS, HEAD_DIM)
-    if UPCAST:  # the interpreter multiplies bf16 as raw integers: compute in float32 there
-        query = query.to(tl.float32)
-
+def _attend_tiles(query, head_base, table_row, seq_len, first_tile, end_tile, scale_log2, dim_mask,
+                  stride_cache_block, stride_cache_kv, stride_cache_token,
+                  BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Online softmax over tiles [first_tile, end_tile) of one sequence and KV head: (natural-log
+    LSE (BLOCK_HEADS,), normalised output (BLOCK_HEADS, HEAD_DIM)); at least one tile."""
     running_max = tl.full([BLOCK_HEADS], float("-inf"), tl.float32)  # base-2 logits
     running_sum = tl.zeros([BLOCK_HEADS], tl.float32)
     accumulator = tl.zeros([BLOCK_HEADS, HEAD_DIM], tl.float32)
     tokens = tl.arange(0, TILE)
-    head_base = cache_ptr + kv_head * stride_cache_head + dims[None, :]
-    table_row = block_table_ptr + seq * stride_table_seq
     for tile in range(first_tile, end_tile):
         offsets, valid = _tile_offsets(table_row, tile * TILE, tokens, seq_len, stride_cache_block,
                                        stride_cache_token, BLOCK_SIZE, TILE)
@@ -139,29 +129,60 @@ def _paged_decode_partials(
         running_sum = running_sum * rescale + tl.sum(probs, 1)
         accumulator = accumulator * rescale[:, None] + tl.dot(probs.to(value.dtype), value)
         running_max = new_max
-
-    # A split past the sequence's last one writes nothing: the merge reads only the used splits.
-    used = first_tile < end_tile
-    store_rows = head_mask & (group_rows * 0 + first_tile < end_tile)  # (BLOCK_HEADS,): a vector mask
-    lse = (running_max + tl.log2(tl.where(used, running_sum, 1.0))) / 1.4426950408889634  # natural log
-    out = accumulator / tl.where(used, running_sum, 1.0)[:, None]
-    row = (seq * num_heads + heads) * grid_splits + split  # (BLOCK_HEADS,)
-    tl.store(partial_lse_ptr + row, lse, mask=store_rows)
-    tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=store_rows[:, None])
+    return (running_max + tl.log2(running_sum)) / 1.4426950408889634, accumulator / running_sum[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_slots"])  # one binary whatever the bound: same bits
+def _paged_decode_partials(
+    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
+    scale_log2, split_slots, max_splits, min_split_tiles, head_dim,
+    stride_query_seq, stride_query_head,
+    stride_cache_block, stride_cache_kv, stride_cache_token, stride_cache_head,
+    stride_table_seq,
+    GROUP: tl.constexpr, BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Program (seq, kv_head, p) computes splits p, p + P, p + 2P, ... of its sequence (P programs
+    per head); a split's result does not depend on which program computes it."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_heads = tl.num_programs(1) * GROUP
+    seq_len = tl.load(seq_lens_ptr + seq)
+    _, _, num_splits = _split_range(seq_len, 0, max_splits, min_split_tiles, TILE)
+
+    group_rows = tl.arange(0, BLOCK_HEADS)  # (BLOCK_HEADS,) query heads of this GQA group, padded
+    heads = kv_head * GROUP + group_rows
+    head_mask = group_rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    dim_mask = dims < head_dim
+    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
+                    mask=head_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_HEADS, HEAD_DIM)
+    if UPCAST:  # the interpreter multiplies bf16 as raw integers: compute in float32 there
+        query = query.to(tl.float32)
+    head_base = cache_ptr + kv_head * stride_cache_head + dims[None, :]
+    table_row = block_table_ptr + seq * stride_table_seq
+    for split in range(tl.program_id(2), num_splits, tl.num_programs(2)):
+        first_tile, end_tile, _ = _split_range(seq_len, split, max_splits, min_split_tiles, TILE)
+        lse, out = _attend_tiles(query, head_base, table_row, seq_len, first_tile, end_tile, scale_log2, dim_mask,
+                                 stride_cache_block, stride_cache_kv, stride_cache_token,
+                                 BLOCK_HEADS, HEAD_DIM, BLOCK_SIZE, TILE, UPCAST)
+        row = (seq * num_heads + heads) * split_slots + split  # (BLOCK_HEADS,)
+        tl.store(partial_lse_ptr + row, lse, mask=head_mask)
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
+
+
+@triton.jit(do_not_specialize=["split_slots"])
 def _merge_partials(
-    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr, grid_splits, max_splits, min_split_tiles, head_dim,
+    partial_out_ptr, partial_lse_ptr, seq_lens_ptr, out_ptr, split_slots, max_splits, min_split_tiles, head_dim,
     stride_out_seq, stride_out_head,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """One (sequence, head): its used splits, CHUNK at a time in a fixed order (same bits whatever
-    the grid), weighted by exp(lse - max lse). No split (seq_len 0): output 0."""
+    """One (sequence, head): its splits, CHUNK at a time in a fixed order (same bits whatever the
+    grid), weighted by exp(lse - max lse). No split (seq_len 0): output 0."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     _, _, num_splits = _split_range(tl.load(seq_lens_ptr + seq), 0, max_splits, min_split_tiles, TILE)
-    first_row = (seq * tl.num_programs(1) + head) * grid_splits
+    first_row = (seq * tl.num_programs(1) + head) * split_slots
     chunk = tl.arange(0, CHUNK)
     largest = tl.full([CHUNK], float("-inf"), tl.float32)
     for start in range(0, num_splits, CHUNK):
@@ -187,23 +208,24 @@ def _merge_partials(
 
 def paged_decode(query: torch.Tensor, layer_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, max_context_len: int,
-                 plan: DecodePlan = DEFAULT_PLAN) -> torch.Tensor:
+                 plan: DecodePlan = DEFAULT_PLAN, num_sms: int | None = None) -> torch.Tensor:
     """query (S, heads, head_dim), layer_cache (num_blocks, 2, block_size, kv_heads, head_dim),
     block_table (S, max_blocks) int32/int64, seq_lens (S,) int32 (0: an idle row, output 0), every
-    length <= max_context_len (a host-side bound: it sizes the grid, never the result)
-    -> (S, heads, head_dim) in the query's dtype. No host sync: CUDA-graph safe."""
+    length <= max_context_len; num_sms: the device's SM count (sizes the grid). max_context_len and
+    num_sms size buffers and the grid, never the result. -> (S, heads, head_dim) in the query's
+    dtype. No host sync: CUDA-graph safe."""
     _check_inputs(query, layer_cache, block_table, seq_lens)
     num_seqs, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     padded_dim = triton.next_power_of_2(head_dim)
-    grid_splits = plan.grid_splits(max_context_len)
-    partial_out = torch.empty(num_seqs, num_heads, grid_splits, padded_dim, dtype=torch.float32,
-                              device=query.device)
-    partial_lse = torch.empty(num_seqs, num_heads, grid_splits, dtype=torch.float32, device=query.device)
+    slots = plan.split_slots(max_context_len)
+    partial_out = torch.empty(num_seqs, num_heads, slots, padded_dim, dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty(num_seqs, num_heads, slots, dtype=torch.float32, device=query.device)
     group = num_heads // num_kv_heads
-    _paged_decode_partials[(num_seqs, num_kv_heads, grid_splits)](
+    programs = plan.programs_per_head(max_context_len, num_seqs, num_kv_heads, num_sms)
+    _paged_decode_partials[(num_seqs, num_kv_heads, programs)](
         query, layer_cache, block_table, seq_lens, partial_out, partial_lse,
-        scale * _LOG2_E, grid_splits, plan.max_splits, plan.min_split_tiles, head_dim,
+        scale * _LOG2_E, slots, plan.max_splits, plan.min_split_tiles, head_dim,
         query.stride(0), query.stride(1),
         layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
         block_table.stride(0),
@@ -213,7 +235,7 @@ def paged_decode(query: torch.Tensor, layer_cache: torch.Tensor, block_table: to
     )
     out = torch.empty_like(query)
     _merge_partials[(num_seqs, num_heads)](
-        partial_out, partial_lse, seq_lens, out, grid_splits, plan.max_splits, plan.min_split_tiles, head_dim,
+        partial_out, partial_lse, seq_lens, out, slots, plan.max_splits, plan.min_split_tiles, head_dim,
         out.stride(0), out.stride(1), HEAD_DIM=padded_dim, TILE=plan.tile_tokens, CHUNK=_MERGE_CHUNK, num_warps=4,
     )
     return out

@@ -81,15 +81,17 @@ def test_split_count_changes_only_rounding():
     assert relative_error(many, one) < 2e-3
 
 
-def test_grid_and_padding_do_not_change_a_bit():
-    """What a CUDA graph does to a step: a grid sized for max_model_len and idle rows after the
-    real ones. Each real row's output must be bitwise the eager one (splits by its own length)."""
+@pytest.mark.parametrize("num_sms", [None, 1, 3])  # a program per split slot, one looping over all, a few
+def test_grid_and_padding_do_not_change_a_bit(num_sms):
+    """What a CUDA graph does to a step: slots for max_model_len, idle rows after the real ones,
+    another batch size and so another number of programs per head. Each real row's output must be
+    bitwise the eager one (splits by its own length, whichever program computes them)."""
     lengths = [300, 17, 129]
-    decode_plan = plan(8, tile_tokens=16, min_split_tiles=2)
+    decode_plan = DecodePlan(max_splits=8, min_split_tiles=2, tile_tokens=16, waves=1)
     query, cache, tables, seq_lens = random_case(lengths + [0, 0], 16, 8, 2, 64, torch.float16, 11)
     eager = paged_decode(query[:3], cache, tables[:3], seq_lens[:3], 0.125, max(lengths), decode_plan)
-    graph_like = paged_decode(query, cache, tables, seq_lens, 0.125, 40 * 16, decode_plan)
-    assert decode_plan.grid_splits(max(lengths)) == 8 and decode_plan.grid_splits(17) == 1
+    graph_like = paged_decode(query, cache, tables, seq_lens, 0.125, 40 * 16, decode_plan, num_sms)
+    assert decode_plan.split_slots(max(lengths)) == 8 and decode_plan.split_slots(17) == 1
     assert torch.equal(graph_like[:3], eager)
     assert torch.equal(graph_like[3:], torch.zeros_like(graph_like[3:]))
 
@@ -115,9 +117,18 @@ def test_split_plan_depends_on_the_length_only_and_the_grid_covers_it():
     assert DEFAULT_PLAN.splits_for(8192) == 128 // DEFAULT_PLAN.min_split_tiles
     small = plan(5, tile_tokens=16, min_split_tiles=3)
     for bound in range(1, 2000, 7):
-        grid = small.grid_splits(bound)
-        assert max(small.splits_for(length) for length in range(bound + 1)) <= grid <= small.max_splits
-        assert grid == small.splits_for(bound) or bound > 16 * 3 * 5  # tight below the cap
+        slots = small.split_slots(bound)
+        assert max(small.splits_for(length) for length in range(bound + 1)) <= slots <= small.max_splits
+        assert slots == small.splits_for(bound) or bound > 16 * 3 * 5  # tight below the cap
+
+
+def test_programs_fill_the_sms_without_idle_ones():
+    one_million = 1 << 20
+    assert DEFAULT_PLAN.programs_per_head(one_million, 1, 8, 132) == 64  # 8 x 64 programs: ~4 waves
+    assert DEFAULT_PLAN.programs_per_head(one_million, 32, 8, 132) == 3  # 768 programs, ~21 splits each
+    assert DEFAULT_PLAN.programs_per_head(one_million, 256, 8, 132) == 1  # not 64 mostly idle ones
+    assert DEFAULT_PLAN.programs_per_head(1000, 1, 8, 132) == 4  # 16 tiles: 4 splits, 4 slots
+    assert DEFAULT_PLAN.programs_per_head(one_million, 1, 8, None) == 64
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
