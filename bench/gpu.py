@@ -140,8 +140,8 @@ def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -
     for tokens in [t for t in args.lengths if t <= args.hf_max_tokens]:
         output_tokens = 32 if tokens <= 131072 else 0  # longer: TTFT only (a second prefill costs a minute)
         estimate = args.layers * (3 if output_tokens else 1) * attention_estimate_s(tokens) + 10
-        rows[tokens] = attempt(f"transformers {tokens}", deadline, estimate, model_cases.hf_single, model, tokens, device,
-                               output_tokens)
+        rows[tokens] = attempt(f"transformers {tokens}", deadline, estimate, model_cases.hf_single, model, tokens,
+                               device, output_tokens)
     del model
     cases.free_memory()
     return rows

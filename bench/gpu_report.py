@@ -79,7 +79,8 @@ def decode_sweep_lines(report: dict) -> list[str]:
     from model_shards.attention.triton_paged_decode import DEFAULT_PLAN
 
     copy = _get(report, "copy", "GBps")
-    lines = [f"paged decode plans, one layer (device time per call; copy {_fmt(copy, '.0f')} GB/s); default {DEFAULT_PLAN}"]
+    lines = [f"paged decode plans, one layer (device time per call; copy {_fmt(copy, '.0f')} GB/s); "
+             f"default {DEFAULT_PLAN}"]
     keys = ("max_splits", "min_split_tiles", "tile_tokens", "num_warps", "num_stages")
     for case, rows in (report.get("decode_sweep") or {}).items():
         if not isinstance(rows, list):
@@ -144,7 +145,8 @@ def goal_lines(report: dict, lengths: list[int], batches: list[int], layers: int
             checks.append((f"paged decode KV read >= 85% of copy at {tokens}, batch {batch}",
                            rate and copy and rate / copy, 0.85))
     for tokens in long:
-        hf_ttft, ttft = _get(report, "transformers", tokens, "ttft_s"), _get(report, "engine", tokens, "single", "ttft_s")
+        hf_ttft = _get(report, "transformers", tokens, "ttft_s")
+        ttft = _get(report, "engine", tokens, "single", "ttft_s")
         hf_oom = ttft and _get(report, "transformers", tokens, "error") == "out of memory"
         checks.append((f"TTFT >= 5x faster than transformers at {tokens} (or it runs out of memory where we don't)",
                        float("inf") if hf_oom else (hf_ttft and ttft and hf_ttft / ttft), 5.0))
