@@ -6,11 +6,12 @@ them exactly; one sequence with a long context so still fills every SM. Each pro
 (sequence, KV head, split) and loads each K/V tile once for all the query heads of that KV head's
 GQA group (they are the rows of one tl.dot), so the cache is read once.
 
-How a sequence is split depends on its own length only (`DecodePlan`); which program computes a
-split, and how many programs share a head's splits, depend on the batch and the SM count. So a
-CUDA graph captured for `max_model_len` and an eager step sized for its actual lengths cut every
-sequence at the same places, reduce in the same order and agree bitwise; neither batch size nor
-padded rows change a sequence's result, and a big batch of short contexts launches no idle programs.
+How a sequence is split depends on its own length only (`DecodePlan`). Every (sequence, split)
+is a work item; about four waves of programs per KV head take the items in turn, so a long
+context among short ones spreads over every program, and a big batch of short contexts (a CUDA
+graph's buffers are sized for `max_model_len`) launches no idle programs. Which program computes a
+split changes nothing in it: a CUDA graph and an eager step cut every sequence at the same
+places, reduce in the same order and agree bitwise, whatever the batch size and padded rows.
 
 The cache is the layer view of model_shards/kv_cache.py, (num_blocks, 2, block_size, kv_heads,
 head_dim) with any strides between blocks (the other layers sit there); the kernel reads the
@@ -32,6 +33,7 @@ from model_shards.attention.triton_runtime import tl, triton
 
 _LOG2_E = 1.4426950408889634
 _MERGE_CHUNK = 16  # splits merged per iteration: (16, head_dim) float32 partials in registers
+_SEQ_CHUNK = 64  # sequence lengths read per vector load when a program looks up its work item
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class DecodePlan:
     most `max_splits` of them (long contexts: a bounded merge). Chosen on an H200 by bench/gpu.py's
     decode sweep (docs/measurements/gpu_decode_sweep-H200.txt): at batch 1 x 8 KV heads, 64 splits
     read 128K tokens at 1.02x the copy rate, 128 splits at 0.98x, 32K tokens at 0.82x vs 0.71x.
-    The launch aims at `waves` waves of programs over the SMs (programs_per_head)."""
+    The launch aims at `waves` waves of programs over the SMs (programs_per_kv_head)."""
 
     max_splits: int = 64
     min_split_tiles: int = 4
@@ -63,15 +65,14 @@ class DecodePlan:
         tiles = -(-max(max_context_len, 1) // self.tile_tokens)
         return max(1, min(self.max_splits, -(-tiles // self.min_split_tiles)))
 
-    def programs_per_head(self, max_context_len: int, num_seqs: int, num_kv_heads: int, num_sms: int | None) -> int:
-        """Programs per (sequence, KV head), each taking every n-th split: about `waves` waves over
-        the SMs, no more than there are split slots. A big batch so gets one program per head that
-        loops over its splits instead of a grid of mostly idle programs (a CUDA graph's bound is
-        max_model_len). Without an SM count: one program per slot."""
-        slots = self.split_slots(max_context_len)
+    def programs_per_kv_head(self, max_context_len: int, num_seqs: int, num_kv_heads: int,
+                             num_sms: int | None) -> int:
+        """Programs per KV head: about `waves` waves over the SMs, no more than the (sequence,
+        split) items there can be. Without an SM count: one program per possible item."""
+        items = max(1, num_seqs) * self.split_slots(max_context_len)
         if num_sms is None:
-            return slots
-        return max(1, min(slots, -(-self.waves * num_sms // max(1, num_seqs * num_kv_heads))))
+            return items
+        return max(1, min(items, -(-self.waves * num_sms // num_kv_heads)))
 
 
 DEFAULT_PLAN = DecodePlan()
@@ -87,21 +88,6 @@ def _split_range(seq_len, split, max_splits, min_split_tiles, TILE: tl.constexpr
 
 
 @triton.jit
-def _tile_offsets(block_table_row, position, tokens, seq_len, stride_cache_block, stride_cache_token,
-                  BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
-    """(TILE,) element offsets of a tile's tokens in the layer cache, and which tokens exist."""
-    token = position + tokens
-    valid = token < seq_len
-    if BLOCK_SIZE >= TILE:  # the tile lies in one block: one table entry
-        block_id = tl.load(block_table_row + position // BLOCK_SIZE).to(tl.int64)
-        offsets = block_id * stride_cache_block + (position % BLOCK_SIZE + tokens) * stride_cache_token
-    else:  # one entry per token, a vector load (entries repeat: block_size tokens share one)
-        block_ids = tl.load(block_table_row + token // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offsets = block_ids * stride_cache_block + (token % BLOCK_SIZE) * stride_cache_token
-    return offsets, valid
-
-
-@triton.jit
 def _attend_tiles(query, head_base, table_row, seq_len, first_tile, end_tile, scale_log2, dim_mask,
                   stride_cache_block, stride_cache_kv, stride_cache_token,
                   BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
@@ -113,8 +99,16 @@ def _attend_tiles(query, head_base, table_row, seq_len, first_tile, end_tile, sc
     accumulator = tl.zeros([BLOCK_HEADS, HEAD_DIM], tl.float32)
     tokens = tl.arange(0, TILE)
     for tile in range(first_tile, end_tile):
-        offsets, valid = _tile_offsets(table_row, tile * TILE, tokens, seq_len, stride_cache_block,
-                                       stride_cache_token, BLOCK_SIZE, TILE)
+        # (TILE,) offsets of the tile's tokens in the layer cache (inline: the interpreter pays
+        # for every nested call, and this runs per tile)
+        token = tile * TILE + tokens
+        valid = token < seq_len
+        if BLOCK_SIZE >= TILE:  # the tile lies in one block: one table entry
+            block_id = tl.load(table_row + tile * TILE // BLOCK_SIZE).to(tl.int64)
+            offsets = block_id * stride_cache_block + (tile * TILE % BLOCK_SIZE + tokens) * stride_cache_token
+        else:  # one entry per token, a vector load (entries repeat: block_size tokens share one)
+            block_ids = tl.load(table_row + token // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            offsets = block_ids * stride_cache_block + (token % BLOCK_SIZE) * stride_cache_token
         load_mask = valid[:, None] & dim_mask[None, :]
         key = tl.load(head_base + offsets[:, None], mask=load_mask, other=0.0)  # (TILE, HEAD_DIM)
         value = tl.load(head_base + offsets[:, None] + stride_cache_kv, mask=load_mask, other=0.0)
@@ -132,40 +126,66 @@ def _attend_tiles(query, head_base, table_row, seq_len, first_tile, end_tile, sc
     return (running_max + tl.log2(running_sum)) / 1.4426950408889634, accumulator / running_sum[:, None]
 
 
-@triton.jit(do_not_specialize=["split_slots"])  # one binary whatever the bound: same bits
+@triton.jit
+def _locate_item(item, seq_lens_ptr, num_seqs, max_splits, min_split_tiles, TILE: tl.constexpr,
+                 SEQ_CHUNK: tl.constexpr):
+    """(sequence, split) of work item `item`, items numbered sequence by sequence; also the total
+    number of items. Reads the lengths SEQ_CHUNK at a time (a vector each), whatever the batch."""
+    rows = tl.arange(0, SEQ_CHUNK)
+    seq = tl.full([], 0, tl.int32)
+    first_item = tl.full([], 0, tl.int32)
+    items_before = tl.full([], 0, tl.int32)
+    for start in range(0, num_seqs, SEQ_CHUNK):
+        lens = tl.load(seq_lens_ptr + start + rows, mask=start + rows < num_seqs, other=0)
+        tiles = tl.cdiv(lens, TILE)  # DecodePlan.splits_for, inline (a vector of lengths)
+        splits = tl.cdiv(tiles, tl.maximum(min_split_tiles, tl.cdiv(tiles, max_splits)))  # (SEQ_CHUNK,)
+        ends = items_before + tl.cumsum(splits, 0)  # each sequence's items end here
+        done = ends <= item  # sequences wholly before the item
+        seq += tl.sum(done.to(tl.int32), 0)
+        first_item = tl.maximum(first_item, tl.max(tl.where(done, ends, 0), 0))
+        items_before += tl.sum(splits, 0)
+    return seq, item - first_item, items_before
+
+
+@triton.jit(do_not_specialize=["num_seqs", "split_slots"])  # one binary for every batch: same bits
 def _paged_decode_partials(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    scale_log2, split_slots, max_splits, min_split_tiles, head_dim,
+    scale_log2, num_seqs, split_slots, max_splits, min_split_tiles, head_dim,
     stride_query_seq, stride_query_head,
     stride_cache_block, stride_cache_kv, stride_cache_token, stride_cache_head,
     stride_table_seq,
     GROUP: tl.constexpr, BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, SEQ_CHUNK: tl.constexpr,
 ):
-    """Program (seq, kv_head, p) computes splits p, p + P, p + 2P, ... of its sequence (P programs
-    per head); a split's result does not depend on which program computes it."""
-    seq = tl.program_id(0)
+    """Program (p, kv_head) computes work items p, p + P, p + 2P, ... of that KV head (P programs):
+    item i is split i - first of its sequence, items numbered sequence by sequence. Every split
+    of every sequence is one item, so a long context among short ones spreads over all programs
+    and none idles; a split's result does not depend on which program computes it."""
+    program = tl.program_id(0)
     kv_head = tl.program_id(1)
+    num_programs = tl.num_programs(0)
     num_heads = tl.num_programs(1) * GROUP
-    seq_len = tl.load(seq_lens_ptr + seq)
-    _, _, num_splits = _split_range(seq_len, 0, max_splits, min_split_tiles, TILE)
+    _, _, num_items = _locate_item(0, seq_lens_ptr, num_seqs, max_splits, min_split_tiles, TILE, SEQ_CHUNK)
 
     group_rows = tl.arange(0, BLOCK_HEADS)  # (BLOCK_HEADS,) query heads of this GQA group, padded
     heads = kv_head * GROUP + group_rows
     head_mask = group_rows < GROUP
     dims = tl.arange(0, HEAD_DIM)
     dim_mask = dims < head_dim
-    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
-                    mask=head_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_HEADS, HEAD_DIM)
-    if UPCAST:  # the interpreter multiplies bf16 as raw integers: compute in float32 there
-        query = query.to(tl.float32)
     head_base = cache_ptr + kv_head * stride_cache_head + dims[None, :]
-    table_row = block_table_ptr + seq * stride_table_seq
-    for split in range(tl.program_id(2), num_splits, tl.num_programs(2)):
-        first_tile, end_tile, _ = _split_range(seq_len, split, max_splits, min_split_tiles, TILE)
-        lse, out = _attend_tiles(query, head_base, table_row, seq_len, first_tile, end_tile, scale_log2, dim_mask,
-                                 stride_cache_block, stride_cache_kv, stride_cache_token,
-                                 BLOCK_HEADS, HEAD_DIM, BLOCK_SIZE, TILE, UPCAST)
+    for item in range(program, num_items, num_programs):
+        seq, split, _ = _locate_item(item, seq_lens_ptr, num_seqs, max_splits, min_split_tiles, TILE, SEQ_CHUNK)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
+                        mask=head_mask[:, None] & dim_mask[None, :], other=0.0)  # (BLOCK_HEADS, HEAD_DIM)
+        if UPCAST:  # the interpreter multiplies bf16 as raw integers: compute in float32 there
+            query = query.to(tl.float32)
+        tiles_per_split = tl.maximum(min_split_tiles, tl.cdiv(tl.cdiv(seq_len, TILE), max_splits))  # as _split_range
+        first_tile = split * tiles_per_split
+        end_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(seq_len, TILE))
+        lse, out = _attend_tiles(query, head_base, block_table_ptr + seq * stride_table_seq, seq_len, first_tile,
+                                 end_tile, scale_log2, dim_mask, stride_cache_block, stride_cache_kv,
+                                 stride_cache_token, BLOCK_HEADS, HEAD_DIM, BLOCK_SIZE, TILE, UPCAST)
         row = (seq * num_heads + heads) * split_slots + split  # (BLOCK_HEADS,)
         tl.store(partial_lse_ptr + row, lse, mask=head_mask)
         tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
@@ -222,15 +242,15 @@ def paged_decode(query: torch.Tensor, layer_cache: torch.Tensor, block_table: to
     partial_out = torch.empty(num_seqs, num_heads, slots, padded_dim, dtype=torch.float32, device=query.device)
     partial_lse = torch.empty(num_seqs, num_heads, slots, dtype=torch.float32, device=query.device)
     group = num_heads // num_kv_heads
-    programs = plan.programs_per_head(max_context_len, num_seqs, num_kv_heads, num_sms)
-    _paged_decode_partials[(num_seqs, num_kv_heads, programs)](
+    programs = plan.programs_per_kv_head(max_context_len, num_seqs, num_kv_heads, num_sms)
+    _paged_decode_partials[(programs, num_kv_heads)](
         query, layer_cache, block_table, seq_lens, partial_out, partial_lse,
-        scale * _LOG2_E, slots, plan.max_splits, plan.min_split_tiles, head_dim,
+        scale * _LOG2_E, num_seqs, slots, plan.max_splits, plan.min_split_tiles, head_dim,
         query.stride(0), query.stride(1),
         layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
         block_table.stride(0),
         GROUP=group, BLOCK_HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=padded_dim,
-        BLOCK_SIZE=block_size, TILE=plan.tile_tokens, UPCAST=not query.is_cuda,
+        BLOCK_SIZE=block_size, TILE=plan.tile_tokens, UPCAST=not query.is_cuda, SEQ_CHUNK=_SEQ_CHUNK,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     out = torch.empty_like(query)

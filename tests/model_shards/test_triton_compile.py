@@ -19,10 +19,10 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTIAL_ARGS = ["query_ptr", "cache_ptr", "block_table_ptr", "seq_lens_ptr", "partial_out_ptr", "partial_lse_ptr",
-                "scale_log2", "split_slots", "max_splits", "min_split_tiles", "head_dim", "stride_query_seq",
+                "scale_log2", "num_seqs", "split_slots", "max_splits", "min_split_tiles", "head_dim", "stride_query_seq",
                 "stride_query_head", "stride_cache_block", "stride_cache_kv", "stride_cache_token",
                 "stride_cache_head", "stride_table_seq"]
-PARTIAL_TYPES = ["*bf16", "*bf16", "*i32", "*i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 11
+PARTIAL_TYPES = ["*bf16", "*bf16", "*i32", "*i32", "*fp32", "*fp32", "fp32"] + ["i32"] * 12
 MERGE_ARGS = ["partial_out_ptr", "partial_lse_ptr", "seq_lens_ptr", "out_ptr", "split_slots", "max_splits",
               "min_split_tiles", "head_dim", "stride_out_seq", "stride_out_head"]
 MERGE_TYPES = ["*fp32", "*fp32", "*i32", "*bf16"] + ["i32"] * 6
@@ -46,7 +46,7 @@ def compile_all() -> None:
     plan = decode.DEFAULT_PLAN
     for block_size in (16, 64, 256):  # several blocks a tile, one, part of one
         constexprs = {"GROUP": 4, "BLOCK_HEADS": 16, "HEAD_DIM": 128, "BLOCK_SIZE": block_size,
-                      "TILE": plan.tile_tokens, "UPCAST": False}
+                      "TILE": plan.tile_tokens, "UPCAST": False, "SEQ_CHUNK": decode._SEQ_CHUNK}
         shared = _compile(decode._paged_decode_partials, PARTIAL_ARGS, PARTIAL_TYPES, constexprs,
                           num_warps=plan.num_warps, num_stages=plan.num_stages)
         print(f"partials block {block_size}: {shared} bytes of shared memory")

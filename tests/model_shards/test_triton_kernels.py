@@ -66,7 +66,7 @@ def test_paged_decode_matches_reference(dtype, block_size, heads, kv_heads, head
     lengths = [1, block_size, 2 * block_size + 3, 5 * block_size - 1, 0]  # 0: an idle (padded) row
     query, cache, tables, seq_lens = random_case(lengths, block_size, heads, kv_heads, head_dim, dtype,
                                                  block_size * heads + decode_plan.max_splits)
-    out = paged_decode(query, cache, tables, seq_lens, head_dim ** -0.5, max(lengths), decode_plan)
+    out = paged_decode(query, cache, tables, seq_lens, head_dim ** -0.5, max(lengths), decode_plan, num_sms=4)
     ref = paged_decode_reference(query, cache, tables, seq_lens, head_dim ** -0.5)
     assert out.dtype == dtype and out.shape == query.shape
     assert relative_error(out, ref) < TOLERANCE[dtype]
@@ -124,11 +124,27 @@ def test_split_plan_depends_on_the_length_only_and_the_grid_covers_it():
 
 def test_programs_fill_the_sms_without_idle_ones():
     one_million = 1 << 20
-    assert DEFAULT_PLAN.programs_per_head(one_million, 1, 8, 132) == 64  # 8 x 64 programs: ~4 waves
-    assert DEFAULT_PLAN.programs_per_head(one_million, 32, 8, 132) == 3  # 768 programs, ~21 splits each
-    assert DEFAULT_PLAN.programs_per_head(one_million, 256, 8, 132) == 1  # not 64 mostly idle ones
-    assert DEFAULT_PLAN.programs_per_head(1000, 1, 8, 132) == 4  # 16 tiles: 4 splits, 4 slots
-    assert DEFAULT_PLAN.programs_per_head(one_million, 1, 8, None) == 64
+    assert DEFAULT_PLAN.programs_per_kv_head(one_million, 1, 8, 132) == 64  # 64 items: one each
+    assert DEFAULT_PLAN.programs_per_kv_head(one_million, 32, 8, 132) == 66  # 8 x 66: ~4 waves
+    assert DEFAULT_PLAN.programs_per_kv_head(one_million, 256, 8, 132) == 66  # not 256 x 64 mostly idle
+    assert DEFAULT_PLAN.programs_per_kv_head(1000, 1, 8, 132) == 4  # 16 tiles: 4 splits
+    assert DEFAULT_PLAN.programs_per_kv_head(one_million, 2, 8, None) == 128
+
+
+def test_many_sequences_of_mixed_lengths():
+    """More sequences than one vector of lengths (64) and a long context among short ones: every
+    (sequence, split) item found by whichever program takes it."""
+    lengths = [1 + (7 * i) % 16 for i in range(69)] + [0, 620]
+    generator = torch.Generator().manual_seed(5)
+    cache = layer_view(160, 16, 1, 64, torch.float16, generator)
+    tables = random_tables(lengths, 160, 16, generator)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(len(lengths), 2, 64, generator=generator).to(dtype=torch.float16, device=DEVICE)
+    decode_plan = DecodePlan(max_splits=8, min_split_tiles=1, tile_tokens=16, waves=3)
+    out = paged_decode(query, cache, tables, seq_lens, 0.125, 620, decode_plan, num_sms=3)  # 9 programs
+    ref = paged_decode_reference(query, cache, tables, seq_lens, 0.125)
+    assert relative_error(out, ref) < TOLERANCE[torch.float16]
+    assert torch.equal(out[69], torch.zeros_like(out[69]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
