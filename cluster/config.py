@@ -260,7 +260,8 @@ class KVTierSettings(_Frozen):
     )
     restore_margin: float = Field(
         0.1, ge=0, description="cost policy: restore only when estimated restore time x (1 + this) is below the "
-        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more)."
+        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more); "
+        "recompute a head while fetching the rest only when that beats restoring the whole run by as much."
     )
     calibration_budget_s: float = Field(
         3.0, ge=0, description="At start-up, time a few prefill steps and host<->device and Redis transfers on "

@@ -158,7 +158,8 @@ class RedisPrefetcher:
                 self.host.pin((slot,))
                 state.pinned.append(slot)
             if not state.waiting and state.num_fetching:
-                self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started)
+                self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started,
+                                                overlapped=state.head_blocks > 0)
                 state.num_fetching = 0
         self.host.unpin((slot,))  # the fetch's own reference; a missed slot goes back empty
 
