@@ -73,10 +73,7 @@ _MIN_SAMPLE_BYTES = 64 << 10
 _INITIAL_STEP_S = 2e-3
 _INITIAL_LOAD_S = 1e-4
 _INITIAL_FETCH_S = 2e-3
-_INITIAL_CONTEXT_S = 1e-3  # extra for a chunk with context: gathers and merges
-# A fetch beside a head's prefill against the same fetch alone, until a split measures it: the
-# H200 host's 1.9 / 1.15 GB/s, rounded down (the start-up probe does not measure it).
-_INITIAL_OVERLAP = 1.5
+_INITIAL_CONTEXT_S = 1e-4  # extra for a chunk with context: gathers and merges
 
 
 class Ema:
@@ -159,7 +156,7 @@ class RestoreCostModel:
         self.host_load = LinearEstimate((_INITIAL_LOAD_S, 1.0 / settings.initial_host_bandwidth_bytes_per_s), alpha)
         self.redis_fetch = LinearEstimate((_INITIAL_FETCH_S, 1.0 / settings.initial_redis_bandwidth_bytes_per_s),
                                           alpha)
-        self.overlap = LinearEstimate((_INITIAL_OVERLAP,), alpha)  # a split's fetch against the same fetch alone
+        self.overlap = LinearEstimate((settings.initial_split_fetch_slowdown,), alpha)  # beside a head / alone
         # What each path measured (metrics only: the estimates above decide).
         self.bandwidth = {path: Ema(0.0, alpha) for path in (DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS,
                                                              REDIS_TO_HOST)}

@@ -290,7 +290,8 @@ def test_a_block_evicted_between_probe_and_fetch_ends_the_restored_run():
 
 # A block (4 tokens) takes 1 ms to compute and 1 ms to fetch, a step or a prefetch 2 ms more:
 # restoring 8 blocks is fastest as 4 recomputed while the other 4 are fetched.
-SPLIT = {"initial_prefill_tokens_per_s": 4000.0, "initial_redis_bandwidth_bytes_per_s": 1e6}
+SPLIT = {"initial_prefill_tokens_per_s": 4000.0, "initial_redis_bandwidth_bytes_per_s": 1e6,
+         "initial_split_fetch_slowdown": 1.0}
 
 
 def test_a_redis_restore_recomputes_the_head_while_the_rest_is_fetched():
@@ -398,8 +399,10 @@ def test_host_overflow_writes_back_only_blocks_redis_lacks():
 
 
 def test_random_traffic_with_aborts_restores_exactly_and_leaks_nothing():
-    """1,000 requests over shared documents, random aborts, flaky and slow Redis, tiny pools."""
-    traffic = RandomTraffic(num_blocks=24, host_slots=12, document_tokens=36)
+    """1,000 requests over shared documents, random aborts, flaky and slow Redis, tiny pools.
+    Every step takes 10 ms here, so a cost policy would rightly recompute these 9-block documents
+    (a Redis restore's own step costs as much as their two): restores are forced."""
+    traffic = RandomTraffic(num_blocks=24, host_slots=12, document_tokens=36, restore_policy="always")
     traffic.run(1000)
     registry = traffic.tiers.metrics.registry
     for tier in ("device", "host", "redis"):  # every tier served some prefix
@@ -418,12 +421,13 @@ def test_random_traffic_whose_restores_recompute_a_head_and_pause_is_exact_too()
 
 
 class RandomTraffic:
-    def __init__(self, num_blocks: int, host_slots: int, document_tokens: int, speeds: dict | None = None):
+    def __init__(self, num_blocks: int, host_slots: int, document_tokens: int, speeds: dict | None = None,
+                 restore_policy: str = "cost"):
         self.rng, self.clock, self.speeds = random.Random(1234), FakeClock(), speeds
         self.num_blocks, self.document_tokens = num_blocks, document_tokens
         self.scheduler, self.tiers = make_system(num_blocks=num_blocks, host_slots=host_slots, budget=24,
                                                  clock=self.clock, restore_timeout_s=0.02, redis_write_through=True,
-                                                 **(speeds or {}))
+                                                 restore_policy=restore_policy, **(speeds or {}))
         self.worker = ShadowWorker(self.scheduler, self.rng, fetch_hit_rate=0.9, max_fetch_delay=3)
         self.max_tokens: dict[str, int] = {}
         self.documents = [[self.rng.randrange(1000) for _ in range(document_tokens)] for _ in range(6)]
