@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "cpus: $(nproc)"
 stamp() { echo "[$(date +%T)] $*"; }
 stamp restore_policy
-timeout ${POLICY_S:-175} python3 bench/restore_policy.py --device cuda 2>&1 | tee "$OUT/restore_policy.txt"
+timeout ${POLICY_S:-160} python3 bench/restore_policy.py --device cuda --repeats 2 2>&1 | tee "$OUT/restore_policy.txt"
 stamp redis_scaling
-timeout ${SCALING_S:-95} python3 bench/redis_scaling.py --device cuda 2>&1 | tee "$OUT/redis_scaling.txt"
+timeout ${SCALING_S:-75} python3 bench/redis_scaling.py --device cuda 2>&1 | tee "$OUT/redis_scaling.txt"
 stamp done
