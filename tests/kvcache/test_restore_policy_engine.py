@@ -5,6 +5,7 @@ fetched, whose outputs must equal recomputing everything."""
 from __future__ import annotations
 
 import logging
+import re
 
 from test_tiers_engine import GREEDY, make_engine, reference  # noqa: F401 (a fixture)
 from tier_helpers import document, metric
@@ -26,6 +27,8 @@ def test_the_engine_calibrates_its_estimates_at_start_and_logs_them(tier_model_d
         engine = cost_engine(tier_model_dir, redis_server.url, budget=512, calibration_budget_s=60.0)
     assert "restore estimates calibrated" in caplog.text and "a Redis restore wins from" in caplog.text
     assert "(5 prefill steps, 4 transfers" in caplog.text  # a block, half a chunk, three chunks
+    round_trip_ms = float(re.search(r"a step round trip ([0-9.]+) ms", caplog.text).group(1))
+    assert round_trip_ms > 0  # a probe answered through engine steps
     cost = engine.kv_cache.tiers.cost
     assert cost.prefill.coefficients[0] != _INITIAL_STEP_S and cost.redis_fetch.coefficients[0] != _INITIAL_FETCH_S
     assert cost.prefill.num_observations == 0  # priors: the first request still corrects them at once
