@@ -48,7 +48,10 @@ LLAMA_BYTES_PER_TOKEN_LAYER = 2 * 8 * 128 * 2  # K and V, 8 heads of 128, bf16: 
 
 
 class ChunkedRespConnection(RespConnection):
-    """Session 3's receive: as many recv calls as the server's writes (for comparison only)."""
+    """Session 3's receive: as many recv calls as the data arrives in (for comparison only);
+    counts them."""
+
+    receives = 0
 
     def _read_exact_into(self, view: memoryview) -> None:
         buffered = min(len(view), self._end - self._start)
@@ -57,15 +60,17 @@ class ChunkedRespConnection(RespConnection):
         filled = buffered
         while filled < len(view):
             filled += self.sock.recv_into(view[filled:])
+            self.receives += 1
 
 
 # --- raw readers ----------------------------------------------------------------------------
 def read_keys(port: int, keys: list[bytes], value_bytes: int, threads: int, chunked: bool,
-              pipeline: int = 2) -> None:
-    """GET every key over `threads` connections (pipelines of `pipeline`), into reused buffers."""
+              pipeline: int = 2) -> int:
+    """GET every key over `threads` connections (pipelines of `pipeline`), into reused buffers;
+    the receives a chunked reader made for value bodies (0 otherwise)."""
     kind = ChunkedRespConnection if chunked else RespConnection
 
-    def worker(share: list[bytes]) -> None:
+    def worker(share: list[bytes]) -> int:
         connection = kind({"host": "127.0.0.1", "port": port}, 30.0)
         if chunked:
             connection.sock.settimeout(30.0)  # a Python timeout: non-blocking underneath
@@ -73,9 +78,10 @@ def read_keys(port: int, keys: list[bytes], value_bytes: int, threads: int, chun
         for start in range(0, len(share), pipeline):
             connection.get_many(share[start : start + pipeline], lambda index, length: buffer[:length])
         connection.close()
+        return getattr(connection, "receives", 0)
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(worker, [keys[i::threads] for i in range(threads)]))
+        return sum(pool.map(worker, [keys[i::threads] for i in range(threads)]))
 
 
 def _process_main(port: int, keys: list[bytes], value_bytes: int, threads: int, barrier, stamps) -> None:
@@ -118,9 +124,11 @@ def fill_servers(ports: list[int], total_bytes: int, value_bytes: int) -> dict[i
 
 
 def threads_in_parallel(ports: list[int], keys: dict[int, list[bytes]], value_bytes: int, threads: int,
-                        chunked: bool) -> None:
+                        chunked: bool, receives: list[int]) -> None:
+    """Every server's keys read at once, `threads` threads each; appends the receives made."""
     with ThreadPoolExecutor(len(ports)) as pool:
-        list(pool.map(lambda port: read_keys(port, keys[port], value_bytes, threads, chunked), ports))
+        receives.append(sum(pool.map(lambda port: read_keys(port, keys[port], value_bytes, threads, chunked),
+                                     ports)))
 
 
 # --- table 1: shards ------------------------------------------------------------------------
@@ -130,9 +138,12 @@ def shard_rows(args, device: torch.device, folder: str, count: int) -> list[dict
     try:
         keys = fill_servers(ports, args.transfer_mib * MiB, args.value_bytes)
         nbytes = sum(len(k) for k in keys.values()) * args.value_bytes
-        rows = [_row(count, name, nbytes, *timed(lambda: threads_in_parallel(ports, keys, args.value_bytes,
-                                                                              args.io_threads, chunked), pids))
-                for name, chunked in (("raw chunked", True), ("raw waitall", False))]
+        rows, num_values = [], sum(len(k) for k in keys.values())
+        for name, chunked in (("raw chunked", True), ("raw waitall", False)):
+            receives: list[int] = []
+            rows.append(_row(count, name, nbytes, *timed(lambda: threads_in_parallel(
+                ports, keys, args.value_bytes, args.io_threads, chunked, receives), pids)))
+            rows[-1]["receives_per_value"] = round(receives[-1] / num_values, 1) if chunked else 1
         seconds = min(read_in_processes(ports, keys, args.value_bytes, args.io_threads) for _ in range(2))
         rows.append(_row(count, "raw procs", nbytes, seconds, None))
         for threads in args.client_threads:
@@ -175,7 +186,7 @@ def _transfer_args(args, threads: int) -> Namespace:
 
 def _row(shards: int, reader: str, nbytes: int, seconds: float, cpu: CpuClock | None) -> dict:
     gigabytes = nbytes / 1e9
-    return {"shards": shards, "reader": reader, "GB_s": round(gigabytes / seconds, 2),
+    return {"shards": shards, "reader": reader, "GB_s": round(gigabytes / seconds, 2), "receives_per_value": None,
             "client_cpu_s_per_GB": None if cpu is None else round(cpu.client_s / gigabytes, 3),
             "servers_cpu_s_per_GB": None if cpu is None else round(cpu.servers_s / gigabytes, 3)}
 
