@@ -8,12 +8,15 @@ object per value, holding the GIL for both copies, so its I/O threads share one 
 per-thread buffer with `socket.recv_into` (which releases the GIL for the whole copy) and are
 sent from memoryviews with `sendall` (no packing copy), so threads and shards run in parallel.
 
-One system call per value. Redis writes a reply ~64 KiB per event-loop turn, and a socket with
-a Python timeout is non-blocking underneath (poll, then recv whatever arrived), so a 2 MiB value
-took ~30 recv calls, each giving up and taking back the GIL: with 16 I/O threads (4 shards) the
-GIL, not the cores, capped the H200 host at 4.65 GB/s against 8.9 of `redis-benchmark`. So the
-socket is blocking, with the timeout in the kernel (SO_RCVTIMEO / SO_SNDTIMEO), and a value's
-rest is received with MSG_WAITALL: the kernel fills it as data arrives, the GIL released once.
+One system call per value. A socket with a Python timeout is non-blocking underneath (poll,
+then recv whatever has arrived), and Redis writes a large reply in pieces (64 KiB per event-loop
+turn while other clients wait), so a value took several receives, each giving up the GIL and
+taking it back: 2.6 per 2 MiB value with one server, 4.4 with four, on the 2-core VM
+(`bench/redis_scaling.py` counts them); the faster the reader, the more. With 16 I/O threads
+(4 shards) that is a queue on the GIL, a suspect for the H200 host's 4.65 GB/s against 8.9 of
+`redis-benchmark` (the bench's threads-vs-processes rows decide it). So the socket is blocking,
+with the timeout in the kernel (SO_RCVTIMEO / SO_SNDTIMEO), and a value's rest is received with
+MSG_WAITALL: the kernel fills it as data arrives, and the GIL is released once.
 
 Only what the hot path needs: AUTH, SELECT, GET, SET ... EX, on TCP or a unix socket without
 TLS (`rediss://` and Sentinel / Cluster shards stay on redis-py). Failures raise redis-py's
