@@ -188,6 +188,22 @@ def test_a_request_waits_for_its_prefetch_and_then_uses_it():
     assert request.num_redis_hit_tokens == 32 and admit.num_scheduled_tokens == {"r": 1}
 
 
+def test_no_probe_when_even_a_whole_restore_would_lose_and_the_request_starts_at_once():
+    """A probe answered "recompute" is a lost step round trip (session 3's 16K documents): with
+    Redis slow enough that restoring all 8 blocks loses, the request is computed in the first
+    step, nothing is asked of Redis, and the decision is counted as recompute."""
+    scheduler, tiers = make_system(num_blocks=32, host_slots=32, budget=64,
+                                   initial_redis_bandwidth_bytes_per_s=1e3)
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    worker.redis.update({h: h for h in tiers_hashes(DOC)})  # all of it there: it would be a hit
+    submit(scheduler, max_tokens, "r", DOC)
+    first = run_step(scheduler, tiers, worker, max_tokens)
+    assert first.num_scheduled_tokens == {"r": 33}
+    assert first.kv_transfers is None or not first.kv_transfers.probes
+    assert tiers.metrics.registry.get_sample_value(
+        "longctx_kv_restore_decisions_total", {"tier": "redis", "decision": "recompute"}) == 1
+
+
 def test_a_cold_document_is_probed_and_takes_no_host_memory():
     scheduler, tiers = make_system(num_blocks=32, host_slots=8, budget=64, redis_write_through=False)
     worker, max_tokens = ShadowWorker(scheduler), {}
