@@ -192,10 +192,10 @@ def _row(shards: int, reader: str, nbytes: int, seconds: float, cpu: CpuClock | 
 
 
 # --- table 2: value sizes ----------------------------------------------------------------------
-def value_size_rows(args, device: torch.device, folder: str) -> list[dict]:
+def value_size_rows(args, device: torch.device, folder: str, rows: list[dict], saved) -> None:
+    """Appends a row per value size and calls saved() after each (a run cut short keeps them)."""
     servers = [start_redis(folder)]
     port, pids = servers[0][1], (servers[0][0].pid,)
-    rows = []
     try:
         for value_kib in args.value_kib:
             value_bytes = value_kib << 10
@@ -215,9 +215,9 @@ def value_size_rows(args, device: torch.device, folder: str) -> list[dict]:
                          **_rate("host_to_device", nbytes, load_s, copies["host_to_device"]),
                          **_rate("device_to_host", nbytes, save_s, copies["device_to_host"])})
             print_table(f"value size {value_kib} KiB", rows[-1:])
+            saved()
     finally:
         stop_redis(servers)
-    return rows
 
 
 def _rate(path: str, nbytes: int, seconds: float, ceiling: float | None) -> dict:
@@ -255,7 +255,8 @@ def main() -> None:
                         f"{os.cpu_count()} CPUs)", [r for r in results["shards"] if r["shards"] == count])
             write_json(out, results)
         if args.value_kib:
-            results["value_sizes"] = value_size_rows(args, device, folder)
+            results["value_sizes"] = []
+            value_size_rows(args, device, folder, results["value_sizes"], lambda: write_json(out, results))
             print_table(f"Transfer rate by value size ({name}, one Redis server, {args.io_threads} threads)",
                         results["value_sizes"])
     write_json(out, results)
