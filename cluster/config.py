@@ -275,7 +275,8 @@ class KVTierSettings(_Frozen):
     )
     restore_margin: float = Field(
         0.1, ge=0, description="cost policy: restore only when estimated restore time x (1 + this) is below the "
-        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more)."
+        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more); "
+        "recompute a head while fetching the rest only when that beats restoring the whole run by as much."
     )
     calibration_budget_s: float = Field(
         3.0, ge=0, description="At start-up, time a few prefill steps and host<->device and Redis transfers on "
@@ -292,6 +293,11 @@ class KVTierSettings(_Frozen):
                                                        "or measured.")
     initial_prefill_tokens_per_s: float = Field(
         10_000.0, gt=0, description="Prefill rate estimate (short prompts) until calibrated or measured."
+    )
+    initial_split_fetch_slowdown: float = Field(
+        1.5, gt=0, description="How many times longer a Redis fetch takes while the request's first blocks are "
+        "recomputed meanwhile than alone, until such a split restore measures it (the start-up probe does not; "
+        "1.65 on the H200 host)."
     )
     transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."

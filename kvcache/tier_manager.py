@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 DEVICE = "device"
 # How long an idle step may wait in the worker for a fetch to land: short enough to admit the
 # waiting request promptly, long enough that the engine does not spin through empty steps.
-_IDLE_POLL_S = 0.005
+IDLE_POLL_S = 0.005
 
 
 class TieredRequest(Protocol):
@@ -305,7 +305,7 @@ class TierManager:
             return None
         if health_due:
             self._next_health_report = self.clock() + self.settings.redis_health_check_period_s
-        return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
+        return self._ops.take(IDLE_POLL_S if idle and in_flight else 0.0)
 
     def _health_report_due(self) -> bool:
         """An idle replica still steps this often while Redis is configured: the worker pings
