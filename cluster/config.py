@@ -294,10 +294,10 @@ class KVTierSettings(_Frozen):
     initial_prefill_tokens_per_s: float = Field(
         10_000.0, gt=0, description="Prefill rate estimate (short prompts) until calibrated or measured."
     )
-    initial_split_fetch_slowdown: float = Field(
-        1.5, gt=0, description="How many times longer a Redis fetch takes while the request's first blocks are "
-        "recomputed meanwhile than alone, until such a split restore measures it (the start-up probe does not; "
-        "1.65 on the H200 host)."
+    initial_split_fetch_slowdown: float | None = Field(
+        None, gt=0, description="How many times longer a Redis fetch takes while the request's first blocks are "
+        "recomputed meanwhile than alone, as measured on this host. None: unknown, and no restore is split until "
+        "one is measured (it varies too much to guess: 1.65 on the H200 host of session 3, 7.08 in session 4)."
     )
     transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."

@@ -44,7 +44,11 @@ recomputing folds into its last chunk: a Redis restore pays that step's fixed co
 
 A restore is chosen only when its estimate beats recomputing by `restore_margin` (a restore also
 costs Redis bandwidth and host memory, and its time varies more than a prefill's); a split only
-when it beats restoring the whole run by the same margin (it adds a pause and shares the machine).
+when it beats restoring the whole run by the same margin (it adds a pause and shares the machine),
+and only once the overlap factor is known: configured (`initial_split_fetch_slowdown`) or measured.
+A guessed factor cannot be bounded: on the H200 of session 4 a fetch beside a head took 7x its time
+alone, more than recomputing the head and then fetching, so a split priced at a guess of 1.5 took
+0.23 s where recomputing took 0.07 s.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ _INITIAL_STEP_S = 2e-3
 _INITIAL_LOAD_S = 1e-4
 _INITIAL_FETCH_S = 2e-3
 _INITIAL_CONTEXT_S = 1e-4  # extra for a chunk with context: gathers and merges
+# A fetch beside a head against alone, for the log until measured: no split trusts it.
+_UNKNOWN_SLOWDOWN = 1.5
 
 
 class Ema:
@@ -174,7 +180,9 @@ class RestoreCostModel:
         self.host_load = LinearEstimate((_INITIAL_LOAD_S, 1.0 / settings.initial_host_bandwidth_bytes_per_s), alpha)
         self.redis_fetch = LinearEstimate((_INITIAL_FETCH_S, 1.0 / settings.initial_redis_bandwidth_bytes_per_s),
                                           alpha)
-        self.overlap = LinearEstimate((settings.initial_split_fetch_slowdown,), alpha)  # beside a head / alone
+        slowdown = settings.initial_split_fetch_slowdown
+        self.overlap = LinearEstimate((slowdown or _UNKNOWN_SLOWDOWN,), alpha)  # beside a head / alone
+        self.overlap_configured = slowdown is not None
         # What each path measured (metrics only: the estimates above decide).
         self.bandwidth = {path: Ema(0.0, alpha) for path in (DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS,
                                                              REDIS_TO_HOST)}
@@ -249,6 +257,10 @@ class RestoreCostModel:
         """Fetching while a head is computed."""
         return self.overlap.predict((self.fetch_seconds(num_blocks),))
 
+    def overlap_known(self) -> bool:
+        """Configured for this host, or measured by a split restore (an outlier held back does not count)."""
+        return self.overlap_configured or self.overlap.num_observations > 0
+
     def split_seconds(self, first_block: int, num_blocks: int, head_blocks: int) -> float:
         """Recompute the first `head_blocks` while the rest comes from Redis, then load the rest;
         no head: the whole run restored."""
@@ -281,7 +293,7 @@ class RestoreCostModel:
         recompute_s = self.recompute_seconds(first_block, num_blocks)
         restore_s = self.restore_seconds(tier, num_blocks) if num_blocks else 0.0
         head = 0
-        if tier == REDIS and split and self.policy == "cost":
+        if tier == REDIS and split and self.policy == "cost" and self.overlap_known():
             head = self.best_head(first_block, num_blocks)
             split_s = self.split_seconds(first_block, num_blocks, head) if head else restore_s
             # A split pauses the request and shares the machine with its fetch: it must win clearly.
@@ -314,8 +326,9 @@ class RestoreCostModel:
         fetch_s, per_fetch_byte = self.redis_fetch.coefficients
         load_s, per_load_byte = self.host_load.coefficients
         threshold = self.restore_threshold_tokens()
+        overlap = f"x{self.overlap.coefficients[0]:.3g}" if self.overlap_known() else "no split until measured"
         return (f"prefill {step_s * 1e3:.3g} ms a step (+{context_s * 1e3:.3g} ms with context) + weights at "
                 f"{1 / per_weight_flop:.3g} FLOP/s + attention at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch "
-                f"{fetch_s * 1e3:.3g} ms + {1e-9 / per_fetch_byte:.3g} GB/s, x{self.overlap.coefficients[0]:.3g} beside "
-                f"a head; host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
+                f"{fetch_s * 1e3:.3g} ms + {1e-9 / per_fetch_byte:.3g} GB/s, {overlap} beside a head; "
+                f"host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
                 f"a Redis restore wins from {threshold or 'no'} tokens")
