@@ -100,9 +100,15 @@ def calibrated(machine: Machine, **settings) -> RestoreCostModel:
     return model
 
 
+def with_known_overlap(machine: Machine, **settings) -> RestoreCostModel:
+    """Calibrated, the fetch's slowdown beside a head configured as the machine's (a split is planned
+    only once that slowdown is known)."""
+    return calibrated(machine, initial_split_fetch_slowdown=machine.overlap, **settings)
+
+
 def bench_machine() -> Machine:
-    """Llama-3-8B, 2 layers (bench/restore_policy.py), H200-like speeds; a fetch beside a head
-    as much slower as the cost model guesses until a split measures it."""
+    """Llama-3-8B, 2 layers (bench/restore_policy.py), H200-like speeds; a fetch beside a head 1.5x
+    slower than alone."""
     return Machine(PrefillFlops.of(LLAMA_8B_2_LAYERS), block_nbytes(LLAMA_8B_2_LAYERS), overlap=1.5)
 
 
@@ -163,7 +169,7 @@ def test_each_decision_is_the_faster_path_of_the_machine(tokens):
     """bench/restore_policy.py's sizes on the H200-like machine: the estimated best matches the
     machine's best (brute force over every head), restore or not."""
     machine = bench_machine()
-    model = calibrated(machine, restore_margin=0.0)
+    model = with_known_overlap(machine, restore_margin=0.0)
     blocks = (tokens - 1) // BLOCK
     best_head = min(range(blocks), key=lambda head: machine.restore(0, blocks, head))
     best_restore_s = machine.restore(0, blocks, best_head)
@@ -174,7 +180,7 @@ def test_each_decision_is_the_faster_path_of_the_machine(tokens):
 
 
 def test_short_prefixes_are_recomputed_long_ones_restored_and_mid_sized_ones_split():
-    model = calibrated(bench_machine())
+    model = with_known_overlap(bench_machine())
     decisions = {tokens: model.decide(REDIS, 0, tokens // BLOCK) for tokens in (4096, 16384, 65536, 1 << 20)}
     assert [decisions[t].restore for t in (4096, 16384)] == [False, False]  # the fetch's round trips lose
     assert decisions[65536].restore and 0 < decisions[65536].head_blocks < 1024  # recompute some, fetch the rest
@@ -185,8 +191,20 @@ def test_short_prefixes_are_recomputed_long_ones_restored_and_mid_sized_ones_spl
     assert decisions[65536].restore_s < min(pure_restore_s, decisions[65536].recompute_s)
 
 
+def test_no_split_until_the_slowdown_beside_a_head_is_known_then_one_measured_split_allows_it():
+    machine = bench_machine()
+    model = calibrated(machine)
+    blocks = 65536 // BLOCK
+    whole = model.decide(REDIS, 0, blocks)
+    assert whole.restore and whole.head_blocks == 0 and "no split until measured" in model.describe()
+    model.observe_redis_restore(100, machine.overlap * machine.fetch(100), overlapped=True)
+    split = model.decide(REDIS, 0, blocks)
+    assert split.head_blocks == with_known_overlap(machine).decide(REDIS, 0, blocks).head_blocks > 0
+    assert "x1.5 beside a head" in model.describe()
+
+
 def test_the_head_is_where_its_prefill_catches_up_with_the_fetch_of_the_rest():
-    model = calibrated(bench_machine())
+    model = with_known_overlap(bench_machine())
     first, blocks = 100, 3000
     by_brute_force = min(range(blocks), key=lambda head: model.split_seconds(first, blocks, head))
     assert model.best_head(first, blocks) == by_brute_force
@@ -198,11 +216,11 @@ def test_the_head_is_where_its_prefill_catches_up_with_the_fetch_of_the_rest():
 def test_a_restore_must_beat_recompute_by_the_margin():
     machine = bench_machine()
     blocks = 32768 // BLOCK
-    ratio = calibrated(machine).decide(REDIS, 0, blocks)
+    ratio = with_known_overlap(machine).decide(REDIS, 0, blocks)
     ratio = ratio.recompute_s / ratio.restore_s
     assert ratio > 1.0
-    assert calibrated(machine, restore_margin=ratio - 1 - 0.01).decide(REDIS, 0, blocks).restore
-    assert not calibrated(machine, restore_margin=ratio - 1 + 0.01).decide(REDIS, 0, blocks).restore
+    assert with_known_overlap(machine, restore_margin=ratio - 1 - 0.01).decide(REDIS, 0, blocks).restore
+    assert not with_known_overlap(machine, restore_margin=ratio - 1 + 0.01).decide(REDIS, 0, blocks).restore
 
 
 def test_always_and_never_override_the_estimates_and_always_restores_everything():
