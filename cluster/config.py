@@ -296,8 +296,9 @@ class KVTierSettings(_Frozen):
     )
     initial_split_fetch_slowdown: float | None = Field(
         None, gt=0, description="How many times longer a Redis fetch takes while the request's first blocks are "
-        "recomputed meanwhile than alone, as measured on this host. None: unknown, and no restore is split until "
-        "one is measured (it varies too much to guess: 1.65 on the H200 host of session 3, 7.08 in session 4)."
+        "recomputed meanwhile than alone, as measured on this host. None: unknown, and no restore is split (it "
+        "varies too much to guess: 1.65 on the H200 host of session 3, 7.08 in session 4). Once set, every split "
+        "restore corrects it."
     )
     transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."

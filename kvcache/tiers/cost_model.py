@@ -45,7 +45,7 @@ recomputing folds into its last chunk: a Redis restore pays that step's fixed co
 A restore is chosen only when its estimate beats recomputing by `restore_margin` (a restore also
 costs Redis bandwidth and host memory, and its time varies more than a prefill's); a split only
 when it beats restoring the whole run by the same margin (it adds a pause and shares the machine),
-and only once the overlap factor is known: configured (`initial_split_fetch_slowdown`) or measured.
+and only when the overlap factor is known: configured (`initial_split_fetch_slowdown`) or measured.
 A guessed factor cannot be bounded: on the H200 of session 4 a fetch beside a head took 7x its time
 alone, more than recomputing the head and then fetching, so a split priced at a guess of 1.5 took
 0.23 s where recomputing took 0.07 s.
@@ -78,7 +78,7 @@ _INITIAL_STEP_S = 2e-3
 _INITIAL_LOAD_S = 1e-4
 _INITIAL_FETCH_S = 2e-3
 _INITIAL_CONTEXT_S = 1e-4  # extra for a chunk with context: gathers and merges
-# A fetch beside a head against alone, for the log until measured: no split trusts it.
+# A fetch beside a head against alone when not configured: unused, no split is planned then.
 _UNKNOWN_SLOWDOWN = 1.5
 
 
@@ -258,7 +258,8 @@ class RestoreCostModel:
         return self.overlap.predict((self.fetch_seconds(num_blocks),))
 
     def overlap_known(self) -> bool:
-        """Configured for this host, or measured by a split restore (an outlier held back does not count)."""
+        """Configured for this host, or measured by a split restore (an outlier held back does not
+        count): a split's price is only as good as this factor."""
         return self.overlap_configured or self.overlap.num_observations > 0
 
     def split_seconds(self, first_block: int, num_blocks: int, head_blocks: int) -> float:
@@ -326,7 +327,7 @@ class RestoreCostModel:
         fetch_s, per_fetch_byte = self.redis_fetch.coefficients
         load_s, per_load_byte = self.host_load.coefficients
         threshold = self.restore_threshold_tokens()
-        overlap = f"x{self.overlap.coefficients[0]:.3g}" if self.overlap_known() else "no split until measured"
+        overlap = f"x{self.overlap.coefficients[0]:.3g}" if self.overlap_known() else "no split (unknown slowdown)"
         return (f"prefill {step_s * 1e3:.3g} ms a step (+{context_s * 1e3:.3g} ms with context) + weights at "
                 f"{1 / per_weight_flop:.3g} FLOP/s + attention at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch "
                 f"{fetch_s * 1e3:.3g} ms + {1e-9 / per_fetch_byte:.3g} GB/s, {overlap} beside a head; "

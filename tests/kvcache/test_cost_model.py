@@ -191,12 +191,12 @@ def test_short_prefixes_are_recomputed_long_ones_restored_and_mid_sized_ones_spl
     assert decisions[65536].restore_s < min(pure_restore_s, decisions[65536].recompute_s)
 
 
-def test_no_split_until_the_slowdown_beside_a_head_is_known_then_one_measured_split_allows_it():
+def test_no_split_while_the_slowdown_beside_a_head_is_unknown_and_a_measured_split_makes_it_known():
     machine = bench_machine()
     model = calibrated(machine)
     blocks = 65536 // BLOCK
     whole = model.decide(REDIS, 0, blocks)
-    assert whole.restore and whole.head_blocks == 0 and "no split until measured" in model.describe()
+    assert whole.restore and whole.head_blocks == 0 and "no split (unknown slowdown)" in model.describe()
     model.observe_redis_restore(100, machine.overlap * machine.fetch(100), overlapped=True)
     split = model.decide(REDIS, 0, blocks)
     assert split.head_blocks == with_known_overlap(machine).decide(REDIS, 0, blocks).head_blocks > 0
