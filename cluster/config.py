@@ -168,6 +168,16 @@ class ServeSettings(_Frozen):
         262_144, ge=1, description="Prefix hashes the router remembers (LRU); ~200 bytes each."
     )
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
+    # A replica prefills in arrival order, so a short request routed behind a long prompt waits for
+    # all of it; a long prompt can wait its own prefill time and still meet a TTFT that scales with
+    # it. docs/autoscaling.md has the simulator's evidence.
+    routing_long_prompt_tokens: int = Field(
+        32_768, ge=1, description="A prompt computing this many tokens is long: it joins a replica already "
+        "queueing this many when the wait there is at most its own prefill, before taking a free replica "
+        "(autoscaler/lanes.py).")
+    routing_short_lanes: int = Field(
+        1, ge=0, description="Replicas with fewer queued prompt tokens than routing_long_prompt_tokens that a "
+        "long prompt leaves free for short requests, unless no other replica is left.")
     cluster_grows: bool = Field(
         False, description="The Ray cluster adds nodes on demand (an autoscaler, KubeRay): do not refuse an "
         "application that a one-node cluster cannot hold yet (without it, `serve run` on a small machine fails "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from autoscaler.lanes import LaneRule
 from autoscaler.simulator.hardware import ReplicaHardware
 from autoscaler.simulator.results import SloRule, summarize
 from autoscaler.simulator.scalers import make_scaler
@@ -28,8 +29,10 @@ class Scenario:
     def simulation_settings(self) -> SimulationSettings:
         settings = self.config.autoscaling
         initial = settings.initial_replicas if settings.initial_replicas is not None else settings.min_replicas
-        return SimulationSettings(settings.metrics_push_interval_s, self.config.serve.drain_timeout_s,
-                                  settings.replica_startup_s, initial)
+        serve = self.config.serve
+        lanes = LaneRule(serve.routing_long_prompt_tokens, serve.routing_short_lanes)
+        return SimulationSettings(settings.metrics_push_interval_s, serve.drain_timeout_s,
+                                  settings.replica_startup_s, initial, lanes)
 
 
 def simulate(trace: list[TraceRequest], policy: str, scenario: Scenario,

@@ -40,6 +40,16 @@ def test_a_prompt_on_an_idle_replica_takes_its_prefill_time_and_the_next_waits_b
     assert ttft_s(run.jobs[1]) == pytest.approx(long_ttft - 1.0 + HARDWARE.prefill_seconds(0, 1000))
 
 
+def test_a_second_long_prompt_waits_behind_the_first_and_leaves_the_other_replica_to_short_requests():
+    scenario = Scenario(config(min_replicas=2, max_replicas=2))
+    other_document = TraceRequest(1.0, 204_900, 10, tuple(range(5000, 5401)))
+    run, _ = simulate([question(0.0, 1), other_document, short(2.0, 9000)], "queued-context", scenario)
+    first = HARDWARE.prefill_seconds(0, 204_900)
+    # 204,900 queued <= its own 204,900 to compute: it waits there, its TTFT at most twice its prefill.
+    assert ttft_s(run.jobs[1]) == pytest.approx(first - 1.0 + first)
+    assert ttft_s(run.jobs[2]) == pytest.approx(HARDWARE.prefill_seconds(0, 1000))  # the free lane
+
+
 def test_a_second_question_on_a_document_computes_only_its_own_block():
     scenario = Scenario(config(min_replicas=1, max_replicas=1))
     run, _ = simulate([question(0.0, 1), question(100.0, 2)], "queued-context", scenario)
