@@ -78,6 +78,16 @@ def test_ongoing_requests_scaling_cuts_a_long_request_the_queued_context_policy_
     assert ours["slo_attainment"] == 1.0 and theirs["slo_attainment"] == 0.5
 
 
+def test_when_no_target_reaches_our_attainment_the_best_one_is_the_reference():
+    scenario = Scenario(config(min_replicas=1, initial_replicas=2, downscale_delay_s=2.0, replica_startup_s=0.0))
+    trace = [TraceRequest(0.0, 1000, 3000, (9000,)), TraceRequest(0.5, 1_000_000, 10, ())]
+    result = compare(trace, scenario, targets=(2.0, 4.0))  # both cut the long request: 0.5 each
+    assert result["cheapest_matching"] is None and not result["reference_reaches_ours"]
+    reference = result["reference"]
+    assert (reference["slo_attainment"], reference["target_ongoing_requests"]) == (0.5, 2.0)  # equal attainment: the cheaper, then the first
+    assert result["replica_seconds_ratio"] == result["queued_context"]["replica_seconds"] / reference["replica_seconds"]
+
+
 def test_same_trace_same_settings_same_result():
     trace = generate_trace(TraceShape(duration_s=900, seed=5))
     scenario = Scenario(config())
@@ -126,7 +136,7 @@ def test_queued_context_meets_the_slo_with_at_most_80_percent_of_the_replica_sec
     trace = generate_trace(TraceShape(seed=1))
     result = compare(trace, Scenario(config()))
     assert result["queued_context"]["slo_attainment"] >= 0.95
-    assert result["cheapest_matching"] is not None
+    assert result["reference_reaches_ours"] and result["reference"] is result["cheapest_matching"]
     assert result["replica_seconds_ratio"] <= 0.8
 
 
