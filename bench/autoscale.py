@@ -33,6 +33,8 @@ SCENARIOS = {
     "start-up 60 s": ({"autoscaling.replica_startup_s": 60.0}, {}),
     "bursts within 60 s": ({}, {"burst_span_s": 60.0}),
     "min_replicas 1": ({"autoscaling.min_replicas": 1}, {}),
+    # session 3's router: every prompt ranked by cost alone (no lanes), for the comparison
+    "router without lanes": ({"serve.routing_long_prompt_tokens": 10**12}, {}),
 }
 
 
