@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_folder.errors import ModelFolderError
-from model_folder.hf_config import RopeScaling
+from model_folder.rope_scaling import RopeScaling
 
 SLIDING = "sliding_attention"
 CSA = "compressed_sparse_attention"

@@ -12,12 +12,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from model_folder.deepseek_v4_config import DeepseekV4Architecture, parse_deepseek_v4_config
 from model_folder.errors import ModelFolderError
-
-if TYPE_CHECKING:
-    from model_folder.deepseek_v4_config import DeepseekV4Architecture
+from model_folder.rope_scaling import RopeScaling
 
 # config.json "architectures" entry -> our name
 SUPPORTED_ARCHITECTURES = {
@@ -42,27 +41,6 @@ _ROPE_KEYS = {
              set()),
     "llama3": (set(), {"factor", "low_freq_factor", "high_freq_factor"}),
 }
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """A RoPE scaling method, normalized from either `rope_scaling` or `rope_parameters`.
-
-    Fields a method does not use stay None. `original_max_position_embeddings` is filled for yarn
-    and llama3 the way transformers fills it (the top-level key wins, else max_position_embeddings).
-    """
-
-    rope_type: str  # linear | dynamic | yarn | llama3
-    factor: float | None = None
-    original_max_position_embeddings: int | None = None
-    low_freq_factor: float | None = None  # llama3
-    high_freq_factor: float | None = None  # llama3
-    attention_factor: float | None = None  # yarn
-    beta_fast: float | None = None  # yarn
-    beta_slow: float | None = None  # yarn
-    mscale: float | None = None  # yarn
-    mscale_all_dim: float | None = None  # yarn
-    truncate: bool | None = None  # yarn
 
 
 @dataclass(frozen=True)
@@ -123,8 +101,6 @@ def load_architecture(folder: str | Path) -> ModelArchitecture | DeepseekV4Archi
     DeepSeek-V4 folders get their own description (model_folder/deepseek_v4_config.py)."""
     config = _read_config(Path(folder) / "config.json")
     if config.get("architectures") == [DEEPSEEK_V4_ARCHITECTURE] or config.get("model_type") == "deepseek_v4":
-        from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # lazy: it imports this module
-
         return parse_deepseek_v4_config(config)
     architecture = _architecture_name(config)
     for key in _REQUIRED_KEYS:

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from model_folder.hf_config import ModelArchitecture, RopeScaling
+from model_folder.hf_config import ModelArchitecture
+from model_folder.rope_scaling import RopeScaling
 
 _MIN_TABLE_ROWS = 256
 

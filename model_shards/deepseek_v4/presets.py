@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from model_folder.tokenizer_training import SPECIAL_TOKENS
 from model_folder.deepseek_v4_config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Architecture, \
     parse_deepseek_v4_config
 from model_shards.deepseek_v4.weights import transformers_name
-from model_shards.make_model import DTYPES, LOGIT_STD, NORM_WEIGHT_SPREAD, SPECIAL_TOKENS, TensorSpec, make_tensor, \
+from model_shards.random_checkpoint import DTYPES, LOGIT_STD, TensorSpec, linear_spec, make_tensor, norm_spec, \
     parse_overrides, special_token_ids, write_tokenizer_files, write_weights
 
 COMPRESS_YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
@@ -155,17 +156,9 @@ def weight_specs(arch: DeepseekV4Architecture, tokenizer_vocab: int | None = Non
     for index in range(arch.num_hidden_layers):
         specs += _layer_specs(arch, index, f"layers.{index}.")
     specs += _hyper_specs("hc_head", hc, hc * hidden, with_weights=False)
-    specs.append(_norm("norm.weight", hidden, LOGIT_STD))
+    specs.append(norm_spec("norm.weight", hidden, LOGIT_STD))
     specs.append(TensorSpec("head.weight", (arch.vocab_size, hidden), hidden ** -0.5, unused_rows=unused_rows))
     return [TensorSpec(transformers_name(s.name), s.shape, s.std, s.mean, s.unused_rows, s.dtype) for s in specs]
-
-
-def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
-    return TensorSpec(name, (out_features, in_features), in_features ** -0.5)
-
-
-def _norm(name: str, size: int, mean: float = 1.0) -> TensorSpec:
-    return TensorSpec(name, (size,), NORM_WEIGHT_SPREAD * mean, mean=mean)
 
 
 def _hyper_specs(prefix: str, outputs: int, inputs: int, with_weights: bool = True) -> list[TensorSpec]:
@@ -180,12 +173,12 @@ def _layer_specs(arch: DeepseekV4Architecture, index: int, prefix: str) -> list[
     attn = prefix + "attn."
     specs = [*_hyper_specs(prefix + "hc_attn", (2 + hc) * hc, hc * hidden),
              *_hyper_specs(prefix + "hc_ffn", (2 + hc) * hc, hc * hidden),
-             _norm(prefix + "attn_norm.weight", hidden), _norm(prefix + "ffn_norm.weight", hidden),
-             _linear(attn + "wq_a.weight", arch.q_lora_rank, hidden), _norm(attn + "q_norm.weight", arch.q_lora_rank),
-             _linear(attn + "wq_b.weight", heads * head_dim, arch.q_lora_rank),
-             _linear(attn + "wkv.weight", head_dim, hidden), _norm(attn + "norm.weight", head_dim),
-             _linear(attn + "wo_a.weight", groups * arch.o_lora_rank, heads * head_dim // groups),
-             _linear(attn + "wo_b.weight", hidden, groups * arch.o_lora_rank),
+             norm_spec(prefix + "attn_norm.weight", hidden), norm_spec(prefix + "ffn_norm.weight", hidden),
+             linear_spec(attn + "wq_a.weight", arch.q_lora_rank, hidden), norm_spec(attn + "q_norm.weight", arch.q_lora_rank),
+             linear_spec(attn + "wq_b.weight", heads * head_dim, arch.q_lora_rank),
+             linear_spec(attn + "wkv.weight", head_dim, hidden), norm_spec(attn + "norm.weight", head_dim),
+             linear_spec(attn + "wo_a.weight", groups * arch.o_lora_rank, heads * head_dim // groups),
+             linear_spec(attn + "wo_b.weight", hidden, groups * arch.o_lora_rank),
              TensorSpec(attn + "attn_sink", (heads,), 1.0)]
     layer_type = arch.layer_types[index]
     if layer_type != SLIDING:
@@ -194,29 +187,29 @@ def _layer_specs(arch: DeepseekV4Architecture, index: int, prefix: str) -> list[
     if layer_type == CSA:
         specs += [*_compressor_specs(attn + "indexer.compressor.", hidden, arch.index_head_dim,
                                      arch.compress_rate(CSA), True),
-                  _linear(attn + "indexer.wq_b.weight", arch.index_n_heads * arch.index_head_dim, arch.q_lora_rank),
-                  _linear(attn + "indexer.weights_proj.weight", arch.index_n_heads, hidden)]
+                  linear_spec(attn + "indexer.wq_b.weight", arch.index_n_heads * arch.index_head_dim, arch.q_lora_rank),
+                  linear_spec(attn + "indexer.weights_proj.weight", arch.index_n_heads, hidden)]
     return specs + _moe_specs(arch, arch.mlp_layer_types[index], prefix + "ffn.")
 
 
 def _compressor_specs(prefix: str, hidden: int, dim: int, rate: int, overlapping: bool) -> list[TensorSpec]:
     width = 2 * dim if overlapping else dim
-    return [_linear(prefix + "wkv.weight", width, hidden), _linear(prefix + "wgate.weight", width, hidden),
-            TensorSpec(prefix + "ape", (rate, width), 0.5), _norm(prefix + "norm.weight", dim)]
+    return [linear_spec(prefix + "wkv.weight", width, hidden), linear_spec(prefix + "wgate.weight", width, hidden),
+            TensorSpec(prefix + "ape", (rate, width), 0.5), norm_spec(prefix + "norm.weight", dim)]
 
 
 def _moe_specs(arch: DeepseekV4Architecture, mlp_type: str, prefix: str) -> list[TensorSpec]:
     hidden, inner, experts = arch.hidden_size, arch.moe_intermediate_size, arch.n_routed_experts
-    specs = [_linear(prefix + "gate.weight", experts, hidden)]
+    specs = [linear_spec(prefix + "gate.weight", experts, hidden)]
     if mlp_type == HASH_MOE:
         specs.append(TensorSpec(prefix + "gate.tid2eid", (arch.vocab_size, arch.num_experts_per_tok), 0.0,
                                 dtype=torch.int64))
     else:
         specs.append(TensorSpec(prefix + "gate.bias", (experts,), 0.1))
     for expert in [*(f"experts.{e}." for e in range(experts)), "shared_experts."]:
-        specs += [_linear(prefix + expert + "w1.weight", inner, hidden),
-                  _linear(prefix + expert + "w2.weight", hidden, inner),
-                  _linear(prefix + expert + "w3.weight", inner, hidden)]
+        specs += [linear_spec(prefix + expert + "w1.weight", inner, hidden),
+                  linear_spec(prefix + expert + "w2.weight", hidden, inner),
+                  linear_spec(prefix + expert + "w3.weight", inner, hidden)]
     return specs
 
 

@@ -14,16 +14,9 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import model_folder.tokenizer_training as tokenizer_training
-from model_shards.make_model import (
-    PRESETS,
-    TensorSpec,
-    add_make_model_arguments,
-    make_model,
-    make_tensor,
-    resolve_preset,
-    run_make_model,
-    trained_tokenizer_json,
-)
+from model_folder.tokenizer_training import trained_tokenizer_json
+from model_shards.make_model import PRESETS, add_make_model_arguments, make_model, resolve_preset, run_make_model
+from model_shards.random_checkpoint import TensorSpec, make_tensor
 
 ROPE_SCALINGS = [
     {"rope_type": "linear", "factor": 2.0},
@@ -76,7 +69,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
 
 
 def test_tokenizer_training_is_deterministic_across_processes():
-    program = "from model_shards.make_model import trained_tokenizer_json; print(trained_tokenizer_json(1024))"
+    program = "from model_folder.tokenizer_training import trained_tokenizer_json; print(trained_tokenizer_json(1024))"
     other_process = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert other_process.stdout == trained_tokenizer_json(1024) + "\n"
 
