@@ -118,7 +118,7 @@ class PrefixAwarePolicy:
             uncached = num_prompt_tokens - matched.get(replica, 0) * self.chunk_tokens
             running_kv = self._loads.get(replica, ReplicaLoad()).running_kv_tokens
             ranked.append(Candidate(replica, self._queued_tokens(replica), uncached, (running_kv, self.rng.random())))
-        return rank_replicas(ranked, self.lanes)
+        return rank_replicas(ranked, num_prompt_tokens, self.lanes)
 
     def _queued_tokens(self, replica: str) -> int:
         """The last report, less what finished since, plus what this router sent since."""

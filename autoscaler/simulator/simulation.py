@@ -99,7 +99,7 @@ class Simulation:
             return
         for job in self.unrouted:
             candidates = [replica.routing_candidate(job.request) for replica in routable]
-            replica = rank_replicas(candidates, self.settings.lanes)[0]
+            replica = rank_replicas(candidates, job.request.input_length, self.settings.lanes)[0]
             replica.queue.append(job)
             self._advance(replica, now)
         self.unrouted = []
