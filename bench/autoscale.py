@@ -38,17 +38,18 @@ SCENARIOS = {
 }
 
 
-def run_scenario(name: str, seed: int) -> tuple[dict, Scenario, list]:
+def run_scenario(name: str, seed: int, baseline_delays: tuple[float, ...] = ()) -> tuple[dict, Scenario, list]:
     overrides, shape_changes = SCENARIOS[name]
     scenario = Scenario(load_config(CONFIG).with_overrides(overrides))
     trace = generate_trace(replace(TraceShape(seed=seed), **shape_changes))
-    return compare(trace, scenario), scenario, trace
+    return compare(trace, scenario, baseline_downscale_delays=baseline_delays), scenario, trace
 
 
 def table_row(name: str, seed: int, result: dict) -> dict:
     ours, reference, ratio = result["queued_context"], result["reference"], result["replica_seconds_ratio"]
     met = ours["slo_attainment"] >= GOAL_ATTAINMENT and ratio <= GOAL_RATIO
-    target = f"{reference['target_ongoing_requests']:g}" + ("" if result["reference_reaches_ours"] else " (best, below)")
+    target = f"{reference['target_ongoing_requests']:g} (down after {reference['downscale_delay_s']:g} s)"
+    target += "" if result["reference_reaches_ours"] else ", best, below"
     return {
         "scenario": name, "seed": seed, "requests": ours["num_requests"],
         "queued-context SLO": f"{ours['slo_attainment']:.3f}",
@@ -79,8 +80,10 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def plot_first(scenario: Scenario, trace: list, result: dict, path: Path) -> None:
     ours, _ = simulate(trace, "queued-context", scenario)
-    target = result["reference"]["target_ongoing_requests"]
-    theirs, _ = simulate(trace, "ongoing-requests", scenario, target)
+    reference = result["reference"]
+    target = reference["target_ongoing_requests"]
+    delay = {"autoscaling.downscale_delay_s": reference["downscale_delay_s"]}
+    theirs, _ = simulate(trace, "ongoing-requests", replace(scenario, config=scenario.config.with_overrides(delay)), target)
     plot_runs([("queued-context", ours), (f"ongoing-requests, target {target:g}", theirs)], path)
     print(f"wrote {path}")
 
@@ -89,12 +92,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 13)))
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--baseline-delays", type=float, nargs="+", default=[], metavar="S",
+                        help="also sweep the ongoing-requests policy's downscale delay (default: the policy's)")
     parser.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "results" / "autoscale.png")
     args = parser.parse_args()
     rows, results, started = [], {}, time.perf_counter()
     for name in args.scenarios:
         for seed in args.seeds:
-            result, scenario, trace = run_scenario(name, seed)
+            result, scenario, trace = run_scenario(name, seed, tuple(args.baseline_delays))
             rows.append(table_row(name, seed, result))
             results[f"{name}/seed {seed}"] = result
             if name == args.scenarios[0] and seed == args.seeds[0]:

@@ -88,6 +88,16 @@ def test_when_no_target_reaches_our_attainment_the_best_one_is_the_reference():
     assert result["replica_seconds_ratio"] == result["queued_context"]["replica_seconds"] / reference["replica_seconds"]
 
 
+def test_the_baseline_s_downscale_delay_can_be_swept_too():
+    scenario = Scenario(config(min_replicas=1, initial_replicas=2, downscale_delay_s=2.0, replica_startup_s=0.0))
+    trace = [TraceRequest(0.0, 1000, 3000, (9000,)), TraceRequest(0.5, 1_000_000, 10, ())]
+    # Waiting 400 s, longer than the 1M-token prefill (244 s), ongoing-request scaling cuts nothing.
+    result = compare(trace, scenario, targets=(2.0,), baseline_downscale_delays=(2.0, 400.0))
+    assert [run["downscale_delay_s"] for run in result["ongoing_requests_sweep"]] == [2.0, 400.0]
+    assert [run["slo_attainment"] for run in result["ongoing_requests_sweep"]] == [0.5, 1.0]
+    assert result["reference_reaches_ours"] and result["reference"]["downscale_delay_s"] == 400.0
+
+
 def test_same_trace_same_settings_same_result():
     trace = generate_trace(TraceShape(duration_s=900, seed=5))
     scenario = Scenario(config())
