@@ -73,17 +73,30 @@ def attention_estimate_s(tokens: int) -> float:
 
 
 def kernel_sections(args, device: torch.device, deadline: Deadline) -> dict:
-    print("ceilings, kernel correctness, attention and decode kernels", flush=True)
+    print("ceilings, kernel correctness, decode kernels", flush=True)
     report = {"matmul": attempt("matmul", deadline, 5, cases.matmul_ceiling, device, args.matmul_size),
               "copy": attempt("copy", deadline, 5, cases.copy_ceiling, device, args.copy_gib),
               "triton_vs_reference": attempt("triton vs reference", deadline, 30, cases.triton_vs_reference, device,
                                              args.check_tokens, args.check_shapes)}
-    report["attention"], report["decode_kernel"] = {}, {}
+    report["decode_kernel"] = {}
     for tokens in args.lengths:
         report["decode_kernel"][tokens] = {
             batch: attempt(f"paged decode {tokens} x {batch}", deadline, 5, cases.paged_decode_rate, batch, tokens,
                            args.block_size, device, args.repeats)
             for batch in args.batches if batch * tokens * 4096 < args.decode_kv_bytes_max}
+    return report
+
+
+def sweep_section(args, device: torch.device, deadline: Deadline) -> dict:
+    print("paged decode plans (split cap, smallest split, tile, warps, stages) per case", flush=True)
+    plans = cases.sweep_plans()[:args.sweep_plans]
+    return {"decode_sweep": attempt("decode sweep", deadline, 60, cases.decode_sweep, device, args.sweep_cases,
+                                    args.block_size, plans, min(10, args.repeats))}
+
+
+def attention_section(args, device: torch.device, deadline: Deadline) -> dict:
+    print("prefill attention against raw cuDNN", flush=True)
+    report = {"attention": {}}
     for tokens in args.lengths:
         estimate = attention_estimate_s(tokens)
         report["attention"][tokens] = {
@@ -105,7 +118,7 @@ def engine_section(args, model_dir: str, device: torch.device, deadline: Deadlin
     rows = {}
     try:
         model_cases.engine_single(engine, 512, 4)  # warm-up: kernels, cuDNN plans of small shapes
-        for tokens in args.lengths:
+        for tokens in [t for t in args.lengths if t <= args.engine_max_tokens]:
             estimate = args.layers * 2 * attention_estimate_s(tokens) + 5
             single = attempt(f"engine {tokens}", deadline, estimate, model_cases.engine_single, engine, tokens)
             batched = {}
@@ -125,8 +138,10 @@ def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -
     model = model_cases.load_hf(model_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = {}
     for tokens in [t for t in args.lengths if t <= args.hf_max_tokens]:
-        estimate = args.layers * 3 * attention_estimate_s(tokens) + 5
-        rows[tokens] = attempt(f"transformers {tokens}", deadline, estimate, model_cases.hf_single, model, tokens, device)
+        output_tokens = 32 if tokens <= 131072 else 0  # longer: TTFT only (a second prefill costs a minute)
+        estimate = args.layers * (3 if output_tokens else 1) * attention_estimate_s(tokens) + 10
+        rows[tokens] = attempt(f"transformers {tokens}", deadline, estimate, model_cases.hf_single, model, tokens,
+                               device, output_tokens)
     del model
     cases.free_memory()
     return rows
@@ -151,6 +166,10 @@ def accuracy_section(args, model_dir: str, device: torch.device, deadline: Deadl
     return rows
 
 
+SECTIONS = {"kernels": kernel_sections, "sweep": sweep_section, "attention": attention_section,
+            "engine": engine_section, "transformers": hf_section, "accuracy": accuracy_section}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
@@ -160,7 +179,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-tokens", type=int, default=None, help="default: the config's GPU step budget")
     parser.add_argument("--step-sweep", type=int, nargs="+", default=[2048, 8192, 16384, 32768],
                         help="step budgets whose attention rate is measured at 128K tokens")
-    parser.add_argument("--hf-max-tokens", type=int, default=131072, help="longest prompt given to transformers")
+    parser.add_argument("--hf-max-tokens", type=int, default=1 << 20, help="longest prompt given to transformers")
+    parser.add_argument("--engine-max-tokens", type=int, default=1 << 20, help="longest prompt given to the engine")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="what to run (default: everything)")
     parser.add_argument("--accuracy-lengths", type=int, nargs="+", default=[8192, 131072])
     parser.add_argument("--budget-s", type=float, default=480, help="cases that would end later are skipped")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script")
@@ -168,10 +190,13 @@ def parse_args() -> argparse.Namespace:
     args.matmul_size, args.copy_gib, args.decode_kv_bytes_max = 8192, 2.0, 60 * 2**30
     args.preset, args.check_tokens, args.repeats = "llama3-8b-shape", 40_000, 20
     args.check_shapes = cases.DECODE_CHECK_SHAPES
+    args.sweep_cases = [(1, 8192), (1, 32768), (1, 131072), (1, 524288), (32, 131072)]
+    args.sweep_plans = None  # all of them
     if args.smoke:
         args.lengths, args.accuracy_lengths, args.batches, args.step_sweep = [256, 640], [256], [1, 2], [128]
         args.matmul_size, args.copy_gib, args.preset, args.hf_max_tokens = 512, 0.05, "tiny", 1 << 20
         args.check_tokens, args.repeats, args.check_shapes = 300, 1, [(16, 8, 2, 2)]
+        args.sweep_cases, args.sweep_plans = [(1, 256)], 2
     if args.step_tokens is None:
         from cluster.config import SchedulerSettings
 
@@ -188,15 +213,17 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "layers": args.layers, "step_tokens": args.step_tokens,
               "block_size": args.block_size, "logit_tolerance": LOGIT_TOLERANCE}
-    report.update(kernel_sections(args, device, deadline))
+    for name in ("kernels", "sweep", "attention"):
+        if name in args.sections:
+            report.update(SECTIONS[name](args, device, deadline))
+    model_sections = [name for name in ("engine", "transformers", "accuracy") if name in args.sections]
     with tempfile.TemporaryDirectory() as folder:
         from model_shards.make_model import make_model
 
-        model_dir = str(make_model(folder, args.preset, num_hidden_layers=args.layers,
-                                   max_position_embeddings=args.max_model_len))
-        report["engine"] = engine_section(args, model_dir, device, deadline)
-        report["transformers"] = hf_section(args, model_dir, device, deadline)
-        report["accuracy"] = accuracy_section(args, model_dir, device, deadline)
+        model_dir = model_sections and str(make_model(folder, args.preset, num_hidden_layers=args.layers,
+                                                      max_position_embeddings=args.max_model_len))
+        for name in model_sections:
+            report[name] = SECTIONS[name](args, model_dir, device, deadline)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)

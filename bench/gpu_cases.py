@@ -110,23 +110,98 @@ def chunked_prefill_attention(tokens: int, step_tokens: int, block_size: int, de
     return {"backend": name, "seconds": seconds, "TFLOPs": causal_attention_flops(tokens) / seconds / 1e12}
 
 
-def paged_decode_rate(batch: int, tokens: int, block_size: int, device: torch.device, repeats: int = 20) -> dict:
-    """The Triton paged decode over `batch` sequences of `tokens` each, in distinct shuffled
-    blocks of a one-layer cache: time per call and KV bytes read per second."""
-    from model_shards.attention.triton_paged_decode import choose_num_splits, paged_decode
+def graph_seconds(calls: list, device: torch.device, replays: int = 10) -> float:
+    """Device time of one call: `calls` (distinct buffers each, so L2 holds none of the next one's
+    data) captured back to back in one CUDA graph, replayed between events; no host launch cost,
+    as in the engine's decode graphs. On the CPU: host time."""
+    if device.type != "cuda":
+        return median_seconds(lambda: [call() for call in calls], device, repeats=replays) / len(calls)
+    for call in calls:  # compiles, and settles the allocator outside the capture
+        call()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays / len(calls)
 
-    blocks_per_seq = -(-tokens // block_size)
-    cache = torch.randn(batch * blocks_per_seq, 2, block_size, KV_HEADS, HEAD_DIM, device=device,
-                        dtype=torch.bfloat16)
-    tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq).to(torch.int32)
-    seq_lens = torch.full((batch,), tokens, dtype=torch.int32, device=device)
-    query = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = choose_num_splits(batch, KV_HEADS, tokens, sms)
-    seconds = median_seconds(lambda: paged_decode(query, cache, tables, seq_lens, HEAD_DIM ** -0.5, splits),
-                             device, repeats=repeats, warmup=min(3, repeats))
-    kv_bytes = batch * tokens * KV_HEADS * HEAD_DIM * 2 * 2
-    return {"splits": splits, "ms": seconds * 1e3, "GBps": kv_bytes / seconds / 1e9}
+
+class DecodeCase:
+    """`batch` sequences of `tokens` each in distinct shuffled blocks of one-layer caches, enough
+    copies of it on a GPU that they overflow its L2 (50 MB on an H200; the bench cycles through them)."""
+
+    def __init__(self, batch: int, tokens: int, block_size: int, device: torch.device):
+        l2_bytes = 256 << 20 if device.type == "cuda" else 0
+        self.batch, self.tokens, self.device = batch, tokens, device
+        self.kv_bytes = batch * tokens * KV_HEADS * HEAD_DIM * 2 * 2
+        blocks = batch * -(-tokens // block_size)
+        self.copies = []
+        for _ in range(max(1, -(-l2_bytes // self.kv_bytes))):
+            cache = torch.randn(blocks, 2, block_size, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+            tables = torch.randperm(blocks, device=device).view(batch, -1).to(torch.int32)
+            self.copies.append((cache, tables))
+        self.seq_lens = torch.full((batch,), tokens, dtype=torch.int32, device=device)
+        self.query = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+    def calls(self, plan) -> list:
+        from model_shards.attention.triton_paged_decode import paged_decode
+
+        return [lambda cache=cache, tables=tables: paged_decode(self.query, cache, tables, self.seq_lens,
+                                                                HEAD_DIM ** -0.5, self.tokens, plan, self.num_sms)
+                for cache, tables in self.copies]
+
+    def rate(self, plan, repeats: int) -> dict:
+        """Device time per call (graph replay) and its KV read rate; the host-timed single call too."""
+        calls = self.calls(plan)
+        seconds = graph_seconds(calls, self.device, replays=repeats)
+        host = median_seconds(calls[0], self.device, repeats=repeats, warmup=min(3, repeats))
+        return {"splits": plan.splits_for(self.tokens), "ms": seconds * 1e3, "GBps": self.kv_bytes / seconds / 1e9,
+                "host_ms": host * 1e3, "host_GBps": self.kv_bytes / host / 1e9}
+
+
+def paged_decode_rate(batch: int, tokens: int, block_size: int, device: torch.device, repeats: int = 20) -> dict:
+    """The engine's paged decode (its default plan) over `batch` sequences of `tokens` each."""
+    from model_shards.attention.triton_paged_decode import DEFAULT_PLAN
+
+    return DecodeCase(batch, tokens, block_size, device).rate(DEFAULT_PLAN, repeats)
+
+
+def sweep_plans() -> list:
+    """Split caps x smallest splits x tile sizes x warps x pipeline stages (4 waves of programs)."""
+    from model_shards.attention.triton_paged_decode import DecodePlan
+
+    return [DecodePlan(max_splits=splits, min_split_tiles=min_tiles, tile_tokens=tile, num_warps=warps,
+                       num_stages=stages)
+            for splits in (64, 128, 256) for min_tiles in (2, 4) for tile in (64, 128) for warps in (4, 8)
+            for stages in (2, 3)]
+
+
+def decode_sweep(device: torch.device, cases: list[tuple[int, int]], block_size: int, plans: list,
+                 repeats: int = 10) -> dict:
+    """Every plan on each (batch, tokens) case: device ms and KV GB/s, or why it failed."""
+    from dataclasses import asdict
+
+    rows = {}
+    for batch, tokens in cases:
+        case = DecodeCase(batch, tokens, block_size, device)
+        results = []
+        for plan in plans:
+            try:
+                results.append({**asdict(plan), **case.rate(plan, repeats)})
+            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: recorded
+                results.append({**asdict(plan), "error": f"{type(error).__name__}: {str(error)[:120]}"})
+        rows[f"{batch}x{tokens}"] = results
+        del case
+        free_memory()
+    return rows
 
 
 # --- correctness ---------------------------------------------------------------------------------
@@ -137,7 +212,7 @@ DECODE_CHECK_SHAPES = [(16, 32, 8, 7), (64, 32, 8, 64), (256, 28, 4, 3), (64, 32
 def triton_vs_reference(device: torch.device, longest: int = 40_000, shapes=DECODE_CHECK_SHAPES,
                         seed: int = 0) -> list[dict]:
     """The Triton decode against the torch reference on random layouts, several shapes (bf16)."""
-    from model_shards.attention.triton_paged_decode import paged_decode, paged_decode_reference
+    from model_shards.attention.triton_paged_decode import DecodePlan, paged_decode, paged_decode_reference
 
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -150,7 +225,8 @@ def triton_vs_reference(device: torch.device, longest: int = 40_000, shapes=DECO
         tables = torch.randperm(num_blocks, generator=generator)[:width * len(lengths)].view(len(lengths), width)
         tables, seq_lens = tables.to(device, torch.int32), torch.tensor(lengths, dtype=torch.int32, device=device)
         query = torch.randn(len(lengths), heads, HEAD_DIM, generator=generator).to(device=device, dtype=torch.bfloat16)
-        out = paged_decode(query, cache, tables, seq_lens, HEAD_DIM ** -0.5, splits).float()
+        plan = DecodePlan(max_splits=splits, min_split_tiles=1)
+        out = paged_decode(query, cache, tables, seq_lens, HEAD_DIM ** -0.5, max(lengths), plan).float()
         ref = paged_decode_reference(query, cache, tables, seq_lens, HEAD_DIM ** -0.5).float()
         error = ((out - ref).norm() / ref.norm()).item()
         rows.append({"block_size": block_size, "heads": heads, "kv_heads": kv_heads, "splits": splits,

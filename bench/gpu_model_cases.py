@@ -65,7 +65,8 @@ def load_hf(model_dir: str, device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def hf_single(model, tokens: int, device: torch.device, output_tokens: int = 32) -> dict:
-    """transformers' generate on the same prompt as engine_single: TTFT and time per token."""
+    """transformers' generate on the same prompt as engine_single: TTFT, and time per token unless
+    output_tokens is 0."""
     ids = torch.tensor([random_prompt(tokens, tokens, model.config.vocab_size)], device=device)
     model.generate(ids[:, :64], max_new_tokens=2, do_sample=False)  # warm-up
     if device.type == "cuda":
@@ -75,13 +76,18 @@ def hf_single(model, tokens: int, device: torch.device, output_tokens: int = 32)
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
     synchronize(device)
     ttft = time.perf_counter() - start
+    if output_tokens == 0:
+        return {"ttft_s": ttft, "peak_GiB": _peak_gib(device)}
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False)
     synchronize(device)
     total = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"ttft_s": ttft, "tpot_ms": (total - ttft) / (output_tokens - 1) * 1e3,
-            "tokens": out[0, tokens:tokens + 8].tolist(), "peak_GiB": peak}
+            "tokens": out[0, tokens:tokens + 8].tolist(), "peak_GiB": _peak_gib(device)}
+
+
+def _peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call for the KV tiers (~6 of its 10 minutes on one H200): GPU tier tests and the
-# cost-model tests, then restore-or-recompute at 4K..1M tokens (does the policy stay within 5% of
-# the faster?), then every path's bandwidth, Redis value parts and shard scaling with CPU seconds
-# per GB. Each bench is bounded (timeout) and rewrites its JSON after each table or length.
+# One device call for the KV tiers (~5 minutes on one H200): restore-or-recompute at 4K..1M tokens
+# (does the policy stay within 5% of the faster, document by document?), then where the Redis
+# client loses as shards grow (threads vs processes vs the whole client, against summed
+# redis-benchmark GET ceilings) and transfer rates by value size (DeepSeek-V4 block sizes).
+# Each bench is bounded (timeout) and rewrites its JSON after each table or length.
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_tiers.sh
 set -uo pipefail
@@ -13,11 +14,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "cpus: $(nproc)"
 stamp() { echo "[$(date +%T)] $*"; }
-stamp tests
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kvcache/test_tiers_gpu.py tests/kvcache/test_cost_model.py \
-    2>&1 | tail -3
 stamp restore_policy
-timeout 300 python3 bench/restore_policy.py --device cuda 2>&1 | tee "$OUT/restore_policy.txt"
-stamp kv_tiers
-timeout 150 python3 bench/kv_tiers.py --device cuda --skip-ttft 2>&1 | tee "$OUT/kv_tiers.txt"
+timeout ${POLICY_S:-160} python3 bench/restore_policy.py --device cuda --repeats 2 2>&1 | tee "$OUT/restore_policy.txt"
+stamp redis_scaling
+timeout ${SCALING_S:-75} python3 bench/redis_scaling.py --device cuda 2>&1 | tee "$OUT/redis_scaling.txt"
 stamp done

@@ -2,9 +2,11 @@
 and recomputing it, at every context length?
 
 Three long-lived engines share one redis-server, like replicas of one deployment:
-  writer  tiers on, restore_policy=always: prefills each document cold and writes its blocks
+  writer  tiers on, restore_policy=never: prefills each document cold and writes its blocks
           through to Redis. Its TTFT is the *recompute* reference (tiers on: an engine that
-          decides to recompute pays the same write-through).
+          decides to recompute pays the same write-through; never: it sends no probe, so a
+          policy that probes and then recomputes pays that round trip against it. Session 3's
+          writer was `always` and paid a probe, which flattered the policy at 4K: 0.78).
   always  restore_policy=always: restores each document from Redis, all of it: the *restore*
           reference.
   cost    restore_policy=cost, calibrated at start-up (engine/calibration.py): decides, possibly
@@ -12,7 +14,10 @@ Three long-lived engines share one redis-server, like replicas of one deployment
           the goal (`policy_vs_faster` <= 1.05).
 Context lengths run shortest first, so the cost engine meets each one with the estimates the
 shorter ones corrected (as a server that has been running). Each length runs on --repeats fresh
-documents (fewer for the long ones), and each column keeps its fastest run.
+documents (fewer for the long ones); each column keeps its fastest run, and `doc_ratios` gives
+every document's policy TTFT over the faster of its own two references (a wrong decision on one
+document shows there even when another document's was right). Every decision is logged with its
+estimates (kvcache.tier_manager), and the calibration's raw prefill steps (engine.calibration).
 
 GPU: Llama-3-8B's shape with --ttft-layers (2) of its 32 layers: per layer the same attention and
 KV per token, so recompute and restore both shrink 16x against the whole model, while fixed costs
@@ -27,7 +32,10 @@ Writes $OUT/restore_policy_<device>.json (or bench/results/).
 from __future__ import annotations
 
 import argparse
+import logging
 import random
+import statistics
+import sys
 import tempfile
 
 import torch
@@ -65,7 +73,7 @@ class Replicas:
         num_blocks = -(-max(args.contexts) // self.block_size) + 16
         block_nbytes = self._block_nbytes(args, model_dir)
         tiers = {"host_bytes": num_blocks * block_nbytes}
-        self.writer = engine_for(args, model_dir, num_blocks, url, restore_policy="always", **tiers)
+        self.writer = engine_for(args, model_dir, num_blocks, url, restore_policy="never", **tiers)
         self.always = engine_for(args, model_dir, num_blocks, url, restore_policy="always", **tiers)
         self.cost = engine_for(args, model_dir, num_blocks, url, restore_policy="cost", **tiers)
         self.calibrated = self.cost_model.describe()
@@ -104,7 +112,9 @@ def run_document(replicas: Replicas, doc: list[int]) -> dict:
     settle(replicas.cost)
     after = decisions(replicas.cost)
     last_tokens = len(doc) - eligible * replicas.block_size
+    faster_s = min(recompute["ttft_s"], restore["ttft_s"])
     return {"recompute_s": recompute["ttft_s"], "restore_s": restore["ttft_s"], "policy_s": policy["ttft_s"],
+            "doc_ratio": round(policy["ttft_s"] / faster_s, 3),
             "decision": "restore" if after["restore"] > before["restore"] else "recompute",
             "head_tokens": policy["computed_tokens"] - last_tokens if policy["redis_hit_tokens"] else 0,
             "redis_hit_tokens": policy["redis_hit_tokens"], "est_restore_s": round(estimate.restore_s, 4),
@@ -120,8 +130,12 @@ def bench_length(args, replicas: Replicas, rng: random.Random, vocab: int, lengt
     return {"context_tokens": length, **best, "faster": "restore" if best["restore_s"] < best["recompute_s"] else
             "recompute", "policy_vs_faster": round(best["policy_s"] / faster, 3),
             "within_goal": best["policy_s"] <= GOAL * faster,
-            "decisions": "/".join(run["decision"] for run in runs),
-            **{key: chosen[key] for key in ("head_tokens", "redis_hit_tokens", "est_restore_s", "est_recompute_s")}}
+            "decisions": "/".join(run["decision"] + (f"({run['head_tokens']})" if run["head_tokens"] else "")
+                                  for run in runs),
+            "doc_ratios": "/".join(str(run["doc_ratio"]) for run in runs),
+            "median_doc_ratio": round(statistics.median(run["doc_ratio"] for run in runs), 3),
+            **{key: chosen[key] for key in ("head_tokens", "redis_hit_tokens", "est_restore_s", "est_recompute_s")},
+            "runs": runs, "estimates_after": replicas.cost_model.describe()}
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -140,7 +154,8 @@ def run_lengths(args, replicas: Replicas, vocab: int, results: dict) -> list[dic
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             rows.append({"context_tokens": length, "faster": f"out of memory: {str(error).splitlines()[0][:80]}"})
             break  # an engine that ran out of memory mid-step is not trusted further
-        print_table(f"restore or recompute at {length} tokens", rows[-1:])
+        print_table(f"restore or recompute at {length} tokens", [_columns(rows[-1])])
+        print(f"estimates after {length} tokens: {rows[-1].get('estimates_after', '')}", flush=True)
         write_json(results_name(args), results)
     return rows
 
@@ -149,8 +164,19 @@ def results_name(args) -> str:
     return f"restore_policy_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
 
 
+def log_decisions() -> None:
+    """Each restore decision with its estimates, and the calibration's raw timings, on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(relativeCreated)9.0f ms %(name)s: %(message)s"))
+    for name, level in (("kvcache.tier_manager", logging.INFO), ("engine.calibration", logging.DEBUG)):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addHandler(handler)
+
+
 def main() -> None:
     args = parse_args()
+    log_decisions()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     layers = f"Llama-3-8B shape, {args.ttft_layers} of 32 layers" if device.type == "cuda" else "tiny model"
@@ -177,7 +203,7 @@ def main() -> None:
 def _columns(row: dict) -> dict:
     """Every row with every column (an out-of-memory row has few)."""
     keys = ("context_tokens", "recompute_s", "restore_s", "faster", "policy_s", "policy_vs_faster", "within_goal",
-            "decisions", "head_tokens", "redis_hit_tokens", "est_restore_s", "est_recompute_s")
+            "decisions", "doc_ratios", "median_doc_ratio", "est_restore_s", "est_recompute_s")
     return {key: row.get(key, "") for key in keys}
 
 

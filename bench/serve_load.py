@@ -337,12 +337,26 @@ def main() -> None:
                                 vocab, args.seed + level, prefix) for level in args.concurrency]
     slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     results = {"direct": asyncio.run(run_direct(config, workloads, slo))}
+    _print_progress("direct", results["direct"])
     for executor in args.executors.split(","):
+        _write(args, {"partial": True, "results": results})  # what a run cut short still leaves
         results[f"http_{executor}"] = run_served(config, executor, workloads, slo)
-    report = _report(args, results, workloads)
+        _print_progress(f"http_{executor}", results[f"http_{executor}"])
+    _write(args, _report(args, results, workloads))
+    print(f"\nwrote {args.out}")
+
+
+def _write(args, report: dict) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+
+
+def _print_progress(path: str, summaries: dict[str, dict]) -> None:
+    """One line per workload as each path finishes (the tables come at the end)."""
+    for name, summary in summaries.items():
+        print(f"{path} {name}: {summary['completed']} ok, {summary['failed']} failed, TTFT mean "
+              f"{summary['ttft_ms']['mean']} ms, TPOT mean {summary['tpot_ms']['mean']} ms, "
+              f"{summary['output_throughput_tok_per_s']} tok/s {summary['errors'][:1]}", flush=True)
 
 
 def _report(args, results: dict[str, dict[str, dict]], workloads: list[Workload]) -> dict:

@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from cluster.config import (
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_REDIS_STAGING_BYTES,
-    CacheSettings,
     ConfigError,
     LongctxConfig,
     ModelSettings,
@@ -46,7 +46,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help=f"default: {_default(ModelSettings, 'device')}")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None,
-                        help=f"tokens per KV block (default {_default(CacheSettings, 'block_size')})")
+                        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; DeepSeek-V4: the lcm of its compress rates)")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-tokens-per-step", type=int, default=None,
                         help=f"chunked-prefill budget (default {_default(SchedulerSettings, 'max_tokens_per_step')})")

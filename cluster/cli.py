@@ -94,19 +94,20 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generate(engine, [prompt], params, on_progress=progress)[0][0]
     finally:
         engine.shutdown()
+    block_size = engine.block_size  # resolved for the model (cluster/config.py)
     if progress is not None:
         progress.done()
     if result.error is not None:
         print(f"longctx: error: {result.error}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(_generation_json(result, config)))
+        print(json.dumps(_generation_json(result, block_size)))
     else:
         print(result.text)
     return 0
 
 
-def _generation_json(result, config: LongctxConfig) -> dict[str, Any]:
+def _generation_json(result, block_size: int) -> dict[str, Any]:
     return {
         "text": result.text,
         "token_ids": result.token_ids,
@@ -114,7 +115,7 @@ def _generation_json(result, config: LongctxConfig) -> dict[str, Any]:
         "usage": {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": len(result.token_ids)},
         "timing": {"ttft_s": result.ttft_s, "tpot_s": result.tpot_s},
         "kv": {
-            "block_size": config.cache.block_size,
+            "block_size": block_size,
             "blocks_used": result.num_kv_blocks,
             "prefix_hit_tokens": result.num_prefix_hit_tokens,
             "device_hit_tokens": (

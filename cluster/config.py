@@ -15,6 +15,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, mo
 
 # Host memory that stages Redis blocks when redis_urls are set and host_bytes is not.
 DEFAULT_REDIS_STAGING_BYTES = 1 << 30
+DEFAULT_BLOCK_SIZE = 64  # tokens per KV block when cache.block_size is not set (dense models)
 
 
 class _Frozen(BaseModel):
@@ -50,13 +51,27 @@ class CacheSettings(_Frozen):
     # 16, so block tables, hashing and scheduler metadata shrink 4x) while prefix sharing stays
     # fine-grained enough for chat turns. bench/engine_cpu.py measures hashing and scheduling per
     # block size; bench/block_size.py the paged decode and spill rates on a GPU.
-    block_size: int = Field(64, ge=1, le=4096, description="Tokens per KV block.")
+    block_size: int | None = Field(
+        None, ge=1, le=4096, description=f"Tokens per KV block; default: {DEFAULT_BLOCK_SIZE}, or for DeepSeek-V4 the "
+        "least common multiple of its compress rates (16 for the tiny preset, 128 for V4-Flash), so that every block "
+        "boundary closes every compression window. An explicit size must be a multiple of it."
+    )
     num_device_blocks: int | None = Field(
         None, ge=1, description="Device KV blocks; default: from device_memory_fraction (GPU) or cpu_kv_bytes (CPU)."
     )
     device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU memory share for weights + KV.")
     cpu_kv_bytes: ByteSize = Field(1 << 30, ge=1, description="KV cache bytes when the model runs on the CPU.")
     enable_prefix_caching: bool = Field(True, description="Name full blocks by their prefix hash so later requests share them.")
+
+    def resolved_block_size(self, multiple_of: int = 1) -> int:
+        """The block size a model whose blocks must hold whole `multiple_of`-token pieces uses:
+        the configured one (checked) or the default (64 for dense models: multiple_of 1)."""
+        if self.block_size is None:
+            return DEFAULT_BLOCK_SIZE if multiple_of == 1 else multiple_of
+        if self.block_size % multiple_of:
+            raise ConfigError(f"cache.block_size {self.block_size} must be a multiple of {multiple_of} for this model "
+                              f"(its compression windows), e.g. {multiple_of}, {2 * multiple_of} or {4 * multiple_of}")
+        return self.block_size
 
 
 class SchedulerSettings(_Frozen):
@@ -270,7 +285,8 @@ class KVTierSettings(_Frozen):
     )
     restore_margin: float = Field(
         0.1, ge=0, description="cost policy: restore only when estimated restore time x (1 + this) is below the "
-        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more)."
+        "estimated recompute time (a restore also spends Redis bandwidth and host memory, and varies more); "
+        "recompute a head while fetching the rest only when that beats restoring the whole run by as much."
     )
     calibration_budget_s: float = Field(
         3.0, ge=0, description="At start-up, time a few prefill steps and host<->device and Redis transfers on "
@@ -287,6 +303,11 @@ class KVTierSettings(_Frozen):
                                                        "or measured.")
     initial_prefill_tokens_per_s: float = Field(
         10_000.0, gt=0, description="Prefill rate estimate (short prompts) until calibrated or measured."
+    )
+    initial_split_fetch_slowdown: float = Field(
+        1.5, gt=0, description="How many times longer a Redis fetch takes while the request's first blocks are "
+        "recomputed meanwhile than alone, until such a split restore measures it (the start-up probe does not; "
+        "1.65 on the H200 host)."
     )
     transfer_chunk_bytes: ByteSize = Field(
         64 << 20, ge=1, description="Device staging per batched host<->device copy (bounds the extra device memory)."
@@ -419,10 +440,19 @@ class LongctxConfig(_Frozen):
     def _budget_covers_decodes(self) -> "LongctxConfig":
         if self.scheduler.max_tokens_per_step < 1:
             raise ValueError("scheduler.max_tokens_per_step must be >= 1")
-        if self.cache.block_size % self.parallel.sequence_parallel_size:
+        if (self.cache.block_size or DEFAULT_BLOCK_SIZE) % self.parallel.sequence_parallel_size:
             # each SP rank holds block_size / sp positions of every block
             raise ValueError("cache.block_size must be divisible by parallel.sequence_parallel_size")
         return self
+
+    def for_model(self, block_multiple: int = 1) -> "LongctxConfig":
+        """This config with `cache.block_size` resolved for a model whose blocks must hold whole
+        `block_multiple`-token pieces (CacheSettings.resolved_block_size): made once, at engine
+        start, and handed to every part from there."""
+        block_size = self.cache.resolved_block_size(block_multiple)
+        if block_size == self.cache.block_size:
+            return self
+        return self.model_copy(update={"cache": self.cache.model_copy(update={"block_size": block_size})})
 
     def with_overrides(self, overrides: dict[str, Any]) -> "LongctxConfig":
         """A new config with dotted keys replaced: {"cache.block_size": 16}. None values are skipped."""

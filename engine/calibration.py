@@ -2,12 +2,19 @@
 
 Before the first request the engine times, on its own workers:
 
-  prefill    throwaway requests of random tokens, never cached: one block at position 0, then
-             two full chunks (the second attends to the first: it separates attention from
-             weights); all of it twice, the first round untimed (first calls of a shape pay for
-             kernel plans, ~70 ms each with cuDNN, and allocations);
+  prefill    throwaway requests of random tokens, never cached: one block at position 0, half
+             a chunk at 0, then three full chunks, the shape serving computes long prompts in
+             (block vs. half vs. full chunk separates a step's fixed cost from the weights; the
+             first full chunk vs. the second the extra of a chunk with context; the second vs.
+             the third attention). On the H200 a probe of one block and two chunks could not
+             tell these apart: it put the weights at zero cost and attention at 1/4 of its rate,
+             and the estimate was 3.5x low at 16K tokens and 3.7x high at 256K. Each shape is
+             run once untimed first (first calls of a shape pay for kernel plans, ~70 ms each
+             with cuDNN, and allocations);
   transfers  one block and up to CALIBRATION_BYTES each way between device and host memory,
              and host <-> Redis under throwaway keys deleted after (KVTransfer.calibrate);
+  round trip with Redis on: a probe of throwaway keys sent in one engine step and polled for in
+             the next ones, as a prefetch's probe and fetch are (twice, the second timed);
 
 and the cost model (kvcache/tiers/cost_model.py) takes the timings as its priors; serving then
 corrects them with every measured step and restore. Bounded: no prefill step starts once
@@ -22,6 +29,7 @@ never see it, and its device blocks are allocated and freed without a name (noth
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -29,6 +37,7 @@ from collections.abc import Sequence
 from cluster.config import LongctxConfig
 from executors import Executor
 from kvcache.coordinator import KVCacheCoordinator
+from kvcache.tier_manager import IDLE_POLL_S
 from protocol.kv_transfer_ops import HOST_TO_DEVICE, REDIS_TO_HOST, KVTransferOps
 from protocol.sampling_params import SamplingParams
 from protocol.step import CachedRequestData, NewRequestData, StepInput
@@ -38,6 +47,9 @@ logger = logging.getLogger(__name__)
 CALIBRATION_BYTES = 256 << 20  # per path: enough that a transfer's bytes outweigh its fixed cost
 _REQUEST_ID = "longctx-calibration"
 _GREEDY = SamplingParams(max_tokens=1, temperature=0.0)  # draws nothing from the workers' RNG
+_FULL_CHUNKS = 3  # the long request of the prefill probe
+_PROBE_ID = -1  # the driver's own probe ids count from 0
+_ROUND_TRIP_LIMIT_S = 1.0  # a probe not answered by then: no round trip measured
 
 Timing = tuple[tuple[tuple[int, int], ...], float]  # ((first position, tokens) per chunk, seconds)
 
@@ -48,33 +60,38 @@ def calibrate_restore_estimates(config: LongctxConfig, executor: Executor, kv_ca
     nothing when the cost policy has no tiers to decide about or no budget."""
     tiers = kv_cache.tiers
     budget_s = config.kv_tiers.calibration_budget_s
-    if tiers.host is None or tiers.cost.policy != "cost" or budget_s <= 0:
-        return
+    if tiers.host is None or tiers.cost.policy != "cost" or budget_s <= 0 or kv_cache.extra_groups:
+        return  # (a hybrid model's estimates start from the defaults and learn from its steps)
     start = time.monotonic()
     steps = _prefill_timings(executor, kv_cache, config.scheduler.max_tokens_per_step, vocab_size, max_model_len,
                              deadline=start + budget_s)
     loads, fetches = _transfer_timings(executor)
-    tiers.cost.calibrate(steps, loads, fetches)
-    logger.info("restore estimates calibrated in %.2f s (%d prefill steps, %d transfers): %s",
-                time.monotonic() - start, len(steps), len(loads) + len(fetches), tiers.cost.describe())
+    round_trip_s = _round_trip_seconds(executor) if tiers.redis_enabled else 0.0
+    tiers.cost.calibrate(steps, loads, fetches, round_trip_s)
+    logger.info("restore estimates calibrated in %.2f s (%d prefill steps, %d transfers, a step round trip "
+                "%.2f ms): %s", time.monotonic() - start, len(steps), len(loads) + len(fetches), round_trip_s * 1e3,
+                tiers.cost.describe())
+    logger.debug("calibration prefill steps (spans, seconds): %s", steps)
 
 
 def _prefill_timings(executor: Executor, kv_cache: KVCacheCoordinator, budget_tokens: int, vocab_size: int,
                      max_model_len: int, deadline: float) -> list[Timing]:
     block_size = kv_cache.block_size
-    # Two chunks and a block must fit the device and the positions the model knows.
-    room = min(kv_cache.num_blocks * block_size, max_model_len - 1) // 2 - block_size
+    # The full chunks must fit the device and the positions the model knows.
+    room = min(kv_cache.num_blocks * block_size, max_model_len - 1) // _FULL_CHUNKS
     chunk = min(budget_tokens, room) // block_size * block_size
     if chunk < block_size:
         return []
+    half = max(block_size, chunk // 2 // block_size * block_size)
     rng = random.Random(0)
     timings: list[Timing] = []
-    for round_ in range(2):  # the first round only warms up
-        for chunks in ([block_size], [chunk, chunk]):
+    # The first round only warms up: each shape once (a chunk with context, one without).
+    for timed, full_chunks in ((False, 2), (True, _FULL_CHUNKS)):
+        for chunks in ([block_size], [half], [chunk] * full_chunks):
             if time.monotonic() > deadline:
                 return timings
             measured = _run_request(executor, kv_cache, chunks, vocab_size, rng, deadline)
-            timings += measured if round_ else []
+            timings += measured if timed else []
     return timings
 
 
@@ -110,3 +127,23 @@ def _transfer_timings(executor: Executor) -> tuple[list[tuple[int, float]], list
     samples = report.transfers if report is not None else ()
     return ([(s.nbytes, s.seconds) for s in samples if s.path == HOST_TO_DEVICE],
             [(s.nbytes, s.seconds) for s in samples if s.path == REDIS_TO_HOST])
+
+
+def _round_trip_seconds(executor: Executor) -> float:
+    """A probe of throwaway keys out in one step, answered in a later idle step; 0.0 if none
+    came within _ROUND_TRIP_LIMIT_S. Twice: the first pays for connecting."""
+    seconds = 0.0
+    for _ in range(2):
+        hashes = tuple(os.urandom(32) for _ in range(16))
+        start = time.perf_counter()
+        report = executor.execute(StepInput(0, kv_transfers=KVTransferOps(probes=((_PROBE_ID, hashes),)))).kv_report
+        while not _answered(report):
+            if time.perf_counter() - start > _ROUND_TRIP_LIMIT_S:
+                return 0.0
+            report = executor.execute(StepInput(0, kv_transfers=KVTransferOps(poll_timeout_s=IDLE_POLL_S))).kv_report
+        seconds = time.perf_counter() - start
+    return seconds
+
+
+def _answered(report) -> bool:
+    return report is not None and any(probe_id == _PROBE_ID for probe_id, _ in report.probed)

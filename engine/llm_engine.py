@@ -20,6 +20,7 @@ from engine.scheduler import Scheduler
 from engine.progress import PrefillProgressLog
 from engine.summary import EngineSummary, redis_shard_names
 from executors import Executor, create_executor, executor_backend
+from kvcache.block_groups import extra_group_specs
 from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
@@ -65,19 +66,20 @@ class _Sequence:
 class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         start = time.perf_counter()
-        self.config = config
         self.architecture = load_architecture(config.model.path)
-        if self.architecture.architecture == "deepseek_v4":
-            raise ModelFolderError(f"{config.model.path}: DeepSeek-V4 (model_shards/deepseek_v4) is not served by the "
-                                   "engine yet: its hybrid KV cache awaits the KV-cache coordinator")
+        # The block size, resolved once for this model (DeepSeek-V4: whole compression windows).
+        config = self.config = config.for_model(self.architecture.kv_block_multiple)
+        self._check_hybrid_support(config)
         self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
         self.executor = executor or create_executor(config)
         self.block_size = config.cache.block_size
         # Device blocks, prefix cache, host and Redis tiers; metrics in this engine's own registry.
+        extra_groups = zip(extra_group_specs(self.architecture), self.executor.description.extra_group_blocks)
         self.kv_cache = KVCacheCoordinator.from_config(config, self.executor.description,
-                                                       flops=PrefillFlops.of(self.architecture))
+                                                       flops=PrefillFlops.of(self.architecture),
+                                                       extra_groups=tuple(extra_groups))
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         # Restore-or-recompute estimates measured on this machine before the first request.
         calibrate_restore_estimates(config, self.executor, self.kv_cache, self.architecture.vocab_size,
@@ -87,6 +89,13 @@ class LLMEngine:
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
         self.prefill_progress = PrefillProgressLog()
         self.load_seconds = time.perf_counter() - start
+
+    def _check_hybrid_support(self, config: LongctxConfig) -> None:
+        """What the DeepSeek-V4 worker does not do yet, refused in one line before any rank starts."""
+        if self.architecture.architecture != "deepseek_v4":
+            return
+        if config.parallel.sequence_parallel_size > 1:
+            raise ModelFolderError(f"{config.model.path}: DeepSeek-V4 runs with parallel.sequence_parallel_size 1")
 
     # --- requests ------------------------------------------------------------------------
     def add_request(
@@ -158,6 +167,8 @@ class LLMEngine:
             )
 
     def _check_prompt_logprobs(self, params: SamplingParams) -> None:
+        if params.prompt_logprobs is not None and self.architecture.architecture == "deepseek_v4":
+            raise InvalidParameterError("prompt_logprobs", "prompt logprobs are not computed for DeepSeek-V4 models yet")
         if params.prompt_logprobs is not None and self.config.parallel.sequence_parallel_size > 1:
             raise InvalidParameterError(
                 "prompt_logprobs", "prompt logprobs need parallel.sequence_parallel_size 1 (SP splits the prompt's rows)"

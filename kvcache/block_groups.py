@@ -30,6 +30,16 @@ class KVCacheGroupSpec:
 FULL_ATTENTION = KVCacheGroupSpec("full_attention")
 
 
+def extra_group_specs(architecture) -> tuple[KVCacheGroupSpec, ...]:
+    """A model's KV groups after group 0. DeepSeek-V4: group 0 holds the compressed entries (and
+    indexer keys, and the overlap state at each block's end: kind full, prefix-cached); one more
+    holds every layer's raw K(=V), read only by the sliding window of W - 1 tokens before a query.
+    A dense model has none."""
+    if architecture.architecture != "deepseek_v4":
+        return ()
+    return (KVCacheGroupSpec("window", "sliding_window", architecture.sliding_window - 1),)
+
+
 class BlockGroup(Protocol):
     spec: KVCacheGroupSpec
 
@@ -42,10 +52,12 @@ class BlockGroup(Protocol):
     def servable_prefix(self, block_hashes: Sequence[bytes], max_blocks: int) -> int:
         """The longest prefix (in blocks, at most `max_blocks`) this group can serve from cache."""
 
-    def can_allocate(self, request_id: str, num_tokens: int, hit_blocks: int, block_hashes: Sequence[bytes]) -> bool: ...
+    def can_allocate(self, request_id: str, num_tokens: int, hit_blocks: int, block_hashes: Sequence[bytes],
+                     restored_blocks: int = 0) -> bool:
+        """`hit_blocks`: the prefix hit, its last `restored_blocks` restored from a KV tier."""
 
-    def allocate(self, request_id: str, num_tokens: int, hit_blocks: int,
-                 block_hashes: Sequence[bytes]) -> list[int] | None: ...
+    def allocate(self, request_id: str, num_tokens: int, hit_blocks: int, block_hashes: Sequence[bytes],
+                 restored_blocks: int = 0) -> list[int] | None: ...
 
     def on_tokens_computed(self, request_id: str, block_hashes: Sequence[bytes], num_computed_tokens: int) -> None: ...
 
@@ -92,11 +104,13 @@ class FullGroup(_ManagedGroup):
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, request_id, num_tokens, hit_blocks, block_hashes) -> bool:
-        return self.manager.can_allocate(request_id, num_tokens, self._hits(block_hashes, hit_blocks))
+    def can_allocate(self, request_id, num_tokens, hit_blocks, block_hashes, restored_blocks=0) -> bool:
+        cached = self._hits(block_hashes, hit_blocks - restored_blocks)  # restored ones: new blocks
+        return self.manager.can_allocate(request_id, num_tokens, cached)
 
-    def allocate(self, request_id, num_tokens, hit_blocks, block_hashes) -> list[int] | None:
-        return self.manager.allocate_slots(request_id, num_tokens, self._hits(block_hashes, hit_blocks))
+    def allocate(self, request_id, num_tokens, hit_blocks, block_hashes, restored_blocks=0) -> list[int] | None:
+        cached = self._hits(block_hashes, hit_blocks - restored_blocks)
+        return self.manager.allocate_slots(request_id, num_tokens, cached)
 
     def on_tokens_computed(self, request_id, block_hashes, num_computed_tokens) -> None:
         self.manager.cache_full_blocks(request_id, block_hashes, num_computed_tokens)
@@ -110,11 +124,11 @@ class SlidingWindowGroup(_ManagedGroup):
     def servable_prefix(self, block_hashes: Sequence[bytes], max_blocks: int) -> int:
         return self.manager.servable_prefix(block_hashes, max_blocks)
 
-    def can_allocate(self, request_id, num_tokens, hit_blocks, block_hashes) -> bool:
-        return self.manager.can_allocate(request_id, num_tokens, hit_blocks, block_hashes)
+    def can_allocate(self, request_id, num_tokens, hit_blocks, block_hashes, restored_blocks=0) -> bool:
+        return self.manager.can_allocate(request_id, num_tokens, hit_blocks, block_hashes, restored_blocks)
 
-    def allocate(self, request_id, num_tokens, hit_blocks, block_hashes) -> list[int] | None:
-        return self.manager.allocate_slots(request_id, num_tokens, hit_blocks, block_hashes)
+    def allocate(self, request_id, num_tokens, hit_blocks, block_hashes, restored_blocks=0) -> list[int] | None:
+        return self.manager.allocate_slots(request_id, num_tokens, hit_blocks, block_hashes, restored_blocks)
 
     def on_tokens_computed(self, request_id, block_hashes, num_computed_tokens) -> None:
         """Name the full blocks first, then free what the next chunk can no longer read."""

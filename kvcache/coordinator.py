@@ -21,8 +21,9 @@ one table per request. A hybrid model (DeepSeek-V4: raw KV of a sliding window n
 entries) adds groups that share the block size and the prefix hashes but keep their own pools:
 a hit is the longest prefix that every group can serve, an allocation succeeds in every group
 or in none, and a sliding-window group frees the blocks that leave its window. The step message
-carries one block table per group (group 0 first). The host / Redis tiers back group 0 only, so
-they are refused for a model with more groups until they move every group's blocks.
+carries one block table per group (group 0 first). The host / Redis tiers back group 0; with one
+sliding-window group beside it (DeepSeek-V4) a tier slot holds block i of both groups, written
+through when computed (kvcache/tier_manager.py: a restored prefix resumes from its window).
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class KVCacheCoordinator:
         self.device = device
         self.tiers = tiers or TierManager.disabled(device.block_size)
         self.extra_groups = tuple(extra_groups)
-        if self.extra_groups and self.tiers.host is not None:
-            raise ConfigError("kv_tiers: the host and Redis tiers back models with one kind of KV only")
+        window_groups = [g for g in self.extra_groups if g.spec.kind == "sliding_window"]
+        if self.tiers.host is not None and (len(self.extra_groups) > 1 or len(window_groups) != len(self.extra_groups)):
+            raise ConfigError("kv_tiers: the host and Redis tiers back one kind of KV, or a sliding window beside it")
 
     @classmethod
     def from_config(cls, config: LongctxConfig, workers: WorkerDescription, flops: PrefillFlops | None = None,
@@ -94,11 +96,12 @@ class KVCacheCoordinator:
         block_size, prefix_caching = config.cache.block_size, config.cache.enable_prefix_caching
         # Without prefix caching no block has a name, so no tier could ever find one.
         tier_settings = config.kv_tiers if prefix_caching else KVTierSettings()
+        groups = [make_group(spec, num_blocks, block_size, prefix_caching) for spec, num_blocks in extra_groups]
+        window_blocks = sum(group.manager.blocks_in_window for group in groups if group.spec.kind == "sliding_window")
         tiers = TierManager(tier_settings, block_size, workers.kv_block_nbytes, flops=flops,
-                            chunk_tokens=config.scheduler.max_tokens_per_step)
+                            chunk_tokens=config.scheduler.max_tokens_per_step, window_blocks=window_blocks)
         device = KVCacheManager(workers.num_kv_blocks, block_size, prefix_caching, on_evict=tiers.on_device_evict)
         tiers.track_device(device.pool)
-        groups = [make_group(spec, num_blocks, block_size, prefix_caching) for spec, num_blocks in extra_groups]
         return cls(device, tiers, groups)
 
     # --- sizes ---------------------------------------------------------------------------------
@@ -164,20 +167,26 @@ class KVCacheCoordinator:
         queued for restore. None when a group is short: nothing changed (a hit's restore is
         released)."""
         device_hits = hit.device_block_ids if hit is not None else ()
-        if not self._can_allocate(request, num_tokens, device_hits):
+        if not self._can_allocate(request, num_tokens, device_hits, len(hit.restore.slots) if hit else 0):
             if hit is not None:
                 self.tiers.cancel(hit.restore)
             return None
         new_blocks = self.device.allocate_slots(request.request_id, num_tokens, device_hits)
-        if hit is not None:
-            self.tiers.commit(hit.restore, new_blocks)
-        extra = [group.allocate(request.request_id, num_tokens, len(device_hits), request.block_hashes)
-                 for group in self.extra_groups]
+        restored = len(hit.restore.slots) if hit is not None else 0
+        extra = [group.allocate(request.request_id, num_tokens, len(device_hits) + restored, request.block_hashes,
+                                restored) for group in self.extra_groups]
+        if hit is not None:  # restores land in the new blocks of every group
+            self.tiers.commit(hit.restore, new_blocks, self._window_table(request.request_id))
         return (new_blocks, *extra)
 
-    def _can_allocate(self, request: TieredRequest, num_tokens: int, device_hits: Sequence[int]) -> bool:
+    def _window_table(self, request_id: str) -> list[int]:
+        return self.extra_groups[0].block_table(request_id) if self.extra_groups else []
+
+    def _can_allocate(self, request: TieredRequest, num_tokens: int, device_hits: Sequence[int],
+                      restored: int = 0) -> bool:
         return self.device.can_allocate(request.request_id, num_tokens, device_hits) and all(
-            group.can_allocate(request.request_id, num_tokens, len(device_hits), request.block_hashes)
+            group.can_allocate(request.request_id, num_tokens, len(device_hits) + restored, request.block_hashes,
+                               restored)
             for group in self.extra_groups)
 
     def free(self, request_id: str) -> None:
@@ -190,7 +199,8 @@ class KVCacheCoordinator:
         """Name the request's newly full blocks, write them through to the tiers, and let a
         sliding window free what it no longer reads."""
         self.device.cache_full_blocks(request.request_id, request.block_hashes, request.num_computed_tokens)
-        self.tiers.on_blocks_computed(request, self.device.block_table(request.request_id))
+        self.tiers.on_blocks_computed(request, self.device.block_table(request.request_id),
+                                      self._window_table(request.request_id))
         for group in self.extra_groups:
             group.on_tokens_computed(request.request_id, request.block_hashes, request.num_computed_tokens)
 

@@ -12,7 +12,9 @@ table, left to right:
 The next chunk starting at token s reads positions [s - window_tokens, s): blocks wholly before
 that are released (`release_before`). Released blocks that were full stay findable by hash
 until reused, so a later request sharing the prefix can resume: a prefix of k blocks is servable
-when the blocks covering its last `window_tokens` tokens are all still cached.
+when the blocks covering its last `window_tokens` tokens are all still cached. A prefix hit may
+end in blocks restored from a KV tier (`restored_blocks`): those of them in the window get fresh
+blocks here, which the tier loads (kvcache/tier_manager.py).
 """
 
 from __future__ import annotations
@@ -60,36 +62,42 @@ class SlidingWindowManager:
         return 0
 
     def _window_hits(self, block_hashes: Sequence[bytes], num_blocks: int) -> list[int] | None:
-        first = max(0, num_blocks - self.blocks_in_window)
-        hits = [self.pool.lookup(block_hash) for block_hash in block_hashes[first:num_blocks]]
+        return self._cached_hits(block_hashes, max(0, num_blocks - self.blocks_in_window), num_blocks)
+
+    def _cached_hits(self, block_hashes: Sequence[bytes], first: int, stop: int) -> list[int] | None:
+        """Cached blocks named block_hashes[first:stop], or None if one is not cached."""
+        hits = [self.pool.lookup(block_hash) for block_hash in block_hashes[first:max(first, stop)]]
         return None if None in hits else hits
 
     # --- allocation ----------------------------------------------------------------------------
     def can_allocate(self, request_id: str, num_tokens: int, hit_blocks: int = 0,
-                     block_hashes: Sequence[bytes] = ()) -> bool:
+                     block_hashes: Sequence[bytes] = (), restored_blocks: int = 0) -> bool:
         table = self._block_tables.get(request_id)
         if table is not None:
             return self._blocks_for(num_tokens) - len(table) <= self.pool.num_free_blocks
-        hits = self._window_hits(block_hashes, hit_blocks) or []
+        first_live = max(0, hit_blocks - self.blocks_in_window)
+        hits = self._cached_hits(block_hashes, first_live, hit_blocks - restored_blocks) or []
         num_hits_on_free = sum(1 for b in hits if self.pool.ref_count(b) == 0)
-        num_new = max(0, self._blocks_for(num_tokens) - hit_blocks)
+        num_new = max(0, self._blocks_for(num_tokens) - first_live - len(hits))
         return num_new + num_hits_on_free <= self.pool.num_free_blocks
 
     def allocate_slots(self, request_id: str, num_tokens: int, hit_blocks: int = 0,
-                       block_hashes: Sequence[bytes] = ()) -> list[int] | None:
+                       block_hashes: Sequence[bytes] = (), restored_blocks: int = 0) -> list[int] | None:
         """Grow the table to cover `num_tokens` tokens; on the first call the prefix of
-        `hit_blocks` blocks (from `servable_prefix`) heads it, nulls before its window. Returns
-        the new block ids, or None (nothing changed) when the pool is short."""
-        if not self.can_allocate(request_id, num_tokens, hit_blocks, block_hashes):
+        `hit_blocks` blocks heads it, nulls before its window: cached blocks (from
+        `servable_prefix`), then fresh ones for the last `restored_blocks` (a tier fills them).
+        Returns the new block ids, or None (nothing changed) when the pool is short."""
+        if not self.can_allocate(request_id, num_tokens, hit_blocks, block_hashes, restored_blocks):
             return None
         table = self._block_tables.get(request_id)
         if table is None:
-            hits = self._window_hits(block_hashes, hit_blocks) if hit_blocks else []
+            first_live = max(0, hit_blocks - self.blocks_in_window)
+            hits = self._cached_hits(block_hashes, first_live, hit_blocks - restored_blocks)
             if hits is None:
                 raise ValueError(f"request {request_id!r}: a window block of its prefix hit was evicted")
             self.pool.retain(hits)
-            table = self._block_tables[request_id] = [NULL_BLOCK] * (hit_blocks - len(hits)) + hits
-            self._num_marked[request_id] = hit_blocks
+            table = self._block_tables[request_id] = [NULL_BLOCK] * first_live + hits
+            self._num_marked[request_id] = first_live + len(hits)  # restored blocks are named once loaded
         new_block_ids = self.pool.allocate(max(0, self._blocks_for(num_tokens) - len(table)))
         table.extend(new_block_ids)
         return new_block_ids

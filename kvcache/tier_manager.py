@@ -25,6 +25,15 @@ fetch that fails verification is a miss: the run ends there and the rest is reco
 cost model splits the run, the request is admitted at once to compute the run's first blocks
 while the rest is fetched, pauses after them (`RestorePlan.pause_block`), and comes back for the
 rest.
+
+A hybrid model (`window_blocks` > 0: DeepSeek-V4's compressed entries in group 0 beside a sliding
+window group) stores block i as its group-0 block and its window block i in one slot: a restored
+prefix of k blocks reads compressed blocks 0 .. k-1 and the window blocks covering its last
+window. A window block is freed as the window moves on, so only a block saved just after it was
+computed has its window part: every hybrid block is written through to host when computed (and
+on to Redis when configured), and nothing is spilled on eviction, so that every slot (and every
+Redis value) holds both parts. Restores load the window part of the run's last `window_blocks`
+blocks into the request's fresh window blocks.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ logger = logging.getLogger(__name__)
 DEVICE = "device"
 # How long an idle step may wait in the worker for a fetch to land: short enough to admit the
 # waiting request promptly, long enough that the engine does not spin through empty steps.
-_IDLE_POLL_S = 0.005
+IDLE_POLL_S = 0.005
 
 
 class TieredRequest(Protocol):
@@ -96,10 +105,12 @@ class RestorePlan:
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
                  metrics: TierObserver | None = None, clock: Callable[[], float] = time.monotonic,
-                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None):
+                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None, window_blocks: int = 0):
         """`flops`: the model's prefill cost (PrefillFlops.of(architecture)); without it the
-        recompute estimate is linear in tokens. `chunk_tokens`: the scheduler's step budget."""
+        recompute estimate is linear in tokens. `chunk_tokens`: the scheduler's step budget.
+        `window_blocks`: a hybrid model's window blocks a resume reads (0: one kind of KV)."""
         self.settings = settings
+        self.window_blocks = window_blocks
         self.block_size = block_size
         self.block_nbytes = block_nbytes
         self.metrics = metrics if metrics is not None else TierMetrics()
@@ -172,9 +183,13 @@ class TierManager:
         pause = self.prefetch.pause_block(request.request_id, num_device_blocks + len(slots)) if self.prefetch else None
         return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots), pause_block=pause)
 
-    def commit(self, plan: RestorePlan, new_block_ids: Sequence[int]) -> None:
-        """The request got its device blocks: load the plan's slots into the first of them."""
+    def commit(self, plan: RestorePlan, new_block_ids: Sequence[int], window_table: Sequence[int] = ()) -> None:
+        """The request got its device blocks: load the plan's slots into the first of them (and a
+        hybrid model's window parts of the last ones into its window table's blocks)."""
         self._ops.loads.extend(zip(plan.slots, new_block_ids))
+        end = plan.first_block + len(plan.slots)
+        for index in range(max(plan.first_block, end - self.window_blocks), end):
+            self._ops.window_loads.append((plan.slots[index - plan.first_block], window_table[index]))
         self._step_pins.extend(plan.slots)  # the plan's pins now last until the step is done
         for slot in plan.slots:
             self.host.mark_restored(slot)
@@ -207,26 +222,32 @@ class TierManager:
 
     # --- spills ------------------------------------------------------------------------------
     def on_device_evict(self, block_id: int, block_hash: bytes) -> None:
-        """BlockPool's on_evict: the block's KV is intact until this step's forward pass."""
-        if self.host is not None:
+        """BlockPool's on_evict: the block's KV is intact until this step's forward pass (a
+        hybrid block's window part is long gone: it was written through when computed)."""
+        if self.host is not None and not self.window_blocks:
             self._spill(block_id, block_hash, write_through=False)
 
-    def on_blocks_computed(self, request: TieredRequest, block_table: Sequence[int]) -> None:
-        """Write-through: copy the request's newly full blocks to host and on to Redis."""
+    def on_blocks_computed(self, request: TieredRequest, block_table: Sequence[int],
+                           window_table: Sequence[int] = ()) -> None:
+        """Write-through: copy the request's newly full blocks to host and on to Redis (a hybrid
+        model's to host always, with their window parts: `window_table`)."""
         start = self._write_through_from.get(request.request_id)
-        if start is None or not (self.redis_enabled and self.settings.redis_write_through and self.redis_up):
+        to_redis = self.redis_enabled and self.settings.redis_write_through and self.redis_up
+        if start is None or not (to_redis or (self.window_blocks and self.host is not None)):
             return  # while Redis is down, blocks wait here (and spill to host on eviction)
         end = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
         for index in range(start, end):
-            self._spill(block_table[index], request.block_hashes[index], write_through=True)
+            window_block = window_table[index] if self.window_blocks else None
+            if window_block is None or window_block >= 0:  # (a freed window block has no part to save)
+                self._spill(block_table[index], request.block_hashes[index], to_redis, window_block)
         self._write_through_from[request.request_id] = max(start, end)
 
-    def _spill(self, block_id: int, block_hash: bytes, write_through: bool) -> None:
+    def _spill(self, block_id: int, block_hash: bytes, write_through: bool, window_block: int | None = None) -> None:
         slot = self.host.lookup(block_hash)
         if slot is not None:
             self.host.touch(slot)  # host already holds it: keep the copy fresh in the LRU order
         else:
-            slot = self._save(block_id, block_hash)
+            slot = self._save(block_id, block_hash, window_block)
             if slot is None:
                 return
         if write_through and not self.host.in_redis(slot) and slot not in self._writing:
@@ -234,13 +255,15 @@ class TierManager:
             self._writing.add(slot)
             self._ops.write_throughs.append((slot, block_hash))
 
-    def _save(self, block_id: int, block_hash: bytes) -> int | None:
+    def _save(self, block_id: int, block_hash: bytes, window_block: int | None = None) -> int | None:
         slots = self.host.allocate(1)
         if not slots:  # every slot is held by a transfer in flight
             self.metrics.record_spill_dropped()
             return None
         self.host.fill(slots[0], block_hash, HOST, in_redis=False)
         self._ops.saves.append((block_id, slots[0]))
+        if window_block is not None:
+            self._ops.window_saves.append((window_block, slots[0]))
         self._step_pins.append(slots[0])
         return slots[0]
 
@@ -248,8 +271,8 @@ class TierManager:
         """Copy the cached blocks next in eviction order to host before anyone needs their
         memory (the low watermark): evicting them later costs no copy. Free blocks are not
         written by this step's forward pass (its blocks were taken from the queue already)."""
-        if self.host is None or self._pool is None or not self._watermark_blocks:
-            return
+        if self.host is None or self._pool is None or not self._watermark_blocks or self.window_blocks:
+            return  # (a hybrid block went to host when it was computed)
         budget = self.settings.spill_ahead_max_blocks_per_step
         for block_id, block_hash in self._pool.next_to_evict(self._watermark_blocks):
             if budget == 0:
@@ -282,7 +305,7 @@ class TierManager:
             return None
         if health_due:
             self._next_health_report = self.clock() + self.settings.redis_health_check_period_s
-        return self._ops.take(_IDLE_POLL_S if idle and in_flight else 0.0)
+        return self._ops.take(IDLE_POLL_S if idle and in_flight else 0.0)
 
     def _health_report_due(self) -> bool:
         """An idle replica still steps this often while Redis is configured: the worker pings

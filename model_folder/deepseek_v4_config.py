@@ -96,6 +96,13 @@ class DeepseekV4Architecture:
         """Source tokens per compressed entry of a CSA or HCA layer."""
         return dict(self.compress_rates)[layer_type]
 
+    @property
+    def kv_block_multiple(self) -> int:
+        """A KV block must hold whole compression windows of every layer type: then each block
+        boundary closes them all, nothing is pending there, and a cached prefix resumes from its
+        blocks alone (model_shards/deepseek_v4/kv_pages.py)."""
+        return math.lcm(*(rate for _, rate in self.compress_rates))
+
     def tensor_parallel_sizes(self) -> list[int]:
         """TP sizes that split query heads, output groups, indexer heads, experts (expert
         parallelism over the same ranks) and the shared expert's channels evenly."""

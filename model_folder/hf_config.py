@@ -70,6 +70,11 @@ class ModelArchitecture:
     # while a context stays within it (HF masks older keys beyond it).
     sliding_window: int | None = None
 
+    @property
+    def kv_block_multiple(self) -> int:
+        """Block sizes must be a multiple of this (dense KV: any size)."""
+        return 1
+
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of all fields.
 

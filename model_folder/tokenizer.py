@@ -20,6 +20,7 @@ import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
+from model_folder.deepseek_chat_format import deepseek_chat_template
 from model_folder.errors import ModelFolderError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -66,7 +67,7 @@ class Tokenizer:
         return cls(
             backend,
             special_tokens=_special_tokens(config, _read_json(folder / "special_tokens_map.json")),
-            chat_template=_chat_template(folder, config),
+            chat_template=_chat_template(folder, config) or deepseek_chat_template(backend.token_to_id),
             generation_eos_token_ids=_as_ids(generation.get("eos_token_id")),
             generation_bos_token_id=generation.get("bos_token_id"),
         )

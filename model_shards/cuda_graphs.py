@@ -107,7 +107,7 @@ class DecodeRow:
 @dataclass
 class _StaticDecodeMetadata(AttentionMetadata):
     """Metadata whose tensors are the graph's static buffers; context_lens are only the
-    capture-time bound (they size the RoPE table and the decode split count)."""
+    capture-time bound (they size the RoPE table and the decode kernel's partials, never a result)."""
 
     static_seq_lens: torch.Tensor | None = None
 

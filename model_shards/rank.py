@@ -84,6 +84,8 @@ def single_rank_context(device: Any = None) -> RankContext:
 
 def start_worker(context: RankContext, config: LongctxConfig) -> WorkerDescription:
     """On each rank: build its process groups (none for a world of one) and its ModelWorker."""
+    from model_folder.hf_config import load_architecture
+    from model_shards.deepseek_v4.worker import DeepseekV4Worker
     from model_shards.parallel.groups import ParallelLayout, build_layout
     from model_shards.worker import ModelWorker
 
@@ -92,7 +94,9 @@ def start_worker(context: RankContext, config: LongctxConfig) -> WorkerDescripti
         layout = ParallelLayout.single()
     else:
         layout = build_layout(parallel.tensor_parallel_size, parallel.sequence_parallel_size, context.device)
-    worker = context.state["worker"] = ModelWorker(config, layout, context.device)
+    hybrid = load_architecture(config.model.path).architecture == "deepseek_v4"
+    worker_class = DeepseekV4Worker if hybrid else ModelWorker
+    worker = context.state["worker"] = worker_class(config, layout, context.device)
     return worker.description
 
 

@@ -77,7 +77,7 @@ class ModelWorker:
         self.architecture = load_architecture(config.model.path)
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
-        self.block_size = config.cache.block_size
+        self.block_size = config.cache.resolved_block_size()
         self.model = self._load_model()
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
@@ -207,10 +207,7 @@ class ModelWorker:
     def _agree_across_ranks(self, report: KVTransferReport) -> KVTransferReport:
         """Each rank moved its own shard of the blocks: report a remote outcome only once every
         rank has it, merged (model_shards/kv_io/rank_agreement.py)."""
-        held = self.rank_agreement.hold(report)
-        every = self.layout.world.all_gather_object((held, report.redis_errors, report.blocking_seconds))
-        return self.rank_agreement.agree(report, [e[0] for e in every], [e[1] for e in every],
-                                         [e[2] for e in every])
+        return self.rank_agreement.across(self.layout.world, report)
 
     def _apply_changes(self, step_input: StepInput, failed: dict[str, str]) -> None:
         for request_id in step_input.finished_request_ids:

@@ -13,6 +13,10 @@ A worker applies one step's ops in this order, all before the forward pass:
                                           the slot until the report lists it in `written`
   4. loads           host -> device       after the saves, so a block that is evicted and restored
                                           in one step reads what the save wrote
+
+A hybrid model (DeepSeek-V4) keeps a second block group, a sliding window, whose block at the
+same index rides in the same slot: `window_saves` and `window_loads` move that part, beside the
+`saves` and `loads` of the same slots (a restored prefix resumes from its last window blocks).
   5. probes          which blocks Redis holds   background, no host memory; in `probed` later
   6. fetches         Redis -> host slot   background; each slot comes back in `fetched` of a later
                                           report (or this one), exactly once
@@ -45,6 +49,8 @@ class KVTransferOps:
     loads: tuple[tuple[int, int], ...] = ()  # (slot, device block)
     probes: tuple[tuple[int, tuple[bytes, ...]], ...] = ()  # (probe id, hashes)
     fetches: tuple[tuple[bytes, int], ...] = ()  # (hash, slot)
+    window_saves: tuple[tuple[int, int], ...] = ()  # (window block, slot): with the saves
+    window_loads: tuple[tuple[int, int], ...] = ()  # (slot, window block): with the loads
     # Set when the step computes nothing and a request waits for fetches: the worker may block
     # this long for one to finish instead of the engine spinning through empty steps.
     poll_timeout_s: float = 0.0
@@ -86,6 +92,8 @@ class OpsBuilder:
     loads: list[tuple[int, int]] = field(default_factory=list)
     probes: list[tuple[int, tuple[bytes, ...]]] = field(default_factory=list)
     fetches: list[tuple[bytes, int]] = field(default_factory=list)
+    window_saves: list[tuple[int, int]] = field(default_factory=list)
+    window_loads: list[tuple[int, int]] = field(default_factory=list)
 
     def take(self, poll_timeout_s: float) -> KVTransferOps:
         """Freeze the queue into one step's ops and empty it."""

@@ -14,3 +14,5 @@ class WorkerDescription:
     kv_block_nbytes: int  # bytes of one block on one rank: sizes the host tier in blocks
     dtype: str = ""  # of the weights and KV cache as loaded ("bfloat16"), for the start-up summary
     device: str = ""  # rank 0's ("cuda:0", "cpu")
+    # A hybrid model's other KV block groups (kvcache/block_groups.py), in order: blocks of each.
+    extra_group_blocks: tuple[int, ...] = ()

@@ -32,3 +32,13 @@ def local_ray():
              runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-matrix tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    OpenMP hand-offs cost more than they save on such matrices, 40x more on a busy 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -4,12 +4,18 @@ Three estimates, each a `LinearEstimate` (kvcache/tiers/linear_estimate.py): cal
 by a short probe on the actual device and Redis (engine/calibration.py), then corrected by every
 measurement while serving, so that an estimate off by 2x is right after one measurement.
 
-  prefill      one engine step: (1, weight FLOPs, attention FLOPs) -> seconds. Every step that
-               computed a prefill chunk is a measurement (minus the transfers it waited for).
+  prefill      one engine step: (1, weight FLOPs, attention FLOPs, chunks with context) ->
+               seconds. Every step that computed a prefill chunk is a measurement (minus the
+               transfers it waited for).
   host load    host -> device copy of a step's loads: (1, bytes) -> seconds.
   redis fetch  a whole prefetch as the driver sees it, probe out to the last block in host
                memory: (1, bytes) -> seconds. Its fixed part holds the round trips and the engine
                steps between them (~0.1 s on the H200 host, as much as moving 16K tokens).
+  overlap      how much slower a fetch runs while the request's head is computed than alone:
+               (alone estimate) -> seconds, a factor. Split restores correct it, not the fetch
+               estimate: on the H200 a 5.4 GB fetch beside a 389K-token head ran at 1.15 GB/s
+               where a whole restore ran at 1.9 GB/s, and one estimate for both had the split
+               planned at the alone rate and every later whole restore priced at the shared one.
 
 Recompute is not linear in tokens: a token at position p attends to p + 1 keys, so the last block
 of a 1M-token prefix costs ~40x the first (an 8B model), and at 1M tokens attention is most of
@@ -17,20 +23,28 @@ the prefill. A rate in tokens/s measured on short prompts would put a 1M-token r
 fraction of its real time and refuse restores that win by minutes. So a step's cost is split into
 weight FLOPs and causal-attention FLOPs (`PrefillFlops`, from the architecture), each with its own
 coefficient (attention kernels and matmuls run at different fractions of peak), plus a fixed cost
-per step (scheduling, launches, sampling: what dominates a 64-token step).
+per step (scheduling, launches, sampling: what dominates a 64-token step) and one per chunk that
+has context before it (such a chunk gathers its cached keys and merges partial attentions:
+model_shards/attention/chunked_prefill.py; on the H200 the second 8K chunk of a probe cost 2x the
+first, which the FLOPs alone put at 1.3x, and a calibration without this term had to put that on
+attention and drop the weights' cost to nothing).
 
 Overlap. Restoring blocks from Redis keeps the device idle for that request, and recomputing the
 first blocks of a prefix is cheap (they attend to few keys). So a Redis restore may be split: the
 first `head_blocks` are recomputed *while* the rest is fetched, and the request then restores that
 rest (kvcache/tiers/prefetch.py). Its time is
 
-    max(prefill of the head, fetch of the rest) + host -> device load of the rest
+    max(prefill of the head, overlap x fetch of the rest) + host -> device load of the rest
 
 and the head is chosen to minimize it: where the prefill of the head catches up with the fetch of
-the rest. Both paths then compute the same remaining prompt tokens, so those cancel.
+the rest. Both paths then compute the same remaining prompt tokens, but a restored request
+computes them in a step of their own (after the pause, or after the Redis wait), which
+recomputing folds into its last chunk: a Redis restore pays that step's fixed cost
+(`resume_seconds`).
 
 A restore is chosen only when its estimate beats recomputing by `restore_margin` (a restore also
-costs Redis bandwidth and host memory, and its time varies more than a prefill's).
+costs Redis bandwidth and host memory, and its time varies more than a prefill's); a split only
+when it beats restoring the whole run by the same margin (it adds a pause and shares the machine).
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ _MIN_SAMPLE_BYTES = 64 << 10
 _INITIAL_STEP_S = 2e-3
 _INITIAL_LOAD_S = 1e-4
 _INITIAL_FETCH_S = 2e-3
+_INITIAL_CONTEXT_S = 1e-4  # extra for a chunk with context: gathers and merges
 
 
 class Ema:
@@ -84,11 +99,29 @@ class PrefillFlops:
 
     @classmethod
     def of(cls, arch: ModelArchitecture) -> PrefillFlops:
+        if getattr(arch, "architecture", None) == "deepseek_v4":  # (tests pass plain namespaces of shapes)
+            return cls._of_deepseek_v4(arch)
         attention_weights = arch.hidden_size * arch.head_dim * (2 * arch.num_attention_heads
                                                                  + 2 * arch.num_key_value_heads)
         mlp_weights = 3 * arch.hidden_size * arch.intermediate_size
         return cls(per_token=2.0 * arch.num_hidden_layers * (attention_weights + mlp_weights),
                    per_key=4.0 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim)
+
+    @classmethod
+    def _of_deepseek_v4(cls, arch) -> PrefillFlops:
+        """Active weights per token (projections, top-k experts and the one shared expert) plus the attention a
+        query always pays (its window, CSA's top-k entries); only HCA's entries grow with the
+        context, one per m' keys."""
+        heads, head_dim, hidden = arch.num_attention_heads, arch.head_dim, arch.hidden_size
+        attention_weights = (hidden * arch.q_lora_rank + arch.q_lora_rank * heads * head_dim + hidden * head_dim
+                             + heads * head_dim * arch.o_lora_rank // arch.o_groups + arch.o_lora_rank * hidden)
+        expert_weights = (arch.num_experts_per_tok + 1) * 3 * hidden * arch.moe_intermediate_size
+        per_pair = 4.0 * heads * head_dim  # QK^T and PV of one (query, key) pair in one layer
+        fixed_keys = sum(arch.sliding_window + (arch.index_topk if t == "compressed_sparse_attention" else 0)
+                         for t in arch.layer_types)
+        growing = sum(1 / arch.compress_rate(t) for t in arch.layer_types if t == "heavily_compressed_attention")
+        return cls(per_token=2.0 * arch.num_hidden_layers * (attention_weights + expert_weights) + per_pair * fixed_keys,
+                   per_key=per_pair * growing)
 
     @classmethod
     def tokens_only(cls) -> PrefillFlops:
@@ -103,13 +136,15 @@ class PrefillFlops:
     def span(self, start: int, end: int) -> float:
         return sum(self.amounts(start, end))
 
-    def of_step(self, spans: Iterable[tuple[int, int]]) -> tuple[float, float]:
-        """(weight FLOPs, attention FLOPs) of one step's chunks, (first position, tokens) each."""
+    def of_step(self, spans: Iterable[tuple[int, int]]) -> tuple[float, float, int]:
+        """(weight FLOPs, attention FLOPs, chunks with context) of one step's chunks, (first
+        position, tokens) each."""
         weights = attention = 0.0
+        with_context = 0
         for start, count in spans:
             w, a = self.amounts(start, start + count)
-            weights, attention = weights + w, attention + a
-        return weights, attention
+            weights, attention, with_context = weights + w, attention + a, with_context + (start > 0)
+        return weights, attention, with_context
 
 
 @dataclass(frozen=True)
@@ -134,10 +169,12 @@ class RestoreCostModel:
         self.flops = flops or PrefillFlops.tokens_only()
         alpha = settings.ema_alpha
         seconds_per_flop = 1.0 / (settings.initial_prefill_tokens_per_s * self.flops.per_token)
-        self.prefill = LinearEstimate((_INITIAL_STEP_S, seconds_per_flop, seconds_per_flop), alpha)
+        self.prefill = LinearEstimate((_INITIAL_STEP_S, seconds_per_flop, seconds_per_flop, _INITIAL_CONTEXT_S),
+                                      alpha)
         self.host_load = LinearEstimate((_INITIAL_LOAD_S, 1.0 / settings.initial_host_bandwidth_bytes_per_s), alpha)
         self.redis_fetch = LinearEstimate((_INITIAL_FETCH_S, 1.0 / settings.initial_redis_bandwidth_bytes_per_s),
                                           alpha)
+        self.overlap = LinearEstimate((settings.initial_split_fetch_slowdown,), alpha)  # beside a head / alone
         # What each path measured (metrics only: the estimates above decide).
         self.bandwidth = {path: Ema(0.0, alpha) for path in (DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS,
                                                              REDIS_TO_HOST)}
@@ -155,18 +192,27 @@ class RestoreCostModel:
         if path == HOST_TO_DEVICE:
             self.host_load.observe((1.0, nbytes), seconds)
 
-    def observe_redis_restore(self, num_blocks: int, seconds: float) -> None:
-        """A whole prefetch, probe to the last block in host memory."""
-        self.redis_fetch.observe((1.0, num_blocks * self.block_nbytes), seconds)
+    def observe_redis_restore(self, num_blocks: int, seconds: float, overlapped: bool = False) -> None:
+        """A whole prefetch, probe to the last block in host memory. `overlapped`: fetched while
+        the request's head was computed, which corrects the overlap factor, not the fetch."""
+        if overlapped:
+            self.overlap.observe((self.fetch_seconds(num_blocks),), seconds)
+        else:
+            self.redis_fetch.observe((1.0, num_blocks * self.block_nbytes), seconds)
 
     def calibrate(self, steps: Sequence[tuple[Sequence[tuple[int, int]], float]],
-                  loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]]) -> None:
+                  loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]],
+                  round_trip_s: float = 0.0) -> None:
         """The start-up probe's measurements become the priors: prefill steps (spans, seconds),
-        host -> device loads and Redis fetches (bytes, seconds). Each estimate is fitted to its
-        own, and the fit becomes its prior: the first real measurement still corrects it."""
+        host -> device loads and Redis fetches (bytes, seconds, timed on the worker). Each
+        estimate is fitted to its own, and the fit becomes its prior: the first real measurement
+        still corrects it. `round_trip_s`: a probe sent in one engine step and answered in a
+        later one, as the driver sees it; a prefetch makes two (the probe, then the fetch),
+        which the worker's timings do not hold (on the H200 they put a prefetch's fixed cost at
+        2.5 ms, serving measured 18 ms)."""
         self.prefill.calibrate([((1.0, *self.flops.of_step(spans)), seconds) for spans, seconds in steps])
         self.host_load.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in loads])
-        self.redis_fetch.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in fetches])
+        self.redis_fetch.calibrate([((1.0, nbytes), seconds + 2 * round_trip_s) for nbytes, seconds in fetches])
 
     # --- estimates -------------------------------------------------------------------------------
     def prefill_seconds(self, start: int, end: int) -> float:
@@ -174,7 +220,13 @@ class RestoreCostModel:
         if end <= start:
             return 0.0
         num_steps = -(-(end - start) // self.chunk_tokens)
-        return self.prefill.predict((num_steps, *self.flops.amounts(start, end)))
+        with_context = num_steps - (start == 0)
+        return self.prefill.predict((num_steps, *self.flops.amounts(start, end), with_context))
+
+    def resume_seconds(self) -> float:
+        """The fixed cost of the step a restored request computes its remaining tokens in."""
+        step_s, _, _, context_s = self.prefill.coefficients
+        return step_s + context_s
 
     def recompute_seconds(self, first_block: int, num_blocks: int) -> float:
         start = first_block * self.block_size
@@ -187,26 +239,39 @@ class RestoreCostModel:
         return self.redis_fetch.predict((1.0, num_blocks * self.block_nbytes)) if num_blocks else 0.0
 
     def restore_seconds(self, tier: str, num_blocks: int) -> float:
-        """Restoring all blocks, none recomputed."""
-        return self.load_seconds(num_blocks) + (self.fetch_seconds(num_blocks) if tier == REDIS else 0.0)
+        """Restoring all blocks, none recomputed. From Redis, up to the step after the load (from
+        host memory the load joins the step that computes the rest anyway)."""
+        if tier != REDIS:
+            return self.load_seconds(num_blocks)
+        return self.fetch_seconds(num_blocks) + self.load_seconds(num_blocks) + self.resume_seconds()
+
+    def overlapped_fetch_seconds(self, num_blocks: int) -> float:
+        """Fetching while a head is computed."""
+        return self.overlap.predict((self.fetch_seconds(num_blocks),))
 
     def split_seconds(self, first_block: int, num_blocks: int, head_blocks: int) -> float:
-        """Recompute the first `head_blocks` while the rest comes from Redis, then load the rest."""
+        """Recompute the first `head_blocks` while the rest comes from Redis, then load the rest;
+        no head: the whole run restored."""
+        if head_blocks == 0:
+            return self.restore_seconds(REDIS, num_blocks)
         rest = num_blocks - head_blocks
-        return (max(self.recompute_seconds(first_block, head_blocks), self.fetch_seconds(rest))
-                + self.load_seconds(rest))
+        return (max(self.recompute_seconds(first_block, head_blocks), self.overlapped_fetch_seconds(rest))
+                + self.load_seconds(rest) + self.resume_seconds())
 
     def best_head(self, first_block: int, num_blocks: int) -> int:
-        """The head that minimizes `split_seconds`: near where the head's prefill catches up with
-        the fetch of the rest (the one grows with the head, the other shrinks)."""
-        low, high = 0, num_blocks - 1  # the first head whose prefill is no faster than the fetch
+        """The head that minimizes `split_seconds` among heads of at least one block: near where
+        the head's prefill catches up with the fetch of the rest (the one grows with the head,
+        the other shrinks). 0 when the run is too short to split."""
+        if num_blocks < 2:
+            return 0
+        low, high = 1, num_blocks - 1  # the first head whose prefill is no faster than the fetch
         while low < high:
             middle = (low + high) // 2
-            if self.recompute_seconds(first_block, middle) >= self.fetch_seconds(num_blocks - middle):
+            if self.recompute_seconds(first_block, middle) >= self.overlapped_fetch_seconds(num_blocks - middle):
                 high = middle
             else:
                 low = middle + 1
-        candidates = {0, max(0, low - 1), low}
+        candidates = {max(1, low - 1), low}
         return min(sorted(candidates), key=lambda head: self.split_seconds(first_block, num_blocks, head))
 
     # --- the decision ------------------------------------------------------------------------------
@@ -214,8 +279,13 @@ class RestoreCostModel:
         """Restore blocks [first_block, first_block + num_blocks) of a prompt from `tier`?
         `split`: a Redis restore may recompute a head while the rest is fetched."""
         recompute_s = self.recompute_seconds(first_block, num_blocks)
-        head = self.best_head(first_block, num_blocks) if tier == REDIS and split and self.policy == "cost" else 0
-        restore_s = self.split_seconds(first_block, num_blocks, head) if tier == REDIS else self.load_seconds(num_blocks)
+        restore_s = self.restore_seconds(tier, num_blocks) if num_blocks else 0.0
+        head = 0
+        if tier == REDIS and split and self.policy == "cost":
+            head = self.best_head(first_block, num_blocks)
+            split_s = self.split_seconds(first_block, num_blocks, head) if head else restore_s
+            # A split pauses the request and shares the machine with its fetch: it must win clearly.
+            head, restore_s = (head, split_s) if split_s * (1.0 + self.margin) < restore_s else (0, restore_s)
         if self.policy == "cost":
             restore = num_blocks > 0 and restore_s * (1.0 + self.margin) < recompute_s
         else:
@@ -240,11 +310,12 @@ class RestoreCostModel:
 
     def describe(self) -> str:
         """The estimates in words, for the log."""
-        step_s, per_weight_flop, per_attention_flop = self.prefill.coefficients
+        step_s, per_weight_flop, per_attention_flop, context_s = self.prefill.coefficients
         fetch_s, per_fetch_byte = self.redis_fetch.coefficients
         load_s, per_load_byte = self.host_load.coefficients
         threshold = self.restore_threshold_tokens()
-        return (f"prefill {step_s * 1e3:.3g} ms a step + weights at {1 / per_weight_flop:.3g} FLOP/s + attention "
-                f"at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch {fetch_s * 1e3:.3g} ms + "
-                f"{1e-9 / per_fetch_byte:.3g} GB/s; host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
+        return (f"prefill {step_s * 1e3:.3g} ms a step (+{context_s * 1e3:.3g} ms with context) + weights at "
+                f"{1 / per_weight_flop:.3g} FLOP/s + attention at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch "
+                f"{fetch_s * 1e3:.3g} ms + {1e-9 / per_fetch_byte:.3g} GB/s, x{self.overlap.coefficients[0]:.3g} beside "
+                f"a head; host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
                 f"a Redis restore wins from {threshold or 'no'} tokens")

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 _PRIOR_WEIGHT = 1e-3  # of the prior against one measurement: it fills what the data leave open
+_CALIBRATION_PRIOR_WEIGHT = 1e-9  # of the initial guess against the start-up probe's measurements
 _FLOOR = 1e-6  # smallest coefficient, relative to its prior
 _FORGOTTEN = 1e-3  # a measurement weighing less than this is dropped
 _OUTLIER = 4.0  # a measurement this many times off the prediction waits for the next one
@@ -80,12 +81,15 @@ class LinearEstimate:
         self.coefficients = self._fit(list(self._samples), weights)
 
     def calibrate(self, samples: Sequence[tuple[Sequence[float], float]]) -> None:
-        """Fit these measurements, all weighing alike, and make the fit the new prior."""
+        """Fit these measurements, all weighing alike, and make the fit the new prior. The old
+        prior (a guess) only fills directions the samples leave open: a term worth 2% of each
+        sample is still theirs to set (at the serving weight the guess would pull it halfway)."""
         usable = [(np.array(a, dtype=np.float64), s) for a, s in samples if s > 0 and any(a)]
         if usable:
-            self.reset(self._fit(usable, [1.0] * len(usable)))
+            self.reset(self._fit(usable, [1.0] * len(usable), _CALIBRATION_PRIOR_WEIGHT))
 
-    def _fit(self, samples: list[tuple[np.ndarray, float]], weights: Sequence[float]) -> list[float]:
+    def _fit(self, samples: list[tuple[np.ndarray, float]], weights: Sequence[float],
+             prior_weight: float = _PRIOR_WEIGHT) -> list[float]:
         """argmin over ratios r >= floor of sum w ((prediction - measured) / fitted prediction)^2
         + prior weight * sum ((r - 1) / max(1, r))^2, where coefficient = r * prior (ratios keep
         the columns alike in scale). Errors relative to the fit, not to the measurement, so that
@@ -98,17 +102,17 @@ class LinearEstimate:
             rows = [math.sqrt(w) * amounts * self._prior / p for (amounts, _), w, p in zip(samples, weights, predicted)]
             targets = [math.sqrt(w) * seconds / p for (_, seconds), w, p in zip(samples, weights, predicted)]
             scales = np.maximum(1.0, coefficients / self._prior)
-            fitted = self._solve(np.vstack(rows), np.array(targets), scales) * self._prior
+            fitted = self._solve(np.vstack(rows), np.array(targets), scales, prior_weight) * self._prior
             settled = np.all(np.abs(fitted - coefficients) <= 0.05 * np.maximum(fitted, coefficients))
             coefficients = fitted
             if settled:
                 break
         return [float(c) for c in coefficients]
 
-    def _solve(self, rows: np.ndarray, targets: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    def _solve(self, rows: np.ndarray, targets: np.ndarray, scales: np.ndarray, prior_weight: float) -> np.ndarray:
         """Non-negative least squares over the ratios, the prior rows divided by `scales`."""
         n = len(self._prior)
-        prior_rows = math.sqrt(_PRIOR_WEIGHT) * np.diag(1.0 / scales)
+        prior_rows = math.sqrt(prior_weight) * np.diag(1.0 / scales)
         matrix = np.vstack([rows, prior_rows])
         target = np.concatenate([targets, prior_rows @ np.ones(n)])
         best, best_cost = np.full(n, _FLOOR), math.inf

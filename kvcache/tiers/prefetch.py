@@ -142,9 +142,9 @@ class RedisPrefetcher:
             self.ops.fetches.append((block_hash, slot))
         state.waiting = set(slots) | in_flight
         state.num_fetching = len(slots)
-        # Twice the estimate, for headroom, plus the configured slack.
-        state.deadline = self._clock() + 2 * max(restore_s, self.cost.restore_seconds(REDIS, len(slots))) \
-            + self._timeout_s
+        # Twice the estimate up to the blocks in host memory (not the step after), plus the slack.
+        landed_s = max(restore_s, self.cost.restore_seconds(REDIS, len(slots))) - self.cost.resume_seconds()
+        state.deadline = self._clock() + 2 * landed_s + self._timeout_s
 
     def fetch_done(self, slot: int, outcome: str) -> None:
         block_hash = self._fetching.pop(slot)
@@ -158,7 +158,8 @@ class RedisPrefetcher:
                 self.host.pin((slot,))
                 state.pinned.append(slot)
             if not state.waiting and state.num_fetching:
-                self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started)
+                self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started,
+                                                overlapped=state.head_blocks > 0)
                 state.num_fetching = 0
         self.host.unpin((slot,))  # the fetch's own reference; a missed slot goes back empty
 

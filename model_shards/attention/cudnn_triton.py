@@ -13,7 +13,7 @@ import torch
 
 from model_shards.attention.base import AttentionBackend, AttentionMetadata
 from model_shards.attention.chunked_prefill import PrefillKernels, chunk_attention
-from model_shards.attention.triton_paged_decode import choose_num_splits, paged_decode
+from model_shards.attention.triton_paged_decode import paged_decode
 from model_shards.attention.triton_store_kv import store_kv
 from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, select_kernel
 
@@ -21,7 +21,7 @@ from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, select_kerne
 # enough shapes for cuDNN's plan cache, large enough that each piece runs at full rate.
 PREFIX_QUANTUM_TOKENS = 1024
 _UNPLANNED_PREFERENCE = ("flash", "flash_expanded")
-_CPU_SMS = 4  # the interpreter runs programs one by one: few splits keep CPU tests quick
+_CPU_SMS = 4  # the interpreter runs programs one by one: few of them keep CPU tests quick
 
 
 class CudnnTritonBackend(AttentionBackend):
@@ -47,11 +47,9 @@ class CudnnTritonBackend(AttentionBackend):
     def decode(self, query: torch.Tensor, layer_cache: torch.Tensor, metadata: AttentionMetadata,
                scale: float) -> torch.Tensor:
         """The first len(query) sequences of the step, one token each."""
-        count = query.shape[0]
-        splits = choose_num_splits(count, layer_cache.shape[3], max(metadata.context_lens[:count]),
-                                   self.num_sms(query.device))
-        return paged_decode(query, layer_cache, metadata.block_table_tensor[:count],
-                            metadata.seq_lens_tensor[:count], scale, splits)
+        count = query.shape[0]  # a CUDA graph's context_lens are max_model_len: more slots, same bits
+        return paged_decode(query, layer_cache, metadata.block_table_tensor[:count], metadata.seq_lens_tensor[:count],
+                            scale, max(metadata.context_lens[:count]), num_sms=self.num_sms(query.device))
 
     def _prefill(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,

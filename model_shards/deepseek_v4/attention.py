@@ -21,8 +21,9 @@ from torch import nn
 from model_shards.deepseek_v4.compressor import Compressor
 from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.indexer import LightningIndexer
-from model_shards.deepseek_v4.norms import RMSNorm, unweighted_rms_norm
-from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
+from model_shards.deepseek_v4.norm_rope import norm_and_rotate
+from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 from model_shards.deepseek_v4.state import LayerState, SlidingWindowState
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -85,12 +86,12 @@ class DeepseekV4Attention(nn.Module):
         cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
         q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
-        q = apply_interleaved_rotary(unweighted_rms_norm(q, self.eps), cos, sin)  # (T, heads, D)
-        kv = apply_interleaved_rotary(self.kv_norm(self.kv_proj(x)), cos, sin)  # (T, D)
+        q = norm_and_rotate(q, cos, sin, "unweighted", self.eps)  # (T, heads, D)
+        kv = norm_and_rotate(self.kv_proj(x), cos, sin, "weighted", self.kv_norm.eps, self.kv_norm.weight)  # (T, D)
         window_keys = state.window.append(kv)  # (w + T, D)
         compressed = self._compressed_keys(state, x, q_residual, start, (cos, sin))
         out = sink_attention(q, window_keys, self.sliding_window, compressed, self.sinks, self.scale)
-        out = apply_interleaved_rotary(out, cos, -sin)  # (T, heads, D)
+        out = norm_and_rotate(out, cos, -sin, "none")  # (T, heads, D), in place on a GPU
         grouped = self.o_a_proj(out.reshape(tokens, self.num_groups, -1))  # (T, groups, o_lora_rank)
         return self.o_b_proj(grouped.flatten(1))  # (T, hidden)
 

@@ -66,6 +66,8 @@ class Compressor(nn.Module):
         previous_kv = torch.cat((first_kv, kv[:-1, :, :dim]))  # (closed, m, dim)
         previous_gate = torch.cat((first_gate, gate[:-1, :, :dim]))
         state.overlap_kv, state.overlap_gate = kv[-1, :, :dim].clone(), gate[-1, :, :dim].clone()
+        if state.sink is not None:  # (closed, m, dim) halves: a resume after window w starts from w's
+            state.sink.windows_closed(state.num_entries, kv[:, :, :dim], gate[:, :, :dim])
         return (torch.cat((previous_kv, kv[..., dim:]), dim=1),  # (closed, 2m, dim)
                 torch.cat((previous_gate, gate[..., dim:]), dim=1))
 

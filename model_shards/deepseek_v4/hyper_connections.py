@@ -7,7 +7,8 @@ Around each attention and MoE block, one linear map of the (normed, flattened) s
                 matrices (rows and columns summing to 1), so deep stacks neither blow up nor fade
 and the block's streams become `post * output + comb^T @ streams`. The hyper head collapses the
 streams once more before the final norm. All of it runs in float32, as in transformers, and is
-token-wise: chunking cannot change it.
+token-wise: chunking cannot change it. On a GPU each step is one Triton kernel (hyper_kernels.py);
+the torch forms here are the reference (and the CPU path).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from torch import nn
 from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_shards.deepseek_v4.norms import unweighted_rms_norm
 from model_shards.deepseek_v4.weights import CheckpointTensors
+
+# Below this many tokens (decode) the mixes kernel is one program looping over hc * hidden
+# columns; cuBLAS's matrix-vector product spreads that work over the GPU.
+FUSED_MIXES_MIN_TOKENS = 64
 
 
 class HyperConnection(nn.Module):
@@ -34,8 +39,19 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams (T, hc, hidden) -> post (T, hc), comb (T, hc, hc) float32, and the collapsed
         block input (T, hidden) in the streams' dtype."""
+        return self.fused(streams) if fused_kernels_run(streams) else self.reference(streams)
+
+    def fused(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from model_shards.deepseek_v4 import hyper_kernels
+
+        mixes = stream_mixes(streams, self.fn, self.norm_eps)
+        pre, post, comb = hyper_kernels.hyper_weights(mixes, self.base, self.scale, self.hc, self.iterations,
+                                                      self.hc_eps)
+        return post, comb, hyper_kernels.collapse(pre, streams)
+
+    def reference(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hc = self.hc
-        mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn)
+        mixes = stream_mixes_torch(streams, self.fn, self.norm_eps)
         pre_w, post_w, comb_w = mixes.split([hc, hc, hc * hc], dim=-1)
         pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])
         pre_scale, post_scale, comb_scale = self.scale.unbind(0)
@@ -59,9 +75,37 @@ class HyperConnection(nn.Module):
             reader.copy_into(getattr(self, name).data, f"{prefix}_{name}")
 
 
+def stream_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """(T, hc, hidden) -> (T, N) float32: fn applied to the RMS-normed, flattened streams."""
+    if fused_kernels_run(streams) and streams.shape[0] >= FUSED_MIXES_MIN_TOKENS:
+        from model_shards.deepseek_v4 import hyper_kernels
+
+        return hyper_kernels.stream_mixes(streams, fn, eps)
+    return stream_mixes_torch(streams, fn, eps)
+
+
+def stream_mixes_torch(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.linear(unweighted_rms_norm(streams.flatten(1).float(), eps), fn)
+
+
+def fused_kernels_run(streams: torch.Tensor) -> bool:
+    """On a GPU with hc a power of two, mHC runs as Triton kernels (hyper_kernels.py)."""
+    hc = streams.shape[1]
+    return streams.is_cuda and hc & (hc - 1) == 0 and streams.is_contiguous()
+
+
 def mix_streams(streams: torch.Tensor, block_output: torch.Tensor, post: torch.Tensor,
                 comb: torch.Tensor) -> torch.Tensor:
     """post * output + comb^T @ streams: (T, hc, hidden), in the streams' dtype."""
+    if fused_kernels_run(streams):
+        from model_shards.deepseek_v4 import hyper_kernels
+
+        return hyper_kernels.mix(streams, block_output, post, comb)
+    return mix_streams_reference(streams, block_output, post, comb)
+
+
+def mix_streams_reference(streams: torch.Tensor, block_output: torch.Tensor, post: torch.Tensor,
+                          comb: torch.Tensor) -> torch.Tensor:
     dtype = streams.dtype
     return post.to(dtype).unsqueeze(-1) * block_output.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2),
                                                                                     streams)
@@ -78,7 +122,17 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps), self.fn)
+        return self.fused(streams) if fused_kernels_run(streams) else self.reference(streams)
+
+    def fused(self, streams: torch.Tensor) -> torch.Tensor:
+        from model_shards.deepseek_v4 import hyper_kernels
+
+        mixes = stream_mixes(streams, self.fn, self.norm_eps)
+        pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps  # (T, hc)
+        return hyper_kernels.collapse(pre, streams)
+
+    def reference(self, streams: torch.Tensor) -> torch.Tensor:
+        mixes = stream_mixes_torch(streams, self.fn, self.norm_eps)
         pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps  # (T, hc)
         return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
 

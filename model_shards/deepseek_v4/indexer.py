@@ -15,7 +15,9 @@ from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
 from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
-from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
+from model_shards.deepseek_v4.norm_rope import norm_and_rotate
+from model_shards.deepseek_v4.rope import InterleavedRotary
+from model_shards.deepseek_v4.index_scores import index_scores, ranking_keys
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -44,34 +46,32 @@ class LightningIndexer(nn.Module):
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Fold the chunk (tokens at positions start ..) into the indexer's keys, then pick each
         query's entries: (T, min(topk, E)) indices, NO_ENTRY where a query has fewer closed entries."""
-        keys = self.compressor.append(state, x).float()  # (E, head_dim)
+        keys = self.compressor.append(state, x)  # (E, head_dim)
         tokens = x.shape[0]
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
-        q = apply_interleaved_rotary(q, cos, sin).float()  # (T, heads, head_dim)
+        q = norm_and_rotate(q, cos, sin, "none")  # (T, heads, head_dim), in place on a GPU
         head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
         width = min(self.topk, keys.shape[0])
-        # (queries, heads, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
-        block = max(1, block_elements(x.device) // max(1, self.num_heads * keys.shape[0]))
+        # (queries, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
+        block = max(1, block_elements(x.device) // max(1, keys.shape[0]))
         chosen = torch.full((tokens, width), NO_ENTRY, dtype=torch.long, device=x.device)
         for i in range(0, tokens, block):
             stop = min(tokens, i + block)
             closed = (start + stop) // self.rate  # entries closed at the block's last query (host int)
-            picked = self._select_block(q[i:stop], head_weights[i:stop], keys[:closed], start + i)
-            chosen[i:stop, :picked.shape[1]] = picked
+            picked = self._top_k(q[i:stop], head_weights[i:stop], keys[:closed], start + i)
+            visible = (torch.arange(start + i, start + stop, device=x.device) + 1) // self.rate  # (t,)
+            chosen[i:stop, :picked.shape[1]] = picked.masked_fill(picked >= visible[:, None], NO_ENTRY)
         return chosen
 
-    def _select_block(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
-                      first_position: int) -> torch.Tensor:
-        """(t, min(topk, E_b)) choices of queries at first_position .. among the first E_b keys."""
-        # sum over heads of weight * ReLU(q.k), as one batched matmul: (t, 1, heads) @ (t, heads, E_b)
-        scores = torch.bmm(head_weights[:, None, :], torch.matmul(q, keys.T).relu_())[:, 0]  # (t, E_b)
-        self.tp.all_reduce(scores)
-        positions = torch.arange(first_position, first_position + q.shape[0], device=q.device)
-        visible = (positions[:, None] + 1) // self.rate  # (t, 1) entries closed at each query
-        entry = torch.arange(keys.shape[0], device=keys.device)
-        scores = scores.masked_fill(entry >= visible, float("-inf"))  # not closed yet
-        chosen = top_k_earliest_first(scores, min(self.topk, keys.shape[0]))
-        return chosen.masked_fill(chosen >= visible, NO_ENTRY)
+    def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
+               first_position: int) -> torch.Tensor:
+        """(t, min(topk, E_b)) earliest-first best entries of queries at first_position .."""
+        if self.tp.size == 1:  # scores ranked as they are computed
+            ranked = index_scores(q, head_weights, keys, first_position, self.rate, ranked=True)
+        else:  # every rank holds some heads: sum the scores over ranks first
+            scores = index_scores(q, head_weights, keys, first_position, self.rate)
+            ranked = ranking_keys(self.tp.all_reduce(scores))
+        return top_k_of_ranking(ranked, min(self.topk, keys.shape[0]))
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         shard = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)
@@ -82,18 +82,18 @@ class LightningIndexer(nn.Module):
 
 def top_k_earliest_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (t, k) of each row's k largest scores, ties at the k-th value going to the earliest
-    entries (in ascending index order, not by score: attention does not care).
+    entries, in ascending index order (attention does not care about the order).
 
     Why not plain topk: ReLU makes exact ties common (an entry every head scores below zero gets
     exactly 0), and torch.topk breaks ties by the row's length. transformers' full forward scores
     every query against the whole sequence's entries, so there a query's choice, and its logits,
     change with tokens that come after it. Earliest-first is causal, so any chunking, prefix hit
     or decode order chooses alike; it equals transformers wherever the k-th score is not tied."""
+    return top_k_of_ranking(ranking_keys(scores), k)
+
+
+def top_k_of_ranking(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """One topk over int64 ranking keys (index_scores.ranking_keys) -> ascending indices (t, k)."""
     if k == 0:
-        return scores.new_empty(scores.shape[0], 0, dtype=torch.long)
-    kth = scores.topk(k, dim=-1).values[:, -1:]  # (t, 1)
-    above, tied = scores > kth, scores == kth
-    still_needed = k - above.sum(dim=-1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(dim=-1) <= still_needed))  # exactly k per row
-    entry = torch.arange(scores.shape[-1], 0, -1, device=scores.device)  # earlier entries rank higher
-    return (chosen * entry).topk(k, dim=-1).indices.sort(dim=-1).values
+        return ranked.new_empty(ranked.shape[0], 0)
+    return ranked.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values

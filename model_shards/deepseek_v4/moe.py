@@ -11,7 +11,8 @@ clipped both ways at swiglu_limit.
 Expert parallelism: rank r of the group holds experts r*E/ep .. (r+1)*E/ep - 1 and the shared
 expert's r-th slice of intermediate channels. Tokens are replicated on every rank (attention is
 head-parallel), so each rank runs its experts on the tokens routed to them and one all-reduce sums
-routed and shared partial outputs: dispatch is a local gather, combine the all-reduce.
+routed and shared partial outputs: dispatch is a local gather, combine the all-reduce. The routed
+experts run as grouped matmuls over tokens sorted by expert (grouped_experts.py): no host sync.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_folder.deepseek_v4_config import HASH_MOE, DeepseekV4Architecture
+from model_shards.deepseek_v4.grouped_experts import combine, grouped_linear, sort_by_expert
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 
@@ -77,16 +79,10 @@ class LocalExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Sum over each token's routed experts held here of weight * expert(x): (T, hidden)."""
-        out = torch.zeros_like(x)
-        local = experts - self.first  # (T, k): in [0, num_local) for experts held here
-        for expert in range(self.num_local):
-            token, slot = torch.where(local == expert)
-            if token.numel() == 0:
-                continue
-            gate, up = F.linear(x[token], self.gate_up[expert]).split(self.intermediate, dim=-1)
-            y = F.linear(clipped_swiglu(gate, up, self.limit), self.down[expert])  # (n, hidden)
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        return out
+        rows = sort_by_expert(experts - self.first, self.num_local)
+        gate, up = grouped_linear(x[rows.tokens], self.gate_up, rows.offsets).split(self.intermediate, dim=-1)
+        outputs = grouped_linear(clipped_swiglu(gate, up, self.limit), self.down, rows.offsets)  # (R, hidden)
+        return combine(outputs, rows, weights, all_held=self.ep.size == 1)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         for expert in range(self.num_local * self.ep.size):

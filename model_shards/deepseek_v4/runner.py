@@ -1,15 +1,12 @@
 """The worker side of DeepSeek-V4: runs the engine's steps (protocol/step.py) on the V4 model.
 
-ModelWorker owns a paged dense cache; V4's cache is per request state (state.py). This runner
-keeps one SequenceState per request id beside the request's tokens, block tables and sampler
-state, runs each scheduled chunk through the model (one request at a time: the V4 forward takes
-one sequence), samples as ModelWorker does (world rank 0 samples, every rank appends the same
-tokens) and appends its own tokens, so the driver never re-sends them.
-
-Block ids of every block group are recorded but not read yet: the KV-cache coordinator will place
-the states in them (entries in per-layer-type groups, the window and open windows in a fixed slot).
-Until then a prefix-cache hit, a request arriving with num_computed_tokens > 0 that this runner
-holds no state for, is recomputed from the request's own tokens: exact, only not faster.
+Per request it keeps the tokens, one block table per KV-cache block group (compressed, window),
+the sampler state and a small slot with the open compression windows; the KV itself lives in
+the rank's pages (kv_pages.py), read into the model's SequenceState before each chunk and written
+through while it runs (paged_state.py). Chunks run one request at a time (the V4 forward takes
+one sequence); world rank 0 samples, every rank appends the same tokens, so the driver never
+re-sends them. A request arriving with num_computed_tokens > 0 (a prefix-cache hit, on a block
+boundary) reads its prefix from the pages.
 """
 
 from __future__ import annotations
@@ -19,32 +16,34 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.state import SequenceState
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.structured_output import GrammarCompiler
 from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
 
 
 @dataclass
 class _Request:
     token_ids: list[int]  # prompt + outputs, grows by the tokens this runner samples
-    block_ids: list[list[int]]  # one table per block group, kept for the coordinator
+    block_ids: list[list[int]]  # (compressed, window) block tables; the window's holds -1 where freed
     num_computed_tokens: int  # as the scheduler counts them
-    state: SequenceState  # holds state.num_tokens tokens: fewer than computed after a prefix hit
     sampling: SamplingState
+    slot: SequenceState | None = None  # open windows after the last chunk (entries and keys are in pages)
 
 
 class DeepseekV4Runner:
-    def __init__(self, model: DeepseekV4ForCausalLM, layout: ParallelLayout | None = None):
-        self.model = model
+    def __init__(self, model: DeepseekV4ForCausalLM, pages: PagedKV, layout: ParallelLayout | None = None,
+                 grammars: GrammarCompiler | None = None):
+        """`grammars`: compiles structured-output grammars (None: requests ask for none)."""
+        self.model, self.pages, self.grammars = model, pages, grammars
         self.layout = layout or ParallelLayout.single()
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
 
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
-        if step_input.kv_transfers is not None:
-            raise NotImplementedError("DeepSeek-V4 states do not move between KV tiers yet (the coordinator's work)")
         self._apply_changes(step_input)
         last_hidden, sampling_ids = [], []
         for request_id, count in step_input.num_scheduled_tokens.items():
@@ -67,10 +66,13 @@ class DeepseekV4Runner:
             self._update_request(cached)
 
     def _new_request(self, new: NewRequestData) -> _Request:
-        sampling = SamplingState(new.sampling_params, new.prompt_token_ids, new.output_token_ids,
-                                 device=self.model.device)
+        params = new.sampling_params
+        # Only the rank that samples keeps a grammar (it compiles meanwhile, off this thread).
+        grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
+                   if params.structured_output is not None and self.layout.is_driver_rank else None)
+        sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.model.device, grammar)
         return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
-                        new.num_computed_tokens, self.model.new_state(), sampling)
+                        new.num_computed_tokens, sampling)
 
     def _update_request(self, cached: CachedRequestData) -> None:
         request = self.requests[cached.request_id]
@@ -81,11 +83,12 @@ class DeepseekV4Runner:
                                f"scheduler says {cached.num_computed_tokens}")
 
     def _run_chunk(self, request: _Request, count: int) -> torch.Tensor:
-        """Hidden states of the chunk's tokens, after catching the state up to where it starts."""
+        """Hidden states (count, hidden) of the chunk's tokens; their KV lands in the pages."""
         start = request.num_computed_tokens
-        if request.state.num_tokens < start:  # a prefix-cache hit this runner holds no state for
-            self.model(self._ids(request, request.state.num_tokens, start), request.state)
-        return self.model(self._ids(request, start, start + count), request.state)
+        state = self.pages.load(self.model.new_state, request.block_ids, start, request.slot)
+        hidden = self.model(self._ids(request, start, start + count), state)
+        request.slot = self.pages.slot(state)
+        return hidden
 
     def _ids(self, request: _Request, start: int, stop: int) -> torch.Tensor:
         return torch.tensor(request.token_ids[start:stop], dtype=torch.long, device=self.model.device)

@@ -1,5 +1,5 @@
-"""V4's attention core for one chunk of one sequence, in plain torch (the reference a kernel is
-tested against).
+"""V4's attention core for one chunk of one sequence, in torch; on a GPU the softmax is one Triton
+kernel (sink_softmax.py, tested against `attend_torch`).
 
 Each query at position p attends three key sets with one softmax, plus a per-head sink logit that
 takes probability mass and gives no value (K = V throughout: one shared head, MQA):
@@ -57,7 +57,7 @@ def sink_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: i
     out = torch.empty_like(q)
     for start in range(0, tokens, block):
         stop = min(tokens, start + block)
-        groups = [(windows[start:stop], _mask_bias(reachable[start:stop], window_keys.dtype))]
+        groups = [(windows[start:stop], reachable[start:stop])]
         if compressed is not None:
             groups.append(_compressed_group(compressed, start, stop))
         out[start:stop] = _attend(q[start:stop], [g for g in groups if g[0].shape[-2]], sinks, scale)
@@ -85,12 +85,12 @@ def _compressed_group(compressed: CompressedKeys, start: int, stop: int) -> tupl
     entries = compressed.entries
     if compressed.selected is not None:
         selected = compressed.selected[start:stop]  # (t, k)
-        return entries[selected.clamp(min=0)], _mask_bias(selected >= 0, entries.dtype)  # (t, k, D)
+        return entries[selected.clamp(min=0)], selected >= 0  # (t, k, D), (t, k)
     first, rate = compressed.first_position, compressed.rate
     count = (first + stop) // rate  # entries closed at the block's last query
     visible = (torch.arange(start, stop, device=entries.device) + first + 1) // rate  # (t,)
     reachable = torch.arange(count, device=entries.device) < visible[:, None]
-    return entries[:count], _mask_bias(reachable, entries.dtype)
+    return entries[:count], reachable
 
 
 def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -100,8 +100,28 @@ def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
             scale: float) -> torch.Tensor:
     """One softmax over every group's keys and the sink. Keys (K, D) are shared by the block's
-    queries, (t, K, D) are per query; biases (t, K) are 0 or -inf."""
-    logits = [_scores(q, keys) * scale + bias[:, None, :] for keys, bias in groups]  # (t, heads, K) each
+    queries, (t, K, D) are per query; `allowed` (t, K) says which a query may attend."""
+    return attend_fused(q, groups, sinks, scale) if q.is_cuda else attend_torch(q, groups, sinks, scale)
+
+
+def attend_fused(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """_attend with the softmax as one kernel (sink_softmax.py), in place on the raw logits."""
+    from model_shards.deepseek_v4.sink_softmax import sink_softmax_
+
+    probs = sink_softmax_([_scores(q, keys).contiguous() for keys, _ in groups],
+                          [allowed for _, allowed in groups], sinks, scale)
+    out = None
+    for (keys, _), group_probs in zip(groups, probs):
+        part = _weighted_sum(group_probs, keys)
+        out = part if out is None else out + part
+    return out
+
+
+def attend_torch(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    logits = [_scores(q, keys) * scale + _mask_bias(allowed, keys.dtype)[:, None, :]
+              for keys, allowed in groups]  # (t, heads, K) each
     sink = sinks.view(1, -1, 1).expand(q.shape[0], -1, 1)  # float32: the softmax runs in float32, as in HF
     combined = torch.cat([*logits, sink], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)

@@ -17,6 +17,10 @@ Tensors are replaced, never written in place, so a snapshot (`SequenceState.snap
 them safely, which is what a cached prefix needs. Only `entries` grow with the context; everything
 else is bounded by W and m, so a paged cache keeps `entries` in blocks per layer type and the rest
 in one small fixed slot per request and layer.
+
+The paged cache (paged_state.py) fills a state from pages before each chunk and attaches sinks
+(`WindowSink`, `CompressorSink`): every appended key, every new entry and the overlap half of
+every closed window reach them as the model runs, so the pages stay the store of record.
 """
 
 from __future__ import annotations
@@ -24,18 +28,38 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class WindowSink(Protocol):
+    """Receives every key a window appends, before the window drops old ones (a paged cache's
+    store of record: model_shards/deepseek_v4/paged_state.py)."""
+
+    def keys_appended(self, keys: torch.Tensor) -> None: ...
+
+
+class CompressorSink(Protocol):
+    """Receives a compressor's new entries and, for an overlapping (CSA) one, the first halves of
+    the windows it just closed: what a resume at a block boundary needs."""
+
+    def entries_added(self, first_entry: int, entries: torch.Tensor) -> None: ...
+
+    def windows_closed(self, first_window: int, overlap_kv: torch.Tensor, overlap_gate: torch.Tensor) -> None: ...
 
 
 @dataclass
 class SlidingWindowState:
     keep: int  # W - 1: rows a query at the next position can still reach
     keys: torch.Tensor  # (min(n, keep), head_dim) after kv_norm and RoPE, oldest first
+    sink: WindowSink | None = None  # paged: where every appended key is written
 
     def append(self, new_keys: torch.Tensor) -> torch.Tensor:
         """Add the chunk's keys (T, head_dim); return the keys its queries may reach (w + T, head_dim),
         w = rows held before, the first at position n - w."""
+        if self.sink is not None:
+            self.sink.keys_appended(new_keys)
         reachable = torch.cat((self.keys, new_keys))  # (w + T, head_dim)
         self.keys = reachable[max(0, reachable.shape[0] - self.keep):].clone()  # a view would pin the chunk
         return reachable
@@ -49,6 +73,7 @@ class CompressorState:
     pending_gate: torch.Tensor  # (n % m, width) gate logits, position bias not yet added
     overlap_kv: torch.Tensor | None = None  # (m, dim) CSA: first half of the last closed window
     overlap_gate: torch.Tensor | None = None  # (m, dim) its gate logits, position bias added
+    sink: CompressorSink | None = None  # paged: where new entries and closed windows' halves go
 
     @classmethod
     def empty(cls, rate: int, dim: int, width: int, dtype: torch.dtype, device: torch.device) -> CompressorState:
@@ -73,6 +98,8 @@ class CompressorState:
 
     def add_entries(self, entries: torch.Tensor) -> torch.Tensor:
         """Append folded entries (closed, dim); return all entries so far."""
+        if self.sink is not None:
+            self.sink.entries_added(self.num_entries, entries)
         if entries.shape[0]:
             self.entries = torch.cat((self.entries, entries))
         return self.entries

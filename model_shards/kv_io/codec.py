@@ -73,19 +73,33 @@ def decode_block(fmt: BlockFormat, block_hash: bytes, value: bytes | None,
     """(HIT, payload view) or (a miss outcome, None). Never trusts anything it did not check."""
     if value is None:
         return MISSING, None
-    if len(value) < _FIXED.size:
+    view = memoryview(value).cast("B")
+    if view.nbytes < _FIXED.size:
         return TRUNCATED, None
-    magic, version, header_nbytes, seal_kind, nbytes, *_ = _FIXED.unpack_from(value)  # the rest: compared below
+    header_nbytes = _FIXED.unpack_from(view)[2]
+    header = view[: header_nbytes if _FIXED.size <= header_nbytes <= view.nbytes else _FIXED.size]
+    outcome = check_block(fmt, block_hash, header, view[len(header) :], view.nbytes, seal)
+    return outcome, view[len(header) :] if outcome == HIT else None
+
+
+def check_block(fmt: BlockFormat, block_hash: bytes, header, payload, length: int | None,
+                seal: Seal = CHECKSUM_SEAL) -> str:
+    """The outcome of a value received as `header` then `payload` (BlockStore.get_into: `length`
+    None when absent, negative when it had another length and was not received)."""
+    if length is None:
+        return MISSING
+    if length < _FIXED.size or len(header) < _FIXED.size:
+        return TRUNCATED
+    magic, version, header_nbytes, seal_kind, nbytes, *_ = _FIXED.unpack_from(header)  # the rest: compared below
     if magic != MAGIC or version != FORMAT_VERSION:
-        return MISMATCH, None
-    if header_nbytes + nbytes != len(value):
-        return TRUNCATED, None
+        return MISMATCH
+    if header_nbytes + nbytes != length or len(header) != header_nbytes or len(payload) != nbytes:
+        return TRUNCATED
     if seal_kind != seal.kind:
-        return seal.other_kind, None
-    header = fmt.header(block_hash, seal.kind)
-    if header_nbytes != fmt.header_nbytes or value[: len(header)] != header:
-        return MISMATCH, None  # another dtype, shape or block
-    payload = memoryview(value)[header_nbytes:]
-    if not hmac.compare_digest(seal.tag(header, payload), bytes(value[len(header) : header_nbytes])):
-        return seal.failed, None
-    return HIT, payload
+        return seal.other_kind
+    expected = fmt.header(block_hash, seal.kind)
+    if header_nbytes != fmt.header_nbytes or header[: len(expected)] != expected:
+        return MISMATCH  # another dtype, shape or block
+    if not hmac.compare_digest(seal.tag(expected, payload), bytes(header[len(expected) : header_nbytes])):
+        return seal.failed
+    return HIT

@@ -72,16 +72,11 @@ class KVTransfer:
     @classmethod
     def create(cls, config: LongctxConfig, kv_cache: KVCacheTensors, model_fingerprint: str) -> KVTransfer | None:
         """The worker's transfer engine, or None when the config has no host tier."""
-        settings = config.kv_tiers
-        num_slots = settings.host_bytes // kv_cache.bytes_per_block
+        num_slots = config.kv_tiers.host_bytes // kv_cache.bytes_per_block
         if not config.cache.enable_prefix_caching or num_slots == 0:
             return None
-        remote_factory = None
-        if settings.redis_urls:
-            checkpoint = settings.redis_namespace or checkpoint_digest(config.model.path)
-            prefix = key_prefix(settings.redis_key_prefix, key_namespace(model_fingerprint, checkpoint))
-            remote_factory = functools.partial(_connect_redis, config, prefix)
-        return cls(kv_cache, num_slots, settings.transfer_chunk_bytes, remote_factory)
+        return cls(kv_cache, num_slots, config.kv_tiers.transfer_chunk_bytes,
+                   remote_factory_for(config, model_fingerprint))
 
     @property
     def num_slots(self) -> int:
@@ -98,11 +93,11 @@ class KVTransfer:
         if ops.writebacks and self.remote is not None:
             self.remote.write_back(ops.writebacks)
         if ops.saves:
-            samples.append(_timed(DEVICE_TO_HOST, lambda: self.save(ops.saves)))
+            samples.append(_timed(DEVICE_TO_HOST, lambda: self.save(ops.saves, ops.window_saves)))
         if ops.write_throughs and self.remote is not None:
             self.remote.write_through(ops.write_throughs)
         if ops.loads:
-            samples.append(_timed(HOST_TO_DEVICE, lambda: self.load(ops.loads)))
+            samples.append(_timed(HOST_TO_DEVICE, lambda: self.load(ops.loads, ops.window_loads)))
         if ops.probes and self.remote is not None:
             self.remote.probe(ops.probes)
         if ops.fetches and self.remote is not None:
@@ -142,35 +137,36 @@ class KVTransfer:
             writes_stored=done.stored, writes_dropped=done.dropped, redis_errors=errors, redis_up=up)
 
     # --- batched device <-> host copies -------------------------------------------------------
-    def save(self, pairs: Sequence[tuple[int, int]]) -> int:
-        """(device block, slot) pairs: device -> host. Returns the bytes moved."""
+    def save(self, pairs: Sequence[tuple[int, int]], window_pairs: Sequence[tuple[int, int]] = ()) -> int:
+        """(device block, slot) pairs: device -> host. Returns the bytes moved. (`window_pairs`:
+        a hybrid model's, model_shards/deepseek_v4/kv_tiers.py; a dense cache has none.)"""
         if self._staged:
             for chunk in _chunks(pairs, self._chunk_blocks):
                 self._save_staged(chunk)
         else:
-            _copy_runs(self._kv_rows, self._host_rows, pairs)
+            copy_runs(self._kv_rows, self._host_rows, pairs)
         self._synchronize()
         return len(pairs) * self.kv.bytes_per_block
 
-    def load(self, pairs: Sequence[tuple[int, int]]) -> int:
+    def load(self, pairs: Sequence[tuple[int, int]], window_pairs: Sequence[tuple[int, int]] = ()) -> int:
         """(slot, device block) pairs: host -> device. Returns the bytes moved."""
         if self._staged:
             for chunk in _chunks(pairs, self._chunk_blocks):
                 self._load_staged(chunk)
         else:
-            _copy_runs(self._host_rows, self._kv_rows, pairs)
+            copy_runs(self._host_rows, self._kv_rows, pairs)
         self._synchronize()
         return len(pairs) * self.kv.bytes_per_block
 
     def _save_staged(self, chunk: Sequence[tuple[int, int]]) -> None:
         blocks, slots = zip(*chunk)
         staged = self._kv_rows.index_select(0, self._index(blocks))  # (n, block elements), contiguous
-        _copy_runs(staged, self._host_rows, list(enumerate(slots)))
+        copy_runs(staged, self._host_rows, list(enumerate(slots)))
 
     def _load_staged(self, chunk: Sequence[tuple[int, int]]) -> None:
         slots, blocks = zip(*chunk)
         staged = torch.empty((len(chunk), self._kv_rows.shape[1]), dtype=self.kv.dtype, device=self.kv.device)
-        _copy_runs(self._host_rows, staged, [(slot, index) for index, slot in enumerate(slots)])
+        copy_runs(self._host_rows, staged, [(slot, index) for index, slot in enumerate(slots)])
         self._kv_rows.index_copy_(0, self._index(blocks), staged)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -179,6 +175,18 @@ class KVTransfer:
     def _synchronize(self) -> None:
         if self.kv.device.type == "cuda":
             torch.cuda.synchronize(self.kv.device)
+
+
+def remote_factory_for(config: LongctxConfig, model_fingerprint: str
+                       ) -> Callable[[BlockFormat, np.ndarray], RemoteBlockIO] | None:
+    """What connects a worker's host slots to Redis (None without Redis): keys under the
+    model's fingerprint and checkpoint, so that another model or layout never hits."""
+    settings = config.kv_tiers
+    if not settings.redis_urls:
+        return None
+    checkpoint = settings.redis_namespace or checkpoint_digest(config.model.path)
+    prefix = key_prefix(settings.redis_key_prefix, key_namespace(model_fingerprint, checkpoint))
+    return functools.partial(_connect_redis, config, prefix)
 
 
 def _connect_redis(config: LongctxConfig, prefix: bytes, fmt: BlockFormat, slots) -> RemoteBlockIO:
@@ -221,7 +229,7 @@ def _chunks(pairs: Sequence, size: int) -> Iterator[Sequence]:
         yield pairs[start : start + size]
 
 
-def _copy_runs(source: torch.Tensor, target: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
+def copy_runs(source: torch.Tensor, target: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
     """target[t] = source[s] for each (s, t), one copy per run consecutive on both sides."""
     for first_source, first_target, count in _runs(pairs):
         target[first_target : first_target + count].copy_(source[first_source : first_source + count],

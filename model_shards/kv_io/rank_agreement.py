@@ -48,6 +48,13 @@ class RankAgreement:
         held.redis_up = report.redis_up
         return HeldOutcomes(dict(held.probed), dict(held.fetched), dict(held.written), held.redis_up)
 
+    def across(self, world, report: KVTransferReport) -> KVTransferReport:
+        """Hold this rank's outcomes, exchange holds over `world` (a ParallelGroup: one object
+        all-gather) and return the agreed report: what every rank's worker hands the driver."""
+        held = self.hold(report)
+        every = world.all_gather_object((held, report.redis_errors, report.blocking_seconds))
+        return self.agree(report, [e[0] for e in every], [e[1] for e in every], [e[2] for e in every])
+
     def agree(self, report: KVTransferReport, every_rank: list[HeldOutcomes],
               every_errors: list[int], every_blocking_s: list[float]) -> KVTransferReport:
         """The report the driver gets: this rank's, with the remote outcomes replaced by those

@@ -23,6 +23,7 @@ from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from model_shards.kv_io.resp import RespPool
+from model_shards.kv_io.store import OTHER_LENGTH, Destination, copy_into, destination_nbytes
 from protocol.redis_urls import RedisEndpoint
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,12 @@ class Shard:
             parts, start = flat[start : start + len(keys)], start + len(keys)
             values.append(None if any(part is None for part in parts) else b"".join(parts))
         return values
+
+    def get_values_into(self, key_groups: Sequence[Sequence[bytes]], destinations: Sequence[Destination]
+                        ) -> list[int | None]:
+        """Each group's values concatenated into its destination (BlockStore.get_into's answers)."""
+        return [copy_into(value, destination)
+                for value, destination in zip(self.get_values(key_groups), destinations)]
 
     def set_values(self, items: Sequence[tuple[bytes, Any]], ttl_s: int | None) -> list[bool]:
         return [reply is True for reply in self.execute([Command("set", k, (v,), {"ex": ttl_s}) for k, v in items])]
@@ -246,6 +253,36 @@ class _FastServerShard(Shard):
         return [None if group in missing else memoryview(buffers[group])[: filled[group]]
                 for group in range(len(key_groups))]
 
+    def get_values_into(self, key_groups: Sequence[Sequence[bytes]], destinations: Sequence[Destination]
+                        ) -> list[int | None]:
+        """Each group's parts received straight into its destination (no copy after), in order;
+        a value longer than its destination goes to a scratch buffer instead (OTHER_LENGTH)."""
+        group_of = [group for group, keys in enumerate(key_groups) for _ in keys]
+        filled = [0] * len(key_groups)
+        other_length: set[int] = set()
+
+        def sink(index: int, length: int) -> Sequence[memoryview]:
+            group = group_of[index]
+            start, filled[group] = filled[group], filled[group] + length
+            views = _slice(destinations[group], start, length)
+            if views is None:
+                other_length.add(group)
+                return [self._scratch(length)]
+            return views
+
+        flat = [key for keys in key_groups for key in keys]
+        lengths = self._fast.run(lambda connection: connection.get_many(flat, sink))
+        missing = {group_of[index] for index, length in enumerate(lengths) if length is None}
+        return [None if group in missing else filled[group] if group not in other_length
+                and filled[group] == destination_nbytes(destinations[group]) else OTHER_LENGTH
+                for group in range(len(key_groups))]
+
+    def _scratch(self, nbytes: int) -> memoryview:
+        buffer = self._local.__dict__.get("scratch")
+        if buffer is None or len(buffer) < nbytes:
+            buffer = self._local.scratch = bytearray(nbytes)
+        return memoryview(buffer)[:nbytes]
+
     def set_values(self, items: Sequence[tuple[bytes, Any]], ttl_s: int | None) -> list[bool]:
         views = [(key, memoryview(value).cast("B")) for key, value in items]
         return self._fast.run(lambda connection: connection.set_many(views, ttl_s))
@@ -253,6 +290,18 @@ class _FastServerShard(Shard):
     def close(self) -> None:
         super().close()
         self._fast.close()
+
+
+def _slice(destination: Destination, start: int, length: int) -> list[memoryview] | None:
+    """The pieces of `destination` (views, one after the other) that bytes [start, start +
+    length) of it fall in; None when they run past its end."""
+    pieces, offset = [], 0
+    for view in destination:
+        low, high = max(start, offset), min(start + length, offset + view.nbytes)
+        if low < high:
+            pieces.append(view[low - offset : high - offset])
+        offset += view.nbytes
+    return pieces if start + length <= offset else None
 
 
 def _server_shard(endpoint: RedisEndpoint, settings: dict[str, Any], health: ShardHealth) -> Shard:

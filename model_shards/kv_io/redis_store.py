@@ -35,6 +35,7 @@ from redis.retry import Retry
 
 from model_shards.kv_io.namespace import block_key, part_key
 from model_shards.kv_io.redis_shards import SHARD_KINDS, Command, Shard, ShardHealth
+from model_shards.kv_io.store import Destination
 from protocol.redis_urls import parse_redis_url, redact
 
 __all__ = ["RedisBlockStore", "ShardHealth", "redact"]
@@ -119,6 +120,12 @@ class RedisBlockStore:
         """Values may be views into buffers reused by the calling thread's next get()."""
         keys = [self._keys(h) for h in hashes]
         return self._per_shard_call(hashes, None, lambda shard, picked: shard.get_values([keys[i] for i in picked]))
+
+    def get_into(self, hashes: Sequence[bytes], destinations: Sequence[Destination]) -> list[int | None]:
+        """Values received into their destinations, parts one after the other (BlockStore.get_into)."""
+        keys = [self._keys(h) for h in hashes]
+        return self._per_shard_call(hashes, None, lambda shard, picked: shard.get_values_into(
+            [keys[i] for i in picked], [destinations[i] for i in picked]))
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:
         """Whether every part of each block is there."""

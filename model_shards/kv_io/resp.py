@@ -4,9 +4,19 @@ multi-MiB values on plain sockets.
 Why not redis-py here: it reads replies 64 KiB at a time into a parser that builds a new bytes
 object per value, holding the GIL for both copies, so its I/O threads share one core: on the
 16-core H100 host 4 threads read 2 MiB values at 0.6-0.9 GB/s where `redis-benchmark` reads
-2+ GB/s from the same server. Here a value's bytes go from the kernel straight into a reusable
-per-thread buffer with `socket.recv_into` (which releases the GIL for the whole copy) and are
+2+ GB/s from the same server. Here a value's bytes go from the kernel straight where the caller
+says (the block's host slot) with `socket.recv_into` (which releases the GIL for the copy) and are
 sent from memoryviews with `sendall` (no packing copy), so threads and shards run in parallel.
+
+One system call per value. A socket with a Python timeout is non-blocking underneath (poll,
+then recv whatever has arrived), and Redis writes a large reply in pieces (64 KiB per event-loop
+turn while other clients wait), so a value took several receives, each giving up the GIL and
+taking it back: 2.6 per 2 MiB value with one server, 4.4 with four, on the 2-core VM
+(`bench/redis_scaling.py` counts them); the faster the reader, the more. With 16 I/O threads
+(4 shards) that is a queue on the GIL, a suspect for the H200 host's 4.65 GB/s against 8.9 of
+`redis-benchmark` (the bench's threads-vs-processes rows decide it). So the socket is blocking,
+with the timeout in the kernel (SO_RCVTIMEO / SO_SNDTIMEO), and a value's rest is received with
+MSG_WAITALL: the kernel fills it as data arrives, and the GIL is released once.
 
 Only what the hot path needs: AUTH, SELECT, GET, SET ... EX, on TCP or a unix socket without
 TLS (`rediss://` and Sentinel / Cluster shards stay on redis-py). Failures raise redis-py's
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,9 +65,10 @@ class RespConnection:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout_s)
             sock.connect(options["path"])
-            return sock
-        sock = socket.create_connection((options.get("host", "localhost"), options.get("port", 6379)), timeout_s)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.create_connection((options.get("host", "localhost"), options.get("port", 6379)), timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _kernel_timeouts(sock, timeout_s)
         return sock
 
     def _setup(self, options: dict[str, Any]) -> None:
@@ -78,8 +90,10 @@ class RespConnection:
         self.sock.close()
 
     # --- commands -----------------------------------------------------------------------------
-    def get_many(self, keys: Sequence[bytes], sink: Callable[[int, int], memoryview]) -> list[int | None]:
-        """GET each key; value i is received into sink(i, length). Returns each length, None if absent."""
+    def get_many(self, keys: Sequence[bytes], sink: Callable[[int, int], memoryview | Sequence[memoryview]]
+                 ) -> list[int | None]:
+        """GET each key; value i is received into sink(i, length): one view of that length, or
+        views that add up to it, filled in order. Returns each length, None if absent."""
         self._send([b"".join(_command(b"GET", key) for key in keys)])
         return [self._read_bulk_into(index, sink) for index in range(len(keys))]
 
@@ -96,15 +110,15 @@ class RespConnection:
         try:
             for piece in pieces:
                 self.sock.sendall(piece)
-        except TimeoutError as error:
+        except (TimeoutError, BlockingIOError) as error:  # BlockingIOError: SO_SNDTIMEO ran out
             raise redis.TimeoutError("sending to Redis timed out") from error
         except OSError as error:
             raise redis.ConnectionError(f"sending to Redis failed: {error}") from error
 
-    def _recv_into(self, view: memoryview) -> int:
+    def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:
-            received = self.sock.recv_into(view)
-        except TimeoutError as error:
+            received = self.sock.recv_into(view, len(view), flags)
+        except (TimeoutError, BlockingIOError) as error:  # BlockingIOError: SO_RCVTIMEO ran out
             raise redis.TimeoutError("reading from Redis timed out") from error
         except OSError as error:
             raise redis.ConnectionError(f"reading from Redis failed: {error}") from error
@@ -129,10 +143,10 @@ class RespConnection:
         view[:buffered] = self._buffer[self._start : self._start + buffered]
         self._start += buffered
         filled = buffered
-        while filled < len(view):
-            filled += self._recv_into(view[filled:])
+        while filled < len(view):  # once, unless the timeout or a signal cut the wait short
+            filled += self._recv_into(view[filled:], socket.MSG_WAITALL)
 
-    def _read_bulk_into(self, index: int, sink: Callable[[int, int], memoryview]) -> int | None:
+    def _read_bulk_into(self, index: int, sink: Callable) -> int | None:
         line = self._read_line()
         if line.startswith(b"-"):
             raise redis.ResponseError(line[1:].decode(errors="replace"))
@@ -141,7 +155,9 @@ class RespConnection:
         length = int(line[1:])
         if length < 0:
             return None
-        self._read_exact_into(sink(index, length))
+        views = sink(index, length)
+        for view in [views] if isinstance(views, memoryview) else views:
+            self._read_exact_into(view)
         self._read_exact_into(memoryview(bytearray(2)))  # the value's trailing CRLF
         return length
 
@@ -156,6 +172,15 @@ class RespConnection:
         if not line.startswith((b"+", b"-")):
             raise redis.ConnectionError(f"unexpected Redis reply {line[:32]!r} to SET")
         return line == b"+OK"
+
+
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """Blocking calls (one recv per value, see the module doc), bounded by the kernel instead."""
+    sock.settimeout(None)
+    seconds = int(timeout_s)
+    timeval = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class RespPool:

@@ -17,6 +17,29 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
+# Where one value's bytes go, in order: e.g. a small buffer for its header, then the host slot
+# itself for its payload (received there, not copied there).
+Destination = Sequence[memoryview]
+OTHER_LENGTH = -1  # get_into: the value exists but is not as long as its destination: not received
+
+
+def destination_nbytes(destination: Destination) -> int:
+    return sum(view.nbytes for view in destination)
+
+
+def copy_into(value, destination: Destination) -> int | None:
+    """Copy a value into its destination when their lengths agree: get_into's answer for it."""
+    if value is None:
+        return None
+    view = memoryview(value).cast("B")
+    if view.nbytes != destination_nbytes(destination):
+        return OTHER_LENGTH
+    offset = 0
+    for piece in destination:
+        piece[:] = view[offset : offset + piece.nbytes]
+        offset += piece.nbytes
+    return view.nbytes
+
 
 class BlockStore(Protocol):
     @property
@@ -42,6 +65,11 @@ class BlockStore(Protocol):
 
     def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
         """The value of each hash, or None (absent or unreachable)."""
+
+    def get_into(self, hashes: Sequence[bytes], destinations: Sequence[Destination]) -> list[int | None]:
+        """Each hash's value received into its destination: its length, None (absent or
+        unreachable) or OTHER_LENGTH (a value of another length, not received; the
+        destination may hold part of it)."""
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]: ...
 
@@ -75,6 +103,9 @@ class MemoryBlockStore:
     def get(self, hashes: Sequence[bytes]) -> list[bytes | None]:
         with self._lock:
             return [self._values.get(h) for h in hashes]
+
+    def get_into(self, hashes: Sequence[bytes], destinations: Sequence[Destination]) -> list[int | None]:
+        return [copy_into(value, destination) for value, destination in zip(self.get(hashes), destinations)]
 
     def contains(self, hashes: Sequence[bytes]) -> list[bool]:
         with self._lock:

@@ -4,7 +4,7 @@ step message carries one table per group. Exact block ids throughout."""
 
 from __future__ import annotations
 
-from cluster.config import SchedulerSettings
+from cluster.config import KVTierSettings, SchedulerSettings
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 from kvcache.block_groups import KVCacheGroupSpec, SlidingWindowGroup
@@ -12,8 +12,9 @@ from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
 from kvcache.sliding_window_manager import NULL_BLOCK, SlidingWindowManager
+from kvcache.tier_manager import TierManager
 from protocol.sampling_params import SamplingParams
-from protocol.step import SampledToken, StepOutput
+from protocol.step import SampledToken, StepInput, StepOutput
 
 BLOCK_SIZE = 4
 WINDOW = 6  # tokens: a chunk starting at token s reads [s - 6, s), at most 2 blocks back
@@ -104,3 +105,38 @@ def test_the_step_message_carries_one_table_per_group():
     assert scheduler.kv_cache.block_tables("a")[1] == (NULL_BLOCK, 1, 2)  # [6, 12) is the window
     scheduler.finish_request("a", RequestStatus.FINISHED_STOPPED)
     assert scheduler.kv_cache.extra_groups[0].num_free_blocks == 8
+
+
+def make_tiered_coordinator(full_blocks=8, window_blocks=6) -> KVCacheCoordinator:
+    """A hybrid model with a host tier: a slot holds block i of both groups (tier_manager.py)."""
+    window = SlidingWindowGroup(KVCacheGroupSpec("window", "sliding_window", WINDOW),
+                                SlidingWindowManager(window_blocks, BLOCK_SIZE, WINDOW))
+    tiers = TierManager(KVTierSettings(host_bytes=16 * 100, restore_policy="always"), BLOCK_SIZE, block_nbytes=100,
+                        window_blocks=window.manager.blocks_in_window)
+    device = KVCacheManager(full_blocks, BLOCK_SIZE, on_evict=tiers.on_device_evict)
+    tiers.track_device(device.pool)
+    return KVCacheCoordinator(device, tiers, [window])
+
+
+def test_hybrid_blocks_are_written_through_with_their_window_part_and_restored_into_fresh_window_blocks():
+    coordinator = make_tiered_coordinator()
+    compute(coordinator, make_request("a", 16), chunk=8)
+    ops = coordinator.take_transfers((), idle=False)
+    # computed [0, 8) then [8, 16): both blocks of each chunk saved before the window freed them
+    assert ops.saves == ((0, 0), (1, 1), (2, 2), (3, 3))
+    assert ops.window_saves == ((0, 0), (1, 1), (2, 2), (3, 3))
+    coordinator.on_step_done(StepInput(0), None, 0.0)
+    coordinator.free("a")
+    compute(coordinator, make_request("x", 24, first_token=500), chunk=8)  # evicts a's blocks in both groups
+    coordinator.free("x")
+    coordinator.take_transfers((), idle=False)
+    coordinator.on_step_done(StepInput(1), None, 0.0)
+    again = make_request("b", 17)
+    hit = coordinator.lookup(again)
+    assert (hit.device_block_ids, hit.restore.slots, hit.host_tokens) == ((), (0, 1, 2, 3), 16)
+    coordinator.allocate(again, 17, hit)
+    full, window = coordinator.block_tables("b")
+    assert window[:2] == (NULL_BLOCK, NULL_BLOCK) and len(full) == len(window) == 5
+    ops = coordinator.take_transfers((), idle=False)
+    assert ops.loads == tuple(zip((0, 1, 2, 3), full[:4]))
+    assert ops.window_loads == ((2, window[2]), (3, window[3]))  # the last 2 restored: the window of 16

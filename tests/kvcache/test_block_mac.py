@@ -3,6 +3,8 @@ counted miss and never changes an output (issue 17, finding 4). Against real red
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from cluster.config import KVTierSettings
@@ -111,3 +113,11 @@ def test_a_block_replayed_from_another_checkpoint_s_namespace_is_refused(
     assert result.num_redis_hit_tokens == 0
     assert metric(target, "longctx_kv_unauthentic_blocks_total") == len(copied) == 10  # each fetched, each refused
     assert result.token_ids == reference([doc])[0]
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
+    """Blocks written by a worker with ISA-L's crc32 verify on one with zlib's, and back: the
+    value format does not depend on the library."""
+    payload = bytes(range(256)) * 4096 + b"tail"
+    tag = CHECKSUM_SEAL.tag(b"header", memoryview(payload))
+    assert tag[:4] == zlib.crc32(payload).to_bytes(4, "little") and tag[4:] == bytes(28)

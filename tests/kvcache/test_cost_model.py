@@ -33,16 +33,20 @@ class Machine:
     flops: PrefillFlops
     block_nbytes: int
     step_s: float = 0.004  # fixed cost of an engine step
+    context_s: float = 0.0  # extra of a chunk with context before it (gathers, merges)
     weight_flops_per_s: float = 400e12
     attention_flops_per_s: float = 250e12
-    fetch_s: float = 0.09  # fixed cost of a Redis prefetch: round trips, engine steps between
+    fetch_s: float = 0.09  # fixed cost of a Redis prefetch as the driver sees it: round trips, steps
+    round_trip_s: float = 0.0  # of it, one probe out and back through engine steps (twice per prefetch)
     redis_bytes_per_s: float = 3e9
+    overlap: float = 1.0  # a fetch beside a head computed meanwhile takes this many times longer
     load_s: float = 0.0002
     host_bytes_per_s: float = 50e9
 
     def step(self, start: int, count: int) -> float:
         weights, attention = self.flops.amounts(start, start + count)
-        return self.step_s + weights / self.weight_flops_per_s + attention / self.attention_flops_per_s
+        extra = self.context_s if start > 0 else 0.0
+        return self.step_s + extra + weights / self.weight_flops_per_s + attention / self.attention_flops_per_s
 
     def prefill(self, start: int, end: int) -> float:
         return sum(self.step(s, min(CHUNK, end - s)) for s in range(start, end, CHUNK))
@@ -54,17 +58,36 @@ class Machine:
         return self.load_s + num_blocks * self.block_nbytes / self.host_bytes_per_s
 
     def restore(self, first_block: int, num_blocks: int, head: int) -> float:
-        start = first_block * BLOCK
-        return max(self.prefill(start, start + head * BLOCK), self.fetch(num_blocks - head)) + self.load(num_blocks - head)
+        """Blocks [first_block, + num_blocks) from Redis, the first `head` recomputed meanwhile,
+        up to the fixed cost of the step after (the rest of the prompt is the same work both ways)."""
+        start, rest = first_block * BLOCK, num_blocks - head
+        fetch_s = self.overlap * self.fetch(rest) if head else self.fetch(rest)
+        return max(self.prefill(start, start + head * BLOCK), fetch_s) + self.load(rest) + self.step_s + self.context_s
 
-    def calibration(self) -> dict:
-        """What the start-up probe measures (engine/calibration.py): a block-sized step and two
-        full chunks; one block and 256 MiB each way."""
-        steps = [((0, BLOCK),), ((0, CHUNK),), ((CHUNK, CHUNK),)]
+    def ttft(self, tokens: int, head: int | None) -> float:
+        """Time to first token of a `tokens` prompt whose full blocks Redis holds: recomputed
+        (head None) or restored with `head` blocks recomputed meanwhile."""
+        blocks = (tokens - 1) // BLOCK
+        if head is None:
+            return self.prefill(0, tokens)
+        rest = blocks - head
+        fetch_s = self.overlap * self.fetch(rest) if head else self.fetch(rest)
+        return (max(self.prefill(0, head * BLOCK), fetch_s) + self.load(rest)
+                + self.step(blocks * BLOCK, tokens - blocks * BLOCK))
+
+    def calibration(self, probe: str = "now") -> dict:
+        """What the start-up probe measures (engine/calibration.py): a block, half a chunk and
+        three chunks ("session 3": a block and two chunks); one block and 256 MiB each way timed
+        on the worker, and a probe's round trip through engine steps."""
+        steps = [((0, BLOCK),), ((0, CHUNK // 2),), *(((i * CHUNK, CHUNK),) for i in range(3))]
+        if probe == "session 3":
+            steps = [((0, BLOCK),), ((0, CHUNK),), ((CHUNK, CHUNK),)]
         blocks = (1, (256 * MiB) // self.block_nbytes)
+        worker_fetch_s = [self.fetch(n) - 2 * self.round_trip_s for n in blocks]
         return {"steps": [(spans, sum(self.step(*span) for span in spans)) for spans in steps],
                 "loads": [(n * self.block_nbytes, self.load(n)) for n in blocks],
-                "fetches": [(n * self.block_nbytes, self.fetch(n)) for n in blocks]}
+                "fetches": [(n * self.block_nbytes, s) for n, s in zip(blocks, worker_fetch_s)],
+                "round_trip_s": self.round_trip_s if probe == "now" else 0.0}
 
 
 def block_nbytes(arch) -> int:
@@ -78,8 +101,9 @@ def calibrated(machine: Machine, **settings) -> RestoreCostModel:
 
 
 def bench_machine() -> Machine:
-    """Llama-3-8B, 2 layers (bench/restore_policy.py), H200-like speeds."""
-    return Machine(PrefillFlops.of(LLAMA_8B_2_LAYERS), block_nbytes(LLAMA_8B_2_LAYERS))
+    """Llama-3-8B, 2 layers (bench/restore_policy.py), H200-like speeds; a fetch beside a head
+    as much slower as the cost model guesses until a split measures it."""
+    return Machine(PrefillFlops.of(LLAMA_8B_2_LAYERS), block_nbytes(LLAMA_8B_2_LAYERS), overlap=1.5)
 
 
 # --- FLOPs --------------------------------------------------------------------------------------
@@ -90,7 +114,7 @@ def test_prefill_flops_of_an_8b_model():
     assert flops.per_key == 4 * 32 * 32 * 128
     assert flops.amounts(0, 3) == (3 * flops.per_token, (1 + 2 + 3) * flops.per_key)  # position p sees p + 1 keys
     assert flops.span(2, 4) == 2 * flops.per_token + (3 + 4) * flops.per_key
-    assert flops.of_step([(0, 3), (2, 2)]) == (5 * flops.per_token, (1 + 2 + 3 + 3 + 4) * flops.per_key)
+    assert flops.of_step([(0, 3), (2, 2)]) == (5 * flops.per_token, (1 + 2 + 3 + 3 + 4) * flops.per_key, 1)  # 1 with context
 
 
 def test_the_cost_of_a_block_grows_with_its_position():
@@ -154,7 +178,8 @@ def test_short_prefixes_are_recomputed_long_ones_restored_and_mid_sized_ones_spl
     decisions = {tokens: model.decide(REDIS, 0, tokens // BLOCK) for tokens in (4096, 16384, 65536, 1 << 20)}
     assert [decisions[t].restore for t in (4096, 16384)] == [False, False]  # the fetch's round trips lose
     assert decisions[65536].restore and 0 < decisions[65536].head_blocks < 1024  # recompute some, fetch the rest
-    assert decisions[1 << 20].restore and decisions[1 << 20].head_blocks > 0
+    # At 1M the fetch of the rest, slowed beside a head, outlasts any head worth the pause.
+    assert decisions[1 << 20].restore and decisions[1 << 20].head_blocks == 0
     # Overlapped, the 64K restore beats both pure paths.
     pure_restore_s = model.split_seconds(0, 1024, 0)
     assert decisions[65536].restore_s < min(pure_restore_s, decisions[65536].recompute_s)
@@ -166,8 +191,8 @@ def test_the_head_is_where_its_prefill_catches_up_with_the_fetch_of_the_rest():
     by_brute_force = min(range(blocks), key=lambda head: model.split_seconds(first, blocks, head))
     assert model.best_head(first, blocks) == by_brute_force
     head = model.best_head(first, blocks)
-    assert model.recompute_seconds(first, head) <= model.fetch_seconds(blocks - head) + model.recompute_seconds(
-        first + head - 1, 1)
+    assert model.recompute_seconds(first, head) <= model.overlapped_fetch_seconds(blocks - head) + \
+        model.recompute_seconds(first + head - 1, 1)
 
 
 def test_a_restore_must_beat_recompute_by_the_margin():
@@ -216,7 +241,8 @@ def test_estimates_off_by_2x_in_opposite_directions_are_right_after_one_observat
     model.observe_transfer(HOST_TO_DEVICE, blocks * truth.block_nbytes, truth.load(blocks))
     after = model.decide(REDIS, 0, blocks, split=False)
     assert after.recompute_s == pytest.approx(truth.step(0, blocks * BLOCK), rel=0.05)
-    assert after.restore_s == pytest.approx(truth.fetch(blocks) + truth.load(blocks), rel=0.05)
+    resume_s = truth.step_s + truth.context_s  # the step after the load
+    assert after.restore_s == pytest.approx(truth.fetch(blocks) + truth.load(blocks) + resume_s, rel=0.05)
     assert not after.restore
 
 
@@ -272,3 +298,17 @@ def test_stalls_of_several_sizes_wait_side_by_side():
     for nbytes in (1 << 20, 1 << 30, 1 << 20, 1 << 30):  # each 10x slower than thought, twice
         estimate.observe((1.0, nbytes), 10 * (0.01 + nbytes * 1e-9))
     assert estimate.predict((1.0, 1 << 30)) > 5 * (0.01 + (1 << 30) * 1e-9)
+
+
+def test_prefill_flops_of_deepseek_v4_grow_only_with_hca_entries():
+    """V4's attention per query is its window plus CSA's top-k entries (fixed) and every HCA
+    entry (one per m' keys): the per-key cost is HCA's alone."""
+    from model_folder.deepseek_v4_config import parse_deepseek_v4_config
+    from model_shards.deepseek_v4.presets import preset_config
+
+    flash = parse_deepseek_v4_config(preset_config("deepseek-v4-flash-shape"))
+    flops = PrefillFlops.of(flash)
+    hca_layers = flash.layer_types.count("heavily_compressed_attention")
+    assert flops.per_key == pytest.approx(4.0 * 64 * 512 * hca_layers / 128)
+    # V4-Flash activates ~13B parameters a token; projections and the 6 + 1 experts are ~10B of them
+    assert 2 * 9e9 < flops.per_token < 2 * 16e9

@@ -1,16 +1,22 @@
 """The raw RESP path of the Redis block store (model_shards/kv_io/resp.py) against a real redis-server:
-exact values of every size, order, absent keys, TTL, AUTH and SELECT, error replies, threads."""
+exact values of every size, order, absent keys, TTL, AUTH and SELECT, error replies, threads; and
+against a fake server that trickles or stalls a value."""
 
 from __future__ import annotations
 
 import os
 import random
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 
 from model_shards.kv_io.redis_store import RedisBlockStore
 from model_shards.kv_io.resp import RespPool
+from model_shards.kv_io.store import OTHER_LENGTH
 
 PREFIX = b"resp-test:"
 
@@ -100,3 +106,72 @@ def test_after_a_restart_one_failure_flushes_every_stale_connection(start_redis)
     with ThreadPoolExecutor(4) as pool:  # every pooled connection is taken again
         assert all(pool.map(lambda _: store.put([(block_hash, b"again")]) == [True], range(16)))
     assert store.errors == 1 and store.up  # no stale connection failed a second time
+
+
+class TricklingServer:
+    """A fake Redis on a free port that answers any GET with `reply`, sent in `pieces` with
+    `pause_s` between them (a server that stalls mid-value when pause_s is long)."""
+
+    def __init__(self, reply: bytes, pieces: int, pause_s: float):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, args=(reply, pieces, pause_s), daemon=True)
+        self.thread.start()
+
+    def _serve(self, reply: bytes, pieces: int, pause_s: float) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(1 << 16)  # the GET
+            size = -(-len(reply) // pieces)
+            for start in range(0, len(reply), size):
+                connection.sendall(reply[start : start + size])
+                time.sleep(pause_s)
+            time.sleep(3.0)  # hold the connection open: the client decides when it has waited enough
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_value_that_arrives_in_pieces_is_received_whole():
+    """The rest of a value is one MSG_WAITALL receive: the kernel fills it across the server's writes."""
+    value = os.urandom(1 << 20)
+    server = TricklingServer(b"$%d\r\n%s\r\n" % (len(value), value), pieces=16, pause_s=0.005)
+    pool = RespPool(server.url, max_connections=1, timeout_s=2.0)
+    buffer = bytearray(len(value))
+    lengths = pool.run(lambda connection: connection.get_many([b"k"], lambda index, length: memoryview(buffer)))
+    assert lengths == [len(value)] and bytes(buffer) == value
+    pool.close()
+    server.close()
+
+
+def test_a_server_stalling_mid_value_times_out_within_the_socket_timeout():
+    """The timeout lives in the kernel (SO_RCVTIMEO): a stalled value still fails, as a redis-py timeout."""
+    value = os.urandom(1 << 20)
+    server = TricklingServer(b"$%d\r\n%s" % (len(value), value[: 1 << 16]), pieces=1, pause_s=0.0)
+    pool = RespPool(server.url, max_connections=1, timeout_s=0.3)
+    buffer = bytearray(len(value))
+    started = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        pool.run(lambda connection: connection.get_many([b"k"], lambda index, length: memoryview(buffer)))
+    assert 0.25 < time.monotonic() - started < 2.0  # at most two timeouts (one partial receive), on a busy VM
+    pool.close()
+    server.close()
+
+
+@pytest.mark.parametrize("part_bytes", [None, 1 << 20])
+def test_values_are_received_straight_into_their_destinations_parts_and_all(redis_server, part_bytes):
+    """get_into: a header buffer then the slot itself, filled in place across the parts; a value
+    of another length is not received (OTHER_LENGTH), an absent one is None."""
+    header_nbytes, payload_nbytes = 100, (3 << 20) + 7
+    store = RedisBlockStore([redis_server.url], PREFIX, value_nbytes=header_nbytes + payload_nbytes,
+                            part_bytes=part_bytes)
+    rng = random.Random(3)
+    good, short, absent = (rng.randbytes(32) for _ in range(3))
+    value = os.urandom(header_nbytes + payload_nbytes)
+    assert store.put([(good, memoryview(value)), (short, memoryview(value[:-1]))]) == [True, True]
+    destinations = [(memoryview(bytearray(header_nbytes)), memoryview(bytearray(payload_nbytes))) for _ in range(3)]
+    lengths = store.get_into([good, short, absent], destinations)
+    assert lengths == [len(value), OTHER_LENGTH, None]
+    header, payload = destinations[0]
+    assert bytes(header) + bytes(payload) == value
+    assert store.num_parts == (1 if part_bytes is None else 3)

@@ -5,6 +5,7 @@ fetched, whose outputs must equal recomputing everything."""
 from __future__ import annotations
 
 import logging
+import re
 
 from test_tiers_engine import GREEDY, make_engine, reference  # noqa: F401 (a fixture)
 from tier_helpers import document, metric
@@ -16,14 +17,18 @@ from kvcache.tiers.cost_model import _INITIAL_FETCH_S, _INITIAL_STEP_S
 BLOCK = 64
 
 
-def cost_engine(model_dir: str, url: str, **tiers):
-    return make_engine(model_dir, block_size=BLOCK, host_bytes=32 << 20, redis_urls=(url,), **tiers)
+def cost_engine(model_dir: str, url: str, budget: int = 2048, **tiers):
+    return make_engine(model_dir, block_size=BLOCK, budget=budget, host_bytes=32 << 20, redis_urls=(url,), **tiers)
 
 
 def test_the_engine_calibrates_its_estimates_at_start_and_logs_them(tier_model_dir, redis_server, reference, caplog):
+    # 512-token chunks and a generous budget: this shared CPU takes ~1.5 s for one 2048-token chunk.
     with caplog.at_level(logging.INFO, logger="engine.calibration"):
-        engine = cost_engine(tier_model_dir, redis_server.url)
+        engine = cost_engine(tier_model_dir, redis_server.url, budget=512, calibration_budget_s=60.0)
     assert "restore estimates calibrated" in caplog.text and "a Redis restore wins from" in caplog.text
+    assert "(5 prefill steps, 4 transfers" in caplog.text  # a block, half a chunk, three chunks
+    round_trip_ms = float(re.search(r"a step round trip ([0-9.]+) ms", caplog.text).group(1))
+    assert round_trip_ms > 0  # a probe answered through engine steps
     cost = engine.kv_cache.tiers.cost
     assert cost.prefill.coefficients[0] != _INITIAL_STEP_S and cost.redis_fetch.coefficients[0] != _INITIAL_FETCH_S
     assert cost.prefill.num_observations == 0  # priors: the first request still corrects them at once
@@ -56,9 +61,10 @@ def test_a_restore_that_recomputes_its_head_while_fetching_the_rest_is_exact(tie
 
 
 def _make_a_block_cost_one_millisecond_either_way(engine) -> None:
-    """Priors for the test: a step 1 ms + 1 ms per block of prefill (attention free); a prefetch
-    2 ms + 1 ms per block; loads free."""
+    """Priors for the test: a step 1 ms + 1 ms per block of prefill (attention and context
+    free); a prefetch 2 ms + 1 ms per block, as fast beside a head; loads free."""
     cost = engine.kv_cache.tiers.cost
-    cost.prefill.reset((1e-3, 1e-3 / (BLOCK * cost.flops.per_token), 1e-30))
+    cost.prefill.reset((1e-3, 1e-3 / (BLOCK * cost.flops.per_token), 1e-30, 1e-30))
     cost.redis_fetch.reset((2e-3, 1e-3 / cost.block_nbytes))
+    cost.overlap.reset((1.0,))
     cost.host_load.reset((1e-9, 1e-30))

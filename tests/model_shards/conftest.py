@@ -58,13 +58,3 @@ def prefill_logits(model: LlamaForCausalLM, tokens: torch.Tensor, block_size: in
 @pytest.fixture(name="prefill_logits")
 def prefill_logits_fixture() -> Callable[..., torch.Tensor]:
     return prefill_logits
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """For modules of tiny-matrix tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
-    OpenMP hand-offs cost more than they save on such matrices, 40x more on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -46,25 +46,53 @@ def test_block_tables_refuse_when_full_or_too_long():
     assert tables.rows_for(["a", "b"], [[1], [2]]) == [0, 1]  # nothing was taken by the refusals
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_decode_equals_eager_decode(model_folder):
-    pytest.importorskip("triton")
+# A padded graph row changes the batch of every matmul (cuBLAS may pick another kernel for 6 rows
+# than for 5): bf16 activations may then round differently, so logprobs may differ by about one
+# bf16 ulp of a logit (~0.4% of its size) and a greedy token may flip only where the top two were
+# that close. With no padding the graph runs the eager kernels on the same shapes: equal bits.
+PADDED_LOGPROB_TOLERANCE = 0.05
+
+
+def _greedy_with_logprobs(folder: str, prompts: list[list[int]], max_batch: int):
     from cluster.config import CacheSettings, LongctxConfig, ModelSettings
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
     from protocol.sampling_params import SamplingParams
 
-    folder = str(model_folder(num_key_value_heads=2, head_dim=64, hidden_size=512))
-    prompts = [[random.Random(i).randrange(3, 500) for _ in range(20 + 37 * i)] for i in range(5)]
-    tokens = {}
-    for max_batch in (0, 8):  # eager, then graphs (5 sequences replay the size-6 graph)
-        config = LongctxConfig(model=ModelSettings(path=folder, dtype="bfloat16", device="cuda",
-                                                   attention_backend="cudnn_triton", cuda_graph_max_batch=max_batch),
-                               cache=CacheSettings(block_size=16, num_device_blocks=256))
-        engine = LLMEngine(config)
+    config = LongctxConfig(model=ModelSettings(path=folder, dtype="bfloat16", device="cuda",
+                                               attention_backend="cudnn_triton", cuda_graph_max_batch=max_batch),
+                           cache=CacheSettings(block_size=16, num_device_blocks=256))
+    engine = LLMEngine(config)
+    try:
         assert (engine.executor.worker.decode_graphs is None) == (max_batch == 0)
-        outputs = generate(engine, prompts, SamplingParams(max_tokens=24, ignore_eos=True))
-        tokens[max_batch] = [output[0].token_ids for output in outputs]
+        outputs = generate(engine, prompts, SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2))
+    finally:
         engine.shutdown()
-    assert tokens[8] == tokens[0]
+    return [output[0].logprobs for output in outputs]  # per prompt: one SampledToken a step
+
+
+def _assert_legit_divergence(graph, eager) -> None:
+    """Logprobs within the tolerance up to the first different token, which must be a near-tie."""
+    for step, (ours, theirs) in enumerate(zip(graph, eager)):
+        assert abs(ours.logprob - theirs.logprob) <= PADDED_LOGPROB_TOLERANCE, step
+        if ours.token_id != theirs.token_id:
+            (_, first), (_, second) = theirs.top_logprobs[:2]
+            assert first - second <= 2 * PADDED_LOGPROB_TOLERANCE, (step, first, second)
+            return
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_prompts", [6, 5])  # the size-6 graph exactly, then with one padded row
+def test_graph_decode_equals_eager_decode(model_folder, num_prompts):
+    pytest.importorskip("triton")
+    folder = str(model_folder(num_key_value_heads=2, head_dim=64, hidden_size=512))
+    prompts = [[random.Random(i).randrange(3, 500) for _ in range(20 + 37 * i)] for i in range(num_prompts)]
+    eager = _greedy_with_logprobs(folder, prompts, 0)
+    graph = _greedy_with_logprobs(folder, prompts, 8)
+    if num_prompts == 6:
+        assert [[(t.token_id, t.logprob) for t in row] for row in graph] == \
+            [[(t.token_id, t.logprob) for t in row] for row in eager]
+        return
+    for graph_row, eager_row in zip(graph, eager):
+        _assert_legit_divergence(graph_row, eager_row)

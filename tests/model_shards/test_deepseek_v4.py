@@ -14,6 +14,8 @@ RoPE position) moves logits by 1e-2 or more. Prompts are 150-200 tokens: 18-25 s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -150,11 +152,18 @@ def test_chunking_cannot_change_a_model_with_frequent_ties(tmp_path):
         torch.testing.assert_close(run_chunks(model, ids, chunk), whole, atol=ATOL, rtol=0)
 
 
-def test_the_engine_refuses_v4_folders_in_one_line(v4_folder, capsys):
+def test_the_cli_generates_on_v4_folders_and_refuses_a_block_size_that_splits_a_window(v4_folder, capsys):
+    """The block size is derived (16: the lcm of compress rates 4 and 16); 24 would cut windows."""
     from cluster.cli import main
 
-    assert main(["generate", "--model", str(v4_folder), "--prompt", "hello"]) != 0
-    assert "DeepSeek-V4 (model_shards/deepseek_v4) is not served by the engine yet" in capsys.readouterr().err
+    args = ["generate", "--model", str(v4_folder), "--prompt", "hello there", "--max-tokens", "4", "--json",
+            "--num-kv-blocks", "64"]
+    assert main(args) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert output["kv"]["block_size"] == 16 and 1 <= len(output["token_ids"]) <= 4
+    assert main([*args, "--block-size", "24"]) != 0
+    error = capsys.readouterr().err
+    assert "cache.block_size 24 must be a multiple of 16" in error and error.count("\n") == 1
 
 
 def test_deepseek_spelling_of_the_checkpoint_loads_alike(model, v4_folder, tmp_path):

@@ -1,5 +1,7 @@
-"""DeepseekV4Runner runs the engine's steps: chunked prefills beside decodes, prefix hits, preemption,
-and its greedy tokens are the argmax of transformers' full forward over the final sequence."""
+"""DeepseekV4Runner runs the engine's steps on the paged hybrid cache: chunked prefills beside decodes,
+a prefix hit read from another request's pages, preemption; its greedy tokens are the argmax of
+transformers' full forward over the final sequence. Block ids are given by hand here (the
+coordinator's are tested in tests/kvcache/test_block_groups.py and through the engine)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import pytest
 import torch
 from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
+from model_folder.deepseek_v4_config import DeepseekV4Architecture
+from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from protocol.sampling_params import SamplingParams
@@ -26,8 +31,22 @@ def prompt(length: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.randint(0, 1000, (length,), generator=torch.Generator().manual_seed(seed)).tolist())
 
 
-def new(request_id: str, tokens: tuple[int, ...], computed: int = 0, outputs: tuple[int, ...] = ()) -> NewRequestData:
-    return NewRequestData(request_id, tokens, outputs, GREEDY, ((0,), (1,)), computed)
+BLOCK = 16  # the tiny preset's derived block size
+NULL = -1  # a window block freed (left the window)
+TABLES = ((0, 1, 2, 3), (0, 1, 2, 3))  # (compressed, window): 64 tokens
+
+
+def make_runner(folder, num_blocks: int = 16) -> DeepseekV4Runner:
+    model = DeepseekV4ForCausalLM.from_folder(folder)
+    arch: DeepseekV4Architecture = model.arch
+    pages = PagedKV(PagePool(compressed_layout(arch, BLOCK, model.dtype), num_blocks, "cpu"),
+                    PagePool(window_layout(arch, BLOCK, model.dtype), num_blocks, "cpu"), BLOCK)
+    return DeepseekV4Runner(model, pages)
+
+
+def new(request_id: str, tokens: tuple[int, ...], computed: int = 0, outputs: tuple[int, ...] = (),
+        tables=TABLES) -> NewRequestData:
+    return NewRequestData(request_id, tokens, outputs, GREEDY, tables, computed)
 
 
 def cached(request_id: str, computed: int) -> CachedRequestData:
@@ -44,20 +63,23 @@ def greedy_continuation(folder, tokens: list[int], steps: int) -> list[int]:
     return tokens
 
 
-def test_chunked_prefill_beside_decode_and_a_prefix_hit(folder):
-    """a: 30-token prompt in chunks of 13, 11, 6, then decodes; b arrives later with a prefix hit
-    of 12 tokens (state recomputed) and prefills 9 in two chunks beside a's decodes."""
-    runner = DeepseekV4Runner(DeepseekV4ForCausalLM.from_folder(folder))
-    a, b = prompt(30, seed=1), prompt(21, seed=2)
+def test_chunked_prefill_beside_decode_and_a_prefix_hit_read_from_pages(folder):
+    """a: 40-token prompt in chunks of 13, 11, 16, then decodes. b shares a's first 32 tokens: it
+    arrives with 32 computed, a's first two compressed blocks and a's window block 1 (the 7
+    tokens before 32) at the head of its tables, and prefills 9 more in two chunks beside a's decodes."""
+    runner = make_runner(folder)
+    a = prompt(40, seed=1)
+    b = a[:32] + prompt(9, seed=2)
+    b_tables = ((0, 1, 5, 6), (NULL, 1, 7, 8))
     outputs = {"a": [], "b": []}
     steps = [StepInput(0, new_requests=(new("a", a),), num_scheduled_tokens={"a": 13}),
              StepInput(1, cached_requests=(cached("a", 13),), num_scheduled_tokens={"a": 11}),
-             StepInput(2, cached_requests=(cached("a", 24),), num_scheduled_tokens={"a": 6}),
-             StepInput(3, new_requests=(new("b", b, computed=12),), cached_requests=(cached("a", 30),),
+             StepInput(2, cached_requests=(cached("a", 24),), num_scheduled_tokens={"a": 16}),
+             StepInput(3, new_requests=(new("b", b, computed=32, tables=b_tables),), cached_requests=(cached("a", 40),),
                        num_scheduled_tokens={"a": 1, "b": 5}),
-             StepInput(4, cached_requests=(cached("a", 31), cached("b", 17)), num_scheduled_tokens={"a": 1, "b": 4})]
+             StepInput(4, cached_requests=(cached("a", 41), cached("b", 37)), num_scheduled_tokens={"a": 1, "b": 4})]
     for step_id in range(5, 12):
-        steps.append(StepInput(step_id, cached_requests=(cached("a", 27 + step_id), cached("b", 16 + step_id)),
+        steps.append(StepInput(step_id, cached_requests=(cached("a", 37 + step_id), cached("b", 36 + step_id)),
                                num_scheduled_tokens={"a": 1, "b": 1}))
     for step in steps:
         for request_id, token in runner.execute(step).sampled.items():
@@ -68,20 +90,29 @@ def test_chunked_prefill_beside_decode_and_a_prefix_hit(folder):
 
 
 def test_a_preempted_request_is_rebuilt_from_its_tokens(folder):
-    runner = DeepseekV4Runner(DeepseekV4ForCausalLM.from_folder(folder))
+    runner = make_runner(folder)
     a = prompt(18, seed=3)
     first = runner.execute(StepInput(0, new_requests=(new("a", a),), num_scheduled_tokens={"a": 18})).sampled["a"]
     second = runner.execute(StepInput(1, cached_requests=(cached("a", 18),), num_scheduled_tokens={"a": 1}))
     outputs = (first.token_id, second.sampled["a"].token_id)
-    # preempted, then resumed: prompt and outputs travel again, 20 tokens are recomputed
-    rebuilt = runner.execute(StepInput(2, new_requests=(new("a", a, outputs=outputs),), num_scheduled_tokens={"a": 20}))
+    # preempted, then resumed in other blocks: prompt and outputs travel again, 20 tokens are recomputed
+    rebuilt = runner.execute(StepInput(2, new_requests=(new("a", a, outputs=outputs, tables=((6, 7), (8, 9))),),
+                                       num_scheduled_tokens={"a": 20}))
     assert list(a) + [*outputs, rebuilt.sampled["a"].token_id] == greedy_continuation(folder, list(a), 3)
     runner.execute(StepInput(3, finished_request_ids=frozenset({"a"})))
     assert runner.requests == {}
 
 
 def test_the_scheduler_and_runner_must_agree_on_computed_tokens(folder):
-    runner = DeepseekV4Runner(DeepseekV4ForCausalLM.from_folder(folder))
+    runner = make_runner(folder)
     runner.execute(StepInput(0, new_requests=(new("a", prompt(8, seed=4)),), num_scheduled_tokens={"a": 4}))
     with pytest.raises(RuntimeError, match="runner computed 4 tokens, scheduler says 5"):
         runner.execute(StepInput(1, cached_requests=(cached("a", 5),), num_scheduled_tokens={"a": 3}))
+
+
+def test_a_hit_must_end_on_a_block_boundary(folder):
+    """Pages hold whole compression windows only: a resume inside a block has no open windows."""
+    runner = make_runner(folder)
+    with pytest.raises(RuntimeError, match="starting at token 12, inside a block"):
+        runner.execute(StepInput(0, new_requests=(new("a", prompt(20, seed=5), computed=12),),
+                                 num_scheduled_tokens={"a": 8}))

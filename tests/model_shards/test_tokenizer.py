@@ -113,3 +113,24 @@ def test_template_features_render_as_in_transformers(tmp_path):
     expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(CHAT, tokenize=False)
     assert Tokenizer.from_folder(folder).apply_chat_template(CHAT, add_generation_prompt=False) == expected
     assert 'What is 東京?"}' in expected and "system" not in expected
+
+
+def test_a_deepseek_folder_without_a_template_renders_deepseeks_chat_format(tmp_path):
+    """V3.2 / V4 folders ship encoding/*.py instead of a chat_template: their role tokens in the
+    vocabulary select DeepSeek's non-thinking chat format (model_folder/deepseek_chat_format.py)."""
+    from tokenizers import AddedToken
+
+    folder = make_model(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.from_folder(folder).chat_template is None  # no role tokens: still no template
+    tokenizer = Tokenizer.from_folder(folder)
+    tokenizer.backend.add_special_tokens([AddedToken(t, special=True) for t in ("<｜User｜>", "<｜Assistant｜>")])
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "1+1=?"}]
+    rendered = Tokenizer.from_folder(folder).apply_chat_template(chat)
+    bos = tokenizer.special_tokens["bos_token"]
+    assert rendered == (f"{bos}Be brief.<｜User｜>hello<｜Assistant｜></think>Hi!<｜end▁of▁sentence｜>"
+                        "<｜User｜>1+1=?<｜Assistant｜></think>")

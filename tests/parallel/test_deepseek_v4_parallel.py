@@ -38,3 +38,38 @@ def test_tp2_ep2_logits_and_state_equal_one_rank(world2, v4_tiny_folder):
         assert (logits - single).abs().max().item() <= TOLERANCE
         torch.testing.assert_close(state, single_state, atol=1e-4, rtol=0)
     torch.testing.assert_close(single[-sum(CHUNKS[2:]):], single[13:sum(CHUNKS)], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.slow
+def test_tp2_engine_on_the_paged_cache_equals_one_rank(world2, v4_tiny_folder):
+    """The whole engine with 2 rank processes: each rank keeps its own replica of both page pools
+    (the state is replicated under TP); greedy tokens, logprobs and a prefix hit equal one rank's."""
+    from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings
+    from engine.llm_engine import LLMEngine
+    from engine.offline import generate
+    from executors.local import LocalProcessExecutor
+    from protocol.sampling_params import SamplingParams
+
+    def config(tp: int) -> LongctxConfig:
+        return LongctxConfig(model=ModelSettings(path=str(v4_tiny_folder), dtype="float32", device="cpu"),
+                             cache=CacheSettings(cpu_kv_bytes=8 << 20), parallel=ParallelSettings(tensor_parallel_size=tp),
+                             scheduler=SchedulerSettings(max_tokens_per_step=24, max_num_seqs=4))
+
+    def workload(engine: LLMEngine):
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
+        prompts = [[(7 * i + 3) % 1000 for i in range(70)], [(11 * i + 5) % 1000 for i in range(19)]]
+        batch = generate(engine, prompts, params)
+        repeat = generate(engine, [prompts[0]], params)[0][0]
+        return [r[0] for r in batch] + [repeat]
+
+    one = workload(LLMEngine(config(1)))
+    executor = LocalProcessExecutor(config(2), processes=world2)
+    try:
+        two = workload(LLMEngine(config(2), executor=executor))
+    finally:
+        executor.shutdown()
+    assert two[2].num_prefix_hit_tokens == one[2].num_prefix_hit_tokens == 64
+    for ours, theirs in zip(two, one):
+        assert ours.token_ids == theirs.token_ids
+        assert torch.allclose(torch.tensor([t.logprob for t in ours.logprobs]),
+                              torch.tensor([t.logprob for t in theirs.logprobs]), atol=TOLERANCE, rtol=0)

@@ -1,0 +1,91 @@
+"""Lightning Indexer scores of a block of queries against the compressed index keys.
+
+    score(t, e) = sum_h w[t, h] * ReLU(q[t, h] . k[e])     -inf where entry e is not closed at t
+
+(w already carries the 1/sqrt(heads) and 1/sqrt(head_dim) scales.) The ReLU sits between the dot
+product and the head sum, so the sum cannot fold into one matmul: computed naively it passes a
+(queries, heads, entries) float32 tensor through memory, heads = 64 times the output. At 128K
+tokens that is ~0.5 TB a CSA layer, where the dot products themselves are ~35 TFLOP.
+
+- `index_scores_torch` is that naive form in float32, in query blocks that bound the
+  intermediate: the reference, and the path for float32 models and CPUs.
+- `index_scores_triton` fuses it: one program per (queries x entries) tile loops over heads with
+  one tensor-core dot each (bf16 in, float32 accumulate: the products of bf16 values are exact in
+  float32, so it differs from the reference by summation order only) and keeps the head sum in
+  registers. Tiles wholly after the block's last visible entry are filled with -inf unscored.
+
+Top-k selection ranks int64 keys `ordered(score) << 32 | (E - 1 - entry)`: the high word orders as
+the float32 score does (-0.0 as 0.0, -inf lowest), the low word puts earlier entries first among
+equal scores (indexer.top_k_earliest_first says why). With `ranked=True` the kernel writes these
+keys directly, saving the passes over the (t, E) scores that encoding them costs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_shards.deepseek_v4.sink_attention import block_elements
+
+BLOCK_TOKENS, BLOCK_ENTRIES, WARPS = 64, 128, 4  # tile of one program; see bench/deepseek_v4.py
+DECODE_BLOCK_TOKENS = 16  # a decode step's one query would waste 63 of 64 rows
+
+
+def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
+                 rate: int, ranked: bool = False) -> torch.Tensor:
+    """q (t, heads, dim), head_weights (t, heads) float32, keys (E, dim) of queries at positions
+    first_position .. -> scores (t, E) float32, entries not closed at a query's position -inf;
+    or with `ranked` their ranking keys (t, E) int64."""
+    if _fused_kernel_runs(q, keys):
+        block_tokens = DECODE_BLOCK_TOKENS if q.shape[0] <= DECODE_BLOCK_TOKENS else BLOCK_TOKENS
+        return index_scores_triton(q, head_weights, keys, first_position, rate, block_tokens, ranked=ranked)
+    scores = index_scores_torch(q, head_weights, keys, first_position, rate)
+    return ranking_keys(scores) if ranked else scores
+
+
+def ranking_keys(scores: torch.Tensor) -> torch.Tensor:
+    """(t, E) float32 scores -> (t, E) int64 keys: larger key = higher score, then earlier entry."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # as float order, -inf lowest
+    entry = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
+    return (ordered << 32) | entry
+
+
+def _fused_kernel_runs(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    half = (torch.bfloat16, torch.float16)
+    dim = q.shape[-1]
+    return q.is_cuda and q.dtype in half and keys.dtype == q.dtype and dim >= 16 and dim & (dim - 1) == 0
+
+
+def index_scores_torch(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
+                       rate: int) -> torch.Tensor:
+    tokens, heads, _ = q.shape
+    keys32 = keys.float()
+    scores = torch.empty(tokens, keys.shape[0], dtype=torch.float32, device=q.device)
+    block = max(1, block_elements(q.device) // max(1, heads * keys.shape[0]))
+    for start in range(0, tokens, block):  # (t, heads, E) float32 in bounded blocks
+        stop = min(tokens, start + block)
+        per_head = torch.matmul(q[start:stop].float(), keys32.T).relu_()  # (t, heads, E)
+        scores[start:stop] = torch.bmm(head_weights[start:stop, None, :], per_head)[:, 0]
+    return scores.masked_fill_(~_closed(tokens, keys.shape[0], first_position, rate, q.device), float("-inf"))
+
+
+def _closed(tokens: int, entries: int, first_position: int, rate: int, device: torch.device) -> torch.Tensor:
+    """(t, E) bool: entry e is closed at query t (position first_position + t)."""
+    visible = (torch.arange(first_position, first_position + tokens, device=device) + 1) // rate
+    return torch.arange(entries, device=device) < visible[:, None]
+
+
+def index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
+                        rate: int, block_tokens: int = BLOCK_TOKENS, block_entries: int = BLOCK_ENTRIES,
+                        warps: int = WARPS, ranked: bool = False) -> torch.Tensor:
+    from model_shards.deepseek_v4.index_scores_kernel import launch_index_scores
+
+    tokens, heads, dim = q.shape
+    if keys.shape[1] != dim or head_weights.shape != (tokens, heads) or q.stride(2) != 1 or keys.stride(1) != 1:
+        raise ValueError(f"index_scores: q {tuple(q.shape)}, keys {tuple(keys.shape)} and head weights "
+                         f"{tuple(head_weights.shape)} disagree, or a last dimension is strided")
+    scores = torch.empty(tokens, keys.shape[0], dtype=torch.int64 if ranked else torch.float32, device=q.device)
+    if tokens and keys.shape[0]:
+        launch_index_scores(q, head_weights.float().contiguous(), keys, scores, first_position, rate,
+                            block_tokens, block_entries, warps)
+    return scores

@@ -1,0 +1,56 @@
+"""The fused Lightning Indexer score kernel (see index_scores.py for what it computes and why).
+
+Program (i, j) owns queries i*BT .. and entries j*BE ..: it loads its BE keys once, then for each
+head one (BT x dim) @ (dim x BE) tensor-core dot, ReLU, times that head's per-query weight, summed
+into a (BT x BE) float32 accumulator. Only the summed scores reach memory, or straight away
+their ranking keys (index_scores.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_shards.attention.triton_runtime import tl, triton
+
+
+@triton.jit
+def _index_scores(
+    q_ptr, weight_ptr, key_ptr, out_ptr, tokens, entries, first_position, rate,
+    stride_q_token, stride_q_head, stride_weight_token, stride_key_entry, stride_out_token,
+    HEADS: tl.constexpr, DIM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, RANKED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BE + tl.arange(0, BE)
+    dims = tl.arange(0, DIM)
+    row_ok, col_ok = rows < tokens, cols < entries
+    visible = (first_position + rows + 1) // rate  # (BT,) entries closed at each query
+    last_visible = (first_position + tl.minimum(tl.program_id(0) * BT + BT, tokens)) // rate
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    if tl.program_id(1) * BE < last_visible:  # else: every entry of the tile is still open
+        keys = tl.load(key_ptr + cols[:, None] * stride_key_entry + dims[None, :], mask=col_ok[:, None], other=0.0)
+        for head in range(HEADS):
+            q = tl.load(q_ptr + rows[:, None] * stride_q_token + head * stride_q_head + dims[None, :],
+                        mask=row_ok[:, None], other=0.0)  # (BT, DIM)
+            weight = tl.load(weight_ptr + rows * stride_weight_token + head, mask=row_ok, other=0.0)  # (BT,)
+            acc += tl.maximum(tl.dot(q, tl.trans(keys)), 0.0) * weight[:, None]
+    acc = tl.where(cols[None, :] < visible[:, None], acc, float("-inf"))
+    target = out_ptr + rows[:, None] * stride_out_token + cols[None, :]
+    if RANKED:  # index_scores.ranking_keys, in registers
+        bits = tl.where(acc == 0.0, 0.0, acc).to(tl.int32, bitcast=True)  # -0.0 ranks as 0.0
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        ranked = (ordered << 32) | (entries - 1 - cols).to(tl.int64)[None, :]
+        tl.store(target, ranked, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(target, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def launch_index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, out: torch.Tensor,
+                        first_position: int, rate: int, block_tokens: int, block_entries: int, warps: int) -> None:
+    """Scores into `out` (t, E): float32 scores, or int64 ranking keys if out is int64."""
+    tokens, heads, dim = q.shape
+    grid = (triton.cdiv(tokens, block_tokens), triton.cdiv(keys.shape[0], block_entries))
+    _index_scores[grid](
+        q, head_weights, keys, out, tokens, keys.shape[0], first_position, rate,
+        q.stride(0), q.stride(1), head_weights.stride(0), keys.stride(0), out.stride(0),
+        HEADS=heads, DIM=dim, BT=block_tokens, BE=block_entries, RANKED=out.dtype == torch.int64, num_warps=warps,
+    )
