@@ -128,6 +128,8 @@ def llm_server_options(config: LongctxConfig) -> dict[str, Any]:
             request_router_kwargs={
                 "chunk_tokens": settings.routing_block_tokens,
                 "max_entries": settings.routing_max_tracked_blocks,
+                "long_prompt_tokens": settings.routing_long_prompt_tokens,
+                "short_lanes": settings.routing_short_lanes,
             },
             request_routing_stats_period_s=settings.routing_stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 5 * settings.routing_stats_period_s),

@@ -18,6 +18,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from autoscaler.lanes import LaneRule
 from deployments.messages import GenerateRequest
 from deployments.routing_policy import PrefixAwarePolicy, ReplicaLoad, prefix_hashes
 
@@ -25,8 +26,10 @@ MAX_PENDING_HASHES = 4096
 
 
 class PrefixAwareRequestRouter(RequestRouter):
-    def initialize_state(self, chunk_tokens: int = 256, max_entries: int = 262_144, **_: Any) -> None:
-        self.policy = PrefixAwarePolicy(chunk_tokens, max_entries)
+    def initialize_state(self, chunk_tokens: int, max_entries: int, long_prompt_tokens: int, short_lanes: int,
+                         **_: Any) -> None:
+        """The kwargs: deployments/app.py passes them from the config's serve section."""
+        self.policy = PrefixAwarePolicy(chunk_tokens, max_entries, LaneRule(long_prompt_tokens, short_lanes))
         # Hashing a 1M-token prompt costs ~2 ms; a request may be ranked more than once (a full
         # replica, a retry), so its hashes are kept until it is routed.
         self._hashes: dict[str, list[bytes]] = {}

@@ -10,7 +10,9 @@ where it costs least to serve:
 Equal queues: the replica holding the longest prefix wins. No prefix anywhere: the fewest
 queued context tokens wins. A prefix holder buried under a backlog larger than what its cache
 saves loses to an idle replica, which is the point: a cache hit is worth exactly the prefill it
-saves. Ties go to the replica with fewer running KV tokens, then at random.
+saves. Ties go to the replica with fewer running KV tokens, then at random. A long prompt
+first joins a replica already busy with long prompts when the wait there is at most its own
+prefill, and leaves `short_lanes` replicas free for short requests (autoscaler/lanes.py).
 
 Loads come from the replicas' `record_routing_stats` every period; between two reports the
 router adds the prompt tokens it sent itself and that have not completed, so a burst does not
@@ -25,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from autoscaler.lanes import Candidate, LaneRule, rank_replicas
 from kvcache.block_hash import hash_full_blocks, root_hash
 
 ROUTER_FINGERPRINT = "longctx.deployments.router"  # router-only names, never compared with the engine's
@@ -88,8 +91,9 @@ class PrefixAffinityTable:
 
 
 class PrefixAwarePolicy:
-    def __init__(self, chunk_tokens: int, max_entries: int, rng: random.Random | None = None):
+    def __init__(self, chunk_tokens: int, max_entries: int, lanes: LaneRule, rng: random.Random | None = None):
         self.chunk_tokens = chunk_tokens
+        self.lanes = lanes
         self.table = PrefixAffinityTable(max_entries)
         self.rng = rng or random.Random()
         self._loads: dict[str, ReplicaLoad] = {}
@@ -109,15 +113,18 @@ class PrefixAwarePolicy:
     def rank(self, candidates: Sequence[str], num_prompt_tokens: int, hashes: Sequence[bytes]) -> list[str]:
         """Candidates, cheapest first."""
         matched = self.table.matched_chunks(hashes)
-
-        def key(replica: str) -> tuple[int, int, float]:
-            load = self._loads.get(replica, ReplicaLoad())
+        ranked = []
+        for replica in candidates:
             uncached = num_prompt_tokens - matched.get(replica, 0) * self.chunk_tokens
-            reported = max(0, load.queued_prompt_tokens - self._finished_credit.get(replica, 0))
-            queued = reported + sum(self._unreported.get(replica, {}).values())
-            return queued + uncached, load.running_kv_tokens, self.rng.random()
+            running_kv = self._loads.get(replica, ReplicaLoad()).running_kv_tokens
+            ranked.append(Candidate(replica, self._queued_tokens(replica), uncached, (running_kv, self.rng.random())))
+        return rank_replicas(ranked, num_prompt_tokens, self.lanes)
 
-        return sorted(candidates, key=key)
+    def _queued_tokens(self, replica: str) -> int:
+        """The last report, less what finished since, plus what this router sent since."""
+        load = self._loads.get(replica, ReplicaLoad())
+        reported = max(0, load.queued_prompt_tokens - self._finished_credit.get(replica, 0))
+        return reported + sum(self._unreported.get(replica, {}).values())
 
     def on_routed(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
         matched = self.table.matched_chunks(hashes).get(replica, 0)

@@ -14,6 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
+from autoscaler.lanes import Candidate
 from autoscaler.signal import ReplicaSignal
 from autoscaler.simulator.hardware import ReplicaHardware
 from autoscaler.simulator.trace import BLOCK_TOKENS, TraceRequest
@@ -138,14 +139,15 @@ class SimReplica:
             longest_request_tokens=max((job.request.input_length for job in self.jobs()), default=0),
         )
 
-    def routing_cost(self, request: TraceRequest) -> tuple[int, int, int]:
-        """The router's cost (deployments/routing_policy.py): prompt tokens queued here plus the
-        ones this request would compute here; ties to fewer running KV tokens, then the oldest."""
+    def routing_candidate(self, request: TraceRequest) -> Candidate:
+        """What the router knows of this replica for `request` (deployments/routing_policy.py):
+        prompt tokens queued here and the ones this request would compute here; ties to fewer
+        running KV tokens, then the oldest replica."""
         admitted = [*self.queue, *([self.prefilling] if self.prefilling else [])]  # not yet streaming
         queued = sum(job.request.input_length for job in admitted)
         sent = [self.cache, *(job.blocks for job in admitted)]
         uncached = request.input_length - _hit_tokens(request, sent)
-        return queued + uncached, self.kv_used, self.replica_id
+        return Candidate(self, queued, uncached, (self.kv_used, self.replica_id))
 
 
 def _hit_tokens(request: TraceRequest, sources: Sequence[Container[int]]) -> int:

@@ -8,7 +8,8 @@ Serve's behaviour that decides the outcome is modelled as Serve has it:
     takes no new request and finishes what it holds, for at most the drain timeout, after
     which whatever is left is cut;
   - the router sends each request where queued prompt tokens plus the tokens it would have
-    to compute there are fewest (deployments/routing_policy.py).
+    to compute there are fewest, a long prompt first behind other long prompts when it can wait
+    that long, leaving lanes for short requests (deployments/routing_policy.py, autoscaler/lanes.py).
 Everything is deterministic: same trace, same settings, same result.
 """
 
@@ -18,6 +19,7 @@ import heapq
 from dataclasses import dataclass, field
 from itertools import count
 
+from autoscaler.lanes import LaneRule, rank_replicas
 from autoscaler.signal import ClusterSignal
 from autoscaler.simulator.hardware import ReplicaHardware
 from autoscaler.simulator.replica import Job, SimReplica
@@ -33,6 +35,7 @@ class SimulationSettings:
     drain_timeout_s: float  # serve.drain_timeout_s: Serve's graceful shutdown timeout
     startup_s: float  # autoscaling.replica_startup_s
     initial_replicas: int  # serving at time 0
+    lanes: LaneRule  # the router's rule for long prompts (serve.routing_*)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class Simulation:
         if not routable:
             return
         for job in self.unrouted:
-            replica = min(routable, key=lambda candidate: candidate.routing_cost(job.request))
+            candidates = [replica.routing_candidate(job.request) for replica in routable]
+            replica = rank_replicas(candidates, job.request.input_length, self.settings.lanes)[0]
             replica.queue.append(job)
             self._advance(replica, now)
         self.unrouted = []

@@ -40,6 +40,16 @@ def test_a_prompt_on_an_idle_replica_takes_its_prefill_time_and_the_next_waits_b
     assert ttft_s(run.jobs[1]) == pytest.approx(long_ttft - 1.0 + HARDWARE.prefill_seconds(0, 1000))
 
 
+def test_a_second_long_prompt_waits_behind_the_first_and_leaves_the_other_replica_to_short_requests():
+    scenario = Scenario(config(min_replicas=2, max_replicas=2))
+    other_document = TraceRequest(1.0, 204_900, 10, tuple(range(5000, 5401)))
+    run, _ = simulate([question(0.0, 1), other_document, short(2.0, 9000)], "queued-context", scenario)
+    first = HARDWARE.prefill_seconds(0, 204_900)
+    # 204,900 queued <= its own 204,900 to compute: it waits there, its TTFT at most twice its prefill.
+    assert ttft_s(run.jobs[1]) == pytest.approx(first - 1.0 + first)
+    assert ttft_s(run.jobs[2]) == pytest.approx(HARDWARE.prefill_seconds(0, 1000))  # the free lane
+
+
 def test_a_second_question_on_a_document_computes_only_its_own_block():
     scenario = Scenario(config(min_replicas=1, max_replicas=1))
     run, _ = simulate([question(0.0, 1), question(100.0, 2)], "queued-context", scenario)
@@ -66,6 +76,26 @@ def test_ongoing_requests_scaling_cuts_a_long_request_the_queued_context_policy_
     _, ours = simulate(trace, "queued-context", scenario)
     assert (theirs["cut_requests"], ours["cut_requests"]) == (1, 0)
     assert ours["slo_attainment"] == 1.0 and theirs["slo_attainment"] == 0.5
+
+
+def test_when_no_target_reaches_our_attainment_the_best_one_is_the_reference():
+    scenario = Scenario(config(min_replicas=1, initial_replicas=2, downscale_delay_s=2.0, replica_startup_s=0.0))
+    trace = [TraceRequest(0.0, 1000, 3000, (9000,)), TraceRequest(0.5, 1_000_000, 10, ())]
+    result = compare(trace, scenario, targets=(2.0, 4.0))  # both cut the long request: 0.5 each
+    assert result["cheapest_matching"] is None and not result["reference_reaches_ours"]
+    reference = result["reference"]
+    assert (reference["slo_attainment"], reference["target_ongoing_requests"]) == (0.5, 2.0)  # equal attainment: the cheaper, then the first
+    assert result["replica_seconds_ratio"] == result["queued_context"]["replica_seconds"] / reference["replica_seconds"]
+
+
+def test_the_baseline_s_downscale_delay_can_be_swept_too():
+    scenario = Scenario(config(min_replicas=1, initial_replicas=2, downscale_delay_s=2.0, replica_startup_s=0.0))
+    trace = [TraceRequest(0.0, 1000, 3000, (9000,)), TraceRequest(0.5, 1_000_000, 10, ())]
+    # Waiting 400 s, longer than the 1M-token prefill (244 s), ongoing-request scaling cuts nothing.
+    result = compare(trace, scenario, targets=(2.0,), baseline_downscale_delays=(2.0, 400.0))
+    assert [run["downscale_delay_s"] for run in result["ongoing_requests_sweep"]] == [2.0, 400.0]
+    assert [run["slo_attainment"] for run in result["ongoing_requests_sweep"]] == [0.5, 1.0]
+    assert result["reference_reaches_ours"] and result["reference"]["downscale_delay_s"] == 400.0
 
 
 def test_same_trace_same_settings_same_result():
@@ -116,7 +146,7 @@ def test_queued_context_meets_the_slo_with_at_most_80_percent_of_the_replica_sec
     trace = generate_trace(TraceShape(seed=1))
     result = compare(trace, Scenario(config()))
     assert result["queued_context"]["slo_attainment"] >= 0.95
-    assert result["cheapest_matching"] is not None
+    assert result["reference_reaches_ours"] and result["reference"] is result["cheapest_matching"]
     assert result["replica_seconds_ratio"] <= 0.8
 
 

@@ -3,6 +3,7 @@
 import random
 import time
 
+from autoscaler.lanes import LaneRule
 from deployments.routing_policy import (
     PrefixAffinityTable,
     PrefixAwarePolicy,
@@ -11,10 +12,11 @@ from deployments.routing_policy import (
 )
 
 CHUNK = 4
+LONG_PROMPT = 100  # tokens: a long prompt to these policies
 
 
 def _policy(max_entries=1000):
-    return PrefixAwarePolicy(CHUNK, max_entries, rng=random.Random(0))
+    return PrefixAwarePolicy(CHUNK, max_entries, LaneRule(LONG_PROMPT, short_lanes=1), rng=random.Random(0))
 
 
 def _hashes(tokens, salt=None):
@@ -137,3 +139,14 @@ def test_a_report_taken_while_a_request_queued_stops_counting_it_once_it_complet
     policy.on_completed("r1", "first")
     follow_up = document + [7, 8]
     assert policy.rank(["r1", "r2"], len(follow_up), _hashes(follow_up))[0] == "r1"
+
+
+def test_a_long_prompt_joins_the_replica_busy_with_one_the_router_just_sent():
+    policy = _policy()
+    for name in ("r1", "r2"):
+        policy.update_load(name, ReplicaLoad(queued_prompt_tokens=0, reported_at=1.0))
+    first, second = list(range(1000, 1200)), list(range(2000, 2240))  # 200 and 240 tokens: long here
+    policy.on_routed("r1", "first", len(first), _hashes(first))
+    # r1 queues 200 tokens, the second prompt computes 240 anywhere: it waits there, r2 stays a lane.
+    assert policy.rank(["r1", "r2"], len(second), _hashes(second)) == ["r1", "r2"]
+    assert policy.rank(["r1", "r2"], 20, _hashes(list(range(20))))[0] == "r2"  # a short one takes the lane

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer
 from model_folder.tokenizer import Tokenizer
+from model_folder.tokenizer_training import SPECIAL_TOKENS
 from model_shards.make_model import make_model
 
 
@@ -35,6 +36,8 @@ def test_deltas_and_flush_add_up_to_decode_for_random_ids(tokenizer, prompt_ids,
 @settings(max_examples=100, deadline=None)
 @given(prompt=st.text(max_size=20), output=st.text(max_size=40))
 def test_text_streams_back_exactly_without_replacement_characters(tokenizer, prompt, output):
+    # Text spelling a special token ("<|end_header_id|>") encodes to that token, which decoding skips.
+    assume(not any(special in output for special in SPECIAL_TOKENS))
     output_ids = tokenizer.encode(output, add_special_tokens=False)
     deltas, rest = stream(tokenizer, tokenizer.encode(prompt), output_ids)
     assert "".join(deltas) == output and rest == ""
