@@ -1,4 +1,6 @@
-"""Asynchronous front of the engine: `async for delta in engine.generate(...)`.
+"""Asynchronous front of the engine: `async for delta in engine.generate(...)`, or
+`async for deltas in engine.stream(...)` for every delta that is ready at once (a server that
+forwards them sends one message per step, not one per token).
 
 The LLMEngine runs on one dedicated thread (its step is compute-bound and releases the GIL inside
 torch); callers on an asyncio loop talk to it through a command queue and get deltas back through
@@ -16,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -52,6 +55,17 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
     ) -> AsyncIterator[CompletionDelta]:
+        batches = self.stream(request_id, prompt, params, cache_salt)
+        async with aclosing(batches):  # a caller that leaves aborts the request now, not at GC
+            async for deltas in batches:
+                for delta in deltas:
+                    yield delta
+
+    async def stream(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> AsyncIterator[list[CompletionDelta]]:
+        """Every delta of this request that is ready, as one list, in order; no waiting for more:
+        the first list comes as soon as the first token does. Closing this aborts the request."""
         self._raise_if_dead()
         if request_id in self._subscribers:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
@@ -61,13 +75,13 @@ class AsyncEngine:
         try:
             await self._call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt))
             while remaining:
-                item = await subscriber.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                remaining -= item.finished
-                if item.error is not None:  # this request alone failed; its other sequences abort below
-                    raise RequestFailedError(item.error)
-                yield item
+                deltas, failure = _ready(await subscriber.queue.get(), subscriber.queue)
+                remaining -= sum(delta.finished for delta in deltas)
+                if deltas:
+                    yield deltas
+                if failure is not None:  # an engine failure, or this request alone failed:
+                    remaining -= isinstance(failure, RequestFailedError)  # its other sequences abort below
+                    raise failure
         finally:
             self._subscribers.pop(request_id, None)
             if remaining and self._dead is None:
@@ -153,10 +167,15 @@ class AsyncEngine:
             future.set_exception(error)
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        """One wake-up per caller loop per step (not one per delta): a step's deltas for 64
+        streams cost one cross-thread call, and each stream's queue gets them in order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, CompletionDelta]]] = {}
         for delta in deltas:
             subscriber = self._subscribers.get(delta.request_id)
             if subscriber is not None:
-                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, delta)
+                by_loop.setdefault(subscriber.loop, []).append((subscriber.queue, delta))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_everything(self, error: BaseException) -> None:
         self._dead = error
@@ -167,3 +186,24 @@ class AsyncEngine:
             _, future = self._commands.get_nowait()
             if future.set_running_or_notify_cancel():
                 future.set_exception(dead)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
+
+
+def _ready(first: Any, source: asyncio.Queue) -> tuple[list[CompletionDelta], BaseException | None]:
+    """`first` and the deltas already queued behind it, up to the first failure: the engine's
+    (an exception) or the request's own (a delta with an error), which comes back to be raised."""
+    deltas: list[CompletionDelta] = []
+    item = first
+    while True:
+        if isinstance(item, BaseException):
+            return deltas, item
+        if item.error is not None:
+            return deltas, RequestFailedError(item.error)
+        deltas.append(item)
+        if source.empty():
+            return deltas, None
+        item = source.get_nowait()
