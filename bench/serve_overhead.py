@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,6 @@ from serve_load import (
     Sender,
     Workload,
     _free_port,
-    _model_dir,
     _run_all,
     bench_config,
     direct_sender,
@@ -72,7 +72,12 @@ async def run_in_process(config, workloads: list[Workload], slo) -> dict[str, di
     from deployments.llm_server import LLMServer
     from deployments.local_backend import LocalBackend
 
+    import torch
+
+    # A replica's torch runs on as many threads as the CPUs it reserves (Ray sets OMP_NUM_THREADS).
+    torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
     server = LLMServer(config)
+    await _run_all(direct_sender(server.engine), workloads[:1], slo)  # warm: the first row has no head start
     rows = {"engine": await _run_all(direct_sender(server.engine), workloads, slo)}
     rows["llm_server"] = await _run_all(llm_server_sender(server), workloads, slo)
     port = _free_port()
@@ -94,6 +99,19 @@ async def run_in_process(config, workloads: list[Workload], slo) -> dict[str, di
     return rows
 
 
+def _model_dir(args) -> str:
+    """--model, or --preset made in a temp folder, its context stretched to hold the prompts."""
+    if args.model:
+        return args.model
+    from model_shards.make_model import PRESETS, make_model
+
+    needed = args.shared_prefix_len + args.input_len + args.output_len
+    overrides = {"max_position_embeddings": max(PRESETS[args.preset].max_position_embeddings, needed)}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    return str(make_model(Path(tempfile.mkdtemp(prefix="longctx-bench-")) / args.preset, args.preset, **overrides))
+
+
 def print_breakdown(rows: dict[str, dict[str, dict]], load_name: str) -> None:
     """One line per layer: its figures and what it adds to the layer above."""
     print(f"\n{'layer':<17}{'TTFT ms':>9}{'+ms':>8}{'TPOT ms':>9}{'+ms':>8}{'ITL p50':>9}"
@@ -106,7 +124,7 @@ def print_breakdown(rows: dict[str, dict[str, dict]], load_name: str) -> None:
         added_tpot = tpot - previous["tpot_ms"]["mean"] if previous else 0.0
         rate = load["output_throughput_tok_per_s"]
         print(f"{layer:<17}{ttft:>9.2f}{added_ttft:>+8.2f}{tpot:>9.3f}{added_tpot:>+8.3f}{single['itl_ms']['p50']:>9.2f}"
-              f"{rate:>17.1f}{(rate / engine_rate - 1) * 100:>+10.1f}%")  # fmt: skip
+              f"{rate:>17.1f}{(rate / max(engine_rate, 1e-9) - 1) * 100:>+10.1f}%")  # fmt: skip
         previous = single
 
 
@@ -152,12 +170,16 @@ def main() -> None:
             rows[layer] = run_served(config, path, workloads, slo)
             print(f"{layer}: TTFT {rows[layer]['overhead']['ttft_ms']['mean']} ms, "
                   f"TPOT {rows[layer]['overhead']['tpot_ms']['mean']} ms", flush=True)
-    if "engine" in rows:
-        print_breakdown(rows, load_name)
     report = {"machine": {"cpus": os.cpu_count(), "load_average_1m_at_end": os.getloadavg()[0]},
               "args": vars(args), "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for layer, summaries in rows.items():
+        for name, summary in summaries.items():
+            if summary["failed"]:
+                print(f"{layer} {name}: {summary['failed']} failed: {summary['errors']}")
+    if "engine" in rows:
+        print_breakdown(rows, load_name)
     print(f"\nwrote {args.out}")
 
 
