@@ -215,9 +215,15 @@ def bench_config(args, model_dir: str):
         model=ModelSettings(path=model_dir),
         cache=CacheSettings(block_size=args.block_size, num_device_blocks=args.num_kv_blocks or None),
         scheduler=SchedulerSettings(max_num_seqs=max(64, *args.concurrency)),
-        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts)),
+        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts), **_stream_pacing(args)),
         kv_tiers=tiers,
     )
+
+
+def _stream_pacing(args) -> dict:
+    """--stream-chunks-per-s when given (0: a chunk per step and stream), else the config's default."""
+    rate = getattr(args, "stream_chunks_per_s", None)
+    return {} if rate is None else {"stream_chunks_per_s": rate}
 
 
 async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
@@ -335,6 +341,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--served", nargs="+", default=["split_ray", "fused_local"], choices=sorted(SERVED_PATHS),
                         help="application layouts to serve through (SERVED_PATHS)")
     parser.add_argument("--num-kv-blocks", type=int, default=4096, help="0: sized from device memory")
+    parser.add_argument("--stream-chunks-per-s", type=float, default=None,
+                        help="serve.stream_chunks_per_s of the replicas (default: the config's)")
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -140,6 +140,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="streams at once of the load row")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=4096, help="0: sized from device memory")
+    parser.add_argument("--stream-chunks-per-s", type=float, default=None,
+                        help="serve.stream_chunks_per_s of the replicas (default: the config's)")
     parser.add_argument("--layers-to-run", nargs="+", default=["in_process", *SERVED_ROWS],
                         choices=["in_process", *SERVED_ROWS])
     parser.add_argument("--out", default=str(RESULTS_PATH))
