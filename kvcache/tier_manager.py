@@ -312,8 +312,10 @@ class TierManager:
         Redis in the background and the step's report says whether it answers."""
         return self.redis_enabled and self.clock() >= self._next_health_report
 
-    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
-        """The worker ran the step: apply its report, measure the prefill rate, release pins."""
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float,
+                     synced: bool = True) -> None:
+        """The worker ran the step: apply its report, measure the prefill rate, release pins.
+        `synced`: the step waited for the device (it sampled; see `observe_prefill`)."""
         blocking_s = 0.0
         if report is not None:
             self._absorb(report)
@@ -323,8 +325,10 @@ class TierManager:
             self._step_pins = []
         spans = step_input.scheduled_spans()
         if self.host is not None and self._measures_prefill(spans):
-            self.cost.observe_prefill(spans, seconds - blocking_s)
+            self.cost.observe_prefill(spans, seconds - blocking_s, synced)
             self.metrics.record_estimates(self.cost)
+        else:
+            self.cost.discard_unsynced_prefill()
 
     def _measures_prefill(self, spans: list[tuple[int, int]]) -> bool:
         """A step of prefill chunks, at least a block of them: decodes read their whole KV for

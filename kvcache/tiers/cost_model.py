@@ -152,6 +152,14 @@ class PrefillFlops:
             weights, attention, with_context = weights + w, attention + a, with_context + (start > 0)
         return weights, attention, with_context
 
+    def of_steps(self, steps: Iterable[Iterable[tuple[int, int]]]) -> tuple[float, float, float, int]:
+        """(steps, weight FLOPs, attention FLOPs, chunks with context) of several steps: the
+        prefill estimate's amounts, which add up over steps."""
+        totals = [0.0, 0.0, 0.0, 0]
+        for spans in steps:
+            totals = [total + amount for total, amount in zip(totals, (1.0, *self.of_step(spans)))]
+        return tuple(totals)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -183,14 +191,32 @@ class RestoreCostModel:
         slowdown = settings.initial_split_fetch_slowdown
         self.overlap = LinearEstimate((slowdown or _UNKNOWN_SLOWDOWN,), alpha)  # beside a head / alone
         self.overlap_configured = slowdown is not None
+        # Steps that sampled nothing, whose GPU work is still queued when they return: their
+        # amounts and seconds, added to the next step that waits for the device (it samples).
+        self._unsynced: tuple[tuple[float, ...], float] | None = None
         # What each path measured (metrics only: the estimates above decide).
         self.bandwidth = {path: Ema(0.0, alpha) for path in (DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS,
                                                              REDIS_TO_HOST)}
 
     # --- measurements ----------------------------------------------------------------------------
-    def observe_prefill(self, spans: Iterable[tuple[int, int]], seconds: float) -> None:
-        """One step's chunks, (first position, tokens) each, and the seconds it computed them."""
-        self.prefill.observe((1.0, *self.flops.of_step(spans)), seconds)
+    def observe_prefill(self, spans: Iterable[tuple[int, int]], seconds: float, synced: bool = True) -> None:
+        """One step's chunks, (first position, tokens) each, and the seconds it took. `synced`: the
+        step waited for the device (it sampled a token). One that did not returns once its kernels
+        are queued (on the H200 an 8K chunk in 4.8 ms of 20), and the next synced step waits for
+        them too (the last chunk of a 24K probe took 108 ms): the steps up to a synced one are one
+        measurement, their amounts and seconds added."""
+        amounts = (1.0, *self.flops.of_step(spans))
+        if self._unsynced is not None:
+            earlier, earlier_s = self._unsynced
+            amounts, seconds = tuple(a + b for a, b in zip(earlier, amounts)), earlier_s + seconds
+        self._unsynced = None if synced else (amounts, seconds)
+        if synced:
+            self.prefill.observe(amounts, seconds)
+
+    def discard_unsynced_prefill(self) -> None:
+        """A step that measured no prefill ran: unsynced steps before it cannot be told apart
+        from it (their device work finished during it)."""
+        self._unsynced = None
 
     def observe_transfer(self, path: str, nbytes: int, seconds: float) -> None:
         """One batch the worker timed; host -> device batches correct the load estimate."""
@@ -208,17 +234,18 @@ class RestoreCostModel:
         else:
             self.redis_fetch.observe((1.0, num_blocks * self.block_nbytes), seconds)
 
-    def calibrate(self, steps: Sequence[tuple[Sequence[tuple[int, int]], float]],
+    def calibrate(self, prefills: Sequence[tuple[Sequence[Sequence[tuple[int, int]]], float]],
                   loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]],
                   round_trip_s: float = 0.0) -> None:
-        """The start-up probe's measurements become the priors: prefill steps (spans, seconds),
-        host -> device loads and Redis fetches (bytes, seconds, timed on the worker). Each
+        """The start-up probe's measurements become the priors: prefills (the spans of each of
+        its steps, seconds up to the device's last result), host -> device loads and Redis fetches
+        (bytes, seconds, timed on the worker). Each
         estimate is fitted to its own, and the fit becomes its prior: the first real measurement
         still corrects it. `round_trip_s`: a probe sent in one engine step and answered in a
         later one, as the driver sees it; a prefetch makes two (the probe, then the fetch),
         which the worker's timings do not hold (on the H200 they put a prefetch's fixed cost at
         2.5 ms, serving measured 18 ms)."""
-        self.prefill.calibrate([((1.0, *self.flops.of_step(spans)), seconds) for spans, seconds in steps])
+        self.prefill.calibrate([(self.flops.of_steps(steps), seconds) for steps, seconds in prefills])
         self.host_load.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in loads])
         self.redis_fetch.calibrate([((1.0, nbytes), seconds + 2 * round_trip_s) for nbytes, seconds in fetches])
 
