@@ -16,8 +16,10 @@ Before the first request the engine times, on its own workers:
              cuDNN, and allocations);
   transfers  one block and up to CALIBRATION_BYTES each way between device and host memory,
              and host <-> Redis under throwaway keys deleted after (KVTransfer.calibrate);
-  round trip with Redis on: a probe of throwaway keys sent in one engine step and polled for in
-             the next ones, as a prefetch's probe and fetch are (twice, the second timed);
+  round trips  with Redis on: a prefetch of throwaway keys through the executor, as the driver
+             runs one: a probe sent in one engine step and polled for in the next ones, then a
+             fetch (a miss) sent and polled for the same way (twice, the second timed). The
+             worker's fetch timings lack these steps;
 
 and the cost model (kvcache/tiers/cost_model.py) takes the timings as its priors; serving then
 corrects them with every measured step and restore. Bounded: no prefill step starts once
@@ -52,6 +54,7 @@ _REQUEST_ID = "longctx-calibration"
 _GREEDY = SamplingParams(max_tokens=1, temperature=0.0)  # draws nothing from the workers' RNG
 _FULL_CHUNKS = 3  # the long request of the prefill probe
 _PROBE_ID = -1  # the driver's own probe ids count from 0
+_FETCH_SLOT = 0  # a missing key's fetch leaves its host slot as it was; nothing uses slots yet
 _ROUND_TRIP_LIMIT_S = 1.0  # a probe not answered by then: no round trip measured
 
 Steps = tuple[tuple[tuple[int, int], ...], ...]  # per step, (first position, tokens) of each chunk
@@ -70,10 +73,10 @@ def calibrate_restore_estimates(config: LongctxConfig, executor: Executor, kv_ca
     prefills = _prefill_timings(executor, kv_cache, config.scheduler.max_tokens_per_step, vocab_size, max_model_len,
                                 deadline=start + budget_s)
     loads, fetches = _transfer_timings(executor)
-    round_trip_s = _round_trip_seconds(executor) if tiers.redis_enabled else 0.0
-    tiers.cost.calibrate(prefills, loads, fetches, round_trip_s)
-    logger.info("restore estimates calibrated in %.2f s (%d prefills, %d transfers, a step round trip "
-                "%.2f ms): %s", time.monotonic() - start, len(prefills), len(loads) + len(fetches), round_trip_s * 1e3,
+    round_trips_s = _prefetch_round_trips_seconds(executor) if tiers.redis_enabled else 0.0
+    tiers.cost.calibrate(prefills, loads, fetches, round_trips_s)
+    logger.info("restore estimates calibrated in %.2f s (%d prefills, %d transfers, a prefetch's round trips "
+                "%.2f ms): %s", time.monotonic() - start, len(prefills), len(loads) + len(fetches), round_trips_s * 1e3,
                 tiers.cost.describe())
     logger.debug("calibration prefills (steps of spans, seconds): %s", prefills)
 
@@ -135,21 +138,37 @@ def _transfer_timings(executor: Executor) -> tuple[list[tuple[int, float]], list
             [(s.nbytes, s.seconds) for s in samples if s.path == REDIS_TO_HOST])
 
 
-def _round_trip_seconds(executor: Executor) -> float:
-    """A probe of throwaway keys out in one step, answered in a later idle step; 0.0 if none
-    came within _ROUND_TRIP_LIMIT_S. Twice: the first pays for connecting."""
+def _prefetch_round_trips_seconds(executor: Executor) -> float:
+    """A prefetch of nothing as the driver sees it: a probe of throwaway keys out in one step,
+    polled for in the next ones, then a fetch of one of them (a miss: nothing is moved or stored)
+    sent and polled for the same way. 0.0 if an answer did not come within _ROUND_TRIP_LIMIT_S.
+    Twice: the first pays for connecting."""
     seconds = 0.0
     for _ in range(2):
         hashes = tuple(os.urandom(32) for _ in range(16))
         start = time.perf_counter()
-        report = executor.execute(StepInput(0, kv_transfers=KVTransferOps(probes=((_PROBE_ID, hashes),)))).kv_report
-        while not _answered(report):
-            if time.perf_counter() - start > _ROUND_TRIP_LIMIT_S:
+        probe = KVTransferOps(probes=((_PROBE_ID, hashes),))
+        fetch = KVTransferOps(fetches=((hashes[0], _FETCH_SLOT),))
+        for ops, answered in ((probe, _probed), (fetch, _fetched)):
+            if not _poll(executor, ops, answered, start + _ROUND_TRIP_LIMIT_S):
                 return 0.0
-            report = executor.execute(StepInput(0, kv_transfers=KVTransferOps(poll_timeout_s=IDLE_POLL_S))).kv_report
         seconds = time.perf_counter() - start
     return seconds
 
 
-def _answered(report) -> bool:
+def _poll(executor: Executor, ops: KVTransferOps, answered, deadline: float) -> bool:
+    """Send `ops` in one step, then idle steps until `answered(report)`; False past the deadline."""
+    report = executor.execute(StepInput(0, kv_transfers=ops)).kv_report
+    while not answered(report):
+        if time.perf_counter() > deadline:
+            return False
+        report = executor.execute(StepInput(0, kv_transfers=KVTransferOps(poll_timeout_s=IDLE_POLL_S))).kv_report
+    return True
+
+
+def _probed(report) -> bool:
     return report is not None and any(probe_id == _PROBE_ID for probe_id, _ in report.probed)
+
+
+def _fetched(report) -> bool:
+    return report is not None and any(slot == _FETCH_SLOT for slot, _ in report.fetched)

@@ -236,18 +236,17 @@ class RestoreCostModel:
 
     def calibrate(self, prefills: Sequence[tuple[Sequence[Sequence[tuple[int, int]]], float]],
                   loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]],
-                  round_trip_s: float = 0.0) -> None:
+                  round_trips_s: float = 0.0) -> None:
         """The start-up probe's measurements become the priors: prefills (the spans of each of
         its steps, seconds up to the device's last result), host -> device loads and Redis fetches
-        (bytes, seconds, timed on the worker). Each
-        estimate is fitted to its own, and the fit becomes its prior: the first real measurement
-        still corrects it. `round_trip_s`: a probe sent in one engine step and answered in a
-        later one, as the driver sees it; a prefetch makes two (the probe, then the fetch),
-        which the worker's timings do not hold (on the H200 they put a prefetch's fixed cost at
-        2.5 ms, serving measured 18 ms)."""
+        (bytes, seconds, timed on the worker). Each estimate is fitted to its own, and the fit
+        becomes its prior: the first real measurement still corrects it. `round_trips_s`: a
+        prefetch of nothing as the driver sees it (a probe, then a fetch, each sent in one
+        engine step and answered in a later one), which the worker's timings do not hold (on
+        the H200 they put a prefetch's fixed cost at 2.5 ms, serving measured 18 ms)."""
         self.prefill.calibrate([(self.flops.of_steps(steps), seconds) for steps, seconds in prefills])
         self.host_load.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in loads])
-        self.redis_fetch.calibrate([((1.0, nbytes), seconds + 2 * round_trip_s) for nbytes, seconds in fetches])
+        self.redis_fetch.calibrate([((1.0, nbytes), seconds + round_trips_s) for nbytes, seconds in fetches])
 
     # --- estimates -------------------------------------------------------------------------------
     def prefill_seconds(self, start: int, end: int) -> float:

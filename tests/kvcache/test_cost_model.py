@@ -109,7 +109,7 @@ class Machine:
         return {"prefills": prefills,
                 "loads": [(n * self.block_nbytes, self.load(n)) for n in blocks],
                 "fetches": [(n * self.block_nbytes, s) for n, s in zip(blocks, worker_fetch_s)],
-                "round_trip_s": self.round_trip_s if probe == "now" else 0.0}
+                "round_trips_s": 2 * self.round_trip_s if probe == "now" else 0.0}
 
 
 def block_nbytes(arch) -> int:

@@ -27,8 +27,8 @@ def test_the_engine_calibrates_its_estimates_at_start_and_logs_them(tier_model_d
         engine = cost_engine(tier_model_dir, redis_server.url, budget=512, calibration_budget_s=60.0)
     assert "restore estimates calibrated" in caplog.text and "a Redis restore wins from" in caplog.text
     assert "(6 prefills, 4 transfers" in caplog.text  # a block, a quarter, half, one, two and three chunks
-    round_trip_ms = float(re.search(r"a step round trip ([0-9.]+) ms", caplog.text).group(1))
-    assert round_trip_ms > 0  # a probe answered through engine steps
+    round_trips_ms = float(re.search(r"a prefetch's round trips ([0-9.]+) ms", caplog.text).group(1))
+    assert round_trips_ms > 0  # a probe and a fetch answered through engine steps
     cost = engine.kv_cache.tiers.cost
     assert cost.prefill.coefficients[0] != _INITIAL_STEP_S and cost.redis_fetch.coefficients[0] != _INITIAL_FETCH_S
     assert cost.prefill.num_observations == 0  # priors: the first request still corrects them at once
