@@ -70,8 +70,11 @@ def calibrate_restore_estimates(config: LongctxConfig, executor: Executor, kv_ca
     if tiers.host is None or tiers.cost.policy != "cost" or budget_s <= 0 or kv_cache.extra_groups:
         return  # (a hybrid model's estimates start from the defaults and learn from its steps)
     start = time.monotonic()
+    # With write-through each chunk's blocks are saved to host at the start of the next step,
+    # which waits for the chunk: part of what recomputing costs, so part of the probe.
+    save_slots = range(tiers.host.num_slots) if tiers.redis_enabled and config.kv_tiers.redis_write_through else ()
     prefills = _prefill_timings(executor, kv_cache, config.scheduler.max_tokens_per_step, vocab_size, max_model_len,
-                                deadline=start + budget_s)
+                                save_slots, deadline=start + budget_s)
     loads, fetches = _transfer_timings(executor)
     round_trips_s = _prefetch_round_trips_seconds(executor) if tiers.redis_enabled else 0.0
     tiers.cost.calibrate(prefills, loads, fetches, round_trips_s)
@@ -82,7 +85,7 @@ def calibrate_restore_estimates(config: LongctxConfig, executor: Executor, kv_ca
 
 
 def _prefill_timings(executor: Executor, kv_cache: KVCacheCoordinator, budget_tokens: int, vocab_size: int,
-                     max_model_len: int, deadline: float) -> list[Timing]:
+                     max_model_len: int, save_slots: Sequence[int], deadline: float) -> list[Timing]:
     block_size = kv_cache.block_size
     # The full chunks must fit the device and the positions the model knows.
     room = min(kv_cache.num_blocks * block_size, max_model_len - 1) // _FULL_CHUNKS
@@ -97,16 +100,18 @@ def _prefill_timings(executor: Executor, kv_cache: KVCacheCoordinator, budget_to
         for chunks in shapes:
             if time.monotonic() > deadline:
                 return timings
-            measured = _run_request(executor, kv_cache, chunks, vocab_size, rng, deadline)
+            measured = _run_request(executor, kv_cache, chunks, vocab_size, rng, save_slots, deadline)
             timings += [measured] if timed and measured is not None else []
     return timings
 
 
 def _run_request(executor: Executor, kv_cache: KVCacheCoordinator, chunks: Sequence[int], vocab_size: int,
-                 rng: random.Random, deadline: float) -> Timing | None:
+                 rng: random.Random, save_slots: Sequence[int], deadline: float) -> Timing | None:
     """Compute a throwaway prompt in these chunks, one step each, and time them together; None if
-    it did not get to its last chunk in time (its device work is then not all waited for)."""
-    num_tokens = sum(chunks)
+    it did not get to its last chunk in time (its device work is then not all waited for). Each
+    step after the first saves the blocks of the chunk before into `save_slots` (scratch: no
+    slot is in use before the first request), as write-through does."""
+    num_tokens, block_size = sum(chunks), kv_cache.block_size
     block_ids = kv_cache.device.allocate_slots(_REQUEST_ID, num_tokens)
     if block_ids is None:
         return None
@@ -116,7 +121,9 @@ def _run_request(executor: Executor, kv_cache: KVCacheCoordinator, chunks: Seque
         for count in chunks:
             if computed and time.monotonic() > deadline:
                 return None
-            step = StepInput(0, num_scheduled_tokens={_REQUEST_ID: count}, **(
+            saved = block_ids[(computed - steps[-1][0][1]) // block_size:computed // block_size] if computed else []
+            saves = KVTransferOps(saves=tuple(zip(saved, save_slots))) if saved and save_slots else None
+            step = StepInput(0, num_scheduled_tokens={_REQUEST_ID: count}, kv_transfers=saves, **(
                 {"cached_requests": (CachedRequestData(_REQUEST_ID, ((),), computed),)} if computed else
                 {"new_requests": (NewRequestData(_REQUEST_ID, prompt, (), _GREEDY, (tuple(block_ids),), 0),)}))
             started = time.perf_counter()

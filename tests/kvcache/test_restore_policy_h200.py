@@ -263,3 +263,21 @@ def test_session_5_h200_every_bench_document_within_5_percent_with_requests_time
     assert max(ratios) <= 1.05
     for tokens in (16384, 1 << 20):  # and after serving, still
         assert model.prefill_seconds(0, tokens) == pytest.approx(machine.prefill(0, tokens), rel=0.05)
+
+
+def test_session_5_after_the_first_fix_replayed_64k_recompute_priced_without_its_saves():
+    """The second run (docs/measurements/session5-H200-restore_policy-after*): steps measured whole,
+    but each minus the copies it waited for, and a write-through save waits for the chunk before
+    it. 'estimates after 16384 tokens' priced 64K at 0.343 s to recompute (0.364-0.427 s measured)
+    against 0.323 s to restore (0.296 s): recomputed, 1.30x the faster. With the saves measured
+    (the machine's context cost holds them), the same sequence restores 64K."""
+    machine = h200_session_5()
+    logged = RestoreCostModel(KVTierSettings(), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
+    logged.prefill.reset((4.97e-3, 1 / 4.69e14, 1 / 3.87e14, 1e-10))
+    logged.redis_fetch.reset((3.24e-3, 1 / 1.77e9))
+    logged.host_load.reset((0.118e-3, 1 / 48.2e9))
+    decision = logged.decide(REDIS, 0, 1023)  # the log: 323.25 ms to restore, 342.87 ms to recompute
+    assert not decision.restore
+    assert (decision.restore_s, decision.recompute_s) == (pytest.approx(0.3233, rel=0.01),
+                                                          pytest.approx(0.3429, rel=0.01))
+    assert machine.ttft(65536, None) > 1.2 * faster_of_the_two(machine, 65536)
