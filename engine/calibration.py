@@ -77,7 +77,7 @@ def calibrate_restore_estimates(config: LongctxConfig, executor: Executor, kv_ca
                                 save_slots, deadline=start + budget_s)
     loads, fetches = _transfer_timings(executor)
     round_trips_s = _prefetch_round_trips_seconds(executor) if tiers.redis_enabled else 0.0
-    tiers.cost.calibrate(prefills, loads, fetches, round_trips_s)
+    tiers.cost.calibrate(prefills, loads, fetches, round_trips_s, saves_chunks=bool(save_slots))
     logger.info("restore estimates calibrated in %.2f s (%d prefills, %d transfers, a prefetch's round trips "
                 "%.2f ms): %s", time.monotonic() - start, len(prefills), len(loads) + len(fetches), round_trips_s * 1e3,
                 tiers.cost.describe())

@@ -45,6 +45,9 @@ class Machine:
     # A step that samples nothing returns once its kernels are queued, after this (None: every step
     # waits for the device); the next step that samples waits for the rest.
     launch_s: float | None = None
+    # Write-through: each chunk's blocks are saved to host at the start of the next step, at this
+    # rate (None: no saves).
+    save_bytes_per_s: float | None = None
 
     def step(self, start: int, count: int) -> float:
         weights, attention = self.flops.amounts(start, start + count)
@@ -52,19 +55,25 @@ class Machine:
         return self.step_s + extra + weights / self.weight_flops_per_s + attention / self.attention_flops_per_s
 
     def prefill(self, start: int, end: int) -> float:
-        return sum(self.step(s, min(CHUNK, end - s)) for s in range(start, end, CHUNK))
+        return sum(seconds for _, seconds, _, _ in self.observed_steps(start, end))
 
-    def observed_steps(self, start: int, end: int, samples: bool = True) -> list[tuple[list, float, bool]]:
-        """Computing [start, end) in chunks as the engine times it: (spans, seconds, synced) per
-        step. `samples`: the last step samples a token (a head that pauses does not)."""
-        observed, queued = [], 0.0  # device seconds not yet waited for
+    def saved_bytes(self, tokens: int) -> int:
+        """Saved before the next step: a chunk's blocks."""
+        return tokens // BLOCK * self.block_nbytes if self.save_bytes_per_s else 0
+
+    def observed_steps(self, start: int, end: int, samples: bool = True) -> list[tuple[list, float, bool, int]]:
+        """Computing [start, end) in chunks as the engine times it: (spans, seconds, synced, bytes
+        saved first) per step. `samples`: the last step samples a token (a head that pauses
+        does not)."""
+        observed, queued, saved = [], 0.0, 0  # device seconds not yet waited for; the chunk before
         for step_start in range(start, end, CHUNK):
             count = min(CHUNK, end - step_start)
             synced = self.launch_s is None or (samples and step_start + count == end)
-            device_s = self.step(step_start, count) + queued
+            device_s = self.step(step_start, count) + queued + (saved / self.save_bytes_per_s if saved else 0.0)
             seconds = device_s if synced else min(self.launch_s, device_s)
             queued = device_s - seconds
-            observed.append(([(step_start, count)], seconds, synced))
+            observed.append(([(step_start, count)], seconds, synced, saved))
+            saved = self.saved_bytes(count)
         return observed
 
     def fetch(self, num_blocks: int) -> float:
@@ -103,13 +112,15 @@ class Machine:
         for index, chunks in enumerate(runs):
             first = CHUNK if probe == "session 3" and index == 2 else 0
             steps = tuple(((first + sum(chunks[:i]), count),) for i, count in enumerate(chunks))
-            prefills.append((steps, sum(self.step(*spans[0]) for spans in steps)))
+            saves_s = sum(self.saved_bytes(count) for count in chunks[:-1]) / (self.save_bytes_per_s or 1.0)
+            prefills.append((steps, sum(self.step(*spans[0]) for spans in steps) + saves_s))
         blocks = (1, (256 * MiB) // self.block_nbytes)
         worker_fetch_s = [self.fetch(n) - 2 * self.round_trip_s for n in blocks]
         return {"prefills": prefills,
                 "loads": [(n * self.block_nbytes, self.load(n)) for n in blocks],
                 "fetches": [(n * self.block_nbytes, s) for n, s in zip(blocks, worker_fetch_s)],
-                "round_trips_s": 2 * self.round_trip_s if probe == "now" else 0.0}
+                "round_trips_s": 2 * self.round_trip_s if probe == "now" else 0.0,
+                "saves_chunks": self.save_bytes_per_s is not None}
 
 
 def block_nbytes(arch) -> int:
@@ -117,6 +128,8 @@ def block_nbytes(arch) -> int:
 
 
 def calibrated(machine: Machine, **settings) -> RestoreCostModel:
+    if machine.save_bytes_per_s:  # write-through to a Redis
+        settings.setdefault("redis_urls", ("redis://unused",))
     model = RestoreCostModel(KVTierSettings(**settings), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
     model.calibrate(**machine.calibration())
     return model
@@ -363,9 +376,9 @@ def test_steps_that_sample_nothing_are_measured_with_the_step_that_waits_for_the
     model = calibrated(machine)
     before = model.prefill.num_observations
     observed = machine.observed_steps(0, 3 * CHUNK)
-    assert [synced for _, _, synced in observed] == [False, False, True]
-    assert observed[0][1] == 0.002 and sum(s for _, s, _ in observed) == pytest.approx(machine.prefill(0, 3 * CHUNK))
-    for spans, seconds, synced in observed:
+    assert [synced for _, _, synced, _ in observed] == [False, False, True]
+    assert observed[0][1] == 0.002 and sum(s for _, s, _, _ in observed) == pytest.approx(machine.prefill(0, 3 * CHUNK))
+    for spans, seconds, synced, _ in observed:
         model.observe_prefill(spans, seconds, synced)
     assert model.prefill.num_observations == before + 1  # one measurement: the three steps
     assert model.prefill_seconds(0, 3 * CHUNK) == pytest.approx(machine.prefill(0, 3 * CHUNK), rel=0.01)

@@ -66,7 +66,7 @@ def _make_a_block_cost_one_millisecond_either_way(engine) -> None:
     """Priors for the test: a step 1 ms + 1 ms per block of prefill (attention and context
     free); a prefetch 2 ms + 1 ms per block; loads free."""
     cost = engine.kv_cache.tiers.cost
-    cost.prefill.reset((1e-3, 1e-3 / (BLOCK * cost.flops.per_token), 1e-30, 1e-30))
+    cost.prefill.reset((1e-3, 1e-3 / (BLOCK * cost.flops.per_token), 1e-30, 1e-30, 1e-30))
     cost.redis_fetch.reset((2e-3, 1e-3 / cost.block_nbytes))
     cost.host_load.reset((1e-9, 1e-30))
 

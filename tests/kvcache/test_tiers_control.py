@@ -513,5 +513,5 @@ def test_a_prefill_step_is_measured_without_its_loads_but_with_its_saves_and_uns
     assert tiers.cost.prefill.num_observations == 0
     tiers.on_step_done(chunk(16), report, seconds=0.015)
     assert tiers.cost.prefill.num_observations == 1
-    both = tiers.cost.flops.of_steps([[(8, 8)], [(16, 8)]])
+    both = (*tiers.cost.flops.of_steps([[(8, 8)], [(16, 8)]]), 1 << 20)  # the save: 1 MiB
     assert tiers.cost.prefill.predict(both) == pytest.approx(0.002 + 0.015 - 0.005, rel=0.01)
