@@ -10,7 +10,8 @@ measurement while serving, so that an estimate off by 2x is right after one meas
                nothing (they return before their kernels ran). With write-through, each chunk's
                blocks are saved at the start of the next step, which waits for the chunk: a
                recompute pays the saves of all its chunks but the last, a restore's resume
-               step none (on the H200 they were 2/3 of a chunk's extra with context).
+               step none (session 5's H200: without them a 64K recompute was priced 0.28 s, 0.36 s
+               measured).
   host load    host -> device copy of a step's loads: (1, bytes) -> seconds.
   redis fetch  a whole prefetch as the driver sees it, probe out to the last block in host
                memory: (1, bytes) -> seconds. Its fixed part holds the round trips and the engine
