@@ -153,7 +153,7 @@ class ServeSettings(_Frozen):
     # Each stream chunk costs the replica and the proxy ~0.4 ms of Python (H200 host, session 5):
     # at 64 streams, one chunk per step each took more time than the step itself.
     stream_chunks_per_s: float = Field(
-        1000.0, ge=0, description="Per replica: most stream chunks a second over all its streams. Under load "
+        500.0, ge=0, description="Per replica: most stream chunks a second over all its streams. Under load "
         "each stream sends every (streams / this) seconds all the tokens made meanwhile; its first token and "
         "its end at once. 0: one chunk per engine step and stream."
     )
