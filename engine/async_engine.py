@@ -1,6 +1,6 @@
 """Asynchronous front of the engine: `async for delta in engine.generate(...)`, or
 `async for deltas in engine.stream(...)` for every delta that is ready at once (a server that
-forwards them sends one message per step, not one per token).
+forwards them sends one message per step, or fewer under load, not one per token).
 
 The LLMEngine runs on one dedicated thread (its step is compute-bound and releases the GIL inside
 torch); callers on an asyncio loop talk to it through a command queue and get deltas back through
@@ -72,8 +72,9 @@ class AsyncEngine:
     async def stream(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
     ) -> AsyncIterator[list[CompletionDelta]]:
-        """Every delta of this request that is ready, as one list, in order; no waiting for more:
-        the first list comes as soon as the first token does. Closing this aborts the request."""
+        """Every delta of this request that is ready, as one list, in order: the first list as
+        soon as the first token is made, each next one once this stream's share of
+        `stream_chunks_per_s` has passed (at once without a budget). Closing this aborts the request."""
         self._raise_if_dead()
         if request_id in self._subscribers:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
