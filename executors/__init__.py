@@ -11,7 +11,7 @@ rank 0's `StepOutput` back. Where the ranks live is `parallel.executor`, read on
 
 `auto` (the default) is `ray` for TP x SP ranks inside a Ray actor (a Serve replica), and
 `local` otherwise: one rank in a Serve replica (a step's trip to a worker actor cost 0.7 ms a
-token on the H200 through a compiled graph, ~5 ms on a loaded CPU node through plain actor
+token on the H200 through a compiled graph, ~4 ms on a loaded CPU node through plain actor
 calls: docs/benchmarks.md, session 5), `longctx generate`, an engine built in a script or a test,
 even one connected to Ray.
 
