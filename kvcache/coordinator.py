@@ -99,7 +99,8 @@ class KVCacheCoordinator:
         groups = [make_group(spec, num_blocks, block_size, prefix_caching) for spec, num_blocks in extra_groups]
         window_blocks = sum(group.manager.blocks_in_window for group in groups if group.spec.kind == "sliding_window")
         tiers = TierManager(tier_settings, block_size, workers.kv_block_nbytes, flops=flops,
-                            chunk_tokens=config.scheduler.max_tokens_per_step, window_blocks=window_blocks)
+                            chunk_tokens=config.scheduler.max_tokens_per_step, window_blocks=window_blocks,
+                            window_nbytes=workers.kv_window_nbytes)
         device = KVCacheManager(workers.num_kv_blocks, block_size, prefix_caching, on_evict=tiers.on_device_evict)
         tiers.track_device(device.pool)
         return cls(device, tiers, groups)
