@@ -26,8 +26,10 @@ def split_host_bytes(host_bytes: int, block_nbytes: int, window_nbytes: int = 0,
         return HostSlots(0, 0)
     if window_nbytes <= 0:
         return HostSlots(host_bytes // block_nbytes, 0)
-    # Two window parts per interval: the checkpoints, and as many sequence ends again.
-    num_blocks = int(host_bytes // (block_nbytes + 2 * window_nbytes / interval_blocks))
+    # Two window parts per interval (the checkpoints, and as many sequence ends again), at most
+    # one per block.
+    parts_per_block = min(1.0, 2 / interval_blocks)
+    num_blocks = int(host_bytes // (block_nbytes + parts_per_block * window_nbytes))
     num_window_parts = (host_bytes - num_blocks * block_nbytes) // window_nbytes
     if num_window_parts == 0 and host_bytes >= block_nbytes + window_nbytes:
         num_blocks = (host_bytes - window_nbytes) // block_nbytes  # a restore needs one window part at least

@@ -66,7 +66,7 @@ def test_host_memory_splits_into_block_slots_and_a_small_window_part_pool():
     assert split == HostSlots(43_337, 5_417)
     assert 0 <= host_bytes - split.num_blocks * COMPRESSED - split.num_window_parts * WINDOW < WINDOW
     assert split_host_bytes(host_bytes, COMPRESSED + WINDOW) == HostSlots(10_126, 0)  # one slot per whole block
-    assert split_host_bytes(host_bytes, COMPRESSED, WINDOW, 1) == HostSlots(5_398, 10_797)
+    assert split_host_bytes(host_bytes, COMPRESSED, WINDOW, 1) == HostSlots(10_126, 10_126)  # every block whole
     assert split_host_bytes(COMPRESSED + WINDOW, COMPRESSED, WINDOW, 16) == HostSlots(1, 1)
     assert split_host_bytes(COMPRESSED + WINDOW - 1, COMPRESSED, WINDOW, 16) == HostSlots(0, 0)
 
