@@ -148,7 +148,7 @@ class TierManager:
         slots = split_host_bytes(self.settings.host_bytes, max(1, self.block_nbytes),
                                  self.window_nbytes if self.window_blocks else 0,
                                  self.settings.window_part_interval_blocks)
-        if slots.num_blocks == 0:
+        if slots.num_blocks == 0 or (self.window_blocks and not slots.num_window_parts):
             logger.warning("kv_tiers.host_bytes=%d holds no %d-byte block: host and Redis tiers off",
                            self.settings.host_bytes, self.block_nbytes + self.window_nbytes)
             return None

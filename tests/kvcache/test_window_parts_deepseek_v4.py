@@ -157,3 +157,11 @@ def test_a_hybrid_restore_is_priced_by_the_bytes_it_moves(num_blocks):
     assert hybrid.fetch_seconds(num_blocks) == pytest.approx(fixed_fetch_s + (num_blocks * COMPRESSED + WINDOW) / 2e9)
     assert whole.fetch_seconds(num_blocks) - hybrid.fetch_seconds(num_blocks) == pytest.approx(
         (num_blocks - 1) * WINDOW / 2e9)
+
+
+def test_a_hybrid_model_without_room_for_a_window_part_has_no_host_tier():
+    """Blocks no restore could end at are never kept: the tiers are off, not silently wrong."""
+    settings = KVTierSettings(host_bytes=COMPRESSED + WINDOW - 1)
+    assert TierManager(settings, BLOCK, COMPRESSED, window_blocks=1, window_nbytes=WINDOW).host is None
+    assert TierManager(KVTierSettings(host_bytes=1 << 30), BLOCK, COMPRESSED, window_blocks=1).host is None
+    assert TierManager(settings, BLOCK, COMPRESSED + WINDOW - 1).host.num_slots == 1  # a dense model's
