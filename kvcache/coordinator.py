@@ -22,8 +22,9 @@ entries) adds groups that share the block size and the prefix hashes but keep th
 a hit is the longest prefix that every group can serve, an allocation succeeds in every group
 or in none, and a sliding-window group frees the blocks that leave its window. The step message
 carries one block table per group (group 0 first). The host / Redis tiers back group 0; with one
-sliding-window group beside it (DeepSeek-V4) a tier slot holds block i of both groups, written
-through when computed (kvcache/tier_manager.py: a restored prefix resumes from its window).
+sliding-window group beside it (DeepSeek-V4) block i's window part has its own smaller host pool
+and Redis key, kept where restores end (kvcache/tiers/window_parts.py: a restored prefix resumes
+from its window).
 """
 
 from __future__ import annotations
