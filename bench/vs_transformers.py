@@ -1,0 +1,156 @@
+"""longctx against Hugging Face transformers on one GPU, out of the box: TTFT and time per output
+token for one request at 4K to 1M tokens, and for batches submitted together.
+
+    source .gpu/install.sh >/dev/null && python3 bench/vs_transformers.py 2>&1 | tee $OUT/vs_transformers.log
+    python3 bench/vs_transformers.py --smoke    # on a CPU: tiny model and sizes, checks the script
+
+The same 8B-shaped bf16 folder (2 layers) for both. longctx runs its engine with every default
+(only the device, dtype and context length given); transformers runs `generate` with sdpa
+attention, batches left-padded into one call. Every measured prompt length differs from the
+warm-up lengths (and from each other), so a kernel that plans per exact shape pays its plans
+inside the measured TTFT, as a served request of a new length would. Lengths up to
+--repeat-max-tokens run twice, the second time with other tokens of the same length: the
+difference is what shape-keyed planning costs. Greedy tokens are compared (first 8).
+Writes vs_transformers.json under $OUT (or bench/results/) and prints the tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import gpu_cases  # noqa: E402
+from bench import gpu_model_cases as model_cases  # noqa: E402
+from bench import vs_transformers_cases as cases  # noqa: E402
+from bench.gpu import Deadline, attempt  # noqa: E402
+
+LENGTHS = [4000, 8100, 32700, 130000, 520000, 1040000]
+WARMUP_LENGTHS = [300, 1000]
+BATCHES = ["16x4000", "8x32000"]  # count x base length; lengths base, base + 61, ...
+REPEAT_SEED_OFFSET = 7  # the repeat of a length uses seed length + 7: other tokens, same shape
+
+
+def prefill_estimate_s(tokens: int, layers: int) -> float:
+    """A generous wall-time guess for one prefill (a 2-layer 8B shape ran 1M tokens in ~33 s)."""
+    return layers * (tokens / 1e6) ** 2 * 25 + tokens / 1e5 + 2
+
+
+def parse_batches(specs: list[str]) -> list[list[int]]:
+    batches = []
+    for spec in specs:
+        count, base = (int(part) for part in spec.split("x"))
+        batches.append(cases.distinct_lengths(base, count))
+    return batches
+
+
+def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
+    print("longctx: the engine with its defaults", flush=True)
+    engine = model_cases.make_engine(model_dir, device, args.max_model_len)
+    report = {"single": {}, "repeat": {}, "batch": {}, "profile": {}}
+    try:
+        for tokens in args.warmup_lengths:
+            cases.ours_single(engine, tokens, 4, tokens)
+        for tokens in args.lengths:
+            estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 5
+            report["single"][tokens] = attempt(f"longctx {tokens}", deadline, estimate, cases.ours_single,
+                                               engine, tokens, args.output_tokens, tokens)
+            if tokens <= args.repeat_max_tokens:
+                report["repeat"][tokens] = attempt(f"longctx {tokens} again (same shape)", deadline, estimate,
+                                                   cases.ours_single, engine, tokens, args.output_tokens,
+                                                   tokens + REPEAT_SEED_OFFSET)
+        for lengths in args.batches:
+            report["batch"][batch_name(lengths)] = attempt(f"longctx batch {batch_name(lengths)}", deadline, 30,
+                                                           cases.ours_batch, engine, lengths, args.output_tokens)
+        for tokens in args.profile_lengths:
+            report["profile"][tokens] = attempt(f"profile {tokens}", deadline, 20, cases.profile_request,
+                                                engine, tokens, tokens)
+    finally:
+        engine.shutdown()
+        del engine
+        gpu_cases.free_memory()
+    return report
+
+
+def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
+    print("transformers (sdpa), the same folder and prompts", flush=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model_cases.load_hf(model_dir, device, dtype)
+    report = {"single": {}, "batch": {}}
+    for tokens in args.warmup_lengths:
+        cases.hf_single(model, tokens, 2, tokens, device)
+    for tokens in [n for n in args.lengths if n <= args.hf_max_tokens]:
+        estimate = prefill_estimate_s(tokens, args.layers) * 2 + 5
+        report["single"][tokens] = attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single,
+                                           model, tokens, args.output_tokens, tokens, device)
+    for lengths in args.batches:
+        report["batch"][batch_name(lengths)] = attempt(f"transformers batch {batch_name(lengths)}", deadline, 30,
+                                                       cases.hf_batch, model, lengths, args.output_tokens, device)
+    del model
+    gpu_cases.free_memory()
+    return report
+
+
+def batch_name(lengths: list[int]) -> str:
+    return f"{len(lengths)}x{lengths[0]}-{lengths[-1]}"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--batches", nargs="*", default=BATCHES, help="COUNTxLENGTH, e.g. 16x4000")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the 8B-shaped model")
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--repeat-max-tokens", type=int, default=131072,
+                        help="lengths up to this run a second time at the same shape")
+    parser.add_argument("--profile-lengths", type=int, nargs="*", default=[8300, 33000],
+                        help="new lengths profiled last (torch.profiler + cProfile)")
+    parser.add_argument("--hf-max-tokens", type=int, default=1 << 21, help="longest prompt given to transformers")
+    parser.add_argument("--sections", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    parser.add_argument("--budget-s", type=float, default=330, help="cases that would end later are skipped")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script")
+    args = parser.parse_args()
+    args.preset, args.warmup_lengths = "llama3-8b-shape", WARMUP_LENGTHS
+    if args.smoke:
+        args.preset, args.lengths, args.warmup_lengths = "tiny", [200, 330], [40]
+        args.batches, args.profile_lengths, args.output_tokens = ["3x100"], [150], 4
+    args.batches = parse_batches(args.batches)
+    args.max_model_len = max(args.lengths + [max(b) for b in args.batches]) + args.output_tokens + 64
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    deadline = Deadline(args.budget_s)
+    started = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "layers": args.layers, "output_tokens": args.output_tokens}
+    sections = {"ours": ours_section, "transformers": hf_section}
+    with tempfile.TemporaryDirectory() as folder:
+        from model_shards.make_model import make_model
+
+        model_dir = str(make_model(folder, args.preset, num_hidden_layers=args.layers,
+                                   max_position_embeddings=args.max_model_len))
+        for name in args.sections:
+            report[name] = sections[name](args, model_dir, device, deadline)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vs_transformers.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    from bench.vs_transformers_report import print_report
+
+    print_report(report)
+    print(f"wrote {out_dir / 'vs_transformers.json'} in {report['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
