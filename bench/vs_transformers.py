@@ -40,8 +40,8 @@ REPEAT_SEED_OFFSET = 7  # the repeat of a length uses seed length + 7: other tok
 
 
 def prefill_estimate_s(tokens: int, layers: int) -> float:
-    """A generous wall-time guess for one prefill (a 2-layer 8B shape ran 1M tokens in ~33 s)."""
-    return layers * (tokens / 1e6) ** 2 * 25 + tokens / 1e5 + 2
+    """A generous wall-time guess for one prefill (a 2-layer 8B shape ran 1M tokens in ~33 s; this says ~47)."""
+    return layers * (tokens / 1e6) ** 2 * 16 + tokens / 1e5 + 2
 
 
 def parse_batches(specs: list[str]) -> list[list[int]]:
@@ -60,7 +60,7 @@ def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline)
         for tokens in args.warmup_lengths:
             cases.ours_single(engine, tokens, 4, tokens)
         for tokens in args.lengths:
-            estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 5
+            estimate = prefill_estimate_s(tokens, args.layers) * 1.3 + 3
             report["single"][tokens] = attempt(f"longctx {tokens}", deadline, estimate, cases.ours_single,
                                                engine, tokens, args.output_tokens, tokens)
             if tokens <= args.repeat_max_tokens:
@@ -88,7 +88,7 @@ def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -
     for tokens in args.warmup_lengths:
         cases.hf_single(model, tokens, 2, tokens, device)
     for tokens in [n for n in args.lengths if n <= args.hf_max_tokens]:
-        estimate = prefill_estimate_s(tokens, args.layers) * 2 + 5
+        estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 3
         report["single"][tokens] = attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single,
                                            model, tokens, args.output_tokens, tokens, device)
     for lengths in args.batches:
