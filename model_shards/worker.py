@@ -79,6 +79,7 @@ class ModelWorker:
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
         self.block_size = config.cache.resolved_block_size()
         self.model = self._load_model()
+        self._warm_up_attention()  # before the KV cache takes the memory its temporaries use
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
         # This rank's KV in Redis keys: its own layout, so that keys never mix ranks.
@@ -102,6 +103,18 @@ class ModelWorker:
         )
         model.load_weights(WeightReader(self.config.model.path))
         return model.eval()
+
+    def _warm_up_attention(self) -> None:
+        """Per-shape kernel plans built now rather than inside the first request of each prompt
+        length (model_shards/attention/chunked_prefill.py)."""
+        if self.device.type != "cuda":
+            return
+        attention = self.model.layers[0].self_attn
+        max_model_len = self.config.model.max_model_len or self.architecture.max_position_embeddings
+        attention.backend.warm_up(self.device, self.dtype, attention.num_heads, attention.num_kv_heads,
+                                  attention.head_dim, self.block_size, self.config.scheduler.max_tokens_per_step,
+                                  max_model_len)
+        torch.cuda.empty_cache()
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
         """Decode steps as CUDA graphs: one GPU rank whose attention backend is graph-safe and
