@@ -36,7 +36,8 @@ from bench.gpu import Deadline, attempt  # noqa: E402
 LENGTHS = [4000, 8100, 32700, 130000, 520000, 1040000]
 WARMUP_LENGTHS = [300, 1000]
 BATCHES = ["16x4000", "8x32000"]  # count x base length; lengths base, base + 61, ...
-REPEAT_SEED_OFFSET = 7  # the repeat of a length uses seed length + 7: other tokens, same shape
+REPEAT_SEED_OFFSET = 7
+HF_NATIVE_CONTEXT = 131072  # the llama3-8b-shape preset's max_position_embeddings  # the repeat of a length uses seed length + 7: other tokens, same shape
 
 
 def prefill_estimate_s(tokens: int, layers: int) -> float:
@@ -81,22 +82,61 @@ def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline)
 
 
 def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
-    print("transformers (sdpa), the same folder and prompts", flush=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model_cases.load_hf(model_dir, device, dtype)
-    report = {"single": {}, "batch": {}}
+    """Prompts up to the folder's native context on a copy of it that says so in config.json
+    (max_position_embeddings 131072, as in ../shared/measurements/hf_vs_longctx.py: the same
+    weights and, with llama3 RoPE, the same logits), longer ones on the folder itself."""
+    print("transformers (sdpa), the same weights and prompts", flush=True)
+    native = native_context_copy(model_dir, HF_NATIVE_CONTEXT)
+    report = {"single": {}, "batch": {}, "diagnostic": {}}
+    model = cases.load_hf(native, device)
     for tokens in args.warmup_lengths:
         cases.hf_single(model, tokens, 2, tokens, device)
-    for tokens in [n for n in args.lengths if n <= args.hf_max_tokens]:
-        estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 3
-        report["single"][tokens] = attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single,
-                                           model, tokens, args.output_tokens, tokens, device)
+    for tokens in [n for n in args.lengths if n <= HF_NATIVE_CONTEXT]:
+        report["single"][tokens] = hf_attempt(args, deadline, model, tokens, device)
     for lengths in args.batches:
         report["batch"][batch_name(lengths)] = attempt(f"transformers batch {batch_name(lengths)}", deadline, 30,
                                                        cases.hf_batch, model, lengths, args.output_tokens, device)
     del model
     gpu_cases.free_memory()
+    model = cases.load_hf(model_dir, device)
+    report["diagnostic"] = hf_diagnostic(args, model, device, deadline)
+    for tokens in [n for n in args.lengths if HF_NATIVE_CONTEXT < n <= args.hf_max_tokens]:
+        report["single"][tokens] = hf_attempt(args, deadline, model, tokens, device)
+    del model
+    gpu_cases.free_memory()
     return report
+
+
+def hf_attempt(args, deadline: Deadline, model, tokens: int, device: torch.device) -> dict:
+    estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 3
+    return attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single, model, tokens,
+                   args.output_tokens, tokens, device)
+
+
+def hf_diagnostic(args, model, device: torch.device, deadline: Deadline) -> dict:
+    """The shortest length on the long-context folder, with its eos ids and without them (as
+    bench/gpu.py loads it): session 4 saw ~60 ms a token there against 2-4 ms on the native copy."""
+    tokens = min(args.lengths)
+    rows = {"long_config": hf_attempt(args, deadline, model, tokens, device)}
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    rows["long_config_no_eos"] = hf_attempt(args, deadline, model, tokens, device)
+    model.generation_config.eos_token_id = eos
+    return {tokens: rows}
+
+
+def native_context_copy(model_dir: str, context: int) -> str:
+    """A folder beside model_dir with the same files (links) but config.json's
+    max_position_embeddings set to `context`."""
+    copy = Path(model_dir).parent / f"native-{context}"
+    copy.mkdir(exist_ok=True)
+    for path in Path(model_dir).iterdir():
+        if path.name != "config.json" and not (copy / path.name).exists():
+            (copy / path.name).symlink_to(path.resolve())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["max_position_embeddings"] = min(context, config["max_position_embeddings"])
+    (copy / "config.json").write_text(json.dumps(config, indent=1))
+    return str(copy)
 
 
 def batch_name(lengths: list[int]) -> str:
@@ -138,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         from model_shards.make_model import make_model
 
-        model_dir = str(make_model(folder, args.preset, num_hidden_layers=args.layers,
+        model_dir = str(make_model(Path(folder) / "model", args.preset, num_hidden_layers=args.layers,
                                    max_position_embeddings=args.max_model_len))
         for name in args.sections:
             report[name] = sections[name](args, model_dir, device, deadline)

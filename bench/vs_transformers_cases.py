@@ -81,6 +81,15 @@ def profile_request(engine, tokens: int, seed: int, rows: int = 20) -> dict:
 
 
 # --- transformers --------------------------------------------------------------------------------
+def load_hf(model_dir: str, device: torch.device):
+    """As a user loads it: the folder's generation config (eos ids) kept; min_new_tokens keeps eos
+    from ending a row early."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
 class TokenClock:
     """A stopping criterion that never stops: it synchronizes and stamps each generated token."""
 

@@ -9,6 +9,7 @@ def print_report(report: dict) -> None:
           f"{report['output_tokens']} output tokens")
     print_single(ours, hf)
     print_batches(ours, hf)
+    print_diagnostic(hf)
 
 
 def print_single(ours: dict, hf: dict) -> None:
@@ -30,6 +31,14 @@ def print_batches(ours: dict, hf: dict) -> None:
         theirs = hf.get("batch", {}).get(name, {})
         print(f"{name:>16} {pair(mine):>15} {pair(theirs):>15} | {rate(mine):>10} {rate(theirs):>9} | "
               f"{rows_equal(mine, theirs)}")
+
+
+def print_diagnostic(hf: dict) -> None:
+    for tokens, rows in hf.get("diagnostic", {}).items():
+        print(f"\ntransformers at {tokens} on the long-context config.json (the table: max_position_embeddings "
+              f"131072 up to 131072 tokens): TTFT s, TPOT ms")
+        for name, result in rows.items():
+            print(f"{name:>20} {seconds(result, 'ttft_s'):>7} {milliseconds(result):>7}")
 
 
 def seconds(result: dict, key: str) -> str:
