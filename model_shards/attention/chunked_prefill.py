@@ -12,8 +12,8 @@ queries whose sequence already holds `prefix` cached tokens is split into pieces
            multiples of the quantum q (largest first),      | (no gather)
            then the unaligned rest
 
-A piece runs on the planned kernel (cuDNN) only when its shape was planned at start-up
-(`warm_shapes`: the chunks a lone long prompt brings under the step budget), its queries padded
+A piece runs on the planned kernel (cuDNN) only when its shape was planned at start-up in the
+calling thread (`warm_shapes`: the chunks a lone long prompt brings under the step budget), its queries padded
 up to their bucket (4 per octave) so that few shapes cover every chunk length. Any other piece
 runs unpadded on a kernel without plans (FlashAttention-2): slower per FLOP on Hopper, but a plan
 built inside a request would cost that request more than cuDNN saves it. Pieces merge exactly by
@@ -23,6 +23,7 @@ blocks, once per layer: the chunk's own keys come straight from the projection.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -82,17 +83,25 @@ def warm_shapes(step_tokens: int, max_model_len: int, quantum: int) -> list[Plan
 
 @dataclass
 class PrefillKernels:
-    """`planned` runs the shapes in `planned_shapes` (cuDNN, plans built at start-up), `unplanned`
-    any shape (flash). Without a plan-free kernel both are the planned one and every shape is
-    padded to its bucket, so that plans stay few."""
+    """`planned` runs the shapes planned in the calling thread (cuDNN, plans built at start-up),
+    `unplanned` any shape (flash). Without a plan-free kernel both are the planned one and every
+    shape is padded to its bucket, so that plans stay few."""
 
     planned: LseKernel
     unplanned: LseKernel
     quantum: int  # tokens; a multiple of the block size
-    planned_shapes: set[PlanShape] = field(default_factory=set)
+    # cuDNN keeps its plans per thread (thread_local caches in aten/src/ATen/native/cudnn/MHA.cpp):
+    # a shape planned in one thread would be planned again, inside a request, in another.
+    _planned: dict[int, set[PlanShape]] = field(default_factory=dict)
+
+    def mark_planned(self, shape: PlanShape) -> None:
+        self._planned.setdefault(threading.get_ident(), set()).add(shape)
+
+    def planned_here(self) -> set[PlanShape]:
+        return self._planned.get(threading.get_ident(), set())
 
     def uses_plan(self, shape: PlanShape) -> bool:
-        return shape in self.planned_shapes or self.unplanned is self.planned
+        return shape in self.planned_here() or self.unplanned is self.planned
 
 
 def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_cache: torch.Tensor,

@@ -69,18 +69,21 @@ class CudnnTritonBackend(AttentionBackend):
 
     def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
                 block_size: int, step_tokens: int, max_model_len: int) -> int:
-        """Build the planned kernel's plans for chunked_prefill.warm_shapes (about 20 on the
-        default config, ~1-2 s), so that no request builds one; returns how many were built."""
+        """Build the planned kernel's plans for chunked_prefill.warm_shapes in this thread (about
+        20 on the default config, a few seconds), so that no request builds one; returns how many
+        were built now (0 when this thread has them all)."""
         kernels = self._kernels_for(device, dtype, heads, kv_heads, head_dim, block_size)
         if kernels.planned is reference_attention:
             return 0  # nothing plans: CPU, or a dtype the fused kernels do not take
-        for queries, keys, causal in warm_shapes(step_tokens, max_model_len, kernels.quantum):
+        missing = [shape for shape in warm_shapes(step_tokens, max_model_len, kernels.quantum)
+                   if shape not in kernels.planned_here()]
+        for queries, keys, causal in missing:
             q = torch.zeros(queries, heads, head_dim, device=device, dtype=dtype)  # (n, H, D)
             k, v = (torch.zeros(keys, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2))
             kernels.planned(q, k, v, head_dim ** -0.5, causal)
-            kernels.planned_shapes.add((queries, keys, causal))
+            kernels.mark_planned((queries, keys, causal))
         torch.cuda.synchronize(device)
-        return len(kernels.planned_shapes)
+        return len(missing)
 
     def _prefill_kernels(self, query: torch.Tensor, layer_cache: torch.Tensor) -> PrefillKernels:
         return self._kernels_for(query.device, query.dtype, query.shape[1], layer_cache.shape[3], query.shape[2],

@@ -3,6 +3,8 @@ FlashAttention-2 unpadded, both equal to float32 attention over the whole contex
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -33,6 +35,17 @@ def warm_kernels():
     assert built == len(warm_shapes(4096, 8192, kernels.quantum)) == 4
     kernels.planned, kernels.unplanned = Recording(kernels.planned), Recording(kernels.unplanned)
     return kernels
+
+
+def test_another_thread_plans_again(warm_kernels):
+    """cuDNN's plan cache is per thread: a thread that steps the worker warms itself."""
+    backend, built = CudnnTritonBackend(), []
+    args = (torch.device("cuda"), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, BLOCK, 4096, 8192)
+    assert backend.warm_up(*args) == 4 and backend.warm_up(*args) == 0
+    other = threading.Thread(target=lambda: built.append(backend.warm_up(*args)))
+    other.start()
+    other.join()
+    assert built == [4]
 
 
 @pytest.mark.parametrize("prefix_len, count, planned", [

@@ -8,6 +8,7 @@ reference LSE kernel in place of cuDNN) against TorchSDPABackend on mixed batche
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -100,7 +101,10 @@ def test_planned_shapes_run_padded_on_the_planned_kernel_and_the_rest_unpadded(p
     bucket = bucket_tokens(count)
     warm = {(bucket, bucket, True), (bucket, 32, False), (bucket, 128, False)}
     planned, unplanned = RecordingKernel(), RecordingKernel()
-    out = chunk_attention(*inputs, prefix_len, 0.2, PrefillKernels(planned, unplanned, quantum=32, planned_shapes=warm))
+    kernels = PrefillKernels(planned, unplanned, quantum=32)
+    for shape in warm:
+        kernels.mark_planned(shape)
+    out = chunk_attention(*inputs, prefix_len, 0.2, kernels)
     expected, _ = reference_attention(inputs[0], context_keys, context_values, 0.2, causal=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     pieces = [(bucket, length, False) for _, length in prefix_pieces(prefix_len, 32)]
@@ -119,6 +123,16 @@ def test_without_a_plan_free_kernel_every_shape_is_padded_to_its_bucket(prefix_l
     pieces = prefix_pieces(prefix_len, 32)
     assert only.shapes == [(bucket, bucket, True)] + [(bucket if keys % 32 == 0 else count, keys, False)
                                                       for _, keys in pieces]  # the rest < 32 keys: unpadded
+
+
+def test_shapes_planned_in_another_thread_do_not_count_here():
+    kernels = PrefillKernels(RecordingKernel(), RecordingKernel(), quantum=32)
+    elsewhere = threading.Thread(target=kernels.mark_planned, args=((128, 128, True),))
+    elsewhere.start()
+    elsewhere.join()
+    assert not kernels.uses_plan((128, 128, True))
+    kernels.mark_planned((128, 128, True))
+    assert kernels.uses_plan((128, 128, True)) and kernels.planned_here() == {(128, 128, True)}
 
 
 def test_warm_shapes_cover_every_chunk_of_a_lone_prompt_but_its_last():
