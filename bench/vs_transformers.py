@@ -37,6 +37,7 @@ LENGTHS = [4000, 8100, 32700, 130000, 520000, 1040000]
 WARMUP_LENGTHS = [300, 1000]
 BATCHES = ["16x4000", "8x32000"]  # count x base length; lengths base, base + 61, ...
 REPEAT_SEED_OFFSET = 7
+PROFILE_SEED_OFFSET = 13  # profiled prompts share no prefix with the measured ones
 HF_NATIVE_CONTEXT = 131072  # the llama3-8b-shape preset's max_position_embeddings  # the repeat of a length uses seed length + 7: other tokens, same shape
 
 
@@ -73,7 +74,7 @@ def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline)
                                                            cases.ours_batch, engine, lengths, args.output_tokens)
         for tokens in args.profile_lengths:
             report["profile"][tokens] = attempt(f"profile {tokens}", deadline, 20, cases.profile_request,
-                                                engine, tokens, tokens)
+                                                engine, tokens, tokens + PROFILE_SEED_OFFSET)
     finally:
         engine.shutdown()
         del engine
@@ -151,8 +152,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--repeat-max-tokens", type=int, default=131072,
                         help="lengths up to this run a second time at the same shape")
-    parser.add_argument("--profile-lengths", type=int, nargs="*", default=[8300, 33000],
-                        help="new lengths profiled last (torch.profiler + cProfile)")
+    parser.add_argument("--profile-lengths", type=int, nargs="*", default=[4000, 8300, 33000],
+                        help="lengths profiled last (torch.profiler + cProfile), new tokens: a length run before "
+                             "shows the steady state, a new one what a new length costs")
     parser.add_argument("--hf-max-tokens", type=int, default=1 << 21, help="longest prompt given to transformers")
     parser.add_argument("--sections", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
     parser.add_argument("--budget-s", type=float, default=330, help="cases that would end later are skipped")

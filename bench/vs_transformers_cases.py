@@ -72,7 +72,7 @@ def profile_request(engine, tokens: int, seed: int, rows: int = 20) -> dict:
     device_sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = io.StringIO()
     pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats("engine/|model_shards/|kvcache/", rows)
-    print(f"=== profile of one new {tokens}-token request (1 output token), TTFT {run['ttft_s'][0]:.4f} s "
+    print(f"=== profile of one {tokens}-token request (new tokens, 1 output token), TTFT {run['ttft_s'][0]:.4f} s "
           f"under the profilers ===")
     print(averages.table(sort_by="cpu_time_total", row_limit=rows))
     print(averages.table(sort_by=device_sort, row_limit=rows))
