@@ -110,6 +110,7 @@ def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     K/V, block_ids the sequence's blocks (device, long) -> (n, H, D) in the query's dtype."""
     count = query.shape[0]
     bucket = bucket_tokens(count)
+    key, value = key.contiguous(), value.contiguous()  # V is a strided view of the fused QKV
     pieces = prefix_pieces(prefix_len, kernels.quantum)
     causal_planned = kernels.uses_plan((bucket, bucket, True))
     pieces_planned = [length % kernels.quantum == 0 and kernels.uses_plan((bucket, length, False))
