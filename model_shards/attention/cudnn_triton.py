@@ -25,6 +25,14 @@ _UNPLANNED_PREFERENCE = ("flash", "flash_expanded")
 _CPU_SMS = 4  # the interpreter runs programs one by one: few of them keep CPU tests quick
 
 
+def canonical_device(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:<current>`: a tensor's device always has its index, a config's may not, and
+    both must find the same kernels (and the plans warmed for them)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class CudnnTritonBackend(AttentionBackend):
     graph_safe_decode = True
 
@@ -91,7 +99,7 @@ class CudnnTritonBackend(AttentionBackend):
 
     def _kernels_for(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
                      block_size: int) -> PrefillKernels:
-        key = (device, dtype, heads, kv_heads, head_dim)
+        key = (canonical_device(device), dtype, heads, kv_heads, head_dim)
         if key not in self._kernels:
             planned_name, planned = select_kernel(*key, preference=PREFILL_PREFERENCE)
             unplanned_name, unplanned = select_kernel(*key, preference=_UNPLANNED_PREFERENCE)

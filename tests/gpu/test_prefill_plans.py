@@ -48,6 +48,15 @@ def test_another_thread_plans_again(warm_kernels):
     assert built == [4]
 
 
+def test_the_backend_finds_plans_warmed_for_a_device_without_index():
+    """Warm-up with the config's `cuda`, a step with tensors on `cuda:0`: the chunk runs on cuDNN."""
+    backend = CudnnTritonBackend()
+    backend.warm_up(torch.device("cuda"), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, BLOCK, 4096, 8192)
+    kernels = backend._kernels_for(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, HEADS,
+                                   KV_HEADS, HEAD_DIM, BLOCK)
+    assert kernels.planned_here() == set(warm_shapes(4096, 8192, kernels.quantum))
+
+
 @pytest.mark.parametrize("prefix_len, count, planned", [
     (4096, 4000, [(4096, 4096, True), (4096, 4096, False)]),  # a full chunk's shapes: all warm
     (5000, 3000, []),  # a last chunk: its bucket (3072) was never planned

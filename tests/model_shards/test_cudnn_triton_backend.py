@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from model_shards.attention.base import AttentionMetadata  # noqa: E402
 from model_shards.attention.chunked_prefill import (PLANNED_MIN_QUERIES, PrefillKernels,  # noqa: E402
                                                     bucket_tokens, chunk_attention, prefix_pieces, warm_shapes)
-from model_shards.attention.cudnn_triton import CudnnTritonBackend  # noqa: E402
+from model_shards.attention.cudnn_triton import CudnnTritonBackend, canonical_device  # noqa: E402
 from model_shards.attention.torch_sdpa import TorchSDPABackend  # noqa: E402
 from model_shards.parallel.lse_attention import reference_attention  # noqa: E402
 
@@ -133,6 +133,15 @@ def test_shapes_planned_in_another_thread_do_not_count_here():
     assert not kernels.uses_plan((128, 128, True))
     kernels.mark_planned((128, 128, True))
     assert kernels.uses_plan((128, 128, True)) and kernels.planned_here() == {(128, 128, True)}
+
+
+def test_a_device_without_index_finds_the_kernels_of_its_tensors(monkeypatch):
+    """The worker warms up with the config's device (`cuda`); steps look kernels up by their
+    tensors' device (`cuda:0`). Session 5's H200 run missed every warmed plan this way."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert canonical_device(torch.device("cuda")) == canonical_device(torch.device("cuda:0")) == torch.device("cuda", 0)
+    assert canonical_device(torch.device("cuda:1")) == torch.device("cuda", 1)
+    assert canonical_device(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_warm_shapes_cover_every_chunk_of_a_lone_prompt_but_its_last():
