@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def print_report(report: dict) -> None:
     ours, hf = report.get("ours", {}), report.get("transformers", {})
-    print(f"\n{report['device']}, torch {report['torch']}, {report['layers']} layers of the 8B shape, "
+    first = ours or hf
+    print(f"\n{first.get('device')}, torch {first.get('torch')}, {report['layers']} layers of the 8B shape, "
           f"{report['output_tokens']} output tokens")
     print_single(ours, hf)
     print_batches(ours, hf)
