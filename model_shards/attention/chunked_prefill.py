@@ -2,8 +2,8 @@
 
 cuDNN's fused attention is the fastest causal kernel torch ships for Hopper, but it builds an
 execution plan for every new (queries, keys) shape: 55-75 ms of host time each on an H200
-(docs/measurements/session5-H200-vs_transformers.log: a new 4000-token prompt took 0.085 s, the same
-length again 0.015 s), and its first non-causal call compiles a kernel (~0.8 s). A chunk of n
+(docs/measurements/session5-H200-vs_transformers-main.log: a new 4000-token prompt took 0.085 s,
+the same length again 0.015 s), and its first non-causal call compiles a kernel (~0.8 s). A chunk of n
 queries whose sequence already holds `prefix` cached tokens is split into pieces of few shapes:
 
     keys  0 ..................................... prefix-1 | prefix ...... prefix+n-1
@@ -13,8 +13,8 @@ queries whose sequence already holds `prefix` cached tokens is split into pieces
            then the unaligned rest
 
 A piece runs on the planned kernel (cuDNN) only when its shape was planned at start-up in the
-calling thread (`warm_shapes`: the chunks a lone long prompt brings under the step budget), its queries padded
-up to their bucket (4 per octave) so that few shapes cover every chunk length. Any other piece
+calling thread (`warm_shapes`: the chunks a lone long prompt brings under the step budget), its
+queries padded up to their bucket (4 per octave) so that few shapes cover every chunk length. Any other piece
 runs unpadded on a kernel without plans (FlashAttention-2): slower per FLOP on Hopper, but a plan
 built inside a request would cost that request more than cuDNN saves it. Pieces merge exactly by
 their log-sum-exp (model_shards/parallel/lse_attention.py). Each piece gathers only its own
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from model_shards.parallel.lse_attention import LseKernel, PartialSum
 
 MIN_QUERY_BUCKET = 128
-# Chunks of fewer queries never use the planned kernel: at 4K a layer's causal attention is
-# ~0.2 ms on cuDNN and ~0.1 ms more on FlashAttention-2, against ~60 ms for one plan.
+# Chunks of fewer queries never use the planned kernel: a layer's causal attention over 4K tokens
+# is 0.14 TFLOP, well under a millisecond on either kernel, against ~60 ms for one plan; from 130K
+# on, FlashAttention-2 alone took 1.4-1.6x cuDNN's TTFT (session 5, docs/benchmarks.md).
 PLANNED_MIN_QUERIES = 4096
 
 PlanShape = tuple[int, int, bool]  # (padded queries, keys, causal)
