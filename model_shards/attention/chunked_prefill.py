@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from model_shards.parallel.lse_attention import LseKernel, PartialSum
 
 MIN_QUERY_BUCKET = 128
-# Chunks of fewer queries never use the planned kernel: a layer's causal attention over 4K tokens
-# is 0.14 TFLOP, well under a millisecond on either kernel, against ~60 ms for one plan; from 130K
-# on, FlashAttention-2 alone took 1.4-1.6x cuDNN's TTFT (session 5, docs/benchmarks.md).
-PLANNED_MIN_QUERIES = 4096
+# A prompt alone runs in chunks of the step budget (planned, with their prefix pieces: cuDNN) and
+# a last, shorter chunk. Short chunks stay on FlashAttention-2: on the H200 a 4000 / 8100-token
+# prompt took 0.011 / 0.021 s on it against 0.015 / 0.025 s on cuDNN's warm plans, while from 130K
+# on FlashAttention-2 alone took 1.4-1.6x cuDNN's TTFT (session 5, docs/benchmarks.md).
+PLANNED_MIN_QUERIES = 16384  # causal chunks below this run unplanned, unless they fill the step
+PLANNED_MIN_STEP = 4096  # step budgets below this plan nothing
 
 PlanShape = tuple[int, int, bool]  # (padded queries, keys, causal)
 
@@ -66,15 +68,16 @@ def prefix_pieces(prefix_len: int, quantum: int) -> list[tuple[int, int]]:
 
 def warm_shapes(step_tokens: int, max_model_len: int, quantum: int) -> list[PlanShape]:
     """The planned shapes that a prompt alone brings under a step budget of `step_tokens`: its
-    causal chunks of every bucket from PLANNED_MIN_QUERIES to the budget's (its last chunk may
-    be any length), and a full chunk's prefix pieces of quantum * 2^i keys below max_model_len."""
+    full chunks (the budget's bucket) with their prefix pieces of quantum * 2^i keys below
+    max_model_len, and causal chunks of the buckets from PLANNED_MIN_QUERIES up to the budget's."""
     top = bucket_tokens(step_tokens)
-    if top < PLANNED_MIN_QUERIES:
+    if top < PLANNED_MIN_STEP:
         return []
-    shapes, bucket = [], bucket_tokens(PLANNED_MIN_QUERIES)
-    while bucket <= top:
-        shapes.append((bucket, bucket, True))
+    causal, bucket = [], bucket_tokens(PLANNED_MIN_QUERIES)
+    while bucket < top:
+        causal.append(bucket)
         bucket = bucket_tokens(bucket + 1)
+    shapes = [(queries, queries, True) for queries in [*causal, top]]
     keys = quantum
     while keys < max_model_len:
         shapes.append((top, keys, False))

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from model_shards.attention.base import AttentionMetadata  # noqa: E402
-from model_shards.attention.chunked_prefill import (PLANNED_MIN_QUERIES, PrefillKernels,  # noqa: E402
-                                                    bucket_tokens, chunk_attention, prefix_pieces, warm_shapes)
+from model_shards.attention.chunked_prefill import (PLANNED_MIN_QUERIES, PLANNED_MIN_STEP,  # noqa: E402
+                                                    PrefillKernels, bucket_tokens, chunk_attention,
+                                                    prefix_pieces, warm_shapes)
 from model_shards.attention.cudnn_triton import CudnnTritonBackend, canonical_device  # noqa: E402
 from model_shards.attention.torch_sdpa import TorchSDPABackend  # noqa: E402
 from model_shards.parallel.lse_attention import reference_attention  # noqa: E402
@@ -146,12 +147,14 @@ def test_a_device_without_index_finds_the_kernels_of_its_tensors(monkeypatch):
 
 def test_warm_shapes_cover_every_chunk_of_a_lone_prompt_but_its_last():
     shapes = warm_shapes(16384, 1 << 20, 1024)
-    assert [shape for shape in shapes if shape[2]] == [(b, b, True) for b in (4096, 5120, 6144, 7168, 8192, 10240,
-                                                                              12288, 14336, 16384)]
+    assert [shape for shape in shapes if shape[2]] == [(16384, 16384, True)]
     assert [keys for _, keys, causal in shapes if not causal] == [1024 << i for i in range(10)]
     assert all(queries == 16384 for queries, _, causal in shapes if not causal)
-    assert warm_shapes(2048, 1 << 20, 1024) == []  # chunks below PLANNED_MIN_QUERIES never plan
-    assert warm_shapes(PLANNED_MIN_QUERIES, 4096, 1024)[0] == (4096, 4096, True)
+    assert warm_shapes(2048, 1 << 20, 1024) == []  # steps below PLANNED_MIN_STEP never plan
+    assert warm_shapes(PLANNED_MIN_STEP, 4096, 1024) == [(4096, 4096, True), (4096, 1024, False),
+                                                         (4096, 2048, False)]
+    big = [queries for queries, _, causal in warm_shapes(40000, 1 << 16, 1024) if causal]
+    assert big == [PLANNED_MIN_QUERIES, 20480, 24576, 28672, 32768, 40960]  # every bucket up to the step's
 
 
 @pytest.mark.parametrize("tokens", [40_000, 130_000, 1_000_000])
