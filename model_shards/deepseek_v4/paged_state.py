@@ -76,12 +76,14 @@ class PagedKV:
         state = slot if inside_block else new_state()
         state.num_tokens = start
         compressed_table, window_table = (self._table(t) for t in tables)
+        # the window block ending at `start` (host int: indexing by a device scalar would wait on the GPU)
+        previous = None if inside_block or start == 0 else tables[1][start // self.block_size - 1]
         for index, layer in enumerate(state.layers):
             self._load_window(index, layer.window, window_table, start)
             for name, compressor in (("", layer.compressor), ("index_", layer.indexer)):
                 if compressor is not None:
                     self._load_compressor(index, name, compressor, (compressed_table, window_table), start,
-                                          inside_block)
+                                          previous)
         return state
 
     def _table(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -96,7 +98,8 @@ class PagedKV:
         window.sink = WindowPages(view, rows, start)
 
     def _load_compressor(self, layer: int, prefix: str, compressor: CompressorState,
-                         tables: tuple[torch.Tensor, torch.Tensor], start: int, inside_block: bool) -> None:
+                         tables: tuple[torch.Tensor, torch.Tensor], start: int, previous: int | None) -> None:
+        """`previous`: the window block whose overlap halves a chunk at a block boundary resumes from."""
         compressed_table, window_table = tables
         per_block = self.block_size // compressor.rate
         entries = self.compressed.view(layer, "index_keys" if prefix else "entries")
@@ -104,9 +107,9 @@ class PagedKV:
         compressor.sink = None
         if (layer, prefix + "overlap_kv") in self.window.layout.fields:  # CSA: overlapping windows
             overlap = (self.window.view(layer, prefix + "overlap_kv"), self.window.view(layer, prefix + "overlap_gate"))
-            if not inside_block and start > 0:  # resume from the previous block's last window
-                previous = window_table[start // self.block_size - 1]
-                compressor.overlap_kv, compressor.overlap_gate = overlap[0][previous], overlap[1][previous]
+            if previous is not None:  # resume from the previous block's last window
+                # copies, (m, dim) each: the slot may outlive the block
+                compressor.overlap_kv, compressor.overlap_gate = overlap[0][previous].clone(), overlap[1][previous].clone()
             compressor.sink = OverlapPages(per_block, overlap, window_table)
 
     @staticmethod
