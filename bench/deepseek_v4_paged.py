@@ -15,7 +15,7 @@ prompt), one request at a time: `--chunk-tokens` per step, then `--decode-steps`
 chunks, synchronized before the clock stops, up to `--model-max-length`. Per chunk: device time
 (CUDA events) and host time (the chunk's call returning: its launch time on a GPU). At
 `--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
-the prompt's last chunk, on both paths. Writes $OUT/deepseek_v4_paged.json (else
+the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
 bench/results/) after every length, so a run cut short keeps what it measured.
 """
 
@@ -231,25 +231,35 @@ def warm_up(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, args: argpar
 
 
 def measure_length(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, args: argparse.Namespace,
-                   length: int, report: Report) -> dict:
-    device = torch.device(args.device)
-    profile_start = (length - 1) // args.chunk_tokens * args.chunk_tokens if length == args.profile_length else None
-    prompt = random_prompt(length)
-    row = {"length": length}
-    clock = ChunkClock(device, profile_start)
-    row["engine_paged"] = engine_timing(engine, prompt, args.decode_steps, clock)
-    if clock.sections is not None:
-        report.data["profile"]["engine_chunk"] = {"length": length, "chunk_start": profile_start,
-                                                  "sections_ms": clock.sections}
+                   length: int) -> dict:
+    device, prompt = torch.device(args.device), random_prompt(length)
+    row = {"length": length, "engine_paged": engine_timing(engine, prompt, args.decode_steps, ChunkClock(device))}
     if model is not None and length <= args.model_max_length:
-        clock = ChunkClock(device, profile_start)
-        row["model_unpaged"] = unpaged_timing(model, prompt, args, clock)
-        if clock.sections is not None:
-            report.data["profile"]["model_chunk"] = {"length": length, "chunk_start": profile_start,
-                                                     "sections_ms": clock.sections}
+        row["model_unpaged"] = unpaged_timing(model, prompt, args, ChunkClock(device))
         row["engine_over_model_prefill"] = row["engine_paged"]["prefill_s"] / row["model_unpaged"]["prefill_s"]
         torch.cuda.empty_cache() if device.type == "cuda" else None
     return row
+
+
+def profile_last_chunk(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, args: argparse.Namespace) -> dict:
+    """CUDA-event sections of the last chunk of a --profile-length prompt (not the timed one: the
+    events would slow it), through the engine and on the model alone."""
+    length, device = args.profile_length, torch.device(args.device)
+    chunk_start = (length - 1) // args.chunk_tokens * args.chunk_tokens
+    prompt = random_prompt(length + 1)  # another prompt: no prefix hit on the timed one
+    result = {"length": length + 1, "chunk_start": chunk_start}
+    clock = ChunkClock(device, chunk_start)
+    engine_timing(engine, prompt, 1, clock)
+    result["engine_sections_ms"] = clock.sections
+    if model is not None:
+        clock = ChunkClock(device, chunk_start)
+        unpaged_timing(model, prompt, argparse.Namespace(**{**vars(args), "decode_steps": 1}), clock)
+        result["model_sections_ms"] = clock.sections
+    return result
+
+
+def device_is_cuda(args: argparse.Namespace) -> bool:
+    return torch.device(args.device).type == "cuda"
 
 
 def main() -> None:
@@ -272,7 +282,10 @@ def main() -> None:
             if time.perf_counter() - started > args.time_budget_s:
                 report.add_row({"length": length, "skipped": f"time budget {args.time_budget_s} s spent"})
                 continue
-            report.add_row(measure_length(engine, model, args, length, report))
+            report.add_row(measure_length(engine, model, args, length))
+            if length == args.profile_length and device_is_cuda(args):
+                report.data["profile"] = profile_last_chunk(engine, model, args)
+                report.write()
     finally:
         engine.shutdown()
     print(json.dumps({"profile": report.data["profile"], "kv": report.data["kv"]}, indent=1))

@@ -14,16 +14,18 @@ from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attenti
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROWS_PER_BLOCK, DIM = 4, 16
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the kernel: compiled, or interpreted
+HALF = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16  # the interpreter has no bf16 dots
 
 
 def paged_copy(rows: torch.Tensor, num_blocks: int = 40, seed: int = 0) -> PagedEntries:
     """`rows` (E, DIM) written through a random block table into a pool of garbage-filled blocks,
     whose field sits between other bytes of each block (as a page field does)."""
     generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(num_blocks, ROWS_PER_BLOCK + 3, DIM + 5, generator=generator).to(rows.dtype)
+    pool = torch.randn(num_blocks, ROWS_PER_BLOCK + 3, DIM + 5, generator=generator).to(rows.device, rows.dtype)
     view = pool[:, 1:1 + ROWS_PER_BLOCK, 2:2 + DIM]  # (num_blocks, rows_per_block, DIM), strided
     blocks_needed = -(-rows.shape[0] // ROWS_PER_BLOCK) + 2  # room to append
-    table = torch.randperm(num_blocks, generator=generator)[:blocks_needed]
+    table = torch.randperm(num_blocks, generator=generator)[:blocks_needed].to(rows.device)
     return PagedEntries(view, BlockRows(table, ROWS_PER_BLOCK), 0).append(rows)
 
 
@@ -46,9 +48,9 @@ def test_paged_reads_gathers_and_appends_equal_the_contiguous_tensor():
 def test_score_kernel_through_a_block_table_equals_contiguous_keys(tokens, entries, first_position, ranked):
     """Keys scattered over blocks in random order, tiles of 16 entries crossing 4-row blocks."""
     generator = torch.Generator().manual_seed(tokens)
-    q = torch.randn(tokens, 4, DIM, generator=generator).half()
-    weights = torch.randn(tokens, 4, generator=generator) * 0.1
-    keys = torch.randn(entries, DIM, generator=generator).half()
+    q = torch.randn(tokens, 4, DIM, generator=generator).to(DEVICE, HALF)
+    weights = torch.randn(tokens, 4, generator=generator).to(DEVICE) * 0.1
+    keys = torch.randn(entries, DIM, generator=generator).to(DEVICE, HALF)
     tiles = dict(block_tokens=16, block_entries=16, ranked=ranked)
     contiguous = index_scores_triton(q, weights, keys, first_position, 4, **tiles)
     paged = index_scores_triton(q, weights, paged_copy(keys, seed=entries), first_position, 4, **tiles)
