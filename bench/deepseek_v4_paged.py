@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,6 +98,7 @@ class ChunkClock:
         self.device, self.profile_start = device, profile_start
         self.chunks: list[tuple[int, int, object, object, float]] = []  # start, tokens, events, host ms
         self.sections: dict[str, float] | None = None
+        self.sync_sites: list[str] = []
         self.original = DeepseekV4Runner._run_chunk
 
     def __enter__(self) -> ChunkClock:
@@ -111,8 +113,8 @@ class ChunkClock:
         DeepseekV4Runner._run_chunk = self.original
 
     def run(self, start: int, count: int, chunk):
-        profiling = self.device.type == "cuda" and start == self.profile_start
-        timer = SectionTimer(PAGED_SECTIONS).__enter__() if profiling else None
+        if self.device.type == "cuda" and start == self.profile_start:
+            return self._profiled(chunk)
         events = self._event(), self._event()
         self._record(events[0])
         host = time.perf_counter()
@@ -121,10 +123,23 @@ class ChunkClock:
         finally:
             host_ms = (time.perf_counter() - host) * 1e3
             self._record(events[1])
-            if timer is not None:
-                timer.__exit__()
-                self.sections = timer.exclusive_ms()
             self.chunks.append((start, count, *events, host_ms))
+
+    def _profiled(self, chunk):
+        """Sections by CUDA events, and every operation that makes the host wait for the GPU
+        (torch's sync debug mode: each one stalls the launch queue in the middle of a chunk)."""
+        with SectionTimer(PAGED_SECTIONS) as timer, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = chunk()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        self.sections = timer.exclusive_ms()
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        self.sections["host waits for the GPU (count)"] = len(syncs)
+        self.sync_sites = sorted(set(syncs))[:10]
+        return result
 
     def _event(self):
         return torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
@@ -250,11 +265,11 @@ def profile_last_chunk(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, a
     result = {"length": length + 1, "chunk_start": chunk_start}
     clock = ChunkClock(device, chunk_start)
     engine_timing(engine, prompt, 1, clock)
-    result["engine_sections_ms"] = clock.sections
+    result["engine_sections_ms"], result["engine_sync_sites"] = clock.sections, clock.sync_sites
     if model is not None:
         clock = ChunkClock(device, chunk_start)
         unpaged_timing(model, prompt, argparse.Namespace(**{**vars(args), "decode_steps": 1}), clock)
-        result["model_sections_ms"] = clock.sections
+        result["model_sections_ms"], result["model_sync_sites"] = clock.sections, clock.sync_sites
     return result
 
 
