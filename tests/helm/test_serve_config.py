@@ -30,7 +30,7 @@ def test_values_reach_the_config():
     values = {"model": {"name": "llama", "dtype": "bfloat16", "maxModelLen": 1048576},
               "parallel": {"tensorParallelSize": 4, "sequenceParallelSize": 2}, "workers": {"gpusPerPod": 8},
               "cache": {"blockSize": 128}, "scheduler": {"maxTokensPerStep": 8192},
-              "serve": {"numReplicas": 3, "requestTimeoutS": 7200}, "router": {"blockTokens": 512},
+              "serve": {"numReplicas": 3, "requestTimeoutS": 7200}, "router": {"blockTokens": 512, "longPromptTokens": 65536, "shortLanes": 2},
               "kvTiers": {"hostBytes": 17179869184, "restorePolicy": "always"},
               "extraConfig": {"serve": {"stall_timeout_s": 900}}}
     config = config_from_args(serve_config(render(values))["applications"][0]["args"])
@@ -39,6 +39,7 @@ def test_values_reach_the_config():
     assert (config.parallel.tensor_parallel_size, config.parallel.sequence_parallel_size) == (4, 2)
     assert (config.cache.block_size, config.scheduler.max_tokens_per_step) == (128, 8192)
     assert (config.serve.num_replicas, config.serve.request_timeout_s, config.serve.routing_block_tokens) == (3, 7200, 512)
+    assert (config.serve.routing_long_prompt_tokens, config.serve.routing_short_lanes) == (65536, 2)
     assert (config.kv_tiers.host_bytes, config.kv_tiers.restore_policy) == (17179869184, "always")
     assert config.serve.stall_timeout_s == 900  # extraConfig, merged over the rest
     assert config.kv_tiers.redis_urls == ("redis://demo-longctx-redis:6379/0",)

@@ -15,7 +15,7 @@ no GPU, and must still give every rank a GPU bundle.
 {{- $_ := set $parallel "span_nodes" true -}}
 {{- end -}}
 {{- $replicas := ternary $v.serve.autoscaling.minReplicas $v.serve.numReplicas $v.serve.autoscaling.enabled -}}
-{{- $serve := dict "model_name" $v.model.name "num_replicas" $replicas "ingress_replicas" $v.serve.ingressReplicas "ingress_num_cpus" $v.serve.ingressNumCpus "worker_num_cpus" $v.serve.workerNumCpus "max_queued_requests" $v.serve.maxQueuedRequests "max_queued_tokens" $v.serve.maxQueuedTokens "request_timeout_s" $v.serve.requestTimeoutS "max_request_body_bytes" $v.serve.maxRequestBodyBytes "drain_timeout_s" $v.serve.drainTimeoutS "routing_block_tokens" $v.router.blockTokens "routing_max_tracked_blocks" $v.router.maxTrackedBlocks "routing_stats_period_s" $v.router.statsPeriodS -}}
+{{- $serve := dict "model_name" $v.model.name "num_replicas" $replicas "ingress_replicas" $v.serve.ingressReplicas "ingress_num_cpus" $v.serve.ingressNumCpus "worker_num_cpus" $v.serve.workerNumCpus "max_queued_requests" $v.serve.maxQueuedRequests "max_queued_tokens" $v.serve.maxQueuedTokens "request_timeout_s" $v.serve.requestTimeoutS "max_request_body_bytes" $v.serve.maxRequestBodyBytes "drain_timeout_s" $v.serve.drainTimeoutS "routing_block_tokens" $v.router.blockTokens "routing_max_tracked_blocks" $v.router.maxTrackedBlocks "routing_stats_period_s" $v.router.statsPeriodS "routing_long_prompt_tokens" $v.router.longPromptTokens "routing_short_lanes" $v.router.shortLanes -}}
 {{- if $v.workers.acceleratorType -}}
 {{- $_ := set $serve "accelerator_type" $v.workers.acceleratorType -}}
 {{- end -}}
