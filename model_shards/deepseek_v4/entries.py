@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -117,4 +116,4 @@ class PagedEntries:
         return self.view, self.rows.table, self.rows.rows_per_block
 
 
-Entries = Union[ContiguousEntries, PagedEntries]
+Entries = ContiguousEntries | PagedEntries
