@@ -206,7 +206,8 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         step_output = self.executor.execute(step_input)
-        self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start)
+        self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start,
+                                   synced=bool(step_output.sampled))
         sampled = self.scheduler.update_from_output(step_input, step_output)
         self.prefill_progress.observe(self.scheduler.running)
         for request_id, chunk in step_output.prompt_logprobs.items():

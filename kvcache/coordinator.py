@@ -209,9 +209,11 @@ class KVCacheCoordinator:
         """This step's moves between tiers; None when nothing moves and nothing is in flight."""
         return self.tiers.take_ops(dropped_request_ids, idle)
 
-    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
-        """The workers ran the step: apply their transfer report, learn the prefill rate."""
-        self.tiers.on_step_done(step_input, report, seconds)
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float,
+                     synced: bool = True) -> None:
+        """The workers ran the step: apply their transfer report, learn the prefill rate. `synced`:
+        the step waited for the device (it sampled a token)."""
+        self.tiers.on_step_done(step_input, report, seconds, synced)
 
     @property
     def has_queued_transfers(self) -> bool:

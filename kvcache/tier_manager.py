@@ -51,7 +51,7 @@ from kvcache.tier_observer import TierObserver
 from kvcache.tiers.cost_model import Decision, PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
 from kvcache.tiers.prefetch import RedisPrefetcher
-from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport, OpsBuilder
+from protocol.kv_transfer_ops import DEVICE_TO_HOST, HOST_TO_DEVICE, KVTransferOps, KVTransferReport, OpsBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -312,19 +312,28 @@ class TierManager:
         Redis in the background and the step's report says whether it answers."""
         return self.redis_enabled and self.clock() >= self._next_health_report
 
-    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float) -> None:
-        """The worker ran the step: apply its report, measure the prefill rate, release pins."""
-        blocking_s = 0.0
+    def on_step_done(self, step_input: StepLike, report: KVTransferReport | None, seconds: float,
+                     synced: bool = True) -> None:
+        """The worker ran the step: apply its report, measure the prefill rate, release pins.
+        `synced`: the step waited for the device (it sampled; see `observe_prefill`)."""
+        loads_s = saved_bytes = 0.0
         if report is not None:
             self._absorb(report)
-            blocking_s = report.blocking_seconds
+            # A restore's loads are the host estimate's, not the prefill's. Saves stay in: those
+            # of write-through are what recomputing costs in serving, and a save waits for the
+            # chunk before it (session 5's H200: without them, 0.28 s estimated for a 64K
+            # recompute that took 0.36 s).
+            loads_s = sum(sample.seconds for sample in report.transfers if sample.path == HOST_TO_DEVICE)
+            saved_bytes = sum(sample.nbytes for sample in report.transfers if sample.path == DEVICE_TO_HOST)
         if self._step_pins:
             self.host.unpin(self._step_pins)
             self._step_pins = []
         spans = step_input.scheduled_spans()
         if self.host is not None and self._measures_prefill(spans):
-            self.cost.observe_prefill(spans, seconds - blocking_s)
+            self.cost.observe_prefill(spans, seconds - loads_s, synced, saved_bytes)
             self.metrics.record_estimates(self.cost)
+        else:
+            self.cost.discard_unsynced_prefill()
 
     def _measures_prefill(self, spans: list[tuple[int, int]]) -> bool:
         """A step of prefill chunks, at least a block of them: decodes read their whole KV for

@@ -4,9 +4,14 @@ Three estimates, each a `LinearEstimate` (kvcache/tiers/linear_estimate.py): cal
 by a short probe on the actual device and Redis (engine/calibration.py), then corrected by every
 measurement while serving, so that an estimate off by 2x is right after one measurement.
 
-  prefill      one engine step: (1, weight FLOPs, attention FLOPs, chunks with context) ->
-               seconds. Every step that computed a prefill chunk is a measurement (minus the
-               transfers it waited for).
+  prefill      one engine step: (1, weight FLOPs, attention FLOPs, chunks with context, bytes
+               saved to host) -> seconds. Every step that computed a prefill chunk is a
+               measurement (minus a restore's loads), with the steps before it that sampled
+               nothing (they return before their kernels ran). With write-through, each chunk's
+               blocks are saved at the start of the next step, which waits for the chunk: a
+               recompute pays the saves of all its chunks but the last, a restore's resume
+               step none (session 5's H200: without them a 64K recompute was priced 0.28 s, 0.36 s
+               measured).
   host load    host -> device copy of a step's loads: (1, bytes) -> seconds.
   redis fetch  a whole prefetch as the driver sees it, probe out to the last block in host
                memory: (1, bytes) -> seconds. Its fixed part holds the round trips and the engine
@@ -78,6 +83,7 @@ _INITIAL_STEP_S = 2e-3
 _INITIAL_LOAD_S = 1e-4
 _INITIAL_FETCH_S = 2e-3
 _INITIAL_CONTEXT_S = 1e-4  # extra for a chunk with context: gathers and merges
+_STEP, _WEIGHTS, _ATTENTION, _CONTEXT, _SAVED = range(5)  # the prefill estimate's amounts
 # A fetch beside a head against alone when not configured: unused, no split is planned then.
 _UNKNOWN_SLOWDOWN = 1.5
 
@@ -152,6 +158,14 @@ class PrefillFlops:
             weights, attention, with_context = weights + w, attention + a, with_context + (start > 0)
         return weights, attention, with_context
 
+    def of_steps(self, steps: Iterable[Iterable[tuple[int, int]]]) -> tuple[float, float, float, int]:
+        """(steps, weight FLOPs, attention FLOPs, chunks with context) of several steps: the
+        prefill estimate's amounts, which add up over steps."""
+        totals = [0.0, 0.0, 0.0, 0]
+        for spans in steps:
+            totals = [total + amount for total, amount in zip(totals, (1.0, *self.of_step(spans)))]
+        return tuple(totals)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -175,22 +189,45 @@ class RestoreCostModel:
         self.flops = flops or PrefillFlops.tokens_only()
         alpha = settings.ema_alpha
         seconds_per_flop = 1.0 / (settings.initial_prefill_tokens_per_s * self.flops.per_token)
-        self.prefill = LinearEstimate((_INITIAL_STEP_S, seconds_per_flop, seconds_per_flop, _INITIAL_CONTEXT_S),
-                                      alpha)
+        seconds_per_saved_byte = 1.0 / settings.initial_host_bandwidth_bytes_per_s
+        self.prefill = LinearEstimate((_INITIAL_STEP_S, seconds_per_flop, seconds_per_flop, _INITIAL_CONTEXT_S,
+                                       seconds_per_saved_byte), alpha)
+        # Each computed chunk is saved to host in the next step (write-through to Redis).
+        self.saves_chunks = settings.redis_write_through and bool(settings.redis_urls)
         self.host_load = LinearEstimate((_INITIAL_LOAD_S, 1.0 / settings.initial_host_bandwidth_bytes_per_s), alpha)
         self.redis_fetch = LinearEstimate((_INITIAL_FETCH_S, 1.0 / settings.initial_redis_bandwidth_bytes_per_s),
                                           alpha)
         slowdown = settings.initial_split_fetch_slowdown
         self.overlap = LinearEstimate((slowdown or _UNKNOWN_SLOWDOWN,), alpha)  # beside a head / alone
         self.overlap_configured = slowdown is not None
+        # Steps that sampled nothing, whose GPU work is still queued when they return: their
+        # amounts and seconds, added to the next step that waits for the device (it samples).
+        self._unsynced: tuple[tuple[float, ...], float] | None = None
         # What each path measured (metrics only: the estimates above decide).
         self.bandwidth = {path: Ema(0.0, alpha) for path in (DEVICE_TO_HOST, HOST_TO_DEVICE, HOST_TO_REDIS,
                                                              REDIS_TO_HOST)}
 
     # --- measurements ----------------------------------------------------------------------------
-    def observe_prefill(self, spans: Iterable[tuple[int, int]], seconds: float) -> None:
-        """One step's chunks, (first position, tokens) each, and the seconds it computed them."""
-        self.prefill.observe((1.0, *self.flops.of_step(spans)), seconds)
+    def observe_prefill(self, spans: Iterable[tuple[int, int]], seconds: float, synced: bool = True,
+                        saved_bytes: float = 0.0) -> None:
+        """One step's chunks, (first position, tokens) each, and the seconds it took. `synced`: the
+        step waited for the device (it sampled a token). One that did not returns once its kernels
+        are queued (on the H200 an 8K chunk in 4.8 ms of 20), and the next synced step waits for
+        them too (the last chunk of a 24K probe took 108 ms): the steps up to a synced one are one
+        measurement, their amounts and seconds added. `saved_bytes`: device -> host copies the
+        step made first (write-through saves, spills)."""
+        amounts = (1.0, *self.flops.of_step(spans), saved_bytes)
+        if self._unsynced is not None:
+            earlier, earlier_s = self._unsynced
+            amounts, seconds = tuple(a + b for a, b in zip(earlier, amounts)), earlier_s + seconds
+        self._unsynced = None if synced else (amounts, seconds)
+        if synced:
+            self.prefill.observe(amounts, seconds)
+
+    def discard_unsynced_prefill(self) -> None:
+        """A step that measured no prefill ran: unsynced steps before it cannot be told apart
+        from it (their device work finished during it)."""
+        self._unsynced = None
 
     def observe_transfer(self, path: str, nbytes: int, seconds: float) -> None:
         """One batch the worker timed; host -> device batches correct the load estimate."""
@@ -208,19 +245,24 @@ class RestoreCostModel:
         else:
             self.redis_fetch.observe((1.0, num_blocks * self.block_nbytes), seconds)
 
-    def calibrate(self, steps: Sequence[tuple[Sequence[tuple[int, int]], float]],
+    def calibrate(self, prefills: Sequence[tuple[Sequence[Sequence[tuple[int, int]]], float]],
                   loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]],
-                  round_trip_s: float = 0.0) -> None:
-        """The start-up probe's measurements become the priors: prefill steps (spans, seconds),
-        host -> device loads and Redis fetches (bytes, seconds, timed on the worker). Each
-        estimate is fitted to its own, and the fit becomes its prior: the first real measurement
-        still corrects it. `round_trip_s`: a probe sent in one engine step and answered in a
-        later one, as the driver sees it; a prefetch makes two (the probe, then the fetch),
-        which the worker's timings do not hold (on the H200 they put a prefetch's fixed cost at
-        2.5 ms, serving measured 18 ms)."""
-        self.prefill.calibrate([((1.0, *self.flops.of_step(spans)), seconds) for spans, seconds in steps])
+                  round_trips_s: float = 0.0, saves_chunks: bool = False) -> None:
+        """The start-up probe's measurements become the priors: prefills (the spans of each of
+        its steps, seconds up to the device's last result), host -> device loads and Redis fetches
+        (bytes, seconds, timed on the worker). Each estimate is fitted to its own, and the fit
+        becomes its prior: the first real measurement still corrects it. `round_trips_s`: a
+        prefetch of nothing as the driver sees it (a probe, then a fetch, each sent in one
+        engine step and answered in a later one), which the worker's timings do not hold (on
+        the H200 they put a prefetch's fixed cost at 2.5 ms, serving measured 18 ms).
+        `saves_chunks`: each prefill step after the first saved the chunk before it to host."""
+        samples = []
+        for steps, seconds in prefills:
+            saved_tokens = sum(count for spans in steps[:-1] for _, count in spans) if saves_chunks else 0
+            samples.append(((*self.flops.of_steps(steps), self._saved_bytes(saved_tokens)), seconds))
+        self.prefill.calibrate(samples)
         self.host_load.calibrate([((1.0, nbytes), seconds) for nbytes, seconds in loads])
-        self.redis_fetch.calibrate([((1.0, nbytes), seconds + 2 * round_trip_s) for nbytes, seconds in fetches])
+        self.redis_fetch.calibrate([((1.0, nbytes), seconds + round_trips_s) for nbytes, seconds in fetches])
 
     # --- estimates -------------------------------------------------------------------------------
     def prefill_seconds(self, start: int, end: int) -> float:
@@ -229,12 +271,18 @@ class RestoreCostModel:
             return 0.0
         num_steps = -(-(end - start) // self.chunk_tokens)
         with_context = num_steps - (start == 0)
-        return self.prefill.predict((num_steps, *self.flops.amounts(start, end), with_context))
+        saved_tokens = (num_steps - 1) * self.chunk_tokens if self.saves_chunks else 0  # all chunks but the last
+        return self.prefill.predict((num_steps, *self.flops.amounts(start, end), with_context,
+                                     self._saved_bytes(saved_tokens)))
+
+    def _saved_bytes(self, tokens: int) -> float:
+        return float(tokens // self.block_size * self.block_nbytes)
 
     def resume_seconds(self) -> float:
-        """The fixed cost of the step a restored request computes its remaining tokens in."""
-        step_s, _, _, context_s = self.prefill.coefficients
-        return step_s + context_s
+        """The fixed cost of the step a restored request computes its remaining tokens in (it
+        saves nothing first: its blocks came from host)."""
+        coefficients = self.prefill.coefficients
+        return coefficients[_STEP] + coefficients[_CONTEXT]
 
     def recompute_seconds(self, first_block: int, num_blocks: int) -> float:
         start = first_block * self.block_size
@@ -323,13 +371,14 @@ class RestoreCostModel:
 
     def describe(self) -> str:
         """The estimates in words, for the log."""
-        step_s, per_weight_flop, per_attention_flop, context_s = self.prefill.coefficients
+        step_s, per_weight_flop, per_attention_flop, context_s, per_saved_byte = self.prefill.coefficients
         fetch_s, per_fetch_byte = self.redis_fetch.coefficients
         load_s, per_load_byte = self.host_load.coefficients
         threshold = self.restore_threshold_tokens()
         overlap = f"x{self.overlap.coefficients[0]:.3g}" if self.overlap_known() else "no split (unknown slowdown)"
         return (f"prefill {step_s * 1e3:.3g} ms a step (+{context_s * 1e3:.3g} ms with context) + weights at "
-                f"{1 / per_weight_flop:.3g} FLOP/s + attention at {1 / per_attention_flop:.3g} FLOP/s; Redis prefetch "
+                f"{1 / per_weight_flop:.3g} FLOP/s + attention at {1 / per_attention_flop:.3g} FLOP/s + saves at "
+                f"{1e-9 / per_saved_byte:.3g} GB/s; Redis prefetch "
                 f"{fetch_s * 1e3:.3g} ms + {1e-9 / per_fetch_byte:.3g} GB/s, {overlap} beside a head; "
                 f"host load {load_s * 1e3:.3g} ms + {1e-9 / per_load_byte:.3g} GB/s; "
                 f"a Redis restore wins from {threshold or 'no'} tokens")

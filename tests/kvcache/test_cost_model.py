@@ -7,7 +7,7 @@ every decision can be checked against the truth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +42,12 @@ class Machine:
     overlap: float = 1.0  # a fetch beside a head computed meanwhile takes this many times longer
     load_s: float = 0.0002
     host_bytes_per_s: float = 50e9
+    # A step that samples nothing returns once its kernels are queued, after this (None: every step
+    # waits for the device); the next step that samples waits for the rest.
+    launch_s: float | None = None
+    # Write-through: each chunk's blocks are saved to host at the start of the next step, at this
+    # rate (None: no saves).
+    save_bytes_per_s: float | None = None
 
     def step(self, start: int, count: int) -> float:
         weights, attention = self.flops.amounts(start, start + count)
@@ -49,7 +55,26 @@ class Machine:
         return self.step_s + extra + weights / self.weight_flops_per_s + attention / self.attention_flops_per_s
 
     def prefill(self, start: int, end: int) -> float:
-        return sum(self.step(s, min(CHUNK, end - s)) for s in range(start, end, CHUNK))
+        return sum(seconds for _, seconds, _, _ in self.observed_steps(start, end))
+
+    def saved_bytes(self, tokens: int) -> int:
+        """Saved before the next step: a chunk's blocks."""
+        return tokens // BLOCK * self.block_nbytes if self.save_bytes_per_s else 0
+
+    def observed_steps(self, start: int, end: int, samples: bool = True) -> list[tuple[list, float, bool, int]]:
+        """Computing [start, end) in chunks as the engine times it: (spans, seconds, synced, bytes
+        saved first) per step. `samples`: the last step samples a token (a head that pauses
+        does not)."""
+        observed, queued, saved = [], 0.0, 0  # device seconds not yet waited for; the chunk before
+        for step_start in range(start, end, CHUNK):
+            count = min(CHUNK, end - step_start)
+            synced = self.launch_s is None or (samples and step_start + count == end)
+            device_s = self.step(step_start, count) + queued + (saved / self.save_bytes_per_s if saved else 0.0)
+            seconds = device_s if synced else min(self.launch_s, device_s)
+            queued = device_s - seconds
+            observed.append(([(step_start, count)], seconds, synced, saved))
+            saved = self.saved_bytes(count)
+        return observed
 
     def fetch(self, num_blocks: int) -> float:
         return self.fetch_s + num_blocks * self.block_nbytes / self.redis_bytes_per_s
@@ -76,18 +101,26 @@ class Machine:
                 + self.step(blocks * BLOCK, tokens - blocks * BLOCK))
 
     def calibration(self, probe: str = "now") -> dict:
-        """What the start-up probe measures (engine/calibration.py): a block, half a chunk and
-        three chunks ("session 3": a block and two chunks); one block and 256 MiB each way timed
-        on the worker, and a probe's round trip through engine steps."""
-        steps = [((0, BLOCK),), ((0, CHUNK // 2),), *(((i * CHUNK, CHUNK),) for i in range(3))]
+        """What the start-up probe measures (engine/calibration.py): requests of a block, a
+        quarter, half and a whole chunk, two and three chunks, each timed as a whole ("session
+        3": a block and two chunks, each step alone); one block and 256 MiB each way timed on
+        the worker, and a probe's round trip through engine steps."""
+        runs = [[BLOCK], [CHUNK // 4], [CHUNK // 2], [CHUNK], [CHUNK] * 2, [CHUNK] * 3]
         if probe == "session 3":
-            steps = [((0, BLOCK),), ((0, CHUNK),), ((CHUNK, CHUNK),)]
+            runs = [[BLOCK], [CHUNK], [CHUNK]]  # (its second request is the second chunk alone)
+        prefills = []
+        for index, chunks in enumerate(runs):
+            first = CHUNK if probe == "session 3" and index == 2 else 0
+            steps = tuple(((first + sum(chunks[:i]), count),) for i, count in enumerate(chunks))
+            saves_s = sum(self.saved_bytes(count) for count in chunks[:-1]) / (self.save_bytes_per_s or 1.0)
+            prefills.append((steps, sum(self.step(*spans[0]) for spans in steps) + saves_s))
         blocks = (1, (256 * MiB) // self.block_nbytes)
         worker_fetch_s = [self.fetch(n) - 2 * self.round_trip_s for n in blocks]
-        return {"steps": [(spans, sum(self.step(*span) for span in spans)) for spans in steps],
+        return {"prefills": prefills,
                 "loads": [(n * self.block_nbytes, self.load(n)) for n in blocks],
                 "fetches": [(n * self.block_nbytes, s) for n, s in zip(blocks, worker_fetch_s)],
-                "round_trip_s": self.round_trip_s if probe == "now" else 0.0}
+                "round_trips_s": 2 * self.round_trip_s if probe == "now" else 0.0,
+                "saves_chunks": self.save_bytes_per_s is not None}
 
 
 def block_nbytes(arch) -> int:
@@ -95,6 +128,8 @@ def block_nbytes(arch) -> int:
 
 
 def calibrated(machine: Machine, **settings) -> RestoreCostModel:
+    if machine.save_bytes_per_s:  # write-through to a Redis
+        settings.setdefault("redis_urls", ("redis://unused",))
     model = RestoreCostModel(KVTierSettings(**settings), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
     model.calibrate(**machine.calibration())
     return model
@@ -330,3 +365,31 @@ def test_prefill_flops_of_deepseek_v4_grow_only_with_hca_entries():
     assert flops.per_key == pytest.approx(4.0 * 64 * 512 * hca_layers / 128)
     # V4-Flash activates ~13B parameters a token; projections and the 6 + 1 experts are ~10B of them
     assert 2 * 9e9 < flops.per_token < 2 * 16e9
+
+
+# --- steps that sample nothing ------------------------------------------------------------------
+def test_steps_that_sample_nothing_are_measured_with_the_step_that_waits_for_them():
+    """Session 5's H200: the first chunks of a long prompt return once their kernels are queued and
+    the last one waits for all of them. Measured together they give the truth; alone, the early
+    chunks look free and the last one expensive."""
+    machine = replace(bench_machine(), launch_s=0.002)
+    model = calibrated(machine)
+    before = model.prefill.num_observations
+    observed = machine.observed_steps(0, 3 * CHUNK)
+    assert [synced for _, _, synced, _ in observed] == [False, False, True]
+    assert observed[0][1] == 0.002 and sum(s for _, s, _, _ in observed) == pytest.approx(machine.prefill(0, 3 * CHUNK))
+    for spans, seconds, synced, _ in observed:
+        model.observe_prefill(spans, seconds, synced)
+    assert model.prefill.num_observations == before + 1  # one measurement: the three steps
+    assert model.prefill_seconds(0, 3 * CHUNK) == pytest.approx(machine.prefill(0, 3 * CHUNK), rel=0.01)
+
+
+def test_unsynced_steps_followed_by_a_step_without_prefill_are_dropped():
+    model = calibrated(bench_machine())
+    coefficients = list(model.prefill.coefficients)
+    model.observe_prefill([(0, CHUNK)], 0.001, synced=False)
+    model.discard_unsynced_prefill()  # an idle step: the queued chunk finished meanwhile, unmeasured
+    model.observe_prefill([(0, BLOCK)], bench_machine().step(0, BLOCK))
+    assert model.prefill.num_observations == 1
+    assert model.prefill_seconds(0, CHUNK) == pytest.approx(bench_machine().step(0, CHUNK), rel=0.01)
+    assert model.prefill.coefficients[1:3] == pytest.approx(coefficients[1:3], rel=0.01)

@@ -25,16 +25,18 @@ def h200() -> Machine:
                    round_trip_s=0.007, redis_bytes_per_s=1.9e9, overlap=1.65, load_s=0.0004, host_bytes_per_s=45e9)
 
 
-def serve(model: RestoreCostModel, machine: Machine, tokens: int) -> tuple[Decision, float]:
+def serve(model: RestoreCostModel, machine: Machine, tokens: int, sync_aware: bool = True) -> tuple[Decision, float]:
     """One request whose full blocks Redis holds, as the engine runs it: the decision, the
-    measurements it feeds back (each prefill step, the prefetch), and its true TTFT."""
+    measurements it feeds back (each prefill step, the prefetch), and its true TTFT.
+    `sync_aware` False: each step measured alone, as if it had waited for the device (session 5)."""
     blocks = (tokens - 1) // BLOCK
     decision = model.decide(REDIS, 0, blocks)
-    computed = [(0, tokens)] if not decision.restore else [(0, decision.head_blocks * BLOCK), (blocks * BLOCK, tokens)]
-    for start, end in computed:
-        for step_start in range(start, end, CHUNK):
-            count = min(CHUNK, end - step_start)
-            model.observe_prefill([(step_start, count)], machine.step(step_start, count))
+    if decision.restore and decision.head_blocks:  # computed, then paused: no token sampled
+        for spans, seconds, synced, saved in machine.observed_steps(0, decision.head_blocks * BLOCK, samples=False):
+            model.observe_prefill(spans, seconds, synced or not sync_aware, saved)
+        model.discard_unsynced_prefill()  # the engine's steps while the rest is fetched
+    for spans, seconds, synced, saved in machine.observed_steps(blocks * BLOCK if decision.restore else 0, tokens):
+        model.observe_prefill(spans, seconds, synced or not sync_aware, saved)
     if not decision.restore:
         return decision, machine.ttft(tokens, None)
     rest = blocks - decision.head_blocks
@@ -155,7 +157,7 @@ def logged_16k_estimates(**settings) -> RestoreCostModel:
     """The cost engine as it decided the first 16K document: 'estimates after 4096 tokens' in the log."""
     model = RestoreCostModel(KVTierSettings(**settings), BLOCK, block_nbytes(LLAMA_8B_2_LAYERS),
                              PrefillFlops.of(LLAMA_8B_2_LAYERS), CHUNK)
-    model.prefill.reset((5.37e-3, 1 / 4.03e15, 1 / 4.73e13, 1e-10))
+    model.prefill.reset((5.37e-3, 1 / 4.03e15, 1 / 4.73e13, 1e-10, 1e-30))  # (no saves: no write-through here)
     model.redis_fetch.reset((6.23e-3, 1 / 1.85e9))
     model.host_load.reset((0.112e-3, 1 / 48.7e9))
     return model
@@ -197,3 +199,90 @@ def test_session_4_h200_every_bench_document_within_5_percent_only_without_a_gue
         assert max(ratios) <= 1.05 and model.overlap.num_observations == 0
     else:
         assert min(ratios[4:6]) > 2.5 and model.overlap.coefficients[0] == pytest.approx(7.08, rel=0.01)
+
+
+# --- session 5 (docs/measurements/session5-H200-restore_policy*): steps that sample nothing --------
+def h200_session_5() -> Machine:
+    """Session 5's H200, fitted to the recompute TTFTs of both its runs (0.0119-0.0125 / 0.058-0.059 /
+    0.338-0.364 / 2.83-3.04 / 34.5-34.6 s at 4K / 16K / 64K / 256K / 1M; fitted 0.0106 / 0.0555 /
+    0.354 / 2.86 / 33.8) and its calibration's one-step requests (3.9 ms a block, 9.65 ms half a
+    chunk): 3.8 ms a step, 15 ms more for a chunk with context (10 of them the write-through save of
+    the chunk before, 64 MiB; a guess of the split), weights at 5.6e14 and attention at 6.0e14
+    FLOP/s; a whole restore 14 ms + 2.1 GB/s as the driver sees it, plus a resume step of 8.8 ms
+    (0.039 / 0.090 / 0.289 / 1.09 / 4.29 s; measured 0.038 / 0.089-0.092 / 0.259-0.296 /
+    1.17-1.22 / 4.36-4.78). A step that samples nothing returns after 4.8 ms, its kernels queued
+    (the probe's first 8K chunk)."""
+    return Machine(PrefillFlops.of(LLAMA_8B_2_LAYERS), block_nbytes(LLAMA_8B_2_LAYERS), step_s=0.0038,
+                   context_s=0.005, weight_flops_per_s=5.6e14, attention_flops_per_s=6.0e14, fetch_s=0.014,
+                   round_trip_s=0.00045, redis_bytes_per_s=2.1e9, load_s=0.000086, host_bytes_per_s=49.9e9,
+                   launch_s=0.0048, save_bytes_per_s=6.7e9)
+
+
+# Session 5's start-up probe as logged ("calibration prefill steps"): each step timed alone. The
+# first two chunks of the 24K request sampled nothing and returned with their kernels queued; the
+# third waited for them and for a kernel plan of its new shape (only two chunks were warmed up).
+SESSION_5_PROBE_STEPS = [((0, 64), 0.003944), ((0, 4096), 0.009652), ((0, 8192), 0.004809),
+                         ((8192, 8192), 0.019215), ((16384, 8192), 0.107967)]
+
+
+SESSION_5_BENCH = ((4096, 3), (16384, 3), (65536, 3), (262144, 1), (1 << 20, 1))
+
+
+def test_session_5_replayed_steps_timed_alone_restore_16k_at_1_5x():
+    """The probe's steps timed alone put the weights at no cost (8.72e18 FLOP/s logged), and the 4K
+    documents then put all their cost on attention (4.81e13 FLOP/s, a tenth of its rate): 16K was
+    priced 0.109 s to recompute (0.059 s measured) against 0.081 s to restore, and restored
+    (0.087-0.092 s measured, 1.47x the faster). Timed as whole requests the probe gets it right."""
+    machine = h200_session_5()
+    logged = RestoreCostModel(KVTierSettings(), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
+    logged.calibrate(**{**machine.calibration(), "prefills": [(((span,),), s) for span, s in SESSION_5_PROBE_STEPS]})
+    assert 1 / logged.prefill.coefficients[1] > 1e17  # the weights at no cost, as logged
+    # 'estimates after 4096 tokens' in the log, and its first 16K decision
+    logged.prefill.reset((4.66e-3, 1 / 8.72e18, 1 / 4.81e13, 8.55e-3, 1e-30))
+    logged.redis_fetch.reset((2.56e-3, 1 / 2.15e9))
+    logged.host_load.reset((0.0859e-3, 1 / 49.9e9))
+    decision = logged.decide(REDIS, 0, 255)
+    # the log: 'restore 255 blocks (redis: 80.62 ms to restore, 108.62 ms to recompute)'
+    assert decision.restore and decision.restore_s == pytest.approx(0.0806, rel=0.01)
+    assert decision.recompute_s == pytest.approx(0.1086, rel=0.01)
+    assert machine.ttft(16384, 0) > 1.5 * faster_of_the_two(machine, 16384)
+    now = calibrated(machine)
+    assert now.prefill_seconds(0, 16384) == pytest.approx(machine.prefill(0, 16384), rel=0.05)
+    assert not now.decide(REDIS, 0, 255).restore
+
+
+def test_session_5_h200_every_bench_document_within_5_percent_with_requests_timed_whole():
+    machine = h200_session_5()
+    model = calibrated(machine)
+    for tokens in (4096, 16384, 65536, 262144, 1 << 20):  # the probe alone: within 10% at every size
+        assert model.prefill_seconds(0, tokens) == pytest.approx(machine.prefill(0, tokens), rel=0.1)
+    decisions, ratios = [], []
+    for tokens, repeats in SESSION_5_BENCH:
+        for _ in range(repeats):
+            decision, ttft_s = serve(model, machine, tokens)
+            decisions.append("recompute" if not decision.restore else "split" if decision.head_blocks else "whole")
+            ratios.append(ttft_s / faster_of_the_two(machine, tokens))
+    assert decisions == ["recompute"] * 6 + ["whole"] * 5
+    assert max(ratios) <= 1.05
+    for tokens in (16384, 1 << 20):  # and after serving, still
+        assert model.prefill_seconds(0, tokens) == pytest.approx(machine.prefill(0, tokens), rel=0.05)
+    # a restore's resume step saves nothing first: its fixed cost is not a recomputed chunk's
+    assert model.resume_seconds() == pytest.approx(machine.step_s + machine.context_s, rel=0.1)
+
+
+def test_session_5_after_the_first_fix_replayed_64k_recompute_priced_without_its_saves():
+    """The second run (docs/measurements/session5-H200-restore_policy-after*): steps measured whole,
+    but each minus the copies it waited for, and a write-through save waits for the chunk before
+    it. 'estimates after 16384 tokens' priced 64K at 0.343 s to recompute (0.364-0.427 s measured)
+    against 0.323 s to restore (0.296 s): recomputed, 1.30x the faster. With the saves measured
+    (the machine's context cost holds them), the same sequence restores 64K."""
+    machine = h200_session_5()
+    logged = RestoreCostModel(KVTierSettings(), BLOCK, machine.block_nbytes, machine.flops, CHUNK)
+    logged.prefill.reset((4.97e-3, 1 / 4.69e14, 1 / 3.87e14, 1e-10, 1e-30))
+    logged.redis_fetch.reset((3.24e-3, 1 / 1.77e9))
+    logged.host_load.reset((0.118e-3, 1 / 48.2e9))
+    decision = logged.decide(REDIS, 0, 1023)  # the log: 323.25 ms to restore, 342.87 ms to recompute
+    assert not decision.restore
+    assert (decision.restore_s, decision.recompute_s) == (pytest.approx(0.3233, rel=0.01),
+                                                          pytest.approx(0.3429, rel=0.01))
+    assert machine.ttft(65536, None) > 1.2 * faster_of_the_two(machine, 65536)

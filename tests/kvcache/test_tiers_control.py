@@ -20,9 +20,17 @@ from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.kv_cache_manager import KVCacheManager
 from kvcache.tier_manager import TierManager
-from protocol.kv_transfer_ops import CHECKSUM, HIT, MISSING, KVTransferReport
+from protocol.kv_transfer_ops import (
+    CHECKSUM,
+    DEVICE_TO_HOST,
+    HIT,
+    HOST_TO_DEVICE,
+    MISSING,
+    KVTransferReport,
+    TransferSample,
+)
 from protocol.sampling_params import SamplingParams
-from protocol.step import SampledToken, StepInput, StepOutput
+from protocol.step import CachedRequestData, SampledToken, StepInput, StepOutput
 
 BLOCK_SIZE = 4
 BLOCK_NBYTES = 1000
@@ -490,3 +498,20 @@ def _drain(scheduler, tiers, worker, max_tokens) -> None:
     worker.in_flight = [(0, h, s) for _, h, s in worker.in_flight]
     run_step(scheduler, tiers, worker, max_tokens)
     run_until_done(scheduler, tiers, worker, max_tokens)
+
+
+def test_a_prefill_step_is_measured_without_its_loads_but_with_its_saves_and_unsynced_steps_before_it():
+    """Loads belong to a restore (the host estimate); saves are write-through, part of recomputing,
+    and a save waits for the chunk before it; a step that sampled nothing returned before its
+    kernels ran and is measured with the step that waits for it."""
+    _, tiers = make_system(redis=False)
+    chunk = lambda start: StepInput(0, num_scheduled_tokens={"r": 8}, cached_requests=(  # noqa: E731
+        CachedRequestData("r", ((),), start),))
+    report = KVTransferReport(transfers=(TransferSample(HOST_TO_DEVICE, 1 << 20, 0.005),
+                                         TransferSample(DEVICE_TO_HOST, 1 << 20, 0.004)), blocking_seconds=0.009)
+    tiers.on_step_done(chunk(8), None, seconds=0.002, synced=False)
+    assert tiers.cost.prefill.num_observations == 0
+    tiers.on_step_done(chunk(16), report, seconds=0.015)
+    assert tiers.cost.prefill.num_observations == 1
+    both = (*tiers.cost.flops.of_steps([[(8, 8)], [(16, 8)]]), 1 << 20)  # the save: 1 MiB
+    assert tiers.cost.prefill.predict(both) == pytest.approx(0.002 + 0.015 - 0.005, rel=0.01)
