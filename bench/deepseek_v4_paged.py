@@ -1,16 +1,22 @@
-"""DeepSeek-V4 through the engine on its paged hybrid KV cache: prefill and decode time against the
-unpaged model (one in-memory SequenceState, what the runner did before the pages), and KV bytes
-per token on the pages against the config's formula. One command, a table, and JSON.
+"""DeepSeek-V4 through the engine on its paged hybrid KV cache against the model alone (one in-memory
+SequenceState, the same chunks): prefill and decode time, per-chunk device time, a section profile
+of one chunk, and KV bytes per token on the pages against the config's formula. One command,
+JSON rows as it goes.
 
 CPU, the tiny preset (the issue's CPU figure: a 32K-token prefill):
     python3 bench/deepseek_v4_paged.py
-GPU (one H200), the flash shape's first 4 layers with 16 experts, bf16:
-    python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda --lengths 8192 32768 131072
+GPU (one H200), the flash shape's first 4 layers with 16 experts, bf16, up to a 1M-token prompt:
+    python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \\
+        --lengths 32768 131072 524288 1048000 --profile-length 131072
 
-Engine: one request of each length, `--chunk-tokens` per step, then `--decode-steps` greedy
-tokens (TTFT and TPOT from engine/offline.py's timings). Unpaged: the model itself, prefill in
-the same chunks, then as many single-token steps. Writes $OUT/deepseek_v4_paged.json if OUT is
-set, else bench/results/deepseek_v4_paged.json.
+One engine serves every length (a warm-up request first, so no kernel compiles inside a timed
+prompt), one request at a time: `--chunk-tokens` per step, then `--decode-steps` greedy tokens
+(TTFT and TPOT from engine/offline.py's timings). The model alone runs the same prompt in the same
+chunks, synchronized before the clock stops, up to `--model-max-length`. Per chunk: device time
+(CUDA events) and host time (the chunk's call returning: its launch time on a GPU). At
+`--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
+the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
+bench/results/) after every length, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -18,17 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python3 bench/deepseek_v4_paged.py`
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings  # noqa: E402
+from deepseek_v4_sections import SECTIONS, SectionTimer  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.offline import generate  # noqa: E402
 from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # noqa: E402
@@ -36,7 +44,20 @@ from model_folder.deepseek_v4_kv_budget import kv_bytes_per_token  # noqa: E402
 from model_shards.deepseek_v4.kv_pages import compressed_layout  # noqa: E402
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM  # noqa: E402
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model, preset_config  # noqa: E402
+from model_shards.deepseek_v4.runner import DeepseekV4Runner  # noqa: E402
 from protocol.sampling_params import SamplingParams  # noqa: E402
+
+PAGED_SECTIONS = SECTIONS + [
+    ("pages: load (window keys, tables)", "model_shards.deepseek_v4.paged_state", "PagedKV.load"),
+    ("pages: window key writes", "model_shards.deepseek_v4.paged_state", "WindowPages.keys_appended"),
+    ("pages: overlap half writes", "model_shards.deepseek_v4.paged_state", "OverlapPages.windows_closed"),
+    ("entries: append", "model_shards.deepseek_v4.entries", "PagedEntries.append"),
+    ("entries: append", "model_shards.deepseek_v4.entries", "ContiguousEntries.append"),
+    ("entries: CSA top-k gather", "model_shards.deepseek_v4.entries", "PagedEntries.gather"),
+    ("entries: CSA top-k gather", "model_shards.deepseek_v4.entries", "ContiguousEntries.gather"),
+    ("entries: HCA read", "model_shards.deepseek_v4.entries", "PagedEntries.read"),
+    ("entries: HCA read", "model_shards.deepseek_v4.entries", "ContiguousEntries.read"),
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768])
     parser.add_argument("--chunk-tokens", type=int, default=16384)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--model-max-length", type=int, default=131072, help="longest prompt also run on the model alone")
+    parser.add_argument("--profile-length", type=int, default=None, help="CUDA: section profile of this prompt's last chunk")
+    parser.add_argument("--time-budget-s", type=float, default=float("inf"), help="start no new length after this")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
     return parser.parse_args()
 
@@ -60,60 +84,226 @@ def make_folder(args: argparse.Namespace) -> Path:
     return make_deepseek_v4_model(out, args.preset, layers=args.layers, n_routed_experts=args.experts)
 
 
-def engine_timing(folder: Path, args: argparse.Namespace, length: int) -> dict[str, float]:
-    engine = LLMEngine(LongctxConfig(
+def random_prompt(length: int) -> list[int]:
+    """Ids 3 .. 999 (valid in every preset's vocabulary), a different prompt per length: no prefix hits."""
+    return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+
+
+class ChunkClock:
+    """Times chunks: device ms (CUDA events; on a CPU the call's own time), host ms (the call's
+    return: on a GPU the time to launch its work), and CUDA-event sections of the chunk that starts
+    at `profile_start`. While entered it also times every DeepseekV4Runner._run_chunk (the engine)."""
+
+    def __init__(self, device: torch.device, profile_start: int | None = None):
+        self.device, self.profile_start = device, profile_start
+        self.chunks: list[tuple[int, int, object, object, float]] = []  # start, tokens, events, host ms
+        self.sections: dict[str, float] | None = None
+        self.sync_sites: list[str] = []
+        self.original = DeepseekV4Runner._run_chunk
+
+    def __enter__(self) -> ChunkClock:
+        original, clock = self.original, self
+
+        def timed(runner, request, count):
+            return clock.run(request.num_computed_tokens, count, lambda: original(runner, request, count))
+        DeepseekV4Runner._run_chunk = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        DeepseekV4Runner._run_chunk = self.original
+
+    def run(self, start: int, count: int, chunk):
+        if self.device.type == "cuda" and start == self.profile_start:
+            return self._profiled(chunk)
+        events = self._event(), self._event()
+        self._record(events[0])
+        host = time.perf_counter()
+        try:
+            return chunk()
+        finally:
+            host_ms = (time.perf_counter() - host) * 1e3
+            self._record(events[1])
+            self.chunks.append((start, count, *events, host_ms))
+
+    def _profiled(self, chunk):
+        """Sections by CUDA events, and every operation that makes the host wait for the GPU
+        (torch's sync debug mode: each one stalls the launch queue in the middle of a chunk)."""
+        with SectionTimer(PAGED_SECTIONS) as timer, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = chunk()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        self.sections = timer.exclusive_ms()
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        self.sections["host waits for the GPU (count)"] = len(syncs)
+        self.sync_sites = sorted(set(syncs))[:10]
+        return result
+
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
+
+    def _record(self, event) -> None:
+        if event is not None:
+            event.record()
+
+    def summary(self) -> dict:
+        """Per-chunk device and host ms of the chunks timed so far (then forgets them)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        device_ms = [start.elapsed_time(end) if start is not None else host for _, _, start, end, host in self.chunks]
+        result = {"chunk_starts": [c[0] for c in self.chunks], "chunk_device_ms": [round(ms, 2) for ms in device_ms],
+                  "chunk_host_ms": [round(c[4], 2) for c in self.chunks], "chunks_device_s": sum(device_ms) / 1e3}
+        self.chunks.clear()
+        return result
+
+
+def make_engine(folder: Path, args: argparse.Namespace, block_size: int) -> LLMEngine:
+    longest = max(args.lengths) + args.decode_steps + 2 * args.chunk_tokens
+    return LLMEngine(LongctxConfig(
         model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype),
-        cache=CacheSettings(num_device_blocks=length // 16 + 64),
+        cache=CacheSettings(num_device_blocks=longest // block_size + 64),
         scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=4)))
-    prompt = [random.Random(length).randrange(3, 1000) for _ in range(length)]
-    params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
-    try:
+
+
+def engine_timing(engine: LLMEngine, prompt: list[int], decode_steps: int, clock: ChunkClock) -> dict:
+    params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
+    with clock:
         result = generate(engine, [prompt], params)[0][0]
-    finally:
-        engine.shutdown()
-    return {"prefill_s": result.ttft_s, "decode_ms_per_token": result.tpot_s * 1e3}
+    if result.error:
+        raise RuntimeError(f"engine: {result.error}")
+    prefill = [i for i, start in enumerate(c[0] for c in clock.chunks) if start < len(prompt)]
+    chunks = clock.summary()
+    prefill_device_s = sum(chunks["chunk_device_ms"][i] for i in prefill) / 1e3
+    return {"prefill_s": result.ttft_s, "tokens_per_s": len(prompt) / result.ttft_s,
+            "decode_ms_per_token": result.tpot_s * 1e3, "prefill_chunks_device_s": prefill_device_s,
+            "prefill_chunk_device_ms": [chunks["chunk_device_ms"][i] for i in prefill],
+            "prefill_chunk_host_ms": [chunks["chunk_host_ms"][i] for i in prefill]}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
-def unpaged_timing(model: DeepseekV4ForCausalLM, args: argparse.Namespace, length: int) -> dict[str, float]:
-    ids = torch.tensor([random.Random(length).randrange(3, 1000) for _ in range(length)], device=model.device)
-    state = model.new_state()
+def unpaged_timing(model: DeepseekV4ForCausalLM, prompt: list[int], args: argparse.Namespace,
+                   clock: ChunkClock) -> dict:
+    ids, state = torch.tensor(prompt, device=model.device), model.new_state()
+    synchronize(model.device)
     start = time.perf_counter()
-    for first in range(0, length, args.chunk_tokens):
-        hidden = model(ids[first:first + args.chunk_tokens], state)
+    for first in range(0, len(prompt), args.chunk_tokens):
+        hidden = clock.run(first, min(args.chunk_tokens, len(prompt) - first),
+                           lambda: model(ids[first:first + args.chunk_tokens], state))
     token = model.compute_logits(hidden[-1:]).argmax(-1)
+    synchronize(model.device)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.decode_steps):
         token = model.compute_logits(model(token, state)).argmax(-1)
-    return {"prefill_s": prefill_s, "decode_ms_per_token": (time.perf_counter() - start) / args.decode_steps * 1e3}
+    synchronize(model.device)
+    decode_ms = (time.perf_counter() - start) / args.decode_steps * 1e3
+    chunks = clock.summary()
+    return {"prefill_s": prefill_s, "tokens_per_s": len(prompt) / prefill_s, "decode_ms_per_token": decode_ms,
+            "prefill_chunks_device_s": chunks["chunks_device_s"], "prefill_chunk_device_ms": chunks["chunk_device_ms"],
+            "prefill_chunk_host_ms": chunks["chunk_host_ms"]}
 
 
-def kv_bytes() -> dict[str, float]:
+def kv_bytes(folder: Path) -> dict[str, float]:
     flash = parse_deepseek_v4_config(preset_config("deepseek-v4-flash-shape"))
     layout = compressed_layout(flash, flash.kv_block_multiple, torch.bfloat16)
+    benched = parse_deepseek_v4_config(json.loads((folder / "config.json").read_text()))
     return {"flash_43_layers_pages_bytes_per_token": layout.nbytes / flash.kv_block_multiple,
-            "flash_43_layers_formula_bytes_per_token": kv_bytes_per_token(flash)["total"]}
+            "flash_43_layers_formula_bytes_per_token": kv_bytes_per_token(flash)["total"],
+            "benched_model_formula_bytes_per_token": kv_bytes_per_token(benched)["total"]}
+
+
+class Report:
+    def __init__(self, args: argparse.Namespace, folder: Path):
+        self.path = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "deepseek_v4_paged.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data = {"preset": args.preset, "device": args.device, "layers": args.layers, "experts": args.experts,
+                     "chunk_tokens": args.chunk_tokens, "threads": torch.get_num_threads(), "rows": [],
+                     "profile": {}, "kv": kv_bytes(folder)}
+
+    def add_row(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def warm_up(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, args: argparse.Namespace) -> None:
+    """Two chunks and two decode steps on each path: kernels compile before any timed prompt."""
+    prompt = random_prompt(2 * args.chunk_tokens + 5)
+    clock = ChunkClock(torch.device(args.device))
+    engine_timing(engine, prompt, 2, clock)
+    if model is not None:
+        unpaged_timing(model, prompt, argparse.Namespace(**{**vars(args), "decode_steps": 2}), clock)
+
+
+def measure_length(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, args: argparse.Namespace,
+                   length: int) -> dict:
+    device, prompt = torch.device(args.device), random_prompt(length)
+    row = {"length": length, "engine_paged": engine_timing(engine, prompt, args.decode_steps, ChunkClock(device))}
+    if model is not None and length <= args.model_max_length:
+        row["model_unpaged"] = unpaged_timing(model, prompt, args, ChunkClock(device))
+        row["engine_over_model_prefill"] = row["engine_paged"]["prefill_s"] / row["model_unpaged"]["prefill_s"]
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return row
+
+
+def profile_last_chunk(engine: LLMEngine, model: DeepseekV4ForCausalLM | None, args: argparse.Namespace) -> dict:
+    """CUDA-event sections of the last chunk of a --profile-length prompt (not the timed one: the
+    events would slow it), through the engine and on the model alone."""
+    length, device = args.profile_length, torch.device(args.device)
+    chunk_start = (length - 1) // args.chunk_tokens * args.chunk_tokens
+    prompt = random_prompt(length + 1)  # another prompt: no prefix hit on the timed one
+    result = {"length": length + 1, "chunk_start": chunk_start}
+    clock = ChunkClock(device, chunk_start)
+    engine_timing(engine, prompt, 1, clock)
+    result["engine_sections_ms"], result["engine_sync_sites"] = clock.sections, clock.sync_sites
+    if model is not None:
+        clock = ChunkClock(device, chunk_start)
+        unpaged_timing(model, prompt, argparse.Namespace(**{**vars(args), "decode_steps": 1}), clock)
+        result["model_sections_ms"], result["model_sync_sites"] = clock.sections, clock.sync_sites
+    return result
+
+
+def device_is_cuda(args: argparse.Namespace) -> bool:
+    return torch.device(args.device).type == "cuda"
 
 
 def main() -> None:
     args = parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     folder = make_folder(args)
-    model = DeepseekV4ForCausalLM.from_folder(folder, device=args.device,
-                                              dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
-    rows = []
-    for length in args.lengths:
-        rows.append({"length": length, "engine_paged": engine_timing(folder, args, length),
-                     "model_unpaged": unpaged_timing(model, args, length)})
-        print(json.dumps(rows[-1]), flush=True)
-    report = {"preset": args.preset, "device": args.device, "threads": torch.get_num_threads(),
-              "chunk_tokens": args.chunk_tokens, "rows": rows, "kv": kv_bytes()}
-    print(json.dumps(report["kv"]))
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "deepseek_v4_paged.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = Report(args, folder)
+    block_size = parse_deepseek_v4_config(json.loads((folder / "config.json").read_text())).kv_block_multiple
+    engine = make_engine(folder, args, block_size)
+    model = None
+    if min(args.lengths) <= args.model_max_length:
+        model = DeepseekV4ForCausalLM.from_folder(folder, device=args.device,
+                                                  dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    try:
+        warm_up(engine, model, args)
+        report.data["setup_s"] = time.perf_counter() - started
+        for length in args.lengths:
+            if time.perf_counter() - started > args.time_budget_s:
+                report.add_row({"length": length, "skipped": f"time budget {args.time_budget_s} s spent"})
+                continue
+            report.add_row(measure_length(engine, model, args, length))
+            if length == args.profile_length and device_is_cuda(args):
+                report.data["profile"] = profile_last_chunk(engine, model, args)
+                report.write()
+    finally:
+        engine.shutdown()
+    print(json.dumps({"profile": report.data["profile"], "kv": report.data["kv"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -40,13 +40,14 @@ SECTIONS = [
 
 
 class SectionTimer:
-    def __init__(self):
+    def __init__(self, sections: list[tuple[str, str, str]] | None = None):
+        self.sections = SECTIONS if sections is None else sections
         self.calls: list[list] = []  # [name, start event, end event, parent index]
         self.stack: list[int] = []
         self.restore: list[tuple[object, str, object]] = []
 
     def __enter__(self) -> SectionTimer:
-        for name, module_name, path in SECTIONS:
+        for name, module_name, path in self.sections:
             owner = importlib.import_module(module_name)
             *classes, attribute = path.split(".")
             for class_name in classes:

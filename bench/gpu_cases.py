@@ -91,6 +91,7 @@ def chunked_prefill_attention(tokens: int, step_tokens: int, block_size: int, de
 
     name = resolve_attention_backend("auto", device, torch.bfloat16, block_size, HEAD_DIM, HEADS, KV_HEADS)
     backend = get_attention_backend(name)
+    backend.warm_up(device, torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, block_size, step_tokens, tokens + step_tokens)
     num_blocks = -(-tokens // block_size)
     cache = torch.zeros(num_blocks, 2, block_size, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     table = torch.randperm(num_blocks).tolist()

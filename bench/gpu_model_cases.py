@@ -103,6 +103,9 @@ def ours_last_logits(model_dir: str, tokens: int, rows: int, step_tokens: int, d
     backend = resolve_attention_backend("auto", device, torch.bfloat16, block_size, arch.head_dim,
                                         arch.num_attention_heads, arch.num_key_value_heads)
     model = LlamaForCausalLM.from_folder(model_dir, dtype=torch.bfloat16, device=device, attention_backend=backend)
+    attention = model.layers[0].self_attn  # plans built as the engine's worker builds them
+    attention.backend.warm_up(device, torch.bfloat16, attention.num_heads, attention.num_kv_heads, arch.head_dim,
+                              block_size, step_tokens, tokens)
     kv_cache = model.allocate_kv_cache(-(-tokens // block_size), block_size)
     table = list(range(kv_cache.num_blocks))
     ids = torch.tensor(random_prompt(tokens, tokens, arch.vocab_size), device=device)

@@ -334,6 +334,13 @@ class KVTierSettings(_Frozen):
         0.05, ge=0, le=0.5, description="Keep this fraction of the device blocks, next in eviction order, copied to "
         "host ahead of need, so that evicting them costs no copy; 0: copy at eviction only."
     )
+    # A hybrid model's window part (DeepSeek-V4: every layer's raw window K, ~80% of a block's
+    # bytes) is needed only where a restore ends; it is kept for every this-many-th block and for
+    # the last blocks of each sequence (docs/kv_tiers.md, "DeepSeek-V4").
+    window_part_interval_blocks: int = Field(
+        16, ge=1, description="Hybrid models (DeepSeek-V4): keep a block's window part in host and Redis for every "
+        "this-many-th block and a sequence's last blocks only; a restore ends at the last such block. 1: every block."
+    )
     spill_ahead_max_blocks_per_step: int = Field(
         16, ge=1, description="Copies ahead of need per engine step (bounds what one step waits for)."
     )

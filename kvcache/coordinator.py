@@ -22,8 +22,9 @@ entries) adds groups that share the block size and the prefix hashes but keep th
 a hit is the longest prefix that every group can serve, an allocation succeeds in every group
 or in none, and a sliding-window group frees the blocks that leave its window. The step message
 carries one block table per group (group 0 first). The host / Redis tiers back group 0; with one
-sliding-window group beside it (DeepSeek-V4) a tier slot holds block i of both groups, written
-through when computed (kvcache/tier_manager.py: a restored prefix resumes from its window).
+sliding-window group beside it (DeepSeek-V4) block i's window part has its own smaller host pool
+and Redis key, kept where restores end (kvcache/tiers/window_parts.py: a restored prefix resumes
+from its window).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class KVCacheCoordinator:
         groups = [make_group(spec, num_blocks, block_size, prefix_caching) for spec, num_blocks in extra_groups]
         window_blocks = sum(group.manager.blocks_in_window for group in groups if group.spec.kind == "sliding_window")
         tiers = TierManager(tier_settings, block_size, workers.kv_block_nbytes, flops=flops,
-                            chunk_tokens=config.scheduler.max_tokens_per_step, window_blocks=window_blocks)
+                            chunk_tokens=config.scheduler.max_tokens_per_step, window_blocks=window_blocks,
+                            window_nbytes=workers.kv_window_nbytes)
         device = KVCacheManager(workers.num_kv_blocks, block_size, prefix_caching, on_evict=tiers.on_device_evict)
         tiers.track_device(device.pool)
         return cls(device, tiers, groups)

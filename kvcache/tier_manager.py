@@ -27,13 +27,14 @@ while the rest is fetched, pauses after them (`RestorePlan.pause_block`), and co
 rest.
 
 A hybrid model (`window_blocks` > 0: DeepSeek-V4's compressed entries in group 0 beside a sliding
-window group) stores block i as its group-0 block and its window block i in one slot: a restored
-prefix of k blocks reads compressed blocks 0 .. k-1 and the window blocks covering its last
-window. A window block is freed as the window moves on, so only a block saved just after it was
-computed has its window part: every hybrid block is written through to host when computed (and
-on to Redis when configured), and nothing is spilled on eviction, so that every slot (and every
-Redis value) holds both parts. Restores load the window part of the run's last `window_blocks`
-blocks into the request's fresh window blocks.
+window group) stores block i as two parts: its group-0 block in a block slot, and its window
+block i in a window-part slot of a smaller pool (kvcache/tiers/window_parts.py), each its own
+Redis value. A restored prefix of k blocks reads compressed blocks 0 .. k-1 and only the window
+parts of its last `window_blocks` blocks, so a run is cut back to end where those are at hand. A
+window block is freed as the window moves on, so only a block saved just after it was computed
+has its window part: every hybrid block is written through to host when computed (and on to
+Redis when configured), its window part too where a restore is likely to end, and nothing is
+spilled on eviction.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from kvcache.tier_observer import TierObserver
 from kvcache.tiers.cost_model import Decision, PrefillFlops, RestoreCostModel
 from kvcache.tiers.host_index import HOST, REDIS, HostIndex
 from kvcache.tiers.prefetch import RedisPrefetcher
+from kvcache.tiers.window_parts import WindowParts, window_part_key
+from protocol.host_slots import split_host_bytes
 from protocol.kv_transfer_ops import DEVICE_TO_HOST, HOST_TO_DEVICE, KVTransferOps, KVTransferReport, OpsBuilder
 
 logger = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class RestorePlan:
     num_eligible_blocks: int  # full prompt blocks that a cache could serve
     slots: tuple[int, ...] = ()
     origins: tuple[str, ...] = ()  # HOST or REDIS, per slot
+    window_slots: tuple[int, ...] = ()  # a hybrid model's window parts of the last blocks (WindowParts.needed)
     # The request computes up to this block, then goes back to the queue to restore what follows
     # (fetched from Redis meanwhile); None: no pause.
     pause_block: int | None = None
@@ -105,12 +109,16 @@ class RestorePlan:
 class TierManager:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
                  metrics: TierObserver | None = None, clock: Callable[[], float] = time.monotonic,
-                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None, window_blocks: int = 0):
+                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None, window_blocks: int = 0,
+                 window_nbytes: int = 0):
         """`flops`: the model's prefill cost (PrefillFlops.of(architecture)); without it the
         recompute estimate is linear in tokens. `chunk_tokens`: the scheduler's step budget.
-        `window_blocks`: a hybrid model's window blocks a resume reads (0: one kind of KV)."""
+        `window_blocks`: a hybrid model's window blocks a resume reads (0: one kind of KV), and
+        `window_nbytes` the bytes of one's window part (block_nbytes: the rest of a block)."""
         self.settings = settings
         self.window_blocks = window_blocks
+        self.window_nbytes = window_nbytes
+        self.windows: WindowParts | None = None  # a hybrid model's window parts, with the host tier
         self.block_size = block_size
         self.block_nbytes = block_nbytes
         self.metrics = metrics if metrics is not None else TierMetrics()
@@ -118,10 +126,12 @@ class TierManager:
         self.host = self._make_host_index()
         self.redis_enabled = self.host is not None and bool(settings.redis_urls)
         self.redis_up = self.redis_enabled
-        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes), flops, chunk_tokens)
+        self.cost = RestoreCostModel(settings, block_size, max(1, block_nbytes), flops, chunk_tokens,
+                                     window_nbytes=window_blocks * window_nbytes)
         self._ops = OpsBuilder()
         self.prefetch = self._make_prefetcher() if self.redis_enabled else None
         self._step_pins: list[int] = []  # host slots used by this step's saves and loads
+        self._window_pins: list[int] = []  # the same, of window parts
         self._writing: set[int] = set()  # write-through slots the worker has not read yet
         self._write_through_from: dict[str, int] = {}  # request -> first block not written through
         self._pool: BlockPool | None = None  # the device pool, once track_device gives it
@@ -135,18 +145,24 @@ class TierManager:
     def _make_host_index(self) -> HostIndex | None:
         if self.settings.host_bytes == 0:
             return None
-        num_slots = self.settings.host_bytes // max(1, self.block_nbytes)
-        if num_slots == 0:
+        slots = split_host_bytes(self.settings.host_bytes, max(1, self.block_nbytes),
+                                 self.window_nbytes if self.window_blocks else 0,
+                                 self.settings.window_part_interval_blocks)
+        if slots.num_blocks == 0 or (self.window_blocks and not slots.num_window_parts):
             logger.warning("kv_tiers.host_bytes=%d holds no %d-byte block: host and Redis tiers off",
-                           self.settings.host_bytes, self.block_nbytes)
+                           self.settings.host_bytes, self.block_nbytes + self.window_nbytes)
             return None
-        host = HostIndex(num_slots, write_back=self._write_back)
+        host = HostIndex(slots.num_blocks, write_back=self._write_back)
+        if slots.num_window_parts:
+            parts = HostIndex(slots.num_window_parts, write_back=self._write_back, first_slot=slots.num_blocks)
+            self.windows = WindowParts(parts, self.window_blocks, self.settings.window_part_interval_blocks,
+                                       self.block_size)
         self.metrics.track_tier(HOST, lambda: host.num_cached, self.block_nbytes)
         return host
 
     def _make_prefetcher(self) -> RedisPrefetcher:
         return RedisPrefetcher(self.host, self._ops, self.metrics, self.cost, decide=self._decide,
-                               timeout_s=self.settings.restore_timeout_s, clock=self.clock)
+                               timeout_s=self.settings.restore_timeout_s, clock=self.clock, windows=self.windows)
 
     def track_device(self, pool: BlockPool) -> None:
         """The device pool: its size for metrics, its eviction order for spilling ahead."""
@@ -162,7 +178,8 @@ class TierManager:
     @property
     def num_pending(self) -> int:
         """Host slots held by transfers in flight (0 when idle: nothing leaked)."""
-        return (self.prefetch.num_fetching if self.prefetch else 0) + len(self._writing) + len(self._step_pins)
+        return ((self.prefetch.num_fetching if self.prefetch else 0) + len(self._writing) + len(self._step_pins)
+                + len(self._window_pins))
 
     # --- admission -------------------------------------------------------------------------
     def plan_restore(self, request: TieredRequest, num_device_blocks: int, may_probe: bool = True) -> RestorePlan | None:
@@ -177,20 +194,28 @@ class TierManager:
                                                                self.redis_up, may_probe):
             return None
         slots = self.host.leading_run(hashes)
+        if self.windows is not None:  # a restore ends where its window parts are at hand
+            slots = slots[:self.windows.restorable_blocks(request.block_hashes, num_device_blocks, len(slots))]
         if slots and not self._decide(HOST, num_device_blocks, len(slots), request.request_id).restore:
             slots = []
         self.host.pin(slots)  # before the device allocation, whose spills could evict them
+        window_slots = ()
+        if self.windows is not None and slots:
+            window_slots = self.windows.slots(request.block_hashes, num_device_blocks, num_device_blocks + len(slots))
         pause = self.prefetch.pause_block(request.request_id, num_device_blocks + len(slots)) if self.prefetch else None
-        return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots), pause_block=pause)
+        return replace(plan, slots=tuple(slots), origins=tuple(self.host.origin(s) for s in slots),
+                       window_slots=tuple(window_slots), pause_block=pause)
 
     def commit(self, plan: RestorePlan, new_block_ids: Sequence[int], window_table: Sequence[int] = ()) -> None:
         """The request got its device blocks: load the plan's slots into the first of them (and a
         hybrid model's window parts of the last ones into its window table's blocks)."""
         self._ops.loads.extend(zip(plan.slots, new_block_ids))
-        end = plan.first_block + len(plan.slots)
-        for index in range(max(plan.first_block, end - self.window_blocks), end):
-            self._ops.window_loads.append((plan.slots[index - plan.first_block], window_table[index]))
+        if plan.window_slots:
+            end = plan.first_block + len(plan.slots)
+            needed = self.windows.needed(plan.first_block, end)
+            self._ops.window_loads.extend((slot, window_table[index]) for index, slot in zip(needed, plan.window_slots))
         self._step_pins.extend(plan.slots)  # the plan's pins now last until the step is done
+        self._window_pins.extend(plan.window_slots)
         for slot in plan.slots:
             self.host.mark_restored(slot)
         self._record_lookup(plan)
@@ -201,6 +226,8 @@ class TierManager:
         """The request was not admitted after all (no device blocks): unpin the plan's slots."""
         if plan.slots:
             self.host.unpin(plan.slots)
+        if plan.window_slots:
+            self.windows.index.unpin(plan.window_slots)
 
     def _decide(self, tier: str, first_block: int, num_blocks: int, request_id: str, split: bool = True) -> Decision:
         decision = self.cost.decide(tier, first_block, num_blocks, split)
@@ -237,34 +264,40 @@ class TierManager:
             return  # while Redis is down, blocks wait here (and spill to host on eviction)
         end = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
         for index in range(start, end):
-            window_block = window_table[index] if self.window_blocks else None
-            if window_block is None or window_block >= 0:  # (a freed window block has no part to save)
-                self._spill(block_table[index], request.block_hashes[index], to_redis, window_block)
+            self._spill(block_table[index], request.block_hashes[index], to_redis)
+            window_block = window_table[index] if self.windows is not None else -1
+            if window_block >= 0 and self.windows.wanted(index, request.num_tokens):  # (-1: freed, no part)
+                key = window_part_key(request.block_hashes[index])
+                self._spill(window_block, key, to_redis, self.windows.index, self._ops.window_saves, self._window_pins)
         self._write_through_from[request.request_id] = max(start, end)
 
-    def _spill(self, block_id: int, block_hash: bytes, write_through: bool, window_block: int | None = None) -> None:
-        slot = self.host.lookup(block_hash)
+    def _spill(self, block_id: int, block_hash: bytes, write_through: bool, host: HostIndex | None = None,
+               saves: list | None = None, pins: list | None = None) -> None:
+        """Copy a block (or, given the window parts' `host`, `saves` and `pins`, a window part
+        under its key) to host unless it is there, and on to Redis with `write_through`."""
+        host = host or self.host
+        slot = host.lookup(block_hash)
         if slot is not None:
-            self.host.touch(slot)  # host already holds it: keep the copy fresh in the LRU order
+            host.touch(slot)  # host already holds it: keep the copy fresh in the LRU order
         else:
-            slot = self._save(block_id, block_hash, window_block)
+            slot = self._save(block_id, block_hash, host, saves, pins)
             if slot is None:
                 return
-        if write_through and not self.host.in_redis(slot) and slot not in self._writing:
-            self.host.pin((slot,))
+        if write_through and not host.in_redis(slot) and slot not in self._writing:
+            host.pin((slot,))
             self._writing.add(slot)
             self._ops.write_throughs.append((slot, block_hash))
 
-    def _save(self, block_id: int, block_hash: bytes, window_block: int | None = None) -> int | None:
-        slots = self.host.allocate(1)
+    def _save(self, block_id: int, block_hash: bytes, host: HostIndex | None = None, saves: list | None = None,
+              pins: list | None = None) -> int | None:
+        host = host or self.host
+        slots = host.allocate(1)
         if not slots:  # every slot is held by a transfer in flight
             self.metrics.record_spill_dropped()
             return None
-        self.host.fill(slots[0], block_hash, HOST, in_redis=False)
-        self._ops.saves.append((block_id, slots[0]))
-        if window_block is not None:
-            self._ops.window_saves.append((window_block, slots[0]))
-        self._step_pins.append(slots[0])
+        host.fill(slots[0], block_hash, HOST, in_redis=False)
+        (self._ops.saves if saves is None else saves).append((block_id, slots[0]))
+        (self._step_pins if pins is None else pins).append(slots[0])
         return slots[0]
 
     def _spill_ahead(self) -> None:
@@ -328,6 +361,9 @@ class TierManager:
         if self._step_pins:
             self.host.unpin(self._step_pins)
             self._step_pins = []
+        if self._window_pins:
+            self.windows.index.unpin(self._window_pins)
+            self._window_pins = []
         spans = step_input.scheduled_spans()
         if self.host is not None and self._measures_prefill(spans):
             self.cost.observe_prefill(spans, seconds - loads_s, synced, saved_bytes)
@@ -354,12 +390,17 @@ class TierManager:
         for probe_id, present in report.probed:
             self.prefetch.probe_done(probe_id, present)
         for slot, outcome in report.fetched:
-            self.prefetch.fetch_done(slot, outcome)
+            if self.windows is not None and self.windows.index.owns(slot):
+                self.windows.fetch_done(slot, outcome)
+                self.prefetch.part_done(slot)
+            else:
+                self.prefetch.fetch_done(slot, outcome)
         for slot, stored in report.written:
             self._writing.discard(slot)
+            host = self.windows.index if self.windows is not None and self.windows.index.owns(slot) else self.host
             if stored:
-                self.host.set_in_redis(slot)
-            self.host.unpin((slot,))
+                host.set_in_redis(slot)
+            host.unpin((slot,))
         if self.redis_enabled and report.redis_up != self.redis_up:
             self.redis_up = report.redis_up
             logger.warning("Redis tier %s", "is back" if report.redis_up else "is down: recomputing instead")

@@ -14,6 +14,7 @@ that every rank appends the same tokens.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,8 @@ class ModelWorker:
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
         self.block_size = config.cache.resolved_block_size()
         self.model = self._load_model()
+        self._warm_threads: set[int] = set()
+        self._warm_up_attention()  # before the KV cache takes the memory its temporaries use
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
         # This rank's KV in Redis keys: its own layout, so that keys never mix ranks.
@@ -102,6 +105,21 @@ class ModelWorker:
         )
         model.load_weights(WeightReader(self.config.model.path))
         return model.eval()
+
+    def _warm_up_attention(self) -> None:
+        """Per-shape kernel plans built now rather than inside the first request of each prompt
+        length (model_shards/attention/chunked_prefill.py). cuDNN keeps plans per thread: a
+        worker stepped from another thread than the one that built it (a serving engine's
+        thread) warms that thread too, at its first step."""
+        self._warm_threads.add(threading.get_ident())
+        if self.device.type != "cuda":
+            return
+        attention = self.model.layers[0].self_attn
+        max_model_len = self.config.model.max_model_len or self.architecture.max_position_embeddings
+        attention.backend.warm_up(self.device, self.dtype, attention.num_heads, attention.num_kv_heads,
+                                  attention.head_dim, self.block_size, self.config.scheduler.max_tokens_per_step,
+                                  max_model_len)
+        torch.cuda.empty_cache()
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
         """Decode steps as CUDA graphs: one GPU rank whose attention backend is graph-safe and
@@ -163,6 +181,8 @@ class ModelWorker:
     def execute(self, step_input: StepInput) -> StepOutput:
         """One step. A request whose own handling fails (its sampling state, its sample) is left
         out and reported in `failed`; the other requests of the step go on as if it were absent."""
+        if threading.get_ident() not in self._warm_threads:
+            self._warm_up_attention()
         failed: dict[str, str] = {}
         self._apply_changes(step_input, failed)
         kv_report = self._transfer_kv(step_input)  # before the forward pass overwrites evicted blocks

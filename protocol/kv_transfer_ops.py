@@ -15,8 +15,10 @@ A worker applies one step's ops in this order, all before the forward pass:
                                           in one step reads what the save wrote
 
 A hybrid model (DeepSeek-V4) keeps a second block group, a sliding window, whose block at the
-same index rides in the same slot: `window_saves` and `window_loads` move that part, beside the
-`saves` and `loads` of the same slots (a restored prefix resumes from its last window blocks).
+same index is the block's window part, in a window-part slot (ids after the block slots:
+protocol/host_slots.py): `window_saves` and `window_loads` move those, beside the `saves` and
+`loads` (a restored prefix resumes from its last window blocks); write-throughs, write-backs and
+fetches name window-part slots like block slots, under the parts' own keys.
   5. probes          which blocks Redis holds   background, no host memory; in `probed` later
   6. fetches         Redis -> host slot   background; each slot comes back in `fetched` of a later
                                           report (or this one), exactly once
@@ -49,8 +51,8 @@ class KVTransferOps:
     loads: tuple[tuple[int, int], ...] = ()  # (slot, device block)
     probes: tuple[tuple[int, tuple[bytes, ...]], ...] = ()  # (probe id, hashes)
     fetches: tuple[tuple[bytes, int], ...] = ()  # (hash, slot)
-    window_saves: tuple[tuple[int, int], ...] = ()  # (window block, slot): with the saves
-    window_loads: tuple[tuple[int, int], ...] = ()  # (slot, window block): with the loads
+    window_saves: tuple[tuple[int, int], ...] = ()  # (window block, window-part slot): with the saves
+    window_loads: tuple[tuple[int, int], ...] = ()  # (window-part slot, window block): with the loads
     # Set when the step computes nothing and a request waits for fetches: the worker may block
     # this long for one to finish instead of the engine spinning through empty steps.
     poll_timeout_s: float = 0.0

@@ -16,3 +16,6 @@ class WorkerDescription:
     device: str = ""  # rank 0's ("cuda:0", "cpu")
     # A hybrid model's other KV block groups (kvcache/block_groups.py), in order: blocks of each.
     extra_group_blocks: tuple[int, ...] = ()
+    # A hybrid model's window part of one block (kv_block_nbytes is then the rest): kept in its own
+    # host pool, read only where a restore ends (protocol/host_slots.py).
+    kv_window_nbytes: int = 0

@@ -179,12 +179,14 @@ class Decision:
 
 class RestoreCostModel:
     def __init__(self, settings: KVTierSettings, block_size: int, block_nbytes: int,
-                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None):
-        """`chunk_tokens`: the scheduler's token budget per step (a prefill's chunk size)."""
+                 flops: PrefillFlops | None = None, chunk_tokens: int | None = None, window_nbytes: int = 0):
+        """`chunk_tokens`: the scheduler's token budget per step (a prefill's chunk size);
+        `window_nbytes`: a hybrid model's window parts that a restore reads once, at its end."""
         self.policy = settings.restore_policy
         self.margin = settings.restore_margin
         self.block_size = block_size
         self.block_nbytes = block_nbytes
+        self.window_nbytes = window_nbytes
         self.chunk_tokens = chunk_tokens or SchedulerSettings().max_tokens_per_step
         self.flops = flops or PrefillFlops.tokens_only()
         alpha = settings.ema_alpha
@@ -243,7 +245,7 @@ class RestoreCostModel:
         if overlapped:
             self.overlap.observe((self.fetch_seconds(num_blocks),), seconds)
         else:
-            self.redis_fetch.observe((1.0, num_blocks * self.block_nbytes), seconds)
+            self.redis_fetch.observe((1.0, self.restore_nbytes(num_blocks)), seconds)
 
     def calibrate(self, prefills: Sequence[tuple[Sequence[Sequence[tuple[int, int]]], float]],
                   loads: Sequence[tuple[int, float]], fetches: Sequence[tuple[int, float]],
@@ -288,11 +290,16 @@ class RestoreCostModel:
         start = first_block * self.block_size
         return self.prefill_seconds(start, start + num_blocks * self.block_size)
 
+    def restore_nbytes(self, num_blocks: int) -> int:
+        """Bytes a restore of `num_blocks` blocks moves: each block, plus a hybrid model's window
+        parts of the last ones (DeepSeek-V4: compressed parts x blocks + one window part)."""
+        return num_blocks * self.block_nbytes + self.window_nbytes if num_blocks else 0
+
     def load_seconds(self, num_blocks: int) -> float:
-        return self.host_load.predict((1.0, num_blocks * self.block_nbytes)) if num_blocks else 0.0
+        return self.host_load.predict((1.0, self.restore_nbytes(num_blocks))) if num_blocks else 0.0
 
     def fetch_seconds(self, num_blocks: int) -> float:
-        return self.redis_fetch.predict((1.0, num_blocks * self.block_nbytes)) if num_blocks else 0.0
+        return self.redis_fetch.predict((1.0, self.restore_nbytes(num_blocks))) if num_blocks else 0.0
 
     def restore_seconds(self, tier: str, num_blocks: int) -> float:
         """Restoring all blocks, none recomputed. From Redis, up to the step after the load (from

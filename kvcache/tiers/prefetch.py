@@ -16,6 +16,11 @@ with a pause point at the end of its head; at the pause it goes back to the head
 
   | device hits | host run | head: computed meanwhile | rest: fetched meanwhile | computed |
 
+A hybrid model's run also needs the window parts of its last blocks (kvcache/tiers/window_parts.py),
+kept for some blocks only: the probe asks for the window parts too, the run is cut back to end
+where they exist, and they are fetched with it (the request waits for them too; one that does
+not arrive cuts the restore back further: TierManager.plan_restore).
+
 A slot being fetched is referenced in the host pool until its outcome comes back, whether or not
 a request still waits for it, so a late fetch can never write into a reused slot; a block that
 landed stays referenced by each request waiting for it until that request is admitted.
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from kvcache.tier_observer import TierObserver
 from kvcache.tiers.cost_model import Decision, RestoreCostModel
 from kvcache.tiers.host_index import REDIS, HostIndex
+from kvcache.tiers.window_parts import WindowParts, window_part_key
 from protocol.kv_transfer_ops import HIT, OpsBuilder
 
 logger = logging.getLogger(__name__)
@@ -55,10 +61,13 @@ class _Prefetch:
 
 class RedisPrefetcher:
     def __init__(self, host: HostIndex, ops: OpsBuilder, metrics: TierObserver, cost: RestoreCostModel, *,
-                 decide: Callable[..., Decision], timeout_s: float, clock: Callable[[], float]):
+                 decide: Callable[..., Decision], timeout_s: float, clock: Callable[[], float],
+                 windows: WindowParts | None = None):
         """`cost`: the estimates (read, and fed each prefetch's whole time); `decide(tier, first
-        block, blocks, request id, split=True)`: the decision that is logged and counted."""
+        block, blocks, request id, split=True)`: the decision that is logged and counted;
+        `windows`: a hybrid model's window parts."""
         self.host, self.ops, self.metrics, self.cost = host, ops, metrics, cost
+        self.windows = windows
         self._decide = decide
         self._timeout_s, self._clock = timeout_s, clock
         self._states: dict[str, _Prefetch] = {}
@@ -70,12 +79,12 @@ class RedisPrefetcher:
 
     @property
     def num_fetching(self) -> int:
-        return len(self._fetching)
+        return len(self._fetching) + (self.windows.num_fetching if self.windows else 0)
 
     @property
     def has_outstanding(self) -> bool:
         """Probes or fetches the worker has not answered yet."""
-        return bool(self._fetching or self._probes)
+        return bool(self.num_fetching or self._probes)
 
     def is_idle(self) -> bool:
         """Nothing in flight and no request state (for leak checks)."""
@@ -127,7 +136,13 @@ class RedisPrefetcher:
         if state is None:  # answered after its request stopped waiting
             return
         state.probe_id = None
+        present, window_present = present[:len(state.hashes)], present[len(state.hashes):]
         wanted, state.pinned, in_flight = self._continuation(state.hashes, present)
+        end = len(state.hashes)
+        if self.windows is not None:
+            end = self._window_end(state.hashes, len(wanted) + len(state.pinned) + len(in_flight), window_present)
+            before_end = set(state.hashes[:end])
+            wanted = [block_hash for block_hash in wanted if block_hash in before_end]
         restore_s = 0.0
         if wanted:
             # A head can be recomputed only when the whole run is to be fetched, from its start.
@@ -141,6 +156,9 @@ class RedisPrefetcher:
             self._fetching[slot], self._fetching_slot[block_hash] = block_hash, slot
             self.ops.fetches.append((block_hash, slot))
         state.waiting = set(slots) | in_flight
+        if self.windows is not None and (slots or in_flight):
+            run = self._run_hashes(state, end)
+            state.waiting |= self.windows.fetch(run[-self.windows.window_blocks:], self.ops.fetches)
         state.num_fetching = len(slots)
         # Twice the estimate up to the blocks in host memory (not the step after), plus the slack.
         landed_s = max(restore_s, self.cost.restore_seconds(REDIS, len(slots))) - self.cost.resume_seconds()
@@ -151,17 +169,22 @@ class RedisPrefetcher:
         del self._fetching_slot[block_hash]
         landed = outcome == HIT and self.host.fill(slot, block_hash, REDIS, in_redis=True)
         for state in self._states.values():
+            if slot in state.waiting and landed:  # held for the request until it is admitted
+                self.host.pin((slot,))
+                state.pinned.append(slot)
+        self.part_done(slot)
+        self.host.unpin((slot,))  # the fetch's own reference; a missed slot goes back empty
+
+    def part_done(self, slot: int) -> None:
+        """A slot that requests may wait for came back (a block, or a window part)."""
+        for state in self._states.values():
             if slot not in state.waiting:
                 continue
             state.waiting.discard(slot)
-            if landed:  # held for the request until it is admitted (a head may take a while)
-                self.host.pin((slot,))
-                state.pinned.append(slot)
             if not state.waiting and state.num_fetching:
                 self.cost.observe_redis_restore(state.num_fetching, self._clock() - state.started,
                                                 overlapped=state.head_blocks > 0)
                 state.num_fetching = 0
-        self.host.unpin((slot,))  # the fetch's own reference; a missed slot goes back empty
 
     def _rest(self, first_block: int, hashes: Sequence[bytes]) -> tuple[int, tuple[bytes, ...]]:
         """(first block, hashes) after the host run: what Redis might serve."""
@@ -171,10 +194,30 @@ class RedisPrefetcher:
     def _probe(self, request_id: str, first_block: int, rest: tuple[bytes, ...]) -> _Prefetch:
         probe_id = next(self._probe_ids)
         self._probes[probe_id] = request_id
-        self.ops.probes.append((probe_id, rest))
+        window_keys = tuple(window_part_key(block_hash) for block_hash in rest) if self.windows is not None else ()
+        self.ops.probes.append((probe_id, rest + window_keys))
         now = self._clock()
         self._states[request_id] = state = _Prefetch(rest, first_block, now + self._timeout_s, probe_id, started=now)
         return state
+
+    def _window_end(self, hashes: Sequence[bytes], num_continued: int, window_present: Sequence[bool]) -> int:
+        """Where a run of the first `num_continued` of `hashes` can end: the last block whose
+        window parts (its own and the window's before it, among these) Redis or host holds."""
+        at_hand = [in_redis or self.windows.lookup(block_hash) is not None
+                   for block_hash, in_redis in zip(hashes, window_present)]
+        for end in range(num_continued, 0, -1):
+            if all(at_hand[max(0, end - self.windows.window_blocks):end]):
+                return end
+        return 0
+
+    def _run_hashes(self, state: _Prefetch, end: int) -> list[bytes]:
+        """The blocks it will restore after its head, up to `end`: in host memory or on their way."""
+        run = []
+        for block_hash in state.hashes[state.head_blocks:end]:
+            if self.host.lookup(block_hash) is None and block_hash not in self._fetching_slot:
+                break
+            run.append(block_hash)
+        return run
 
     def _continuation(self, hashes: Sequence[bytes], present: Sequence[bool]) -> tuple[list, list, set]:
         """The blocks continuing the cached run: (hashes to fetch, host slots, slots in flight)."""

@@ -133,6 +133,13 @@ class AttentionBackend(ABC):
     # context_lens as an upper bound), so the step can be captured as a CUDA graph.
     graph_safe_decode = False
 
+    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                block_size: int, step_tokens: int, max_model_len: int) -> int:
+        """Prepare what the kernels would otherwise prepare inside a request (per-shape plans), for
+        chunks of up to step_tokens over contexts of up to max_model_len; returns how many things
+        were prepared. Default: nothing."""
+        return 0
+
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 layer_cache: torch.Tensor, metadata: AttentionMetadata,

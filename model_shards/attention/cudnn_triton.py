@@ -1,5 +1,6 @@
 """The GPU attention backend: decode rows through the Triton paged kernel, prefill chunks
-through cuDNN on bucketed shapes (chunked_prefill.py). One step may mix both.
+through cuDNN on the bucketed shapes planned at start-up (`warm_up`), FlashAttention-2 on any
+other shape (chunked_prefill.py). One step may mix both.
 
 The scheduler puts decoding sequences first in a step, so the leading sequences with one new
 token form one launch of the paged decode kernel (triton_paged_decode.py), whatever their number.
@@ -12,16 +13,24 @@ from __future__ import annotations
 import torch
 
 from model_shards.attention.base import AttentionBackend, AttentionMetadata
-from model_shards.attention.chunked_prefill import PrefillKernels, chunk_attention
+from model_shards.attention.chunked_prefill import PrefillKernels, chunk_attention, warm_shapes
 from model_shards.attention.triton_paged_decode import paged_decode
 from model_shards.attention.triton_store_kv import store_kv
-from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, select_kernel
+from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, reference_attention, select_kernel
 
 # Prefix pieces are power-of-two multiples of this many tokens (at least the block size): few
 # enough shapes for cuDNN's plan cache, large enough that each piece runs at full rate.
 PREFIX_QUANTUM_TOKENS = 1024
 _UNPLANNED_PREFERENCE = ("flash", "flash_expanded")
 _CPU_SMS = 4  # the interpreter runs programs one by one: few of them keep CPU tests quick
+
+
+def canonical_device(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:<current>`: a tensor's device always has its index, a config's may not, and
+    both must find the same kernels (and the plans warmed for them)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class CudnnTritonBackend(AttentionBackend):
@@ -66,14 +75,36 @@ class CudnnTritonBackend(AttentionBackend):
                                      if device.type == "cuda" else _CPU_SMS)
         return self._num_sms[device]
 
+    def warm_up(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                block_size: int, step_tokens: int, max_model_len: int) -> int:
+        """Build the planned kernel's plans for chunked_prefill.warm_shapes in this thread (11 on
+        the default config at 1M tokens, ~1-2 s), so that no request builds one; returns how many
+        were built now (0 when this thread has them all)."""
+        kernels = self._kernels_for(device, dtype, heads, kv_heads, head_dim, block_size)
+        if kernels.planned is reference_attention:
+            return 0  # nothing plans: CPU, or a dtype the fused kernels do not take
+        missing = [shape for shape in warm_shapes(step_tokens, max_model_len, kernels.quantum)
+                   if shape not in kernels.planned_here()]
+        for queries, keys, causal in missing:
+            q = torch.zeros(queries, heads, head_dim, device=device, dtype=dtype)  # (n, H, D)
+            k, v = (torch.zeros(keys, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2))
+            kernels.planned(q, k, v, head_dim ** -0.5, causal)
+            kernels.mark_planned((queries, keys, causal))
+        torch.cuda.synchronize(device)
+        return len(missing)
+
     def _prefill_kernels(self, query: torch.Tensor, layer_cache: torch.Tensor) -> PrefillKernels:
-        heads, head_dim = query.shape[1], query.shape[2]
-        key = (query.device, query.dtype, heads, layer_cache.shape[3], head_dim)
+        return self._kernels_for(query.device, query.dtype, query.shape[1], layer_cache.shape[3], query.shape[2],
+                                 layer_cache.shape[2])
+
+    def _kernels_for(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                     block_size: int) -> PrefillKernels:
+        key = (canonical_device(device), dtype, heads, kv_heads, head_dim)
         if key not in self._kernels:
             planned_name, planned = select_kernel(*key, preference=PREFILL_PREFERENCE)
             unplanned_name, unplanned = select_kernel(*key, preference=_UNPLANNED_PREFERENCE)
             if unplanned_name == "reference" and planned_name != "reference":
                 unplanned = planned  # a new plan for the odd shape beats materialising its scores
-            quantum = max(PREFIX_QUANTUM_TOKENS, layer_cache.shape[2])
+            quantum = max(PREFIX_QUANTUM_TOKENS, block_size)
             self._kernels[key] = PrefillKernels(planned, unplanned, quantum)
         return self._kernels[key]

@@ -2,6 +2,7 @@
 
     model.py            the causal LM over explicit per-request state (one chunk of one sequence)
     state.py            that state: sliding window, compressed entries, open windows, overlaps
+    entries.py          where entries lie (one tensor, or pages through a block table) and how they are read
     attention.py        one attention layer: projections, RoPE, state update, grouped output
     sink_attention.py   the attention core over window + compressed keys with per-head sinks
     sink_softmax.py     its softmax as one Triton kernel (GPU)
@@ -17,7 +18,7 @@
     weights.py          checkpoint names, DeepSeek's and transformers' spellings
     runner.py           the engine's steps on this model, per request: tokens, block tables, open windows
     kv_pages.py         the paged cache: compressed and window page pools (byte layouts, sizes)
-    paged_state.py      a request's state read from its pages, written through by sinks
+    paged_state.py      a request's state over its pages (entries read in place), written through by sinks
     kv_tiers.py         host / Redis slots of block i of both pools
     worker.py           the rank's worker: model, pages, runner, tier transfers
     presets.py          `longctx make-model --preset deepseek-v4-tiny | deepseek-v4-flash-shape`

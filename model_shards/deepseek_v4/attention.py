@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
+from model_shards.deepseek_v4.entries import ContiguousEntries
 from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.indexer import LightningIndexer
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
@@ -99,9 +100,10 @@ class DeepseekV4Attention(nn.Module):
                          cos_sin: tuple[torch.Tensor, torch.Tensor]) -> CompressedKeys | None:
         if self.compressor is None:
             return None
-        entries = self.compressor.append(state.compressor, x)  # (E, D)
-        if self.layer_type == HCA:
-            return CompressedKeys(entries, first_position=start, rate=self.compressor.rate)
+        entries = self.compressor.append(state.compressor, x)  # E rows of D, where they lie
+        if self.layer_type == HCA:  # every query attends all closed entries: read them once (1 per m' tokens)
+            return CompressedKeys(ContiguousEntries(entries.read(0, entries.count)), first_position=start,
+                                  rate=self.compressor.rate)
         selected = self.indexer.select(state.indexer, x, q_residual, start, *cos_sin)  # (T, k)
         return CompressedKeys(entries, selected=selected)
 

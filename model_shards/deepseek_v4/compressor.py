@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model_shards.deepseek_v4.entries import Entries
 from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
 from model_shards.deepseek_v4.state import CompressorState
@@ -39,8 +40,9 @@ class Compressor(nn.Module):
     def new_state(self, dtype: torch.dtype, device: torch.device) -> CompressorState:
         return CompressorState.empty(self.rate, self.dim, self.kv_proj.out_features, dtype, device)
 
-    def append(self, state: CompressorState, x: torch.Tensor) -> torch.Tensor:
-        """Fold the chunk's tokens x (T, hidden) into `state`; return all entries so far (E, dim)."""
+    def append(self, state: CompressorState, x: torch.Tensor) -> Entries:
+        """Fold the chunk's tokens x (T, hidden) into `state`; return all entries so far (E rows of
+        dim, contiguous or on pages: entries.py)."""
         windows_kv, windows_gate, first_entry = state.close_windows(self.kv_proj(x), self.gate_proj(x))
         closed = windows_kv.shape[0]
         if closed == 0:

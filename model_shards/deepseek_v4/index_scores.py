@@ -13,6 +13,8 @@ tokens that is ~0.5 TB a CSA layer, where the dot products themselves are ~35 TF
   one tensor-core dot each (bf16 in, float32 accumulate: the products of bf16 values are exact in
   float32, so it differs from the reference by summation order only) and keeps the head sum in
   registers. Tiles wholly after the block's last visible entry are filled with -inf unscored.
+  It reads the keys where they lie: on the engine's pages through the request's block table
+  (entries.py), so no chunk copies the indexer keys out of the pages.
 
 Top-k selection ranks int64 keys `ordered(score) << 32 | (E - 1 - entry)`: the high word orders as
 the float32 score does (-0.0 as 0.0, -inf lowest), the low word puts earlier entries first among
@@ -24,21 +26,22 @@ from __future__ import annotations
 
 import torch
 
+from model_shards.deepseek_v4.entries import ContiguousEntries, Entries
 from model_shards.deepseek_v4.sink_attention import block_elements
 
 BLOCK_TOKENS, BLOCK_ENTRIES, WARPS = 64, 128, 4  # tile of one program; see bench/deepseek_v4.py
 DECODE_BLOCK_TOKENS = 16  # a decode step's one query would waste 63 of 64 rows
 
 
-def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
+def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: Entries, first_position: int,
                  rate: int, ranked: bool = False) -> torch.Tensor:
-    """q (t, heads, dim), head_weights (t, heads) float32, keys (E, dim) of queries at positions
-    first_position .. -> scores (t, E) float32, entries not closed at a query's position -inf;
-    or with `ranked` their ranking keys (t, E) int64."""
-    if _fused_kernel_runs(q, keys):
+    """q (t, heads, dim), head_weights (t, heads) float32, E keys of dim (contiguous or on pages:
+    entries.py) for queries at positions first_position .. -> scores (t, E) float32, entries not
+    closed at a query's position -inf; or with `ranked` their ranking keys (t, E) int64."""
+    if _fused_kernel_runs(q, keys.dtype):
         block_tokens = DECODE_BLOCK_TOKENS if q.shape[0] <= DECODE_BLOCK_TOKENS else BLOCK_TOKENS
         return index_scores_triton(q, head_weights, keys, first_position, rate, block_tokens, ranked=ranked)
-    scores = index_scores_torch(q, head_weights, keys, first_position, rate)
+    scores = index_scores_torch(q, head_weights, keys.read(0, keys.count), first_position, rate)
     return ranking_keys(scores) if ranked else scores
 
 
@@ -50,10 +53,10 @@ def ranking_keys(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | entry
 
 
-def _fused_kernel_runs(q: torch.Tensor, keys: torch.Tensor) -> bool:
+def _fused_kernel_runs(q: torch.Tensor, keys_dtype: torch.dtype) -> bool:
     half = (torch.bfloat16, torch.float16)
     dim = q.shape[-1]
-    return q.is_cuda and q.dtype in half and keys.dtype == q.dtype and dim >= 16 and dim & (dim - 1) == 0
+    return q.is_cuda and q.dtype in half and keys_dtype == q.dtype and dim >= 16 and dim & (dim - 1) == 0
 
 
 def index_scores_torch(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
@@ -75,17 +78,20 @@ def _closed(tokens: int, entries: int, first_position: int, rate: int, device: t
     return torch.arange(entries, device=device) < visible[:, None]
 
 
-def index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, first_position: int,
-                        rate: int, block_tokens: int = BLOCK_TOKENS, block_entries: int = BLOCK_ENTRIES,
-                        warps: int = WARPS, ranked: bool = False) -> torch.Tensor:
+def index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: Entries | torch.Tensor,
+                        first_position: int, rate: int, block_tokens: int = BLOCK_TOKENS,
+                        block_entries: int = BLOCK_ENTRIES, warps: int = WARPS, ranked: bool = False) -> torch.Tensor:
+    """The kernel reads keys where they lie, through their block table (a tensor: one block)."""
     from model_shards.deepseek_v4.index_scores_kernel import launch_index_scores
 
+    keys = ContiguousEntries(keys) if isinstance(keys, torch.Tensor) else keys
+    blocks, table, rows_per_block = keys.addressed()  # (num_blocks, rows, dim), (blocks,) long
     tokens, heads, dim = q.shape
-    if keys.shape[1] != dim or head_weights.shape != (tokens, heads) or q.stride(2) != 1 or keys.stride(1) != 1:
-        raise ValueError(f"index_scores: q {tuple(q.shape)}, keys {tuple(keys.shape)} and head weights "
+    if blocks.shape[2] != dim or head_weights.shape != (tokens, heads) or q.stride(2) != 1 or blocks.stride(2) != 1:
+        raise ValueError(f"index_scores: q {tuple(q.shape)}, keys {tuple(blocks.shape)} and head weights "
                          f"{tuple(head_weights.shape)} disagree, or a last dimension is strided")
-    scores = torch.empty(tokens, keys.shape[0], dtype=torch.int64 if ranked else torch.float32, device=q.device)
-    if tokens and keys.shape[0]:
-        launch_index_scores(q, head_weights.float().contiguous(), keys, scores, first_position, rate,
-                            block_tokens, block_entries, warps)
+    scores = torch.empty(tokens, keys.count, dtype=torch.int64 if ranked else torch.float32, device=q.device)
+    if tokens and keys.count:
+        launch_index_scores(q, head_weights.float().contiguous(), (blocks, table, rows_per_block), scores,
+                            first_position, rate, block_tokens, block_entries, warps)
     return scores

@@ -1,8 +1,9 @@
 """The fused Lightning Indexer score kernel (see index_scores.py for what it computes and why).
 
-Program (i, j) owns queries i*BT .. and entries j*BE ..: it loads its BE keys once, then for each
-head one (BT x dim) @ (dim x BE) tensor-core dot, ReLU, times that head's per-query weight, summed
-into a (BT x BE) float32 accumulator. Only the summed scores reach memory, or straight away
+Program (i, j) owns queries i*BT .. and entries j*BE ..: it loads its BE keys once (entry e from
+row e % rows_per_block of block table[e // rows_per_block]: the pages, or one block holding a
+contiguous tensor), then for each head one (BT x dim) @ (dim x BE) tensor-core dot, ReLU, times
+that head's per-query weight, summed into a (BT x BE) float32 accumulator. Only the summed scores reach memory, or straight away
 their ranking keys (index_scores.py).
 """
 
@@ -15,8 +16,8 @@ from model_shards.attention.triton_runtime import tl, triton
 
 @triton.jit
 def _index_scores(
-    q_ptr, weight_ptr, key_ptr, out_ptr, tokens, entries, first_position, rate,
-    stride_q_token, stride_q_head, stride_weight_token, stride_key_entry, stride_out_token,
+    q_ptr, weight_ptr, key_ptr, table_ptr, out_ptr, tokens, entries, first_position, rate, rows_per_block,
+    stride_q_token, stride_q_head, stride_weight_token, stride_key_block, stride_key_row, stride_out_token,
     HEADS: tl.constexpr, DIM: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, RANKED: tl.constexpr,
 ):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -27,7 +28,9 @@ def _index_scores(
     last_visible = (first_position + tl.minimum(tl.program_id(0) * BT + BT, tokens)) // rate
     acc = tl.zeros((BT, BE), dtype=tl.float32)
     if tl.program_id(1) * BE < last_visible:  # else: every entry of the tile is still open
-        keys = tl.load(key_ptr + cols[:, None] * stride_key_entry + dims[None, :], mask=col_ok[:, None], other=0.0)
+        block = tl.load(table_ptr + cols // rows_per_block, mask=col_ok, other=0).to(tl.int64)  # (BE,)
+        key_rows = block * stride_key_block + (cols % rows_per_block) * stride_key_row  # entry -> its page row
+        keys = tl.load(key_ptr + key_rows[:, None] + dims[None, :], mask=col_ok[:, None], other=0.0)
         for head in range(HEADS):
             q = tl.load(q_ptr + rows[:, None] * stride_q_token + head * stride_q_head + dims[None, :],
                         mask=row_ok[:, None], other=0.0)  # (BT, DIM)
@@ -44,13 +47,17 @@ def _index_scores(
         tl.store(target, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def launch_index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, out: torch.Tensor,
+def launch_index_scores(q: torch.Tensor, head_weights: torch.Tensor,
+                        keys: tuple[torch.Tensor, torch.Tensor, int], out: torch.Tensor,
                         first_position: int, rate: int, block_tokens: int, block_entries: int, warps: int) -> None:
-    """Scores into `out` (t, E): float32 scores, or int64 ranking keys if out is int64."""
+    """Scores into `out` (t, E): float32 scores, or int64 ranking keys if out is int64. `keys`:
+    (blocks (num_blocks, rows_per_block, dim), block table (blocks,) long, rows_per_block)."""
     tokens, heads, dim = q.shape
-    grid = (triton.cdiv(tokens, block_tokens), triton.cdiv(keys.shape[0], block_entries))
+    blocks, table, rows_per_block = keys
+    entries = out.shape[1]
+    grid = (triton.cdiv(tokens, block_tokens), triton.cdiv(entries, block_entries))
     _index_scores[grid](
-        q, head_weights, keys, out, tokens, keys.shape[0], first_position, rate,
-        q.stride(0), q.stride(1), head_weights.stride(0), keys.stride(0), out.stride(0),
+        q, head_weights, blocks, table, out, tokens, entries, first_position, rate, rows_per_block,
+        q.stride(0), q.stride(1), head_weights.stride(0), blocks.stride(0), blocks.stride(1), out.stride(0),
         HEADS=heads, DIM=dim, BT=block_tokens, BE=block_entries, RANKED=out.dtype == torch.int64, num_warps=warps,
     )

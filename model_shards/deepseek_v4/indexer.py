@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
+from model_shards.deepseek_v4.entries import Entries
 from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
 from model_shards.deepseek_v4.rope import InterleavedRotary
@@ -46,24 +47,24 @@ class LightningIndexer(nn.Module):
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Fold the chunk (tokens at positions start ..) into the indexer's keys, then pick each
         query's entries: (T, min(topk, E)) indices, NO_ENTRY where a query has fewer closed entries."""
-        keys = self.compressor.append(state, x)  # (E, head_dim)
+        keys = self.compressor.append(state, x)  # E rows of head_dim, where they lie (entries.py)
         tokens = x.shape[0]
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
         q = norm_and_rotate(q, cos, sin, "none")  # (T, heads, head_dim), in place on a GPU
         head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
-        width = min(self.topk, keys.shape[0])
+        width = min(self.topk, keys.count)
         # (queries, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
-        block = max(1, block_elements(x.device) // max(1, keys.shape[0]))
+        block = max(1, block_elements(x.device) // max(1, keys.count))
         chosen = torch.full((tokens, width), NO_ENTRY, dtype=torch.long, device=x.device)
         for i in range(0, tokens, block):
             stop = min(tokens, i + block)
             closed = (start + stop) // self.rate  # entries closed at the block's last query (host int)
-            picked = self._top_k(q[i:stop], head_weights[i:stop], keys[:closed], start + i)
+            picked = self._top_k(q[i:stop], head_weights[i:stop], keys.head(closed), start + i)
             visible = (torch.arange(start + i, start + stop, device=x.device) + 1) // self.rate  # (t,)
             chosen[i:stop, :picked.shape[1]] = picked.masked_fill(picked >= visible[:, None], NO_ENTRY)
         return chosen
 
-    def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor,
+    def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: Entries,
                first_position: int) -> torch.Tensor:
         """(t, min(topk, E_b)) earliest-first best entries of queries at first_position .."""
         if self.tp.size == 1:  # scores ranked as they are computed
@@ -71,7 +72,7 @@ class LightningIndexer(nn.Module):
         else:  # every rank holds some heads: sum the scores over ranks first
             scores = index_scores(q, head_weights, keys, first_position, self.rate)
             ranked = ranking_keys(self.tp.all_reduce(scores))
-        return top_k_of_ranking(ranked, min(self.topk, keys.shape[0]))
+        return top_k_of_ranking(ranked, min(self.topk, keys.count))
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         shard = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)

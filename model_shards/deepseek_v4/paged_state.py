@@ -2,16 +2,18 @@
 
 Before each chunk starting at token s, `PagedKV.load` builds the SequenceState the model runs on:
 
-    window keys     tokens max(0, s - W + 1) .. s - 1, gathered from the window pages
-    entries         every closed entry (s // m of them) per compressor, gathered from the compressed pages
+    window keys     tokens max(0, s - W + 1) .. s - 1 (W - 1 at most), gathered from the window pages
+    entries         s // m closed entries per compressor, left where they lie: PagedEntries over the
+                    compressed pages (entries.py), which the attention reads by address
     open windows    s on a block boundary: nothing pending, and CSA's overlap half from the
                     previous block's page (how a prefix hit, a restore or a preemption resumes);
                     inside a block: the request's slot (the state after its previous chunk)
                     (the overlap halves live in the window block ending at the boundary: kv_pages.py)
 
-and attaches sinks, so that while the model runs every new window key, every new entry and the
-overlap half at each block end land in the request's pages. After the chunk `PagedKV.slot` keeps
-only the open windows (bounded by m): the pages stay the one store of the growing KV.
+and attaches sinks, so that while the model runs every new window key and the overlap half at each
+block end land in the request's pages (new entries write themselves: PagedEntries.append). After
+the chunk `PagedKV.slot` keeps only the open windows (bounded by m): the pages stay the one store
+of the growing KV, and no chunk copies it out whole.
 """
 
 from __future__ import annotations
@@ -20,32 +22,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from model_shards.deepseek_v4.entries import BlockRows, PagedEntries
 from model_shards.deepseek_v4.kv_pages import PagePool
 from model_shards.deepseek_v4.state import CompressorState, SequenceState
-
-
-class BlockRows:
-    """Row r of a field with `rows_per_block` rows per block, through one block table:
-    block table[r // rows_per_block], row r % rows_per_block."""
-
-    def __init__(self, table: torch.Tensor, rows_per_block: int):
-        self.table, self.rows_per_block = table, rows_per_block  # table: (blocks,) long
-
-    def address(self, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(first, stop, device=self.table.device)
-        return self.table[rows // self.rows_per_block], rows % self.rows_per_block
-
-    def read(self, view: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-        """(stop - first, width) rows of a (num_blocks, rows, width) field view: whole blocks
-        gathered at once (one index_select), then the rows cut out of them."""
-        first_block, stop_block = first // self.rows_per_block, -(-stop // self.rows_per_block)
-        blocks = view.index_select(0, self.table[first_block:stop_block])  # (blocks, rows, width)
-        offset = first_block * self.rows_per_block
-        return blocks.flatten(0, 1)[first - offset:stop - offset]
-
-    def write(self, view: torch.Tensor, first: int, values: torch.Tensor) -> None:
-        blocks, rows = self.address(first, first + values.shape[0])
-        view[blocks, rows] = values.to(view.dtype)
 
 
 class WindowPages:
@@ -59,28 +38,23 @@ class WindowPages:
         self.next_position += keys.shape[0]
 
 
-class CompressorPages:
-    """CompressorSink: new entries into their rows; of the windows just closed, those that end a
-    block leave their first half in that block's overlap fields (in the window pool: `table` is
-    the window group's)."""
+class OverlapPages:
+    """CompressorSink of an overlapping (CSA) compressor: of the windows just closed, those that
+    end a block leave their first half in that block's overlap fields (in the window pool: `table`
+    is the window group's)."""
 
-    def __init__(self, entries: torch.Tensor, rows: BlockRows, overlap: tuple[torch.Tensor, torch.Tensor] | None,
-                 table: torch.Tensor):
-        self.entries, self.rows, self.overlap, self.table = entries, rows, overlap, table
-
-    def entries_added(self, first_entry: int, entries: torch.Tensor) -> None:
-        if entries.shape[0]:
-            self.rows.write(self.entries, first_entry, entries)
+    def __init__(self, windows_per_block: int, overlap: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor):
+        self.windows_per_block, self.overlap, self.table = windows_per_block, overlap, table
 
     def windows_closed(self, first_window: int, overlap_kv: torch.Tensor, overlap_gate: torch.Tensor) -> None:
         """overlap_kv / overlap_gate: (closed, m, dim) of windows first_window ..."""
-        per_block = self.rows.rows_per_block  # windows (= entries) per block
-        last_windows = range(-(-(first_window + 1) // per_block) * per_block - 1, first_window + overlap_kv.shape[0],
-                             per_block)  # windows w with (w + 1) % per_block == 0
-        if not last_windows:
+        per_block = self.windows_per_block
+        first_last = -(-(first_window + 1) // per_block) * per_block - 1  # first w with (w + 1) % per_block == 0
+        if first_last >= first_window + overlap_kv.shape[0]:
             return
-        local = torch.tensor([w - first_window for w in last_windows], device=overlap_kv.device)
-        blocks = self.table[torch.tensor([(w + 1) // per_block - 1 for w in last_windows], device=self.table.device)]
+        # device aranges, not host lists: no copy from the host in the middle of a forward
+        local = torch.arange(first_last - first_window, overlap_kv.shape[0], per_block, device=overlap_kv.device)
+        blocks = self.table[(local + first_window + 1) // per_block - 1]
         kv_view, gate_view = self.overlap
         kv_view[blocks] = overlap_kv[local].to(kv_view.dtype)
         gate_view[blocks] = overlap_gate[local].to(gate_view.dtype)
@@ -102,16 +76,21 @@ class PagedKV:
         state = slot if inside_block else new_state()
         state.num_tokens = start
         compressed_table, window_table = (self._table(t) for t in tables)
+        # the window block ending at `start` (host int: indexing by a device scalar would wait on the GPU)
+        previous = None if inside_block or start == 0 else tables[1][start // self.block_size - 1]
         for index, layer in enumerate(state.layers):
             self._load_window(index, layer.window, window_table, start)
             for name, compressor in (("", layer.compressor), ("index_", layer.indexer)):
                 if compressor is not None:
                     self._load_compressor(index, name, compressor, (compressed_table, window_table), start,
-                                          inside_block)
+                                          previous)
         return state
 
     def _table(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(block_ids), dtype=torch.long, device=self.compressed.data.device)
+        table = torch.tensor(list(block_ids), dtype=torch.long)
+        if self.compressed.device.type != "cuda":
+            return table
+        return table.pin_memory().to(self.compressed.device, non_blocking=True)  # no wait on the stream
 
     def _load_window(self, layer: int, window, table: torch.Tensor, start: int) -> None:
         view, rows = self.window.view(layer, "keys"), BlockRows(table, self.block_size)
@@ -119,18 +98,19 @@ class PagedKV:
         window.sink = WindowPages(view, rows, start)
 
     def _load_compressor(self, layer: int, prefix: str, compressor: CompressorState,
-                         tables: tuple[torch.Tensor, torch.Tensor], start: int, inside_block: bool) -> None:
+                         tables: tuple[torch.Tensor, torch.Tensor], start: int, previous: int | None) -> None:
+        """`previous`: the window block whose overlap halves a chunk at a block boundary resumes from."""
         compressed_table, window_table = tables
+        per_block = self.block_size // compressor.rate
         entries = self.compressed.view(layer, "index_keys" if prefix else "entries")
-        rows = BlockRows(compressed_table, self.block_size // compressor.rate)
-        compressor.entries = rows.read(entries, 0, start // compressor.rate)
-        overlap = None
+        compressor.entries = PagedEntries(entries, BlockRows(compressed_table, per_block), start // compressor.rate)
+        compressor.sink = None
         if (layer, prefix + "overlap_kv") in self.window.layout.fields:  # CSA: overlapping windows
             overlap = (self.window.view(layer, prefix + "overlap_kv"), self.window.view(layer, prefix + "overlap_gate"))
-            if not inside_block and start > 0:  # resume from the previous block's last window
-                previous = window_table[start // self.block_size - 1]
-                compressor.overlap_kv, compressor.overlap_gate = overlap[0][previous], overlap[1][previous]
-        compressor.sink = CompressorPages(entries, rows, overlap, window_table)
+            if previous is not None:  # resume from the previous block's last window
+                # copies, (m, dim) each: the slot may outlive the block
+                compressor.overlap_kv, compressor.overlap_gate = overlap[0][previous].clone(), overlap[1][previous].clone()
+            compressor.sink = OverlapPages(per_block, overlap, window_table)
 
     @staticmethod
     def slot(state: SequenceState) -> SequenceState:
@@ -138,6 +118,6 @@ class PagedKV:
         for layer in state.layers:
             layer.window.keys, layer.window.sink = layer.window.keys[:0], None
             for compressor in (layer.compressor, layer.indexer):
-                if compressor is not None:
-                    compressor.entries, compressor.sink = compressor.entries[:0], None
+                if compressor is not None:  # its entries point into the pages: nothing to drop
+                    compressor.sink = None
         return state

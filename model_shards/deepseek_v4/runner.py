@@ -91,7 +91,10 @@ class DeepseekV4Runner:
         return hidden
 
     def _ids(self, request: _Request, start: int, stop: int) -> torch.Tensor:
-        return torch.tensor(request.token_ids[start:stop], dtype=torch.long, device=self.model.device)
+        ids = torch.tensor(request.token_ids[start:stop], dtype=torch.long)
+        if self.model.device.type != "cuda":
+            return ids
+        return ids.pin_memory().to(self.model.device, non_blocking=True)  # no wait for the previous chunk
 
     def _sample(self, last_hidden: torch.Tensor, request_ids: list[str]) -> dict[str, SampledToken]:
         """Logits on every TP rank (a collective), sampling on world rank 0, the ids broadcast."""

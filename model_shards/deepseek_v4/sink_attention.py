@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model_shards.deepseek_v4.entries import Entries
+
 # Elements of one float32 block of logits or indexer scores: 64 MiB on a CPU, 1 GiB on a GPU
 # (where fewer, larger blocks keep kernel launches off the critical path).
 BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
@@ -37,11 +39,12 @@ def block_elements(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class CompressedKeys:
-    """The compressed entries (E, head_dim) and which of them each query may attend: `selected`
-    (T, k) indices with -1 for none (CSA), or else every entry closed at the query's position
-    (HCA), from the chunk's first position and the compress rate (host ints: no device sync)."""
+    """The compressed entries (E rows of head_dim, contiguous or on pages: entries.py) and which
+    of them each query may attend: `selected` (T, k) indices with -1 for none (CSA: gathered by
+    address), or else every entry closed at the query's position (HCA: read once, they are few),
+    from the chunk's first position and the compress rate (host ints: no device sync)."""
 
-    entries: torch.Tensor
+    entries: Entries
     selected: torch.Tensor | None = None
     first_position: int = 0
     rate: int = 1
@@ -67,7 +70,7 @@ def sink_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: i
 def _keys_per_query(compressed: CompressedKeys) -> int:
     if compressed.selected is not None:
         return compressed.selected.shape[1]
-    return compressed.entries.shape[0]
+    return compressed.entries.count
 
 
 def _query_windows(window_keys: torch.Tensor, tokens: int, sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +88,13 @@ def _compressed_group(compressed: CompressedKeys, start: int, stop: int) -> tupl
     entries = compressed.entries
     if compressed.selected is not None:
         selected = compressed.selected[start:stop]  # (t, k)
-        return entries[selected.clamp(min=0)], selected >= 0  # (t, k, D), (t, k)
+        return entries.gather(selected.clamp(min=0)), selected >= 0  # (t, k, D), (t, k)
     first, rate = compressed.first_position, compressed.rate
     count = (first + stop) // rate  # entries closed at the block's last query
-    visible = (torch.arange(start, stop, device=entries.device) + first + 1) // rate  # (t,)
-    reachable = torch.arange(count, device=entries.device) < visible[:, None]
-    return entries[:count], reachable
+    keys = entries.read(0, count)  # (count, D): a view of contiguous entries
+    visible = (torch.arange(start, stop, device=keys.device) + first + 1) // rate  # (t,)
+    reachable = torch.arange(count, device=keys.device) < visible[:, None]
+    return keys, reachable
 
 
 def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,9 +18,11 @@ them safely, which is what a cached prefix needs. Only `entries` grow with the c
 else is bounded by W and m, so a paged cache keeps `entries` in blocks per layer type and the rest
 in one small fixed slot per request and layer.
 
-The paged cache (paged_state.py) fills a state from pages before each chunk and attaches sinks
-(`WindowSink`, `CompressorSink`): every appended key, every new entry and the overlap half of
-every closed window reach them as the model runs, so the pages stay the store of record.
+The paged cache (paged_state.py) points each compressor's `entries` at its pages (entries.py:
+new entries are written there, old ones read where they lie, never copied out whole), fills the
+window keys from pages before each chunk and attaches sinks (`WindowSink`, `CompressorSink`):
+every appended key and the overlap half of every closed window reach them as the model runs, so
+the pages stay the store of record.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Protocol
 
 import torch
 
+from model_shards.deepseek_v4.entries import ContiguousEntries, Entries
+
 
 class WindowSink(Protocol):
     """Receives every key a window appends, before the window drops old ones (a paged cache's
@@ -41,10 +45,9 @@ class WindowSink(Protocol):
 
 
 class CompressorSink(Protocol):
-    """Receives a compressor's new entries and, for an overlapping (CSA) one, the first halves of
-    the windows it just closed: what a resume at a block boundary needs."""
-
-    def entries_added(self, first_entry: int, entries: torch.Tensor) -> None: ...
+    """Receives, for an overlapping (CSA) compressor, the first halves of the windows it just
+    closed: what a resume at a block boundary needs. (New entries need no sink: paged entries
+    write themselves into their pages, entries.py.)"""
 
     def windows_closed(self, first_window: int, overlap_kv: torch.Tensor, overlap_gate: torch.Tensor) -> None: ...
 
@@ -68,21 +71,21 @@ class SlidingWindowState:
 @dataclass
 class CompressorState:
     rate: int  # m: source tokens per entry
-    entries: torch.Tensor  # (n // m, dim), after kv_norm and RoPE at position (entry index) * m
+    entries: Entries  # n // m rows (dim), after kv_norm and RoPE at position (entry index) * m
     pending_kv: torch.Tensor  # (n % m, width) projections of the open window's tokens
     pending_gate: torch.Tensor  # (n % m, width) gate logits, position bias not yet added
     overlap_kv: torch.Tensor | None = None  # (m, dim) CSA: first half of the last closed window
     overlap_gate: torch.Tensor | None = None  # (m, dim) its gate logits, position bias added
-    sink: CompressorSink | None = None  # paged: where new entries and closed windows' halves go
+    sink: CompressorSink | None = None  # paged: where closed windows' halves go
 
     @classmethod
     def empty(cls, rate: int, dim: int, width: int, dtype: torch.dtype, device: torch.device) -> CompressorState:
-        return cls(rate, torch.empty(0, dim, dtype=dtype, device=device),
+        return cls(rate, ContiguousEntries(torch.empty(0, dim, dtype=dtype, device=device)),
                    torch.empty(0, width, dtype=dtype, device=device), torch.empty(0, width, dtype=dtype, device=device))
 
     @property
     def num_entries(self) -> int:
-        return self.entries.shape[0]
+        return self.entries.count
 
     def close_windows(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Append the chunk's projections (T, width) to the open window; return the windows that are
@@ -96,12 +99,9 @@ class CompressorState:
         return kv[:usable].view(closed, self.rate, width), gate[:usable].view(closed, self.rate, width), \
             self.num_entries
 
-    def add_entries(self, entries: torch.Tensor) -> torch.Tensor:
+    def add_entries(self, entries: torch.Tensor) -> Entries:
         """Append folded entries (closed, dim); return all entries so far."""
-        if self.sink is not None:
-            self.sink.entries_added(self.num_entries, entries)
-        if entries.shape[0]:
-            self.entries = torch.cat((self.entries, entries))
+        self.entries = self.entries.append(entries)
         return self.entries
 
 
@@ -136,7 +136,7 @@ class SequenceState:
             totals[f"{layer.layer_type}/fixed"] += _bytes(layer.window.keys)
             for compressor in (layer.compressor, layer.indexer):
                 if compressor is not None:
-                    totals[f"{layer.layer_type}/entries"] += _bytes(compressor.entries)
+                    totals[f"{layer.layer_type}/entries"] += compressor.entries.nbytes
                     totals[f"{layer.layer_type}/fixed"] += sum(
                         _bytes(t) for t in (compressor.pending_kv, compressor.pending_gate, compressor.overlap_kv,
                                             compressor.overlap_gate))

@@ -71,11 +71,10 @@ class DeepseekV4Worker:
     @property
     def description(self) -> WorkerDescription:
         compressed, window = self.pages.compressed, self.pages.window
-        # A tier slot holds block i of both pools (kv_tiers.py): the tiers size slots by both.
-        return WorkerDescription(compressed.num_blocks, self.kv_layout,
-                                 compressed.bytes_per_block + window.bytes_per_block,
+        # The tiers keep a block's window part apart from the rest (kv_tiers.py).
+        return WorkerDescription(compressed.num_blocks, self.kv_layout, compressed.bytes_per_block,
                                  str(self.dtype).removeprefix("torch."), str(self.device),
-                                 extra_group_blocks=(window.num_blocks,))
+                                 extra_group_blocks=(window.num_blocks,), kv_window_nbytes=window.bytes_per_block)
 
     @property
     def kv_layout(self) -> str:

@@ -108,11 +108,12 @@ def test_the_step_message_carries_one_table_per_group():
 
 
 def make_tiered_coordinator(full_blocks=8, window_blocks=6) -> KVCacheCoordinator:
-    """A hybrid model with a host tier: a slot holds block i of both groups (tier_manager.py)."""
+    """A hybrid model with a host tier: 100-byte blocks with 100-byte window parts, one window part
+    every 16 blocks and at each sequence's end: 32 block slots and 4 window-part slots (ids 32-35)."""
     window = SlidingWindowGroup(KVCacheGroupSpec("window", "sliding_window", WINDOW),
                                 SlidingWindowManager(window_blocks, BLOCK_SIZE, WINDOW))
-    tiers = TierManager(KVTierSettings(host_bytes=16 * 100, restore_policy="always"), BLOCK_SIZE, block_nbytes=100,
-                        window_blocks=window.manager.blocks_in_window)
+    tiers = TierManager(KVTierSettings(host_bytes=3600, restore_policy="always"), BLOCK_SIZE, block_nbytes=100,
+                        window_blocks=window.manager.blocks_in_window, window_nbytes=100)
     device = KVCacheManager(full_blocks, BLOCK_SIZE, on_evict=tiers.on_device_evict)
     tiers.track_device(device.pool)
     return KVCacheCoordinator(device, tiers, [window])
@@ -122,9 +123,10 @@ def test_hybrid_blocks_are_written_through_with_their_window_part_and_restored_i
     coordinator = make_tiered_coordinator()
     compute(coordinator, make_request("a", 16), chunk=8)
     ops = coordinator.take_transfers((), idle=False)
-    # computed [0, 8) then [8, 16): both blocks of each chunk saved before the window freed them
+    # computed [0, 8) then [8, 16): every block saved, and the window parts of the last two (where
+    # this sequence's hits end) before the window freed them
     assert ops.saves == ((0, 0), (1, 1), (2, 2), (3, 3))
-    assert ops.window_saves == ((0, 0), (1, 1), (2, 2), (3, 3))
+    assert ops.window_saves == ((2, 32), (3, 33))
     coordinator.on_step_done(StepInput(0), None, 0.0)
     coordinator.free("a")
     compute(coordinator, make_request("x", 24, first_token=500), chunk=8)  # evicts a's blocks in both groups
@@ -139,4 +141,4 @@ def test_hybrid_blocks_are_written_through_with_their_window_part_and_restored_i
     assert window[:2] == (NULL_BLOCK, NULL_BLOCK) and len(full) == len(window) == 5
     ops = coordinator.take_transfers((), idle=False)
     assert ops.loads == tuple(zip((0, 1, 2, 3), full[:4]))
-    assert ops.window_loads == ((2, window[2]), (3, window[3]))  # the last 2 restored: the window of 16
+    assert ops.window_loads == ((32, window[2]), (33, window[3]))  # the last 2 restored: the window of 16

@@ -8,6 +8,7 @@ reference LSE kernel in place of cuDNN) against TorchSDPABackend on mixed batche
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from model_shards.attention.base import AttentionMetadata  # noqa: E402
-from model_shards.attention.chunked_prefill import (PrefillKernels, bucket_tokens, chunk_attention,  # noqa: E402
-                                                    prefix_pieces)
-from model_shards.attention.cudnn_triton import CudnnTritonBackend  # noqa: E402
+from model_shards.attention.chunked_prefill import (PLANNED_MIN_QUERIES, PLANNED_MIN_STEP,  # noqa: E402
+                                                    PrefillKernels, bucket_tokens, chunk_attention,
+                                                    prefix_pieces, warm_shapes)
+from model_shards.attention.cudnn_triton import CudnnTritonBackend, canonical_device  # noqa: E402
 from model_shards.attention.torch_sdpa import TorchSDPABackend  # noqa: E402
 from model_shards.parallel.lse_attention import reference_attention  # noqa: E402
 
@@ -65,9 +67,10 @@ def paged_cache(num_blocks, block_size, kv_heads, head_dim, generator):
     return torch.randn(num_blocks, 2, 2, block_size, kv_heads, head_dim, generator=generator)[:, 0]
 
 
-@pytest.mark.parametrize("prefix_len, count", [(0, 50), (96, 40), (5 * 32 + 7, 33), (7 * 32, 128)])
-def test_chunk_attention_equals_attention_over_the_whole_context(prefix_len, count):
-    generator = torch.Generator().manual_seed(prefix_len + count)
+def chunk_case(prefix_len, count, seed):
+    """(query, key, value, cache, block_ids) of one chunk over a shuffled paged cache, and the
+    whole context's keys and values."""
+    generator = torch.Generator().manual_seed(seed)
     block_size, heads, kv_heads, head_dim = 16, 4, 2, 32
     cache = paged_cache(64, block_size, kv_heads, head_dim, generator)
     block_ids = torch.randperm(64, generator=generator)[:-(-(prefix_len + count) // block_size)]
@@ -75,15 +78,95 @@ def test_chunk_attention_equals_attention_over_the_whole_context(prefix_len, cou
     key, value = (torch.randn(count, kv_heads, head_dim, generator=generator) for _ in range(2))
     context_keys = torch.cat([cache[block_ids, 0].flatten(0, 1)[:prefix_len], key])
     context_values = torch.cat([cache[block_ids, 1].flatten(0, 1)[:prefix_len], value])
+    return (query, key, value, cache, block_ids), context_keys, context_values
+
+
+CHUNKS = [(0, 50), (96, 40), (5 * 32 + 7, 33), (7 * 32, 128), (3 * 32, 160)]
+
+
+@pytest.mark.parametrize("prefix_len, count", CHUNKS)
+def test_a_chunk_without_plans_runs_unpadded_on_the_plan_free_kernel(prefix_len, count):
+    inputs, context_keys, context_values = chunk_case(prefix_len, count, prefix_len + count)
     planned, unplanned = RecordingKernel(), RecordingKernel()
-    out = chunk_attention(query, key, value, cache, block_ids, prefix_len, 0.2,
-                          PrefillKernels(planned, unplanned, quantum=32))
-    expected, _ = reference_attention(query, context_keys, context_values, 0.2, causal=True)
+    out = chunk_attention(*inputs, prefix_len, 0.2, PrefillKernels(planned, unplanned, quantum=32))
+    expected, _ = reference_attention(inputs[0], context_keys, context_values, 0.2, causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert planned.shapes == []
+    assert unplanned.shapes == [(count, count, True)] + [(count, length, False)
+                                                         for _, length in prefix_pieces(prefix_len, 32)]
+
+
+@pytest.mark.parametrize("prefix_len, count", CHUNKS)
+def test_planned_shapes_run_padded_on_the_planned_kernel_and_the_rest_unpadded(prefix_len, count):
+    inputs, context_keys, context_values = chunk_case(prefix_len, count, prefix_len + count)
+    bucket = bucket_tokens(count)
+    warm = {(bucket, bucket, True), (bucket, 32, False), (bucket, 128, False)}
+    planned, unplanned = RecordingKernel(), RecordingKernel()
+    kernels = PrefillKernels(planned, unplanned, quantum=32)
+    for shape in warm:
+        kernels.mark_planned(shape)
+    out = chunk_attention(*inputs, prefix_len, 0.2, kernels)
+    expected, _ = reference_attention(inputs[0], context_keys, context_values, 0.2, causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    pieces = [(bucket, length, False) for _, length in prefix_pieces(prefix_len, 32)]
+    assert planned.shapes == [(bucket, bucket, True)] + [shape for shape in pieces if shape in warm]
+    assert unplanned.shapes == [(count, keys, False) for _, keys, _ in pieces if (bucket, keys, False) not in warm]
+
+
+@pytest.mark.parametrize("prefix_len, count", CHUNKS)
+def test_without_a_plan_free_kernel_every_shape_is_padded_to_its_bucket(prefix_len, count):
+    inputs, context_keys, context_values = chunk_case(prefix_len, count, prefix_len + count)
+    only = RecordingKernel()
+    out = chunk_attention(*inputs, prefix_len, 0.2, PrefillKernels(only, only, quantum=32))
+    expected, _ = reference_attention(inputs[0], context_keys, context_values, 0.2, causal=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     bucket = bucket_tokens(count)
-    for queries, keys, causal in planned.shapes:  # the planned kernel sees bucketed shapes only
-        assert queries == bucket and (keys == bucket if causal else keys % 32 == 0)
-    assert all(keys < 32 and queries == count for queries, keys, _ in unplanned.shapes)
+    pieces = prefix_pieces(prefix_len, 32)
+    assert only.shapes == [(bucket, bucket, True)] + [(bucket if keys % 32 == 0 else count, keys, False)
+                                                      for _, keys in pieces]  # the rest < 32 keys: unpadded
+
+
+def test_shapes_planned_in_another_thread_do_not_count_here():
+    kernels = PrefillKernels(RecordingKernel(), RecordingKernel(), quantum=32)
+    elsewhere = threading.Thread(target=kernels.mark_planned, args=((128, 128, True),))
+    elsewhere.start()
+    elsewhere.join()
+    assert not kernels.uses_plan((128, 128, True))
+    kernels.mark_planned((128, 128, True))
+    assert kernels.uses_plan((128, 128, True)) and kernels.planned_here() == {(128, 128, True)}
+
+
+def test_a_device_without_index_finds_the_kernels_of_its_tensors(monkeypatch):
+    """The worker warms up with the config's device (`cuda`); steps look kernels up by their
+    tensors' device (`cuda:0`). Session 5's H200 run missed every warmed plan this way."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert canonical_device(torch.device("cuda")) == canonical_device(torch.device("cuda:0")) == torch.device("cuda", 0)
+    assert canonical_device(torch.device("cuda:1")) == torch.device("cuda", 1)
+    assert canonical_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_warm_shapes_cover_every_chunk_of_a_lone_prompt_but_its_last():
+    shapes = warm_shapes(16384, 1 << 20, 1024)
+    assert [shape for shape in shapes if shape[2]] == [(16384, 16384, True)]
+    assert [keys for _, keys, causal in shapes if not causal] == [1024 << i for i in range(10)]
+    assert all(queries == 16384 for queries, _, causal in shapes if not causal)
+    assert warm_shapes(2048, 1 << 20, 1024) == []  # steps below PLANNED_MIN_STEP never plan
+    assert warm_shapes(PLANNED_MIN_STEP, 4096, 1024) == [(4096, 4096, True), (4096, 1024, False),
+                                                         (4096, 2048, False)]
+    big = [queries for queries, _, causal in warm_shapes(40000, 1 << 16, 1024) if causal]
+    assert big == [PLANNED_MIN_QUERIES, 20480, 24576, 28672, 32768, 40960]  # every bucket up to the step's
+
+
+@pytest.mark.parametrize("tokens", [40_000, 130_000, 1_000_000])
+def test_a_lone_prompt_plans_only_warm_shapes_before_its_last_chunk(tokens):
+    """Chunks of a prompt alone under the default budget: every piece of every chunk but the last
+    is a warm shape (no plan is built inside the request)."""
+    step, quantum = 16384, 1024
+    warm = set(warm_shapes(step, tokens, quantum))
+    for start in range(0, tokens - step, step):
+        bucket = bucket_tokens(step)
+        assert (bucket, bucket, True) in warm
+        assert all((bucket, length, False) in warm for _, length in prefix_pieces(start, quantum))
 
 
 def build_step(generator, block_size, sequences):

@@ -116,3 +116,21 @@ def test_a_hit_must_end_on_a_block_boundary(folder):
     with pytest.raises(RuntimeError, match="starting at token 12, inside a block"):
         runner.execute(StepInput(0, new_requests=(new("a", prompt(20, seed=5), computed=12),),
                                  num_scheduled_tokens={"a": 8}))
+
+
+@pytest.mark.parametrize("chunks", [(37, 27, 1, 1, 30), (16, 48, 3, 29)])
+def test_pages_in_shuffled_blocks_give_the_in_memory_models_hidden_states_exactly(folder, chunks):
+    """The same chunks on one in-memory SequenceState and on pages whose block tables are a random
+    permutation (entries read by address, keys scored through the table): equal bit for bit."""
+    runner = make_runner(folder, num_blocks=24)
+    model, pages = runner.model, runner.pages
+    ids = torch.tensor(prompt(sum(chunks), seed=11))
+    blocks = -(-len(ids) // BLOCK)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(len(chunks))).tolist()
+    tables = (order[:blocks], order[blocks:2 * blocks])  # the two pools' ids need not agree
+    state, slot, start = model.new_state(), None, 0
+    for count in chunks:
+        expected = model(ids[start:start + count], state)
+        paged = pages.load(model.new_state, tables, start, slot)
+        assert torch.equal(model(ids[start:start + count], paged), expected)
+        slot, start = pages.slot(paged), start + count

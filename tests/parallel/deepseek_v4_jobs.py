@@ -27,6 +27,6 @@ def run_deepseek_v4_chunks(context, folder: Path, tp: int, token_ids: list[int],
         start += size
     resumed, start = saved
     logits.append(model.compute_logits(model(ids[start:], resumed)))
-    checksum = torch.stack([torch.cat([t.entries.sum().view(1) for t in (layer.compressor, layer.indexer) if t])
+    checksum = torch.stack([torch.cat([t.entries.read(0, t.entries.count).sum().view(1) for t in (layer.compressor, layer.indexer) if t])
                             .sum() for layer in state.layers if layer.compressor])
     return torch.cat(logits), checksum

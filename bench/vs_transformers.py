@@ -1,0 +1,232 @@
+"""longctx against Hugging Face transformers on one GPU, out of the box: TTFT and time per output
+token for one request at 4K to 1M tokens, and for batches submitted together.
+
+    source .gpu/install.sh >/dev/null && python3 bench/vs_transformers.py 2>&1 | tee $OUT/vs_transformers.log
+    python3 bench/vs_transformers.py --smoke    # on a CPU: tiny model and sizes, checks the script
+
+The same 8B-shaped bf16 folder (2 layers) for both. longctx runs its engine with every default
+(only the device, dtype and context length given); transformers runs `generate` with sdpa
+attention, batches left-padded into one call. Every measured prompt length differs from the
+warm-up lengths (and from each other), so a kernel that plans per exact shape pays its plans
+inside the measured TTFT, as a served request of a new length would. Lengths up to
+--repeat-max-tokens run twice, the second time with other tokens of the same length: the
+difference is what shape-keyed planning costs. Greedy tokens are compared (first 8).
+Writes vs_transformers.json under $OUT (or bench/results/) and prints the tables last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import gpu_cases  # noqa: E402
+from bench import gpu_model_cases as model_cases  # noqa: E402
+from bench import vs_transformers_cases as cases  # noqa: E402
+from bench.gpu import Deadline, attempt  # noqa: E402
+
+LENGTHS = [4000, 8100, 32700, 130000, 520000, 1040000]
+WARMUP_LENGTHS = [300, 1000]
+BATCHES = ["16x4000", "8x32000"]  # count x base length; lengths base, base + 61, ...
+REPEAT_SEED_OFFSET = 7
+PROFILE_SEED_OFFSET = 13  # profiled prompts share no prefix with the measured ones
+HF_NATIVE_CONTEXT = 131072  # the llama3-8b-shape preset's max_position_embeddings  # the repeat of a length uses seed length + 7: other tokens, same shape
+
+
+def prefill_estimate_s(tokens: int, layers: int) -> float:
+    """A generous wall-time guess for one prefill (a 2-layer 8B shape ran 1M tokens in ~33 s; this says ~47)."""
+    return layers * (tokens / 1e6) ** 2 * 16 + tokens / 1e5 + 2
+
+
+def parse_batches(specs: list[str]) -> list[list[int]]:
+    batches = []
+    for spec in specs:
+        count, base = (int(part) for part in spec.split("x"))
+        batches.append(cases.distinct_lengths(base, count))
+    return batches
+
+
+def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
+    print("longctx: the engine with its defaults", flush=True)
+    engine = model_cases.make_engine(model_dir, device, args.max_model_len)
+    report = {"single": {}, "repeat": {}, "batch": {}, "profile": {}}
+    try:
+        for tokens in args.warmup_lengths:
+            cases.ours_single(engine, tokens, 4, tokens)
+        for tokens in args.lengths:
+            estimate = prefill_estimate_s(tokens, args.layers) * 1.3 + 3
+            report["single"][tokens] = attempt(f"longctx {tokens}", deadline, estimate, cases.ours_single,
+                                               engine, tokens, args.output_tokens, tokens)
+            if tokens <= args.repeat_max_tokens:
+                report["repeat"][tokens] = attempt(f"longctx {tokens} again (same shape)", deadline, estimate,
+                                                   cases.ours_single, engine, tokens, args.output_tokens,
+                                                   tokens + REPEAT_SEED_OFFSET)
+        for lengths in args.batches:
+            report["batch"][batch_name(lengths)] = attempt(f"longctx batch {batch_name(lengths)}", deadline, 30,
+                                                           cases.ours_batch, engine, lengths, args.output_tokens)
+        for tokens in args.profile_lengths:
+            report["profile"][tokens] = attempt(f"profile {tokens}", deadline, 20, cases.profile_request,
+                                                engine, tokens, tokens + PROFILE_SEED_OFFSET)
+    finally:
+        engine.shutdown()
+        del engine
+        gpu_cases.free_memory()
+    return report
+
+
+def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
+    """Prompts up to the folder's native context on a copy of it that says so in config.json
+    (max_position_embeddings 131072, as in ../shared/measurements/hf_vs_longctx.py: the same
+    weights and, with llama3 RoPE, the same logits), longer ones on the folder itself."""
+    print("transformers (sdpa), the same weights and prompts", flush=True)
+    native = native_context_copy(model_dir, HF_NATIVE_CONTEXT)
+    report = {"single": {}, "batch": {}, "diagnostic": {}}
+    model = cases.load_hf(native, device)
+    for tokens in args.warmup_lengths:
+        cases.hf_single(model, tokens, 2, tokens, device)
+    for tokens in [n for n in args.lengths if n <= HF_NATIVE_CONTEXT]:
+        report["single"][tokens] = hf_attempt(args, deadline, model, tokens, device)
+    for lengths in args.batches:
+        report["batch"][batch_name(lengths)] = attempt(f"transformers batch {batch_name(lengths)}", deadline, 30,
+                                                       cases.hf_batch, model, lengths, args.output_tokens, device)
+    del model
+    gpu_cases.free_memory()
+    model = cases.load_hf(model_dir, device)
+    report["diagnostic"] = hf_diagnostic(args, model, device, deadline)
+    for tokens in [n for n in args.lengths if HF_NATIVE_CONTEXT < n <= args.hf_max_tokens]:
+        report["single"][tokens] = hf_attempt(args, deadline, model, tokens, device)
+    del model
+    gpu_cases.free_memory()
+    return report
+
+
+def hf_attempt(args, deadline: Deadline, model, tokens: int, device: torch.device) -> dict:
+    estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 3
+    return attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single, model, tokens,
+                   args.output_tokens, tokens, device)
+
+
+def hf_diagnostic(args, model, device: torch.device, deadline: Deadline) -> dict:
+    """The shortest length on the long-context folder, with its eos ids and without them (as
+    bench/gpu.py loads it): session 4 saw ~60 ms a token there against 2-4 ms on the native copy."""
+    tokens = min(args.lengths)
+    rows = {"long_config": hf_attempt(args, deadline, model, tokens, device)}
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    rows["long_config_no_eos"] = hf_attempt(args, deadline, model, tokens, device)
+    model.generation_config.eos_token_id = eos
+    return {tokens: rows}
+
+
+def native_context_copy(model_dir: str, context: int) -> str:
+    """A folder beside model_dir with the same files (links) but config.json's
+    max_position_embeddings set to `context`."""
+    copy = Path(model_dir).parent / f"native-{context}"
+    copy.mkdir(exist_ok=True)
+    for path in Path(model_dir).iterdir():
+        if path.name != "config.json" and not (copy / path.name).exists():
+            (copy / path.name).symlink_to(path.resolve())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["max_position_embeddings"] = min(context, config["max_position_embeddings"])
+    (copy / "config.json").write_text(json.dumps(config, indent=1))
+    return str(copy)
+
+
+SECTIONS = {"ours": ours_section, "transformers": hf_section}
+
+
+def batch_name(lengths: list[int]) -> str:
+    return f"{len(lengths)}x{lengths[0]}-{lengths[-1]}"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--batches", nargs="*", default=BATCHES, help="COUNTxLENGTH, e.g. 16x4000")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the 8B-shaped model")
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--repeat-max-tokens", type=int, default=131072,
+                        help="lengths up to this run a second time at the same shape")
+    parser.add_argument("--profile-lengths", type=int, nargs="*", default=[4000, 8300, 33000],
+                        help="lengths profiled last (torch.profiler + cProfile), new tokens: a length run before "
+                             "shows the steady state, a new one what a new length costs")
+    parser.add_argument("--hf-max-tokens", type=int, default=1 << 21, help="longest prompt given to transformers")
+    parser.add_argument("--sections", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    parser.add_argument("--budget-s", type=float, default=330, help="cases that would end later are skipped")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script")
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # a section's own process: the folder made
+    parser.add_argument("--section-json", help=argparse.SUPPRESS)  # and where its results go
+    args = parser.parse_args()
+    args.preset, args.warmup_lengths = "llama3-8b-shape", WARMUP_LENGTHS
+    if args.smoke:
+        args.preset, args.lengths, args.warmup_lengths = "tiny", [200, 330], [40]
+        args.batches, args.profile_lengths, args.output_tokens = ["3x100"], [150], 4
+    args.batch_specs, args.batches = args.batches, parse_batches(args.batches)
+    args.max_model_len = max(args.lengths + [max(b) for b in args.batches]) + args.output_tokens + 64
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.section_json:
+        run_section_here(args)
+        return
+    deadline = Deadline(args.budget_s)
+    started = time.perf_counter()
+    report = {"layers": args.layers, "output_tokens": args.output_tokens}
+    with tempfile.TemporaryDirectory() as folder:
+        from model_shards.make_model import make_model
+
+        model_dir = str(make_model(Path(folder) / "model", args.preset, num_hidden_layers=args.layers,
+                                   max_position_embeddings=args.max_model_len))
+        for name in args.sections:
+            report[name] = run_section_isolated(args, name, model_dir, deadline)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vs_transformers.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    from bench.vs_transformers_report import print_report
+
+    print_report(report)
+    print(f"wrote {out_dir / 'vs_transformers.json'} in {report['wall_s']} s")
+
+
+def run_section_isolated(args, name: str, model_dir: str, deadline: Deadline) -> dict:
+    """One section in a fresh interpreter. In session 5's H200 runs transformers' generate, run in
+    the process where our engine had just run, took 40-75 ms a token against 3-4 ms in a model
+    loaded after it (cause not found): each side gets a process of its own."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / f"{name}.json"
+        budget_s = max(deadline.end - time.monotonic(), 1.0)
+        subprocess.run(child_command(args, name, model_dir, budget_s, str(result)), check=False)
+        return json.loads(result.read_text()) if result.exists() else {"error": f"the {name} process failed"}
+
+
+def child_command(args, name: str, model_dir: str, budget_s: float, result: str) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--sections", name, "--budget-s", f"{budget_s:.1f}",
+               "--model-dir", model_dir, "--section-json", result, "--layers", str(args.layers),
+               "--output-tokens", str(args.output_tokens), "--repeat-max-tokens", str(args.repeat_max_tokens),
+               "--hf-max-tokens", str(args.hf_max_tokens), "--lengths", *map(str, args.lengths),
+               "--batches", *args.batch_specs, "--profile-lengths", *map(str, args.profile_lengths)]
+    return command + (["--smoke"] if args.smoke else [])
+
+
+def run_section_here(args) -> None:
+    device = torch.device("cpu" if args.smoke else "cuda")
+    report = SECTIONS[args.sections[0]](args, args.model_dir, device, Deadline(args.budget_s))
+    report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report["torch"] = torch.__version__
+    Path(args.section_json).write_text(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()

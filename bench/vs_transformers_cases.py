@@ -1,0 +1,147 @@
+"""The measurements of bench/vs_transformers.py: one request and a batch through longctx's engine
+(its defaults) and through transformers' generate (sdpa), each returning a dict of plain numbers.
+
+Times are wall clock as a caller sees them. TTFT: from the call to the first token on the host;
+time per output token (TPOT): the rest of the request over its remaining tokens. transformers is
+timed inside one `generate` by a stopping criterion that synchronizes and stamps every token, so
+that a long prompt is prefilled once, not once for TTFT and again for the decode.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from bench.gpu_model_cases import random_prompt
+
+
+def distinct_lengths(base: int, count: int) -> list[int]:
+    """`count` prompt lengths near `base`, all different (so no two share an exact shape)."""
+    return [base + 61 * i for i in range(count)]
+
+
+# --- longctx -----------------------------------------------------------------------------------
+def ours_generate(engine, prompts: list[list[int]], output_tokens: int) -> dict:
+    """All prompts submitted together: TTFT per request, TPOT per request, output tok/s."""
+    from engine.offline import generate
+    from protocol.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    results = generate(engine, prompts, SamplingParams(max_tokens=output_tokens, ignore_eos=True))
+    elapsed = time.perf_counter() - start
+    finished = [group[0] for group in results]
+    return {"ttft_s": [r.ttft_s for r in finished], "tpot_ms": [(r.tpot_s or 0.0) * 1e3 for r in finished],
+            "tokens": [list(r.token_ids)[:8] for r in finished],
+            "output_tok_per_s": sum(len(r.token_ids) for r in finished) / elapsed}
+
+
+def ours_single(engine, tokens: int, output_tokens: int, seed: int) -> dict:
+    prompt = random_prompt(tokens, seed, engine.architecture.vocab_size)
+    run = ours_generate(engine, [prompt], output_tokens)
+    return {"ttft_s": run["ttft_s"][0], "tpot_ms": run["tpot_ms"][0], "tokens": run["tokens"][0]}
+
+
+def ours_batch(engine, lengths: list[int], output_tokens: int) -> dict:
+    prompts = [random_prompt(n, n, engine.architecture.vocab_size) for n in lengths]
+    return summarize_batch(ours_generate(engine, prompts, output_tokens))
+
+
+def summarize_batch(run: dict) -> dict:
+    ttfts = run["ttft_s"]
+    return {"ttft_mean_s": sum(ttfts) / len(ttfts), "ttft_max_s": max(ttfts),
+            "output_tok_per_s": run["output_tok_per_s"], "tokens": run["tokens"]}
+
+
+def profile_request(engine, tokens: int, seed: int, rows: int = 20) -> dict:
+    """One request of a new length (1 output token) under torch.profiler and cProfile; prints the
+    ops by host and by device time and the project's Python functions by cumulative time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = random_prompt(tokens, seed, engine.architecture.vocab_size)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    python = cProfile.Profile()
+    with profile(activities=activities) as trace:
+        python.enable()
+        run = ours_generate(engine, [prompt], 1)
+        python.disable()
+    averages = trace.key_averages()
+    device_sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats("engine/|model_shards/|kvcache/", rows)
+    print(f"=== profile of one {tokens}-token request (new tokens, 1 output token), TTFT {run['ttft_s'][0]:.4f} s "
+          f"under the profilers ===")
+    print(averages.table(sort_by="cpu_time_total", row_limit=rows))
+    print(averages.table(sort_by=device_sort, row_limit=rows))
+    print(text.getvalue(), flush=True)
+    return {"ttft_s": run["ttft_s"][0]}
+
+
+# --- transformers --------------------------------------------------------------------------------
+def load_hf(model_dir: str, device: torch.device):
+    """As a user loads it: the folder's generation config (eos ids) kept; min_new_tokens keeps eos
+    from ending a row early."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+class TokenClock:
+    """A stopping criterion that never stops: it synchronizes and stamps each generated token."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def hf_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_tokens: int) -> dict:
+    """One greedy generate: TTFT, TPOT, output tok/s, the first 8 new tokens of each row."""
+    from transformers import StoppingCriteriaList
+
+    clock = TokenClock(input_ids.device)
+    if input_ids.device.type == "cuda":
+        torch.cuda.synchronize(input_ids.device)
+        torch.cuda.reset_peak_memory_stats(input_ids.device)
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=output_tokens,
+                         min_new_tokens=output_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+    ttft = clock.stamps[0] - start
+    total = clock.stamps[-1] - start
+    width = input_ids.shape[1]
+    return {"ttft_s": ttft, "tpot_ms": (total - ttft) / max(len(clock.stamps) - 1, 1) * 1e3,
+            "output_tok_per_s": input_ids.shape[0] * len(clock.stamps) / total,
+            "tokens": out[:, width:width + 8].tolist(), "peak_GiB": peak_gib(input_ids.device)}
+
+
+def hf_single(model, tokens: int, output_tokens: int, seed: int, device: torch.device) -> dict:
+    ids = torch.tensor([random_prompt(tokens, seed, model.config.vocab_size)], device=device)
+    run = hf_generate(model, ids, torch.ones_like(ids), output_tokens)
+    return {**run, "tokens": run["tokens"][0]}
+
+
+def hf_batch(model, lengths: list[int], output_tokens: int, device: torch.device) -> dict:
+    """All prompts in one generate, left-padded to the longest (mask 0 on the padding)."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.tensor(random_prompt(n, n, model.config.vocab_size), device=device)
+        mask[row, width - n:] = 1
+    run = hf_generate(model, ids, mask, output_tokens)
+    return {"ttft_mean_s": run["ttft_s"], "ttft_max_s": run["ttft_s"], "output_tok_per_s": run["output_tok_per_s"],
+            "tokens": run["tokens"], "peak_GiB": run["peak_GiB"]}
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

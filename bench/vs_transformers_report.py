@@ -1,0 +1,84 @@
+"""Tables of bench/vs_transformers.py: longctx against transformers per length and per batch."""
+
+from __future__ import annotations
+
+
+def print_report(report: dict) -> None:
+    ours, hf = report.get("ours", {}), report.get("transformers", {})
+    first = ours or hf
+    print(f"\n{first.get('device')}, torch {first.get('torch')}, {report['layers']} layers of the 8B shape, "
+          f"{report['output_tokens']} output tokens")
+    print_single(ours, hf)
+    print_batches(ours, hf)
+    print_diagnostic(hf)
+
+
+def print_single(ours: dict, hf: dict) -> None:
+    print("\none request: TTFT s (new length / same length again), TPOT ms, greedy first 8 equal")
+    print(f"{'tokens':>8} {'ours':>7} {'again':>7} {'HF':>7} {'HF/ours':>7} | {'ours':>6} {'HF':>6} "
+          f"{'HF/ours':>7} | same8  HF peak GiB")
+    for tokens, mine in ours.get("single", {}).items():
+        theirs = hf.get("single", {}).get(tokens, {})
+        again = ours.get("repeat", {}).get(tokens, {})
+        print(f"{tokens:>8} {seconds(mine, 'ttft_s'):>7} {seconds(again, 'ttft_s'):>7} {seconds(theirs, 'ttft_s'):>7} "
+              f"{ratio(theirs, mine, 'ttft_s'):>7} | {milliseconds(mine):>6} {milliseconds(theirs):>6} "
+              f"{ratio(theirs, mine, 'tpot_ms'):>7} | {same_tokens(mine, theirs):>5}  {theirs.get('peak_GiB', '')}")
+
+
+def print_batches(ours: dict, hf: dict) -> None:
+    print("\nbatches submitted together: TTFT mean / max s, output tok/s, rows with greedy first 8 equal")
+    print(f"{'batch':>16} {'ours TTFT':>15} {'HF TTFT':>15} | {'ours tok/s':>10} {'HF tok/s':>9} | same8")
+    for name, mine in ours.get("batch", {}).items():
+        theirs = hf.get("batch", {}).get(name, {})
+        print(f"{name:>16} {pair(mine):>15} {pair(theirs):>15} | {rate(mine):>10} {rate(theirs):>9} | "
+              f"{rows_equal(mine, theirs)}")
+
+
+def print_diagnostic(hf: dict) -> None:
+    for tokens, rows in hf.get("diagnostic", {}).items():
+        print(f"\ntransformers at {tokens} on the long-context config.json (the table: max_position_embeddings "
+              f"131072 up to 131072 tokens): TTFT s, TPOT ms")
+        for name, result in rows.items():
+            print(f"{name:>20} {seconds(result, 'ttft_s'):>7} {milliseconds(result):>7}")
+
+
+def seconds(result: dict, key: str) -> str:
+    return f"{result[key]:.3f}" if key in result else short(result)
+
+
+def milliseconds(result: dict) -> str:
+    return f"{result['tpot_ms']:.2f}" if "tpot_ms" in result else short(result)
+
+
+def ratio(theirs: dict, mine: dict, key: str) -> str:
+    return f"{theirs[key] / mine[key]:.2f}" if key in theirs and key in mine else "-"
+
+
+def pair(result: dict) -> str:
+    if "ttft_mean_s" not in result:
+        return short(result)
+    return f"{result['ttft_mean_s']:.3f}/{result['ttft_max_s']:.3f}"
+
+
+def rate(result: dict) -> str:
+    return f"{result['output_tok_per_s']:.0f}" if "output_tok_per_s" in result else short(result)
+
+
+def same_tokens(mine: dict, theirs: dict) -> str:
+    if "tokens" not in mine or "tokens" not in theirs:
+        return "-"
+    return str(mine["tokens"] == theirs["tokens"])
+
+
+def rows_equal(mine: dict, theirs: dict) -> str:
+    if "tokens" not in mine or "tokens" not in theirs:
+        return "-"
+    return f"{sum(a == b for a, b in zip(mine['tokens'], theirs['tokens']))}/{len(mine['tokens'])}"
+
+
+def short(result: dict) -> str:
+    """OOM, skipped or error, in a table cell."""
+    if not result:
+        return "-"
+    text = str(result.get("error") or result.get("skipped") or "?")
+    return "OOM" if "out of memory" in text else text[:7]

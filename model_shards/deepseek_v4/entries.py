@@ -1,0 +1,119 @@
+"""Where a compressor's entries lie, and the one way attention and the indexer read them.
+
+A compressor's entries (CSA's attention entries, the Lightning Indexer's keys, HCA's entries)
+are the one part of V4's state that grows with the context. Two places hold them:
+
+    ContiguousEntries   one (E, dim) tensor, grown by concatenation: an in-memory SequenceState
+                        (the model alone, the tests against transformers)
+    PagedEntries        rows 0 .. count-1 of a page pool's (num_blocks, rows_per_block, dim) field
+                        view, row r in block table[r // rows_per_block]: the engine's pages,
+                        written in place as entries close and read where they lie
+
+Both answer the same questions (`read` a run of rows, `gather` rows by index, `addressed` for a
+kernel that follows the block table itself), so the attention code has one path: a chunk on the
+pages copies no entry it does not use (CSA gathers each query's top-k by address, the indexer's
+score kernel reads its keys through the table; only HCA's few entries, 1 per 128 tokens, are
+read out whole). A contiguous tensor is addressed as one block holding every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+class BlockRows:
+    """Row r of a field with `rows_per_block` rows per block, through one block table:
+    block table[r // rows_per_block], row r % rows_per_block."""
+
+    def __init__(self, table: torch.Tensor, rows_per_block: int):
+        self.table, self.rows_per_block = table, rows_per_block  # table: (blocks,) long
+
+    def locate(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids, rows in them) of row indices of any shape."""
+        return self.table[index // self.rows_per_block], index % self.rows_per_block
+
+    def read(self, view: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        """(stop - first, width) rows of a (num_blocks, rows, width) field view: whole blocks
+        gathered at once (one index_select), then the rows cut out of them."""
+        first_block, stop_block = first // self.rows_per_block, -(-stop // self.rows_per_block)
+        blocks = view.index_select(0, self.table[first_block:stop_block])  # (blocks, rows, width)
+        offset = first_block * self.rows_per_block
+        return blocks.flatten(0, 1)[first - offset:stop - offset]
+
+    def write(self, view: torch.Tensor, first: int, values: torch.Tensor) -> None:
+        blocks, rows = self.locate(torch.arange(first, first + values.shape[0], device=self.table.device))
+        view[blocks, rows] = values.to(view.dtype)
+
+
+@dataclass(frozen=True)
+class ContiguousEntries:
+    rows: torch.Tensor  # (E, dim); never written in place, so snapshots may share it
+
+    @property
+    def count(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+    def head(self, count: int) -> ContiguousEntries:
+        return ContiguousEntries(self.rows[:count])
+
+    def read(self, first: int, stop: int) -> torch.Tensor:
+        return self.rows[first:stop]  # a view
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """index (...) of rows < count -> (..., dim)."""
+        return self.rows[index]
+
+    def append(self, new: torch.Tensor) -> ContiguousEntries:
+        return ContiguousEntries(torch.cat((self.rows, new))) if new.shape[0] else self
+
+    def addressed(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(blocks (1, E, dim), table (1,), rows per block): one block holding every row."""
+        return self.rows[None], torch.zeros(1, dtype=torch.long, device=self.rows.device), max(1, self.count)
+
+
+@dataclass(frozen=True)
+class PagedEntries:
+    view: torch.Tensor  # (num_blocks, rows_per_block, dim) typed view of one page field
+    rows: BlockRows  # the request's block table over it
+    count: int  # rows 0 .. count - 1 hold entries
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.view.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.view.shape[-1] * self.view.element_size()
+
+    def head(self, count: int) -> PagedEntries:
+        return dataclasses.replace(self, count=count)
+
+    def read(self, first: int, stop: int) -> torch.Tensor:
+        return self.rows.read(self.view, first, stop)  # a copy of those rows
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        return self.view[self.rows.locate(index)]
+
+    def append(self, new: torch.Tensor) -> PagedEntries:
+        """Write the new entries into their rows of the pages (the store of record)."""
+        if not new.shape[0]:
+            return self
+        self.rows.write(self.view, self.count, new)
+        return dataclasses.replace(self, count=self.count + new.shape[0])
+
+    def addressed(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.view, self.rows.table, self.rows.rows_per_block
+
+
+Entries = ContiguousEntries | PagedEntries
