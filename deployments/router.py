@@ -44,6 +44,8 @@ class PrefixAwareRequestRouter(RequestRouter):
         num_tokens = len(request.prompt_token_ids) if request is not None else 0
         by_name = {_name(replica.replica_id): replica for replica in candidate_replicas}
         ranked = self.policy.rank(list(by_name), num_tokens, hashes)
+        if request is not None and ranked:
+            self.policy.on_ranked(ranked[0], pending_request.metadata.internal_request_id, num_tokens, hashes)
         if pending_request is not None:
             # Every rank full: wait (Serve's backoff) instead of spinning on the same replicas.
             pending_request.routing_context.should_backoff = True

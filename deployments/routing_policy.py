@@ -126,12 +126,26 @@ class PrefixAwarePolicy:
         reported = max(0, load.queued_prompt_tokens - self._finished_credit.get(replica, 0))
         return reported + sum(self._unreported.get(replica, {}).values())
 
+    def on_ranked(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
+        """Count a request at its first choice while Serve probes that replica's queue (an awaited
+        call): requests ranked meanwhile see it. Without this, prompts that arrive together are all
+        ranked against the same empty queues and scatter. `on_routed` moves it where it went."""
+        self._drop_unreported(request)
+        self._unreported.setdefault(replica, {})[request] = self._uncached(replica, num_prompt_tokens, hashes)
+
     def on_routed(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
-        matched = self.table.matched_chunks(hashes).get(replica, 0)
-        uncached = num_prompt_tokens - matched * self.chunk_tokens
+        self._drop_unreported(request)
+        uncached = self._uncached(replica, num_prompt_tokens, hashes)
         self._unreported.setdefault(replica, {})[request] = uncached
         self._sent.setdefault(replica, {})[request] = (uncached, time.time())
         self.table.record(replica, hashes)
+
+    def _uncached(self, replica: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> int:
+        return num_prompt_tokens - self.table.matched_chunks(hashes).get(replica, 0) * self.chunk_tokens
+
+    def _drop_unreported(self, request: str) -> None:
+        for requests in self._unreported.values():
+            requests.pop(request, None)
 
     def on_completed(self, replica: str, request: str) -> None:
         """A finished request's prompt is no longer queued anywhere."""

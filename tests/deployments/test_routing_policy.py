@@ -150,3 +150,20 @@ def test_a_long_prompt_joins_the_replica_busy_with_one_the_router_just_sent():
     # r1 queues 200 tokens, the second prompt computes 240 anywhere: it waits there, r2 stays a lane.
     assert policy.rank(["r1", "r2"], len(second), _hashes(second)) == ["r1", "r2"]
     assert policy.rank(["r1", "r2"], 20, _hashes(list(range(20))))[0] == "r2"  # a short one takes the lane
+
+
+def test_prompts_ranked_before_either_is_routed_see_each_other():
+    """Serve awaits a probe of the chosen replica between ranking and routing: a second long
+    prompt ranked in between must count the first at its first choice, then where it went."""
+    policy = _policy()
+    policy.update_load("r1", ReplicaLoad(running_kv_tokens=0, reported_at=1.0))
+    policy.update_load("r2", ReplicaLoad(running_kv_tokens=10, reported_at=1.0))
+    first, second = list(range(1000, 1200)), list(range(2000, 2200))
+    assert policy.rank(["r1", "r2"], len(first), _hashes(first))[0] == "r1"
+    policy.on_ranked("r1", "first", len(first), _hashes(first))
+    # The same report, seen again with r1 holding more KV: on equal queues the tie would go to r2.
+    policy.update_load("r1", ReplicaLoad(running_kv_tokens=50, reported_at=1.0))
+    assert policy.rank(["r1", "r2"], len(second), _hashes(second))[0] == "r1"
+    policy.on_routed("r2", "first", len(first), _hashes(first))  # r1 was full: it went to r2
+    assert policy.rank(["r1", "r2"], len(second), _hashes(second))[0] == "r2"
+    assert policy.rank(["r1", "r2"], 20, _hashes(list(range(20))))[0] == "r1"  # the lane left free

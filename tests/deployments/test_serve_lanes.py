@@ -64,11 +64,13 @@ def test_two_long_prompts_share_a_replica_and_a_short_request_gets_the_free_one(
     assert len(_running_by_replica(lanes_url)) == 2
     with ThreadPoolExecutor(max_workers=3) as pool:
         # Same length: whichever the router sees second waits at most its own prefill behind the first.
-        # A short request right behind them, while their prompts are queued: the free replica.
+        # A short request right behind them: the free replica.
         # Outputs long enough that all three run together for seconds: the replicas now stream
         # with less overhead, and 300 tokens could end before a poll of a loaded machine saw them.
         long = [pool.submit(_complete, client, _long_prompt(seed), 1200) for seed in (1, 2)]
-        time.sleep(0.05)
+        # The short request is sent once both long ones are in: on a loaded machine a thread pool
+        # gives no arrival order, and a short request arriving first is free to take either replica.
+        assert _wait_for_running(lanes_url, 2) == [0, 2]
         short = pool.submit(_complete, client, "What does clause 7 say?", 1200)
         assert _wait_for_running(lanes_url, 3) == [1, 2]
         assert [future.result() for future in long] == [1200, 1200] and short.result() == 1200
