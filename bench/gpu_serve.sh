@@ -4,7 +4,9 @@
 # 32K-token document, the host + Redis KV tiers on (a redis-server of its own).
 # Run there from the repo root with ".gpu" carried (built here by `bash ../shared/gpu/pack.sh`):
 #   bash bench/gpu_serve.sh 2>&1 | tee $OUT/gpu_serve.log
-#   GPU_TESTS=0 bash bench/gpu_serve.sh --executors ray   # no tests first; extra serve_load.py flags
+#   GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_local   # no tests first; extra serve_load.py flags
+# Served paths (bench/serve_load.py SERVED_PATHS): split_ray is session 4's layout (ingress hop,
+# worker actor), fused_local the default of one replica since session 5 (both by default).
 # By default runs the GPU tests of the fast path first (CUDA graphs against eager, the Triton kernels).
 set -uo pipefail
 source .gpu/install.sh >/dev/null || exit 1

@@ -2,9 +2,11 @@
 
 Fixed input and output lengths (random token ids, ignore_eos), Poisson arrivals at --request-rate
 and at most --max-concurrency requests in flight. Each workload runs twice on the same model in
-the same run: against the engine called directly (AsyncEngine in this process) and through HTTP,
-Ray Serve, the router and the LLM server replica, once per --executors entry (ray: model worker
-as a Ray actor; local: the worker inside the replica). The difference is the overhead.
+the same run: against the engine called directly (AsyncEngine in this process) and through HTTP
+and Ray Serve, once per --served path (SERVED_PATHS: `fused_local`, the default application of one
+replica: the proxy streams from the LLM server replica, model worker inside it; `split_ray`,
+session 4's: proxy -> OpenAIIngress -> router -> LLM server -> model worker as a Ray actor through a
+compiled graph; `split_local`). The difference is the overhead; bench/serve_overhead.py splits it.
 
 Two workloads: `overhead` (one request at a time: TTFT and ITL without queueing) and `load`.
 Reports TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99), throughput and goodput (requests
@@ -213,9 +215,15 @@ def bench_config(args, model_dir: str):
         model=ModelSettings(path=model_dir),
         cache=CacheSettings(block_size=args.block_size, num_device_blocks=args.num_kv_blocks or None),
         scheduler=SchedulerSettings(max_num_seqs=max(64, *args.concurrency)),
-        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts)),
+        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts), **_stream_pacing(args)),
         kv_tiers=tiers,
     )
+
+
+def _stream_pacing(args) -> dict:
+    """--stream-chunks-per-s when given (0: a chunk per step and stream), else the config's default."""
+    rate = getattr(args, "stream_chunks_per_s", None)
+    return {} if rate is None else {"stream_chunks_per_s": rate}
 
 
 async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
@@ -249,24 +257,20 @@ async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, fl
     return summaries
 
 
-def run_served(config, executor: str, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+# How the application is laid out: the LLM server serving HTTP itself or behind an ingress
+# deployment, the model worker inside the replica or a Ray actor.
+SERVED_PATHS = {
+    "fused_local": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
+    "split_local": {"serve.ingress_in_replica": False, "parallel.executor": "local"},
+    "split_ray": {"serve.ingress_in_replica": False, "parallel.executor": "ray"},
+}
+
+
+def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
     import httpx
-    import ray
-    from ray import serve
 
-    from cluster.serve import _cpus_needed
-    from deployments.app import build_application
-    from deployments.ingress import served_model_name
-
-    config = config.with_overrides({"parallel.executor": executor})
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    url, model = start_served(config.with_overrides(SERVED_PATHS[path]))
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(config), name="bench", route_prefix="/")
-        url, model = f"http://127.0.0.1:{port}", served_model_name(config)
-
         async def go():
             limits = httpx.Limits(max_connections=workloads[-1].max_concurrency + 8)
             async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -274,8 +278,32 @@ def run_served(config, executor: str, workloads: list[Workload], slo: tuple[floa
 
         return asyncio.run(go())
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_served()
+
+
+def start_served(config) -> tuple[str, str]:
+    """A local Ray with longctx's application on a free port: (base URL, served model name)."""
+    import ray
+    from ray import serve
+
+    from cluster.serve import _cpus_needed
+    from deployments.app import build_application
+    from deployments.ingress import served_model_name
+
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_application(config), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}", served_model_name(config)
+
+
+def stop_served() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
 
 
 def _free_port() -> int:
@@ -310,8 +338,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--host-kv-bytes", type=int, default=0, help="host KV tier (needed by --redis-url)")
     parser.add_argument("--redis-url", action="append", default=[], help="Redis KV tier (repeatable)")
     parser.add_argument("--overhead-requests", type=int, default=16, help="one-at-a-time requests of the overhead workload")
-    parser.add_argument("--executors", default="ray,local")
+    parser.add_argument("--served", nargs="+", default=["split_ray", "fused_local"], choices=sorted(SERVED_PATHS),
+                        help="application layouts to serve through (SERVED_PATHS)")
     parser.add_argument("--num-kv-blocks", type=int, default=4096, help="0: sized from device memory")
+    parser.add_argument("--stream-chunks-per-s", type=float, default=None,
+                        help="serve.stream_chunks_per_s of the replicas (default: the config's)")
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -338,10 +369,10 @@ def main() -> None:
     slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     results = {"direct": asyncio.run(run_direct(config, workloads, slo))}
     _print_progress("direct", results["direct"])
-    for executor in args.executors.split(","):
+    for path in args.served:
         _write(args, {"partial": True, "results": results})  # what a run cut short still leaves
-        results[f"http_{executor}"] = run_served(config, executor, workloads, slo)
-        _print_progress(f"http_{executor}", results[f"http_{executor}"])
+        results[f"http_{path}"] = run_served(config, path, workloads, slo)
+        _print_progress(f"http_{path}", results[f"http_{path}"])
     _write(args, _report(args, results, workloads))
     print(f"\nwrote {args.out}")
 

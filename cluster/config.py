@@ -105,12 +105,13 @@ class ParallelSettings(_Frozen):
     )
 
     # auto keeps each entry point's natural host: `longctx generate` and engines built in a script
-    # run their ranks locally (no Ray to start), a Serve replica places them as Ray actors in its
-    # placement group (GPUs reserved by Serve, ranks placeable on other nodes).
+    # run their ranks locally (no Ray to start), a Serve replica places TP x SP ranks as Ray actors
+    # in its placement group (GPUs reserved by Serve, ranks placeable on other nodes) and keeps one
+    # rank in its own process (no per-step trip to an actor).
     executor: Literal["auto", "local", "ray"] = Field(
         "auto", description="Where the ranks run. local: one rank in the engine's process, TP x SP ranks in one "
-        "local process each; ray: one Ray actor per rank in the Serve replica's placement group; auto: ray inside "
-        "a Ray actor (a Serve replica), local otherwise (executors/)."
+        "local process each; ray: one Ray actor per rank in the Serve replica's placement group; auto: ray for TP "
+        "x SP ranks inside a Ray actor (a Serve replica), local otherwise (one rank always local; executors/)."
     )
 
     # TP all-reduces every layer (NVLink-bound), the SP ring passes KV blocks once per chunk and
@@ -137,10 +138,24 @@ class ServeSettings(_Frozen):
     num_replicas: int = Field(1, ge=1, description="LLM server replicas; each owns one engine and its workers.")
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (tokenize, route, stream).")
     ingress_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs an ingress replica reserves.")
+    # Each hop between Serve replicas costs a routed call per request and a Ray message per
+    # streamed chunk; with one LLM server replica the ingress has nothing to route.
+    ingress_in_replica: bool = Field(
+        True, description="With at most one LLM server replica and one ingress replica, the LLM server replica "
+        "serves HTTP itself (the proxy streams straight from it: one hop fewer per request and per chunk); "
+        "false: always a separate OpenAIIngress deployment."
+    )
     worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
     accelerator_type: str | None = Field(
         None, description="GPU model every model worker needs, as Ray names it (H100, H200, A100...: the node "
         "resource `accelerator_type:<name>`); None: any GPU."
+    )
+    # Each stream chunk costs the replica and the proxy ~0.4 ms of Python (H200 host, session 5):
+    # at 64 streams, one chunk per step each took more time than the step itself.
+    stream_chunks_per_s: float = Field(
+        500.0, ge=0, description="Per replica: most stream chunks a second over all its streams. Under load "
+        "each stream sends every (streams / this) seconds all the tokens made meanwhile; its first token and "
+        "its end at once. 0: one chunk per engine step and stream."
     )
     max_queued_requests: int = Field(
         256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
@@ -443,6 +458,11 @@ class LongctxConfig(_Frozen):
     def max_llm_replicas(self) -> int:
         """LLM server replicas there may be at once (what Ray must have room for)."""
         return self.autoscaling.max_replicas if self.autoscaling.enabled else self.serve.num_replicas
+
+    @property
+    def serves_http_from_llm_server(self) -> bool:
+        """serve.ingress_in_replica where it applies: one LLM server replica, one ingress replica."""
+        return self.serve.ingress_in_replica and self.max_llm_replicas == 1 and self.serve.ingress_replicas == 1
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> "LongctxConfig":

@@ -1,4 +1,5 @@
-"""The Serve application: OpenAIIngress -> LLMServer, with the Serve options longctx needs.
+"""The Serve application: OpenAIIngress -> LLMServer (or, with one LLM server replica, the
+LLMServer serving HTTP itself: deployments/server_ingress.py), with the Serve options longctx needs.
 
 `build_app` is the import path for `serve run` / `serve deploy` / KubeRay's serveConfigV2:
 
@@ -22,6 +23,7 @@ from autoscaler.serve_policy import QueuedContextPolicy
 from cluster.config import AutoscalingSettings, ConfigError, LongctxConfig, load_config, load_config_dict
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
+from deployments.server_ingress import LLMServerWithAPI
 from executors import executor_backend
 from executors.placement import placement_group_bundles, placement_strategy, uses_gpu
 
@@ -42,11 +44,12 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def application_needs(config: LongctxConfig) -> dict[str, float]:
-    """Logical resources the whole application reserves: ingress replicas, LLM server replicas
-    and (Ray executor) their ranks' bundles."""
+    """Logical resources the whole application reserves: ingress replicas (unless the LLM server
+    serves HTTP itself), LLM server replicas and (Ray executor) their ranks' bundles."""
     needs: dict[str, float] = {}
-    ingress = ingress_options(config)
-    _add(needs, ingress["ray_actor_options"], ingress["num_replicas"])
+    if not config.serves_http_from_llm_server:
+        ingress = ingress_options(config)
+        _add(needs, ingress["ray_actor_options"], ingress["num_replicas"])
     server = llm_server_options(config)
     for bundle in server.get("placement_group_bundles") or [server["ray_actor_options"]]:
         _add(needs, bundle, config.max_llm_replicas)  # autoscaling: room for its most replicas
@@ -100,6 +103,9 @@ def config_from_args(args: dict[str, Any]) -> LongctxConfig:
 
 def build_application(config: LongctxConfig) -> Application:
     config_data = config.model_dump()
+    if config.serves_http_from_llm_server:  # one replica: the proxy streams straight from it
+        server = serve.deployment(LLMServerWithAPI, name="LLMServer").options(**llm_server_options(config))
+        return server.bind(config_data)
     llm_server = serve.deployment(LLMServer, name="LLMServer").options(**llm_server_options(config))
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress").options(**ingress_options(config))
     return ingress.bind(llm_server.bind(config_data), config_data)

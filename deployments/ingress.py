@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import LongctxConfig, load_config_dict
 from deployments.api import OpenAIService, build_api
-from deployments.generation import Reply
+from deployments.generation import LLMBackend, Reply
 from deployments.messages import GenerateRequest, ServeError, overloaded
 from deployments.prompts import PromptBuilder
 from deployments.tenants import load_api_keys
@@ -86,13 +86,17 @@ def served_model_name(config: LongctxConfig) -> str:
     return config.serve.model_name or Path(config.model.path).name
 
 
+def http_app(backend: LLMBackend, config: LongctxConfig) -> FastAPI:
+    """The OpenAI API of deployments/api.py over `backend`, as this config serves it."""
+    service = OpenAIService(backend, PromptBuilder.from_config(config), config.serve, served_model_name(config))
+    return build_api(service, load_api_keys(config.serve))
+
+
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, llm_server: DeploymentHandle, config: dict[str, Any]):
         self.config = load_config_dict(config)
-        self.prompts = PromptBuilder.from_config(self.config)
         self.backend = HandleBackend(llm_server, self.config.serve.retry_after_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        service = OpenAIService(self.backend, self.prompts, self.config.serve, served_model_name(self.config))
-        return build_api(service, load_api_keys(self.config.serve))
+        return http_app(self.backend, self.config)

@@ -10,11 +10,11 @@ ingress gets the param / code / status intact instead of a pickled Ray traceback
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -45,7 +45,7 @@ class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any]):
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
-        self.engine = AsyncEngine(LLMEngine(self.config))
+        self.engine = AsyncEngine(LLMEngine(self.config), settings.stream_chunks_per_s)
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
         _log_progress_to_stderr()
@@ -59,10 +59,13 @@ class LLMServer:
             return
         try:
             params = self._params(request)
-            deltas = self.engine.generate(request.request_id, request.prompt_token_ids, params, request.cache_salt)
-            async for batch in coalesced(deltas):
-                self.admission.leave(ticket)
-                yield batch
+            # Every delta ready at once: one Serve message per step, not one per token. Closed
+            # here when the caller leaves, so the engine aborts the request before its next step.
+            batches = self.engine.stream(request.request_id, request.prompt_token_ids, params, request.cache_salt)
+            async with aclosing(batches):
+                async for batch in batches:
+                    self.admission.leave(ticket)
+                    yield batch
         except InvalidParameterError as error:
             yield invalid_request(str(error), error.param, getattr(error, "code", None))
         except QueueFullError as error:
@@ -154,42 +157,6 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-class _End:
-    def __init__(self, error: BaseException | None):
-        self.error = error
-
-
-async def coalesced(source: AsyncIterator[CompletionDelta]) -> AsyncIterator[list[CompletionDelta]]:
-    """Every delta that is ready, as one list. Closing this closes `source` (the engine aborts)."""
-    queue: asyncio.Queue = asyncio.Queue()
-    pump = asyncio.create_task(_pump(source, queue))
-    try:
-        while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            end = items[-1] if isinstance(items[-1], _End) else None
-            deltas = items[:-1] if end is not None else items
-            if deltas:
-                yield deltas
-            if end is not None:
-                if end.error is not None:
-                    raise end.error
-                return
-    finally:
-        pump.cancel()  # a client that left: the engine's generator aborts the request
-
-
-async def _pump(source: AsyncIterator[CompletionDelta], queue: asyncio.Queue) -> None:
-    try:
-        async for delta in source:
-            queue.put_nowait(delta)
-    except Exception as error:  # noqa: BLE001 - re-raised in the consumer
-        queue.put_nowait(_End(error))
-        return
-    queue.put_nowait(_End(None))
 
 
 def _log_progress_to_stderr() -> None:

@@ -1,4 +1,6 @@
-"""Asynchronous front of the engine: `async for delta in engine.generate(...)`.
+"""Asynchronous front of the engine: `async for delta in engine.generate(...)`, or
+`async for deltas in engine.stream(...)` for every delta that is ready at once (a server that
+forwards them sends one message per step, or fewer under load, not one per token).
 
 The LLMEngine runs on one dedicated thread (its step is compute-bound and releases the GIL inside
 torch); callers on an asyncio loop talk to it through a command queue and get deltas back through
@@ -13,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -37,8 +41,15 @@ class _Subscriber:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    """`stream_chunks_per_s`: the most lists per second `stream` hands out over all requests
+    together (0: one per step each). A server pays for every list it forwards (~0.4 ms of Python
+    through Ray Serve per stream and step on the H200 host, holding the GIL the engine thread
+    needs), so under load each stream waits its share, `num_streams / stream_chunks_per_s`, after
+    its last list and then takes every delta ready; a first token and a last delta never wait."""
+
+    def __init__(self, engine: LLMEngine, stream_chunks_per_s: float = 0.0):
         self.engine = engine
+        self.stream_chunks_per_s = stream_chunks_per_s
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self._subscribers: dict[str, _Subscriber] = {}
         self._stop = threading.Event()
@@ -52,26 +63,51 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
     ) -> AsyncIterator[CompletionDelta]:
+        batches = self.stream(request_id, prompt, params, cache_salt)
+        async with aclosing(batches):  # a caller that leaves aborts the request now, not at GC
+            async for deltas in batches:
+                for delta in deltas:
+                    yield delta
+
+    async def stream(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> AsyncIterator[list[CompletionDelta]]:
+        """Every delta of this request that is ready, as one list, in order: the first list as
+        soon as the first token is made, each next one once this stream's share of
+        `stream_chunks_per_s` has passed (at once without a budget). Closing this aborts the request."""
         self._raise_if_dead()
         if request_id in self._subscribers:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         self._subscribers[request_id] = subscriber
-        remaining = params.n
+        remaining, last_list_at = params.n, -math.inf
         try:
             await self._call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt))
             while remaining:
-                item = await subscriber.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                remaining -= item.finished
-                if item.error is not None:  # this request alone failed; its other sequences abort below
-                    raise RequestFailedError(item.error)
-                yield item
+                first = await subscriber.queue.get()
+                if not _is_last(first, remaining):
+                    await self._wait_for_turn(last_list_at)
+                deltas, failure = _ready(first, subscriber.queue)
+                last_list_at = subscriber.loop.time()
+                remaining -= sum(delta.finished for delta in deltas)
+                if deltas:
+                    yield deltas
+                if failure is not None:  # an engine failure, or this request alone failed:
+                    remaining -= isinstance(failure, RequestFailedError)  # its other sequences abort below
+                    raise failure
         finally:
             self._subscribers.pop(request_id, None)
             if remaining and self._dead is None:
                 self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def _wait_for_turn(self, last_list_at: float) -> None:
+        """Until this stream's share of the chunk budget has passed since its last list."""
+        if not self.stream_chunks_per_s:
+            return
+        share_s = len(self._subscribers) / self.stream_chunks_per_s
+        wait_s = last_list_at + share_s - asyncio.get_running_loop().time()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
 
     async def abort(self, request_id: str) -> None:
         await self._call(lambda: self._dispatch(self.engine.abort_request(request_id)))
@@ -153,10 +189,15 @@ class AsyncEngine:
             future.set_exception(error)
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        """One wake-up per caller loop per step (not one per delta): a step's deltas for 64
+        streams cost one cross-thread call, and each stream's queue gets them in order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, CompletionDelta]]] = {}
         for delta in deltas:
             subscriber = self._subscribers.get(delta.request_id)
             if subscriber is not None:
-                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, delta)
+                by_loop.setdefault(subscriber.loop, []).append((subscriber.queue, delta))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_everything(self, error: BaseException) -> None:
         self._dead = error
@@ -167,3 +208,29 @@ class AsyncEngine:
             _, future = self._commands.get_nowait()
             if future.set_running_or_notify_cancel():
                 future.set_exception(dead)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
+
+
+def _is_last(item: Any, remaining: int) -> bool:
+    """A failure, or the final delta of the request's last running sequence: no reason to wait."""
+    return isinstance(item, BaseException) or item.error is not None or (item.finished and remaining == 1)
+
+
+def _ready(first: Any, source: asyncio.Queue) -> tuple[list[CompletionDelta], BaseException | None]:
+    """`first` and the deltas already queued behind it, up to the first failure: the engine's
+    (an exception) or the request's own (a delta with an error), which comes back to be raised."""
+    deltas: list[CompletionDelta] = []
+    item = first
+    while True:
+        if isinstance(item, BaseException):
+            return deltas, item
+        if item.error is not None:
+            return deltas, RequestFailedError(item.error)
+        deltas.append(item)
+        if source.empty():
+            return deltas, None
+        item = source.get_nowait()

@@ -9,8 +9,11 @@ rank 0's `StepOutput` back. Where the ranks live is `parallel.executor`, read on
   ray     one Ray actor per rank, in bundles 1.. of the caller's placement group
           (executors/ray_actors.py; the bundles are laid out in executors/placement.py).
 
-`auto` (the default) is `ray` inside a Ray actor (a Serve replica) and `local` otherwise
-(`longctx generate`, an engine built in a script or a test, even one connected to Ray).
+`auto` (the default) is `ray` for TP x SP ranks inside a Ray actor (a Serve replica), and
+`local` otherwise: one rank in a Serve replica (a step's trip to a worker actor cost 0.7 ms a
+token on the H200 through a compiled graph, ~4 ms on a loaded CPU node through plain actor
+calls: docs/benchmarks.md, session 5), `longctx generate`, an engine built in a script or a test,
+even one connected to Ray.
 
 What runs on a rank (join the world, build the worker, run a step) is worker-side code in
 `model_shards/rank.py`; both backends call the same functions. Backends import torch and Ray
@@ -44,9 +47,11 @@ BACKENDS: dict[str, Callable[[LongctxConfig], Executor]] = {"local": _local, "ra
 def executor_backend(config: LongctxConfig, inside_ray_actor: bool | None = None) -> str:
     """The backend `parallel.executor` names, `auto` resolved for a process that is a Ray actor
     (a Serve replica) or not; by default, for this process. A driver deciding a replica's
-    placement passes `inside_ray_actor=True`: the replica will be one."""
+    placement passes `inside_ray_actor=True`: the replica will be one. One rank is always local."""
     if config.parallel.executor != "auto":
         return config.parallel.executor
+    if config.parallel.world_size == 1 and not config.parallel.span_nodes:
+        return "local"
     if inside_ray_actor is None:
         inside_ray_actor = _inside_ray_actor()
     return "ray" if inside_ray_actor else "local"

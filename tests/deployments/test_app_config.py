@@ -118,8 +118,12 @@ def test_auto_executor_is_local_outside_a_ray_actor_and_ray_inside_one(make_conf
     assert executor_backend(make_config(executor="local")) == "local"
     assert executor_backend(make_config(executor="ray")) == "ray"
     auto = make_config(executor="auto")
-    assert executor_backend(auto, inside_ray_actor=True) == "ray"  # what a Serve replica resolves
-    assert "placement_group_bundles" in llm_server_options(auto)  # so its driver reserves the bundles
+    assert executor_backend(auto, inside_ray_actor=True) == "local"  # one rank: in the replica's own process
+    assert llm_server_options(auto)["ray_actor_options"]["num_cpus"] == auto.serve.worker_num_cpus
+    tp2 = auto.with_overrides({"parallel.tensor_parallel_size": 2})
+    assert executor_backend(tp2, inside_ray_actor=True) == "ray"  # what a TP replica resolves
+    assert executor_backend(tp2, inside_ray_actor=False) == "local"
+    assert "placement_group_bundles" in llm_server_options(tp2)  # so its driver reserves the bundles
 
 
 def test_spanning_nodes_reserves_a_bundle_per_tp_group_packed_not_strict(make_config):
@@ -154,11 +158,12 @@ def test_auto_resolves_inside_an_actor_as_ray_and_in_a_ray_driver_as_local(local
         def backend(self):
             from executors import executor_backend
 
-            return executor_backend(LongctxConfig())
+            return executor_backend(tp2), executor_backend(LongctxConfig())
 
+    tp2 = LongctxConfig().with_overrides({"parallel.tensor_parallel_size": 2})
     probe = Probe.remote()
-    assert local_ray.get(probe.backend.remote()) == "ray"
-    assert executor_backend(LongctxConfig()) == "local"  # this test process called ray.init(): still a driver
+    assert local_ray.get(probe.backend.remote()) == ("ray", "local")  # TP ranks as actors; one rank in process
+    assert executor_backend(tp2) == "local"  # this test process called ray.init(): still a driver
     local_ray.kill(probe)
 
 

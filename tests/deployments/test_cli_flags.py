@@ -60,7 +60,10 @@ def test_version_and_generate_sampling_flags(model_dir):
 
 def test_an_application_larger_than_a_one_node_ray_is_refused_with_the_fix():
     config = LongctxConfig(model=ModelSettings(path="m"), parallel=ParallelSettings(executor="ray", tensor_parallel_size=2))
-    assert application_needs(config) == {"CPU": 4.0}  # ingress 1 + engine 1 + 2 ranks x 1
+    assert application_needs(config) == {"CPU": 3.0}  # engine 1 + 2 ranks x 1; the one replica serves HTTP itself
+    split = config.with_overrides({"serve.ingress_in_replica": False})
+    assert application_needs(split) == {"CPU": 4.0}  # ingress 1 + engine 1 + 2 ranks x 1
+    config = split
     with pytest.raises(ConfigError) as error:
         check_cluster_fits(config, {"CPU": 2.0}, num_nodes=1)
     assert "needs 4 CPUs (it has 2)" in str(error.value) and "longctx serve" in str(error.value)

@@ -204,3 +204,29 @@ def test_a_client_gone_before_admission_leaves_the_engine_running(server_factory
     replies = asyncio.run(scenario())
     assert all(isinstance(reply, list) for reply in replies)
     server.check_health()
+
+
+def test_streams_share_the_chunk_budget_first_token_at_once_every_token_in_order(server_factory, reference_engine):
+    from engine.offline import generate
+
+    paced = server_factory(stream_chunks_per_s=10)  # one stream: a list at most every 0.1 s
+    unpaced = server_factory(stream_chunks_per_s=0)  # a list per engine step
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    expected = generate(reference_engine, [[5, 6, 7]], params)[0][0].token_ids
+
+    async def lists(server: LLMServer, request_id: str) -> tuple[list[list], float]:
+        start, replies = time.monotonic(), []
+        async for reply in server.generate(GenerateRequest(request_id, [5, 6, 7], params)):
+            assert not isinstance(reply, ServeError), reply
+            replies.append((time.monotonic() - start, reply))
+        return replies, time.monotonic() - start
+
+    paced_lists, paced_s = asyncio.run(lists(paced, "paced"))
+    unpaced_lists, _ = asyncio.run(lists(unpaced, "unpaced"))
+    for replies in (paced_lists, unpaced_lists):
+        assert [t for _, batch in replies for delta in batch for t in delta.token_ids] == list(expected)
+    assert len(paced_lists[0][1]) == 1  # the first token did not wait for company
+    assert len(paced_lists) <= paced_s / 0.1 + 2  # at most one list per 0.1 s, plus the first and the last
+    assert len(paced_lists) < len(unpaced_lists)
+    gaps = [b - a for (a, _), (b, _) in zip(paced_lists[1:-1], paced_lists[2:-1])]
+    assert all(gap >= 0.09 for gap in gaps), gaps

@@ -65,8 +65,10 @@ def test_two_long_prompts_share_a_replica_and_a_short_request_gets_the_free_one(
     with ThreadPoolExecutor(max_workers=3) as pool:
         # Same length: whichever the router sees second waits at most its own prefill behind the first.
         # A short request right behind them, while their prompts are queued: the free replica.
-        long = [pool.submit(_complete, client, _long_prompt(seed), 600) for seed in (1, 2)]
+        # Outputs long enough that all three run together for seconds: the replicas now stream
+        # with less overhead, and 300 tokens could end before a poll of a loaded machine saw them.
+        long = [pool.submit(_complete, client, _long_prompt(seed), 1200) for seed in (1, 2)]
         time.sleep(0.05)
-        short = pool.submit(_complete, client, "What does clause 7 say?", 300)
+        short = pool.submit(_complete, client, "What does clause 7 say?", 1200)
         assert _wait_for_running(lanes_url, 3) == [1, 2]
-        assert [future.result() for future in long] == [600, 600] and short.result() == 300
+        assert [future.result() for future in long] == [1200, 1200] and short.result() == 1200
