@@ -7,13 +7,17 @@ CPU, the tiny preset (the issue's CPU figure: a 32K-token prefill):
     python3 bench/deepseek_v4_paged.py
 GPU (one H200), the flash shape's first 4 layers with 16 experts, bf16, up to a 1M-token prompt:
     python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \\
-        --lengths 32768 131072 524288 1048000 --profile-length 131072
+        --lengths 32768 131072 524288 1048000 --profile-length 131072 [--alloc-conf expandable_segments:True]
 
 One engine serves every length (a warm-up request first, so no kernel compiles inside a timed
 prompt), one request at a time: `--chunk-tokens` per step, then `--decode-steps` greedy tokens
 (TTFT and TPOT from engine/offline.py's timings). The model alone runs the same prompt in the same
 chunks, synchronized before the clock stops, up to `--model-max-length`. Per chunk: device time
-(CUDA events) and host time (the chunk's call returning: its launch time on a GPU). At
+(CUDA events), host time (the chunk's call returning: its launch time on a GPU) and the CUDA
+caching allocator's work during the chunk's launch (prefill_chunk_allocator: retries after a failed
+cudaMalloc, which free the cache and synchronize; cudaMalloc / cudaFree calls; reserved, allocated
+and peak bytes), to tell allocator spikes from others. `--alloc-conf` sets PYTORCH_CUDA_ALLOC_CONF
+(e.g. expandable_segments:True) before CUDA starts, so two runs compare the allocators. At
 `--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
 the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
 bench/results/) after every length, so a run cut short keeps what it measured.
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings  # noqa: E402
 from deepseek_v4_sections import SECTIONS, SectionTimer  # noqa: E402
+from parallel_probes import allocator_counts, gib  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.offline import generate  # noqa: E402
 from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # noqa: E402
@@ -74,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-length", type=int, default=None, help="CUDA: section profile of this prompt's last chunk")
     parser.add_argument("--time-budget-s", type=float, default=float("inf"), help="start no new length after this")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument("--alloc-conf", default=None,
+                        help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
     return parser.parse_args()
 
 
@@ -89,6 +96,26 @@ def random_prompt(length: int) -> list[int]:
     return torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(length)).tolist()
 
 
+class AllocatorWatch:
+    """The CUDA caching allocator's work between its creation and `row()` (host side: the counts
+    of the calls a chunk's launch made), with the pool sizes after; peak since its creation."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.before = device, allocator_counts(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def row(self) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        after = allocator_counts(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        pools = {"reserved_gib": "reserved_bytes.all.current", "allocated_gib": "allocated_bytes.all.current",
+                 "peak_allocated_gib": "allocated_bytes.all.peak"}
+        return {**{name: after[name] - self.before[name] for name in after},
+                **{name: round(gib(stats.get(key, 0)), 3) for name, key in pools.items()}}
+
+
 class ChunkClock:
     """Times chunks: device ms (CUDA events; on a CPU the call's own time), host ms (the call's
     return: on a GPU the time to launch its work), and CUDA-event sections of the chunk that starts
@@ -96,7 +123,7 @@ class ChunkClock:
 
     def __init__(self, device: torch.device, profile_start: int | None = None):
         self.device, self.profile_start = device, profile_start
-        self.chunks: list[tuple[int, int, object, object, float]] = []  # start, tokens, events, host ms
+        self.chunks: list[tuple] = []  # start, tokens, start and end events, host ms, allocator row
         self.sections: dict[str, float] | None = None
         self.sync_sites: list[str] = []
         self.original = DeepseekV4Runner._run_chunk
@@ -115,7 +142,7 @@ class ChunkClock:
     def run(self, start: int, count: int, chunk):
         if self.device.type == "cuda" and start == self.profile_start:
             return self._profiled(chunk)
-        events = self._event(), self._event()
+        events, allocator = (self._event(), self._event()), AllocatorWatch(self.device)
         self._record(events[0])
         host = time.perf_counter()
         try:
@@ -123,7 +150,7 @@ class ChunkClock:
         finally:
             host_ms = (time.perf_counter() - host) * 1e3
             self._record(events[1])
-            self.chunks.append((start, count, *events, host_ms))
+            self.chunks.append((start, count, *events, host_ms, allocator.row()))
 
     def _profiled(self, chunk):
         """Sections by CUDA events, and every operation that makes the host wait for the GPU
@@ -152,9 +179,10 @@ class ChunkClock:
         """Per-chunk device and host ms of the chunks timed so far (then forgets them)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        device_ms = [start.elapsed_time(end) if start is not None else host for _, _, start, end, host in self.chunks]
+        device_ms = [start.elapsed_time(end) if start is not None else host for _, _, start, end, host, _ in self.chunks]
         result = {"chunk_starts": [c[0] for c in self.chunks], "chunk_device_ms": [round(ms, 2) for ms in device_ms],
-                  "chunk_host_ms": [round(c[4], 2) for c in self.chunks], "chunks_device_s": sum(device_ms) / 1e3}
+                  "chunk_host_ms": [round(c[4], 2) for c in self.chunks], "chunks_device_s": sum(device_ms) / 1e3,
+                  "chunk_allocator": [c[5] for c in self.chunks]}
         self.chunks.clear()
         return result
 
@@ -179,7 +207,8 @@ def engine_timing(engine: LLMEngine, prompt: list[int], decode_steps: int, clock
     return {"prefill_s": result.ttft_s, "tokens_per_s": len(prompt) / result.ttft_s,
             "decode_ms_per_token": result.tpot_s * 1e3, "prefill_chunks_device_s": prefill_device_s,
             "prefill_chunk_device_ms": [chunks["chunk_device_ms"][i] for i in prefill],
-            "prefill_chunk_host_ms": [chunks["chunk_host_ms"][i] for i in prefill]}
+            "prefill_chunk_host_ms": [chunks["chunk_host_ms"][i] for i in prefill],
+            "prefill_chunk_allocator": [chunks["chunk_allocator"][i] for i in prefill]}
 
 
 def synchronize(device: torch.device) -> None:
@@ -207,7 +236,7 @@ def unpaged_timing(model: DeepseekV4ForCausalLM, prompt: list[int], args: argpar
     chunks = clock.summary()
     return {"prefill_s": prefill_s, "tokens_per_s": len(prompt) / prefill_s, "decode_ms_per_token": decode_ms,
             "prefill_chunks_device_s": chunks["chunks_device_s"], "prefill_chunk_device_ms": chunks["chunk_device_ms"],
-            "prefill_chunk_host_ms": chunks["chunk_host_ms"]}
+            "prefill_chunk_host_ms": chunks["chunk_host_ms"], "prefill_chunk_allocator": chunks["chunk_allocator"]}
 
 
 def kv_bytes(folder: Path) -> dict[str, float]:
@@ -225,6 +254,7 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.data = {"preset": args.preset, "device": args.device, "layers": args.layers, "experts": args.experts,
                      "chunk_tokens": args.chunk_tokens, "threads": torch.get_num_threads(), "rows": [],
+                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                      "profile": {}, "kv": kv_bytes(folder)}
 
     def add_row(self, row: dict) -> None:
@@ -277,8 +307,18 @@ def device_is_cuda(args: argparse.Namespace) -> bool:
     return torch.device(args.device).type == "cuda"
 
 
+def set_alloc_conf(alloc_conf: str | None) -> None:
+    """PYTORCH_CUDA_ALLOC_CONF is read once, when CUDA starts: set it before (workers inherit it)."""
+    if alloc_conf is None:
+        return
+    if torch.cuda.is_initialized():
+        raise SystemExit("--alloc-conf: CUDA already started, the setting would not apply")
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
+
+
 def main() -> None:
     args = parse_args()
+    set_alloc_conf(args.alloc_conf)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -19,6 +19,7 @@ read out whole). A contiguous tensor is addressed as one block holding every row
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,32 @@ class BlockRows:
         offset = first_block * self.rows_per_block
         return blocks.flatten(0, 1)[first - offset:stop - offset]
 
+    def gather(self, view: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(..., width) rows of a (num_blocks, rows, width) field view at row indices (...): one
+        integer op turns each index into a row address of `row_starts(view)`, then one index_select
+        (whole rows of width contiguous elements, as a contiguous tensor's gather reads them)."""
+        starts, block_step, row_step = row_starts(view)
+        address = self.table[index // self.rows_per_block] * block_step + index % self.rows_per_block * row_step
+        return starts.index_select(0, address.flatten()).view(*index.shape, view.shape[-1])
+
     def write(self, view: torch.Tensor, first: int, values: torch.Tensor) -> None:
         blocks, rows = self.locate(torch.arange(first, first + values.shape[0], device=self.table.device))
         view[blocks, rows] = values.to(view.dtype)
+
+
+def row_starts(view: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Every row of a (num_blocks, rows, width) view as one (N, width) view, no copy, and the
+    address steps of a block and of a row in it. Blocks sit a page apart (other fields between),
+    so block stride S and row stride R need not make one uniform row stride: rows start every
+    g = gcd(S, R) elements, so (N, width) rows at stride g (overlapping, read only) hold each
+    row (b, j) at address b * S/g + j * R/g."""
+    block_stride, row_stride, element_stride = view.stride()
+    if element_stride != 1:
+        raise ValueError(f"a field view's rows must be contiguous, got strides {view.stride()}")
+    step = math.gcd(block_stride, row_stride)
+    last_start = (view.shape[0] - 1) * block_stride + (view.shape[1] - 1) * row_stride
+    starts = view.as_strided((last_start // step + 1, view.shape[2]), (step, 1))
+    return starts, block_stride // step, row_stride // step
 
 
 @dataclass(frozen=True)
@@ -103,7 +127,7 @@ class PagedEntries:
         return self.rows.read(self.view, first, stop)  # a copy of those rows
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        return self.view[self.rows.locate(index)]
+        return self.rows.gather(self.view, index)
 
     def append(self, new: torch.Tensor) -> PagedEntries:
         """Write the new entries into their rows of the pages (the store of record)."""

@@ -10,7 +10,8 @@ Before each chunk starting at token s, `PagedKV.load` builds the SequenceState t
                     inside a block: the request's slot (the state after its previous chunk)
                     (the overlap halves live in the window block ending at the boundary: kv_pages.py)
 
-and attaches sinks, so that while the model runs every new window key and the overlap half at each
+(the block tables on the pools' device: a request's BlockTableMirror keeps them there between
+steps, so a decode step copies no table, only the ids appended since its last step) and attaches sinks, so that while the model runs every new window key and the overlap half at each
 block end land in the request's pages (new entries write themselves: PagedEntries.append). After
 the chunk `PagedKV.slot` keeps only the open windows (bounded by m): the pages stay the one store
 of the growing KV, and no chunk copies it out whole.
@@ -25,6 +26,35 @@ import torch
 from model_shards.deepseek_v4.entries import BlockRows, PagedEntries
 from model_shards.deepseek_v4.kv_pages import PagePool
 from model_shards.deepseek_v4.state import CompressorState, SequenceState
+
+
+def ids_on_device(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(len,) long on `device`; from pinned memory on a GPU, so the copy does not wait on the stream."""
+    ids = torch.tensor(list(block_ids), dtype=torch.long)
+    return ids if device.type != "cuda" else ids.pin_memory().to(device, non_blocking=True)
+
+
+class BlockTableMirror:
+    """One of a request's block tables kept on the device between steps. Tables only grow (a
+    freed window block stays in its table as -1), so each step copies only the ids appended
+    since the last; a decode step, which rarely opens a block, copies none (rebuilding a
+    1M-token table every token cost ~0.5 ms). Growth doubles the capacity, on the device."""
+
+    def __init__(self, device: torch.device):
+        self.table = torch.empty(0, dtype=torch.long, device=device)
+        self.count = 0  # ids 0 .. count - 1 are on the device
+
+    def update(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """The table's (len(block_ids),) device tensor, copying only its new ids."""
+        size = len(block_ids)
+        if size > self.table.shape[0]:
+            grown = torch.empty(max(64, 2 * size), dtype=torch.long, device=self.table.device)
+            grown[:self.count] = self.table[:self.count]
+            self.table = grown
+        if size > self.count:  # rows the previous steps' kernels may still read stay untouched
+            self.table[self.count:size] = ids_on_device(block_ids[self.count:size], self.table.device)
+            self.count = size
+        return self.table[:size]
 
 
 class WindowPages:
@@ -67,15 +97,16 @@ class PagedKV:
         self.compressed, self.window, self.block_size = compressed, window, block_size
 
     def load(self, new_state: Callable[[], SequenceState], tables: Sequence[Sequence[int]], start: int,
-             slot: SequenceState | None) -> SequenceState:
+             slot: SequenceState | None, device_tables: Sequence[torch.Tensor] | None = None) -> SequenceState:
         """The state after the request's first `start` tokens, with sinks into its pages.
-        `tables`: (compressed, window) block tables; `slot`: its state after the previous chunk."""
+        `tables`: (compressed, window) block tables; `slot`: its state after the previous chunk;
+        `device_tables`: the same tables already on the pools' device (else copied there now)."""
         inside_block = start % self.block_size != 0
         if inside_block and (slot is None or slot.num_tokens != start):
             raise RuntimeError(f"a chunk starting at token {start}, inside a block, needs the request's open windows")
         state = slot if inside_block else new_state()
         state.num_tokens = start
-        compressed_table, window_table = (self._table(t) for t in tables)
+        compressed_table, window_table = device_tables or [ids_on_device(t, self.compressed.device) for t in tables]
         # the window block ending at `start` (host int: indexing by a device scalar would wait on the GPU)
         previous = None if inside_block or start == 0 else tables[1][start // self.block_size - 1]
         for index, layer in enumerate(state.layers):
@@ -85,12 +116,6 @@ class PagedKV:
                     self._load_compressor(index, name, compressor, (compressed_table, window_table), start,
                                           previous)
         return state
-
-    def _table(self, block_ids: Sequence[int]) -> torch.Tensor:
-        table = torch.tensor(list(block_ids), dtype=torch.long)
-        if self.compressed.device.type != "cuda":
-            return table
-        return table.pin_memory().to(self.compressed.device, non_blocking=True)  # no wait on the stream
 
     def _load_window(self, layer: int, window, table: torch.Tensor, start: int) -> None:
         view, rows = self.window.view(layer, "keys"), BlockRows(table, self.block_size)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
-from model_shards.deepseek_v4.paged_state import PagedKV
+from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
 from model_shards.deepseek_v4.state import SequenceState
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.sampler import Sampler, SamplingState
@@ -30,6 +30,7 @@ class _Request:
     block_ids: list[list[int]]  # (compressed, window) block tables; the window's holds -1 where freed
     num_computed_tokens: int  # as the scheduler counts them
     sampling: SamplingState
+    device_tables: list[BlockTableMirror]  # block_ids on the pools' device, kept between steps
     slot: SequenceState | None = None  # open windows after the last chunk (entries and keys are in pages)
 
 
@@ -72,7 +73,8 @@ class DeepseekV4Runner:
                    if params.structured_output is not None and self.layout.is_driver_rank else None)
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.model.device, grammar)
         return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
-                        new.num_computed_tokens, sampling)
+                        new.num_computed_tokens, sampling,
+                        [BlockTableMirror(self.pages.compressed.device) for _ in new.block_ids])
 
     def _update_request(self, cached: CachedRequestData) -> None:
         request = self.requests[cached.request_id]
@@ -85,7 +87,8 @@ class DeepseekV4Runner:
     def _run_chunk(self, request: _Request, count: int) -> torch.Tensor:
         """Hidden states (count, hidden) of the chunk's tokens; their KV lands in the pages."""
         start = request.num_computed_tokens
-        state = self.pages.load(self.model.new_state, request.block_ids, start, request.slot)
+        tables = [mirror.update(ids) for mirror, ids in zip(request.device_tables, request.block_ids)]
+        state = self.pages.load(self.model.new_state, request.block_ids, start, request.slot, tables)
         hidden = self.model(self._ids(request, start, start + count), state)
         request.slot = self.pages.slot(state)
         return hidden

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_shards.deepseek_v4.entries import BlockRows, ContiguousEntries, PagedEntries
+from model_shards.deepseek_v4.entries import BlockRows, ContiguousEntries, PagedEntries, row_starts
+from model_shards.deepseek_v4.kv_pages import PagePool, PageLayout
 from model_shards.deepseek_v4.index_scores import index_scores, index_scores_triton
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 
@@ -41,6 +42,39 @@ def test_paged_reads_gathers_and_appends_equal_the_contiguous_tensor():
     grown, grown_contiguous = paged.append(more), contiguous.append(more)
     assert grown.count == 19 and torch.equal(grown.read(0, 19), grown_contiguous.rows)
     assert torch.equal(grown.head(10).read(0, 10), rows[:10])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_gather_by_address_from_a_page_pool_is_bit_equal_to_the_contiguous_gather(seed):
+    """CSA's gather (PagedEntries.gather: one address op, one index_select) from a real page pool,
+    whose field sits between other fields of each block (block stride not a multiple of the row),
+    through a random block table: the same bits as indexing one contiguous tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    rows_per_block, width, count = 8, 24, 8 * 11 - 3
+    layout = PageLayout([(0, "before", 3, 5, torch.float32), (0, "entries", rows_per_block, width, torch.bfloat16),
+                         (1, "after", 2, 9, torch.bfloat16)])
+    pool = PagePool(layout, 16, "cpu")
+    pool.data.random_(0, 256, generator=generator)  # garbage everywhere else
+    view = pool.view(0, "entries")
+    assert view.stride(0) % view.stride(1) != 0  # rows of different blocks lie off one row grid
+    table = torch.randperm(16, generator=generator)[:11]
+    rows = torch.randn(count, width, generator=generator).to(torch.bfloat16)
+    paged = PagedEntries(view, BlockRows(table, rows_per_block), 0).append(rows)
+    index = torch.randint(0, count, (13, 7), generator=generator)
+    gathered = paged.gather(index)
+    assert gathered.shape == (13, 7, width) and gathered.is_contiguous()
+    assert torch.equal(gathered.view(torch.int16), ContiguousEntries(rows).gather(index).view(torch.int16))
+
+
+def test_row_starts_address_every_row_of_a_strided_view_without_a_copy():
+    pool = torch.arange(5 * 7 * 21).view(5, 7, 21)
+    view = pool[:, 1:5, 2:18]  # (5 blocks, 4 rows, 16 wide), block stride 147, row stride 21
+    starts, block_step, row_step = row_starts(view)
+    assert starts.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()
+    for block, row in ((0, 0), (3, 2), (4, 3)):
+        assert torch.equal(starts[block * block_step + row * row_step], view[block, row])
+    with pytest.raises(ValueError, match="contiguous"):
+        row_starts(pool[:, :, ::2])
 
 
 @pytest.mark.parametrize("tokens, entries, first_position", [(37, 21, 60), (5, 30, 117), (20, 3, 0)])

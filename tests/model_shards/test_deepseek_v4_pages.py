@@ -8,6 +8,7 @@ import torch
 from model_folder.deepseek_v4_config import CSA, parse_deepseek_v4_config
 from model_folder.deepseek_v4_kv_budget import kv_bytes_per_token
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, plan_pool_sizes, window_layout
+from model_shards.deepseek_v4.paged_state import BlockTableMirror
 from model_shards.deepseek_v4.presets import preset_config
 
 FLASH = parse_deepseek_v4_config(preset_config("deepseek-v4-flash-shape"))  # 43 layers, bf16
@@ -45,3 +46,15 @@ def test_pool_sizes_give_the_window_what_running_requests_and_a_step_need():
     assert sizes.window_blocks == 256 * 2 + 128 + 1
     window_bytes = sizes.window_blocks * window_layout(FLASH, 128, torch.bfloat16).nbytes
     assert sizes.compressed_blocks == ((80 << 30) - window_bytes) // (6584 * 128)
+
+
+def test_a_block_table_mirror_copies_only_appended_ids_and_grows_on_the_device():
+    mirror = BlockTableMirror(torch.device("cpu"))
+    ids: list[int] = []
+    for new_ids in ([4, 9], [], [1], list(range(100, 170)), [-1, 3]):
+        ids += new_ids
+        table = mirror.update(ids)
+        assert table.dtype == torch.long and table.tolist() == ids and mirror.count == len(ids)
+    kept = mirror.table.data_ptr()
+    mirror.table[0] = 77  # a row already copied is never copied again
+    assert mirror.update(ids + [5])[:2].tolist() == [77, 9] and mirror.table.data_ptr() == kept

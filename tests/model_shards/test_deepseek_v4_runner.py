@@ -134,3 +134,27 @@ def test_pages_in_shuffled_blocks_give_the_in_memory_models_hidden_states_exactl
         paged = pages.load(model.new_state, tables, start, slot)
         assert torch.equal(model(ids[start:start + count], paged), expected)
         slot, start = pages.slot(paged), start + count
+
+
+def test_decode_keeps_block_tables_on_the_device_and_copies_only_new_ids(folder):
+    """A 15-token prompt in one block of each group, then 20 decodes that open blocks 1 and 2 as the
+    scheduler hands them over: the runner's device tables are the same tensors across steps, hold
+    the host tables exactly, and the tokens are the reference's greedy ones."""
+    runner = make_runner(folder)
+    a = prompt(15, seed=6)
+    sampled = [runner.execute(StepInput(0, new_requests=(new("a", a, tables=((3,), (5,))),),
+                                        num_scheduled_tokens={"a": 15})).sampled["a"].token_id]
+    mirrors = runner.requests["a"].device_tables
+    storage = [mirror.table.data_ptr() for mirror in mirrors]
+    for step_id in range(1, 21):
+        computed = 14 + step_id
+        new_ids = {BLOCK: ((7,), (2,)), 2 * BLOCK: ((9,), (11,))}.get(computed, ((), ()))
+        step = StepInput(step_id, cached_requests=(CachedRequestData("a", new_ids, computed),),
+                         num_scheduled_tokens={"a": 1})
+        sampled.append(runner.execute(step).sampled["a"].token_id)
+    request = runner.requests["a"]
+    assert request.block_ids == [[3, 7, 9], [5, 2, 11]]
+    assert [mirror.table.data_ptr() for mirror in request.device_tables] == storage  # never rebuilt
+    assert [mirror.update(ids).tolist() for mirror, ids in zip(request.device_tables, request.block_ids)] == \
+        request.block_ids
+    assert list(a) + sampled == greedy_continuation(folder, list(a), 21)
