@@ -119,25 +119,27 @@ class AllocatorWatch:
 class ChunkClock:
     """Times chunks: device ms (CUDA events; on a CPU the call's own time), host ms (the call's
     return: on a GPU the time to launch its work), and CUDA-event sections of the chunk that starts
-    at `profile_start`. While entered it also times every DeepseekV4Runner._run_chunk (the engine)."""
+    at `profile_start`. While entered it also times every DeepseekV4Runner._run_chunks (the engine's
+    step: one forward over the chunks of every scheduled request; counted from the first's start)."""
 
     def __init__(self, device: torch.device, profile_start: int | None = None):
         self.device, self.profile_start = device, profile_start
         self.chunks: list[tuple] = []  # start, tokens, start and end events, host ms, allocator row
         self.sections: dict[str, float] | None = None
         self.sync_sites: list[str] = []
-        self.original = DeepseekV4Runner._run_chunk
+        self.original = DeepseekV4Runner._run_chunks
 
     def __enter__(self) -> ChunkClock:
         original, clock = self.original, self
 
-        def timed(runner, request, count):
-            return clock.run(request.num_computed_tokens, count, lambda: original(runner, request, count))
-        DeepseekV4Runner._run_chunk = timed
+        def timed(runner, scheduled):
+            start, count = scheduled[0][0].num_computed_tokens, sum(count for _, count in scheduled)
+            return clock.run(start, count, lambda: original(runner, scheduled))
+        DeepseekV4Runner._run_chunks = timed
         return self
 
     def __exit__(self, *exc) -> None:
-        DeepseekV4Runner._run_chunk = self.original
+        DeepseekV4Runner._run_chunks = self.original
 
     def run(self, start: int, count: int, chunk):
         if self.device.type == "cuda" and start == self.profile_start:

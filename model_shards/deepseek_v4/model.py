@@ -7,7 +7,8 @@
 
 `forward` runs one chunk of one sequence (a whole prompt, any piece of it, or one decode token)
 and appends it to that sequence's state; the result does not depend on how a sequence is cut
-into chunks. Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert
+into chunks. `forward_segments` runs the chunks of several sequences in one pass: all but
+attention is token-wise and runs once over their concatenated tokens; attention runs per segment. Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert
 parallelism over the same group) and the vocabulary.
 """
 
@@ -45,14 +46,23 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
 
-    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, start: int,
-                state: LayerState) -> torch.Tensor:
-        """streams (T, hc, hidden) of tokens at positions start .. -> (T, hc, hidden)."""
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor,
+                segments: list[tuple[int, int, LayerState]]) -> torch.Tensor:
+        """streams (T, hc, hidden) of the segments' tokens one after another -> (T, hc, hidden);
+        `segments` holds each segment's (start position, token count, state), in order."""
         post, comb, collapsed = self.attn_hc(streams)
-        attended = self.self_attn(self.input_layernorm(collapsed), start, state)
+        attended = self._attend(self.input_layernorm(collapsed), segments)
         streams = mix_streams(streams, attended, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
+
+    def _attend(self, x: torch.Tensor, segments: list[tuple[int, int, LayerState]]) -> torch.Tensor:
+        """Attention, the one part that is not token-wise: each segment's rows against its own state."""
+        if len(segments) == 1:
+            start, _, state = segments[0]
+            return self.self_attn(x, start, state)
+        rows = x.split([count for _, count, _ in segments])
+        return torch.cat([self.self_attn(part, start, state) for part, (start, _, state) in zip(rows, segments)])
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         self.attn_hc.load(reader, prefix + "hc_attn")
@@ -107,11 +117,22 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, state: SequenceState) -> torch.Tensor:
         """The next chunk of one sequence, input_ids (T,) at positions state.num_tokens onwards ->
         final hidden states (T, hidden); `state` then holds the chunk too."""
-        start = state.num_tokens
+        return self.forward_segments([(input_ids, state)])
+
+    @torch.inference_mode()
+    def forward_segments(self, segments: list[tuple[torch.Tensor, SequenceState]]) -> torch.Tensor:
+        """The next chunk of several sequences in one pass: [(input_ids (T_i,), state), ...] ->
+        final hidden states (sum T_i, hidden), the segments' rows in order. Everything but attention
+        is token-wise, so it runs once over all tokens (every weight read once); attention runs per
+        segment on its own state. Each state then holds its chunk too."""
+        input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
+        spans = [(state.num_tokens, ids.shape[0], state) for ids, state in segments]  # (start, count, state)
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
-        for layer, layer_state in zip(self.layers, state.layers):
-            streams = layer(streams, input_ids, start, layer_state)  # (T, hc, hidden)
-        state.num_tokens += input_ids.shape[0]
+        for index, layer in enumerate(self.layers):
+            layer_segments = [(start, count, state.layers[index]) for start, count, state in spans]
+            streams = layer(streams, input_ids, layer_segments)  # (T, hc, hidden)
+        for ids, state in segments:
+            state.num_tokens += ids.shape[0]
         return self.norm(self.hc_head(streams))
 
     @torch.inference_mode()

@@ -3,9 +3,9 @@
 Per request it keeps the tokens, one block table per KV-cache block group (compressed, window),
 the sampler state and a small slot with the open compression windows; the KV itself lives in
 the rank's pages (kv_pages.py), read into the model's SequenceState before each chunk and written
-through while it runs (paged_state.py). Chunks run one request at a time (the V4 forward takes
-one sequence); world rank 0 samples, every rank appends the same tokens, so the driver never
-re-sends them. A request arriving with num_computed_tokens > 0 (a prefix-cache hit, on a block
+through while it runs (paged_state.py). Every request's chunk of a step runs in one forward pass
+(model.forward_segments: the expert and mHC weights are read once a step); world rank 0 samples,
+every rank appends the same tokens, so the driver never re-sends them. A request arriving with num_computed_tokens > 0 (a prefix-cache hit, on a block
 boundary) reads its prefix from the pages.
 """
 
@@ -46,17 +46,20 @@ class DeepseekV4Runner:
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
         self._apply_changes(step_input)
-        last_hidden, sampling_ids = [], []
-        for request_id, count in step_input.num_scheduled_tokens.items():
-            request = self.requests[request_id]
-            hidden = self._run_chunk(request, count)  # (count, hidden)
+        scheduled = [(self.requests[request_id], count) for request_id, count in step_input.num_scheduled_tokens.items()]
+        if not scheduled:
+            return StepOutput(step_input.step_id)
+        hidden = self._run_chunks(scheduled)  # (scheduled tokens, hidden)
+        last_rows, sampling_ids, row = [], [], 0
+        for request_id, (request, count) in zip(step_input.num_scheduled_tokens, scheduled):
+            row += count
             request.num_computed_tokens += count
             if request.num_computed_tokens == len(request.token_ids):
-                last_hidden.append(hidden[-1])
+                last_rows.append(row - 1)
                 sampling_ids.append(request_id)
         if not sampling_ids:
             return StepOutput(step_input.step_id)
-        return StepOutput(step_input.step_id, self._sample(torch.stack(last_hidden), sampling_ids))
+        return StepOutput(step_input.step_id, self._sample(hidden[last_rows], sampling_ids))
 
     def _apply_changes(self, step_input: StepInput) -> None:
         for request_id in step_input.finished_request_ids:
@@ -84,13 +87,18 @@ class DeepseekV4Runner:
             raise RuntimeError(f"request {cached.request_id}: runner computed {request.num_computed_tokens} tokens, "
                                f"scheduler says {cached.num_computed_tokens}")
 
-    def _run_chunk(self, request: _Request, count: int) -> torch.Tensor:
-        """Hidden states (count, hidden) of the chunk's tokens; their KV lands in the pages."""
-        start = request.num_computed_tokens
-        tables = [mirror.update(ids) for mirror, ids in zip(request.device_tables, request.block_ids)]
-        state = self.pages.load(self.model.new_state, request.block_ids, start, request.slot, tables)
-        hidden = self.model(self._ids(request, start, start + count), state)
-        request.slot = self.pages.slot(state)
+    def _run_chunks(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor:
+        """Hidden states (scheduled tokens, hidden) of every request's chunk, in order, from one
+        forward pass; their KV lands in the pages."""
+        segments = []
+        for request, count in scheduled:
+            start = request.num_computed_tokens
+            tables = [mirror.update(ids) for mirror, ids in zip(request.device_tables, request.block_ids)]
+            state = self.pages.load(self.model.new_state, request.block_ids, start, request.slot, tables)
+            segments.append((self._ids(request, start, start + count), state))
+        hidden = self.model.forward_segments(segments)
+        for (request, _), (_, state) in zip(scheduled, segments):
+            request.slot = self.pages.slot(state)
         return hidden
 
     def _ids(self, request: _Request, start: int, stop: int) -> torch.Tensor:
