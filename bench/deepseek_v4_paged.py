@@ -20,7 +20,10 @@ and peak bytes), to tell allocator spikes from others. `--alloc-conf` sets PYTOR
 (e.g. expandable_segments:True) before CUDA starts, so two runs compare the allocators. At
 `--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
 the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
-bench/results/) after every length, so a run cut short keeps what it measured.
+bench/results/) after every length, so a run cut short keeps what it measured. `--concurrency 1 8`
+then has N requests decode together (one forward per step for all of them): ms per step, tokens/s.
+CPU, decode batching on the tiny preset:
+    python3 bench/deepseek_v4_paged.py --lengths 256 --concurrency 1 8
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-length", type=int, default=None, help="CUDA: section profile of this prompt's last chunk")
     parser.add_argument("--time-budget-s", type=float, default=float("inf"), help="start no new length after this")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[],
+                        help="then, for each N: N requests decoding together (ms per step, tokens/s)")
+    parser.add_argument("--concurrency-prompt-tokens", type=int, default=1024, help="each concurrent request's prompt")
     parser.add_argument("--alloc-conf", default=None,
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
     return parser.parse_args()
@@ -191,10 +197,12 @@ class ChunkClock:
 
 def make_engine(folder: Path, args: argparse.Namespace, block_size: int) -> LLMEngine:
     longest = max(args.lengths) + args.decode_steps + 2 * args.chunk_tokens
+    most_requests = max([4, *args.concurrency])
+    concurrent = most_requests * (args.concurrency_prompt_tokens + args.decode_steps + 2 * block_size)
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype),
-        cache=CacheSettings(num_device_blocks=longest // block_size + 64),
-        scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=4)))
+        cache=CacheSettings(num_device_blocks=max(longest, concurrent) // block_size + 64),
+        scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=most_requests)))
 
 
 def engine_timing(engine: LLMEngine, prompt: list[int], decode_steps: int, clock: ChunkClock) -> dict:
@@ -211,6 +219,26 @@ def engine_timing(engine: LLMEngine, prompt: list[int], decode_steps: int, clock
             "prefill_chunk_device_ms": [chunks["chunk_device_ms"][i] for i in prefill],
             "prefill_chunk_host_ms": [chunks["chunk_host_ms"][i] for i in prefill],
             "prefill_chunk_allocator": [chunks["chunk_allocator"][i] for i in prefill]}
+
+
+def concurrent_decode(engine: LLMEngine, args: argparse.Namespace, concurrency: int) -> dict:
+    """`concurrency` requests prefilled, then decoding together: device ms of the engine steps whose
+    one forward holds a decode token of each (sampling excluded), tokens/s from them, and the
+    requests' mean time per output token (the whole step)."""
+    prompts = [random_prompt(args.concurrency_prompt_tokens + i) for i in range(concurrency)]  # no prefix hits
+    params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
+    clock = ChunkClock(torch.device(args.device))
+    with clock:
+        results = [sequences[0] for sequences in generate(engine, prompts, params)]
+    if errors := [result.error for result in results if result.error]:
+        raise RuntimeError(f"engine: {errors[0]}")
+    counts = [chunk[1] for chunk in clock.chunks]
+    decode_ms = sorted(ms for count, ms in zip(counts, clock.summary()["chunk_device_ms"]) if count == concurrency)
+    median_ms = decode_ms[len(decode_ms) // 2]
+    return {"concurrency": concurrency, "prompt_tokens": args.concurrency_prompt_tokens,
+            "decode_steps_timed": len(decode_ms), "decode_step_device_ms": median_ms,
+            "decode_tokens_per_s": concurrency * 1e3 / median_ms,
+            "tpot_ms_mean": sum(result.tpot_s for result in results) / concurrency * 1e3}
 
 
 def synchronize(device: torch.device) -> None:
@@ -343,6 +371,8 @@ def main() -> None:
             if length == args.profile_length and device_is_cuda(args):
                 report.data["profile"] = profile_last_chunk(engine, model, args)
                 report.write()
+        for concurrency in args.concurrency:
+            report.add_row(concurrent_decode(engine, args, concurrency))
     finally:
         engine.shutdown()
     print(json.dumps({"profile": report.data["profile"], "kv": report.data["kv"]}, indent=1))
