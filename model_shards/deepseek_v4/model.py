@@ -8,8 +8,9 @@
 `forward` runs one chunk of one sequence (a whole prompt, any piece of it, or one decode token)
 and appends it to that sequence's state; the result does not depend on how a sequence is cut
 into chunks. `forward_segments` runs the chunks of several sequences in one pass: all but
-attention is token-wise and runs once over their concatenated tokens; attention runs per segment. Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert
-parallelism over the same group) and the vocabulary.
+attention is token-wise and runs once over their concatenated tokens; attention runs per segment.
+Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert parallelism over
+the same group) and the vocabulary.
 """
 
 from __future__ import annotations

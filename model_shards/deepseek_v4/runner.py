@@ -5,8 +5,8 @@ the sampler state and a small slot with the open compression windows; the KV its
 the rank's pages (kv_pages.py), read into the model's SequenceState before each chunk and written
 through while it runs (paged_state.py). Every request's chunk of a step runs in one forward pass
 (model.forward_segments: the expert and mHC weights are read once a step); world rank 0 samples,
-every rank appends the same tokens, so the driver never re-sends them. A request arriving with num_computed_tokens > 0 (a prefix-cache hit, on a block
-boundary) reads its prefix from the pages.
+every rank appends the same tokens, so the driver never re-sends them. A request arriving with
+num_computed_tokens > 0 (a prefix-cache hit, on a block boundary) reads its prefix from the pages.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class DeepseekV4Runner:
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
         self._apply_changes(step_input)
-        scheduled = [(self.requests[request_id], count) for request_id, count in step_input.num_scheduled_tokens.items()]
+        scheduled = [(self.requests[request_id], count)
+                     for request_id, count in step_input.num_scheduled_tokens.items()]
         if not scheduled:
             return StepOutput(step_input.step_id)
         hidden = self._run_chunks(scheduled)  # (scheduled tokens, hidden)
@@ -59,7 +60,9 @@ class DeepseekV4Runner:
                 sampling_ids.append(request_id)
         if not sampling_ids:
             return StepOutput(step_input.step_id)
-        return StepOutput(step_input.step_id, self._sample(hidden[last_rows], sampling_ids))
+        # row views, stacked: an index list would be a copy from the host in the middle of the step
+        last_hidden = torch.stack([hidden[row] for row in last_rows])
+        return StepOutput(step_input.step_id, self._sample(last_hidden, sampling_ids))
 
     def _apply_changes(self, step_input: StepInput) -> None:
         for request_id in step_input.finished_request_ids:
