@@ -40,10 +40,15 @@ class Compressor(nn.Module):
     def new_state(self, dtype: torch.dtype, device: torch.device) -> CompressorState:
         return CompressorState.empty(self.rate, self.dim, self.kv_proj.out_features, dtype, device)
 
-    def append(self, state: CompressorState, x: torch.Tensor) -> Entries:
-        """Fold the chunk's tokens x (T, hidden) into `state`; return all entries so far (E rows of
-        dim, contiguous or on pages: entries.py)."""
-        windows_kv, windows_gate, first_entry = state.close_windows(self.kv_proj(x), self.gate_proj(x))
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-wise part: x (T, hidden) -> kv, gate logits (T, width) each. Several sequences'
+        tokens are projected at once, then each sequence's rows appended to its own state."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def append(self, state: CompressorState, kv: torch.Tensor, gate: torch.Tensor) -> Entries:
+        """Fold one sequence's projected chunk (T, width) each into `state`; return all entries so
+        far (E rows of dim, contiguous or on pages: entries.py)."""
+        windows_kv, windows_gate, first_entry = state.close_windows(kv, gate)
         closed = windows_kv.shape[0]
         if closed == 0:
             return state.entries
@@ -52,7 +57,7 @@ class Compressor(nn.Module):
             windows_kv, windows_gate = self._overlapping_slots(state, windows_kv, windows_gate)
         weights = windows_gate.softmax(dim=1, dtype=torch.float32).to(windows_kv.dtype)  # per channel
         pooled = self.kv_norm((windows_kv * weights).sum(dim=1))  # (closed, dim)
-        positions = (torch.arange(closed, device=x.device) + first_entry) * self.rate
+        positions = (torch.arange(closed, device=kv.device) + first_entry) * self.rate
         cos, sin = self.rotary.cos_sin(positions)
         return state.add_entries(apply_interleaved_rotary(pooled, cos, sin))
 

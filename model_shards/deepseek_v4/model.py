@@ -8,7 +8,8 @@
 `forward` runs one chunk of one sequence (a whole prompt, any piece of it, or one decode token)
 and appends it to that sequence's state; the result does not depend on how a sequence is cut
 into chunks. `forward_segments` runs the chunks of several sequences in one pass: all but
-attention is token-wise and runs once over their concatenated tokens; attention runs per segment.
+attention is token-wise and runs once over their concatenated tokens; attention runs its
+projections once too, and only what reads a sequence's state per segment (attention.py).
 Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert parallelism over
 the same group) and the vocabulary.
 """
@@ -52,18 +53,10 @@ class DeepseekV4DecoderLayer(nn.Module):
         """streams (T, hc, hidden) of the segments' tokens one after another -> (T, hc, hidden);
         `segments` holds each segment's (start position, token count, state), in order."""
         post, comb, collapsed = self.attn_hc(streams)
-        attended = self._attend(self.input_layernorm(collapsed), segments)
+        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments)
         streams = mix_streams(streams, attended, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
-
-    def _attend(self, x: torch.Tensor, segments: list[tuple[int, int, LayerState]]) -> torch.Tensor:
-        """Attention, the one part that is not token-wise: each segment's rows against its own state."""
-        if len(segments) == 1:
-            start, _, state = segments[0]
-            return self.self_attn(x, start, state)
-        rows = x.split([count for _, count, _ in segments])
-        return torch.cat([self.self_attn(part, start, state) for part, (start, _, state) in zip(rows, segments)])
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         self.attn_hc.load(reader, prefix + "hc_attn")
@@ -124,8 +117,9 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward_segments(self, segments: list[tuple[torch.Tensor, SequenceState]]) -> torch.Tensor:
         """The next chunk of several sequences in one pass: [(input_ids (T_i,), state), ...] ->
         final hidden states (sum T_i, hidden), the segments' rows in order. Everything but attention
-        is token-wise, so it runs once over all tokens (every weight read once); attention runs per
-        segment on its own state. Each state then holds its chunk too."""
+        is token-wise, so it runs once over all tokens (every weight read once); attention reads
+        each segment's own state (DeepseekV4Attention.forward_segments). Each state then holds its
+        chunk too."""
         input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
         spans = [(state.num_tokens, ids.shape[0], state) for ids, state in segments]  # (start, count, state)
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()

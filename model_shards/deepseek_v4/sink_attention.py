@@ -63,7 +63,7 @@ def sink_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: i
         groups = [(windows[start:stop], reachable[start:stop])]
         if compressed is not None:
             groups.append(_compressed_group(compressed, start, stop))
-        out[start:stop] = _attend(q[start:stop], [g for g in groups if g[0].shape[-2]], sinks, scale)
+        out[start:stop] = attend(q[start:stop], [g for g in groups if g[0].shape[-2]], sinks, scale)
     return out
 
 
@@ -101,8 +101,8 @@ def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
-            scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
+           scale: float) -> torch.Tensor:
     """One softmax over every group's keys and the sink. Keys (K, D) are shared by the block's
     queries, (t, K, D) are per query; `allowed` (t, K) says which a query may attend."""
     return attend_fused(q, groups, sinks, scale) if q.is_cuda else attend_torch(q, groups, sinks, scale)
@@ -110,7 +110,7 @@ def _attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], si
 
 def attend_fused(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
                  scale: float) -> torch.Tensor:
-    """_attend with the softmax as one kernel (sink_softmax.py), in place on the raw logits."""
+    """attend with the softmax as one kernel (sink_softmax.py), in place on the raw logits."""
     from model_shards.deepseek_v4.sink_softmax import sink_softmax_
 
     probs = sink_softmax_([_scores(q, keys).contiguous() for keys, _ in groups],
