@@ -77,6 +77,8 @@ class LightningIndexer(nn.Module):
         keys = self.compressor.append(state, inputs.kv, inputs.gate)  # E rows of head_dim, where they lie
         q, head_weights = inputs.q, inputs.head_weights
         tokens, device = q.shape[0], q.device
+        if tokens == 1:  # a decode: every entry is closed at its position, nothing to mask
+            return self._top_k(q, head_weights, keys, start)
         width = min(self.topk, keys.count)
         # (queries, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
         block = max(1, block_elements(device) // max(1, keys.count))
