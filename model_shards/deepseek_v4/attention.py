@@ -1,11 +1,17 @@
-"""One DeepSeek-V4 attention layer over a chunk of one sequence, with its explicit state.
+"""One DeepSeek-V4 attention layer over the chunks of one or several sequences, each with its state.
 
     q  = rope(rms(q_b_proj(q_residual)))        q_residual = q_a_norm(q_a_proj(x))   (T, heads, D)
     kv = rope(kv_norm(kv_proj(x)))              one K = V head                       (T, D)
-    out = sink_attention(q, window | compressed entries)                            (T, heads, D)
+    per segment: window append, compressor append, indexer top-k (CSA)  on its own state
+    out = sink_attention(q, window | compressed entries)   per chunk; single-query
+          segments (decodes) all at once: decode_attention.py                       (T, heads, D)
     out = rope^-1(out) at the query position    (V carries RoPE since V = K: undo it, so each
                                                  entry contributes by relative distance only)
     y  = o_b_proj(grouped o_a_proj(out))        heads in o_groups, each to o_lora_rank
+
+Everything but the per-segment lines is token-wise: it runs once over all segments' tokens (each
+token rotated at its own sequence's position), so a step of N decodes launches each projection,
+norm and RoPE kernel once, not N times.
 
 Sliding layers rotate with the "main" RoPE, CSA/HCA layers (and their compressors and indexer)
 with the "compress" one. With tensor parallelism a rank holds heads / tp query heads, their sinks
