@@ -45,12 +45,12 @@ Segment = tuple[int, int, LayerState]  # a sequence's chunk: start position, tok
 SegmentKeys = tuple[torch.Tensor, CompressedKeys | None]  # what its queries attend: window keys, compressed keys
 
 
-def segment_positions(segments: list[Segment], device: torch.device) -> torch.Tensor:
-    """(T,) long: each segment's positions start .. start+count-1, one segment after another."""
-    if len(segments) == 1:
-        start, count, _ = segments[0]
+def segment_positions(spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """(T,) long: for each (start, count) the positions start .. start+count-1, one after another."""
+    if len(spans) == 1:
+        start, count = spans[0]
         return torch.arange(start, start + count, device=device)
-    return host_to_device(torch.cat([torch.arange(start, start + count) for start, count, _ in segments]), device)
+    return host_to_device(torch.cat([torch.arange(start, start + count) for start, count in spans]), device)
 
 
 class GroupedLinear(nn.Module):
@@ -103,15 +103,17 @@ class DeepseekV4Attention(nn.Module):
     def forward(self, x: torch.Tensor, start: int, state: LayerState) -> torch.Tensor:
         """x (T, hidden): the normed layer input of tokens at positions start .. start+T-1, the
         state holding tokens 0 .. start-1 (and afterwards tokens up to start+T-1) -> (T, hidden)."""
-        return self.forward_segments(x, [(start, x.shape[0], state)])
+        positions = segment_positions([(start, x.shape[0])], x.device)
+        return self.forward_segments(x, [(start, x.shape[0], state)], positions)
 
-    def forward_segments(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def forward_segments(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor) -> torch.Tensor:
         """x (T, hidden): several sequences' chunks one after another, `segments` their (start
-        position, token count, state) in order -> (T, hidden). Projections, norms and RoPE run once
-        over all tokens; each segment's state is appended and its keys chosen on its own; the
-        attention core runs once for all single-query segments (decodes) and once per longer chunk."""
+        position, token count, state) in order, `positions` (T,) each token's position (segment_positions) ->
+        (T, hidden). Projections, norms and RoPE run once over all tokens; each segment's state is
+        appended and its keys chosen on its own; the attention core runs once for all single-query
+        segments (decodes) and once per longer chunk."""
         tokens = x.shape[0]
-        cos, sin = self.rotary.cos_sin(segment_positions(segments, x.device))  # (T, rotary_dim // 2) each
+        cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
         q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
         q = norm_and_rotate(q, cos, sin, "unweighted", self.eps)  # (T, heads, D)

@@ -38,7 +38,8 @@ def decode_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, CompressedK
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _query_keys(window_keys: torch.Tensor, compressed: CompressedKeys | None, sliding_window: int) -> list[torch.Tensor]:
+def _query_keys(window_keys: torch.Tensor, compressed: CompressedKeys | None,
+                sliding_window: int) -> list[torch.Tensor]:
     """The rows one query attends, in pieces: its window (<= W rows, its own key last), then its
     compressed keys."""
     window = window_keys[-sliding_window:]

@@ -23,13 +23,13 @@ from torch import nn
 
 from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
-from model_shards.deepseek_v4.attention import DeepseekV4Attention
+from model_shards.deepseek_v4.attention import DeepseekV4Attention, Segment, segment_positions
 from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.deepseek_v4.state import LayerState, SequenceState
+from model_shards.deepseek_v4.state import SequenceState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.llama import checkpoint_dtype
 from model_shards.parallel.groups import ParallelGroup
@@ -48,12 +48,13 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
 
-    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor,
-                segments: list[tuple[int, int, LayerState]]) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, segments: list[Segment],
+                positions: torch.Tensor) -> torch.Tensor:
         """streams (T, hc, hidden) of the segments' tokens one after another -> (T, hc, hidden);
-        `segments` holds each segment's (start position, token count, state), in order."""
+        `segments` holds each segment's (start position, token count, state), in order, and
+        `positions` (T,) each token's position in its sequence."""
         post, comb, collapsed = self.attn_hc(streams)
-        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments)
+        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments, positions)
         streams = mix_streams(streams, attended, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
@@ -122,10 +123,11 @@ class DeepseekV4ForCausalLM(nn.Module):
         chunk too."""
         input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
         spans = [(state.num_tokens, ids.shape[0], state) for ids, state in segments]  # (start, count, state)
+        positions = segment_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
         for index, layer in enumerate(self.layers):
             layer_segments = [(start, count, state.layers[index]) for start, count, state in spans]
-            streams = layer(streams, input_ids, layer_segments)  # (T, hc, hidden)
+            streams = layer(streams, input_ids, layer_segments, positions)  # (T, hc, hidden)
         for ids, state in segments:
             state.num_tokens += ids.shape[0]
         return self.norm(self.hc_head(streams))
