@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from model_shards.deepseek_v4.positions import host_to_device
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, attend, block_elements
-
-
-def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`; on a GPU from pinned memory, so the copy does not wait."""
-    return values if device.type != "cuda" else values.pin_memory().to(device, non_blocking=True)
 
 
 def decode_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, CompressedKeys | None]],

@@ -70,11 +70,16 @@ class LightningIndexer(nn.Module):
         head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
         return IndexerInputs(q, head_weights, *self.compressor.project(x))
 
-    def select(self, state: CompressorState, inputs: IndexerInputs, start: int) -> torch.Tensor:
-        """Fold one sequence's chunk (its rows of `project`, tokens at positions start ..) into the
-        indexer's keys, then pick each query's entries: (T, min(topk, E)) indices, NO_ENTRY where a
-        query has fewer closed entries."""
-        keys = self.compressor.append(state, inputs.kv, inputs.gate)  # E rows of head_dim, where they lie
+    def select(self, states: list[CompressorState], inputs: list[IndexerInputs],
+               starts: list[int]) -> list[torch.Tensor]:
+        """Fold each sequence's chunk (its rows of `project`, tokens at positions start ..) into its
+        indexer keys, then pick each query's entries: per sequence (T_i, min(topk, E_i)) indices,
+        NO_ENTRY where a query has fewer closed entries."""
+        keys = self.compressor.append(states, [rows.kv for rows in inputs], [rows.gate for rows in inputs])
+        return [self._choose(*args) for args in zip(keys, inputs, starts)]
+
+    def _choose(self, keys: Entries, inputs: IndexerInputs, start: int) -> torch.Tensor:
+        """One sequence's choice (T, min(topk, E)) among its E keys (rows of head_dim, where they lie)."""
         q, head_weights = inputs.q, inputs.head_weights
         tokens, device = q.shape[0], q.device
         if tokens == 1:  # a decode: every entry is closed at its position, nothing to mask

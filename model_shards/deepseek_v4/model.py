@@ -23,11 +23,12 @@ from torch import nn
 
 from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
-from model_shards.deepseek_v4.attention import DeepseekV4Attention, Segment, segment_positions
+from model_shards.deepseek_v4.attention import DeepseekV4Attention, Segment
 from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.state import SequenceState
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -123,7 +124,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         chunk too."""
         input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
         spans = [(state.num_tokens, ids.shape[0], state) for ids, state in segments]  # (start, count, state)
-        positions = segment_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
+        positions = span_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
         for index, layer in enumerate(self.layers):
             layer_segments = [(start, count, state.layers[index]) for start, count, state in spans]
