@@ -10,6 +10,7 @@
     compressor.py       gated pooling of every m tokens into one entry (CSA overlapping, HCA not)
     indexer.py          the Lightning Indexer's top-k choice of compressed entries (CSA)
     index_scores.py     its scores: torch reference, and a fused Triton kernel (+ _kernel.py)
+    positions.py        a step's token and entry positions, built on the host, copied without a wait
     rope.py             partial, interleaved RoPE ("main" and "compress", YaRN on the latter)
     norm_rope.py        RMS norm + RoPE of q / kv / output as one Triton kernel (+ _kernel.py)
     hyper_connections.py  mHC: Sinkhorn-mixed residual streams and the hyper head
