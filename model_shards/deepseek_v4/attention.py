@@ -101,10 +101,10 @@ class DeepseekV4Attention(nn.Module):
 
     def forward_segments(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor) -> torch.Tensor:
         """x (T, hidden): several sequences' chunks one after another, `segments` their (start
-        position, token count, state) in order, `positions` (T,) each token's position (positions.span_positions) ->
-        (T, hidden). Projections, norms and RoPE run once over all tokens; each segment's state is
-        appended and its keys chosen on its own; the attention core runs once for all single-query
-        segments (decodes) and once per longer chunk."""
+        position, token count, state) in order, `positions` (T,) each token's position in its
+        sequence (positions.span_positions) -> (T, hidden). Projections, norms and RoPE run once
+        over all tokens; each segment's state is appended and its keys chosen on its own; the
+        attention core runs once for all single-query segments (decodes) and once per longer chunk."""
         tokens = x.shape[0]
         cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
         q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
