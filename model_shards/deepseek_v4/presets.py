@@ -31,7 +31,7 @@ import torch
 from model_folder.tokenizer_training import SPECIAL_TOKENS
 from model_folder.deepseek_v4_config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Architecture, \
     parse_deepseek_v4_config
-from model_folder.deepseek_v4_quantization import FP8, UE8M0, BlockQuantization, parse_block_quantization
+from model_folder.deepseek_v4_quantization import FLOAT, FP4, FP8, UE8M0, BlockQuantization
 from model_shards.deepseek_v4.released_checkpoint import ReleasedTensors, mtp_specs, released_config
 from model_shards.deepseek_v4.weights import transformers_name
 from model_shards.random_checkpoint import DTYPES, LOGIT_STD, TensorSpec, linear_spec, make_tensor, norm_spec, \
@@ -71,14 +71,16 @@ def run_make_deepseek_v4_model(args: argparse.Namespace) -> Path:
 
 def quantization_of_flags(quantize: str | None, expert_dtype: str | None,
                           scale_format: str | None) -> BlockQuantization | None:
-    """--quantize fp8 [--expert-dtype fp8|fp4] [--scale-format ue8m0|float] -> the folder's format
-    (checked through the config parser, so its one-line errors apply)."""
+    """--quantize fp8 [--expert-dtype fp8|fp4] [--scale-format ue8m0|float] -> the folder's format."""
     if quantize is None:
         if expert_dtype is not None or scale_format is not None:
             raise ValueError("--expert-dtype and --scale-format need --quantize fp8")
         return None
-    settings = {"quant_method": quantize, "scale_fmt": scale_format or UE8M0, "expert_dtype": expert_dtype or FP8}
-    return parse_block_quantization({"quantization_config": settings})
+    for flag, value, allowed in (("--quantize", quantize, (FP8,)), ("--expert-dtype", expert_dtype or FP8, (FP8, FP4)),
+                                 ("--scale-format", scale_format or UE8M0, (UE8M0, FLOAT))):
+        if value not in allowed:
+            raise ValueError(f"{flag} {value!r} is not supported; choose one of {', '.join(allowed)}")
+    return BlockQuantization(scale_format=scale_format or UE8M0, expert_format=expert_dtype or FP8)
 
 
 def make_deepseek_v4_model(out_dir: str | Path, preset: str, *, seed: int = 0, layers: int | None = None,
