@@ -93,3 +93,18 @@ def test_equal_to_transformers_dequantizer_on_whole_blocks(kind):
         part = BlockScaledPart(values, scales, (128, 128))
     expected = Fp8Dequantize(None)._dequantize_one(values, scales, torch.float32)
     assert torch.equal(dequantize(part, torch.float32), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["fp8-ue8m0", "fp8-float", "fp4"])
+def test_dequantizing_on_the_gpu_equals_the_cpu(kind):
+    """The loader dequantizes on the parameter's device: ue8m0 and FP4 unpacking there too."""
+    weight = torch.randn(384, 256, generator=torch.Generator().manual_seed(5))
+    if kind == "fp4":
+        values, scales = quantize_fp4(weight)
+        part = part_of_grid(values.view(torch.uint8)[100:300], scales, (1, 32), first_row=100)
+    else:
+        values, scales = quantize_fp8(weight, (128, 128), ue8m0=kind == "fp8-ue8m0")
+        part = part_of_grid(values[100:300], scales, (128, 128), first_row=100)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize(part.to("cuda"), dtype).cpu(), dequantize(part, dtype))
