@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model_folder.deepseek_v4_quantization import FP4_BLOCK
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP4_MAX = 6.0  # largest e2m1
 # e2m1 codes 0..15: bit 3 the sign, bits 0-2 index the magnitudes
@@ -108,7 +110,7 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int], ue8m0: bool) -> t
     return values.to(torch.float8_e4m3fn), scales.to(torch.float8_e8m0fnu) if ue8m0 else scales
 
 
-def quantize_fp4(weight: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp4(weight: torch.Tensor, group: int = FP4_BLOCK[1]) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, C) float, C even -> (int8 (R, C / 2): two e2m1 codes a byte, low nibble first; ue8m0
     scales (R, ceil(C / group))): scale = amax of `group` columns / 6, rounded up to a power of two,
     each value rounded to the nearest e2m1 magnitude."""

@@ -130,7 +130,7 @@ class CheckpointTensors:
         actual = self._actual_name(name)
         if (stored := self.reader.stored_dtype(actual)) in QUANTIZED_STORAGE:
             raise ModelFolderError(f"{self.folder}: tensor {actual!r} is stored as {stored} but has no scale tensor "
-                                   f"({scale_name(name) or name + '_scale'!r}, or a quantization_config in config.json)")
+                                   f"(expected {scale_name(name)!r} and a quantization_config in config.json)")
         return actual
 
     def _actual_name(self, name: str) -> str:

@@ -5,7 +5,8 @@ The tiny preset's shard boundaries fall inside 128 x 128 blocks: wq_b's 128 rows
 wo_b's 32 columns 16 / 16, the shared expert's 32 channels 16 / 16 (one block each), so every
 rank must find the scales of a block it holds only part of; the indexer's wq_b (256 rows, two
 row blocks) splits on the block boundary, so rank 1 must take the second block's scale (float
-scales differ per block; ue8m0 ones may not). Experts go whole to one rank (EP), with their scales. Same tolerance and job as test_deepseek_v4_parallel.py.
+scales differ per block; ue8m0 ones may not). Experts go whole to one rank (EP), with their
+scales. Same tolerance and job as test_deepseek_v4_parallel.py.
 """
 
 from __future__ import annotations
