@@ -19,7 +19,7 @@ from model_folder.errors import ModelFolderError
 from model_shards.deepseek_v4.block_format import ONE_BYTE_SCALES, BlockScaledPart, dequantize, part_of_grid
 from model_shards.weights import WeightReader
 
-FP4_STORAGE = tuple(dtype for dtype in (torch.int8, torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)) if dtype)
+FP4_STORAGE = (torch.int8, torch.uint8)  # DeepSeek's layout; safetensors 0.8 cannot read its own F4 back
 QUANTIZED_STORAGE = ("F8_E4M3", "F8_E5M2", "I8", "U8", "F4")  # safetensors' names: such a weight needs a scale
 
 
@@ -41,9 +41,9 @@ class BlockScaledReader:
 
     def read(self, weight: str, scale: str, *, expert: bool, shard_dim: int | None = None, rank: int = 0,
              world_size: int = 1) -> BlockScaledPart:
+        full = self._logical_shape(weight)
         values = self.reader.get(weight, shard_dim=shard_dim, rank=rank, world_size=world_size)
         fp4 = self._check_storage(weight, values.dtype, expert)
-        full = self._logical_shape(weight)
         block = self.quantization.block_of(fp4)
         first = [0, 0]  # the part's first row and column in the whole weight
         if shard_dim is not None:
@@ -63,10 +63,13 @@ class BlockScaledReader:
 
     def _logical_shape(self, weight: str) -> tuple[int, int]:
         shape = self.reader.shape(weight)
+        if self.reader.stored_dtype(weight) == "F4":
+            raise ModelFolderError(f"{self.reader.folder}: tensor {weight!r} is stored as F4, which safetensors "
+                                   "does not read back reliably; store FP4 pairs as int8 (DeepSeek's layout)")
         if len(shape) != 2:
             raise ModelFolderError(f"{self.reader.folder}: tensor {weight!r} of shape {shape} has a scale, "
                                    "but only 2-D weights are block-scaled")
-        fp4 = self.reader.stored_dtype(weight) in ("I8", "U8", "F4")
+        fp4 = self.reader.stored_dtype(weight) in ("I8", "U8")
         return shape[0], shape[1] * 2 if fp4 else shape[1]
 
     def _checked_scales(self, scale: str, weight: str, full: tuple[int, int], block: tuple[int, int],

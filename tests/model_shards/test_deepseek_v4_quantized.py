@@ -200,3 +200,32 @@ def test_make_model_flags_write_the_format(tmp_path, capsys):
 def test_make_model_refuses_bad_flags(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
         make_model_cli(str(tmp_path / "m"), *argv)
+
+
+def test_ue8m0_scales_as_raw_bytes_load_alike(released, tmp_path):
+    """ue8m0 scales stored as their bytes (U8, as MXFP8 checkpoints do) give the same model."""
+    def as_bytes(tensors):
+        for name, tensor in tensors.items():
+            if tensor.dtype == torch.float8_e8m0fnu:
+                tensors[name] = tensor.view(torch.uint8)
+
+    folder = edited_copy(released, tmp_path / "bytes", as_bytes)
+    with safe_open(str(folder / "model.safetensors"), "pt") as file:
+        assert "U8" in {file.get_slice(name).get_dtype() for name in file.keys()}
+    ids = prompt(40, seed=2)
+    expected = logits_of(DeepseekV4ForCausalLM.from_folder(released, dtype=torch.float32), ids)
+    assert torch.equal(logits_of(DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32), ids), expected)
+
+
+def test_fp4_stored_as_f4_is_refused_in_one_line(released, tmp_path):
+    """safetensors 0.8 writes float4_e2m1fn_x2 as F4 but cannot read its own file back."""
+    if json.loads((released / "config.json").read_text())["expert_dtype"] != "fp4":
+        pytest.skip("an FP4-expert folder")
+
+    def as_f4(tensors):
+        name = "layers.3.ffn.experts.0.w3.weight"
+        tensors[name] = tensors[name].view(torch.float4_e2m1fn_x2)
+
+    folder = edited_copy(released, tmp_path / "f4", as_f4)
+    with pytest.raises(ModelFolderError, match="'layers.3.ffn.experts.0.w3.weight' is stored as F4"):
+        DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
