@@ -119,7 +119,8 @@ def quantize_fp4(weight: torch.Tensor, group: int = FP4_BLOCK[1]) -> tuple[torch
     scales = _amax_scales(weight, (1, group), FP4_MAX, ue8m0=True)
     scaled = weight.to(torch.float32) / _expanded(scales, weight.shape, (1, group))
     magnitudes = torch.tensor(E2M1_VALUES[:8], device=weight.device)
-    codes = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1) | (scaled < 0).long() << 3  # (R, C)
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2  # a tie rounds to the smaller magnitude
+    codes = torch.bucketize(scaled.abs(), midpoints) | (scaled < 0).long() << 3  # (R, C)
     packed = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)
     return packed.view(torch.int8), scales.to(torch.float8_e8m0fnu)
 
