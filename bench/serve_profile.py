@@ -1,12 +1,13 @@
 """Where the served path spends its CPU: py-spy on the Serve proxy and the LLM server replica
-while bench/serve_load.py's streams run through them, one request at a time and at --concurrency.
+while bench/serve_load.py's streams run through them, at each of --levels streams at once.
 
-For each process and load it writes the collapsed stacks (`py-spy record --format raw`) and prints
-the CPU each process spends per request and the share of its GIL-holding samples per stage of the request path (STAGES: the first pattern found in a stack,
-innermost frame first, names its stage). Needs py-spy (`pip install py-spy`) and ptrace rights.
+For each process and load it writes the collapsed stacks (`py-spy record --format raw --gil`) and
+prints the CPU each process spends a request (/proc) and the GIL-holding time a request per stage of
+the request path (STAGES: the first pattern found in a stack, innermost frame first, names its
+stage). Needs py-spy (`pip install py-spy`) and ptrace rights.
 
-    python bench/serve_profile.py                       # tiny model, fused_local, 1 and 16 streams
-    python bench/serve_profile.py --served split_local --seconds 20
+    python bench/serve_profile.py                       # tiny model, fused_local, 1 and 16 streams, 1 and 64 out
+    python bench/serve_profile.py --served fused_direct --levels 1 --stream-chunks-per-s 0
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 from serve_load import SERVED_PATHS, bench_config, http_sender, make_workload, run_workload, start_served, stop_served
+
+SAMPLE_RATE = 250  # py-spy samples a second
 
 # (stage, substrings of a frame): the innermost frame that matches one names the sample's stage.
 STAGES = [
@@ -94,7 +97,7 @@ async def profile_load(url: str, model: str, workload, seconds: float, out: Path
     import httpx
 
     recorders = {name: subprocess.Popen([_py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                                         "--rate", "250", "--format", "raw", "--nonblocking", "--gil",
+                                         "--rate", str(SAMPLE_RATE), "--format", "raw", "--nonblocking", "--gil",
                                          "--output", str(out / f"{workload.name}-{name}.txt")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for name, pid in pids.items()}  # fmt: skip
@@ -111,8 +114,11 @@ async def profile_load(url: str, model: str, workload, seconds: float, out: Path
     for name, pid in pids.items():
         stage_shares, samples = shares(out / f"{workload.name}-{name}.txt")
         cpu_ms = (cpu_seconds(pid) - cpu_before[name]) * 1e3
-        report[name] = {"samples": samples, "gil_fraction": samples / (250 * seconds), "stages": stage_shares,
-                        "cpu_ms_per_request": cpu_ms / requests, "cpu_cores": cpu_ms / 1e3 / elapsed}
+        gil_ms = samples / SAMPLE_RATE * 1e3 / requests  # the recorders ran for `seconds` of `elapsed`
+        report[name] = {"cpu_ms_per_request": cpu_ms / requests, "cpu_cores": cpu_ms / 1e3 / elapsed,
+                        "gil_ms_per_request": gil_ms * elapsed / seconds,
+                        "stage_gil_ms_per_request": {stage: share * gil_ms * elapsed / seconds
+                                                     for stage, share in stage_shares.items()}}
     return report
 
 
@@ -122,17 +128,19 @@ def print_report(reports: dict[str, dict]) -> None:
         for name, figures in report.items():
             if not isinstance(figures, dict):
                 continue
-            print(f"  {name}: {figures['cpu_ms_per_request']:.1f} CPU ms a request ({figures['cpu_cores']:.2f} cores), "
-                  f"GIL held {figures['gil_fraction']:.0%} of the time, by stage:")
-            for stage, share in sorted(figures["stages"].items(), key=lambda item: -item[1]):
-                if share >= 0.01:
-                    print(f"    {share:6.1%}  {stage}")
+            print(f"  {name}: {figures['cpu_ms_per_request']:.2f} CPU ms a request ({figures['cpu_cores']:.2f} cores), "
+                  f"GIL held {figures['gil_ms_per_request']:.2f} ms a request, by stage:")
+            for stage, ms in sorted(figures["stage_gil_ms_per_request"].items(), key=lambda item: -item[1]):
+                if ms >= 0.01:
+                    print(f"    {ms:7.2f} ms  {stage}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--served", default="fused_local", choices=sorted(SERVED_PATHS))
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 16], help="streams at once")
+    parser.add_argument("--output-lens", type=int, nargs="+", default=[1, 64],
+                        help="tokens out; 1 against 64 separates the per-request from the per-chunk cost")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--stream-chunks-per-s", type=float, default=None)
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="longctx-serve-profile-"))
@@ -141,8 +149,8 @@ def main() -> None:
 
     model_dir = str(make_model(Path(tempfile.mkdtemp(prefix="longctx-bench-")) / "tiny", "tiny"))
     args.block_size, args.num_kv_blocks, args.host_kv_bytes, args.redis_url = 16, 4096, 0, []
-    args.num_prompts = 2 * args.concurrency
-    config = bench_config(argparse.Namespace(**{**vars(args), "concurrency": [args.concurrency]}), model_dir)
+    args.num_prompts, args.concurrency = 2 * max(args.levels), args.levels
+    config = bench_config(args, model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     url, model = start_served(config.with_overrides(SERVED_PATHS[args.served]), direct_ingress=args.served == "fused_direct")
@@ -150,9 +158,11 @@ def main() -> None:
         pids = process_ids()
         print(f"profiling {pids}; stacks in {out}", flush=True)
         reports = {}
-        for streams in (1, args.concurrency):
-            workload = make_workload(f"c{streams}", 2 * streams, 256, 64, float("inf"), streams, 512, streams, [])
-            reports[workload.name] = asyncio.run(profile_load(url, model, workload, args.seconds, out, pids))
+        for streams in args.levels:
+            for output_len in args.output_lens:
+                workload = make_workload(f"c{streams}-out{output_len}", 2 * streams, 256, output_len, float("inf"),
+                                         streams, 512, streams, [])
+                reports[workload.name] = asyncio.run(profile_load(url, model, workload, args.seconds, out, pids))
     finally:
         stop_served()
     (out / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
