@@ -28,6 +28,7 @@ from model_shards.device import resolve_device, resolve_dtype
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.kv_transfer import KVTransfer
 from model_shards.kv_io.rank_agreement import RankAgreement
+from model_shards.matmul_warmup import distinct_linears, row_count_ladder, warm_up_matmuls
 from model_shards.llama import LlamaForCausalLM
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.parallel.sp_attention import (
@@ -82,6 +83,7 @@ class ModelWorker:
         self.model = self._load_model()
         self._warm_threads: set[int] = set()
         self._warm_up_attention()  # before the KV cache takes the memory its temporaries use
+        self._warm_up_matmuls()
         self.kv_cache = self._allocate_kv_cache()
         # Host-memory and Redis tiers below the KV cache (None when the config has none).
         # This rank's KV in Redis keys: its own layout, so that keys never mix ranks.
@@ -119,6 +121,17 @@ class ModelWorker:
         attention.backend.warm_up(self.device, self.dtype, attention.num_heads, attention.num_kv_heads,
                                   attention.head_dim, self.block_size, self.config.scheduler.max_tokens_per_step,
                                   max_model_len)
+        torch.cuda.empty_cache()
+
+    def _warm_up_matmuls(self) -> None:
+        """Load the GEMM kernels of every step size now, not in a request (matmul_warmup.py)."""
+        if self.device.type != "cuda":
+            return
+        head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head
+        layer_weights = [linear.weight for linear in distinct_linears(self.model.layers[0])]
+        warm_up_matmuls(layer_weights, row_count_ladder(self.config.scheduler.max_tokens_per_step))
+        warm_up_matmuls([head.weight], row_count_ladder(self.config.scheduler.max_num_seqs))
+        torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:

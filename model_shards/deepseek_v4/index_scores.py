@@ -28,6 +28,7 @@ import torch
 
 from model_shards.deepseek_v4.entries import ContiguousEntries, Entries
 from model_shards.deepseek_v4.sink_attention import block_elements
+from model_shards.deepseek_v4.workspace import carve
 
 BLOCK_TOKENS, BLOCK_ENTRIES, WARPS = 64, 128, 4  # tile of one program; see bench/deepseek_v4.py
 DECODE_BLOCK_TOKENS = 16  # a decode step's one query would waste 63 of 64 rows
@@ -90,7 +91,9 @@ def index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: Entri
     if blocks.shape[2] != dim or head_weights.shape != (tokens, heads) or q.stride(2) != 1 or blocks.stride(2) != 1:
         raise ValueError(f"index_scores: q {tuple(q.shape)}, keys {tuple(blocks.shape)} and head weights "
                          f"{tuple(head_weights.shape)} disagree, or a last dimension is strided")
-    scores = torch.empty(tokens, keys.count, dtype=torch.int64 if ranked else torch.float32, device=q.device)
+    # One size for every chunk's block of scores (workspace.py: no allocator churn as E grows)
+    scores = carve((tokens, keys.count), torch.int64 if ranked else torch.float32, q.device,
+                   block_elements(q.device) if q.is_cuda else 0)
     if tokens and keys.count:
         launch_index_scores(q, head_weights.float().contiguous(), (blocks, table, rows_per_block), scores,
                             first_position, rate, block_tokens, block_entries, warps)
