@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine.offline import generate
 from protocol.sampling_params import SamplingParams
@@ -46,14 +45,6 @@ def url(ports):
     return f"http://127.0.0.1:{ports[0]}"
 
 
-def _metrics(url: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
 def test_the_replica_answers_on_its_own_port_and_the_proxy_still_routes(ports):
     replica_port, proxy_port = ports
     assert replica_port != proxy_port
@@ -84,16 +75,16 @@ def test_bad_requests_get_openai_error_json(url):
     assert (response.status_code, response.json()["error"]["param"]) == (400, "temperature")
 
 
-def test_a_client_that_disconnects_frees_its_blocks(url):
+def test_a_client_that_disconnects_frees_its_blocks(url, metric_totals):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
         lines = response.iter_lines()
         for _ in range(10):
             next(lines)
-        assert _metrics(url)["longctx_requests_running"] == 1
+        assert metric_totals(url)["longctx_requests_running"] == 1
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
-        metrics = _metrics(url)
+        metrics = metric_totals(url)
         if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_capacity"] and not metrics["longctx_requests_running"]:
             return
         time.sleep(0.05)
