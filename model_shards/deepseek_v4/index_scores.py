@@ -20,13 +20,20 @@ Top-k selection ranks int64 keys `ordered(score) << 32 | (E - 1 - entry)`: the h
 the float32 score does (-0.0 as 0.0, -inf lowest), the low word puts earlier entries first among
 equal scores (indexer.top_k_earliest_first says why). With `ranked=True` the kernel writes these
 keys directly, saving the passes over the (t, E) scores that encoding them costs.
+
+`decode_index_scores` scores a decode step: N requests' single queries, each against its own E_i
+entries, into one (N, E_max) block, -inf past E_i (so the lowest ranking keys: one top-k over the
+block picks each row's min(topk, E_i) entries first). On a GPU one launch of the decode kernel
+over all requests' entries as one row space (their block tables concatenated); on a CPU the
+reference per row, the same ops as a one-token chunk's scores.
 """
 
 from __future__ import annotations
 
 import torch
 
-from model_shards.deepseek_v4.entries import ContiguousEntries, Entries
+from model_shards.deepseek_v4.entries import ContiguousEntries, Entries, PagedEntries
+from model_shards.deepseek_v4.positions import host_to_device
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.workspace import carve
 
@@ -68,9 +75,14 @@ def index_scores_torch(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.
     block = max(1, block_elements(q.device) // max(1, heads * keys.shape[0]))
     for start in range(0, tokens, block):  # (t, heads, E) float32 in bounded blocks
         stop = min(tokens, start + block)
-        per_head = torch.matmul(q[start:stop].float(), keys32.T).relu_()  # (t, heads, E)
-        scores[start:stop] = torch.bmm(head_weights[start:stop, None, :], per_head)[:, 0]
+        scores[start:stop] = _weighted_relu_sum(q[start:stop], head_weights[start:stop], keys32)
     return scores.masked_fill_(~_closed(tokens, keys.shape[0], first_position, rate, q.device), float("-inf"))
+
+
+def _weighted_relu_sum(q: torch.Tensor, head_weights: torch.Tensor, keys32: torch.Tensor) -> torch.Tensor:
+    """(t, heads, dim) queries, (t, heads) weights, (E, dim) float32 keys -> (t, E) float32 scores."""
+    per_head = torch.matmul(q.float(), keys32.T).relu_()  # (t, heads, E)
+    return torch.bmm(head_weights[:, None, :], per_head)[:, 0]
 
 
 def _closed(tokens: int, entries: int, first_position: int, rate: int, device: torch.device) -> torch.Tensor:
@@ -98,3 +110,51 @@ def index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: Entri
         launch_index_scores(q, head_weights.float().contiguous(), (blocks, table, rows_per_block), scores,
                             first_position, rate, block_tokens, block_entries, warps)
     return scores
+
+
+def decode_index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: list[Entries],
+                        ranked: bool = False, block_entries: int = BLOCK_ENTRIES) -> torch.Tensor:
+    """q (N, heads, dim) and head_weights (N, heads) float32 of N decodes, keys[i] request i's
+    E_i keys (all closed at its query) -> scores (N, max E_i) float32, -inf past E_i; or with
+    `ranked` their ranking keys (N, max E_i) int64."""
+    widest = max(entries.count for entries in keys)
+    if _fused_kernel_runs(q, keys[0].dtype) and all(entries.dtype == q.dtype for entries in keys):
+        return decode_index_scores_triton(q, head_weights, keys, ranked, block_entries)
+    scores = torch.full((q.shape[0], widest), float("-inf"), dtype=torch.float32, device=q.device)
+    for row, entries in enumerate(keys):  # as index_scores_torch scores a one-token chunk
+        scores[row, :entries.count] = _weighted_relu_sum(q[row:row + 1], head_weights[row:row + 1],
+                                                         entries.read(0, entries.count).float())[0]
+    return ranking_keys(scores) if ranked else scores
+
+
+def decode_index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: list[Entries],
+                               ranked: bool = False, block_entries: int = BLOCK_ENTRIES) -> torch.Tensor:
+    """decode_index_scores by the kernel: one launch over every request's entries."""
+    from model_shards.deepseek_v4.index_scores_kernel import launch_decode_index_scores
+
+    widest = max(entries.count for entries in keys)
+    row_space, first_rows = _one_row_space(keys)
+    counts = host_to_device(torch.tensor([entries.count for entries in keys]), q.device)
+    scores = torch.empty(q.shape[0], widest, dtype=torch.int64 if ranked else torch.float32, device=q.device)
+    if widest:
+        launch_decode_index_scores(q, head_weights.float().contiguous(), row_space,
+                                   host_to_device(first_rows, q.device), counts, scores, block_entries, WARPS)
+    return scores
+
+
+def _one_row_space(keys: list[Entries]) -> tuple[tuple[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """Every request's entries as rows of one (blocks, table, rows_per_block) and each request's
+    first row (N,) on the host. Pages of one field: the block tables side by side (no entry
+    copied). Anything else (contiguous tensors): the entries concatenated into one block."""
+    first = keys[0]
+    if all(isinstance(entries, PagedEntries) and _same_view(entries.view, first.view) for entries in keys):
+        tables = [entries.rows.table for entries in keys]
+        offsets = torch.tensor([0] + [table.shape[0] for table in tables[:-1]]).cumsum(0)
+        return (first.view, torch.cat(tables), first.rows.rows_per_block), offsets * first.rows.rows_per_block
+    rows = ContiguousEntries(torch.cat([entries.read(0, entries.count) for entries in keys]))
+    offsets = torch.tensor([0] + [entries.count for entries in keys[:-1]]).cumsum(0)
+    return rows.addressed(), offsets
+
+
+def _same_view(view: torch.Tensor, other: torch.Tensor) -> bool:
+    return view.data_ptr() == other.data_ptr() and view.shape == other.shape and view.stride() == other.stride()

@@ -6,6 +6,9 @@ over the indexer's own compressed keys K (an overlapping compressor at index_hea
 keeps the `index_topk` best entries among those already closed at its position. With tensor
 parallelism each rank holds index_n_heads / tp heads and the per-head sums are all-reduced before
 the top-k, so every rank selects the same entries.
+
+A decode step's single-query segments are scored together: one score pass over all their
+entries (index_scores.decode_index_scores) and one top-k, not one of each per request.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from model_shards.deepseek_v4.entries import Entries
 from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.deepseek_v4.index_scores import index_scores, ranking_keys
+from model_shards.deepseek_v4.index_scores import decode_index_scores, index_scores, ranking_keys
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -76,14 +79,31 @@ class LightningIndexer(nn.Module):
         indexer keys, then pick each query's entries: per sequence (T_i, min(topk, E_i)) indices,
         NO_ENTRY where a query has fewer closed entries."""
         keys = self.compressor.append(states, [rows.kv for rows in inputs], [rows.gate for rows in inputs])
-        return [self._choose(*args) for args in zip(keys, inputs, starts)]
+        decodes = [index for index, rows in enumerate(inputs) if rows.q.shape[0] == 1]
+        chosen = dict(zip(decodes, self._choose_decodes([keys[i] for i in decodes], [inputs[i] for i in decodes])))
+        return [chosen[index] if index in chosen else self._choose(*args)
+                for index, args in enumerate(zip(keys, inputs, starts))]
+
+    def _choose_decodes(self, keys: list[Entries], inputs: list[IndexerInputs]) -> list[torch.Tensor]:
+        """N decodes' choices at once, (1, min(topk, E_i)) each: every entry of a decode is closed
+        at its position, so one (N, E_max) score block, -inf past E_i, and one top-k over it;
+        a row's -inf padding ranks below all its entries, so its first min(topk, E_i) ascending
+        picks are exactly its own choice."""
+        if not keys:
+            return []
+        q = torch.cat([rows.q for rows in inputs])  # (N, heads, head_dim)
+        head_weights = torch.cat([rows.head_weights for rows in inputs])  # (N, heads)
+        if self.tp.size == 1:
+            ranked = decode_index_scores(q, head_weights, keys, ranked=True)  # (N, E_max)
+        else:
+            ranked = ranking_keys(self.tp.all_reduce(decode_index_scores(q, head_weights, keys)))
+        chosen = top_k_of_ranking(ranked, min(self.topk, ranked.shape[1]))  # (N, min(topk, E_max)) ascending
+        return [chosen[row:row + 1, :min(self.topk, entries.count)] for row, entries in enumerate(keys)]
 
     def _choose(self, keys: Entries, inputs: IndexerInputs, start: int) -> torch.Tensor:
-        """One sequence's choice (T, min(topk, E)) among its E keys (rows of head_dim, where they lie)."""
+        """One sequence's chunk's choice (T, min(topk, E)) among its E keys (rows of head_dim, where they lie)."""
         q, head_weights = inputs.q, inputs.head_weights
         tokens, device = q.shape[0], q.device
-        if tokens == 1:  # a decode: every entry is closed at its position, nothing to mask
-            return self._top_k(q, head_weights, keys, start)
         width = min(self.topk, keys.count)
         # (queries, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
         block = max(1, block_elements(device) // max(1, keys.count))
