@@ -1,0 +1,182 @@
+"""Triton kernels for y = x @ W^T with W kept quantized (quantized_linear.py says what the formats are).
+
+Program (i, j, s) owns output rows i*BM .., columns j*BN .. and, with split-K, the s-th slice of
+the input columns. For each (BN x BK) weight tile it loads the quantized bytes, dequantizes them in
+registers exactly as the reference does (float32(value) * float32(scale), rounded to the
+activations' half type), then one (BM x BK) @ (BK x BN) tensor-core dot into a float32
+accumulator. W in half precision never reaches memory.
+
+A weight tile never straddles a scale block along K: BK divides FP8_BLOCK (128) and is a multiple
+of FP4_GROUP (32), and tiles start at multiples of BK. So an FP8 tile needs one scale per row
+(rows // 128 picks the block row) and an FP4 tile BK / 32 scales per row.
+
+Split-K (decode: a few hundred output tiles cannot keep 132 SMs reading) writes float32
+partials (split, M, N) that one torch sum adds in a fixed order: deterministic, unlike atomics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.attention.triton_runtime import tl, triton
+
+FP8_BLOCK = 128  # rows and columns of one FP8 scale block
+FP4_GROUP = 32  # input columns of one FP4 scale
+FP8, FP4 = 0, 1  # the kernels' FORMAT
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """One program's tile and launch shape; `split_k` slices the input columns across programs."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    split_k: int = 1
+
+    def check(self) -> None:
+        if FP8_BLOCK % self.block_k or self.block_k % FP4_GROUP or min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"tiling {self}: block_k must divide {FP8_BLOCK} and be a multiple of {FP4_GROUP}, "
+                             "block_m and block_n at least 16 (the smallest tensor-core tile)")
+
+
+@triton.jit
+def _ue8m0_to_float(byte):
+    """uint8 exponents -> float32 2 ** (byte - 127), as torch.float8_e8m0fnu converts (255: NaN)."""
+    bits = byte.to(tl.int32) << 23
+    bits = tl.where(byte == 0, 0x00400000, bits)  # 2 ** -127 is a float32 subnormal
+    bits = tl.where(byte == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_scales(scale_ptr, scale_rows, scale_cols, stride_scale, row_ok, SCALE_UE8M0: tl.constexpr):
+    """float32 scales at (scale_rows, scale_cols) (any broadcastable shapes); 0 where not row_ok."""
+    where = scale_ptr + scale_rows * stride_scale + scale_cols
+    if SCALE_UE8M0:
+        return _ue8m0_to_float(tl.load(where, mask=row_ok, other=0))
+    return tl.load(where, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _e2m1_to_float(nibble):
+    """int32 e2m1 codes 0..15 -> float32: 0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign (8 is -0.0)."""
+    exponent = (nibble >> 1) & 3
+    mantissa = nibble & 1
+    normal = (((exponent + 126) << 23) | (mantissa << 22)).to(tl.float32, bitcast=True)  # (1 + m/2) 2^(e-1)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.5, normal)
+    return tl.where(nibble >= 8, -magnitude, magnitude)
+
+
+@triton.jit
+def _fp8_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale,
+              BK: tl.constexpr, SCALE_UE8M0: tl.constexpr, HALF: tl.constexpr):
+    """(BN, BK) half tile of rows `rows`, columns k0 .. k0 + BK of a block-scaled FP8 weight."""
+    cols = k0 + tl.arange(0, BK)
+    row_ok = rows < N
+    values = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
+                     mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+    scales = _row_scales(scale_ptr, rows // 128, k0 // 128, stride_scale, row_ok, SCALE_UE8M0)  # (BN,)
+    return (values * scales[:, None]).to(HALF)
+
+
+@triton.jit
+def _fp4_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK: tl.constexpr, HALF: tl.constexpr):
+    """(BN, BK) half tile of an FP4 weight: byte c holds columns 2c (low nibble) and 2c + 1."""
+    byte_cols = k0 // 2 + tl.arange(0, BK // 2)
+    row_ok = rows < N
+    packed = tl.load(w_ptr + rows[:, None] * stride_w + byte_cols[None, :],
+                     mask=row_ok[:, None] & (byte_cols < K // 2)[None, :], other=0).to(tl.int32)
+    values = tl.join(_e2m1_to_float(packed & 15), _e2m1_to_float((packed >> 4) & 15))  # (BN, BK/2, 2)
+    values = tl.reshape(values, (values.shape[0], BK // 32, 32))  # (BN, scale groups, 32)
+    groups = k0 // 32 + tl.arange(0, BK // 32)
+    scales = _row_scales(scale_ptr, rows[:, None], groups[None, :], stride_scale,
+                         row_ok[:, None] & (groups < tl.cdiv(K, 32))[None, :], True)  # (BN, BK/32)
+    return tl.reshape(values * scales[:, :, None], (values.shape[0], BK)).to(HALF)
+
+
+@triton.jit
+def _weight_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale,
+                 BK: tl.constexpr, FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, HALF: tl.constexpr):
+    if FORMAT == 0:
+        return _fp8_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK, SCALE_UE8M0, HALF)
+    return _fp4_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK, HALF)
+
+
+@triton.jit
+def _tile_of_program(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row tiles sweep the column tiles together, so the weight tiles
+    they share are read from L2 (prefill); returns (first row, first column)."""
+    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
+    tile_n = (pid % (GROUP_M * tiles_n)) // rows_in_group
+    return tile_m * BM, tile_n * BN
+
+
+@triton.jit
+def _quantized_matmul(
+    x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split,
+    stride_x, stride_w, stride_scale, stride_out_split, stride_out,
+    FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    first_m, first_n = _tile_of_program(M, N, BM, BN, GROUP_M)
+    rows = first_m + tl.arange(0, BM)
+    cols = first_n + tl.arange(0, BN)  # output columns = weight rows
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
+                    mask=(rows < M)[:, None] & (ks < k_end)[None, :], other=0.0)  # (BM, BK)
+        w = _weight_tile(w_ptr, scale_ptr, cols, k0, N, K, stride_w, stride_scale,
+                         BK, FORMAT, SCALE_UE8M0, x.dtype)  # (BN, BK)
+        acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+    target = out_ptr + tl.program_id(1) * stride_out_split + rows[:, None] * stride_out + cols[None, :]
+    tl.store(target, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _dequantize(w_ptr, scale_ptr, out_ptr, N, K, stride_w, stride_scale, stride_out,
+                FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The matmul's weight tiles, stored: W in half precision (for tests, and loaders that want it)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    tile = _weight_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale,
+                        BK, FORMAT, SCALE_UE8M0, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], tile, mask=(rows < N)[:, None] & (cols < K)[None, :])
+
+
+def launch_quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: int,
+                            scale_ue8m0: bool, in_features: int, out: torch.Tensor, tiling: Tiling) -> None:
+    """x (M, K) half, weight bytes (N, K) fp8 or (N, K/2) uint8, scale as the format says (uint8
+    when ue8m0) -> out (split_k, M, N): float32 partials if split_k > 1, else the result."""
+    rows, cols = x.shape[0], weight.shape[0]
+    k_per_split = triton.cdiv(triton.cdiv(in_features, tiling.split_k), tiling.block_k) * tiling.block_k
+    grid = (triton.cdiv(rows, tiling.block_m) * triton.cdiv(cols, tiling.block_n),
+            triton.cdiv(in_features, k_per_split))
+    _quantized_matmul[grid](
+        x, weight, scale, out, rows, cols, in_features, k_per_split,
+        x.stride(0), weight.stride(0), scale.stride(0), out.stride(0), out.stride(1),
+        FORMAT=fmt, SCALE_UE8M0=scale_ue8m0, BM=tiling.block_m, BN=tiling.block_n, BK=tiling.block_k,
+        GROUP_M=8, num_warps=tiling.warps, num_stages=tiling.stages,
+    )
+
+
+def launch_dequantize(weight: torch.Tensor, scale: torch.Tensor, fmt: int, scale_ue8m0: bool,
+                      out: torch.Tensor, block_n: int = 64, block_k: int = 128) -> None:
+    """out (N, K) half <- the weight dequantized by the matmul's own tile code."""
+    rows, cols = out.shape
+    grid = (triton.cdiv(rows, block_n), triton.cdiv(cols, block_k))
+    _dequantize[grid](weight, scale, out, rows, cols, weight.stride(0), scale.stride(0), out.stride(0),
+                      FORMAT=fmt, SCALE_UE8M0=scale_ue8m0, BN=block_n, BK=block_k)
