@@ -6,9 +6,9 @@ registers exactly as the reference does (float32(value) * float32(scale), rounde
 activations' half type), then one (BM x BK) @ (BK x BN) tensor-core dot into a float32
 accumulator. W in half precision never reaches memory.
 
-A weight tile never straddles a scale block along K: BK divides FP8_BLOCK (128) and is a multiple
-of FP4_GROUP (32), and tiles start at multiples of BK. So an FP8 tile needs one scale per row
-(rows // 128 picks the block row) and an FP4 tile BK / 32 scales per row.
+A weight tile never straddles a scale block along K: BK divides 128 (an FP8 block) and is a
+multiple of 32 (an FP4 scale group), and tiles start at multiples of BK. So an FP8 tile needs one
+scale per row (rows // 128 picks the block row) and an FP4 tile BK / 32 scales per row.
 
 Split-K (decode: a few hundred output tiles cannot keep 132 SMs reading) writes float32
 partials (split, M, N) that one torch sum adds in a fixed order: deterministic, unlike atomics.
@@ -16,32 +16,10 @@ partials (split, M, N) that one torch sum adds in a fixed order: deterministic, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from model_shards.attention.triton_runtime import tl, triton
-
-FP8_BLOCK = 128  # rows and columns of one FP8 scale block
-FP4_GROUP = 32  # input columns of one FP4 scale
-FP8, FP4 = 0, 1  # the kernels' FORMAT
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """One program's tile and launch shape; `split_k` slices the input columns across programs."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    warps: int
-    stages: int
-    split_k: int = 1
-
-    def check(self) -> None:
-        if FP8_BLOCK % self.block_k or self.block_k % FP4_GROUP or min(self.block_m, self.block_n) < 16:
-            raise ValueError(f"tiling {self}: block_k must divide {FP8_BLOCK} and be a multiple of {FP4_GROUP}, "
-                             "block_m and block_n at least 16 (the smallest tensor-core tile)")
+from model_shards.deepseek_v4.quantized_linear import Tiling, split_k_plan
 
 
 @triton.jit
@@ -78,8 +56,8 @@ def _fp8_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale,
     """(BN, BK) half tile of rows `rows`, columns k0 .. k0 + BK of a block-scaled FP8 weight."""
     cols = k0 + tl.arange(0, BK)
     row_ok = rows < N
-    values = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
-                     mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+    inside = row_ok[:, None] & (cols < K)[None, :]
+    values = tl.where(inside, tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=inside).to(tl.float32), 0.0)
     scales = _row_scales(scale_ptr, rows // 128, k0 // 128, stride_scale, row_ok, SCALE_UE8M0)  # (BN,)
     return (values * scales[:, None]).to(HALF)
 
@@ -126,23 +104,31 @@ def _quantized_matmul(
     x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split,
     stride_x, stride_w, stride_scale, stride_out_split, stride_out,
     FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, WEIGHT_LEFT: tl.constexpr,
 ):
     first_m, first_n = _tile_of_program(M, N, BM, BN, GROUP_M)
     rows = first_m + tl.arange(0, BM)
     cols = first_n + tl.arange(0, BN)  # output columns = weight rows
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM) if WEIGHT_LEFT else (BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                    mask=(rows < M)[:, None] & (ks < k_end)[None, :], other=0.0)  # (BM, BK)
+        x = tl.load(x_rows + ks[None, :], mask=(rows < M)[:, None] & (ks < k_end)[None, :], other=0.0)  # (BM, BK)
         w = _weight_tile(w_ptr, scale_ptr, cols, k0, N, K, stride_w, stride_scale,
                          BK, FORMAT, SCALE_UE8M0, x.dtype)  # (BN, BK)
-        acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
-    target = out_ptr + tl.program_id(1) * stride_out_split + rows[:, None] * stride_out + cols[None, :]
-    tl.store(target, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+        if WEIGHT_LEFT:  # y^T = W x^T: the dequantized tile is the dot's register operand
+            acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+    out_rows = out_ptr + tl.program_id(1) * stride_out_split + rows.to(tl.int64) * stride_out  # (BM,)
+    if WEIGHT_LEFT:
+        tl.store(out_rows[None, :] + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M)[None, :] & (cols < N)[:, None])
+    else:
+        tl.store(out_rows[:, None] + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -160,16 +146,17 @@ def _dequantize(w_ptr, scale_ptr, out_ptr, N, K, stride_w, stride_scale, stride_
 def launch_quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: int,
                             scale_ue8m0: bool, in_features: int, out: torch.Tensor, tiling: Tiling) -> None:
     """x (M, K) half, weight bytes (N, K) fp8 or (N, K/2) uint8, scale as the format says (uint8
-    when ue8m0) -> out (split_k, M, N): float32 partials if split_k > 1, else the result."""
+    when ue8m0) -> out (splits, M, N) (split_k_plan): float32 partials if several, else the result."""
     rows, cols = x.shape[0], weight.shape[0]
-    k_per_split = triton.cdiv(triton.cdiv(in_features, tiling.split_k), tiling.block_k) * tiling.block_k
-    grid = (triton.cdiv(rows, tiling.block_m) * triton.cdiv(cols, tiling.block_n),
-            triton.cdiv(in_features, k_per_split))
+    per_split, splits = split_k_plan(in_features, tiling)
+    if out.shape != (splits, rows, cols):
+        raise ValueError(f"quantized matmul: out {tuple(out.shape)} is not (splits, M, N) = {(splits, rows, cols)}")
+    grid = (triton.cdiv(rows, tiling.block_m) * triton.cdiv(cols, tiling.block_n), splits)
     _quantized_matmul[grid](
-        x, weight, scale, out, rows, cols, in_features, k_per_split,
+        x, weight, scale, out, rows, cols, in_features, per_split,
         x.stride(0), weight.stride(0), scale.stride(0), out.stride(0), out.stride(1),
         FORMAT=fmt, SCALE_UE8M0=scale_ue8m0, BM=tiling.block_m, BN=tiling.block_n, BK=tiling.block_k,
-        GROUP_M=8, num_warps=tiling.warps, num_stages=tiling.stages,
+        GROUP_M=8, WEIGHT_LEFT=tiling.weight_left, num_warps=tiling.warps, num_stages=tiling.stages,
     )
 
 

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 
 from model_shards.deepseek_v4.interpreter_numerics import gpu_bf16_numerics
 from model_shards.deepseek_v4.quantized_linear import (Fp4RowWeight, Fp8BlockWeight, QuantizedWeight,
-                                                       default_tiling, dequantize_triton, quantized_matmul,
-                                                       ue8m0_to_float)
-from model_shards.deepseek_v4.quantized_matmul_kernel import Tiling
+                                                       Tiling, default_tiling, dequantize_triton, quantized_matmul,
+                                                       split_k_plan, ue8m0_to_float)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,10 +118,10 @@ def test_fp4_reference_decodes_nibbles_low_first():
 
 
 TILINGS = {"decode split-K": Tiling(16, 32, 128, 4, 1, split_k=3), "prefill": Tiling(64, 64, 64, 4, 1),
-           "narrow": Tiling(32, 16, 32, 4, 1)}
-
-
-CASES = [(1, "decode split-K"), (7, "decode split-K"), (1, "narrow"), (7, "narrow"), (7, "prefill"), (300, "prefill")]
+           "narrow": Tiling(32, 16, 32, 4, 1), "weight left": Tiling(16, 32, 64, 4, 1, split_k=2, weight_left=True),
+           "more splits than k tiles": Tiling(16, 64, 128, 4, 1, split_k=4)}  # K ~ 300: 3 tiles of 128
+CASES = [(1, "decode split-K"), (7, "decode split-K"), (1, "narrow"), (7, "narrow"), (7, "prefill"), (300, "prefill"),
+         (1, "weight left"), (300, "weight left"), (1, "more splits than k tiles")]
 
 
 @pytest.mark.parametrize("rows, tiling", CASES)
@@ -166,6 +165,8 @@ def test_default_tilings_split_k_for_decode_only():
     assert default_tiling(48, weight, processors=132).block_m == 64
     prefill = default_tiling(4096, weight, processors=132)
     assert (prefill.block_m, prefill.block_n, prefill.split_k) == (128, 128, 1)
+    assert split_k_plan(1024, Tiling(16, 64, 128, 4, 4, split_k=5)) == (256, 4)  # whole tiles: 4 splits of 2
+    assert split_k_plan(300, Tiling(16, 64, 32, 4, 4, split_k=4)) == (96, 4)
 
 
 def test_bad_shapes_are_rejected_with_a_message():
