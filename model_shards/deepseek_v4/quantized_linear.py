@@ -59,6 +59,12 @@ def ue8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale.view(torch.uint8) == 255, 0x7FC00000, bits).view(torch.float32)
 
 
+def kernel_view(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, scale) as the kernels read them: e2m1 pairs and ue8m0 scales as uint8."""
+    weight = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight
+    return weight, scale.view(torch.uint8) if scale.dtype in UE8M0_DTYPES else scale
+
+
 def _scale_as_float(scale: torch.Tensor) -> torch.Tensor:
     return ue8m0_to_float(scale) if scale.dtype in UE8M0_DTYPES else scale.float()
 
@@ -103,9 +109,7 @@ class QuantizedWeight:
         return F.linear(x, self.dequantize(x.dtype))
 
     def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight bytes, scales) as the kernel reads them: ue8m0 scales as uint8."""
-        scale = self.scale.view(torch.uint8) if self.scale_ue8m0 else self.scale
-        return self.weight, scale
+        return kernel_view(self.weight, self.scale)
 
     @property
     def nbytes(self) -> int:
@@ -174,9 +178,6 @@ class Fp4RowWeight(QuantizedWeight):
 
     def scales_per_element(self) -> torch.Tensor:
         return ue8m0_to_float(self.scale).repeat_interleave(FP4_GROUP, 1)[:, :self.in_features]
-
-    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight.view(torch.uint8), self.scale.view(torch.uint8)
 
 
 DECODE_ROWS = 64  # at most this many rows: memory-bound, small tiles and split-K

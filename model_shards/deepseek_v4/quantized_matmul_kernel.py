@@ -100,6 +100,36 @@ def _tile_of_program(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.const
 
 
 @triton.jit
+def _tile_product(x_ptr, w_ptr, scale_ptr, rows, row_end, cols, N, K, k_begin, k_end, stride_x, stride_w,
+                  stride_scale, FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, WEIGHT_LEFT: tl.constexpr):
+    """float32 x[rows, k_begin:k_end] @ W[cols, k_begin:k_end]^T: (BM, BN), or (BN, BM) if WEIGHT_LEFT."""
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    acc = tl.zeros((BN, BM) if WEIGHT_LEFT else (BM, BN), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + ks[None, :], mask=(rows < row_end)[:, None] & (ks < k_end)[None, :], other=0.0)
+        w = _weight_tile(w_ptr, scale_ptr, cols, k0, N, K, stride_w, stride_scale,
+                         BK, FORMAT, SCALE_UE8M0, x.dtype)  # (BN, BK)
+        if WEIGHT_LEFT:  # y^T = W x^T: the dequantized tile is the dot's register operand
+            acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, rows, row_end, cols, N, stride_out, WEIGHT_LEFT: tl.constexpr):
+    out_rows = out_ptr + rows.to(tl.int64) * stride_out  # (BM,)
+    if WEIGHT_LEFT:
+        tl.store(out_rows[None, :] + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < row_end)[None, :] & (cols < N)[:, None])
+    else:
+        tl.store(out_rows[:, None] + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < row_end)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
 def _quantized_matmul(
     x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split,
     stride_x, stride_w, stride_scale, stride_out_split, stride_out,
@@ -109,26 +139,30 @@ def _quantized_matmul(
     first_m, first_n = _tile_of_program(M, N, BM, BN, GROUP_M)
     rows = first_m + tl.arange(0, BM)
     cols = first_n + tl.arange(0, BN)  # output columns = weight rows
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     k_begin = tl.program_id(1) * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    acc = tl.zeros((BN, BM) if WEIGHT_LEFT else (BM, BN), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_rows + ks[None, :], mask=(rows < M)[:, None] & (ks < k_end)[None, :], other=0.0)  # (BM, BK)
-        w = _weight_tile(w_ptr, scale_ptr, cols, k0, N, K, stride_w, stride_scale,
-                         BK, FORMAT, SCALE_UE8M0, x.dtype)  # (BN, BK)
-        if WEIGHT_LEFT:  # y^T = W x^T: the dequantized tile is the dot's register operand
-            acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32)
-        else:
-            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
-    out_rows = out_ptr + tl.program_id(1) * stride_out_split + rows.to(tl.int64) * stride_out  # (BM,)
-    if WEIGHT_LEFT:
-        tl.store(out_rows[None, :] + cols[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows < M)[None, :] & (cols < N)[:, None])
-    else:
-        tl.store(out_rows[:, None] + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+    acc = _tile_product(x_ptr, w_ptr, scale_ptr, rows, M, cols, N, K, k_begin, tl.minimum(k_begin + k_per_split, K),
+                        stride_x, stride_w, stride_scale, FORMAT, SCALE_UE8M0, BM, BN, BK, WEIGHT_LEFT)
+    _store_tile(out_ptr + tl.program_id(1) * stride_out_split, acc, rows, M, cols, N, stride_out, WEIGHT_LEFT)
+
+
+@triton.jit
+def _grouped_quantized_matmul(
+    x_ptr, w_ptr, scale_ptr, out_ptr, slot_expert_ptr, slot_row_ptr, offsets_ptr, experts, N, K,
+    stride_x, stride_w_expert, stride_w, stride_scale_expert, stride_scale, stride_out,
+    FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    WEIGHT_LEFT: tl.constexpr,
+):
+    """Program (slot, j): the slot's BM rows of one expert's group (expert_tile_slots) times that
+    expert's weight columns j*BN ..; slots past the last tile (expert == experts) do nothing."""
+    expert = tl.load(slot_expert_ptr + tl.program_id(0))
+    if expert < experts:
+        rows = tl.load(slot_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
+        row_end = tl.load(offsets_ptr + expert)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = _tile_product(x_ptr, w_ptr + expert.to(tl.int64) * stride_w_expert,
+                            scale_ptr + expert.to(tl.int64) * stride_scale_expert, rows, row_end, cols, N, K, 0, K,
+                            stride_x, stride_w, stride_scale, FORMAT, SCALE_UE8M0, BM, BN, BK, WEIGHT_LEFT)
+        _store_tile(out_ptr, acc, rows, row_end, cols, N, stride_out, WEIGHT_LEFT)
 
 
 @triton.jit
@@ -167,3 +201,19 @@ def launch_dequantize(weight: torch.Tensor, scale: torch.Tensor, fmt: int, scale
     grid = (triton.cdiv(rows, block_n), triton.cdiv(cols, block_k))
     _dequantize[grid](weight, scale, out, rows, cols, weight.stride(0), scale.stride(0), out.stride(0),
                       FORMAT=fmt, SCALE_UE8M0=scale_ue8m0, BN=block_n, BK=block_k)
+
+
+def launch_grouped_quantized_matmul(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: int,
+                                    scale_ue8m0: bool, in_features: int, slots: tuple[torch.Tensor, torch.Tensor],
+                                    offsets: torch.Tensor, out: torch.Tensor, tiling: Tiling) -> None:
+    """rows (R, K) half sorted by expert, weight bytes (E, N, K | K/2), scale (E, ...), slots
+    (slot_expert, slot_row) (S,) int32, offsets (E,) int32 group ends -> out (R, N)."""
+    slot_expert, slot_row = slots
+    experts, cols = weight.shape[0], weight.shape[1]
+    grid = (slot_expert.shape[0], triton.cdiv(cols, tiling.block_n))
+    _grouped_quantized_matmul[grid](
+        rows, weight, scale, out, slot_expert, slot_row, offsets, experts, cols, in_features,
+        rows.stride(0), weight.stride(0), weight.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
+        FORMAT=fmt, SCALE_UE8M0=scale_ue8m0, BM=tiling.block_m, BN=tiling.block_n, BK=tiling.block_k,
+        WEIGHT_LEFT=tiling.weight_left, num_warps=tiling.warps, num_stages=tiling.stages,
+    )

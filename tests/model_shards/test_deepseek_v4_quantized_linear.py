@@ -23,7 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_shards.deepseek_v4.grouped_experts import grouped_linear, sort_by_expert
 from model_shards.deepseek_v4.interpreter_numerics import gpu_bf16_numerics
+from model_shards.deepseek_v4.quantized_experts import QuantizedExperts, expert_tile_slots, grouped_quantized_matmul
 from model_shards.deepseek_v4.quantized_linear import (Fp4RowWeight, Fp8BlockWeight, QuantizedWeight,
                                                        Tiling, default_tiling, dequantize_triton, quantized_matmul,
                                                        split_k_plan, ue8m0_to_float)
@@ -187,3 +189,61 @@ def test_bench_smoke_runs_on_a_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dequantized tile bit-exact: True" in result.stdout
     assert "fp4" in result.stdout and "fp8" in result.stdout
+
+
+# --- routed experts: the grouped kernel (quantized_experts.py) ------------------------------------
+
+
+def test_expert_tile_slots_cover_each_group_in_tiles_of_its_own():
+    """Groups of 3, 0, 17 and 1 rows, 4 rows elsewhere (remote); tiles of 8 rows."""
+    slot_expert, slot_row = expert_tile_slots(torch.tensor([3, 3, 20, 21], dtype=torch.int32), 25, 8)
+    assert slot_expert.tolist() == [0, 2, 2, 2, 3, 4, 4, 4]  # S = ceil(25 / 8) + 4; 4 = idle
+    assert slot_row.tolist()[:5] == [0, 3, 11, 19, 20]
+
+
+def routed_rows(tokens: int, experts: int, in_features: int, remote: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (R, K) bf16 sorted by expert, k = 2 slots a token, and offsets (E,): sort_by_expert's."""
+    generator = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, experts + (2 if remote else 0), (tokens, 2), generator=generator)  # >= E: remote
+    routing = sort_by_expert(ids, experts)
+    x = torch.randn(tokens, in_features, generator=generator).to(torch.bfloat16)
+    return x[routing.tokens].to(DEVICE), routing.offsets.to(DEVICE)
+
+
+def stacked(kind: str, experts: int, rows: int, cols: int) -> QuantizedExperts:
+    one = [fp4_weight(rows, cols, seed=e) if kind == "fp4" else fp8_weight(rows, cols, True, seed=e)
+           for e in range(experts)]
+    return QuantizedExperts(torch.stack([w.weight for w in one]), torch.stack([w.scale for w in one]), type(one[0]))
+
+
+@pytest.mark.parametrize("tiling", [Tiling(16, 32, 64, 4, 1), Tiling(32, 64, 128, 4, 1, weight_left=True)])
+@pytest.mark.parametrize("kind, remote", [("fp8", True), ("fp4", False)])
+def test_grouped_experts_equal_each_experts_reference(kind, remote, tiling):
+    """5 experts (one maybe empty), N = 72, K = 160: each group within the bound of its expert."""
+    experts = stacked(kind, 5, 72, 160)
+    rows, offsets = routed_rows(23, 5, 160, remote)
+    out = grouped_quantized_matmul(rows, experts, offsets, tiling)
+    reference = grouped_linear(rows, experts.dequantize(), offsets)
+    begin = 0
+    for expert, end in enumerate(offsets.tolist()):
+        assert_within_summation_order(out[begin:end], rows[begin:end], experts.expert(expert))
+        begin = end
+    assert (out[:begin] == reference[:begin]).float().mean() > 0.9
+    assert begin > 20 and (begin < rows.shape[0]) == remote  # remote rows: left undefined, not compared
+
+
+def test_grouped_linear_off_cuda_is_grouped_linear_of_the_dequantized_experts():
+    experts = stacked("fp4", 3, 40, 64)
+    rows, offsets = routed_rows(6, 3, 64, remote=False)
+    expected = grouped_linear(rows.float(), experts.dequantize(torch.float32), offsets)
+    assert torch.equal(experts.grouped_linear(rows.float(), offsets), expected)
+
+
+def test_grouped_experts_reject_mismatched_stacks():
+    experts = stacked("fp8", 2, 72, 160)
+    with pytest.raises(ValueError, match="stacks of one length"):
+        QuantizedExperts(experts.weight, experts.scale[:1], Fp8BlockWeight)
+    with pytest.raises(ValueError, match="scale must be"):
+        QuantizedExperts(experts.weight, experts.scale[:, :, :1], Fp8BlockWeight)
+    with pytest.raises(ValueError, match="do not fit 2 experts"):
+        grouped_quantized_matmul(torch.zeros(3, 100, dtype=torch.bfloat16), experts, torch.tensor([1, 3]))
