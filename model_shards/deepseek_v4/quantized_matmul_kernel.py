@@ -35,9 +35,11 @@ def _ue8m0_to_float(byte):
 def _row_scales(scale_ptr, scale_rows, scale_cols, stride_scale, row_ok, SCALE_UE8M0: tl.constexpr):
     """float32 scales at (scale_rows, scale_cols) (any broadcastable shapes); 0 where not row_ok."""
     where = scale_ptr + scale_rows * stride_scale + scale_cols
-    if SCALE_UE8M0:
-        return _ue8m0_to_float(tl.load(where, mask=row_ok, other=0))
-    return tl.load(where, mask=row_ok, other=0.0)
+    if SCALE_UE8M0:  # if/else as in _weight_tile
+        scales = _ue8m0_to_float(tl.load(where, mask=row_ok, other=0))
+    else:
+        scales = tl.load(where, mask=row_ok, other=0.0)
+    return scales
 
 
 @triton.jit
@@ -80,9 +82,11 @@ def _fp4_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK: tl.c
 @triton.jit
 def _weight_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale,
                  BK: tl.constexpr, FORMAT: tl.constexpr, SCALE_UE8M0: tl.constexpr, HALF: tl.constexpr):
-    if FORMAT == 0:
-        return _fp8_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK, SCALE_UE8M0, HALF)
-    return _fp4_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK, HALF)
+    if FORMAT == 0:  # if/else, not an early return: the compiler would build the other branch too
+        tile = _fp8_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK, SCALE_UE8M0, HALF)
+    else:
+        tile = _fp4_tile(w_ptr, scale_ptr, rows, k0, N, K, stride_w, stride_scale, BK, HALF)
+    return tile
 
 
 @triton.jit
