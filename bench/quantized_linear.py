@@ -3,7 +3,8 @@ shapes, against bf16 F.linear on the dequantized weight measured in the same run
 
 GPU (one H200):
     python3 bench/quantized_linear.py
-CPU, tiny shapes in Triton's interpreter (checks the script, the numbers mean nothing):
+CPU, tiny shapes in Triton's interpreter (checks the script, the numbers mean nothing; on a
+machine with CUDA prefix TRITON_INTERPRET=1):
     python3 bench/quantized_linear.py --smoke
 
 Per weight (the distinct linear shapes of a V4-Flash layer: attention and compressor projections
@@ -214,6 +215,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 32, 4096, 16384], help="M values")
     parser.add_argument("--no-sweep", action="store_true", help="time the default tiling only")
     args = parser.parse_args()
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 on a CUDA machine")
     if args.smoke:
         shapes = [("tiny fp8", 96, 160, "fp8"), ("tiny fp4", 64, 96, "fp4")]
         with gpu_bf16_numerics():

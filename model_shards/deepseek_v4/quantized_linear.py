@@ -180,6 +180,12 @@ class Fp4RowWeight(QuantizedWeight):
         return ue8m0_to_float(self.scale).repeat_interleave(FP4_GROUP, 1)[:, :self.in_features]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """F.linear for a plain weight; for a quantized one its kernel (CUDA) or reference: where the
+    model calls F.linear(x, W), a loader may hand it either."""
+    return weight.linear(x) if isinstance(weight, QuantizedWeight) else F.linear(x, weight)
+
+
 DECODE_ROWS = 64  # at most this many rows: memory-bound, small tiles and split-K
 
 

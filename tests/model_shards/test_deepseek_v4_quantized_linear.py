@@ -15,6 +15,7 @@ against the torch reference, dequantize() = bf16(float32(value) * float32(scale)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ from model_shards.deepseek_v4.grouped_experts import grouped_linear, sort_by_exp
 from model_shards.deepseek_v4.interpreter_numerics import gpu_bf16_numerics
 from model_shards.deepseek_v4.quantized_experts import QuantizedExperts, expert_tile_slots, grouped_quantized_matmul
 from model_shards.deepseek_v4.quantized_linear import (Fp4RowWeight, Fp8BlockWeight, QuantizedWeight,
-                                                       Tiling, default_tiling, dequantize_triton, quantized_matmul,
-                                                       split_k_plan, ue8m0_to_float)
+                                                       Tiling, default_tiling, dequantize_triton, linear,
+                                                       quantized_matmul, split_k_plan, ue8m0_to_float)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,6 +159,8 @@ def test_linear_keeps_leading_dims_and_runs_the_reference_off_cuda():
     assert_within_summation_order(y.view(6, 40), x.view(6, 64), weight)
     x32 = x.float()
     assert torch.equal(weight.linear(x32), F.linear(x32, weight.dequantize(torch.float32)))
+    assert torch.equal(linear(x32, weight), weight.linear(x32))
+    assert torch.equal(linear(x32, weight.dequantize(torch.float32)), weight.linear(x32))  # a plain weight
 
 
 def test_default_tilings_split_k_for_decode_only():
@@ -178,15 +181,15 @@ def test_bad_shapes_are_rejected_with_a_message():
     with pytest.raises(ValueError, match="scale must be"):
         Fp4RowWeight(torch.zeros(4, 16, dtype=torch.int8), torch.zeros(4, 1))  # float scales: not FP4's
     with pytest.raises(ValueError, match="does not fit"):
-        quantized_matmul(torch.zeros(1, 299, dtype=torch.bfloat16), weight)
+        quantized_matmul(torch.zeros(1, 299, dtype=torch.bfloat16, device=DEVICE), weight)
     with pytest.raises(ValueError, match="block_k must divide"):
-        quantized_matmul(torch.zeros(1, 300, dtype=torch.bfloat16), weight, Tiling(16, 16, 96, 4, 1))
+        quantized_matmul(torch.zeros(1, 300, dtype=torch.bfloat16, device=DEVICE), weight, Tiling(16, 16, 96, 4, 1))
 
 
 @pytest.mark.slow
 def test_bench_smoke_runs_on_a_cpu():
-    result = subprocess.run([sys.executable, "bench/quantized_linear.py", "--smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "bench/quantized_linear.py", "--smoke"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})  # CUDA or not
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dequantized tile bit-exact: True" in result.stdout
     assert "fp4" in result.stdout and "fp8" in result.stdout
@@ -247,4 +250,5 @@ def test_grouped_experts_reject_mismatched_stacks():
     with pytest.raises(ValueError, match="scale must be"):
         QuantizedExperts(experts.weight, experts.scale[:, :, :1], Fp8BlockWeight)
     with pytest.raises(ValueError, match="do not fit 2 experts"):
-        grouped_quantized_matmul(torch.zeros(3, 100, dtype=torch.bfloat16), experts, torch.tensor([1, 3]))
+        grouped_quantized_matmul(torch.zeros(3, 100, dtype=torch.bfloat16, device=DEVICE), experts,
+                                 torch.tensor([1, 3], device=DEVICE))
