@@ -153,8 +153,9 @@ def tilings_to_try(rows: int, weight: QuantizedWeight, processors: int) -> list[
     if rows > DECODE_ROWS:
         variants = [replace(base, weight_left=True), *PREFILL_SWEEP]
     else:
+        splits = dict.fromkeys((max(1, base.split_k // 2), base.split_k, 2 * base.split_k))
         variants = [replace(base, block_n=n, split_k=split, weight_left=left) for n in (64, 128)
-                    for split in (base.split_k, 2 * base.split_k) for left in (False, True)]
+                    for split in splits for left in (False, True)]
     return [base, *(v for v in dict.fromkeys(variants) if v != base)]
 
 
