@@ -26,6 +26,7 @@ FP8, FP4 = 0, 1  # the kernel's FORMAT
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 UE8M0_DTYPES = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+DECODE_ROWS = 64  # at most this many rows: memory-bound, small tiles and split-K
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Ten
     """F.linear for a plain weight; for a quantized one its kernel (CUDA) or reference: where the
     model calls F.linear(x, W), a loader may hand it either."""
     return weight.linear(x) if isinstance(weight, QuantizedWeight) else F.linear(x, weight)
-
-
-DECODE_ROWS = 64  # at most this many rows: memory-bound, small tiles and split-K
 
 
 def default_tiling(rows: int, weight: QuantizedWeight, processors: int) -> Tiling:
