@@ -4,7 +4,9 @@ Program (i, j, s) owns output rows i*BM .., columns j*BN .. and, with split-K, t
 the input columns. For each (BN x BK) weight tile it loads the quantized bytes, dequantizes them in
 registers exactly as the reference does (float32(value) * float32(scale), rounded to the
 activations' half type), then one (BM x BK) @ (BK x BN) tensor-core dot into a float32
-accumulator. W in half precision never reaches memory.
+accumulator (WEIGHT_LEFT: (BN x BK) @ (BK x BM), the tile as the dot's register operand). W in
+half precision never reaches memory. The grouped kernel (routed experts) runs the same tile
+product for one expert's rows and weight per program (quantized_experts.py).
 
 A weight tile never straddles a scale block along K: BK divides 128 (an FP8 block) and is a
 multiple of 32 (an FP4 scale group), and tiles start at multiples of BK. So an FP8 tile needs one
