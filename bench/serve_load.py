@@ -261,6 +261,8 @@ async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, fl
 # deployment, the model worker inside the replica or a Ray actor.
 SERVED_PATHS = {
     "fused_local": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
+    # fused_local with Serve's direct ingress: the client talks HTTP to the replica, no proxy.
+    "fused_direct": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
     "split_local": {"serve.ingress_in_replica": False, "parallel.executor": "local"},
     "split_ray": {"serve.ingress_in_replica": False, "parallel.executor": "ray"},
 }
@@ -269,7 +271,7 @@ SERVED_PATHS = {
 def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
     import httpx
 
-    url, model = start_served(config.with_overrides(SERVED_PATHS[path]))
+    url, model = start_served(config.with_overrides(SERVED_PATHS[path]), direct_ingress=path == "fused_direct")
     try:
         async def go():
             limits = httpx.Limits(max_connections=workloads[-1].max_concurrency + 8)
@@ -281,19 +283,24 @@ def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, f
         stop_served()
 
 
-def start_served(config) -> tuple[str, str]:
-    """A local Ray with longctx's application on a free port: (base URL, served model name)."""
+def start_served(config, direct_ingress: bool = False) -> tuple[str, str]:
+    """A local Ray with longctx's application on a free port: (base URL, served model name).
+    `direct_ingress`: that port is the replica's own (deployments/app.py direct_ingress_env);
+    Serve's proxy gets another."""
     import ray
     from ray import serve
 
     from cluster.serve import _cpus_needed
-    from deployments.app import build_application
+    from deployments.app import build_application, direct_ingress_env
     from deployments.ingress import served_model_name
 
+    port, proxy_port = _free_port(), _free_port()
+    env = direct_ingress_env(port) if direct_ingress else {}
+    # The local Ray's processes inherit this process's environment; stop_served takes it back.
+    os.environ.update(env)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
              log_to_driver=False)  # fmt: skip
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct_ingress else port})
     serve.run(build_application(config), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}", served_model_name(config)
 
@@ -302,8 +309,12 @@ def stop_served() -> None:
     import ray
     from ray import serve
 
+    from deployments.app import direct_ingress_env
+
     serve.shutdown()
     ray.shutdown()
+    for name in direct_ingress_env(0):
+        os.environ.pop(name, None)
 
 
 def _free_port() -> int:

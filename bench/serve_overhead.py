@@ -8,8 +8,9 @@ output tokens/s at --concurrency):
     llm_server      + the replica's LLMServer.generate (admission, one list per step)
     http            + the OpenAI API (FastAPI, JSON, server-sent events) over real HTTP, uvicorn
                       in this process: no Ray
-    serve_fused     + Ray Serve: the proxy, then the LLM server replica serving HTTP itself (the
-                      default application of one replica), model worker inside the replica
+    serve_direct    + Ray Serve, direct ingress: the LLM server replica serving HTTP itself on its
+                      own port (deployments/app.py direct_ingress_env), model worker inside it
+    serve_fused     + Serve's proxy in front of it (the default application of one replica)
     serve_split     + one more Serve hop: proxy -> OpenAIIngress -> router -> LLM server replica
     serve_split_ray + the step's trip to the model worker as a Ray actor (session 4's layout)
 
@@ -42,7 +43,8 @@ from serve_load import (
 )
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "serve_overhead.json"
-SERVED_ROWS = {"serve_fused": "fused_local", "serve_split": "split_local", "serve_split_ray": "split_ray"}
+SERVED_ROWS = {"serve_direct": "fused_direct", "serve_fused": "fused_local", "serve_split": "split_local",
+               "serve_split_ray": "split_ray"}
 
 
 def llm_server_sender(server) -> Sender:

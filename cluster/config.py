@@ -145,6 +145,14 @@ class ServeSettings(_Frozen):
         "serves HTTP itself (the proxy streams straight from it: one hop fewer per request and per chunk); "
         "false: always a separate OpenAIIngress deployment."
     )
+    # Serve's proxy costs a routed Ray call per request and a Ray message per streamed chunk:
+    # session 6 (CPU machine) 26 -> 10 ms TTFT at one stream, 1.6x the tokens/s at 16 without it.
+    direct_ingress: bool = Field(
+        True, description="On an embedded Ray (`longctx serve` without RAY_ADDRESS) whose one LLM server replica "
+        "serves HTTP itself: that replica listens on the HTTP port directly (Ray Serve's direct ingress) and "
+        "Serve's proxy moves to a free port; false: through the proxy. A cluster's pods set it in their "
+        "environment instead (docs/serving.md)."
+    )
     worker_num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each model worker reserves.")
     accelerator_type: str | None = Field(
         None, description="GPU model every model worker needs, as Ray names it (H100, H200, A100...: the node "

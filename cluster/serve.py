@@ -36,9 +36,10 @@ def serve_foreground(config: LongctxConfig, host: str, port: int) -> int:
     embedded = "RAY_ADDRESS" not in os.environ
     if embedded:
         check_port_free(host, port)
+    proxy_port = _proxy_port(config, embedded, host, port)
     _start_ray(config, embedded)
     try:
-        deploy(config, host, port)
+        deploy(config, host, proxy_port)
         for line in _replica_summary(config):
             print(f"longctx: {line}", flush=True)
         print(f"longctx: serving {served_model_name(config)!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
@@ -61,6 +62,20 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as error:
             raise OSError(f"port {port} on {host} is in use ({error.strerror}): is another server running? "
                           "Stop it or pass another --port") from None
+
+
+def _proxy_port(config: LongctxConfig, embedded: bool, host: str, port: int) -> int:
+    """The port Serve's proxy takes: the HTTP port itself, or, with direct ingress (an embedded
+    Ray whose one LLM server replica serves the API: serve.direct_ingress), a free one while that
+    replica listens on `port`. Sets Ray's environment for it: call before Ray starts."""
+    if not (embedded and config.serve.direct_ingress and config.serves_http_from_llm_server):
+        return port
+    from deployments.app import direct_ingress_env
+
+    os.environ.update(direct_ingress_env(port))
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _replica_summary(config: LongctxConfig) -> list[str]:

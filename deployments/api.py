@@ -11,7 +11,6 @@ million-token prompts should allow for a long wait before the headers.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -43,7 +42,7 @@ from deployments.openapi_docs import (
 )
 from deployments.prompts import PromptBuilder, split_prompts
 from deployments.request_limits import RequestLimits
-from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format
+from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format, sse_event
 from deployments.sampling import chat_params, completion_params
 from deployments.tenants import bearer_auth, no_auth, tenant_cache_salt
 from deployments.tool_calls import parser_for, plan_tools
@@ -217,21 +216,17 @@ async def _events(first, replies: ReplyStream, output: _Format, timer: RequestTi
     status = CLIENT_CLOSED_REQUEST  # unless the loop below ends
     try:
         async for batch in _batches(first, replies, timer):
-            yield "".join(_event(output.chunk(delta)) for delta in batch)
+            yield "".join(output.chunk_event(delta) for delta in batch)
         if include_usage:
-            yield _event(output.usage_chunk())
+            yield sse_event(output.usage_chunk())
         status = 200
     except APIError as error:  # headers are gone: the error travels as an event, as OpenAI's does
         status = error.error.status
-        yield _event(error.error.body())
+        yield sse_event(error.error.body())
     finally:
         await replies.close()
         timer.finish(status, output.usage)
     yield "data: [DONE]\n\n"
-
-
-def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def build_api(service: OpenAIService, api_keys: dict[str, str] | None = None) -> FastAPI:

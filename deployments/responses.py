@@ -7,6 +7,7 @@ vs `delta` / `message`) and the logprobs layout; usage and choice bookkeeping ar
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from engine.outputs import CompletionDelta
 from protocol.step import SampledToken
 
 TokenText = Callable[[int], str]
+JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) without its per-call setup
 
 
 @dataclass
@@ -83,6 +85,10 @@ class _Format:
         self.created = int(time.time())
         self.usage = Usage(n, reports_cached_tokens)
         self.choices = [_Choice() for _ in range(n * num_prompts)]
+        # A stream chunk is this request's fixed envelope around one choice: serialized once here,
+        # so that each token costs the JSON of its choice alone.
+        envelope = JSON.encode(self._envelope(self.chunk_object_name))
+        self._event_head = f'data: {envelope[:-1]}, "choices": ['
 
     def _envelope(self, object_name: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model}
@@ -99,11 +105,18 @@ class _Format:
 
     def chunk(self, delta: CompletionDelta) -> dict[str, Any]:
         """One stream chunk for a delta; counts its tokens towards usage."""
+        return {**self._envelope(self.chunk_object_name), "choices": [self._streamed_choice(delta)]}
+
+    def chunk_event(self, delta: CompletionDelta) -> str:
+        """`chunk(delta)` as one server-sent event, the same text `sse_event(chunk(delta))` gives."""
+        return f"{self._event_head}{JSON.encode(self._streamed_choice(delta))}]}}\n\n"
+
+    def _streamed_choice(self, delta: CompletionDelta) -> dict[str, Any]:
         self.usage.absorb(delta)
         choice = self.choices[delta.index]
         body = self._chunk_choice(delta, first=not choice.streamed)
         choice.streamed = True
-        return {**self._envelope(self.chunk_object_name), "choices": [body]}
+        return body
 
     def usage_chunk(self) -> dict[str, Any]:
         return {**self._envelope(self.chunk_object_name), "choices": [], "usage": self.usage.to_dict()}
@@ -225,6 +238,10 @@ class ChatFormat(_Format):
         if top is not None:
             entry["top_logprobs"] = [self._entry(t, lp) for t, lp in top]
         return entry
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    return f"data: {JSON.encode(payload)}\n\n"
 
 
 def _merge(message: dict[str, Any], part: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ step raises `RequestFailedError` in its own caller's `generate` only; the loop g
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
@@ -20,7 +21,6 @@ import queue
 import threading
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from engine.llm_engine import LLMEngine
@@ -34,10 +34,38 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed; every request in flight gets this, and new ones too."""
 
 
-@dataclass
-class _Subscriber:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+class _Inbox:
+    """One stream's deltas, appended by the engine thread and taken by the caller's loop. The
+    engine thread wakes that loop (a cross-thread call: a syscall and a loop turn) only while the
+    caller waits in `get`; a caller pacing its stream sleeps meanwhile and takes everything after."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: Any) -> asyncio.Future | None:
+        """Engine thread: add `item`; returns the caller's waiter to wake, if it waits."""
+        self._items.append(item)
+        return self._waiter  # read after the append: see `get`
+
+    async def get(self) -> Any:
+        if not self._items:
+            self._waiter = self.loop.create_future()
+            try:
+                # Set before looking again, so an item put meanwhile is either seen here or its
+                # `put` sees the waiter (the GIL orders the two threads' steps).
+                if not self._items:
+                    await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> Any:
+        return self._items.popleft()
 
 
 class AsyncEngine:
@@ -51,7 +79,7 @@ class AsyncEngine:
         self.engine = engine
         self.stream_chunks_per_s = stream_chunks_per_s
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
-        self._subscribers: dict[str, _Subscriber] = {}
+        self._subscribers: dict[str, _Inbox] = {}
         self._stop = threading.Event()
         self._dead: BaseException | None = None
         self.last_step_time = time.monotonic()  # health checks compare it with now
@@ -78,17 +106,17 @@ class AsyncEngine:
         self._raise_if_dead()
         if request_id in self._subscribers:
             raise InvalidParameterError("request_id", f"request {request_id!r} is already running")
-        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
-        self._subscribers[request_id] = subscriber
+        inbox = _Inbox(asyncio.get_running_loop())
+        self._subscribers[request_id] = inbox
         remaining, last_list_at = params.n, -math.inf
         try:
             await self._call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt))
             while remaining:
-                first = await subscriber.queue.get()
+                first = await inbox.get()
                 if not _is_last(first, remaining):
                     await self._wait_for_turn(last_list_at)
-                deltas, failure = _ready(first, subscriber.queue)
-                last_list_at = subscriber.loop.time()
+                deltas, failure = _ready(first, inbox)
+                last_list_at = inbox.loop.time()
                 remaining -= sum(delta.finished for delta in deltas)
                 if deltas:
                     yield deltas
@@ -189,30 +217,33 @@ class AsyncEngine:
             future.set_exception(error)
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
-        """One wake-up per caller loop per step (not one per delta): a step's deltas for 64
-        streams cost one cross-thread call, and each stream's queue gets them in order."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, CompletionDelta]]] = {}
-        for delta in deltas:
-            subscriber = self._subscribers.get(delta.request_id)
-            if subscriber is not None:
-                by_loop.setdefault(subscriber.loop, []).append((subscriber.queue, delta))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+        """Each stream's inbox gets its deltas in order; at most one wake-up per caller loop per
+        step (not one per delta), and none for a loop whose streams are not waiting."""
+        self._deliver((self._subscribers.get(delta.request_id), delta) for delta in deltas)
+
+    def _deliver(self, items) -> None:
+        waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for inbox, item in items:
+            waiter = inbox.put(item) if inbox is not None else None
+            if waiter is not None:
+                waiters.setdefault(inbox.loop, []).append(waiter)
+        for loop, futures in waiters.items():
+            loop.call_soon_threadsafe(_wake_all, futures)
 
     def _fail_everything(self, error: BaseException) -> None:
         self._dead = error
         dead = EngineDeadError(f"the engine stopped: {error!r}")
-        for subscriber in list(self._subscribers.values()):
-            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, dead)
+        self._deliver((inbox, dead) for inbox in list(self._subscribers.values()))
         while not self._commands.empty():
             _, future = self._commands.get_nowait()
             if future.set_running_or_notify_cancel():
                 future.set_exception(dead)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for target, item in items:
-        target.put_nowait(item)
+def _wake_all(waiters: list[asyncio.Future]) -> None:
+    for waiter in waiters:
+        if not waiter.done():  # a caller cancelled meanwhile, or woken twice in one step
+            waiter.set_result(None)
 
 
 def _is_last(item: Any, remaining: int) -> bool:
@@ -220,7 +251,7 @@ def _is_last(item: Any, remaining: int) -> bool:
     return isinstance(item, BaseException) or item.error is not None or (item.finished and remaining == 1)
 
 
-def _ready(first: Any, source: asyncio.Queue) -> tuple[list[CompletionDelta], BaseException | None]:
+def _ready(first: Any, source: _Inbox) -> tuple[list[CompletionDelta], BaseException | None]:
     """`first` and the deltas already queued behind it, up to the first failure: the engine's
     (an exception) or the request's own (a delta with an error), which comes back to be raised."""
     deltas: list[CompletionDelta] = []

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from model_folder.deepseek_v4_quantization import parse_block_quantization
 from model_folder.errors import ModelFolderError
 from model_folder.rope_scaling import RopeScaling
 
@@ -124,9 +125,7 @@ class DeepseekV4Architecture:
 
 def parse_deepseek_v4_config(config: dict[str, Any]) -> DeepseekV4Architecture:
     """config.json's object -> the architecture; ModelFolderError names the key that is wrong."""
-    if config.get("quantization_config"):
-        raise ModelFolderError("config.json: quantized DeepSeek-V4 checkpoints (quantization_config) are not "
-                               "supported; use a bfloat16 or float32 folder")
+    parse_block_quantization(config)  # checked here, at start-up; the weight loader applies it
     value = _Reader(config)
     layers = value.int("num_hidden_layers")
     compress_rates = _compress_rates(config)

@@ -290,6 +290,14 @@ def add_make_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Split weights into shards plus an index above this size.")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a preset field, e.g. --set num_hidden_layers=4 (repeatable).")  # fmt: skip
+    parser.add_argument("--quantize", default=None, metavar="fp8",
+                        help="DeepSeek-V4 presets: write DeepSeek's released layout, FP8 linears with a scale "
+                             "per 128x128 block (docs/deepseek_v4.md, 'Released checkpoints').")  # fmt: skip
+    parser.add_argument("--expert-dtype", default=None, metavar="fp8|fp4",
+                        help="With --quantize: routed experts in FP8 (default) or FP4 (two e2m1 a byte).")
+    parser.add_argument("--scale-format", default=None, metavar="ue8m0|float",
+                        help="With --quantize: FP8 block scales as powers of two in one byte (ue8m0, "
+                             "default) or float32.")  # fmt: skip
 
 
 def _parse_rope_scaling(text: str | None) -> dict[str, Any] | None:
@@ -310,6 +318,8 @@ def run_make_model(args: argparse.Namespace) -> Path:
         from model_shards.deepseek_v4.presets import run_make_deepseek_v4_model
 
         return run_make_deepseek_v4_model(args)
+    if any(value is not None for value in (args.quantize, args.expert_dtype, args.scale_format)):
+        raise ValueError("--quantize, --expert-dtype and --scale-format apply to the DeepSeek-V4 presets only")
     if args.layers is not None:
         args.overrides = [*args.overrides, f"num_hidden_layers={args.layers}"]
     options = dict(rope_scaling=_parse_rope_scaling(args.rope_scaling), dtype=args.dtype,

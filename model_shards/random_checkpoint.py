@@ -27,7 +27,8 @@ from model_folder.tokenizer_training import BOS_TOKEN, CHAT_TEMPLATE, END_OF_TEX
     trained_tokenizer_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e8m0fnu: "F8_E8M0", torch.int8: "I8"}
 
 # Initialisation. Untied embedding rows and every projection output have unit-scale entries, so
 # each layer moves the residual stream as much as the token embedding does (otherwise a random

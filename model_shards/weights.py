@@ -40,6 +40,10 @@ class WeightReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open_slice(name).get_shape())
 
+    def stored_dtype(self, name: str) -> str:
+        """The dtype as safetensors spells it: "BF16", "F8_E4M3", "I8", ..."""
+        return self._open_slice(name).get_dtype()
+
     def get(self, name: str, *, shard_dim: int | None = None, rank: int = 0, world_size: int = 1,
             dtype: torch.dtype | None = None,
             device: torch.device | str | None = None) -> torch.Tensor:

@@ -31,6 +31,8 @@ import torch
 from model_folder.tokenizer_training import SPECIAL_TOKENS
 from model_folder.deepseek_v4_config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Architecture, \
     parse_deepseek_v4_config
+from model_folder.deepseek_v4_quantization import FLOAT, FP4, FP8, UE8M0, BlockQuantization
+from model_shards.deepseek_v4.released_checkpoint import ReleasedTensors, mtp_specs, released_config
 from model_shards.deepseek_v4.weights import transformers_name
 from model_shards.random_checkpoint import DTYPES, LOGIT_STD, TensorSpec, linear_spec, make_tensor, norm_spec, \
     parse_overrides, special_token_ids, write_tokenizer_files, write_weights
@@ -57,33 +59,61 @@ def run_make_deepseek_v4_model(args: argparse.Namespace) -> Path:
         raise ValueError("--architecture and --rope-scaling do not apply to DeepSeek-V4 presets "
                          "(use --set rope_parameters=... to change the compress RoPE)")
     overrides = parse_overrides(args.overrides)
+    quantization = quantization_of_flags(args.quantize, args.expert_dtype, args.scale_format)
     out = make_deepseek_v4_model(args.out_dir, args.preset, seed=args.seed, layers=args.layers, dtype=args.dtype,
-                                 max_shard_bytes=args.max_shard_bytes, **overrides)
+                                 max_shard_bytes=args.max_shard_bytes, quantization=quantization, **overrides)
     arch = parse_deepseek_v4_config(preset_config(args.preset, layers=args.layers, dtype=args.dtype, **overrides))
+    stored = "" if quantization is None else f", FP8 with {quantization.expert_format} experts"
     print(f"wrote {out}: deepseek_v4 {args.preset}, {arch.num_hidden_layers} layers, "
-          f"{num_parameters(arch) / 1e6:.1f}M parameters")
+          f"{num_parameters(arch) / 1e6:.1f}M parameters{stored}")
     return out
 
 
+def quantization_of_flags(quantize: str | None, expert_dtype: str | None,
+                          scale_format: str | None) -> BlockQuantization | None:
+    """--quantize fp8 [--expert-dtype fp8|fp4] [--scale-format ue8m0|float] -> the folder's format."""
+    if quantize is None:
+        if expert_dtype is not None or scale_format is not None:
+            raise ValueError("--expert-dtype and --scale-format need --quantize fp8")
+        return None
+    for flag, value, allowed in (("--quantize", quantize, (FP8,)), ("--expert-dtype", expert_dtype or FP8, (FP8, FP4)),
+                                 ("--scale-format", scale_format or UE8M0, (UE8M0, FLOAT))):
+        if value not in allowed:
+            raise ValueError(f"{flag} {value!r} is not supported; choose one of {', '.join(allowed)}")
+    return BlockQuantization(scale_format=scale_format or UE8M0, expert_format=expert_dtype or FP8)
+
+
 def make_deepseek_v4_model(out_dir: str | Path, preset: str, *, seed: int = 0, layers: int | None = None,
-                           dtype: str | None = None, max_shard_bytes: int = 4 << 30, **overrides: Any) -> Path:
-    """Write the folder; returns it. `overrides` are DeepseekV4Config keys."""
+                           dtype: str | None = None, max_shard_bytes: int = 4 << 30,
+                           quantization: BlockQuantization | None = None, **overrides: Any) -> Path:
+    """Write the folder; returns it. `overrides` are DeepseekV4Config keys. With `quantization`,
+    DeepSeek's released layout (released_checkpoint.py) instead of transformers' bf16 / float32 one."""
     config = preset_config(preset, layers=layers, dtype=dtype, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arch = parse_deepseek_v4_config(config)
     tokenizer = write_tokenizer_files(out, arch.vocab_size, arch.max_position_embeddings)
     config["bos_token_id"], config["eos_token_id"] = special_token_ids(tokenizer)
-    specs = weight_specs(arch, tokenizer.get_vocab_size())
+    specs = canonical_specs(arch, tokenizer.get_vocab_size())
     tensor_for = functools.partial(v4_tensor, seed=seed, arch=arch)
-    if preset == "deepseek-v4-tiny":
-        _save_through_transformers(out, config, specs, tensor_for)
-    else:  # config.json as written here (keys left out mean DeepseekV4Config's defaults): no transformers needed
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_weights(out, specs, seed, DTYPES[config["torch_dtype"]], max_shard_bytes, tensor_for)
+    if quantization is not None:
+        released = ReleasedTensors(quantization, tensor_for)
+        _write_directly(out, released_config(config, quantization), released.specs(specs + mtp_specs(arch, specs)),
+                        released.tensor, max_shard_bytes)
+    elif preset == "deepseek-v4-tiny":
+        _save_through_transformers(out, config, _transformers_named(specs), tensor_for)
+    else:
+        _write_directly(out, config, _transformers_named(specs), tensor_for, max_shard_bytes)
     return out
+
+
+def _write_directly(out: Path, config: dict[str, Any], specs: list[TensorSpec],
+                    tensor_for: Callable[[TensorSpec], torch.Tensor], max_shard_bytes: int) -> None:
+    """config.json as written here (keys left out mean DeepseekV4Config's defaults): no transformers needed."""
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_weights(out, specs, 0, DTYPES[config["torch_dtype"]], max_shard_bytes, tensor_for)
 
 
 def preset_config(preset: str, *, layers: int | None = None, dtype: str | None = None,
@@ -147,6 +177,15 @@ def _save_through_transformers(out: Path, config: dict[str, Any], specs: list[Te
 
 def weight_specs(arch: DeepseekV4Architecture, tokenizer_vocab: int | None = None) -> list[TensorSpec]:
     """Every checkpoint tensor with transformers' saved name, its shape and random scale."""
+    return _transformers_named(canonical_specs(arch, tokenizer_vocab))
+
+
+def _transformers_named(specs: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec(transformers_name(s.name), s.shape, s.std, s.mean, s.unused_rows, s.dtype) for s in specs]
+
+
+def canonical_specs(arch: DeepseekV4Architecture, tokenizer_vocab: int | None = None) -> list[TensorSpec]:
+    """Every checkpoint tensor with DeepSeek's name, its shape and random scale."""
     hidden, hc = arch.hidden_size, arch.hc_mult
     unused_rows = None
     if tokenizer_vocab is not None:
@@ -158,7 +197,7 @@ def weight_specs(arch: DeepseekV4Architecture, tokenizer_vocab: int | None = Non
     specs += _hyper_specs("hc_head", hc, hc * hidden, with_weights=False)
     specs.append(norm_spec("norm.weight", hidden, LOGIT_STD))
     specs.append(TensorSpec("head.weight", (arch.vocab_size, hidden), hidden ** -0.5, unused_rows=unused_rows))
-    return [TensorSpec(transformers_name(s.name), s.shape, s.std, s.mean, s.unused_rows, s.dtype) for s in specs]
+    return specs
 
 
 def _hyper_specs(prefix: str, outputs: int, inputs: int, with_weights: bool = True) -> list[TensorSpec]:

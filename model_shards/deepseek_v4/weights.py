@@ -12,13 +12,20 @@ without prefix (`layers.0.attn.wq_a.weight`, `layers.0.ffn.experts.3.w1.weight`,
     model.layers.0.attn.wkv.weight       layers.0.attn.wkv.weight  layers.0.attn.wkv.weight
 
 The multi-token-prediction layers (`mtp.*`) are not used for serving and are skipped.
+
+Released checkpoints are quantized (model_folder/deepseek_v4_quantization.py): a weight with a
+scale tensor (`X.scale`, or transformers' `X.weight_scale_inv`; canonical here: `X.scale`) is
+dequantized into its parameter (quantized_weights.py); a weight stored in FP8 / FP4 without one
+is an error, never a silent cast.
 """
 
 from __future__ import annotations
 
 import torch
 
+from model_folder.deepseek_v4_quantization import read_block_quantization
 from model_folder.errors import ModelFolderError
+from model_shards.deepseek_v4.quantized_weights import QUANTIZED_STORAGE, BlockScaledReader
 from model_shards.weights import WeightReader
 
 _ALIASES = {
@@ -31,9 +38,23 @@ _ALIASES = {
 _SKIPPED_PREFIXES = ("mtp.",)
 
 
+_TRANSFORMERS_SCALE = ".weight_scale_inv"
+
+
 def canonical_name(name: str) -> str:
     name = name.removeprefix("model.")
+    if name.endswith(_TRANSFORMERS_SCALE):
+        return name.removesuffix(_TRANSFORMERS_SCALE) + ".scale"
     return _ALIASES.get(name, name)
+
+
+def scale_name(weight: str) -> str | None:
+    """The canonical name of a weight's block scales (None for tensors that are not `.weight`)."""
+    return weight.removesuffix(".weight") + ".scale" if weight.endswith(".weight") else None
+
+
+def is_routed_expert(name: str) -> bool:
+    return ".ffn.experts." in name
 
 
 def transformers_name(canonical: str) -> str:
@@ -50,6 +71,8 @@ class CheckpointTensors:
     def __init__(self, reader: WeightReader):
         self.reader = reader
         self.folder = reader.folder
+        quantization = read_block_quantization(reader.folder)
+        self.block_scaled = BlockScaledReader(reader, quantization) if quantization else None
         self._actual: dict[str, str] = {}
         self._elsewhere: set[str] = set()
         for name in reader.names():
@@ -64,13 +87,18 @@ class CheckpointTensors:
 
     def copy_into(self, destination: torch.Tensor, name: str, *, shard_dim: int | None = None, rank: int = 0,
                   world_size: int = 1) -> None:
-        """Check the shape, then copy (and cast) this rank's part of tensor `name` into destination."""
-        self.reader.copy_into(destination, self._actual_name(name), shard_dim=shard_dim, rank=rank,
-                              world_size=world_size)
+        """Check the shape, then copy (and cast, or dequantize) this rank's part of tensor `name`
+        into destination."""
+        shard = dict(shard_dim=shard_dim, rank=rank, world_size=world_size)
+        if (scale := self._scale_of(name)) is not None:
+            self.block_scaled.copy_into(destination, self._actual_name(name), scale, expert=is_routed_expert(name),
+                                        **shard)
+            return
+        self.reader.copy_into(destination, self._unscaled(name), **shard)
 
     def copy_rows_into(self, destination: torch.Tensor, name: str, start: int, stop: int) -> None:
         """Rows start .. stop-1 of tensor `name` (those that exist) into destination's first rows."""
-        self.reader.copy_rows_into(destination, self._actual_name(name), start, stop)
+        self.reader.copy_rows_into(destination, self._unscaled(name), start, stop)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.shape(self._actual_name(name))
@@ -79,13 +107,31 @@ class CheckpointTensors:
         return self.reader.get(self._actual_name(name))
 
     def held_elsewhere(self, name: str) -> None:
-        """Tensor `name` exists but belongs to another rank (an expert of expert parallelism)."""
+        """Tensor `name` (and its scales) exists but belongs to another rank (an expert of expert
+        parallelism)."""
         self._elsewhere.add(self._actual_name(name))
+        if (scale := self._scale_of(name)) is not None:
+            self._elsewhere.add(scale)
 
     def unused(self) -> list[str]:
         """Checkpoint tensors nobody read or placed on another rank (the mtp layers are skipped)."""
         return [name for name in self.reader.unread()
                 if name not in self._elsewhere and not canonical_name(name).startswith(_SKIPPED_PREFIXES)]
+
+    def _scale_of(self, name: str) -> str | None:
+        """The stored name of weight `name`'s scales in a quantized folder, if it has any."""
+        scale = scale_name(name)
+        if self.block_scaled is None or scale not in self._actual:
+            return None
+        return self._actual[scale]
+
+    def _unscaled(self, name: str) -> str:
+        """The stored name of a tensor read as stored; FP8 / FP4 storage without scales is refused."""
+        actual = self._actual_name(name)
+        if (stored := self.reader.stored_dtype(actual)) in QUANTIZED_STORAGE:
+            raise ModelFolderError(f"{self.folder}: tensor {actual!r} is stored as {stored} but has no scale tensor "
+                                   f"(expected {scale_name(name)!r} and a quantization_config in config.json)")
+        return actual
 
     def _actual_name(self, name: str) -> str:
         if name not in self._actual:

@@ -100,6 +100,21 @@ def deployed_app(served):
     return deployed
 
 
+@pytest.fixture(scope="session")
+def metric_totals():
+    """metric_totals(url): the app's /metrics as sample name -> value summed over labels (replicas, endpoints)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def totals(url: str) -> dict[str, float]:
+        summed: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+            for sample in family.samples:
+                summed[sample.name] = summed.get(sample.name, 0.0) + sample.value
+        return summed
+
+    return totals
+
+
 def _wait_healthy(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

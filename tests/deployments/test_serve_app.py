@@ -9,7 +9,6 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine.offline import generate
 from protocol.sampling_params import SamplingParams
@@ -21,15 +20,6 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 @pytest.fixture(scope="module")
 def client(served):
     return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
-
-
-def _metrics(url: str) -> dict[str, float]:
-    """Sample name -> value summed over labels (replicas, endpoints)."""
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
 
 
 def _greedy(engine, prompt, max_tokens):
@@ -81,10 +71,10 @@ def test_logprobs_n_and_stop(client, reference_engine):
     assert stopped.choices[0].text == text[: text.index(stop)]
 
 
-def test_models_health_and_metrics(client, served):
+def test_models_health_and_metrics(client, served, metric_totals):
     assert [model.id for model in client.models.list().data] == [MODEL]
     assert httpx.get(f"{served}/health").status_code == 200
-    metrics = _metrics(served)
+    metrics = metric_totals(served)
     for name in (
         "longctx_requests_total", "longctx_prompt_tokens_total", "longctx_generation_tokens_total",
         "longctx_time_to_first_token_seconds_count", "longctx_inter_token_latency_seconds_count",
@@ -116,20 +106,20 @@ def test_32_concurrent_streams_all_complete(served):
     assert all(text for text, _ in results)
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served, metric_totals):
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 3500, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{served}/v1/completions", json=body) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         for _ in range(40):  # 20 events and their blank separators
             next(lines)
-        held = _metrics(served)  # before the generator is closed: that would close the connection
+        held = metric_totals(served)  # before the generator is closed: that would close the connection
         assert held["longctx_kv_blocks_free"] < held["longctx_kv_blocks_capacity"]
         assert held["longctx_requests_running"] == 1
     # The connection is closed; the 3,500 tokens would take seconds more to finish.
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
-        metrics = _metrics(served)
+        metrics = metric_totals(served)
         if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_capacity"] and not metrics["longctx_requests_running"]:
             return
         time.sleep(0.02)

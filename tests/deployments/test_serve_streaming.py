@@ -14,7 +14,6 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine.offline import generate
 from protocol.sampling_params import SamplingParams
@@ -48,14 +47,6 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def _metrics(url: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
 def test_one_replica_serves_http_itself_with_its_worker_in_process(url, small_config):
     from ray import serve
 
@@ -84,7 +75,7 @@ def test_the_stream_is_the_engine_s_greedy_text_in_order_with_usage(client, smal
     assert chunks[-1].usage.prompt_tokens == expected.num_prompt_tokens
 
 
-def test_a_stream_yields_its_first_token_while_the_rest_are_still_computed(url):
+def test_a_stream_yields_its_first_token_while_the_rest_are_still_computed(url, metric_totals):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True, "stream": True}
     arrivals = []
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -94,7 +85,7 @@ def test_a_stream_yields_its_first_token_while_the_rest_are_still_computed(url):
                 continue
             arrivals.append(time.perf_counter())
             if len(arrivals) == 1:  # the request must still be running: 31 tokens are still to compute
-                assert _metrics(url)["longctx_requests_running"] == 1
+                assert metric_totals(url)["longctx_requests_running"] == 1
     assert len(arrivals) == 32
     # Not in bursts: the tokens arrive spread over the generation, not all at its end.
     first, last = arrivals[0], arrivals[-1]
@@ -109,17 +100,17 @@ def test_bad_requests_still_get_openai_error_json(url):
     assert (response.status_code, response.json()["error"]["code"]) == (400, "context_length_exceeded")
 
 
-def test_a_client_that_disconnects_frees_its_blocks_and_is_counted(url):
+def test_a_client_that_disconnects_frees_its_blocks_and_is_counted(url, metric_totals):
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    counted_before = _metrics(url).get("longctx_requests_total", 0.0)
+    counted_before = metric_totals(url).get("longctx_requests_total", 0.0)
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
         lines = response.iter_lines()
         for _ in range(10):
             next(lines)
-        assert _metrics(url)["longctx_requests_running"] == 1
+        assert metric_totals(url)["longctx_requests_running"] == 1
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
-        metrics = _metrics(url)
+        metrics = metric_totals(url)
         if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_capacity"] and not metrics["longctx_requests_running"]:
             assert metrics["longctx_requests_total"] == counted_before + 1  # counted, as a client that left
             return

@@ -11,6 +11,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Rotar
 
 from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, parse_deepseek_v4_config
 from model_folder.deepseek_v4_kv_budget import kv_bytes_per_token, max_fixed_bytes_per_request
+from model_folder.deepseek_v4_quantization import BlockQuantization, parse_block_quantization
 from model_shards.deepseek_v4.presets import PRESETS, preset_config
 from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_folder.errors import ModelFolderError
@@ -26,6 +27,9 @@ NESTED = {**SMALL, "layer_types": [SLIDING, CSA, HCA, CSA, HCA], "mlp_layer_type
           "rope_parameters": {"main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
                               "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 4.0,
                                            "original_max_position_embeddings": 2048, "partial_rotary_factor": 0.25}}}
+# V4-Flash's config.json (expert_dtype sits beside it, at the top level)
+FLASH_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+                      "weight_block_size": [128, 128]}
 CONFIGS = {"defaults": SMALL, "legacy": LEGACY, "nested": NESTED, "tiny-preset": PRESETS["deepseek-v4-tiny"],
            "flash-shape": preset_config("deepseek-v4-flash-shape")}  # fmt: skip
 
@@ -78,7 +82,18 @@ def test_load_architecture_dispatches_deepseek_v4_folders(tmp_path):
     ({"layer_types": [SLIDING]}, "layer_types has 1 entries for 5 layers"),
     ({"compress_ratios": [0, 4, 64, 4, 0]}, "compress_ratios entries must be 0, 4 or 128"),
     ({"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported"),
-    ({"quantization_config": {"quant_method": "fp8"}}, "quantized DeepSeek-V4 checkpoints"),
+    ({"quantization_config": {"quant_method": "awq"}}, r"quantization_config.quant_method 'awq' is not supported"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "fmt": "e5m2"}}, r"quantization_config.fmt 'e5m2'"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "activation_scheme": "static"}},
+     "static activation scales are not supported"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "weight_block_size": [128]}},
+     "weight_block_size must be two positive integers"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "scale_fmt": "e8m0"}}, r"quantization_config.scale_fmt 'e8m0'"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "group_size": 32}}, "quantization_config.group_size is not"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "modules_to_convert": ["embed"]}}, "quantized embeddings"),
+    ({"quantization_config": FLASH_QUANTIZATION, "expert_dtype": "int4"}, "expert_dtype 'int4' is not supported"),
+    ({"quantization_config": {**FLASH_QUANTIZATION, "expert_dtype": "fp8"}, "expert_dtype": "fp4"}, "disagree"),
+    ({"expert_dtype": "fp4"}, "expert_dtype 'fp4' needs a quantization_config"),
     ({"rope_scaling": {"type": "llama3", "factor": 8}}, "rope_type 'llama3' is not supported"),
     ({"o_groups": 3}, "not divisible by o_groups=3"),
     ({"hidden_size": "64"}, "hidden_size must be a positive integer"),
@@ -104,3 +119,16 @@ def test_tensor_parallel_sizes_split_heads_groups_and_experts():
     assert tiny.tensor_parallel_sizes() == [1, 2]
     with pytest.raises(ValueError, match="valid sizes: 1, 2"):
         tiny.check_tensor_parallel(4)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"quantization_config": FLASH_QUANTIZATION, "expert_dtype": "fp4"}, BlockQuantization((128, 128), "ue8m0", "fp4")),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 32], "expert_dtype": "fp4",
+                              "dequantize": False, "modules_to_not_convert": ["lm_head"]}},
+     BlockQuantization((64, 32), "float", "fp4")),  # transformers' FineGrainedFP8Config as it saves itself
+    ({"quantization_config": {"quant_method": "fp8"}}, BlockQuantization((128, 128), "float", "fp8")),
+    ({}, None),
+])  # fmt: skip
+def test_released_quantization_configs_are_read(config, expected):
+    assert parse_block_quantization(config) == expected
+    parse_deepseek_v4_config({**SMALL, **config})  # and accepted
