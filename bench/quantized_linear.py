@@ -33,15 +33,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python3 bench/quantized_linear.py`
 
+from model_shards.deepseek_v4.block_format import quantize_fp4, quantize_fp8  # noqa: E402
 from model_shards.deepseek_v4.interpreter_numerics import gpu_bf16_numerics  # noqa: E402
 from model_shards.deepseek_v4.presets import preset_config  # noqa: E402
-from model_shards.deepseek_v4.quantized_linear import (DECODE_ROWS, Fp4RowWeight, Fp8BlockWeight,  # noqa: E402
-                                                       QuantizedWeight, Tiling, default_tiling,
+from model_shards.deepseek_v4.quantized_linear import (DECODE_ROWS, FP8_BLOCK, Fp4RowWeight,  # noqa: E402
+                                                       Fp8BlockWeight, QuantizedWeight, Tiling, default_tiling,
                                                        dequantize_triton, quantized_matmul)
 
 from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # noqa: E402
 
-E2M1_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 L2_MISS_BYTES = 512 << 20  # weight copies cycled per timing: far over the H200's 50 MB L2
 CHECK_ROWS = 4096  # rows compared in float64 (the same kernel as more rows; bounds memory)
 PREFILL_SWEEP = [Tiling(128, 128, 128, 8, 3), Tiling(128, 256, 64, 8, 3), Tiling(64, 128, 128, 4, 4),
@@ -61,39 +61,12 @@ def flash_shapes() -> list[tuple[str, int, int, str]]:
             ("routed expert w1/w3", inner, hidden, "fp4"), ("routed expert w2", hidden, inner, "fp4")]
 
 
-def _power_of_two_scale(amax: torch.Tensor, largest: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ue8m0 scales 2 ** ceil(log2(amax / largest)): (bytes, float32 values)."""
-    exponent = torch.ceil(torch.log2(amax.clamp_min(2.0 ** -100) / largest)).clamp(-127, 127)
-    return (exponent + 127).to(torch.uint8), torch.exp2(exponent)
-
-
-def quantize_fp8(w: torch.Tensor) -> Fp8BlockWeight:
-    """(N, K) float -> FP8 with ue8m0 128x128 block scales (DeepSeek's recipe, for bench weights)."""
-    rows, cols = w.shape
-    padded = F.pad(w.float(), (0, -cols % 128, 0, -rows % 128))
-    blocks = padded.unflatten(0, (-1, 128)).unflatten(2, (-1, 128))  # (N/128, 128, K/128, 128)
-    codes, scale = _power_of_two_scale(blocks.abs().amax(dim=(1, 3)), 448.0)
-    values = (blocks / scale[:, None, :, None]).flatten(2).flatten(0, 1)[:rows, :cols]
-    return Fp8BlockWeight(values.to(torch.float8_e4m3fn).contiguous(), codes.view(torch.float8_e8m0fnu))
-
-
-def quantize_fp4(w: torch.Tensor) -> Fp4RowWeight:
-    """(N, K) float, K even -> e2m1 pairs with one ue8m0 scale per row per 32 columns (MXFP4)."""
-    rows, cols = w.shape
-    groups = F.pad(w.float(), (0, -cols % 32)).unflatten(1, (-1, 32))  # (N, K/32, 32)
-    codes_scale, scale = _power_of_two_scale(groups.abs().amax(dim=2), 6.0)
-    scaled = (groups / scale[:, :, None]).flatten(1)[:, :cols]
-    magnitudes = E2M1_MAGNITUDES.to(w.device)
-    nearest = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)  # (N, K) index 0..7
-    codes = (nearest | ((scaled < 0).long() << 3)).to(torch.uint8)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return Fp4RowWeight(packed.view(torch.int8), codes_scale)
-
-
 def make_weight(rows: int, cols: int, fmt: str, device: torch.device, seed: int) -> QuantizedWeight:
     generator = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(rows, cols, generator=generator, device=device) * cols ** -0.5
-    return quantize_fp8(w) if fmt == "fp8" else quantize_fp4(w)
+    if fmt == "fp8":  # DeepSeek's recipe, as `longctx make-model --quantize` writes it
+        return Fp8BlockWeight(*quantize_fp8(w, (FP8_BLOCK, FP8_BLOCK), ue8m0=True))
+    return Fp4RowWeight(*quantize_fp4(w))
 
 
 def device_ms(calls: list[Callable[[], object]], repeats: int, device: torch.device) -> float:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model_shards.deepseek_v4.block_format import BlockScaledPart, unpack_fp4
+
 FP8_BLOCK = 128  # rows and columns of one FP8 scale block
 FP4_GROUP = 32  # input columns of one FP4 scale
 FP8, FP4 = 0, 1  # the kernel's FORMAT
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 UE8M0_DTYPES = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_ROWS = 64  # at most this many rows: memory-bound, small tiles and split-K
@@ -172,13 +173,23 @@ class Fp4RowWeight(QuantizedWeight):
         return 2 * self.weight.shape[1]
 
     def values_float(self) -> torch.Tensor:
-        codes = self.weight.view(torch.uint8)
-        table = torch.tensor(E2M1_VALUES, device=codes.device)
-        pairs = torch.stack([table[(codes & 15).long()], table[(codes >> 4).long()]], dim=-1)  # (N, K/2, 2)
-        return pairs.flatten(1)
+        return unpack_fp4(self.weight.view(torch.uint8))  # (N, K) float32, the loader's own decoding
 
     def scales_per_element(self) -> torch.Tensor:
         return ue8m0_to_float(self.scale).repeat_interleave(FP4_GROUP, 1)[:, :self.in_features]
+
+
+def from_block_scaled_part(part: BlockScaledPart) -> QuantizedWeight:
+    """The loader's part of a checkpoint weight (block_format.py), kept as it is stored. The kernels
+    want scale blocks that start at the part's first row and column: a tensor-parallel shard must
+    fall on block boundaries (128 for FP8; any row and 32 columns for FP4)."""
+    (block_rows, block_cols), fp4 = part.block, part.fp4
+    expected = (1, FP4_GROUP) if fp4 else (FP8_BLOCK, FP8_BLOCK)
+    if part.block != expected or part.first_row % block_rows or part.first_col % block_cols:
+        raise ValueError(f"a {'FP4' if fp4 else 'FP8'} part with blocks {part.block} at ({part.first_row}, "
+                         f"{part.first_col}) cannot stay quantized: the kernels need {expected} blocks starting "
+                         "at the part's first row and column (shard on block boundaries, or dequantize it)")
+    return Fp4RowWeight(part.values, part.scales) if fp4 else Fp8BlockWeight(part.values, part.scales)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:

@@ -24,12 +24,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_shards.deepseek_v4.block_format import dequantize as block_dequantize
+from model_shards.deepseek_v4.block_format import part_of_grid, quantize_fp4, quantize_fp8
 from model_shards.deepseek_v4.grouped_experts import grouped_linear, sort_by_expert
 from model_shards.deepseek_v4.interpreter_numerics import gpu_bf16_numerics
 from model_shards.deepseek_v4.quantized_experts import QuantizedExperts, expert_tile_slots, grouped_quantized_matmul
-from model_shards.deepseek_v4.quantized_linear import (Fp4RowWeight, Fp8BlockWeight, QuantizedWeight,
-                                                       Tiling, default_tiling, dequantize_triton, linear,
-                                                       quantized_matmul, split_k_plan, ue8m0_to_float)
+from model_shards.deepseek_v4.quantized_linear import (Fp4RowWeight, Fp8BlockWeight, QuantizedWeight, Tiling,
+                                                       default_tiling, dequantize_triton, from_block_scaled_part,
+                                                       linear, quantized_matmul, split_k_plan, ue8m0_to_float)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +163,24 @@ def test_linear_keeps_leading_dims_and_runs_the_reference_off_cuda():
     assert torch.equal(weight.linear(x32), F.linear(x32, weight.dequantize(torch.float32)))
     assert torch.equal(linear(x32, weight), weight.linear(x32))
     assert torch.equal(linear(x32, weight.dequantize(torch.float32)), weight.linear(x32))  # a plain weight
+
+
+@pytest.mark.parametrize("fp4", [False, True])
+def test_the_loaders_parts_stay_quantized_with_its_dequantization(fp4):
+    """block_format.py's parts (what the loader reads for a rank) as kernel weights: the same
+    dequantized values as the loader's own reference; a shard starting inside a block is refused."""
+    w = torch.randn(300, 512, generator=torch.Generator().manual_seed(3)) * 0.02
+    block = (1, 32) if fp4 else (128, 128)
+    values, grid = quantize_fp4(w) if fp4 else quantize_fp8(w, block, ue8m0=True)
+    values = values.view(torch.uint8) if fp4 else values  # the loader's FP4 parts hold uint8
+    byte_cols = 128 if fp4 else 256  # columns 256.. of the weight
+    part = part_of_grid(values[:, byte_cols:], grid, block, first_col=256)
+    weight = from_block_scaled_part(part)
+    assert torch.equal(weight.dequantize().view(torch.int16), block_dequantize(part, torch.bfloat16).view(torch.int16))
+    on_device = type(weight)(weight.weight.to(DEVICE), weight.scale.to(DEVICE))
+    assert torch.equal(dequantize_triton(on_device).cpu(), weight.dequantize())
+    with pytest.raises(ValueError, match="block boundaries"):
+        from_block_scaled_part(part_of_grid(values[:, 8 if fp4 else 16:], grid, block, first_col=16))
 
 
 def test_default_tilings_split_k_for_decode_only():
