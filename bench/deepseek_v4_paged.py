@@ -21,9 +21,12 @@ and peak bytes), to tell allocator spikes from others. `--alloc-conf` sets PYTOR
 `--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
 the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
 bench/results/) after every length, so a run cut short keeps what it measured. `--concurrency 1 8`
-then has N requests decode together (one forward per step for all of them): ms per step, tokens/s.
-CPU, decode batching on the tiny preset:
-    python3 bench/deepseek_v4_paged.py --lengths 256 --concurrency 1 8
+then has N requests decode together (one forward per step for all of them, their attention cores
+as one batch: model_shards/deepseek_v4/decode_attention.py): ms per step, tokens/s.
+CPU, decode batching on the tiny preset; then one H200, the flash shape:
+    python3 bench/deepseek_v4_paged.py --lengths 256 --concurrency 1 8 32
+    python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda --lengths 32768 \
+        --concurrency 1 8 32 --concurrency-prompt-tokens 4096
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """DeepSeek-V4 (transformers' DeepseekV4ForCausalLM), exact against its full forward.
 
-    model.py            the causal LM over explicit per-request state (one chunk of one sequence)
+    model.py            the causal LM over explicit per-request state (chunks of one or several sequences)
     state.py            that state: sliding window, compressed entries, open windows, overlaps
     entries.py          where entries lie (one tensor, or pages through a block table) and how they are read
     attention.py        one attention layer: projections, RoPE, state update, grouped output
     sink_attention.py   the attention core over window + compressed keys with per-head sinks
+    decode_attention.py that core for many single-query segments (a decode step) in one padded batch
     sink_softmax.py     its softmax as one Triton kernel (GPU)
     compressor.py       gated pooling of every m tokens into one entry (CSA overlapping, HCA not)
     indexer.py          the Lightning Indexer's top-k choice of compressed entries (CSA)
     index_scores.py     its scores: torch reference, and a fused Triton kernel (+ _kernel.py)
+    positions.py        a step's token and entry positions, built on the host, copied without a wait
     rope.py             partial, interleaved RoPE ("main" and "compress", YaRN on the latter)
     norm_rope.py        RMS norm + RoPE of q / kv / output as one Triton kernel (+ _kernel.py)
     hyper_connections.py  mHC: Sinkhorn-mixed residual streams and the hyper head

@@ -1,11 +1,17 @@
-"""One DeepSeek-V4 attention layer over a chunk of one sequence, with its explicit state.
+"""One DeepSeek-V4 attention layer over the chunks of one or several sequences, each with its state.
 
     q  = rope(rms(q_b_proj(q_residual)))        q_residual = q_a_norm(q_a_proj(x))   (T, heads, D)
     kv = rope(kv_norm(kv_proj(x)))              one K = V head                       (T, D)
-    out = sink_attention(q, window | compressed entries)                            (T, heads, D)
+    per segment: window append, compressor append, indexer top-k (CSA)  on its own state
+    out = sink_attention(q, window | compressed entries)   per chunk; single-query
+          segments (decodes) all at once: decode_attention.py                       (T, heads, D)
     out = rope^-1(out) at the query position    (V carries RoPE since V = K: undo it, so each
                                                  entry contributes by relative distance only)
     y  = o_b_proj(grouped o_a_proj(out))        heads in o_groups, each to o_lora_rank
+
+Everything but the per-segment lines is token-wise: it runs once over all segments' tokens (each
+token rotated at its own sequence's position), so a step of N decodes launches each projection,
+norm and RoPE kernel once, not N times.
 
 Sliding layers rotate with the "main" RoPE, CSA/HCA layers (and their compressors and indexer)
 with the "compress" one. With tensor parallelism a rank holds heads / tp query heads, their sinks
@@ -15,21 +21,29 @@ the compressors and so the whole state are replicated on every rank.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
-from model_shards.deepseek_v4.entries import ContiguousEntries
+from model_shards.deepseek_v4.decode_attention import decode_attention
+from model_shards.deepseek_v4.entries import ContiguousEntries, Entries
 from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.indexer import LightningIndexer
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
 from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 from model_shards.deepseek_v4.state import LayerState, SlidingWindowState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.tensor_parallel import RowParallelLinear
+
+
+Segment = tuple[int, int, LayerState]  # a sequence's chunk: start position, token count, its layer state
+SegmentKeys = tuple[torch.Tensor, CompressedKeys | None]  # what its queries attend: window keys, compressed keys
 
 
 class GroupedLinear(nn.Module):
@@ -82,30 +96,73 @@ class DeepseekV4Attention(nn.Module):
     def forward(self, x: torch.Tensor, start: int, state: LayerState) -> torch.Tensor:
         """x (T, hidden): the normed layer input of tokens at positions start .. start+T-1, the
         state holding tokens 0 .. start-1 (and afterwards tokens up to start+T-1) -> (T, hidden)."""
+        positions = span_positions([(start, x.shape[0])], x.device)
+        return self.forward_segments(x, [(start, x.shape[0], state)], positions)
+
+    def forward_segments(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor) -> torch.Tensor:
+        """x (T, hidden): several sequences' chunks one after another, `segments` their (start
+        position, token count, state) in order, `positions` (T,) each token's position in its
+        sequence (positions.span_positions) -> (T, hidden). Projections, norms and RoPE run once
+        over all tokens; each segment's state is appended and its keys chosen on its own; the
+        attention core runs once for all single-query segments (decodes) and once per longer chunk."""
         tokens = x.shape[0]
-        positions = torch.arange(start, start + tokens, device=x.device)
         cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
         q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
         q = norm_and_rotate(q, cos, sin, "unweighted", self.eps)  # (T, heads, D)
         kv = norm_and_rotate(self.kv_proj(x), cos, sin, "weighted", self.kv_norm.eps, self.kv_norm.weight)  # (T, D)
-        window_keys = state.window.append(kv)  # (w + T, D)
-        compressed = self._compressed_keys(state, x, q_residual, start, (cos, sin))
-        out = sink_attention(q, window_keys, self.sliding_window, compressed, self.sinks, self.scale)
+        bounds = list(itertools.accumulate((count for _, count, _ in segments), initial=0))
+        rows = [slice(first, stop) for first, stop in zip(bounds, bounds[1:])]  # each segment's tokens
+        keys = self._append_segments(x, q_residual, kv, (cos, sin), segments, rows)
+        out = self._attend(q, rows, keys)
         out = norm_and_rotate(out, cos, -sin, "none")  # (T, heads, D), in place on a GPU
         grouped = self.o_a_proj(out.reshape(tokens, self.num_groups, -1))  # (T, groups, o_lora_rank)
         return self.o_b_proj(grouped.flatten(1))  # (T, hidden)
 
-    def _compressed_keys(self, state: LayerState, x: torch.Tensor, q_residual: torch.Tensor, start: int,
-                         cos_sin: tuple[torch.Tensor, torch.Tensor]) -> CompressedKeys | None:
+    def _append_segments(self, x: torch.Tensor, q_residual: torch.Tensor, kv: torch.Tensor,
+                         cos_sin: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
+                         rows: list[slice]) -> list[SegmentKeys]:
+        """Each segment's chunk (its `rows` of the tokens) appended to its own state (window,
+        compressor, indexer), the compressor's and indexer's projections computed once for all
+        tokens and the windows that close pooled at once -> per segment the keys its queries
+        attend: window keys (w + T_i, D) and compressed keys."""
+        window_keys = [state.window.append(kv[part]) for (_, _, state), part in zip(segments, rows)]
         if self.compressor is None:
-            return None
-        entries = self.compressor.append(state.compressor, x)  # E rows of D, where they lie
-        if self.layer_type == HCA:  # every query attends all closed entries: read them once (1 per m' tokens)
-            return CompressedKeys(ContiguousEntries(entries.read(0, entries.count)), first_position=start,
-                                  rate=self.compressor.rate)
-        selected = self.indexer.select(state.indexer, x, q_residual, start, *cos_sin)  # (T, k)
-        return CompressedKeys(entries, selected=selected)
+            return [(keys, None) for keys in window_keys]
+        compressor_kv, compressor_gate = self.compressor.project(x)  # (T, width) each
+        entries = self.compressor.append([state.compressor for _, _, state in segments],
+                                         [compressor_kv[part] for part in rows],
+                                         [compressor_gate[part] for part in rows])
+        return list(zip(window_keys, self._compressed_keys(entries, segments, rows, x, q_residual, cos_sin)))
+
+    def _compressed_keys(self, entries: list[Entries], segments: list[Segment], rows: list[slice],
+                         x: torch.Tensor, q_residual: torch.Tensor,
+                         cos_sin: tuple[torch.Tensor, torch.Tensor]) -> list[CompressedKeys]:
+        """HCA: every closed entry (read once: 1 per m' tokens); CSA: the indexer's top-k of them."""
+        starts = [start for start, _, _ in segments]
+        if self.layer_type == HCA:
+            return [CompressedKeys(ContiguousEntries(closed.read(0, closed.count)), first_position=start,
+                                   rate=self.compressor.rate) for closed, start in zip(entries, starts)]
+        index_inputs = self.indexer.project(x, q_residual, *cos_sin)
+        selected = self.indexer.select([state.indexer for _, _, state in segments],
+                                       [index_inputs.rows(part) for part in rows], starts)  # (T_i, k) each
+        return [CompressedKeys(closed, selected=chosen) for closed, chosen in zip(entries, selected)]
+
+    def _attend(self, q: torch.Tensor, rows: list[slice], keys: list[SegmentKeys]) -> torch.Tensor:
+        """(T, heads, D) -> (T, heads, D): every single-query segment (a decode) in one batched
+        core, each longer chunk in its own."""
+        singles = [index for index, part in enumerate(rows) if part.stop - part.start == 1]
+        if singles:
+            single_q = q if len(singles) == len(rows) else torch.cat([q[rows[i]] for i in singles])
+            batched = decode_attention(single_q, [keys[i] for i in singles], self.sliding_window, self.sinks,
+                                       self.scale)  # (singles, heads, D)
+            if len(singles) == len(rows):
+                return batched
+            decoded = iter(batched.split(1))
+        pieces = [next(decoded) if part.stop - part.start == 1 else
+                  sink_attention(q[part], window_keys, self.sliding_window, compressed, self.sinks, self.scale)
+                  for part, (window_keys, compressed) in zip(rows, keys)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         heads = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)

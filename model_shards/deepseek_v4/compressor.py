@@ -15,14 +15,31 @@ An entry exists once its window has closed, and a query at position p sees entri
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from model_shards.deepseek_v4.entries import Entries
 from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
+
+
+class ClosedWindows(NamedTuple):
+    """The windows one sequence's chunk closed, as the slots their entries pool."""
+
+    state: CompressorState
+    kv: torch.Tensor  # (closed, slots, dim)
+    gate: torch.Tensor  # (closed, slots, dim), position bias added
+    first_entry: int  # the entry index the first of them becomes
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0, without a copy for one tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class Compressor(nn.Module):
@@ -40,21 +57,44 @@ class Compressor(nn.Module):
     def new_state(self, dtype: torch.dtype, device: torch.device) -> CompressorState:
         return CompressorState.empty(self.rate, self.dim, self.kv_proj.out_features, dtype, device)
 
-    def append(self, state: CompressorState, x: torch.Tensor) -> Entries:
-        """Fold the chunk's tokens x (T, hidden) into `state`; return all entries so far (E rows of
-        dim, contiguous or on pages: entries.py)."""
-        windows_kv, windows_gate, first_entry = state.close_windows(self.kv_proj(x), self.gate_proj(x))
-        closed = windows_kv.shape[0]
-        if closed == 0:
-            return state.entries
-        windows_gate = windows_gate + self.position_bias  # (closed, m, width)
-        if self.overlapping:
-            windows_kv, windows_gate = self._overlapping_slots(state, windows_kv, windows_gate)
-        weights = windows_gate.softmax(dim=1, dtype=torch.float32).to(windows_kv.dtype)  # per channel
-        pooled = self.kv_norm((windows_kv * weights).sum(dim=1))  # (closed, dim)
-        positions = (torch.arange(closed, device=x.device) + first_entry) * self.rate
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-wise part: x (T, hidden) -> kv, gate logits (T, width) each. Several sequences'
+        tokens are projected at once, then each sequence's rows appended to its own state."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def append(self, states: list[CompressorState], kv: list[torch.Tensor],
+               gate: list[torch.Tensor]) -> list[Entries]:
+        """Fold each sequence's projected chunk (its rows of `project`: (T_i, width) each) into its
+        own state; return each one's entries so far (E_i rows of dim, contiguous or on pages:
+        entries.py). The windows the chunks close are pooled in one pass (pooling is per window)."""
+        closing = []  # the sequences whose chunks close windows
+        for state, chunk_kv, chunk_gate in zip(states, kv, gate):
+            windows_kv, windows_gate, first_entry = state.close_windows(chunk_kv, chunk_gate)
+            if windows_kv.shape[0]:
+                closing.append(ClosedWindows(state, *self._slots(state, windows_kv, windows_gate), first_entry))
+        if closing:
+            sizes = [closed.kv.shape[0] for closed in closing]
+            entry_indices = span_positions([(closed.first_entry, size) for closed, size in zip(closing, sizes)],
+                                           closing[0].kv.device)
+            pooled = self._pool(joined([closed.kv for closed in closing]), joined([closed.gate for closed in closing]),
+                                entry_indices * self.rate)  # (windows of all sequences, dim)
+            for closed, entries in zip(closing, pooled.split(sizes)):
+                closed.state.add_entries(entries)
+        return [state.entries for state in states]
+
+    def _slots(self, state: CompressorState, kv: torch.Tensor,
+               gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's closed windows (closed, m, width) -> the slots each entry pools, with the
+        position bias on the gates: (closed, m, dim), or overlapping (closed, 2m, dim)."""
+        gate = gate + self.position_bias  # (closed, m, width)
+        return self._overlapping_slots(state, kv, gate) if self.overlapping else (kv, gate)
+
+    def _pool(self, kv: torch.Tensor, gate: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Slots (windows, slots, dim) -> entries (windows, dim), rotated at `positions` (windows,)."""
+        weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)  # per channel
+        pooled = self.kv_norm((kv * weights).sum(dim=1))  # (windows, dim)
         cos, sin = self.rotary.cos_sin(positions)
-        return state.add_entries(apply_interleaved_rotary(pooled, cos, sin))
+        return apply_interleaved_rotary(pooled, cos, sin)
 
     def _overlapping_slots(self, state: CompressorState, kv: torch.Tensor,
                            gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ the top-k, so every rank selects the same entries.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -25,6 +27,21 @@ from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 
 NO_ENTRY = -1  # a selection slot without an entry (fewer closed entries than index_topk)
+
+
+@dataclass(frozen=True)
+class IndexerInputs:
+    """The indexer's token-wise inputs, one row per token: queries after RoPE (T, heads, head_dim),
+    head weights (T, heads) float32, and its compressor's projections kv, gate (T, width)."""
+
+    q: torch.Tensor
+    head_weights: torch.Tensor
+    kv: torch.Tensor
+    gate: torch.Tensor
+
+    def rows(self, rows: slice) -> IndexerInputs:
+        """One sequence's rows (a view of each)."""
+        return IndexerInputs(self.q[rows], self.head_weights[rows], self.kv[rows], self.gate[rows])
 
 
 class LightningIndexer(nn.Module):
@@ -43,24 +60,39 @@ class LightningIndexer(nn.Module):
         self.q_b_proj = nn.Linear(arch.q_lora_rank, self.num_heads * self.head_dim, bias=False, dtype=dtype)
         self.weights_proj = nn.Linear(arch.hidden_size, self.num_heads, bias=False, dtype=dtype)
 
-    def select(self, state: CompressorState, x: torch.Tensor, q_residual: torch.Tensor, start: int,
-               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Fold the chunk (tokens at positions start ..) into the indexer's keys, then pick each
-        query's entries: (T, min(topk, E)) indices, NO_ENTRY where a query has fewer closed entries."""
-        keys = self.compressor.append(state, x)  # E rows of head_dim, where they lie (entries.py)
+    def project(self, x: torch.Tensor, q_residual: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> IndexerInputs:
+        """The token-wise part, over any tokens (several sequences' chunks at once): x (T, hidden),
+        q_residual (T, q_lora_rank), cos / sin (T, rotary_dim // 2) of each token's position."""
         tokens = x.shape[0]
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
         q = norm_and_rotate(q, cos, sin, "none")  # (T, heads, head_dim), in place on a GPU
         head_weights = self.weights_proj(x).float() * (self.head_weight_scale * self.score_scale)  # (T, heads)
+        return IndexerInputs(q, head_weights, *self.compressor.project(x))
+
+    def select(self, states: list[CompressorState], inputs: list[IndexerInputs],
+               starts: list[int]) -> list[torch.Tensor]:
+        """Fold each sequence's chunk (its rows of `project`, tokens at positions start ..) into its
+        indexer keys, then pick each query's entries: per sequence (T_i, min(topk, E_i)) indices,
+        NO_ENTRY where a query has fewer closed entries."""
+        keys = self.compressor.append(states, [rows.kv for rows in inputs], [rows.gate for rows in inputs])
+        return [self._choose(*args) for args in zip(keys, inputs, starts)]
+
+    def _choose(self, keys: Entries, inputs: IndexerInputs, start: int) -> torch.Tensor:
+        """One sequence's choice (T, min(topk, E)) among its E keys (rows of head_dim, where they lie)."""
+        q, head_weights = inputs.q, inputs.head_weights
+        tokens, device = q.shape[0], q.device
+        if tokens == 1:  # a decode: every entry is closed at its position, nothing to mask
+            return self._top_k(q, head_weights, keys, start)
         width = min(self.topk, keys.count)
         # (queries, entries) scores in bounded blocks: never a (tokens x entries) matrix at once
-        block = max(1, block_elements(x.device) // max(1, keys.count))
-        chosen = torch.full((tokens, width), NO_ENTRY, dtype=torch.long, device=x.device)
+        block = max(1, block_elements(device) // max(1, keys.count))
+        chosen = torch.full((tokens, width), NO_ENTRY, dtype=torch.long, device=device)
         for i in range(0, tokens, block):
             stop = min(tokens, i + block)
             closed = (start + stop) // self.rate  # entries closed at the block's last query (host int)
             picked = self._top_k(q[i:stop], head_weights[i:stop], keys.head(closed), start + i)
-            visible = (torch.arange(start + i, start + stop, device=x.device) + 1) // self.rate  # (t,)
+            visible = (torch.arange(start + i, start + stop, device=device) + 1) // self.rate  # (t,)
             chosen[i:stop, :picked.shape[1]] = picked.masked_fill(picked >= visible[:, None], NO_ENTRY)
         return chosen
 

@@ -8,7 +8,8 @@
 `forward` runs one chunk of one sequence (a whole prompt, any piece of it, or one decode token)
 and appends it to that sequence's state; the result does not depend on how a sequence is cut
 into chunks. `forward_segments` runs the chunks of several sequences in one pass: all but
-attention is token-wise and runs once over their concatenated tokens; attention runs per segment.
+attention is token-wise and runs once over their concatenated tokens; attention runs its
+projections once too, and only what reads a sequence's state per segment (attention.py).
 Tensor parallelism (`tp`) splits attention and indexer heads, experts (as expert parallelism over
 the same group) and the vocabulary.
 """
@@ -22,13 +23,14 @@ from torch import nn
 
 from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
-from model_shards.deepseek_v4.attention import DeepseekV4Attention
+from model_shards.deepseek_v4.attention import DeepseekV4Attention, Segment
 from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.deepseek_v4.state import LayerState, SequenceState
+from model_shards.deepseek_v4.state import SequenceState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.llama import checkpoint_dtype
 from model_shards.parallel.groups import ParallelGroup
@@ -47,23 +49,16 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
 
-    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor,
-                segments: list[tuple[int, int, LayerState]]) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, segments: list[Segment],
+                positions: torch.Tensor) -> torch.Tensor:
         """streams (T, hc, hidden) of the segments' tokens one after another -> (T, hc, hidden);
-        `segments` holds each segment's (start position, token count, state), in order."""
+        `segments` holds each segment's (start position, token count, state), in order, and
+        `positions` (T,) each token's position in its sequence."""
         post, comb, collapsed = self.attn_hc(streams)
-        attended = self._attend(self.input_layernorm(collapsed), segments)
+        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments, positions)
         streams = mix_streams(streams, attended, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
-
-    def _attend(self, x: torch.Tensor, segments: list[tuple[int, int, LayerState]]) -> torch.Tensor:
-        """Attention, the one part that is not token-wise: each segment's rows against its own state."""
-        if len(segments) == 1:
-            start, _, state = segments[0]
-            return self.self_attn(x, start, state)
-        rows = x.split([count for _, count, _ in segments])
-        return torch.cat([self.self_attn(part, start, state) for part, (start, _, state) in zip(rows, segments)])
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         self.attn_hc.load(reader, prefix + "hc_attn")
@@ -124,14 +119,16 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward_segments(self, segments: list[tuple[torch.Tensor, SequenceState]]) -> torch.Tensor:
         """The next chunk of several sequences in one pass: [(input_ids (T_i,), state), ...] ->
         final hidden states (sum T_i, hidden), the segments' rows in order. Everything but attention
-        is token-wise, so it runs once over all tokens (every weight read once); attention runs per
-        segment on its own state. Each state then holds its chunk too."""
+        is token-wise, so it runs once over all tokens (every weight read once); attention reads
+        each segment's own state (DeepseekV4Attention.forward_segments). Each state then holds its
+        chunk too."""
         input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
         spans = [(state.num_tokens, ids.shape[0], state) for ids, state in segments]  # (start, count, state)
+        positions = span_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
         for index, layer in enumerate(self.layers):
             layer_segments = [(start, count, state.layers[index]) for start, count, state in spans]
-            streams = layer(streams, input_ids, layer_segments)  # (T, hc, hidden)
+            streams = layer(streams, input_ids, layer_segments, positions)  # (T, hc, hidden)
         for ids, state in segments:
             state.num_tokens += ids.shape[0]
         return self.norm(self.hc_head(streams))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model_shards.deepseek_v4.entries import Entries
+from model_shards.deepseek_v4.workspace import carve
 
 # Elements of one float32 block of logits or indexer scores: 64 MiB on a CPU, 1 GiB on a GPU
 # (where fewer, larger blocks keep kernel launches off the critical path).
@@ -63,7 +64,7 @@ def sink_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: i
         groups = [(windows[start:stop], reachable[start:stop])]
         if compressed is not None:
             groups.append(_compressed_group(compressed, start, stop))
-        out[start:stop] = _attend(q[start:stop], [g for g in groups if g[0].shape[-2]], sinks, scale)
+        out[start:stop] = attend(q[start:stop], [g for g in groups if g[0].shape[-2]], sinks, scale)
     return out
 
 
@@ -101,8 +102,8 @@ def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
-            scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
+           scale: float) -> torch.Tensor:
     """One softmax over every group's keys and the sink. Keys (K, D) are shared by the block's
     queries, (t, K, D) are per query; `allowed` (t, K) says which a query may attend."""
     return attend_fused(q, groups, sinks, scale) if q.is_cuda else attend_torch(q, groups, sinks, scale)
@@ -110,11 +111,11 @@ def _attend(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], si
 
 def attend_fused(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
                  scale: float) -> torch.Tensor:
-    """_attend with the softmax as one kernel (sink_softmax.py), in place on the raw logits."""
+    """attend with the softmax as one kernel (sink_softmax.py), in place on the raw logits."""
     from model_shards.deepseek_v4.sink_softmax import sink_softmax_
 
-    probs = sink_softmax_([_scores(q, keys).contiguous() for keys, _ in groups],
-                          [allowed for _, allowed in groups], sinks, scale)
+    logits = [raw_logits(q, keys, block_elements(q.device)) for keys, _ in groups]
+    probs = sink_softmax_(logits, [allowed for _, allowed in groups], sinks, scale)
     out = None
     for (keys, _), group_probs in zip(groups, probs):
         part = _weighted_sum(group_probs, keys)
@@ -136,6 +137,16 @@ def attend_torch(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]
         part = _weighted_sum(probs[..., offset:offset + width], keys)
         out, offset = part if out is None else out + part, offset + width
     return out
+
+
+def raw_logits(q: torch.Tensor, keys: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(t, heads, K) contiguous q . k. Shared keys (HCA's closed entries) grow with the context and
+    their block of queries shrinks to stay under `capacity` elements: carved at that one size, so
+    every chunk reuses one cached segment (workspace.py); per-query key sets are fixed in size."""
+    if keys.dim() != 2:
+        return _scores(q, keys).contiguous()
+    out = carve((q.shape[0], q.shape[1], keys.shape[0]), q.dtype, q.device, capacity)
+    return torch.matmul(q, keys.T, out=out)
 
 
 def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,9 @@ class SlidingWindowState:
         if self.sink is not None:
             self.sink.keys_appended(new_keys)
         reachable = torch.cat((self.keys, new_keys))  # (w + T, head_dim)
-        self.keys = reachable[max(0, reachable.shape[0] - self.keep):].clone()  # a view would pin the chunk
+        dropped = max(0, reachable.shape[0] - self.keep)
+        # a view pins the rows it drops: cloned, unless that is a decode's one row (a copy saved a token)
+        self.keys = reachable[dropped:] if dropped <= 1 else reachable[dropped:].clone()
         return reachable
 
 
@@ -94,7 +96,10 @@ class CompressorState:
         kv, gate = torch.cat((self.pending_kv, kv)), torch.cat((self.pending_gate, gate))  # (p + T, width)
         closed = kv.shape[0] // self.rate
         usable = closed * self.rate
-        self.pending_kv, self.pending_gate = kv[usable:].clone(), gate[usable:].clone()
+        if kv.shape[0] <= self.rate:  # a decode's few rows: views pin nothing more (a copy saved a token)
+            self.pending_kv, self.pending_gate = kv[usable:], gate[usable:]
+        else:  # a view would pin the chunk
+            self.pending_kv, self.pending_gate = kv[usable:].clone(), gate[usable:].clone()
         width = kv.shape[-1]
         return kv[:usable].view(closed, self.rate, width), gate[:usable].view(closed, self.rate, width), \
             self.num_entries
