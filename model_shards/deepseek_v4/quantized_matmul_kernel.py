@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from model_shards.attention.triton_runtime import tl, triton
-from model_shards.deepseek_v4.quantized_linear import Tiling, split_k_plan
+from model_shards.deepseek_v4.quantized_tiling import Tiling, split_k_plan
 
 
 @triton.jit
