@@ -115,6 +115,29 @@ def metric_totals():
     return totals
 
 
+@pytest.fixture
+def abandoned_stream(metric_totals):
+    """abandoned_stream(url, body, timeout_s): stream `body`, leave after 10 events while it runs,
+    then wait until every KV block is free again and nothing runs -> /metrics totals then."""
+
+    def leave(url: str, body: dict, timeout_s: float) -> dict[str, float]:
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(10):
+                next(lines)
+            assert metric_totals(url)["longctx_requests_running"] == 1
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            metrics = metric_totals(url)
+            if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_capacity"] and \
+                    not metrics["longctx_requests_running"]:
+                return metrics
+            time.sleep(0.05)
+        raise AssertionError(f"blocks not freed: {metrics}")
+
+    return leave
+
+
 def _wait_healthy(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

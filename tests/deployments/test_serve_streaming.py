@@ -100,19 +100,8 @@ def test_bad_requests_still_get_openai_error_json(url):
     assert (response.status_code, response.json()["error"]["code"]) == (400, "context_length_exceeded")
 
 
-def test_a_client_that_disconnects_frees_its_blocks_and_is_counted(url, metric_totals):
+def test_a_client_that_disconnects_frees_its_blocks_and_is_counted(url, metric_totals, abandoned_stream):
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     counted_before = metric_totals(url).get("longctx_requests_total", 0.0)
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as response:
-        lines = response.iter_lines()
-        for _ in range(10):
-            next(lines)
-        assert metric_totals(url)["longctx_requests_running"] == 1
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        metrics = metric_totals(url)
-        if metrics["longctx_kv_blocks_free"] == metrics["longctx_kv_blocks_capacity"] and not metrics["longctx_requests_running"]:
-            assert metrics["longctx_requests_total"] == counted_before + 1  # counted, as a client that left
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"blocks not freed: {metrics}")
+    metrics = abandoned_stream(url, body, timeout_s=2.0)
+    assert metrics["longctx_requests_total"] == counted_before + 1  # counted, as a client that left
