@@ -87,9 +87,14 @@ def _block_indices(first: int, count: int, block: int, device: torch.device) -> 
 
 def scale_values(scales: torch.Tensor) -> torch.Tensor:
     """float32 scales from float32 or ue8m0 (float8_e8m0fnu, or its raw bytes as uint8)."""
-    if scales.dtype == torch.uint8:
-        return torch.exp2(scales.to(torch.float32) - 127.0)
-    return scales.to(torch.float32)
+    return ue8m0_to_float(scales) if scales.dtype in ONE_BYTE_SCALES else scales.to(torch.float32)
+
+
+def ue8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """ue8m0 bytes (uint8 or float8_e8m0fnu) -> float32 2 ** (byte - 127); 255 is NaN (e8m0fnu)."""
+    bits = scale.view(torch.uint8).to(torch.int32) << 23
+    bits = torch.where(scale.view(torch.uint8) == 0, 0x00400000, bits)  # 2 ** -127, a subnormal
+    return torch.where(scale.view(torch.uint8) == 255, 0x7FC00000, bits).view(torch.float32)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:

@@ -20,26 +20,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_shards.deepseek_v4.block_format import BlockScaledPart, unpack_fp4
+from model_shards.deepseek_v4.block_format import (
+    BlockScaledPart,
+    ue8m0_to_float,
+    unpack_fp4,
+)
 from model_shards.deepseek_v4.quantized_tiling import (
     FP4,
     FP4_GROUP,
     FP8,
     FP8_BLOCK,
     Tiling,
+    ceil_div,
     split_k_plan,
 )
 
 UE8M0_DTYPES = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_ROWS = 64  # at most this many rows: memory-bound, small tiles and split-K
-
-
-def ue8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
-    """ue8m0 bytes (uint8 or float8_e8m0fnu) -> float32 2 ** (byte - 127); 255 is NaN (e8m0fnu)."""
-    bits = scale.view(torch.uint8).to(torch.int32) << 23
-    bits = torch.where(scale.view(torch.uint8) == 0, 0x00400000, bits)  # 2 ** -127, a subnormal
-    return torch.where(scale.view(torch.uint8) == 255, 0x7FC00000, bits).view(torch.float32)
 
 
 def kernel_view(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +48,6 @@ def kernel_view(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
 
 def _scale_as_float(scale: torch.Tensor) -> torch.Tensor:
     return ue8m0_to_float(scale) if scale.dtype in UE8M0_DTYPES else scale.float()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class QuantizedWeight:
@@ -121,7 +115,7 @@ class Fp8BlockWeight(QuantizedWeight):
 
     def __post_init__(self) -> None:
         rows, cols = self.weight.shape if self.weight.dim() == 2 else (0, 0)
-        self._check((_cdiv(rows, FP8_BLOCK), _cdiv(cols, FP8_BLOCK)), (torch.float8_e4m3fn,),
+        self._check((ceil_div(rows, FP8_BLOCK), ceil_div(cols, FP8_BLOCK)), (torch.float8_e4m3fn,),
                     (torch.float32, *UE8M0_DTYPES))
 
     @property
@@ -147,7 +141,7 @@ class Fp4RowWeight(QuantizedWeight):
 
     def __post_init__(self) -> None:
         rows, byte_cols = self.weight.shape if self.weight.dim() == 2 else (0, 0)
-        self._check((rows, _cdiv(2 * byte_cols, FP4_GROUP)), (torch.int8, torch.uint8), UE8M0_DTYPES)
+        self._check((rows, ceil_div(2 * byte_cols, FP4_GROUP)), (torch.int8, torch.uint8), UE8M0_DTYPES)
 
     @property
     def in_features(self) -> int:
@@ -185,9 +179,9 @@ def default_tiling(rows: int, weight: QuantizedWeight, processors: int) -> Tilin
     if rows > DECODE_ROWS:
         return Tiling(block_m=128, block_n=128, block_k=64, warps=8, stages=4)
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    tiles = _cdiv(rows, block_m) * _cdiv(weight.out_features, 64)
-    k_tiles = _cdiv(weight.in_features, 128)
-    split = max(1, min(k_tiles, 16, _cdiv(2 * processors, tiles)))
+    tiles = ceil_div(rows, block_m) * ceil_div(weight.out_features, 64)
+    k_tiles = ceil_div(weight.in_features, 128)
+    split = max(1, min(k_tiles, 16, ceil_div(2 * processors, tiles)))
     return Tiling(block_m=block_m, block_n=64, block_k=128, warps=4, stages=4, split_k=split)
 
 

@@ -10,7 +10,7 @@ FP4_GROUP = 32  # input columns of one FP4 scale
 FP8, FP4 = 0, 1  # the kernel's FORMAT
 
 
-def _cdiv(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -34,5 +34,5 @@ class Tiling:
 
 def split_k_plan(in_features: int, tiling: Tiling) -> tuple[int, int]:
     """(input columns per split, a multiple of block_k; number of splits, at most tiling.split_k)."""
-    per_split = _cdiv(_cdiv(in_features, tiling.split_k), tiling.block_k) * tiling.block_k
-    return per_split, max(1, _cdiv(in_features, per_split))
+    per_split = ceil_div(ceil_div(in_features, tiling.split_k), tiling.block_k) * tiling.block_k
+    return per_split, max(1, ceil_div(in_features, per_split))
