@@ -149,7 +149,8 @@ class LayerDecodes:
         """Write the N new keys (N, D) into the window pages; return each decode's W window keys
         (N, W, D), its own last, and which of them exist (N, W)."""
         batch, view = self.batch, self.batch.pages.window.view(self.layer, "keys")
-        view[batch.new_key_blocks, batch.new_key_rows] = keys.to(view.dtype)
+        # index_put_, not `view[...] = `: setitem adds a view when a leading size is 1 (N-dependent ops)
+        view.index_put_((batch.new_key_blocks, batch.new_key_rows), keys.to(view.dtype))
         return view[batch.window_blocks, batch.window_rows], batch.window_allowed
 
     @cached_property
@@ -178,8 +179,8 @@ class DecodeWindows:
         that close, (C, m, width) each: kv and gate logits."""
         slots, rows, closing = self.batch.slots, self.addresses.pending_rows, self.addresses.closing_slots
         pending_kv, pending_gate = self._field("pending_kv"), self._field("pending_gate")
-        pending_kv[slots, rows] = kv.to(pending_kv.dtype)
-        pending_gate[slots, rows] = gate.to(pending_gate.dtype)
+        pending_kv.index_put_((slots, rows), kv.to(pending_kv.dtype))
+        pending_gate.index_put_((slots, rows), gate.to(pending_gate.dtype))
         return pending_kv[closing], pending_gate[closing]
 
     def swap_overlap(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,12 +190,14 @@ class DecodeWindows:
         closing, addresses = self.addresses.closing_slots, self.addresses
         overlap_kv, overlap_gate = self._field("overlap_kv"), self._field("overlap_gate")
         previous = overlap_kv[closing], overlap_gate[closing]
-        overlap_kv[closing], overlap_gate[closing] = kv.to(overlap_kv.dtype), gate.to(overlap_gate.dtype)
+        overlap_kv.index_put_((closing,), kv.to(overlap_kv.dtype))
+        overlap_gate.index_put_((closing,), gate.to(overlap_gate.dtype))
         window = self.batch.pages.window
         page_kv = window.view(self.layer, self.prefix + "overlap_kv")
         page_gate = window.view(self.layer, self.prefix + "overlap_gate")
-        page_kv[addresses.block_end_windows] = kv.index_select(0, addresses.block_ends).to(page_kv.dtype)
-        page_gate[addresses.block_end_windows] = gate.index_select(0, addresses.block_ends).to(page_gate.dtype)
+        page_kv.index_put_((addresses.block_end_windows,), kv.index_select(0, addresses.block_ends).to(page_kv.dtype))
+        page_gate.index_put_((addresses.block_end_windows,),
+                             gate.index_select(0, addresses.block_ends).to(page_gate.dtype))
         return previous
 
     @property
@@ -203,7 +206,7 @@ class DecodeWindows:
 
     def write_entries(self, entries: torch.Tensor) -> None:
         """The closing windows' pooled entries (C, dim) into their compressed page rows."""
-        self.entries[self.addresses.entry_blocks, self.addresses.entry_rows] = entries.to(self.entries.dtype)
+        self.entries.index_put_((self.addresses.entry_blocks, self.addresses.entry_rows), entries.to(self.entries.dtype))
 
     def read_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every entry of every decode (N, E_max, dim), and which exist (N, E_max)."""

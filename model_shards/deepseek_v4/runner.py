@@ -103,9 +103,10 @@ class DeepseekV4Runner:
         request's slot decodes on the pages with the step's others (paged_decodes.py); any other
         chunk runs on a SequenceState loaded from the pages and its slot, saved back after."""
         segments, decodes, decode_rows, row = [], [], [], 0
+        step_ids = self._step_ids(scheduled)  # (scheduled tokens,)
         for request, count in scheduled:
             start = request.num_computed_tokens
-            ids = self._ids(request, start, start + count)
+            ids = step_ids[row:row + count]
             tables = [mirror.update(table) for mirror, table in zip(request.device_tables, request.block_ids)]
             if count == 1 and self.pages.open_windows.holds(request.slot, start):
                 decodes.append(PagedDecode(start, request.slot, tuple(request.block_ids), tables[0]))
@@ -123,11 +124,11 @@ class DeepseekV4Runner:
                 self.pages.save(state, request.slot)
         return hidden
 
-    def _ids(self, request: _Request, start: int, stop: int) -> torch.Tensor:
-        ids = torch.tensor(request.token_ids[start:stop], dtype=torch.long)
-        if self.model.device.type != "cuda":
-            return ids
-        return ids.pin_memory().to(self.model.device, non_blocking=True)  # no wait for the previous chunk
+    def _step_ids(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor:
+        """Every scheduled token id, in order, as one tensor: one copy to the device a step."""
+        ids = [token for request, count in scheduled
+               for token in request.token_ids[request.num_computed_tokens:request.num_computed_tokens + count]]
+        return host_to_device(torch.tensor(ids, dtype=torch.long), self.model.device)  # no wait for the last step
 
     def _sample(self, last_hidden: torch.Tensor, request_ids: list[str]) -> dict[str, SampledToken]:
         """Logits on every TP rank (a collective), sampling on world rank 0, the ids broadcast."""
