@@ -8,7 +8,7 @@ stalls the launch queue, and a CUDA graph cannot hold it.
 
     with OpCounter(layers=model.layers) as counter:
         runner.execute(step)
-    counter.step.total(), counter.layers.total(), counter.layers.syncs
+    counter.step.total(), counter.layers.computing_total(), counter.layers.syncs
 
 The mode sees the ops the Python code dispatches (a composite op once, not the ops it runs inside).
 """
@@ -36,13 +36,18 @@ SIZED_OPS = {"aten.repeat_interleave": "output_size"}
 
 @dataclass
 class OpTally:
-    """Calls per op name (overload packet, e.g. "aten.index_put_") and the host syncs among them."""
+    """Calls per op name (overload packet, e.g. "aten.index_put_"), those that compute (write
+    memory: a kernel on a GPU; not a view or a no-op conversion), and the host syncs among them."""
 
     ops: Counter[str] = field(default_factory=Counter)
+    computing: Counter[str] = field(default_factory=Counter)
     syncs: Counter[str] = field(default_factory=Counter)
 
     def total(self) -> int:
         return sum(self.ops.values())
+
+    def computing_total(self) -> int:
+        return sum(self.computing.values())
 
     def sync_total(self) -> int:
         return sum(self.syncs.values())
@@ -59,6 +64,28 @@ def host_sync(name: str, args: tuple, kwargs: dict) -> bool:
     if name in ("aten._to_copy", "aten.copy_"):
         return _device_to_host(args, kwargs)
     return False
+
+
+def computes(name: str, args: tuple, result) -> bool:
+    """Whether an op wrote memory: in place (name ends in "_"), or into an output that aliases no
+    input (a view, a reshape that could view, `.to` of the same dtype alias their input)."""
+    if name.endswith("_"):
+        return True
+    outputs = [t for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)]
+    if not outputs:
+        return True
+    inputs = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+    return outputs[0].numel() > 0 and outputs[0].untyped_storage().data_ptr() not in inputs
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    found = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            found.append(arg)
+        elif isinstance(arg, (tuple, list)):
+            found += _tensors(arg)
+    return found
 
 
 def _device_to_host(args: tuple, kwargs: dict) -> bool:
@@ -102,8 +129,12 @@ class OpCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         tallies = (self.step, self.layers) if self._depth else (self.step,)
         sync = host_sync(name, args, kwargs)
+        result = func(*args, **kwargs)
+        computed = computes(name, args, result)
         for tally in tallies:
             tally.ops[name] += 1
+            if computed:
+                tally.computing[name] += 1
             if sync:
                 tally.syncs[name] += 1
-        return func(*args, **kwargs)
+        return result
