@@ -7,14 +7,16 @@ Before each chunk starting at token s, `PagedKV.load` builds the SequenceState t
                     compressed pages (entries.py), which the attention reads by address
     open windows    s on a block boundary: nothing pending, and CSA's overlap half from the
                     previous block's page (how a prefix hit, a restore or a preemption resumes);
-                    inside a block: the request's slot (the state after its previous chunk)
+                    inside a block: the request's slot of open windows (open_windows.py)
                     (the overlap halves live in the window block ending at the boundary: kv_pages.py)
 
 (the block tables on the pools' device: a request's BlockTableMirror keeps them there between
-steps, so a decode step copies no table, only the ids appended since its last step) and attaches sinks, so that while the model runs every new window key and the overlap half at each
-block end land in the request's pages (new entries write themselves: PagedEntries.append). After
-the chunk `PagedKV.slot` keeps only the open windows (bounded by m): the pages stay the one store
-of the growing KV, and no chunk copies it out whole.
+steps, so a decode step copies no table, only the ids appended since its last step) and attaches
+sinks, so that while the model runs every new window key and the overlap half at each block end
+land in the request's pages (new entries write themselves: PagedEntries.append). After the chunk
+`PagedKV.save` writes its open windows (bounded by m) into the request's slot: the pages stay the
+one store of the growing KV, and no chunk copies it out whole. A decode step needs no
+SequenceState at all: its requests' tokens run on the pages and slots directly (paged_decodes.py).
 """
 
 from __future__ import annotations
