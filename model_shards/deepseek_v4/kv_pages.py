@@ -116,6 +116,7 @@ class PagePool:
     def __init__(self, layout: PageLayout, num_blocks: int, device: torch.device | str):
         self.layout, self.num_blocks = layout, num_blocks
         self.data = torch.zeros(num_blocks, layout.nbytes, dtype=torch.uint8, device=device)
+        self._views: dict[tuple[int, str], torch.Tensor] = {}
 
     @property
     def bytes_per_block(self) -> int:
@@ -126,10 +127,13 @@ class PagePool:
         return self.data.device
 
     def view(self, layer: int, name: str) -> torch.Tensor:
-        """(num_blocks, rows, width) typed view of one field in every block; no copy."""
-        field = self.layout.fields[layer, name]
-        raw = self.data[:, field.offset:field.offset + field.nbytes]  # (num_blocks, nbytes)
-        return raw.view(field.dtype).view(self.num_blocks, field.rows, field.width)
+        """(num_blocks, rows, width) typed view of one field in every block; no copy (made once:
+        a decode step asks for every field of every layer)."""
+        if (layer, name) not in self._views:
+            field = self.layout.fields[layer, name]
+            raw = self.data[:, field.offset:field.offset + field.nbytes]  # (num_blocks, nbytes)
+            self._views[layer, name] = raw.view(field.dtype).view(self.num_blocks, field.rows, field.width)
+        return self._views[layer, name]
 
     def block(self, block_id: int) -> torch.Tensor:
         """The contiguous bytes of one block (every layer's fields)."""

@@ -46,6 +46,11 @@ class PagedDecode:
     compressed_table: torch.Tensor  # the compressed block ids on the pools' device
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, without dispatching an op when it already is (the usual case here)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _long(values: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
     return host_to_device(torch.tensor(values, dtype=torch.long), device)
 
@@ -150,7 +155,7 @@ class LayerDecodes:
         (N, W, D), its own last, and which of them exist (N, W)."""
         batch, view = self.batch, self.batch.pages.window.view(self.layer, "keys")
         # index_put_, not `view[...] = `: setitem adds a view when a leading size is 1 (N-dependent ops)
-        view.index_put_((batch.new_key_blocks, batch.new_key_rows), keys.to(view.dtype))
+        view.index_put_((batch.new_key_blocks, batch.new_key_rows), as_dtype(keys, view.dtype))
         return view[batch.window_blocks, batch.window_rows], batch.window_allowed
 
     @cached_property
@@ -179,8 +184,8 @@ class DecodeWindows:
         that close, (C, m, width) each: kv and gate logits."""
         slots, rows, closing = self.batch.slots, self.addresses.pending_rows, self.addresses.closing_slots
         pending_kv, pending_gate = self._field("pending_kv"), self._field("pending_gate")
-        pending_kv.index_put_((slots, rows), kv.to(pending_kv.dtype))
-        pending_gate.index_put_((slots, rows), gate.to(pending_gate.dtype))
+        pending_kv.index_put_((slots, rows), as_dtype(kv, pending_kv.dtype))
+        pending_gate.index_put_((slots, rows), as_dtype(gate, pending_gate.dtype))
         return pending_kv[closing], pending_gate[closing]
 
     def swap_overlap(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,14 +195,14 @@ class DecodeWindows:
         closing, addresses = self.addresses.closing_slots, self.addresses
         overlap_kv, overlap_gate = self._field("overlap_kv"), self._field("overlap_gate")
         previous = overlap_kv[closing], overlap_gate[closing]
-        overlap_kv.index_put_((closing,), kv.to(overlap_kv.dtype))
-        overlap_gate.index_put_((closing,), gate.to(overlap_gate.dtype))
+        overlap_kv.index_put_((closing,), as_dtype(kv, overlap_kv.dtype))
+        overlap_gate.index_put_((closing,), as_dtype(gate, overlap_gate.dtype))
         window = self.batch.pages.window
         page_kv = window.view(self.layer, self.prefix + "overlap_kv")
         page_gate = window.view(self.layer, self.prefix + "overlap_gate")
-        page_kv.index_put_((addresses.block_end_windows,), kv.index_select(0, addresses.block_ends).to(page_kv.dtype))
+        page_kv.index_put_((addresses.block_end_windows,), as_dtype(kv.index_select(0, addresses.block_ends), page_kv.dtype))
         page_gate.index_put_((addresses.block_end_windows,),
-                             gate.index_select(0, addresses.block_ends).to(page_gate.dtype))
+                             as_dtype(gate.index_select(0, addresses.block_ends), page_gate.dtype))
         return previous
 
     @property
@@ -206,7 +211,7 @@ class DecodeWindows:
 
     def write_entries(self, entries: torch.Tensor) -> None:
         """The closing windows' pooled entries (C, dim) into their compressed page rows."""
-        self.entries.index_put_((self.addresses.entry_blocks, self.addresses.entry_rows), entries.to(self.entries.dtype))
+        self.entries.index_put_((self.addresses.entry_blocks, self.addresses.entry_rows), as_dtype(entries, self.entries.dtype))
 
     def read_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every entry of every decode (N, E_max, dim), and which exist (N, E_max)."""
