@@ -101,7 +101,8 @@ def open_window_layout(state: SequenceState) -> PageLayout:
             if compressor is None:
                 continue
             rate, (_, width), dtype = compressor.rate, compressor.pending_kv.shape, compressor.pending_kv.dtype
-            shapes += [(layer, prefix + "pending_kv", rate, width, dtype), (layer, prefix + "pending_gate", rate, width, dtype)]
+            shapes += [(layer, prefix + "pending_kv", rate, width, dtype),
+                       (layer, prefix + "pending_gate", rate, width, dtype)]
             dim = compressor.entries.rows.shape[1]
             if width == 2 * dim:  # overlapping
                 shapes += [(layer, prefix + "overlap_kv", rate, dim, dtype),

@@ -200,7 +200,8 @@ class DecodeWindows:
         window = self.batch.pages.window
         page_kv = window.view(self.layer, self.prefix + "overlap_kv")
         page_gate = window.view(self.layer, self.prefix + "overlap_gate")
-        page_kv.index_put_((addresses.block_end_windows,), as_dtype(kv.index_select(0, addresses.block_ends), page_kv.dtype))
+        page_kv.index_put_((addresses.block_end_windows,),
+                           as_dtype(kv.index_select(0, addresses.block_ends), page_kv.dtype))
         page_gate.index_put_((addresses.block_end_windows,),
                              as_dtype(gate.index_select(0, addresses.block_ends), page_gate.dtype))
         return previous
@@ -211,7 +212,8 @@ class DecodeWindows:
 
     def write_entries(self, entries: torch.Tensor) -> None:
         """The closing windows' pooled entries (C, dim) into their compressed page rows."""
-        self.entries.index_put_((self.addresses.entry_blocks, self.addresses.entry_rows), as_dtype(entries, self.entries.dtype))
+        self.entries.index_put_((self.addresses.entry_blocks, self.addresses.entry_rows),
+                                as_dtype(entries, self.entries.dtype))
 
     def read_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every entry of every decode (N, E_max, dim), and which exist (N, E_max)."""
@@ -233,6 +235,7 @@ class DecodeWindows:
         counts, batch = self.addresses.counts, self.batch
         if fused_kernel_runs(q, self.entries.dtype):
             row_space = (self.entries, batch.compressed_table, self.addresses.per_block)
-            return decode_index_scores_on_rows(q, head_weights, row_space, batch.table_offsets * self.addresses.per_block,
-                                               _long(counts, q.device), max(counts), ranked)
+            first_rows = batch.table_offsets * self.addresses.per_block  # (N,) each decode's first row
+            return decode_index_scores_on_rows(q, head_weights, row_space, first_rows, _long(counts, q.device),
+                                               max(counts), ranked)
         return gathered_index_scores(q, head_weights, *self.read_entries(), ranked)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from model_shards.deepseek_v4.entries import ContiguousEntries
+from model_shards.deepseek_v4.index_scores import decode_index_scores, gathered_index_scores, ranking_keys
+from model_shards.deepseek_v4.indexer import top_k_of_ranking
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.op_count import OpCounter
@@ -216,3 +219,22 @@ def test_op_counter_finds_host_syncs_and_tells_views_from_ops_that_compute():
     assert dict(counter.step.syncs) == {"aten._local_scalar_dense": 1, "aten.index": 1, "aten.repeat_interleave": 1}
     assert counter.step.ops["aten.view"] == 1 and counter.step.computing["aten.view"] == 0
     assert counter.step.computing["aten.sum"] == 1 and counter.step.computing["aten.to"] == 0
+
+
+def test_index_scores_of_keys_gathered_at_once_equal_the_per_request_reference():
+    """The CPU path of a paged decode step's indexer (every decode's keys in one (N, E_max) block)
+    against decode_index_scores' per-request reference; entry counts none, < and > top-k: scores
+    within float32 rounding (a batched matmul sums in its own order), the same top-k."""
+    generator = torch.Generator().manual_seed(5)
+    counts, heads, dim = [3, 0, 8, 21], 4, 16
+    keys = [torch.randn(count, dim, generator=generator) for count in counts]
+    q, weights = torch.randn(len(counts), heads, dim, generator=generator), torch.randn(len(counts), heads)
+    gathered = torch.zeros(len(counts), max(counts), dim)
+    for row, rows in enumerate(keys):
+        gathered[row, :rows.shape[0]] = rows
+    allowed = torch.arange(max(counts)) < torch.tensor(counts)[:, None]
+    expected = decode_index_scores(q, weights, [ContiguousEntries(rows) for rows in keys])
+    scores = gathered_index_scores(q, weights, gathered, allowed)
+    torch.testing.assert_close(scores, expected, atol=TOLERANCE, rtol=TOLERANCE)
+    assert torch.equal(top_k_of_ranking(gathered_index_scores(q, weights, gathered, allowed, ranked=True), 8),
+                       top_k_of_ranking(ranking_keys(expected), 8))
