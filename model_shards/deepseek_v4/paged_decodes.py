@@ -103,18 +103,20 @@ class DecodeBatch:
         self._entry_grids: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _window(self, sliding_window: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(N, W) block ids and rows of each decode's window keys, oldest first, and which exist."""
+        """(N, W) block ids and rows of each decode's window keys, oldest first, and which exist:
+        host tensors from the few blocks a window touches (not a Python loop over N x W keys)."""
         block = self.pages.block_size
-        blocks, rows, allowed = [], [], []
-        for decode, position in zip(self.decodes, self.positions):
-            reach = [max(0, key) for key in range(position - sliding_window + 1, position + 1)]
-            ids = [decode.tables[1][key // block] for key in reach]
-            if min(ids) < 0:
-                raise RuntimeError(f"a decode at token {position} reaches a freed window block")
-            blocks.append(ids)
-            rows.append([key % block for key in reach])
-            allowed.append([key >= 0 for key in range(position - sliding_window + 1, position + 1)])
-        return _long(blocks, device), _long(rows, device), host_to_device(torch.tensor(allowed), device)
+        keys = torch.tensor(self.positions)[:, None] - sliding_window + 1 + torch.arange(sliding_window)  # (N, W)
+        allowed, keys = keys >= 0, keys.clamp(min=0)
+        first = [max(0, position - sliding_window + 1) // block for position in self.positions]
+        span = -(-sliding_window // block) + 1  # blocks one window can touch
+        touched = [decode.tables[1][start:position // block + 1]
+                   for decode, start, position in zip(self.decodes, first, self.positions)]
+        if any(min(blocks) < 0 for blocks in touched):
+            raise RuntimeError("a decode's window reaches a freed window block")
+        tables = torch.tensor([blocks + blocks[-1:] * (span - len(blocks)) for blocks in touched])  # (N, span)
+        blocks = tables.gather(1, keys // block - torch.tensor(first)[:, None])
+        return host_to_device(blocks, device), host_to_device(keys % block, device), host_to_device(allowed, device)
 
     def entry_grid(self, rate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every entry of every decode at this rate: (N, E_max) block ids, rows, and which exist."""
