@@ -12,6 +12,7 @@ through Triton's own hooks (`triton.knobs.runtime.jit_cache_hook`, called before
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -70,6 +71,73 @@ def summarize(compiles: list[TritonCompile]) -> dict:
     """A bench row's view: how many compiles, their seconds, and the kernels (a name per compile)."""
     return {"triton_compiles": len(compiles), "triton_compile_s": round(sum(c.seconds for c in compiles), 3),
             "triton_compiled": [c.kernel for c in compiles]}
+
+
+class LaunchKeys:
+    """The specialization key of every launch of some kernels while entered (through their pre-run
+    hooks, which Triton calls with the launch's arguments, compiled or in its interpreter): a test
+    that a kernel's key stays one as lengths grow is a test that it never compiles mid-prompt."""
+
+    def __init__(self, *kernels) -> None:
+        self.kernels, self.keys = kernels, {kernel: [] for kernel in kernels}
+
+    def __enter__(self) -> LaunchKeys:
+        for kernel in self.kernels:
+            kernel.pre_run_hooks.append(self._recorder(kernel))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kernel in self.kernels:
+            kernel.pre_run_hooks.pop()
+
+    def _recorder(self, kernel):
+        return lambda *args, **kwargs: self.keys[kernel].append(specialization_key(kernel, args, kwargs))
+
+
+def specialization_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What of a launch's arguments Triton's compile cache key holds (triton/runtime/jit.py,
+    `specialize_impl`, Triton 3.x): a constexpr's value; an integer's type (i32 / i64 / u64) and,
+    unless it is in the kernel's do_not_specialize, whether it is 1 or a multiple of 16; a float's
+    type; a tensor's dtype and whether its address is 16-byte aligned; launch options (num_warps)."""
+    names = _parameter_names(kernel)
+    values = {**dict(zip(names, args)), **kwargs}
+    unspecialized, constants = _do_not_specialize(kernel), _constexpr_names(kernel)
+    key = tuple((name, values[name] if name in constants else _specialization(values[name], name in unspecialized))
+                for name in names if name in values)
+    return key + tuple(sorted((name, value) for name, value in kwargs.items() if name not in names))
+
+
+def _specialization(value, unspecialized: bool):
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        kind = "i32" if -2**31 <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        if unspecialized:
+            return kind
+        return "1" if value == 1 else (kind, "D" if value % 16 == 0 else "")
+    if isinstance(value, float):
+        return "fp32"
+    if hasattr(value, "data_ptr"):
+        return str(value.dtype), value.data_ptr() % 16 == 0
+    return value  # a constexpr's value
+
+
+def _parameter_names(kernel) -> list[str]:
+    return list(kernel.arg_names)
+
+
+def _constexpr_names(kernel) -> set[str]:
+    annotations = inspect.get_annotations(kernel.fn)
+    return {name for name, annotation in annotations.items() if "constexpr" in str(annotation)}
+
+
+def _do_not_specialize(kernel) -> set[str]:
+    """Names of the parameters Triton does not specialize (compiled kernel or interpreted one)."""
+    if hasattr(kernel, "params"):  # JITFunction
+        return {param.name for param in kernel.params if param.do_not_specialize}
+    listed = kernel.kwargs.get("do_not_specialize") or ()  # InterpretedFunction keeps the decorator's arguments
+    names = kernel.arg_names
+    return {names[item] if isinstance(item, int) else item for item in listed}
 
 
 def _chained(hook, args, kwargs):
