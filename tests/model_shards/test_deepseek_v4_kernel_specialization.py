@@ -10,13 +10,19 @@ CPU) with the lengths a long prompt passes them and assert one key for all.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+from model_folder.deepseek_v4_config import CSA, HCA
 from model_shards.deepseek_v4 import sink_attention as attention_core
 from model_shards.deepseek_v4.entries import BlockRows, ContiguousEntries, PagedEntries
 from model_shards.deepseek_v4.index_scores import decode_index_scores_triton, index_scores_triton
 from model_shards.deepseek_v4.index_scores_kernel import _decode_index_scores, _index_scores
+from model_shards.deepseek_v4.kernel_warmup import DECODE_STEPS, warm_up_chunks, warm_up_kernels
+from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 from model_shards.deepseek_v4.sink_softmax import _sink_softmax
 from model_shards.triton_compiles import LaunchKeys, specialization_key
@@ -90,3 +96,27 @@ def test_a_key_tells_lengths_apart_unless_told_not_to():
     assert key(tokens=17) == key() and key(entries=1) == key()  # not specialized: one kernel
     assert key(rows_per_block=32) != key() and key(rate=1) != key()  # specialized: a kernel each
     assert key(BT=64) != key()
+
+
+@pytest.mark.parametrize("csa_rate, hca_rate", [(4, 128), (4, 16), (2, 8)])
+def test_warm_up_chunks_take_every_variant(csa_rate, hca_rate):
+    chunks = warm_up_chunks(csa_rate, hca_rate)
+    ends = list(itertools.accumulate(chunks))
+    assert all(length > 0 for length in chunks)
+    assert any(length <= 16 for length in chunks) and any(length > 16 for length in chunks)  # both tile heights
+    hca_entries = {end // hca_rate % 16 == 0 for end in ends[1:]}
+    assert hca_entries == {True, False} and min(end // hca_rate for end in ends[1:]) >= 16
+    assert ends[0] // csa_rate % 16 != 0
+
+
+def test_warm_up_runs_the_model_and_leaves_nothing_behind(tmp_path):
+    """On a CPU the kernels are torch (the worker warms up on CUDA only): the steps run through the
+    model's real paths and the next request's result is what it is without them."""
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=4)
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
+    prompt = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(5))
+    before = model(prompt, model.new_state())
+    arch = model.arch
+    ran = warm_up_kernels(model)
+    assert ran == sum(warm_up_chunks(arch.compress_rate(CSA), arch.compress_rate(HCA))) + 3 + 2 * DECODE_STEPS
+    assert torch.equal(model(prompt, model.new_state()), before)
