@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from model_shards.deepseek_v4 import paged_decodes as paged_decodes_module
 from model_shards.deepseek_v4.entries import ContiguousEntries
 from model_shards.deepseek_v4.index_scores import decode_index_scores, gathered_index_scores, ranking_keys
 from model_shards.deepseek_v4.indexer import top_k_of_ranking
@@ -238,3 +239,26 @@ def test_index_scores_of_keys_gathered_at_once_equal_the_per_request_reference()
     torch.testing.assert_close(scores, expected, atol=TOLERANCE, rtol=TOLERANCE)
     assert torch.equal(top_k_of_ranking(gathered_index_scores(q, weights, gathered, allowed, ranked=True), 8),
                        top_k_of_ranking(ranking_keys(expected), 8))
+
+
+def test_the_index_kernel_of_a_paged_decode_step_reads_the_keys_the_gather_reads(model, monkeypatch):
+    """The GPU branch (one kernel over the step's block tables side by side; Triton's interpreter
+    here, float16) against the CPU branch (the keys gathered by address), on shuffled pages."""
+    half = torch.float16
+    pages = PagedKV(PagePool(compressed_layout(model.arch, BLOCK, half), NUM_BLOCKS, "cpu"),
+                    PagePool(window_layout(model.arch, BLOCK, half), NUM_BLOCKS, "cpu"), BLOCK)
+    generator = torch.Generator().manual_seed(6)
+    index_keys = pages.compressed.view(1, "index_keys")
+    index_keys.copy_(torch.randn(index_keys.shape, generator=generator))
+    requests = make_requests(model, pages, [length + 1 for length in LENGTHS])
+    decodes = [PagedDecode(length, request.slot, request.tables, torch.tensor(request.tables[0]))
+               for request, length in zip(requests, LENGTHS)]
+    windows = DecodeBatch(pages, model.arch.sliding_window, decodes, None, len(decodes)).layer(1).indexer
+    q = torch.randn(len(decodes), model.arch.index_n_heads, model.arch.index_head_dim, generator=generator).to(half)
+    weights = torch.randn(len(decodes), model.arch.index_n_heads, generator=generator)
+    scores = {}
+    for fused in (True, False):
+        monkeypatch.setattr(paged_decodes_module, "fused_kernel_runs", lambda q, dtype, fused=fused: fused)
+        scores[fused] = windows.index_scores(q, weights, ranked=False)
+    assert scores[True].shape == (len(decodes), (max(LENGTHS) + 1) // 4)
+    torch.testing.assert_close(scores[True], scores[False], atol=TOLERANCE, rtol=TOLERANCE)
