@@ -19,7 +19,8 @@ one index_put of the N keys, one gather of the (N, W) window, per compressor one
 N open-window rows, one gather of the C closing windows, their pooling (Compressor.append_decodes),
 one index_put of the C entries; then HCA one (N, E_max) gather of the entries, CSA the indexer's
 (N, E_max) scores (one kernel on a GPU, a gather on a CPU) and one (N, k) gather of the chosen
-entries. No op reads a device value on the host. Variable per step: N, C, D, E_max and k.
+entries. No op reads a device value on the host, and no host tensor is made inside the layers
+(on a GPU each would be a copy in the middle of the step). Variable per step: N, C, D, E_max, k.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class RateAddresses:
         block_ends = [j for j, entry in enumerate(entries) if (entry + 1) % per_block == 0]
         self.rate, self.per_block = rate, per_block
         self.counts = [(position + 1) // rate for position in positions]  # entries after this step
+        self.counts_on_device = _long(self.counts, device)  # (N,)
         self.pending_rows = _long([position % rate for position in positions], device)  # (N,)
         self.closing_slots = _long([decodes[i].slot for i in closing], device)  # (C,)
         self.entry_positions = _long([entry * rate for entry in entries], device)  # (C,)
@@ -124,7 +126,7 @@ class DecodeBatch:
             addresses = self.rates[rate]
             device = self.compressed_table.device
             entry = torch.arange(max(addresses.counts), device=device)  # (E_max,)
-            allowed = entry < _long(addresses.counts, device)[:, None]  # (N, E_max)
+            allowed = entry < addresses.counts_on_device[:, None]  # (N, E_max)
             self._entry_grids[rate] = (*self.locate(torch.where(allowed, entry, 0), rate), allowed)
         return self._entry_grids[rate]
 
@@ -225,9 +227,8 @@ class DecodeWindows:
     def gather(self, selected: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each decode's chosen entries (N, k) ascending, the first min(topk, E_i) its own ->
         (N, k, dim) and which are its own (N, k)."""
-        widths = [min(topk, count) for count in self.addresses.counts]
-        device = selected.device
-        allowed = torch.arange(selected.shape[1], device=device) < _long(widths, device)[:, None]
+        widths = self.addresses.counts_on_device.clamp(max=topk)  # (N,) each decode's own choices
+        allowed = torch.arange(selected.shape[1], device=selected.device) < widths[:, None]
         blocks, rows = self.batch.locate(torch.where(allowed, selected, 0), self.addresses.rate)
         return self.entries[blocks, rows], allowed
 
@@ -238,6 +239,6 @@ class DecodeWindows:
         if fused_kernel_runs(q, self.entries.dtype):
             row_space = (self.entries, batch.compressed_table, self.addresses.per_block)
             first_rows = batch.table_offsets * self.addresses.per_block  # (N,) each decode's first row
-            return decode_index_scores_on_rows(q, head_weights, row_space, first_rows, _long(counts, q.device),
-                                               max(counts), ranked)
+            return decode_index_scores_on_rows(q, head_weights, row_space, first_rows,
+                                               self.addresses.counts_on_device, max(counts), ranked)
         return gathered_index_scores(q, head_weights, *self.read_entries(), ranked)

@@ -203,6 +203,7 @@ def test_a_decode_steps_layers_dispatch_the_same_ops_for_one_and_eight_requests_
     assert one.layers.ops == eight.layers.ops
     assert one.layers.total() > 1000
     assert one.layers.sync_total() == eight.layers.sync_total() == 0
+    assert "aten.lift_fresh" not in eight.layers.ops  # no host tensor made in the layers: all prepared before
     assert eight.step.sync_total() == 0  # on a CPU the sampler's token ids need no device read either
     # outside the layers: the runner's per-request views of its ids and block tables, the sampler
     assert eight.step.total() - eight.layers.total() < one.step.total() - one.layers.total() + 8 * 8
