@@ -27,9 +27,13 @@ NORMS = {"none": 0, "unweighted": 1, "weighted": 2}
 def norm_and_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: str, eps: float = 0.0,
                     weight: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, ..., D) -> rotated (and normed) x, (T, ..., D); norm "none" may rotate x in place."""
-    if x.is_cuda and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if fused_kernel_runs(x):
         return norm_and_rotate_triton(x, cos, sin, norm, eps, weight)
     return norm_and_rotate_torch(x, cos, sin, norm, eps, weight)
+
+
+def fused_kernel_runs(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 def norm_and_rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: str, eps: float = 0.0,
