@@ -87,16 +87,16 @@ def greedy_run(model: DeepseekV4ForCausalLM, ids: torch.Tensor, steps: int, devi
 def compare_modes(folder: Path, args: argparse.Namespace) -> dict:
     """dequantize against keep: bytes, prefill and decode time, keep's logits against dequantize's."""
     ids = torch.randint(0, 1000, (args.tokens,), generator=torch.Generator().manual_seed(0)).to(args.device)
-    rows, runs = {}, {}
+    rows, runs, cuda = {}, {}, args.device.startswith("cuda")
     for mode in ("dequantize", "keep"):
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model, seconds = load(folder, args.device, keep_quantized=mode == "keep")
         greedy_run(model, ids, 2, args.device)  # warm-up: every tiling compiles here, not in the timing
         runs[mode] = greedy_run(model, ids, args.decode_steps, args.device)
         rows[mode] = {"load_s": round(seconds, 3), "weight_bytes": model.weight_nbytes(),
-                      "peak_device_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
+                      "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                       "prefill_ms": round(runs[mode]["prefill_s"] * 1e3, 2),
                       "decode_ms_per_step": round(runs[mode]["decode_s"] * 1e3 / max(1, args.decode_steps), 3)}
         del model
@@ -115,7 +115,8 @@ def main() -> None:
                       "tokens": args.tokens, **compare_modes(make_folder(args, Path(scratch) / "released"), args)}
         print(json.dumps(result, indent=2))
         if os.environ.get("OUT"):
-            (Path(os.environ["OUT"]) / "deepseek_v4_quantized_modes.json").write_text(json.dumps(result, indent=2) + "\n")
+            out = Path(os.environ["OUT"]) / "deepseek_v4_quantized_modes.json"
+            out.write_text(json.dumps(result, indent=2) + "\n")
         return
     with tempfile.TemporaryDirectory() as scratch:
         folder = make_folder(args, Path(scratch) / "released")

@@ -48,9 +48,13 @@ class DeferredParameters(nn.Module):
                                                        requires_grad=False))
         return getattr(self, name).data
 
-    def kept_on_device(self, part: BlockScaledPart) -> BlockScaledPart:
+    def load_device(self) -> torch.device:
+        """Where this module's weights go: its parameters' device, or the deferred one."""
         parameter = next(self.parameters(recurse=False), None)
-        return part.to(parameter.device if parameter is not None else self.device)
+        return parameter.device if parameter is not None else self.device
+
+    def kept_on_device(self, part: BlockScaledPart) -> BlockScaledPart:
+        return part.to(self.load_device())
 
     def kept_nbytes(self) -> int:
         """Bytes of the weights held quantized here (the parameters count themselves)."""
@@ -162,7 +166,8 @@ def stack_experts(matrices: list[list[BlockScaledPart]], device: torch.device) -
     return KeptExperts([_stacked(group, layout, device) for group in groups])
 
 
-def _stacked(matrices: list[list[BlockScaledPart]], layout: type[QuantizedWeight], device: torch.device):
+def _stacked(matrices: list[list[BlockScaledPart]], layout: type[QuantizedWeight],
+             device: torch.device) -> QuantizedExperts:
     """(E, sum N, K') values and (E, ...) scales of the experts' matrices, joined along N."""
     values = torch.stack([torch.cat([matrix[index].values for matrix in matrices]) for index in range(len(matrices[0]))])
     scales = torch.stack([torch.cat([matrix[index].scales for matrix in matrices]) for index in range(len(matrices[0]))])

@@ -23,6 +23,7 @@ from torch import nn
 
 from model_folder.deepseek_v4_config import HASH_MOE, DeepseekV4Architecture
 from model_folder.errors import ModelFolderError
+from model_shards.deepseek_v4.block_format import BlockScaledPart
 from model_shards.deepseek_v4.grouped_experts import combine, grouped_linear, sort_by_expert
 from model_shards.deepseek_v4.kept_weights import DeferredParameters, KeptExperts, Projection, stack_experts
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -99,7 +100,7 @@ class LocalExperts(DeferredParameters):
                 for matrix in ("w1", "w2", "w3"):
                     reader.held_elsewhere(f"{prefix}{expert}.{matrix}.weight")
         names = [f"{prefix}{expert}." for expert in range(self.first, self.first + self.num_local)]
-        if reader.kept_part(names[0] + "w1.weight") is not None:
+        if reader.keeps(names[0] + "w1.weight"):
             self._keep(reader, names)
             return
         gate_up, down = self.allocated("gate_up"), self.allocated("down")
@@ -112,14 +113,14 @@ class LocalExperts(DeferredParameters):
         """Every local expert's w1|w3 and w2 as stored, stacked on the device."""
         parts = {matrix: [self._kept_part(reader, name + matrix + ".weight") for name in names]
                  for matrix in ("w1", "w3", "w2")}
-        device = self.device if getattr(self, "deferred", None) else self.gate_up.device
+        device = self.load_device()
         self.kept = {"gate_up": stack_experts([parts["w1"], parts["w3"]], device),
                      "down": stack_experts([parts["w2"]], device)}
         self.register_parameter("gate_up", None)
         self.register_parameter("down", None)
 
     @staticmethod
-    def _kept_part(reader: CheckpointTensors, name: str):
+    def _kept_part(reader: CheckpointTensors, name: str) -> BlockScaledPart:
         if (part := reader.kept_part(name)) is None:
             raise ModelFolderError(f"{reader.folder}: tensor {name!r} has no scales, but the other experts' have")
         return part

@@ -98,13 +98,17 @@ class CheckpointTensors:
             return
         self.reader.copy_into(destination, self._unscaled(name), **shard)
 
+    def keeps(self, name: str) -> bool:
+        """Weight `name` stays quantized: the model keeps weights so and this one has scales."""
+        return self.keep_quantized and self._scale_of(name) is not None
+
     def kept_part(self, name: str, *, shard_dim: int | None = None, rank: int = 0,
                   world_size: int = 1) -> BlockScaledPart | None:
         """This rank's part of weight `name` as stored (host memory), when the model keeps weights
         quantized and this one has block scales; else None (load it by copy_into)."""
-        if not self.keep_quantized or (scale := self._scale_of(name)) is None:
+        if not self.keeps(name):
             return None
-        return self.block_scaled.read_kept(self._actual_name(name), scale, expert=is_routed_expert(name),
+        return self.block_scaled.read_kept(self._actual_name(name), self._scale_of(name), expert=is_routed_expert(name),
                                            shard_dim=shard_dim, rank=rank, world_size=world_size)
 
     def copy_rows_into(self, destination: torch.Tensor, name: str, start: int, stop: int) -> None:
