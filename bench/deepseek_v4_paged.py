@@ -16,7 +16,9 @@ chunks, synchronized before the clock stops, up to `--model-max-length`. Per chu
 (CUDA events), host time (the chunk's call returning: its launch time on a GPU) and the CUDA
 caching allocator's work during the chunk's launch (prefill_chunk_allocator: retries after a failed
 cudaMalloc, which free the cache and synchronize; cudaMalloc / cudaFree calls; reserved, allocated
-and peak bytes), to tell allocator spikes from others. `--alloc-conf` sets PYTORCH_CUDA_ALLOC_CONF
+and peak bytes) and the Triton kernels it compiled (triton_compiles / _s / triton_compiled: a new
+specialization of a length that grows with the context compiles late in a long prompt), to tell
+allocator spikes and compile spikes from others. `--alloc-conf` sets PYTORCH_CUDA_ALLOC_CONF
 (e.g. expandable_segments:True) before CUDA starts, so two runs compare the allocators. At
 `--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
 the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
@@ -56,6 +58,7 @@ from model_shards.deepseek_v4.kv_pages import compressed_layout  # noqa: E402
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM  # noqa: E402
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model, preset_config  # noqa: E402
 from model_shards.deepseek_v4.runner import DeepseekV4Runner  # noqa: E402
+from model_shards.triton_compiles import TritonCompileLog, summarize  # noqa: E402
 from protocol.sampling_params import SamplingParams  # noqa: E402
 
 PAGED_SECTIONS = SECTIONS + [
@@ -137,9 +140,11 @@ class ChunkClock:
         self.sections: dict[str, float] | None = None
         self.sync_sites: list[str] = []
         self.original = DeepseekV4Runner._run_chunks
+        self.compiles = TritonCompileLog()  # Triton JIT compiles, filed under the chunk that paid them
 
     def __enter__(self) -> ChunkClock:
         original, clock = self.original, self
+        self.compiles.__enter__()
 
         def timed(runner, scheduled):
             start, count = scheduled[0][0].num_computed_tokens, sum(count for _, count in scheduled)
@@ -149,11 +154,13 @@ class ChunkClock:
 
     def __exit__(self, *exc) -> None:
         DeepseekV4Runner._run_chunks = self.original
+        self.compiles.__exit__(*exc)
 
     def run(self, start: int, count: int, chunk):
         if self.device.type == "cuda" and start == self.profile_start:
             return self._profiled(chunk)
         events, allocator = (self._event(), self._event()), AllocatorWatch(self.device)
+        self.compiles.take()  # compiles between chunks (warm-up, decode) are not this chunk's
         self._record(events[0])
         host = time.perf_counter()
         try:
@@ -161,7 +168,8 @@ class ChunkClock:
         finally:
             host_ms = (time.perf_counter() - host) * 1e3
             self._record(events[1])
-            self.chunks.append((start, count, *events, host_ms, allocator.row()))
+            watched = {**allocator.row(), **summarize(self.compiles.take())}
+            self.chunks.append((start, count, *events, host_ms, watched))
 
     def _profiled(self, chunk):
         """Sections by CUDA events, and every operation that makes the host wait for the GPU

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+ONE_BLOCK_ROWS = 1 << 30  # rows of the one block a contiguous tensor is addressed as: more than any E
 
 class BlockRows:
     """Row r of a field with `rows_per_block` rows per block, through one block table:
@@ -102,8 +103,12 @@ class ContiguousEntries:
         return ContiguousEntries(torch.cat((self.rows, new))) if new.shape[0] else self
 
     def addressed(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(blocks (1, E, dim), table (1,), rows per block): one block holding every row."""
-        return self.rows[None], torch.zeros(1, dtype=torch.long, device=self.rows.device), max(1, self.count)
+        """(blocks (1, E, dim), table (1,), rows per block): one block holding every row. The
+        block's rows and stride are constants, not E: kernels specialize on them (index_scores_kernel.py)
+        and must not compile again as E grows; block 0 is the only one, so its stride is never used."""
+        rows, dim = self.rows.shape
+        one_block = self.rows.as_strided((1, rows, dim), (0, self.rows.stride(0), self.rows.stride(1)))
+        return one_block, torch.zeros(1, dtype=torch.long, device=self.rows.device), ONE_BLOCK_ROWS
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from model_shards.attention.triton_runtime import tl, triton
 BLOCK_HIDDEN = 1024  # columns of the hidden state per program of collapse / mix
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])  # a step's token count varies; it only bounds the mask
 def _stream_mixes(x_ptr, fn_ptr, out_ptr, tokens, width, outputs, eps, stride_x, stride_fn, stride_out,
                   BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -47,7 +47,7 @@ def _stream_mixes(x_ptr, fn_ptr, out_ptr, tokens, width, outputs, eps, stride_x,
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])
 def _hyper_weights(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, tokens, stride_mix, hc_eps,
                    iterations, S: tl.constexpr, BT: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)

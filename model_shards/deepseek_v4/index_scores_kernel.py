@@ -20,7 +20,17 @@ import torch
 from model_shards.attention.triton_runtime import tl, triton
 
 
-@triton.jit
+# Lengths that change from chunk to chunk and block to block are not specialized on: Triton
+# compiles a kernel again for each new value of an integer's "is a multiple of 16" (and "is 1"),
+# which made chunks of a long prompt that met a new combination take 0.5-1.5 s of host time
+# (docs/deepseek_v4.md, "Spike chunks"). They bound masks, positions and output rows only; strides
+# set by the model's shape and the page layout (rows_per_block, stride_key_block: constant on pages
+# and for contiguous entries, entries.py) stay specialized, so the key loads keep their vector width.
+LENGTHS = ("tokens", "entries", "first_position", "stride_out_token")
+DECODE_LENGTHS = ("columns", "stride_out_token")
+
+
+@triton.jit(do_not_specialize=LENGTHS)
 def _index_scores(
     q_ptr, weight_ptr, key_ptr, table_ptr, out_ptr, tokens, entries, first_position, rate, rows_per_block,
     stride_q_token, stride_q_head, stride_weight_token, stride_key_block, stride_key_row, stride_out_token,
@@ -58,7 +68,7 @@ def _ranking_keys(scores, cols, entries):
     return (ordered << 32) | (entries - 1 - cols).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DECODE_LENGTHS)
 def _decode_index_scores(
     q_ptr, weight_ptr, key_ptr, table_ptr, first_row_ptr, count_ptr, out_ptr, columns, rows_per_block,
     stride_q_token, stride_q_head, stride_weight_token, stride_key_block, stride_key_row, stride_out_token,

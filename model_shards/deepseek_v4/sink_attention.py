@@ -91,7 +91,10 @@ def _compressed_group(compressed: CompressedKeys, start: int, stop: int) -> tupl
         selected = compressed.selected[start:stop]  # (t, k)
         return entries.gather(selected.clamp(min=0)), selected >= 0  # (t, k, D), (t, k)
     first, rate = compressed.first_position, compressed.rate
-    count = (first + stop) // rate  # entries closed at the block's last query
+    # Every block of the chunk reads the entries closed at the chunk's end, those a block's queries
+    # cannot see yet masked: the kernels see one key count per chunk (a multiple of 16 for a full
+    # chunk), where a count per block compiled new variants mid-prompt (sink_softmax.py).
+    count = entries.count
     keys = entries.read(0, count)  # (count, D): a view of contiguous entries
     visible = (torch.arange(start, stop, device=keys.device) + first + 1) // rate  # (t,)
     reachable = torch.arange(count, device=keys.device) < visible[:, None]

@@ -17,7 +17,11 @@ import torch
 
 from model_shards.attention.triton_runtime import tl, triton
 
-MAX_BLOCK_KEYS = 2048  # keys a program handles per step: a row's keys in one or a few wide steps
+# Keys a program handles per step, for every row: a row's keys in one or a few wide steps. One size,
+# not the row's next power of two: each new block size is a new compile, and HCA rows grow with the
+# context (a long prompt compiled 256 .. 2048 one after another, mid-request). Lanes past a short
+# row's end are masked: they load nothing.
+BLOCK_KEYS = 2048
 
 
 @triton.jit
@@ -72,9 +76,8 @@ def sink_softmax_(logits: list[torch.Tensor], allowed: list[torch.Tensor], sinks
     first, second = logits[0], logits[-1] if len(logits) == 2 else logits[0][:, :, :0]
     first_allowed = allowed[0].contiguous().view(torch.uint8)
     second_allowed = allowed[-1].contiguous().view(torch.uint8) if len(logits) == 2 else first_allowed
-    block = min(MAX_BLOCK_KEYS, triton.next_power_of_2(first.shape[2] + second.shape[2]))
     if tokens * heads:
         _sink_softmax[(tokens * heads,)](
             first, first_allowed, second, second_allowed, sinks.float().contiguous(), heads, first.shape[2],
-            second.shape[2], scale, BK=block, num_warps=max(1, min(8, block // 256)))
+            second.shape[2], scale, BK=BLOCK_KEYS, num_warps=8)
     return logits

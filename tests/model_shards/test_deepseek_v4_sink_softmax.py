@@ -47,5 +47,5 @@ def test_fused_softmax_attention_equals_torch(kind, dtype, tolerance):
 
 def test_rows_longer_than_one_step_of_keys(monkeypatch):
     """HCA rows of 308 keys in steps of 64: the running max and sum across steps."""
-    monkeypatch.setattr(sink_softmax, "MAX_BLOCK_KEYS", 64)
+    monkeypatch.setattr(sink_softmax, "BLOCK_KEYS", 64)
     test_fused_softmax_attention_equals_torch("hca", torch.float32, 1e-5)
