@@ -6,6 +6,7 @@ float32 folder of the dequantized weights) gives the same tokens."""
 
 from __future__ import annotations
 
+import argparse
 import random
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from transformers import DeepseekV4ForCausalLM as ReferenceModel
 from transformers import FineGrainedFP8Config
 
+from cluster.arguments import add_engine_arguments, build_config
 from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
@@ -78,3 +80,11 @@ def test_engine_keeping_weights_quantized_writes_the_same_greedy_text(released):
     kept, dequantized = run("keep"), run("dequantize")
     assert kept.token_ids == dequantized.token_ids and len(set(kept.token_ids)) > 2
     assert [t.logprob for t in kept.logprobs] == [t.logprob for t in dequantized.logprobs]
+
+
+def test_the_quantized_weights_flag_reaches_the_config(released):
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert build_config(parser.parse_args(["--model", released])).model.quantized_weights == "dequantize"
+    assert build_config(parser.parse_args(["--model", released, "--quantized-weights", "keep"])
+                        ).model.quantized_weights == "keep"
