@@ -44,6 +44,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                         help=f"default: {_default(ModelSettings, 'dtype')}")
     parser.add_argument("--device", default=None, help=f"default: {_default(ModelSettings, 'device')}")
+    parser.add_argument("--quantized-weights", choices=["dequantize", "keep"], default=None,
+                        help=f"DeepSeek-V4 FP8/FP4 weights (default {_default(ModelSettings, 'quantized_weights')})")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None,
                         help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; DeepSeek-V4: the lcm of its compress rates)")
@@ -109,6 +111,7 @@ def _overrides(args: argparse.Namespace, base: LongctxConfig) -> dict[str, Any]:
         "model.path": args.model,
         "model.dtype": args.dtype,
         "model.device": args.device,
+        "model.quantized_weights": args.quantized_weights,
         "model.max_model_len": args.max_model_len,
         "cache.block_size": args.block_size,
         "cache.num_device_blocks": args.num_kv_blocks,

@@ -30,6 +30,11 @@ class ModelSettings(_Frozen):
         "auto", description="Weights and activations; auto: config.json's torch_dtype on GPU, float32 on CPU."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    quantized_weights: Literal["dequantize", "keep"] = Field(
+        "dequantize", description="Weights a DeepSeek-V4 checkpoint stores quantized (FP8 blocks, FP4 experts): "
+        "dequantize: to bf16 at load; keep: held in their format and multiplied by the Triton kernels on a GPU "
+        "(docs/quantized_weights.md). keep is a no-op for a folder without quantization_config or another model."
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Longest prompt + output in tokens; default: the model's max_position_embeddings."
     )

@@ -35,13 +35,13 @@ from model_shards.deepseek_v4.indexer import IndexerInputs, LightningIndexer
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
 from model_shards.deepseek_v4.paged_decodes import DecodeBatch, LayerDecodes
 from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.kept_weights import GroupedProjection, Projection
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 from model_shards.deepseek_v4.state import LayerState, SlidingWindowState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
-from model_shards.parallel.tensor_parallel import RowParallelLinear
 
 
 # a sequence's chunk: start position, token count, its layer state (None: a decode whose state
@@ -49,20 +49,6 @@ from model_shards.parallel.tensor_parallel import RowParallelLinear
 Segment = tuple[int, int, LayerState | None]
 SegmentKeys = tuple[torch.Tensor, CompressedKeys | None]  # what its queries attend: window keys, compressed keys
 Projected = tuple[torch.Tensor, torch.Tensor, IndexerInputs | None]  # compressor kv, gate (T, width); indexer inputs
-
-
-class GroupedLinear(nn.Module):
-    """Block-diagonal projection: group g of the input (its heads) -> rows g*R .. (g+1)*R - 1."""
-
-    def __init__(self, in_per_group: int, out_per_group: int, groups: int, dtype: torch.dtype):
-        super().__init__()
-        self.groups = groups
-        self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, groups, in_per_group) -> (T, groups, out_per_group)."""
-        weight = self.weight.view(self.groups, -1, self.weight.shape[-1]).transpose(1, 2)  # (G, in, out)
-        return torch.bmm(x.transpose(0, 1), weight).transpose(0, 1)
 
 
 class DeepseekV4Attention(nn.Module):
@@ -75,14 +61,14 @@ class DeepseekV4Attention(nn.Module):
         self.num_heads = tp.split(arch.num_attention_heads, "num_attention_heads")
         self.num_groups = tp.split(arch.o_groups, "o_groups")
         self.scale = arch.head_dim ** -0.5
-        self.q_a_proj = nn.Linear(arch.hidden_size, arch.q_lora_rank, bias=False, dtype=dtype)
+        self.q_a_proj = Projection(arch.hidden_size, arch.q_lora_rank, dtype)
         self.q_a_norm = RMSNorm(arch.q_lora_rank, arch.rms_norm_eps)
-        self.q_b_proj = nn.Linear(arch.q_lora_rank, self.num_heads * self.head_dim, bias=False, dtype=dtype)
-        self.kv_proj = nn.Linear(arch.hidden_size, self.head_dim, bias=False, dtype=dtype)
+        self.q_b_proj = Projection(arch.q_lora_rank, self.num_heads * self.head_dim, dtype)
+        self.kv_proj = Projection(arch.hidden_size, self.head_dim, dtype)
         self.kv_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
         heads_per_group = arch.num_attention_heads // arch.o_groups
-        self.o_a_proj = GroupedLinear(heads_per_group * self.head_dim, arch.o_lora_rank, self.num_groups, dtype)
-        self.o_b_proj = RowParallelLinear(self.num_groups * arch.o_lora_rank, arch.hidden_size, False, tp).to(dtype)
+        self.o_a_proj = GroupedProjection(heads_per_group * self.head_dim, arch.o_lora_rank, self.num_groups, dtype)
+        self.o_b_proj = Projection(self.num_groups * arch.o_lora_rank, arch.hidden_size, dtype, tp_sum=tp)
         self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.compressor = self.indexer = None
         if layer_type != SLIDING:
@@ -211,13 +197,13 @@ class DeepseekV4Attention(nn.Module):
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         heads = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)
-        reader.copy_into(self.q_a_proj.weight.data, prefix + "wq_a.weight")
+        self.q_a_proj.load(reader, prefix + "wq_a.weight")
         self.q_a_norm.load(reader, prefix + "q_norm.weight")
-        reader.copy_into(self.q_b_proj.weight.data, prefix + "wq_b.weight", **heads)
-        reader.copy_into(self.kv_proj.weight.data, prefix + "wkv.weight")
+        self.q_b_proj.load(reader, prefix + "wq_b.weight", **heads)
+        self.kv_proj.load(reader, prefix + "wkv.weight")
         self.kv_norm.load(reader, prefix + "norm.weight")
-        reader.copy_into(self.o_a_proj.weight.data, prefix + "wo_a.weight", **heads)
-        self.o_b_proj.load(reader, prefix + "wo_b")
+        self.o_a_proj.load(reader, prefix + "wo_a.weight", **heads)
+        self.o_b_proj.load(reader, prefix + "wo_b.weight", shard_dim=1, rank=self.tp.rank, world_size=self.tp.size)
         reader.copy_into(self.sinks.data, prefix + "attn_sink", **heads)
         if self.compressor is not None:
             self.compressor.load(reader, prefix + "compressor.")

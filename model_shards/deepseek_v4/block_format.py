@@ -66,6 +66,13 @@ def part_of_grid(values: torch.Tensor, grid: torch.Tensor, block: tuple[int, int
     return dataclasses.replace(part, scales=overlapping)
 
 
+def owns_its_blocks(first: int, size: int, block: int) -> bool:
+    """Elements first .. first+size-1 of a dimension, cut into `block`-wide blocks, read exactly as
+    a weight of their own (its blocks starting at its first element): the part starts on a block
+    boundary or lies inside one block."""
+    return first % block == 0 or first % block + size <= block
+
+
 def dequantize(part: BlockScaledPart, dtype: torch.dtype) -> torch.Tensor:
     """(R, C) stored values * their blocks' scales, computed in float32, on the part's device."""
     values = unpack_fp4(part.values) if part.fp4 else part.values.to(torch.float32)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from model_shards.deepseek_v4.entries import Entries
+from model_shards.deepseek_v4.kept_weights import Projection
 from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
@@ -51,8 +52,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.dim, self.rate, self.overlapping = dim, rate, overlapping
         width = 2 * dim if overlapping else dim
-        self.kv_proj = nn.Linear(hidden_size, width, bias=False, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False, dtype=dtype)
+        self.kv_proj = Projection(hidden_size, width, dtype)
+        self.gate_proj = Projection(hidden_size, width, dtype)
         self.position_bias = nn.Parameter(torch.empty(rate, width, dtype=torch.float32))
         self.kv_norm = RMSNorm(dim, eps)
         self.rotary = rotary
@@ -130,7 +131,7 @@ class Compressor(nn.Module):
                 torch.cat((previous_gate, gate[..., dim:]), dim=1))
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
-        reader.copy_into(self.kv_proj.weight.data, prefix + "wkv.weight")
-        reader.copy_into(self.gate_proj.weight.data, prefix + "wgate.weight")
+        self.kv_proj.load(reader, prefix + "wkv.weight")
+        self.gate_proj.load(reader, prefix + "wgate.weight")
         reader.copy_into(self.position_bias.data, prefix + "ape")
         self.kv_norm.load(reader, prefix + "norm.weight")

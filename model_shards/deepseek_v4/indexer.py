@@ -21,6 +21,7 @@ from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
 from model_shards.deepseek_v4.entries import Entries
+from model_shards.deepseek_v4.kept_weights import Projection
 from model_folder.deepseek_v4_config import CSA, DeepseekV4Architecture
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
 from model_shards.deepseek_v4.rope import InterleavedRotary
@@ -64,8 +65,8 @@ class LightningIndexer(nn.Module):
         self.head_weight_scale = arch.index_n_heads ** -0.5  # over all heads, not this rank's
         self.compressor = Compressor(arch.hidden_size, arch.index_head_dim, self.rate, True, arch.rms_norm_eps,
                                      dtype, rotary)
-        self.q_b_proj = nn.Linear(arch.q_lora_rank, self.num_heads * self.head_dim, bias=False, dtype=dtype)
-        self.weights_proj = nn.Linear(arch.hidden_size, self.num_heads, bias=False, dtype=dtype)
+        self.q_b_proj = Projection(arch.q_lora_rank, self.num_heads * self.head_dim, dtype)
+        self.weights_proj = Projection(arch.hidden_size, self.num_heads, dtype)
 
     def project(self, x: torch.Tensor, q_residual: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> IndexerInputs:
@@ -144,8 +145,8 @@ class LightningIndexer(nn.Module):
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         shard = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)
         self.compressor.load(reader, prefix + "compressor.")
-        reader.copy_into(self.q_b_proj.weight.data, prefix + "wq_b.weight", **shard)
-        reader.copy_into(self.weights_proj.weight.data, prefix + "weights_proj.weight", **shard)
+        self.q_b_proj.load(reader, prefix + "wq_b.weight", **shard)
+        self.weights_proj.load(reader, prefix + "weights_proj.weight", **shard)
 
 
 def top_k_earliest_first(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
 from model_shards.deepseek_v4.attention import DeepseekV4Attention, Segment
 from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
+from model_shards.deepseek_v4.kept_weights import DeferredParameters, deferred_linear_bytes
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
@@ -74,9 +75,12 @@ class DeepseekV4ForCausalLM(nn.Module):
     """Parameters are uninitialized until `load_weights` (or use `from_folder`)."""
 
     def __init__(self, arch: DeepseekV4Architecture, dtype: torch.dtype, device: torch.device | str,
-                 tp: ParallelGroup | None = None):
+                 tp: ParallelGroup | None = None, keep_quantized: bool = False):
+        """keep_quantized: weights the checkpoint stores with block scales stay in their format
+        (model.quantized_weights: keep; kept_weights.py), allocated at load only."""
         super().__init__()
         self.arch, self.dtype, self.tp = arch, dtype, tp or ParallelGroup.single()
+        self.keep_quantized = keep_quantized
         main_rope = InterleavedRotary(arch.main_rope, arch.max_position_embeddings, dtype, device)
         compress_rope = InterleavedRotary(arch.compress_rope, arch.max_position_embeddings, dtype, device)
         with torch.device("meta"):  # storage is allocated once below, never randomly initialised
@@ -88,16 +92,21 @@ class DeepseekV4ForCausalLM(nn.Module):
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
             self.head = self.embed if arch.tie_word_embeddings else VocabParallelEmbedding(
                 arch.vocab_size, arch.hidden_size, self.tp).to(dtype)
+        if keep_quantized:
+            for module in self.modules():
+                if isinstance(module, DeferredParameters):
+                    module.defer(device)
         self.to_empty(device=device)
         self.eval()
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu", tp: ParallelGroup | None = None) -> DeepseekV4ForCausalLM:
+                    device: torch.device | str = "cpu", tp: ParallelGroup | None = None,
+                    keep_quantized: bool = False) -> DeepseekV4ForCausalLM:
         arch = load_architecture(folder)
         if not isinstance(arch, DeepseekV4Architecture):
             raise ModelFolderError(f"{folder}: not a DeepSeek-V4 folder ({arch.architecture})")
-        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp)
+        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp, keep_quantized)
         with WeightReader(folder) as reader:
             model.load_weights(reader)
         return model
@@ -105,6 +114,12 @@ class DeepseekV4ForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    def weight_nbytes(self) -> int:
+        """Bytes of this rank's weights on the device: parameters, buffers and the weights kept
+        quantized (values and scales)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(tensor.nbytes for tensor in tensors) + deferred_linear_bytes(self)
 
     def new_state(self) -> SequenceState:
         """The state of a request before its first token."""
@@ -149,7 +164,7 @@ class DeepseekV4ForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, reader: WeightReader) -> None:
         """Copy every tensor into its parameter; reject missing, misshapen and unknown tensors."""
-        tensors = CheckpointTensors(reader)
+        tensors = CheckpointTensors(reader, keep_quantized=self.keep_quantized)
         self.embed.load(tensors, "embed.weight")
         for index, layer in enumerate(self.layers):
             layer.load(tensors, f"layers.{index}.")

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_folder.deepseek_v4_config import HASH_MOE, DeepseekV4Architecture
+from model_folder.errors import ModelFolderError
+from model_shards.deepseek_v4.block_format import BlockScaledPart
 from model_shards.deepseek_v4.grouped_experts import combine, grouped_linear, sort_by_expert
+from model_shards.deepseek_v4.kept_weights import DeferredParameters, KeptExperts, Projection, stack_experts
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 
@@ -64,8 +67,9 @@ def clipped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
 
 
-class LocalExperts(nn.Module):
-    """This rank's experts as 3-D weights: gate|up (E_local, 2I, hidden), down (E_local, hidden, I)."""
+class LocalExperts(DeferredParameters):
+    """This rank's experts as 3-D weights: gate|up (E_local, 2I, hidden), down (E_local, hidden, I);
+    kept quantized (kept_weights.py), the same matrices as QuantizedExperts stacks."""
 
     def __init__(self, arch: DeepseekV4Architecture, ep: ParallelGroup, dtype: torch.dtype):
         super().__init__()
@@ -76,24 +80,53 @@ class LocalExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(self.num_local, 2 * self.intermediate, arch.hidden_size,
                                                 dtype=dtype))
         self.down = nn.Parameter(torch.empty(self.num_local, arch.hidden_size, self.intermediate, dtype=dtype))
+        self.kept: dict[str, KeptExperts] = {}  # "gate_up", "down" when kept quantized
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Sum over each token's routed experts held here of weight * expert(x): (T, hidden)."""
         rows = sort_by_expert(experts - self.first, self.num_local)
-        gate, up = grouped_linear(x[rows.tokens], self.gate_up, rows.offsets).split(self.intermediate, dim=-1)
-        outputs = grouped_linear(clipped_swiglu(gate, up, self.limit), self.down, rows.offsets)  # (R, hidden)
+        gate, up = self._grouped(x[rows.tokens], "gate_up", rows.offsets).split(self.intermediate, dim=-1)
+        outputs = self._grouped(clipped_swiglu(gate, up, self.limit), "down", rows.offsets)  # (R, hidden)
         return combine(outputs, rows, weights, all_held=self.ep.size == 1)
+
+    def _grouped(self, rows: torch.Tensor, matrix: str, offsets: torch.Tensor) -> torch.Tensor:
+        if matrix in self.kept:
+            return self.kept[matrix].grouped_linear(rows, offsets)
+        return grouped_linear(rows, getattr(self, matrix), offsets)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         for expert in range(self.num_local * self.ep.size):
-            name, local = f"{prefix}{expert}.", expert - self.first
-            if not 0 <= local < self.num_local:
+            if not 0 <= expert - self.first < self.num_local:
                 for matrix in ("w1", "w2", "w3"):
-                    reader.held_elsewhere(f"{name}{matrix}.weight")
-                continue
-            reader.copy_into(self.gate_up.data[local, :self.intermediate], name + "w1.weight")
-            reader.copy_into(self.gate_up.data[local, self.intermediate:], name + "w3.weight")
-            reader.copy_into(self.down.data[local], name + "w2.weight")
+                    reader.held_elsewhere(f"{prefix}{expert}.{matrix}.weight")
+        names = [f"{prefix}{expert}." for expert in range(self.first, self.first + self.num_local)]
+        if reader.keeps(names[0] + "w1.weight"):
+            self._keep(reader, names)
+            return
+        gate_up, down = self.allocated("gate_up"), self.allocated("down")
+        for local, name in enumerate(names):
+            reader.copy_into(gate_up[local, :self.intermediate], name + "w1.weight")
+            reader.copy_into(gate_up[local, self.intermediate:], name + "w3.weight")
+            reader.copy_into(down[local], name + "w2.weight")
+
+    def _keep(self, reader: CheckpointTensors, names: list[str]) -> None:
+        """Every local expert's w1|w3 and w2 as stored, stacked on the device."""
+        parts = {matrix: [self._kept_part(reader, name + matrix + ".weight") for name in names]
+                 for matrix in ("w1", "w3", "w2")}
+        device = self.load_device()
+        self.kept = {"gate_up": stack_experts([parts["w1"], parts["w3"]], device),
+                     "down": stack_experts([parts["w2"]], device)}
+        self.register_parameter("gate_up", None)
+        self.register_parameter("down", None)
+
+    @staticmethod
+    def _kept_part(reader: CheckpointTensors, name: str) -> BlockScaledPart:
+        if (part := reader.kept_part(name)) is None:
+            raise ModelFolderError(f"{reader.folder}: tensor {name!r} has no scales, but the other experts' have")
+        return part
+
+    def kept_nbytes(self) -> int:
+        return sum(experts.nbytes for experts in self.kept.values())
 
 
 class SharedExpertSlice(nn.Module):
@@ -103,19 +136,18 @@ class SharedExpertSlice(nn.Module):
         super().__init__()
         self.ep, self.limit = ep, arch.swiglu_limit
         width = ep.split(arch.moe_intermediate_size, "moe_intermediate_size")
-        self.gate_proj = nn.Linear(arch.hidden_size, width, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(arch.hidden_size, width, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(width, arch.hidden_size, bias=False, dtype=dtype)
+        self.gate_proj = Projection(arch.hidden_size, width, dtype)
+        self.up_proj = Projection(arch.hidden_size, width, dtype)
+        self.down_proj = Projection(width, arch.hidden_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(clipped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         rows = dict(shard_dim=0, rank=self.ep.rank, world_size=self.ep.size)
-        reader.copy_into(self.gate_proj.weight.data, prefix + "w1.weight", **rows)
-        reader.copy_into(self.up_proj.weight.data, prefix + "w3.weight", **rows)
-        reader.copy_into(self.down_proj.weight.data, prefix + "w2.weight", shard_dim=1, rank=self.ep.rank,
-                         world_size=self.ep.size)
+        self.gate_proj.load(reader, prefix + "w1.weight", **rows)
+        self.up_proj.load(reader, prefix + "w3.weight", **rows)
+        self.down_proj.load(reader, prefix + "w2.weight", shard_dim=1, rank=self.ep.rank, world_size=self.ep.size)
 
 
 class MixtureOfExperts(nn.Module):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from model_shards.deepseek_v4.block_format import (
     BlockScaledPart,
+    owns_its_blocks,
     ue8m0_to_float,
     unpack_fp4,
 )
@@ -157,10 +158,13 @@ class Fp4RowWeight(QuantizedWeight):
 def from_block_scaled_part(part: BlockScaledPart) -> QuantizedWeight:
     """The loader's part of a checkpoint weight (block_format.py), kept as it is stored. The kernels
     want scale blocks that start at the part's first row and column: a tensor-parallel shard must
-    fall on block boundaries (128 for FP8; any row and 32 columns for FP4)."""
+    fall on block boundaries (128 for FP8; any row and 32 columns for FP4) or, along a dimension,
+    lie inside one block (its one overlapping scale is then its own grid: re-blocked, exactly)."""
     (block_rows, block_cols), fp4 = part.block, part.fp4
     expected = (1, FP4_GROUP) if fp4 else (FP8_BLOCK, FP8_BLOCK)
-    if part.block != expected or part.first_row % block_rows or part.first_col % block_cols:
+    rows, cols = part.shape
+    if part.block != expected or not (owns_its_blocks(part.first_row, rows, block_rows)
+                                      and owns_its_blocks(part.first_col, cols, block_cols)):
         raise ValueError(f"a {'FP4' if fp4 else 'FP8'} part with blocks {part.block} at ({part.first_row}, "
                          f"{part.first_col}) cannot stay quantized: the kernels need {expected} blocks starting "
                          "at the part's first row and column (shard on block boundaries, or dequantize it)")

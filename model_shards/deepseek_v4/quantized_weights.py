@@ -5,7 +5,8 @@ The loader (`weights.py::CheckpointTensors`) pairs `X.weight` with `X.scale` (or
 tensor parallelism; whole experts under expert parallelism) and the scale blocks over that part,
 then dequantizes it on the parameter's device (`block_format.dequantize`, one tensor at a time: the
 host never holds the model in float32). A shard boundary may fall inside a block: the part keeps
-its first row and column, so each element still finds its block's scale.
+its first row and column, so each element still finds its block's scale. With
+model.quantized_weights: keep, `read_kept` hands the part itself to the model (kept_weights.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from model_folder.deepseek_v4_quantization import FP4, UE8M0, BlockQuantization
 from model_folder.errors import ModelFolderError
-from model_shards.deepseek_v4.block_format import ONE_BYTE_SCALES, BlockScaledPart, dequantize, part_of_grid
+from model_shards.deepseek_v4.block_format import (ONE_BYTE_SCALES, BlockScaledPart, dequantize, owns_its_blocks,
+                                                   part_of_grid)
 from model_shards.weights import WeightReader
 
 FP4_STORAGE = (torch.int8, torch.uint8)  # DeepSeek's layout; safetensors 0.8 cannot read its own F4 back
@@ -50,6 +52,21 @@ class BlockScaledReader:
             first[shard_dim] = rank * (full[shard_dim] // world_size)
         return part_of_grid(values.view(torch.uint8) if fp4 else values,
                             self._checked_scales(scale, weight, full, block, fp4), block, *first)
+
+    def read_kept(self, weight: str, scale: str, *, expert: bool, shard_dim: int | None = None, rank: int = 0,
+                  world_size: int = 1) -> BlockScaledPart:
+        """This rank's part, to stay quantized (model.quantized_weights: keep). The kernels read a
+        part as a weight of its own, which is exact where it starts on a block boundary or lies
+        inside one block (block_format.owns_its_blocks); another cut is refused with the tensor-
+        parallel sizes that work for this weight (re-quantizing would change its values)."""
+        part = self.read(weight, scale, expert=expert, shard_dim=shard_dim, rank=rank, world_size=world_size)
+        if shard_dim is None or _cuts_exactly(part.shape[shard_dim] * world_size, part.block[shard_dim], world_size):
+            return part
+        size, block = part.shape[shard_dim] * world_size, part.block[shard_dim]
+        valid = [ways for ways in range(1, size + 1) if size % ways == 0 and _cuts_exactly(size, block, ways)]
+        raise ModelFolderError(f"{self.reader.folder}: tensor {weight!r} split {world_size} ways cuts inside its "
+                               f"{block}-wide blocks and cannot stay quantized; tensor-parallel sizes that keep it: "
+                               f"{valid} (or set model.quantized_weights: dequantize)")
 
     def _check_storage(self, weight: str, dtype: torch.dtype, expert: bool) -> bool:
         """True for FP4 storage; the dtype must be what quantization_config says for this weight."""
@@ -86,3 +103,9 @@ class BlockScaledReader:
             raise ModelFolderError(f"{self.reader.folder}: tensor {scale!r} is {scales.dtype}; {weight!r} needs "
                                    f"{wanted} scales")
         return scales
+
+
+def _cuts_exactly(size: int, block: int, ways: int) -> bool:
+    """Every one of `ways` equal parts of a `size`-long dimension reads its blocks exactly."""
+    part = size // ways
+    return all(owns_its_blocks(rank * part, part, block) for rank in range(ways))

@@ -15,7 +15,8 @@ The multi-token-prediction layers (`mtp.*`) are not used for serving and are ski
 
 Released checkpoints are quantized (model_folder/deepseek_v4_quantization.py): a weight with a
 scale tensor (`X.scale`, or transformers' `X.weight_scale_inv`; canonical here: `X.scale`) is
-dequantized into its parameter (quantized_weights.py); a weight stored in FP8 / FP4 without one
+dequantized into its parameter (quantized_weights.py), or kept as stored (`kept_part`,
+model.quantized_weights: keep); a weight stored in FP8 / FP4 without one
 is an error, never a silent cast.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 from model_folder.deepseek_v4_quantization import read_block_quantization
 from model_folder.errors import ModelFolderError
+from model_shards.deepseek_v4.block_format import BlockScaledPart
 from model_shards.deepseek_v4.quantized_weights import QUANTIZED_STORAGE, BlockScaledReader
 from model_shards.weights import WeightReader
 
@@ -68,8 +70,8 @@ def transformers_name(canonical: str) -> str:
 class CheckpointTensors:
     """A WeightReader addressed by canonical names; it remembers which it handed out."""
 
-    def __init__(self, reader: WeightReader):
-        self.reader = reader
+    def __init__(self, reader: WeightReader, keep_quantized: bool = False):
+        self.reader, self.keep_quantized = reader, keep_quantized
         self.folder = reader.folder
         quantization = read_block_quantization(reader.folder)
         self.block_scaled = BlockScaledReader(reader, quantization) if quantization else None
@@ -95,6 +97,19 @@ class CheckpointTensors:
                                         **shard)
             return
         self.reader.copy_into(destination, self._unscaled(name), **shard)
+
+    def keeps(self, name: str) -> bool:
+        """Weight `name` stays quantized: the model keeps weights so and this one has scales."""
+        return self.keep_quantized and self._scale_of(name) is not None
+
+    def kept_part(self, name: str, *, shard_dim: int | None = None, rank: int = 0,
+                  world_size: int = 1) -> BlockScaledPart | None:
+        """This rank's part of weight `name` as stored (host memory), when the model keeps weights
+        quantized and this one has block scales; else None (load it by copy_into)."""
+        if not self.keeps(name):
+            return None
+        return self.block_scaled.read_kept(self._actual_name(name), self._scale_of(name), expert=is_routed_expert(name),
+                                           shard_dim=shard_dim, rank=rank, world_size=world_size)
 
     def copy_rows_into(self, destination: torch.Tensor, name: str, start: int, stop: int) -> None:
         """Rows start .. stop-1 of tensor `name` (those that exist) into destination's first rows."""

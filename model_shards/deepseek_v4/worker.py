@@ -40,8 +40,10 @@ class DeepseekV4Worker:
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
         self.block_size = config.cache.resolved_block_size(self.architecture.kv_block_multiple)
+        # keep: the pools below get the memory the bf16 copies would have taken (model.weight_nbytes)
         self.model = DeepseekV4ForCausalLM.from_folder(config.model.path, dtype=self.dtype, device=self.device,
-                                                       tp=self.layout.tp)
+                                                       tp=self.layout.tp,
+                                                       keep_quantized=config.model.quantized_weights == "keep")
         self.pages = self._allocate_pages()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars)

@@ -6,6 +6,7 @@ float32 folder of the dequantized weights) gives the same tokens."""
 
 from __future__ import annotations
 
+import argparse
 import random
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from transformers import DeepseekV4ForCausalLM as ReferenceModel
 from transformers import FineGrainedFP8Config
 
+from cluster.arguments import add_engine_arguments, build_config
 from cluster.config import CacheSettings, LongctxConfig, ModelSettings, SchedulerSettings
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
@@ -58,3 +60,31 @@ def test_engine_on_a_released_folder_equals_the_dequantized_reference(released):
     expected = logits.log_softmax(-1).gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor([t.logprob for t in result.logprobs]), expected, atol=ATOL, rtol=0)
     assert len(set(result.token_ids)) > 3
+
+
+def test_engine_keeping_weights_quantized_writes_the_same_greedy_text(released):
+    """model.quantized_weights keep: the same greedy tokens and logprobs as the dequantizing model
+    (off CUDA the kept weights compute the same numbers: test_deepseek_v4_kept_weights.py)."""
+    def run(quantized_weights: str):
+        engine = LLMEngine(LongctxConfig(
+            model=ModelSettings(path=released, dtype="float32", device="cpu", quantized_weights=quantized_weights),
+            cache=CacheSettings(cpu_kv_bytes=8 << 20),
+            scheduler=SchedulerSettings(max_tokens_per_step=13, max_tokens_per_step_while_decoding=13)))
+        rng = random.Random(1)
+        prompt = [rng.randrange(3, 1000) for _ in range(40)]
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+        experts = engine.executor.worker.model.layers[1].mlp.experts
+        assert (experts.gate_up is None) == (quantized_weights == "keep")  # the option reached the worker
+        return generate(engine, [prompt], params)[0][0]
+
+    kept, dequantized = run("keep"), run("dequantize")
+    assert kept.token_ids == dequantized.token_ids and len(set(kept.token_ids)) > 2
+    assert [t.logprob for t in kept.logprobs] == [t.logprob for t in dequantized.logprobs]
+
+
+def test_the_quantized_weights_flag_reaches_the_config(released):
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert build_config(parser.parse_args(["--model", released])).model.quantized_weights == "dequantize"
+    assert build_config(parser.parse_args(["--model", released, "--quantized-weights", "keep"])
+                        ).model.quantized_weights == "keep"

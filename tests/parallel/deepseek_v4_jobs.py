@@ -12,12 +12,13 @@ from rank_jobs import layout_for
 
 
 def run_deepseek_v4_chunks(context, folder: Path, tp: int, token_ids: list[int], chunks: list[int],
-                           resume_after: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           resume_after: int, keep_quantized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the chunks of one sequence; snapshot the state after `resume_after` chunks and run the
     rest again from it. Returns (logits of every position, then of the resumed part) and a
-    checksum of this rank's state (replicated: every rank must hold the same)."""
+    checksum of this rank's state (replicated: every rank must hold the same). keep_quantized:
+    model.quantized_weights keep."""
     layout = layout_for(context, tp, 1)
-    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, tp=layout.tp)
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, tp=layout.tp, keep_quantized=keep_quantized)
     ids = torch.tensor(token_ids)
     state, logits, start, saved = model.new_state(), [], 0, None
     for index, size in enumerate(chunks):

@@ -35,3 +35,18 @@ def test_tp2_ep2_on_a_released_folder_equals_one_rank(world2, tmp_path, experts,
     for logits, state in per_rank:
         assert (logits - single).abs().max().item() <= TOLERANCE
         torch.testing.assert_close(state, single_state, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("experts, scales", [("fp8", "ue8m0"), ("fp4", "float")])
+def test_tp2_ep2_keeping_weights_quantized_equals_dequantizing(world2, tmp_path, experts, scales):
+    """model.quantized_weights keep: each rank keeps its own part (wq_b's 64-row halves and
+    wo_b's 16-column halves re-blocked inside their one block, whole experts as stored); off CUDA
+    every rank computes its dequantizing twin's numbers, so the logits are bit-equal."""
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=9,
+                                    quantization=BlockQuantization(scale_format=scales, expert_format=experts))
+    token_ids = torch.randint(0, 1000, (sum(CHUNKS),), generator=torch.Generator().manual_seed(10)).tolist()
+    dequantized = world2.call(run_deepseek_v4_chunks, folder, 2, token_ids, CHUNKS, 2)
+    kept = world2.call(run_deepseek_v4_chunks, folder, 2, token_ids, CHUNKS, 2, True)
+    for (kept_logits, kept_state), (logits, state) in zip(kept, dequantized):
+        assert logits.abs().max() > 1.0
+        assert torch.equal(kept_logits, logits) and torch.equal(kept_state, state)
