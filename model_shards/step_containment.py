@@ -60,7 +60,7 @@ def run_contained(step: ContainedStep[Result], schedule: Schedule, failed: dict[
         return [(schedule, step.forward(schedule))]
     except Exception as error:  # noqa: BLE001 - contained below, or re-raised as fatal
         _recover_or_raise(error, world_size, device)
-        logger.warning("a step of %d requests failed; retrying them in groups", len(schedule), exc_info=True)
+        logger.warning("the forward pass of a step of %d requests failed", len(schedule), exc_info=True)
         first_error = error
     schedule = _rewound(step, schedule, first_error, failed)
     if len(schedule) == 1:  # the step's one request is the culprit: no retry would differ
