@@ -62,11 +62,10 @@ def run_contained(step: ContainedStep[Result], schedule: Schedule, failed: dict[
         _recover_or_raise(error, world_size, device)
         logger.warning("the forward pass of a step of %d requests failed", len(schedule), exc_info=True)
         first_error = error
-    schedule = _rewound(step, schedule, first_error, failed)
     if len(schedule) == 1:  # the step's one request is the culprit: no retry would differ
-        _fail(step, schedule, first_error, failed)
+        _fail(step, _rewound(step, schedule, first_error, failed), first_error, failed)
         return []
-    return _retry(step, _retry_plan(schedule), failed, world_size, device)
+    return _retry(step, _retry_plan(_rewound(step, schedule, first_error, failed)), failed, world_size, device)
 
 
 def _retry(step: ContainedStep[Result], plan: list[Schedule], failed: dict[str, str], world_size: int,
@@ -78,11 +77,10 @@ def _retry(step: ContainedStep[Result], plan: list[Schedule], failed: dict[str, 
             results.append((group, step.forward(group)))
         except Exception as error:  # noqa: BLE001 - the group's requests are tried alone
             _recover_or_raise(error, world_size, device)
-            group = _rewound(step, group, error, failed)
             if len(group) == 1:
-                _fail(step, group, error, failed)
+                _fail(step, _rewound(step, group, error, failed), error, failed)
             else:
-                queue.extendleft(reversed(_singles(group)))
+                queue.extendleft(reversed(_singles(_rewound(step, group, error, failed))))
     return results
 
 
@@ -107,9 +105,10 @@ def _rewound(step: ContainedStep, schedule: Schedule, error: Exception, failed: 
 
 
 def _fail(step: ContainedStep, schedule: Schedule, error: Exception, failed: dict[str, str]) -> None:
-    ((request_id, count),) = schedule.items()
-    failed[request_id] = failure_reason(error, count, step.chunk_start(request_id))
-    logger.error("request %s failed in its forward pass: %s", request_id, failed[request_id])
+    """The one request of `schedule` (if the rewind left it there) fails with `error`."""
+    for request_id, count in schedule.items():
+        failed[request_id] = failure_reason(error, count, step.chunk_start(request_id))
+        logger.error("request %s failed in its forward pass: %s", request_id, failed[request_id])
 
 
 def failure_reason(error: Exception, count: int, start: int) -> str:

@@ -101,3 +101,29 @@ def test_an_out_of_memory_chunk_fails_its_deepseek_v4_request_alone(v4_dir, culp
     engine = v4_engine(v4_dir, budget=64)
     _poison_v4(engine)
     _assert_contained(engine, reference, culprit_after_steps)
+
+
+def test_a_failed_v4_step_of_decodes_alone_fails_those_resuming_inside_a_block(v4_dir):
+    """Such a step keeps no copy of the open windows (contained_chunks.py): a request resuming
+    inside a block fails with it, one resuming on a block boundary (from its pages) is retried."""
+    inside, boundary = _prompt(6, 21), _prompt(7, 32)  # their first decodes at positions 21 and 32
+    (reference,) = generate(v4_engine(v4_dir), [boundary], GREEDY)[0]
+    engine = v4_engine(v4_dir)
+    model = engine.executor.worker.model
+    forward, calls = model.forward_segments, []
+
+    def first_decode_step_fails(segments):
+        calls.append([ids.shape[0] for ids, _ in segments])
+        output = forward(segments)
+        if calls[-1] == [1, 1] and calls.count([1, 1]) == 1:
+            raise RuntimeError("injected kernel failure")
+        return output
+
+    model.forward_segments = first_decode_step_fails
+    (failed,), (retried,) = generate(engine, [inside, boundary], GREEDY)
+    assert calls[:3] == [[21, 32], [1, 1], [1]]  # prefills, the failed decodes, the boundary one alone
+    assert failed.error.endswith("its forward pass failed in its 1-token chunk at position 21: RuntimeError: "
+                                 "injected kernel failure (a step of decodes alone keeps no copy of its open "
+                                 "windows to retry from)")
+    assert len(failed.token_ids) == 1  # from its prefill
+    assert retried.error is None and retried.token_ids == reference.token_ids

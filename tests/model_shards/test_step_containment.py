@@ -79,6 +79,12 @@ def test_requests_the_rewind_cannot_restore_fail_and_the_rest_are_retried():
     assert [schedule for schedule, _ in results] == [{"d2": 1}, {"p": 30}]
 
 
+def test_the_one_request_the_rewind_leaves_of_a_failed_pair_is_retried():
+    forward = RecordingForward(set(), max_requests=1)
+    results, failed = _run(forward, {"a": 1, "b": 1}, rewind=lambda schedule, error: {"a": "lost"} if "a" in schedule else {})
+    assert failed == {"a": "lost"} and results == [({"b": 1}, ["b"])]
+
+
 def test_with_several_ranks_a_failure_stays_fatal_and_says_why():
     with pytest.raises(RuntimeError, match="with 2 ranks a step is not retried") as raised:
         _run(RecordingForward({"big"}), STEP, world_size=2)
