@@ -69,7 +69,8 @@ def test_a_lone_request_fails_with_no_retry_and_others_errors_are_named():
     forward = RecordingForward(set(), max_requests=0)  # any attempt raises RuntimeError
     results, failed = _run(forward, {"x": 7})
     assert results == [] and forward.attempts == [["x"]]
-    assert failed == {"x": "its forward pass failed in its 7-token chunk at position 100: RuntimeError: too many at once"}
+    assert failed == {"x": "its forward pass failed in its 7-token chunk at position 100: "
+                           "RuntimeError: too many at once"}
 
 
 def test_requests_the_rewind_cannot_restore_fail_and_the_rest_are_retried():
@@ -80,8 +81,10 @@ def test_requests_the_rewind_cannot_restore_fail_and_the_rest_are_retried():
 
 
 def test_the_one_request_the_rewind_leaves_of_a_failed_pair_is_retried():
-    forward = RecordingForward(set(), max_requests=1)
-    results, failed = _run(forward, {"a": 1, "b": 1}, rewind=lambda schedule, error: {"a": "lost"} if "a" in schedule else {})
+    def loses_a(schedule, error):
+        return {"a": "lost"} if "a" in schedule else {}
+
+    results, failed = _run(RecordingForward(set(), max_requests=1), {"a": 1, "b": 1}, rewind=loses_a)
     assert failed == {"a": "lost"} and results == [({"b": 1}, ["b"])]
 
 
