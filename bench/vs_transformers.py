@@ -58,10 +58,10 @@ def parse_batches(specs: list[str]) -> list[list[int]]:
 def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
     print("longctx: the engine with its defaults", flush=True)
     engine = model_cases.make_engine(model_dir, device, args.max_model_len)
-    report = {"single": {}, "repeat": {}, "batch": {}, "profile": {}}
+    report = {"single": {}, "repeat": {}, "batch": {}, "profile": {}, "warmup": {}}
     try:
-        for tokens in args.warmup_lengths:
-            cases.ours_single(engine, tokens, 4, tokens)
+        for tokens in args.warmup_lengths:  # the first is a fresh server's first request
+            report["warmup"][tokens] = cases.ours_single(engine, tokens, 4, tokens)
         for tokens in args.lengths:
             estimate = prefill_estimate_s(tokens, args.layers) * 1.3 + 3
             report["single"][tokens] = attempt(f"longctx {tokens}", deadline, estimate, cases.ours_single,

@@ -40,9 +40,14 @@ def ours_generate(engine, prompts: list[list[int]], output_tokens: int) -> dict:
 
 
 def ours_single(engine, tokens: int, output_tokens: int, seed: int) -> dict:
+    """One request; with the Triton kernels it compiled (a compile in a request is its TTFT's)."""
+    from model_shards.triton_compiles import TritonCompileLog, summarize
+
     prompt = random_prompt(tokens, seed, engine.architecture.vocab_size)
-    run = ours_generate(engine, [prompt], output_tokens)
-    return {"ttft_s": run["ttft_s"][0], "tpot_ms": run["tpot_ms"][0], "tokens": run["tokens"][0]}
+    with TritonCompileLog() as compiles:
+        run = ours_generate(engine, [prompt], output_tokens)
+    return {"ttft_s": run["ttft_s"][0], "tpot_ms": run["tpot_ms"][0], "tokens": run["tokens"][0],
+            **summarize(compiles.take())}
 
 
 def ours_batch(engine, lengths: list[int], output_tokens: int) -> dict:

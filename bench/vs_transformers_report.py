@@ -8,6 +8,7 @@ def print_report(report: dict) -> None:
     first = ours or hf
     print(f"\n{first.get('device')}, torch {first.get('torch')}, {report['layers']} layers of the 8B shape, "
           f"{report['output_tokens']} output tokens")
+    print_first_requests(ours)
     print_single(ours, hf)
     print_batches(ours, hf)
     print_diagnostic(hf)
@@ -23,6 +24,17 @@ def print_single(ours: dict, hf: dict) -> None:
         print(f"{tokens:>8} {seconds(mine, 'ttft_s'):>7} {seconds(again, 'ttft_s'):>7} {seconds(theirs, 'ttft_s'):>7} "
               f"{ratio(theirs, mine, 'ttft_s'):>7} | {milliseconds(mine):>6} {milliseconds(theirs):>6} "
               f"{ratio(theirs, mine, 'tpot_ms'):>7} | {same_tokens(mine, theirs):>5}  {theirs.get('peak_GiB', '')}")
+
+
+def print_first_requests(ours: dict) -> None:
+    """The engine's first requests after start (warm-up lengths) and the measured ones: the
+    Triton kernels each compiled (a compile inside a request is part of its TTFT)."""
+    rows = [("first " + str(tokens), result) for tokens, result in ours.get("warmup", {}).items()]
+    rows += [(str(tokens), result) for tokens, result in ours.get("single", {}).items()]
+    print("\nTriton compiles inside requests (first requests after start, then the measured ones)")
+    for name, result in rows:
+        print(f"{name:>12} TTFT {seconds(result, 'ttft_s'):>7} s, {result.get('triton_compiles', '-')} compiles "
+              f"({result.get('triton_compile_s', '-')} s) {result.get('triton_compiled', '')}")
 
 
 def print_batches(ours: dict, hf: dict) -> None:
