@@ -193,8 +193,9 @@ class ModelWorker:
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
-        """One step. A request whose own handling fails (its sampling state, its sample) is left
-        out and reported in `failed`; the other requests of the step go on as if it were absent."""
+        """One step. A request whose own handling fails (its sampling state, its forward pass:
+        model_shards/step_containment.py, its sample) is left out and reported in `failed`; the
+        other requests of the step go on as if it were absent."""
         if threading.get_ident() not in self._warm_threads:
             self._warm_up_attention()
         failed: dict[str, str] = {}
@@ -204,7 +205,6 @@ class ModelWorker:
         if not step_input.num_scheduled_tokens:
             return StepOutput(step_input.step_id, kv_report=kv_report, failed=failed)
         sampled, prompt_logprobs = {}, {}
-        # A forward pass that raises fails its culprits alone (model_shards/step_containment.py).
         for schedule, (hidden, batch) in self._contained_forward(step_input, failed):  # hidden: (tokens, hidden)
             prompt_logprobs.update(compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
                                                            keep=self.layout.is_driver_rank))
@@ -215,8 +215,7 @@ class ModelWorker:
                           failed=failed)
 
     def _contained_forward(self, step_input: StepInput, failed: dict[str, str]) -> list:
-        """(schedule, (hidden, batch)) per group that ran: the whole step unless its forward raised.
-        Nothing to rewind: a retry rewrites the same KV slots."""
+        """(schedule, (hidden, batch)) per group that ran (nothing to rewind: KV is slot-addressed)."""
         step = ContainedStep(lambda schedule: self._run_model(_with_schedule(step_input, schedule)),
                              lambda request_id: self.requests[request_id].num_computed_tokens)
         return run_contained(step, dict(step_input.num_scheduled_tokens), failed, world_size=self.layout.world.size,
