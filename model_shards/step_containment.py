@@ -23,6 +23,7 @@ lost) is fatal too.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,16 +57,14 @@ def run_contained(step: ContainedStep[Result], schedule: Schedule, failed: dict[
                   world_size: int, device: torch.device) -> list[tuple[Schedule, Result]]:
     """(schedule, result) of each group that ran, all of `schedule` in one when nothing failed;
     the requests that failed alone are added to `failed`."""
-    try:
-        return [(schedule, step.forward(schedule))]
-    except Exception as error:  # noqa: BLE001 - contained below, or re-raised as fatal
-        _recover_or_raise(error, world_size, device)
-        logger.warning("the forward pass of a step of %d requests failed", len(schedule), exc_info=True)
-        first_error = error
+    result, error = _attempt(step, schedule)
+    if error is None:
+        return [(schedule, result)]
+    _recover_or_raise(error, world_size, device)
     if len(schedule) == 1:  # the step's one request is the culprit: no retry would differ
-        _fail(step, _rewound(step, schedule, first_error, failed), first_error, failed)
+        _fail(step, _rewound(step, schedule, error, failed), error, failed)
         return []
-    return _retry(step, _retry_plan(_rewound(step, schedule, first_error, failed)), failed, world_size, device)
+    return _retry(step, _retry_plan(_rewound(step, schedule, error, failed)), failed, world_size, device)
 
 
 def _retry(step: ContainedStep[Result], plan: list[Schedule], failed: dict[str, str], world_size: int,
@@ -73,15 +72,27 @@ def _retry(step: ContainedStep[Result], plan: list[Schedule], failed: dict[str, 
     results, queue = [], deque(plan)
     while queue:
         group = queue.popleft()
-        try:
-            results.append((group, step.forward(group)))
-        except Exception as error:  # noqa: BLE001 - the group's requests are tried alone
-            _recover_or_raise(error, world_size, device)
-            if len(group) == 1:
-                _fail(step, _rewound(step, group, error, failed), error, failed)
-            else:
-                queue.extendleft(reversed(_singles(_rewound(step, group, error, failed))))
+        result, error = _attempt(step, group)
+        if error is None:
+            results.append((group, result))
+            continue
+        _recover_or_raise(error, world_size, device)
+        if len(group) == 1:
+            _fail(step, _rewound(step, group, error, failed), error, failed)
+        else:  # its requests are tried alone
+            queue.extendleft(reversed(_singles(_rewound(step, group, error, failed))))
     return results
+
+
+def _attempt(step: ContainedStep[Result], schedule: Schedule) -> tuple[Result | None, Exception | None]:
+    """(result, None), or (None, the error without its traceback: the traceback's frames hold the
+    failed attempt's tensors, which the allocator must get back before a retry)."""
+    try:
+        return step.forward(schedule), None
+    except Exception as error:  # noqa: BLE001 - contained by the caller, or re-raised as fatal
+        # as text: a log record holding the traceback (exc_info) would keep the frames alive
+        logger.warning("the forward pass of %d requests failed:\n%s", len(schedule), traceback.format_exc())
+        return None, error.with_traceback(None)
 
 
 def _retry_plan(schedule: Schedule) -> list[Schedule]:

@@ -3,6 +3,8 @@ forward: which groups run, in which order, who fails with what, and when the fai
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -86,6 +88,22 @@ def test_the_one_request_the_rewind_leaves_of_a_failed_pair_is_retried():
 
     results, failed = _run(RecordingForward(set(), max_requests=1), {"a": 1, "b": 1}, rewind=loses_a)
     assert failed == {"a": "lost"} and results == [({"b": 1}, ["b"])]
+
+
+def test_the_failed_attempt_s_tensors_are_released_before_the_retry():
+    """Its traceback's frames hold them: a retry after an out-of-memory error needs that memory back."""
+    failed_attempts, alive_at_retry = [], []
+
+    def forward(schedule):
+        alive_at_retry.extend(tensor() is not None for tensor in failed_attempts)
+        activations = torch.empty(1 << 16)
+        if "big" in schedule:
+            failed_attempts.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return activations.sum()
+
+    _run(forward, STEP)
+    assert len(failed_attempts) == 2 and alive_at_retry and not any(alive_at_retry)
 
 
 def test_with_several_ranks_a_failure_stays_fatal_and_says_why():
