@@ -23,8 +23,10 @@ allocator spikes and compile spikes from others. `--alloc-conf` sets PYTORCH_CUD
 `--profile-length`, CUDA-event sections (bench/deepseek_v4_sections.py plus the pages' own) of
 the last chunk of one more prompt that long, on both paths. Writes $OUT/deepseek_v4_paged.json (else
 bench/results/) after every length, so a run cut short keeps what it measured. `--concurrency 1 8`
-then has N requests decode together (one forward per step for all of them, their attention cores
-as one batch: model_shards/deepseek_v4/decode_attention.py): ms per step, tokens/s.
+then has N requests decode together (one forward per step for all of them, their appends, key
+gathers and attention cores as one batch: model_shards/deepseek_v4/paged_decodes.py): ms per step,
+tokens/s, and the aten ops one such step dispatches (op_count.py: all, those that compute, inside
+the layers, host syncs), which should not grow with N.
 CPU, decode batching on the tiny preset; then one H200, the flash shape:
     python3 bench/deepseek_v4_paged.py --lengths 256 --concurrency 1 8 32
     python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda --lengths 32768 \
@@ -56,6 +58,7 @@ from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # noqa: E4
 from model_folder.deepseek_v4_kv_budget import kv_bytes_per_token  # noqa: E402
 from model_shards.deepseek_v4.kv_pages import compressed_layout  # noqa: E402
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM  # noqa: E402
+from model_shards.deepseek_v4.op_count import OpCounter  # noqa: E402
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model, preset_config  # noqa: E402
 from model_shards.deepseek_v4.runner import DeepseekV4Runner  # noqa: E402
 from model_shards.triton_compiles import TritonCompileLog, summarize  # noqa: E402
@@ -206,6 +209,43 @@ class ChunkClock:
         return result
 
 
+class DecodeOps:
+    """The aten ops (model_shards/deepseek_v4/op_count.py) of one engine step in which each of
+    `requests` requests decodes one token (DeepseekV4Runner._run_chunks: the step's preparation and
+    its forward; sampling apart): all dispatched, those that compute (a kernel on a GPU), those
+    inside the decoder layers, and the host syncs among them. Counts the `skip`-th such step."""
+
+    def __init__(self, requests: int, skip: int = 2):
+        self.requests, self.skip, self.counter = requests, skip, None
+        self.seen = 0
+
+    def __enter__(self) -> DecodeOps:
+        original, watch = DeepseekV4Runner._run_chunks, self
+        self.original = original
+
+        def counted(runner, scheduled):
+            decoding = len(scheduled) == watch.requests and all(count == 1 for _, count in scheduled)
+            watch.seen += decoding
+            if not decoding or watch.seen != watch.skip + 1:
+                return original(runner, scheduled)
+            with OpCounter(layers=runner.model.layers) as watch.counter:
+                return original(runner, scheduled)
+        DeepseekV4Runner._run_chunks = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        DeepseekV4Runner._run_chunks = self.original
+
+    def row(self) -> dict:
+        if self.counter is None:
+            return {}
+        step, layers = self.counter.step, self.counter.layers
+        return {"decode_step_ops": step.total(), "decode_step_computing_ops": step.computing_total(),
+                "decode_step_host_syncs": step.sync_total(), "decode_layers_ops": layers.total(),
+                "decode_layers_computing_ops": layers.computing_total(), "decode_layers_host_syncs": layers.sync_total(),
+                "decode_step_sync_ops": dict(step.syncs)}
+
+
 def make_engine(folder: Path, args: argparse.Namespace, block_size: int) -> LLMEngine:
     longest = max(args.lengths) + args.decode_steps + 2 * args.chunk_tokens
     most_requests = max([4, *args.concurrency])
@@ -238,8 +278,8 @@ def concurrent_decode(engine: LLMEngine, args: argparse.Namespace, concurrency: 
     requests' mean time per output token (the whole step)."""
     prompts = [random_prompt(args.concurrency_prompt_tokens + i) for i in range(concurrency)]  # no prefix hits
     params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
-    clock = ChunkClock(torch.device(args.device))
-    with clock:
+    clock, ops = ChunkClock(torch.device(args.device)), DecodeOps(concurrency)
+    with clock, ops:  # ops counts one step, which the median of the timed steps leaves out
         results = [sequences[0] for sequences in generate(engine, prompts, params)]
     if errors := [result.error for result in results if result.error]:
         raise RuntimeError(f"engine: {errors[0]}")
@@ -249,7 +289,7 @@ def concurrent_decode(engine: LLMEngine, args: argparse.Namespace, concurrency: 
     return {"concurrency": concurrency, "prompt_tokens": args.concurrency_prompt_tokens,
             "decode_steps_timed": len(decode_ms), "decode_step_device_ms": median_ms,
             "decode_tokens_per_s": concurrency * 1e3 / median_ms,
-            "tpot_ms_mean": sum(result.tpot_s for result in results) / concurrency * 1e3}
+            "tpot_ms_mean": sum(result.tpot_s for result in results) / concurrency * 1e3, **ops.row()}
 
 
 def synchronize(device: torch.device) -> None:

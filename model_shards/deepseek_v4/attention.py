@@ -2,7 +2,8 @@
 
     q  = rope(rms(q_b_proj(q_residual)))        q_residual = q_a_norm(q_a_proj(x))   (T, heads, D)
     kv = rope(kv_norm(kv_proj(x)))              one K = V head                       (T, D)
-    per segment: window append, compressor append, indexer top-k (CSA)  on its own state
+    per segment: window append, compressor append, indexer top-k (CSA)  on its own state, or for
+                 the step's decodes on the pages all at once (paged_decodes.py)
     out = sink_attention(q, window | compressed entries)   per chunk; single-query
           segments (decodes) all at once: decode_attention.py                       (T, heads, D)
     out = rope^-1(out) at the query position    (V carries RoPE since V = K: undo it, so each
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 
 from model_shards.deepseek_v4.compressor import Compressor
-from model_shards.deepseek_v4.decode_attention import decode_attention
+from model_shards.deepseek_v4.decode_attention import decode_attention, paged_decode_attention
 from model_shards.deepseek_v4.entries import ContiguousEntries, Entries
 from model_folder.deepseek_v4_config import CSA, HCA, SLIDING, DeepseekV4Architecture
-from model_shards.deepseek_v4.indexer import LightningIndexer
+from model_shards.deepseek_v4.indexer import IndexerInputs, LightningIndexer
 from model_shards.deepseek_v4.norm_rope import norm_and_rotate
+from model_shards.deepseek_v4.paged_decodes import DecodeBatch, LayerDecodes
 from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
@@ -42,8 +44,11 @@ from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.tensor_parallel import RowParallelLinear
 
 
-Segment = tuple[int, int, LayerState]  # a sequence's chunk: start position, token count, its layer state
+# a sequence's chunk: start position, token count, its layer state (None: a decode whose state
+# lies on the pages, run with the step's other paged decodes: paged_decodes.py)
+Segment = tuple[int, int, LayerState | None]
 SegmentKeys = tuple[torch.Tensor, CompressedKeys | None]  # what its queries attend: window keys, compressed keys
+Projected = tuple[torch.Tensor, torch.Tensor, IndexerInputs | None]  # compressor kv, gate (T, width); indexer inputs
 
 
 class GroupedLinear(nn.Module):
@@ -99,61 +104,74 @@ class DeepseekV4Attention(nn.Module):
         positions = span_positions([(start, x.shape[0])], x.device)
         return self.forward_segments(x, [(start, x.shape[0], state)], positions)
 
-    def forward_segments(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor) -> torch.Tensor:
+    def forward_segments(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor,
+                         decodes: LayerDecodes | None = None) -> torch.Tensor:
         """x (T, hidden): several sequences' chunks one after another, `segments` their (start
         position, token count, state) in order, `positions` (T,) each token's position in its
         sequence (positions.span_positions) -> (T, hidden). Projections, norms and RoPE run once
         over all tokens; each segment's state is appended and its keys chosen on its own; the
-        attention core runs once for all single-query segments (decodes) and once per longer chunk."""
+        attention core runs once for all single-query segments (decodes) and once per longer chunk.
+        `decodes`: the step's decodes on the pages (the segments whose state is None), whose
+        appends and keys are batched too (paged_decodes.py)."""
         tokens = x.shape[0]
         cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
         q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
         q = self.q_b_proj(q_residual).view(tokens, self.num_heads, self.head_dim)
         q = norm_and_rotate(q, cos, sin, "unweighted", self.eps)  # (T, heads, D)
         kv = norm_and_rotate(self.kv_proj(x), cos, sin, "weighted", self.kv_norm.eps, self.kv_norm.weight)  # (T, D)
+        projected = self._project(x, q_residual, (cos, sin))
         bounds = list(itertools.accumulate((count for _, count, _ in segments), initial=0))
-        rows = [slice(first, stop) for first, stop in zip(bounds, bounds[1:])]  # each segment's tokens
-        keys = self._append_segments(x, q_residual, kv, (cos, sin), segments, rows)
-        out = self._attend(q, rows, keys)
+        rows = [slice(first, stop) for first, stop, (_, _, state) in zip(bounds, bounds[1:], segments)
+                if state is not None]  # the tokens of each segment on its own state
+        out = None
+        if rows:
+            own = [segment for segment in segments if segment[2] is not None]
+            out = self._attend(q, rows, self._append_segments(kv, projected, own, rows))
+        if decodes is not None:
+            out = self._merge(out, self._decode_on_pages(q, kv, projected, decodes), decodes.batch)
         out = norm_and_rotate(out, cos, -sin, "none")  # (T, heads, D), in place on a GPU
         grouped = self.o_a_proj(out.reshape(tokens, self.num_groups, -1))  # (T, groups, o_lora_rank)
         return self.o_b_proj(grouped.flatten(1))  # (T, hidden)
 
-    def _append_segments(self, x: torch.Tensor, q_residual: torch.Tensor, kv: torch.Tensor,
-                         cos_sin: tuple[torch.Tensor, torch.Tensor], segments: list[Segment],
+    def _project(self, x: torch.Tensor, q_residual: torch.Tensor,
+                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> Projected | None:
+        """The compressor's and indexer's token-wise inputs, once over all tokens (None: sliding)."""
+        if self.compressor is None:
+            return None
+        index_inputs = None if self.indexer is None else self.indexer.project(x, q_residual, *cos_sin)
+        return (*self.compressor.project(x), index_inputs)
+
+    def _append_segments(self, kv: torch.Tensor, projected: Projected | None, segments: list[Segment],
                          rows: list[slice]) -> list[SegmentKeys]:
         """Each segment's chunk (its `rows` of the tokens) appended to its own state (window,
-        compressor, indexer), the compressor's and indexer's projections computed once for all
-        tokens and the windows that close pooled at once -> per segment the keys its queries
-        attend: window keys (w + T_i, D) and compressed keys."""
+        compressor, indexer), the windows that close pooled at once -> per segment the keys its
+        queries attend: window keys (w + T_i, D) and compressed keys."""
         window_keys = [state.window.append(kv[part]) for (_, _, state), part in zip(segments, rows)]
-        if self.compressor is None:
+        if projected is None:
             return [(keys, None) for keys in window_keys]
-        compressor_kv, compressor_gate = self.compressor.project(x)  # (T, width) each
+        compressor_kv, compressor_gate, index_inputs = projected  # (T, width) each
         entries = self.compressor.append([state.compressor for _, _, state in segments],
                                          [compressor_kv[part] for part in rows],
                                          [compressor_gate[part] for part in rows])
-        return list(zip(window_keys, self._compressed_keys(entries, segments, rows, x, q_residual, cos_sin)))
+        return list(zip(window_keys, self._compressed_keys(entries, segments, rows, index_inputs)))
 
     def _compressed_keys(self, entries: list[Entries], segments: list[Segment], rows: list[slice],
-                         x: torch.Tensor, q_residual: torch.Tensor,
-                         cos_sin: tuple[torch.Tensor, torch.Tensor]) -> list[CompressedKeys]:
+                         index_inputs: IndexerInputs | None) -> list[CompressedKeys]:
         """HCA: every closed entry (read once: 1 per m' tokens); CSA: the indexer's top-k of them."""
         starts = [start for start, _, _ in segments]
         if self.layer_type == HCA:
             return [CompressedKeys(ContiguousEntries(closed.read(0, closed.count)), first_position=start,
                                    rate=self.compressor.rate) for closed, start in zip(entries, starts)]
-        index_inputs = self.indexer.project(x, q_residual, *cos_sin)
         selected = self.indexer.select([state.indexer for _, _, state in segments],
                                        [index_inputs.rows(part) for part in rows], starts)  # (T_i, k) each
         return [CompressedKeys(closed, selected=chosen) for closed, chosen in zip(entries, selected)]
 
     def _attend(self, q: torch.Tensor, rows: list[slice], keys: list[SegmentKeys]) -> torch.Tensor:
-        """(T, heads, D) -> (T, heads, D): every single-query segment (a decode) in one batched
-        core, each longer chunk in its own."""
+        """(T, heads, D) -> (sum of the rows, heads, D): every single-query segment (a decode) in
+        one batched core, each longer chunk in its own."""
         singles = [index for index, part in enumerate(rows) if part.stop - part.start == 1]
         if singles:
-            single_q = q if len(singles) == len(rows) else torch.cat([q[rows[i]] for i in singles])
+            single_q = q if len(singles) == q.shape[0] else torch.cat([q[rows[i]] for i in singles])
             batched = decode_attention(single_q, [keys[i] for i in singles], self.sliding_window, self.sinks,
                                        self.scale)  # (singles, heads, D)
             if len(singles) == len(rows):
@@ -163,6 +181,33 @@ class DeepseekV4Attention(nn.Module):
                   sink_attention(q[part], window_keys, self.sliding_window, compressed, self.sinks, self.scale)
                   for part, (window_keys, compressed) in zip(rows, keys)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _decode_on_pages(self, q: torch.Tensor, kv: torch.Tensor, projected: Projected | None,
+                         decodes: LayerDecodes) -> torch.Tensor:
+        """The step's N paged decodes: appends and key gathers as one op each over all N
+        (paged_decodes.py), then one attention core -> (N, heads, D)."""
+        pick = decodes.batch.pick  # the decodes' rows of the step's tokens
+        groups = [decodes.append_window(pick(kv))]  # (N, W, D), (N, W)
+        if projected is not None:
+            compressor_kv, compressor_gate, index_inputs = projected
+            self.compressor.append_decodes(decodes.compressor, pick(compressor_kv), pick(compressor_gate))
+            if self.indexer is None:  # HCA: every closed entry
+                groups.append(decodes.compressor.read_entries())
+            else:
+                picked = IndexerInputs(pick(index_inputs.q), pick(index_inputs.head_weights),
+                                       pick(index_inputs.kv), pick(index_inputs.gate))
+                selected = self.indexer.select_decodes(decodes.indexer, picked)  # (N, k)
+                groups.append(decodes.compressor.gather(selected, self.indexer.topk))
+        return paged_decode_attention(pick(q), groups, self.sinks, self.scale)
+
+    @staticmethod
+    def _merge(own: torch.Tensor | None, decoded: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        """The step's (T, heads, D) from the paged decodes' rows and the other segments' rows."""
+        if own is None:  # every token a paged decode, in order
+            return decoded
+        out = decoded.new_empty(own.shape[0] + decoded.shape[0], *decoded.shape[1:])
+        out.index_copy_(0, batch.rows, decoded)
+        return out.index_copy_(0, batch.other_rows, own)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         heads = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)

@@ -15,7 +15,7 @@ An entry exists once its window has closed, and a query at position p sees entri
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary, apply_interleaved_rotary
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
+
+if TYPE_CHECKING:
+    from model_shards.deepseek_v4.paged_decodes import DecodeWindows
 
 
 class ClosedWindows(NamedTuple):
@@ -81,6 +84,19 @@ class Compressor(nn.Module):
             for closed, entries in zip(closing, pooled.split(sizes)):
                 closed.state.add_entries(entries)
         return [state.entries for state in states]
+
+    def append_decodes(self, windows: DecodeWindows, kv: torch.Tensor, gate: torch.Tensor) -> None:
+        """N decodes' projected rows (N, width) into their open windows on the pages
+        (paged_decodes.py); the windows that close (those whose m-th row this is) pooled and
+        written to their entries' pages. The same fold as `append`, with no op per request."""
+        closed_kv, closed_gate = windows.append(kv, gate)  # (C, m, width) each
+        closed_gate = closed_gate + self.position_bias
+        if self.overlapping:  # [Ca of the previous window | Cb], as _overlapping_slots
+            dim = self.dim
+            previous_kv, previous_gate = windows.swap_overlap(closed_kv[..., :dim], closed_gate[..., :dim])
+            closed_kv = torch.cat((previous_kv.to(kv.dtype), closed_kv[..., dim:]), dim=1)  # (C, 2m, dim)
+            closed_gate = torch.cat((previous_gate.to(closed_gate.dtype), closed_gate[..., dim:]), dim=1)
+        windows.write_entries(self._pool(closed_kv, closed_gate, windows.entry_positions))
 
     def _slots(self, state: CompressorState, kv: torch.Tensor,
                gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,22 @@
 """The V4 runner's step under model_shards/step_containment.py: what a retry of a failed forward
 pass needs beyond the pages.
 
-A retry rewrites what the failed attempt wrote into the pages (window keys, overlap halves and
-entries all land at the positions of the chunk's own tokens), and a chunk that starts on a block
-boundary rebuilds its whole state from the pages and `num_computed_tokens`. A chunk that starts
-inside a block resumes from the request's slot (its open compression windows, paged_state.py),
-which the forward pass advances as it goes: a failed attempt leaves it part-advanced, and a retry
-from it would append the chunk twice. So before a step that holds a prefill chunk (the part that
-runs out of memory) each such slot is snapshotted (`SequenceState.snapshot`: tensors are shared,
-never written in place) and a retry starts from a copy of that. A step of decodes alone takes no
-snapshot (about 4 us a layer and request, on every token); if it fails, its requests that resume
-inside a block fail with it, the others are retried.
+A retry rewrites what the failed attempt wrote into the pages (window keys, entries and overlap
+halves land at the positions of the chunk's own tokens). Each request's open windows live in its
+slot (open_windows.py), and `tokens[slot]` says after how many tokens:
+
+    a chunk run on a loaded state   reads its slot and writes it back only after the forward
+                                    (PagedKV.save): a failed attempt left it as it was
+    a decode on the pages           writes its new row of the open window in place (the same
+                                    row, the same value on a retry), and where a CSA window
+                                    closes swaps the slot's overlap half for the new one: a
+                                    retry would pool the entry with the wrong half
+
+So before a step that holds a prefill chunk (the part that runs out of memory) the slots of the
+decodes closing a CSA window are copied (one gather of their rows) and a retry starts from them;
+`tokens` is put back for every slot. A step of decodes alone copies nothing (it would cost a
+copy on most tokens): if it fails, its decodes closing a CSA window fail with it, the others are
+retried.
 """
 
 from __future__ import annotations
@@ -18,42 +24,50 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from model_shards.deepseek_v4.state import SequenceState
+from model_shards.deepseek_v4.open_windows import OpenWindows
 from model_shards.step_containment import ContainedStep, Schedule, failure_reason
 
 
 class _Resumable(Protocol):
     num_computed_tokens: int
-    slot: SequenceState | None
+    slot: int
 
 
-def contained_chunks(requests: dict[str, _Resumable], schedule: Schedule, block_size: int,
+def contained_chunks(requests: dict[str, _Resumable], schedule: Schedule, windows: OpenWindows,
                      forward: Callable[[Schedule], object]) -> ContainedStep:
-    rewind = OpenWindowsRewind(requests, schedule, block_size)
+    rewind = OpenWindowsRewind(requests, schedule, windows)
     return ContainedStep(forward, lambda request_id: requests[request_id].num_computed_tokens, rewind)
 
 
 class OpenWindowsRewind:
-    """`ContainedStep.rewind` for V4: puts back the slots a failed attempt may have advanced."""
+    """`ContainedStep.rewind` for V4: puts back the slots a failed attempt may have changed."""
 
-    def __init__(self, requests: dict[str, _Resumable], schedule: Schedule, block_size: int):
-        self.requests, self.block_size = requests, block_size
-        has_prefill = any(count > 1 for count in schedule.values())
-        self.saved = {rid: self.requests[rid].slot.snapshot() for rid in schedule
-                      if self._resumes_from_slot(rid)} if has_prefill else None
+    def __init__(self, requests: dict[str, _Resumable], schedule: Schedule, windows: OpenWindows):
+        self.requests, self.windows = requests, windows
+        self.tokens = {rid: windows.tokens.get(requests[rid].slot) for rid in schedule}
+        overlap_rates = {field.rows for (_, name), field in windows.fields().items() if name.endswith("overlap_kv")}
+        self.swapping = [rid for rid, count in schedule.items() if count == 1 and self._closes(rid, overlap_rates)]
+        self.saved = None
+        if self.swapping and any(count > 1 for count in schedule.values()):
+            self.saved = windows.pool.data[[requests[rid].slot for rid in self.swapping]].clone()  # (swapping, bytes)
 
-    def _resumes_from_slot(self, request_id: str) -> bool:
+    def _closes(self, request_id: str, overlap_rates: set[int]) -> bool:
+        """Whether its token decodes on the pages and closes an overlapping (CSA) window there."""
         request = self.requests[request_id]
-        return request.slot is not None and request.num_computed_tokens % self.block_size != 0
+        position = request.num_computed_tokens
+        return self.windows.holds(request.slot, position) and any((position + 1) % m == 0 for m in overlap_rates)
 
     def __call__(self, schedule: Schedule, error: Exception) -> dict[str, str]:
         lost = {}
         for request_id, count in schedule.items():
-            if not self._resumes_from_slot(request_id):
-                continue  # its state is rebuilt from the pages
+            request = self.requests[request_id]
+            if self.tokens[request_id] is not None:
+                self.windows.tokens[request.slot] = self.tokens[request_id]
+            if request_id not in self.swapping:
+                continue
             if self.saved is None:
-                lost[request_id] = (f"{failure_reason(error, count, self.requests[request_id].num_computed_tokens)} "
+                lost[request_id] = (f"{failure_reason(error, count, request.num_computed_tokens)} "
                                     "(a step of decodes alone keeps no copy of its open windows to retry from)")
-            else:  # a copy: the retry advances it in turn, and may fail again
-                self.requests[request_id].slot = self.saved[request_id].snapshot()
+            else:
+                self.windows.pool.data[request.slot] = self.saved[self.swapping.index(request_id)]
         return lost

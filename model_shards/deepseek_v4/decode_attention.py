@@ -12,6 +12,10 @@ softmax; the same kernel on a GPU):
 A single query has no NO_ENTRY slot to mask: it ranks every entry closed at its position, which
 are all its sequence's entries, and the indexer keeps min(topk, E) of them; so lengths alone make
 the mask. Padding columns repeat a real row (finite: a masked key gets probability exactly 0).
+
+On the pages (paged_decodes.py) the keys arrive already gathered per query, (N, W, D) window rows
+and (N, K, D) compressed entries, each with its (N, K) mask: `paged_decode_attention` attends them
+as two groups of the same softmax, with no op per query.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ def decode_attention(q: torch.Tensor, keys: list[tuple[torch.Tensor, CompressedK
     outs = [_attend_padded(q[first:first + block], per_query[first:first + block], sinks, scale)
             for first in range(0, q.shape[0], block)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def paged_decode_attention(q: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """q (N, heads, head_dim), one query per decode; groups [(keys (N, K_g, head_dim), allowed
+    (N, K_g))]: each decode's window keys, then its compressed keys -> (N, heads, head_dim)."""
+    groups = [(keys, allowed) for keys, allowed in groups if keys.shape[1]]
+    widest = sum(keys.shape[1] for keys, _ in groups)
+    block = max(1, block_elements(q.device) // (q.shape[1] * widest))  # queries per block of logits
+    if block >= q.shape[0]:
+        return attend(q, groups, sinks, scale)
+    return torch.cat([attend(q[first:first + block], [(keys[first:first + block], allowed[first:first + block])
+                                                      for keys, allowed in groups], sinks, scale)
+                      for first in range(0, q.shape[0], block)])
 
 
 def _query_keys(window_keys: torch.Tensor, compressed: CompressedKeys | None,

@@ -46,7 +46,7 @@ def index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: Entries, fir
     """q (t, heads, dim), head_weights (t, heads) float32, E keys of dim (contiguous or on pages:
     entries.py) for queries at positions first_position .. -> scores (t, E) float32, entries not
     closed at a query's position -inf; or with `ranked` their ranking keys (t, E) int64."""
-    if _fused_kernel_runs(q, keys.dtype):
+    if fused_kernel_runs(q, keys.dtype):
         block_tokens = DECODE_BLOCK_TOKENS if q.shape[0] <= DECODE_BLOCK_TOKENS else BLOCK_TOKENS
         return index_scores_triton(q, head_weights, keys, first_position, rate, block_tokens, ranked=ranked)
     scores = index_scores_torch(q, head_weights, keys.read(0, keys.count), first_position, rate)
@@ -61,7 +61,7 @@ def ranking_keys(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | entry
 
 
-def _fused_kernel_runs(q: torch.Tensor, keys_dtype: torch.dtype) -> bool:
+def fused_kernel_runs(q: torch.Tensor, keys_dtype: torch.dtype) -> bool:
     half = (torch.bfloat16, torch.float16)
     dim = q.shape[-1]
     return q.is_cuda and q.dtype in half and keys_dtype == q.dtype and dim >= 16 and dim & (dim - 1) == 0
@@ -118,7 +118,7 @@ def decode_index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: list[
     E_i keys (all closed at its query) -> scores (N, max E_i) float32, -inf past E_i; or with
     `ranked` their ranking keys (N, max E_i) int64."""
     widest = max(entries.count for entries in keys)
-    if _fused_kernel_runs(q, keys[0].dtype) and all(entries.dtype == q.dtype for entries in keys):
+    if fused_kernel_runs(q, keys[0].dtype) and all(entries.dtype == q.dtype for entries in keys):
         return decode_index_scores_triton(q, head_weights, keys, ranked, block_entries)
     scores = torch.full((q.shape[0], widest), float("-inf"), dtype=torch.float32, device=q.device)
     for row, entries in enumerate(keys):  # as index_scores_torch scores a one-token chunk
@@ -130,16 +130,36 @@ def decode_index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: list[
 def decode_index_scores_triton(q: torch.Tensor, head_weights: torch.Tensor, keys: list[Entries],
                                ranked: bool = False, block_entries: int = BLOCK_ENTRIES) -> torch.Tensor:
     """decode_index_scores by the kernel: one launch over every request's entries."""
+    row_space, first_rows = _one_row_space(keys)
+    counts = [entries.count for entries in keys]
+    return decode_index_scores_on_rows(q, head_weights, row_space, host_to_device(first_rows, q.device),
+                                       host_to_device(torch.tensor(counts), q.device), max(counts), ranked,
+                                       block_entries)
+
+
+def decode_index_scores_on_rows(q: torch.Tensor, head_weights: torch.Tensor,
+                                row_space: tuple[torch.Tensor, torch.Tensor, int], first_rows: torch.Tensor,
+                                counts: torch.Tensor, widest: int, ranked: bool = False,
+                                block_entries: int = BLOCK_ENTRIES) -> torch.Tensor:
+    """The decode kernel's one launch: query i against rows first_rows[i] .. + counts[i] - 1 (device
+    tensors (N,)) of one row space (blocks, table, rows_per_block) -> (N, widest), -inf past counts[i]."""
     from model_shards.deepseek_v4.index_scores_kernel import launch_decode_index_scores
 
-    widest = max(entries.count for entries in keys)
-    row_space, first_rows = _one_row_space(keys)
-    counts = host_to_device(torch.tensor([entries.count for entries in keys]), q.device)
     scores = torch.empty(q.shape[0], widest, dtype=torch.int64 if ranked else torch.float32, device=q.device)
     if widest:
-        launch_decode_index_scores(q, head_weights.float().contiguous(), row_space,
-                                   host_to_device(first_rows, q.device), counts, scores, block_entries, WARPS)
+        launch_decode_index_scores(q, head_weights.float().contiguous(), row_space, first_rows, counts, scores,
+                                   block_entries, WARPS)
     return scores
+
+
+def gathered_index_scores(q: torch.Tensor, head_weights: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
+                          ranked: bool = False) -> torch.Tensor:
+    """N single queries q (N, heads, dim), head_weights (N, heads) float32, each against its own
+    keys (N, E, dim) of which `allowed` (N, E) exist -> scores (N, E) float32, -inf where not
+    allowed (or their ranking keys): decode_index_scores' reference on keys gathered at once."""
+    per_head = torch.matmul(q.float(), keys.float().transpose(1, 2)).relu_()  # (N, heads, E)
+    scores = torch.bmm(head_weights[:, None, :], per_head)[:, 0].masked_fill_(~allowed, float("-inf"))
+    return ranking_keys(scores) if ranked else scores
 
 
 def _one_row_space(keys: list[Entries]) -> tuple[tuple[torch.Tensor, torch.Tensor, int], torch.Tensor]:

@@ -14,6 +14,7 @@ entries (index_scores.decode_index_scores) and one top-k, not one of each per re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
+
+if TYPE_CHECKING:
+    from model_shards.deepseek_v4.paged_decodes import DecodeWindows
 
 NO_ENTRY = -1  # a selection slot without an entry (fewer closed entries than index_topk)
 
@@ -83,6 +87,17 @@ class LightningIndexer(nn.Module):
         chosen = dict(zip(decodes, self._choose_decodes([keys[i] for i in decodes], [inputs[i] for i in decodes])))
         return [chosen[index] if index in chosen else self._choose(*args)
                 for index, args in enumerate(zip(keys, inputs, starts))]
+
+    def select_decodes(self, windows: DecodeWindows, inputs: IndexerInputs) -> torch.Tensor:
+        """A paged decode step (paged_decodes.py): fold the N decodes' rows into their indexer keys,
+        then each one's choice among them at once: (N, min(topk, E_max)) ascending, row i's first
+        min(topk, E_i) its own (as _choose_decodes)."""
+        self.compressor.append_decodes(windows, inputs.kv, inputs.gate)
+        if self.tp.size == 1:
+            ranked = windows.index_scores(inputs.q, inputs.head_weights, ranked=True)  # (N, E_max)
+        else:
+            ranked = ranking_keys(self.tp.all_reduce(windows.index_scores(inputs.q, inputs.head_weights, False)))
+        return top_k_of_ranking(ranked, min(self.topk, ranked.shape[1]))
 
     def _choose_decodes(self, keys: list[Entries], inputs: list[IndexerInputs]) -> list[torch.Tensor]:
         """N decodes' choices at once, (1, min(topk, E_i)) each: every entry of a decode is closed

@@ -6,19 +6,29 @@ sink_softmax.py, ...); what still does is the path a step takes and a few divisi
 whole chunks: a chunk of more than 16 tokens or of at most 16 (the indexer's two tile heights),
 entry counts at a chunk's end that are multiples of 16 or not (the softmax's key counts), several
 requests decoding together (the batched decode kernels). One synthetic prompt in chunks chosen to
-take each of those, then a few steps of two requests decoding together, on in-memory states that
-are dropped after: nothing is written to the KV pages, and every TP rank runs the same steps, so
-their collectives pair up.
+take each of those, then steps of a short request decoding alone and of both decoding together.
+`warm_up_runner` runs them as engine steps through the runner on the pages (the serving path:
+the worker calls it before it serves anything, so the blocks it writes hold nothing yet and the
+requests are dropped after); `warm_up_kernels` runs them on the model's in-memory states. Every
+TP rank runs the same steps, so their collectives pair up.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from model_folder.deepseek_v4_config import CSA, HCA
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.runner import DeepseekV4Runner
+from protocol.sampling_params import SamplingParams
+from protocol.step import CachedRequestData, NewRequestData, StepInput
 
 DECODE_STEPS = 17  # decode widths pass a multiple of 16 and a non-multiple
+SHORT_PROMPT = 3  # the request that decodes alone first: its key counts cross 16
+WARM_UP_IDS = ("warm-up-long", "warm-up-short")
+logger = logging.getLogger(__name__)
 
 
 def warm_up_chunks(csa_rate: int, hca_rate: int) -> list[int]:
@@ -40,7 +50,58 @@ def warm_up_kernels(model: DeepseekV4ForCausalLM) -> int:
     token = torch.ones(1, dtype=torch.long, device=model.device)  # any id: the values are never read
     for length in chunks:
         model.forward(token.expand(length).contiguous(), prompt)
-    model.forward(token.expand(3).contiguous(), other)
+    model.forward(token.expand(SHORT_PROMPT).contiguous(), other)
+    for _ in range(DECODE_STEPS):
+        model.forward(token, other)
     for _ in range(DECODE_STEPS):
         model.forward_segments([(token, prompt), (token, other)])
-    return sum(chunks) + 3 + 2 * DECODE_STEPS
+    return sum(chunks) + SHORT_PROMPT + 3 * DECODE_STEPS
+
+
+def warm_up_runner(runner: DeepseekV4Runner) -> int:
+    """The same steps as engine steps on the pages, block ids from 0; returns the steps run (0:
+    pools too small to hold the warm-up's blocks, so the first requests compile instead)."""
+    steps = warm_up_steps(runner.model.arch.compress_rate(CSA), runner.model.arch.compress_rate(HCA),
+                          runner.pages.block_size)
+    needed = 1 + max(block for step in steps for new in step.new_requests for table in new.block_ids
+                     for block in table)
+    if min(runner.pages.compressed.num_blocks, runner.pages.window.num_blocks) < needed:
+        logger.warning("kernel warm-up skipped: the KV pools hold fewer than its %d blocks", needed)
+        return 0
+    for step in steps:
+        runner.execute(step)
+    return len(steps)
+
+
+def warm_up_steps(csa_rate: int, hca_rate: int, block_size: int) -> list[StepInput]:
+    """The long prompt chunk by chunk (the short one's prompt beside its last chunk), the short one
+    decoding alone, both decoding together, then both finished. Blocks: the long request's first,
+    the short one's after them, the same ids in both pools."""
+    chunks = warm_up_chunks(csa_rate, hca_rate)
+    long_id, short_id = WARM_UP_IDS
+    long_tokens = sum(chunks) + 2 * DECODE_STEPS
+    long_blocks = tuple(range(-(-long_tokens // block_size)))
+    first_short = len(long_blocks)
+    short_blocks = tuple(range(first_short, first_short + -(-(SHORT_PROMPT + 2 * DECODE_STEPS) // block_size)))
+    greedy = SamplingParams(max_tokens=2 * DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
+    new_long = NewRequestData(long_id, (1,) * sum(chunks), (), greedy, (long_blocks, long_blocks), 0)
+    new_short = NewRequestData(short_id, (1,) * SHORT_PROMPT, (), greedy, (short_blocks, short_blocks), 0)
+    steps, done = [StepInput(0, new_requests=(new_long,), num_scheduled_tokens={long_id: chunks[0]})], chunks[0]
+    for length in chunks[1:]:
+        new = (new_short,) if length == chunks[-1] else ()
+        scheduled = {long_id: length, **({short_id: SHORT_PROMPT} if new else {})}
+        steps.append(StepInput(len(steps), new_requests=new, cached_requests=(_cached(long_id, done),),
+                               num_scheduled_tokens=scheduled))
+        done += length
+    for decoded in range(DECODE_STEPS):
+        steps.append(StepInput(len(steps), cached_requests=(_cached(short_id, SHORT_PROMPT + decoded),),
+                               num_scheduled_tokens={short_id: 1}))
+    for decoded in range(DECODE_STEPS):
+        cached = (_cached(long_id, done + decoded), _cached(short_id, SHORT_PROMPT + DECODE_STEPS + decoded))
+        steps.append(StepInput(len(steps), cached_requests=cached, num_scheduled_tokens={long_id: 1, short_id: 1}))
+    steps.append(StepInput(len(steps), finished_request_ids=frozenset(WARM_UP_IDS)))
+    return steps
+
+
+def _cached(request_id: str, computed: int) -> CachedRequestData:
+    return CachedRequestData(request_id, ((), ()), computed)

@@ -15,6 +15,8 @@ every compression window: nothing is pending there, and a prefix of whole blocks
 these pages alone (paged_state.py). The overlap halves sit in the window block that ends at the
 boundary: a prefix hit always holds that block (its window reaches into it), and the compressed
 group then holds exactly the entries that grow with the context, the config's bytes per token.
+A third pool, of one slot per running request rather than blocks, holds the open compression
+windows (`open_window_layout`): what a request carries from one chunk to the next besides pages.
 Each block is one contiguous run of bytes holding every layer's fields (typed views into a uint8
 tensor), so a tier moves a block with one copy, as the dense cache's block-major layout does
 (model_shards/kv_cache.py).
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from model_folder.deepseek_v4_config import CSA, HCA, DeepseekV4Architecture
+from model_shards.deepseek_v4.state import SequenceState
 
 ALIGN = 16  # bytes: every field starts aligned for any dtype's typed view
 GATE_DTYPE = torch.float32  # gate logits carry the float32 position bias
@@ -86,6 +89,27 @@ def window_layout(arch: DeepseekV4Architecture, block_size: int, dtype: torch.dt
     return PageLayout(shapes)
 
 
+def open_window_layout(state: SequenceState) -> PageLayout:
+    """One request's open compression windows (paged_state.OpenWindows), shaped after the model's
+    empty state: per CSA / HCA layer and compressor ("" and the indexer's "index_"), the
+    projections of the window being filled, pending_kv / pending_gate (m, width) (rows 0 .. n % m - 1
+    hold them), and for an overlapping (CSA) compressor the first half of the last closed window,
+    overlap_kv (m, dim) and overlap_gate (m, dim) float32 (gate -inf before the first one closes)."""
+    shapes = []
+    for layer, layer_state in enumerate(state.layers):
+        for prefix, compressor in (("", layer_state.compressor), ("index_", layer_state.indexer)):
+            if compressor is None:
+                continue
+            rate, (_, width), dtype = compressor.rate, compressor.pending_kv.shape, compressor.pending_kv.dtype
+            shapes += [(layer, prefix + "pending_kv", rate, width, dtype),
+                       (layer, prefix + "pending_gate", rate, width, dtype)]
+            dim = compressor.entries.rows.shape[1]
+            if width == 2 * dim:  # overlapping
+                shapes += [(layer, prefix + "overlap_kv", rate, dim, dtype),
+                           (layer, prefix + "overlap_gate", rate, dim, GATE_DTYPE)]
+    return PageLayout(shapes)
+
+
 class PagePool:
     """num_blocks blocks of one layout: a (num_blocks, nbytes) uint8 tensor, zeroed (a never
     written row must not hold NaN bit patterns), read and written through typed field views."""
@@ -93,6 +117,7 @@ class PagePool:
     def __init__(self, layout: PageLayout, num_blocks: int, device: torch.device | str):
         self.layout, self.num_blocks = layout, num_blocks
         self.data = torch.zeros(num_blocks, layout.nbytes, dtype=torch.uint8, device=device)
+        self._views: dict[tuple[int, str], torch.Tensor] = {}
 
     @property
     def bytes_per_block(self) -> int:
@@ -103,10 +128,13 @@ class PagePool:
         return self.data.device
 
     def view(self, layer: int, name: str) -> torch.Tensor:
-        """(num_blocks, rows, width) typed view of one field in every block; no copy."""
-        field = self.layout.fields[layer, name]
-        raw = self.data[:, field.offset:field.offset + field.nbytes]  # (num_blocks, nbytes)
-        return raw.view(field.dtype).view(self.num_blocks, field.rows, field.width)
+        """(num_blocks, rows, width) typed view of one field in every block; no copy (made once:
+        a decode step asks for every field of every layer)."""
+        if (layer, name) not in self._views:
+            field = self.layout.fields[layer, name]
+            raw = self.data[:, field.offset:field.offset + field.nbytes]  # (num_blocks, nbytes)
+            self._views[layer, name] = raw.view(field.dtype).view(self.num_blocks, field.rows, field.width)
+        return self._views[layer, name]
 
     def block(self, block_id: int) -> torch.Tensor:
         """The contiguous bytes of one block (every layer's fields)."""

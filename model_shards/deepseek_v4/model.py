@@ -28,6 +28,7 @@ from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
+from model_shards.deepseek_v4.paged_decodes import DecodeBatch, LayerDecodes
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.state import SequenceState
@@ -50,12 +51,12 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
 
     def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, segments: list[Segment],
-                positions: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor, decodes: LayerDecodes | None = None) -> torch.Tensor:
         """streams (T, hc, hidden) of the segments' tokens one after another -> (T, hc, hidden);
-        `segments` holds each segment's (start position, token count, state), in order, and
-        `positions` (T,) each token's position in its sequence."""
+        `segments` holds each segment's (start position, token count, state), in order,
+        `positions` (T,) each token's position in its sequence, `decodes` the paged decodes."""
         post, comb, collapsed = self.attn_hc(streams)
-        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments, positions)
+        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments, positions, decodes)
         streams = mix_streams(streams, attended, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
@@ -116,21 +117,28 @@ class DeepseekV4ForCausalLM(nn.Module):
         return self.forward_segments([(input_ids, state)])
 
     @torch.inference_mode()
-    def forward_segments(self, segments: list[tuple[torch.Tensor, SequenceState]]) -> torch.Tensor:
+    def forward_segments(self, segments: list[tuple[torch.Tensor, SequenceState | None]],
+                         decodes: DecodeBatch | None = None) -> torch.Tensor:
         """The next chunk of several sequences in one pass: [(input_ids (T_i,), state), ...] ->
         final hidden states (sum T_i, hidden), the segments' rows in order. Everything but attention
         is token-wise, so it runs once over all tokens (every weight read once); attention reads
         each segment's own state (DeepseekV4Attention.forward_segments). Each state then holds its
-        chunk too."""
+        chunk too. A state None: a single token decoding on the pages, one of `decodes` (in order)."""
         input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
-        spans = [(state.num_tokens, ids.shape[0], state) for ids, state in segments]  # (start, count, state)
+        decode_starts = iter(decodes.positions if decodes is not None else ())
+        spans = [(next(decode_starts) if state is None else state.num_tokens, ids.shape[0], state)
+                 for ids, state in segments]  # (start, count, state)
         positions = span_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
         for index, layer in enumerate(self.layers):
-            layer_segments = [(start, count, state.layers[index]) for start, count, state in spans]
-            streams = layer(streams, input_ids, layer_segments, positions)  # (T, hc, hidden)
+            layer_segments = [(start, count, state and state.layers[index]) for start, count, state in spans]
+            layer_decodes = decodes.layer(index) if decodes is not None else None
+            streams = layer(streams, input_ids, layer_segments, positions, layer_decodes)  # (T, hc, hidden)
         for ids, state in segments:
-            state.num_tokens += ids.shape[0]
+            if state is not None:
+                state.num_tokens += ids.shape[0]
+        if decodes is not None:
+            decodes.finish()
         return self.norm(self.hc_head(streams))
 
     @torch.inference_mode()

@@ -7,14 +7,16 @@ Before each chunk starting at token s, `PagedKV.load` builds the SequenceState t
                     compressed pages (entries.py), which the attention reads by address
     open windows    s on a block boundary: nothing pending, and CSA's overlap half from the
                     previous block's page (how a prefix hit, a restore or a preemption resumes);
-                    inside a block: the request's slot (the state after its previous chunk)
+                    inside a block: the request's slot of open windows (open_windows.py)
                     (the overlap halves live in the window block ending at the boundary: kv_pages.py)
 
 (the block tables on the pools' device: a request's BlockTableMirror keeps them there between
-steps, so a decode step copies no table, only the ids appended since its last step) and attaches sinks, so that while the model runs every new window key and the overlap half at each
-block end land in the request's pages (new entries write themselves: PagedEntries.append). After
-the chunk `PagedKV.slot` keeps only the open windows (bounded by m): the pages stay the one store
-of the growing KV, and no chunk copies it out whole.
+steps, so a decode step copies no table, only the ids appended since its last step) and attaches
+sinks, so that while the model runs every new window key and the overlap half at each block end
+land in the request's pages (new entries write themselves: PagedEntries.append). After the chunk
+`PagedKV.save` writes its open windows (bounded by m) into the request's slot: the pages stay the
+one store of the growing KV, and no chunk copies it out whole. A decode step needs no
+SequenceState at all: its requests' tokens run on the pages and slots directly (paged_decodes.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from model_shards.deepseek_v4.entries import BlockRows, PagedEntries
 from model_shards.deepseek_v4.kv_pages import PagePool
+from model_shards.deepseek_v4.open_windows import OpenWindows
 from model_shards.deepseek_v4.state import CompressorState, SequenceState
 
 
@@ -91,20 +94,23 @@ class OverlapPages:
 
 
 class PagedKV:
-    """Both pools of one rank, and the moves between them and a request's SequenceState."""
+    """Both pools of one rank and the requests' open windows, and the moves between them and a
+    request's SequenceState."""
 
     def __init__(self, compressed: PagePool, window: PagePool, block_size: int):
         self.compressed, self.window, self.block_size = compressed, window, block_size
+        self.open_windows = OpenWindows(compressed.device)
 
     def load(self, new_state: Callable[[], SequenceState], tables: Sequence[Sequence[int]], start: int,
-             slot: SequenceState | None, device_tables: Sequence[torch.Tensor] | None = None) -> SequenceState:
+             slot: int, device_tables: Sequence[torch.Tensor] | None = None) -> SequenceState:
         """The state after the request's first `start` tokens, with sinks into its pages.
-        `tables`: (compressed, window) block tables; `slot`: its state after the previous chunk;
-        `device_tables`: the same tables already on the pools' device (else copied there now)."""
+        `tables`: (compressed, window) block tables; `slot`: its open windows (open_windows.py),
+        read when `start` is inside a block; `device_tables`: the same tables already on the
+        pools' device (else copied there now)."""
         inside_block = start % self.block_size != 0
-        if inside_block and (slot is None or slot.num_tokens != start):
+        if inside_block and not self.open_windows.holds(slot, start):
             raise RuntimeError(f"a chunk starting at token {start}, inside a block, needs the request's open windows")
-        state = slot if inside_block else new_state()
+        state = new_state()
         state.num_tokens = start
         compressed_table, window_table = device_tables or [ids_on_device(t, self.compressed.device) for t in tables]
         # the window block ending at `start` (host int: indexing by a device scalar would wait on the GPU)
@@ -115,6 +121,8 @@ class PagedKV:
                 if compressor is not None:
                     self._load_compressor(index, name, compressor, (compressed_table, window_table), start,
                                           previous)
+                    if inside_block:
+                        self._load_open_window(index, name, compressor, slot)
         return state
 
     def _load_window(self, layer: int, window, table: torch.Tensor, start: int) -> None:
@@ -137,12 +145,36 @@ class PagedKV:
                 compressor.overlap_kv, compressor.overlap_gate = overlap[0][previous].clone(), overlap[1][previous].clone()
             compressor.sink = OverlapPages(per_block, overlap, window_table)
 
-    @staticmethod
-    def slot(state: SequenceState) -> SequenceState:
-        """What the request keeps between chunks: its open windows (the growing KV is in pages)."""
-        for layer in state.layers:
-            layer.window.keys, layer.window.sink = layer.window.keys[:0], None
-            for compressor in (layer.compressor, layer.indexer):
-                if compressor is not None:  # its entries point into the pages: nothing to drop
-                    compressor.sink = None
-        return state
+    def _load_open_window(self, layer: int, prefix: str, compressor: CompressorState, slot: int) -> None:
+        """Views of the slot's open window (the state replaces, never writes, its tensors; the slot
+        is written back only after the chunk: `save`)."""
+        windows = self.open_windows
+        pending = windows.tokens[slot] % compressor.rate
+        compressor.pending_kv = windows.view(layer, prefix + "pending_kv")[slot, :pending]
+        compressor.pending_gate = windows.view(layer, prefix + "pending_gate")[slot, :pending]
+        if windows.has(layer, prefix + "overlap_kv"):
+            compressor.overlap_kv = windows.view(layer, prefix + "overlap_kv")[slot]
+            compressor.overlap_gate = windows.view(layer, prefix + "overlap_gate")[slot]
+
+    def save(self, state: SequenceState, slot: int) -> None:
+        """Keep the request's open windows in its slot after a chunk run on `state` (the growing KV
+        is in pages already); drop the state."""
+        windows = self.open_windows
+        for index, layer in enumerate(state.layers):
+            for prefix, compressor in (("", layer.compressor), ("index_", layer.indexer)):
+                if compressor is None:
+                    continue
+                pending = compressor.pending_kv.shape[0]
+                windows.view(index, prefix + "pending_kv")[slot, :pending] = compressor.pending_kv
+                windows.view(index, prefix + "pending_gate")[slot, :pending] = compressor.pending_gate
+                if windows.has(index, prefix + "overlap_kv"):
+                    self._save_overlap(index, prefix, compressor, slot)
+        windows.tokens[slot] = state.num_tokens
+
+    def _save_overlap(self, layer: int, prefix: str, compressor: CompressorState, slot: int) -> None:
+        kv = self.open_windows.view(layer, prefix + "overlap_kv")
+        gate = self.open_windows.view(layer, prefix + "overlap_gate")
+        if compressor.overlap_kv is None:  # no window closed yet: the first one overlaps nothing
+            kv[slot], gate[slot] = 0, float("-inf")
+        else:
+            kv[slot], gate[slot] = compressor.overlap_kv, compressor.overlap_gate

@@ -17,8 +17,9 @@ import torch
 
 from model_shards.deepseek_v4.contained_chunks import contained_chunks
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
-from model_shards.deepseek_v4.state import SequenceState
+from model_shards.deepseek_v4.positions import host_to_device
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.sampler import Sampler, SamplingState
 from model_shards.step_containment import run_contained
@@ -33,7 +34,7 @@ class _Request:
     num_computed_tokens: int  # as the scheduler counts them
     sampling: SamplingState
     device_tables: list[BlockTableMirror]  # block_ids on the pools' device, kept between steps
-    slot: SequenceState | None = None  # open windows after the last chunk (entries and keys are in pages)
+    slot: int  # its open windows (open_windows.py; entries and keys are in pages)
 
 
 class DeepseekV4Runner:
@@ -60,7 +61,7 @@ class DeepseekV4Runner:
         if not schedule:
             return []
         forward = lambda group: self._run_chunks([(self.requests[rid], count) for rid, count in group.items()])
-        step = contained_chunks(self.requests, schedule, self.pages.block_size, forward)
+        step = contained_chunks(self.requests, schedule, self.pages.open_windows, forward)
         return run_contained(step, schedule, failed, world_size=self.layout.world.size, device=self.model.device)
 
     def _advance_and_sample(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, SampledToken]:
@@ -75,17 +76,22 @@ class DeepseekV4Runner:
                 sampling_ids.append(request_id)
         if not sampling_ids:
             return {}
-        # row views, stacked: an index list would be a copy from the host in the middle of the step
-        last_hidden = torch.stack([hidden[row] for row in last_rows])
+        last_hidden = hidden.index_select(0, host_to_device(torch.tensor(last_rows), hidden.device))
         return self._sample(last_hidden, sampling_ids)
 
     def _apply_changes(self, step_input: StepInput) -> None:
         for request_id in step_input.finished_request_ids:
-            self.requests.pop(request_id, None)
+            self._drop(request_id)
         for new in step_input.new_requests:  # new, or rebuilt after a preemption: a fresh state
+            self._drop(new.request_id)
             self.requests[new.request_id] = self._new_request(new)
         for cached in step_input.cached_requests:
             self._update_request(cached)
+
+    def _drop(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.pages.open_windows.release(request.slot)
 
     def _new_request(self, new: NewRequestData) -> _Request:
         params = new.sampling_params
@@ -95,7 +101,8 @@ class DeepseekV4Runner:
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.model.device, grammar)
         return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
                         new.num_computed_tokens, sampling,
-                        [BlockTableMirror(self.pages.compressed.device) for _ in new.block_ids])
+                        [BlockTableMirror(self.pages.compressed.device) for _ in new.block_ids],
+                        self.pages.open_windows.take(self.model.new_state))
 
     def _update_request(self, cached: CachedRequestData) -> None:
         request = self.requests[cached.request_id]
@@ -107,23 +114,36 @@ class DeepseekV4Runner:
 
     def _run_chunks(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor:
         """Hidden states (scheduled tokens, hidden) of every request's chunk, in order, from one
-        forward pass; their KV lands in the pages."""
-        segments = []
+        forward pass; their KV lands in the pages. A single token whose open windows are in the
+        request's slot decodes on the pages with the step's others (paged_decodes.py); any other
+        chunk runs on a SequenceState loaded from the pages and its slot, saved back after."""
+        segments, decodes, decode_rows, row = [], [], [], 0
+        step_ids = self._step_ids(scheduled)  # (scheduled tokens,)
         for request, count in scheduled:
             start = request.num_computed_tokens
-            tables = [mirror.update(ids) for mirror, ids in zip(request.device_tables, request.block_ids)]
-            state = self.pages.load(self.model.new_state, request.block_ids, start, request.slot, tables)
-            segments.append((self._ids(request, start, start + count), state))
-        hidden = self.model.forward_segments(segments)
+            ids = step_ids[row:row + count]
+            tables = [mirror.update(table) for mirror, table in zip(request.device_tables, request.block_ids)]
+            if count == 1 and self.pages.open_windows.holds(request.slot, start):
+                decodes.append(PagedDecode(start, request.slot, tuple(request.block_ids), tables[0]))
+                segments.append((ids, None))
+                decode_rows.append(row)
+            else:
+                segments.append((ids, self.pages.load(self.model.new_state, request.block_ids, start, request.slot,
+                                                      tables)))
+            row += count
+        batch = decodes and DecodeBatch(self.pages, self.model.arch.sliding_window, decodes,
+                                        None if len(decodes) == row else decode_rows, row)
+        hidden = self.model.forward_segments(segments, batch or None)
         for (request, _), (_, state) in zip(scheduled, segments):
-            request.slot = self.pages.slot(state)
+            if state is not None:
+                self.pages.save(state, request.slot)
         return hidden
 
-    def _ids(self, request: _Request, start: int, stop: int) -> torch.Tensor:
-        ids = torch.tensor(request.token_ids[start:stop], dtype=torch.long)
-        if self.model.device.type != "cuda":
-            return ids
-        return ids.pin_memory().to(self.model.device, non_blocking=True)  # no wait for the previous chunk
+    def _step_ids(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor:
+        """Every scheduled token id, in order, as one tensor: one copy to the device a step."""
+        ids = [token for request, count in scheduled
+               for token in request.token_ids[request.num_computed_tokens:request.num_computed_tokens + count]]
+        return host_to_device(torch.tensor(ids, dtype=torch.long), self.model.device)  # no wait for the last step
 
     def _sample(self, last_hidden: torch.Tensor, request_ids: list[str]) -> dict[str, SampledToken]:
         """Logits on every TP rank (a collective), sampling on world rank 0, the ids broadcast."""

@@ -11,7 +11,7 @@ import torch
 from cluster.config import LongctxConfig
 from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_folder.hf_config import load_architecture
-from model_shards.deepseek_v4.kernel_warmup import warm_up_kernels
+from model_shards.deepseek_v4.kernel_warmup import warm_up_runner
 from model_shards.deepseek_v4.kv_tiers import HybridKVTransfer
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, plan_pool_sizes, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
@@ -42,11 +42,11 @@ class DeepseekV4Worker:
         self.block_size = config.cache.resolved_block_size(self.architecture.kv_block_multiple)
         self.model = DeepseekV4ForCausalLM.from_folder(config.model.path, dtype=self.dtype, device=self.device,
                                                        tp=self.layout.tp)
-        if self.device.type == "cuda":  # Triton kernels compile now, not in the first requests
-            warm_up_kernels(self.model)  # before the pages take the memory its temporaries use
         self.pages = self._allocate_pages()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars)
+        if self.device.type == "cuda":  # Triton kernels compile now, not in the first requests
+            warm_up_runner(self.runner)  # engine steps on pages that hold nothing yet
         # Host and Redis tiers (None without them); Redis keys under this layout's fingerprint.
         fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.kv_layout)
         self.kv_transfer = HybridKVTransfer.create_for(config, self.pages, fingerprint)

@@ -51,7 +51,7 @@ def _poison_dense(engine: LLMEngine) -> None:
 def _poison_v4(engine: LLMEngine) -> None:
     model = engine.executor.worker.model
     model.forward_segments = _out_of_memory_after(
-        model.forward_segments, lambda segments: any(bool((ids == POISON).any()) for ids, _ in segments))
+        model.forward_segments, lambda segments, *_: any(bool((ids == POISON).any()) for ids, _ in segments))
 
 
 def _run(engine: LLMEngine, culprit_after_steps: int) -> dict:
@@ -103,26 +103,27 @@ def test_an_out_of_memory_chunk_fails_its_deepseek_v4_request_alone(v4_dir, culp
     _assert_contained(engine, reference, culprit_after_steps)
 
 
-def test_a_failed_v4_step_of_decodes_alone_fails_those_resuming_inside_a_block(v4_dir):
-    """Such a step keeps no copy of the open windows (contained_chunks.py): a request resuming
-    inside a block fails with it, one resuming on a block boundary (from its pages) is retried."""
-    inside, boundary = _prompt(6, 21), _prompt(7, 32)  # their first decodes at positions 21 and 32
-    (reference,) = generate(v4_engine(v4_dir), [boundary], GREEDY)[0]
+def test_a_failed_v4_step_of_decodes_alone_fails_only_those_closing_an_overlapping_window(v4_dir):
+    """Such a step keeps no copy of the open windows (contained_chunks.py): a decode that closes a
+    CSA window (rate 4: position 23) swapped its slot's overlap half and fails with the step; one
+    that does not (position 21) is retried and ends exactly as undisturbed."""
+    closing, other = _prompt(6, 23), _prompt(7, 21)  # their first decodes at positions 23 and 21
+    (reference,) = generate(v4_engine(v4_dir), [other], GREEDY)[0]
     engine = v4_engine(v4_dir)
     model = engine.executor.worker.model
     forward, calls = model.forward_segments, []
 
-    def first_decode_step_fails(segments):
+    def first_decode_step_fails(segments, *rest):
         calls.append([ids.shape[0] for ids, _ in segments])
-        output = forward(segments)
+        output = forward(segments, *rest)  # runs whole first: the slots' windows are written
         if calls[-1] == [1, 1] and calls.count([1, 1]) == 1:
             raise RuntimeError("injected kernel failure")
         return output
 
     model.forward_segments = first_decode_step_fails
-    (failed,), (retried,) = generate(engine, [inside, boundary], GREEDY)
-    assert calls[:3] == [[21, 32], [1, 1], [1]]  # prefills, the failed decodes, the boundary one alone
-    assert failed.error.endswith("its forward pass failed in its 1-token chunk at position 21: RuntimeError: "
+    (failed,), (retried,) = generate(engine, [closing, other], GREEDY)
+    assert calls[:3] == [[23, 21], [1, 1], [1]]  # prefills, the failed decodes, the other one alone
+    assert failed.error.endswith("its forward pass failed in its 1-token chunk at position 23: RuntimeError: "
                                  "injected kernel failure (a step of decodes alone keeps no copy of its open "
                                  "windows to retry from)")
     assert len(failed.token_ids) == 1  # from its prefill

@@ -86,16 +86,16 @@ def test_requests_decoding_together_on_pages_equal_the_in_memory_model_one_at_a_
     generator = torch.Generator().manual_seed(7)
     order = torch.randperm(40, generator=generator).tolist()
     ids = [torch.randint(0, 1000, (length + steps,), generator=generator) for length in lengths]
-    tables, alone, slots = [], [], []
+    tables, alone, slots = [], [], [pages.open_windows.take(model.new_state) for _ in lengths]
     for request, length in enumerate(lengths):
         blocks = -(-(length + steps) // BLOCK)
         tables.append((order[:blocks], order[-blocks:]))  # compressed, window
         order = order[blocks:-blocks]
         alone.append(model.new_state())
         model(ids[request][:length], alone[request])
-        paged = pages.load(model.new_state, tables[request], 0, None)
+        paged = pages.load(model.new_state, tables[request], 0, slots[request])
         model(ids[request][:length], paged)
-        slots.append(pages.slot(paged))
+        pages.save(paged, slots[request])
     for step in range(steps):
         states = [pages.load(model.new_state, table, length + step, slot)
                   for table, length, slot in zip(tables, lengths, slots)]
@@ -103,4 +103,5 @@ def test_requests_decoding_together_on_pages_equal_the_in_memory_model_one_at_a_
         hidden = model.forward_segments(list(zip(chunks, states)))
         expected = torch.cat([model(chunk, state) for chunk, state in zip(chunks, alone)])
         torch.testing.assert_close(hidden, expected, atol=TOLERANCE, rtol=TOLERANCE)
-        slots = [pages.slot(state) for state in states]
+        for state, slot in zip(states, slots):
+            pages.save(state, slot)

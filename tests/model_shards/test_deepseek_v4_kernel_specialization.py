@@ -20,9 +20,13 @@ from model_shards.deepseek_v4 import sink_attention as attention_core
 from model_shards.deepseek_v4.entries import BlockRows, ContiguousEntries, PagedEntries
 from model_shards.deepseek_v4.index_scores import decode_index_scores_triton, index_scores_triton
 from model_shards.deepseek_v4.index_scores_kernel import _decode_index_scores, _index_scores
-from model_shards.deepseek_v4.kernel_warmup import DECODE_STEPS, warm_up_chunks, warm_up_kernels
+from model_shards.deepseek_v4.kernel_warmup import (DECODE_STEPS, WARM_UP_IDS, warm_up_chunks, warm_up_kernels,
+                                                    warm_up_runner, warm_up_steps)
+from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
+from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 from model_shards.deepseek_v4.sink_softmax import _sink_softmax
 from model_shards.triton_compiles import LaunchKeys, specialization_key
@@ -118,5 +122,24 @@ def test_warm_up_runs_the_model_and_leaves_nothing_behind(tmp_path):
     before = model(prompt, model.new_state())
     arch = model.arch
     ran = warm_up_kernels(model)
-    assert ran == sum(warm_up_chunks(arch.compress_rate(CSA), arch.compress_rate(HCA))) + 3 + 2 * DECODE_STEPS
+    assert ran == sum(warm_up_chunks(arch.compress_rate(CSA), arch.compress_rate(HCA))) + 3 + 3 * DECODE_STEPS
     assert torch.equal(model(prompt, model.new_state()), before)
+
+
+def test_warm_up_runs_as_engine_steps_on_the_pages_and_drops_its_requests(tmp_path):
+    """The worker's warm-up (CUDA only) through a real runner on CPU pages: every step runs, the
+    long prompt samples after its last chunk and both requests decode, and nothing stays behind."""
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=4)
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
+    arch, block = model.arch, 16
+    pages = PagedKV(PagePool(compressed_layout(arch, block, model.dtype), 64, "cpu"),
+                    PagePool(window_layout(arch, block, model.dtype), 64, "cpu"), block)
+    runner = DeepseekV4Runner(model, pages)
+    steps = warm_up_steps(arch.compress_rate(CSA), arch.compress_rate(HCA), block)
+    sampled = [set(runner.execute(step).sampled) for step in steps]
+    assert len(steps) == len(warm_up_chunks(arch.compress_rate(CSA), arch.compress_rate(HCA))) + 2 * DECODE_STEPS + 1
+    assert sampled[len(steps) - 2] == set(WARM_UP_IDS) and sampled[len(steps) - 2 - DECODE_STEPS] == {WARM_UP_IDS[1]}
+    assert runner.requests == {}
+    small = PagedKV(PagePool(compressed_layout(arch, block, model.dtype), 4, "cpu"),
+                    PagePool(window_layout(arch, block, model.dtype), 4, "cpu"), block)
+    assert warm_up_runner(DeepseekV4Runner(model, small)) == 0  # too few blocks: skipped, not a crash
