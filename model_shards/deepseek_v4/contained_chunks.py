@@ -43,21 +43,28 @@ class OpenWindowsRewind:
     """`ContainedStep.rewind` for V4: puts back the slots a failed attempt may have changed."""
 
     def __init__(self, requests: dict[str, _Resumable], schedule: Schedule, windows: OpenWindows):
-        self.requests, self.windows = requests, windows
-        self.tokens = {rid: windows.tokens.get(requests[rid].slot) for rid in schedule}
-        overlap_rates = {field.rows for (_, name), field in windows.fields().items() if name.endswith("overlap_kv")}
-        self.swapping = [rid for rid, count in schedule.items() if count == 1 and self._closes(rid, overlap_rates)]
+        self.requests, self.windows, self.schedule = requests, windows, schedule
+        self.tokens = {rid: windows.tokens.get(requests[rid].slot) for rid in schedule}  # before the step
+        self.swapping: list[str] | None = None  # found on a failure only, unless a copy is taken now
         self.saved = None
-        if self.swapping and any(count > 1 for count in schedule.values()):
-            self.saved = windows.pool.data[[requests[rid].slot for rid in self.swapping]].clone()  # (swapping, bytes)
+        if any(count > 1 for count in schedule.values()):
+            self.swapping = self._swapping(schedule)  # a copy of their slots now
+            slots = [requests[rid].slot for rid in self.swapping]
+            self.saved = windows.pool.data[slots].clone() if slots else None  # (swapping, slot bytes)
+
+    def _swapping(self, schedule: Schedule) -> list[str]:
+        """The decodes on the pages that close an overlapping (CSA) window: their overlap is swapped."""
+        rates = {field.rows for (_, name), field in self.windows.fields().items() if name.endswith("overlap_kv")}
+        return [rid for rid, count in schedule.items() if count == 1 and self._closes(rid, rates)]
 
     def _closes(self, request_id: str, overlap_rates: set[int]) -> bool:
-        """Whether its token decodes on the pages and closes an overlapping (CSA) window there."""
         request = self.requests[request_id]
         position = request.num_computed_tokens
-        return self.windows.holds(request.slot, position) and any((position + 1) % m == 0 for m in overlap_rates)
+        return self.tokens[request_id] == position and any((position + 1) % m == 0 for m in overlap_rates)
 
     def __call__(self, schedule: Schedule, error: Exception) -> dict[str, str]:
+        if self.swapping is None:
+            self.swapping = self._swapping(self.schedule)
         lost = {}
         for request_id, count in schedule.items():
             request = self.requests[request_id]
