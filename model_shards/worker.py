@@ -38,6 +38,7 @@ from model_shards.parallel.sp_attention import (
 from model_shards.parallel.sp_plan import StepSequence
 from model_shards.prompt_logprobs import PromptRows, compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.step_containment import ContainedStep, run_contained
 from model_shards.structured_output import GrammarCompiler
 from model_shards.weights import WeightReader
 from protocol.kv_fingerprint import kv_fingerprint
@@ -192,8 +193,9 @@ class ModelWorker:
     # --- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
-        """One step. A request whose own handling fails (its sampling state, its sample) is left
-        out and reported in `failed`; the other requests of the step go on as if it were absent."""
+        """One step. A request whose own handling fails (its sampling state, its forward pass:
+        model_shards/step_containment.py, its sample) is left out and reported in `failed`; the
+        other requests of the step go on as if it were absent."""
         if threading.get_ident() not in self._warm_threads:
             self._warm_up_attention()
         failed: dict[str, str] = {}
@@ -202,14 +204,22 @@ class ModelWorker:
         step_input = _without(step_input, failed)
         if not step_input.num_scheduled_tokens:
             return StepOutput(step_input.step_id, kv_report=kv_report, failed=failed)
-        hidden, batch = self._run_model(step_input)  # (tokens, hidden)
-        prompt_logprobs = compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
-                                                  keep=self.layout.is_driver_rank)
-        sampled = self._sample(hidden, batch, failed)
-        self._advance(step_input)
+        sampled, prompt_logprobs = {}, {}
+        for schedule, (hidden, batch) in self._contained_forward(step_input, failed):  # hidden: (tokens, hidden)
+            prompt_logprobs.update(compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
+                                                           keep=self.layout.is_driver_rank))
+            sampled.update(self._sample(hidden, batch, failed))
+            self._advance(schedule)
         prompt_logprobs = {rid: chunk for rid, chunk in prompt_logprobs.items() if rid not in failed}
         return StepOutput(step_input.step_id, sampled, kv_report=kv_report, prompt_logprobs=prompt_logprobs,
                           failed=failed)
+
+    def _contained_forward(self, step_input: StepInput, failed: dict[str, str]) -> list:
+        """(schedule, (hidden, batch)) per group that ran (nothing to rewind: KV is slot-addressed)."""
+        step = ContainedStep(lambda schedule: self._run_model(_with_schedule(step_input, schedule)),
+                             lambda request_id: self.requests[request_id].num_computed_tokens)
+        return run_contained(step, dict(step_input.num_scheduled_tokens), failed, world_size=self.layout.world.size,
+                             device=self.device)
 
     def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, _Batch]:
         """A step of decodes replays a CUDA graph when one fits; anything else runs eagerly."""
@@ -374,8 +384,8 @@ class ModelWorker:
             failed[request_id] = f"its sampling failed: {error!r}"
             return None
 
-    def _advance(self, step_input: StepInput) -> None:
-        for request_id, num_new in step_input.num_scheduled_tokens.items():
+    def _advance(self, schedule: dict[str, int]) -> None:
+        for request_id, num_new in schedule.items():
             state = self.requests.get(request_id)  # None: it failed in sampling and was dropped
             if state is not None:
                 state.num_computed_tokens += num_new
@@ -385,5 +395,9 @@ def _without(step_input: StepInput, failed: dict[str, str]) -> StepInput:
     """The step minus the requests that failed before the forward pass."""
     if not failed:
         return step_input
-    scheduled = {rid: num for rid, num in step_input.num_scheduled_tokens.items() if rid not in failed}
-    return dataclasses.replace(step_input, num_scheduled_tokens=scheduled)
+    return _with_schedule(step_input, {rid: num for rid, num in step_input.num_scheduled_tokens.items()
+                                       if rid not in failed})
+
+
+def _with_schedule(step_input: StepInput, schedule: dict[str, int]) -> StepInput:
+    return dataclasses.replace(step_input, num_scheduled_tokens=schedule)

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from model_shards.deepseek_v4.contained_chunks import contained_chunks
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
 from model_shards.deepseek_v4.positions import host_to_device
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.step_containment import run_contained
 from model_shards.structured_output import GrammarCompiler
 from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
 
@@ -47,22 +49,35 @@ class DeepseekV4Runner:
     @torch.inference_mode()
     def execute(self, step_input: StepInput) -> StepOutput:
         self._apply_changes(step_input)
-        scheduled = [(self.requests[request_id], count)
-                     for request_id, count in step_input.num_scheduled_tokens.items()]
-        if not scheduled:
-            return StepOutput(step_input.step_id)
-        hidden = self._run_chunks(scheduled)  # (scheduled tokens, hidden)
+        failed: dict[str, str] = {}
+        sampled: dict[str, SampledToken] = {}
+        # A forward pass that raises fails its culprits alone (model_shards/step_containment.py).
+        for schedule, hidden in self._contained_chunks(dict(step_input.num_scheduled_tokens), failed):
+            sampled.update(self._advance_and_sample(schedule, hidden))
+        return StepOutput(step_input.step_id, sampled, failed=failed)
+
+    def _contained_chunks(self, schedule: dict[str, int], failed: dict[str, str]) -> list:
+        """(schedule, hidden) per group that ran: the whole step unless its forward raised."""
+        if not schedule:
+            return []
+        forward = lambda group: self._run_chunks([(self.requests[rid], count) for rid, count in group.items()])
+        step = contained_chunks(self.requests, schedule, self.pages.open_windows, forward)
+        return run_contained(step, schedule, failed, world_size=self.layout.world.size, device=self.model.device)
+
+    def _advance_and_sample(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, SampledToken]:
+        """hidden: (scheduled tokens, hidden) of `schedule`'s chunks, in order."""
         last_rows, sampling_ids, row = [], [], 0
-        for request_id, (request, count) in zip(step_input.num_scheduled_tokens, scheduled):
+        for request_id, count in schedule.items():
+            request = self.requests[request_id]
             row += count
             request.num_computed_tokens += count
             if request.num_computed_tokens == len(request.token_ids):
                 last_rows.append(row - 1)
                 sampling_ids.append(request_id)
         if not sampling_ids:
-            return StepOutput(step_input.step_id)
+            return {}
         last_hidden = hidden.index_select(0, host_to_device(torch.tensor(last_rows), hidden.device))
-        return StepOutput(step_input.step_id, self._sample(last_hidden, sampling_ids))
+        return self._sample(last_hidden, sampling_ids)
 
     def _apply_changes(self, step_input: StepInput) -> None:
         for request_id in step_input.finished_request_ids:

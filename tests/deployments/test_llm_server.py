@@ -4,9 +4,12 @@ and stalls, each seen through the HTTP API where the client would see it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 
+import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from deployments.admission import AdmissionQueue
@@ -230,3 +233,44 @@ def test_streams_share_the_chunk_budget_first_token_at_once_every_token_in_order
     assert len(paced_lists) < len(unpaced_lists)
     gaps = [b - a for (a, _), (b, _) in zip(paced_lists[1:-1], paced_lists[2:-1])]
     assert all(gap >= 0.09 for gap in gaps), gaps
+
+
+POISON = 1000  # a token id only the culprit's prompt holds (the tiny vocabulary is 1024)
+
+
+def _out_of_memory_on_poison(model) -> None:
+    """The model's forward runs, then raises CUDA's out-of-memory error for a batch holding POISON."""
+    forward = model.forward
+
+    def forward_then_fail(input_ids, *rest):
+        hidden = forward(input_ids, *rest)
+        if bool((input_ids == POISON).any()):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return hidden
+
+    model.forward = forward_then_fail
+
+
+def test_a_forward_pass_that_runs_out_of_memory_fails_its_own_request_through_the_openai_client(server_factory):
+    server = server_factory()
+    http = _client(server)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    others = [list(range(10 + 7 * i, 40 + 7 * i)) for i in range(3)]
+
+    def complete(prompt: list[int]) -> str:
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    reference = [complete(prompt) for prompt in others]
+    _out_of_memory_on_poison(server.engine.engine.executor.worker.model)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        culprit = pool.submit(complete, list(range(50, 90)) + [POISON])
+        texts = list(pool.map(complete, others))
+        with pytest.raises(openai.InternalServerError) as failed:
+            culprit.result()
+    assert texts == reference
+    assert failed.value.body["code"] == "request_failed" and "out of GPU memory in its" in failed.value.body["message"]
+    with pytest.raises(openai.APIError, match="out of GPU memory"):  # streamed: an error event, then the end
+        list(client.completions.create(model="tiny", prompt=[POISON, 5, 6], max_tokens=4, stream=True))
+    assert complete(others[0]) == reference[0] and server.engine.is_alive
+    assert 'longctx_requests_total{endpoint="completions",status="500"} 2.0' in http.get("/metrics").text
+    _wait_until_all_blocks_free(server)
