@@ -20,12 +20,19 @@ import logging
 import torch
 
 from model_folder.deepseek_v4_config import CSA, HCA
+from model_shards.deepseek_v4.kept_weights import GroupedProjection, Projection
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+from model_shards.deepseek_v4.moe import LocalExperts
+from model_shards.deepseek_v4.quantized_experts import QuantizedExperts
+from model_shards.deepseek_v4.quantized_linear import DECODE_ROWS, QuantizedWeight, linear
 from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from protocol.sampling_params import SamplingParams
 from protocol.step import CachedRequestData, NewRequestData, StepInput
 
 DECODE_STEPS = 17  # decode widths pass a multiple of 16 and a non-multiple
+# One row count per tiling of the kept-quantized matmul (quantized_linear.default_tiling): 16-,
+# 32- and 64-row decode tiles, then prefill tiles. The row count itself is not specialized.
+QUANTIZED_ROW_LADDER = (1, 17, 33, DECODE_ROWS + 1)
 SHORT_PROMPT = 3  # the request that decodes alone first: its key counts cross 16
 WARM_UP_IDS = ("warm-up-long", "warm-up-short")
 logger = logging.getLogger(__name__)
@@ -70,7 +77,51 @@ def warm_up_runner(runner: DeepseekV4Runner) -> int:
         return 0
     for step in steps:
         runner.execute(step)
+    warm_up_quantized_linears(runner.model)
     return len(steps)
+
+
+def kept_weights(model: DeepseekV4ForCausalLM) -> list[QuantizedWeight]:
+    """The weights the model multiplies kept quantized on a GPU (model.quantized_weights: keep),
+    one per distinct shape and format."""
+    found: dict[tuple, QuantizedWeight] = {}
+    for module in model.modules():
+        if isinstance(module, GroupedProjection):
+            weights = module.quantized_groups
+        else:
+            weights = [module.quantized] if isinstance(module, Projection) and module.quantized is not None else []
+        for weight in weights:
+            found.setdefault((type(weight), weight.out_features, weight.in_features, weight.scale_ue8m0), weight)
+    return list(found.values())
+
+
+@torch.inference_mode()
+def warm_up_quantized_linears(model: DeepseekV4ForCausalLM) -> int:
+    """Each kept weight at each row count of the ladder (a decode batch wider than the warm-up's
+    requests picks another tiling); returns the products run."""
+    weights, stacks = kept_weights(model), kept_expert_stacks(model)
+    for weight in weights:
+        for rows in QUANTIZED_ROW_LADDER:
+            linear(torch.zeros(rows, weight.in_features, dtype=model.dtype, device=model.device), weight)
+    for stack in stacks:  # the grouped kernel's tiling follows the rows per expert
+        for per_expert in QUANTIZED_ROW_LADDER:
+            offsets = torch.arange(1, stack.num_experts + 1, dtype=torch.int32, device=model.device) * per_expert
+            rows = torch.zeros(stack.num_experts * per_expert, stack.expert(0).in_features, dtype=model.dtype,
+                               device=model.device)
+            stack.grouped_linear(rows, offsets)
+    return (len(weights) + len(stacks)) * len(QUANTIZED_ROW_LADDER)
+
+
+def kept_expert_stacks(model: DeepseekV4ForCausalLM) -> list[QuantizedExperts]:
+    """The routed experts' kept stacks, one per distinct shape and format."""
+    found: dict[tuple, QuantizedExperts] = {}
+    for module in model.modules():
+        for kept in module.kept.values() if isinstance(module, LocalExperts) else ():
+            for stack in kept.parts:
+                first = stack.expert(0)
+                found.setdefault((type(first), stack.num_experts, first.out_features, first.in_features,
+                                  first.scale_ue8m0), stack)
+    return list(found.values())
 
 
 def warm_up_steps(csa_rate: int, hca_rate: int, block_size: int) -> list[StepInput]:

@@ -135,7 +135,7 @@ def _store_tile(out_ptr, acc, rows, row_end, cols, N, stride_out, WEIGHT_LEFT: t
                  mask=(rows < row_end)[:, None] & (cols < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # a step's row count varies: no compile per divisibility
 def _quantized_matmul(
     x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split,
     stride_x, stride_w, stride_scale, stride_out_split, stride_out,

@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from model_folder.deepseek_v4_config import CSA, HCA
+from model_folder.deepseek_v4_quantization import BlockQuantization
 from model_shards.deepseek_v4 import sink_attention as attention_core
 from model_shards.deepseek_v4.entries import BlockRows, ContiguousEntries, PagedEntries
 from model_shards.deepseek_v4.index_scores import decode_index_scores_triton, index_scores_triton
 from model_shards.deepseek_v4.index_scores_kernel import _decode_index_scores, _index_scores
-from model_shards.deepseek_v4.kernel_warmup import (DECODE_STEPS, WARM_UP_IDS, warm_up_chunks, warm_up_kernels,
-                                                    warm_up_runner, warm_up_steps)
+from model_shards.deepseek_v4.kernel_warmup import (DECODE_STEPS, QUANTIZED_ROW_LADDER, WARM_UP_IDS, kept_expert_stacks,
+                                                    kept_weights, warm_up_chunks, warm_up_kernels,
+                                                    warm_up_quantized_linears, warm_up_runner, warm_up_steps)
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.paged_state import PagedKV
@@ -143,3 +145,17 @@ def test_warm_up_runs_as_engine_steps_on_the_pages_and_drops_its_requests(tmp_pa
     small = PagedKV(PagePool(compressed_layout(arch, block, model.dtype), 4, "cpu"),
                     PagePool(window_layout(arch, block, model.dtype), 4, "cpu"), block)
     assert warm_up_runner(DeepseekV4Runner(model, small)) == 0  # too few blocks: skipped, not a crash
+
+
+@pytest.mark.parametrize("expert_dtype", ["fp8", "fp4"])
+def test_warm_up_multiplies_every_kept_weight_at_every_tiling(tmp_path, expert_dtype):
+    """A released folder kept quantized: each distinct kept weight and expert stack runs once per
+    row count of the ladder (on a CPU through the reference: the calls, not the kernels)."""
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=5,
+                                    quantization=BlockQuantization(scale_format="ue8m0", expert_format=expert_dtype))
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, keep_quantized=True)
+    weights, stacks = kept_weights(model), kept_expert_stacks(model)
+    assert len(weights) >= 5 and stacks
+    assert warm_up_quantized_linears(model) == (len(weights) + len(stacks)) * len(QUANTIZED_ROW_LADDER)
+    unkept = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
+    assert kept_weights(unkept) == [] and kept_expert_stacks(unkept) == []

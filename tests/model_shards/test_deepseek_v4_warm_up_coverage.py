@@ -30,7 +30,7 @@ from protocol.step import CachedRequestData, NewRequestData, StepInput
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KERNELS = (_index_scores, _decode_index_scores, _sink_softmax, _norm_rope, _stream_mixes, _hyper_weights,
            _collapse, _mix)
-BLOCK, CHUNK = 16, 48
+BLOCK, CHUNK = 16, 32
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
 
@@ -80,7 +80,7 @@ def test_requests_after_the_warm_up_launch_only_warmed_keys(tmp_path, monkeypatc
     with LaunchKeys(*KERNELS) as warm:
         assert warm_up_runner(runner) > 0
     with LaunchKeys(*KERNELS) as served:
-        for step in serving_steps([37, 100, 163], decodes=20):
+        for step in serving_steps([32, 90], decodes=8):  # steps of 64, 32, 26 tokens, then decodes
             runner.execute(step)
     for kernel in KERNELS:
         assert served.keys[kernel], f"{kernel.fn.__name__}: never launched while serving"
