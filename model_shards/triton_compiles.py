@@ -79,16 +79,17 @@ class LaunchKeys:
     that a kernel's key stays one as lengths grow is a test that it never compiles mid-prompt."""
 
     def __init__(self, *kernels) -> None:
-        self.kernels, self.keys = kernels, {kernel: [] for kernel in kernels}
+        self.keys = {kernel: [] for kernel in kernels}
+        self._recorders = {kernel: self._recorder(kernel) for kernel in kernels}
 
     def __enter__(self) -> LaunchKeys:
-        for kernel in self.kernels:
-            kernel.pre_run_hooks.append(self._recorder(kernel))
+        for kernel, recorder in self._recorders.items():
+            kernel.pre_run_hooks.append(recorder)
         return self
 
     def __exit__(self, *exc) -> None:
-        for kernel in self.kernels:
-            kernel.pre_run_hooks.pop()
+        for kernel, recorder in self._recorders.items():
+            kernel.pre_run_hooks.remove(recorder)  # ours, wherever later hooks put theirs
 
     def _recorder(self, kernel):
         return lambda *args, **kwargs: self.keys[kernel].append(specialization_key(kernel, args, kwargs))
@@ -99,7 +100,7 @@ def specialization_key(kernel, args: tuple, kwargs: dict) -> tuple:
     `specialize_impl`, Triton 3.x): a constexpr's value; an integer's type (i32 / i64 / u64) and,
     unless it is in the kernel's do_not_specialize, whether it is 1 or a multiple of 16; a float's
     type; a tensor's dtype and whether its address is 16-byte aligned; launch options (num_warps)."""
-    names = _parameter_names(kernel)
+    names = list(kernel.arg_names)
     values = {**dict(zip(names, args)), **kwargs}
     unspecialized, constants = _do_not_specialize(kernel), _constexpr_names(kernel)
     key = tuple((name, values[name] if name in constants else _specialization(values[name], name in unspecialized))
@@ -120,10 +121,6 @@ def _specialization(value, unspecialized: bool):
     if hasattr(value, "data_ptr"):
         return str(value.dtype), value.data_ptr() % 16 == 0
     return value  # a constexpr's value
-
-
-def _parameter_names(kernel) -> list[str]:
-    return list(kernel.arg_names)
 
 
 def _constexpr_names(kernel) -> set[str]:

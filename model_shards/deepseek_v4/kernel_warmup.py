@@ -9,8 +9,7 @@ requests decoding together (the batched decode kernels). One synthetic prompt in
 take each of those, then steps of a short request decoding alone and of both decoding together.
 `warm_up_runner` runs them as engine steps through the runner on the pages (the serving path:
 the worker calls it before it serves anything, so the blocks it writes hold nothing yet and the
-requests are dropped after); `warm_up_kernels` runs them on the model's in-memory states. Every
-TP rank runs the same steps, so their collectives pair up.
+requests are dropped after). Every TP rank runs the same steps, so their collectives pair up.
 """
 
 from __future__ import annotations
@@ -46,23 +45,6 @@ def warm_up_chunks(csa_rate: int, hca_rate: int) -> list[int]:
     ends = [first, max(16 * hca_rate, first + 17), 0, max(17 * hca_rate, 16 * hca_rate + 17)]
     ends[2] = ends[1] + 5
     return [stop - start for start, stop in zip([0, *ends], ends)]
-
-
-@torch.inference_mode()
-def warm_up_kernels(model: DeepseekV4ForCausalLM) -> int:
-    """Run the warm-up prompt and decode steps through `model`; returns the tokens it ran."""
-    arch = model.arch
-    chunks = warm_up_chunks(arch.compress_rate(CSA), arch.compress_rate(HCA))
-    prompt, other = model.new_state(), model.new_state()
-    token = torch.ones(1, dtype=torch.long, device=model.device)  # any id: the values are never read
-    for length in chunks:
-        model.forward(token.expand(length).contiguous(), prompt)
-    model.forward(token.expand(SHORT_PROMPT).contiguous(), other)
-    for _ in range(DECODE_STEPS):
-        model.forward(token, other)
-    for _ in range(DECODE_STEPS):
-        model.forward_segments([(token, prompt), (token, other)])
-    return sum(chunks) + SHORT_PROMPT + 3 * DECODE_STEPS
 
 
 def warm_up_runner(runner: DeepseekV4Runner) -> int:
