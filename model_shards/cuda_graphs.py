@@ -52,10 +52,10 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class DeviceBlockTables:
-    """One row of a persistent (max_rows, max_blocks) int32 device table per request."""
+    """One row of a persistent (max_rows, max_blocks) int32 (or `dtype`) device table per request."""
 
-    def __init__(self, max_rows: int, max_blocks: int, device: torch.device):
-        self.table = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device, dtype: torch.dtype = torch.int32):
+        self.table = torch.zeros(max_rows, max_blocks, dtype=dtype, device=device)
         self._row_of: dict[str, int] = {}
         self._synced: dict[str, int] = {}  # entries of each row already on the device
         self._free_rows = list(range(max_rows - 1, -1, -1))
@@ -77,7 +77,7 @@ class DeviceBlockTables:
         if updates:
             row_index, column_index, values = _to_device(torch.tensor(updates, dtype=torch.long).T,
                                                          self.table.device)
-            self.table.index_put_((row_index, column_index), values.to(torch.int32))
+            self.table.index_put_((row_index, column_index), values.to(self.table.dtype))
         return rows
 
     def release(self, request_id: str) -> None:

@@ -144,16 +144,30 @@ class DeepseekV4ForCausalLM(nn.Module):
         spans = [(next(decode_starts) if state is None else state.num_tokens, ids.shape[0], state)
                  for ids, state in segments]  # (start, count, state)
         positions = span_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
-        streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
-        for index, layer in enumerate(self.layers):
-            layer_segments = [(start, count, state and state.layers[index]) for start, count, state in spans]
-            layer_decodes = decodes.layer(index) if decodes is not None else None
-            streams = layer(streams, input_ids, layer_segments, positions, layer_decodes)  # (T, hc, hidden)
+        hidden = self._layers(input_ids, spans, positions, decodes)
         for ids, state in segments:
             if state is not None:
                 state.num_tokens += ids.shape[0]
         if decodes is not None:
             decodes.finish()
+        return hidden
+
+    @torch.inference_mode()
+    def forward_decodes(self, decodes: DecodeBatch) -> torch.Tensor:
+        """A step of single tokens that all decode on the pages, every input on the device
+        (a static_decodes.StaticDecodeBatch: its token ids and positions) -> (N, hidden). No host
+        int is read, so it can be captured; the caller runs `decodes.finish()` after it."""
+        ids = decodes.token_ids
+        return self._layers(ids, [(0, ids.shape[0], None)], decodes.token_positions, decodes)
+
+    def _layers(self, input_ids: torch.Tensor, spans: list[tuple[int, int, SequenceState | None]],
+                positions: torch.Tensor, decodes: DecodeBatch | None) -> torch.Tensor:
+        """Embedding, every layer and the final norm over the tokens of `spans` (start, count, state)."""
+        streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
+        for index, layer in enumerate(self.layers):
+            layer_segments = [(start, count, state and state.layers[index]) for start, count, state in spans]
+            layer_decodes = decodes.layer(index) if decodes is not None else None
+            streams = layer(streams, input_ids, layer_segments, positions, layer_decodes)  # (T, hc, hidden)
         return self.norm(self.hc_head(streams))
 
     @torch.inference_mode()

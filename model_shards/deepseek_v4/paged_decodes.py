@@ -67,6 +67,7 @@ class RateAddresses:
         block_ends = [j for j, entry in enumerate(entries) if (entry + 1) % per_block == 0]
         self.rate, self.per_block = rate, per_block
         self.counts = [(position + 1) // rate for position in positions]  # entries after this step
+        self.widest = max(self.counts)  # E_max: the width of the step's entry reads
         self.counts_on_device = _long(self.counts, device)  # (N,)
         self.pending_rows = _long([position % rate for position in positions], device)  # (N,)
         self.closing_slots = _long([decodes[i].slot for i in closing], device)  # (C,)
@@ -125,7 +126,7 @@ class DecodeBatch:
         if rate not in self._entry_grids:
             addresses = self.rates[rate]
             device = self.compressed_table.device
-            entry = torch.arange(max(addresses.counts), device=device)  # (E_max,)
+            entry = torch.arange(addresses.widest, device=device)  # (E_max,)
             allowed = entry < addresses.counts_on_device[:, None]  # (N, E_max)
             self._entry_grids[rate] = (*self.locate(torch.where(allowed, entry, 0), rate), allowed)
         return self._entry_grids[rate]
@@ -235,10 +236,10 @@ class DecodeWindows:
     def index_scores(self, q: torch.Tensor, head_weights: torch.Tensor, ranked: bool) -> torch.Tensor:
         """The indexer's scores (N, E_max) of each decode's query against its keys, -inf past E_i
         (index_scores.decode_index_scores): one kernel over the row space on a GPU."""
-        counts, batch = self.addresses.counts, self.batch
+        batch = self.batch
         if fused_kernel_runs(q, self.entries.dtype):
             row_space = (self.entries, batch.compressed_table, self.addresses.per_block)
             first_rows = batch.table_offsets * self.addresses.per_block  # (N,) each decode's first row
             return decode_index_scores_on_rows(q, head_weights, row_space, first_rows,
-                                               self.addresses.counts_on_device, max(counts), ranked)
+                                               self.addresses.counts_on_device, self.addresses.widest, ranked)
         return gathered_index_scores(q, head_weights, *self.read_entries(), ranked)
