@@ -8,7 +8,7 @@ index per field (paged_decodes.py) instead of one small tensor per request and l
 on its own state reads its slot before (`PagedKV.load`) and writes it back after (`PagedKV.save`).
 
 Slots are handed out per request and returned when it ends; the pool doubles when they run out
-(only at a request's arrival, never inside a step). `tokens[slot]` records after how many of its
+(only at a request's arrival, never inside a step), or is sized up front (`reserve`) for CUDA graphs. `tokens[slot]` records after how many of its
 tokens the slot's windows were written: a chunk may start from the slot only there.
 """
 
@@ -31,14 +31,22 @@ class OpenWindows:
 
     def take(self, new_state: Callable[[], SequenceState]) -> int:
         """A free slot (nothing valid in it yet), the pool grown if all are taken."""
+        if not self.free:  # slots 0 .. size - 1 are all taken
+            self.reserve(1, new_state)
+        return self.free.pop()
+
+    def reserve(self, count: int, new_state: Callable[[], SequenceState]) -> None:
+        """At least `count` free slots, the pool grown now (at least doubling) if fewer are: a
+        CUDA graph of decode steps (decode_graphs.py) reads the pool where it lies."""
         if self.pool is None:
             self.pool = PagePool(open_window_layout(new_state()), 0, self.device)
-        if not self.free:  # slots 0 .. size - 1 are all taken
-            size = self.pool.num_blocks
-            grown = PagePool(self.pool.layout, max(4, 2 * size), self.device)
-            grown.data[:size] = self.pool.data
-            self.pool, self.free = grown, list(range(grown.num_blocks - 1, size - 1, -1))
-        return self.free.pop()
+        if len(self.free) >= count:
+            return
+        size = self.pool.num_blocks
+        grown = PagePool(self.pool.layout, max(4, 2 * size, size + count - len(self.free)), self.device)
+        grown.data[:size] = self.pool.data
+        self.pool = grown
+        self.free = list(range(grown.num_blocks - 1, size - 1, -1)) + self.free
 
     def release(self, slot: int) -> None:
         self.tokens.pop(slot, None)

@@ -44,7 +44,7 @@ class PagedDecode:
     position: int  # of the token: the request holds tokens 0 .. position - 1
     slot: int  # its open windows (open_windows.py)
     tables: tuple[Sequence[int], Sequence[int]]  # (compressed, window) block ids on the host
-    compressed_table: torch.Tensor  # the compressed block ids on the pools' device
+    compressed_table: torch.Tensor | None  # the compressed block ids on the pools' device (None: static steps)
 
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

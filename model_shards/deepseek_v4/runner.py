@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.deepseek_v4.contained_chunks import contained_chunks
+from model_shards.deepseek_v4.decode_graphs import DeepseekV4DecodeGraphs
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
@@ -39,9 +40,10 @@ class _Request:
 
 class DeepseekV4Runner:
     def __init__(self, model: DeepseekV4ForCausalLM, pages: PagedKV, layout: ParallelLayout | None = None,
-                 grammars: GrammarCompiler | None = None):
-        """`grammars`: compiles structured-output grammars (None: requests ask for none)."""
-        self.model, self.pages, self.grammars = model, pages, grammars
+                 grammars: GrammarCompiler | None = None, decode_graphs: DeepseekV4DecodeGraphs | None = None):
+        """`grammars`: compiles structured-output grammars (None: requests ask for none);
+        `decode_graphs`: runs the steps in which every request decodes (None: all eagerly)."""
+        self.model, self.pages, self.grammars, self.decode_graphs = model, pages, grammars, decode_graphs
         self.layout = layout or ParallelLayout.single()
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
@@ -92,6 +94,8 @@ class DeepseekV4Runner:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.pages.open_windows.release(request.slot)
+            if self.decode_graphs is not None:
+                self.decode_graphs.release(request.slot)
 
     def _new_request(self, new: NewRequestData) -> _Request:
         params = new.sampling_params
@@ -116,7 +120,11 @@ class DeepseekV4Runner:
         """Hidden states (scheduled tokens, hidden) of every request's chunk, in order, from one
         forward pass; their KV lands in the pages. A single token whose open windows are in the
         request's slot decodes on the pages with the step's others (paged_decodes.py); any other
-        chunk runs on a SequenceState loaded from the pages and its slot, saved back after."""
+        chunk runs on a SequenceState loaded from the pages and its slot, saved back after. A
+        step of such decodes only replays a captured graph when there is one (decode_graphs.py)."""
+        hidden = self._replay_decodes(scheduled)
+        if hidden is not None:
+            return hidden
         segments, decodes, decode_rows, row = [], [], [], 0
         step_ids = self._step_ids(scheduled)  # (scheduled tokens,)
         for request, count in scheduled:
@@ -138,6 +146,18 @@ class DeepseekV4Runner:
             if state is not None:
                 self.pages.save(state, request.slot)
         return hidden
+
+    def _replay_decodes(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor | None:
+        """(N, hidden) of a step whose every request decodes from its slot, by the decode graphs;
+        None when there are none, the step is not one, or it does not fit them."""
+        holds = self.pages.open_windows.holds
+        if self.decode_graphs is None or any(count != 1 or not holds(request.slot, request.num_computed_tokens)
+                                             for request, count in scheduled):
+            return None
+        decodes = [PagedDecode(request.num_computed_tokens, request.slot, tuple(request.block_ids), None)
+                   for request, _ in scheduled]  # the graphs keep the compressed tables themselves
+        return self.decode_graphs.run([request.slot for request, _ in scheduled], decodes,
+                                      [request.token_ids[request.num_computed_tokens] for request, _ in scheduled])
 
     def _step_ids(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor:
         """Every scheduled token id, in order, as one tensor: one copy to the device a step."""

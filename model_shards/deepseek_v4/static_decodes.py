@@ -95,6 +95,7 @@ class StaticDecodeInputs:
         self.host = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
         self.device_buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.decodes: list[PagedDecode] = []
+        self._copied: torch.cuda.Event | None = None  # the last copy up (GPU)
 
     def view(self, name: str) -> torch.Tensor:
         """A section of the device buffer (a view: the graph reads what `fill` copied there)."""
@@ -105,8 +106,10 @@ class StaticDecodeInputs:
     def fill(self, decodes: list[PagedDecode], token_ids: list[int], table_rows: list[int]) -> None:
         """Write the step of `decodes` (at most key.rows; their token ids and persistent table rows)
         into the host buffer, then ONE copy up (non-blocking from pinned memory on a GPU)."""
-        if len(decodes) > self.key.rows or max(d.position for d in decodes) >= self.key.context:
+        if len(decodes) > self.key.rows or any(decode.position >= self.key.context for decode in decodes):
             raise ValueError(f"{len(decodes)} decodes do not fit the static step {self.key}")
+        if self._copied is not None:  # the previous step's copy has read the host buffer
+            self._copied.synchronize()
         self.decodes = decodes
         padding = self.key.rows - len(decodes)
         values = (self._pad(token_ids, 0, padding) + self._pad([d.position for d in decodes], 0, padding)
@@ -116,6 +119,9 @@ class StaticDecodeInputs:
             values += self._rate_values(decodes, rate, padding)
         self.host.copy_(torch.tensor(values, dtype=torch.long))
         self.device_buffer.copy_(self.host, non_blocking=True)
+        if self.device_buffer.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     @staticmethod
     def _pad(values: list[int], filler: int, padding: int) -> list[int]:

@@ -11,6 +11,7 @@ import torch
 from cluster.config import LongctxConfig
 from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_folder.hf_config import load_architecture
+from model_shards.deepseek_v4.decode_graphs import DeepseekV4DecodeGraphs
 from model_shards.deepseek_v4.kernel_warmup import warm_up_runner
 from model_shards.deepseek_v4.kv_tiers import HybridKVTransfer
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, plan_pool_sizes, window_layout
@@ -44,11 +45,19 @@ class DeepseekV4Worker:
         self.model = DeepseekV4ForCausalLM.from_folder(config.model.path, dtype=self.dtype, device=self.device,
                                                        tp=self.layout.tp,
                                                        keep_quantized=config.model.quantized_weights == "keep")
+        # decode steps as CUDA graphs (decode_graphs.py) on one GPU rank: one scratch block a pool
+        self.graph_max_batch = min(config.model.cuda_graph_max_batch, config.scheduler.max_num_seqs)
+        if self.device.type != "cuda" or self.layout.world.size > 1:
+            self.graph_max_batch = 0
+        self.scratch_blocks = 1 if self.graph_max_batch else 0
         self.pages = self._allocate_pages()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
-        self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars)
+        decode_graphs = self._decode_graphs()
+        self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars, decode_graphs)
         if self.device.type == "cuda":  # Triton kernels compile now, not in the first requests
             warm_up_runner(self.runner)  # engine steps on pages that hold nothing yet
+        if decode_graphs is not None:
+            decode_graphs.capture(decode_graphs.start_keys())
         # Host and Redis tiers (None without them); Redis keys under this layout's fingerprint.
         fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.kv_layout)
         self.kv_transfer = HybridKVTransfer.create_for(config, self.pages, fingerprint)
@@ -64,8 +73,18 @@ class DeepseekV4Worker:
         compressed_blocks, window_blocks = world.min_int(sizes.compressed_blocks), world.min_int(sizes.window_blocks)
         if min(compressed_blocks, window_blocks) < 1:
             raise RuntimeError(f"no memory left for the KV pages ({compressed.nbytes} + {window.nbytes} bytes a block)")
-        return PagedKV(PagePool(compressed, compressed_blocks, self.device),
-                       PagePool(window, window_blocks, self.device), self.block_size)
+        return PagedKV(PagePool(compressed, compressed_blocks + self.scratch_blocks, self.device),
+                       PagePool(window, window_blocks + self.scratch_blocks, self.device), self.block_size)
+
+    def _decode_graphs(self) -> DeepseekV4DecodeGraphs | None:
+        """The decode graphs, their scratch the last block of each pool (never given to a request:
+        `description` reports the pools without it)."""
+        if not self.graph_max_batch:
+            return None
+        max_model_len = self.config.model.max_model_len or self.architecture.max_position_embeddings
+        scratch = (self.pages.compressed.num_blocks - 1, self.pages.window.num_blocks - 1)
+        return DeepseekV4DecodeGraphs(self.model, self.pages, scratch, self.graph_max_batch, max_model_len,
+                                      self.config.scheduler.max_num_seqs)
 
     def _budget_bytes(self) -> int:
         if self.device.type != "cuda":
@@ -77,9 +96,10 @@ class DeepseekV4Worker:
     def description(self) -> WorkerDescription:
         compressed, window = self.pages.compressed, self.pages.window
         # The tiers keep a block's window part apart from the rest (kv_tiers.py).
-        return WorkerDescription(compressed.num_blocks, self.kv_layout, compressed.bytes_per_block,
-                                 str(self.dtype).removeprefix("torch."), str(self.device),
-                                 extra_group_blocks=(window.num_blocks,), kv_window_nbytes=window.bytes_per_block)
+        return WorkerDescription(compressed.num_blocks - self.scratch_blocks, self.kv_layout,
+                                 compressed.bytes_per_block, str(self.dtype).removeprefix("torch."), str(self.device),
+                                 extra_group_blocks=(window.num_blocks - self.scratch_blocks,),
+                                 kv_window_nbytes=window.bytes_per_block)
 
     @property
     def kv_layout(self) -> str:
