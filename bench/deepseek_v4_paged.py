@@ -31,6 +31,10 @@ CPU, decode batching on the tiny preset; then one H200, the flash shape:
     python3 bench/deepseek_v4_paged.py --lengths 256 --concurrency 1 8 32
     python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda --lengths 32768 \
         --concurrency 1 8 32 --concurrency-prompt-tokens 4096
+`--decode-graphs` measures the --concurrency rows again on an engine whose decode-only steps replay
+CUDA graphs (rows tagged "decode_graphs": true; eager rows false), e.g. at 32K contexts:
+    python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda --lengths 1024 \
+        --model-max-length 0 --concurrency 1 8 32 --concurrency-prompt-tokens 32000 --decode-graphs
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[],
                         help="then, for each N: N requests decoding together (ms per step, tokens/s)")
     parser.add_argument("--concurrency-prompt-tokens", type=int, default=1024, help="each concurrent request's prompt")
+    parser.add_argument("--decode-graphs", action="store_true",
+                        help="CUDA: the --concurrency steps eager, then again on an engine whose decode-only steps "
+                        "replay CUDA graphs (model_shards/deepseek_v4/decode_graphs.py)")
     parser.add_argument("--alloc-conf", default=None,
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
     return parser.parse_args()
@@ -246,12 +253,14 @@ class DecodeOps:
                 "decode_step_sync_ops": dict(step.syncs)}
 
 
-def make_engine(folder: Path, args: argparse.Namespace, block_size: int) -> LLMEngine:
+def make_engine(folder: Path, args: argparse.Namespace, block_size: int, decode_graphs: bool = False) -> LLMEngine:
+    """`decode_graphs`: decode-only steps of up to the most concurrent requests replay CUDA graphs (else eager)."""
     longest = max(args.lengths) + args.decode_steps + 2 * args.chunk_tokens
     most_requests = max([4, *args.concurrency])
     concurrent = most_requests * (args.concurrency_prompt_tokens + args.decode_steps + 2 * block_size)
     return LLMEngine(LongctxConfig(
-        model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype),
+        model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype,
+                            cuda_graph_max_batch=most_requests if decode_graphs else 0),
         cache=CacheSettings(num_device_blocks=max(longest, concurrent) // block_size + 64),
         scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=most_requests)))
 
@@ -423,9 +432,17 @@ def main() -> None:
                 report.data["profile"] = profile_last_chunk(engine, model, args)
                 report.write()
         for concurrency in args.concurrency:
-            report.add_row(concurrent_decode(engine, args, concurrency))
+            report.add_row({**concurrent_decode(engine, args, concurrency), "decode_graphs": False})
+        if args.decode_graphs and args.concurrency:
+            engine.shutdown()  # its pages go before the graphs' engine takes its own
+            engine = None
+            engine = make_engine(folder, args, block_size, decode_graphs=True)
+            warm_up(engine, None, args)
+            for concurrency in args.concurrency:
+                report.add_row({**concurrent_decode(engine, args, concurrency), "decode_graphs": True})
     finally:
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
     print(json.dumps({"profile": report.data["profile"], "kv": report.data["kv"]}, indent=1))
 
 
