@@ -15,59 +15,48 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from dataclasses import dataclass
 
 import torch
 
 from cluster.config import LongctxConfig
 from model_folder.hf_config import load_architecture
 from model_shards.attention import resolve_attention_backend
-from model_shards.attention.base import AttentionMetadata
 from model_shards.cuda_graphs import DecodeGraphs, DecodeRow
 from model_shards.device import resolve_device, resolve_dtype
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.kv_transfer import KVTransfer
 from model_shards.kv_io.rank_agreement import RankAgreement
-from model_shards.matmul_warmup import distinct_linears, row_count_ladder, warm_up_matmuls
 from model_shards.llama import LlamaForCausalLM
-from model_shards.parallel.groups import ParallelLayout
-from model_shards.parallel.sp_attention import (
-    SequenceParallelBackend,
-    build_local_batch,
+from model_shards.matmul_warmup import (
+    distinct_linears,
+    row_count_ladder,
+    warm_up_matmuls,
 )
-from model_shards.parallel.sp_plan import StepSequence
-from model_shards.prompt_logprobs import PromptRows, compute_prompt_logprobs, prompt_rows
+from model_shards.parallel.groups import ParallelLayout
+from model_shards.parallel.sp_attention import SequenceParallelBackend
+from model_shards.prompt_logprobs import compute_prompt_logprobs
 from model_shards.sampler import Sampler, SamplingState
+from model_shards.step_batch import (
+    RequestState,
+    StepBatch,
+    build_batch,
+    build_sequence_parallel_batch,
+)
 from model_shards.step_containment import ContainedStep, run_contained
 from model_shards.structured_output import GrammarCompiler
 from model_shards.weights import WeightReader
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.kv_transfer_ops import KVTransferReport
-from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
+from protocol.step import (
+    CachedRequestData,
+    NewRequestData,
+    SampledToken,
+    StepInput,
+    StepOutput,
+)
 from protocol.worker_description import WorkerDescription
 
 FAILED_ROW = -1  # the token id broadcast for a row whose sampling failed
-
-
-@dataclass
-class _RequestState:
-    token_ids: list[int]  # prompt + outputs, grows by the tokens this worker samples
-    block_table: list[int]
-    num_computed_tokens: int
-    sampling: SamplingState
-    num_prompt_tokens: int
-
-
-@dataclass
-class _Batch:
-    """One step's flattened inputs. Rows of `input_ids` are the scheduled chunks, back to back."""
-
-    input_ids: torch.Tensor  # (tokens,)
-    positions: torch.Tensor  # (tokens,)
-    metadata: AttentionMetadata
-    sample_rows: list[int]  # row of the last token of each sampling request
-    sample_request_ids: list[str]
-    prompt_rows: list[PromptRows]  # rows that predict prompt tokens, for prompt_logprobs
 
 
 class ModelWorker:
@@ -93,7 +82,7 @@ class ModelWorker:
         self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
-        self.requests: dict[str, _RequestState] = {}
+        self.requests: dict[str, RequestState] = {}
         self.decode_graphs = self._capture_decode_graphs()
 
     def _load_model(self) -> LlamaForCausalLM:
@@ -221,7 +210,7 @@ class ModelWorker:
         return run_contained(step, dict(step_input.num_scheduled_tokens), failed, world_size=self.layout.world.size,
                              device=self.device)
 
-    def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, _Batch]:
+    def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, StepBatch]:
         """A step of decodes replays a CUDA graph when one fits; anything else runs eagerly."""
         if self.decode_graphs is not None and set(step_input.num_scheduled_tokens.values()) == {1}:
             rows = [self._decode_row(rid) for rid in step_input.num_scheduled_tokens]
@@ -230,7 +219,7 @@ class ModelWorker:
                 sampling = [j for j, row in enumerate(rows)
                             if row.position + 1 == len(self.requests[row.request_id].token_ids)]
                 # A decode row predicts no prompt token: no prompt logprobs here.
-                return hidden, _Batch(None, None, None, sampling, [rows[j].request_id for j in sampling], [])
+                return hidden, StepBatch(None, None, None, sampling, [rows[j].request_id for j in sampling], [])
         batch = self._build_batch(step_input)
         return self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache), batch
 
@@ -267,7 +256,7 @@ class ModelWorker:
         for cached in step_input.cached_requests:
             self._update_state(cached)
 
-    def _new_state(self, new: NewRequestData) -> _RequestState:
+    def _new_state(self, new: NewRequestData) -> RequestState:
         params = new.sampling_params
         # Only the rank that samples keeps a grammar (it compiles meanwhile, off this thread).
         grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
@@ -275,7 +264,7 @@ class ModelWorker:
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.device, grammar)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
         # A dense model keeps one KV block group (a hybrid model's worker reads the others).
-        return _RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling,
+        return RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling,
                              len(new.prompt_token_ids))
 
     def _update_state(self, cached: CachedRequestData) -> None:
@@ -287,55 +276,13 @@ class ModelWorker:
                 f"scheduler says {cached.num_computed_tokens}"
             )
 
-    def _build_batch(self, step_input: StepInput) -> _Batch:
+    def _build_batch(self, step_input: StepInput) -> StepBatch:
         if self.layout.sp.size > 1:
-            return self._build_sequence_parallel_batch(step_input)
-        token_ids: list[int] = []
-        positions: list[int] = []
-        sequences, sample_rows, sample_ids, scored = [], [], [], []
-        for request_id, num_new in step_input.num_scheduled_tokens.items():
-            state = self.requests[request_id]
-            start = state.num_computed_tokens
-            scored.append(self._prompt_rows(request_id, state, len(token_ids), num_new))
-            token_ids.extend(state.token_ids[start : start + num_new])
-            positions.extend(range(start, start + num_new))
-            sequences.append((state.block_table, start, num_new))
-            if start + num_new == len(state.token_ids):
-                sample_rows.append(len(token_ids) - 1)
-                sample_ids.append(request_id)
-        return _Batch(
-            input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            metadata=AttentionMetadata.build(sequences, self.block_size, self.device),
-            sample_rows=sample_rows,
-            sample_request_ids=sample_ids,
-            prompt_rows=[rows for rows in scored if rows is not None],
-        )
+            return build_sequence_parallel_batch(self.requests, step_input, self.block_size, self.layout.sp,
+                                                 self.device)
+        return build_batch(self.requests, step_input, self.block_size, self.device)
 
-    @staticmethod
-    def _prompt_rows(request_id: str, state: _RequestState, first_row: int, num_new: int) -> PromptRows | None:
-        top_k = state.sampling.params.prompt_logprobs
-        if top_k is None:
-            return None
-        return prompt_rows(request_id, first_row, state.num_computed_tokens, num_new, state.token_ids,
-                           state.num_prompt_tokens, top_k)
-
-    def _build_sequence_parallel_batch(self, step_input: StepInput) -> _Batch:
-        """This SP rank's rows of the step (zigzag pieces of prefill chunks, then the replicated
-        decode tokens); sample rows are meaningful on SP rank 0, which holds every last token."""
-        request_ids = list(step_input.num_scheduled_tokens)
-        states = [self.requests[rid] for rid in request_ids]
-        sequences = [StepSequence(state.block_table, state.num_computed_tokens, num_new)
-                     for state, num_new in zip(states, step_input.num_scheduled_tokens.values())]
-        local = build_local_batch(sequences, [state.token_ids for state in states], self.block_size, self.layout.sp,
-                                  self.device)
-        sampling = [(j, index) for j, index in enumerate(local.order)
-                    if sequences[index].computed + sequences[index].num_new == len(states[index].token_ids)]
-        # Prompt logprobs need every row on one rank: the engine refuses them with SP > 1.
-        return _Batch(local.input_ids, local.metadata.positions, local.metadata,
-                      [local.last_row(j) for j, _ in sampling], [request_ids[index] for _, index in sampling], [])
-
-    def _sample(self, hidden: torch.Tensor, batch: _Batch, failed: dict[str, str]) -> dict:
+    def _sample(self, hidden: torch.Tensor, batch: StepBatch, failed: dict[str, str]) -> dict:
         if not batch.sample_rows:
             return {}
         tokens = self._sample_on_rank_zero(hidden, batch, failed)  # None on every other rank
@@ -354,7 +301,7 @@ class ModelWorker:
                 sampled[request_id] = tokens[row]
         return sampled
 
-    def _sample_on_rank_zero(self, hidden: torch.Tensor, batch: _Batch, failed: dict[str, str]) -> list | None:
+    def _sample_on_rank_zero(self, hidden: torch.Tensor, batch: StepBatch, failed: dict[str, str]) -> list | None:
         """Logits on SP rank 0 (where the sampled rows are; a collective over its TP group),
         sampling on world rank 0 only: unseeded requests draw from one RNG, not one per rank."""
         if self.layout.sp.rank != 0:
