@@ -20,7 +20,8 @@ N open-window rows, one gather of the C closing windows, their pooling (Compress
 one index_put of the C entries; then HCA one (N, E_max) gather of the entries, CSA the indexer's
 (N, E_max) scores (one kernel on a GPU, a gather on a CPU) and one (N, k) gather of the chosen
 entries. No op reads a device value on the host, and no host tensor is made inside the layers
-(on a GPU each would be a copy in the middle of the step). Variable per step: N, C, D, E_max, k.
+(on a GPU each would be a copy in the middle of the step). Variable per step: N, C, D, E_max, k
+(static_decodes.StaticDecodeBatch fixes them per key, for CUDA graphs: decode_graphs.py).
 """
 
 from __future__ import annotations
