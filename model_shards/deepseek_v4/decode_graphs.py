@@ -17,7 +17,8 @@ eagerly (tests of the logic on a CPU).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -28,6 +29,7 @@ from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.static_decodes import (DecodeShape, Scratch, StaticDecodeBatch, StaticDecodeInputs,
                                                      StaticDecodeKey, context_bucket)
 
+LOG = logging.getLogger(__name__)
 WARM_UP_RUNS = 2  # compile the Triton kernels and settle cuBLAS before a capture
 # Captured at worker start: 5 batch buckets x 6 context buckets at 128 a block (30 graphs, each a
 # warm-up and a capture); a step past them captures its key once, at its first step.
@@ -58,8 +60,8 @@ class DeepseekV4DecodeGraphs:
         max_blocks = -(-self.max_context // pages.block_size)
         self.tables = DeviceBlockTables(max_requests, max_blocks, self.device, torch.long)
         self.inputs: dict[StaticDecodeKey, StaticDecodeInputs] = {}
-        self.graphs: dict[StaticDecodeKey, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[StaticDecodeKey, torch.Tensor] = {}
+        self.graphs: dict[StaticDecodeKey, Callable[[], torch.Tensor]] = {}  # replays
+        self.capture_error: str | None = None  # set by a failed capture: no graphs from then on
         self._pool = None  # the graphs' shared memory pool
         self._slot_memory = pages.open_windows.pool.data.data_ptr()
 
@@ -88,12 +90,15 @@ class DeepseekV4DecodeGraphs:
         key = self.key_for([decode.position for decode in decodes])
         if key is None or self.pages.open_windows.pool.data.data_ptr() != self._slot_memory:
             return None
+        replay = self._graph(key)  # first: a new key's capture fills its buffer with padding rows
+        if replay is None:
+            return None
         rows = self.tables.rows_for(table_keys, [decode.tables[0] for decode in decodes])
         if rows is None:
             return None
         inputs = self._inputs(key)
         inputs.fill(decodes, token_ids, rows)
-        hidden = self._replay(key)
+        hidden = replay()
         inputs.finish(self.pages)
         return hidden[:len(decodes)]
 
@@ -114,25 +119,38 @@ class DeepseekV4DecodeGraphs:
         """The static step of `key` on whatever its input buffer holds -> (rows, hidden)."""
         return self.model.forward_decodes(StaticDecodeBatch(self.pages, self._inputs(key), self.tables.table))
 
-    def _replay(self, key: StaticDecodeKey) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return self._forward(key)
-        self._graph(key).replay()
-        return self.outputs[key]
+    def _graph(self, key: StaticDecodeKey) -> Callable[[], torch.Tensor] | None:
+        """The key's replay, recorded now if it is new; None once a capture has failed: then every
+        decode step runs eagerly (a warning says why)."""
+        if self.capture_error is not None:
+            return None
+        try:
+            if key not in self.graphs:
+                self.graphs[key] = self._record(key)
+            return self.graphs[key]
+        except Exception as error:  # noqa: BLE001 - a graph is an optimisation: eager is still exact
+            self.capture_error = repr(error)
+            LOG.warning("DeepSeek-V4 decode graph %s not captured; decode steps run eagerly: %r", key, error)
+            return None
 
-    def _graph(self, key: StaticDecodeKey) -> torch.cuda.CUDAGraph:
-        """The key's graph, captured now if it is new: padding rows only in its buffer meanwhile
-        (they write the scratch slot and blocks alone), so a capture changes no request's state."""
-        if key not in self.graphs:
-            inputs = self._inputs(key)
-            inputs.fill([], [], [])
-            with torch.inference_mode():
-                for _ in range(WARM_UP_RUNS):
-                    self._forward(key)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self.outputs[key] = self._forward(key)
-            self._pool = graph.pool()
-            self.graphs[key] = graph
-        return self.graphs[key]
+    def _record(self, key: StaticDecodeKey) -> Callable[[], torch.Tensor]:
+        """Warm the key's static step up and capture it, with padding rows only in its buffer (they
+        write the scratch slot and blocks alone: a capture changes no request's state). The replay
+        returns the graph's static output; on a CPU it runs the static step eagerly, so that the
+        tests of the logic take the same path as a GPU."""
+        self._inputs(key).fill([], [], [])
+        with torch.inference_mode():
+            for _ in range(WARM_UP_RUNS):
+                self._forward(key)
+            if self.device.type != "cuda":
+                return lambda: self._forward(key)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self._forward(key)
+        self._pool = graph.pool()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+        return replay

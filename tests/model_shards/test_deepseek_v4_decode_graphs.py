@@ -139,3 +139,23 @@ def test_a_graph_replay_equals_the_same_static_step_run_eagerly(folder):
     batch = DecodeBatch(dynamic_pages, model.arch.sliding_window, decodes, None, len(decodes))
     dynamic = model.forward_segments([(torch.tensor([t], device=device), None) for t in token_ids], batch)
     torch.testing.assert_close(replayed.float(), dynamic.float(), atol=0.1, rtol=0.05)
+
+
+def test_a_failed_capture_leaves_every_decode_step_eager(folder):
+    """A capture that raises (a host sync in some kernel, say) must not fail the step: `run` says
+    None (the runner then runs the step eagerly) for that key and every other, trying no capture again."""
+    model, pages, requests = prefilled_on(folder, torch.device("cpu"), [15, 40])
+    graphs = make_graphs(model, pages)
+    attempts = []
+
+    def failing_record(key):
+        attempts.append(key)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._record = failing_record
+    decodes = [PagedDecode(length, slot, tables, None) for length, (_, tables, slot) in zip([15, 40], requests)]
+    token_ids = [ids[length] for length, (ids, _, _) in zip([15, 40], requests)]
+    assert graphs.run([slot for _, _, slot in requests], decodes, token_ids) is None
+    assert graphs.run([requests[0][2]], decodes[:1], token_ids[:1]) is None  # another key: not tried
+    assert attempts == [StaticDecodeKey(2, 64)]
+    assert "operation not permitted" in graphs.capture_error
