@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.attention.base import AttentionMetadata
+from model_shards.device import host_to_device
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.sp_attention import build_local_batch
 from model_shards.parallel.sp_plan import StepSequence
@@ -40,24 +41,24 @@ class StepBatch:
 def build_batch(requests: dict[str, RequestState], step_input: StepInput, block_size: int,
                 device: torch.device) -> StepBatch:
     """The step's rows on one rank (no sequence parallelism); a request samples when its chunk
-    reaches its last known token."""
+    reaches its last known token. Its tensors go up without a host wait (host_to_device), so the
+    host builds the next step while the GPU runs this one."""
     token_ids: list[int] = []
-    positions: list[int] = []
     sequences, sample_rows, sample_ids, scored = [], [], [], []
     for request_id, num_new in step_input.num_scheduled_tokens.items():
         state = requests[request_id]
         start = state.num_computed_tokens
         scored.append(_prompt_rows(request_id, state, len(token_ids), num_new))
         token_ids.extend(state.token_ids[start : start + num_new])
-        positions.extend(range(start, start + num_new))
         sequences.append((state.block_table, start, num_new))
         if start + num_new == len(state.token_ids):
             sample_rows.append(len(token_ids) - 1)
             sample_ids.append(request_id)
+    metadata = AttentionMetadata.build(sequences, block_size, device)
     return StepBatch(
-        input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        metadata=AttentionMetadata.build(sequences, block_size, device),
+        input_ids=host_to_device(torch.tensor(token_ids, dtype=torch.long), device),
+        positions=metadata.positions,
+        metadata=metadata,
         sample_rows=sample_rows,
         sample_request_ids=sample_ids,
         prompt_rows=[rows for rows in scored if rows is not None],

@@ -19,6 +19,8 @@ from itertools import repeat
 
 import torch
 
+from model_shards.device import host_to_device
+
 
 @dataclass
 class AttentionMetadata:
@@ -64,7 +66,7 @@ class AttentionMetadata:
         """From (block_table, num_computed_before, num_new) per sequence, in batch order.
 
         Index arithmetic runs vectorized on the host (no Python loop over tokens), then moves to
-        the device in one copy per tensor.
+        the device in one pinned copy per tensor that the host does not wait for.
         """
         query_start_loc, context_lens, positions, slots = [0], [], [], []
         for block_table, computed, new in seqs:
@@ -98,7 +100,7 @@ def _check_sequence(block_table: list[int], computed: int, new: int, block_size:
 
 def _cat_to(parts: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
     flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-    return flat.to(device)
+    return host_to_device(flat, device)
 
 
 def padded_block_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
@@ -110,7 +112,7 @@ def padded_block_tables(tables: list[list[int]], device: torch.device | str) -> 
         flat.extend(table)
         flat.extend(repeat(0, width - len(table)))
     padded = torch.frombuffer(flat, dtype=torch.long) if flat else torch.empty(0, dtype=torch.long)
-    return padded.view(len(tables), width).to(device)
+    return host_to_device(padded.view(len(tables), width), device)
 
 
 def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from model_shards.deepseek_v4.positions import host_to_device
+from model_shards.device import host_to_device
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, attend, block_elements
 
 

@@ -35,7 +35,7 @@ import torch
 from model_shards.deepseek_v4.index_scores import decode_index_scores_on_rows, gathered_index_scores, \
     fused_kernel_runs
 from model_shards.deepseek_v4.paged_state import PagedKV
-from model_shards.deepseek_v4.positions import host_to_device
+from model_shards.device import host_to_device
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import torch
 
-
-def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`; on a GPU from pinned memory, so the copy does not wait."""
-    return values if device.type != "cuda" else values.pin_memory().to(device, non_blocking=True)
+from model_shards.device import host_to_device
 
 
 def span_positions(spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:

@@ -20,7 +20,7 @@ from model_shards.deepseek_v4.decode_graphs import DeepseekV4DecodeGraphs
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
-from model_shards.deepseek_v4.positions import host_to_device
+from model_shards.device import host_to_device
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.sampler import Sampler, SamplingState
 from model_shards.step_containment import run_contained

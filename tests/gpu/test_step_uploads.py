@@ -1,0 +1,39 @@
+"""A dense step's inputs go up to the GPU without the host waiting for it: a plain `.to(device)`
+of pageable memory synchronizes the stream, so the GPU idled between a long prompt's chunks
+while the host built the next step (model_shards/step_batch.py, attention/base.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model_shards.step_batch import RequestState, build_batch
+from protocol.step import StepInput
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+BLOCK = 64
+
+
+def request(prompt_tokens: int, computed: int) -> RequestState:
+    sampling = SimpleNamespace(params=SimpleNamespace(prompt_logprobs=None))
+    blocks = list(range(7, 7 + -(-prompt_tokens // BLOCK)))
+    return RequestState(list(range(prompt_tokens)), blocks, computed, sampling, prompt_tokens)
+
+
+def test_a_step_batch_is_built_without_a_host_wait():
+    requests = {"long": request(20_000, 4096), "short": request(300, 0)}
+    step = StepInput(0, num_scheduled_tokens={"long": 2048, "short": 300})
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: a waiting copy would wait for this
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = build_batch(requests, step, BLOCK, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert batch.input_ids.tolist() == list(range(4096, 6144)) + list(range(300))
+    assert batch.positions.tolist() == list(range(4096, 6144)) + list(range(300))
+    first_slot = 7 * BLOCK + 4096  # block 7 + 64 of the long request, offset 0
+    assert batch.metadata.slot_mapping[:2].tolist() == [first_slot, first_slot + 1]
+    assert batch.metadata.block_table_tensor.shape == (2, 313) and batch.sample_request_ids == ["short"]
