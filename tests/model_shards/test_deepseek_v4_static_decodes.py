@@ -112,34 +112,35 @@ def assert_pages_equal(static: PagedKV, dynamic: PagedKV, requests: list[Request
         assert torch.equal(static.open_windows.pool.data[request.slot], dynamic.open_windows.pool.data[request.slot])
 
 
-@pytest.mark.parametrize("count", [1, 3, 8, 11])
-def test_static_steps_of_the_steps_own_sizes_equal_dynamic_steps_bit_for_bit(model, count):
-    """Keyed by the step's own N and widest context (no padding of either): every window pooled
-    (the non-closing ones on the scratch slot), one packed buffer, the persistent table; three
-    steps in a row, CSA and HCA windows closing for some rows and not others, at a block's end."""
+def paired_steps(model, count: int, exact: bool):
+    """STEPS steps of the first `count` requests, static and dynamic side by side: per step
+    (step, static hidden, dynamic hidden, static pages, dynamic pages, the requests)."""
     pages, requests, scratch = prefilled(model, LENGTHS[:count])
     dynamic_pages = copy.deepcopy(pages)
     steps = StaticSteps(model, pages, scratch)
     for step in range(STEPS):
         positions = [length + step for length in LENGTHS[:count]]
         expected = dynamic_step(model, dynamic_pages, requests[:count], positions)
-        got = steps.run(requests[:count], positions, exact=True)
+        got = steps.run(requests[:count], positions, exact=exact)
+        yield step, got, expected, pages, dynamic_pages, requests[:count]
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 11])
+def test_static_steps_of_the_steps_own_sizes_equal_dynamic_steps_bit_for_bit(model, count):
+    """Keyed by the step's own N and widest context (no padding of either): every window pooled
+    (the non-closing ones on the scratch slot), one packed buffer, the persistent table; three
+    steps in a row, CSA and HCA windows closing for some rows and not others, at a block's end."""
+    for step, got, expected, pages, dynamic_pages, requests in paired_steps(model, count, exact=True):
         assert torch.equal(got, expected), step
         assert torch.equal(model.compute_logits(got), model.compute_logits(expected))
-        assert_pages_equal(pages, dynamic_pages, requests[:count])
+        assert_pages_equal(pages, dynamic_pages, requests)
 
 
 @pytest.mark.parametrize("count", [1, 3, 8])
 def test_bucketed_static_steps_equal_dynamic_steps_within_float32_rounding(model, count):
     """Padded to the batch bucket (1 -> 1, 3 -> 4, 8 -> 8) and the context bucket: CPU matmuls of
     another row count or reduction width round differently (a few 1e-6 here), nothing more."""
-    pages, requests, scratch = prefilled(model, LENGTHS[:count])
-    dynamic_pages = copy.deepcopy(pages)
-    steps = StaticSteps(model, pages, scratch)
-    for step in range(STEPS):
-        positions = [length + step for length in LENGTHS[:count]]
-        expected = dynamic_step(model, dynamic_pages, requests[:count], positions)
-        got = steps.run(requests[:count], positions)
+    for _, got, expected, pages, dynamic_pages, _ in paired_steps(model, count, exact=False):
         torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
         assert torch.equal(model.compute_logits(got).argmax(-1), model.compute_logits(expected).argmax(-1))
         for pool in ("compressed", "window"):
