@@ -8,8 +8,9 @@ index per field (paged_decodes.py) instead of one small tensor per request and l
 on its own state reads its slot before (`PagedKV.load`) and writes it back after (`PagedKV.save`).
 
 Slots are handed out per request and returned when it ends; the pool doubles when they run out
-(only at a request's arrival, never inside a step), or is sized up front (`reserve`) for CUDA graphs. `tokens[slot]` records after how many of its
-tokens the slot's windows were written: a chunk may start from the slot only there.
+(only at a request's arrival, never inside a step), or is sized up front (`reserve`) for CUDA
+graphs. `tokens[slot]` records after how many of its tokens the slot's windows were written: a
+chunk may start from the slot only there.
 """
 
 from __future__ import annotations
