@@ -14,9 +14,9 @@ saves. Ties go to the replica with fewer running KV tokens, then at random. A lo
 first joins a replica already busy with long prompts when the wait there is at most its own
 prefill, and leaves `short_lanes` replicas free for short requests (autoscaler/lanes.py).
 
-Loads come from the replicas' `record_routing_stats` every period; between two reports the
-router adds the prompt tokens it sent itself and that have not completed, so a burst does not
-all land on the replica that looked idlest at the last report.
+Loads come from the replicas' `record_routing_stats` every period; the router adds the prompt
+tokens it sent after a report was taken, so a burst does not all land on the replica that looked
+idlest at the last report, and takes off those the report counted that have completed since.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from __future__ import annotations
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from autoscaler.lanes import Candidate, LaneRule, rank_replicas
 from kvcache.block_hash import hash_full_blocks, root_hash
 
 ROUTER_FINGERPRINT = "longctx.deployments.router"  # router-only names, never compared with the engine's
+MAX_COMPLETED_PER_REPLICA = 4096  # completions kept for reports still to come
 
 
 @dataclass(frozen=True)
@@ -90,74 +91,94 @@ class PrefixAffinityTable:
             holders.pop(replica, None)
 
 
+@dataclass
+class ReplicaLedger:
+    """What the router knows of one replica's queue between two of its reports.
+
+    A report is a snapshot taken at `reported_at` (the replica's clock; replicas and routers
+    share hosts or NTP). The router corrects it with what it saw since, by time, not by order of
+    arrival: Serve may deliver a report after a request it counted has already completed.
+    """
+
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
+    ranked: dict[str, int] = field(default_factory=dict)  # request -> uncached tokens, not yet routed
+    in_flight: dict[str, tuple[int, float]] = field(default_factory=dict)  # request -> (tokens, sent at)
+    completed: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens, sent at, completed at)
+
+    def update(self, load: ReplicaLoad) -> None:
+        if load.reported_at < self.load.reported_at:
+            return  # an older snapshot delivered late
+        self.load = load
+        # A request completed before this snapshot is in neither it nor any later one.
+        self.completed = [entry for entry in self.completed if entry[2] > load.reported_at]
+
+    def queued_tokens(self) -> int:
+        """The report, less what it counted and has completed since, plus what was sent after it."""
+        taken = self.load.reported_at
+        finished = sum(tokens for tokens, sent, done in self.completed if sent <= taken < done)
+        sent_since = sum(tokens for tokens, sent in self.in_flight.values() if sent > taken)
+        return max(0, self.load.queued_prompt_tokens - finished) + sent_since + sum(self.ranked.values())
+
+    def complete(self, request: str, now: float) -> None:
+        tokens, sent_at = self.in_flight.pop(request, (0, now))
+        if tokens:
+            self.completed.append((tokens, sent_at, now))
+            del self.completed[:-MAX_COMPLETED_PER_REPLICA]  # a replica whose reports stopped
+
+
 class PrefixAwarePolicy:
-    def __init__(self, chunk_tokens: int, max_entries: int, lanes: LaneRule, rng: random.Random | None = None):
+    def __init__(self, chunk_tokens: int, max_entries: int, lanes: LaneRule, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time):
         self.chunk_tokens = chunk_tokens
         self.lanes = lanes
         self.table = PrefixAffinityTable(max_entries)
         self.rng = rng or random.Random()
-        self._loads: dict[str, ReplicaLoad] = {}
-        self._unreported: dict[str, dict[str, int]] = {}  # replica -> request -> uncached tokens sent
-        # A report taken while a request was queued keeps counting it after it finished, until the
-        # next report: a finished request's tokens are credited back against that report.
-        self._sent: dict[str, dict[str, tuple[int, float]]] = {}  # replica -> request -> (tokens, when)
-        self._finished_credit: dict[str, int] = {}
+        self.clock = clock  # wall time, comparable with the replicas' `reported_at`
+        self._ledgers: dict[str, ReplicaLedger] = {}
+
+    def _ledger(self, replica: str) -> ReplicaLedger:
+        ledger = self._ledgers.get(replica)
+        if ledger is None:
+            ledger = self._ledgers[replica] = ReplicaLedger()
+        return ledger
 
     def update_load(self, replica: str, load: ReplicaLoad) -> None:
-        previous = self._loads.get(replica)
-        if previous is None or load.reported_at > previous.reported_at:
-            self._unreported.pop(replica, None)  # the new report counts what was sent before it
-            self._finished_credit.pop(replica, None)
-        self._loads[replica] = load
+        self._ledger(replica).update(load)
 
     def rank(self, candidates: Sequence[str], num_prompt_tokens: int, hashes: Sequence[bytes]) -> list[str]:
         """Candidates, cheapest first."""
         matched = self.table.matched_chunks(hashes)
         ranked = []
         for replica in candidates:
+            ledger = self._ledger(replica)
             uncached = num_prompt_tokens - matched.get(replica, 0) * self.chunk_tokens
-            running_kv = self._loads.get(replica, ReplicaLoad()).running_kv_tokens
-            ranked.append(Candidate(replica, self._queued_tokens(replica), uncached, (running_kv, self.rng.random())))
+            tie_break = (ledger.load.running_kv_tokens, self.rng.random())
+            ranked.append(Candidate(replica, ledger.queued_tokens(), uncached, tie_break))
         return rank_replicas(ranked, num_prompt_tokens, self.lanes)
-
-    def _queued_tokens(self, replica: str) -> int:
-        """The last report, less what finished since, plus what this router sent since."""
-        load = self._loads.get(replica, ReplicaLoad())
-        reported = max(0, load.queued_prompt_tokens - self._finished_credit.get(replica, 0))
-        return reported + sum(self._unreported.get(replica, {}).values())
 
     def on_ranked(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
         """Count a request at its first choice while Serve probes that replica's queue (an awaited
         call): requests ranked meanwhile see it. Without this, prompts that arrive together are all
         ranked against the same empty queues and scatter. `on_routed` moves it where it went."""
-        self._drop_unreported(request)
-        self._unreported.setdefault(replica, {})[request] = self._uncached(replica, num_prompt_tokens, hashes)
+        self._drop_ranked(request)
+        self._ledger(replica).ranked[request] = self._uncached(replica, num_prompt_tokens, hashes)
 
     def on_routed(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
-        self._drop_unreported(request)
-        uncached = self._uncached(replica, num_prompt_tokens, hashes)
-        self._unreported.setdefault(replica, {})[request] = uncached
-        self._sent.setdefault(replica, {})[request] = (uncached, time.time())
+        self._drop_ranked(request)
+        self._ledger(replica).in_flight[request] = (self._uncached(replica, num_prompt_tokens, hashes), self.clock())
         self.table.record(replica, hashes)
 
     def _uncached(self, replica: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> int:
         return num_prompt_tokens - self.table.matched_chunks(hashes).get(replica, 0) * self.chunk_tokens
 
-    def _drop_unreported(self, request: str) -> None:
-        for requests in self._unreported.values():
-            requests.pop(request, None)
+    def _drop_ranked(self, request: str) -> None:
+        for ledger in self._ledgers.values():
+            ledger.ranked.pop(request, None)
 
     def on_completed(self, replica: str, request: str) -> None:
         """A finished request's prompt is no longer queued anywhere."""
-        self._unreported.get(replica, {}).pop(request, None)
-        tokens, sent_at = self._sent.get(replica, {}).pop(request, (0, 0.0))
-        load = self._loads.get(replica)
-        if load is not None and load.reported_at >= sent_at:  # that report may still count it
-            self._finished_credit[replica] = self._finished_credit.get(replica, 0) + tokens
+        self._ledger(replica).complete(request, self.clock())
 
     def forget(self, replica: str) -> None:
         self.table.forget(replica)
-        self._loads.pop(replica, None)
-        self._unreported.pop(replica, None)
-        self._sent.pop(replica, None)
-        self._finished_credit.pop(replica, None)
+        self._ledgers.pop(replica, None)

@@ -1,7 +1,6 @@
 """The router's choice logic, without Ray: prefix affinity first, then the fewest queued tokens."""
 
 import random
-import time
 
 from autoscaler.lanes import LaneRule
 from deployments.routing_policy import (
@@ -15,8 +14,19 @@ CHUNK = 4
 LONG_PROMPT = 100  # tokens: a long prompt to these policies
 
 
-def _policy(max_entries=1000):
-    return PrefixAwarePolicy(CHUNK, max_entries, LaneRule(LONG_PROMPT, short_lanes=1), rng=random.Random(0))
+class ManualClock:
+    """The router's wall clock, set by the test: sends and completions at chosen times."""
+
+    def __init__(self, now: float = 10.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _policy(max_entries=1000, clock=None, long_prompt=LONG_PROMPT):
+    lanes = LaneRule(long_prompt, short_lanes=1)
+    return PrefixAwarePolicy(CHUNK, max_entries, lanes, rng=random.Random(0), clock=clock or ManualClock())
 
 
 def _hashes(tokens, salt=None):
@@ -87,8 +97,8 @@ def test_what_the_router_sent_counts_until_the_next_report():
     policy.on_routed("r1", "a", 100, _hashes(list(range(100))))
     other = list(range(1000, 1010))
     assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r2"
-    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=0, reported_at=2.0))  # r1 has done it
-    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=50, reported_at=2.0))
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=0, reported_at=12.0))  # r1 has done it
+    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=50, reported_at=12.0))
     assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r1"
 
 
@@ -129,16 +139,56 @@ def test_load_from_routing_stats_ignores_unknown_keys():
 
 
 def test_a_report_taken_while_a_request_queued_stops_counting_it_once_it_completes():
-    policy = _policy()
+    clock = ManualClock(10.0)
+    policy = _policy(clock=clock)
     for name in ("r1", "r2"):
         policy.update_load(name, ReplicaLoad(reported_at=1.0))
     document = list(range(900))
     policy.on_routed("r1", "first", len(document), _hashes(document))
-    stale = ReplicaLoad(queued_prompt_tokens=len(document), reported_at=time.time() + 1)  # sees it queued
+    stale = ReplicaLoad(queued_prompt_tokens=len(document), reported_at=11.0)  # sees it queued
     policy.update_load("r1", stale)
+    clock.now = 12.0
     policy.on_completed("r1", "first")
     follow_up = document + [7, 8]
     assert policy.rank(["r1", "r2"], len(follow_up), _hashes(follow_up))[0] == "r1"
+
+
+def test_a_report_that_arrives_after_the_request_it_counted_completed_is_corrected():
+    """The CI failure of session 8: Serve delivered r1's report, taken while the document was
+    queued, after the document had completed; it then counted as queued on r1 and the follow-up
+    went to the empty r2, losing the cached prefix. Short prompts here: the cost alone decides."""
+    clock = ManualClock(10.0)
+    policy = _policy(clock=clock, long_prompt=10_000)
+    for name in ("r1", "r2"):
+        policy.update_load(name, ReplicaLoad(reported_at=1.0))
+    document = list(range(900))
+    policy.on_routed("r1", "first", len(document), _hashes(document))
+    clock.now = 12.0
+    policy.on_completed("r1", "first")
+    # Taken at 11.0, with the document and 100 tokens of another prompt still queued.
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=len(document) + 100, reported_at=11.0))
+    follow_up = document + list(range(40))
+    assert policy.rank(["r1", "r2"], len(follow_up), _hashes(follow_up))[0] == "r1"
+    # A later report no longer holds it, and the completion is no longer needed to correct one.
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=0, reported_at=13.0))
+    assert policy.rank(["r1", "r2"], len(follow_up), _hashes(follow_up))[0] == "r1"
+
+
+def test_a_request_sent_after_a_report_was_taken_counts_until_one_sees_it():
+    """Arrival order does not matter either: a report taken before a send does not count it."""
+    clock = ManualClock(10.0)
+    policy = _policy(clock=clock)
+    for name in ("r1", "r2"):
+        policy.update_load(name, ReplicaLoad(reported_at=1.0))
+    policy.on_routed("r1", "a", 100, _hashes(list(range(100))))
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=0, reported_at=9.0))  # taken before the send
+    other = list(range(1000, 1010))
+    assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r2"
+    policy.update_load("r1", ReplicaLoad(queued_prompt_tokens=100, reported_at=11.0))  # sees it: not twice
+    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=99, reported_at=11.0))
+    assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r2"
+    policy.update_load("r2", ReplicaLoad(queued_prompt_tokens=101, reported_at=11.5))
+    assert policy.rank(["r1", "r2"], 10, _hashes(other))[0] == "r1"
 
 
 def test_a_long_prompt_joins_the_replica_busy_with_one_the_router_just_sent():
