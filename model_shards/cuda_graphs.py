@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.attention.base import AttentionMetadata
+from model_shards.device import host_to_device
 from model_shards.kv_cache import KVCacheTensors
 
 
@@ -42,13 +43,6 @@ def bucket_for(batch: int, sizes: list[int]) -> int | None:
         if size >= batch:
             return size
     return None
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, queued without waiting (pinned source on CUDA)."""
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 class DeviceBlockTables:
@@ -75,7 +69,7 @@ class DeviceBlockTables:
             self._synced[request_id] = len(block_table)
             rows.append(row)
         if updates:
-            row_index, column_index, values = _to_device(torch.tensor(updates, dtype=torch.long).T,
+            row_index, column_index, values = host_to_device(torch.tensor(updates, dtype=torch.long).T,
                                                          self.table.device)
             self.table.index_put_((row_index, column_index), values.to(self.table.dtype))
         return rows
@@ -180,7 +174,7 @@ class DecodeGraphs:
                              [r.position + 1 for r in rows] + [0] * padding,
                              table_rows + [0] * padding], dtype=torch.long)  # (5, size)
         inputs = self.inputs[:, :size]
-        inputs.copy_(_to_device(host, self.device))
+        inputs.copy_(host_to_device(host, self.device))
         self.seq_lens[:size].copy_(inputs[3])
         torch.index_select(self.tables.table, 0, inputs[4], out=self.block_table[:size])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from model_folder.hf_config import ModelArchitecture
@@ -10,13 +12,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def host_to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor on `device`; on a GPU from pinned memory, without waiting. A plain
-    `.to(device)` of pageable memory synchronizes the stream: the host then waits for every kernel
-    queued so far, and the GPU idles while the host builds the rest of the step. The caching host
-    allocator keeps the pinned buffer until the copy has read it."""
+    """A host tensor on `device`; on a GPU through pinned memory, without waiting (see upload_packed)."""
+    return upload_packed([values], device)[0]
+
+
+def upload_packed(parts: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Host tensors of one dtype on `device`, in ONE copy that the host does not wait for.
+
+    A plain `.to(device)` of pageable memory synchronizes the stream: the host then waits for every
+    kernel queued so far, and the GPU idles while the host builds the rest of the step. The parts
+    are packed into a staging buffer from the caching host allocator (pinned, reused once the copy
+    that read it has run: the allocator records that copy's event), so a step pays one allocator
+    lookup and one copy, not `pin_memory()`'s per-tensor `is_pinned` driver query (about 0.5 ms
+    each on the H200 host, session 8's 4K profile) and one copy per tensor.
+    """
     if torch.device(device).type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
+        return [part.to(device) for part in parts]
+    sizes = [part.numel() for part in parts]
+    staging = torch.empty(sum(sizes), dtype=parts[0].dtype, pin_memory=True)  # (total,)
+    torch.cat([part.reshape(-1) for part in parts], out=staging)
+    flat = staging.to(device, non_blocking=True)
+    return [piece.view(part.shape) for piece, part in zip(flat.split(sizes), parts)]
 
 
 def resolve_device(name: str) -> torch.device:

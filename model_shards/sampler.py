@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_shards.device import host_to_device
 from model_shards.structured_output import RequestGrammar, apply_grammar_masks
 from protocol.sampling_params import SamplingParams
 from protocol.step import SampledToken
@@ -129,7 +130,7 @@ def _token_counts(token_ids: Sequence[int], vocab_size: int, device: torch.devic
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)  # (num_tokens,)
     # Ids past the logits' vocab (embedding vocab larger than lm_head) can never be sampled: dropped.
     counts = torch.bincount(ids[ids < vocab_size], minlength=vocab_size)  # (vocab,)
-    return _host_to_device(counts.to(torch.int32), device)
+    return host_to_device(counts.to(torch.int32), device)
 
 
 # --- per-step helpers ----------------------------------------------------------------------------
@@ -137,15 +138,7 @@ def _token_counts(token_ids: Sequence[int], vocab_size: int, device: torch.devic
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor."""
-    return _host_to_device(torch.tensor(values, dtype=dtype), device)
-
-
-def _host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # A copy from pageable memory makes the host wait for all queued GPU work; from pinned memory
-    # it is queued like a kernel (the caching host allocator keeps the buffer until it is done).
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _rows_where(states: Sequence[SamplingState], wanted) -> list[int]:

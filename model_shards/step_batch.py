@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from model_shards.attention.base import AttentionMetadata
-from model_shards.device import host_to_device
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.sp_attention import build_local_batch
 from model_shards.parallel.sp_plan import StepSequence
@@ -41,8 +40,8 @@ class StepBatch:
 def build_batch(requests: dict[str, RequestState], step_input: StepInput, block_size: int,
                 device: torch.device) -> StepBatch:
     """The step's rows on one rank (no sequence parallelism); a request samples when its chunk
-    reaches its last known token. Its tensors go up without a host wait (host_to_device), so the
-    host builds the next step while the GPU runs this one."""
+    reaches its last known token. Its tensors go up in one copy without a host wait (upload_packed),
+    so the host builds the next step while the GPU runs this one."""
     token_ids: list[int] = []
     sequences, sample_rows, sample_ids, scored = [], [], [], []
     for request_id, num_new in step_input.num_scheduled_tokens.items():
@@ -54,9 +53,9 @@ def build_batch(requests: dict[str, RequestState], step_input: StepInput, block_
         if start + num_new == len(state.token_ids):
             sample_rows.append(len(token_ids) - 1)
             sample_ids.append(request_id)
-    metadata = AttentionMetadata.build(sequences, block_size, device)
+    metadata, input_ids = AttentionMetadata.build_with_inputs(sequences, block_size, device, token_ids)
     return StepBatch(
-        input_ids=host_to_device(torch.tensor(token_ids, dtype=torch.long), device),
+        input_ids=input_ids,
         positions=metadata.positions,
         metadata=metadata,
         sample_rows=sample_rows,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from model_folder.tokenizer import TOKENIZER_FILE, Tokenizer
+from model_shards.device import host_to_device
 from protocol.sampling_params import StructuredOutput
 
 MAX_CACHED_GRAMMARS = 256
@@ -130,7 +131,6 @@ def apply_grammar_masks(logits: torch.Tensor, grammars: Sequence[RequestGrammar 
     bitmask = xgrammar.allocate_token_bitmask(len(grammars), logits.shape[-1])  # (rows, words), all allowed
     for row in rows:
         grammars[row].fill_mask(bitmask, row)
-    if logits.device.type == "cuda":
-        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    bitmask = host_to_device(bitmask, logits.device)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask)
     return logits

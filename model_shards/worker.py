@@ -22,7 +22,7 @@ from cluster.config import LongctxConfig
 from model_folder.hf_config import load_architecture
 from model_shards.attention import resolve_attention_backend
 from model_shards.cuda_graphs import DecodeGraphs, DecodeRow
-from model_shards.device import resolve_device, resolve_dtype
+from model_shards.device import host_to_device, resolve_device, resolve_dtype
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.kv_transfer import KVTransfer
 from model_shards.kv_io.rank_agreement import RankAgreement
@@ -306,10 +306,7 @@ class ModelWorker:
         sampling on world rank 0 only: unseeded requests draw from one RNG, not one per rank."""
         if self.layout.sp.rank != 0:
             return None
-        rows = torch.tensor(batch.sample_rows)
-        if self.device.type == "cuda":  # pinned: queued behind the forward pass, not waited for
-            rows = rows.pin_memory()
-        rows = rows.to(self.device, non_blocking=True)
+        rows = host_to_device(torch.tensor(batch.sample_rows), self.device)  # queued, not waited for
         logits = self.model.compute_logits(hidden[rows])  # (sampling requests, vocab) float32
         if not self.layout.is_driver_rank:
             return None

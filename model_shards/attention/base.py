@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import repeat
 
 import torch
 
-from model_shards.device import host_to_device
+from model_shards.device import host_to_device, upload_packed
 
 
 @dataclass
@@ -51,10 +52,7 @@ class AttentionMetadata:
     @cached_property
     def seq_lens_tensor(self) -> torch.Tensor:
         """(num_seqs,) int32 on the device: context_lens, for kernels; built once per step."""
-        lengths = torch.tensor(self.context_lens, dtype=torch.int32)
-        if self.slot_mapping.is_cuda:
-            lengths = lengths.pin_memory()
-        return lengths.to(self.slot_mapping.device, non_blocking=True)
+        return host_to_device(torch.tensor(self.context_lens, dtype=torch.int32), self.slot_mapping.device)
 
     def num_blocks_of(self, seq_index: int) -> int:
         """Blocks that hold sequence i's context (its table may list more, allocated ahead)."""
@@ -63,10 +61,16 @@ class AttentionMetadata:
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, int]], block_size: int,
               device: torch.device | str) -> AttentionMetadata:
-        """From (block_table, num_computed_before, num_new) per sequence, in batch order.
+        """From (block_table, num_computed_before, num_new) per sequence, in batch order."""
+        return cls.build_with_inputs(seqs, block_size, device, [])[0]
 
-        Index arithmetic runs vectorized on the host (no Python loop over tokens), then moves to
-        the device in one pinned copy per tensor that the host does not wait for.
+    @classmethod
+    def build_with_inputs(cls, seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str,
+                          token_ids: Sequence[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+        """The metadata and the step's token ids (T,) long on `device`.
+
+        Index arithmetic runs vectorized on the host (no Python loop over tokens); every tensor
+        then reaches the device in one pinned copy that the host does not wait for.
         """
         query_start_loc, context_lens, positions, slots = [0], [], [], []
         for block_table, computed, new in seqs:
@@ -78,15 +82,19 @@ class AttentionMetadata:
             positions.append(seq_positions)
             query_start_loc.append(query_start_loc[-1] + new)
             context_lens.append(computed + new)
-        return cls(
+        slot_mapping, positions_tensor, block_table_tensor, input_ids = upload_packed(
+            [_cat(slots), _cat(positions), padded_block_tables([table for table, _, _ in seqs]),
+             torch.tensor(token_ids, dtype=torch.long)], device)
+        metadata = cls(
             query_start_loc=query_start_loc,
             context_lens=context_lens,
             block_tables=[list(table) for table, _, _ in seqs],
-            slot_mapping=_cat_to(slots, device),
-            positions=_cat_to(positions, device),
-            block_table_tensor=padded_block_tables([table for table, _, _ in seqs], device),
+            slot_mapping=slot_mapping,
+            positions=positions_tensor,
+            block_table_tensor=block_table_tensor,
             block_size=block_size,
         )
+        return metadata, input_ids
 
 
 def _check_sequence(block_table: list[int], computed: int, new: int, block_size: int) -> None:
@@ -98,21 +106,20 @@ def _check_sequence(block_table: list[int], computed: int, new: int, block_size:
                          f"{computed + new} tokens at block_size {block_size}")
 
 
-def _cat_to(parts: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-    return host_to_device(flat, device)
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def padded_block_tables(tables: list[list[int]], device: torch.device | str) -> torch.Tensor:
-    """(num_seqs, max_blocks) long, rows padded with 0: built every step, so from one flat int64
-    array (4x faster than torch.tensor on a list: a 1M-token table has 4096+ entries)."""
+def padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """(num_seqs, max_blocks) long on the host, rows padded with 0: built every step, so from one
+    flat int64 array (4x faster than torch.tensor on a list: a 1M-token table has 4096+ entries)."""
     width = max((len(table) for table in tables), default=0)
     flat = array("q")
     for table in tables:
         flat.extend(table)
         flat.extend(repeat(0, width - len(table)))
     padded = torch.frombuffer(flat, dtype=torch.long) if flat else torch.empty(0, dtype=torch.long)
-    return host_to_device(padded.view(len(tables), width), device)
+    return padded.view(len(tables), width)
 
 
 def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -29,12 +29,12 @@ from model_shards.deepseek_v4.entries import BlockRows, PagedEntries
 from model_shards.deepseek_v4.kv_pages import PagePool
 from model_shards.deepseek_v4.open_windows import OpenWindows
 from model_shards.deepseek_v4.state import CompressorState, SequenceState
+from model_shards.device import host_to_device
 
 
 def ids_on_device(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
     """(len,) long on `device`; from pinned memory on a GPU, so the copy does not wait on the stream."""
-    ids = torch.tensor(list(block_ids), dtype=torch.long)
-    return ids if device.type != "cuda" else ids.pin_memory().to(device, non_blocking=True)
+    return host_to_device(torch.tensor(list(block_ids), dtype=torch.long), device)
 
 
 class BlockTableMirror:

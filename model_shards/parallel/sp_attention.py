@@ -27,6 +27,7 @@ from model_shards.attention.base import (
     padded_block_tables,
     write_kv,
 )
+from model_shards.device import host_to_device, upload_packed
 from model_shards.parallel.groups import ParallelGroup
 from model_shards.parallel.lse_attention import (
     DECODE_PREFERENCE,
@@ -68,8 +69,8 @@ class SequenceParallelMetadata(AttentionMetadata):
         plan = SequenceParallelPlan.build(sequences, block_size, rank, size)
         local = [sequences[i] for i in plan.order]
         ring_writes = [plan.ring_writes(src) for src in range(size)]
-        positions, table, decode_rows, decode_slots, cached_queries, *ring_flat = to_device_together(
-            [plan.positions(), padded_block_tables([seq.block_table for seq in local], "cpu"), *plan.decode_writes(),
+        positions, table, decode_rows, decode_slots, cached_queries, *ring_flat = upload_packed(
+            [plan.positions(), padded_block_tables([seq.block_table for seq in local]), *plan.decode_writes(),
              arange_of_ranges([ring.rows for ring in plan.cached_ring()]), *(t for pair in ring_writes for t in pair)],
             device)
         return cls(
@@ -85,14 +86,6 @@ class SequenceParallelMetadata(AttentionMetadata):
             decode_writes=(decode_rows, decode_slots),
             cached_queries=cached_queries,
         )
-
-
-def to_device_together(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """Small long tensors as views of one device buffer: one host-to-device copy per step
-    instead of one per tensor (each copy from pageable memory costs its own latency)."""
-    flat = torch.cat([tensor.reshape(-1) for tensor in tensors]).to(device)
-    parts = flat.split([tensor.numel() for tensor in tensors])
-    return [part.view(tensor.shape) for part, tensor in zip(parts, tensors)]
 
 
 @dataclass
@@ -125,7 +118,7 @@ def build_local_batch(sequences: list[StepSequence], token_ids: list[Sequence[in
     for index, ranges in zip(order, pieces):
         for start, stop in ranges:
             ids.extend(token_ids[index][start:stop])
-    return LocalBatch(torch.tensor(ids, dtype=torch.long, device=device), metadata, order)
+    return LocalBatch(host_to_device(torch.tensor(ids, dtype=torch.long), device), metadata, order)
 
 
 class SequenceParallelBackend(AttentionBackend):

@@ -37,3 +37,17 @@ def test_a_step_batch_is_built_without_a_host_wait():
     first_slot = 7 * BLOCK + 4096  # block 7 + 64 of the long request, offset 0
     assert batch.metadata.slot_mapping[:2].tolist() == [first_slot, first_slot + 1]
     assert batch.metadata.block_table_tensor.shape == (2, 313) and batch.sample_request_ids == ["short"]
+
+
+def test_packed_uploads_keep_their_values_while_the_stream_is_busy():
+    """The staging buffers come from the caching host allocator: one must not be handed to the next
+    upload before the copy that reads it has run (here all 64 copies are queued behind 50 ms)."""
+    from model_shards.device import upload_packed
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)
+    uploads = [upload_packed([torch.full((1000,), step), torch.arange(step, step + 6).view(2, 3)], torch.device("cuda"))
+               for step in range(64)]
+    for step, (filled, grid) in enumerate(uploads):
+        assert filled.tolist() == [step] * 1000
+        assert grid.shape == (2, 3) and grid.flatten().tolist() == list(range(step, step + 6))
