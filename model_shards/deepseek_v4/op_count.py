@@ -100,13 +100,30 @@ def _device_to_host(args: tuple, kwargs: dict) -> bool:
         torch.device(device).type == "cpu"
 
 
+def describe(value):
+    """An op argument as a comparable value: a tensor by its layout (shape, strides, offset, dtype,
+    device), which is all a CUDA graph records of it; anything else (an int, a dtype, a list) as is.
+    Two runs whose calls describe equal dispatch the same launches with the same host values: a
+    host value read from the inputs (a position, a slot) would differ between them."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device.type)
+    if isinstance(value, (tuple, list)):
+        return tuple(describe(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((key, describe(item)) for key, item in value.items()))
+    return value
+
+
 class OpCounter(TorchDispatchMode):
     """Counts every aten op dispatched while active (`step`), and separately those dispatched
-    while one of `layers` runs its forward (`layers`)."""
+    while one of `layers` runs its forward (`layers`). `record_calls`: also keeps every call with
+    its arguments described (`calls`: (op, args, kwargs) in order)."""
 
-    def __init__(self, layers: Iterable[nn.Module] = ()):
+    def __init__(self, layers: Iterable[nn.Module] = (), record_calls: bool = False):
         super().__init__()
         self.step, self.layers = OpTally(), OpTally()
+        self.record_calls = record_calls
+        self.calls: list[tuple] = []
         self._depth = 0  # > 0 while a counted layer runs
         self._hooks = []
         for module in layers:
@@ -129,6 +146,8 @@ class OpCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         tallies = (self.step, self.layers) if self._depth else (self.step,)
         sync = host_sync(name, args, kwargs)
+        if self.record_calls:
+            self.calls.append((str(func), describe(args), describe(kwargs)))
         result = func(*args, **kwargs)
         computed = computes(name, args, result)
         for tally in tallies:

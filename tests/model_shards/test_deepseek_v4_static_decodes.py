@@ -51,6 +51,7 @@ def prefilled(model, lengths: list[int]) -> tuple[PagedKV, list[Request], Scratc
     """Pages holding prompts of `lengths` tokens on shuffled blocks, and a scratch slot and blocks."""
     pages = PagedKV(PagePool(compressed_layout(model.arch, BLOCK, model.dtype), NUM_BLOCKS + 1, "cpu"),
                     PagePool(window_layout(model.arch, BLOCK, model.dtype), NUM_BLOCKS + 1, "cpu"), BLOCK)
+    pages.open_windows.reserve(MAX_BATCH + 1, model.new_state)  # as decode_graphs.py: slots never move
     generator = torch.Generator().manual_seed(3)
     order = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
     requests = []
@@ -185,6 +186,28 @@ def test_a_static_steps_ops_depend_on_neither_the_requests_nor_the_context(model
     assert counts[0].layers.computing == counts[1].layers.computing == counts[2].layers.computing
     assert all(counter.layers.sync_total() == 0 for counter in counts)
     assert "aten.lift_fresh" not in counts[0].layers.ops
+
+
+def test_every_step_of_a_key_dispatches_the_same_calls_with_the_same_host_values(model):
+    """What a CUDA graph replays is the launches of its capture, with their host values baked in:
+    a step must take every value that changes from step to step from its input buffer, never from
+    Python. Steps of one key (bucket 4, context 64) from other requests at other positions, for two
+    steps each (the second after the first's windows closed): the same calls, argument for argument
+    (tensors by layout: a view at a slot or position chosen on the host would differ)."""
+    recorded = []
+    for lengths in ([33, 40, 9], [15, 58, 50, 47], [60, 36, 35]):
+        pages, requests, scratch = prefilled(model, lengths)
+        steps = StaticSteps(model, pages, scratch)
+        steps.run(requests, list(lengths))  # the pools' field views are made once, at their first use
+        for step in (1, 2):
+            inputs = steps.inputs(requests, [length + step for length in lengths])  # filled on the host
+            assert inputs.key == StaticDecodeKey(4, 64)
+            with OpCounter(record_calls=True) as counter:  # what decode_graphs.py captures
+                model.forward_decodes(StaticDecodeBatch(pages, inputs, steps.tables.table))
+            inputs.finish(pages)
+            recorded.append(counter.calls)
+    assert all(calls == recorded[0] for calls in recorded[1:])
+    assert len(recorded[0]) > 100
 
 
 def test_the_packed_inputs_of_a_padded_step(model):
