@@ -38,6 +38,7 @@ from deployments.openapi_docs import (
     GENERATION_RESPONSES,
     GUARDED_RESPONSES,
     PROBE_RESPONSES,
+    error_responses,
     install_openapi,
 )
 from deployments.prompts import PromptBuilder, split_prompts
@@ -45,6 +46,7 @@ from deployments.request_limits import RequestLimits
 from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format, sse_event
 from deployments.sampling import chat_params, completion_params
 from deployments.tenants import bearer_auth, no_auth, tenant_cache_salt
+from deployments.tokenize_api import TokenizeService, install_tokenize_routes
 from deployments.tool_calls import parser_for, plan_tools
 from engine.outputs import CompletionDelta
 from protocol.sampling_params import InvalidParameterError
@@ -91,7 +93,7 @@ class OpenAIService:
     async def completions(self, body: CompletionRequest, tenant: str | None = None) -> Response:
         timer = RequestTimer(self.metrics, "completions")
         with _counted_on_error(timer):
-            self._check_model(body.model)
+            self.check_model(body.model)
             params = completion_params(body, self.limits)  # every field checked before the prompt is read
             prompts = await _off_loop_if_long(self.prompts.completion, body.prompt, _num_chars(body.prompt))
             request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -109,7 +111,7 @@ class OpenAIService:
     async def chat_completions(self, body: ChatCompletionRequest, tenant: str | None = None) -> Response:
         timer = RequestTimer(self.metrics, "chat_completions")
         with _counted_on_error(timer):
-            self._check_model(body.model)
+            self.check_model(body.model)
             tools = plan_tools(body, self.prompts.template_defines_tools, self.tool_parser)
             params, fill = chat_params(body, self.limits, tools)  # every field checked before the prompt is read
             messages = body.template_messages()
@@ -130,7 +132,7 @@ class OpenAIService:
         """Not when tenants share a namespace: the hit may be on another tenant's prompt."""
         return tenant is None or not self.settings.tenants_share_cache
 
-    def _check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
             raise api_error(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                             "model", "model_not_found")  # fmt: skip
@@ -253,4 +255,6 @@ def build_api(service: OpenAIService, api_keys: dict[str, str] | None = None) ->
                       summary="Complete a prompt (text or token ids)")
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=GENERATION_RESPONSES,
                       summary="Answer a chat")
+    install_tokenize_routes(app, TokenizeService(service.prompts, service.check_model), [Depends(caller)],
+                            error_responses(400, 401, 404, 413))
     return app

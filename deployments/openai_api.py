@@ -37,15 +37,15 @@ Text = Annotated[str, AfterValidator(_utf8_only)]
 StopString = Annotated[Text, Field(max_length=MAX_STOP_STRING_CHARS)]
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(RequestBody):
     model: Text | None = None
     max_tokens: int | None = Field(None, description="At most the model's context length (/v1/models max_model_len).")
     temperature: float | None = None  # OpenAI's default is 1.0
@@ -68,7 +68,7 @@ class _SamplingFields(_Body):
     cache_salt: Text | None = Field(None, description="Tenants with different salts never share KV blocks.")
 
 
-class JSONSchemaFormat(_Body):
+class JSONSchemaFormat(RequestBody):
     name: str = "response"
     description: str | None = None
     # `schema` would shadow pydantic's BaseModel.schema(): the attribute is json_schema.
@@ -76,44 +76,44 @@ class JSONSchemaFormat(_Body):
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(RequestBody):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Body):
+class Tool(RequestBody):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Body):
+class NamedFunction(RequestBody):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(RequestBody):
     type: Literal["function"]
     function: NamedFunction
 
 
-class ToolCallFunction(_Body):
+class ToolCallFunction(RequestBody):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Body):
+class ToolCall(RequestBody):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class _StructuredFields(_Body):
+class _StructuredFields(RequestBody):
     response_format: ResponseFormat | None = None
     # OpenAI fields longctx does not serve: declared so that sending one is a 400, not silence.
     logit_bias: dict[str, float] | None = None
@@ -128,12 +128,12 @@ class CompletionRequest(_SamplingFields, _StructuredFields):
     suffix: Text | None = None
 
 
-class ContentPart(_Body):
+class ContentPart(RequestBody):
     type: Text
     text: Text | None = None
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None

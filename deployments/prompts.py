@@ -64,13 +64,22 @@ class PromptBuilder:
 
     def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         self._check_bytes([message["content"] for message in messages], "messages")
+        return self._checked(self.chat_tokens(messages, tools), "messages")
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """The chat's token ids through the template, unchecked against the context (/tokenize)."""
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          tools=tools)
         except Exception as error:  # noqa: BLE001 - a template's own raise_exception(), bad roles
             raise InvalidParameterError("messages", f"the chat template rejected the messages: {error}") from None
         # The rendered text starts with the BOS text already: no second BOS from the post-processor.
-        token_ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        return self._checked(token_ids, "messages")
+        return self.tokenizer.encode(rendered, add_special_tokens=False)
+
+    def text_tokens(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A text's token ids, unchecked against the context (/tokenize)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens) if text else []
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

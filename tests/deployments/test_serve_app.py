@@ -126,6 +126,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served, metric_to
     raise AssertionError(f"blocks not freed: {metrics}")
 
 
+def test_tokenize_counts_what_a_completion_sends_through_serve(served, client):
+    text = "The contract says that the tenant"
+    counted = httpx.post(f"{served}/tokenize", json={"model": MODEL, "prompt": text}, timeout=30).json()
+    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0)
+    assert counted["count"] == completion.usage.prompt_tokens == len(counted["tokens"])
+    back = httpx.post(f"{served}/detokenize", json={"tokens": counted["tokens"]}, timeout=30).json()
+    assert back["prompt"].endswith(text)
+
+
 def test_a_shared_long_prefix_goes_to_the_replica_that_holds_it(client):
     document = " ".join(f"clause {i} binds the parties." for i in range(60))  # ~600 tokens
     first = client.completions.create(model=MODEL, prompt=document + " Question 0?", max_tokens=1, temperature=0)
