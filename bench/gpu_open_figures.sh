@@ -4,10 +4,12 @@
 # first ones). Sessions lose device time to machine starts: one call that does it all is cheaper.
 #   1. tests    GPU tests of the step uploads (one pinned staging copy a step) and of the V4
 #               decode graphs (replay bit-equal to the static step run eagerly)
-#   2. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches (issue 12's
+#   2. mhc      DeepSeek-V4's mHC kernels against their memory floor, and the stream_mixes tilings
+#               (session 8: mHC 45 ms of a 16K-token chunk, ~10x its floor): pick the default
+#   3. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches (issue 12's
 #               open figure: 4K and 8K lost by 2-7 ms in session 8)
-#   3. graphs   DeepSeek-V4 decode steps eager against CUDA graphs at 1, 8 and 32 requests
-#   4. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk (929 ms in
+#   4. graphs   DeepSeek-V4 decode steps eager against CUDA graphs at 1, 8 and 32 requests
+#   5. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk (929 ms in
 #               session 8 against 525 ms for the one before it, not explained yet)
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                 # every stage
@@ -18,7 +20,7 @@ source .gpu/install.sh >/dev/null || exit 1
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"tests floor graphs last1m"}
+STAGES=${STAGES:-"tests mhc floor graphs last1m"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stamp() { echo "[$(date +%T)] $*"; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -27,6 +29,10 @@ if wanted tests; then
     stamp tests
     timeout ${TESTS_S:-90} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_uploads.py \
         tests/model_shards/test_deepseek_v4_decode_graphs.py tests/model_shards/test_cuda_graphs.py 2>&1 | tail -4
+fi
+if wanted mhc; then
+    stamp mhc
+    timeout ${MHC_S:-60} python3 bench/deepseek_v4_mhc.py 2>&1 | tail -28
 fi
 if wanted floor; then
     stamp floor

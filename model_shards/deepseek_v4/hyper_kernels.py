@@ -19,6 +19,8 @@ Every sum runs in float32 and rounds once to the streams' dtype. hc must be a po
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from model_shards.attention.triton_runtime import tl, triton
@@ -27,14 +29,20 @@ BLOCK_HIDDEN = 1024  # columns of the hidden state per program of collapse / mix
 
 
 @triton.jit(do_not_specialize=["tokens"])  # a step's token count varies; it only bounds the mask
-def _stream_mixes(x_ptr, fn_ptr, out_ptr, tokens, width, outputs, eps, stride_x, stride_fn, stride_out,
-                  BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+def _stream_mixes(x_ptr, fn_ptr, out_ptr, squares_ptr, tokens, width, outputs, split_width, eps, stride_x,
+                  stride_fn, stride_out, BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                  SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (row tile, split): the product over columns split * split_width onward. One split
+    finishes the rows (RMS factor applied); several write float32 partials (split, T, N) and their
+    sums of squares (split, T) for `_finish_split_mixes`."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    split = tl.program_id(1)
     cols = tl.arange(0, BN)
     row_ok, col_ok = rows < tokens, cols < outputs
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     squares = tl.zeros((BT,), dtype=tl.float32)
-    for start in range(0, width, BK):
+    first = split * split_width
+    for start in range(first, first + split_width, BK):
         ks = start + tl.arange(0, BK)
         k_ok = ks < width
         x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
@@ -42,9 +50,30 @@ def _stream_mixes(x_ptr, fn_ptr, out_ptr, tokens, width, outputs, eps, stride_x,
         weight = tl.load(fn_ptr + cols[:, None] * stride_fn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
                          other=0.0)  # (BN, BK): rows of fn, read along their contiguous dimension
         squares += tl.sum(x * x, axis=1)
-        acc += tl.dot(x, tl.trans(weight), input_precision="ieee")
+        acc += tl.dot(x, tl.trans(weight), input_precision=PRECISION)
+    if SPLIT == 1:
+        acc = acc * (1.0 / tl.sqrt(squares / width + eps))[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        partial = out_ptr + split * tokens * stride_out
+        tl.store(partial + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(squares_ptr + split * tokens + rows, squares, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["tokens"])
+def _finish_split_mixes(part_ptr, squares_ptr, out_ptr, tokens, width, outputs, eps, stride_out,
+                        SPLIT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """Sums the splits' partials in split order and applies the RMS factor: (T, N) float32."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BN)
+    row_ok, mask = rows < tokens, (rows < tokens)[:, None] & (cols < outputs)[None, :]
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    squares = tl.zeros((BT,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + (split * tokens + rows[:, None]) * stride_out + cols[None, :], mask=mask, other=0.0)
+        squares += tl.load(squares_ptr + split * tokens + rows, mask=row_ok, other=0.0)
     acc = acc * (1.0 / tl.sqrt(squares / width + eps))[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=mask)
 
 
 @triton.jit(do_not_specialize=["tokens"])
@@ -99,14 +128,46 @@ def _mix(x_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, hidden, S: tl.constexpr, BD:
     tl.store(target, acc.to(out_ptr.dtype.element_ty), mask=ok[None, :])
 
 
-def stream_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class MixesTiling:
+    """How `stream_mixes` splits its work. The default is what ran in session 8's profile (mHC 45 ms
+    of a 16K-token chunk at the flash shape, 4 layers: ~10x its memory floor);
+    bench/deepseek_v4_mhc.py times the others against it on a GPU."""
+
+    rows: int = 16  # tokens a program
+    splits: int = 1  # programs a row tile's columns are split over (> 1: partials, then a finishing sum)
+    precision: str = "ieee"  # tl.dot: "ieee" float32 FMAs; "tf32x3" tensor cores, ~float32 (3 TF32 products)
+    warps: int = 4
+
+
+DEFAULT_MIXES_TILING = MixesTiling()
+BLOCK_COLUMNS = 128  # columns of the flattened streams a loop step
+
+
+def stream_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float,
+                 tiling: MixesTiling = DEFAULT_MIXES_TILING) -> torch.Tensor:
     """streams (T, hc, hidden), fn (N, hc * hidden) float32 -> (T, N) float32."""
     x = streams.flatten(1)
     tokens, width = x.shape
-    out = torch.empty(tokens, fn.shape[0], dtype=torch.float32, device=x.device)
-    _stream_mixes[(triton.cdiv(tokens, 16),)](
-        x, fn, out, tokens, width, fn.shape[0], eps, x.stride(0), fn.stride(0), out.stride(0),
-        BT=16, BK=128, BN=max(16, triton.next_power_of_2(fn.shape[0])), num_warps=4)
+    outputs = fn.shape[0]
+    columns = max(16, triton.next_power_of_2(outputs))
+    out = torch.empty(tokens, outputs, dtype=torch.float32, device=x.device)
+    # Every split but the last covers a whole number of loop steps.
+    split_width = triton.cdiv(triton.cdiv(width, tiling.splits), BLOCK_COLUMNS) * BLOCK_COLUMNS
+    splits = triton.cdiv(width, split_width)
+    grid = (triton.cdiv(tokens, tiling.rows), splits)
+    if splits == 1:
+        _stream_mixes[grid](x, fn, out, out, tokens, width, outputs, split_width, eps, x.stride(0), fn.stride(0),
+                            out.stride(0), BT=tiling.rows, BK=BLOCK_COLUMNS, BN=columns, SPLIT=1,
+                            PRECISION=tiling.precision, num_warps=tiling.warps)
+        return out
+    partials = torch.empty(splits, tokens, outputs, dtype=torch.float32, device=x.device)
+    squares = torch.empty(splits, tokens, dtype=torch.float32, device=x.device)
+    _stream_mixes[grid](x, fn, partials, squares, tokens, width, outputs, split_width, eps, x.stride(0),
+                        fn.stride(0), outputs, BT=tiling.rows, BK=BLOCK_COLUMNS, BN=columns, SPLIT=splits,
+                        PRECISION=tiling.precision, num_warps=tiling.warps)
+    _finish_split_mixes[(triton.cdiv(tokens, 64),)](partials, squares, out, tokens, width, outputs, eps,
+                                                    out.stride(0), SPLIT=splits, BT=64, BN=columns, num_warps=4)
     return out
 
 

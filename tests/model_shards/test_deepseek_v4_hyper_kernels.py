@@ -49,11 +49,23 @@ def test_fused_hyper_connection_equals_torch(hc, tokens):
     torch.testing.assert_close(comb.sum(dim=-1), ones, atol=1e-3, rtol=0)  # stochastic
 
 
+TILINGS = {
+    "default": hyper_kernels.DEFAULT_MIXES_TILING,
+    # hc 4 x hidden 96 = 384 columns over 4 splits: 3 of 128 columns (the last split's loop step
+    # is masked past the width); hc 2: 2 splits of 128 and 64
+    "split": hyper_kernels.MixesTiling(rows=64, splits=4, warps=8),
+    "tf32x3": hyper_kernels.MixesTiling(rows=32, splits=2, precision="tf32x3"),
+}
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=str)
 @pytest.mark.parametrize("hc, tokens", [(4, 1), (4, 70), (2, 37)])
-def test_stream_mixes_kernel_equals_torch(hc, tokens):
-    """The kernel the layers use from FUSED_MIXES_MIN_TOKENS tokens on (cuBLAS below)."""
+def test_stream_mixes_kernel_equals_torch(hc, tokens, tiling):
+    """The kernel the layers use from FUSED_MIXES_MIN_TOKENS tokens on (cuBLAS below), in each
+    tiling bench/deepseek_v4_mhc.py compares. tf32x3 keeps ~float32 accuracy on a GPU (three TF32
+    products; the interpreter computes it in float32)."""
     module, streams = random_module(HyperConnection(arch(hc))), random_streams(tokens, hc)
-    torch.testing.assert_close(hyper_kernels.stream_mixes(streams, module.fn, 1e-6),
+    torch.testing.assert_close(hyper_kernels.stream_mixes(streams, module.fn, 1e-6, TILINGS[tiling]),
                                stream_mixes_torch(streams, module.fn, 1e-6), **TOLERANCE)
 
 
