@@ -85,9 +85,16 @@ class OpenAIService:
         return Response(self.metrics.exposition(snapshots), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "longctx",
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model: str) -> dict:
+        """GET /v1/models/{model} (the openai client's `models.retrieve`)."""
+        self.check_model(model)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "longctx",
                 "max_model_len": self.prompts.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
 
     # --- generation ----------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, tenant: str | None = None) -> Response:
@@ -251,6 +258,8 @@ def build_api(service: OpenAIService, api_keys: dict[str, str] | None = None) ->
     app.add_api_route("/metrics", service.metrics_text, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route("/v1/models", service.models, methods=["GET"], dependencies=[Depends(caller)],
                       responses=GUARDED_RESPONSES)
+    app.add_api_route("/v1/models/{model}", service.model, methods=["GET"], dependencies=[Depends(caller)],
+                      responses=error_responses(401, 404), summary="The served model's card")
     app.add_api_route("/v1/completions", completions, methods=["POST"], responses=GENERATION_RESPONSES,
                       summary="Complete a prompt (text or token ids)")
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=GENERATION_RESPONSES,

@@ -73,7 +73,12 @@ def test_logprobs_n_and_stop(client, reference_engine):
 
 def test_models_health_and_metrics(client, served, metric_totals):
     assert [model.id for model in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("other")
+    assert missing.value.body["code"] == "model_not_found"
     assert httpx.get(f"{served}/health").status_code == 200
+    client.completions.create(model=MODEL, prompt="Once", max_tokens=1)  # request metrics exist after one
     metrics = metric_totals(served)
     for name in (
         "longctx_requests_total", "longctx_prompt_tokens_total", "longctx_generation_tokens_total",
