@@ -10,7 +10,6 @@ million-token prompts should allow for a long wait before the headers.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,7 +40,7 @@ from deployments.openapi_docs import (
     error_responses,
     install_openapi,
 )
-from deployments.prompts import PromptBuilder, split_prompts
+from deployments.prompts import PromptBuilder, off_loop_if_long, split_prompts
 from deployments.request_limits import RequestLimits
 from deployments.responses import ChatFormat, CompletionFormat, EchoedPrompt, _Format, sse_event
 from deployments.sampling import chat_params, completion_params
@@ -52,9 +51,6 @@ from engine.outputs import CompletionDelta
 from protocol.sampling_params import InvalidParameterError
 
 STATS_TIMEOUT_S = 5.0  # /health and /metrics ask every replica; a loading one must not hang a probe
-# Tokenizing runs at ~1.5 s per million tokens and releases the GIL: prompts above ~16k tokens
-# are tokenized on a thread so that the streams this ingress serves keep flowing meanwhile.
-LONG_PROMPT_CHARS = 64_000
 
 
 class OpenAIService:
@@ -102,7 +98,7 @@ class OpenAIService:
         with _counted_on_error(timer):
             self.check_model(body.model)
             params = completion_params(body, self.limits)  # every field checked before the prompt is read
-            prompts = await _off_loop_if_long(self.prompts.completion, body.prompt, _num_chars(body.prompt))
+            prompts = await off_loop_if_long(self.prompts.completion, _num_chars(body.prompt), body.prompt)
             request_id = f"cmpl-{uuid.uuid4().hex}"
             generates = requests_per_prompt(request_id, prompts, params, self._cache_salt(tenant, body.cache_salt))
             echoed = self._echoed(body, prompts) if body.echo else None
@@ -124,7 +120,7 @@ class OpenAIService:
             messages = body.template_messages()
             num_chars = sum(len(message["content"]) for message in messages)
             template_tools = tools.template_tools if tools else None
-            token_ids = await _off_loop_if_long(lambda m: self.prompts.chat(m, template_tools), messages, num_chars)
+            token_ids = await off_loop_if_long(self.prompts.chat, num_chars, messages, template_tools)
             generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params,
                                        self._cache_salt(tenant, body.cache_salt), fill)
             output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n, tools,
@@ -175,12 +171,6 @@ def _num_chars(prompt: str | list) -> int:
     if isinstance(prompt, str):
         return len(prompt)
     return sum(len(one) for one in prompt if isinstance(one, str))
-
-
-async def _off_loop_if_long(tokenize, prompt, num_chars: int):
-    if num_chars < LONG_PROMPT_CHARS:
-        return tokenize(prompt)
-    return await asyncio.to_thread(tokenize, prompt)
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -10,19 +10,14 @@ off the event loop. /detokenize turns token ids back into text.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import Field
 
 from deployments.openai_api import ChatMessage, RequestBody, Text, Tool
-from deployments.prompts import PromptBuilder
+from deployments.prompts import PromptBuilder, off_loop_if_long
 from protocol.sampling_params import InvalidParameterError
-
-# Tokenizing runs at ~1.5 s per million tokens and releases the GIL: longer texts go to a thread.
-LONG_TEXT_CHARS = 64_000
-
 
 class TokenizeRequest(RequestBody):
     """vLLM's two bodies in one: `prompt` (a text) or `messages` (a chat), exactly one of them."""
@@ -52,13 +47,13 @@ class TokenizeService:
         if (body.prompt is None) == (body.messages is None):
             raise InvalidParameterError("prompt", "give either `prompt` (a text) or `messages` (a chat)")
         if body.prompt is not None:
-            token_ids = await _off_loop_if_long(self.prompts.text_tokens, len(body.prompt), body.prompt,
+            token_ids = await off_loop_if_long(self.prompts.text_tokens, len(body.prompt), body.prompt,
                                                 body.add_special_tokens)
         else:
             messages = [message.template_message() for message in body.messages]
             tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
             num_chars = sum(len(message["content"]) for message in messages)
-            token_ids = await _off_loop_if_long(self.prompts.chat_tokens, num_chars, messages, tools,
+            token_ids = await off_loop_if_long(self.prompts.chat_tokens, num_chars, messages, tools,
                                                 body.add_generation_prompt)
         strings = [self.prompts.token_text(token) for token in token_ids] if body.return_token_strs else None
         return {"count": len(token_ids), "max_model_len": self.prompts.max_model_len, "tokens": token_ids,
@@ -69,13 +64,7 @@ class TokenizeService:
         vocab_size = self.prompts.vocab_size
         if any(token < 0 or token >= vocab_size for token in body.tokens):
             raise InvalidParameterError("tokens", f"token ids must be in [0, {vocab_size})")
-        return {"prompt": await _off_loop_if_long(self.prompts.prompt_text, len(body.tokens), body.tokens, False)}
-
-
-async def _off_loop_if_long(function, num_chars: int, *args):
-    if num_chars < LONG_TEXT_CHARS:
-        return function(*args)
-    return await asyncio.to_thread(function, *args)
+        return {"prompt": await off_loop_if_long(self.prompts.prompt_text, len(body.tokens), body.tokens, False)}
 
 
 def install_tokenize_routes(app: FastAPI, service: TokenizeService, dependencies: list, responses: dict) -> None:
