@@ -17,7 +17,8 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import context as serve_context
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import LongctxConfig, load_config_dict
@@ -30,6 +31,13 @@ from deployments.tenants import load_api_keys
 logger = logging.getLogger(__name__)
 
 
+# A replica lost before it answered (its process died, its node went away): the request is routed
+# again, to another replica, this many times in all. Nothing reached the client yet, so a second
+# attempt is the same request; after the first reply a lost replica ends the request with a 503.
+MAX_ROUTING_ATTEMPTS = 3
+REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # ActorDiedError is a RayActorError
+
+
 class HandleBackend:
     """`LLMBackend` over a Serve handle: streaming calls, routed by the deployment's router."""
 
@@ -39,10 +47,25 @@ class HandleBackend:
         self._retry_after_s = retry_after_s
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
+        for attempt in range(1, MAX_ROUTING_ATTEMPTS + 1):
+            lost: list[BaseException] = []
+            async for reply in self._one_attempt(request, lost):
+                yield reply
+            if not lost:
+                return
+            logger.warning("request %s: its replica was lost before answering (%r); attempt %d of %d",
+                           request.request_id, lost[0], attempt, MAX_ROUTING_ATTEMPTS)
+        yield ServeError(503, f"{MAX_ROUTING_ATTEMPTS} replicas were lost before one answered; retry later",
+                         "service_unavailable_error", None, "replica_lost", self._retry_after_s)
+
+    async def _one_attempt(self, request: GenerateRequest, lost: list[BaseException]) -> AsyncIterator[Reply]:
+        """The replies of one routed call. A replica lost before its first reply is appended to
+        `lost` (the caller routes the request again); after it, the request ends with a 503."""
         response = contextvars.copy_context().run(self._call_of_its_own, request)
-        finished = False
+        finished, answered = False, False
         try:
             async for reply in response:
+                answered = True
                 yield reply
             finished = True
         except BackPressureError as error:  # every replica full and the handle's queue too
@@ -51,6 +74,14 @@ class HandleBackend:
         except DeploymentUnavailableError:  # the application is being deleted or redeployed
             finished = True
             yield ServeError(503, "the model server is not available", "service_unavailable_error")
+        except REPLICA_LOST as error:
+            finished = True
+            if not answered:
+                lost.append(error)
+                return
+            yield ServeError(503, f"the replica serving this request was lost after it started answering "
+                                  f"({type(error).__name__}); retry the request", "service_unavailable_error",
+                             None, "replica_lost")
         finally:
             if not finished:
                 response.cancel()  # the replica aborts the request and frees its KV blocks
