@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import torch
 from model_shards.attention import AttentionMetadata
 from model_shards.llama import LlamaForCausalLM
 from model_shards.make_model import make_model
+
+sys.path.insert(0, str(Path(__file__).parent))  # sm90_compile, the *_compile tests' shared helper
 
 # Small enough for CPU float32 in milliseconds, large enough that every head-count ratio used in
 # the tests (8 heads over 8, 2 or 1 KV heads) and every RoPE branch (16-dim heads give 8

@@ -11,16 +11,11 @@ so nothing is asserted about pipelining: the GPU's Triton decides that at run ti
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from sm90_compile import compile_for_sm90, run_in_fresh_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 MATMUL_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "M", "N", "K", "k_per_split", "stride_x", "stride_w",
                "stride_scale", "stride_out_split", "stride_out"]
 GROUPED_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "slot_expert_ptr", "slot_row_ptr", "offsets_ptr", "experts",
@@ -35,14 +30,7 @@ TILES = {"decode": dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4),
 
 def _compile(kernel, names: list[str], types: list[str], constexprs: dict, **options):
     """Compile `kernel` for sm_90; returns (shared memory bytes, whether the PTX has wgmma)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = dict(zip(names, types)) | {name: "constexpr" for name in constexprs}
-    fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=fixed),
-                              target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = compile_for_sm90(kernel, names, types, constexprs, **options)
     return compiled.metadata.shared, "wgmma" in compiled.asm["ptx"]
 
 
@@ -71,8 +59,7 @@ def compile_all() -> None:
 
 @pytest.mark.slow
 def test_quantized_matmul_kernels_compile_for_hopper():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = run_in_fresh_interpreter(__file__, timeout_s=900)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert sum(line.startswith(("matmul", "grouped")) for line in lines) == 2 * len(FORMATS) * len(TILES) * 2

@@ -8,16 +8,11 @@ interpreter on, and Triton reads that choice once, when a kernel is defined.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from sm90_compile import compile_for_sm90, run_in_fresh_interpreter
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 PARTIAL_ARGS = ["query_ptr", "cache_ptr", "block_table_ptr", "seq_lens_ptr", "partial_out_ptr", "partial_lse_ptr",
                 "scale_log2", "num_seqs", "split_slots", "max_splits", "min_split_tiles", "head_dim", "stride_query_seq",
                 "stride_query_head", "stride_cache_block", "stride_cache_kv", "stride_cache_token",
@@ -30,14 +25,7 @@ MERGE_TYPES = ["*fp32", "*fp32", "*i32", "*bf16"] + ["i32"] * 6
 
 def _compile(kernel, names: list[str], types: list[str], constexprs: dict, **options) -> int:
     """Compile `kernel` for sm_90; returns its shared memory bytes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = dict(zip(names, types)) | {name: "constexpr" for name in constexprs}
-    fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+    return compile_for_sm90(kernel, names, types, constexprs, **options).metadata.shared
 
 
 def compile_all() -> None:
@@ -57,8 +45,7 @@ def compile_all() -> None:
 
 @pytest.mark.slow
 def test_decode_kernels_compile_for_hopper():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_in_fresh_interpreter(__file__, timeout_s=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # The K/V loads are software-pipelined: their stages sit in shared memory (0 if not).
     assert all(int(line.split(": ")[1].split()[0]) > 0 for line in result.stdout.splitlines()
