@@ -149,6 +149,23 @@ def test_attention_metadata_slots_follow_block_tables():
     assert metadata.slot_mapping.tolist() == [31, 8, 9, 16]
 
 
+def test_attention_metadata_slots_equal_the_per_token_formula():
+    """Slots from the touched blocks only equal table[p // B] * B + p % B for every position p,
+    chunks starting and ending anywhere in a block, one token or several blocks, tables longer
+    than the context (allocated ahead)."""
+    generator = torch.Generator().manual_seed(0)
+    for block_size in (1, 4, 16):
+        for _ in range(200):
+            table = torch.randperm(64, generator=generator)[:int(torch.randint(1, 20, (1,), generator=generator))]
+            capacity = len(table) * block_size
+            computed = int(torch.randint(0, capacity, (1,), generator=generator))
+            new = int(torch.randint(1, capacity - computed + 1, (1,), generator=generator))
+            metadata = AttentionMetadata.build([(table.tolist(), computed, new)], block_size, "cpu")
+            expected = [int(table[p // block_size]) * block_size + p % block_size
+                        for p in range(computed, computed + new)]
+            assert metadata.slot_mapping.tolist() == expected, (block_size, table.tolist(), computed, new)
+
+
 # --- RoPE tables against transformers' own functions ---------------------------------------------
 
 ROPE_CASES = {
