@@ -32,6 +32,7 @@ from kvcache.block_hash import hash_full_blocks, root_hash
 
 ROUTER_FINGERPRINT = "longctx.deployments.router"  # router-only names, never compared with the engine's
 MAX_COMPLETED_PER_REPLICA = 4096  # completions kept for reports still to come
+MAX_IN_FLIGHT_PER_REPLICA = 65536  # routed requests whose completion has not come (a bound, not a limit)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,10 @@ class PrefixAwarePolicy:
 
     def on_routed(self, replica: str, request: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> None:
         self._drop_ranked(request)
-        self._ledger(replica).in_flight[request] = (self._uncached(replica, num_prompt_tokens, hashes), self.clock())
+        in_flight = self._ledger(replica).in_flight
+        in_flight[request] = (self._uncached(replica, num_prompt_tokens, hashes), self.clock())
+        if len(in_flight) > MAX_IN_FLIGHT_PER_REPLICA:  # completions that never came: the oldest go
+            del in_flight[next(iter(in_flight))]
         self.table.record(replica, hashes)
 
     def _uncached(self, replica: str, num_prompt_tokens: int, hashes: Sequence[bytes]) -> int:
