@@ -24,15 +24,15 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import LongctxConfig, load_config_dict
 from deployments.api import OpenAIService, build_api
 from deployments.generation import LLMBackend, Reply
-from deployments.messages import GenerateRequest, ServeError, overloaded
+from deployments.messages import REPLICA_UNAVAILABLE, GenerateRequest, ServeError, overloaded
 from deployments.prompts import PromptBuilder
 from deployments.tenants import load_api_keys
 
 logger = logging.getLogger(__name__)
 
 
-# A replica lost before it answered (its process died, its node went away): the request is routed
-# again, to another replica, this many times in all. Nothing reached the client yet, so a second
+# A replica lost before it answered (its process died, its node went away, or it answered only that
+# its engine had stopped): the request is routed again, to another replica, this many times in all. Nothing reached the client yet, so a second
 # attempt is the same request; after the first reply a lost replica ends the request with a 503.
 MAX_ROUTING_ATTEMPTS = 3
 REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # ActorDiedError is a RayActorError
@@ -65,6 +65,10 @@ class HandleBackend:
         finished, answered = False, False
         try:
             async for reply in response:
+                if not answered and isinstance(reply, ServeError) and reply.code == REPLICA_UNAVAILABLE:
+                    lost.append(RuntimeError(reply.message))  # its engine had stopped: as if lost
+                    finished = True
+                    return
                 answered = True
                 yield reply
             finished = True

@@ -28,6 +28,7 @@ from deployments.messages import (
     engine_failure,
     invalid_request,
     overloaded,
+    replica_unavailable,
     request_failure,
 )
 from engine.async_engine import AsyncEngine, EngineDeadError
@@ -53,6 +54,10 @@ class LLMServer:
             logger.info("replica %s: %s", self.replica_id, line)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
+        if not self.engine.is_alive:  # it stopped before this request came: another replica can serve it
+            yield replica_unavailable("this replica's engine has stopped; it is being replaced",
+                                      self.config.serve.retry_after_s)
+            return
         ticket = self.admission.try_admit(len(request.prompt_token_ids))
         if ticket is None:
             yield self._overloaded("this replica's queue is full")

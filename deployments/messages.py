@@ -25,6 +25,9 @@ class GenerateRequest:
     fill_max_tokens: bool = False
 
 
+REPLICA_UNAVAILABLE = "replica_unavailable"
+
+
 @dataclass(frozen=True)
 class ServeError:
     """An error as OpenAI's API reports it; the ingress turns it into the HTTP response."""
@@ -46,6 +49,12 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 
 def overloaded(message: str, retry_after_s: int) -> ServeError:
     return ServeError(429, message, "rate_limit_error", None, "server_overloaded", retry_after_s)
+
+
+def replica_unavailable(message: str, retry_after_s: int) -> ServeError:
+    """This replica cannot serve any request (its engine has stopped); another one can: the
+    ingress routes a request answered so, and nothing else yet, again (deployments/ingress.py)."""
+    return ServeError(503, message, "service_unavailable_error", None, REPLICA_UNAVAILABLE, retry_after_s)
 
 
 def engine_failure(message: str) -> ServeError:

@@ -112,7 +112,11 @@ def test_an_engine_failure_is_500_and_fails_the_health_check(server_factory):
     assert response.json()["error"]["code"] == "engine_error"
     with pytest.raises(RuntimeError, match="not running"):
         server.check_health()
-    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 500  # no hang
+    # A request arriving after the engine stopped is no engine failure of its own: another replica
+    # can serve it (the ingress routes it again: test_replica_loss.py); alone here, a 503, no hang.
+    after = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert after.status_code == 503 and after.json()["error"]["code"] == "replica_unavailable"
+    assert after.headers["Retry-After"] == str(server.config.serve.retry_after_s)
     assert client.get("/health").status_code == 503
 
 

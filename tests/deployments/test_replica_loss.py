@@ -1,7 +1,7 @@
 """A replica lost in the middle of a request (deployments/ingress.py, HandleBackend).
 
-Before it answered, the request is routed again (nothing reached the client: the same request on
-another replica); after it started answering, the request ends with a 503 `replica_lost` instead
+Before it answered (or when it answered only that its engine had stopped), the request is routed
+again (nothing reached the client: the same request on another replica); after it started answering, the request ends with a 503 `replica_lost` instead
 of a 500. The handle here is a scripted stand-in for Serve's (its calls' replies and failures);
 tests/deployments/test_serve_replica_loss.py kills a real replica."""
 
@@ -12,7 +12,7 @@ import asyncio
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from deployments.ingress import MAX_ROUTING_ATTEMPTS, HandleBackend
-from deployments.messages import GenerateRequest, ServeError
+from deployments.messages import GenerateRequest, ServeError, replica_unavailable
 from protocol.sampling_params import SamplingParams
 
 
@@ -66,6 +66,14 @@ def test_a_replica_lost_before_answering_sends_the_request_to_another():
                              ScriptedResponse(answer)])
     assert replies_of(handle) == answer
     assert handle.calls == 3
+
+
+def test_a_replica_whose_engine_has_stopped_sends_the_request_to_another():
+    """Its first (and only) reply says so: nothing reached the client, the request goes elsewhere."""
+    answer = [["delta 1"]]
+    handle = ScriptedHandle([ScriptedResponse([replica_unavailable("engine stopped", 3)]), ScriptedResponse(answer)])
+    assert replies_of(handle) == answer
+    assert handle.calls == 2
 
 
 def test_a_replica_lost_after_answering_ends_the_request_with_a_503():
