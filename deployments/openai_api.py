@@ -58,6 +58,8 @@ class _SamplingFields(RequestBody):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     top_k: int | None = Field(None, description="-1 or 0: off; at most the vocabulary size.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias from -100 to 100, added to its logit before sampling.")
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int = 0
@@ -115,8 +117,6 @@ class ToolCall(RequestBody):
 
 class _StructuredFields(RequestBody):
     response_format: ResponseFormat | None = None
-    # OpenAI fields longctx does not serve: declared so that sending one is a 400, not silence.
-    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_SamplingFields, _StructuredFields):

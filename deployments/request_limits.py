@@ -15,6 +15,12 @@ from deployments.openai_api import ChatCompletionRequest, CompletionRequest, _Sa
 from protocol.sampling_params import InvalidParameterError
 
 
+def parse_token_id(key: str) -> int | None:
+    """A logit_bias key as a token id: ASCII digits (JSON object keys are strings); None if not."""
+    key = key.strip()
+    return int(key) if key.isascii() and key.isdigit() else None
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     max_model_len: int  # tokens, prompt and output together
@@ -46,6 +52,8 @@ class RequestLimits:
     def _check_vocabulary(self, request: _SamplingFields) -> None:
         if any(not 0 <= token_id < self.vocab_size for token_id in request.stop_token_ids or ()):
             raise InvalidParameterError("stop_token_ids", f"token ids must be in [0, {self.vocab_size})")
+        if any((parse_token_id(key) or 0) >= self.vocab_size for key in request.logit_bias or {}):
+            raise InvalidParameterError("logit_bias", f"token ids must be in [0, {self.vocab_size})")
         if request.top_k is not None and not -1 <= request.top_k <= self.vocab_size:
             raise InvalidParameterError(
                 "top_k", f"must be -1 or 0 (off) or at most the vocabulary size {self.vocab_size}, got {request.top_k}")

@@ -18,7 +18,7 @@ from deployments.openai_api import (
 )
 from deployments.structured_outputs import reject_unserved_fields, response_format_output
 from deployments.tool_calls import ToolPlan
-from deployments.request_limits import RequestLimits
+from deployments.request_limits import RequestLimits, parse_token_id
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -115,7 +115,19 @@ def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | 
         logprobs=logprobs,
         min_tokens=request.min_tokens,
         skip_special_tokens=request.skip_special_tokens,
+        logit_bias=logit_bias_pairs(request.logit_bias),
     )
+
+
+def logit_bias_pairs(logit_bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is no token id is a 400."""
+    pairs = []
+    for key, bias in (logit_bias or {}).items():
+        token_id = parse_token_id(key)
+        if token_id is None:
+            raise InvalidParameterError("logit_bias", f"keys must be token ids (integers as strings), got {key!r}")
+        pairs.append((token_id, float(bias)))
+    return tuple(pairs)
 
 
 def _or(value, default):

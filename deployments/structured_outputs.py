@@ -38,7 +38,6 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 # Request fields declared (deployments/openai_api.py) only to be refused when set.
 _UNSERVED = {
-    "logit_bias": "logit_bias is not supported",
     "functions": "functions is deprecated and not supported; send tools",
     "function_call": "function_call is deprecated and not supported; send tool_choice",
     "audio": "audio output is not supported",

@@ -149,6 +149,8 @@ class LLMEngine:
         vocab_size = self.architecture.vocab_size
         if any(not 0 <= token_id < vocab_size for token_id in params.stop_token_ids):
             raise InvalidParameterError("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+        if any(token_id >= vocab_size for token_id, _ in params.logit_bias):
+            raise InvalidParameterError("logit_bias", f"token ids must be in [0, {vocab_size})")
         if params.top_k > vocab_size:
             raise InvalidParameterError("top_k", f"must be at most the vocabulary size {vocab_size}, got {params.top_k}")
         if params.n > self.scheduler.settings.max_waiting_requests:

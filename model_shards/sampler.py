@@ -5,6 +5,7 @@ One step, for the rows of `logits` (num_requests, vocab), row i belonging to `st
     raw logits ──► logprobs (log_softmax of the RAW logits: OpenAI / vLLM "raw logprobs")
         │
         ├─ grammar mask            structured outputs: tokens the grammar forbids → -inf
+        ├─ logit bias              OpenAI's logit_bias: + bias on the listed tokens (before penalties, as vLLM)
         ├─ repetition penalty      HF / CTRL, over prompt + output: logit > 0 → /p, else *p
         ├─ presence / frequency    OpenAI, over output only: logit -= presence*(count>0) + frequency*count
         ├─ min_tokens              eos and stop_token_ids → -inf while fewer than min_tokens outputs
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_shards.device import host_to_device
+from model_shards.device import host_to_device, upload_packed
 from model_shards.structured_output import RequestGrammar, apply_grammar_masks
 from protocol.sampling_params import SamplingParams
 from protocol.step import SampledToken
@@ -102,6 +103,7 @@ class Sampler:
             state.ensure_penalty_tensors(logits.shape[1])
         logprobs = _raw_logprobs_for_rows_that_ask(logits, states)
         logits = apply_grammar_masks(logits, [state.grammar for state in states])
+        logits = _apply_logit_bias(logits, states)
         logits = _apply_repetition_penalty(logits, states)
         logits = _apply_presence_frequency_penalties(logits, states)
         logits = _mask_stop_tokens_before_min_tokens(logits, states)
@@ -151,6 +153,22 @@ def _param_column(states: Sequence[SamplingState], rows: list[int], value, devic
 
 
 # --- penalties and masks -------------------------------------------------------------------------
+
+
+def _apply_logit_bias(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """logits[row, token] += bias for every (token, bias) of each row's logit_bias: one scatter-add
+    for the step, however many rows ask."""
+    rows, tokens, biases = [], [], []
+    for row, state in enumerate(states):
+        for token_id, bias in state.params.logit_bias:
+            rows.append(row)
+            tokens.append(token_id)
+            biases.append(bias)
+    if not rows:
+        return logits
+    row_index, token_index = upload_packed([torch.tensor(rows), torch.tensor(tokens)], logits.device)
+    return logits.index_put((row_index, token_index), _to_device(biases, torch.float32, logits.device),
+                            accumulate=True)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:

@@ -19,6 +19,8 @@ class InvalidParameterError(ValueError):
 
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # biased tokens a request: each one is an entry the sampler adds every step
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,16 @@ class SamplingParams:
     # Computed in the prefill that runs anyway; such a prompt is never served from the prefix cache.
     prompt_logprobs: int | None = None
     structured_output: StructuredOutput | None = None
+    # (token id, bias) pairs added to the logits before penalties and sampling (OpenAI's
+    # logit_bias); logprobs stay those of the raw logits, as vLLM reports them.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     eos_token_ids: tuple[int, ...] = field(default=(), compare=False)  # filled by the engine from the model
 
     def __post_init__(self) -> None:
         self._check_counts()
         self._check_probabilities()
         self._check_penalties()
+        self._check_logit_bias()
 
     def _check_counts(self) -> None:
         if self.max_tokens < 0:
@@ -96,6 +102,15 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise InvalidParameterError(name, f"must be between -2 and 2, got {value}")
+
+    def _check_logit_bias(self) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameterError("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise InvalidParameterError("logit_bias", f"token ids must be >= 0, got {token_id}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:  # NaN fails both
+                raise InvalidParameterError("logit_bias", f"biases must be between -100 and 100, got {bias}")
 
     @property
     def greedy(self) -> bool:

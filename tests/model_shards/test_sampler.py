@@ -314,3 +314,46 @@ def test_logprob_of_a_penalized_greedy_row_is_still_raw():
     assert token.logprob == pytest.approx(logits.log_softmax(-1)[0, 1].item(), abs=0)
     best_id, best_logprob = token.top_logprobs[0]
     assert best_id == 0 and math.isclose(best_logprob, logits.log_softmax(-1)[0, 0].item())
+
+
+def test_logit_bias_moves_only_its_rows_tokens_before_penalties_and_keeps_raw_logprobs():
+    logits = random_logits(3, seed=6)
+    raw = logits.log_softmax(dim=-1)
+    worst = int(logits[0].argmin())
+    best = int(logits[1].argmax())
+    params = [
+        SamplingParams(logit_bias=((worst, 100.0),), logprobs=0),  # +100: the worst token wins
+        SamplingParams(logit_bias=((best, -100.0), (3, 0.5))),  # -100: the best is banned
+        SamplingParams(),  # untouched
+    ]
+    tokens = Sampler()(logits, states_for(params))
+    assert tokens[0].token_id == worst
+    assert tokens[0].logprob == pytest.approx(raw[0, worst].item(), abs=0)  # raw, not biased
+    biased = logits[1].clone()
+    biased[best] -= 100.0
+    biased[3] += 0.5
+    assert tokens[1].token_id == int(biased.argmax()) != best
+    assert tokens[2].token_id == int(logits[2].argmax())
+
+
+def test_logit_bias_comes_before_the_repetition_penalty():
+    """vLLM's order: bias, then penalties. A prompt token at logit 1.0 biased by +1.0 is 2.0,
+    divided by a penalty of 2 back to 1.0: below the unpenalized 1.5 (penalty first would give
+    0.5 + 1.0 = 1.5, a tie the lowest id, token 0, would win)."""
+    logits = torch.tensor([[1.0, 1.5, -1.0]])
+    state = SamplingState(SamplingParams(logit_bias=((0, 1.0),), repetition_penalty=2.0), prompt_token_ids=(0,))
+    state.ensure_penalty_tensors(3)
+    assert Sampler()(logits, [state])[0].token_id == 1
+
+
+@pytest.mark.parametrize(
+    ("logit_bias", "message"),
+    [(((1, 100.5),), "between -100 and 100"), (((1, float("nan")),), "between -100 and 100"),
+     (((-1, 1.0),), ">= 0"), (tuple((i, 1.0) for i in range(1025)), "at most 1024")],
+)
+def test_logit_bias_out_of_range_names_the_parameter(logit_bias, message):
+    from protocol.sampling_params import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=message) as error:
+        SamplingParams(logit_bias=logit_bias)
+    assert error.value.param == "logit_bias"
