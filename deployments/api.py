@@ -98,7 +98,8 @@ class OpenAIService:
         with _counted_on_error(timer):
             self.check_model(body.model)
             params = completion_params(body, self.limits)  # every field checked before the prompt is read
-            prompts = await off_loop_if_long(self.prompts.completion, _num_chars(body.prompt), body.prompt)
+            prompts = await off_loop_if_long(self.prompts.completion, _num_chars(body.prompt), body.prompt,
+                                             body.truncate_prompt_tokens)
             request_id = f"cmpl-{uuid.uuid4().hex}"
             generates = requests_per_prompt(request_id, prompts, params, self._cache_salt(tenant, body.cache_salt))
             echoed = self._echoed(body, prompts) if body.echo else None
@@ -108,7 +109,9 @@ class OpenAIService:
 
     def _echoed(self, body: CompletionRequest, prompts: list[list[int]]) -> list[EchoedPrompt]:
         texts = split_prompts(body.prompt)
-        return [EchoedPrompt(text if isinstance(text, str) else self.prompts.prompt_text(ids, body.skip_special_tokens),
+        as_sent = body.truncate_prompt_tokens is None  # else the echo is what was kept
+        return [EchoedPrompt(text if isinstance(text, str) and as_sent else
+                             self.prompts.prompt_text(ids, body.skip_special_tokens),
                              tuple(ids)) for text, ids in zip(texts, prompts)]  # fmt: skip
 
     async def chat_completions(self, body: ChatCompletionRequest, tenant: str | None = None) -> Response:
@@ -120,7 +123,8 @@ class OpenAIService:
             messages = body.template_messages()
             num_chars = sum(len(message["content"]) for message in messages)
             template_tools = tools.template_tools if tools else None
-            token_ids = await off_loop_if_long(self.prompts.chat, num_chars, messages, template_tools)
+            token_ids = await off_loop_if_long(self.prompts.chat, num_chars, messages, template_tools,
+                                               body.truncate_prompt_tokens)
             generate = GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", token_ids, params,
                                        self._cache_salt(tenant, body.cache_salt), fill)
             output = ChatFormat(generate.request_id, self.model_name, self.prompts.token_text, body.n, tools,

@@ -7,7 +7,7 @@ Ranges that hold for every model are checked once, by `SamplingParams`; the boun
 model and config (context, vocabulary, n), by deployments/request_limits.py. Unknown fields are
 ignored, as vLLM does, so that clients sending newer OpenAI fields (`user`, `metadata`, ...) keep
 working. Sampling extras beyond OpenAI's names use vLLM's names: top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, cache_salt.
+min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, cache_salt, truncate_prompt_tokens.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class _SamplingFields(RequestBody):
         None, description="Token ids within the vocabulary.")
     skip_special_tokens: bool = True
     cache_salt: Text | None = Field(None, description="Tenants with different salts never share KV blocks.")
+    truncate_prompt_tokens: int | None = Field(
+        None, description="Keep only the prompt's last k tokens (after the chat template); -1: as many as the "
+        "context holds with room for one output token.")
 
 
 class JSONSchemaFormat(RequestBody):

@@ -62,24 +62,42 @@ class PromptBuilder:
         max_model_len = config.model.max_model_len or architecture.max_position_embeddings
         return cls(Tokenizer.from_folder(config.model.path), max_model_len, architecture.vocab_size)
 
-    def completion(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
-        """The token ids of each prompt: one text or id list, or a list of them (a batch)."""
-        return [self._one_completion(one) for one in split_prompts(prompt)]
+    def completion(self, prompt: str | list[int] | list[str] | list[list[int]],
+                   truncate: int | None = None) -> list[list[int]]:
+        """The token ids of each prompt: one text or id list, or a list of them (a batch);
+        `truncate`: each keeps its last that many tokens (vLLM's truncate_prompt_tokens)."""
+        keep = self.kept_tokens(truncate)
+        return [self._one_completion(one, keep) for one in split_prompts(prompt)]
 
-    def _one_completion(self, prompt: str | list[int]) -> list[int]:
+    def kept_tokens(self, truncate: int | None) -> int | None:
+        """truncate_prompt_tokens as a count: -1 is the longest prompt that leaves one output token."""
+        if truncate is None:
+            return None
+        if truncate == -1:
+            return self.max_model_len - 1
+        if not 1 <= truncate < self.max_model_len:
+            raise InvalidParameterError("truncate_prompt_tokens", f"must be -1 or between 1 and "
+                                        f"{self.max_model_len - 1} (the context less one output token), got {truncate}")
+        return truncate
+
+    def _one_completion(self, prompt: str | list[int], keep: int | None) -> list[int]:
         if isinstance(prompt, str):
-            self._check_bytes([prompt], "prompt")
-            return self._checked(self.tokenizer.encode(prompt) if prompt else [], "prompt")
-        return self._checked(list(prompt), "prompt")
+            if keep is None:  # text that cannot fit is refused before tokenizing; truncated text may be any size
+                self._check_bytes([prompt], "prompt")
+            return self._checked(_last(self.tokenizer.encode(prompt) if prompt else [], keep), "prompt")
+        return self._checked(_last(list(prompt), keep), "prompt")
 
     @property
     def template_defines_tools(self) -> bool:
         """Whether the chat template renders `tools` (a template without them would drop them)."""
         return bool(self.tokenizer.chat_template) and "tools" in self.tokenizer.chat_template
 
-    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        self._check_bytes([message["content"] for message in messages], "messages")
-        return self._checked(self.chat_tokens(messages, tools), "messages")
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+             truncate: int | None = None) -> list[int]:
+        keep = self.kept_tokens(truncate)
+        if keep is None:
+            self._check_bytes([message["content"] for message in messages], "messages")
+        return self._checked(_last(self.chat_tokens(messages, tools), keep), "messages")
 
     def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> list[int]:
@@ -121,3 +139,8 @@ class PromptBuilder:
         message = (f"{what}; this model's maximum context length is {self.max_model_len} tokens, "
                    "prompt and output together")
         raise APIError(invalid_request(message, param, "context_length_exceeded"))
+
+
+def _last(token_ids: list[int], keep: int | None) -> list[int]:
+    """The last `keep` ids (all of them for None): left truncation keeps what the answer follows."""
+    return token_ids if keep is None or len(token_ids) <= keep else token_ids[-keep:]
