@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 # A replica lost before it answered (its process died, its node went away, or it answered only that
-# its engine had stopped): the request is routed again, to another replica, this many times in all. Nothing reached the client yet, so a second
-# attempt is the same request; after the first reply a lost replica ends the request with a 503.
+# its engine had stopped): the request is routed again, to another replica, this many times in all.
+# Nothing reached the client yet, so a second attempt is the same request; after the first reply a
+# lost replica ends the request with a 503.
 MAX_ROUTING_ATTEMPTS = 3
 REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)  # ActorDiedError is a RayActorError
 
