@@ -1,9 +1,10 @@
 """A replica lost in the middle of a request (deployments/ingress.py, HandleBackend).
 
 Before it answered (or when it answered only that its engine had stopped), the request is routed
-again (nothing reached the client: the same request on another replica); after it started answering, the request ends with a 503 `replica_lost` instead
-of a 500. The handle here is a scripted stand-in for Serve's (its calls' replies and failures);
-tests/deployments/test_serve_replica_loss.py kills a real replica."""
+again (nothing reached the client: the same request on another replica); after it started
+answering, the request ends with a 503 `replica_lost` instead of a 500. The handle here is a
+scripted stand-in for Serve's (its calls' replies and failures); test_serve_replica_loss.py kills
+a real replica."""
 
 from __future__ import annotations
 
