@@ -99,6 +99,13 @@ class SchedulerSettings(_Frozen):
         2048, ge=1, description="While any request is decoding, a step's budget is at most this (decodes included)."
     )
     max_waiting_requests: int = Field(1024, ge=1, description="Queue bound in requests.")
+    # Running prefills are scheduled before the queue, so without a share a 1M-token prompt took
+    # every step's whole budget and a short request behind it waited for all of it (minutes on
+    # a large model). With it, the short one is admitted at the next step; the long prompt runs
+    # at this share of the budget only while requests wait, and at full budget alone.
+    prefill_share_while_waiting: float = Field(
+        0.5, gt=0, le=1, description="While requests wait to be admitted, the running prompts' prefill chunks "
+        "take at most this share of a step's budget, the rest goes to the queue (1: no share).")
 
 
 class ParallelSettings(_Frozen):

@@ -3,7 +3,8 @@
 Each step spends at most `max_tokens_per_step` tokens (`max_tokens_per_step_while_decoding` when
 any request is decoding, so a prefill chunk delays others' next token by one short step), in this order:
   1. one token for every running request that is decoding (decodes never wait behind a prefill),
-  2. the next prefill chunk of running requests whose prompt is not computed yet,
+  2. the next prefill chunk of running requests whose prompt is not computed yet (while requests
+     wait to be admitted, these chunks take at most `prefill_share_while_waiting` of the budget),
   3. new requests from the waiting queue, FCFS, after a prefix-cache lookup.
 So a 1M-token prompt advances by one budget-sized chunk per step while every other request keeps
 producing a token per step. When the KV cache runs out of blocks, the most recently arrived
@@ -41,6 +42,7 @@ class _StepPlan:
     """What one schedule() call decided, before it is frozen into a StepInput."""
 
     budget: int
+    prefill_room: int  # tokens the running prefills may still take this step (decodes are not counted)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
@@ -59,6 +61,9 @@ class Scheduler:
         self._paused_request_ids: set[str] = set()  # workers forget these too; the KV tiers do not
         self._step_id = 0
         self.num_preemptions_total = 0
+        # The queue's head found no free blocks last step: sharing the budget with it would only
+        # slow the running prefills down, so they take it all until admission moves again.
+        self._admission_blocked = False
 
     # --- queue ---------------------------------------------------------------------------
     def check_room(self, num_requests: int) -> None:
@@ -102,7 +107,7 @@ class Scheduler:
         budget = self.settings.max_tokens_per_step
         if decoding:
             budget = min(budget, self.settings.max_tokens_per_step_while_decoding)
-        plan = _StepPlan(budget=budget)
+        plan = _StepPlan(budget=budget, prefill_room=self._prefill_room(budget))
         for request in decoding + prefilling:
             if plan.budget == 0:
                 break
@@ -112,8 +117,18 @@ class Scheduler:
             self._admit_waiting(plan)
         return self._freeze(plan)
 
+    def _prefill_room(self, budget: int) -> int:
+        """The running prefills' share of `budget`: all of it unless requests could be admitted."""
+        if not self.waiting or self._admission_blocked or len(self.running) >= self.settings.max_num_seqs:
+            return budget
+        return max(1, int(budget * self.settings.prefill_share_while_waiting))
+
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
-        num_new = min(request.num_uncomputed_tokens, plan.budget, _tokens_before_pause(request))
+        prefilling = request.num_uncomputed_tokens > 1
+        if prefilling and plan.prefill_room == 0:
+            return
+        limit = plan.prefill_room if prefilling else plan.budget
+        num_new = min(request.num_uncomputed_tokens, plan.budget, limit, _tokens_before_pause(request))
         while True:
             new_blocks = self.kv_cache.allocate(request, request.num_computed_tokens + num_new)
             if new_blocks is not None:
@@ -126,14 +141,20 @@ class Scheduler:
         plan.cached_requests.append(CachedRequestData(
             request.request_id, tuple(tuple(group) for group in new_blocks), request.num_computed_tokens))
         plan.budget -= num_new
+        if prefilling:
+            plan.prefill_room -= num_new
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        was_prefilling = request.num_uncomputed_tokens > 1  # before the requeue resets its progress
         self._requeue(request, self._dropped_request_ids)
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         plan.preempted_any = True
         if request.request_id in plan.num_scheduled_tokens:  # scheduled earlier this step: undo
-            plan.budget += plan.num_scheduled_tokens.pop(request.request_id)
+            num_new = plan.num_scheduled_tokens.pop(request.request_id)
+            plan.budget += num_new
+            if was_prefilling:
+                plan.prefill_room += num_new
             plan.cached_requests = [c for c in plan.cached_requests if c.request_id != request.request_id]
 
     def _admit_waiting(self, plan: _StepPlan) -> None:
@@ -143,6 +164,7 @@ class Scheduler:
         asks Redis: an answer given long before admission would be stale. A request that finds
         no free blocks stops admission (no overtaking for memory)."""
         fetching: Request | None = None
+        self._admission_blocked = False
         while self.waiting and plan.budget > 0 and len(self.running) < self.settings.max_num_seqs:
             request = self.waiting.popleft()
             admitted = self._admit(request, plan, may_probe=fetching is None)
@@ -150,6 +172,7 @@ class Scheduler:
                 fetching = request
             elif not admitted:
                 self.waiting.appendleft(request)
+                self._admission_blocked = True
                 break
         if fetching is not None:
             self.waiting.appendleft(fetching)

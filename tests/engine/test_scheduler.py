@@ -131,3 +131,43 @@ def test_a_prefill_alone_takes_big_chunks_and_shrinks_while_others_decode():
     assert run_step(scheduler).num_scheduled_tokens == {"short": 1, "long": 7}
     scheduler.finish_request("short", RequestStatus.FINISHED_ABORTED)
     assert run_step(scheduler).num_scheduled_tokens == {"long": 32}  # alone again: the big budget
+
+
+def test_a_short_request_behind_a_long_prefill_is_admitted_at_the_next_step():
+    """Running prefills go before the queue; while requests wait they take half the budget
+    (prefill_share_while_waiting), so the short one starts now instead of after the long prompt."""
+    scheduler = make_scheduler(budget=16)
+    scheduler.add_request(make_request("long", 100))
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 16}  # alone: the whole budget
+    scheduler.add_request(make_request("short", 5, first_token=500))
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 8, "short": 5}
+    # "short" decodes now (budget 16, no one waits): the long prompt takes the rest again
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 15, "short": 1}
+
+
+def test_a_share_of_1_keeps_the_queue_behind_the_running_prefill():
+    settings = SchedulerSettings(max_tokens_per_step=16, prefill_share_while_waiting=1.0)
+    scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(64, BLOCK_SIZE)))
+    scheduler.add_request(make_request("long", 100))
+    run_step(scheduler)
+    scheduler.add_request(make_request("short", 5, first_token=500))
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 16}
+    assert [r.request_id for r in scheduler.waiting] == ["short"]
+
+
+def test_a_queue_head_without_free_blocks_gives_the_budget_back_to_the_running_prefills():
+    """Offered its share, the head found no free blocks: the next step the running prompts take
+    the whole budget rather than leaving half of every step unused; a head that fits is offered
+    its share again."""
+    scheduler = make_scheduler(num_blocks=6, budget=16)  # 24 tokens of KV
+    scheduler.add_request(make_request("long", 20, max_tokens=2))
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 16}
+    scheduler.add_request(make_request("other", 8, first_token=500))
+    # long's last 4 tokens (5 blocks), then other's 8 need 2 blocks of the 1 left
+    assert run_step(scheduler).num_scheduled_tokens == {"long": 4}
+    assert [r.request_id for r in scheduler.waiting] == ["other"]
+    assert scheduler._prefill_room(16) == 16  # blocked: no share next step
+    scheduler.finish_request("long", RequestStatus.FINISHED_ABORTED)
+    assert run_step(scheduler).num_scheduled_tokens == {"other": 8}
+    scheduler.add_request(make_request("third", 4, first_token=900))
+    assert scheduler._prefill_room(16) == 8  # admission moves again: the share is back
