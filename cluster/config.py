@@ -102,10 +102,11 @@ class SchedulerSettings(_Frozen):
     # Running prefills are scheduled before the queue, so without a share a 1M-token prompt took
     # every step's whole budget and a short request behind it waited for all of it (minutes on
     # a large model). With it, the short one is admitted at the next step; the long prompt runs
-    # at this share of the budget only while requests wait, and at full budget alone.
+    # at this share of the budget only while a shorter request waits, and at full budget
+    # otherwise (prompts of equal length keep first come, first served: the lowest mean TTFT).
     prefill_share_while_waiting: float = Field(
-        0.5, gt=0, le=1, description="While requests wait to be admitted, the running prompts' prefill chunks "
-        "take at most this share of a step's budget, the rest goes to the queue (1: no share).")
+        0.5, gt=0, le=1, description="While a request with less to compute than a running prompt waits to be "
+        "admitted, the running prompts' prefill chunks take at most this share of a step's budget (1: no share).")
 
 
 class ParallelSettings(_Frozen):

@@ -3,8 +3,9 @@
 Each step spends at most `max_tokens_per_step` tokens (`max_tokens_per_step_while_decoding` when
 any request is decoding, so a prefill chunk delays others' next token by one short step), in this order:
   1. one token for every running request that is decoding (decodes never wait behind a prefill),
-  2. the next prefill chunk of running requests whose prompt is not computed yet (while requests
-     wait to be admitted, these chunks take at most `prefill_share_while_waiting` of the budget),
+  2. the next prefill chunk of running requests whose prompt is not computed yet (while a shorter
+     request waits to be admitted, these chunks take at most `prefill_share_while_waiting` of the
+     budget),
   3. new requests from the waiting queue, FCFS, after a prefix-cache lookup.
 So a 1M-token prompt advances by one budget-sized chunk per step while every other request keeps
 producing a token per step. When the KV cache runs out of blocks, the most recently arrived
@@ -118,8 +119,14 @@ class Scheduler:
         return self._freeze(plan)
 
     def _prefill_room(self, budget: int) -> int:
-        """The running prefills' share of `budget`: all of it unless requests could be admitted."""
+        """The running prefills' share of `budget`: all of it unless the queue's head could be
+        admitted and has less to compute than a running prompt has left (shortest remaining work
+        first: a short request does not wait for a long prompt; equal ones keep their order,
+        which gives the lowest mean time to first token)."""
         if not self.waiting or self._admission_blocked or len(self.running) >= self.settings.max_num_seqs:
+            return budget
+        longest_left = max((r.num_uncomputed_tokens for r in self.running if r.num_uncomputed_tokens > 1), default=0)
+        if self.waiting[0].num_uncomputed_tokens >= longest_left:
             return budget
         return max(1, int(budget * self.settings.prefill_share_while_waiting))
 

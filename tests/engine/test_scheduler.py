@@ -145,6 +145,17 @@ def test_a_short_request_behind_a_long_prefill_is_admitted_at_the_next_step():
     assert run_step(scheduler).num_scheduled_tokens == {"long": 15, "short": 1}
 
 
+def test_a_request_as_long_as_the_running_prefill_waits_its_turn():
+    """Equal work: first come, first served (sharing would raise the mean time to first token)."""
+    scheduler = make_scheduler(budget=16)
+    scheduler.add_request(make_request("first", 40))
+    run_step(scheduler)  # 24 left
+    scheduler.add_request(make_request("second", 24, first_token=500))
+    assert run_step(scheduler).num_scheduled_tokens == {"first": 16}
+    scheduler.add_request(make_request("third", 7, first_token=900))  # the head is still "second"
+    assert run_step(scheduler).num_scheduled_tokens == {"first": 8, "second": 8}
+
+
 def test_a_share_of_1_keeps_the_queue_behind_the_running_prefill():
     settings = SchedulerSettings(max_tokens_per_step=16, prefill_share_while_waiting=1.0)
     scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(64, BLOCK_SIZE)))
@@ -168,6 +179,9 @@ def test_a_queue_head_without_free_blocks_gives_the_budget_back_to_the_running_p
     assert [r.request_id for r in scheduler.waiting] == ["other"]
     assert scheduler._prefill_room(16) == 16  # blocked: no share next step
     scheduler.finish_request("long", RequestStatus.FINISHED_ABORTED)
-    assert run_step(scheduler).num_scheduled_tokens == {"other": 8}
-    scheduler.add_request(make_request("third", 4, first_token=900))
-    assert scheduler._prefill_room(16) == 8  # admission moves again: the share is back
+    assert run_step(scheduler).num_scheduled_tokens == {"other": 8}  # admission moved: not blocked
+    scheduler.finish_request("other", RequestStatus.FINISHED_ABORTED)
+    scheduler.add_request(make_request("third", 20, first_token=900))
+    run_step(scheduler)  # third prefills 16, 4 left
+    scheduler.add_request(make_request("fourth", 3, first_token=950))
+    assert scheduler._prefill_room(16) == 8  # a shorter head waits: the share is back

@@ -34,12 +34,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_engine(model_dir: str, *, block_size=64, num_blocks=512, budget=2048, max_num_seqs=8, dtype="float32",
-                prefill_share=0.5, **tiers) -> LLMEngine:
+                **tiers) -> LLMEngine:
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=model_dir, dtype=dtype, device="cpu"),
         cache=CacheSettings(block_size=block_size, num_device_blocks=num_blocks),
-        scheduler=SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=max_num_seqs,
-                                    prefill_share_while_waiting=prefill_share),
+        scheduler=SchedulerSettings(max_tokens_per_step=budget, max_num_seqs=max_num_seqs),
         kv_tiers=KVTierSettings(**tiers),
     ))
 
@@ -123,11 +122,9 @@ def pressure_workload(seed: int) -> list[list[int]]:
 
 
 def pressure_engine(model_dir: str, url: str, **kwargs) -> LLMEngine:
-    """Device: 40 blocks of 16 tokens (two requests); host: 12 blocks; the rest goes to Redis.
-    One prompt prefills at a time (no budget share with the queue): the order of evictions that
-    sends a document down the whole chain before it is asked again."""
+    """Device: 40 blocks of 16 tokens (two requests); host: 12 blocks; the rest goes to Redis."""
     return redis_engine(model_dir, url, block_size=16, num_blocks=40, budget=64, max_num_seqs=2,
-                        host_bytes=12 * 8192, prefill_share=1.0, **kwargs)
+                        host_bytes=12 * 8192, **kwargs)
 
 
 PRESSURE_PARAMS = SamplingParams(max_tokens=32, temperature=0.0)
