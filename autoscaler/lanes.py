@@ -7,9 +7,10 @@ A long prompt is different in two ways:
     prompt tokens than its own length at most doubles its time to first token on an idle
     replica (prefill time grows at least linearly in tokens, so W queued tokens take at most as
     long as the prompt's own P >= W);
-  - it blocks: a replica prefills in arrival order, so every short request routed behind it
-    waits for all of it, and a replica added by the autoscaler serves only what is routed after
-    it is up (30 s or more later).
+  - it blocks: a short request routed behind it waits for it (all of it when a replica
+    prefills in arrival order; since session 9 the engine gives a shorter waiting request half
+    of each step, which still halves the long prompt's pace and slows the short one), and a
+    replica added by the autoscaler serves only what is routed after it is up (30 s or more later).
 So a long prompt first goes where it leaves every free replica (a lane) free: a replica already
 busy with long prompts, or one holding its prefix, when the wait there fits that slack; it
 takes a lane (makes it busy) only while more than `short_lanes` of them are left. Busy replicas

@@ -1,8 +1,10 @@
 """One simulated replica: FCFS prefill, concurrent decodes, a prefix cache of Mooncake blocks.
 
-Prefill runs one prompt at a time, in arrival order, as the engine's chunked prefill does: a
-running prefill takes each step's token budget before a waiting request is admitted, so a
-short request queued behind a 1M-token prompt waits for all of it. Decodes run beside it. A
+Prefill runs one prompt at a time, in arrival order, as the engine's chunked prefill did until
+session 9: a running prefill took each step's token budget before a waiting request was
+admitted, so a short request queued behind a 1M-token prompt waited for all of it. The engine
+now gives a shorter waiting request half of each step (engine/scheduler.py); this model keeps
+the worst case for short requests, which is what the lane rule guards against. Decodes run beside it. A
 prompt starts only when its whole KV (prompt + output) fits; it then holds it until its last
 token. Prefix hits are found when a prefill starts: leading blocks in this replica's cache are
 free, those in the shared Redis tier cost their restore time.
