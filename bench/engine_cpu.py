@@ -18,7 +18,7 @@ from pathlib import Path
 from report import print_table  # bench/ is on sys.path when a script runs
 
 from cluster.config import SchedulerSettings
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 from kvcache.block_hash import hash_full_blocks, root_hash
 from kvcache.coordinator import KVCacheCoordinator
@@ -115,6 +115,37 @@ def bench_scheduler_step(block_size: int = 64, num_steps: int = 200) -> dict:
     return {"rows": rows}
 
 
+def bench_short_behind_long(block_size: int = 64, budget: int = 16384) -> dict:
+    """Steps until a 2K-token request's first token when it arrives one step into a 1M-token
+    prefill, and the long prompt's own steps to its first token: first come, first served
+    (share 1) against the default share of the budget for a shorter waiting request."""
+    rng = random.Random(1)
+    root = root_hash("bench-model")
+    long_prompt = [rng.randrange(VOCAB_SIZE) for _ in range(1_000_000)]
+    short_prompt = [rng.randrange(VOCAB_SIZE) for _ in range(2000)]
+    rows = []
+    for share in (1.0, SchedulerSettings().prefill_share_while_waiting):
+        settings = SchedulerSettings(max_tokens_per_step=budget, prefill_share_while_waiting=share)
+        scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(1_004_000 // block_size + 64, block_size)))
+        scheduler.add_request(Request("long", long_prompt, SamplingParams(max_tokens=4), root, block_size))
+        _time_steps(scheduler, 1)
+        scheduler.add_request(Request("short", short_prompt, SamplingParams(max_tokens=4), root, block_size))
+        first_token = {}
+        for step in range(2, 200):
+            _time_steps(scheduler, 1)
+            for name in ("long", "short"):
+                request = scheduler.requests.get(name)
+                if name not in first_token and request is not None and request.num_output_tokens > 0:
+                    first_token[name] = step
+                    scheduler.finish_request(name, RequestStatus.FINISHED_STOPPED)  # one token is all it asks
+            if len(first_token) == 2:
+                break
+        rows.append({"prefill_share_while_waiting": share, "short: steps to first token": first_token["short"] - 1,
+                     "long: steps to first token": first_token["long"]})
+    print_table(f"a 2K request one step into a 1M prefill ({budget}-token steps)", rows)
+    return {"rows": rows}
+
+
 def machine_info() -> dict:
     return {
         "python": platform.python_version(),
@@ -128,6 +159,7 @@ def main() -> None:
         "machine": machine_info(),
         "prefix_hashing": bench_prefix_hashing(),
         "scheduler_step": [bench_scheduler_step(block_size) for block_size in (16, 64, 256)],
+        "short_behind_long": bench_short_behind_long(),
     }
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
