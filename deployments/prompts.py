@@ -27,6 +27,8 @@ def split_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> list
     if isinstance(prompt, list) and not prompt:
         raise InvalidParameterError("prompt", "the prompt is empty")
     return [prompt]
+
+
 Result = TypeVar("Result")
 # Tokenizing runs at ~1.5 s per million tokens and releases the GIL: prompts above ~16k tokens
 # are tokenized on a thread so that the streams an ingress serves keep flowing meanwhile.

@@ -120,7 +120,11 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 def long_tensor(values: Sequence[int]) -> torch.Tensor:
     """(len,) int64 on the host from Python ints, through an array: 4x faster than torch.tensor
     on a list (32K token ids: 0.5 against 1.9 ms on the 2-core CI machine)."""
-    flat = array("q", values)
+    return _from_int64_array(array("q", values))
+
+
+def _from_int64_array(flat: array) -> torch.Tensor:
+    """(len,) int64 sharing the array's memory (frombuffer refuses an empty one)."""
     return torch.frombuffer(flat, dtype=torch.long) if flat else torch.empty(0, dtype=torch.long)
 
 
@@ -132,8 +136,7 @@ def padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
     for table in tables:
         flat.extend(table)
         flat.extend(repeat(0, width - len(table)))
-    padded = torch.frombuffer(flat, dtype=torch.long) if flat else torch.empty(0, dtype=torch.long)
-    return padded.view(len(tables), width)
+    return _from_int64_array(flat).view(len(tables), width)
 
 
 def write_kv(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
