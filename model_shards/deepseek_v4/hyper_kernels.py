@@ -130,9 +130,11 @@ def _mix(x_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, hidden, S: tl.constexpr, BD:
 
 @dataclass(frozen=True)
 class MixesTiling:
-    """How `stream_mixes` splits its work. The default is what ran in session 8's profile (mHC 45 ms
-    of a 16K-token chunk at the flash shape, 4 layers: ~10x its memory floor);
-    bench/deepseek_v4_mhc.py times the others against it on a GPU."""
+    """How `stream_mixes` splits its work; bench/deepseek_v4_mhc.py times the tilings on a GPU.
+    The field defaults are session 8's kernel (16 rows, float32 FMAs): 0.599 ms at 2048 tokens of
+    the flash shape on an H100, 21.7x its memory floor. DEFAULT_MIXES_TILING (128 rows, 8 splits,
+    tf32x3) took 0.097 ms there (3.5x the floor) with a smaller error against float32 torch
+    (3.4e-7 against 4.5e-6 relative): docs/measurements/session10-h100.md."""
 
     rows: int = 16  # tokens a program
     splits: int = 1  # programs a row tile's columns are split over (> 1: partials, then a finishing sum)
@@ -140,7 +142,7 @@ class MixesTiling:
     warps: int = 4
 
 
-DEFAULT_MIXES_TILING = MixesTiling()
+DEFAULT_MIXES_TILING = MixesTiling(rows=128, splits=8, precision="tf32x3", warps=8)
 BLOCK_COLUMNS = 128  # columns of the flattened streams a loop step
 
 

@@ -25,8 +25,8 @@ def compile_all() -> None:
     from model_shards.deepseek_v4 import hyper_kernels as kernels
     from model_shards.deepseek_v4.hyper_kernels import BLOCK_COLUMNS, BLOCK_HIDDEN, MixesTiling
 
-    tilings = [kernels.DEFAULT_MIXES_TILING, MixesTiling(rows=64, splits=4, warps=8),
-               MixesTiling(precision="tf32x3"), MixesTiling(rows=128, splits=8, precision="tf32x3", warps=8)]
+    tilings = [MixesTiling(), MixesTiling(rows=64, splits=4, warps=8),
+               MixesTiling(precision="tf32x3"), kernels.DEFAULT_MIXES_TILING]
     for tiling in tilings:
         constexprs = {"BT": tiling.rows, "BK": BLOCK_COLUMNS, "BN": 32, "SPLIT": tiling.splits,
                       "PRECISION": tiling.precision}

@@ -50,7 +50,8 @@ def test_fused_hyper_connection_equals_torch(hc, tokens):
 
 
 TILINGS = {
-    "default": hyper_kernels.DEFAULT_MIXES_TILING,
+    "default": hyper_kernels.DEFAULT_MIXES_TILING,  # 128 rows, 8 splits, tf32x3
+    "ieee": hyper_kernels.MixesTiling(),
     # hc 4 x hidden 96 = 384 columns over 4 splits: 3 of 128 columns (the last split's loop step
     # is masked past the width); hc 2: 2 splits of 128 and 64
     "split": hyper_kernels.MixesTiling(rows=64, splits=4, warps=8),
