@@ -134,7 +134,7 @@ class MixesTiling:
     The field defaults are session 8's kernel (16 rows, float32 FMAs): 0.599 ms at 2048 tokens of
     the flash shape on an H100, 21.7x its memory floor. DEFAULT_MIXES_TILING (128 rows, 8 splits,
     tf32x3) took 0.097 ms there (3.5x the floor) with a smaller error against float32 torch
-    (3.4e-7 against 4.5e-6 relative): docs/measurements/session10-h100.md."""
+    (3.4e-7 against 4.5e-6 relative): docs/measurements/session10-H100-deepseek_v4_mhc.json."""
 
     rows: int = 16  # tokens a program
     splits: int = 1  # programs a row tile's columns are split over (> 1: partials, then a finishing sum)

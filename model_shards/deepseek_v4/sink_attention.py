@@ -32,6 +32,7 @@ from model_shards.deepseek_v4.workspace import carve
 # Elements of one float32 block of logits or indexer scores: 64 MiB on a CPU, 1 GiB on a GPU
 # (where fewer, larger blocks keep kernel launches off the critical path).
 BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+ALIGNED_KEYS = 16  # shared key counts the matmuls see are a multiple of this (aligned_rows)
 
 
 def block_elements(device: torch.device) -> int:
@@ -94,11 +95,19 @@ def _compressed_group(compressed: CompressedKeys, start: int, stop: int) -> tupl
     # Every block of the chunk reads the entries closed at the chunk's end, those a block's queries
     # cannot see yet masked: the kernels see one key count per chunk (a multiple of 16 for a full
     # chunk), where a count per block compiled new variants mid-prompt (sink_softmax.py).
-    count = entries.count
-    keys = entries.read(0, count)  # (count, D): a view of contiguous entries
-    visible = (torch.arange(start, stop, device=keys.device) + first + 1) // rate  # (t,)
-    reachable = torch.arange(count, device=keys.device) < visible[:, None]
+    keys = aligned_rows(entries.read(0, entries.count))  # (K, D), K >= count: zero rows past it
+    visible = (torch.arange(start, stop, device=keys.device) + first + 1) // rate  # (t,) <= count
+    reachable = torch.arange(keys.shape[0], device=keys.device) < visible[:, None]
     return keys, reachable
+
+
+def aligned_rows(keys: torch.Tensor) -> torch.Tensor:
+    """keys (K, D) with zero rows appended up to a multiple of ALIGNED_KEYS. The logits (t, heads,
+    K) and the probabilities times keys are matmuls whose rows are K long: cuBLAS's tensor-core
+    kernels need each row 16-byte aligned, and a chunk ending at another count (a prompt's last
+    chunk) ran the HCA core at about half speed. Zero keys are finite, and masked: probability 0."""
+    pad = -keys.shape[0] % ALIGNED_KEYS
+    return F.pad(keys, (0, 0, 0, pad)) if pad else keys
 
 
 def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
