@@ -48,8 +48,8 @@ def print_batches(ours: dict, hf: dict) -> None:
 
 def print_diagnostic(hf: dict) -> None:
     for tokens, rows in hf.get("diagnostic", {}).items():
-        print(f"\ntransformers at {tokens} on the long-context config.json (the table: max_position_embeddings "
-              f"131072 up to 131072 tokens): TTFT s, TPOT ms")
+        print(f"\ntransformers at {tokens}, successive generate calls on one loaded model (the table: a fresh "
+              f"model per case, after one warm-up call): TTFT s, TPOT ms")
         for name, result in rows.items():
             print(f"{name:>20} {seconds(result, 'ttft_s'):>7} {milliseconds(result):>7}")
 
