@@ -40,8 +40,8 @@ if wanted mhc; then
 fi
 if wanted floor; then
     stamp floor
-    timeout ${FLOOR_S:-240} python3 bench/vs_transformers.py --lengths 4000 8100 32700 130000 \
-        --profile-lengths 4000 --budget-s $(( ${FLOOR_S:-240} - 30 )) > "$OUT/vs_transformers.log" 2>&1
+    timeout ${FLOOR_S:-240} python3 bench/vs_transformers.py ${FLOOR_ARGS:---lengths 4000 8100 32700 130000 \
+        --profile-lengths 4000} --budget-s $(( ${FLOOR_S:-240} - 30 )) > "$OUT/vs_transformers.log" 2>&1
     sed -n '/^Triton compiles inside/,/^wrote/p' "$OUT/vs_transformers.log" | cut -c1-160
 fi
 if wanted graphs; then
