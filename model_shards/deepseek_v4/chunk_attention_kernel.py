@@ -1,0 +1,115 @@
+"""V4's attention core for one prefill chunk of a window or HCA layer as ONE flash-style Triton
+kernel: the keys stream through an online softmax and no logit is ever written to memory.
+
+`sink_attention` (the path the layers take) writes each block of queries' logits (t, heads, K),
+runs the softmax kernel over them in place, and multiplies by the keys: at 1M tokens an HCA layer's
+K is ~8,200 closed entries, so a 16K-token chunk writes and reads ~17 GB of logits a layer, several
+times over. Here each program holds one query's heads (MQA: they share every key and its mask),
+walks its window rows, then the HCA entries closed at its position, and writes (heads, head_dim).
+
+    query i (position p = first + i):  window rows own - W + 1 .. own (those that exist),
+                                        own = w + i in window_keys (w rows carried over)
+                                        HCA entries 0 .. (p + 1) // rate - 1
+    softmax over [sink logit | window logits | entry logits], the sink giving no value
+
+Numerics follow `sink_attention`'s (transformers' eager attention): a logit is q . k rounded to
+the input dtype, times the scale rounded again; the softmax runs in float32 from the sink on. As in
+every flash kernel the probabilities multiply the keys before they are normalised (rounded to the
+input dtype unnormalised), where the reference normalises first: outputs differ by that rounding.
+CSA layers (top-k entries gathered per query) keep `sink_attention`.
+
+Not wired into the layers yet: `bench/deepseek_v4_chunk_attention.py` times it against
+`sink_attention` on the flash shape first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_shards.attention.triton_runtime import tl, triton
+from model_shards.deepseek_v4.sink_attention import CompressedKeys
+
+
+@dataclass(frozen=True)
+class ChunkAttentionTiling:
+    keys: int = 32  # keys a loop step (BN); each step is (heads x head_dim) . (head_dim x keys)
+    warps: int = 8
+    stages: int = 2
+
+
+# What bench/deepseek_v4_chunk_attention.py times on a GPU (and the sm_90 compile test compiles).
+TILINGS = {
+    "32 keys, 8 warps, 2 stages": ChunkAttentionTiling(),
+    "16 keys, 4 warps, 2 stages": ChunkAttentionTiling(keys=16, warps=4),
+    "64 keys, 8 warps, 1 stage": ChunkAttentionTiling(keys=64, stages=1),
+    "32 keys, 4 warps, 3 stages": ChunkAttentionTiling(warps=4, stages=3),
+}
+
+
+@triton.jit
+def _online_step(q, keys, allowed, peak, total, acc, scale):
+    """One block of keys (BN, D) into the running max (BH,), sum (BH,) and output (BH, D)."""
+    logits = tl.dot(q, tl.trans(keys)).to(q.dtype).to(tl.float32)  # (BH, BN): rounded as the reference's
+    logits = (logits * scale).to(q.dtype).to(tl.float32)
+    logits = tl.where(allowed[None, :], logits, float("-inf"))
+    new_peak = tl.maximum(peak, tl.max(logits, axis=1))
+    decay = tl.exp(peak - new_peak)
+    weights = tl.exp(logits - new_peak[:, None])
+    total = total * decay + tl.sum(weights, axis=1)
+    acc = acc * decay[:, None] + tl.dot(weights.to(keys.dtype), keys)
+    return new_peak, total, acc
+
+
+@triton.jit
+def _chunk_attention(q_ptr, window_ptr, entries_ptr, sink_ptr, out_ptr, heads, carried, first_position, rate,
+                     scale, stride_q_token, stride_q_head, stride_window, stride_entry, stride_out_token,
+                     stride_out_head, WINDOW: tl.constexpr, DIM: tl.constexpr, BH: tl.constexpr,
+                     BN: tl.constexpr, HAS_ENTRIES: tl.constexpr):
+    query = tl.program_id(0)
+    head = tl.program_id(1) * BH + tl.arange(0, BH)
+    real_head = head < heads
+    dims, cols = tl.arange(0, DIM), tl.arange(0, BN)
+    q = tl.load(q_ptr + query * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
+                mask=real_head[:, None], other=0.0)  # (BH, D)
+    peak = tl.load(sink_ptr + head, mask=real_head, other=0.0).to(tl.float32)  # the sink: exp(sink - peak) = 1
+    total = peak * 0.0 + 1.0
+    acc = tl.zeros([BH, DIM], dtype=tl.float32)
+    own = carried + query  # window_keys row of the query's own key
+    for start in range(tl.maximum(own - WINDOW + 1, 0), own + 1, BN):
+        rows = start + cols
+        keys = tl.load(window_ptr + rows[:, None] * stride_window + dims[None, :], mask=(rows <= own)[:, None],
+                       other=0.0)
+        peak, total, acc = _online_step(q, keys, rows <= own, peak, total, acc, scale)
+    if HAS_ENTRIES:
+        visible = (first_position + query + 1) // rate  # entries closed at the query's position
+        for start in range(0, visible, BN):
+            rows = start + cols
+            keys = tl.load(entries_ptr + rows[:, None] * stride_entry + dims[None, :],
+                           mask=(rows < visible)[:, None], other=0.0)
+            peak, total, acc = _online_step(q, keys, rows < visible, peak, total, acc, scale)
+    out = acc / total[:, None]
+    tl.store(out_ptr + query * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=real_head[:, None])
+
+
+def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: int,
+                    compressed: CompressedKeys | None, sinks: torch.Tensor, scale: float,
+                    tiling: ChunkAttentionTiling = ChunkAttentionTiling()) -> torch.Tensor:
+    """`sink_attention` of a window layer (compressed None) or an HCA layer: q (T, heads, D),
+    window_keys (w + T, D) -> (T, heads, D). D a power of two (512 on V4)."""
+    if compressed is not None and compressed.selected is not None:
+        raise ValueError("chunk_attention: CSA's per-query top-k entries take sink_attention")
+    tokens, heads, dim = q.shape
+    entries = window_keys if compressed is None else compressed.entries.read(0, compressed.entries.count)
+    out = torch.empty_like(q)
+    head_block = max(16, min(64, triton.next_power_of_2(heads)))  # tl.dot's rows: 16 at least
+    grid = (tokens, triton.cdiv(heads, head_block))
+    _chunk_attention[grid](
+        q, window_keys, entries, sinks, out, heads, window_keys.shape[0] - tokens,
+        0 if compressed is None else compressed.first_position, 1 if compressed is None else compressed.rate,
+        scale, q.stride(0), q.stride(1), window_keys.stride(0), entries.stride(0), out.stride(0), out.stride(1),
+        WINDOW=sliding_window, DIM=dim, BH=head_block, BN=tiling.keys, HAS_ENTRIES=compressed is not None,
+        num_warps=tiling.warps, num_stages=tiling.stages)
+    return out
