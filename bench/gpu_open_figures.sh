@@ -10,7 +10,7 @@
 #   3. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk (949 ms in
 #               session 10 against 548 ms for the one before it: its HCA key count, 8187, was not
 #               a multiple of 16 until sink_attention.aligned_rows)
-#   4. hcacore  V4's HCA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path against
+#   4. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path against
 #               the flash-style kernel (chunk_attention_kernel.py, not wired in yet) in each tiling
 #   5. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
 #               a fresh model per case (from its third generate on one model it runs 45-85 ms a forward)
@@ -54,7 +54,7 @@ if wanted last1m; then
 fi
 if wanted hcacore; then
     stamp hcacore
-    timeout ${HCACORE_S:-90} python3 bench/deepseek_v4_chunk_attention.py 2>&1 | tail -24
+    timeout ${HCACORE_S:-150} python3 bench/deepseek_v4_chunk_attention.py 2>&1 | tail -24
 fi
 if wanted floor; then
     stamp floor

@@ -1,4 +1,4 @@
-"""V4's attention core for one prefill chunk of a window or HCA layer as ONE flash-style Triton
+"""V4's attention core for one prefill chunk (window, HCA or CSA layer) as ONE flash-style Triton
 kernel: the keys stream through an online softmax and no logit is ever written to memory.
 
 `sink_attention` (the path the layers take) writes each block of queries' logits (t, heads, K),
@@ -9,14 +9,16 @@ walks its window rows, then the HCA entries closed at its position, and writes (
 
     query i (position p = first + i):  window rows own - W + 1 .. own (those that exist),
                                         own = w + i in window_keys (w rows carried over)
-                                        HCA entries 0 .. (p + 1) // rate - 1
+                                        HCA entries 0 .. (p + 1) // rate - 1, or
+                                        CSA entries selected[i] (-1: none)
     softmax over [sink logit | window logits | entry logits], the sink giving no value
 
 Numerics follow `sink_attention`'s (transformers' eager attention): a logit is q . k rounded to
 the input dtype, times the scale rounded again; the softmax runs in float32 from the sink on. As in
 every flash kernel the probabilities multiply the keys before they are normalised (rounded to the
 input dtype unnormalised), where the reference normalises first: outputs differ by that rounding.
-CSA layers (top-k entries gathered per query) keep `sink_attention`.
+HCA reads entries by row and CSA its top-k per query, both through the block table when they live
+on pages (entries.py `addressed`), so neither is gathered into a copy first.
 
 Not wired into the layers yet: `bench/deepseek_v4_chunk_attention.py` times it against
 `sink_attention` on the flash shape first.
@@ -62,11 +64,25 @@ def _online_step(q, keys, allowed, peak, total, acc, scale):
     return new_peak, total, acc
 
 
+WINDOW_ONLY, HCA_ENTRIES, CSA_ENTRIES = 0, 1, 2  # what a query sees after its window (ENTRIES)
+
+
 @triton.jit
-def _chunk_attention(q_ptr, window_ptr, entries_ptr, sink_ptr, out_ptr, heads, carried, first_position, rate,
-                     scale, stride_q_token, stride_q_head, stride_window, stride_entry, stride_out_token,
-                     stride_out_head, WINDOW: tl.constexpr, DIM: tl.constexpr, BH: tl.constexpr,
-                     BN: tl.constexpr, HAS_ENTRIES: tl.constexpr):
+def _entry_keys(entries_ptr, table_ptr, rows, allowed, rows_per_block, stride_block, stride_row, dims):
+    """Keys (BN, D) of entry rows through a block table (a contiguous tensor: one block), zero where
+    not allowed."""
+    rows = tl.where(allowed, rows, 0)
+    block = tl.load(table_ptr + rows // rows_per_block, mask=allowed, other=0)
+    address = block * stride_block + (rows % rows_per_block) * stride_row
+    return tl.load(entries_ptr + address[:, None] + dims[None, :], mask=allowed[:, None], other=0.0)
+
+
+@triton.jit
+def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, sink_ptr, out_ptr, heads, carried,
+                     first_position, rate, topk, rows_per_block, scale, stride_q_token, stride_q_head, stride_window,
+                     stride_block, stride_row, stride_selected, stride_out_token, stride_out_head,
+                     WINDOW: tl.constexpr, DIM: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+                     ENTRIES: tl.constexpr):
     query = tl.program_id(0)
     head = tl.program_id(1) * BH + tl.arange(0, BH)
     real_head = head < heads
@@ -82,13 +98,20 @@ def _chunk_attention(q_ptr, window_ptr, entries_ptr, sink_ptr, out_ptr, heads, c
         keys = tl.load(window_ptr + rows[:, None] * stride_window + dims[None, :], mask=(rows <= own)[:, None],
                        other=0.0)
         peak, total, acc = _online_step(q, keys, rows <= own, peak, total, acc, scale)
-    if HAS_ENTRIES:
-        visible = (first_position + query + 1) // rate  # entries closed at the query's position
+    if ENTRIES == 1:  # HCA: every entry closed at the query's position
+        visible = (first_position + query + 1) // rate
         for start in range(0, visible, BN):
             rows = start + cols
-            keys = tl.load(entries_ptr + rows[:, None] * stride_entry + dims[None, :],
-                           mask=(rows < visible)[:, None], other=0.0)
+            keys = _entry_keys(entries_ptr, table_ptr, rows, rows < visible, rows_per_block, stride_block,
+                               stride_row, dims)
             peak, total, acc = _online_step(q, keys, rows < visible, peak, total, acc, scale)
+    if ENTRIES == 2:  # CSA: the indexer's top-k, -1 for none
+        for start in range(0, topk, BN):
+            picked = start + cols
+            rows = tl.load(selected_ptr + query * stride_selected + picked, mask=picked < topk, other=-1)
+            keys = _entry_keys(entries_ptr, table_ptr, rows, rows >= 0, rows_per_block, stride_block, stride_row,
+                               dims)
+            peak, total, acc = _online_step(q, keys, rows >= 0, peak, total, acc, scale)
     out = acc / total[:, None]
     tl.store(out_ptr + query * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=real_head[:, None])
@@ -97,19 +120,25 @@ def _chunk_attention(q_ptr, window_ptr, entries_ptr, sink_ptr, out_ptr, heads, c
 def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: int,
                     compressed: CompressedKeys | None, sinks: torch.Tensor, scale: float,
                     tiling: ChunkAttentionTiling = ChunkAttentionTiling()) -> torch.Tensor:
-    """`sink_attention` of a window layer (compressed None) or an HCA layer: q (T, heads, D),
-    window_keys (w + T, D) -> (T, heads, D). D a power of two (512 on V4)."""
-    if compressed is not None and compressed.selected is not None:
-        raise ValueError("chunk_attention: CSA's per-query top-k entries take sink_attention")
+    """`sink_attention` of one chunk: q (T, heads, D), window_keys (w + T, D), compressed None
+    (window layers), HCA or CSA keys, contiguous or on pages -> (T, heads, D). D a power of two
+    (512 on V4); the entries in q's dtype."""
     tokens, heads, dim = q.shape
-    entries = window_keys if compressed is None else compressed.entries.read(0, compressed.entries.count)
+    mode, selected = WINDOW_ONLY, q.new_empty(1, 1, dtype=torch.long)
+    blocks, table, rows_per_block = window_keys.view(1, *window_keys.shape), selected.new_zeros(1), 1
+    if compressed is not None:
+        if compressed.entries.dtype != q.dtype:
+            raise ValueError(f"chunk_attention: entries in {compressed.entries.dtype}, queries in {q.dtype}")
+        blocks, table, rows_per_block = compressed.entries.addressed()  # (blocks, rows, D), (blocks,), int
+        mode = HCA_ENTRIES if compressed.selected is None else CSA_ENTRIES
+        selected = selected if compressed.selected is None else compressed.selected
     out = torch.empty_like(q)
     head_block = max(16, min(64, triton.next_power_of_2(heads)))  # tl.dot's rows: 16 at least
-    grid = (tokens, triton.cdiv(heads, head_block))
-    _chunk_attention[grid](
-        q, window_keys, entries, sinks, out, heads, window_keys.shape[0] - tokens,
+    _chunk_attention[(tokens, triton.cdiv(heads, head_block))](
+        q, window_keys, blocks, table, selected, sinks, out, heads, window_keys.shape[0] - tokens,
         0 if compressed is None else compressed.first_position, 1 if compressed is None else compressed.rate,
-        scale, q.stride(0), q.stride(1), window_keys.stride(0), entries.stride(0), out.stride(0), out.stride(1),
-        WINDOW=sliding_window, DIM=dim, BH=head_block, BN=tiling.keys, HAS_ENTRIES=compressed is not None,
+        selected.shape[1], rows_per_block, scale, q.stride(0), q.stride(1), window_keys.stride(0), blocks.stride(0),
+        blocks.stride(1), selected.stride(0), out.stride(0), out.stride(1),
+        WINDOW=sliding_window, DIM=dim, BH=head_block, BN=tiling.keys, ENTRIES=mode,
         num_warps=tiling.warps, num_stages=tiling.stages)
     return out

@@ -7,7 +7,7 @@ Tolerances: float32 inputs agree to float32 summation order (1e-5). bf16 inputs:
 logit to bf16 and run the softmax in float32; the kernel multiplies the keys by unnormalised
 probabilities rounded to bf16 where the reference normalises first, so outputs differ by about
 one bf16 rounding of a probability (2e-2 absolute on outputs of order 1, the bf16 tolerance of
-the other V4 kernel tests)."""
+the other V4 kernel tests). CSA's top-k and entries on pages (shuffled blocks) are read in place."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from model_shards.deepseek_v4.chunk_attention_kernel import ChunkAttentionTiling, chunk_attention
-from model_shards.deepseek_v4.entries import ContiguousEntries
+from model_shards.deepseek_v4.entries import BlockRows, ContiguousEntries, PagedEntries
 from model_shards.deepseek_v4.interpreter_numerics import gpu_bf16_numerics
 from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
 
@@ -56,8 +56,36 @@ def test_chunk_attention_equals_sink_attention_bf16(keys):
     torch.testing.assert_close(fused.float(), reference.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_chunk_attention_refuses_csa():
+def on_pages(rows: torch.Tensor, rows_per_block: int = 8) -> PagedEntries:
+    """The rows in shuffled blocks of a larger pool, as the engine keeps them."""
+    pool = torch.zeros(12, rows_per_block, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+    table = torch.randperm(12, generator=torch.Generator().manual_seed(1))[:-(-rows.shape[0] // rows_per_block)]
+    return PagedEntries(pool, BlockRows(table.to(rows.device), rows_per_block), 0).append(rows)
+
+
+def csa(compressed: CompressedKeys, tokens: int, topk: int, seed: int) -> CompressedKeys:
+    """Each query's top-k as the indexer leaves it: entries closed at its position, -1 padding."""
+    generator = torch.Generator().manual_seed(seed)
+    closed = (compressed.first_position + torch.arange(tokens) + 1) // compressed.rate  # (T,)
+    ranks = torch.rand(tokens, compressed.entries.count, generator=generator).argsort(dim=1)[:, :topk]
+    selected = torch.where(ranks < closed[:, None], ranks, -1)
+    return CompressedKeys(compressed.entries, selected=selected.to(DEVICE))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("layer", ["HCA", "CSA"])
+def test_chunk_attention_reads_entries_on_pages_and_top_k(layer, paged):
+    q, window_keys, window, compressed, sinks, scale = case(26, 3, 7, 36, True, torch.float32, seed=4)
+    if paged:
+        compressed = CompressedKeys(on_pages(compressed.entries.rows), None, compressed.first_position, RATE)
+    if layer == "CSA":
+        compressed = csa(compressed, q.shape[0], topk=5, seed=5)
+    arguments = q, window_keys, window, compressed, sinks, scale
+    torch.testing.assert_close(chunk_attention(*arguments), sink_attention(*arguments), atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_attention_refuses_entries_of_another_dtype():
     q, window_keys, window, compressed, sinks, scale = case(4, 2, 0, 0, True, torch.float32)
-    selected = CompressedKeys(compressed.entries, selected=torch.zeros(4, 1, dtype=torch.long, device=DEVICE))
-    with pytest.raises(ValueError, match="CSA"):
-        chunk_attention(q, window_keys, window, selected, sinks, scale)
+    half = CompressedKeys(ContiguousEntries(compressed.entries.rows.half()), None, 0, RATE)
+    with pytest.raises(ValueError, match="entries in torch.float16"):
+        chunk_attention(q, window_keys, window, half, sinks, scale)
