@@ -101,6 +101,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-graphs", action="store_true",
                         help="CUDA: the --concurrency steps eager, then again on an engine whose decode-only steps "
                         "replay CUDA graphs (model_shards/deepseek_v4/decode_graphs.py)")
+    parser.add_argument("--fused-chunk-attention", action="store_true",
+                        help="prefill chunks' attention core through chunk_attention_kernel.py (not the layers' "
+                             "default until measured)")
     parser.add_argument("--alloc-conf", default=None,
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
     return parser.parse_args()
@@ -350,7 +353,7 @@ class Report:
         self.data = {"preset": args.preset, "device": args.device, "layers": args.layers, "experts": args.experts,
                      "chunk_tokens": args.chunk_tokens, "threads": torch.get_num_threads(), "rows": [],
                      "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                     "profile": {}, "kv": kv_bytes(folder)}
+                     "fused_chunk_attention": args.fused_chunk_attention, "profile": {}, "kv": kv_bytes(folder)}
 
     def add_row(self, row: dict) -> None:
         self.data["rows"].append(row)
@@ -411,9 +414,18 @@ def set_alloc_conf(alloc_conf: str | None) -> None:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
 
 
+def use_fused_chunk_attention() -> None:
+    """The layers call chunk_attention where they call sink_attention (same arguments and result)."""
+    from model_shards.deepseek_v4 import attention, chunk_attention_kernel
+
+    attention.sink_attention = chunk_attention_kernel.chunk_attention
+
+
 def main() -> None:
     args = parse_args()
     set_alloc_conf(args.alloc_conf)
+    if args.fused_chunk_attention:
+        use_fused_chunk_attention()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The figures still open on the GPU, most wanted first, in ONE device call (~8 minutes on one
-# H200 with every stage; each stage bounded by `timeout`, so a short budget still returns the
-# first ones). Sessions lose device time to machine starts: one call that does it all is cheaper.
+# The figures still open on the GPU, most wanted first (~14 minutes on one H100 with every stage,
+# so two device calls: the default STAGES, then STAGES="fused1m floor mhc redis"; each stage is
+# bounded by `timeout`, so a short budget still returns the first ones). Sessions lose device
+# time to machine starts: few calls that do it all are cheaper.
 #   1. tests    GPU tests of the step uploads (one pinned staging copy a step), the V4 decode graphs
 #               (replay bit-equal to the static step run eagerly), the mHC kernels (tf32x3 default
 #               tiling) and the flash-style chunk attention kernel
@@ -12,14 +13,16 @@
 #               a multiple of 16 until sink_attention.aligned_rows)
 #   4. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path against
 #               the flash-style kernel (chunk_attention_kernel.py, not wired in yet) in each tiling
-#   5. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
+#   5. fused1m  the 1M prompt again with that kernel in the layers (--fused-chunk-attention): end to end
+#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
 #               a fresh model per case (from its third generate on one model it runs 45-85 ms a forward)
-#   6. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
+#   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
 #               (session 10 picked 128 rows, 8 splits, tf32x3: 0.097 ms against 0.599 at 2K tokens)
-#   7. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
+#   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
-#   bash bench/gpu_open_figures.sh                 # every stage
+#   bash bench/gpu_open_figures.sh                 # stages 1-4 (~8 minutes)
+#   STAGES="fused1m floor mhc redis" bash bench/gpu_open_figures.sh   # stages 5-8 (~6 minutes)
 #   STAGES="graphs hcacore" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
@@ -27,7 +30,7 @@ source .gpu/install.sh >/dev/null || exit 1
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"tests graphs last1m hcacore floor mhc redis"}
+STAGES=${STAGES:-"tests graphs last1m hcacore"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stamp() { echo "[$(date +%T)] $*"; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -55,6 +58,13 @@ fi
 if wanted hcacore; then
     stamp hcacore
     timeout ${HCACORE_S:-150} python3 bench/deepseek_v4_chunk_attention.py 2>&1 | tail -24
+fi
+if wanted fused1m; then
+    stamp fused1m
+    timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
+        --lengths 1048000 --model-max-length 0 --profile-length 1048000 --fused-chunk-attention \
+        > "$OUT/deepseek_v4_fused1m.log" 2>&1
+    tail -40 "$OUT/deepseek_v4_fused1m.log" | cut -c1-300
 fi
 if wanted floor; then
     stamp floor

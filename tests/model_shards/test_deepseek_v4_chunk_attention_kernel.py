@@ -11,6 +11,8 @@ the other V4 kernel tests). CSA's top-k and entries on pages (shuffled blocks) a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -89,3 +91,27 @@ def test_chunk_attention_refuses_entries_of_another_dtype():
     half = CompressedKeys(ContiguousEntries(compressed.entries.rows.half()), None, 0, RATE)
     with pytest.raises(ValueError, match="entries in torch.float16"):
         chunk_attention(q, window_keys, window, half, sinks, scale)
+
+
+def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp_path, monkeypatch):
+    """Every layer type of the tiny preset (window, CSA, HCA) with the kernel where the layers call
+    sink_attention: chunked prefill logits against transformers' full forward, float32 (1e-4, the
+    tolerance of test_deepseek_v4.py's chunked prefill test)."""
+    from transformers import DeepseekV4ForCausalLM as ReferenceModel
+
+    from model_shards.deepseek_v4 import attention
+    from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+    from model_shards.deepseek_v4.presets import make_deepseek_v4_model
+
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=0)
+    ids = torch.randint(0, 1000, (90,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = ReferenceModel.from_pretrained(folder).eval()(ids[None], use_cache=False).logits[0]
+    calls = []
+    monkeypatch.setattr(attention, "sink_attention", lambda *args: calls.append(1) or chunk_attention(*args))
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
+    state = model.new_state()
+    logits = torch.cat([model.compute_logits(model(ids[i:i + 32], state)) for i in range(0, len(ids), 32)])
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) == 3 * layers  # 3 chunks, every layer through the kernel
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
