@@ -36,17 +36,24 @@ from model_shards.deepseek_v4.sink_attention import CompressedKeys
 
 @dataclass(frozen=True)
 class ChunkAttentionTiling:
-    keys: int = 32  # keys a loop step (BN); each step is (heads x head_dim) . (head_dim x keys)
+    """A program: `heads` of one query (16 at least: tl.dot's rows) against `keys` keys a loop step.
+    Registers bound it at head_dim 512: the (heads, 512) float32 output and the query's (heads,
+    512) stay in registers: 64 heads spill some (ptxas, sm_90), and so does CSA's index load with
+    32 heads and 32 keys; 32 heads and 16 keys spill nothing in any layer type (about 230 registers)."""
+
+    heads: int = 32
+    keys: int = 16
     warps: int = 8
     stages: int = 2
 
 
 # What bench/deepseek_v4_chunk_attention.py times on a GPU (and the sm_90 compile test compiles).
 TILINGS = {
-    "32 keys, 8 warps, 2 stages": ChunkAttentionTiling(),
-    "16 keys, 4 warps, 2 stages": ChunkAttentionTiling(keys=16, warps=4),
-    "64 keys, 8 warps, 1 stage": ChunkAttentionTiling(keys=64, stages=1),
-    "32 keys, 4 warps, 3 stages": ChunkAttentionTiling(warps=4, stages=3),
+    "32 heads, 16 keys, 8 warps": ChunkAttentionTiling(),
+    "32 heads, 32 keys, 8 warps": ChunkAttentionTiling(keys=32),
+    "64 heads, 32 keys, 8 warps": ChunkAttentionTiling(heads=64, keys=32),
+    "64 heads, 16 keys, 8 warps": ChunkAttentionTiling(heads=64),
+    "16 heads, 32 keys, 4 warps": ChunkAttentionTiling(heads=16, keys=32, warps=4),
 }
 
 
@@ -133,7 +140,7 @@ def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: 
         mode = HCA_ENTRIES if compressed.selected is None else CSA_ENTRIES
         selected = selected if compressed.selected is None else compressed.selected
     out = torch.empty_like(q)
-    head_block = max(16, min(64, triton.next_power_of_2(heads)))  # tl.dot's rows: 16 at least
+    head_block = max(16, min(tiling.heads, triton.next_power_of_2(heads)))  # tl.dot's rows: 16 at least
     _chunk_attention[(tokens, triton.cdiv(heads, head_block))](
         q, window_keys, blocks, table, selected, sinks, out, heads, window_keys.shape[0] - tokens,
         0 if compressed is None else compressed.first_position, 1 if compressed is None else compressed.rate,

@@ -27,6 +27,24 @@ def compile_for_sm90(kernel, names: list[str], types: list[str], constexprs: dic
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def ptxas_usage(compiled) -> dict[str, int]:
+    """Registers a thread and bytes spilled to local memory, as the bundled ptxas reports them
+    for a compiled kernel's PTX (`ptxas -v`): a kernel that spills runs its loop through memory."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        result = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True)
+    report = result.stderr + result.stdout
+    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))}
+
+
 def run_in_fresh_interpreter(script: str, timeout_s: float) -> subprocess.CompletedProcess:
     """`python3 script` with the interpreter off and the repo importable; its output captured."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
