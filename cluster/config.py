@@ -179,10 +179,11 @@ class ServeSettings(_Frozen):
         "its end at once. 0: one chunk per engine step and stream."
     )
     # A burst of requests reaches an idle engine one parsed body at a time (1-8 ms apart on the CPU
-    # machine, 32K-token bodies): started at the first, it prefills that one alone and the rest at the
-    # decode-capped budget. Off by default until measured on a GPU, where a batched prefill is much
-    # cheaper than the same prompts apart (8B shape, 32K cached prefix: 1 prompt 25 ms, 16 at once 117 ms);
-    # on the CPU machine the gathered step costs what the separate ones do, so only the wait is added.
+    # machine): started at the first, it prefills that one alone and the rest at the decode-capped
+    # budget. Off by default until measured on a GPU, where a batched prefill is much cheaper than the
+    # same prompts apart (H200, 8B shape, 32K cached prefix + 256: direct TTFT ~25 ms for one prompt,
+    # ~100-120 ms for 16 at once); on the CPU machine the gathered step costs what the separate ones
+    # do, so only the wait is added (docs/benchmarks.md, session 10 of the serve-overhead branch).
     arrival_gap_s: float = Field(
         0.0, ge=0, description="Per replica: an idle engine given a request waits for more while they keep "
         "arriving, until none has come for this long (at most arrival_max_wait_s), so that a burst is prefilled "

@@ -37,6 +37,7 @@ class FastJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route_handler(request: Request) -> Response:
+            # The same scope, receive (size-limited by BodySizeLimit) and send; Starlette keeps send private.
             return await handler(FastJSONRequest(request.scope, request.receive, request._send))
 
         return route_handler
