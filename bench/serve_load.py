@@ -215,7 +215,8 @@ def bench_config(args, model_dir: str):
         model=ModelSettings(path=model_dir),
         cache=CacheSettings(block_size=args.block_size, num_device_blocks=args.num_kv_blocks or None),
         scheduler=SchedulerSettings(max_num_seqs=max(64, *args.concurrency)),
-        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts), **_stream_pacing(args)),
+        serve=ServeSettings(max_queued_requests=max(256, args.num_prompts), **_stream_pacing(args),
+                            **_arrival_gathering(args)),
         kv_tiers=tiers,
     )
 
@@ -224,6 +225,12 @@ def _stream_pacing(args) -> dict:
     """--stream-chunks-per-s when given (0: a chunk per step and stream), else the config's default."""
     rate = getattr(args, "stream_chunks_per_s", None)
     return {} if rate is None else {"stream_chunks_per_s": rate}
+
+
+def _arrival_gathering(args) -> dict:
+    """--arrival-gap-s / --arrival-max-wait-s when given (serve_load's), else the config's defaults."""
+    names = ("arrival_gap_s", "arrival_max_wait_s")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
@@ -354,6 +361,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--num-kv-blocks", type=int, default=4096, help="0: sized from device memory")
     parser.add_argument("--stream-chunks-per-s", type=float, default=None,
                         help="serve.stream_chunks_per_s of the replicas (default: the config's)")
+    parser.add_argument("--arrival-gap-s", type=float, default=None,
+                        help="serve.arrival_gap_s of the replicas: an idle engine gathers a burst (0: off; "
+                        "default: the config's)")
+    parser.add_argument("--arrival-max-wait-s", type=float, default=None,
+                        help="serve.arrival_max_wait_s of the replicas (default: the config's)")
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -178,6 +178,20 @@ class ServeSettings(_Frozen):
         "each stream sends every (streams / this) seconds all the tokens made meanwhile; its first token and "
         "its end at once. 0: one chunk per engine step and stream."
     )
+    # A burst of requests reaches an idle engine one parsed body at a time (1-8 ms apart on the CPU
+    # machine): started at the first, it prefills that one alone and the rest at the decode-capped
+    # budget. Off by default until measured on a GPU, where a batched prefill is much cheaper than the
+    # same prompts apart (H200, 8B shape, 32K cached prefix + 256: direct TTFT ~25 ms for one prompt,
+    # ~100-120 ms for 16 at once); on the CPU machine the gathered step costs what the separate ones
+    # do, so only the wait is added (docs/benchmarks.md, session 10 of the serve-overhead branch).
+    arrival_gap_s: float = Field(
+        0.0, ge=0, description="Per replica: an idle engine given a request waits for more while they keep "
+        "arriving, until none has come for this long (at most arrival_max_wait_s), so that a burst is prefilled "
+        "in one step. 0: the first step starts at once."
+    )
+    arrival_max_wait_s: float = Field(
+        0.05, ge=0, description="Per replica: the longest an idle engine waits for a burst's requests (arrival_gap_s)."
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
     )

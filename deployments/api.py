@@ -29,6 +29,7 @@ from deployments.generation import (
     ReplyStream,
     RequestTimer,
 )
+from deployments.json_body import FastJSONRoute
 from deployments.messages import GenerateRequest
 from deployments.metrics import ServingMetrics
 from deployments.openai_api import ChatCompletionRequest, CompletionRequest
@@ -172,9 +173,13 @@ def _counted_on_error(timer: RequestTimer):
 
 
 def _num_chars(prompt: str | list) -> int:
+    """Characters of a text prompt or a list of texts; 0 for token ids, without visiting each id
+    (a 32K-token prompt: ~2 ms a request on the event loop, session 10)."""
     if isinstance(prompt, str):
         return len(prompt)
-    return sum(len(one) for one in prompt if isinstance(one, str))
+    if prompt and isinstance(prompt[0], str):  # validated as list[str]: every element a text
+        return sum(map(len, prompt))
+    return 0
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -236,6 +241,7 @@ def build_api(service: OpenAIService, api_keys: dict[str, str] | None = None) ->
     """The app; `api_keys` (key -> tenant, deployments/tenants.py) guards /v1/*, None leaves it open."""
     app = FastAPI(title="longctx", version=API_VERSION, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   description="OpenAI-compatible completions and chat completions over long contexts.")
+    app.router.route_class = FastJSONRoute  # every route added below parses its JSON body faster
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_request_body_bytes)

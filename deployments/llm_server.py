@@ -46,7 +46,8 @@ class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any]):
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
-        self.engine = AsyncEngine(LLMEngine(self.config), settings.stream_chunks_per_s)
+        self.engine = AsyncEngine(LLMEngine(self.config), settings.stream_chunks_per_s, settings.arrival_gap_s,
+                                  settings.arrival_max_wait_s)
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
         _log_progress_to_stderr()

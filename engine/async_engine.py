@@ -75,9 +75,12 @@ class AsyncEngine:
     needs), so under load each stream waits its share, `num_streams / stream_chunks_per_s`, after
     its last list and then takes every delta ready; a first token and a last delta never wait."""
 
-    def __init__(self, engine: LLMEngine, stream_chunks_per_s: float = 0.0):
+    def __init__(self, engine: LLMEngine, stream_chunks_per_s: float = 0.0, arrival_gap_s: float = 0.0,
+                 arrival_max_wait_s: float = 0.0):  # fmt: skip
         self.engine = engine
         self.stream_chunks_per_s = stream_chunks_per_s
+        self.arrival_gap_s = arrival_gap_s
+        self.arrival_max_wait_s = arrival_max_wait_s
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self._subscribers: dict[str, _Inbox] = {}
         self._stop = threading.Event()
@@ -186,7 +189,10 @@ class AsyncEngine:
     def _run_loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._run_commands(block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                self._run_commands(block=idle)
+                if idle and self.engine.has_unfinished_requests():
+                    self._gather_arrivals()
                 if self.engine.has_unfinished_requests():
                     self._dispatch(self.engine.step())
                 self.last_step_time = time.monotonic()
@@ -206,6 +212,21 @@ class AsyncEngine:
                 function, future = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _gather_arrivals(self) -> None:
+        """An idle engine that has just been given work takes the requests still arriving, until
+        none has come for `arrival_gap_s` or `arrival_max_wait_s` has passed. A burst (clients
+        answered in the same step asking again, a batch job) reaches the engine over a few ms, one
+        request at a time as the server parses each body; started at the first, the step would
+        prefill it alone and admit the rest behind it at the budget capped for decoding
+        (`max_tokens_per_step_while_decoding`), over several steps. Gathered, they share one."""
+        deadline = time.monotonic() + self.arrival_max_wait_s
+        while (wait_s := min(self.arrival_gap_s, deadline - time.monotonic())) > 0:
+            try:
+                function, future = self._commands.get(timeout=wait_s)
+            except queue.Empty:
+                return
+            self._run_command(function, future)
 
     @staticmethod
     def _run_command(function, future: concurrent.futures.Future) -> None:
