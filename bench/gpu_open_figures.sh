@@ -20,9 +20,14 @@
 #               (session 10 picked 128 rows, 8 splits, tf32x3: 0.097 ms against 0.599 at 2K tokens)
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
+#   9. bursts   served TTFT at 16 and 64 streams (fused_direct against direct): as is, with an idle
+#               engine gathering a burst (--arrival-gap-s 0.004), and with 8192 prompt tokens a step
+#               beside decodes (--while-decoding-tokens 8192): session 10 traced the loss to a burst
+#               split over steps at the 2048-token budget; ~5 minutes (its own call)
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                 # stages 1-4 (~8 minutes)
 #   STAGES="fused1m floor mhc redis" bash bench/gpu_open_figures.sh   # stages 5-8 (~6 minutes)
+#   STAGES=bursts bash bench/gpu_open_figures.sh                       # stage 9 (~5 minutes)
 #   STAGES="graphs hcacore" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
@@ -81,5 +86,14 @@ if wanted redis; then
     timeout ${REDIS_S:-100} python3 bench/redis_scaling.py --device cuda --shard-counts 1 4 \
         --value-kib 823 1646 1935 5804 > "$OUT/redis_scaling.log" 2>&1
     tail -30 "$OUT/redis_scaling.log" | cut -c1-200
+fi
+if wanted bursts; then
+    for variant in "" "--arrival-gap-s 0.004" "--while-decoding-tokens 8192"; do
+        stamp "bursts ${variant:-as is}"
+        name=serve_bursts${variant:+_${variant//[^a-z0-9]/}}
+        timeout ${BURSTS_S:-100} env GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_direct --concurrency 16 64 \
+            $variant --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+        grep -E "^(direct|http_fused_direct) |against direct" "$OUT/$name.log" | cut -c1-160
+    done
 fi
 stamp done
