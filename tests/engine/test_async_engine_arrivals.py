@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from engine.async_engine import AsyncEngine
 from engine.offline import generate
 from protocol.sampling_params import SamplingParams
@@ -58,8 +60,12 @@ def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_step(tiny_model_dir
         assert [delta.finish_reason for delta in deltas] == [None] * 5 + ["length"]
 
 
-def test_without_a_gap_the_first_request_starts_alone(tiny_model_dir, make_engine_for):
-    engine = AsyncEngine(make_engine_for(tiny_model_dir))
+@pytest.mark.parametrize("gathering", [{}, {"arrival_gap_s": 0.5, "arrival_max_wait_s": 0.05}],
+                         ids=["no gap: the first request starts alone", "the wait is bounded by arrival_max_wait_s"])
+def test_the_first_step_does_not_wait_for_requests_0_2_s_apart(tiny_model_dir, make_engine_for, gathering):
+    """Without a gap the engine never waits; with one, requests that keep coming within it do not
+    hold the first step past the bound."""
+    engine = AsyncEngine(make_engine_for(tiny_model_dir), **gathering)
     steps = _new_requests_per_step(engine)
     try:
         _burst(engine, spacing_s=0.2)
@@ -67,14 +73,3 @@ def test_without_a_gap_the_first_request_starts_alone(tiny_model_dir, make_engin
         engine.shutdown()
     assert steps[0] == ["burst-0"]
     assert sorted(id_ for step in steps for id_ in step) == ["burst-0", "burst-1", "burst-2"]
-
-
-def test_the_wait_is_bounded_by_arrival_max_wait(tiny_model_dir, make_engine_for):
-    """Requests that keep coming within the gap do not hold the first step past the bound."""
-    engine = AsyncEngine(make_engine_for(tiny_model_dir), arrival_gap_s=0.5, arrival_max_wait_s=0.05)
-    steps = _new_requests_per_step(engine)
-    try:
-        _burst(engine, spacing_s=0.2)
-    finally:
-        engine.shutdown()
-    assert steps[0] == ["burst-0"]
