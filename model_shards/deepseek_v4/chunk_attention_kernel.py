@@ -131,14 +131,15 @@ def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: 
     (window layers), HCA or CSA keys, contiguous or on pages -> (T, heads, D). D a power of two
     (512 on V4); the entries in q's dtype."""
     tokens, heads, dim = q.shape
+    q, window_keys = _unit_last_stride(q), _unit_last_stride(window_keys)  # the kernel steps dims by 1
     mode, selected = WINDOW_ONLY, q.new_empty(1, 1, dtype=torch.long)
-    blocks, table, rows_per_block = window_keys.view(1, *window_keys.shape), selected.new_zeros(1), 1
+    blocks, table, rows_per_block = window_keys[None], selected.new_zeros(1), 1  # unread without entries
     if compressed is not None:
         if compressed.entries.dtype != q.dtype:
             raise ValueError(f"chunk_attention: entries in {compressed.entries.dtype}, queries in {q.dtype}")
         blocks, table, rows_per_block = compressed.entries.addressed()  # (blocks, rows, D), (blocks,), int
         mode = HCA_ENTRIES if compressed.selected is None else CSA_ENTRIES
-        selected = selected if compressed.selected is None else compressed.selected
+        selected = selected if compressed.selected is None else _unit_last_stride(compressed.selected)
     out = torch.empty_like(q)
     head_block = max(16, min(tiling.heads, triton.next_power_of_2(heads)))  # tl.dot's rows: 16 at least
     _chunk_attention[(tokens, triton.cdiv(heads, head_block))](
@@ -149,3 +150,7 @@ def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: 
         WINDOW=sliding_window, DIM=dim, BH=head_block, BN=tiling.keys, ENTRIES=mode,
         num_warps=tiling.warps, num_stages=tiling.stages)
     return out
+
+
+def _unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
