@@ -102,8 +102,8 @@ def parse_args() -> argparse.Namespace:
                         help="CUDA: the --concurrency steps eager, then again on an engine whose decode-only steps "
                         "replay CUDA graphs (model_shards/deepseek_v4/decode_graphs.py)")
     parser.add_argument("--fused-chunk-attention", action="store_true",
-                        help="prefill chunks' attention core through chunk_attention_kernel.py (not the layers' "
-                             "default until measured)")
+                        help="model.deepseek_v4_chunk_attention fused: prefill chunks' attention core through "
+                             "chunk_attention_kernel.py (not the default until measured)")
     parser.add_argument("--alloc-conf", default=None,
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
     return parser.parse_args()
@@ -265,10 +265,15 @@ def make_engine(folder: Path, args: argparse.Namespace, block_size: int, decode_
     concurrent = most_requests * (args.concurrency_prompt_tokens + args.decode_steps + 2 * block_size)
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype,
-                            cuda_graph_max_batch=most_requests if decode_graphs else 0),
+                            cuda_graph_max_batch=most_requests if decode_graphs else 0,
+                            deepseek_v4_chunk_attention=chunk_core(args)),
         cache=CacheSettings(num_device_blocks=max(longest, concurrent) // block_size + 64),
         scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=most_requests,
                                     max_tokens_per_step_while_decoding=args.chunk_tokens)))
+
+
+def chunk_core(args: argparse.Namespace) -> str:
+    return "fused" if args.fused_chunk_attention else "blocks"
 
 
 def engine_timing(engine: LLMEngine, prompt: list[int], decode_steps: int, clock: ChunkClock) -> dict:
@@ -414,18 +419,9 @@ def set_alloc_conf(alloc_conf: str | None) -> None:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
 
 
-def use_fused_chunk_attention() -> None:
-    """The layers call chunk_attention where they call sink_attention (same arguments and result)."""
-    from model_shards.deepseek_v4 import attention, chunk_attention_kernel
-
-    attention.sink_attention = chunk_attention_kernel.chunk_attention
-
-
 def main() -> None:
     args = parse_args()
     set_alloc_conf(args.alloc_conf)
-    if args.fused_chunk_attention:
-        use_fused_chunk_attention()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -435,7 +431,7 @@ def main() -> None:
     engine = make_engine(folder, args, block_size)
     model = None
     if min(args.lengths) <= args.model_max_length:
-        model = DeepseekV4ForCausalLM.from_folder(folder, device=args.device,
+        model = DeepseekV4ForCausalLM.from_folder(folder, device=args.device, chunk_attention=chunk_core(args),
                                                   dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     try:
         warm_up(engine, model, args)

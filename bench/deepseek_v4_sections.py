@@ -32,7 +32,8 @@ SECTIONS = [
     ("indexer: scores", "model_shards.deepseek_v4.indexer", "index_scores"),
     ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_earliest_first"),
     ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_of_ranking"),
-    ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "sink_attention"),
+    ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "sink_attention"),  # before chunk_cores
+    ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "attend_chunk"),
     ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "decode_attention"),
     ("attention core: decode key gather", "model_shards.deepseek_v4.decode_attention", "_query_keys"),
     ("attention core: window views", "model_shards.deepseek_v4.sink_attention", "_query_windows"),

@@ -12,8 +12,9 @@
 #               session 10 against 548 ms for the one before it: its HCA key count, 8187, was not
 #               a multiple of 16 until sink_attention.aligned_rows)
 #   4. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path against
-#               the flash-style kernel (chunk_attention_kernel.py, not wired in yet) in each tiling
-#   5. fused1m  the 1M prompt again with that kernel in the layers (--fused-chunk-attention): end to end
+#               the flash-style kernel (chunk_attention_kernel.py, not the default yet) in each tiling
+#   5. fused1m  the 1M prompt again with that kernel in the layers (model.deepseek_v4_chunk_attention
+#               fused, through --fused-chunk-attention): end to end
 #   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
 #               a fresh model per case (from its third generate on one model it runs 45-85 ms a forward)
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings

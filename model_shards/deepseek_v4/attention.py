@@ -4,7 +4,7 @@
     kv = rope(kv_norm(kv_proj(x)))              one K = V head                       (T, D)
     per segment: window append, compressor append, indexer top-k (CSA)  on its own state, or for
                  the step's decodes on the pages all at once (paged_decodes.py)
-    out = sink_attention(q, window | compressed entries)   per chunk; single-query
+    out = attend_chunk(q, window | compressed entries)     per chunk (chunk_cores.py); single-query
           segments (decodes) all at once: decode_attention.py                       (T, heads, D)
     out = rope^-1(out) at the query position    (V carries RoPE since V = K: undo it, so each
                                                  entry contributes by relative distance only)
@@ -38,7 +38,8 @@ from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.kept_weights import GroupedProjection, Projection
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.deepseek_v4.sink_attention import CompressedKeys, sink_attention
+from model_shards.deepseek_v4.chunk_cores import attend_chunk, check_chunk_core
+from model_shards.deepseek_v4.sink_attention import CompressedKeys
 from model_shards.deepseek_v4.state import LayerState, SlidingWindowState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
@@ -53,9 +54,10 @@ Projected = tuple[torch.Tensor, torch.Tensor, IndexerInputs | None]  # compresso
 
 class DeepseekV4Attention(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture, layer_type: str, tp: ParallelGroup, dtype: torch.dtype,
-                 rotary: InterleavedRotary):
+                 rotary: InterleavedRotary, chunk_attention: str = "blocks"):
         super().__init__()
         self.layer_type, self.tp, self.rotary = layer_type, tp, rotary
+        self.chunk_core = check_chunk_core(chunk_attention)  # a prefill chunk's softmax, sink and PV
         self.head_dim, self.eps = arch.head_dim, arch.rms_norm_eps
         self.sliding_window = arch.sliding_window
         self.num_heads = tp.split(arch.num_attention_heads, "num_attention_heads")
@@ -164,7 +166,8 @@ class DeepseekV4Attention(nn.Module):
                 return batched
             decoded = iter(batched.split(1))
         pieces = [next(decoded) if part.stop - part.start == 1 else
-                  sink_attention(q[part], window_keys, self.sliding_window, compressed, self.sinks, self.scale)
+                  attend_chunk(self.chunk_core, q[part], window_keys, self.sliding_window, compressed, self.sinks,
+                               self.scale)
                   for part, (window_keys, compressed) in zip(rows, keys)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 

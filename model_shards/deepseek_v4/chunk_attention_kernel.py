@@ -20,8 +20,8 @@ input dtype unnormalised), where the reference normalises first: outputs differ 
 HCA reads entries by row and CSA its top-k per query, both through the block table when they live
 on pages (entries.py `addressed`), so neither is gathered into a copy first.
 
-Not wired into the layers yet: `bench/deepseek_v4_chunk_attention.py` times it against
-`sink_attention` on the flash shape first.
+The layers run it with `model.deepseek_v4_chunk_attention: fused` (chunk_cores.py); not the
+default until `bench/deepseek_v4_chunk_attention.py` has timed it against the layers' path on a GPU.
 """
 
 from __future__ import annotations

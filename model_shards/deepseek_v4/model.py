@@ -42,11 +42,11 @@ from model_shards.weights import WeightReader
 
 class DeepseekV4DecoderLayer(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture, index: int, tp: ParallelGroup, dtype: torch.dtype,
-                 rotary: InterleavedRotary):
+                 rotary: InterleavedRotary, chunk_attention: str = "blocks"):
         super().__init__()
         self.attn_hc = HyperConnection(arch)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = DeepseekV4Attention(arch, arch.layer_types[index], tp, dtype, rotary)
+        self.self_attn = DeepseekV4Attention(arch, arch.layer_types[index], tp, dtype, rotary, chunk_attention)
         self.ffn_hc = HyperConnection(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
@@ -75,9 +75,10 @@ class DeepseekV4ForCausalLM(nn.Module):
     """Parameters are uninitialized until `load_weights` (or use `from_folder`)."""
 
     def __init__(self, arch: DeepseekV4Architecture, dtype: torch.dtype, device: torch.device | str,
-                 tp: ParallelGroup | None = None, keep_quantized: bool = False):
+                 tp: ParallelGroup | None = None, keep_quantized: bool = False, chunk_attention: str = "blocks"):
         """keep_quantized: weights the checkpoint stores with block scales stay in their format
-        (model.quantized_weights: keep; kept_weights.py), allocated at load only."""
+        (model.quantized_weights: keep; kept_weights.py), allocated at load only. chunk_attention:
+        the prefill chunks' attention core, a name in chunk_cores.CHUNK_ATTENTION_CORES."""
         super().__init__()
         self.arch, self.dtype, self.tp = arch, dtype, tp or ParallelGroup.single()
         self.keep_quantized = keep_quantized
@@ -86,7 +87,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         with torch.device("meta"):  # storage is allocated once below, never randomly initialised
             self.embed = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp).to(dtype)
             self.layers = nn.ModuleList(
-                DeepseekV4DecoderLayer(arch, index, self.tp, dtype, main_rope if layer_type == SLIDING else compress_rope)
+                DeepseekV4DecoderLayer(arch, index, self.tp, dtype, main_rope if layer_type == SLIDING else compress_rope,
+                                       chunk_attention)
                 for index, layer_type in enumerate(arch.layer_types))
             self.hc_head = HyperHead(arch)
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -102,11 +104,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", tp: ParallelGroup | None = None,
-                    keep_quantized: bool = False) -> DeepseekV4ForCausalLM:
+                    keep_quantized: bool = False, chunk_attention: str = "blocks") -> DeepseekV4ForCausalLM:
         arch = load_architecture(folder)
         if not isinstance(arch, DeepseekV4Architecture):
             raise ModelFolderError(f"{folder}: not a DeepSeek-V4 folder ({arch.architecture})")
-        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp, keep_quantized)
+        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp, keep_quantized, chunk_attention)
         with WeightReader(folder) as reader:
             model.load_weights(reader)
         return model

@@ -44,7 +44,8 @@ class DeepseekV4Worker:
         # keep: the pools below get the memory the bf16 copies would have taken (model.weight_nbytes)
         self.model = DeepseekV4ForCausalLM.from_folder(config.model.path, dtype=self.dtype, device=self.device,
                                                        tp=self.layout.tp,
-                                                       keep_quantized=config.model.quantized_weights == "keep")
+                                                       keep_quantized=config.model.quantized_weights == "keep",
+                                                       chunk_attention=config.model.deepseek_v4_chunk_attention)
         # decode steps as CUDA graphs (decode_graphs.py) on one GPU rank: one scratch block a pool
         self.graph_max_batch = min(config.model.cuda_graph_max_batch, config.scheduler.max_num_seqs)
         if self.device.type != "cuda" or self.layout.world.size > 1:

@@ -94,12 +94,13 @@ def test_chunk_attention_refuses_entries_of_another_dtype():
 
 
 def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp_path, monkeypatch):
-    """Every layer type of the tiny preset (window, CSA, HCA) with the kernel where the layers call
-    sink_attention: chunked prefill logits against transformers' full forward, float32 (1e-4, the
-    tolerance of test_deepseek_v4.py's chunked prefill test)."""
+    """Every layer type of the tiny preset (window, CSA, HCA) with the fused core
+    (model.deepseek_v4_chunk_attention): chunked prefill logits against transformers' full forward,
+    float32 (1e-4, the tolerance of test_deepseek_v4.py's chunked prefill test); every chunk of
+    every layer ran the kernel."""
     from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
-    from model_shards.deepseek_v4 import attention
+    from model_shards.deepseek_v4 import chunk_attention_kernel
     from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
     from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 
@@ -108,10 +109,18 @@ def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp
     with torch.no_grad():
         expected = ReferenceModel.from_pretrained(folder).eval()(ids[None], use_cache=False).logits[0]
     calls = []
-    monkeypatch.setattr(attention, "sink_attention", lambda *args: calls.append(1) or chunk_attention(*args))
-    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
+    monkeypatch.setattr(chunk_attention_kernel, "chunk_attention",
+                        lambda *args: calls.append(1) or chunk_attention(*args))
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, chunk_attention="fused")
     state = model.new_state()
     logits = torch.cat([model.compute_logits(model(ids[i:i + 32], state)) for i in range(0, len(ids), 32)])
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     assert len(calls) == 3 * layers  # 3 chunks, every layer through the kernel
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_an_unknown_chunk_core_is_refused_by_name(tmp_path):
+    from model_shards.deepseek_v4.chunk_cores import check_chunk_core
+
+    with pytest.raises(ValueError, match="'flash' is not one of blocks, fused"):
+        check_chunk_core("flash")
