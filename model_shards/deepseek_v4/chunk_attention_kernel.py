@@ -36,11 +36,15 @@ from model_shards.deepseek_v4.sink_attention import CompressedKeys
 
 @dataclass(frozen=True)
 class ChunkAttentionTiling:
-    """A program: `heads` of one query (16 at least: tl.dot's rows) against `keys` keys a loop step.
-    Registers bound it at head_dim 512: the (heads, 512) float32 output and the query's (heads,
-    512) stay in registers: 64 heads spill some (ptxas, sm_90), and so does CSA's index load with
-    32 heads and 32 keys; 32 heads and 16 keys spill nothing in any layer type (about 230 registers)."""
+    """A program: `heads` of `queries` consecutive queries (queries x heads rows, 16 at least:
+    tl.dot's rows; CSA takes one query, its keys are its own) against `keys` keys a loop step.
+    More queries a program read each window row and HCA entry for more rows (each key row loaded
+    serves queries x heads rows: the kernel's arithmetic intensity).
+    Registers bound it at head_dim 512: each row's float32 output and query (rows, 512) stay in
+    registers. 32 rows and 16 keys spill nothing in any layer type (180-236 registers, ptxas for
+    sm_90); 64 rows spill 56-456 bytes (2 queries x 32 heads: 128), CSA with 32 keys some too."""
 
+    queries: int = 1
     heads: int = 32
     keys: int = 16
     warps: int = 8
@@ -54,15 +58,17 @@ TILINGS = {
     "64 heads, 32 keys, 8 warps": ChunkAttentionTiling(heads=64, keys=32),
     "64 heads, 16 keys, 8 warps": ChunkAttentionTiling(heads=64),
     "16 heads, 32 keys, 4 warps": ChunkAttentionTiling(heads=16, keys=32, warps=4),
+    "2 queries x 32 heads, 16 keys, 8 warps": ChunkAttentionTiling(queries=2),
+    "4 queries x 16 heads, 16 keys, 8 warps": ChunkAttentionTiling(queries=4, heads=16),
 }
 
 
 @triton.jit
 def _online_step(q, keys, allowed, peak, total, acc, scale):
-    """One block of keys (BN, D) into the running max (BH,), sum (BH,) and output (BH, D)."""
-    logits = tl.dot(q, tl.trans(keys)).to(q.dtype).to(tl.float32)  # (BH, BN): rounded as the reference's
+    """One block of keys (BN, D) into each row's running max (rows,), sum (rows,) and output (rows, D)."""
+    logits = tl.dot(q, tl.trans(keys)).to(q.dtype).to(tl.float32)  # (rows, BN): rounded as the reference's
     logits = (logits * scale).to(q.dtype).to(tl.float32)
-    logits = tl.where(allowed[None, :], logits, float("-inf"))
+    logits = tl.where(allowed, logits, float("-inf"))  # allowed: (rows, BN)
     new_peak = tl.maximum(peak, tl.max(logits, axis=1))
     decay = tl.exp(peak - new_peak)
     weights = tl.exp(logits - new_peak[:, None])
@@ -85,43 +91,51 @@ def _entry_keys(entries_ptr, table_ptr, rows, allowed, rows_per_block, stride_bl
 
 
 @triton.jit
-def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, sink_ptr, out_ptr, heads, carried,
-                     first_position, rate, topk, rows_per_block, scale, stride_q_token, stride_q_head, stride_window,
-                     stride_block, stride_row, stride_selected, stride_out_token, stride_out_head,
-                     WINDOW: tl.constexpr, DIM: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, sink_ptr, out_ptr, tokens, heads,
+                     carried, first_position, rate, topk, rows_per_block, scale, stride_q_token, stride_q_head,
+                     stride_window, stride_block, stride_row, stride_selected, stride_out_token, stride_out_head,
+                     WINDOW: tl.constexpr, DIM: tl.constexpr, BQ: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                      ENTRIES: tl.constexpr):
-    query = tl.program_id(0)
-    head = tl.program_id(1) * BH + tl.arange(0, BH)
-    real_head = head < heads
+    """A program: BQ consecutive queries x BH heads, one row each (BQ * BH rows), sharing every key
+    they load: the queries' windows overlap and their HCA entries nearly coincide. CSA: BQ is 1."""
+    first_query = tl.program_id(0) * BQ
+    row = tl.arange(0, BQ * BH)
+    query, head = first_query + row // BH, tl.program_id(1) * BH + row % BH
+    real = (query < tokens) & (head < heads)
+    last_query = tl.minimum(first_query + BQ, tokens) - 1
     dims, cols = tl.arange(0, DIM), tl.arange(0, BN)
-    q = tl.load(q_ptr + query * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
-                mask=real_head[:, None], other=0.0)  # (BH, D)
-    peak = tl.load(sink_ptr + head, mask=real_head, other=0.0).to(tl.float32)  # the sink: exp(sink - peak) = 1
+    q = tl.load(q_ptr + query[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
+                mask=real[:, None], other=0.0)  # (rows, D)
+    peak = tl.load(sink_ptr + head, mask=real, other=0.0).to(tl.float32)  # the sink: exp(sink - peak) = 1
     total = peak * 0.0 + 1.0
-    acc = tl.zeros([BH, DIM], dtype=tl.float32)
-    own = carried + query  # window_keys row of the query's own key
-    for start in range(tl.maximum(own - WINDOW + 1, 0), own + 1, BN):
-        rows = start + cols
-        keys = tl.load(window_ptr + rows[:, None] * stride_window + dims[None, :], mask=(rows <= own)[:, None],
-                       other=0.0)
-        peak, total, acc = _online_step(q, keys, rows <= own, peak, total, acc, scale)
-    if ENTRIES == 1:  # HCA: every entry closed at the query's position
-        visible = (first_position + query + 1) // rate
-        for start in range(0, visible, BN):
-            rows = start + cols
-            keys = _entry_keys(entries_ptr, table_ptr, rows, rows < visible, rows_per_block, stride_block,
+    acc = tl.zeros([BQ * BH, DIM], dtype=tl.float32)
+    own = carried + query  # (rows,) window_keys row of each row's query's own key
+    last_own = carried + last_query
+    for start in range(tl.maximum(carried + first_query - WINDOW + 1, 0), last_own + 1, BN):
+        keys_row = start + cols
+        keys = tl.load(window_ptr + keys_row[:, None] * stride_window + dims[None, :],
+                       mask=(keys_row <= last_own)[:, None], other=0.0)
+        allowed = (keys_row[None, :] <= own[:, None]) & (keys_row[None, :] > own[:, None] - WINDOW)
+        peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale)
+    if ENTRIES == 1:  # HCA: every entry closed at the row's query's position
+        visible = (first_position + query + 1) // rate  # (rows,)
+        most = (first_position + last_query + 1) // rate
+        for start in range(0, most, BN):
+            keys_row = start + cols
+            keys = _entry_keys(entries_ptr, table_ptr, keys_row, keys_row < most, rows_per_block, stride_block,
                                stride_row, dims)
-            peak, total, acc = _online_step(q, keys, rows < visible, peak, total, acc, scale)
-    if ENTRIES == 2:  # CSA: the indexer's top-k, -1 for none
+            peak, total, acc = _online_step(q, keys, keys_row[None, :] < visible[:, None], peak, total, acc, scale)
+    if ENTRIES == 2:  # CSA: the indexer's top-k of the program's one query, -1 for none
         for start in range(0, topk, BN):
             picked = start + cols
-            rows = tl.load(selected_ptr + query * stride_selected + picked, mask=picked < topk, other=-1)
-            keys = _entry_keys(entries_ptr, table_ptr, rows, rows >= 0, rows_per_block, stride_block, stride_row,
-                               dims)
-            peak, total, acc = _online_step(q, keys, rows >= 0, peak, total, acc, scale)
+            keys_row = tl.load(selected_ptr + first_query * stride_selected + picked, mask=picked < topk, other=-1)
+            keys = _entry_keys(entries_ptr, table_ptr, keys_row, keys_row >= 0, rows_per_block, stride_block,
+                               stride_row, dims)
+            allowed = (keys_row >= 0)[None, :] & (row >= 0)[:, None]  # (rows, BN)
+            peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale)
     out = acc / total[:, None]
-    tl.store(out_ptr + query * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=real_head[:, None])
+    tl.store(out_ptr + query[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
 def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: int,
@@ -142,12 +156,13 @@ def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: 
         selected = selected if compressed.selected is None else _unit_last_stride(compressed.selected)
     out = torch.empty_like(q)
     head_block = max(16, min(tiling.heads, triton.next_power_of_2(heads)))  # tl.dot's rows: 16 at least
-    _chunk_attention[(tokens, triton.cdiv(heads, head_block))](
-        q, window_keys, blocks, table, selected, sinks, out, heads, window_keys.shape[0] - tokens,
+    queries = 1 if mode == CSA_ENTRIES else tiling.queries  # CSA: each query its own keys
+    _chunk_attention[(triton.cdiv(tokens, queries), triton.cdiv(heads, head_block))](
+        q, window_keys, blocks, table, selected, sinks, out, tokens, heads, window_keys.shape[0] - tokens,
         0 if compressed is None else compressed.first_position, 1 if compressed is None else compressed.rate,
         selected.shape[1], rows_per_block, scale, q.stride(0), q.stride(1), window_keys.stride(0), blocks.stride(0),
         blocks.stride(1), selected.stride(0), out.stride(0), out.stride(1),
-        WINDOW=sliding_window, DIM=dim, BH=head_block, BN=tiling.keys, ENTRIES=mode,
+        WINDOW=sliding_window, DIM=dim, BQ=queries, BH=head_block, BN=tiling.keys, ENTRIES=mode,
         num_warps=tiling.warps, num_stages=tiling.stages)
     return out
 

@@ -11,10 +11,11 @@ from sm90_compile import compile_for_sm90, ptxas_usage, run_in_fresh_interpreter
 
 pytest.importorskip("triton")
 
-NAMES = ["q_ptr", "window_ptr", "entries_ptr", "table_ptr", "selected_ptr", "sink_ptr", "out_ptr", "heads", "carried",
+NAMES = ["q_ptr", "window_ptr", "entries_ptr", "table_ptr", "selected_ptr", "sink_ptr", "out_ptr", "tokens", "heads",
+         "carried",
          "first_position", "rate", "topk", "rows_per_block", "scale", "stride_q_token", "stride_q_head",
          "stride_window", "stride_block", "stride_row", "stride_selected", "stride_out_token", "stride_out_head"]
-TYPES = ["*bf16", "*bf16", "*bf16", "*i64", "*i64", "*fp32", "*bf16"] + ["i32"] * 6 + ["fp32"] + ["i32"] * 8
+TYPES = ["*bf16", "*bf16", "*bf16", "*i64", "*i64", "*fp32", "*bf16"] + ["i32"] * 7 + ["fp32"] + ["i32"] * 8
 SHARED_MEMORY_BYTES = 228 * 1024
 
 
@@ -25,6 +26,7 @@ def compile_all() -> None:
         for entries in ("window only", "HCA", "CSA"):
             compiled = compile_for_sm90(_chunk_attention, NAMES, TYPES,
                                         {"WINDOW": 128, "DIM": 512, "BH": tiling.heads, "BN": tiling.keys,
+                                         "BQ": 1 if entries == "CSA" else tiling.queries,
                                          "ENTRIES": ["window only", "HCA", "CSA"].index(entries)},
                                         num_warps=tiling.warps, num_stages=tiling.stages)
             shared, usage = compiled.metadata.shared, ptxas_usage(compiled)

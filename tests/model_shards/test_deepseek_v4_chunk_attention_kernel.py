@@ -44,9 +44,13 @@ def case(tokens: int, heads: int, carried: int, first: int, hca: bool, dtype: to
     (29, 4, WINDOW - 1, 64, True),  # HCA mid-prompt, a count that is no multiple of 16
     (9, 20, 5, 13, True),  # heads over two blocks of 16
 ])
-def test_chunk_attention_equals_sink_attention_float32(tokens, heads, carried, first, hca):
+@pytest.mark.parametrize("tiling", [ChunkAttentionTiling(), ChunkAttentionTiling(queries=2),
+                                    ChunkAttentionTiling(queries=4, heads=16, keys=32)],
+                         ids=["1 query", "2 queries", "4 queries"])  # chunks of 20, 23, 37, 29, 9: some programs short
+def test_chunk_attention_equals_sink_attention_float32(tokens, heads, carried, first, hca, tiling):
     arguments = case(tokens, heads, carried, first, hca, torch.float32)
-    torch.testing.assert_close(chunk_attention(*arguments), sink_attention(*arguments), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunk_attention(*arguments, tiling=tiling), sink_attention(*arguments),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("keys", [16, 32])
@@ -77,13 +81,15 @@ def csa(compressed: CompressedKeys, tokens: int, topk: int, seed: int) -> Compre
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("layer", ["HCA", "CSA"])
 def test_chunk_attention_reads_entries_on_pages_and_top_k(layer, paged):
+    """CSA with a tiling of several queries a program runs them one a program (their keys differ)."""
     q, window_keys, window, compressed, sinks, scale = case(26, 3, 7, 36, True, torch.float32, seed=4)
     if paged:
         compressed = CompressedKeys(on_pages(compressed.entries.rows), None, compressed.first_position, RATE)
     if layer == "CSA":
         compressed = csa(compressed, q.shape[0], topk=5, seed=5)
     arguments = q, window_keys, window, compressed, sinks, scale
-    torch.testing.assert_close(chunk_attention(*arguments), sink_attention(*arguments), atol=1e-5, rtol=1e-5)
+    fused = chunk_attention(*arguments, tiling=ChunkAttentionTiling(queries=4, heads=16))
+    torch.testing.assert_close(fused, sink_attention(*arguments), atol=1e-5, rtol=1e-5)
 
 
 def test_chunk_attention_refuses_entries_of_another_dtype():
