@@ -14,7 +14,7 @@
 #   4. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path against
 #               the flash-style kernel (chunk_attention_kernel.py, not the default yet) in each tiling
 #   5. fused1m  the 1M prompt again with that kernel in the layers (model.deepseek_v4_chunk_attention
-#               fused, through --fused-chunk-attention): end to end
+#               blocks, through --chunk-attention blocks): the 1M prompt on the old core, to compare
 #   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
 #               a fresh model per case (from its third generate on one model it runs 45-85 ms a forward)
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
@@ -68,7 +68,7 @@ fi
 if wanted fused1m; then
     stamp fused1m
     timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
-        --lengths 1048000 --model-max-length 0 --profile-length 1048000 --fused-chunk-attention \
+        --lengths 1048000 --model-max-length 0 --profile-length 1048000 --chunk-attention blocks \
         > "$OUT/deepseek_v4_fused1m.log" 2>&1
     tail -40 "$OUT/deepseek_v4_fused1m.log" | cut -c1-300
 fi

@@ -43,12 +43,14 @@ class ModelSettings(_Frozen):
         "cuDNN prefill) on a GPU in bf16/fp16, torch_sdpa (the reference) elsewhere."
     )
     # The layers' path writes each block of queries' logits; at 1M tokens an HCA layer's are ~17 GB
-    # a 16K-token chunk. `fused` streams the keys through one online softmax instead (session 10:
-    # tested and compiled for sm_90, not yet timed on a GPU, so not the default).
-    deepseek_v4_chunk_attention: Literal["blocks", "fused"] = Field(
-        "blocks", description="DeepSeek-V4 prefill chunks' attention core (model_shards/deepseek_v4/chunk_cores.py): "
+    # a 16K-token chunk. The fused kernel streams the keys through one online softmax instead:
+    # faster for CSA layers on an H200, slower for HCA ones (session 11), so `auto` mixes them.
+    deepseek_v4_chunk_attention: Literal["auto", "blocks", "fused"] = Field(
+        "auto", description="DeepSeek-V4 prefill chunks' attention core (model_shards/deepseek_v4/chunk_cores.py): "
         "blocks: logits a block of queries at a time, then the softmax kernel; fused: one flash-style Triton kernel "
-        "(chunk_attention_kernel.py) where it applies (GPU, entries in the activations' dtype). Other models: ignored."
+        "(chunk_attention_kernel.py) where it applies (entries in the activations' dtype; without a GPU it runs in "
+        "Triton's interpreter, for tests); auto: fused for CSA layers on a GPU, blocks for the rest. "
+        "Other models: ignored."
     )
     # Decode steps replay a captured graph (model_shards/cuda_graphs.py): the 2-layer 8B-shaped
     # model spent 4-5 ms a token in eager Python and kernel launches against ~1 ms of GPU work.

@@ -18,10 +18,12 @@ the input dtype, times the scale rounded again; the softmax runs in float32 from
 every flash kernel the probabilities multiply the keys before they are normalised (rounded to the
 input dtype unnormalised), where the reference normalises first: outputs differ by that rounding.
 HCA reads entries by row and CSA its top-k per query, both through the block table when they live
-on pages (entries.py `addressed`), so neither is gathered into a copy first.
+on pages (entries.py `addressed`), so neither is gathered into a copy first. Float32 inputs
+multiply in IEEE float32 (a GPU's tl.dot defaults to TF32, 1e-3 off the reference); the others
+on their tensor cores as given.
 
-The layers run it with `model.deepseek_v4_chunk_attention: fused` (chunk_cores.py); not the
-default until `bench/deepseek_v4_chunk_attention.py` has timed it against the layers' path on a GPU.
+The layers run it for CSA layers on a GPU (`model.deepseek_v4_chunk_attention: auto`, the
+default) and for every layer with `fused` (chunk_cores.py says why and what it measured).
 """
 
 from __future__ import annotations
@@ -42,38 +44,42 @@ class ChunkAttentionTiling:
     serves queries x heads rows: the kernel's arithmetic intensity).
     Registers bound it at head_dim 512: each row's float32 output and query (rows, 512) stay in
     registers. 32 rows and 16 keys spill nothing in any layer type (180-236 registers, ptxas for
-    sm_90); 64 rows spill 56-456 bytes (2 queries x 32 heads: 128), CSA with 32 keys some too."""
+    sm_90); 64 rows spill 56-456 bytes (2 queries x 32 heads: 128), CSA with 32 keys some too.
+    The default, 64 heads x 32 keys, spills and is still the fastest of TILINGS in every layer
+    type on an H200 (session 11, bench/deepseek_v4_chunk_attention.py): half the programs, each
+    key loaded for twice the rows."""
 
     queries: int = 1
-    heads: int = 32
-    keys: int = 16
+    heads: int = 64
+    keys: int = 32
     warps: int = 8
     stages: int = 2
 
 
 # What bench/deepseek_v4_chunk_attention.py times on a GPU (and the sm_90 compile test compiles).
 TILINGS = {
-    "32 heads, 16 keys, 8 warps": ChunkAttentionTiling(),
-    "32 heads, 32 keys, 8 warps": ChunkAttentionTiling(keys=32),
-    "64 heads, 32 keys, 8 warps": ChunkAttentionTiling(heads=64, keys=32),
-    "64 heads, 16 keys, 8 warps": ChunkAttentionTiling(heads=64),
-    "16 heads, 32 keys, 4 warps": ChunkAttentionTiling(heads=16, keys=32, warps=4),
-    "2 queries x 32 heads, 16 keys, 8 warps": ChunkAttentionTiling(queries=2),
-    "4 queries x 16 heads, 16 keys, 8 warps": ChunkAttentionTiling(queries=4, heads=16),
+    "64 heads, 32 keys, 8 warps": ChunkAttentionTiling(),
+    "32 heads, 16 keys, 8 warps": ChunkAttentionTiling(heads=32, keys=16),
+    "32 heads, 32 keys, 8 warps": ChunkAttentionTiling(heads=32),
+    "64 heads, 16 keys, 8 warps": ChunkAttentionTiling(keys=16),
+    "16 heads, 32 keys, 4 warps": ChunkAttentionTiling(heads=16, warps=4),
+    "2 queries x 32 heads, 16 keys, 8 warps": ChunkAttentionTiling(queries=2, heads=32, keys=16),
+    "4 queries x 16 heads, 16 keys, 8 warps": ChunkAttentionTiling(queries=4, heads=16, keys=16),
 }
 
 
 @triton.jit
-def _online_step(q, keys, allowed, peak, total, acc, scale):
+def _online_step(q, keys, allowed, peak, total, acc, scale, PRECISION: tl.constexpr):
     """One block of keys (BN, D) into each row's running max (rows,), sum (rows,) and output (rows, D)."""
-    logits = tl.dot(q, tl.trans(keys)).to(q.dtype).to(tl.float32)  # (rows, BN): rounded as the reference's
+    logits = tl.dot(q, tl.trans(keys), input_precision=PRECISION)  # (rows, BN)
+    logits = logits.to(q.dtype).to(tl.float32)  # rounded as the reference's
     logits = (logits * scale).to(q.dtype).to(tl.float32)
     logits = tl.where(allowed, logits, float("-inf"))  # allowed: (rows, BN)
     new_peak = tl.maximum(peak, tl.max(logits, axis=1))
     decay = tl.exp(peak - new_peak)
     weights = tl.exp(logits - new_peak[:, None])
     total = total * decay + tl.sum(weights, axis=1)
-    acc = acc * decay[:, None] + tl.dot(weights.to(keys.dtype), keys)
+    acc = acc * decay[:, None] + tl.dot(weights.to(keys.dtype), keys, input_precision=PRECISION)
     return new_peak, total, acc
 
 
@@ -95,7 +101,7 @@ def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, si
                      carried, first_position, rate, topk, rows_per_block, scale, stride_q_token, stride_q_head,
                      stride_window, stride_block, stride_row, stride_selected, stride_out_token, stride_out_head,
                      WINDOW: tl.constexpr, DIM: tl.constexpr, BQ: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                     ENTRIES: tl.constexpr):
+                     ENTRIES: tl.constexpr, PRECISION: tl.constexpr):
     """A program: BQ consecutive queries x BH heads, one row each (BQ * BH rows), sharing every key
     they load: the queries' windows overlap and their HCA entries nearly coincide. CSA: BQ is 1."""
     first_query = tl.program_id(0) * BQ
@@ -116,7 +122,7 @@ def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, si
         keys = tl.load(window_ptr + keys_row[:, None] * stride_window + dims[None, :],
                        mask=(keys_row <= last_own)[:, None], other=0.0)
         allowed = (keys_row[None, :] <= own[:, None]) & (keys_row[None, :] > own[:, None] - WINDOW)
-        peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale)
+        peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale, PRECISION)
     if ENTRIES == 1:  # HCA: every entry closed at the row's query's position
         visible = (first_position + query + 1) // rate  # (rows,)
         most = (first_position + last_query + 1) // rate
@@ -124,7 +130,8 @@ def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, si
             keys_row = start + cols
             keys = _entry_keys(entries_ptr, table_ptr, keys_row, keys_row < most, rows_per_block, stride_block,
                                stride_row, dims)
-            peak, total, acc = _online_step(q, keys, keys_row[None, :] < visible[:, None], peak, total, acc, scale)
+            allowed = keys_row[None, :] < visible[:, None]  # (rows, BN)
+            peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale, PRECISION)
     if ENTRIES == 2:  # CSA: the indexer's top-k of the program's one query, -1 for none
         for start in range(0, topk, BN):
             picked = start + cols
@@ -132,7 +139,7 @@ def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, si
             keys = _entry_keys(entries_ptr, table_ptr, keys_row, keys_row >= 0, rows_per_block, stride_block,
                                stride_row, dims)
             allowed = (keys_row >= 0)[None, :] & (row >= 0)[:, None]  # (rows, BN)
-            peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale)
+            peak, total, acc = _online_step(q, keys, allowed, peak, total, acc, scale, PRECISION)
     out = acc / total[:, None]
     tl.store(out_ptr + query[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=real[:, None])
@@ -163,7 +170,7 @@ def chunk_attention(q: torch.Tensor, window_keys: torch.Tensor, sliding_window: 
         selected.shape[1], rows_per_block, scale, q.stride(0), q.stride(1), window_keys.stride(0), blocks.stride(0),
         blocks.stride(1), selected.stride(0), out.stride(0), out.stride(1),
         WINDOW=sliding_window, DIM=dim, BQ=queries, BH=head_block, BN=tiling.keys, ENTRIES=mode,
-        num_warps=tiling.warps, num_stages=tiling.stages)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tiling.warps, num_stages=tiling.stages)
     return out
 
 

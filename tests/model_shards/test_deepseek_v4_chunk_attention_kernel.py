@@ -128,5 +128,24 @@ def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp
 def test_an_unknown_chunk_core_is_refused_by_name(tmp_path):
     from model_shards.deepseek_v4.chunk_cores import check_chunk_core
 
-    with pytest.raises(ValueError, match="'flash' is not one of blocks, fused"):
+    with pytest.raises(ValueError, match="'flash' is not one of auto, blocks, fused"):
         check_chunk_core("flash")
+
+
+@pytest.mark.parametrize("layer", ["window", "HCA", "CSA"])
+def test_auto_runs_the_kernel_for_csa_layers_on_a_gpu_only(layer, monkeypatch):
+    """`auto` (the default): the kernel where it measured faster (CSA, on a GPU); the layers' path
+    for window and HCA layers, and everywhere without CUDA (never Triton's interpreter)."""
+    from model_shards.deepseek_v4 import chunk_attention_kernel
+    from model_shards.deepseek_v4.chunk_cores import attend_chunk
+
+    q, window_keys, window, compressed, sinks, scale = case(12, 2, 3, 20, layer != "window", torch.float32)
+    if layer == "CSA":
+        compressed = csa(compressed, q.shape[0], topk=3, seed=2)
+    calls = []
+    monkeypatch.setattr(chunk_attention_kernel, "chunk_attention",
+                        lambda *args: calls.append(1) or chunk_attention(*args))
+    out = attend_chunk("auto", q, window_keys, window, compressed, sinks, scale)
+    assert len(calls) == (layer == "CSA" and DEVICE.type == "cuda")
+    torch.testing.assert_close(out, sink_attention(q, window_keys, window, compressed, sinks, scale),
+                               atol=1e-5, rtol=1e-5)
