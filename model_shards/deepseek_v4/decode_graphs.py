@@ -130,7 +130,8 @@ class DeepseekV4DecodeGraphs:
             return self.graphs[key]
         except Exception as error:  # noqa: BLE001 - a graph is an optimisation: eager is still exact
             self.capture_error = repr(error)
-            LOG.warning("DeepSeek-V4 decode graph %s not captured; decode steps run eagerly: %r", key, error)
+            LOG.warning("DeepSeek-V4 decode graph %s not captured; decode steps run eagerly: %r", key, error,
+                        exc_info=True)  # the op that failed (CUDA_LAUNCH_BLOCKING=1 for a device assert)
             return None
 
     def _record(self, key: StaticDecodeKey) -> Callable[[], torch.Tensor]:

@@ -117,12 +117,12 @@ def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp
     calls = []
     monkeypatch.setattr(chunk_attention_kernel, "chunk_attention",
                         lambda *args: calls.append(1) or chunk_attention(*args))
-    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, chunk_attention="fused")
-    state = model.new_state()
-    logits = torch.cat([model.compute_logits(model(ids[i:i + 32], state)) for i in range(0, len(ids), 32)])
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, chunk_attention="fused", device=DEVICE)
+    state, on_device = model.new_state(), ids.to(DEVICE)  # the kernel runs where the model is (GPU or interpreter)
+    logits = torch.cat([model.compute_logits(model(on_device[i:i + 32], state)) for i in range(0, len(ids), 32)])
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     assert len(calls) == 3 * layers  # 3 chunks, every layer through the kernel
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.cpu(), expected, atol=1e-4, rtol=0)
 
 
 def test_an_unknown_chunk_core_is_refused_by_name(tmp_path):
