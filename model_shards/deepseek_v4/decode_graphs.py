@@ -55,7 +55,9 @@ class DeepseekV4DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch)
         self.max_context = context_bucket([max_model_len - 1], pages.block_size)
         pages.open_windows.reserve(max_requests + 1, model.new_state)
-        self.scratch = Scratch(pages.open_windows.take(model.new_state), *scratch_blocks)
+        compressed_scratch, window_scratch = scratch_blocks  # by name: Scratch orders them the other way
+        self.scratch = Scratch(pages.open_windows.take(model.new_state), window_block=window_scratch,
+                               compressed_block=compressed_scratch)
         self.shape = DecodeShape(model.arch.sliding_window, pages.block_size, decode_rates(pages))
         max_blocks = -(-self.max_context // pages.block_size)
         self.tables = DeviceBlockTables(max_requests, max_blocks, self.device, torch.long)

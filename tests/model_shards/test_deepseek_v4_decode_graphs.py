@@ -56,6 +56,26 @@ def test_the_key_of_a_step_is_its_batch_bucket_and_context_bucket(folder):
     assert graphs.pages.open_windows.free and len(graphs.pages.open_windows.free) >= MAX_REQUESTS
 
 
+def test_padded_rows_write_only_each_pools_own_scratch_block(folder):
+    """The worker's pools differ in size (the window pool is smaller) and each keeps its last block
+    as scratch: every start key's padded step (run eagerly on a CPU, as a capture's warm-up runs)
+    stays in bounds and leaves every other block as it was. Session 11: the two scratch ids were
+    swapped, and the flash shape's first capture indexed past the window pool on an H100."""
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32)
+    compressed_blocks, window_blocks = NUM_BLOCKS, NUM_BLOCKS - 15
+    pages = PagedKV(PagePool(compressed_layout(model.arch, BLOCK, model.dtype), compressed_blocks + 1, model.device),
+                    PagePool(window_layout(model.arch, BLOCK, model.dtype), window_blocks + 1, model.device), BLOCK)
+    for pool in (pages.compressed, pages.window):
+        pool.data.copy_(torch.randn(pool.data.shape, generator=torch.Generator().manual_seed(3)))
+    before = pages.compressed.data.clone(), pages.window.data.clone()
+    graphs = DeepseekV4DecodeGraphs(model, pages, (compressed_blocks, window_blocks), MAX_BATCH, MAX_MODEL_LEN,
+                                    MAX_REQUESTS)
+    assert (graphs.scratch.compressed_block, graphs.scratch.window_block) == (compressed_blocks, window_blocks)
+    graphs.capture(graphs.start_keys())
+    assert torch.equal(pages.compressed.data[:compressed_blocks], before[0][:compressed_blocks])
+    assert torch.equal(pages.window.data[:window_blocks], before[1][:window_blocks])
+
+
 def runner_steps(folder, with_graphs: bool) -> tuple[list[dict[str, int]], DeepseekV4Runner]:
     """Three requests prefill, decode six steps (a fourth arrives at step 3: a mixed step, eager),
     one finishes at step 5; the sampled token ids of every step."""
