@@ -42,6 +42,13 @@ def decode_rates(pages: PagedKV) -> tuple[int, ...]:
                          if name.endswith("pending_kv")}))
 
 
+def _check_scratch(block: int, num_blocks: int, pool: str) -> None:
+    """A scratch id past its pool would fail as a device-side assert inside the first capture, and
+    that poisons the CUDA context for every later step: refuse it here, on the host."""
+    if not 0 <= block < num_blocks:
+        raise ValueError(f"decode graphs: scratch block {block} is not in the {pool} pool of {num_blocks} blocks")
+
+
 class DeepseekV4DecodeGraphs:
     """Static inputs, captured graphs and outputs per key; `run` replays the right one."""
 
@@ -56,6 +63,8 @@ class DeepseekV4DecodeGraphs:
         self.max_context = context_bucket([max_model_len - 1], pages.block_size)
         pages.open_windows.reserve(max_requests + 1, model.new_state)
         compressed_scratch, window_scratch = scratch_blocks  # by name: Scratch orders them the other way
+        _check_scratch(compressed_scratch, pages.compressed.num_blocks, "compressed")
+        _check_scratch(window_scratch, pages.window.num_blocks, "window")
         self.scratch = Scratch(pages.open_windows.take(model.new_state), window_block=window_scratch,
                                compressed_block=compressed_scratch)
         self.shape = DecodeShape(model.arch.sliding_window, pages.block_size, decode_rates(pages))

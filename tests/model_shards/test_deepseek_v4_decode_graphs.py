@@ -74,6 +74,9 @@ def test_padded_rows_write_only_each_pools_own_scratch_block(folder):
     graphs.capture(graphs.start_keys())
     assert torch.equal(pages.compressed.data[:compressed_blocks], before[0][:compressed_blocks])
     assert torch.equal(pages.window.data[:window_blocks], before[1][:window_blocks])
+    with pytest.raises(ValueError, match="scratch block 40 is not in the window pool of 26 blocks"):
+        DeepseekV4DecodeGraphs(model, pages, (window_blocks, compressed_blocks), MAX_BATCH, MAX_MODEL_LEN,
+                               MAX_REQUESTS)  # swapped: refused on the host, not a device assert
 
 
 def runner_steps(folder, with_graphs: bool) -> tuple[list[dict[str, int]], DeepseekV4Runner]:
