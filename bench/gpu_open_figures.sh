@@ -1,42 +1,38 @@
 #!/usr/bin/env bash
-# The figures still open on the GPU, most wanted first (~14 minutes on one H100 with every stage,
-# so two device calls: the default STAGES, then STAGES="fused1m floor mhc redis"; each stage is
-# bounded by `timeout`, so a short budget still returns the first ones). Sessions lose device
-# time to machine starts: few calls that do it all are cheaper.
+# The figures still open on the GPU, most wanted first. Each stage is bounded by `timeout`, so a
+# short budget still returns the first ones. Sessions lose device time to machine starts (~3 min a
+# start): few calls that do it all are cheaper. Session 11 measured hcacore, last1m (blocks, H200),
+# floor and bursts (engine rows only); see docs/deepseek_v4.md and docs/benchmarks.md "Session 11".
 #   1. tests    GPU tests of the step uploads (one pinned staging copy a step), the V4 decode graphs
 #               (replay bit-equal to the static step run eagerly), the mHC kernels (tf32x3 default
-#               tiling) and the flash-style chunk attention kernel
+#               tiling) and the flash-style chunk attention kernel (float32 now IEEE; session 11's
+#               20 failures were TF32)
 #   2. graphs   DeepSeek-V4 decode steps eager against CUDA graphs at 1, 8 and 32 requests (session
-#               10: eager 19.5 ms a step, launch-bound; the graph rows never ran)
-#   3. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk (949 ms in
-#               session 10 against 548 ms for the one before it: its HCA key count, 8187, was not
-#               a multiple of 16 until sink_attention.aligned_rows)
-#   4. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path against
-#               the flash-style kernel (chunk_attention_kernel.py, not the default yet) in each tiling
-#   5. fused1m  the 1M prompt again with that kernel in the layers (model.deepseek_v4_chunk_attention
-#               blocks, through --chunk-attention blocks): the 1M prompt on the old core, to compare
-#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
-#               a fresh model per case (from its third generate on one model it runs 45-85 ms a forward)
+#               11: eager TPOT 105 ms at 1 request, 23.5 ms of GPU time; the graph rows never ran:
+#               the scratch blocks were swapped, fixed since)
+#   3. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk, default core
+#               (auto: the fused kernel for CSA layers). H200 blocks: 20.92 s, last chunk 490 ms
+#   4. fused1m  the same 1M prompt with --chunk-attention blocks: the A/B of auto in one call
+#   5. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path
+#               against the flash-style kernel in each tiling (session 11: CSA 12.6 vs 16.9 ms, HCA loses)
+#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
-#               (session 10 picked 128 rows, 8 splits, tf32x3: 0.097 ms against 0.599 at 2K tokens)
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
-#   9. bursts   served TTFT at 16 and 64 streams (fused_direct against direct): as is, with an idle
-#               engine gathering a burst (--arrival-gap-s 0.004), and with 8192 prompt tokens a step
-#               beside decodes (--while-decoding-tokens 8192): session 10 traced the loss to a burst
-#               split over steps at the 2048-token budget; ~5 minutes (its own call)
+#   9. bursts   served TTFT at 16 and 64 streams (fused_direct against direct), with the default
+#               settings and with --arrival-gap-s 0 (no gathering); BURSTS_S a variant (the HTTP rows
+#               need more than session 11's 90 s)
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
-#   bash bench/gpu_open_figures.sh                 # stages 1-4 (~8 minutes)
-#   STAGES="fused1m floor mhc redis" bash bench/gpu_open_figures.sh   # stages 5-8 (~6 minutes)
-#   STAGES=bursts bash bench/gpu_open_figures.sh                       # stage 9 (~5 minutes)
-#   STAGES="graphs hcacore" bash bench/gpu_open_figures.sh
+#   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
+#   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
+#   STAGES="hcacore mhc redis" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
 source .gpu/install.sh >/dev/null || exit 1
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"tests graphs last1m hcacore"}
+STAGES=${STAGES:-"tests graphs last1m fused1m"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stamp() { echo "[$(date +%T)] $*"; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -89,10 +85,10 @@ if wanted redis; then
     tail -30 "$OUT/redis_scaling.log" | cut -c1-200
 fi
 if wanted bursts; then
-    for variant in "" "--arrival-gap-s 0.004" "--while-decoding-tokens 8192"; do
+    for variant in "" "--arrival-gap-s 0"; do
         stamp "bursts ${variant:-as is}"
         name=serve_bursts${variant:+_${variant//[^a-z0-9]/}}
-        timeout ${BURSTS_S:-100} env GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_direct --concurrency 16 64 \
+        timeout ${BURSTS_S:-200} env GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_direct --concurrency 16 64 \
             $variant --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
         grep -E "^(direct|http_fused_direct) |against direct" "$OUT/$name.log" | cut -c1-160
     done
