@@ -290,8 +290,10 @@ def engine_timing(engine: LLMEngine, prompt: list[int], decode_steps: int, clock
 
 def concurrent_decode(engine: LLMEngine, args: argparse.Namespace, concurrency: int) -> dict:
     """`concurrency` requests prefilled, then decoding together: device ms of the engine steps whose
-    one forward holds a decode token of each (sampling excluded), tokens/s from them, and the
-    requests' mean time per output token (the whole step)."""
+    one forward holds a decode token of each (sampling excluded), tokens/s from them, the median
+    host time of those forwards (launch-bound when it exceeds the device time), and the requests'
+    mean time per output token (the whole step; it includes the one step DecodeOps counts ops of,
+    which is slow: session 11 saw 105 ms at 1 request against 24 at 8, use the medians)."""
     prompts = [random_prompt(args.concurrency_prompt_tokens + i) for i in range(concurrency)]  # no prefix hits
     params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
     clock, ops = ChunkClock(torch.device(args.device)), DecodeOps(concurrency)
@@ -299,13 +301,15 @@ def concurrent_decode(engine: LLMEngine, args: argparse.Namespace, concurrency: 
         results = [sequences[0] for sequences in generate(engine, prompts, params)]
     if errors := [result.error for result in results if result.error]:
         raise RuntimeError(f"engine: {errors[0]}")
-    counts = [chunk[1] for chunk in clock.chunks]
-    decode_ms = sorted(ms for count, ms in zip(counts, clock.summary()["chunk_device_ms"]) if count == concurrency)
+    counts, timed = [chunk[1] for chunk in clock.chunks], clock.summary()
+    decode_ms = sorted(ms for count, ms in zip(counts, timed["chunk_device_ms"]) if count == concurrency)
+    host_ms = sorted(ms for count, ms in zip(counts, timed["chunk_host_ms"]) if count == concurrency)
     if not decode_ms:
         return {"concurrency": concurrency, "skipped": f"no step decoded all {concurrency} requests: steps of {counts}"}
     median_ms = decode_ms[len(decode_ms) // 2]
     return {"concurrency": concurrency, "prompt_tokens": args.concurrency_prompt_tokens,
             "decode_steps_timed": len(decode_ms), "decode_step_device_ms": median_ms,
+            "decode_step_host_ms": host_ms[len(host_ms) // 2],
             "decode_tokens_per_s": concurrency * 1e3 / median_ms,
             "tpot_ms_mean": sum(result.tpot_s for result in results) / concurrency * 1e3, **ops.row()}
 
