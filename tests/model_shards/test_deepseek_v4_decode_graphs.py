@@ -121,6 +121,16 @@ def test_the_runners_decode_steps_through_the_graphs_give_the_eager_runners_toke
     assert len(graphs.tables._row_of) == 3  # r1's row released when it finished
 
 
+def test_graphed_steps_equal_eager_ones_when_the_top_k_is_wider_than_the_entries(tmp_path):
+    """The flash shape's top-k (512) is wider than the CSA entries of every context below 2K tokens,
+    so a static step there picks k = context // rate entries and masks each row past its own count;
+    the tiny preset's top-4 never takes that branch. Same steps, a top-32 indexer (13 entries at most)."""
+    wide = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=6, index_topk=32)
+    eager, _ = runner_steps(wide, with_graphs=False)
+    graphed, _ = runner_steps(wide, with_graphs=True)
+    assert graphed == eager
+
+
 def prefilled_on(folder, device: torch.device, lengths: list[int]) -> tuple:
     """The model in bfloat16 on `device`, pages holding prompts of `lengths` tokens: (ids, tables, slot) each."""
     model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.bfloat16, device=device)
