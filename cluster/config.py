@@ -190,14 +190,18 @@ class ServeSettings(_Frozen):
     )
     # A burst of requests reaches an idle engine one parsed body at a time (1-8 ms apart on the CPU
     # machine): started at the first, it prefills that one alone and the rest at the decode-capped
-    # budget. Off by default until measured on a GPU, where a batched prefill is much cheaper than the
-    # same prompts apart (H200, 8B shape, 32K cached prefix + 256: direct TTFT ~25 ms for one prompt,
-    # ~100-120 ms for 16 at once); on the CPU machine the gathered step costs what the separate ones
-    # do, so only the wait is added (docs/benchmarks.md, session 10 of the serve-overhead branch).
+    # budget. On a GPU a batched prefill is much cheaper than the same prompts apart; gap 0.004
+    # against 0 (H100, bench/serve_load.py, 8B shape, bursts): output tok/s 2210 -> 2695 at 16
+    # streams and 3225 -> 4149 at 64, mean TTFT 125 -> 101 ms and 477 -> 353 ms. A fixed gap would
+    # add 4 ms to a lone request's TTFT (a third of 12 ms for a 4K prompt), so the engine waits only
+    # when requests come together (engine/async_engine.py `_arrivals_look_bursty`). On the CPU
+    # machine the gathered step costs what the separate ones do (docs/benchmarks.md, session 10 of
+    # the serve-overhead branch).
     arrival_gap_s: float = Field(
-        0.0, ge=0, description="Per replica: an idle engine given a request waits for more while they keep "
+        0.004, ge=0, description="Per replica: an idle engine given a request while requests come together "
+        "(several requests open now, or at a step that ended less than 5 gaps ago) waits for more while they keep "
         "arriving, until none has come for this long (at most arrival_max_wait_s), so that a burst is prefilled "
-        "in one step. 0: the first step starts at once."
+        "in one step; a lone request after a quiet period starts at once. 0: the first step never waits."
     )
     arrival_max_wait_s: float = Field(
         0.05, ge=0, description="Per replica: the longest an idle engine waits for a burst's requests (arrival_gap_s)."

@@ -29,6 +29,13 @@ from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# An idle engine given a request gathers arrivals (`arrival_gap_s`) only while requests come
+# together: after a step taken with several requests open, it counts as bursty for this many gaps
+# (20 ms at 4 ms): long enough for the clients answered in that step to ask again (their requests
+# reached the replica 1-8 ms apart through HTTP on the CPU machine, docs/benchmarks.md), short
+# enough that a lone request after a quiet period starts at once.
+BURST_WINDOW_GAPS = 5
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; every request in flight gets this, and new ones too."""
@@ -73,7 +80,10 @@ class AsyncEngine:
     together (0: one per step each). A server pays for every list it forwards (~0.4 ms of Python
     through Ray Serve per stream and step on the H200 host, holding the GIL the engine thread
     needs), so under load each stream waits its share, `num_streams / stream_chunks_per_s`, after
-    its last list and then takes every delta ready; a first token and a last delta never wait."""
+    its last list and then takes every delta ready; a first token and a last delta never wait.
+
+    `arrival_gap_s`, `arrival_max_wait_s`: an idle engine given a request while requests come
+    together waits for the rest of the burst (`_arrivals_look_bursty`, `_gather_arrivals`); 0: never."""
 
     def __init__(self, engine: LLMEngine, stream_chunks_per_s: float = 0.0, arrival_gap_s: float = 0.0,
                  arrival_max_wait_s: float = 0.0):  # fmt: skip
@@ -81,6 +91,7 @@ class AsyncEngine:
         self.stream_chunks_per_s = stream_chunks_per_s
         self.arrival_gap_s = arrival_gap_s
         self.arrival_max_wait_s = arrival_max_wait_s
+        self._several_open_at_s = -math.inf  # monotonic: the end of the last step taken with 2+ requests open
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self._subscribers: dict[str, _Inbox] = {}
         self._stop = threading.Event()
@@ -191,10 +202,10 @@ class AsyncEngine:
             while not self._stop.is_set():
                 idle = not self.engine.has_unfinished_requests()
                 self._run_commands(block=idle)
-                if idle and self.engine.has_unfinished_requests():
+                if idle and self.engine.has_unfinished_requests() and self._arrivals_look_bursty():
                     self._gather_arrivals()
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    self._step()
                 self.last_step_time = time.monotonic()
                 self._stats = self.engine.stats()
         except BaseException as error:  # noqa: BLE001 - every failure must reach every caller
@@ -213,13 +224,35 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _step(self) -> None:
+        # Counted before the step, so the requests it finishes count; len() of the dict the callers'
+        # loops change is one read under the GIL.
+        several_open = len(self._subscribers) > 1
+        self._dispatch(self.engine.step())
+        if several_open:
+            self._several_open_at_s = time.monotonic()
+
+    def _arrivals_look_bursty(self) -> bool:
+        """Whether an idle engine just given work should wait for more (`_gather_arrivals`): only
+        when requests come together, i.e. several are open now (they arrived at once) or were at a
+        step that ended less than `BURST_WINDOW_GAPS` gaps ago (clients answered in that step ask
+        again). A lone request after a quiet period, or a client sending one request after another,
+        starts at once: nothing would come to share its step, so waiting only adds the gap to its
+        TTFT. Requests (open streams), not arrival times, decide: a client sending one short request
+        after another arrives as often as a burst does, yet never has a second one open."""
+        if self.arrival_gap_s <= 0:
+            return False
+        window_s = BURST_WINDOW_GAPS * self.arrival_gap_s
+        return len(self._subscribers) > 1 or time.monotonic() - self._several_open_at_s < window_s
+
     def _gather_arrivals(self) -> None:
         """An idle engine that has just been given work takes the requests still arriving, until
         none has come for `arrival_gap_s` or `arrival_max_wait_s` has passed. A burst (clients
         answered in the same step asking again, a batch job) reaches the engine over a few ms, one
         request at a time as the server parses each body; started at the first, the step would
         prefill it alone and admit the rest behind it at the budget capped for decoding
-        (`max_tokens_per_step_while_decoding`), over several steps. Gathered, they share one."""
+        (`max_tokens_per_step_while_decoding`), over several steps. Gathered, they share one.
+        Called only when arrivals look bursty (`_arrivals_look_bursty`)."""
         deadline = time.monotonic() + self.arrival_max_wait_s
         while (wait_s := min(self.arrival_gap_s, deadline - time.monotonic())) > 0:
             try:
