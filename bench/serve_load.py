@@ -242,12 +242,11 @@ def _arrival_gathering(args) -> dict:
 async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
     import torch
 
-    from engine.async_engine import AsyncEngine
-    from engine.llm_engine import LLMEngine
+    from engine.async_engine import serving_engine
 
     # The Ray worker runs torch on as many threads as its CPUs (OMP_NUM_THREADS); so does this.
     torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
-    engine = AsyncEngine(LLMEngine(config))
+    engine = serving_engine(config)  # the replica's serve settings (arrival gathering, pacing)
     try:
         return await _run_all(direct_sender(engine), workloads, slo)
     finally:

@@ -190,13 +190,11 @@ class ServeSettings(_Frozen):
     )
     # A burst of requests reaches an idle engine one parsed body at a time (1-8 ms apart on the CPU
     # machine): started at the first, it prefills that one alone and the rest at the decode-capped
-    # budget. On a GPU a batched prefill is much cheaper than the same prompts apart; gap 0.004
-    # against 0 (H100, bench/serve_load.py, 8B shape, bursts): output tok/s 2210 -> 2695 at 16
-    # streams and 3225 -> 4149 at 64, mean TTFT 125 -> 101 ms and 477 -> 353 ms. A fixed gap would
-    # add 4 ms to a lone request's TTFT (a third of 12 ms for a 4K prompt), so the engine waits only
-    # when requests come together (engine/async_engine.py `_arrivals_look_bursty`). On the CPU
-    # machine the gathered step costs what the separate ones do (docs/benchmarks.md, session 10 of
-    # the serve-overhead branch).
+    # budget over several steps (session 10 traced the 37-53% tok/s that HTTP lost at 16 and 64
+    # streams on the H200 to this). A fixed gap would add 4 ms to a lone request's TTFT (a third of
+    # 12 ms for a 4K prompt), so the engine waits only when requests come together
+    # (engine/async_engine.py `_arrivals_look_bursty`): lone requests never wait. Not yet measured
+    # on a GPU through HTTP (session 11's bursts stage timed out before its HTTP rows).
     arrival_gap_s: float = Field(
         0.004, ge=0, description="Per replica: an idle engine given a request while requests come together "
         "(several requests open now, or at a step that ended less than 5 gaps ago) waits for more while they keep "

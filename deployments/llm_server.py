@@ -31,8 +31,7 @@ from deployments.messages import (
     replica_unavailable,
     request_failure,
 )
-from engine.async_engine import AsyncEngine, EngineDeadError
-from engine.llm_engine import LLMEngine
+from engine.async_engine import EngineDeadError, serving_engine
 from engine.outputs import CompletionDelta, RequestFailedError
 from engine.scheduler import QueueFullError
 from protocol.sampling_params import InvalidParameterError, SamplingParams
@@ -46,8 +45,7 @@ class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any]):
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
-        self.engine = AsyncEngine(LLMEngine(self.config), settings.stream_chunks_per_s, settings.arrival_gap_s,
-                                  settings.arrival_max_wait_s)
+        self.engine = serving_engine(self.config)
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
         _log_progress_to_stderr()

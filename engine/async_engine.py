@@ -319,3 +319,12 @@ def _ready(first: Any, source: _Inbox) -> tuple[list[CompletionDelta], BaseExcep
         if source.empty():
             return deltas, None
         item = source.get_nowait()
+
+
+def serving_engine(config) -> AsyncEngine:
+    """The engine a replica serves from, with the config's `serve` settings (stream pacing, arrival
+    gathering): the served replica and the bench's direct mode build it alike, so their rows compare
+    the same engine (session 11's direct rows ran without the gap they were labelled with)."""
+    settings = config.serve
+    return AsyncEngine(LLMEngine(config), settings.stream_chunks_per_s, settings.arrival_gap_s,
+                       settings.arrival_max_wait_s)
