@@ -39,10 +39,11 @@ wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if wanted tests; then
     stamp tests
-    timeout ${TESTS_S:-90} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_uploads.py \
+    timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_step_uploads.py \
         tests/model_shards/test_deepseek_v4_decode_graphs.py tests/model_shards/test_cuda_graphs.py \
         tests/model_shards/test_deepseek_v4_hyper_kernels.py tests/model_shards/test_deepseek_v4_chunk_attention_kernel.py \
-        2>&1 | tail -4
+        tests/gpu/test_deepseek_v4_worker_graphs.py \
+        2>&1 | tail -12
 fi
 if wanted graphs; then
     stamp graphs
