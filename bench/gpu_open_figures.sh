@@ -16,6 +16,8 @@
 #   5. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path
 #               against the flash-style kernel in each tiling (session 11: CSA 12.6 vs 16.9 ms, HCA loses)
 #   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches
+#   6b. topk    V4's indexer top-k on one block of queries at 128K / 512K / 1M: the int64 ranking the
+#               layers use against top_k_by_threshold on float32 scores (not wired in until measured)
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
@@ -25,7 +27,7 @@
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
-#   STAGES="hcacore mhc redis" bash bench/gpu_open_figures.sh
+#   STAGES="topk hcacore mhc redis" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
 source .gpu/install.sh >/dev/null || exit 1
@@ -74,6 +76,10 @@ if wanted floor; then
     timeout ${FLOOR_S:-240} python3 bench/vs_transformers.py ${FLOOR_ARGS:---lengths 4000 8100 32700 130000 \
         --profile-lengths 4000} --budget-s $(( ${FLOOR_S:-240} - 30 )) > "$OUT/vs_transformers.log" 2>&1
     sed -n '/^Triton compiles inside/,/^wrote/p' "$OUT/vs_transformers.log" | cut -c1-160
+fi
+if wanted topk; then
+    stamp topk
+    timeout ${TOPK_S:-90} python3 bench/deepseek_v4_top_k.py 2>&1 | tail -16
 fi
 if wanted mhc; then
     stamp mhc

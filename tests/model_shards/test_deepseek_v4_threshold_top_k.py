@@ -1,0 +1,48 @@
+"""top_k_by_threshold (model_shards/deepseek_v4/threshold_top_k.py) picks exactly what the indexer's
+int64 ranking picks (indexer.top_k_of_ranking over index_scores.ranking_keys): the same entries in
+the same ascending order, with the ties ReLU makes (many exact zeros), -0.0 against 0.0, rows of
+-inf (entries not closed yet) and k from 1 to E. Exact equality: both are selections, no arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_shards.deepseek_v4.index_scores import ranking_keys
+from model_shards.deepseek_v4.indexer import top_k_of_ranking
+from model_shards.deepseek_v4.threshold_top_k import top_k_by_threshold
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def relu_like_scores(rows: int, entries: int, seed: int) -> torch.Tensor:
+    """Weighted sums of ReLUs as the indexer makes them: many exact zeros, a few repeated values,
+    -inf past each row's closed entries (a causal chunk), one -0.0."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, entries, generator=generator).clamp(min=0)  # about half exactly 0
+    scores = torch.where(torch.rand(rows, entries, generator=generator) < 0.1, 0.5, scores)  # ties above 0
+    closed = torch.randint(entries // 4, entries + 1, (rows, 1), generator=generator)
+    scores = scores.masked_fill(torch.arange(entries) >= closed, float("-inf"))
+    scores[0, 1] = -0.0
+    return scores.to(DEVICE)
+
+
+@pytest.mark.parametrize("rows, entries, k", [(7, 50, 1), (7, 50, 13), (16, 300, 64), (5, 40, 40), (9, 600, 512)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threshold_top_k_equals_the_int64_ranking(rows, entries, k, seed):
+    scores = relu_like_scores(rows, entries, seed)
+    expected = top_k_of_ranking(ranking_keys(scores), k)
+    assert torch.equal(top_k_by_threshold(scores, k), expected)
+
+
+def test_rows_of_all_ties_choose_the_earliest_entries():
+    scores = torch.zeros(3, 20, device=DEVICE)
+    scores[1, 15:] = float("-inf")  # 15 closed entries, all tied at 0
+    scores[2, 7] = 1.0  # one above, the rest tied
+    expected = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 7]], device=DEVICE)
+    assert torch.equal(top_k_by_threshold(scores, 5), expected)
+    assert torch.equal(top_k_of_ranking(ranking_keys(scores), 5), expected)
+
+
+def test_no_choice_is_an_empty_block():
+    assert top_k_by_threshold(torch.zeros(4, 9, device=DEVICE), 0).shape == (4, 0)
