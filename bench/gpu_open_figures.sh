@@ -15,8 +15,9 @@
 #               the flash-style kernel (chunk_attention_kernel.py, not the default yet) in each tiling
 #   5. fused1m  the 1M prompt again with that kernel in the layers (model.deepseek_v4_chunk_attention
 #               blocks, through --chunk-attention blocks): the 1M prompt on the old core, to compare
-#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers on
-#               a fresh model per case (from its third generate on one model it runs 45-85 ms a forward)
+#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers at
+#               a shape it ran just before (its SDPA goes to cuDNN, ~50-80 ms a plan per new shape, and
+#               its decode makes a new shape every token); its first call at each length apart
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
 #               (session 10 picked 128 rows, 8 splits, tf32x3: 0.097 ms against 0.599 at 2K tokens)
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
