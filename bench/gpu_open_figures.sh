@@ -15,7 +15,9 @@
 #   4. fused1m  the same 1M prompt with --chunk-attention blocks: the A/B of auto in one call
 #   5. hcacore  V4's HCA and CSA attention core for a 16K chunk at 128K / 512K / 1M: the layers' path
 #               against the flash-style kernel in each tiling (session 11: CSA 12.6 vs 16.9 ms, HCA loses)
-#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches
+#   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers at
+#               a shape it ran just before (its SDPA goes to cuDNN, ~50-80 ms a plan per new shape, and
+#               its decode makes a new shape every token); its first call at each length apart
 #   6b. topk    V4's indexer top-k on one block of queries at 128K / 512K / 1M: the int64 ranking the
 #               layers use against top_k_by_threshold on float32 scores (not wired in until measured)
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings

@@ -10,7 +10,10 @@ attention, batches left-padded into one call. Every measured prompt length diffe
 warm-up lengths (and from each other), so a kernel that plans per exact shape pays its plans
 inside the measured TTFT, as a served request of a new length would. Lengths up to
 --repeat-max-tokens run twice, the second time with other tokens of the same length: the
-difference is what shape-keyed planning costs. Greedy tokens are compared (first 8).
+difference is what shape-keyed planning costs. transformers' figures are its steady state, each
+case run a second time at the same shape with cuDNN's per-shape attention plans built by the
+first (on Hopper its SDPA goes to cuDNN: ~50-80 ms a new shape, and its decode makes a new shape
+every token); the first call is reported apart ("HF 1st"). Greedy tokens are compared (first 8).
 Writes vs_transformers.json under $OUT (or bench/results/) and prints the tables last.
 """
 
@@ -88,45 +91,91 @@ def hf_section(args, model_dir: str, device: torch.device, deadline: Deadline) -
     (max_position_embeddings 131072, as in ../shared/measurements/hf_vs_longctx.py: the same
     weights and, with llama3 RoPE, the same logits), longer ones on the folder itself.
 
-    Each case runs on a model loaded fresh, after one short warm-up generate: on one loaded model
-    transformers ran ~45-85 ms a forward from its third generate on (sessions 8 and 10, either
-    folder: 86 ms a token at 4000 tokens after two warm-ups, 3.4 ms on a fresh model), which is
-    not what it can do. The diagnostic keeps that on record: five calls on one model, no warm-up."""
+    Every figure in the tables is transformers' steady state: a generate at a shape it ran just
+    before (same batch, lengths and output count, other tokens); that first call is kept apart
+    ("first_call"). On an H100 (torch 2.11, cuDNN 9.15+) SDPA goes to cuDNN, which builds an
+    execution plan per new shape (~50-80 ms of host time) and keeps it per thread: transformers'
+    first generate at a length pays one for its prefill and one for each decode step, since the
+    key length grows by one a step (see vs_transformers_cases). This was the "45-85 ms a forward"
+    of sessions 8-10: every case ran at a length new to the process, while the diagnostic's calls
+    at 4000 tokens reused the plans of the 4000 case run before them. The diagnostic keeps five
+    calls on one model, now at a length not run before (call 1 pays the plans, 2-5 do not), and
+    one call at another new length with cuDNN left out of SDPA's choices."""
     print("transformers (sdpa), the same weights and prompts", flush=True)
     native = native_context_copy(model_dir, HF_NATIVE_CONTEXT)
-    report = {"single": {}, "batch": {}, "diagnostic": {}}
-    for tokens in args.lengths:
-        folder = native if tokens <= HF_NATIVE_CONTEXT else model_dir
-        if tokens <= args.hf_max_tokens:
-            report["single"][tokens] = on_fresh_model(
-                args, folder, device, lambda model: hf_attempt(args, deadline, model, tokens, device))
-    for lengths in args.batches:
-        name = f"transformers batch {batch_name(lengths)}"
-        report["batch"][batch_name(lengths)] = on_fresh_model(args, native, device, lambda model: attempt(
-            name, deadline, 30, cases.hf_batch, model, lengths, args.output_tokens, device))
-    report["diagnostic"] = on_fresh_model(args, native, device, warm=False, case=lambda model: {
-        min(args.lengths): {f"call {call}": hf_attempt(args, deadline, model, min(args.lengths), device)
-                            for call in range(1, 6)}})
+    report = {"single": {}, "batch": {}, "diagnostic": {}, "sdpa": {}}
+    lengths = [n for n in args.lengths if n <= args.hf_max_tokens]
+
+    def on_native(model) -> None:
+        report["sdpa"] = sdpa_attempt(deadline, model, min(args.lengths), device)
+        for tokens in [n for n in lengths if n <= HF_NATIVE_CONTEXT]:
+            report["single"][tokens] = hf_attempt(args, deadline, model, tokens, device)
+        for batch in args.batches:
+            report["batch"][batch_name(batch)] = attempt(
+                f"transformers batch {batch_name(batch)}", deadline, 60, cases.hf_batch_steady, model, batch,
+                args.output_tokens, device, REPEAT_SEED_OFFSET)
+        report["diagnostic"] = hf_diagnostic(args, deadline, model, device)
+
+    def on_long(model) -> None:
+        for tokens in [n for n in lengths if n > HF_NATIVE_CONTEXT]:
+            report["single"][tokens] = hf_attempt(args, deadline, model, tokens, device)
+
+    on_loaded_model(args, native, device, on_native)
+    if any(n > HF_NATIVE_CONTEXT for n in lengths):
+        on_loaded_model(args, model_dir, device, on_long)
+    report["single"] = {n: report["single"][n] for n in lengths if n in report["single"]}  # in --lengths order
     return report
 
 
-def on_fresh_model(args, folder: str, device: torch.device, case, warm: bool = True) -> dict:
-    """case(model) on a model loaded for it (after one warm-up generate of the first warm-up
-    length unless not `warm`), freed after."""
+def on_loaded_model(args, folder: str, device: torch.device, case) -> None:
+    """case(model) on a model loaded for it, after one short generate (the process's first CUDA
+    kernels and handles; its shape is none of the measured ones), freed after."""
     model = cases.load_hf(folder, device)
     try:
-        if warm:
-            cases.hf_single(model, args.warmup_lengths[0], 2, args.warmup_lengths[0], device)
-        return case(model)
+        cases.hf_single(model, args.warmup_lengths[0], 2, args.warmup_lengths[0], device)
+        case(model)
     finally:
         del model
         gpu_cases.free_memory()
 
 
 def hf_attempt(args, deadline: Deadline, model, tokens: int, device: torch.device) -> dict:
+    """One request at `tokens`, measured at a shape run just before (the first call apart)."""
+    estimate = (prefill_estimate_s(tokens, args.layers) * 1.5 + 3) * 2
+    return attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single_steady, model, tokens,
+                   args.output_tokens, tokens, device, REPEAT_SEED_OFFSET)
+
+
+def hf_diagnostic(args, deadline: Deadline, model, device: torch.device) -> dict:
+    """Five generate calls on one model at a length no case ran (its decode lengths too), then
+    one at another such length with SDPA's cuDNN backend left out (flash, efficient, math)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    run = args.lengths + args.warmup_lengths  # batches have shapes of their own (batch size)
+    tokens = unused_length(min(args.lengths), run, args.output_tokens)
     estimate = prefill_estimate_s(tokens, args.layers) * 1.5 + 3
-    return attempt(f"transformers {tokens}", deadline, estimate, cases.hf_single, model, tokens,
-                   args.output_tokens, tokens, device)
+    rows = {f"call {call}": attempt(f"transformers {tokens} call {call}", deadline, estimate, cases.hf_single, model,
+                                    tokens, args.output_tokens, tokens + call, device)
+            for call in range(1, 6)}
+    other = unused_length(tokens, run + [tokens], args.output_tokens)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        rows[f"{other}, no cuDNN"] = attempt(f"transformers {other} without cuDNN attention", deadline, estimate,
+                                             cases.hf_single, model, other, args.output_tokens, other, device)
+    return {tokens: rows}
+
+
+def unused_length(start: int, taken: list[int], output_tokens: int) -> int:
+    """The first length past `start` whose prompt and decode key lengths (n .. n + output_tokens)
+    meet none of those of the `taken` lengths."""
+    n = start + 1
+    while any(abs(n - m) <= output_tokens + 1 for m in taken):
+        n += 1
+    return n
+
+
+def sdpa_attempt(deadline: Deadline, model, tokens: int, device: torch.device) -> dict:
+    return attempt(f"SDPA backend torch picks for transformers at {tokens}", deadline, 5, cases.sdpa_choices, model,
+                   tokens, device)
 
 
 def native_context_copy(model_dir: str, context: int) -> str:
@@ -205,7 +254,8 @@ def main() -> None:
 def run_section_isolated(args, name: str, model_dir: str, deadline: Deadline) -> dict:
     """One section in a fresh interpreter. In session 5's H200 runs transformers' generate, run in
     the process where our engine had just run, took 40-75 ms a token against 3-4 ms in a model
-    loaded after it (cause not found): each side gets a process of its own."""
+    loaded after it (likely cuDNN's per-shape attention plans, see hf_section, not the process):
+    each side gets a process of its own all the same."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / f"{name}.json"
         budget_s = max(deadline.end - time.monotonic(), 1.0)

@@ -5,6 +5,16 @@ Times are wall clock as a caller sees them. TTFT: from the call to the first tok
 time per output token (TPOT): the rest of the request over its remaining tokens. transformers is
 timed inside one `generate` by a stopping criterion that synchronizes and stamps every token, so
 that a long prompt is prefilled once, not once for TTFT and again for the decode.
+
+transformers' figures are its steady state: each is a `generate` at a shape (batch, prompt length,
+output tokens) that the process ran just before, with other tokens; that first call is kept
+apart under "first_call". On Hopper, torch (2.9 on, with cuDNN > 9.15) sends SDPA to cuDNN first
+(`check_prefer_cudnn_attention` in aten/.../transformers/cuda/sdp_utils.cpp), and cuDNN builds an
+execution plan for every new (batch, heads, queries, keys, strides) shape, ~50-80 ms of host time,
+kept per thread for the process (`MHAGraphCache` in aten/.../cudnn/MHA.cpp). transformers' decode
+attends over a key length one longer each step (DynamicLayer.update concatenates), so its first
+call at a length builds a plan for the prefill and for every decode step: 50-80 ms a token, while
+the same call again runs at ~3 ms a token. See `sdpa_choices` for what torch picks there.
 """
 
 from __future__ import annotations
@@ -135,17 +145,62 @@ def hf_single(model, tokens: int, output_tokens: int, seed: int, device: torch.d
     return {**run, "tokens": run["tokens"][0]}
 
 
-def hf_batch(model, lengths: list[int], output_tokens: int, device: torch.device) -> dict:
-    """All prompts in one generate, left-padded to the longest (mask 0 on the padding)."""
+def hf_batch(model, lengths: list[int], output_tokens: int, device: torch.device, seed_offset: int = 0) -> dict:
+    """All prompts in one generate, left-padded to the longest (mask 0 on the padding); row n's
+    prompt from seed n + seed_offset."""
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.tensor(random_prompt(n, n, model.config.vocab_size), device=device)
+        ids[row, width - n:] = torch.tensor(random_prompt(n, n + seed_offset, model.config.vocab_size), device=device)
         mask[row, width - n:] = 1
     run = hf_generate(model, ids, mask, output_tokens)
     return {"ttft_mean_s": run["ttft_s"], "ttft_max_s": run["ttft_s"], "output_tok_per_s": run["output_tok_per_s"],
             "tokens": run["tokens"], "peak_GiB": run["peak_GiB"]}
+
+
+def hf_single_steady(model, tokens: int, output_tokens: int, seed: int, device: torch.device,
+                     first_seed_offset: int) -> dict:
+    """hf_single at a shape run just before: first the same length and output count with other
+    tokens (seed + first_seed_offset), whose figures go under "first_call", then the prompt of
+    `seed`, measured (its greedy tokens compare with ours)."""
+    first = hf_single(model, tokens, output_tokens, seed + first_seed_offset, device)
+    return {**hf_single(model, tokens, output_tokens, seed, device), "first_call": timings(first)}
+
+
+def hf_batch_steady(model, lengths: list[int], output_tokens: int, device: torch.device,
+                    first_seed_offset: int) -> dict:
+    """hf_batch after the same lengths with other tokens (under "first_call")."""
+    first = hf_batch(model, lengths, output_tokens, device, first_seed_offset)
+    return {**hf_batch(model, lengths, output_tokens, device), "first_call": timings(first)}
+
+
+def timings(run: dict) -> dict:
+    return {key: value for key, value in run.items() if key not in ("tokens", "peak_GiB")}
+
+
+def sdpa_choices(model, tokens: int, device: torch.device) -> dict:
+    """The SDPA backend torch picks for transformers' attention at `tokens` (batch 1, no padding):
+    the prefill (queries a transposed view of the projection, keys contiguous from the cache's
+    concatenation, causal) and a decode step (one query over tokens + 1 keys); GQA passed as
+    enable_gqa, as transformers' sdpa_attention_forward does without a mask."""
+    from torch.nn.attention import SDPBackend
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    names = {int(backend): name for name, backend in SDPBackend.__members__.items()}
+    report = {"cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None}
+    for case, queries, keys in (("prefill", tokens, tokens), ("decode", 1, tokens + 1)):
+        query = torch.empty(1, queries, heads, head_dim, dtype=model.dtype, device=device).transpose(1, 2)
+        key = torch.empty(1, kv_heads, keys, head_dim, dtype=model.dtype, device=device)
+        try:
+            choice = torch._fused_sdp_choice(query, key, key, None, 0.0, queries > 1, scale=None,
+                                             enable_gqa=heads != kv_heads)
+            report[case] = names.get(int(choice), str(choice))
+        except Exception as error:  # noqa: BLE001 - a private torch function: reported, not fatal
+            report[case] = f"{type(error).__name__}: {str(error)[:120]}"
+    return report
 
 
 def peak_gib(device: torch.device) -> float:

@@ -15,15 +15,18 @@ def print_report(report: dict) -> None:
 
 
 def print_single(ours: dict, hf: dict) -> None:
-    print("\none request: TTFT s (new length / same length again), TPOT ms, greedy first 8 equal")
-    print(f"{'tokens':>8} {'ours':>7} {'again':>7} {'HF':>7} {'HF/ours':>7} | {'ours':>6} {'HF':>6} "
-          f"{'HF/ours':>7} | same8  HF peak GiB")
+    print("\none request: TTFT s (ours: a new length / the same length again), TPOT ms, greedy first 8 equal;"
+          "\nHF: transformers at a shape it ran just before (steady state), HF 1st: its first call at that length")
+    print(f"{'tokens':>8} {'ours':>7} {'again':>7} {'HF':>7} {'HF 1st':>7} {'HF/again':>8} | {'ours':>6} {'HF':>6} "
+          f"{'HF/ours':>7} {'HF 1st':>7} | same8  HF peak GiB")
     for tokens, mine in ours.get("single", {}).items():
         theirs = hf.get("single", {}).get(tokens, {})
+        first = theirs.get("first_call", {})
         again = ours.get("repeat", {}).get(tokens, {})
         print(f"{tokens:>8} {seconds(mine, 'ttft_s'):>7} {seconds(again, 'ttft_s'):>7} {seconds(theirs, 'ttft_s'):>7} "
-              f"{ratio(theirs, mine, 'ttft_s'):>7} | {milliseconds(mine):>6} {milliseconds(theirs):>6} "
-              f"{ratio(theirs, mine, 'tpot_ms'):>7} | {same_tokens(mine, theirs):>5}  {theirs.get('peak_GiB', '')}")
+              f"{seconds(first, 'ttft_s'):>7} {ratio(theirs, again, 'ttft_s'):>8} | {milliseconds(mine):>6} "
+              f"{milliseconds(theirs):>6} {ratio(theirs, mine, 'tpot_ms'):>7} {milliseconds(first):>7} | "
+              f"{same_tokens(mine, theirs):>5}  {gib(theirs)}")
 
 
 def print_first_requests(ours: dict) -> None:
@@ -38,20 +41,32 @@ def print_first_requests(ours: dict) -> None:
 
 
 def print_batches(ours: dict, hf: dict) -> None:
-    print("\nbatches submitted together: TTFT mean / max s, output tok/s, rows with greedy first 8 equal")
-    print(f"{'batch':>16} {'ours TTFT':>15} {'HF TTFT':>15} | {'ours tok/s':>10} {'HF tok/s':>9} | same8")
+    print("\nbatches submitted together: TTFT mean / max s, output tok/s, rows with greedy first 8 equal "
+          "(HF: steady state, HF 1st: its first call at those lengths)")
+    print(f"{'batch':>16} {'ours TTFT':>15} {'HF TTFT':>15} {'HF 1st TTFT':>15} | {'ours tok/s':>10} {'HF tok/s':>9} "
+          f"{'HF 1st':>7} | same8")
     for name, mine in ours.get("batch", {}).items():
         theirs = hf.get("batch", {}).get(name, {})
-        print(f"{name:>16} {pair(mine):>15} {pair(theirs):>15} | {rate(mine):>10} {rate(theirs):>9} | "
-              f"{rows_equal(mine, theirs)}")
+        first = theirs.get("first_call", {})
+        print(f"{name:>16} {pair(mine):>15} {pair(theirs):>15} {pair(first):>15} | {rate(mine):>10} "
+              f"{rate(theirs):>9} {rate(first):>7} | {rows_equal(mine, theirs)}")
 
 
 def print_diagnostic(hf: dict) -> None:
+    sdpa = hf.get("sdpa", {})
+    if "prefill" in sdpa:
+        cudnn = "CUDNN" in f"{sdpa['prefill']} {sdpa['decode']}"
+        print(f"\ntransformers' attention: torch's SDPA picks {sdpa['prefill']} for its prefill, {sdpa['decode']} "
+              f"for a decode step (cuDNN {sdpa.get('cudnn')})" + ("; cuDNN plans each new shape once" if cudnn else ""))
     for tokens, rows in hf.get("diagnostic", {}).items():
-        print(f"\ntransformers at {tokens}, successive generate calls on one loaded model (the table: a fresh "
-              f"model per case, after one warm-up call): TTFT s, TPOT ms")
+        print(f"\ntransformers at {tokens}, a length no case ran: generate calls on one model, then one at another "
+              f"new length without cuDNN: TTFT s, TPOT ms")
         for name, result in rows.items():
             print(f"{name:>20} {seconds(result, 'ttft_s'):>7} {milliseconds(result):>7}")
+
+
+def gib(result: dict) -> str:
+    return f"{result['peak_GiB']:.2f}" if "peak_GiB" in result else ""
 
 
 def seconds(result: dict, key: str) -> str:
