@@ -12,15 +12,15 @@ Here the same choice in float32 (t, E) scores:
     above     scores > kth                       every one of them is chosen (fewer than k)
     ties      scores == kth                      the earliest k - |above| of them are chosen
     chosen    above | ties whose running count (left to right) is within k - |above|
-    indices   each chosen entry's column at its rank among the row's chosen (a running count):
+    indices   the chosen entries' columns, row by row (nonzero_static, its size known: t x k):
               ascending, as `top_k_of_ranking` returns them
 
 Equal to `top_k_of_ranking(ranking_keys(scores), k)` for every input without NaN: a score equal
 to the k-th is tied with it as the int64 key's high word says (-0.0 == 0.0 in both; -inf rows of
 entries not closed yet tie among themselves and go earliest first, as their keys do). ReLU makes
 ties common (an entry every head scores below zero gets exactly 0), which is why ties are
-resolved, not left to topk's order. The passes: one float32 top-k, then elementwise compares and
-two int32 running counts over (t, E), and a scatter: no 8-byte tensor of E columns.
+resolved, not left to topk's order. The passes: one float32 top-k, elementwise compares, one int32
+running count of the ties and a stream compaction over (t, E): no 8-byte tensor of E columns.
 
 Not wired into the layers yet: `bench/deepseek_v4_top_k.py` times it against the int64 path on
 a GPU first (the `topk` stage of bench/gpu_open_figures.sh).
@@ -34,16 +34,14 @@ import torch
 def top_k_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(t, E) float32 scores -> (t, k) int64 entry indices, ascending: each row's k largest
     scores, ties at the k-th going to the earliest entries. k <= E."""
-    rows, entries = scores.shape
+    rows = scores.shape[0]
     if k == 0:
         return torch.empty(rows, 0, dtype=torch.long, device=scores.device)
     kth = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # (t, 1)
-    chosen = _chosen(scores, kth, k)  # (t, E) bool, k True a row
-    rank = chosen.cumsum(dim=-1, dtype=torch.int32) - 1  # (t, E) each chosen entry's slot
-    slots = torch.where(chosen, rank, k)  # the unchosen go to a spare column k
-    columns = torch.arange(entries, device=scores.device).expand(rows, entries)
-    indices = torch.empty(rows, k + 1, dtype=torch.long, device=scores.device)
-    return indices.scatter_(1, slots.long(), columns)[:, :k]
+    chosen = _chosen(scores, kth, k)  # (t, E) bool, exactly k True a row
+    # Row-major: row by row, each row's columns ascending. The size is known (t * k), so no host
+    # sync (nonzero's output size would need one) and nothing (t, E)-wide in int64.
+    return torch.nonzero_static(chosen, size=rows * k)[:, 1].view(rows, k)
 
 
 def _chosen(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
