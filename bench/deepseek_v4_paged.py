@@ -61,6 +61,7 @@ from engine.offline import generate  # noqa: E402
 from model_folder.deepseek_v4_config import parse_deepseek_v4_config  # noqa: E402
 from model_folder.deepseek_v4_kv_budget import kv_bytes_per_token  # noqa: E402
 from model_shards.deepseek_v4.chunk_cores import CHUNK_ATTENTION_CORES  # noqa: E402
+from model_shards.deepseek_v4.kernel_choices import INDEX_TOP_K_METHODS, KernelChoices  # noqa: E402
 from model_shards.deepseek_v4.kv_pages import compressed_layout  # noqa: E402
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM  # noqa: E402
 from model_shards.deepseek_v4.op_count import OpCounter  # noqa: E402
@@ -104,6 +105,8 @@ def parse_args() -> argparse.Namespace:
                         "replay CUDA graphs (model_shards/deepseek_v4/decode_graphs.py)")
     parser.add_argument("--chunk-attention", choices=CHUNK_ATTENTION_CORES, default="auto",
                         help="model.deepseek_v4_chunk_attention: prefill chunks' attention core (chunk_cores.py)")
+    parser.add_argument("--index-top-k", choices=INDEX_TOP_K_METHODS, default="ranked",
+                        help="model.deepseek_v4_index_top_k: the indexer's prefill top-k (kernel_choices.py)")
     parser.add_argument("--alloc-conf", default=None,
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
     return parser.parse_args()
@@ -266,7 +269,8 @@ def make_engine(folder: Path, args: argparse.Namespace, block_size: int, decode_
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype,
                             cuda_graph_max_batch=most_requests if decode_graphs else 0,
-                            deepseek_v4_chunk_attention=args.chunk_attention),
+                            deepseek_v4_kernels=KernelChoices(args.chunk_attention, args.index_top_k),
+                            deepseek_v4_index_top_k=args.index_top_k),
         cache=CacheSettings(num_device_blocks=max(longest, concurrent) // block_size + 64),
         scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=most_requests,
                                     max_tokens_per_step_while_decoding=args.chunk_tokens)))
@@ -358,7 +362,7 @@ class Report:
         self.data = {"preset": args.preset, "device": args.device, "layers": args.layers, "experts": args.experts,
                      "chunk_tokens": args.chunk_tokens, "threads": torch.get_num_threads(), "rows": [],
                      "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                     "chunk_attention": args.chunk_attention, "profile": {}, "kv": kv_bytes(folder)}
+                     "chunk_attention": args.chunk_attention, "index_top_k": args.index_top_k, "profile": {}, "kv": kv_bytes(folder)}
 
     def add_row(self, row: dict) -> None:
         self.data["rows"].append(row)
@@ -431,7 +435,8 @@ def main() -> None:
     engine = make_engine(folder, args, block_size)
     model = None
     if min(args.lengths) <= args.model_max_length:
-        model = DeepseekV4ForCausalLM.from_folder(folder, device=args.device, chunk_attention=args.chunk_attention,
+        kernels = KernelChoices(args.chunk_attention, args.index_top_k)
+        model = DeepseekV4ForCausalLM.from_folder(folder, device=args.device, kernels=kernels,
                                                   dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     try:
         warm_up(engine, model, args)

@@ -52,6 +52,15 @@ class ModelSettings(_Frozen):
         "Triton's interpreter, for tests); auto: fused for CSA layers on a GPU, blocks for the rest. "
         "Other models: ignored."
     )
+    # The indexer's top-k at 1M tokens ranks 16K x 262K scores a chunk (113 ms of the last chunk's
+    # 510 on an H100, session 11). `threshold` picks the same entries from float32 scores without
+    # int64 keys; `ranked` stays the default until bench/deepseek_v4_top_k.py has timed both.
+    deepseek_v4_index_top_k: Literal["ranked", "threshold"] = Field(
+        "ranked", description="DeepSeek-V4 indexer's top-k of a prefill chunk (model_shards/deepseek_v4/"
+        "kernel_choices.py): ranked: one top-k over int64 keys the scores kernel writes; threshold: a top-k of "
+        "float32 scores for each row's k-th, ties earliest first (threshold_top_k.py). Both choose the same "
+        "entries. Other models: ignored."
+    )
     # Decode steps replay a captured graph (model_shards/cuda_graphs.py): the 2-layer 8B-shaped
     # model spent 4-5 ms a token in eager Python and kernel launches against ~1 ms of GPU work.
     cuda_graph_max_batch: int = Field(

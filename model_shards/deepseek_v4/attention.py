@@ -38,7 +38,8 @@ from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.kept_weights import GroupedProjection, Projection
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
-from model_shards.deepseek_v4.chunk_cores import attend_chunk, check_chunk_core
+from model_shards.deepseek_v4.chunk_cores import attend_chunk
+from model_shards.deepseek_v4.kernel_choices import KernelChoices
 from model_shards.deepseek_v4.sink_attention import CompressedKeys
 from model_shards.deepseek_v4.state import LayerState, SlidingWindowState
 from model_shards.deepseek_v4.weights import CheckpointTensors
@@ -54,10 +55,10 @@ Projected = tuple[torch.Tensor, torch.Tensor, IndexerInputs | None]  # compresso
 
 class DeepseekV4Attention(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture, layer_type: str, tp: ParallelGroup, dtype: torch.dtype,
-                 rotary: InterleavedRotary, chunk_attention: str = "blocks"):
+                 rotary: InterleavedRotary, kernels: KernelChoices = KernelChoices()):
         super().__init__()
         self.layer_type, self.tp, self.rotary = layer_type, tp, rotary
-        self.chunk_core = check_chunk_core(chunk_attention)  # a prefill chunk's softmax, sink and PV
+        self.chunk_core = kernels.chunk_attention  # a prefill chunk's softmax, sink and PV
         self.head_dim, self.eps = arch.head_dim, arch.rms_norm_eps
         self.sliding_window = arch.sliding_window
         self.num_heads = tp.split(arch.num_attention_heads, "num_attention_heads")
@@ -77,7 +78,7 @@ class DeepseekV4Attention(nn.Module):
             self.compressor = Compressor(arch.hidden_size, self.head_dim, arch.compress_rate(layer_type),
                                          layer_type == CSA, arch.rms_norm_eps, dtype, rotary)
         if layer_type == CSA:
-            self.indexer = LightningIndexer(arch, tp, dtype, rotary)
+            self.indexer = LightningIndexer(arch, tp, dtype, rotary, kernels.index_top_k)
 
     def new_state(self, dtype: torch.dtype, device: torch.device) -> LayerState:
         window = SlidingWindowState(self.sliding_window - 1,

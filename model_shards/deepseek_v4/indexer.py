@@ -28,6 +28,7 @@ from model_shards.deepseek_v4.rope import InterleavedRotary
 from model_shards.deepseek_v4.index_scores import decode_index_scores, index_scores, ranking_keys
 from model_shards.deepseek_v4.sink_attention import block_elements
 from model_shards.deepseek_v4.state import CompressorState
+from model_shards.deepseek_v4.threshold_top_k import top_k_by_threshold
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.parallel.groups import ParallelGroup
 
@@ -54,9 +55,11 @@ class IndexerInputs:
 
 class LightningIndexer(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture, tp: ParallelGroup, dtype: torch.dtype,
-                 rotary: InterleavedRotary):
+                 rotary: InterleavedRotary, top_k_method: str = "ranked"):
+        """top_k_method: how a prefill chunk's choice is taken (kernel_choices.py): ranked, int64
+        keys written by the scores kernel; threshold, float32 scores (threshold_top_k.py)."""
         super().__init__()
-        self.tp = tp
+        self.tp, self.top_k_method = tp, top_k_method
         self.num_heads = tp.split(arch.index_n_heads, "index_n_heads")  # this rank's
         self.head_dim = arch.index_head_dim
         self.topk = arch.index_topk
@@ -135,12 +138,15 @@ class LightningIndexer(nn.Module):
     def _top_k(self, q: torch.Tensor, head_weights: torch.Tensor, keys: Entries,
                first_position: int) -> torch.Tensor:
         """(t, min(topk, E_b)) earliest-first best entries of queries at first_position .."""
-        if self.tp.size == 1:  # scores ranked as they are computed
+        width = min(self.topk, keys.count)
+        if self.tp.size == 1 and self.top_k_method == "ranked":  # scores ranked as they are computed
             ranked = index_scores(q, head_weights, keys, first_position, self.rate, ranked=True)
-        else:  # every rank holds some heads: sum the scores over ranks first
-            scores = index_scores(q, head_weights, keys, first_position, self.rate)
-            ranked = ranking_keys(self.tp.all_reduce(scores))
-        return top_k_of_ranking(ranked, min(self.topk, keys.count))
+            return top_k_of_ranking(ranked, width)
+        # every rank holds some heads: the scores summed over ranks first
+        scores = self.tp.all_reduce(index_scores(q, head_weights, keys, first_position, self.rate))
+        if self.top_k_method == "threshold":
+            return top_k_by_threshold(scores, width)
+        return top_k_of_ranking(ranking_keys(scores), width)
 
     def load(self, reader: CheckpointTensors, prefix: str) -> None:
         shard = dict(shard_dim=0, rank=self.tp.rank, world_size=self.tp.size)

@@ -26,6 +26,7 @@ from model_folder.hf_config import load_architecture
 from model_shards.deepseek_v4.attention import DeepseekV4Attention, Segment
 from model_folder.deepseek_v4_config import SLIDING, DeepseekV4Architecture
 from model_shards.deepseek_v4.kept_weights import DeferredParameters, deferred_linear_bytes
+from model_shards.deepseek_v4.kernel_choices import KernelChoices
 from model_shards.deepseek_v4.hyper_connections import HyperConnection, HyperHead, mix_streams
 from model_shards.deepseek_v4.moe import MixtureOfExperts
 from model_shards.deepseek_v4.norms import RMSNorm
@@ -42,11 +43,11 @@ from model_shards.weights import WeightReader
 
 class DeepseekV4DecoderLayer(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture, index: int, tp: ParallelGroup, dtype: torch.dtype,
-                 rotary: InterleavedRotary, chunk_attention: str = "blocks"):
+                 rotary: InterleavedRotary, kernels: KernelChoices = KernelChoices()):
         super().__init__()
         self.attn_hc = HyperConnection(arch)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = DeepseekV4Attention(arch, arch.layer_types[index], tp, dtype, rotary, chunk_attention)
+        self.self_attn = DeepseekV4Attention(arch, arch.layer_types[index], tp, dtype, rotary, kernels)
         self.ffn_hc = HyperConnection(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
@@ -75,10 +76,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     """Parameters are uninitialized until `load_weights` (or use `from_folder`)."""
 
     def __init__(self, arch: DeepseekV4Architecture, dtype: torch.dtype, device: torch.device | str,
-                 tp: ParallelGroup | None = None, keep_quantized: bool = False, chunk_attention: str = "blocks"):
+                 tp: ParallelGroup | None = None, keep_quantized: bool = False,
+                 kernels: KernelChoices = KernelChoices()):
         """keep_quantized: weights the checkpoint stores with block scales stay in their format
-        (model.quantized_weights: keep; kept_weights.py), allocated at load only. chunk_attention:
-        the prefill chunks' attention core, a name in chunk_cores.CHUNK_ATTENTION_CORES."""
+        (model.quantized_weights: keep; kept_weights.py), allocated at load only. kernels: which
+        attention core and top-k method the layers run (kernel_choices.py)."""
         super().__init__()
         self.arch, self.dtype, self.tp = arch, dtype, tp or ParallelGroup.single()
         self.keep_quantized = keep_quantized
@@ -88,7 +90,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             self.embed = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp).to(dtype)
             self.layers = nn.ModuleList(
                 DeepseekV4DecoderLayer(arch, index, self.tp, dtype, main_rope if layer_type == SLIDING else compress_rope,
-                                       chunk_attention)
+                                       kernels)
                 for index, layer_type in enumerate(arch.layer_types))
             self.hc_head = HyperHead(arch)
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -104,11 +106,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", tp: ParallelGroup | None = None,
-                    keep_quantized: bool = False, chunk_attention: str = "blocks") -> DeepseekV4ForCausalLM:
+                    keep_quantized: bool = False, kernels: KernelChoices = KernelChoices()) -> DeepseekV4ForCausalLM:
         arch = load_architecture(folder)
         if not isinstance(arch, DeepseekV4Architecture):
             raise ModelFolderError(f"{folder}: not a DeepSeek-V4 folder ({arch.architecture})")
-        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp, keep_quantized, chunk_attention)
+        model = cls(arch, dtype or checkpoint_dtype(arch), device, tp, keep_quantized, kernels)
         with WeightReader(folder) as reader:
             model.load_weights(reader)
         return model

@@ -12,6 +12,7 @@ from cluster.config import LongctxConfig
 from model_folder.deepseek_v4_config import DeepseekV4Architecture
 from model_folder.hf_config import load_architecture
 from model_shards.deepseek_v4.decode_graphs import DeepseekV4DecodeGraphs
+from model_shards.deepseek_v4.kernel_choices import KernelChoices
 from model_shards.deepseek_v4.kernel_warmup import warm_up_runner
 from model_shards.deepseek_v4.kv_tiers import HybridKVTransfer
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, plan_pool_sizes, window_layout
@@ -45,7 +46,7 @@ class DeepseekV4Worker:
         self.model = DeepseekV4ForCausalLM.from_folder(config.model.path, dtype=self.dtype, device=self.device,
                                                        tp=self.layout.tp,
                                                        keep_quantized=config.model.quantized_weights == "keep",
-                                                       chunk_attention=config.model.deepseek_v4_chunk_attention)
+                                                       kernels=kernel_choices(config))
         # decode steps as CUDA graphs (decode_graphs.py) on one GPU rank: one scratch block a pool
         self.graph_max_batch = min(config.model.cuda_graph_max_batch, config.scheduler.max_num_seqs)
         if self.device.type != "cuda" or self.layout.world.size > 1:
@@ -127,3 +128,8 @@ class DeepseekV4Worker:
         if self.kv_transfer is not None:
             self.kv_transfer.close()
         self.grammars.close()
+
+
+def kernel_choices(config: LongctxConfig) -> KernelChoices:
+    """The model's `deepseek_v4_*` kernel choices (kernel_choices.py)."""
+    return KernelChoices(config.model.deepseek_v4_chunk_attention, config.model.deepseek_v4_index_top_k)

@@ -107,6 +107,7 @@ def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp
     from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
     from model_shards.deepseek_v4 import chunk_attention_kernel
+    from model_shards.deepseek_v4.kernel_choices import KernelChoices
     from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
     from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 
@@ -117,7 +118,7 @@ def test_the_tiny_model_with_the_kernel_equals_the_transformers_full_forward(tmp
     calls = []
     monkeypatch.setattr(chunk_attention_kernel, "chunk_attention",
                         lambda *args: calls.append(1) or chunk_attention(*args))
-    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, chunk_attention="fused", device=DEVICE)
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, kernels=KernelChoices("fused"), device=DEVICE)
     state, on_device = model.new_state(), ids.to(DEVICE)  # the kernel runs where the model is (GPU or interpreter)
     logits = torch.cat([model.compute_logits(model(on_device[i:i + 32], state)) for i in range(0, len(ids), 32)])
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]

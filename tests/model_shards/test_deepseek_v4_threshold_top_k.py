@@ -46,3 +46,35 @@ def test_rows_of_all_ties_choose_the_earliest_entries():
 
 def test_no_choice_is_an_empty_block():
     assert top_k_by_threshold(torch.zeros(4, 9, device=DEVICE), 0).shape == (4, 0)
+
+
+def test_the_tiny_model_with_threshold_top_k_gives_the_ranked_models_logits(tmp_path, monkeypatch):
+    """model.deepseek_v4_index_top_k threshold through the layers: with 4 indexer heads whole groups
+    of entries score exactly 0 at the top-k boundary, yet the chunked prefill's logits are the
+    ranked model's bit for bit (the same entries chosen), and every CSA chunk ran the threshold."""
+    from model_shards.deepseek_v4 import indexer
+    from model_shards.deepseek_v4.kernel_choices import KernelChoices
+    from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
+    from model_shards.deepseek_v4.presets import make_deepseek_v4_model
+
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=0, index_n_heads=4)
+    ids = torch.randint(0, 1000, (150,), generator=torch.Generator().manual_seed(0))
+    calls = []
+    monkeypatch.setattr(indexer, "top_k_by_threshold", lambda *args: calls.append(1) or top_k_by_threshold(*args))
+
+    def logits(method: str) -> torch.Tensor:
+        model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float32, kernels=KernelChoices(index_top_k=method))
+        state = model.new_state()
+        return torch.cat([model.compute_logits(model(ids[i:i + 7], state)) for i in range(0, len(ids), 7)])
+
+    ranked = logits("ranked")
+    assert not calls
+    assert torch.equal(logits("threshold"), ranked)
+    assert calls
+
+
+def test_an_unknown_top_k_method_is_refused_by_name():
+    from model_shards.deepseek_v4.kernel_choices import KernelChoices
+
+    with pytest.raises(ValueError, match="'radix' is not one of ranked, threshold"):
+        KernelChoices(index_top_k="radix")
