@@ -19,7 +19,8 @@
 #               a shape it ran just before (its SDPA goes to cuDNN, ~50-80 ms a plan per new shape, and
 #               its decode makes a new shape every token); its first call at each length apart
 #   6b. topk    V4's indexer top-k on one block of queries at 128K / 512K / 1M: the int64 ranking the
-#               layers use against top_k_by_threshold on float32 scores (not wired in until measured)
+#               layers use against top_k_by_threshold on float32 scores (model.deepseek_v4_index_top_k)
+#   6c. topk1m  the 1M prompt with --index-top-k threshold: end to end, against last1m
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
@@ -29,7 +30,7 @@
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
-#   STAGES="topk hcacore mhc redis" bash bench/gpu_open_figures.sh
+#   STAGES="topk topk1m hcacore mhc redis" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
 source .gpu/install.sh >/dev/null || exit 1
@@ -82,6 +83,13 @@ fi
 if wanted topk; then
     stamp topk
     timeout ${TOPK_S:-90} python3 bench/deepseek_v4_top_k.py 2>&1 | tail -16
+fi
+if wanted topk1m; then
+    stamp topk1m
+    timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
+        --lengths 1048000 --model-max-length 0 --profile-length 1048000 --index-top-k threshold \
+        > "$OUT/deepseek_v4_topk1m.log" 2>&1
+    tail -40 "$OUT/deepseek_v4_topk1m.log" | cut -c1-300
 fi
 if wanted mhc; then
     stamp mhc
