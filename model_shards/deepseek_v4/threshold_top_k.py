@@ -4,50 +4,87 @@
 (index_scores.py): exact and simple, but every score becomes 8 bytes, and a radix select over
 64-bit keys takes twice the passes of one over 32-bit values. At 1M tokens a CSA layer ranks
 16K queries x 262K entries a chunk (2^28 scores a block of queries): session 11's profile of the
-last 1M chunk on an H100 spent 113 ms in top-k, the second largest section after attention.
+last 1M chunk on an H100 spent 113 ms in top-k for its one CSA layer, next to 118 ms of scores.
 
 Here the same choice in float32 (t, E) scores:
 
-    kth       the k-th largest score of each row (one float32 top-k: its values only)
-    above     scores > kth                       every one of them is chosen (fewer than k)
-    ties      scores == kth                      the earliest k - |above| of them are chosen
-    chosen    above | ties whose running count (left to right) is within k - |above|
-    indices   the chosen entries' columns, row by row (nonzero_static, its size known: t x k):
-              ascending, as `top_k_of_ranking` returns them
+    values    one float32 top-k of each row (values only, unsorted)             (t, k)
+    kth       the row's k-th largest score: the least of those values            (t,)
+    wanted    k - |values > kth|: how many entries tied with kth it takes        (t,)
+              (every score above kth is among the top-k values, so no pass over E counts them)
+    columns   one pass over each row, left to right: an entry is chosen when its score is above
+              kth, or equal to it and among the first `wanted` such; chosen columns are written
+              in the order met, so ascending, as `top_k_of_ranking` returns them
 
 Equal to `top_k_of_ranking(ranking_keys(scores), k)` for every input without NaN: a score equal
 to the k-th is tied with it as the int64 key's high word says (-0.0 == 0.0 in both; -inf rows of
 entries not closed yet tie among themselves and go earliest first, as their keys do). ReLU makes
 ties common (an entry every head scores below zero gets exactly 0), which is why ties are
-resolved, not left to topk's order. The passes: one float32 top-k, elementwise compares, one int32
-running count of the ties and a stream compaction over (t, E): no 8-byte tensor of E columns.
+resolved, not left to topk's order.
 
-Not wired into the layers yet: `bench/deepseek_v4_top_k.py` times it against the int64 path on
-a GPU first (the `topk` stage of bench/gpu_open_figures.sh).
+The pass over a row is a Triton kernel on a GPU (`_chosen_columns`: one program a row, a running
+count carried across tiles, scores read once); elsewhere torch ops (two int32 running counts and
+a stream compaction over (t, E)). Chosen by `model.deepseek_v4_index_top_k: threshold`
+(kernel_choices.py); bench/deepseek_v4_top_k.py times it against the int64 path.
 """
 
 from __future__ import annotations
 
 import torch
 
+from model_shards.attention.triton_runtime import tl, triton
+
+ROW_TILE = 4096  # entries a program scans at once (one tl.cumsum)
+
 
 def top_k_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(t, E) float32 scores -> (t, k) int64 entry indices, ascending: each row's k largest
     scores, ties at the k-th going to the earliest entries. k <= E."""
-    rows = scores.shape[0]
     if k == 0:
-        return torch.empty(rows, 0, dtype=torch.long, device=scores.device)
-    kth = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # (t, 1)
-    chosen = _chosen(scores, kth, k)  # (t, E) bool, exactly k True a row
-    # Row-major: row by row, each row's columns ascending. The size is known (t * k), so no host
-    # sync (nonzero's output size would need one) and nothing (t, E)-wide in int64.
-    return torch.nonzero_static(chosen, size=rows * k)[:, 1].view(rows, k)
+        return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+    values = scores.topk(k, dim=-1, sorted=False).values  # (t, k)
+    kth = values.amin(dim=-1)  # (t,)
+    wanted = k - (values > kth[:, None]).sum(dim=-1, dtype=torch.int32)  # (t,) ties taken, >= 1
+    columns = chosen_columns_kernel if scores.is_cuda else chosen_columns_torch
+    return columns(scores, kth, wanted, k)
 
 
-def _chosen(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    """Every score above the row's k-th, then its ties with the k-th from the left until k."""
-    above = scores > kth
-    ties = scores == kth
-    wanted = k - above.sum(dim=-1, keepdim=True, dtype=torch.int32)  # (t, 1), >= 1
+def chosen_columns_torch(scores: torch.Tensor, kth: torch.Tensor, wanted: torch.Tensor, k: int) -> torch.Tensor:
+    """The chosen columns (t, k) ascending by torch ops over (t, E)."""
+    ties = scores == kth[:, None]
     tie_rank = ties.cumsum(dim=-1, dtype=torch.int32)  # (t, E) ties up to and including this entry
-    return above | (ties & (tie_rank <= wanted))
+    chosen = (scores > kth[:, None]) | (ties & (tie_rank <= wanted[:, None]))  # exactly k a row
+    # Row-major: row by row, columns ascending; the size is known (t * k), so no host sync.
+    return torch.nonzero_static(chosen, size=scores.shape[0] * k)[:, 1].view(-1, k)
+
+
+def chosen_columns_kernel(scores: torch.Tensor, kth: torch.Tensor, wanted: torch.Tensor, k: int) -> torch.Tensor:
+    """The chosen columns (t, k) ascending, one Triton program a row (interpreter without CUDA)."""
+    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+    rows, entries = scores.shape
+    out = torch.empty(rows, k, dtype=torch.long, device=scores.device)
+    _chosen_columns[(rows,)](scores, kth.float().contiguous(), wanted.to(torch.int32).contiguous(), out, entries,
+                             scores.stride(0), out.stride(0), TILE=min(ROW_TILE, triton.next_power_of_2(entries)),
+                             num_warps=8)
+    return out
+
+
+@triton.jit
+def _chosen_columns(scores_ptr, kth_ptr, wanted_ptr, out_ptr, entries, stride_row, stride_out, TILE: tl.constexpr):
+    """One row: its chosen columns in the order met (above kth, or tied with it within `wanted`)."""
+    row = tl.program_id(0)
+    kth = tl.load(kth_ptr + row)
+    wanted = tl.load(wanted_ptr + row)
+    placed = tl.zeros([], dtype=tl.int32)  # chosen so far: the next one's slot
+    ties_seen = tl.zeros([], dtype=tl.int32)
+    for start in range(0, entries, TILE):
+        columns = start + tl.arange(0, TILE)
+        inside = columns < entries
+        score = tl.load(scores_ptr + row * stride_row + columns, mask=inside, other=0.0)
+        tie = inside & (score == kth)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0)  # ties up to and including this one
+        take = (inside & (score > kth)) | (tie & (tie_rank <= wanted))
+        slot = placed + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(out_ptr + row * stride_out + slot, columns.to(tl.int64), mask=take)
+        placed += tl.sum(take.to(tl.int32), 0)
+        ties_seen += tl.sum(tie.to(tl.int32), 0)

@@ -1,7 +1,8 @@
 """top_k_by_threshold (model_shards/deepseek_v4/threshold_top_k.py) picks exactly what the indexer's
 int64 ranking picks (indexer.top_k_of_ranking over index_scores.ranking_keys): the same entries in
 the same ascending order, with the ties ReLU makes (many exact zeros), -0.0 against 0.0, rows of
--inf (entries not closed yet) and k from 1 to E. Exact equality: both are selections, no arithmetic."""
+-inf (entries not closed yet) and k from 1 to E; its row pass as torch ops and as the Triton kernel
+(the interpreter on a CPU), rows longer than a tile included. Exact equality: both are selections."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from model_shards.deepseek_v4.index_scores import ranking_keys
 from model_shards.deepseek_v4.indexer import top_k_of_ranking
-from model_shards.deepseek_v4.threshold_top_k import top_k_by_threshold
+from model_shards.deepseek_v4.threshold_top_k import (chosen_columns_kernel, chosen_columns_torch,
+                                                      top_k_by_threshold)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -33,6 +35,17 @@ def test_threshold_top_k_equals_the_int64_ranking(rows, entries, k, seed):
     scores = relu_like_scores(rows, entries, seed)
     expected = top_k_of_ranking(ranking_keys(scores), k)
     assert torch.equal(top_k_by_threshold(scores, k), expected)
+
+
+@pytest.mark.parametrize("rows, entries, k", [(7, 50, 13), (3, 9000, 512), (4, 40, 40)])  # 9000: three tiles
+def test_the_row_pass_kernel_equals_the_torch_ops(rows, entries, k):
+    scores = relu_like_scores(rows, entries, seed=rows)
+    values = scores.topk(k, dim=-1, sorted=False).values
+    kth = values.amin(dim=-1)
+    wanted = k - (values > kth[:, None]).sum(dim=-1, dtype=torch.int32)
+    expected = top_k_of_ranking(ranking_keys(scores), k)
+    assert torch.equal(chosen_columns_torch(scores, kth, wanted, k), expected)
+    assert torch.equal(chosen_columns_kernel(scores, kth, wanted, k), expected)
 
 
 def test_rows_of_all_ties_choose_the_earliest_entries():
