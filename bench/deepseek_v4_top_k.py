@@ -1,7 +1,7 @@
 """DeepSeek-V4's indexer top-k for one block of queries: the layers' int64 ranking (the scores
 kernel writes `ordered(score) << 32 | (E - 1 - entry)`, then one top-k over those keys) against
-`top_k_by_threshold` (float32 scores: a top-k of values for each row's k-th, then the ties
-resolved earliest first: model_shards/deepseek_v4/threshold_top_k.py), on the block the layers
+`top_k_by_threshold` (float32 scores: each row's k-th value by torch's top-k or by our radix
+select, then one pass choosing the entries, ties earliest first: threshold_top_k.py), on the block the layers
 rank at once: 2^28 scores (block_elements on a GPU), E = context / 4 CSA entries, top-512.
 
 GPU:  python3 bench/deepseek_v4_top_k.py
@@ -81,7 +81,8 @@ def context_rows(args: argparse.Namespace, context: int, device: torch.device) -
     expected = top_k_of_ranking(ranked, args.topk)
     copy_ms = event_ms(lambda: scores.clone(), args.repeats, device)
     cases = {"int64 ranking (the layers' path)": (lambda: top_k_of_ranking(ranked, args.topk), 8),
-             "threshold on float32 scores": (lambda: top_k_by_threshold(scores, args.topk), 4)}
+             "threshold, k-th by torch's top-k": (lambda: top_k_by_threshold(scores, args.topk, "topk"), 4),
+             "threshold, k-th by radix select": (lambda: top_k_by_threshold(scores, args.topk, "radix"), 4)}
     table = []
     for name, (call, bytes_per_score) in cases.items():
         ms = event_ms(call, args.repeats, device)

@@ -24,7 +24,9 @@ resolved, not left to topk's order.
 
 The pass over a row is a Triton kernel on a GPU (`_chosen_columns`: one program a row, a running
 count carried across tiles, scores read once); elsewhere torch ops (two int32 running counts and
-a stream compaction over (t, E)). Chosen by `model.deepseek_v4_index_top_k: threshold`
+a stream compaction over (t, E)). The k-th value comes from torch's float32 top-k (`topk`) or from
+a radix select of our own (`radix`: four passes of 8-bit histograms a row, which also gives the
+ties wanted); the bench times both before either becomes the layers'. Chosen by `model.deepseek_v4_index_top_k: threshold`
 (kernel_choices.py); bench/deepseek_v4_top_k.py times it against the int64 path.
 """
 
@@ -35,18 +37,42 @@ import torch
 from model_shards.attention.triton_runtime import tl, triton
 
 ROW_TILE = 4096  # entries a program scans at once (one tl.cumsum)
+RADIX_TILE = 2048  # entries a radix pass histograms at once
 
 
-def top_k_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_by_threshold(scores: torch.Tensor, k: int, kth_search: str = "topk") -> torch.Tensor:
     """(t, E) float32 scores -> (t, k) int64 entry indices, ascending: each row's k largest
-    scores, ties at the k-th going to the earliest entries. k <= E."""
+    scores, ties at the k-th going to the earliest entries. k <= E. `kth_search`: how each row's
+    k-th value is found, a name in KTH_SEARCHES."""
     if k == 0:
         return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
-    values = scores.topk(k, dim=-1, sorted=False).values  # (t, k)
-    kth = values.amin(dim=-1)  # (t,)
-    wanted = k - (values > kth[:, None]).sum(dim=-1, dtype=torch.int32)  # (t,) ties taken, >= 1
+    kth, wanted = KTH_SEARCHES[kth_search](scores, k)
     columns = chosen_columns_kernel if scores.is_cuda else chosen_columns_torch
     return columns(scores, kth, wanted, k)
+
+
+def kth_by_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k-th largest score (t,) and how many entries tied with it the top-k takes (t,)
+    int32, from one float32 top-k of values: every score above the k-th is among them."""
+    values = scores.topk(k, dim=-1, sorted=False).values  # (t, k)
+    kth = values.amin(dim=-1)
+    return kth, k - (values > kth[:, None]).sum(dim=-1, dtype=torch.int32)
+
+
+def kth_by_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kth_by_topk`'s answer by a radix select, one Triton program a row (interpreter without
+    CUDA): four passes over the row, each a 256-bin histogram of the next 8 bits of the scores'
+    order-preserving keys among those whose higher bits match the k-th's so far."""
+    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+    rows, entries = scores.shape
+    kth = torch.empty(rows, dtype=torch.float32, device=scores.device)
+    wanted = torch.empty(rows, dtype=torch.int32, device=scores.device)
+    _kth_largest[(rows,)](scores, kth, wanted, entries, scores.stride(0), k,
+                          TILE=min(RADIX_TILE, triton.next_power_of_2(entries)), num_warps=8)
+    return kth, wanted
+
+
+KTH_SEARCHES = {"topk": kth_by_topk, "radix": kth_by_radix}
 
 
 def chosen_columns_torch(scores: torch.Tensor, kth: torch.Tensor, wanted: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,3 +114,38 @@ def _chosen_columns(scores_ptr, kth_ptr, wanted_ptr, out_ptr, entries, stride_ro
         tl.store(out_ptr + row * stride_out + slot, columns.to(tl.int64), mask=take)
         placed += tl.sum(take.to(tl.int32), 0)
         ties_seen += tl.sum(tie.to(tl.int32), 0)
+
+
+@triton.jit
+def _order_key(score):
+    """float32 -> int64 in [0, 2^32), ordered as the scores (-0.0 as 0.0, -inf lowest)."""
+    bits = (score + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes 0.0
+    signed = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 ordered as the floats
+    return signed.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _kth_largest(scores_ptr, kth_ptr, wanted_ptr, entries, stride_row, k, TILE: tl.constexpr):
+    """One row's k-th largest score and how many of its ties the top-k takes (its rank among them)."""
+    row = tl.program_id(0)
+    bins = tl.arange(0, 512)  # 0..255 the digits, 256: entries outside the prefix or the row
+    prefix = tl.zeros([], dtype=tl.int64)  # the k-th's key bits found so far
+    rank = tl.zeros([], dtype=tl.int32) + k  # the k-th's rank, from the top, among the prefix's entries
+    for digit_pass in tl.static_range(4):
+        shift = 24 - 8 * digit_pass
+        counts = tl.zeros([512], dtype=tl.int32)
+        for start in range(0, entries, TILE):
+            columns = start + tl.arange(0, TILE)
+            inside = columns < entries
+            key = _order_key(tl.load(scores_ptr + row * stride_row + columns, mask=inside, other=0.0))
+            matches = inside & ((key >> (shift + 8)) == prefix)
+            counts += tl.histogram(tl.where(matches, (key >> shift) & 255, 256).to(tl.int32), 512)
+        counts = tl.where(bins < 256, counts, 0)
+        from_top = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # (512,) entries in bins >= b
+        digit = tl.sum((from_top >= rank).to(tl.int32), 0) - 1  # the lowest bin still holding the rank
+        rank -= tl.sum(tl.where(bins == digit, from_top - counts, 0), 0)  # minus those in higher bins
+        prefix = (prefix << 8) | digit.to(tl.int64)
+    signed = (prefix - 2147483648).to(tl.int32)
+    bits = tl.where(signed < 0, signed ^ 0x7FFFFFFF, signed)
+    tl.store(kth_ptr + row, bits.to(tl.float32, bitcast=True))
+    tl.store(wanted_ptr + row, rank)

@@ -11,8 +11,8 @@ import torch
 
 from model_shards.deepseek_v4.index_scores import ranking_keys
 from model_shards.deepseek_v4.indexer import top_k_of_ranking
-from model_shards.deepseek_v4.threshold_top_k import (chosen_columns_kernel, chosen_columns_torch,
-                                                      top_k_by_threshold)
+from model_shards.deepseek_v4.threshold_top_k import (chosen_columns_kernel, chosen_columns_torch, kth_by_radix,
+                                                      kth_by_topk, top_k_by_threshold)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -37,7 +37,25 @@ def test_threshold_top_k_equals_the_int64_ranking(rows, entries, k, seed):
     assert torch.equal(top_k_by_threshold(scores, k), expected)
 
 
-@pytest.mark.parametrize("rows, entries, k", [(7, 50, 13), (3, 9000, 512), (4, 40, 40)])  # 9000: three tiles
+@pytest.mark.parametrize("rows, entries, k", [(7, 50, 13), (3, 9000, 512), (5, 40, 40)])  # 9000: several tiles
+def test_the_radix_select_finds_the_topks_kth_value_and_its_ties(rows, entries, k):
+    """Ties included: (5, 40, 40) asks for every entry, its k-th the row's least (-inf)."""
+    scores = relu_like_scores(rows, entries, seed=rows + 10)
+    kth, wanted = kth_by_radix(scores, k)
+    expected_kth, expected_wanted = kth_by_topk(scores, k)
+    assert torch.equal(kth, expected_kth) and torch.equal(wanted, expected_wanted)
+    assert torch.equal(top_k_by_threshold(scores, k, "radix"), top_k_of_ranking(ranking_keys(scores), k))
+
+
+def test_the_radix_select_orders_negative_scores_and_signed_zeros():
+    scores = torch.tensor([[-1.5, -0.0, 0.0, -3.0, 2.0, -0.25, float("-inf"), 0.0]], device=DEVICE)
+    for k, (value, ties) in {1: (2.0, 1), 2: (0.0, 1), 4: (0.0, 3), 5: (-0.25, 1), 6: (-1.5, 1),
+                             8: (float("-inf"), 1)}.items():
+        kth, wanted = kth_by_radix(scores, k)
+        assert (kth.item(), wanted.item()) == (value, ties), k
+
+
+@pytest.mark.parametrize("rows, entries, k", [(7, 50, 13), (3, 9000, 512), (4, 40, 40)])  # 9000: several tiles
 def test_the_row_pass_kernel_equals_the_torch_ops(rows, entries, k):
     scores = relu_like_scores(rows, entries, seed=rows)
     values = scores.topk(k, dim=-1, sorted=False).values

@@ -1,6 +1,7 @@
-"""The threshold top-k's row pass (threshold_top_k._chosen_columns) compiles for Hopper (sm_90)
-on any machine, within an SM's shared memory and without spilling registers: the interpreter the
-other tests use accepts code the compiler rejects (sm90_compile.py)."""
+"""The threshold top-k's kernels (threshold_top_k._chosen_columns, the row pass, and _kth_largest,
+the radix select) compile for Hopper (sm_90) on any machine, within an SM's shared memory and
+without spilling registers: the interpreter the other tests use accepts code the compiler rejects
+(sm90_compile.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,27 @@ NAMES = ["scores_ptr", "kth_ptr", "wanted_ptr", "out_ptr", "entries", "stride_ro
 TYPES = ["*fp32", "*fp32", "*i32", "*i64", "i32", "i32", "i32"]
 
 
-def compile_all() -> None:
-    from model_shards.deepseek_v4.threshold_top_k import ROW_TILE, _chosen_columns
+RADIX_NAMES = ["scores_ptr", "kth_ptr", "wanted_ptr", "entries", "stride_row", "k"]
+RADIX_TYPES = ["*fp32", "*fp32", "*i32", "i32", "i32", "i32"]
 
-    compiled = compile_for_sm90(_chosen_columns, NAMES, TYPES, {"TILE": ROW_TILE}, num_warps=8)
-    usage = ptxas_usage(compiled)
-    assert compiled.metadata.shared <= 228 * 1024 and usage["spill_bytes"] == 0, usage
-    print(f"chosen_columns: ok, shared {compiled.metadata.shared} bytes, {usage}")
+
+def compile_all() -> None:
+    from model_shards.deepseek_v4.threshold_top_k import RADIX_TILE, ROW_TILE, _chosen_columns, _kth_largest
+
+    for name, compiled in [
+        ("chosen_columns", compile_for_sm90(_chosen_columns, NAMES, TYPES, {"TILE": ROW_TILE}, num_warps=8)),
+        ("kth_largest", compile_for_sm90(_kth_largest, RADIX_NAMES, RADIX_TYPES, {"TILE": RADIX_TILE}, num_warps=8)),
+    ]:
+        usage = ptxas_usage(compiled)
+        assert compiled.metadata.shared <= 228 * 1024 and usage["spill_bytes"] == 0, (name, usage)
+        print(f"{name}: ok, shared {compiled.metadata.shared} bytes, {usage}")
 
 
 @pytest.mark.slow
 def test_the_row_pass_compiles_for_hopper():
     result = run_in_fresh_interpreter(__file__, timeout_s=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "chosen_columns: ok" in result.stdout, result.stdout
+    assert "chosen_columns: ok" in result.stdout and "kth_largest: ok" in result.stdout, result.stdout
 
 
 if __name__ == "__main__":
