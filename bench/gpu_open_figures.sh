@@ -41,6 +41,14 @@ STAGES=${STAGES:-"tests graphs last1m fused1m"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 stamp() { echo "[$(date +%T)] $*"; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+# The 1M-token flash-shape prompt with the last chunk's section profile: prompt_1m NAME [bench flags]
+prompt_1m() {
+    local name=$1; shift
+    stamp "$name"
+    timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
+        --lengths 1048000 --model-max-length 0 --profile-length 1048000 "$@" > "$OUT/deepseek_v4_$name.log" 2>&1
+    tail -40 "$OUT/deepseek_v4_$name.log" | cut -c1-300
+}
 
 if wanted tests; then
     stamp tests
@@ -58,21 +66,14 @@ if wanted graphs; then
     grep '"concurrency"' "$OUT/deepseek_v4_graphs.log" | cut -c1-260
 fi
 if wanted last1m; then
-    stamp last1m
-    timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
-        --lengths 1048000 --model-max-length 0 --profile-length 1048000 > "$OUT/deepseek_v4_last1m.log" 2>&1
-    tail -40 "$OUT/deepseek_v4_last1m.log" | cut -c1-300
+    prompt_1m last1m
 fi
 if wanted hcacore; then
     stamp hcacore
     timeout ${HCACORE_S:-150} python3 bench/deepseek_v4_chunk_attention.py 2>&1 | tail -24
 fi
 if wanted fused1m; then
-    stamp fused1m
-    timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
-        --lengths 1048000 --model-max-length 0 --profile-length 1048000 --chunk-attention blocks \
-        > "$OUT/deepseek_v4_fused1m.log" 2>&1
-    tail -40 "$OUT/deepseek_v4_fused1m.log" | cut -c1-300
+    prompt_1m fused1m --chunk-attention blocks
 fi
 if wanted floor; then
     stamp floor
@@ -85,11 +86,7 @@ if wanted topk; then
     timeout ${TOPK_S:-90} python3 bench/deepseek_v4_top_k.py 2>&1 | tail -16
 fi
 if wanted topk1m; then
-    stamp topk1m
-    timeout ${LAST1M_S:-120} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
-        --lengths 1048000 --model-max-length 0 --profile-length 1048000 --index-top-k threshold \
-        > "$OUT/deepseek_v4_topk1m.log" 2>&1
-    tail -40 "$OUT/deepseek_v4_topk1m.log" | cut -c1-300
+    prompt_1m topk1m --index-top-k threshold
 fi
 if wanted mhc; then
     stamp mhc

@@ -114,16 +114,21 @@ def test_a_lone_request_on_a_quiet_engine_starts_at_once(tiny_model_dir, make_en
     assert all(0 <= delay_s < GAP_S / 10 for delay_s in delays_s), delays_s
 
 
-def test_the_wait_is_bounded_by_arrival_max_wait_s(tiny_model_dir, make_engine_for):
-    """Requests 0.2 s apart keep coming within the gap, yet the first burst step starts at the
-    bound (0.25 s): the third, sent at 0.4 s, is not in it."""
-    engine = AsyncEngine(make_engine_for(tiny_model_dir), arrival_gap_s=GAP_S, arrival_max_wait_s=0.25)
+def _slow_burst_steps(engine: AsyncEngine) -> list[list[str]]:
+    """The burst's new requests a step, its requests sent 0.2 s apart after requests open together."""
     steps = _new_requests_per_step(engine)
     try:
         _burst_after_requests_together(engine, spacing_s=0.2)
     finally:
         engine.shutdown()
-    burst_steps = _burst_steps(steps)
+    return _burst_steps(steps)
+
+
+def test_the_wait_is_bounded_by_arrival_max_wait_s(tiny_model_dir, make_engine_for):
+    """Requests 0.2 s apart keep coming within the gap, yet the first burst step starts at the
+    bound (0.25 s): the third, sent at 0.4 s, is not in it."""
+    engine = AsyncEngine(make_engine_for(tiny_model_dir), arrival_gap_s=GAP_S, arrival_max_wait_s=0.25)
+    burst_steps = _slow_burst_steps(engine)
     assert burst_steps[0][0] == "burst-0" and "burst-2" not in burst_steps[0]
     assert sorted(id_ for ids in burst_steps for id_ in ids) == ["burst-0", "burst-1", "burst-2"]
 
@@ -131,12 +136,6 @@ def test_the_wait_is_bounded_by_arrival_max_wait_s(tiny_model_dir, make_engine_f
 @pytest.mark.parametrize("gathering", [{}, {"arrival_gap_s": 0.0, "arrival_max_wait_s": 5.0}],
                          ids=["the engine's default", "gap 0"])
 def test_without_a_gap_the_first_request_of_a_burst_starts_alone(tiny_model_dir, make_engine_for, gathering):
-    engine = AsyncEngine(make_engine_for(tiny_model_dir), **gathering)
-    steps = _new_requests_per_step(engine)
-    try:
-        _burst_after_requests_together(engine, spacing_s=0.2)
-    finally:
-        engine.shutdown()
-    burst_steps = _burst_steps(steps)
+    burst_steps = _slow_burst_steps(AsyncEngine(make_engine_for(tiny_model_dir), **gathering))
     assert burst_steps[0] == ["burst-0"]
     assert sorted(id_ for ids in burst_steps for id_ in ids) == ["burst-0", "burst-1", "burst-2"]
