@@ -96,7 +96,13 @@ def _entry_keys(entries_ptr, table_ptr, rows, allowed, rows_per_block, stride_bl
     return tl.load(entries_ptr + address[:, None] + dims[None, :], mask=allowed[:, None], other=0.0)
 
 
-@triton.jit
+# A chunk's lengths and offsets change with every step; left to Triton, each new combination of
+# them being 1 or a multiple of 16 would compile another variant inside a request (the warm-up
+# coverage test caught this once `auto` made the kernel the CSA layers' default).
+LENGTHS = ["tokens", "carried", "first_position", "topk", "stride_selected"]
+
+
+@triton.jit(do_not_specialize=LENGTHS)
 def _chunk_attention(q_ptr, window_ptr, entries_ptr, table_ptr, selected_ptr, sink_ptr, out_ptr, tokens, heads,
                      carried, first_position, rate, topk, rows_per_block, scale, stride_q_token, stride_q_head,
                      stride_window, stride_block, stride_row, stride_selected, stride_out_token, stride_out_head,

@@ -36,8 +36,10 @@ import torch
 
 from model_shards.attention.triton_runtime import tl, triton
 
-ROW_TILE = 4096  # entries a program scans at once (one tl.cumsum)
-RADIX_TILE = 2048  # entries a radix pass histograms at once
+# Entries a program takes at once: fixed, not sized by the row, so that a prompt's growing entry
+# count never selects another compiled variant (a compile inside a request; kernel_warmup.py).
+ROW_TILE = 4096  # the row pass (one tl.cumsum)
+RADIX_TILE = 2048  # a radix pass (one histogram)
 
 
 def top_k_by_threshold(scores: torch.Tensor, k: int, kth_search: str = "topk") -> torch.Tensor:
@@ -47,8 +49,13 @@ def top_k_by_threshold(scores: torch.Tensor, k: int, kth_search: str = "topk") -
     if k == 0:
         return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
     kth, wanted = KTH_SEARCHES[kth_search](scores, k)
-    columns = chosen_columns_kernel if scores.is_cuda else chosen_columns_torch
+    columns = chosen_columns_kernel if row_pass_kernel_runs(scores) else chosen_columns_torch
     return columns(scores, kth, wanted, k)
+
+
+def row_pass_kernel_runs(scores: torch.Tensor) -> bool:
+    """The Triton row pass on a GPU; torch ops elsewhere (the interpreter would be far slower)."""
+    return scores.is_cuda
 
 
 def kth_by_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +75,7 @@ def kth_by_radix(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     kth = torch.empty(rows, dtype=torch.float32, device=scores.device)
     wanted = torch.empty(rows, dtype=torch.int32, device=scores.device)
     _kth_largest[(rows,)](scores, kth, wanted, entries, scores.stride(0), k,
-                          TILE=min(RADIX_TILE, triton.next_power_of_2(entries)), num_warps=8)
+                          TILE=RADIX_TILE, num_warps=8)
     return kth, wanted
 
 
@@ -90,12 +97,16 @@ def chosen_columns_kernel(scores: torch.Tensor, kth: torch.Tensor, wanted: torch
     rows, entries = scores.shape
     out = torch.empty(rows, k, dtype=torch.long, device=scores.device)
     _chosen_columns[(rows,)](scores, kth.float().contiguous(), wanted.to(torch.int32).contiguous(), out, entries,
-                             scores.stride(0), out.stride(0), TILE=min(ROW_TILE, triton.next_power_of_2(entries)),
+                             scores.stride(0), out.stride(0), TILE=ROW_TILE,
                              num_warps=8)
     return out
 
 
-@triton.jit
+# A row's entry count (and so its stride) grows with the prompt: unspecialized, one variant serves all.
+LENGTHS = ["entries", "stride_row"]
+
+
+@triton.jit(do_not_specialize=LENGTHS)
 def _chosen_columns(scores_ptr, kth_ptr, wanted_ptr, out_ptr, entries, stride_row, stride_out, TILE: tl.constexpr):
     """One row: its chosen columns in the order met (above kth, or tied with it within `wanted`)."""
     row = tl.program_id(0)
@@ -124,7 +135,7 @@ def _order_key(score):
     return signed.to(tl.int64) + 2147483648
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS + ["k"])
 def _kth_largest(scores_ptr, kth_ptr, wanted_ptr, entries, stride_row, k, TILE: tl.constexpr):
     """One row's k-th largest score and how many of its ties the top-k takes (its rank among them)."""
     row = tl.program_id(0)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_shards.deepseek_v4 import hyper_connections, index_scores, norm_rope, paged_decodes, sink_attention
+from model_shards.deepseek_v4 import (chunk_cores, hyper_connections, index_scores, norm_rope, paged_decodes,
+                                      sink_attention, threshold_top_k)
+from model_shards.deepseek_v4.chunk_attention_kernel import _chunk_attention
 from model_shards.deepseek_v4.hyper_kernels import _collapse, _hyper_weights, _mix, _stream_mixes
 from model_shards.deepseek_v4.index_scores_kernel import _decode_index_scores, _index_scores
+from model_shards.deepseek_v4.kernel_choices import KernelChoices
 from model_shards.deepseek_v4.kernel_warmup import warm_up_runner
 from model_shards.deepseek_v4.kv_pages import PagePool, compressed_layout, window_layout
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
@@ -23,13 +26,15 @@ from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from model_shards.deepseek_v4.sink_softmax import _sink_softmax
+from model_shards.deepseek_v4.threshold_top_k import _chosen_columns
 from model_shards.triton_compiles import LaunchKeys
 from protocol.sampling_params import SamplingParams
 from protocol.step import CachedRequestData, NewRequestData, StepInput
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-KERNELS = (_index_scores, _decode_index_scores, _sink_softmax, _norm_rope, _stream_mixes, _hyper_weights,
-           _collapse, _mix)
+LAYER_KERNELS = (_index_scores, _decode_index_scores, _sink_softmax, _norm_rope, _stream_mixes, _hyper_weights,
+                 _collapse, _mix)
+KERNELS = LAYER_KERNELS + (_chunk_attention,)  # the worker's defaults (chunk attention auto: CSA fused on a GPU)
 BLOCK, CHUNK = 16, 32
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
@@ -43,6 +48,10 @@ def gpu_paths_on_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(sink_attention, "attend", sink_attention.attend_fused)
     monkeypatch.setattr(norm_rope, "fused_kernel_runs", lambda x: x.is_contiguous())
     monkeypatch.setattr(hyper_connections, "fused_kernels_run", lambda streams: streams.is_contiguous())
+    csa = lambda core, q, compressed: core in ("fused", "auto") and compressed is not None \
+        and compressed.selected is not None  # noqa: E731  (auto as on a GPU)
+    monkeypatch.setattr(chunk_cores, "_fused_wanted", csa)
+    monkeypatch.setattr(threshold_top_k, "row_pass_kernel_runs", lambda scores: True)
 
 
 def serving_steps(lengths: list[int], decodes: int) -> list[StepInput]:
@@ -70,19 +79,23 @@ def serving_steps(lengths: list[int], decodes: int) -> list[StepInput]:
     return steps
 
 
-def test_requests_after_the_warm_up_launch_only_warmed_keys(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernels, watched", [
+    (KernelChoices("auto"), KERNELS),
+    (KernelChoices("blocks", "threshold"), LAYER_KERNELS + (_chosen_columns,)),  # its k-th by torch's top-k
+], ids=["defaults", "threshold top-k"])
+def test_requests_after_the_warm_up_launch_only_warmed_keys(tmp_path, monkeypatch, kernels, watched):
     gpu_paths_on_the_cpu(monkeypatch)
     folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=6)
-    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float16)
+    model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float16, kernels=kernels)
     pages = PagedKV(PagePool(compressed_layout(model.arch, BLOCK, model.dtype), 64, "cpu"),
                     PagePool(window_layout(model.arch, BLOCK, model.dtype), 64, "cpu"), BLOCK)
     runner = DeepseekV4Runner(model, pages)
-    with LaunchKeys(*KERNELS) as warm:
+    with LaunchKeys(*watched) as warm:
         assert warm_up_runner(runner) > 0
-    with LaunchKeys(*KERNELS) as served:
+    with LaunchKeys(*watched) as served:
         for step in serving_steps([32, 90], decodes=8):  # steps of 64, 32, 26 tokens, then decodes
             runner.execute(step)
-    for kernel in KERNELS:
+    for kernel in watched:
         assert served.keys[kernel], f"{kernel.fn.__name__}: never launched while serving"
         unwarmed = set(served.keys[kernel]) - set(warm.keys[kernel])
         assert not unwarmed, f"{kernel.fn.__name__} compiles while serving: {sorted(unwarmed, key=str)[:2]}"
