@@ -23,6 +23,7 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
+from cluster.config import LongctxConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats, RequestFailedError
 from protocol.sampling_params import InvalidParameterError, SamplingParams
@@ -321,7 +322,7 @@ def _ready(first: Any, source: _Inbox) -> tuple[list[CompletionDelta], BaseExcep
         item = source.get_nowait()
 
 
-def serving_engine(config) -> AsyncEngine:
+def serving_engine(config: LongctxConfig) -> AsyncEngine:
     """The engine a replica serves from, with the config's `serve` settings (stream pacing, arrival
     gathering): the served replica and the bench's direct mode build it alike, so their rows compare
     the same engine (session 11's direct rows ran without the gap they were labelled with)."""
