@@ -75,6 +75,20 @@ def test_rows_of_all_ties_choose_the_earliest_entries():
     assert torch.equal(top_k_of_ranking(ranking_keys(scores), 5), expected)
 
 
+def test_one_compiled_variant_serves_every_row_width():
+    """Entry counts grow with the prompt (1, multiples of 16 and neither): both kernels keep one
+    launch key, so none compiles inside a request (triton_compiles.LaunchKeys)."""
+    from model_shards.deepseek_v4.threshold_top_k import _chosen_columns, _kth_largest
+    from model_shards.triton_compiles import LaunchKeys
+
+    with LaunchKeys(_chosen_columns, _kth_largest) as launched:
+        for entries in (17, 32, 33, 48, 129):
+            scores = relu_like_scores(3, entries, seed=entries)
+            kth, wanted = kth_by_radix(scores, 16)
+            chosen_columns_kernel(scores, kth, wanted, 16)
+    assert all(len(set(keys)) == 1 and len(keys) == 5 for keys in launched.keys.values()), launched.keys
+
+
 def test_no_choice_is_an_empty_block():
     assert top_k_by_threshold(torch.zeros(4, 9, device=DEVICE), 0).shape == (4, 0)
 

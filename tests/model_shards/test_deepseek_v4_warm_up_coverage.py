@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_shards.deepseek_v4 import (chunk_cores, hyper_connections, index_scores, norm_rope, paged_decodes,
-                                      sink_attention, threshold_top_k)
+from model_shards.deepseek_v4 import chunk_cores, hyper_connections, index_scores, norm_rope, paged_decodes, sink_attention
 from model_shards.deepseek_v4.chunk_attention_kernel import _chunk_attention
 from model_shards.deepseek_v4.hyper_kernels import _collapse, _hyper_weights, _mix, _stream_mixes
 from model_shards.deepseek_v4.index_scores_kernel import _decode_index_scores, _index_scores
@@ -26,15 +25,13 @@ from model_shards.deepseek_v4.paged_state import PagedKV
 from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 from model_shards.deepseek_v4.runner import DeepseekV4Runner
 from model_shards.deepseek_v4.sink_softmax import _sink_softmax
-from model_shards.deepseek_v4.threshold_top_k import _chosen_columns
 from model_shards.triton_compiles import LaunchKeys
 from protocol.sampling_params import SamplingParams
 from protocol.step import CachedRequestData, NewRequestData, StepInput
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-LAYER_KERNELS = (_index_scores, _decode_index_scores, _sink_softmax, _norm_rope, _stream_mixes, _hyper_weights,
-                 _collapse, _mix)
-KERNELS = LAYER_KERNELS + (_chunk_attention,)  # the worker's defaults (chunk attention auto: CSA fused on a GPU)
+KERNELS = (_index_scores, _decode_index_scores, _sink_softmax, _norm_rope, _stream_mixes, _hyper_weights,
+           _collapse, _mix, _chunk_attention)  # the worker's defaults (chunk attention auto: CSA fused on a GPU)
 BLOCK, CHUNK = 16, 32
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
@@ -51,7 +48,6 @@ def gpu_paths_on_the_cpu(monkeypatch) -> None:
     csa = lambda core, q, compressed: core in ("fused", "auto") and compressed is not None \
         and compressed.selected is not None  # noqa: E731  (auto as on a GPU)
     monkeypatch.setattr(chunk_cores, "_fused_wanted", csa)
-    monkeypatch.setattr(threshold_top_k, "row_pass_kernel_runs", lambda scores: True)
 
 
 def serving_steps(lengths: list[int], decodes: int) -> list[StepInput]:
@@ -79,11 +75,10 @@ def serving_steps(lengths: list[int], decodes: int) -> list[StepInput]:
     return steps
 
 
-@pytest.mark.parametrize("kernels, watched", [
-    (KernelChoices("auto"), KERNELS),
-    (KernelChoices("blocks", "threshold"), LAYER_KERNELS + (_chosen_columns,)),  # its k-th by torch's top-k
-], ids=["defaults", "threshold top-k"])
-def test_requests_after_the_warm_up_launch_only_warmed_keys(tmp_path, monkeypatch, kernels, watched):
+def test_requests_after_the_warm_up_launch_only_warmed_keys(tmp_path, monkeypatch):
+    """The worker's defaults (the threshold top-k's kernels keep one key whatever the row width:
+    test_deepseek_v4_threshold_top_k.py; a second run here would cost two minutes of interpreter)."""
+    kernels, watched = KernelChoices("auto"), KERNELS
     gpu_paths_on_the_cpu(monkeypatch)
     folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=6)
     model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float16, kernels=kernels)
