@@ -20,7 +20,10 @@ INDEX_TOP_K_METHODS = ("ranked", "threshold")
 
 @dataclass(frozen=True)
 class KernelChoices:
-    chunk_attention: str = "blocks"
+    """The config's defaults (`model.deepseek_v4_*`, cluster/config.py; a test keeps them equal),
+    so a model built directly runs what a served one does."""
+
+    chunk_attention: str = "auto"
     index_top_k: str = "ranked"
 
     def __post_init__(self) -> None:

@@ -118,6 +118,15 @@ def test_the_tiny_model_with_threshold_top_k_gives_the_ranked_models_logits(tmp_
     assert calls
 
 
+def test_kernel_choices_default_to_the_configs_defaults():
+    from cluster.config import ModelSettings
+    from model_shards.deepseek_v4.kernel_choices import KernelChoices
+
+    fields = ModelSettings.model_fields
+    assert KernelChoices() == KernelChoices(fields["deepseek_v4_chunk_attention"].default,
+                                            fields["deepseek_v4_index_top_k"].default)
+
+
 def test_an_unknown_top_k_method_is_refused_by_name():
     from model_shards.deepseek_v4.kernel_choices import KernelChoices
 
