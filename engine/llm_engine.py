@@ -169,8 +169,6 @@ class LLMEngine:
             )
 
     def _check_prompt_logprobs(self, params: SamplingParams) -> None:
-        if params.prompt_logprobs is not None and self.architecture.architecture == "deepseek_v4":
-            raise InvalidParameterError("prompt_logprobs", "prompt logprobs are not computed for DeepSeek-V4 models yet")
         if params.prompt_logprobs is not None and self.config.parallel.sequence_parallel_size > 1:
             raise InvalidParameterError(
                 "prompt_logprobs", "prompt logprobs need parallel.sequence_parallel_size 1 (SP splits the prompt's rows)"

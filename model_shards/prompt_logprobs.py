@@ -38,11 +38,12 @@ class PromptRows:
 
 
 def prompt_rows(request_id: str, first_row: int, start: int, num_new: int, token_ids: Sequence[int],
-                num_prompt_tokens: int, top_k: int) -> PromptRows | None:  # fmt: skip
-    """The chunk [start, start + num_new) of `token_ids` (prompt, then outputs); None when it
-    predicts no prompt token (it is the prompt's last token alone, or outputs)."""
+                num_prompt_tokens: int, top_k: int | None) -> PromptRows | None:  # fmt: skip
+    """The chunk [start, start + num_new) of `token_ids` (prompt, then outputs); None when the
+    request asked for no prompt logprobs (`top_k` None) or the chunk predicts no prompt token (it
+    is the prompt's last token alone, or outputs)."""
     end = min(start + num_new, num_prompt_tokens - 1)
-    if end <= start:
+    if top_k is None or end <= start:
         return None
     return PromptRows(request_id, first_row, start + 1, end - start, top_k, tuple(token_ids[start + 1 : end + 1]))
 

@@ -65,11 +65,8 @@ def build_batch(requests: dict[str, RequestState], step_input: StepInput, block_
 
 
 def _prompt_rows(request_id: str, state: RequestState, first_row: int, num_new: int) -> PromptRows | None:
-    top_k = state.sampling.params.prompt_logprobs
-    if top_k is None:
-        return None
     return prompt_rows(request_id, first_row, state.num_computed_tokens, num_new, state.token_ids,
-                       state.num_prompt_tokens, top_k)
+                       state.num_prompt_tokens, state.sampling.params.prompt_logprobs)
 
 
 def build_sequence_parallel_batch(requests: dict[str, RequestState], step_input: StepInput, block_size: int,

@@ -22,10 +22,11 @@ from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
 from model_shards.device import host_to_device
 from model_shards.parallel.groups import ParallelLayout
+from model_shards.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
 from model_shards.step_containment import run_contained
 from model_shards.structured_output import GrammarCompiler
-from protocol.step import CachedRequestData, NewRequestData, SampledToken, StepInput, StepOutput
+from protocol.step import CachedRequestData, NewRequestData, PromptLogprobs, SampledToken, StepInput, StepOutput
 
 
 @dataclass
@@ -36,6 +37,7 @@ class _Request:
     sampling: SamplingState
     device_tables: list[BlockTableMirror]  # block_ids on the pools' device, kept between steps
     slot: int  # its open windows (open_windows.py; entries and keys are in pages)
+    num_prompt_tokens: int
 
 
 class DeepseekV4Runner:
@@ -53,10 +55,12 @@ class DeepseekV4Runner:
         self._apply_changes(step_input)
         failed: dict[str, str] = {}
         sampled: dict[str, SampledToken] = {}
+        prompt_logprobs: dict[str, PromptLogprobs] = {}
         # A forward pass that raises fails its culprits alone (model_shards/step_containment.py).
         for schedule, hidden in self._contained_chunks(dict(step_input.num_scheduled_tokens), failed):
+            prompt_logprobs.update(self._prompt_logprobs(schedule, hidden))  # before the chunks count as computed
             sampled.update(self._advance_and_sample(schedule, hidden))
-        return StepOutput(step_input.step_id, sampled, failed=failed)
+        return StepOutput(step_input.step_id, sampled, failed=failed, prompt_logprobs=prompt_logprobs)
 
     def _contained_chunks(self, schedule: dict[str, int], failed: dict[str, str]) -> list:
         """(schedule, hidden) per group that ran: the whole step unless its forward raised."""
@@ -65,6 +69,19 @@ class DeepseekV4Runner:
         forward = lambda group: self._run_chunks([(self.requests[rid], count) for rid, count in group.items()])
         step = contained_chunks(self.requests, schedule, self.pages.open_windows, forward)
         return run_contained(step, schedule, failed, world_size=self.layout.world.size, device=self.model.device)
+
+    def _prompt_logprobs(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
+        """Logprobs of the prompt tokens that `schedule`'s chunks predict, for the requests that
+        asked (echo + logprobs): the rows of `hidden` (scheduled tokens, hidden) the step computed
+        anyway. Every TP rank computes the logits (a collective); world rank 0 keeps the results."""
+        spans, row = [], 0
+        for request_id, count in schedule.items():
+            request = self.requests[request_id]
+            spans.append(prompt_rows(request_id, row, request.num_computed_tokens, count, request.token_ids,
+                                     request.num_prompt_tokens, request.sampling.params.prompt_logprobs))
+            row += count
+        spans = [span for span in spans if span is not None]
+        return compute_prompt_logprobs(hidden, spans, self.model.compute_logits, keep=self.layout.is_driver_rank)
 
     def _advance_and_sample(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, SampledToken]:
         """hidden: (scheduled tokens, hidden) of `schedule`'s chunks, in order."""
@@ -106,7 +123,7 @@ class DeepseekV4Runner:
         return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
                         new.num_computed_tokens, sampling,
                         [BlockTableMirror(self.pages.compressed.device) for _ in new.block_ids],
-                        self.pages.open_windows.take(self.model.new_state))
+                        self.pages.open_windows.take(self.model.new_state), len(new.prompt_token_ids))
 
     def _update_request(self, cached: CachedRequestData) -> None:
         request = self.requests[cached.request_id]

@@ -45,12 +45,17 @@ def v4_openai(v4_config):
 
 
 @pytest.fixture(scope="module")
-def direct(v4_config):
+def direct_engine(v4_config):
     """The engine called directly: what the API must reproduce."""
     engine = LLMEngine(v4_config)
-    yield lambda prompt, max_tokens: generate(engine, [prompt], SamplingParams(max_tokens=max_tokens,
-                                                                               temperature=0.0))[0][0]
+    yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(direct_engine):
+    return lambda prompt, max_tokens: generate(direct_engine, [prompt], SamplingParams(max_tokens=max_tokens,
+                                                                                       temperature=0.0))[0][0]
 
 
 def test_completion_equals_the_engine(v4_openai, direct):
@@ -78,8 +83,14 @@ def test_json_object_output_opens_an_object(v4_openai):
     assert reply.choices[0].message.content.startswith("{")
 
 
-def test_prompt_logprobs_are_refused_in_openai_shape(v4_openai):
-    import openai
-
-    with pytest.raises(openai.BadRequestError, match="prompt logprobs are not computed for DeepSeek-V4"):
-        v4_openai.completions.create(model=MODEL, prompt="hi", max_tokens=0, echo=True, logprobs=1)
+def test_echo_with_logprobs_scores_a_token_prompt_as_the_engine_does(v4_openai, direct_engine):
+    """lm-eval's loglikelihood request: token ids, echo, logprobs, max_tokens 0. The prompt is
+    70 tokens, so the server's 64-token steps split it inside a compression window."""
+    prompt = [(7 * i) % 900 + 3 for i in range(70)]
+    reply = v4_openai.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    expected = generate(direct_engine, [prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))[0][0]
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and len(logprobs.token_logprobs) == len(prompt)
+    assert logprobs.token_logprobs[1:] == pytest.approx([t.logprob for t in expected.prompt_logprobs], abs=1e-5)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs[1:])  # keyed by text: equal texts merge
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 0

@@ -43,7 +43,8 @@ def test_tp2_ep2_logits_and_state_equal_one_rank(world2, v4_tiny_folder):
 @pytest.mark.slow
 def test_tp2_engine_on_the_paged_cache_equals_one_rank(world2, v4_tiny_folder):
     """The whole engine with 2 rank processes: each rank keeps its own replica of both page pools
-    (the state is replicated under TP); greedy tokens, logprobs and a prefix hit equal one rank's."""
+    (the state is replicated under TP); greedy tokens, logprobs, a prefix hit and prompt logprobs
+    (the vocabulary-split logits of every prompt row, a collective) equal one rank's."""
     from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
@@ -60,7 +61,8 @@ def test_tp2_engine_on_the_paged_cache_equals_one_rank(world2, v4_tiny_folder):
         prompts = [[(7 * i + 3) % 1000 for i in range(70)], [(11 * i + 5) % 1000 for i in range(19)]]
         batch = generate(engine, prompts, params)
         repeat = generate(engine, [prompts[0]], params)[0][0]
-        return [r[0] for r in batch] + [repeat]
+        scored = generate(engine, [prompts[0]], SamplingParams(max_tokens=1, prompt_logprobs=2))[0][0]
+        return [r[0] for r in batch] + [repeat, scored]
 
     one = workload(LLMEngine(config(1)))
     executor = LocalProcessExecutor(config(2), processes=world2)
@@ -69,6 +71,11 @@ def test_tp2_engine_on_the_paged_cache_equals_one_rank(world2, v4_tiny_folder):
     finally:
         executor.shutdown()
     assert two[2].num_prefix_hit_tokens == one[2].num_prefix_hit_tokens == 64
+    scored_two, scored_one = two.pop(), one.pop()
+    assert [t.token_id for t in scored_two.prompt_logprobs] == [t.token_id for t in scored_one.prompt_logprobs]
+    assert len(scored_two.prompt_logprobs) == 69
+    assert torch.allclose(torch.tensor([t.logprob for t in scored_two.prompt_logprobs]),
+                          torch.tensor([t.logprob for t in scored_one.prompt_logprobs]), atol=TOLERANCE, rtol=0)
     for ours, theirs in zip(two, one):
         assert ours.token_ids == theirs.token_ids
         assert torch.allclose(torch.tensor([t.logprob for t in ours.logprobs]),
