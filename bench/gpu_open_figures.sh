@@ -24,12 +24,17 @@
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
-#   9. bursts   served TTFT at 16 and 64 streams (fused_direct against direct), with the default
-#               settings and with --arrival-gap-s 0 (no gathering); BURSTS_S a variant (the HTTP rows
-#               need more than session 11's 90 s)
+#   9. bursts   the A/B of burst gathering in one process (serve_load.py --arrival-gap-ab 0.004,0):
+#               serve.arrival_gap_s 0.004 (the default) against 0 (off), alternating, BURSTS_REPEATS
+#               runs of each (5) at 1 (overhead), 16 and 64 streams, direct then through HTTP
+#               (fused_direct, the gap changed on the live replica); per gap the median and min-max.
+#               Session 11 ran each gap in a process of its own: 22-29% apart run to run, and its HTTP
+#               rows never came (90 s bound). Estimate ~4 min: ~65 s model + engine, ~40 s Ray + replica,
+#               ~10 s a repeat direct and ~15 s through HTTP (session 10-11 logs); bound BURSTS_S 360
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
+#   STAGES=bursts bash bench/gpu_open_figures.sh          # stage 9 alone (~4 minutes, bound 6)
 #   STAGES="topk topk1m hcacore mhc redis" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
@@ -99,12 +104,11 @@ if wanted redis; then
     tail -30 "$OUT/redis_scaling.log" | cut -c1-200
 fi
 if wanted bursts; then
-    for variant in "" "--arrival-gap-s 0"; do
-        stamp "bursts ${variant:-as is}"
-        name=serve_bursts${variant:+_${variant//[^a-z0-9]/}}
-        timeout ${BURSTS_S:-200} env GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_direct --concurrency 16 64 \
-            $variant --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-        grep -E "^(direct|http_fused_direct) |against direct" "$OUT/$name.log" | cut -c1-160
-    done
+    stamp bursts
+    # The A/B tables end the log (a run cut short: the direct ones, then each HTTP run's line).
+    timeout ${BURSTS_S:-360} env GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_direct --concurrency 16 64 \
+        --arrival-gap-ab 0.004,0 --repeats ${BURSTS_REPEATS:-5} --out "$OUT/serve_bursts_ab.json" \
+        > "$OUT/serve_bursts_ab.log" 2>&1
+    tail -30 "$OUT/serve_bursts_ab.log" | cut -c1-200
 fi
 stamp done

@@ -12,17 +12,24 @@ Two workloads: `overhead` (one request at a time: TTFT and ITL without queueing)
 Reports TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99), throughput and goodput (requests
 per second meeting --slo-ttft-ms and --slo-tpot-ms). Writes bench/results/serve_load.json.
 
+`--arrival-gap-ab A,B --repeats N` A/Bs serve.arrival_gap_s in one process instead: at each
+workload, N runs with each gap alternately (A B A B ...) on the same engine, then on the same
+replica (the gap changed through a Serve handle, no restart), each run on fresh prompts; reports per
+gap the median and min-max of TTFT p50, TPOT and output tok/s, and A's medians against B's.
+
     python bench/serve_load.py                      # makes a tiny model in a temp folder
     python bench/serve_load.py --model models/small --num-prompts 128 --request-rate 4
     # on a GPU (bench/gpu_serve.sh): the 8B shape, a shared 32K prefix, the Redis tier, 1/16/64 at once
     python bench/serve_load.py --preset llama3-8b-shape --layers 2 --block-size 64 --num-kv-blocks 0 \
         --shared-prefix-len 32768 --concurrency 1 16 64 --redis-url redis://127.0.0.1:6379
+    python bench/serve_load.py --served fused_direct --arrival-gap-ab 0.004,0 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -31,7 +38,7 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +87,24 @@ def make_workload(name, num_prompts, input_len, output_len, rate, concurrency, v
         offsets.append(now)
         now += 0.0 if rate == float("inf") else rng.expovariate(rate)
     return Workload(name, prompts, output_len, offsets, concurrency)
+
+
+ROUND_SEED_STRIDE = 1_000_003  # one round's seeds apart from every other round's (levels stay below it)
+
+
+def workload_makers(args, vocab_size: int, prefix: list[int]) -> list[Callable[[int], Workload]]:
+    """The overhead workload and one load workload per --concurrency level, each as maker(round):
+    round 0 gives the prompts the bench has always run, every other round fresh ones (ArrivalGapAB)."""
+    common = (args.input_len, args.output_len)
+
+    def maker(name: str, count: int, rate: float, level: int, seed: int) -> Callable[[int], Workload]:
+        return lambda round_: make_workload(name, count, *common, rate, level, vocab_size,
+                                            seed + ROUND_SEED_STRIDE * round_, prefix)
+
+    shapes = [("overhead", args.overhead_requests, float("inf"), 1, args.seed)]
+    shapes += [(f"load_c{level}", max(args.num_prompts, 2 * level), args.request_rate, level, args.seed + level)
+               for level in args.concurrency]
+    return [maker(*shape) for shape in shapes]
 
 
 Sender = Callable[[list[int], int, RequestRecord], Awaitable[None]]
@@ -239,7 +264,9 @@ def _arrival_gathering(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+async def run_direct(config, workloads: list[Workload], slo: tuple[float, float],
+                     ab: ArrivalGapAB | None = None) -> dict[str, dict]:  # fmt: skip
+    """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
     import torch
 
     from engine.async_engine import serving_engine
@@ -248,6 +275,8 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
     torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
     engine = serving_engine(config)  # the replica's serve settings (arrival gathering, pacing)
     try:
+        if ab is not None:
+            return await run_ab(direct_sender(engine), _engine_gap_setter(engine), ab, slo, "direct")
         return await _run_all(direct_sender(engine), workloads, slo)
     finally:
         engine.shutdown()
@@ -260,14 +289,139 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
 
 
 async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
-    warmup = Workload("warmup", workloads[0].prompts[:2], 4, [0.0, 0.0], 2)
-    await run_workload(send, warmup)
+    await _warm_up(send, workloads[0])
     summaries = {}
     for workload in workloads:
         records, duration = await run_workload(send, workload)
         summaries[workload.name] = summarize(records, duration, *slo)
     return summaries
 
+
+async def _warm_up(send: Sender, workload: Workload) -> None:
+    """Two of `workload`'s prompts, 4 tokens each: the first measured run pays no first-call costs
+    (nor the shared prefix's prefill, cached from here on)."""
+    await run_workload(send, Workload("warmup", workload.prompts[:2], 4, [0.0, 0.0], 2))
+
+
+# --- A/B of the arrival gap in one process -------------------------------------------------------
+# Session 11 ran each gap in a process of its own, one run each: they differed 22-29% run to run,
+# more than the effect sought (docs/benchmarks.md). Here one engine (then one replica) runs both
+# gaps alternately at each workload, so drift and warm-up weigh on both alike, and repeats show the
+# spread.
+AB_METRICS = {  # reported per gap over its repeats; how each is read from a run's summary
+    "ttft_p50_ms": lambda summary: summary["ttft_ms"]["p50"],
+    "tpot_mean_ms": lambda summary: summary["tpot_ms"]["mean"],
+    "output_tok_per_s": lambda summary: summary["output_throughput_tok_per_s"],
+}
+
+GapSetter = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class ArrivalGapAB:
+    """--arrival-gap-ab A,B --repeats N: at each workload, N runs with gap A and N with gap B, alternating."""
+
+    gaps: tuple[float, float]
+    repeats: int
+    makers: list[Callable[[int], Workload]]  # workload_makers: maker(round) -> that round's prompts
+    # Each run takes a round of its own, across the whole process: prompts run before would be in
+    # the prefix cache whole (or in the Redis tier, which direct and HTTP share), no longer prefilled.
+    rounds: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # round 0: the warm-up's
+
+
+def ab_order(gaps: tuple[float, ...], repeats: int) -> list[float]:
+    """The gap of each run in turn: A B A B ... (each repeat runs every gap once, in the order given)."""
+    return [gap for _ in range(repeats) for gap in gaps]
+
+
+def gap_label(gap: float) -> str:
+    return f"gap_{gap:g}s"
+
+
+async def run_ab(send: Sender, set_gap: GapSetter, ab: ArrivalGapAB, slo: tuple[float, float],
+                 label: str) -> dict[str, list[dict]]:  # fmt: skip
+    """{workload: [each run's summary, with its arrival_gap_s]}, runs in `ab_order`, the gap set
+    before each; a progress line per run as it ends (what a run cut short by a timeout still shows)."""
+    await _warm_up(send, ab.makers[0](0))
+    runs: dict[str, list[dict]] = {}
+    for make in ab.makers:
+        for gap in ab_order(ab.gaps, ab.repeats):
+            await set_gap(gap)
+            workload = make(next(ab.rounds))
+            records, duration = await run_workload(send, workload)
+            summary = {"arrival_gap_s": gap, **summarize(records, duration, *slo)}
+            runs.setdefault(workload.name, []).append(summary)
+            _print_progress(f"{label} {gap_label(gap)}", {workload.name: summary})
+    return runs
+
+
+def _engine_gap_setter(engine) -> GapSetter:
+    async def set_gap(gap: float) -> None:
+        engine.set_arrival_gap(gap)
+
+    return set_gap
+
+
+def _replica_gap_setter() -> GapSetter:
+    """The gap of the bench app's LLM server replica, set through a Serve handle
+    (LLMServer.set_arrival_gap): no redeploy, which would reload the model. One replica: a handle
+    call reaches one, so the gap it answers with must be the one asked for."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=BENCH_APP)
+
+    async def set_gap(gap: float) -> None:
+        in_force = await handle.set_arrival_gap.remote(gap)
+        if in_force != gap:
+            raise RuntimeError(f"the replica's arrival_gap_s is {in_force}, not {gap}")
+
+    return set_gap
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values)}
+
+
+def _change_pct(value: float, reference: float) -> float:
+    return round((value / reference - 1) * 100, 1) if reference else float("nan")
+
+
+def summarize_ab(runs: list[dict]) -> dict:
+    """One path's runs of one workload (run_ab): per gap, each AB_METRICS' median and min-max over
+    its repeats; the first gap's medians against the second's, in percent; whether the two min-max
+    ranges overlap (if they do, the difference is within this run's run-to-run spread)."""
+    by_gap: dict[float, list[dict]] = {}
+    for run in runs:
+        by_gap.setdefault(run["arrival_gap_s"], []).append(run)
+    variants = {gap_label(gap): {metric: _spread([read(run) for run in group]) for metric, read in AB_METRICS.items()}
+                for gap, group in by_gap.items()}  # fmt: skip
+    first, second = variants.values()  # the gaps in the order of the first runs: A, then B
+    return {
+        "order": [gap_label(run["arrival_gap_s"]) for run in runs],
+        "repeats": {gap_label(gap): len(group) for gap, group in by_gap.items()},
+        "variants": variants,
+        "compared": " against ".join(variants),
+        "median_change_pct": {m: _change_pct(first[m]["median"], second[m]["median"]) for m in AB_METRICS},
+        "ranges_overlap": {m: max(first[m]["min"], second[m]["min"]) <= min(first[m]["max"], second[m]["max"])
+                           for m in AB_METRICS},  # fmt: skip
+        "runs": runs,
+    }
+
+
+def print_ab_table(title: str, by_path: dict[str, dict]) -> None:
+    """summarize_ab's figures, one row per path and gap, then each path's change of medians."""
+    print(f"\n{title}")
+    print(f"{'path':<22}{'gap':<12}" + "".join(f"{metric + ' median [min-max]':>34}" for metric in AB_METRICS))
+    for path, ab in by_path.items():
+        for variant, figures in ab["variants"].items():
+            cells = (f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]" for s in figures.values())
+            print(f"{path:<22}{variant:<12}" + "".join(f"{cell:>34}" for cell in cells))
+        changes = [f"{metric} {ab['median_change_pct'][metric]:+.1f}%" + ("" if ab["ranges_overlap"][metric]
+                   else " (ranges apart)") for metric in AB_METRICS]  # fmt: skip
+        print(f"  {path} {ab['compared']}: {', '.join(changes)}")
+
+
+BENCH_APP = "bench"  # the Serve application's name
 
 # How the application is laid out: the LLM server serving HTTP itself or behind an ingress
 # deployment, the model worker inside the replica or a Ray actor.
@@ -280,7 +434,9 @@ SERVED_PATHS = {
 }
 
 
-def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, float],
+               ab: ArrivalGapAB | None = None) -> dict[str, dict]:  # fmt: skip
+    """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
     import httpx
 
     url, model = start_served(config.with_overrides(SERVED_PATHS[path]), direct_ingress=path == "fused_direct")
@@ -288,7 +444,10 @@ def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, f
         async def go():
             limits = httpx.Limits(max_connections=workloads[-1].max_concurrency + 8)
             async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-                return await _run_all(http_sender(client, url, model), workloads, slo)
+                send = http_sender(client, url, model)
+                if ab is not None:
+                    return await run_ab(send, _replica_gap_setter(), ab, slo, f"http_{path}")
+                return await _run_all(send, workloads, slo)
 
         return asyncio.run(go())
     finally:
@@ -313,7 +472,7 @@ def start_served(config, direct_ingress: bool = False) -> tuple[str, str]:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)), include_dashboard=False,
              log_to_driver=False)  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct_ingress else port})
-    serve.run(build_application(config), name="bench", route_prefix="/")
+    serve.run(build_application(config), name=BENCH_APP, route_prefix="/")
     return f"http://127.0.0.1:{port}", served_model_name(config)
 
 
@@ -369,6 +528,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--arrival-gap-s", type=float, default=None,
                         help="serve.arrival_gap_s of the replicas: an idle engine gathers a burst (0: off; "
                         "default: the config's)")
+    parser.add_argument("--arrival-gap-ab", type=_two_gaps, default=None, metavar="A,B",
+                        help="A/B of serve.arrival_gap_s in one process (e.g. 0.004,0): at each workload, --repeats "
+                        "runs with gap A and with gap B alternately, on the same engine and the same replica, each "
+                        "on fresh prompts; per gap the median and min-max over repeats, A's medians against B's")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each gap with --arrival-gap-ab")
     parser.add_argument("--arrival-max-wait-s", type=float, default=None,
                         help="serve.arrival_max_wait_s of the replicas (default: the config's)")
     parser.add_argument("--while-decoding-tokens", type=int, default=None,
@@ -379,10 +543,21 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS_PATH))
     args = parser.parse_args()
+    if args.arrival_gap_ab and args.arrival_gap_s is not None:
+        parser.error("--arrival-gap-ab sets the gap of each run: leave --arrival-gap-s out")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     args.concurrency = args.concurrency or [args.max_concurrency]
     if args.redis_url and not args.host_kv_bytes:
         args.host_kv_bytes = 4 << 30
     return args
+
+
+def _two_gaps(text: str) -> tuple[float, float]:
+    gaps = tuple(float(part) for part in text.split(","))
+    if len(gaps) != 2 or min(gaps) < 0 or gaps[0] == gaps[1]:
+        raise argparse.ArgumentTypeError(f"two different gaps >= 0 in seconds, like 0.004,0; got {text!r}")
+    return gaps
 
 
 def main() -> None:
@@ -392,19 +567,22 @@ def main() -> None:
     from model_folder.hf_config import load_architecture
 
     vocab = load_architecture(model_dir).vocab_size
-    common = (args.input_len, args.output_len)
     prefix = random.Random(args.seed - 1).choices(range(100, vocab), k=args.shared_prefix_len)
-    workloads = [make_workload("overhead", args.overhead_requests, *common, float("inf"), 1, vocab, args.seed, prefix)]
-    workloads += [make_workload(f"load_c{level}", max(args.num_prompts, 2 * level), *common, args.request_rate, level,
-                                vocab, args.seed + level, prefix) for level in args.concurrency]
+    makers = workload_makers(args, vocab, prefix)
+    workloads = [make(0) for make in makers]
+    ab = ArrivalGapAB(args.arrival_gap_ab, args.repeats, makers) if args.arrival_gap_ab else None
     slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-    results = {"direct": asyncio.run(run_direct(config, workloads, slo))}
-    _print_progress("direct", results["direct"])
+    results = {"direct": asyncio.run(run_direct(config, workloads, slo, ab))}
+    if ab is None:  # run_ab prints each run as it ends
+        _print_progress("direct", results["direct"])
     for path in args.served:
         _write(args, {"partial": True, "results": results})  # what a run cut short still leaves
-        results[f"http_{path}"] = run_served(config, path, workloads, slo)
-        _print_progress(f"http_{path}", results[f"http_{path}"])
-    _write(args, _report(args, results, workloads))
+        if ab is not None:  # and the A/B tables so far, in its log
+            _ab_report(args, results, workloads)
+        results[f"http_{path}"] = run_served(config, path, workloads, slo, ab)
+        if ab is None:
+            _print_progress(f"http_{path}", results[f"http_{path}"])
+    _write(args, _report(args, results, workloads) if ab is None else _ab_report(args, results, workloads))
     print(f"\nwrote {args.out}")
 
 
@@ -421,14 +599,32 @@ def _print_progress(path: str, summaries: dict[str, dict]) -> None:
               f"{summary['output_throughput_tok_per_s']} tok/s {summary['errors'][:1]}", flush=True)
 
 
-def _report(args, results: dict[str, dict[str, dict]], workloads: list[Workload]) -> dict:
+def _machine() -> dict:
     # The load average tells whether other work shared the machine during the run.
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m_at_end": os.getloadavg()[0]}
-    report = {"machine": machine, "args": vars(args), "workloads": {}}
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m_at_end": os.getloadavg()[0]}
+
+
+def _workload_title(args, workload: Workload) -> str:
+    return (f"{workload.name}: {len(workload.prompts)} requests, {args.shared_prefix_len}+{args.input_len} in / "
+            f"{args.output_len} out, concurrency {workload.max_concurrency}")  # fmt: skip
+
+
+def _ab_report(args, results: dict[str, dict[str, list[dict]]], workloads: list[Workload]) -> dict:
+    """summarize_ab of every path at each workload, printed and in the JSON under `arrival_gap_ab`."""
+    report = {"machine": _machine(), "args": vars(args), "arrival_gap_ab": {}}
+    for workload in workloads:
+        by_path = {path: summarize_ab(runs[workload.name]) for path, runs in results.items()}
+        print_ab_table(f"A/B {_workload_title(args, workload)}; {args.repeats} runs of each gap, alternating, "
+                       "each on fresh prompts", by_path)  # fmt: skip
+        report["arrival_gap_ab"][workload.name] = by_path
+    return report
+
+
+def _report(args, results: dict[str, dict[str, dict]], workloads: list[Workload]) -> dict:
+    report = {"machine": _machine(), "args": vars(args), "workloads": {}}
     for workload in workloads:
         rows = {path: summaries[workload.name] for path, summaries in results.items()}
-        print_table(f"{workload.name}: {len(workload.prompts)} requests, {args.shared_prefix_len}+{args.input_len} in / {args.output_len} out, "
-                    f"concurrency {workload.max_concurrency}", rows)  # fmt: skip
+        print_table(_workload_title(args, workload), rows)
         added = {path: overhead(rows["direct"], summary) for path, summary in rows.items() if path != "direct"}
         for path, numbers in added.items():
             print(f"  added by {path}: TTFT {numbers['ttft_mean_ms']:+.2f} ms (goal <= 30), "

@@ -98,6 +98,14 @@ class LLMServer:
         message = f"{reason} ({queue.num_requests} requests, {queue.num_tokens} prompt tokens queued); retry later"
         return overloaded(message, self.config.serve.retry_after_s)
 
+    def set_arrival_gap(self, arrival_gap_s: float) -> float:
+        """This replica's engine's `arrival_gap_s`, changed without a restart (a redeploy would
+        reload the model: ~25 s on an H100): bench/serve_load.py --arrival-gap-ab calls it through
+        a Serve handle between runs. Not on the HTTP API. Returns the gap now in force."""
+        self.engine.set_arrival_gap(arrival_gap_s)
+        logger.info("replica %s: arrival_gap_s set to %g", self.replica_id, arrival_gap_s)
+        return self.engine.arrival_gap_s
+
     # --- observability and Serve hooks ---------------------------------------------------
     def summary_lines(self) -> list[str]:
         """What this replica serves and holds (engine/summary.py); `longctx serve` prints it."""

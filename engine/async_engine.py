@@ -152,6 +152,15 @@ class AsyncEngine:
         if wait_s > 0:
             await asyncio.sleep(wait_s)
 
+    def set_arrival_gap(self, arrival_gap_s: float) -> None:
+        """Changes `arrival_gap_s` on the running engine (0: gathering off), so one engine can
+        measure both settings alternately (bench/serve_load.py --arrival-gap-ab): runs in separate
+        processes differed 22-29% (docs/benchmarks.md, session 11). One attribute write; the engine
+        thread reads it the next time it is given work while idle."""
+        if not arrival_gap_s >= 0:
+            raise ValueError(f"arrival_gap_s must be >= 0, got {arrival_gap_s!r}")
+        self.arrival_gap_s = arrival_gap_s
+
     async def abort(self, request_id: str) -> None:
         await self._call(lambda: self._dispatch(self.engine.abort_request(request_id)))
 

@@ -139,3 +139,18 @@ def test_without_a_gap_the_first_request_of_a_burst_starts_alone(tiny_model_dir,
     burst_steps = _slow_burst_steps(AsyncEngine(make_engine_for(tiny_model_dir), **gathering))
     assert burst_steps[0] == ["burst-0"]
     assert sorted(id_ for ids in burst_steps for id_ in ids) == ["burst-0", "burst-1", "burst-2"]
+
+
+def test_a_gap_set_on_a_running_engine_takes_effect(tiny_model_dir, make_engine_for):
+    """set_arrival_gap (bench/serve_load.py --arrival-gap-ab A/Bs one engine): an engine made
+    without a gap gathers the next burst once given one; a negative gap is refused."""
+    engine = AsyncEngine(make_engine_for(tiny_model_dir), arrival_gap_s=0.0, arrival_max_wait_s=5.0)
+    with pytest.raises(ValueError):
+        engine.set_arrival_gap(-0.001)
+    engine.set_arrival_gap(GAP_S)
+    steps = _new_requests_per_step(engine)
+    try:
+        _burst_after_requests_together(engine, spacing_s=0.02)
+    finally:
+        engine.shutdown()
+    assert _burst_steps(steps) == [["burst-0", "burst-1", "burst-2"]]
