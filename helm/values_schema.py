@@ -4,16 +4,29 @@ The schema is written from Python because one of its rules is a table: JSON Sche
 multiply, so "the GPUs of a replica's pods add up to TP x SP" becomes one if/then per (TP, SP)
 pair listing the (gpusPerPod, nodesPerReplica) that give that product. Everything else is plain
 JSON Schema (draft 7, what Helm checks values against); unknown keys are rejected everywhere
-except in free-form maps (labels, annotations, node selectors, extraConfig).
+except in free-form maps (labels, annotations, node selectors, extraConfig). The queued-context
+autoscaling values take their types, ranges and defaults from cluster/config.py itself.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+# This checkout's cluster/config.py, not whichever one the interpreter has installed.
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from cluster.config import AutoscalingSettings
+
 SCHEMA_PATH = Path(__file__).parent / "longctx" / "values.schema.json"
+# serve.autoscaling values that are keys of the config's autoscaling section (the template maps
+# them the same way); queuedContext's are the policy's main knobs, extraConfig reaches the rest.
+AUTOSCALING_BOUNDS = {"minReplicas": "min_replicas", "maxReplicas": "max_replicas"}
+QUEUED_CONTEXT_KNOBS = {"ttftTargetS": "ttft_target_s", "spareReplicas": "spare_replicas",
+                        "replicaStartupS": "replica_startup_s", "downscaleDelayS": "downscale_delay_s"}
+NAMED_POLICIES = ("queuedContext", "ongoingRequests")
 PARALLEL_SIZES = (1, 2, 4, 8, 16, 32)
 GPUS_PER_POD = (1, 2, 4, 8)
 NODES_PER_REPLICA = (1, 2, 4, 8, 16, 32)
@@ -50,6 +63,26 @@ def enum(*values: Any) -> dict[str, Any]:
     return {"enum": list(values)}
 
 
+def autoscaling_setting(name: str) -> dict[str, Any]:
+    """An AutoscalingSettings field's type, range and default, so that the chart's value cannot
+    accept what the config refuses, and a test can hold values.yaml to the config's default."""
+    field = AutoscalingSettings.model_json_schema()["properties"][name]
+    return {key: field[key] for key in ("type", "minimum", "exclusiveMinimum", "maximum", "default") if key in field}
+
+
+def autoscaling() -> dict[str, Any]:
+    # anyOf, not one pattern: Helm's message then lists the policy names before the import-path form.
+    policy = {"anyOf": [enum(*NAMED_POLICIES), {"type": "string", "pattern": "^[\\w.]+:\\w+$"}]}
+    return closed({
+        "enabled": BOOLEAN, "policy": policy,
+        **{key: autoscaling_setting(name) for key, name in AUTOSCALING_BOUNDS.items()},
+        "queuedContext": closed({key: autoscaling_setting(name) for key, name in QUEUED_CONTEXT_KNOBS.items()}),
+        "ongoingRequests": closed({"targetOngoingRequests": positive("number"),
+                                   "upscaleDelayS": non_negative("number"),
+                                   "downscaleDelayS": non_negative("number")}),
+    })
+
+
 def resources() -> dict[str, Any]:
     amounts = {"type": "object", "additionalProperties": QUANTITY}
     return closed({"requests": amounts, "limits": amounts})
@@ -83,11 +116,7 @@ def longctx_sections() -> dict[str, Any]:
             "requestTimeoutS": positive("number"), "maxRequestBodyBytes": {"type": "integer", "minimum": 1024},
             "drainTimeoutS": non_negative("number"),
             "apiKey": closed({"existingSecret": STRING, "key": STRING}),
-            "autoscaling": closed({
-                "enabled": BOOLEAN, "minReplicas": positive(), "maxReplicas": positive(),
-                "targetOngoingRequests": positive("number"), "upscaleDelayS": non_negative("number"),
-                "downscaleDelayS": non_negative("number"), "policy": {"type": "string", "pattern": "^$|^[\\w.]+:\\w+$"},
-            }),
+            "autoscaling": autoscaling(),
         }),
         "router": closed({"blockTokens": positive(), "maxTrackedBlocks": positive(),
                           "statsPeriodS": positive("number"), "longPromptTokens": positive(),

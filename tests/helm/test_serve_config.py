@@ -1,14 +1,24 @@
 """The serveConfigV2 the chart renders is what `longctx serve` deploys: Ray Serve's deploy schema
 accepts it, longctx's own config loader accepts its args (unknown keys rejected there), its
-deployment overrides name real deployments, and the GPU worker pods can hold every replica's
+deployment overrides name real deployments, autoscaling reaches the LLM server deployment Serve
+would run with the policy asked for, and the GPU worker pods can hold every replica's
 placement-group bundles."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from chart_helpers import SCENARIOS, one, render, serve_config
+from ray._common.utils import import_attr
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve._private.application_state import override_deployment_info
+from ray.serve._private.build_app import build_app
+from ray.serve._private.config import DeploymentConfig, ReplicaConfig
+from ray.serve._private.deployment_info import DeploymentInfo
 from ray.serve.schema import ServeDeploySchema
 
+from autoscaler.serve_policy import QueuedContextPolicy
 from cluster.serve import APP_NAME
 from deployments.app import config_from_args, ingress_options, llm_server_options
 from executors.placement import placement_group_bundles
@@ -56,14 +66,70 @@ def test_no_secret_is_written_into_the_rayservice():
     assert {"/etc/longctx/api-key", "/etc/longctx/redis-password", "/etc/longctx/redis-tls"} <= mounts
 
 
-def test_autoscaling_overrides_the_llm_server_replicas():
-    document = serve_config(render(SCENARIOS["object store, autoscaling, ingress, API key"]))
-    (overrides,) = document["applications"][0]["deployments"]
-    assert overrides["name"] == "LLMServer" and overrides["num_replicas"] == "auto"
-    assert overrides["autoscaling_config"]["min_replicas"] == 1 and overrides["autoscaling_config"]["max_replicas"] == 6
-    group = one(render(SCENARIOS["object store, autoscaling, ingress, API key"]), "RayService")[
-        "spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+def deployed_llm_server(document: dict[str, Any]) -> DeploymentConfig:
+    """The LLM server's options as Serve's controller ends up with them for this serveConfigV2:
+    the application built from its import path and args, the options through the proto bytes the
+    build task sends, then the document's deployment overrides merged by Serve's own code (private,
+    but a copy of its rules here could agree with the chart and both be wrong)."""
+    (application,) = ServeDeploySchema.model_validate(document).applications
+    app = call_user_app_builder_with_args_if_necessary(import_attr(application.import_path), application.args)
+    infos = {deployment.name: DeploymentInfo(
+        deployment_config=DeploymentConfig.from_proto_bytes(deployment._deployment_config.to_proto_bytes()),
+        replica_config=ReplicaConfig.from_proto_bytes(deployment._replica_config.to_proto_bytes(),
+                                                      deployment._deployment_config.needs_pickle()),
+        start_time_ms=0, deployer_job_id="") for deployment in build_app(app, name=application.name).deployments}
+    return override_deployment_info(infos, application)["LLMServer"].deployment_config
+
+
+def test_autoscaling_is_the_queued_context_policy_by_default():
+    values = {"serve": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 6, "queuedContext": {
+        "ttftTargetS": 60, "spareReplicas": 1, "replicaStartupS": 90, "downscaleDelayS": 300}}},
+        "extraConfig": {"autoscaling": {"interactive_ttft_s": 5}}}
+    objects = render(values)
+    document = serve_config(objects)
+    assert "deployments" not in document["applications"][0]  # an override would replace the policy
+    config = config_from_args(document["applications"][0]["args"]).autoscaling
+    assert (config.enabled, config.min_replicas, config.max_replicas) == (True, 1, 6)
+    assert (config.ttft_target_s, config.spare_replicas, config.replica_startup_s, config.downscale_delay_s) == (
+        60, 1, 90, 300)
+    assert config.interactive_ttft_s == 5  # extraConfig reaches the other settings
+
+    deployed = deployed_llm_server(document)
+    assert "num_replicas" not in deployed.user_configured_option_names  # no fixed count beside the policy
+    scaling = deployed.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 6)
+    assert scaling.policy.policy_function == f"{QueuedContextPolicy.__module__}.{QueuedContextPolicy.__name__}"
+    controller_policy = scaling.policy.get_policy()(**scaling.policy.policy_kwargs)  # as Serve's controller builds it
+    assert controller_policy.settings == config
+
+    group = one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert (group["minReplicas"], group["maxReplicas"]) == (1, 6)
+
+
+def custom_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
+    """A user's own Serve policy, for the chart's module:function form (conftest.py puts
+    tests/helm on sys.path, so this module imports by name)."""
+    return 1, {}
+
+
+@pytest.mark.parametrize(("policy", "deployed_policy"), [
+    ("ongoingRequests", "ray.serve.autoscaling_policy:default_autoscaling_policy"),
+    ("test_serve_config:custom_policy", "test_serve_config:custom_policy"),
+])
+def test_serve_policies_are_a_deployment_override(policy, deployed_policy):
+    values = {"serve": {"autoscaling": {"enabled": True, "policy": policy, "maxReplicas": 3,
+                                        "ongoingRequests": {"targetOngoingRequests": 32, "downscaleDelayS": 900}}}}
+    document = serve_config(render(values))
+    config = config_from_args(document["applications"][0]["args"])
+    assert config.autoscaling.enabled is False
+    assert config.max_llm_replicas == 3  # the ingress and the resource check allow for the most replicas
+    (overrides,) = document["applications"][0]["deployments"]
+    assert (overrides["num_replicas"], overrides["autoscaling_config"]["target_ongoing_requests"]) == ("auto", 32)
+
+    scaling = deployed_llm_server(document).autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 3)
+    assert (scaling.target_ongoing_requests, scaling.downscale_delay_s) == (32, 900)
+    assert scaling.policy.policy_function == deployed_policy
 
 
 def test_a_replica_over_two_nodes_keeps_tp_in_a_node_and_packs_sp_over_nodes():
@@ -86,7 +152,7 @@ def test_gpu_worker_pods_hold_every_replica_bundle(scenario):
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no bundle can land on the head
     assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["version"] == "v2"
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    nodes = group["minReplicas"] // config.serve.num_replicas
+    nodes = group["maxReplicas"] // config.max_llm_replicas
     pods = [{"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"]), **{
         name: float(amount) for name, amount in group.get("resources", {}).items()}} for _ in range(nodes)]
     bundles = placement_group_bundles(config)

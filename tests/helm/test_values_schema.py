@@ -8,7 +8,10 @@ import itertools
 
 import helm_python
 import pytest
+import yaml
 from chart_helpers import CHART, ROOT, chart, notes
+
+from cluster.config import AutoscalingSettings
 
 
 def _schema_module():
@@ -52,6 +55,27 @@ def test_the_defaults_pass():
 def test_bad_values_are_rejected_naming_the_key(values, message):
     with pytest.raises(helm_python.HelmValuesError, match=message):
         chart().validate_schema(values)
+
+
+@pytest.mark.parametrize("policy", ["queued-context", "QueuedContextPolicy", ""])
+def test_an_unknown_autoscaling_policy_is_refused_naming_the_choices(policy):
+    # the names, then the import-path form (module:function)
+    message = "(?s)'/serve/autoscaling/policy'.*must be one of 'queuedContext', 'ongoingRequests'.*does not match pattern"
+    with pytest.raises(helm_python.HelmValuesError, match=message):
+        chart().validate_schema({"serve": {"autoscaling": {"enabled": True, "policy": policy}}})
+
+
+def test_the_autoscaling_defaults_are_the_configs():
+    """values.yaml must repeat cluster/config.py's defaults (Helm reads no Python); the schema
+    generator takes them from the config, this holds values.yaml to them."""
+    module = _schema_module()
+    scaling = yaml.safe_load((CHART / "values.yaml").read_text())["serve"]["autoscaling"]
+    defaults = AutoscalingSettings()
+    assert scaling["policy"] == "queuedContext"
+    for key, name in module.AUTOSCALING_BOUNDS.items():
+        assert scaling[key] == getattr(defaults, name), key
+    for key, name in module.QUEUED_CONTEXT_KNOBS.items():
+        assert scaling["queuedContext"][key] == getattr(defaults, name), key
 
 
 def test_gpu_counts_must_give_tp_times_sp():

@@ -14,7 +14,11 @@ no GPU, and must still give every rank a GPU bundle.
 {{/* each TP group stays on one node, SP ranks cross nodes (executors/placement.py) */}}
 {{- $_ := set $parallel "span_nodes" true -}}
 {{- end -}}
-{{- $replicas := ternary $v.serve.autoscaling.minReplicas $v.serve.numReplicas $v.serve.autoscaling.enabled -}}
+{{- $scaling := $v.serve.autoscaling -}}
+{{/* Autoscaled: the most replicas there may be. Under Serve's policies the application sizes its
+ingress and resource check for this count and the override below makes it `auto`; the
+queued-context policy ignores it (its config section carries the bounds). */}}
+{{- $replicas := ternary $scaling.maxReplicas $v.serve.numReplicas $scaling.enabled -}}
 {{- $serve := dict "model_name" $v.model.name "num_replicas" $replicas "ingress_replicas" $v.serve.ingressReplicas "ingress_num_cpus" $v.serve.ingressNumCpus "worker_num_cpus" $v.serve.workerNumCpus "max_queued_requests" $v.serve.maxQueuedRequests "max_queued_tokens" $v.serve.maxQueuedTokens "request_timeout_s" $v.serve.requestTimeoutS "max_request_body_bytes" $v.serve.maxRequestBodyBytes "drain_timeout_s" $v.serve.drainTimeoutS "routing_block_tokens" $v.router.blockTokens "routing_max_tracked_blocks" $v.router.maxTrackedBlocks "routing_stats_period_s" $v.router.statsPeriodS "routing_long_prompt_tokens" $v.router.longPromptTokens "routing_short_lanes" $v.router.shortLanes -}}
 {{- if $v.workers.acceleratorType -}}
 {{- $_ := set $serve "accelerator_type" $v.workers.acceleratorType -}}
@@ -30,20 +34,35 @@ no GPU, and must still give every rank a GPU bundle.
 {{- end -}}
 {{- end -}}
 {{- $config := dict "model" $model "cache" $cache "scheduler" $scheduler "parallel" $parallel "serve" $serve "kv_tiers" $tiers -}}
+{{- if include "longctx.queuedContextScaling" . -}}
+{{- $knobs := $scaling.queuedContext -}}
+{{- $_ := set $config "autoscaling" (dict "enabled" true "min_replicas" $scaling.minReplicas "max_replicas" $scaling.maxReplicas "ttft_target_s" $knobs.ttftTargetS "spare_replicas" $knobs.spareReplicas "replica_startup_s" $knobs.replicaStartupS "downscale_delay_s" $knobs.downscaleDelayS) -}}
+{{- end -}}
 {{- toYaml (mustMergeOverwrite $config (deepCopy $v.extraConfig)) -}}
 {{- end -}}
 
-{{/* Serve's option overrides of the LLM server deployment: autoscaling. */}}
+{{/* "true" when the queued-context policy sizes the replicas, else empty. */}}
+{{- define "longctx.queuedContextScaling" -}}
+{{- if and .Values.serve.autoscaling.enabled (eq .Values.serve.autoscaling.policy "queuedContext") -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Serve's option overrides of the LLM server deployment: autoscaling by one of Serve's policies.
+The queued-context policy needs none (deployments/app.py builds its autoscaling_config from the
+config's autoscaling section) and must get none: an override's autoscaling_config replaces the
+code's, policy included (Serve fills the keys it leaves out with its own defaults).
+*/}}
 {{- define "longctx.llmServerOverrides" -}}
-{{- $v := .Values -}}
+{{- $scaling := .Values.serve.autoscaling -}}
 {{- $overrides := dict "name" "LLMServer" -}}
-{{- if $v.serve.autoscaling.enabled -}}
-{{- $scaling := dict "min_replicas" $v.serve.autoscaling.minReplicas "max_replicas" $v.serve.autoscaling.maxReplicas "target_ongoing_requests" $v.serve.autoscaling.targetOngoingRequests "upscale_delay_s" $v.serve.autoscaling.upscaleDelayS "downscale_delay_s" $v.serve.autoscaling.downscaleDelayS -}}
-{{- if $v.serve.autoscaling.policy -}}
-{{- $_ := set $scaling "policy" (dict "policy_function" $v.serve.autoscaling.policy) -}}
+{{- if and $scaling.enabled (not (include "longctx.queuedContextScaling" .)) -}}
+{{- $serveSettings := $scaling.ongoingRequests -}}
+{{- $autoscalingConfig := dict "min_replicas" $scaling.minReplicas "max_replicas" $scaling.maxReplicas "target_ongoing_requests" $serveSettings.targetOngoingRequests "upscale_delay_s" $serveSettings.upscaleDelayS "downscale_delay_s" $serveSettings.downscaleDelayS -}}
+{{- if ne $scaling.policy "ongoingRequests" -}}
+{{- $_ := set $autoscalingConfig "policy" (dict "policy_function" $scaling.policy) -}}
 {{- end -}}
 {{- $_ := set $overrides "num_replicas" "auto" -}}
-{{- $_ := set $overrides "autoscaling_config" $scaling -}}
+{{- $_ := set $overrides "autoscaling_config" $autoscalingConfig -}}
 {{- end -}}
 {{- if gt (len $overrides) 1 -}}
 {{- list $overrides | toYaml -}}
