@@ -133,7 +133,15 @@ class ParallelSettings(_Frozen):
 
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks that split the heads, MLP and vocabulary.")
     sequence_parallel_size: int = Field(
-        1, ge=1, description="Ranks that split prompts (ring attention) and every KV block (striped by position)."
+        1, ge=1, description="Ranks that split prompts. Dense models: ring attention, every KV block striped by "
+        "position; DeepSeek-V4: a long chunk's queries split, each rank a replica of the (compressed) state."
+    )
+    # One all-gather a layer of the chunk's KV-side rows, ~30 us of NVLink latency at these sizes,
+    # against a layer's work on 1K tokens of ~1 ms: below that the collectives eat the gain
+    # (an estimate, not yet measured on the GPU).
+    sequence_split_min_tokens: int = Field(
+        1024, ge=1, description="DeepSeek-V4 with sequence_parallel_size > 1: a prefill chunk is split over the SP "
+        "ranks when each gets at least this many of its tokens; shorter chunks and decodes run whole on every rank."
     )
 
     # auto keeps each entry point's natural host: `longctx generate` and engines built in a script

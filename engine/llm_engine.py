@@ -24,7 +24,6 @@ from kvcache.block_groups import extra_group_specs
 from kvcache.block_hash import root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
-from model_folder.errors import ModelFolderError
 from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
@@ -69,7 +68,6 @@ class LLMEngine:
         self.architecture = load_architecture(config.model.path)
         # The block size, resolved once for this model (DeepSeek-V4: whole compression windows).
         config = self.config = config.for_model(self.architecture.kv_block_multiple)
-        self._check_hybrid_support(config)
         self.architecture.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any rank starts
         self.tokenizer = Tokenizer.from_folder(config.model.path)
         self.max_model_len = config.model.max_model_len or self.architecture.max_position_embeddings
@@ -89,13 +87,6 @@ class LLMEngine:
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
         self.prefill_progress = PrefillProgressLog()
         self.load_seconds = time.perf_counter() - start
-
-    def _check_hybrid_support(self, config: LongctxConfig) -> None:
-        """What the DeepSeek-V4 worker does not do yet, refused in one line before any rank starts."""
-        if self.architecture.architecture != "deepseek_v4":
-            return
-        if config.parallel.sequence_parallel_size > 1:
-            raise ModelFolderError(f"{config.model.path}: DeepSeek-V4 runs with parallel.sequence_parallel_size 1")
 
     # --- requests ------------------------------------------------------------------------
     def add_request(

@@ -23,6 +23,7 @@ the compressors and so the whole state are replicated on every rank.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.kept_weights import GroupedProjection, Projection
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
+from model_shards.deepseek_v4.sequence_split import SequenceSplit
 from model_shards.deepseek_v4.chunk_cores import attend_chunk
 from model_shards.deepseek_v4.kernel_choices import KernelChoices
 from model_shards.deepseek_v4.sink_attention import CompressedKeys
@@ -51,6 +53,31 @@ from model_shards.parallel.groups import ParallelGroup
 Segment = tuple[int, int, LayerState | None]
 SegmentKeys = tuple[torch.Tensor, CompressedKeys | None]  # what its queries attend: window keys, compressed keys
 Projected = tuple[torch.Tensor, torch.Tensor, IndexerInputs | None]  # compressor kv, gate (T, width); indexer inputs
+
+
+@dataclass(frozen=True)
+class ChunkRows:
+    """One segment's inputs to its state: the KV-side rows of its whole chunk (kv (T_chunk, D);
+    CSA / HCA: compressor kv, gate; CSA: indexer kv, gate (T_chunk, width)), the indexer's query
+    rows of this rank's queries, and where those queries lie in the chunk (None: all of it)."""
+
+    kv_side: list[torch.Tensor]
+    index_queries: IndexerInputs | None
+    queries: tuple[int, int] | None
+
+    def indexer_inputs(self) -> IndexerInputs:
+        """The queries' q and head weights with the whole chunk's indexer kv and gate."""
+        return IndexerInputs(self.index_queries.q, self.index_queries.head_weights, *self.kv_side[3:5])
+
+    def queries_window(self, window_keys: torch.Tensor, sliding_window: int) -> torch.Tensor:
+        """The chunk's window keys (w + T_chunk, D) -> the rows this rank's queries reach: those of
+        a chunk that starts at its first query (at most W - 1 rows before it)."""
+        if self.queries is None:
+            return window_keys
+        first, stop = self.queries
+        held = window_keys.shape[0] - self.kv_side[0].shape[0]  # rows before the chunk
+        reach = min(held + first, sliding_window - 1)
+        return window_keys[held + first - reach:held + stop]
 
 
 class DeepseekV4Attention(nn.Module):
@@ -94,14 +121,16 @@ class DeepseekV4Attention(nn.Module):
         return self.forward_segments(x, [(start, x.shape[0], state)], positions)
 
     def forward_segments(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor,
-                         decodes: LayerDecodes | None = None) -> torch.Tensor:
+                         decodes: LayerDecodes | None = None, split: SequenceSplit | None = None) -> torch.Tensor:
         """x (T, hidden): several sequences' chunks one after another, `segments` their (start
         position, token count, state) in order, `positions` (T,) each token's position in its
         sequence (positions.span_positions) -> (T, hidden). Projections, norms and RoPE run once
         over all tokens; each segment's state is appended and its keys chosen on its own; the
         attention core runs once for all single-query segments (decodes) and once per longer chunk.
         `decodes`: the step's decodes on the pages (the segments whose state is None), whose
-        appends and keys are batched too (paged_decodes.py)."""
+        appends and keys are batched too (paged_decodes.py). `split`: the chunks whose queries are
+        split over the SP ranks (sequence_split.py); a split segment's (start, count) are this
+        rank's queries, and its whole chunk is appended to the state."""
         tokens = x.shape[0]
         cos, sin = self.rotary.cos_sin(positions)  # (T, rotary_dim // 2) each
         q_residual = self.q_a_norm(self.q_a_proj(x))  # (T, q_lora_rank)
@@ -110,12 +139,12 @@ class DeepseekV4Attention(nn.Module):
         kv = norm_and_rotate(self.kv_proj(x), cos, sin, "weighted", self.kv_norm.eps, self.kv_norm.weight)  # (T, D)
         projected = self._project(x, q_residual, (cos, sin))
         bounds = list(itertools.accumulate((count for _, count, _ in segments), initial=0))
-        rows = [slice(first, stop) for first, stop, (_, _, state) in zip(bounds, bounds[1:], segments)
-                if state is not None]  # the tokens of each segment on its own state
+        own = [index for index, (_, _, state) in enumerate(segments) if state is not None]
+        rows = [slice(bounds[index], bounds[index + 1]) for index in own]  # each segment on its own state
         out = None
         if rows:
-            own = [segment for segment in segments if segment[2] is not None]
-            out = self._attend(q, rows, self._append_segments(kv, projected, own, rows))
+            chunks = self._chunk_rows(kv, projected, rows, own, split)
+            out = self._attend(q, rows, self._append_segments(chunks, [segments[index] for index in own]))
         if decodes is not None:
             out = self._merge(out, self._decode_on_pages(q, kv, projected, decodes), decodes.batch)
         out = norm_and_rotate(out, cos, -sin, "none")  # (T, heads, D), in place on a GPU
@@ -130,29 +159,46 @@ class DeepseekV4Attention(nn.Module):
         index_inputs = None if self.indexer is None else self.indexer.project(x, q_residual, *cos_sin)
         return (*self.compressor.project(x), index_inputs)
 
-    def _append_segments(self, kv: torch.Tensor, projected: Projected | None, segments: list[Segment],
-                         rows: list[slice]) -> list[SegmentKeys]:
-        """Each segment's chunk (its `rows` of the tokens) appended to its own state (window,
-        compressor, indexer), the windows that close pooled at once -> per segment the keys its
-        queries attend: window keys (w + T_i, D) and compressed keys."""
-        window_keys = [state.window.append(kv[part]) for (_, _, state), part in zip(segments, rows)]
-        if projected is None:
-            return [(keys, None) for keys in window_keys]
-        compressor_kv, compressor_gate, index_inputs = projected  # (T, width) each
-        entries = self.compressor.append([state.compressor for _, _, state in segments],
-                                         [compressor_kv[part] for part in rows],
-                                         [compressor_gate[part] for part in rows])
-        return list(zip(window_keys, self._compressed_keys(entries, segments, rows, index_inputs)))
+    def _chunk_rows(self, kv: torch.Tensor, projected: Projected | None, rows: list[slice], indices: list[int],
+                    split: SequenceSplit | None) -> list[ChunkRows]:
+        """What each segment (`indices` into the step's segments, `rows` of the tokens) appends to
+        its state: its rows of the KV-side inputs, or the whole chunk's where its queries are split
+        over the SP ranks (gathered in one collective); the indexer's queries stay this rank's."""
+        kv_side = [kv] if projected is None else [kv, projected[0], projected[1]]
+        if projected is not None and projected[2] is not None:
+            kv_side += [projected[2].kv, projected[2].gate]
+        if split is None:
+            per_segment = [[tensor[part] for tensor in kv_side] for part in rows]
+        else:
+            widths = [tensor.shape[1] for tensor in kv_side]
+            whole = split.whole_chunks(torch.cat(kv_side, dim=1), rows, indices)  # (T_chunk, sum widths) each
+            per_segment = [[column.contiguous() for column in chunk.split(widths, dim=1)] for chunk in whole]
+        index_inputs = None if projected is None else projected[2]
+        return [ChunkRows(parts, None if index_inputs is None else index_inputs.rows(part),
+                          split.rows(index) if split is not None and index in split.pieces else None)
+                for parts, part, index in zip(per_segment, rows, indices)]
 
-    def _compressed_keys(self, entries: list[Entries], segments: list[Segment], rows: list[slice],
-                         index_inputs: IndexerInputs | None) -> list[CompressedKeys]:
+    def _append_segments(self, chunks: list[ChunkRows], segments: list[Segment]) -> list[SegmentKeys]:
+        """Each segment's chunk appended to its own state (window, compressor, indexer), the
+        windows that close pooled at once -> per segment the keys its queries attend: window keys
+        (w + T, D) and compressed keys."""
+        window_keys = [chunk.queries_window(state.window.append(chunk.kv_side[0]), self.sliding_window)
+                       for chunk, (_, _, state) in zip(chunks, segments)]
+        if self.compressor is None:
+            return [(keys, None) for keys in window_keys]
+        entries = self.compressor.append([state.compressor for _, _, state in segments],
+                                         [chunk.kv_side[1] for chunk in chunks], [chunk.kv_side[2] for chunk in chunks])
+        return list(zip(window_keys, self._compressed_keys(entries, segments, chunks)))
+
+    def _compressed_keys(self, entries: list[Entries], segments: list[Segment],
+                         chunks: list[ChunkRows]) -> list[CompressedKeys]:
         """HCA: every closed entry (read once: 1 per m' tokens); CSA: the indexer's top-k of them."""
         starts = [start for start, _, _ in segments]
         if self.layer_type == HCA:
             return [CompressedKeys(ContiguousEntries(closed.read(0, closed.count)), first_position=start,
                                    rate=self.compressor.rate) for closed, start in zip(entries, starts)]
         selected = self.indexer.select([state.indexer for _, _, state in segments],
-                                       [index_inputs.rows(part) for part in rows], starts)  # (T_i, k) each
+                                       [chunk.indexer_inputs() for chunk in chunks], starts)  # (T_i, k) each
         return [CompressedKeys(closed, selected=chosen) for closed, chosen in zip(entries, selected)]
 
     def _attend(self, q: torch.Tensor, rows: list[slice], keys: list[SegmentKeys]) -> torch.Tensor:

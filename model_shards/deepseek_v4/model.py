@@ -33,6 +33,7 @@ from model_shards.deepseek_v4.norms import RMSNorm
 from model_shards.deepseek_v4.paged_decodes import DecodeBatch, LayerDecodes
 from model_shards.deepseek_v4.positions import span_positions
 from model_shards.deepseek_v4.rope import InterleavedRotary
+from model_shards.deepseek_v4.sequence_split import SequenceSplit
 from model_shards.deepseek_v4.state import SequenceState
 from model_shards.deepseek_v4.weights import CheckpointTensors
 from model_shards.llama import checkpoint_dtype
@@ -53,12 +54,15 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.mlp = MixtureOfExperts(arch, arch.mlp_layer_types[index], tp, dtype)
 
     def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, segments: list[Segment],
-                positions: torch.Tensor, decodes: LayerDecodes | None = None) -> torch.Tensor:
+                positions: torch.Tensor, decodes: LayerDecodes | None = None,
+                split: SequenceSplit | None = None) -> torch.Tensor:
         """streams (T, hc, hidden) of the segments' tokens one after another -> (T, hc, hidden);
         `segments` holds each segment's (start position, token count, state), in order,
-        `positions` (T,) each token's position in its sequence, `decodes` the paged decodes."""
+        `positions` (T,) each token's position in its sequence, `decodes` the paged decodes,
+        `split` the chunks split over the SP ranks (everything but attention is token-wise)."""
         post, comb, collapsed = self.attn_hc(streams)
-        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments, positions, decodes)
+        attended = self.self_attn.forward_segments(self.input_layernorm(collapsed), segments, positions, decodes,
+                                                   split)
         streams = mix_streams(streams, attended, post, comb)
         post, comb, collapsed = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(collapsed), input_ids), post, comb)
@@ -137,24 +141,32 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward_segments(self, segments: list[tuple[torch.Tensor, SequenceState | None]],
-                         decodes: DecodeBatch | None = None) -> torch.Tensor:
+                         decodes: DecodeBatch | None = None, split: SequenceSplit | None = None) -> torch.Tensor:
         """The next chunk of several sequences in one pass: [(input_ids (T_i,), state), ...] ->
         final hidden states (sum T_i, hidden), the segments' rows in order. Everything but attention
         is token-wise, so it runs once over all tokens (every weight read once); attention reads
         each segment's own state (DeepseekV4Attention.forward_segments). Each state then holds its
-        chunk too. A state None: a single token decoding on the pages, one of `decodes` (in order)."""
+        chunk too. A state None: a single token decoding on the pages, one of `decodes` (in order).
+        `split`: under sequence parallelism, the segments whose input_ids are this rank's piece of
+        their chunk (sequence_split.py); their states take the whole chunk."""
         input_ids = segments[0][0] if len(segments) == 1 else torch.cat([ids for ids, _ in segments])
         decode_starts = iter(decodes.positions if decodes is not None else ())
-        spans = [(next(decode_starts) if state is None else state.num_tokens, ids.shape[0], state)
-                 for ids, state in segments]  # (start, count, state)
+        spans = [(next(decode_starts) if state is None else state.num_tokens + self._first_row(split, index),
+                  ids.shape[0], state) for index, (ids, state) in enumerate(segments)]  # (start, count, state)
         positions = span_positions([(start, count) for start, count, _ in spans], input_ids.device)  # (T,)
-        hidden = self._layers(input_ids, spans, positions, decodes)
-        for ids, state in segments:
+        hidden = self._layers(input_ids, spans, positions, decodes, split)
+        for index, (ids, state) in enumerate(segments):
             if state is not None:
-                state.num_tokens += ids.shape[0]
+                split_chunk = split is not None and index in split.pieces
+                state.num_tokens += split.pieces[index].count if split_chunk else ids.shape[0]
         if decodes is not None:
             decodes.finish()
         return hidden
+
+    @staticmethod
+    def _first_row(split: SequenceSplit | None, index: int) -> int:
+        """Where this rank's rows of segment `index` start in its chunk (0 unless split)."""
+        return split.rows(index)[0] if split is not None and index in split.pieces else 0
 
     @torch.inference_mode()
     def forward_decodes(self, decodes: DecodeBatch) -> torch.Tensor:
@@ -165,13 +177,13 @@ class DeepseekV4ForCausalLM(nn.Module):
         return self._layers(ids, [(0, ids.shape[0], None)], decodes.token_positions, decodes)
 
     def _layers(self, input_ids: torch.Tensor, spans: list[tuple[int, int, SequenceState | None]],
-                positions: torch.Tensor, decodes: DecodeBatch | None) -> torch.Tensor:
+                positions: torch.Tensor, decodes: DecodeBatch | None, split: SequenceSplit | None = None) -> torch.Tensor:
         """Embedding, every layer and the final norm over the tokens of `spans` (start, count, state)."""
         streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.arch.hc_mult, -1).contiguous()
         for index, layer in enumerate(self.layers):
             layer_segments = [(start, count, state and state.layers[index]) for start, count, state in spans]
             layer_decodes = decodes.layer(index) if decodes is not None else None
-            streams = layer(streams, input_ids, layer_segments, positions, layer_decodes)  # (T, hc, hidden)
+            streams = layer(streams, input_ids, layer_segments, positions, layer_decodes, split)  # (T, hc, hidden)
         return self.norm(self.hc_head(streams))
 
     @torch.inference_mode()

@@ -20,6 +20,7 @@ from model_shards.deepseek_v4.decode_graphs import DeepseekV4DecodeGraphs
 from model_shards.deepseek_v4.model import DeepseekV4ForCausalLM
 from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
+from model_shards.deepseek_v4.sequence_split import SequenceSplit
 from model_shards.device import host_to_device
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.prompt_logprobs import compute_prompt_logprobs, prompt_rows
@@ -42,11 +43,15 @@ class _Request:
 
 class DeepseekV4Runner:
     def __init__(self, model: DeepseekV4ForCausalLM, pages: PagedKV, layout: ParallelLayout | None = None,
-                 grammars: GrammarCompiler | None = None, decode_graphs: DeepseekV4DecodeGraphs | None = None):
+                 grammars: GrammarCompiler | None = None, decode_graphs: DeepseekV4DecodeGraphs | None = None,
+                 split_min_tokens: int = 1024):
         """`grammars`: compiles structured-output grammars (None: requests ask for none);
-        `decode_graphs`: runs the steps in which every request decodes (None: all eagerly)."""
+        `decode_graphs`: runs the steps in which every request decodes (None: all eagerly);
+        `split_min_tokens`: under sequence parallelism, a chunk is split over the SP ranks when
+        each gets at least this many of its tokens (sequence_split.py)."""
         self.model, self.pages, self.grammars, self.decode_graphs = model, pages, grammars, decode_graphs
         self.layout = layout or ParallelLayout.single()
+        self.split_min_tokens = split_min_tokens
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
 
@@ -70,10 +75,16 @@ class DeepseekV4Runner:
         step = contained_chunks(self.requests, schedule, self.pages.open_windows, forward)
         return run_contained(step, schedule, failed, world_size=self.layout.world.size, device=self.model.device)
 
+    def _split(self, counts: list[int]) -> SequenceSplit | None:
+        """The step's chunks split over the SP ranks: a function of the schedule alone, so every
+        rank, and every use within a step, gets the same one."""
+        return SequenceSplit.plan(self.layout.sp, counts, self.split_min_tokens)
+
     def _prompt_logprobs(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, PromptLogprobs]:
         """Logprobs of the prompt tokens that `schedule`'s chunks predict, for the requests that
         asked (echo + logprobs): the rows of `hidden` (scheduled tokens, hidden) the step computed
-        anyway. Every TP rank computes the logits (a collective); world rank 0 keeps the results."""
+        anyway. Every TP rank computes the logits (a collective); world rank 0 keeps the results.
+        (The engine refuses them under sequence parallelism: a rank holds a piece of each chunk.)"""
         spans, row = [], 0
         for request_id, count in schedule.items():
             request = self.requests[request_id]
@@ -84,18 +95,22 @@ class DeepseekV4Runner:
         return compute_prompt_logprobs(hidden, spans, self.model.compute_logits, keep=self.layout.is_driver_rank)
 
     def _advance_and_sample(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, SampledToken]:
-        """hidden: (scheduled tokens, hidden) of `schedule`'s chunks, in order."""
+        """hidden: (this rank's rows, hidden) of `schedule`'s chunks, in order. A split chunk's last
+        row is on SP rank 0 (sequence_split.py), the rank whose rows are sampled."""
         last_rows, sampling_ids, row = [], [], 0
-        for request_id, count in schedule.items():
+        split = self._split(list(schedule.values()))
+        for index, (request_id, count) in enumerate(schedule.items()):
             request = self.requests[request_id]
-            row += count
+            row += count if split is None else split.local_count(index, count)
             request.num_computed_tokens += count
             if request.num_computed_tokens == len(request.token_ids):
                 last_rows.append(row - 1)
                 sampling_ids.append(request_id)
         if not sampling_ids:
             return {}
-        last_hidden = hidden.index_select(0, host_to_device(torch.tensor(last_rows), hidden.device))
+        last_hidden = None
+        if self.layout.sp.rank == 0:
+            last_hidden = hidden.index_select(0, host_to_device(torch.tensor(last_rows), hidden.device))
         return self._sample(last_hidden, sampling_ids)
 
     def _apply_changes(self, step_input: StepInput) -> None:
@@ -143,10 +158,12 @@ class DeepseekV4Runner:
         if hidden is not None:
             return hidden
         segments, decodes, decode_rows, row = [], [], [], 0
-        step_ids = self._step_ids(scheduled)  # (scheduled tokens,)
-        for request, count in scheduled:
+        split = self._split([count for _, count in scheduled])
+        step_ids = self._step_ids(scheduled, split)  # (this rank's scheduled tokens,)
+        for index, (request, count) in enumerate(scheduled):
             start = request.num_computed_tokens
-            ids = step_ids[row:row + count]
+            local_count = count if split is None else split.local_count(index, count)
+            ids = step_ids[row:row + local_count]
             tables = [mirror.update(table) for mirror, table in zip(request.device_tables, request.block_ids)]
             if count == 1 and self.pages.open_windows.holds(request.slot, start):
                 decodes.append(PagedDecode(start, request.slot, tuple(request.block_ids), tables[0]))
@@ -155,10 +172,10 @@ class DeepseekV4Runner:
             else:
                 segments.append((ids, self.pages.load(self.model.new_state, request.block_ids, start, request.slot,
                                                       tables)))
-            row += count
+            row += local_count
         batch = decodes and DecodeBatch(self.pages, self.model.arch.sliding_window, decodes,
                                         None if len(decodes) == row else decode_rows, row)
-        hidden = self.model.forward_segments(segments, batch or None)
+        hidden = self.model.forward_segments(segments, batch or None, split)
         for (request, _), (_, state) in zip(scheduled, segments):
             if state is not None:
                 self.pages.save(state, request.slot)
@@ -176,16 +193,21 @@ class DeepseekV4Runner:
         return self.decode_graphs.run([request.slot for request, _ in scheduled], decodes,
                                       [request.token_ids[request.num_computed_tokens] for request, _ in scheduled])
 
-    def _step_ids(self, scheduled: list[tuple[_Request, int]]) -> torch.Tensor:
-        """Every scheduled token id, in order, as one tensor: one copy to the device a step."""
-        ids = [token for request, count in scheduled
-               for token in request.token_ids[request.num_computed_tokens:request.num_computed_tokens + count]]
+    def _step_ids(self, scheduled: list[tuple[_Request, int]], split: SequenceSplit | None) -> torch.Tensor:
+        """This rank's scheduled token ids (all of them, or its piece of a split chunk), in order,
+        as one tensor: one copy to the device a step."""
+        ids = []
+        for index, (request, count) in enumerate(scheduled):
+            first, stop = split.rows(index) if split is not None and index in split.pieces else (0, count)
+            ids += request.token_ids[request.num_computed_tokens + first:request.num_computed_tokens + stop]
         return host_to_device(torch.tensor(ids, dtype=torch.long), self.model.device)  # no wait for the last step
 
-    def _sample(self, last_hidden: torch.Tensor, request_ids: list[str]) -> dict[str, SampledToken]:
-        """Logits on every TP rank (a collective), sampling on world rank 0, the ids broadcast."""
-        logits = self.model.compute_logits(last_hidden)  # (sampling requests, vocab) float32
+    def _sample(self, last_hidden: torch.Tensor | None, request_ids: list[str]) -> dict[str, SampledToken]:
+        """Logits on the TP ranks of SP rank 0 (a collective among them; the other SP ranks do not
+        hold split chunks' last rows), sampling on world rank 0, the ids broadcast."""
         tokens = None
+        if self.layout.sp.rank == 0:
+            logits = self.model.compute_logits(last_hidden)  # (sampling requests, vocab) float32
         if self.layout.is_driver_rank:
             tokens = self.sampler(logits, [self.requests[rid].sampling for rid in request_ids])
         token_ids = self.layout.world.broadcast_ints([t.token_id for t in tokens] if tokens else None,

@@ -37,8 +37,6 @@ class DeepseekV4Worker:
         self.config = config
         self.layout = layout or ParallelLayout.single()
         self.architecture: DeepseekV4Architecture = load_architecture(config.model.path)
-        if self.layout.sp.size > 1:
-            raise ValueError("DeepSeek-V4 runs without sequence parallelism (parallel.sequence_parallel_size 1)")
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.architecture, self.device)
         self.block_size = config.cache.resolved_block_size(self.architecture.kv_block_multiple)
@@ -55,7 +53,8 @@ class DeepseekV4Worker:
         self.pages = self._allocate_pages()
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         decode_graphs = self._decode_graphs()
-        self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars, decode_graphs)
+        self.runner = DeepseekV4Runner(self.model, self.pages, self.layout, self.grammars, decode_graphs,
+                                       config.parallel.sequence_split_min_tokens)
         if self.device.type == "cuda":  # Triton kernels compile now, not in the first requests
             warm_up_runner(self.runner)  # engine steps on pages that hold nothing yet
         if decode_graphs is not None:

@@ -80,3 +80,43 @@ def test_tp2_engine_on_the_paged_cache_equals_one_rank(world2, v4_tiny_folder):
         assert ours.token_ids == theirs.token_ids
         assert torch.allclose(torch.tensor([t.logprob for t in ours.logprobs]),
                               torch.tensor([t.logprob for t in theirs.logprobs]), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.slow
+def test_sp2_engine_splits_prefill_chunks_and_equals_one_rank(world2, v4_tiny_folder):
+    """Sequence parallelism (model_shards/deepseek_v4/sequence_split.py): every chunk of >= 8
+    tokens is split over 2 ranks (4 tokens a rank at least), pieces that end inside CSA and HCA
+    windows; each rank keeps a replica of the state. Three concurrent requests (chunks of 24, 13
+    and 9 tokens beside decodes), then a prefix hit: greedy tokens and logprobs equal one rank's."""
+    from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings
+    from engine.llm_engine import LLMEngine
+    from engine.offline import generate
+    from executors.local import LocalProcessExecutor
+    from protocol.sampling_params import SamplingParams
+
+    def config(sp: int) -> LongctxConfig:
+        return LongctxConfig(model=ModelSettings(path=str(v4_tiny_folder), dtype="float32", device="cpu"),
+                             cache=CacheSettings(cpu_kv_bytes=8 << 20),
+                             parallel=ParallelSettings(sequence_parallel_size=sp, sequence_split_min_tokens=4),
+                             scheduler=SchedulerSettings(max_tokens_per_step=46, max_num_seqs=4))
+
+    def workload(engine: LLMEngine):
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+        prompts = [[(7 * i + 3) % 1000 for i in range(70)], [(11 * i + 5) % 1000 for i in range(37)],
+                   [(13 * i + 1) % 1000 for i in range(9)]]
+        batch = generate(engine, prompts, params)
+        repeat = generate(engine, [prompts[0][:64] + prompts[1][:30]], params)[0][0]
+        return [r[0] for r in batch] + [repeat]
+
+    one = workload(LLMEngine(config(1)))
+    executor = LocalProcessExecutor(config(2), processes=world2)
+    try:
+        two = workload(LLMEngine(config(2), executor=executor))
+    finally:
+        executor.shutdown()
+    assert two[3].num_prefix_hit_tokens == one[3].num_prefix_hit_tokens == 64
+    for ours, theirs in zip(two, one):
+        assert ours.token_ids == theirs.token_ids
+        assert torch.allclose(torch.tensor([t.logprob for t in ours.logprobs]),
+                              torch.tensor([t.logprob for t in theirs.logprobs]), atol=TOLERANCE, rtol=0)
+
