@@ -31,6 +31,9 @@
 #               Session 11 ran each gap in a process of its own: 22-29% apart run to run, and its HTTP
 #               rows never came (90 s bound). Estimate ~4 min: ~65 s model + engine, ~40 s Ray + replica,
 #               ~10 s a repeat direct and ~15 s through HTTP (session 10-11 logs); bound BURSTS_S 360
+#  10. v4sp     2 GPUs (kind nvidia-h200-x2): DeepSeek-V4 with sequence parallelism (a chunk's queries
+#               split over 2 ranks, the state replicated) against one GPU at 128K / 512K / 1M: TTFT,
+#               TPOT, greedy tokens equal (bench/deepseek_v4_sequence_parallel.py, ~5 min)
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
@@ -110,5 +113,12 @@ if wanted bursts; then
         --arrival-gap-ab 0.004,0 --repeats ${BURSTS_REPEATS:-5} --out "$OUT/serve_bursts_ab.json" \
         > "$OUT/serve_bursts_ab.log" 2>&1
     tail -30 "$OUT/serve_bursts_ab.log" | cut -c1-200
+fi
+if wanted v4sp; then
+    stamp v4sp
+    timeout ${V4SP_S:-480} python3 bench/deepseek_v4_sequence_parallel.py --preset deepseek-v4-flash-shape \
+        --device cuda --layers 4 --experts 16 --lengths 131072 524288 1048000 --sp 2 --time-budget-s 420 \
+        > "$OUT/deepseek_v4_sequence_parallel.log" 2>&1
+    tail -12 "$OUT/deepseek_v4_sequence_parallel.log" | cut -c1-200
 fi
 stamp done
