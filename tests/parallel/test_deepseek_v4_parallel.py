@@ -82,22 +82,21 @@ def test_tp2_engine_on_the_paged_cache_equals_one_rank(world2, v4_tiny_folder):
                               torch.tensor([t.logprob for t in theirs.logprobs]), atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.slow
-def test_sp2_engine_splits_prefill_chunks_and_equals_one_rank(world2, v4_tiny_folder):
-    """Sequence parallelism (model_shards/deepseek_v4/sequence_split.py): every chunk of >= 8
-    tokens is split over 2 ranks (4 tokens a rank at least), pieces that end inside CSA and HCA
-    windows; each rank keeps a replica of the state. Three concurrent requests (chunks of 24, 13
-    and 9 tokens beside decodes), then a prefix hit: greedy tokens and logprobs equal one rank's."""
+def _split_chunks_equal_one_rank(processes, folder, tp: int, sp: int) -> None:
+    """Every chunk of >= 8 tokens split over the SP ranks (4 tokens a rank at least), pieces that
+    end inside CSA and HCA windows; each rank keeps a replica of the state. Three concurrent
+    requests (chunks beside decodes), then a prefix hit: greedy tokens and logprobs equal one rank's."""
     from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings
     from engine.llm_engine import LLMEngine
     from engine.offline import generate
     from executors.local import LocalProcessExecutor
     from protocol.sampling_params import SamplingParams
 
-    def config(sp: int) -> LongctxConfig:
-        return LongctxConfig(model=ModelSettings(path=str(v4_tiny_folder), dtype="float32", device="cpu"),
+    def config(tp: int, sp: int) -> LongctxConfig:
+        return LongctxConfig(model=ModelSettings(path=str(folder), dtype="float32", device="cpu"),
                              cache=CacheSettings(cpu_kv_bytes=8 << 20),
-                             parallel=ParallelSettings(sequence_parallel_size=sp, sequence_split_min_tokens=4),
+                             parallel=ParallelSettings(tensor_parallel_size=tp, sequence_parallel_size=sp,
+                                                       sequence_split_min_tokens=4),
                              scheduler=SchedulerSettings(max_tokens_per_step=46, max_num_seqs=4))
 
     def workload(engine: LLMEngine):
@@ -108,15 +107,27 @@ def test_sp2_engine_splits_prefill_chunks_and_equals_one_rank(world2, v4_tiny_fo
         repeat = generate(engine, [prompts[0][:64] + prompts[1][:30]], params)[0][0]
         return [r[0] for r in batch] + [repeat]
 
-    one = workload(LLMEngine(config(1)))
-    executor = LocalProcessExecutor(config(2), processes=world2)
+    one = workload(LLMEngine(config(1, 1)))
+    executor = LocalProcessExecutor(config(tp, sp), processes=processes)
     try:
-        two = workload(LLMEngine(config(2), executor=executor))
+        split = workload(LLMEngine(config(tp, sp), executor=executor))
     finally:
         executor.shutdown()
-    assert two[3].num_prefix_hit_tokens == one[3].num_prefix_hit_tokens == 64
-    for ours, theirs in zip(two, one):
+    assert split[3].num_prefix_hit_tokens == one[3].num_prefix_hit_tokens == 64
+    for ours, theirs in zip(split, one):
         assert ours.token_ids == theirs.token_ids
         assert torch.allclose(torch.tensor([t.logprob for t in ours.logprobs]),
                               torch.tensor([t.logprob for t in theirs.logprobs]), atol=TOLERANCE, rtol=0)
 
+
+@pytest.mark.slow
+def test_sp2_engine_splits_prefill_chunks_and_equals_one_rank(world2, v4_tiny_folder):
+    """Sequence parallelism (model_shards/deepseek_v4/sequence_split.py) on 2 ranks."""
+    _split_chunks_equal_one_rank(world2, v4_tiny_folder, tp=1, sp=2)
+
+
+@pytest.mark.slow
+def test_tp2_sp2_engine_equals_one_rank(world4, v4_tiny_folder):
+    """Both at once (4 ranks): the split's all-gather runs in the SP groups, heads and experts in the
+    TP groups, and only SP rank 0's TP group computes logits."""
+    _split_chunks_equal_one_rank(world4, v4_tiny_folder, tp=2, sp=2)
