@@ -20,6 +20,22 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def v4_dir(tmp_path_factory) -> str:
+    """The tiny DeepSeek-V4 preset: window 8, CSA every 4 tokens (top-4 indexer), HCA every 16."""
+    from model_shards.deepseek_v4.presets import make_deepseek_v4_model
+
+    return str(make_deepseek_v4_model(tmp_path_factory.mktemp("v4-engine"), "deepseek-v4-tiny", seed=3))
+
+
+@pytest.fixture(scope="session")
+def reference(v4_dir):
+    """transformers' DeepSeek-V4 on `v4_dir`: the tests compare against its full forward."""
+    from transformers import DeepseekV4ForCausalLM
+
+    return DeepseekV4ForCausalLM.from_pretrained(v4_dir).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> str:
     return str(make_model(tmp_path_factory.mktemp("tiny-qwen2"), "tiny", seed=2, architecture="qwen2"))
 

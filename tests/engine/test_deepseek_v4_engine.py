@@ -13,28 +13,16 @@ import random
 
 import pytest
 import torch
-from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
 from cluster.config import CacheSettings, ConfigError, LongctxConfig, ModelSettings, SchedulerSettings
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
-from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 from protocol.sampling_params import SamplingParams
 
 ATOL = 1e-4
 BLOCK = 16  # lcm of the tiny preset's compress rates 4 and 16
 NULL = -1  # a window block that left the window
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def v4_dir(tmp_path_factory) -> str:
-    return str(make_deepseek_v4_model(tmp_path_factory.mktemp("v4-engine"), "deepseek-v4-tiny", seed=3))
-
-
-@pytest.fixture(scope="module")
-def reference(v4_dir):
-    return ReferenceModel.from_pretrained(v4_dir).eval()
 
 
 def v4_engine(model_dir: str, *, budget: int = 4096, num_blocks: int | None = None, block_size: int | None = None,

@@ -9,10 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transformers import DeepseekV4ForCausalLM as ReferenceModel
 
 from engine.offline import generate
-from model_shards.deepseek_v4.presets import make_deepseek_v4_model
 from protocol.sampling_params import SamplingParams
 
 from .test_deepseek_v4_engine import ATOL, BLOCK, random_prompt, v4_engine
@@ -20,16 +18,6 @@ from .test_deepseek_v4_engine import ATOL, BLOCK, random_prompt, v4_engine
 TOP_K = 3
 SCORE_ONLY = SamplingParams(max_tokens=0, prompt_logprobs=TOP_K)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def v4_dir(tmp_path_factory) -> str:
-    return str(make_deepseek_v4_model(tmp_path_factory.mktemp("v4-prompt-logprobs"), "deepseek-v4-tiny", seed=5))
-
-
-@pytest.fixture(scope="module")
-def reference(v4_dir):
-    return ReferenceModel.from_pretrained(v4_dir).eval()
 
 
 def full_forward_logprobs(reference, prompt: list[int]) -> torch.Tensor:
