@@ -63,7 +63,7 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=None, metavar="N",
                         help="tensor parallel ranks: heads split over N GPUs (default 1)")
     parser.add_argument("--sp", "--sequence-parallel-size", dest="sp", type=int, default=None, metavar="N",
-                        help="sequence parallel ranks: long prompts and their KV split over N GPUs (default 1)")
+                        help="sequence parallel ranks: long prompts split over N GPUs, dense models their KV too (default 1)")
     parser.add_argument("--executor", choices=["auto", "local", "ray"], default=None,
                         help="where the ranks run: local processes or Ray actors (default auto)")
     parser.add_argument("--span-nodes", action="store_true", default=None,

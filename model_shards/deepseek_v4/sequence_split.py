@@ -110,9 +110,6 @@ class SequenceSplit:
             local = torch.cat((local, local.new_zeros(padded_rows - local.shape[0], *local.shape[1:])))
         stacked = self.group.all_gather_stacked(local)  # (ranks, padded_rows, width)
         offsets = [list(itertools.accumulate(row, initial=0)) for row in sizes]
-        chunks = []
-        for i in range(len(indices)):
-            ranks_in_row_order = sorted(range(size), key=lambda rank: piece_of(rank, size))
-            chunks.append(torch.cat([stacked[rank, offsets[rank][i]:offsets[rank][i + 1]]
-                                     for rank in ranks_in_row_order]))
-        return chunks
+        ranks_in_row_order = sorted(range(size), key=lambda rank: piece_of(rank, size))
+        return [torch.cat([stacked[rank, offsets[rank][i]:offsets[rank][i + 1]] for rank in ranks_in_row_order])
+                for i in range(len(indices))]
