@@ -105,7 +105,7 @@ def parse_args() -> argparse.Namespace:
                         "replay CUDA graphs (model_shards/deepseek_v4/decode_graphs.py)")
     parser.add_argument("--chunk-attention", choices=CHUNK_ATTENTION_CORES, default="auto",
                         help="model.deepseek_v4_chunk_attention: prefill chunks' attention core (chunk_cores.py)")
-    parser.add_argument("--index-top-k", choices=INDEX_TOP_K_METHODS, default="ranked",
+    parser.add_argument("--index-top-k", choices=INDEX_TOP_K_METHODS, default="threshold",
                         help="model.deepseek_v4_index_top_k: the indexer's prefill top-k (kernel_choices.py)")
     parser.add_argument("--alloc-conf", default=None,
                         help="PYTORCH_CUDA_ALLOC_CONF for this run, e.g. expandable_segments:True (default: as set)")
@@ -269,7 +269,7 @@ def make_engine(folder: Path, args: argparse.Namespace, block_size: int, decode_
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=str(folder), device=args.device, dtype=args.dtype,
                             cuda_graph_max_batch=most_requests if decode_graphs else 0,
-                            deepseek_v4_kernels=KernelChoices(args.chunk_attention, args.index_top_k),
+                            deepseek_v4_chunk_attention=args.chunk_attention,
                             deepseek_v4_index_top_k=args.index_top_k),
         cache=CacheSettings(num_device_blocks=max(longest, concurrent) // block_size + 64),
         scheduler=SchedulerSettings(max_tokens_per_step=args.chunk_tokens, max_num_seqs=most_requests,

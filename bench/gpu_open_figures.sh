@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The figures still open on the GPU, most wanted first. Each stage is bounded by `timeout`, so a
 # short budget still returns the first ones. Sessions lose device time to machine starts (~3 min a
-# start): few calls that do it all are cheaper. Session 11 measured hcacore, last1m (blocks, H200),
-# floor and bursts (engine rows only); see docs/deepseek_v4.md and docs/benchmarks.md "Session 11".
+# start): few calls that do it all are cheaper. Session 12 (H100) measured tests, graphs, last1m,
+# fused1m, topk, topk1m, floor and bursts: docs/deepseek_v4.md and docs/benchmarks.md "Session 12".
+# Still open: v4sp (2 GPUs), hcacore, mhc and redis on an H200.
 #   1. tests    GPU tests of the step uploads (one pinned staging copy a step), the V4 decode graphs
 #               (replay bit-equal to the static step run eagerly), the mHC kernels (tf32x3 default
 #               tiling) and the flash-style chunk attention kernel (float32 now IEEE; session 11's
 #               20 failures were TF32)
 #   2. graphs   DeepSeek-V4 decode steps eager against CUDA graphs at 1, 8 and 32 requests (session
-#               11: eager TPOT 105 ms at 1 request, 23.5 ms of GPU time; the graph rows never ran:
-#               the scratch blocks were swapped, fixed since)
+#               12, H100: 12.3 / 13.2 / 14.3 ms a step eager, 3.0 / 4.1 / 4.6 ms replayed)
 #   3. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk, default core
 #               (auto: the fused kernel for CSA layers). H200 blocks: 20.92 s, last chunk 490 ms
 #   4. fused1m  the same 1M prompt with --chunk-attention blocks: the A/B of auto in one call
@@ -18,14 +18,14 @@
 #   6. floor    dense TTFT / TPOT against transformers at 4K .. 130K and two batches, transformers at
 #               a shape it ran just before (its SDPA goes to cuDNN, ~50-80 ms a plan per new shape, and
 #               its decode makes a new shape every token); its first call at each length apart
-#   6b. topk    V4's indexer top-k on one block of queries at 128K / 512K / 1M: the int64 ranking the
-#               layers use against top_k_by_threshold on float32 scores (model.deepseek_v4_index_top_k)
-#   6c. topk1m  the 1M prompt with --index-top-k threshold: end to end, against last1m
+#   6b. topk    V4's indexer top-k on one block of queries at 128K / 512K / 1M: the int64 ranking
+#               against top_k_by_threshold on float32 scores, the default since session 12 (4.6 vs 7.4 ms)
+#   6c. topk1m  the 1M prompt with --index-top-k ranked (the old default): end to end, against last1m
 #   7. mhc      DeepSeek-V4's mHC kernels against their memory floor and the stream_mixes tilings
 #   8. redis    the Redis client against redis-benchmark by shards and value sizes, and the batched
 #               host <-> device copies of those sizes (bench/redis_scaling.py)
 #   9. bursts   the A/B of burst gathering in one process (serve_load.py --arrival-gap-ab 0.004,0):
-#               serve.arrival_gap_s 0.004 (the default) against 0 (off), alternating, BURSTS_REPEATS
+#               serve.arrival_gap_s 0.004 against 0 (off, the default since session 12), alternating, BURSTS_REPEATS
 #               runs of each (5) at 1 (overhead), 16 and 64 streams, direct then through HTTP
 #               (fused_direct, the gap changed on the live replica); per gap the median and min-max.
 #               Session 11 ran each gap in a process of its own: 22-29% apart run to run, and its HTTP
@@ -94,7 +94,7 @@ if wanted topk; then
     timeout ${TOPK_S:-90} python3 bench/deepseek_v4_top_k.py 2>&1 | tail -16
 fi
 if wanted topk1m; then
-    prompt_1m topk1m --index-top-k threshold
+    prompt_1m topk1m --index-top-k ranked
 fi
 if wanted mhc; then
     stamp mhc

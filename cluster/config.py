@@ -54,9 +54,10 @@ class ModelSettings(_Frozen):
     )
     # The indexer's top-k at 1M tokens ranks 16K x 262K scores a chunk (113 ms of the last chunk's
     # 510 on an H100, session 11). `threshold` picks the same entries from float32 scores without
-    # int64 keys; `ranked` stays the default until bench/deepseek_v4_top_k.py has timed both.
+    # int64 keys: 4.6 against 7.4 ms on one block of queries at 512K and 1M, and a 1M prefill in
+    # 20.1 against 21.7 s (H100, session 12, bench/deepseek_v4_top_k.py and the topk1m stage).
     deepseek_v4_index_top_k: Literal["ranked", "threshold"] = Field(
-        "ranked", description="DeepSeek-V4 indexer's top-k of a prefill chunk (model_shards/deepseek_v4/"
+        "threshold", description="DeepSeek-V4 indexer's top-k of a prefill chunk (model_shards/deepseek_v4/"
         "kernel_choices.py): ranked: one top-k over int64 keys the scores kernel writes; threshold: a top-k of "
         "float32 scores for each row's k-th, ties earliest first (threshold_top_k.py). Both choose the same "
         "entries. Other models: ignored."
@@ -210,10 +211,12 @@ class ServeSettings(_Frozen):
     # budget over several steps (session 10 traced the 37-53% tok/s that HTTP lost at 16 and 64
     # streams on the H200 to this). A fixed gap would add 4 ms to a lone request's TTFT (a third of
     # 12 ms for a 4K prompt), so the engine waits only when requests come together
-    # (engine/async_engine.py `_arrivals_look_bursty`): lone requests never wait. Not yet measured
-    # on a GPU through HTTP (session 11's bursts stage timed out before its HTTP rows).
+    # (engine/async_engine.py `_arrivals_look_bursty`): lone requests never wait. Measured on an
+    # H100 (session 12, 5 alternating runs of each setting in one process): no gain at 16 or 64
+    # streams, direct or through HTTP (TTFT +3 to +13% with the gap, tok/s within 2%), so it is off
+    # by default; the mechanism stays for hosts where bodies arrive further apart.
     arrival_gap_s: float = Field(
-        0.004, ge=0, description="Per replica: an idle engine given a request while requests come together "
+        0.0, ge=0, description="Per replica: an idle engine given a request while requests come together "
         "(several requests open now, or at a step that ended less than 5 gaps ago) waits for more while they keep "
         "arriving, until none has come for this long (at most arrival_max_wait_s), so that a burst is prefilled "
         "in one step; a lone request after a quiet period starts at once. 0: the first step never waits."

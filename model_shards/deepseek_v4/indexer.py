@@ -55,7 +55,7 @@ class IndexerInputs:
 
 class LightningIndexer(nn.Module):
     def __init__(self, arch: DeepseekV4Architecture, tp: ParallelGroup, dtype: torch.dtype,
-                 rotary: InterleavedRotary, top_k_method: str = "ranked"):
+                 rotary: InterleavedRotary, top_k_method: str = "threshold"):
         """top_k_method: how a prefill chunk's choice is taken (kernel_choices.py): ranked, int64
         keys written by the scores kernel; threshold, float32 scores (threshold_top_k.py)."""
         super().__init__()

@@ -24,7 +24,7 @@ class KernelChoices:
     so a model built directly runs what a served one does."""
 
     chunk_attention: str = "auto"
-    index_top_k: str = "ranked"
+    index_top_k: str = "threshold"
 
     def __post_init__(self) -> None:
         check_chunk_core(self.chunk_attention)
