@@ -36,7 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", default=["16x4000", "64x1000", "8x32000"], help="COUNTxLENGTH")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each batch; the table shows the last")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each batch, new prompts of the same lengths: the first meets new shapes")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
     return parser.parse_args()
 
@@ -66,9 +67,10 @@ def measure_budget(args, model_dir: str, device: torch.device, budget: int, batc
     try:
         for lengths in batches:
             name = f"{len(lengths)}x{lengths[0]}"
+            rows[name] = []
             for repeat in range(args.repeats):  # new prompts each run: no prefix hits
-                rows[name] = batch_row(engine, lengths, args.output_tokens, seed=1000 * repeat)
-            print(f"budget {budget:6d} {name:>9}: {format_row(rows[name])}", flush=True)
+                rows[name].append(batch_row(engine, lengths, args.output_tokens, seed=1000 * repeat))
+                print(f"budget {budget:6d} {name:>9} run {repeat + 1}: {format_row(rows[name][-1])}", flush=True)
     finally:
         engine.shutdown()
         del engine

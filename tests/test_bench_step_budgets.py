@@ -17,4 +17,4 @@ def test_the_smoke_run_writes_every_budget_and_batch(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads((tmp_path / "step_budgets.json").read_text())["rows"]
     assert sorted(rows) == ["16", "64"] and all(list(row) == ["4x40"] for row in rows.values())
-    assert all(row["4x40"]["ttft_max_s"] >= row["4x40"]["ttft_mean_s"] > 0 for row in rows.values())
+    assert all(run["ttft_max_s"] >= run["ttft_mean_s"] > 0 for row in rows.values() for run in row["4x40"])
