@@ -32,6 +32,7 @@ SECTIONS = [
     ("indexer: scores", "model_shards.deepseek_v4.indexer", "index_scores"),
     ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_earliest_first"),
     ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_of_ranking"),
+    ("indexer: top-k", "model_shards.deepseek_v4.indexer", "top_k_by_threshold"),  # the default since session 12
     ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "sink_attention"),  # before chunk_cores
     ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "attend_chunk"),
     ("attention core: softmax, sink, PV", "model_shards.deepseek_v4.attention", "decode_attention"),
