@@ -34,6 +34,11 @@
 #  10. v4sp     2 GPUs (kind nvidia-h200-x2): DeepSeek-V4 with sequence parallelism (a chunk's queries
 #               split over 2 ranks, the state replicated) against one GPU at 128K / 512K / 1M: TTFT,
 #               TPOT, greedy tokens equal (bench/deepseek_v4_sequence_parallel.py, ~5 min)
+#  11. budgets  the dense engine's while-decoding step budget (2048 / 8192 / 16384) against the floor's
+#               batches (bench/step_budgets.py, ~3 min): the 16 x 4K batch lost to transformers in session 12
+#  12. profile  where the served path's CPU goes at 16 and 64 streams (bench/serve_profile.py, py-spy;
+#               ~3 min). py-spy is not in the pack: here, before the call,
+#               pip download py-spy --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
@@ -120,5 +125,18 @@ if wanted v4sp; then
         --device cuda --layers 4 --experts 16 --lengths 131072 524288 1048000 --sp 2 --time-budget-s 420 \
         > "$OUT/deepseek_v4_sequence_parallel.log" 2>&1
     tail -12 "$OUT/deepseek_v4_sequence_parallel.log" | cut -c1-200
+fi
+if wanted budgets; then
+    stamp budgets
+    timeout ${BUDGETS_S:-240} python3 bench/step_budgets.py --budgets 2048 8192 16384 \
+        --batches 16x4000 64x1000 8x32000 > "$OUT/step_budgets.log" 2>&1
+    grep -E "^budget|wrote" "$OUT/step_budgets.log" | cut -c1-200
+fi
+if wanted profile; then
+    stamp profile
+    python3 -m pip install -q --no-index --target /tmp/pyspy .gpu/extra/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
+    (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served fused_direct --levels 16 64 \
+        --output-lens 1 64 --seconds 12 --out "$OUT/serve_profile") > "$OUT/serve_profile.log" 2>&1
+    tail -60 "$OUT/serve_profile.log" | cut -c1-200
 fi
 stamp done
