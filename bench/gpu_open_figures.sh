@@ -135,8 +135,9 @@ fi
 if wanted profile; then
     stamp profile
     python3 -m pip install -q --no-index --target /tmp/pyspy .gpu/extra/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
+    profiles=$(cd "$OUT" && pwd)/serve_profile  # before the cd: serve_profile.py runs from bench/
     (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served fused_direct --levels 16 64 \
-        --output-lens 1 64 --seconds 12 --out "$(cd "$OUT" && pwd)/serve_profile") > "$OUT/serve_profile.log" 2>&1
+        --output-lens 1 64 --seconds 12 --out "$profiles") > "$OUT/serve_profile.log" 2>&1
     tail -60 "$OUT/serve_profile.log" | cut -c1-200
 fi
 stamp done
