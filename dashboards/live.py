@@ -55,13 +55,14 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def longctx_serve(model_dir: str, workdir: Path, redis_url: str) -> Iterator[str]:
-    """Base URL of `longctx serve` (its own embedded Ray) with SERVE_CONFIG and this Redis."""
+def longctx_serve(model_dir: str, workdir: Path, redis_url: str, port: int | None = None) -> Iterator[str]:
+    """Base URL of `longctx serve` (its own embedded Ray) with SERVE_CONFIG and this Redis, on
+    `port` (a free one if None)."""
     config = {**SERVE_CONFIG, "model": {"path": model_dir},
               "kv_tiers": {**SERVE_CONFIG["kv_tiers"], "redis_urls": [redis_url]}}
     config_file = workdir / "longctx.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = free_port() if port is None else port
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     process = subprocess.Popen([str(LONGCTX), "serve", "--config", str(config_file), "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=(workdir / "serve.log").open("w"), env=environment)
@@ -156,10 +157,13 @@ def live_stack(workdir: Path) -> Iterator[LiveStack]:
     model_dir = str(workdir / "tiny")
     # the CLI, not model_shards: this package runs beside the driver and imports no torch
     subprocess.run([str(LONGCTX), "make-model", model_dir, "--preset", "tiny"], check=True, capture_output=True)
-    with redis_server(workdir) as redis_url, longctx_serve(model_dir, workdir, redis_url) as serve_url:
-        prometheus = PrometheusServer(workdir / "prometheus", [serve_url.removeprefix("http://")]).start()
-        try:
+    port = free_port()
+    # Prometheus starts first: its first scrape comes ~5 s after it starts (target discovery sends
+    # its updates every 5 s), and that wait now passes while `longctx serve` starts (~13 s).
+    prometheus = PrometheusServer(workdir / "prometheus", [f"127.0.0.1:{port}"]).start()
+    try:
+        with redis_server(workdir) as redis_url, longctx_serve(model_dir, workdir, redis_url, port) as serve_url:
             _wait_for(lambda: prometheus.scraped_samples() > 0, 30, "the first scrape")
             yield LiveStack(serve_url, prometheus)
-        finally:
-            prometheus.stop()
+    finally:
+        prometheus.stop()

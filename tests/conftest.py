@@ -34,6 +34,18 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def world2():
+    """Two spawned CPU ranks (gloo) for the whole session: spawning one costs seconds (a fresh
+    interpreter importing torch), and executors built on an existing world leave it running
+    (executors/local.py), so the tiers' and the parallelism tests share it."""
+    from executors.rank_processes import RankProcesses
+
+    processes = RankProcesses(2, "cpu")
+    yield processes
+    processes.shutdown()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of tiny-matrix tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):

@@ -7,6 +7,10 @@ A fenced block in `bash`, `sh` or `python` runs unless the line before its fence
     <!-- docs-test: server -->   runs against `longctx serve --model models/small` that the test
                                  starts on a free port (it replaces the block's 127.0.0.1:8000)
 
+The server starts as soon as a block has made models/small (shell blocks run traced, `bash -x`:
+the next command's trace says the one before it succeeded), so that its start (~12 s) overlaps
+the rest of that block; a server block waits until it serves.
+
 The scratch folder holds a link to the repository's .venv (`source .venv/bin/activate` works)
 and a short book.txt for `--prompt-file book.txt`; blocks share it, so a model folder that one
 block makes is there for the next.
@@ -18,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 MARK = re.compile(r"<!--\s*docs-test:\s*(skip|server)\s*:?\s*(.*?)\s*-->")
-RUNNERS = {"bash": ["bash", "-e", "-c"], "sh": ["bash", "-e", "-c"], "python": [sys.executable, "-c"]}
+RUNNERS = {"bash": ["bash", "-e", "-x", "-c"], "sh": ["bash", "-e", "-x", "-c"], "python": [sys.executable, "-c"]}
 SERVED_AT = "127.0.0.1:8000"
+SERVED_MODEL = "models/small"
 BLOCK_TIMEOUT_S = 900
 
 
@@ -77,29 +83,63 @@ def test_the_docs_command_blocks_run_on_the_cpu(tmp_path):
             if block.language not in RUNNERS or block.mark == "skip":
                 continue
             code = block.code.replace(SERVED_AT, server.address()) if block.mark == "server" else block.code
-            result = subprocess.run([*RUNNERS[block.language], code], cwd=tmp_path, env=environment,
-                                    capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)  # fmt: skip
-            assert result.returncode == 0, f"{block.where} failed:\n{result.stderr[-3000:]}"
+            returncode, stderr = _run(block.language, code, tmp_path, environment, server.start_once_made)
+            assert returncode == 0, f"{block.where} failed:\n{stderr[-3000:]}"
     finally:
         server.stop()
 
 
+def _run(language: str, code: str, workdir: Path, environment: dict[str, str],
+         succeeded) -> tuple[int, str]:  # fmt: skip
+    """(exit status, stderr) of a block. A shell block's trace lines ("+ command") are heard as
+    they come: each one tells `succeeded` the command before it (bash -e stops at a failure). The
+    stderr returned leaves out the trace of sourced scripts ("++", .venv/bin/activate's)."""
+    process = subprocess.Popen([*RUNNERS[language], code], cwd=workdir, env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    watchdog = threading.Timer(BLOCK_TIMEOUT_S, process.kill)  # a hung block fails (killed: -9)
+    watchdog.start()
+    lines, previous = [], None
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("+"):
+                if previous is not None:
+                    succeeded(previous)
+                previous = line
+        returncode = process.wait()
+    finally:
+        watchdog.cancel()
+    return returncode, "".join(line for line in lines if not line.startswith("++"))
+
+
 class _Server:
-    """`longctx serve --model models/small` on a free port, started by the first server block."""
+    """`longctx serve --model models/small` on a free port, started once a block has made its model
+    (or by the first server block), waited for by the first server block."""
 
     def __init__(self, workdir: Path, environment: dict[str, str]):
         self.workdir, self.environment = workdir, environment
         self.process: subprocess.Popen | None = None
         self.port = 0
+        self.serving = False
+
+    def start_once_made(self, command: str) -> None:
+        """Start (not waiting) after the command that makes the served model succeeded."""
+        if self.process is None and f"make-model {SERVED_MODEL}" in command:
+            self._start()
 
     def address(self) -> str:
         if self.process is None:
-            self.port = _free_port()
-            command = ["longctx", "serve", "--model", "models/small", "--port", str(self.port)]
-            self.process = subprocess.Popen(command, cwd=self.workdir, env=self.environment, stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+            self._start()
+        if not self.serving:
             _wait_for_serving(self.process, timeout_s=300)
+            self.serving = True
         return f"127.0.0.1:{self.port}"
+
+    def _start(self) -> None:
+        self.port = _free_port()
+        command = ["longctx", "serve", "--model", SERVED_MODEL, "--port", str(self.port)]
+        self.process = subprocess.Popen(command, cwd=self.workdir, env=self.environment, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)  # fmt: skip
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -27,8 +27,20 @@ def stack(tmp_path_factory):
     with live.live_stack(workdir) as running:
         start = time.time()
         statuses = live.send_traffic(running.serve_url, rounds=2, pause_s=0.2)
-        time.sleep(3)  # scraped at least twice after the last request
+        _wait_for_two_scrapes_after(running.prometheus, time.time())
         yield running, statuses, start
+
+
+def _wait_for_two_scrapes_after(prometheus, moment: float, timeout_s: float = 30) -> None:
+    """Until two scrapes began after `moment` (the last request): a fixed sleep waited longer than
+    that on an idle machine and could wait less on a busy one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        latest = prometheus.query("max(timestamp(up))")
+        if latest and float(latest[0]["value"][1]) > moment + prometheus.scrape_interval_s:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"prometheus did not scrape twice within {timeout_s} s")
 
 
 def _value(prometheus, expr: str) -> float:

@@ -57,6 +57,7 @@ def test_serve_options_fit_long_requests(make_config):
     assert options["num_replicas"] == 2
     assert options["max_ongoing_requests"] == config.scheduler.max_num_seqs + 100
     assert options["graceful_shutdown_timeout_s"] == 120
+    assert options["graceful_shutdown_wait_loop_s"] == ingress_options(config)["graceful_shutdown_wait_loop_s"] < 1
     assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]  # the replica, one CPU worker
     assert options["request_router_config"].request_router_class.endswith("PrefixAwareRequestRouter")
     assert ingress_options(config)["max_ongoing_requests"] >= 2 * options["max_ongoing_requests"]

@@ -161,7 +161,10 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
         ["generate", "--model", tiny_model_dir, "--prompt", "x", "--max-tokens", "-1"],
         ["generate", "--model", tiny_model_dir, "--prompt", ""],
     ]
-    for arguments in cases:
-        result = subprocess.run([sys.executable, "-m", "cluster.cli", *arguments], capture_output=True, text=True)
-        assert result.returncode == 2
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith("longctx: error:")
+    # Side by side: each case is seconds of interpreter start-up (torch), and they share nothing.
+    processes = [subprocess.Popen([sys.executable, "-m", "cluster.cli", *arguments], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for arguments in cases]  # fmt: skip
+    for arguments, process in zip(cases, processes):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, (arguments, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith("longctx: error:"), (arguments, stderr)

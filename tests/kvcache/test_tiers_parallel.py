@@ -21,7 +21,6 @@ from cluster.config import (
 from engine.llm_engine import LLMEngine
 from engine.offline import generate
 from executors.local import LocalProcessExecutor
-from executors.rank_processes import RankProcesses
 from protocol.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -36,13 +35,6 @@ def tiered_config(model_dir: str, tp: int, sp: int, *, block_size: int, num_bloc
         parallel=ParallelSettings(tensor_parallel_size=tp, sequence_parallel_size=sp),
         kv_tiers=KVTierSettings(restore_policy="always", **tiers),
     )
-
-
-@pytest.fixture(scope="module")
-def world2():
-    processes = RankProcesses(2, "cpu")
-    yield processes
-    processes.shutdown()
 
 
 @pytest.fixture

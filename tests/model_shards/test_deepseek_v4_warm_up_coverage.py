@@ -4,7 +4,11 @@ specialization key the warm-up already launched (model_shards/triton_compiles.py
 
 On a CPU the kernels run in Triton's interpreter: the test switches each GPU path on (the
 `is_cuda` gates), with a float16 model (the interpreter's bf16 dots are wrong: interpreter_numerics.py).
-The tiny preset's rates (CSA 4, HCA 16) and 16-token blocks stand in for the flash shape's.
+The tiny preset's rates (CSA 4, HCA 16) and 16-token blocks stand in for the flash shape's, and its
+first three layers for all of the flash shape's: each attention kind (sliding, CSA, HCA) and each
+MLP kind (hash MoE, MoE) once. A layer's launch keys follow from its kind and the step, not from
+its index: the preset's fourth layer (CSA again) repeated the second's keys (the warm-up's and the
+serving's key sets with four layers and with three were equal) at a sixth of the test's time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_folder.deepseek_v4_config import CSA, HASH_MOE, HCA, LAYER_TYPES, MLP_LAYER_TYPES, MOE, SLIDING
 from model_shards.deepseek_v4 import chunk_cores, hyper_connections, index_scores, norm_rope, paged_decodes, sink_attention
 from model_shards.deepseek_v4.chunk_attention_kernel import _chunk_attention
 from model_shards.deepseek_v4.hyper_kernels import _collapse, _hyper_weights, _mix, _stream_mixes
@@ -33,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KERNELS = (_index_scores, _decode_index_scores, _sink_softmax, _norm_rope, _stream_mixes, _hyper_weights,
            _collapse, _mix, _chunk_attention)  # the worker's defaults (chunk attention auto: CSA fused on a GPU)
 BLOCK, CHUNK = 16, 32
+LAYERS = 3  # [sliding, CSA, HCA] x [hash MoE, MoE, MoE]: every kind once
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
 
@@ -80,8 +86,10 @@ def test_requests_after_the_warm_up_launch_only_warmed_keys(tmp_path, monkeypatc
     test_deepseek_v4_threshold_top_k.py; a second run here would cost two minutes of interpreter)."""
     kernels, watched = KernelChoices("auto"), KERNELS
     gpu_paths_on_the_cpu(monkeypatch)
-    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=6)
+    folder = make_deepseek_v4_model(tmp_path, "deepseek-v4-tiny", seed=6, layers=LAYERS)
     model = DeepseekV4ForCausalLM.from_folder(folder, dtype=torch.float16, kernels=kernels)
+    assert model.arch.layer_types == (SLIDING, CSA, HCA) and set(LAYER_TYPES) == {SLIDING, CSA, HCA}
+    assert set(model.arch.mlp_layer_types) == {HASH_MOE, MOE} == set(MLP_LAYER_TYPES)
     pages = PagedKV(PagePool(compressed_layout(model.arch, BLOCK, model.dtype), 64, "cpu"),
                     PagePool(window_layout(model.arch, BLOCK, model.dtype), 64, "cpu"), BLOCK)
     runner = DeepseekV4Runner(model, pages)

@@ -2,6 +2,7 @@
 
 Spawning a rank costs seconds (a fresh interpreter importing torch), so each world is started
 once per session and every test runs its jobs on it (each job builds its own groups and model).
+The 2-rank world is tests/conftest.py's `world2`, which the KV tiers' tests use too.
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from executors.rank_processes import RankProcesses
 from model_shards.make_model import make_model
-
-
-@pytest.fixture(scope="session")
-def world2():
-    processes = RankProcesses(2, "cpu")
-    yield processes
-    processes.shutdown()
 
 
 @pytest.fixture(scope="session")
