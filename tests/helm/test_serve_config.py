@@ -6,7 +6,9 @@ placement-group bundles."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from unittest import mock
 
 import pytest
 from chart_helpers import SCENARIOS, one, render, serve_config
@@ -72,7 +74,10 @@ def deployed_llm_server(document: dict[str, Any]) -> DeploymentConfig:
     build task sends, then the document's deployment overrides merged by Serve's own code (private,
     but a copy of its rules here could agree with the chart and both be wrong)."""
     (application,) = ServeDeploySchema.model_validate(document).applications
-    app = call_user_app_builder_with_args_if_necessary(import_attr(application.import_path), application.args)
+    # As on the chart's head, whose cluster KubeRay grows (RAY_ADDRESS set): the one-node size check
+    # of deployments/app.py must not read a Ray that an earlier test of the session left running.
+    with mock.patch.dict(os.environ, {"RAY_ADDRESS": "auto"}):
+        app = call_user_app_builder_with_args_if_necessary(import_attr(application.import_path), application.args)
     infos = {deployment.name: DeploymentInfo(
         deployment_config=DeploymentConfig.from_proto_bytes(deployment._deployment_config.to_proto_bytes()),
         replica_config=ReplicaConfig.from_proto_bytes(deployment._replica_config.to_proto_bytes(),
