@@ -36,6 +36,9 @@
 #               TPOT, greedy tokens equal (bench/deepseek_v4_sequence_parallel.py, ~5 min)
 #  11. budgets  the dense engine's while-decoding step budget (2048 / 8192 / 16384) against the floor's
 #               batches (bench/step_budgets.py, ~3 min): the 16 x 4K batch lost to transformers in session 12
+#  13. engineproc  served through HTTP with the engine loop on the replica's thread (fused_direct) and
+#               in a child process (fused_direct_process, serve.engine_loop: process) against direct,
+#               at 1 / 16 / 64 streams, bodies encoded before the clock (session 13); ~5 min
 #  12. profile  where the served path's CPU goes at 16 and 64 streams (bench/serve_profile.py, py-spy;
 #               ~3 min). py-spy is not in the pack: here, before the call,
 #               pip download py-spy --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra
@@ -139,5 +142,11 @@ if wanted profile; then
     (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served fused_direct --levels 16 64 \
         --output-lens 1 64 --seconds 12 --out "$profiles") > "$OUT/serve_profile.log" 2>&1
     tail -60 "$OUT/serve_profile.log" | cut -c1-200
+fi
+if wanted engineproc; then
+    stamp engineproc
+    GPU_TESTS=0 timeout ${ENGINEPROC_S:-420} bash bench/gpu_serve.sh --served fused_direct fused_direct_process \
+        > "$OUT/serve_engine_process.log" 2>&1
+    grep -E "load_c|overhead:|against direct|added by" "$OUT/serve_engine_process.log" | cut -c1-220
 fi
 stamp done

@@ -447,6 +447,10 @@ SERVED_PATHS = {
     "fused_local": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
     # fused_local with Serve's direct ingress: the client talks HTTP to the replica, no proxy.
     "fused_direct": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
+    # fused_direct with the engine loop and its worker in a child process of the replica
+    # (serve.engine_loop: process): the replica's HTTP Python no longer shares the engine's GIL.
+    "fused_direct_process": {"serve.ingress_in_replica": True, "parallel.executor": "local",
+                             "serve.engine_loop": "process"},
     "split_local": {"serve.ingress_in_replica": False, "parallel.executor": "local"},
     "split_ray": {"serve.ingress_in_replica": False, "parallel.executor": "ray"},
 }
@@ -457,7 +461,7 @@ def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, f
     """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
     import httpx
 
-    url, model = start_served(config.with_overrides(SERVED_PATHS[path]), direct_ingress=path == "fused_direct")
+    url, model = start_served(config.with_overrides(SERVED_PATHS[path]), direct_ingress=path.startswith("fused_direct"))
     try:
         async def go():
             limits = httpx.Limits(max_connections=workloads[-1].max_concurrency + 8)

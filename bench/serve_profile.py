@@ -153,7 +153,7 @@ def main() -> None:
     config = bench_config(args, model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    url, model = start_served(config.with_overrides(SERVED_PATHS[args.served]), direct_ingress=args.served == "fused_direct")
+    url, model = start_served(config.with_overrides(SERVED_PATHS[args.served]), direct_ingress=args.served.startswith("fused_direct"))
     try:
         pids = process_ids()
         print(f"profiling {pids}; stacks in {out}", flush=True)
