@@ -1,0 +1,166 @@
+"""The engine loop in a child process (`serve.engine_loop: process`) serves as the thread does:
+the same greedy tokens and text, a bad request's InvalidParameterError in the caller, aborts that
+free their requests, and a child that dies fails its open streams at once instead of hanging.
+
+Spawning a child that imports torch costs seconds: one engine serves the module's tests, and only
+the tests that end a child (killing it, shutting it down) start their own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings, ServeSettings
+from engine.async_engine import AsyncEngine, serving_engine
+from engine.engine_loop import EngineDeadError
+from engine.engine_process import ProcessEngine
+from engine.llm_engine import LLMEngine
+from protocol.sampling_params import InvalidParameterError, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+PROMPTS = ["The engine runs in a child", "process, away from the", "HTTP server's GIL"]
+TIMEOUT_S = 30  # any wait here ends long before this unless something hangs
+
+
+def _config(model_dir: str, engine_loop: str = "process") -> LongctxConfig:
+    return LongctxConfig(
+        model=ModelSettings(path=model_dir, dtype="float32", device="cpu"),
+        cache=CacheSettings(block_size=4, num_device_blocks=128),
+        scheduler=SchedulerSettings(max_tokens_per_step=2048),
+        serve=ServeSettings(engine_loop=engine_loop, stream_chunks_per_s=0),
+    )
+
+
+@pytest.fixture(scope="module")
+def process_engine(tiny_model_dir):
+    engine = serving_engine(_config(tiny_model_dir))
+    yield engine
+    engine.shutdown()
+
+
+def _run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT_S))
+
+
+async def _outputs(engine, prompts, params=GREEDY) -> list[tuple[list[int], str]]:
+    async def one(index, prompt):
+        deltas = [delta async for delta in engine.generate(f"r{index}-{time.monotonic_ns()}", prompt, params)]
+        return [token for delta in deltas for token in delta.token_ids], "".join(delta.text for delta in deltas)
+
+    return await asyncio.gather(*(one(index, prompt) for index, prompt in enumerate(prompts)))
+
+
+async def _until_idle(engine) -> None:
+    while engine.stats().num_running or engine.stats().num_waiting:
+        await asyncio.sleep(0.01)
+
+
+def test_serving_engine_picks_the_process_transport(process_engine):
+    assert isinstance(process_engine, ProcessEngine) and process_engine.is_alive
+    assert process_engine.max_model_len > 0
+
+
+def test_greedy_output_through_the_process_equals_the_thread_s(process_engine, tiny_model_dir):
+    thread_engine = AsyncEngine(LLMEngine(_config(tiny_model_dir, "thread")))
+    try:
+        expected = _run(_outputs(thread_engine, PROMPTS))
+    finally:
+        thread_engine.shutdown()
+    got = _run(_outputs(process_engine, PROMPTS))
+    assert got == expected
+    assert all(len(tokens) == GREEDY.max_tokens for tokens, _ in got)
+
+
+def test_a_bad_request_raises_invalid_parameter_error_naming_its_param(process_engine):
+    async def first(prompt, params):
+        return [delta async for delta in process_engine.generate(f"bad-{time.monotonic_ns()}", prompt, params)]
+
+    with pytest.raises(InvalidParameterError) as out_of_vocabulary:
+        _run(first([1, 2, 10**9], GREEDY))
+    assert out_of_vocabulary.value.param == "prompt"
+    with pytest.raises(InvalidParameterError) as too_long:
+        _run(first("Hello", SamplingParams(max_tokens=10**6)))
+    assert too_long.value.param == "prompt" and too_long.value.code == "context_length_exceeded"
+    assert process_engine.is_alive
+
+
+def test_closing_a_stream_early_aborts_and_frees_its_request(process_engine):
+    async def leave_after_first_list():
+        stream = process_engine.stream("leaves", "A client that goes away", SamplingParams(max_tokens=200, ignore_eos=True))
+        first = await anext(stream)
+        await stream.aclose()
+        await _until_idle(process_engine)
+        return first
+
+    assert len(_run(leave_after_first_list())) >= 1
+    stats = process_engine.stats()
+    assert (stats.num_running, stats.num_waiting) == (0, 0)
+    assert stats.num_free_kv_blocks == stats.num_total_kv_blocks  # the prefix cache keeps only free blocks
+
+
+def test_set_arrival_gap_reaches_the_child_and_requests_still_flow(process_engine):
+    with pytest.raises(ValueError):
+        process_engine.set_arrival_gap(-1.0)
+    process_engine.set_arrival_gap(0.002)
+    try:
+        assert process_engine.arrival_gap_s == 0.002
+        assert len(_run(_outputs(process_engine, PROMPTS[:2]))) == 2
+    finally:
+        process_engine.set_arrival_gap(0.0)
+    assert process_engine.arrival_gap_s == 0.0
+
+
+def test_summary_metrics_and_idle_health(process_engine):
+    assert process_engine.summary().lines()
+    exposition = _run(process_engine.metrics_exposition())
+    assert "longctx_kv" in exposition
+    assert process_engine.seconds_since_last_step() == 0.0
+
+
+def test_a_killed_child_fails_open_streams_and_is_no_longer_alive(tiny_model_dir):
+    engine = ProcessEngine(_config(tiny_model_dir))
+    try:
+        async def stream_then_kill():
+            stream = engine.stream("doomed", "Killed mid-stream", SamplingParams(max_tokens=200, ignore_eos=True))
+            await anext(stream)
+            os.kill(engine.pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+
+        _run(stream_then_kill())
+        assert not engine.is_alive
+        with pytest.raises(EngineDeadError):
+            _run(_outputs(engine, PROMPTS[:1]))
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_leaves_no_child_process(tiny_model_dir):
+    engine = ProcessEngine(_config(tiny_model_dir))
+    pid = engine.pid
+    engine.shutdown()
+    assert not engine.is_alive and engine._process.exitcode == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped: no such process
+
+
+def test_process_mode_with_ray_ranks_is_refused_at_config_time(tiny_model_dir):
+    with pytest.raises(ValueError, match="engine_loop process"):
+        LongctxConfig(model=ModelSettings(path=tiny_model_dir), parallel=ParallelSettings(executor="ray"),
+                      serve=ServeSettings(engine_loop="process"))
+
+
+def test_num_open_requests_counts_callers_requests_until_they_finish_or_abort(tiny_engine):
+    tiny_engine.add_request("open-n2", "Two sequences", SamplingParams(max_tokens=2, n=2, ignore_eos=True))
+    tiny_engine.add_request("open-aborted", "Aborted", SamplingParams(max_tokens=50, ignore_eos=True))
+    assert tiny_engine.num_open_requests() == 2  # a request of n sequences counts once
+    tiny_engine.abort_request("open-aborted")
+    assert tiny_engine.num_open_requests() == 1
+    while tiny_engine.has_unfinished_requests():
+        tiny_engine.step()
+    assert tiny_engine.num_open_requests() == 0
