@@ -60,11 +60,12 @@ class EngineLoop:
         self.stats: EngineStats = engine.stats()
         self._several_open_at_s = -math.inf  # monotonic: the end of the last step taken with 2+ requests open
         self._stop = threading.Event()
+        # Looked up on the engine at each call, as a direct call would (a test may patch them).
         self._handlers: dict[str, Callable[..., Any]] = {
-            "add_request": engine.add_request,
+            "add_request": lambda *args: self.engine.add_request(*args),
             "abort": self.abort,
             "set_arrival_gap": self.set_arrival_gap,
-            "summary": engine.summary,
+            "summary": lambda: self.engine.summary(),
             "metrics_exposition": self.metrics_exposition,
             "stop": self._stop.set,
         }

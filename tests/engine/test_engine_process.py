@@ -164,3 +164,19 @@ def test_num_open_requests_counts_callers_requests_until_they_finish_or_abort(ti
     while tiny_engine.has_unfinished_requests():
         tiny_engine.step()
     assert tiny_engine.num_open_requests() == 0
+
+
+def test_an_llm_server_serves_through_the_process_engine(tiny_model_dir):
+    from deployments.llm_server import LLMServer
+    from deployments.local_backend import LocalBackend
+
+    server = LLMServer(_config(tiny_model_dir))
+    try:
+        assert isinstance(server.engine, ProcessEngine)
+        assert server.summary_lines()
+        [snapshot] = _run(LocalBackend(server).replica_metrics(timeout_s=5))
+        assert snapshot["alive"] is True and "longctx_kv" in snapshot["exposition"]
+        server.check_health()
+    finally:
+        server.engine.shutdown()
+    assert not server.engine.is_alive
