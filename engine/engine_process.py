@@ -206,8 +206,7 @@ class ProcessEngine(EngineClient):
                 self._dispatch(deltas)
         elif kind == "reply":
             _, command_id, ok, value = message
-            future = self._pending.pop(command_id)
-            future.set_result(value) if ok else future.set_exception(value)
+            _resolve(self._pending.pop(command_id, None), ok, value)
         elif kind == "dead":
             logger.error("the engine process failed: %s", message[1])
             self._fail_everything(RuntimeError(message[1]))
@@ -219,7 +218,7 @@ class ProcessEngine(EngineClient):
             self._closed = True
             pending, self._pending = list(self._pending.values()), {}
         for future in pending:
-            future.set_exception(EngineDeadError(f"the engine stopped: {self._dead!r}"))
+            _resolve(future, False, EngineDeadError(f"the engine stopped: {self._dead!r}"))
 
     # --- the engine's state --------------------------------------------------------------
     @property
@@ -276,6 +275,14 @@ class ProcessEngine(EngineClient):
         with self._send_lock:
             self._closed = True
             self._commands.close()
+
+
+def _resolve(future: concurrent.futures.Future | None, ok: bool, value: Any) -> None:
+    """A caller cancelled while its command ran (its asyncio task was): nothing to resolve. The
+    command ran in the child regardless; a cancelled stream's abort follows its add_request."""
+    if future is None or not future.set_running_or_notify_cancel():
+        return
+    future.set_result(value) if ok else future.set_exception(value)
 
 
 def _start_child(config: LongctxConfig) -> tuple[multiprocessing.process.BaseProcess, Connection, Connection]:

@@ -180,3 +180,19 @@ def test_an_llm_server_serves_through_the_process_engine(tiny_model_dir):
     finally:
         server.engine.shutdown()
     assert not server.engine.is_alive
+
+
+def test_a_stream_cancelled_while_its_request_is_added_leaves_the_engine_serving(process_engine):
+    async def cancel_then_serve():
+        stream = process_engine.stream("cancelled", "Cancelled at once", SamplingParams(max_tokens=50, ignore_eos=True))
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)  # the add_request command is on its way
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await stream.aclose()
+        await _until_idle(process_engine)
+        return await _outputs(process_engine, PROMPTS[:1])
+
+    [(tokens, _)] = _run(cancel_then_serve())
+    assert len(tokens) == GREEDY.max_tokens and process_engine.is_alive
