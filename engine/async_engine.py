@@ -45,6 +45,12 @@ class _Inbox:
         self.loop = loop
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
+        # Set where the engine's deltas come from, when its add_request is answered: deltas under
+        # this id made before then are a closed stream's of the same id, whose drop was queued first.
+        self.added = False
+
+    def mark_added(self, _future: concurrent.futures.Future) -> None:
+        self.added = True
 
     def put(self, item: Any) -> asyncio.Future | None:
         """Engine thread: add `item`; returns the caller's waiter to wake, if it waits."""
@@ -113,7 +119,9 @@ class EngineClient:
         self._subscribers[request_id] = inbox
         remaining, last_list_at = params.n, -math.inf
         try:
-            await self._call("add_request", request_id, prompt, params, cache_salt)
+            added = self._submit("add_request", request_id, prompt, params, cache_salt)
+            added.add_done_callback(inbox.mark_added)  # on the delivering thread, before the next step's deltas
+            await asyncio.wrap_future(added)
             while remaining:
                 first = await inbox.get()
                 if not _is_last(first, remaining):
@@ -129,7 +137,7 @@ class EngineClient:
         finally:
             self._subscribers.pop(request_id, None)
             if remaining and self._dead is None:
-                self._submit("abort", request_id)
+                self._submit("drop", request_id)
 
     async def _wait_for_turn(self, last_list_at: float) -> None:
         """Until this stream's share of the chunk budget has passed since its last list."""
@@ -154,7 +162,11 @@ class EngineClient:
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
         """Each stream's inbox gets its deltas in order; at most one wake-up per caller loop per
         step (not one per delta), and none for a loop whose streams are not waiting."""
-        self._deliver((self._subscribers.get(delta.request_id), delta) for delta in deltas)
+        self._deliver((self._added_inbox(delta.request_id), delta) for delta in deltas)
+
+    def _added_inbox(self, request_id: str) -> _Inbox | None:
+        inbox = self._subscribers.get(request_id)
+        return inbox if inbox is not None and inbox.added else None
 
     def _deliver(self, items) -> None:
         waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}

@@ -64,6 +64,7 @@ class EngineLoop:
         self._handlers: dict[str, Callable[..., Any]] = {
             "add_request": lambda *args: self.engine.add_request(*args),
             "abort": self.abort,
+            "drop": self.drop,
             "set_arrival_gap": self.set_arrival_gap,
             "summary": lambda: self.engine.summary(),
             "metrics_exposition": self.metrics_exposition,
@@ -86,6 +87,11 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         self.deliver(self.engine.abort_request(request_id))
+
+    def drop(self, request_id: str) -> None:
+        """Abort a closed stream's request without delivering its deltas: its id may already name
+        a new stream, whose add_request is queued behind this."""
+        self.engine.abort_request(request_id)
 
     def set_arrival_gap(self, arrival_gap_s: float) -> None:
         if not arrival_gap_s >= 0:

@@ -196,3 +196,15 @@ def test_a_stream_cancelled_while_its_request_is_added_leaves_the_engine_serving
 
     [(tokens, _)] = _run(cancel_then_serve())
     assert len(tokens) == GREEDY.max_tokens and process_engine.is_alive
+
+
+def test_an_id_reused_right_after_its_stream_closed_gets_its_own_output_only(process_engine):
+    async def close_then_reuse():
+        stream = process_engine.stream("reused", "Closed early", SamplingParams(max_tokens=100, ignore_eos=True))
+        await anext(stream)
+        await stream.aclose()  # the request is dropped in the child, behind the next add_request
+        return [delta async for delta in process_engine.generate("reused", PROMPTS[0], GREEDY)]
+
+    deltas = _run(close_then_reuse())
+    assert sum(len(delta.token_ids) for delta in deltas) == GREEDY.max_tokens
+    assert [delta.finish_reason for delta in deltas if delta.finished] == ["length"]
