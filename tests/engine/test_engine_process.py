@@ -208,3 +208,8 @@ def test_an_id_reused_right_after_its_stream_closed_gets_its_own_output_only(pro
     deltas = _run(close_then_reuse())
     assert sum(len(delta.token_ids) for delta in deltas) == GREEDY.max_tokens
     assert [delta.finish_reason for delta in deltas if delta.finished] == ["length"]
+
+
+def test_a_child_that_fails_to_build_its_engine_raises_in_the_parent(tmp_path):
+    with pytest.raises(EngineDeadError, match="failed to start"):
+        ProcessEngine(_config(str(tmp_path)))  # an empty folder: no model to load
