@@ -44,10 +44,10 @@ class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any]):
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
+        _log_progress_to_stderr()  # first: an engine in a child process logs as this process does
         self.engine = serving_engine(self.config)
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
-        _log_progress_to_stderr()
         for line in self.summary_lines():
             logger.info("replica %s: %s", self.replica_id, line)
 

@@ -42,8 +42,15 @@ SUMMARY_TIMEOUT_S = 60.0  # summary() is synchronous: it waits at most this for 
 
 
 # --- child process ------------------------------------------------------------------------------
-def run_engine_process(config: LongctxConfig, commands: Connection, events: Connection) -> None:
+# The packages whose loggers report from inside the engine (long prefills, Redis state, ranks).
+ENGINE_LOG_PACKAGES = ("engine", "kvcache", "executors")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_engine_process(config: LongctxConfig, commands: Connection, events: Connection,
+                       log_levels: dict[str, int]) -> None:  # fmt: skip
     """The child's entry point (module level: spawn imports it by name)."""
+    _log_to_stderr(log_levels)
     sender = _Sender(events)
     try:
         engine = LLMEngine(config)
@@ -57,6 +64,21 @@ def run_engine_process(config: LongctxConfig, commands: Connection, events: Conn
         child.loop.run()
     finally:
         engine.shutdown()
+
+
+def _log_levels_to_mirror() -> dict[str, int]:
+    """{package: level} of the engine's packages that log through a handler in this process (a
+    replica's stderr, deployments/llm_server.py): a spawned child starts with no handlers."""
+    loggers = (logging.getLogger(name) for name in ENGINE_LOG_PACKAGES)
+    return {logger.name: logger.level for logger in loggers if logger.handlers}
+
+
+def _log_to_stderr(log_levels: dict[str, int]) -> None:
+    for name, level in log_levels.items():
+        handler = logging.StreamHandler()  # the parent's stderr: the child inherits its descriptor
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(level)
 
 
 class _Sender:
@@ -291,8 +313,8 @@ def _start_child(config: LongctxConfig) -> tuple[multiprocessing.process.BasePro
     commands_out, commands_in = context.Pipe(duplex=False)  # (receiving end, sending end)
     events_out, events_in = context.Pipe(duplex=False)
     # Not a daemon: a daemon may not start processes, and an engine of several ranks starts one each.
-    process = context.Process(target=run_engine_process, args=(config, commands_out, events_in),
-                              name="longctx-engine")
+    process = context.Process(target=run_engine_process, name="longctx-engine",
+                              args=(config, commands_out, events_in, _log_levels_to_mirror()))
     process.start()
     # Only the child holds these now, so a pipe's EOF means the other side is gone.
     commands_out.close()

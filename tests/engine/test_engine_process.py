@@ -213,3 +213,23 @@ def test_an_id_reused_right_after_its_stream_closed_gets_its_own_output_only(pro
 def test_a_child_that_fails_to_build_its_engine_raises_in_the_parent(tmp_path):
     with pytest.raises(EngineDeadError, match="failed to start"):
         ProcessEngine(_config(str(tmp_path)))  # an empty folder: no model to load
+
+
+def test_the_child_mirrors_the_parent_s_log_handlers_for_the_engine_s_packages():
+    """A replica logs longctx's packages to stderr at INFO (deployments/llm_server.py); a spawned
+    child starts with bare loggers, so it is told which to set up alike, and only those."""
+    import logging
+
+    from engine.engine_process import _log_levels_to_mirror
+
+    engine_logger = logging.getLogger("engine")
+    handler, level = logging.StreamHandler(), engine_logger.level
+    engine_logger.addHandler(handler)
+    engine_logger.setLevel(logging.INFO)
+    try:
+        mirrored = _log_levels_to_mirror()
+    finally:
+        engine_logger.removeHandler(handler)
+        engine_logger.setLevel(level)
+    assert mirrored.get("engine") == logging.INFO
+    assert all(logging.getLogger(name).handlers for name in mirrored if name != "engine")
