@@ -6,9 +6,9 @@ The engine loop (engine/engine_loop.py) runs on one dedicated thread (`AsyncEngi
 compute-bound and releases the GIL inside torch), or in a child process (`serve.engine_loop`
 process, engine/engine_process.py: the replica's HTTP Python then no longer shares the GIL with
 it); callers on an asyncio loop send it named commands and get deltas back through per-request
-inboxes (`EngineClient`, the caller side both share). Adding a request goes through the loop thread too, so a bad request
-raises in the caller's `generate` (the HTTP layer turns that into a 400), and an abort (a client
-that went away) frees the request's blocks before the next step. A request that fails inside a
+inboxes (`EngineClient`, the caller side both share). Adding a request goes through the loop
+too, so a bad request raises in the caller's `generate` (the HTTP layer turns that into a 400),
+and an abort (a client that went away) frees the request's blocks before the next step. A request that fails inside a
 step raises `RequestFailedError` in its own caller's `generate` only; the loop goes on.
 """
 
@@ -27,8 +27,8 @@ from typing import Any, AsyncIterator
 from cluster.config import LongctxConfig
 from engine.engine_loop import BURST_WINDOW_GAPS, EngineDeadError, EngineLoop
 from engine.llm_engine import LLMEngine
-from engine.summary import EngineSummary
 from engine.outputs import CompletionDelta, EngineStats, RequestFailedError
+from engine.summary import EngineSummary
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)

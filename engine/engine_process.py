@@ -155,7 +155,9 @@ def _picklable(error: BaseException) -> BaseException:
 
 # --- parent (replica) process -------------------------------------------------------------------
 class ProcessEngine(EngineClient):
-    """The caller side of an engine loop running in a spawned child process."""
+    """The caller side of an engine loop running in a spawned child process. Spawn imports the
+    starting script's main module again in the child: a script builds one under
+    `if __name__ == "__main__":` (Serve replicas, pytest and `longctx` commands do)."""
 
     def __init__(self, config: LongctxConfig):
         if executor_backend(config) == "ray":

@@ -14,7 +14,14 @@ import time
 
 import pytest
 
-from cluster.config import CacheSettings, LongctxConfig, ModelSettings, ParallelSettings, SchedulerSettings, ServeSettings
+from cluster.config import (
+    CacheSettings,
+    LongctxConfig,
+    ModelSettings,
+    ParallelSettings,
+    SchedulerSettings,
+    ServeSettings,
+)
 from engine.async_engine import AsyncEngine, serving_engine
 from engine.engine_loop import EngineDeadError
 from engine.engine_process import ProcessEngine
@@ -90,7 +97,8 @@ def test_a_bad_request_raises_invalid_parameter_error_naming_its_param(process_e
 
 def test_closing_a_stream_early_aborts_and_frees_its_request(process_engine):
     async def leave_after_first_list():
-        stream = process_engine.stream("leaves", "A client that goes away", SamplingParams(max_tokens=200, ignore_eos=True))
+        long_run = SamplingParams(max_tokens=200, ignore_eos=True)
+        stream = process_engine.stream("leaves", "A client that goes away", long_run)
         first = await anext(stream)
         await stream.aclose()
         await _until_idle(process_engine)
