@@ -78,10 +78,13 @@ class EngineLoop:
         self.put(name, args, future)
         return future
 
+    def has_command(self, name: str) -> bool:
+        return name in self._handlers
+
     def put(self, name: str, args: tuple, future: concurrent.futures.Future) -> None:
         """Any thread: queue command `name` with the caller's own `future` (a callback added to it
         before this runs on the loop's thread)."""
-        if name not in self._handlers:
+        if not self.has_command(name):
             raise ValueError(f"unknown engine command {name!r}")
         self.commands.put((name, args, future))
 

@@ -113,14 +113,13 @@ class _ChildLoop:
                 name, command_id, args = commands.recv()
             except (EOFError, OSError):
                 name, command_id, args = "stop", None, ()
+            if not self.loop.has_command(name):  # the parent's bug: answered here, nothing queued
+                self._sender.send(("reply", command_id, False, ValueError(f"unknown engine command {name!r}")))
+                continue
             future: concurrent.futures.Future = concurrent.futures.Future()
             if command_id is not None:
                 future.add_done_callback(partial(self._reply, command_id))
-            try:
-                self.loop.put(name, args, future)
-            except ValueError as error:  # an unknown command: the parent's bug, answered
-                future.set_running_or_notify_cancel()
-                future.set_exception(error)
+            self.loop.put(name, args, future)
             if name == "stop":
                 return
 

@@ -241,3 +241,9 @@ def test_the_child_mirrors_the_parent_s_log_handlers_for_the_engine_s_packages()
         engine_logger.setLevel(level)
     assert mirrored.get("engine") == logging.INFO
     assert all(logging.getLogger(name).handlers for name in mirrored if name != "engine")
+
+
+def test_an_unknown_command_is_answered_with_an_error_and_the_engine_serves_on(process_engine):
+    with pytest.raises(ValueError, match="unknown engine command"):
+        _run(process_engine._call("no_such_command"))
+    assert len(_run(_outputs(process_engine, PROMPTS[:1]))) == 1 and process_engine.is_alive
