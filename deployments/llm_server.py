@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from prometheus_client import generate_latest
 
 from autoscaler.signal import ReplicaSignal
 from cluster.config import LongctxConfig, load_config_dict
@@ -45,10 +44,10 @@ class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any]):
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
+        _log_progress_to_stderr()  # first: an engine in a child process logs as this process does
         self.engine = serving_engine(self.config)
         self.admission = AdmissionQueue(settings.max_queued_requests, settings.max_queued_tokens)
         self.replica_id = _replica_id()
-        _log_progress_to_stderr()
         for line in self.summary_lines():
             logger.info("replica %s: %s", self.replica_id, line)
 
@@ -109,7 +108,7 @@ class LLMServer:
     # --- observability and Serve hooks ---------------------------------------------------
     def summary_lines(self) -> list[str]:
         """What this replica serves and holds (engine/summary.py); `longctx serve` prints it."""
-        return dataclasses.replace(self.engine.engine.summary(), redis_up=self.engine.stats().kv_redis_up).lines()
+        return dataclasses.replace(self.engine.summary(), redis_up=self.engine.stats().kv_redis_up).lines()
 
     def stats(self) -> dict[str, Any]:
         """Engine and queue state; the ingress's /metrics and /health read it from every replica."""
@@ -121,12 +120,13 @@ class LLMServer:
             **dataclasses.asdict(self.engine.stats()),
         }
 
-    def metrics_snapshot(self) -> dict[str, Any]:
+    async def metrics_snapshot(self) -> dict[str, Any]:
         """stats() plus this replica's own Prometheus series (the engine's KV-tier registry) as
-        exposition text: they live in this process, so the ingress's /metrics re-exports them
-        labelled by replica (deployments/metrics.py)."""
-        registry = self.engine.kv_metrics_registry
-        return {**self.stats(), "exposition": generate_latest(registry).decode()}
+        exposition text: they live in the engine's process, so the ingress's /metrics re-exports
+        them labelled by replica (deployments/metrics.py). Awaited: with the engine in a child
+        process the text comes back after the step in progress, and the replica's loop serves on."""
+        exposition = await self.engine.metrics_exposition()
+        return {**self.stats(), "exposition": exposition}
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()

@@ -20,4 +20,4 @@ class LocalBackend:
         return [self.server.stats()]
 
     async def replica_metrics(self, timeout_s: float) -> list[dict]:
-        return [self.server.metrics_snapshot()]
+        return [await self.server.metrics_snapshot()]

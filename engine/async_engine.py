@@ -2,11 +2,13 @@
 `async for deltas in engine.stream(...)` for every delta that is ready at once (a server that
 forwards them sends one message per step, or fewer under load, not one per token).
 
-The LLMEngine runs on one dedicated thread (its step is compute-bound and releases the GIL inside
-torch); callers on an asyncio loop talk to it through a command queue and get deltas back through
-per-request asyncio queues. Adding a request goes through the loop thread too, so a bad request
-raises in the caller's `generate` (the HTTP layer turns that into a 400), and an abort (a client
-that went away) frees the request's blocks before the next step. A request that fails inside a
+The engine loop (engine/engine_loop.py) runs on one dedicated thread (`AsyncEngine`: its step is
+compute-bound and releases the GIL inside torch), or in a child process (`serve.engine_loop`
+process, engine/engine_process.py: the replica's HTTP Python then no longer shares the GIL with
+it); callers on an asyncio loop send it named commands and get deltas back through per-request
+inboxes (`EngineClient`, the caller side both share). Adding a request goes through the loop
+too, so a bad request raises in the caller's `generate` (the HTTP layer turns that into a 400),
+and an abort (a client that went away) frees the request's blocks before the next step. A request that fails inside a
 step raises `RequestFailedError` in its own caller's `generate` only; the loop goes on.
 """
 
@@ -17,29 +19,21 @@ import collections
 import concurrent.futures
 import logging
 import math
-import queue
 import threading
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from cluster.config import LongctxConfig
+from engine.engine_loop import BURST_WINDOW_GAPS, EngineDeadError, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats, RequestFailedError
+from engine.summary import EngineSummary
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# An idle engine given a request gathers arrivals (`arrival_gap_s`) only while requests come
-# together: after a step taken with several requests open, it counts as bursty for this many gaps
-# (20 ms at 4 ms): long enough for the clients answered in that step to ask again (their requests
-# reached the replica 1-8 ms apart through HTTP on the CPU machine, docs/benchmarks.md), short
-# enough that a lone request after a quiet period starts at once.
-BURST_WINDOW_GAPS = 5
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; every request in flight gets this, and new ones too."""
+__all__ = ["BURST_WINDOW_GAPS", "AsyncEngine", "EngineClient", "EngineDeadError", "serving_engine"]
 
 
 class _Inbox:
@@ -51,6 +45,12 @@ class _Inbox:
         self.loop = loop
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
+        # Set where the engine's deltas come from, when its add_request is answered: deltas under
+        # this id made before then are a closed stream's of the same id, whose drop was queued first.
+        self.added = False
+
+    def mark_added(self, _future: concurrent.futures.Future) -> None:
+        self.added = True
 
     def put(self, item: Any) -> asyncio.Future | None:
         """Engine thread: add `item`; returns the caller's waiter to wake, if it waits."""
@@ -76,31 +76,25 @@ class _Inbox:
         return self._items.popleft()
 
 
-class AsyncEngine:
-    """`stream_chunks_per_s`: the most lists per second `stream` hands out over all requests
+class EngineClient:
+    """The caller side, whatever runs the loop: streams with their inboxes and pacing. A transport
+    (a subclass) sends named commands (`_submit`) and hands each step's deltas to `_dispatch`.
+
+    `stream_chunks_per_s`: the most lists per second `stream` hands out over all requests
     together (0: one per step each). A server pays for every list it forwards (~0.4 ms of Python
     through Ray Serve per stream and step on the H200 host, holding the GIL the engine thread
     needs), so under load each stream waits its share, `num_streams / stream_chunks_per_s`, after
-    its last list and then takes every delta ready; a first token and a last delta never wait.
+    its last list and then takes every delta ready; a first token and a last delta never wait."""
 
-    `arrival_gap_s`, `arrival_max_wait_s`: an idle engine given a request while requests come
-    together waits for the rest of the burst (`_arrivals_look_bursty`, `_gather_arrivals`); 0: never."""
-
-    def __init__(self, engine: LLMEngine, stream_chunks_per_s: float = 0.0, arrival_gap_s: float = 0.0,
-                 arrival_max_wait_s: float = 0.0):  # fmt: skip
-        self.engine = engine
+    def __init__(self, stream_chunks_per_s: float = 0.0):
         self.stream_chunks_per_s = stream_chunks_per_s
-        self.arrival_gap_s = arrival_gap_s
-        self.arrival_max_wait_s = arrival_max_wait_s
-        self._several_open_at_s = -math.inf  # monotonic: the end of the last step taken with 2+ requests open
-        self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self._subscribers: dict[str, _Inbox] = {}
-        self._stop = threading.Event()
         self._dead: BaseException | None = None
-        self.last_step_time = time.monotonic()  # health checks compare it with now
-        self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run_loop, name="longctx-engine", daemon=True)
-        self._thread.start()
+
+    # --- transport (subclasses) ------------------------------------------------------------
+    def _submit(self, name: str, *args: Any) -> concurrent.futures.Future:
+        """Send command `name` (engine/engine_loop.py `EngineLoop`) to the loop."""
+        raise NotImplementedError
 
     # --- caller side (any asyncio loop) ----------------------------------------------------
     async def generate(
@@ -125,7 +119,9 @@ class AsyncEngine:
         self._subscribers[request_id] = inbox
         remaining, last_list_at = params.n, -math.inf
         try:
-            await self._call(lambda: self.engine.add_request(request_id, prompt, params, cache_salt))
+            added = self._submit("add_request", request_id, prompt, params, cache_salt)
+            added.add_done_callback(inbox.mark_added)  # on the delivering thread, before the next step's deltas
+            await asyncio.wrap_future(added)
             while remaining:
                 first = await inbox.get()
                 if not _is_last(first, remaining):
@@ -141,7 +137,7 @@ class AsyncEngine:
         finally:
             self._subscribers.pop(request_id, None)
             if remaining and self._dead is None:
-                self._submit(lambda: self.engine.abort_request(request_id))
+                self._submit("drop", request_id)
 
     async def _wait_for_turn(self, last_list_at: float) -> None:
         """Until this stream's share of the chunk budget has passed since its last list."""
@@ -152,21 +148,87 @@ class AsyncEngine:
         if wait_s > 0:
             await asyncio.sleep(wait_s)
 
+    async def abort(self, request_id: str) -> None:
+        await self._call("abort", request_id)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        return await asyncio.wrap_future(self._submit(name, *args))
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+
+    # --- delivery (the loop's thread, or the process transport's reader thread) -------------
+    def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        """Each stream's inbox gets its deltas in order; at most one wake-up per caller loop per
+        step (not one per delta), and none for a loop whose streams are not waiting."""
+        self._deliver((self._added_inbox(delta.request_id), delta) for delta in deltas)
+
+    def _added_inbox(self, request_id: str) -> _Inbox | None:
+        inbox = self._subscribers.get(request_id)
+        return inbox if inbox is not None and inbox.added else None
+
+    def _deliver(self, items) -> None:
+        waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for inbox, item in items:
+            waiter = inbox.put(item) if inbox is not None else None
+            if waiter is not None:
+                waiters.setdefault(inbox.loop, []).append(waiter)
+        for loop, futures in waiters.items():
+            loop.call_soon_threadsafe(_wake_all, futures)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        """The loop is gone: every open stream gets EngineDeadError, and so does every new one."""
+        self._dead = error
+        dead = EngineDeadError(f"the engine stopped: {error!r}")
+        self._deliver((inbox, dead) for inbox in list(self._subscribers.values()))
+
+
+class AsyncEngine(EngineClient):
+    """The engine loop on a thread of this process. `arrival_gap_s`, `arrival_max_wait_s`: an idle
+    engine given a request while requests come together waits for the rest of the burst
+    (engine/engine_loop.py `_arrivals_look_bursty`, `_gather_arrivals`); 0: never."""
+
+    def __init__(self, engine: LLMEngine, stream_chunks_per_s: float = 0.0, arrival_gap_s: float = 0.0,
+                 arrival_max_wait_s: float = 0.0):  # fmt: skip
+        super().__init__(stream_chunks_per_s)
+        self.engine = engine
+        self._engine_loop = EngineLoop(engine, self._dispatch, self._fail_streams, arrival_gap_s, arrival_max_wait_s)
+        self._thread = threading.Thread(target=self._engine_loop.run, name="longctx-engine", daemon=True)
+        self._thread.start()
+
+    def _submit(self, name: str, *args: Any) -> concurrent.futures.Future:
+        return self._engine_loop.submit(name, *args)
+
+    @property
+    def arrival_gap_s(self) -> float:
+        return self._engine_loop.arrival_gap_s
+
+    @property
+    def arrival_max_wait_s(self) -> float:
+        return self._engine_loop.arrival_max_wait_s
+
     def set_arrival_gap(self, arrival_gap_s: float) -> None:
         """Changes `arrival_gap_s` on the running engine (0: gathering off), so one engine can
         measure both settings alternately (bench/serve_load.py --arrival-gap-ab): runs in separate
         processes differed 22-29% (docs/benchmarks.md, session 11). One attribute write; the engine
         thread reads it the next time it is given work while idle."""
-        if not arrival_gap_s >= 0:
-            raise ValueError(f"arrival_gap_s must be >= 0, got {arrival_gap_s!r}")
-        self.arrival_gap_s = arrival_gap_s
+        self._engine_loop.set_arrival_gap(arrival_gap_s)
 
-    async def abort(self, request_id: str) -> None:
-        await self._call(lambda: self._dispatch(self.engine.abort_request(request_id)))
+    @property
+    def last_step_time(self) -> float:
+        return self._engine_loop.last_step_time
 
     def stats(self) -> EngineStats:
         """The snapshot taken after the last step (no lock on the engine)."""
-        return self._stats
+        return self._engine_loop.stats
+
+    def summary(self) -> EngineSummary:
+        return self.engine.summary()
+
+    async def metrics_exposition(self) -> str:
+        """The engine's KV-tier registry as Prometheus text (read here: the registry is thread-safe)."""
+        return self._engine_loop.metrics_exposition()
 
     @property
     def max_model_len(self) -> int:
@@ -184,124 +246,14 @@ class AsyncEngine:
 
     def seconds_since_last_step(self) -> float:
         """0 while idle; how long the current step has run otherwise (stall detection)."""
-        if not self.engine.has_unfinished_requests() and self._commands.empty():
+        if not self.engine.has_unfinished_requests() and self._engine_loop.commands.empty():
             return 0.0
         return time.monotonic() - self.last_step_time
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._submit(lambda: None)  # wake the loop
+        self._submit("stop")
         self._thread.join(timeout=30)
         self.engine.shutdown()
-
-    async def _call(self, function: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self._submit(function))
-
-    def _submit(self, function: Callable[[], Any]) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((function, future))
-        return future
-
-    def _raise_if_dead(self) -> None:
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
-
-    # --- engine thread ---------------------------------------------------------------------
-    def _run_loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                idle = not self.engine.has_unfinished_requests()
-                self._run_commands(block=idle)
-                if idle and self.engine.has_unfinished_requests() and self._arrivals_look_bursty():
-                    self._gather_arrivals()
-                if self.engine.has_unfinished_requests():
-                    self._step()
-                self.last_step_time = time.monotonic()
-                self._stats = self.engine.stats()
-        except BaseException as error:  # noqa: BLE001 - every failure must reach every caller
-            logger.exception("engine loop failed")
-            self._fail_everything(error)
-
-    def _run_commands(self, block: bool) -> None:
-        try:
-            function, future = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._run_command(function, future)
-            try:
-                function, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _step(self) -> None:
-        # Counted before the step, so the requests it finishes count; len() of the dict the callers'
-        # loops change is one read under the GIL.
-        several_open = len(self._subscribers) > 1
-        self._dispatch(self.engine.step())
-        if several_open:
-            self._several_open_at_s = time.monotonic()
-
-    def _arrivals_look_bursty(self) -> bool:
-        """Whether an idle engine just given work should wait for more (`_gather_arrivals`): only
-        when requests come together, i.e. several are open now (they arrived at once) or were at a
-        step that ended less than `BURST_WINDOW_GAPS` gaps ago (clients answered in that step ask
-        again). A lone request after a quiet period, or a client sending one request after another,
-        starts at once: nothing would come to share its step, so waiting only adds the gap to its
-        TTFT. Requests (open streams), not arrival times, decide: a client sending one short request
-        after another arrives as often as a burst does, yet never has a second one open."""
-        if self.arrival_gap_s <= 0:
-            return False
-        window_s = BURST_WINDOW_GAPS * self.arrival_gap_s
-        return len(self._subscribers) > 1 or time.monotonic() - self._several_open_at_s < window_s
-
-    def _gather_arrivals(self) -> None:
-        """An idle engine that has just been given work takes the requests still arriving, until
-        none has come for `arrival_gap_s` or `arrival_max_wait_s` has passed. A burst (clients
-        answered in the same step asking again, a batch job) reaches the engine over a few ms, one
-        request at a time as the server parses each body; started at the first, the step would
-        prefill it alone and admit the rest behind it at the budget capped for decoding
-        (`max_tokens_per_step_while_decoding`), over several steps. Gathered, they share one.
-        Called only when arrivals look bursty (`_arrivals_look_bursty`)."""
-        deadline = time.monotonic() + self.arrival_max_wait_s
-        while (wait_s := min(self.arrival_gap_s, deadline - time.monotonic())) > 0:
-            try:
-                function, future = self._commands.get(timeout=wait_s)
-            except queue.Empty:
-                return
-            self._run_command(function, future)
-
-    @staticmethod
-    def _run_command(function, future: concurrent.futures.Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return  # the caller went away before its command ran
-        try:
-            future.set_result(function())
-        except Exception as error:  # noqa: BLE001 - handed to the caller, who raises it
-            future.set_exception(error)
-
-    def _dispatch(self, deltas: list[CompletionDelta]) -> None:
-        """Each stream's inbox gets its deltas in order; at most one wake-up per caller loop per
-        step (not one per delta), and none for a loop whose streams are not waiting."""
-        self._deliver((self._subscribers.get(delta.request_id), delta) for delta in deltas)
-
-    def _deliver(self, items) -> None:
-        waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-        for inbox, item in items:
-            waiter = inbox.put(item) if inbox is not None else None
-            if waiter is not None:
-                waiters.setdefault(inbox.loop, []).append(waiter)
-        for loop, futures in waiters.items():
-            loop.call_soon_threadsafe(_wake_all, futures)
-
-    def _fail_everything(self, error: BaseException) -> None:
-        self._dead = error
-        dead = EngineDeadError(f"the engine stopped: {error!r}")
-        self._deliver((inbox, dead) for inbox in list(self._subscribers.values()))
-        while not self._commands.empty():
-            _, future = self._commands.get_nowait()
-            if future.set_running_or_notify_cancel():
-                future.set_exception(dead)
 
 
 def _wake_all(waiters: list[asyncio.Future]) -> None:
@@ -331,10 +283,15 @@ def _ready(first: Any, source: _Inbox) -> tuple[list[CompletionDelta], BaseExcep
         item = source.get_nowait()
 
 
-def serving_engine(config: LongctxConfig) -> AsyncEngine:
+def serving_engine(config: LongctxConfig) -> EngineClient:
     """The engine a replica serves from, with the config's `serve` settings (stream pacing, arrival
-    gathering): the served replica and the bench's direct mode build it alike, so their rows compare
-    the same engine (session 11's direct rows ran without the gap they were labelled with)."""
+    gathering, where the loop runs): the served replica and the bench's direct mode build it alike,
+    so their rows compare the same engine (session 11's direct rows ran without the gap they were
+    labelled with)."""
     settings = config.serve
+    if settings.engine_loop == "process":
+        from engine.engine_process import ProcessEngine
+
+        return ProcessEngine(config)
     return AsyncEngine(LLMEngine(config), settings.stream_chunks_per_s, settings.arrival_gap_s,
                        settings.arrival_max_wait_s)

@@ -186,6 +186,10 @@ class LLMEngine:
                 deltas.append(self._finish(sequence, RequestStatus.FINISHED_ABORTED, "", ()))
         return deltas
 
+    def num_open_requests(self) -> int:
+        """Callers' requests added and not yet finished or aborted (a request of n sequences is one)."""
+        return len(self._request_groups)
+
     def has_unfinished_requests(self) -> bool:
         # Queued tier transfers (the last blocks' write-through) need one more step to reach the worker.
         return self.scheduler.has_unfinished_requests() or self.kv_cache.has_queued_transfers

@@ -17,6 +17,19 @@ class InvalidParameterError(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
 
+    def __reduce__(self):
+        # Exception's default pickling calls cls(*self.args), but args hold the one joined string
+        # while __init__ takes (param, message): rebuilt from type, args and attributes instead, so
+        # the error (and a subclass's `code`) crosses a process boundary (engine/engine_process.py).
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild_error(cls: type[BaseException], args: tuple, attributes: dict) -> BaseException:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
+
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # biased tokens a request: each one is an entry the sampler adds every step
