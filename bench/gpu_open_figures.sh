@@ -3,7 +3,8 @@
 # short budget still returns the first ones. Sessions lose device time to machine starts (~3 min a
 # start): few calls that do it all are cheaper. Session 12 (H100) measured tests, graphs, last1m,
 # fused1m, topk, topk1m, floor and bursts: docs/deepseek_v4.md and docs/benchmarks.md "Session 12".
-# Still open: v4sp (2 GPUs), hcacore, mhc and redis on an H200.
+# Still open (session 13 got no device): engineproc and budgets first, then profile; v4sp (2 GPUs),
+# hcacore, mhc and redis on an H200.
 #   1. tests    GPU tests of the step uploads (one pinned staging copy a step), the V4 decode graphs
 #               (replay bit-equal to the static step run eagerly), the mHC kernels (tf32x3 default
 #               tiling) and the flash-style chunk attention kernel (float32 now IEEE; session 11's
@@ -46,6 +47,7 @@
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)
 #   STAGES=bursts bash bench/gpu_open_figures.sh          # stage 9 alone (~4 minutes, bound 6)
+#   STAGES="engineproc budgets" bash bench/gpu_open_figures.sh  # stages 13 and 11 (~8 minutes)
 #   STAGES="topk topk1m hcacore mhc redis" bash bench/gpu_open_figures.sh
 # Logs and JSON land in $OUT (at most 8 files come back from a device call).
 set -uo pipefail
