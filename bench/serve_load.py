@@ -282,7 +282,7 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
     """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
     import torch
 
-    from engine.async_engine import serving_engine
+    from engine.serving import serving_engine
 
     # The Ray worker runs torch on as many threads as its CPUs (OMP_NUM_THREADS); so does this.
     torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))

@@ -30,7 +30,8 @@ from deployments.messages import (
     replica_unavailable,
     request_failure,
 )
-from engine.async_engine import EngineDeadError, serving_engine
+from engine.async_engine import EngineDeadError
+from engine.serving import serving_engine
 from engine.outputs import CompletionDelta, RequestFailedError
 from engine.scheduler import QueueFullError
 from protocol.sampling_params import InvalidParameterError, SamplingParams

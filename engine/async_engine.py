@@ -33,7 +33,7 @@ from protocol.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BURST_WINDOW_GAPS", "AsyncEngine", "EngineClient", "EngineDeadError", "serving_engine"]
+__all__ = ["BURST_WINDOW_GAPS", "AsyncEngine", "EngineClient", "EngineDeadError"]
 
 
 class _Inbox:
@@ -281,17 +281,3 @@ def _ready(first: Any, source: _Inbox) -> tuple[list[CompletionDelta], BaseExcep
         if source.empty():
             return deltas, None
         item = source.get_nowait()
-
-
-def serving_engine(config: LongctxConfig) -> EngineClient:
-    """The engine a replica serves from, with the config's `serve` settings (stream pacing, arrival
-    gathering, where the loop runs): the served replica and the bench's direct mode build it alike,
-    so their rows compare the same engine (session 11's direct rows ran without the gap they were
-    labelled with)."""
-    settings = config.serve
-    if settings.engine_loop == "process":
-        from engine.engine_process import ProcessEngine
-
-        return ProcessEngine(config)
-    return AsyncEngine(LLMEngine(config), settings.stream_chunks_per_s, settings.arrival_gap_s,
-                       settings.arrival_max_wait_s)

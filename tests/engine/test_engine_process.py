@@ -22,7 +22,8 @@ from cluster.config import (
     SchedulerSettings,
     ServeSettings,
 )
-from engine.async_engine import AsyncEngine, serving_engine
+from engine.async_engine import AsyncEngine
+from engine.serving import serving_engine
 from engine.engine_loop import EngineDeadError
 from engine.engine_process import ProcessEngine
 from engine.llm_engine import LLMEngine

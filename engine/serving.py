@@ -1,0 +1,22 @@
+"""The engine a replica serves from: the loop on a thread of the replica (`AsyncEngine`) or in a
+child process (`ProcessEngine`), as `serve.engine_loop` says. Its own module so that neither
+transport imports the other (engine_process.py builds on async_engine.py's caller side)."""
+
+from __future__ import annotations
+
+from cluster.config import LongctxConfig
+from engine.async_engine import AsyncEngine, EngineClient
+from engine.engine_process import ProcessEngine
+from engine.llm_engine import LLMEngine
+
+
+def serving_engine(config: LongctxConfig) -> EngineClient:
+    """The engine a replica serves from, with the config's `serve` settings (stream pacing, arrival
+    gathering, where the loop runs): the served replica and the bench's direct mode build it alike,
+    so their rows compare the same engine (session 11's direct rows ran without the gap they were
+    labelled with)."""
+    settings = config.serve
+    if settings.engine_loop == "process":
+        return ProcessEngine(config)
+    return AsyncEngine(LLMEngine(config), settings.stream_chunks_per_s, settings.arrival_gap_s,
+                       settings.arrival_max_wait_s)
