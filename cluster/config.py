@@ -115,11 +115,12 @@ class SchedulerSettings(_Frozen):
     max_tokens_per_step: int = Field(
         16384, ge=1, description="Token budget of an engine step: decodes first, then prefill chunks."
     )
-    # bench/step_budgets.py on an H100 (session 13, 8B shape, 2 layers): at 2048 a 16 x 4K batch
-    # prefilled 12 of its prompts over ~24 capped steps (TTFT mean 0.50 s, 649 tok/s, against
-    # transformers' 0.21 s and 1253); at 8192 0.10 s and 2190 tok/s, 64 x 1K 3655 against 1846-2926
-    # tok/s, 8 x 32K 240 against 208. 16384 gained 3-9% more but doubles how long a long prompt's
-    # chunk can stall the requests decoding beside it (TPOT max 27 against 29 ms here, at 32K).
+    # bench/step_budgets.py on an H100 (session 13, 8B shape, 2 layers, two runs each): at 2048 a
+    # 16 x 4K batch prefilled 12 of its prompts over ~24 capped steps (TTFT mean 0.12-0.50 s,
+    # 649-1869 tok/s; session 12: 0.42 s, 737, against transformers' 0.21 s, 1253); at 8192 0.10 s
+    # and 2190 tok/s, 64 x 1K 3655 against 1846-2926, 8 x 32K 240 against 208. The price: a prompt's
+    # chunk stalls the requests decoding beside it longer (8 x 32K TPOT max 30 against 10 ms).
+    # 16384 gained 3-9% more throughput for twice the stall.
     max_tokens_per_step_while_decoding: int = Field(
         8192, ge=1, description="While any request is decoding, a step's budget is at most this (decodes included)."
     )
