@@ -39,9 +39,11 @@
 #               batches (bench/step_budgets.py, ~3 min): the 16 x 4K batch lost to transformers in session 12
 #  13. engineproc  served through HTTP with the engine loop on the replica's thread (fused_direct) and
 #               in a child process (fused_direct_process, serve.engine_loop: process) against direct,
-#               at 1 / 16 / 64 streams, bodies encoded before the clock (session 13); ~5 min
+#               at 1 / 16 / 64 streams, bodies encoded before the clock (session 13); each run's
+#               "engine:" line (session 14) gives its steps by kind and the loop's time by activity; ~5 min
 #  12. profile  where the served path's CPU goes at 16 and 64 streams (bench/serve_profile.py, py-spy;
-#               ~3 min). py-spy is not in the pack: here, before the call,
+#               ~3 min; PROFILE_SERVED, default fused_direct_process: the replica and its engine
+#               child). py-spy is not in the pack: here, before the call,
 #               pip download py-spy --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
@@ -141,7 +143,7 @@ if wanted profile; then
     stamp profile
     python3 -m pip install -q --no-index --target /tmp/pyspy .gpu/extra/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
     profiles=$(cd "$OUT" && pwd)/serve_profile  # before the cd: serve_profile.py runs from bench/
-    (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served fused_direct --levels 16 64 \
+    (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served ${PROFILE_SERVED:-fused_direct_process} --levels 16 64 \
         --output-lens 1 64 --seconds 12 --out "$profiles") > "$OUT/serve_profile.log" 2>&1
     tail -60 "$OUT/serve_profile.log" | cut -c1-200
 fi
@@ -149,6 +151,6 @@ if wanted engineproc; then
     stamp engineproc
     GPU_TESTS=0 timeout ${ENGINEPROC_S:-420} bash bench/gpu_serve.sh --served fused_direct fused_direct_process \
         > "$OUT/serve_engine_process.log" 2>&1
-    grep -E "load_c|overhead:|against direct|added by" "$OUT/serve_engine_process.log" | cut -c1-220
+    grep -E "load_c|overhead:|against direct|added by|engine:" "$OUT/serve_engine_process.log" | cut -c1-260
 fi
 stamp done

@@ -42,6 +42,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:  # run as a script (bench/ first on sys.path) or imported as bench.serve_load (the tests)
+    from engine_steps import engine_counters, format_step_report, step_report
+except ImportError:
+    from bench.engine_steps import engine_counters, format_step_report, step_report
+
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "serve_load.json"
 
 
@@ -290,7 +295,7 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
     try:
         if ab is not None:
             return await run_ab(direct_sender(engine), _engine_gap_setter(engine), ab, slo, "direct")
-        return await _run_all(direct_sender(engine), workloads, slo)
+        return await _run_all(direct_sender(engine), workloads, slo, engine.metrics_exposition)
     finally:
         engine.shutdown()
         del engine
@@ -301,13 +306,20 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
             torch.cuda.empty_cache()
 
 
-async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, float]) -> dict[str, dict]:
+async def _run_all(send: Sender, workloads: list[Workload], slo: tuple[float, float],
+                   exposition: Callable[[], Awaitable[str]] | None = None) -> dict[str, dict]:  # fmt: skip
+    """{workload: summary}; `exposition`: the engine's Prometheus text, read around each workload
+    for what the engine did meanwhile (bench/engine_steps.py)."""
     await _warm_up(send, workloads[0])
     summaries = {}
     for workload in workloads:
         cpu_before = time.process_time()
+        counters_before = engine_counters(await exposition()) if exposition else None
         records, duration = await run_workload(send, workload)
         summaries[workload.name] = summarize(records, duration, *slo)
+        if exposition is not None:
+            summaries[workload.name]["engine"] = step_report(counters_before, engine_counters(await exposition()),
+                                                             duration)  # fmt: skip
         # This process's CPU a request: the bench client's alone through HTTP (the server runs in
         # Ray's processes), client + engine direct. Near 1 s a second, the client limits the run.
         summaries[workload.name]["this_process_cpu_ms_per_request"] = round(
@@ -469,11 +481,20 @@ def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, f
                 send = http_sender(client, url, model)
                 if ab is not None:
                     return await run_ab(send, _replica_gap_setter(), ab, slo, f"http_{path}")
-                return await _run_all(send, workloads, slo)
+                return await _run_all(send, workloads, slo, _metrics_reader(client, url))
 
         return asyncio.run(go())
     finally:
         stop_served()
+
+
+def _metrics_reader(client, url: str) -> Callable[[], Awaitable[str]]:
+    async def read() -> str:
+        response = await client.get(f"{url}/metrics")
+        response.raise_for_status()
+        return response.text
+
+    return read
 
 
 def start_served(config, direct_ingress: bool = False) -> tuple[str, str]:
@@ -620,6 +641,8 @@ def _print_progress(path: str, summaries: dict[str, dict]) -> None:
               f"{summary['ttft_ms']['mean']} ms, TPOT mean {summary['tpot_ms']['mean']} ms, "
               f"{summary['output_throughput_tok_per_s']} tok/s, this process "
               f"{summary.get('this_process_cpu_ms_per_request', '-')} CPU ms a request {summary['errors'][:1]}", flush=True)
+        if "engine" in summary:
+            print(f"  {format_step_report(summary['engine'])}", flush=True)
 
 
 def _machine() -> dict:

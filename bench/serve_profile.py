@@ -82,14 +82,19 @@ def _py_spy() -> str:
 
 
 def process_ids() -> dict[str, int]:
-    """The proxy's and the replicas' pids, from their process titles (Ray's `ray::<Actor>`)."""
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    found = {}
+    """The proxy's and the replicas' pids, from their process titles (Ray's `ray::<Actor>`), and
+    the LLM server's engine process (`serve.engine_loop: process`: its spawned child) as EngineChild."""
+    listing = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
+    found, parents = {}, {}
     for line in listing.splitlines()[1:]:
-        pid, _, title = line.strip().partition(" ")
+        pid, ppid, title = line.split(maxsplit=2)
+        parents[int(pid)] = (int(ppid), title)
         for name in ("ProxyActor", "ServeReplica:bench:LLMServer", "ServeReplica:bench:OpenAIIngress"):
             if title.startswith(f"ray::{name}"):
                 found[name.split(":")[-1]] = int(pid)
+    for pid, (ppid, title) in parents.items():
+        if ppid == found.get("LLMServer") and "spawn_main" in title:
+            found["EngineChild"] = pid
     return found
 
 

@@ -24,7 +24,6 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from cluster.config import LongctxConfig
 from engine.engine_loop import BURST_WINDOW_GAPS, EngineDeadError, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats, RequestFailedError

@@ -124,28 +124,44 @@ class EngineLoop:
         if self.engine.has_unfinished_requests():
             self._step()
         self.last_step_time = time.monotonic()
+        published_from = time.perf_counter()
         self.stats = self.engine.stats()
         if self.after_iteration is not None:
             self.after_iteration()
+        self._observe("publish", published_from)
 
     def _run_commands(self, block: bool) -> None:
+        waited_from = time.perf_counter()
         try:
             command = self.commands.get(timeout=IDLE_POLL_S) if block else self.commands.get_nowait()
         except queue.Empty:
+            self._observe("idle", waited_from)
             return
+        started = self._observe("idle", waited_from)
         while True:
             self._run_command(command)
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
+                self._observe("commands", started)
                 return
 
     def _step(self) -> None:
         # Counted before the step, so the requests it finishes count.
         several_open = self.engine.num_open_requests() > 1
-        self.deliver(self.engine.step())
+        started = time.perf_counter()
+        deltas = self.engine.step()
+        stepped = self._observe("step", started)
+        self.deliver(deltas)
+        self._observe("publish", stepped)
         if several_open:
             self._several_open_at_s = time.monotonic()
+
+    def _observe(self, activity: str, started: float) -> float:
+        """Adds the time since `started` (perf_counter) to `activity`; returns now."""
+        now = time.perf_counter()
+        self.engine.step_metrics.observe_loop(activity, now - started)
+        return now
 
     def _arrivals_look_bursty(self) -> bool:
         """Whether an idle engine just given work should wait for more (`_gather_arrivals`): only
@@ -168,13 +184,14 @@ class EngineLoop:
         prefill it alone and admit the rest behind it at the budget capped for decoding
         (`max_tokens_per_step_while_decoding`), over several steps. Gathered, they share one.
         Called only when arrivals look bursty (`_arrivals_look_bursty`)."""
-        deadline = time.monotonic() + self.arrival_max_wait_s
+        started, deadline = time.perf_counter(), time.monotonic() + self.arrival_max_wait_s
         while (wait_s := min(self.arrival_gap_s, deadline - time.monotonic())) > 0:
             try:
                 command = self.commands.get(timeout=wait_s)
             except queue.Empty:
-                return
+                break
             self._run_command(command)
+        self._observe("gather", started)
 
     def _run_command(self, command: Command) -> None:
         name, args, future = command

@@ -17,6 +17,7 @@ from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
+from engine.step_metrics import StepMetrics
 from engine.progress import PrefillProgressLog
 from engine.summary import EngineSummary, redis_shard_names
 from executors import Executor, create_executor, executor_backend
@@ -86,6 +87,7 @@ class LLMEngine:
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
         self.prefill_progress = PrefillProgressLog()
+        self.step_metrics = StepMetrics(self.kv_cache.metrics.registry)  # exported with the tiers' series
         self.load_seconds = time.perf_counter() - start
 
     # --- requests ------------------------------------------------------------------------
@@ -196,13 +198,37 @@ class LLMEngine:
 
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[CompletionDelta]:
+        start = time.perf_counter()
         step_input = self.scheduler.schedule()
         if not (step_input.num_scheduled_tokens or step_input.finished_request_ids or step_input.kv_transfers):
             return []
-        start = time.perf_counter()
+        num_prompt_tokens, num_output_tokens = self._count_scheduled_tokens(step_input)
+        scheduled = time.perf_counter()
         step_output = self.executor.execute(step_input)
-        self.kv_cache.on_step_done(step_input, step_output.kv_report, time.perf_counter() - start,
+        executed = time.perf_counter()
+        self.kv_cache.on_step_done(step_input, step_output.kv_report, executed - scheduled,
                                    synced=bool(step_output.sampled))
+        deltas = self._outputs(step_input, step_output)
+        if num_prompt_tokens or num_output_tokens:  # a step of tier transfers alone is no step
+            phases = {"schedule": scheduled - start, "execute": executed - scheduled,
+                      "outputs": time.perf_counter() - executed}  # fmt: skip
+            self.step_metrics.observe_step(num_prompt_tokens, num_output_tokens, phases)
+        return deltas
+
+    def _count_scheduled_tokens(self, step_input) -> tuple[int, int]:
+        """(prompt tokens, output tokens) this step computes: a request's chunk starts at its
+        num_computed_tokens (advanced after the step), and the part past its prompt is output (a
+        decoding request's one token, or a preempted request's recomputed outputs)."""
+        num_prompt_tokens = num_output_tokens = 0
+        for request_id, count in step_input.num_scheduled_tokens.items():
+            request = self.scheduler.requests[request_id]
+            prompt_part = max(0, min(count, request.num_prompt_tokens - request.num_computed_tokens))
+            num_prompt_tokens += prompt_part
+            num_output_tokens += count - prompt_part
+        return num_prompt_tokens, num_output_tokens
+
+    def _outputs(self, step_input, step_output) -> list[CompletionDelta]:
+        """The step's deltas, after the scheduler has taken its sampled tokens."""
         sampled = self.scheduler.update_from_output(step_input, step_output)
         self.prefill_progress.observe(self.scheduler.running)
         for request_id, chunk in step_output.prompt_logprobs.items():
