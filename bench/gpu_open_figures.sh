@@ -41,6 +41,10 @@
 #               in a child process (fused_direct_process, serve.engine_loop: process) against direct,
 #               at 1 / 16 / 64 streams, bodies encoded before the clock (session 13); each run's
 #               "engine:" line (session 14) gives its steps by kind and the loop's time by activity; ~5 min
+#  14. pacing0  engineproc's process path at 16 and 64 streams with serve.stream_chunks_per_s 0 (a list
+#               per step and stream; 500 a second per replica by default, set when the engine shared
+#               the replica's GIL), direct the same; ~2.5 min. BURSTS_SERVED=fused_direct_process
+#               runs stage 9 (the arrival-gap A/B) on the process path.
 #  12. profile  where the served path's CPU goes at 16 and 64 streams (bench/serve_profile.py, py-spy;
 #               ~3 min; PROFILE_SERVED, default fused_direct_process: the replica and its engine
 #               child). py-spy is not in the pack: here, before the call,
@@ -121,7 +125,7 @@ fi
 if wanted bursts; then
     stamp bursts
     # The A/B tables end the log (a run cut short: the direct ones, then each HTTP run's line).
-    timeout ${BURSTS_S:-360} env GPU_TESTS=0 bash bench/gpu_serve.sh --served fused_direct --concurrency 16 64 \
+    timeout ${BURSTS_S:-360} env GPU_TESTS=0 bash bench/gpu_serve.sh --served ${BURSTS_SERVED:-fused_direct} --concurrency 16 64 \
         --arrival-gap-ab 0.004,0 --repeats ${BURSTS_REPEATS:-5} --out "$OUT/serve_bursts_ab.json" \
         > "$OUT/serve_bursts_ab.log" 2>&1
     tail -30 "$OUT/serve_bursts_ab.log" | cut -c1-200
@@ -146,6 +150,12 @@ if wanted profile; then
     (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served ${PROFILE_SERVED:-fused_direct_process} --levels 16 64 \
         --output-lens 1 64 --seconds 12 --out "$profiles") > "$OUT/serve_profile.log" 2>&1
     tail -60 "$OUT/serve_profile.log" | cut -c1-200
+fi
+if wanted pacing0; then
+    stamp pacing0
+    GPU_TESTS=0 timeout ${PACING0_S:-240} bash bench/gpu_serve.sh --served fused_direct_process --concurrency 16 64 \
+        --stream-chunks-per-s 0 --out "$OUT/serve_pacing0.json" > "$OUT/serve_pacing0.log" 2>&1
+    grep -E "load_c|against direct|added by|engine:" "$OUT/serve_pacing0.log" | cut -c1-260
 fi
 if wanted engineproc; then
     stamp engineproc
