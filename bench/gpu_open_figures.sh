@@ -45,6 +45,9 @@
 #               per step and stream; 500 a second per replica by default, set when the engine shared
 #               the replica's GIL), direct the same; ~2.5 min. BURSTS_SERVED=fused_direct_process
 #               runs stage 9 (the arrival-gap A/B) on the process path.
+#  15. anatomy  one engine step by its make-up (decode alone, prompts alone, prompts beside a decoding
+#               batch) on the serve bench's shape, tiers off then on, with torch.profiler and cProfile
+#               tops of one step each (bench/step_anatomy.py, ~1 min a run)
 #  12. profile  where the served path's CPU goes at 16 and 64 streams (bench/serve_profile.py, py-spy;
 #               ~3 min; PROFILE_SERVED, default fused_direct_process: the replica and its engine
 #               child). py-spy is not in the pack: here, before the call,
@@ -150,6 +153,18 @@ if wanted profile; then
     (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served ${PROFILE_SERVED:-fused_direct_process} --levels 16 64 \
         --output-lens 1 64 --seconds 12 --out "$profiles") > "$OUT/serve_profile.log" 2>&1
     tail -60 "$OUT/serve_profile.log" | cut -c1-200
+fi
+if wanted anatomy; then
+    stamp anatomy
+    timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --out "$OUT/step_anatomy.json" > "$OUT/step_anatomy.log" 2>&1
+    grep -vE "USDT|^\s*$" "$OUT/step_anatomy.log" | tail -24 | cut -c1-900
+    REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
+    stamp "anatomy, host + Redis tiers on"
+    timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) \
+        --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers.json" > "$OUT/step_anatomy_tiers.log" 2>&1
+    grep -vE "USDT|^\s*$" "$OUT/step_anatomy_tiers.log" | tail -24 | cut -c1-900
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
 fi
 if wanted pacing0; then
     stamp pacing0
