@@ -113,10 +113,14 @@ class StepDriver:
 
 
 def measure(driver: StepDriver, decode_batch: int, prompts: int, repeats: int) -> list[dict]:
-    """`repeats` steps of `prompts` new prompts beside `decode_batch` decoding requests (either may be 0)."""
+    """`repeats` steps of `prompts` new prompts beside `decode_batch` decoding requests (either may
+    be 0). Repeat r lets the decoding requests make r tokens first, so each repeat's contexts are
+    new lengths, as a served step's are: a kernel that compiles or plans per length shows here."""
     steps = []
-    for _ in range(repeats):
+    for repeat in range(repeats):
         decoding = driver.start_decoding(decode_batch) if decode_batch else []
+        for _ in range(repeat if decode_batch else 0):
+            driver.engine.step()
         new = driver.add_prompts(prompts)
         steps.append(driver.timed_step())
         driver.abort(decoding + new)
@@ -124,7 +128,9 @@ def measure(driver: StepDriver, decode_batch: int, prompts: int, repeats: int) -
 
 
 def median_row(steps: list[dict]) -> dict:
-    return {key: round(statistics.median(step[key] for step in steps), 3) for key in steps[0]}
+    """Each figure's median over the steps, and the slowest step's wall time."""
+    row = {key: round(statistics.median(step[key] for step in steps), 3) for key in steps[0]}
+    return {**row, "max_ms": round(max(step["ms"] for step in steps), 3)}
 
 
 def profile_step(driver: StepDriver, decode_batch: int, prompts: int) -> dict:
@@ -194,11 +200,12 @@ def main() -> None:
     prefix = random_prompt(args.prefix_len, 1, engine.architecture.vocab_size)
     driver = StepDriver(engine, prefix, args.new_tokens)
     driver.abort(driver.start_decoding(1))  # the prefix is cached from here on; first-call costs paid
-    measure(driver, args.decode_batch, max(args.prompts), 1)  # the mixed shapes' first calls too
-    rows, profiles = {}, {}
+    first = measure(driver, args.decode_batch, max(args.prompts), 1)[0]  # the mixed shapes' first calls too
+    print(f"first mixed step (decode x{args.decode_batch} + prefill {max(args.prompts)}): {first['ms']:.2f} ms", flush=True)
+    rows, profiles = {"first mixed step": {key: round(value, 3) for key, value in first.items()}}, {}
     for name, decode_batch, prompts in scenarios(args):
         rows[name] = median_row(measure(driver, decode_batch, prompts, args.repeats))
-        print(f"{name:<28} step {rows[name]['ms']:8.2f} ms   schedule / execute / outputs "
+        print(f"{name:<28} step {rows[name]['ms']:8.2f} ms (max {rows[name]['max_ms']:8.2f})   schedule / execute / outputs "
               + " / ".join(f"{rows[name][phase]:.2f}" for phase in PHASES) + " ms", flush=True)
     for name, decode_batch, prompts in profiled(scenarios(args)):
         profiles[name] = {**profile_step(driver, decode_batch, prompts),
