@@ -62,13 +62,18 @@ class EngineLoop:
         self._stop = threading.Event()
         # Looked up on the engine at each call, as a direct call would (a test may patch them).
         self._handlers: dict[str, Callable[..., Any]] = {
-            "add_request": lambda *args: self.engine.add_request(*args),
+            "add_request": lambda *args: self.engine.add_request(*args),  # `put` prepares it first
             "abort": self.abort,
             "drop": self.drop,
             "set_arrival_gap": self.set_arrival_gap,
             "summary": lambda: self.engine.summary(),
             "metrics_exposition": self.metrics_exposition,
             "stop": self._stop.set,
+        }
+        # Queued by `put` in place of an add_request, never sent by a caller.
+        self._internal_handlers: dict[str, Callable[..., Any]] = {
+            "add_prepared": lambda prepared: self.engine.add_prepared(prepared),
+            "raise": _raise,
         }
 
     # --- commands --------------------------------------------------------------------------
@@ -86,7 +91,20 @@ class EngineLoop:
         before this runs on the loop's thread)."""
         if not self.has_command(name):
             raise ValueError(f"unknown engine command {name!r}")
+        if name == "add_request":
+            name, args = self._prepared(args)
         self.commands.put((name, args, future))
+
+    def _prepared(self, args: tuple) -> tuple[str, tuple]:
+        """add_request's own work (LLMEngine.prepare_request: tokenize, check, hash the prompt's
+        blocks) runs here, on the caller's thread, while the loop steps: a burst of 64 prompts of 33K
+        tokens cost the loop ~2.8 ms each on an H100 host (13% of its time at 64 streams, session 14),
+        with the GPU idle. The loop then queues the prepared request, or raises the preparation's
+        error, so that the future still resolves on the loop's thread, in order with the others."""
+        try:
+            return "add_prepared", (self.engine.prepare_request(*args),)
+        except Exception as error:  # noqa: BLE001 - the caller's to raise (a 400), through the loop
+            return "raise", (error,)
 
     def abort(self, request_id: str) -> None:
         self.deliver(self.engine.abort_request(request_id))
@@ -197,8 +215,9 @@ class EngineLoop:
         name, args, future = command
         if not future.set_running_or_notify_cancel():
             return  # the caller went away before its command ran
+        handler = self._handlers.get(name) or self._internal_handlers[name]
         try:
-            future.set_result(self._handlers[name](*args))
+            future.set_result(handler(*args))
         except Exception as error:  # noqa: BLE001 - handed to the caller, who raises it
             future.set_exception(error)
 
@@ -207,3 +226,7 @@ class EngineLoop:
             _, _, future = self.commands.get_nowait()
             if future.set_running_or_notify_cancel():
                 future.set_exception(dead)
+
+
+def _raise(error: BaseException) -> None:
+    raise error

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import InitVar, dataclass, field
 
 from kvcache.block_hash import hash_full_blocks
 from protocol.sampling_params import SamplingParams
@@ -45,10 +46,13 @@ class Request:
     pause_at_tokens: int | None = None
     resumed: bool = False  # it paused once: its next admission adds to its hit counts
     block_hashes: list[bytes] = field(init=False)  # one per full block of token_ids
+    # Names of the prompt's first full blocks, when the caller computed them already from this
+    # root_hash and block_size (LLMEngine.prepare_request, off the engine loop); the rest are hashed here.
+    known_block_hashes: InitVar[Sequence[bytes]] = ()
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, known_block_hashes: Sequence[bytes]) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        self.block_hashes = []
+        self.block_hashes = list(known_block_hashes)
         self.extend_block_hashes()
 
     @property
