@@ -37,7 +37,7 @@
 #               TPOT, greedy tokens equal (bench/deepseek_v4_sequence_parallel.py, ~5 min)
 #  11. budgets  the dense engine's while-decoding step budget (2048 / 8192 / 16384) against the floor's
 #               batches (bench/step_budgets.py, ~3 min): the 16 x 4K batch lost to transformers in session 12
-#  13. engineproc  served through HTTP with the engine loop on the replica's thread (fused_direct) and
+#  13. engineproc  served through HTTP with the engine loop on the replica's thread (fused_direct_thread) and
 #               in a child process (fused_direct_process, serve.engine_loop: process) against direct,
 #               at 1 / 16 / 64 streams, bodies encoded before the clock (session 13); each run's
 #               "engine:" line (session 14) gives its steps by kind and the loop's time by activity; ~5 min
@@ -174,7 +174,7 @@ if wanted pacing0; then
 fi
 if wanted engineproc; then
     stamp engineproc
-    GPU_TESTS=0 timeout ${ENGINEPROC_S:-420} bash bench/gpu_serve.sh --served fused_direct fused_direct_process \
+    GPU_TESTS=0 timeout ${ENGINEPROC_S:-420} bash bench/gpu_serve.sh --served fused_direct_thread fused_direct_process \
         > "$OUT/serve_engine_process.log" 2>&1
     grep -E "load_c|overhead:|against direct|added by|engine:" "$OUT/serve_engine_process.log" | cut -c1-260
 fi

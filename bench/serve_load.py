@@ -291,7 +291,9 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
 
     # The Ray worker runs torch on as many threads as its CPUs (OMP_NUM_THREADS); so does this.
     torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
-    engine = serving_engine(config)  # the replica's serve settings (arrival gathering, pacing)
+    # The replica's serve settings (arrival gathering, pacing), the loop on a thread of this process:
+    # the engine driven directly, the reference every served path is measured against.
+    engine = serving_engine(config.with_overrides({"serve.engine_loop": "thread"}))
     try:
         if ab is not None:
             return await run_ab(direct_sender(engine), _engine_gap_setter(engine), ab, slo, "direct")
@@ -457,8 +459,12 @@ BENCH_APP = "bench"  # the Serve application's name
 # deployment, the model worker inside the replica or a Ray actor.
 SERVED_PATHS = {
     "fused_local": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
-    # fused_local with Serve's direct ingress: the client talks HTTP to the replica, no proxy.
+    # fused_local with Serve's direct ingress: the client talks HTTP to the replica, no proxy. The
+    # engine loop where serve.engine_loop auto puts it (a child process on a GPU, since session 14).
     "fused_direct": {"serve.ingress_in_replica": True, "parallel.executor": "local"},
+    # fused_direct with the engine loop on a thread of the replica (the default before session 14).
+    "fused_direct_thread": {"serve.ingress_in_replica": True, "parallel.executor": "local",
+                            "serve.engine_loop": "thread"},
     # fused_direct with the engine loop and its worker in a child process of the replica
     # (serve.engine_loop: process): the replica's HTTP Python no longer shares the engine's GIL.
     "fused_direct_process": {"serve.ingress_in_replica": True, "parallel.executor": "local",

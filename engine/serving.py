@@ -8,6 +8,8 @@ from cluster.config import LongctxConfig
 from engine.async_engine import AsyncEngine, EngineClient
 from engine.engine_process import ProcessEngine
 from engine.llm_engine import LLMEngine
+from executors import executor_backend
+from model_shards.device import resolve_device
 
 
 def serving_engine(config: LongctxConfig) -> EngineClient:
@@ -16,7 +18,18 @@ def serving_engine(config: LongctxConfig) -> EngineClient:
     so their rows compare the same engine (session 11's direct rows ran without the gap they were
     labelled with)."""
     settings = config.serve
-    if settings.engine_loop == "process":
+    if engine_loop_of(config) == "process":
         return ProcessEngine(config)
     return AsyncEngine(LLMEngine(config), settings.stream_chunks_per_s, settings.arrival_gap_s,
                        settings.arrival_max_wait_s)
+
+
+def engine_loop_of(config: LongctxConfig) -> str:
+    """`serve.engine_loop` with auto resolved in this process: a child process where the engine
+    drives a GPU with local ranks (the loop's Python then no longer waits on the replica's GIL), a
+    thread on a CPU (torch already uses every core; no second interpreter to start) or with Ray
+    rank actors (the child would be no Ray worker)."""
+    if config.serve.engine_loop != "auto":
+        return config.serve.engine_loop
+    local_ranks = executor_backend(config) == "local"
+    return "process" if local_ranks and resolve_device(config.model.device).type == "cuda" else "thread"

@@ -248,3 +248,18 @@ def test_an_unknown_command_is_answered_with_an_error_and_the_engine_serves_on(p
     with pytest.raises(ValueError, match="unknown engine command"):
         _run(process_engine._call("no_such_command"))
     assert len(_run(_outputs(process_engine, PROMPTS[:1]))) == 1 and process_engine.is_alive
+
+
+def test_auto_runs_the_loop_in_a_child_on_a_gpu_with_local_ranks_only(tiny_model_dir, monkeypatch):
+    import torch
+
+    from engine import serving
+
+    auto = _config(tiny_model_dir, engine_loop="auto")
+    assert serving.engine_loop_of(auto) == "thread"  # this machine's CPU
+    assert serving.engine_loop_of(_config(tiny_model_dir, engine_loop="process")) == "process"
+    monkeypatch.setattr(serving, "resolve_device", lambda name: torch.device("cuda", 0))
+    assert serving.engine_loop_of(auto) == "process"
+    with_ray_ranks = auto.with_overrides({"parallel.executor": "ray", "parallel.tensor_parallel_size": 2})
+    assert serving.engine_loop_of(with_ray_ranks) == "thread"  # the child could place no rank actors
+    assert serving.engine_loop_of(auto.with_overrides({"serve.engine_loop": "thread"})) == "thread"
