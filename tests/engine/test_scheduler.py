@@ -185,3 +185,56 @@ def test_a_queue_head_without_free_blocks_gives_the_budget_back_to_the_running_p
     run_step(scheduler)  # third prefills 16, 4 left
     scheduler.add_request(make_request("fourth", 3, first_token=950))
     assert scheduler._prefill_room(16) == 8  # a shorter head waits: the share is back
+
+
+def _holding_scheduler(hold_s: float, budget: int = 64) -> tuple[Scheduler, list[float]]:
+    """A scheduler holding arrivals for `hold_s` while others decode, on a clock the test moves."""
+    settings = SchedulerSettings(max_tokens_per_step=budget, max_tokens_per_step_while_decoding=budget,
+                                 max_num_seqs=8, prefill_hold_while_decoding_s=hold_s)  # fmt: skip
+    scheduler = Scheduler(settings, KVCacheCoordinator(KVCacheManager(64, BLOCK_SIZE)))
+    now = [100.0]
+    scheduler.clock = lambda: now[0]
+    return scheduler, now
+
+
+def _arrive(scheduler: Scheduler, now: list[float], request_id: str, num_tokens: int, first_token: int) -> None:
+    request = make_request(request_id, num_tokens, first_token=first_token)
+    request.arrival_time = now[0]
+    scheduler.add_request(request)
+
+
+def test_while_requests_decode_new_prompts_wait_for_the_hold_then_share_one_step():
+    scheduler, now = _holding_scheduler(hold_s=0.05)
+    _arrive(scheduler, now, "decoding", 4, first_token=1)
+    assert run_step(scheduler).num_scheduled_tokens == {"decoding": 4}  # an idle engine admits at once
+    _arrive(scheduler, now, "a", 6, first_token=100)
+    now[0] += 0.02
+    assert run_step(scheduler).num_scheduled_tokens == {"decoding": 1}  # a waits for company
+    _arrive(scheduler, now, "b", 6, first_token=200)
+    now[0] += 0.02
+    assert run_step(scheduler).num_scheduled_tokens == {"decoding": 1}  # a has waited 0.04 s of 0.05
+    now[0] += 0.011
+    step = run_step(scheduler)
+    assert step.num_scheduled_tokens == {"decoding": 1, "a": 6, "b": 6}  # a's hold ran out: both go
+    assert [new.request_id for new in step.new_requests] == ["a", "b"]
+
+
+def test_prompts_that_fill_the_budget_are_not_held():
+    scheduler, now = _holding_scheduler(hold_s=10.0, budget=16)
+    _arrive(scheduler, now, "decoding", 4, first_token=1)
+    run_step(scheduler)
+    _arrive(scheduler, now, "a", 8, first_token=100)
+    assert run_step(scheduler).num_scheduled_tokens == {"decoding": 1}
+    _arrive(scheduler, now, "b", 8, first_token=200)  # 16 tokens waiting: the budget is full
+    assert run_step(scheduler).num_scheduled_tokens == {"decoding": 1, "a": 8, "b": 7}
+
+
+def test_without_decoding_requests_or_without_a_hold_prompts_are_admitted_at_once():
+    scheduler, now = _holding_scheduler(hold_s=10.0)
+    _arrive(scheduler, now, "a", 6, first_token=100)
+    assert run_step(scheduler).num_scheduled_tokens == {"a": 6}
+    scheduler, now = _holding_scheduler(hold_s=0.0)
+    _arrive(scheduler, now, "decoding", 4, first_token=1)
+    run_step(scheduler)
+    _arrive(scheduler, now, "a", 6, first_token=100)
+    assert run_step(scheduler).num_scheduled_tokens == {"decoding": 1, "a": 6}
