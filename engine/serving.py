@@ -9,7 +9,7 @@ from engine.async_engine import AsyncEngine, EngineClient
 from engine.engine_process import ProcessEngine
 from engine.llm_engine import LLMEngine
 from executors import executor_backend
-from model_shards.device import resolve_device
+from executors.placement import uses_gpu
 
 
 def serving_engine(config: LongctxConfig) -> EngineClient:
@@ -26,10 +26,9 @@ def serving_engine(config: LongctxConfig) -> EngineClient:
 
 def engine_loop_of(config: LongctxConfig) -> str:
     """`serve.engine_loop` with auto resolved in this process: a child process where the engine
-    drives a GPU with local ranks (the loop's Python then no longer waits on the replica's GIL), a
+    drives a GPU (model.device cuda, or auto on a Ray cluster with GPUs) with local ranks (the loop's Python then no longer waits on the replica's GIL), a
     thread on a CPU (torch already uses every core; no second interpreter to start) or with Ray
     rank actors (the child would be no Ray worker)."""
     if config.serve.engine_loop != "auto":
         return config.serve.engine_loop
-    local_ranks = executor_backend(config) == "local"
-    return "process" if local_ranks and resolve_device(config.model.device).type == "cuda" else "thread"
+    return "process" if executor_backend(config) == "local" and uses_gpu(config) else "thread"

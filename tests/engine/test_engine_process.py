@@ -250,15 +250,13 @@ def test_an_unknown_command_is_answered_with_an_error_and_the_engine_serves_on(p
     assert len(_run(_outputs(process_engine, PROMPTS[:1]))) == 1 and process_engine.is_alive
 
 
-def test_auto_runs_the_loop_in_a_child_on_a_gpu_with_local_ranks_only(tiny_model_dir, monkeypatch):
-    import torch
-
+def test_auto_runs_the_loop_in_a_child_on_a_gpu_with_local_ranks_only(tiny_model_dir):
     from engine import serving
 
     auto = _config(tiny_model_dir, engine_loop="auto")
-    assert serving.engine_loop_of(auto) == "thread"  # this machine's CPU
+    assert serving.engine_loop_of(auto) == "thread"  # model.device cpu
     assert serving.engine_loop_of(_config(tiny_model_dir, engine_loop="process")) == "process"
-    monkeypatch.setattr(serving, "resolve_device", lambda name: torch.device("cuda", 0))
+    auto = auto.with_overrides({"model.device": "cuda"})
     assert serving.engine_loop_of(auto) == "process"
     with_ray_ranks = auto.with_overrides({"parallel.executor": "ray", "parallel.tensor_parallel_size": 2})
     assert serving.engine_loop_of(with_ray_ranks) == "thread"  # the child could place no rank actors
