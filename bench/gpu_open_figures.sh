@@ -159,8 +159,10 @@ if wanted profile; then
 fi
 if wanted anatomy; then
     stamp anatomy
-    timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --out "$OUT/step_anatomy.json" > "$OUT/step_anatomy.log" 2>&1
-    grep -vE "USDT|^\s*$" "$OUT/step_anatomy.log" | tail -24 | cut -c1-900
+    if [ "${ANATOMY_PLAIN:-1}" = 1 ]; then  # 0: only the run with the tiers on (the serve bench's)
+        timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --out "$OUT/step_anatomy.json" > "$OUT/step_anatomy.log" 2>&1
+        grep -vE "USDT|^\s*$" "$OUT/step_anatomy.log" | tail -24 | cut -c1-900
+    fi
     REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
     stamp "anatomy, host + Redis tiers on"
