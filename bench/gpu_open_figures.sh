@@ -45,9 +45,6 @@
 #               per step and stream; 500 a second per replica by default, set when the engine shared
 #               the replica's GIL), direct the same; ~2.5 min. BURSTS_SERVED=fused_direct_process
 #               runs stage 9 (the arrival-gap A/B) on the process path.
-#  16. hold     engineproc's process path and direct at 16 and 64 streams with
-#               scheduler.prefill_hold_while_decoding_s PREFILL_HOLD_S (0.03): a prompt arriving while
-#               others decode waits that long for more to share its step (~2.5 min)
 #  15. anatomy  one engine step by its make-up (decode alone, prompts alone, prompts beside a decoding
 #               batch) on the serve bench's shape, tiers off then on, with torch.profiler and cProfile
 #               tops of one step each (bench/step_anatomy.py, ~1 min a run)
@@ -170,12 +167,6 @@ if wanted anatomy; then
         --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers.json" > "$OUT/step_anatomy_tiers.log" 2>&1
     grep -vE "USDT|^\s*$" "$OUT/step_anatomy_tiers.log" | tail -24 | cut -c1-900
     redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
-fi
-if wanted hold; then
-    stamp hold
-    GPU_TESTS=0 timeout ${HOLD_S:-240} bash bench/gpu_serve.sh --served fused_direct_process --concurrency 16 64 \
-        --prefill-hold-s ${PREFILL_HOLD_S:-0.03} --out "$OUT/serve_hold.json" > "$OUT/serve_hold.log" 2>&1
-    grep -E "load_c|against direct|added by|engine:" "$OUT/serve_hold.log" | cut -c1-260
 fi
 if wanted pacing0; then
     stamp pacing0

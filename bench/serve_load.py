@@ -265,11 +265,9 @@ def bench_config(args, model_dir: str):
 
 
 def _while_decoding(args) -> dict:
-    """--while-decoding-tokens / --prefill-hold-s when given, else the config's defaults: the step
-    budget while others decode, and how long a new prompt waits then for others to share its step."""
-    tokens, hold_s = getattr(args, "while_decoding_tokens", None), getattr(args, "prefill_hold_s", None)
-    settings = {} if tokens is None else {"max_tokens_per_step_while_decoding": tokens}
-    return settings if hold_s is None else {**settings, "prefill_hold_while_decoding_s": hold_s}
+    """--while-decoding-tokens when given, else the config's default step budget while others decode."""
+    tokens = getattr(args, "while_decoding_tokens", None)
+    return {} if tokens is None else {"max_tokens_per_step_while_decoding": tokens}
 
 
 def _stream_pacing(args) -> dict:
@@ -589,8 +587,6 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--while-decoding-tokens", type=int, default=None,
                         help="scheduler.max_tokens_per_step_while_decoding: how many of a burst's prompts a step "
                         "admits beside decodes (default: the config's)")
-    parser.add_argument("--prefill-hold-s", type=float, default=None,
-                        help="scheduler.prefill_hold_while_decoding_s of the engines (default: the config's)")
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -124,15 +124,6 @@ class SchedulerSettings(_Frozen):
     max_tokens_per_step_while_decoding: int = Field(
         8192, ge=1, description="While any request is decoding, a step's budget is at most this (decodes included)."
     )
-    # Served at 64 streams, a burst of prompts reaches a decoding engine a few at a time (the
-    # replica parses each body in turn) and each few took a mixed step of its own beside the 60
-    # decoding requests: on an H100 (session 14, 32K shared prefix + 256) 35 mixed steps of 30 ms
-    # against 8.3 ms for decode alone, where the engine driven directly took the same 64 prompts in
-    # one 172 ms step. Holding a new prompt briefly lets the burst share fewer, fuller steps.
-    prefill_hold_while_decoding_s: float = Field(
-        0.0, ge=0, description="While requests decode, a newly arrived prompt waits up to this long for more "
-        "prompts to share its prefill step (every step that carries a prefill delays the decoding requests' next "
-        "token); admitted at once when the waiting prompts fill the while-decoding budget. 0: at the next step.")
     max_waiting_requests: int = Field(1024, ge=1, description="Queue bound in requests.")
     # Running prefills are scheduled before the queue, so without a share a 1M-token prompt took
     # every step's whole budget and a short request behind it waited for all of it (minutes on

@@ -18,7 +18,6 @@ queue, where its next lookup finds that part on the device and the fetched rest 
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -66,7 +65,6 @@ class Scheduler:
         # The queue's head found no free blocks last step: sharing the budget with it would only
         # slow the running prefills down, so they take it all until admission moves again.
         self._admission_blocked = False
-        self.clock = time.monotonic  # compared with Request.arrival_time (tests set their own)
 
     # --- queue ---------------------------------------------------------------------------
     def check_room(self, num_requests: int) -> None:
@@ -116,21 +114,9 @@ class Scheduler:
                 break
             if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
                 self._schedule_running(request, plan)
-        if not plan.preempted_any and not self._holding_arrivals(bool(decoding), plan.budget):
+        if not plan.preempted_any:
             self._admit_waiting(plan)
         return self._freeze(plan)
-
-    def _holding_arrivals(self, decoding: bool, budget: int) -> bool:
-        """Whether the queue waits this step (`prefill_hold_while_decoding_s`): while requests
-        decode, prompts that arrived within the hold wait for more to share one prefill step,
-        unless they already fill the step's budget. A requeued (preempted, paused) request at the
-        head arrived long ago: it never waits."""
-        hold_s = self.settings.prefill_hold_while_decoding_s
-        if not (hold_s and decoding and self.waiting):
-            return False
-        if self.clock() - self.waiting[0].arrival_time >= hold_s:
-            return False
-        return self.num_queued_tokens < budget
 
     def _prefill_room(self, budget: int) -> int:
         """The running prefills' share of `budget`: all of it unless the queue's head could be
