@@ -47,11 +47,19 @@ class BlockPool:
         # An OrderedDict used as a set: O(1) pop from the head, append at the tail, and removal
         # from the middle on a prefix-cache hit.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Blocks never allocated are ids >= this: they were queued in id order and only ever leave
+        # from the head (nothing finds an empty block to retain), so they are the free queue's head.
+        self._first_unused_id = 0
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks `allocate` can hand out now, evictable cached blocks included."""
         return len(self._free)
+
+    @property
+    def num_unused_blocks(self) -> int:
+        """Blocks never allocated: the free queue's first ones, holding nothing to evict."""
+        return self.num_blocks - self._first_unused_id
 
     @property
     def num_cached_blocks(self) -> int:
@@ -72,6 +80,7 @@ class BlockPool:
         evicted = []
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
+            self._first_unused_id = max(self._first_unused_id, block_id + 1)
             if self._block_hashes[block_id] is not None:
                 evicted.append((block_id, self._uncache(block_id)))
         # Notify only once the pool is consistent again, so a failing callback corrupts nothing.
@@ -90,6 +99,9 @@ class BlockPool:
             self._check_id(block_id)
             if self._ref_counts[block_id] == 0:
                 del self._free[block_id]
+                # (an unused block taken from the middle: count the ones before it as used too, so
+                # that the unused ones left are still the queue's head)
+                self._first_unused_id = max(self._first_unused_id, block_id + 1)
             self._ref_counts[block_id] += 1
 
     def release(self, block_ids: Iterable[int]) -> None:

@@ -121,3 +121,17 @@ def test_misuse_raises():
     with pytest.raises(ValueError):
         BlockPool(0)
     assert pool.free_queue() == [0, 1, 2, 3]
+
+
+def test_unused_blocks_are_the_free_queue_s_head_and_are_counted():
+    pool = BlockPool(6)
+    assert pool.num_unused_blocks == 6
+    first = pool.allocate(2)  # 0, 1
+    assert pool.num_unused_blocks == 4 and pool.free_queue()[:4] == [2, 3, 4, 5]
+    pool.mark_cached(first[0], b"h" * 32)
+    pool.release(reversed(first))  # back at the tail: used now
+    assert pool.num_unused_blocks == 4 and pool.free_queue() == [2, 3, 4, 5, 1, 0]
+    pool.allocate(5)  # 2, 3, 4, 5 and then 1
+    assert pool.num_unused_blocks == 0
+    pool.retain([0])  # the cached block, found by hash
+    assert pool.num_unused_blocks == 0 and pool.free_queue() == []

@@ -405,6 +405,19 @@ def test_blocks_next_in_eviction_order_are_copied_to_host_ahead_of_need():
     assert again.num_host_hit_tokens > 0  # restored, exactly (ShadowWorker checks every block)
 
 
+def test_spill_ahead_looks_at_no_block_while_the_next_to_evict_were_never_used(monkeypatch):
+    scheduler, tiers = make_system(num_blocks=100, host_slots=16, redis=False, budget=64,
+                                   spill_watermark_fraction=0.4, restore_policy="always")  # watermark: 40 blocks
+    worker, max_tokens = ShadowWorker(scheduler), {}
+    submit(scheduler, max_tokens, "doc", DOC)
+    run_until_done(scheduler, tiers, worker, max_tokens)
+    pool = scheduler.kv_cache.device.pool
+    assert pool.num_unused_blocks == 91  # the doc took 9: the next 40 to evict hold nothing
+    monkeypatch.setattr(pool, "next_to_evict", lambda count: pytest.fail("walked the free queue"))
+    idle = run_step(scheduler, tiers, worker, max_tokens)
+    assert idle.kv_transfers is None or not idle.kv_transfers.saves
+
+
 def tiers_hashes(tokens) -> list[bytes]:
     return Request("x", list(tokens), SamplingParams(), ROOT, BLOCK_SIZE).block_hashes
 
