@@ -14,7 +14,9 @@ non-blocking copy, whatever the context lengths.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 
@@ -61,16 +63,24 @@ class DeviceBlockTables:
             return None
         if sum(rid not in self._row_of for rid in request_ids) > len(self._free_rows):
             return None
-        rows, updates = [], []
+        rows = []
+        # (row, column, block id) of every new entry, as three flat int64 arrays: C-level extends,
+        # not a Python tuple per entry (a request's first graph step brings its whole table: 517
+        # entries at 33K tokens, 31K for 60 requests joining at once, ~40 ms as tuples on the
+        # H200 host, session 14's step anatomy).
+        row_index, column_index, values = array("q"), array("q"), array("q")
         for request_id, block_table in zip(request_ids, block_tables):
             row = self._row(request_id)
             synced = self._synced[request_id]
-            updates += [(row, column, block_table[column]) for column in range(synced, len(block_table))]
+            if synced < len(block_table):
+                row_index.extend(repeat(row, len(block_table) - synced))
+                column_index.extend(range(synced, len(block_table)))
+                values.extend(block_table[synced:])
             self._synced[request_id] = len(block_table)
             rows.append(row)
-        if updates:
-            row_index, column_index, values = host_to_device(torch.tensor(updates, dtype=torch.long).T,
-                                                         self.table.device)
+        if values:
+            updates = torch.frombuffer(row_index + column_index + values, dtype=torch.long).view(3, -1)
+            row_index, column_index, values = host_to_device(updates, self.table.device)
             self.table.index_put_((row_index, column_index), values.to(self.table.dtype))
         return rows
 
