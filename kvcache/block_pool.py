@@ -93,6 +93,27 @@ class BlockPool:
         """The block holding this content, whether referenced or free; None if not cached."""
         return self._cached.get(block_hash)
 
+    def lookup_run(self, block_hashes: Iterable[bytes]) -> list[int]:
+        """The blocks holding the leading run of these hashes, up to the first not cached: a
+        prompt's prefix hit in one pass (516 lookups for a 33K-token prompt on every admission)."""
+        cached, found = self._cached, []
+        for block_hash in block_hashes:
+            block_id = cached.get(block_hash)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def num_free_among(self, block_ids: Iterable[int]) -> int:
+        """How many of these blocks are free (a hit on one takes it out of the free queue)."""
+        ref_counts = self._ref_counts
+        return sum(1 for block_id in block_ids if ref_counts[block_id] == 0)
+
+    def all_cached(self, block_ids: Iterable[int]) -> bool:
+        """Whether every one of these blocks still holds a findable block (none was evicted)."""
+        block_hashes = self._block_hashes
+        return all(block_hashes[block_id] is not None for block_id in block_ids)
+
     def retain(self, block_ids: Iterable[int]) -> None:
         """Add a reference to each block; a free one leaves the free queue (a prefix-cache hit)."""
         for block_id in block_ids:

@@ -67,12 +67,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         max_hit_blocks = max(0, (num_prompt_tokens - 1) // self.block_size)
-        hit_block_ids: list[int] = []
-        for block_hash in islice(block_hashes, max_hit_blocks):
-            block_id = self.pool.lookup(block_hash)
-            if block_id is None:
-                break
-            hit_block_ids.append(block_id)
+        hit_block_ids = self.pool.lookup_run(islice(block_hashes, max_hit_blocks))
         return hit_block_ids, len(hit_block_ids) * self.block_size
 
     def allocate_slots(
@@ -153,14 +148,14 @@ class KVCacheManager:
         num_new = max(0, self._blocks_for(num_tokens) - len(cached_block_ids))
         # A hit on a free cached block takes it out of the free queue, so it costs a free block
         # just like a new allocation does.
-        num_hits_on_free = sum(1 for b in cached_block_ids if self.pool.ref_count(b) == 0)
+        num_hits_on_free = self.pool.num_free_among(cached_block_ids)
         return num_new + num_hits_on_free <= self.pool.num_free_blocks
 
     def _admit(
         self, request_id: str, num_tokens: int, cached_block_ids: Sequence[int]
     ) -> list[int] | None:
         # A hit is only valid if no allocation evicted it since find_cached_prefix found it.
-        if any(self.pool.block_hash(b) is None for b in cached_block_ids):
+        if not self.pool.all_cached(cached_block_ids):
             raise ValueError(f"request {request_id!r}: a prefix-cache hit was evicted meanwhile")
         if not self.can_allocate(request_id, num_tokens, cached_block_ids):
             return None

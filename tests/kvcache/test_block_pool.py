@@ -135,3 +135,17 @@ def test_unused_blocks_are_the_free_queue_s_head_and_are_counted():
     assert pool.num_unused_blocks == 0
     pool.retain([0])  # the cached block, found by hash
     assert pool.num_unused_blocks == 0 and pool.free_queue() == []
+
+
+def test_bulk_lookups_answer_as_one_block_at_a_time():
+    pool = BlockPool(6)
+    blocks = pool.allocate(3)
+    for index, block in enumerate(blocks):
+        pool.mark_cached(block, bytes([index]) * 32)
+    pool.release(reversed(blocks[1:]))  # 1 and 2 free, still cached
+    hashes = [bytes([0]) * 32, bytes([1]) * 32, b"x" * 32, bytes([2]) * 32]
+    assert pool.lookup_run(hashes) == [0, 1]  # stops at the first miss
+    assert pool.num_free_among([0, 1, 2]) == 2
+    assert pool.all_cached([0, 1, 2])
+    pool.allocate(4)  # 3, 4, 5, then 2: evicted
+    assert not pool.all_cached([0, 1, 2]) and pool.num_free_among([0, 1, 2]) == 1  # 1 is still free
