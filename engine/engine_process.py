@@ -103,7 +103,8 @@ class _ChildLoop:
         self._pending: list[CompletionDelta] = []
         settings = config.serve
         self.loop = EngineLoop(engine, self._pending.extend, self._report_failure, settings.arrival_gap_s,
-                               settings.arrival_max_wait_s, after_iteration=self._publish)
+                               settings.arrival_max_wait_s, after_iteration=self._publish,
+                               prepare_on_put=True)  # the receiver thread prepares each request
 
     def receive(self, commands: Connection) -> None:
         """Receiver thread: drains the command pipe into the loop's queue while the loop steps, so
