@@ -50,13 +50,7 @@ class HostIndex:
 
     def leading_run(self, hashes: Sequence[bytes]) -> list[int]:
         """Slots of the longest run of leading hashes held here."""
-        slots = []
-        for block_hash in hashes:
-            slot = self.lookup(block_hash)
-            if slot is None:
-                break
-            slots.append(slot)
-        return slots
+        return [local + self.first_slot for local in self.pool.lookup_run(hashes)]
 
     def allocate(self, count: int) -> list[int]:
         """Up to `count` slots (fewer when fewer are free), each referenced once."""
