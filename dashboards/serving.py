@@ -1,7 +1,8 @@
 """The serving dashboard: traffic, latency percentiles, load against replicas, GPU memory.
 
 Series: deployments/metrics.py (ingress: requests, tokens, latency histograms; replicas' engine
-gauges labelled `replica`) and kvcache/tier_metrics.py (device KV bytes); GPU memory from Ray's
+gauges labelled `replica`), engine/step_metrics.py (steps and the engine loop's time, labelled
+`replica` by the ingress) and kvcache/tier_metrics.py (device KV bytes); GPU memory from Ray's
 node metrics (`ray_node_gram_*`, MiB), which Ray exports on GPU nodes only.
 """
 
@@ -19,8 +20,9 @@ _ERRORS = 'status=~"4..|5.."'
 
 def serving_dashboard() -> dashboard.Dashboard:
     rows = [("Traffic", _traffic_panels()), ("Latency", _latency_panels()), ("Load and replicas", _load_panels()),
-            ("GPU memory", _memory_panels())]
-    return new_dashboard(UID, "longctx / serving", "Requests, latency, queued context and replicas, GPU memory.", rows)
+            ("Engine steps", _engine_panels()), ("GPU memory", _memory_panels())]
+    return new_dashboard(UID, "longctx / serving", "Requests, latency, queued context and replicas, engine steps, "
+                         "GPU memory.", rows)
 
 
 def _traffic_panels() -> list:
@@ -64,6 +66,27 @@ def _load_panels() -> list:
         timeseries_panel("Sequences per replica", "Running and waiting sequences of each LLM server replica.",
                          "short", [Query("longctx_requests_running", "running {{replica}}"),
                                    Query("longctx_requests_waiting", "waiting {{replica}}")]),
+    ]
+
+
+def _engine_panels() -> list:
+    """What each replica's engine spends its time on (engine/step_metrics.py): mixed steps, a
+    prompt's chunk beside decoding requests, are where their time per output token goes; a loop
+    that idles while requests wait points at the HTTP side."""
+    width = FULL_WIDTH // 3
+    step_seconds = rate("longctx_engine_step_seconds_total", by="replica, kind")
+    steps = rate("longctx_engine_steps_total", by="replica, kind")
+    return [
+        timeseries_panel("Engine steps by kind", "Steps per second of each replica's engine: prefill (prompts "
+                         "only), decode (one token per running request), mixed (a prompt's chunk beside decoding "
+                         "requests, whose next token waits for it).", "short",
+                         [Query(steps, "{{kind}} {{replica}}")], width),
+        timeseries_panel("Mean step time by kind", "Wall time of an engine step, by kind.", "s",
+                         [Query(f"{step_seconds} / {steps}", "{{kind}} {{replica}}")], width),
+        timeseries_panel("Engine loop time", "Share of each replica's engine loop spent stepping, publishing "
+                         "deltas, running commands (adding requests), gathering a burst, or idle.", "percentunit",
+                         [Query(rate("longctx_engine_loop_seconds_total", by="replica, activity"),
+                                "{{activity}} {{replica}}")], width),
     ]
 
 

@@ -13,14 +13,16 @@ from dashboards.panels import DATASOURCE_VARIABLE
 from deployments.metrics import DURATION_BUCKETS, REPLICA_GAUGES, TTFT_BUCKETS
 
 CHART_DASHBOARDS = Path(__file__).parents[2] / "helm" / "longctx" / "dashboards"
-SOURCES = [Path(__file__).parents[2] / name for name in ("deployments/metrics.py", "kvcache/tier_metrics.py")]
+SOURCES = [Path(__file__).parents[2] / name
+           for name in ("deployments/metrics.py", "kvcache/tier_metrics.py", "engine/step_metrics.py")]
 SERIES = re.compile(r"\b((?:longctx|ray)_[a-z_]+)\b")
 # Prometheus adds these to the family names the code declares
 SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 REQUIRED_PANELS = {
     "longctx-serving": {"Requests by status", "Error ratio", "Time to first token", "Time per output token",
-                        "End-to-end latency", "Queued context tokens and replicas", "GPU memory"},
+                        "End-to-end latency", "Queued context tokens and replicas", "Engine steps by kind",
+                        "Engine loop time", "GPU memory"},
     "longctx-kv-tiers": {"KV blocks per tier", "KV bytes per tier", "Hit rate per tier", "Spill and restore bandwidth",
                          "Restore or recompute", "Redis up", "Redis fetches and writes", "Redis errors"},
 }
