@@ -67,7 +67,7 @@ class EngineLoop:
         self._stop = threading.Event()
         # Looked up on the engine at each call, as a direct call would (a test may patch them).
         self._handlers: dict[str, Callable[..., Any]] = {
-            "add_request": lambda *args: self.engine.add_request(*args),  # `put` prepares it first
+            "add_request": lambda *args: self.engine.add_request(*args),  # prepared by `put` if prepare_on_put
             "abort": self.abort,
             "drop": self.drop,
             "set_arrival_gap": self.set_arrival_gap,
