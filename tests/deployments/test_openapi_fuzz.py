@@ -23,8 +23,10 @@ CONTEXT = 96  # tokens: every accepted request is short to run (a few hundred de
 # caught no more than 400 in seeded-bug runs (both caught a logit_bias key parsed unchecked; neither
 # a 500 behind a rare combination of accepted fields, which few accepted bodies reach at any count).
 # What 400 keep is checked below: every field of the request model drawn, n and max_tokens in a
-# third of the bodies, 200s and 400s.
+# quarter of the bodies at least, 200s and 400s. (A third was the mean: the derandomized draws
+# still moved with the server between trees of the same schema, and chat's n fell to 128 of 400.)
 EXAMPLES = 400
+MIN_SHARE_WITH_FIELD = EXAMPLES // 4
 SLOWEST_CALL_S = 20.0  # a call slower than this is a hang (no request here needs a second)
 
 
@@ -83,7 +85,7 @@ def test_schemathesis_finds_no_server_error_and_no_hang(app, path):
 
     call()
     print(f"{path}: {dict(seen)}")
-    assert seen["cases"] == EXAMPLES and seen["n"] > EXAMPLES // 3 and seen["max_tokens"] > EXAMPLES // 3, seen
+    assert seen["cases"] == EXAMPLES and min(seen["n"], seen["max_tokens"]) >= MIN_SHARE_WITH_FIELD, seen
     assert seen["status 200"] > 5 and seen["status 400"] > 5, seen  # both sides of the bounds were reached
     assert {field for field in fields if not seen[f"drawn {field}"]} == set(), seen
 
