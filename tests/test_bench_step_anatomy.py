@@ -1,0 +1,28 @@
+"""bench/step_anatomy.py runs on the CPU (--smoke): a row per step kind whose phases add up to the
+step, and a profile of the steps it names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "step_anatomy.py"
+
+
+def test_the_smoke_run_times_every_step_kind_and_profiles_four(tmp_path):
+    out = tmp_path / "anatomy.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    expected = ["first mixed step", "decode x4", "prefill 1", "prefill 2", "decode x4 + prefill 1",
+                "decode x4 + prefill 2"]  # fmt: skip
+    assert list(report["steps_ms"]) == expected
+    for name, row in report["steps_ms"].items():
+        phases = row["schedule"] + row["execute"] + row["outputs"]
+        # medians of different steps: the phases of one step lie inside it, their medians about so
+        assert row["ms"] > 0 and phases <= row["ms"] * 1.25 + 0.1, (name, row)
+    assert list(report["profiles"]) == ["decode x4", "prefill 1", "decode x4 + prefill 1", "decode x4 + prefill 2"]
+    assert all(profile["python_ms"] and profile["top_host_ops_ms"] for profile in report["profiles"].values())
