@@ -192,7 +192,6 @@ class DecodeGraphs:
         return _StaticDecodeMetadata(
             query_start_loc=list(range(size + 1)),
             context_lens=[self.max_model_len] * size,
-            block_tables=[],
             slot_mapping=self.inputs[2, :size],
             positions=self.inputs[1, :size],
             block_table_tensor=self.block_table[:size],

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from protocol.step import StepInput
 @dataclass
 class RequestState:
     token_ids: list[int]  # prompt + outputs, grows by the tokens this worker samples
-    block_table: list[int]
+    block_table: array  # ('q') block ids: a step copies every row into its padded table (one memcpy each)
     num_computed_tokens: int
     sampling: SamplingState
     num_prompt_tokens: int

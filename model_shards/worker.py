@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from array import array
 
 import torch
 
@@ -264,7 +265,7 @@ class ModelWorker:
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.device, grammar)
         token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
         # A dense model keeps one KV block group (a hybrid model's worker reads the others).
-        return RequestState(token_ids, list(new.block_ids[0]), new.num_computed_tokens, sampling,
+        return RequestState(token_ids, array("q", new.block_ids[0]), new.num_computed_tokens, sampling,
                              len(new.prompt_token_ids))
 
     def _update_state(self, cached: CachedRequestData) -> None:

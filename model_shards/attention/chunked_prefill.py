@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model_shards.attention.varlen_prefill import VarlenKernel
 from model_shards.parallel.lse_attention import LseKernel, PartialSum
 
 MIN_QUERY_BUCKET = 128
@@ -94,6 +95,8 @@ class PrefillKernels:
     planned: LseKernel
     unplanned: LseKernel
     quantum: int  # tokens; a multiple of the block size
+    # Several unplanned chunks of a step in one call (varlen_prefill.py); None: each on its own.
+    varlen: VarlenKernel | None = None
     # cuDNN keeps its plans per thread (thread_local caches in aten/src/ATen/native/cudnn/MHA.cpp):
     # a shape planned in one thread would be planned again, inside a request, in another.
     _planned: dict[int, set[PlanShape]] = field(default_factory=dict)
@@ -106,6 +109,14 @@ class PrefillKernels:
 
     def uses_plan(self, shape: PlanShape) -> bool:
         return shape in self.planned_here() or self.unplanned is self.planned
+
+    def plans_a_piece_of(self, count: int, prefix_len: int) -> bool:
+        """Whether chunk_attention runs some piece of a chunk of `count` queries over `prefix_len`
+        cached keys on a shape planned in this thread (cuDNN at start-up): a long prompt's chunks."""
+        bucket, planned = bucket_tokens(count), self.planned_here()
+        return (bucket, bucket, True) in planned or any(
+            length % self.quantum == 0 and (bucket, length, False) in planned
+            for _, length in prefix_pieces(prefix_len, self.quantum))
 
 
 def chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_cache: torch.Tensor,

@@ -4,8 +4,10 @@ other shape (chunked_prefill.py). One step may mix both.
 
 The scheduler puts decoding sequences first in a step, so the leading sequences with one new
 token form one launch of the paged decode kernel (triton_paged_decode.py), whatever their number.
-Each remaining sequence is a prefill chunk (a handful per step at most, since they share the
-step's token budget). New K/V go into the cache first, in one kernel (triton_store_kv.py).
+Each remaining sequence is a prefill chunk. Short chunks (prompts joining a decoding batch) attend
+together, in one varlen call per group (varlen_prefill.py); a chunk on cuDNN's planned shapes (a
+long prompt's) or a lone one takes its own call. New K/V go into the cache first, in one kernel
+(triton_store_kv.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from model_shards.attention.base import AttentionBackend, AttentionMetadata
 from model_shards.attention.chunked_prefill import PrefillKernels, chunk_attention, warm_shapes
 from model_shards.attention.triton_paged_decode import paged_decode
 from model_shards.attention.triton_store_kv import store_kv
+from model_shards.attention.varlen_prefill import PrefillGroup, VarlenKernel, group_attention, plan_groups, \
+    select_varlen_kernel
 from model_shards.parallel.lse_attention import PREFILL_PREFERENCE, reference_attention, select_kernel
 
 # Prefix pieces are power-of-two multiples of this many tokens (at least the block size): few
@@ -36,9 +40,13 @@ def canonical_device(device: torch.device) -> torch.device:
 class CudnnTritonBackend(AttentionBackend):
     graph_safe_decode = True
 
-    def __init__(self) -> None:
+    def __init__(self, varlen_kernel: VarlenKernel | None = None) -> None:
+        """varlen_kernel: the grouped chunks' kernel for every head shape (tests: the reference);
+        default: FlashAttention-2's where a probe of the head shape passes, else none."""
         self._kernels: dict[tuple, PrefillKernels] = {}  # per (device, dtype, heads, kv_heads, head_dim)
         self._num_sms: dict[torch.device, int] = {}
+        self._varlen_kernel = varlen_kernel
+        self._step_groups: tuple[AttentionMetadata | None, list[PrefillGroup]] = (None, [])
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -49,9 +57,27 @@ class CudnnTritonBackend(AttentionBackend):
             out[:num_decodes] = self.decode(query[:num_decodes], layer_cache, metadata, scale)
         if num_decodes < metadata.num_seqs:
             kernels = self._prefill_kernels(query, layer_cache)
+            grouped = set()
+            for group in self._groups(metadata, kernels):
+                out[group.first_row:group.end_row] = group_attention(query, layer_cache, group, scale, kernels.varlen)
+                grouped.update(range(group.first_seq, group.end_seq))
             for i in range(num_decodes, metadata.num_seqs):
-                self._prefill(i, query, key, value, layer_cache, metadata, scale, kernels, out)
+                if i not in grouped:
+                    self._prefill(i, query, key, value, layer_cache, metadata, scale, kernels, out)
         return out
+
+    def _groups(self, metadata: AttentionMetadata, kernels: PrefillKernels) -> list[PrefillGroup]:
+        """The step's groups of chunks without a planned piece, planned at its first layer (the
+        metadata is the step's: every layer of the step gets the same object)."""
+        if kernels.varlen is None:
+            return []
+        if self._step_groups[0] is not metadata:
+            starts, context_lens = metadata.query_start_loc, metadata.context_lens
+            eligible = [i for i in range(metadata.num_decode_seqs, metadata.num_seqs)
+                        if not kernels.plans_a_piece_of(starts[i + 1] - starts[i],
+                                                        context_lens[i] - (starts[i + 1] - starts[i]))]
+            self._step_groups = (metadata, plan_groups(metadata, eligible))
+        return self._step_groups[1]
 
     def decode(self, query: torch.Tensor, layer_cache: torch.Tensor, metadata: AttentionMetadata,
                scale: float) -> torch.Tensor:
@@ -106,5 +132,6 @@ class CudnnTritonBackend(AttentionBackend):
             if unplanned_name == "reference" and planned_name != "reference":
                 unplanned = planned  # a new plan for the odd shape beats materialising its scores
             quantum = max(PREFIX_QUANTUM_TOKENS, block_size)
-            self._kernels[key] = PrefillKernels(planned, unplanned, quantum)
+            varlen = self._varlen_kernel or select_varlen_kernel(*key)
+            self._kernels[key] = PrefillKernels(planned, unplanned, quantum, varlen)
         return self._kernels[key]

@@ -76,7 +76,6 @@ class SequenceParallelMetadata(AttentionMetadata):
         return cls(
             query_start_loc=plan.query_start_loc(),
             context_lens=[seq.computed + seq.num_new for seq in local],
-            block_tables=[seq.block_table for seq in local],
             slot_mapping=torch.empty(0, dtype=torch.long, device=device),
             positions=positions,
             block_table_tensor=table,

@@ -77,3 +77,33 @@ def test_warm_shapes_use_cudnn_and_the_others_flash(warm_kernels, prefix_len, co
     assert (out.float() - expected).abs().max() < 2e-2  # bf16 output: a few ulps of values ~O(0.1)
     assert warm_kernels.planned.shapes == planned
     assert bucket_tokens(count) == (4096 if planned else 3072)
+
+
+def test_short_chunks_beside_decodes_attend_in_one_varlen_call():
+    """Prompts joining a decoding batch (a 4K cached prefix + 256 new tokens each, odd lengths too):
+    FlashAttention-2's varlen call, picked by the start-up probe, against float32 per sequence."""
+    from model_shards.attention.base import AttentionMetadata
+    from model_shards.attention.varlen_prefill import flash_varlen
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    sequences, next_block = [], 0
+    for computed, new in [(900, 1), (4096, 256), (4096, 256), (3001, 77), (0, 300)]:
+        blocks = -(-(computed + new) // BLOCK)
+        sequences.append((list(range(next_block, next_block + blocks)), computed, new))
+        next_block += blocks
+    cache = torch.randn(next_block, 2, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", generator=generator).bfloat16()
+    metadata = AttentionMetadata.build(sequences, BLOCK, "cuda")
+    tokens = metadata.num_tokens
+    query = torch.randn(tokens, HEADS, HEAD_DIM, device="cuda", generator=generator).bfloat16()
+    key, value = (torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", generator=generator).bfloat16()
+                  for _ in range(2))
+    backend = CudnnTritonBackend()
+    assert backend._prefill_kernels(query, cache).varlen is flash_varlen
+    out = backend.forward(query, key, value, cache, metadata, HEAD_DIM ** -0.5)
+    assert [(g.first_seq, g.end_seq) for g in backend._step_groups[1]] == [(1, 5)]
+    for index, (table, computed, new) in enumerate(sequences):
+        start = metadata.query_start_loc[index]
+        context = cache[torch.tensor(table, device="cuda")]  # (blocks, 2, BLOCK, KV, D); new K/V written first
+        keys, values = (context[:, side].flatten(0, 1)[:computed + new].float() for side in (0, 1))
+        expected, _ = reference_attention(query[start:start + new].float(), keys, values, HEAD_DIM ** -0.5, True)
+        assert (out[start:start + new].float() - expected).abs().max() < 2e-2, index  # bf16 output, values ~O(0.1)

@@ -4,6 +4,7 @@ while the host built the next step (model_shards/step_batch.py, attention/base.p
 
 from __future__ import annotations
 
+from array import array
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ BLOCK = 64
 
 def request(prompt_tokens: int, computed: int) -> RequestState:
     sampling = SimpleNamespace(params=SimpleNamespace(prompt_logprobs=None))
-    blocks = list(range(7, 7 + -(-prompt_tokens // BLOCK)))
+    blocks = array("q", range(7, 7 + -(-prompt_tokens // BLOCK)))  # as the worker keeps them
     return RequestState(list(range(prompt_tokens)), blocks, computed, sampling, prompt_tokens)
 
 
