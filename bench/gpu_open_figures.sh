@@ -11,6 +11,8 @@
 #               (replay bit-equal to the static step run eagerly), the mHC kernels (tf32x3 default
 #               tiling) and the flash-style chunk attention kernel (float32 now IEEE; session 11's
 #               20 failures were TF32)
+#   1b. densetests  the dense GPU tests: cuDNN plans and the varlen call of short chunks (session 15)
+#               against float32, step uploads without a host wait, the engine on CUDA, decode graphs
 #   2. graphs   DeepSeek-V4 decode steps eager against CUDA graphs at 1, 8 and 32 requests (session
 #               12, H100: 12.3 / 13.2 / 14.3 ms a step eager, 3.0 / 4.1 / 4.6 ms replayed)
 #   3. last1m   DeepSeek-V4 at 1M tokens with the section profile of the last chunk, default core
@@ -87,6 +89,12 @@ if wanted tests; then
         tests/gpu/test_deepseek_v4_worker_graphs.py \
         2>&1 | tail -12
 fi
+if wanted densetests; then
+    stamp densetests
+    timeout ${DENSETESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_prefill_plans.py \
+        tests/gpu/test_step_uploads.py tests/gpu/test_cuda_engine.py tests/model_shards/test_cuda_graphs.py \
+        2>&1 | tail -12
+fi
 if wanted graphs; then
     stamp graphs
     timeout ${GRAPHS_S:-150} python3 bench/deepseek_v4_paged.py --preset deepseek-v4-flash-shape --device cuda \
@@ -159,7 +167,9 @@ fi
 if wanted anatomy; then
     stamp anatomy
     if [ "${ANATOMY_PLAIN:-1}" = 1 ]; then  # 0: only the run with the tiers on (the serve bench's)
-        timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --out "$OUT/step_anatomy.json" > "$OUT/step_anatomy.log" 2>&1
+        # an empty Triton cache: the first mixed step's compiles are those of a fresh replica
+        TRITON_CACHE_DIR=$(mktemp -d) timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py \
+            --out "$OUT/step_anatomy.json" > "$OUT/step_anatomy.log" 2>&1
         grep -vE "USDT|^\s*$" "$OUT/step_anatomy.log" | tail -24 | cut -c1-900
     fi
     REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_model_cases import random_prompt  # noqa: E402
+from model_shards.triton_compiles import TritonCompileLog, summarize  # noqa: E402
 
 PHASES = ("schedule", "execute", "outputs")
 
@@ -200,9 +201,13 @@ def main() -> None:
     prefix = random_prompt(args.prefix_len, 1, engine.architecture.vocab_size)
     driver = StepDriver(engine, prefix, args.new_tokens)
     driver.abort(driver.start_decoding(1))  # the prefix is cached from here on; first-call costs paid
-    first = measure(driver, args.decode_batch, max(args.prompts), 1)[0]  # the mixed shapes' first calls too
-    print(f"first mixed step (decode x{args.decode_batch} + prefill {max(args.prompts)}): {first['ms']:.2f} ms", flush=True)
-    rows, profiles = {"first mixed step": {key: round(value, 3) for key, value in first.items()}}, {}
+    with TritonCompileLog() as compiles:  # a compile here is one inside the first such request served
+        first = measure(driver, args.decode_batch, max(args.prompts), 1)[0]  # the mixed shapes' first calls too
+    first.update(summarize(compiles.take()))
+    print(f"first mixed step (decode x{args.decode_batch} + prefill {max(args.prompts)}): {first['ms']:.2f} ms, "
+          f"Triton compiles {first['triton_compiled']} ({first['triton_compile_s']} s)", flush=True)
+    rows, profiles = {"first mixed step": {key: round(value, 3) if isinstance(value, float) else value
+                                           for key, value in first.items()}}, {}
     for name, decode_batch, prompts in scenarios(args):
         rows[name] = median_row(measure(driver, decode_batch, prompts, args.repeats))
         print(f"{name:<28} step {rows[name]['ms']:8.2f} ms (max {rows[name]['max_ms']:8.2f})   schedule / execute / outputs "

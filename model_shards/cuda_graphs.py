@@ -20,7 +20,7 @@ from itertools import repeat
 
 import torch
 
-from model_shards.attention.base import AttentionMetadata
+from model_shards.attention.base import AttentionMetadata, table_width
 from model_shards.device import host_to_device
 from model_shards.kv_cache import KVCacheTensors
 
@@ -131,7 +131,7 @@ class DecodeGraphs:
         self.block_size = kv_cache.block_size
         self.max_model_len = max_model_len
         self.sizes = graph_batch_sizes(max_batch)
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = table_width(-(-max_model_len // self.block_size))  # the eager steps' row stride rule
         self.tables = DeviceBlockTables(max_requests, max_blocks, self.device)
         size = self.sizes[-1]
         # (5, size) int64 per step from the host: token ids, positions, slots, lengths, table rows

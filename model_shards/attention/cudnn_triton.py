@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from model_shards.attention.base import AttentionBackend, AttentionMetadata
+from model_shards.attention.base import TABLE_WIDTH_MULTIPLE, AttentionBackend, AttentionMetadata
 from model_shards.attention.chunked_prefill import PrefillKernels, chunk_attention, warm_shapes
 from model_shards.attention.triton_paged_decode import paged_decode
 from model_shards.attention.triton_store_kv import store_kv
@@ -107,6 +107,8 @@ class CudnnTritonBackend(AttentionBackend):
         the default config at 1M tokens, ~1-2 s), so that no request builds one; returns how many
         were built now (0 when this thread has them all)."""
         kernels = self._kernels_for(device, dtype, heads, kv_heads, head_dim, block_size)
+        if device.type == "cuda":
+            self._warm_up_eager_decode(device, dtype, heads, kv_heads, head_dim, block_size)
         if kernels.planned is reference_attention:
             return 0  # nothing plans: CPU, or a dtype the fused kernels do not take
         missing = [shape for shape in warm_shapes(step_tokens, max_model_len, kernels.quantum)
@@ -118,6 +120,18 @@ class CudnnTritonBackend(AttentionBackend):
             kernels.mark_planned((queries, keys, causal))
         torch.cuda.synchronize(device)
         return len(missing)
+
+    def _warm_up_eager_decode(self, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                              head_dim: int, block_size: int) -> None:
+        """Compile the paged decode kernel's variant for eager steps here: their block table is
+        int64 (a CUDA graph's is int32), so the first step that mixes decodes with a prompt
+        compiled it inside a request (0.44 s on an H100, session 15's serve bench). Every stride
+        of the dummies is a multiple of 16, as the real ones are (model_shards/kv_cache.py)."""
+        cache = torch.zeros(1, 2, block_size, kv_heads, head_dim, device=device, dtype=dtype)
+        table = torch.zeros(1, TABLE_WIDTH_MULTIPLE, dtype=torch.long, device=device)
+        query = torch.zeros(1, heads, head_dim, device=device, dtype=dtype)
+        paged_decode(query, cache, table, torch.ones(1, dtype=torch.int32, device=device), 1.0, 1,
+                     num_sms=self.num_sms(device))
 
     def _prefill_kernels(self, query: torch.Tensor, layer_cache: torch.Tensor) -> PrefillKernels:
         return self._kernels_for(query.device, query.dtype, query.shape[1], layer_cache.shape[3], query.shape[2],

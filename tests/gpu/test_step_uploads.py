@@ -37,7 +37,7 @@ def test_a_step_batch_is_built_without_a_host_wait():
     assert batch.positions.tolist() == list(range(4096, 6144)) + list(range(300))
     first_slot = 7 * BLOCK + 4096  # block 7 + 64 of the long request, offset 0
     assert batch.metadata.slot_mapping[:2].tolist() == [first_slot, first_slot + 1]
-    assert batch.metadata.block_table_tensor.shape == (2, 313) and batch.sample_request_ids == ["short"]
+    assert batch.metadata.block_table_tensor.shape == (2, 320) and batch.sample_request_ids == ["short"]
 
 
 def test_packed_uploads_keep_their_values_while_the_stream_is_busy():

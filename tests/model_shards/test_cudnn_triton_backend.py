@@ -226,3 +226,25 @@ def test_engine_greedy_tokens_equal_the_reference_backend(model_folder):
         results[backend] = [output[0].token_ids for output in outputs]
         engine.shutdown()
     assert results["cudnn_triton"] == results["torch_sdpa"]
+
+
+def test_eager_steps_launch_one_decode_variant_whatever_their_table_width():
+    """A step's block table is as wide as its longest sequence; rows padded to a multiple of 16
+    keep the paged decode kernel's specialization (its row stride: 1, a multiple of 16 or
+    neither) one, so no step compiles a second variant inside a request."""
+    from model_shards.attention.triton_paged_decode import _paged_decode_partials
+    from model_shards.triton_compiles import LaunchKeys
+
+    generator = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim = 4, 2, 16
+    cache = paged_cache(200, 16, kv_heads, head_dim, generator)
+    with LaunchKeys(_paged_decode_partials) as launches:
+        for sequences in ([(5, 1), (0, 3)], [(40, 1), (0, 30)], [(250, 1), (9, 1)], [(15, 1)]):  # 1 to 17 blocks
+            metadata = build_step(generator, 16, sequences)
+            tokens = metadata.num_tokens
+            query = torch.randn(tokens, heads, head_dim, generator=generator)
+            key, value = (torch.randn(tokens, kv_heads, head_dim, generator=generator) for _ in range(2))
+            CudnnTritonBackend().forward(query, key, value, cache, metadata, 0.25)
+            assert metadata.block_table_tensor.shape[1] % 16 == 0
+    assert len(launches.keys[_paged_decode_partials]) == 4
+    assert len(set(launches.keys[_paged_decode_partials])) == 1
