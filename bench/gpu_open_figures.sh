@@ -178,6 +178,13 @@ if wanted anatomy; then
     timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) \
         --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers.json" > "$OUT/step_anatomy_tiers.log" 2>&1
     grep -vE "USDT|^\s*$" "$OUT/step_anatomy_tiers.log" | tail -24 | cut -c1-900
+    for interval in ${ANATOMY_SWITCH_MS:-}; do  # the tiers' I/O threads against the step's thread on the GIL
+        stamp "anatomy, tiers on, GIL switch interval $interval ms"
+        timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) --switch-interval-ms "$interval" \
+            --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers_switch$interval.json" \
+            > "$OUT/step_anatomy_tiers_switch$interval.log" 2>&1
+        grep -E "step |first mixed" "$OUT/step_anatomy_tiers_switch$interval.log" | cut -c1-300
+    done
     redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
 fi
 if wanted pacing0; then

@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--host-kv-bytes", type=int, default=0)
     parser.add_argument("--redis-url", action="append", default=[])
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="the interpreter's GIL switch interval (sys.setswitchinterval; Python's default 5 ms)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", Path(__file__).resolve().parent / "results"))
                                              / "step_anatomy.json"))
@@ -77,6 +79,26 @@ class StepDriver:
         self.engine, self.prefix, self.new_tokens = engine, prefix, new_tokens
         self.params = SamplingParams(max_tokens=100_000, ignore_eos=True)  # aborted, never finished
         self._count = 0
+        self.kv = {"kv_ms": 0.0, "saves": 0, "write_throughs": 0, "loads": 0, "probes": 0}
+        self._time_kv_transfers(getattr(engine.executor, "worker", None))
+
+    def _time_kv_transfers(self, worker) -> None:
+        """Wrap the in-process worker's KV transfer step (the tiers' part of `execute`): its wall
+        time on the step's thread and the moves it was given, per step."""
+        if worker is None:
+            return
+        transfer = worker._transfer_kv
+
+        def timed(step_input):
+            ops, start = step_input.kv_transfers, time.perf_counter()
+            try:
+                return transfer(step_input)
+            finally:
+                self.kv["kv_ms"] += (time.perf_counter() - start) * 1e3
+                for kind in ("saves", "write_throughs", "loads", "probes"):
+                    self.kv[kind] += len(getattr(ops, kind, ()) or ())
+
+        worker._transfer_kv = timed
 
     def add_prompts(self, count: int) -> list[str]:
         ids = []
@@ -95,12 +117,13 @@ class StepDriver:
         return ids
 
     def timed_step(self) -> dict:
-        before = self._phase_seconds()
+        before, kv_before = self._phase_seconds(), dict(self.kv)
         start = time.perf_counter()
         self.engine.step()
         wall = time.perf_counter() - start
         after = self._phase_seconds()
-        return {"ms": wall * 1e3, **{phase: (after[phase] - before[phase]) * 1e3 for phase in PHASES}}
+        return {"ms": wall * 1e3, **{phase: (after[phase] - before[phase]) * 1e3 for phase in PHASES},
+                **{kind: self.kv[kind] - kv_before[kind] for kind in self.kv}}
 
     def abort(self, ids: list[str]) -> None:
         for request_id in ids:
@@ -192,6 +215,9 @@ def main() -> None:
     args = parse_args()
     from model_shards.make_model import make_model
 
+    if args.switch_interval_ms is not None:  # how long a thread that wants the GIL waits for a holder that keeps it
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
+
     if args.smoke:
         args.prefix_len, args.new_tokens, args.decode_batch, args.prompts, args.repeats = 512, 32, 4, [1, 2], 2
     preset = "tiny" if args.smoke else "llama3-8b-shape"
@@ -210,8 +236,10 @@ def main() -> None:
                                            for key, value in first.items()}}, {}
     for name, decode_batch, prompts in scenarios(args):
         rows[name] = median_row(measure(driver, decode_batch, prompts, args.repeats))
-        print(f"{name:<28} step {rows[name]['ms']:8.2f} ms (max {rows[name]['max_ms']:8.2f})   schedule / execute / outputs "
-              + " / ".join(f"{rows[name][phase]:.2f}" for phase in PHASES) + " ms", flush=True)
+        row = rows[name]
+        print(f"{name:<28} step {row['ms']:8.2f} ms (max {row['max_ms']:8.2f})   schedule / execute / outputs "
+              + " / ".join(f"{row[phase]:.2f}" for phase in PHASES) + f" ms; KV transfers {row['kv_ms']:.2f} ms "
+              f"({row['saves']:g} saves, {row['write_throughs']:g} write-throughs, {row['loads']:g} loads)", flush=True)
     for name, decode_batch, prompts in profiled(scenarios(args)):
         profiles[name] = {**profile_step(driver, decode_batch, prompts),
                           "python_ms": python_profile(driver, decode_batch, prompts)}  # fmt: skip
