@@ -244,6 +244,16 @@ class ServeSettings(_Frozen):
         "streams, talking to it through a pipe. Not with parallel.executor ray (the child is no Ray worker). "
         "auto: process when the engine runs on a GPU with local ranks, thread otherwise."
     )
+    # The engine process's threads beside the step's own (the receiver preparing requests: tokens,
+    # block hashes; the KV tiers' I/O) hold the GIL in turns; the step's thread, back from each
+    # CUDA call, waits until the holder lets go, up to the interpreter's switch interval (5 ms by
+    # default). bench/step_anatomy.py on an H100 with the Redis tier writing (session 15): a lone
+    # 33K prompt's step 9.7 ms at 5 ms, 6.1 at 0.5 ms, 5.4 at 0.1 ms; 4.3 with nothing writing.
+    engine_switch_interval_s: float = Field(
+        0.0005, gt=0, le=0.1, description="With engine_loop process: the engine process's GIL switch interval "
+        "(sys.setswitchinterval): how long its step thread may wait for another of its threads to let go of the "
+        "GIL. Python's default is 0.005."
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Per replica: admitted requests still waiting for their first token; more get 429."
     )

@@ -20,6 +20,7 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 from functools import partial
@@ -51,6 +52,7 @@ def run_engine_process(config: LongctxConfig, commands: Connection, events: Conn
                        log_levels: dict[str, int]) -> None:  # fmt: skip
     """The child's entry point (module level: spawn imports it by name)."""
     _log_to_stderr(log_levels)
+    sys.setswitchinterval(config.serve.engine_switch_interval_s)  # this interpreter serves the step thread first
     sender = _Sender(events)
     try:
         engine = LLMEngine(config)

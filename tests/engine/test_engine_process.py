@@ -261,3 +261,26 @@ def test_auto_runs_the_loop_in_a_child_on_a_gpu_with_local_ranks_only(tiny_model
     with_ray_ranks = auto.with_overrides({"parallel.executor": "ray", "parallel.tensor_parallel_size": 2})
     assert serving.engine_loop_of(with_ray_ranks) == "thread"  # the child could place no rank actors
     assert serving.engine_loop_of(auto.with_overrides({"serve.engine_loop": "thread"})) == "thread"
+
+
+def test_the_engine_process_sets_its_switch_interval_from_the_config(tmp_path):
+    """run_engine_process (the child's entry, run here on an empty folder, so the engine fails to
+    build right after) sets the interpreter's GIL switch interval before anything else starts."""
+    import multiprocessing
+    import sys
+
+    from engine.engine_process import run_engine_process
+
+    commands, _ = multiprocessing.Pipe(duplex=False)
+    events_in, events_out = multiprocessing.Pipe(duplex=False)
+    config = LongctxConfig(model=ModelSettings(path=str(tmp_path), device="cpu"),
+                           serve=ServeSettings(engine_switch_interval_s=0.0007))
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(Exception):
+            run_engine_process(config, commands, events_out, {})
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+        assert events_in.recv()[0] == "dead"
+    finally:
+        sys.setswitchinterval(before)
+    assert ServeSettings().engine_switch_interval_s == 0.0005 < before
