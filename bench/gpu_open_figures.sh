@@ -3,10 +3,10 @@
 # short budget still returns the first ones. Sessions lose device time to machine starts (~3 min a
 # start): few calls that do it all are cheaper. Session 12 (H100) measured tests, graphs, last1m,
 # fused1m, topk, topk1m, floor and bursts: docs/deepseek_v4.md and docs/benchmarks.md "Session 12".
-# Session 13 measured engineproc and budgets, session 14 engineproc (twice), pacing0 and anatomy
-# (docs/benchmarks.md "Session 14"). Still open: engineproc again (AsyncEngine prepares on its loop
-# again since session 14's last call), anatomy after a varlen prefill, floor with the 8192 budget,
-# profile; v4sp (2 GPUs), hcacore, mhc and redis on an H200.
+# Session 13 measured engineproc and budgets, session 14 engineproc (twice), pacing0 and anatomy,
+# session 15 densetests, anatomy (with a GIL switch-interval A/B), engineproc (four times) and floor
+# (docs/benchmarks.md "Session 15"). Still open: engineproc twice on one machine (the spread between
+# machines is 10-30%), profile; v4sp (2 GPUs), hcacore, mhc and redis on an H200.
 #   1. tests    GPU tests of the step uploads (one pinned staging copy a step), the V4 decode graphs
 #               (replay bit-equal to the static step run eagerly), the mHC kernels (tf32x3 default
 #               tiling) and the flash-style chunk attention kernel (float32 now IEEE; session 11's
