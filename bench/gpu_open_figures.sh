@@ -49,6 +49,8 @@
 #               per step and stream; 500 a second per replica by default, set when the engine shared
 #               the replica's GIL), direct the same; ~2.5 min. BURSTS_SERVED=fused_direct_process
 #               runs stage 9 (the arrival-gap A/B) on the process path.
+#  13b. engineproc2  direct against the default served path (fused_direct_process) ENGINEPROC_REPEATS
+#               times (2) in one call, to tell the served loss from the spread between runs (~2.5 min a run)
 #  15. anatomy  one engine step by its make-up (decode alone, prompts alone, prompts beside a decoding
 #               batch) on the serve bench's shape, tiers off then on, with torch.profiler and cProfile
 #               tops of one step each (bench/step_anatomy.py, ~1 min a run)
@@ -186,6 +188,16 @@ if wanted anatomy; then
         grep -E "step |first mixed" "$OUT/step_anatomy_tiers_switch$interval.log" | cut -c1-300
     done
     redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+fi
+if wanted engineproc2; then
+    # direct against the default served path, ENGINEPROC_REPEATS times in one call: session 15's four
+    # engineproc runs, each on another H100, put the served path at +5% to -30% of direct at 64 streams
+    for run in $(seq 1 ${ENGINEPROC_REPEATS:-2}); do
+        stamp "engineproc2, run $run"
+        GPU_TESTS=0 timeout ${ENGINEPROC2_S:-200} bash bench/gpu_serve.sh --served fused_direct_process \
+            --out "$OUT/serve_load_gpu_run$run.json" > "$OUT/serve_engine_process_run$run.log" 2>&1
+        grep -E "load_c|against direct" "$OUT/serve_engine_process_run$run.log" | cut -c1-200
+    done
 fi
 if wanted pacing0; then
     stamp pacing0
