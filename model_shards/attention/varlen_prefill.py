@@ -58,10 +58,6 @@ class PrefillGroup:
     cu_keys: torch.Tensor  # (n + 1,) int32 on the device: key_offsets
     seq_lens: torch.Tensor  # (n,) int32 on the device: context_lens
 
-    @property
-    def num_gathered_tokens(self) -> int:
-        return self.key_offsets[-1]
-
 
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PrefillGroup, float], torch.Tensor]
 
@@ -93,9 +89,8 @@ def _group(metadata: AttentionMetadata, run: list[int]) -> PrefillGroup:
         cu_queries.append(cu_queries[-1] + count)
     device = metadata.block_table_tensor.device
     block_ids = torch.cat([metadata.block_table_tensor[index, :metadata.num_blocks_of(index)] for index in run])
-    offsets = torch.tensor(cu_queries + key_offsets + context_lens, dtype=torch.int32)
-    cu_queries_tensor, cu_keys, seq_lens = upload_packed(
-        [offsets[:len(run) + 1], offsets[len(run) + 1:2 * len(run) + 2], offsets[2 * len(run) + 2:]], device)
+    cu_queries_tensor, cu_keys, seq_lens = upload_packed(  # one copy up for the three
+        [torch.tensor(values, dtype=torch.int32) for values in (cu_queries, key_offsets, context_lens)], device)
     return PrefillGroup(
         first_seq=run[0], end_seq=run[-1] + 1, first_row=starts[run[0]], end_row=starts[run[-1] + 1],
         query_lens=query_lens, context_lens=context_lens, key_offsets=key_offsets,
