@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from cluster.config import LongctxConfig
 from deployments.errors import APIError
 from deployments.messages import invalid_request
+from engine.request_preparer import encode_vocabulary_ids
 from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.sampling_params import InvalidParameterError
@@ -133,8 +134,7 @@ class PromptBuilder:
             raise InvalidParameterError(param, "the prompt is empty")
         if len(token_ids) >= self.max_model_len:
             self._too_long(f"the prompt has {len(token_ids)} tokens", param)
-        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
-            raise InvalidParameterError(param, f"token ids must be in [0, {self.vocab_size})")
+        encode_vocabulary_ids(token_ids, self.vocab_size, param)
         return token_ids
 
     def _too_long(self, what: str, param: str) -> None:

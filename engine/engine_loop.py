@@ -48,13 +48,8 @@ class EngineLoop:
 
     def __init__(self, engine: LLMEngine, deliver: Callable[[list[CompletionDelta]], None],
                  on_failure: Callable[[BaseException], None], arrival_gap_s: float = 0.0,
-                 arrival_max_wait_s: float = 0.0, after_iteration: Callable[[], None] | None = None,
-                 prepare_on_put: bool = False):  # fmt: skip
+                 arrival_max_wait_s: float = 0.0, after_iteration: Callable[[], None] | None = None):  # fmt: skip
         self.engine = engine
-        # Whether `put` prepares an add_request on the putting thread (`_prepared`): the engine
-        # process's receiver thread does; a caller sharing the engine's process (AsyncEngine's
-        # asyncio loop) does not, since its preparing convoys the loop thread on the GIL.
-        self.prepare_on_put = prepare_on_put
         self.deliver = deliver
         self.on_failure = on_failure
         self.after_iteration = after_iteration
@@ -67,18 +62,15 @@ class EngineLoop:
         self._stop = threading.Event()
         # Looked up on the engine at each call, as a direct call would (a test may patch them).
         self._handlers: dict[str, Callable[..., Any]] = {
-            "add_request": lambda *args: self.engine.add_request(*args),  # prepared by `put` if prepare_on_put
+            "add_request": lambda *args: self.engine.add_request(*args),
+            # A request the caller prepared already (engine/request_preparer.py), off this thread.
+            "add_prepared": lambda prepared: self.engine.add_prepared(prepared),
             "abort": self.abort,
             "drop": self.drop,
             "set_arrival_gap": self.set_arrival_gap,
             "summary": lambda: self.engine.summary(),
             "metrics_exposition": self.metrics_exposition,
             "stop": self._stop.set,
-        }
-        # Queued by `put` in place of an add_request, never sent by a caller.
-        self._internal_handlers: dict[str, Callable[..., Any]] = {
-            "add_prepared": lambda prepared: self.engine.add_prepared(prepared),
-            "raise": _raise,
         }
 
     # --- commands --------------------------------------------------------------------------
@@ -96,24 +88,7 @@ class EngineLoop:
         before this runs on the loop's thread)."""
         if not self.has_command(name):
             raise ValueError(f"unknown engine command {name!r}")
-        if name == "add_request" and self.prepare_on_put:
-            name, args = self._prepared(args)
         self.commands.put((name, args, future))
-
-    def _prepared(self, args: tuple) -> tuple[str, tuple]:
-        """add_request's own work (LLMEngine.prepare_request: tokenize, check, hash the prompt's
-        blocks) runs here, on the putting thread, while the loop steps: a burst of 64 prompts of 33K
-        tokens cost the loop ~2.8 ms each on an H100 host (13% of its time at 64 streams, session 14),
-        with the GPU idle. The loop then queues the prepared request, or raises the preparation's
-        error, so that the future still resolves on the loop's thread, in order with the others.
-        Measured on an H100 (session 14): served through the engine process at 64 streams 3,315 ->
-        4,101 tok/s with the other fixes of that session; prepared on AsyncEngine's caller loop
-        instead, the engine driven directly at 16 streams took its burst in 130 ms mixed steps
-        (1,976 against 3,290 tok/s): the preparing thread held the GIL the step's Python needed."""
-        try:
-            return "add_prepared", (self.engine.prepare_request(*args),)
-        except Exception as error:  # noqa: BLE001 - the caller's to raise (a 400), through the loop
-            return "raise", (error,)
 
     def abort(self, request_id: str) -> None:
         self.deliver(self.engine.abort_request(request_id))
@@ -224,7 +199,7 @@ class EngineLoop:
         name, args, future = command
         if not future.set_running_or_notify_cancel():
             return  # the caller went away before its command ran
-        handler = self._handlers.get(name) or self._internal_handlers[name]
+        handler = self._handlers[name]
         try:
             future.set_result(handler(*args))
         except Exception as error:  # noqa: BLE001 - handed to the caller, who raises it
@@ -235,7 +210,3 @@ class EngineLoop:
             _, _, future = self.commands.get_nowait()
             if future.set_running_or_notify_cancel():
                 future.set_exception(dead)
-
-
-def _raise(error: BaseException) -> None:
-    raise error

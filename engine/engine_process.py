@@ -6,10 +6,15 @@ with `spawn`: no forked CUDA or Ray state) builds the LLMEngine and runs `Engine
 process keeps only HTTP and the streams (`ProcessEngine`, the caller side `EngineClient`).
 
 Two one-way pipes. Parent -> child: (name, command_id, args) commands (engine/engine_loop.py
-names them). Child -> parent: ("ready", max_model_len, stats) once, then ("step", deltas, stats)
+names them). Child -> parent: ("ready", request_limits, stats) once, then ("step", deltas, stats)
 after each loop turn, ("reply", command_id, ok, value_or_exception) and ("dead", error_repr).
 EOF is the end on both sides: the child stops when the parent's command pipe closes, and the
 parent fails every open stream with EngineDeadError when the child's event pipe does.
+
+The parent prepares each request itself (engine/request_preparer.py: tokens, checks, block
+hashes, from the limits the child sent when ready) and sends `add_prepared`: that Python would
+otherwise hold the child's GIL beside the step thread, and a prepared prompt crosses the pipe as
+bytes, where a list of ints would cost the child ~1 ms a 33K-token prompt to unpickle.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from engine.async_engine import EngineClient
 from engine.engine_loop import EngineDeadError, EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats
+from engine.request_preparer import RequestLimits, RequestPreparer
 from engine.summary import EngineSummary
 from executors import executor_backend
+from model_folder.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +67,7 @@ def run_engine_process(config: LongctxConfig, commands: Connection, events: Conn
         sender.send(("dead", f"the engine failed to start: {error!r}"))
         raise
     child = _ChildLoop(engine, sender, config)
-    sender.send(("ready", engine.max_model_len, child.loop.stats))
+    sender.send(("ready", engine.preparer.limits, child.loop.stats))
     threading.Thread(target=child.receive, args=(commands,), name="longctx-engine-commands", daemon=True).start()
     try:
         child.loop.run()
@@ -105,8 +112,7 @@ class _ChildLoop:
         self._pending: list[CompletionDelta] = []
         settings = config.serve
         self.loop = EngineLoop(engine, self._pending.extend, self._report_failure, settings.arrival_gap_s,
-                               settings.arrival_max_wait_s, after_iteration=self._publish,
-                               prepare_on_put=True)  # the receiver thread prepares each request
+                               settings.arrival_max_wait_s, after_iteration=self._publish)
 
     def receive(self, commands: Connection) -> None:
         """Receiver thread: drains the command pipe into the loop's queue while the loop steps, so
@@ -177,7 +183,9 @@ class ProcessEngine(EngineClient):
         # Before multiprocessing's own exit hook (atexit runs last-registered first), which joins
         # the child: closing the command pipe is what lets the child exit.
         atexit.register(self._close_commands)
-        self.max_model_len, self._stats = self._wait_until_ready()
+        limits, self._stats = self._wait_until_ready()  # the child's start-up errors first (a bad folder)
+        self._preparer = RequestPreparer(Tokenizer.from_folder(config.model.path), limits)
+        self.max_model_len = limits.max_model_len
         self.last_step_time = time.monotonic()
         self._reader = threading.Thread(target=self._read_events, name="longctx-engine-events", daemon=True)
         self._reader.start()
@@ -186,7 +194,7 @@ class ProcessEngine(EngineClient):
     def pid(self) -> int | None:
         return self._process.pid
 
-    def _wait_until_ready(self) -> tuple[int, EngineStats]:
+    def _wait_until_ready(self) -> tuple[RequestLimits, EngineStats]:
         try:
             message = self._events.recv()
         except (EOFError, OSError):
@@ -200,6 +208,12 @@ class ProcessEngine(EngineClient):
     # --- transport -----------------------------------------------------------------------
     def _submit(self, name: str, *args: Any) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
+        if name == "add_request":  # prepared here, on the caller's thread, before it is sent
+            try:
+                name, args = "add_prepared", (self._preparer.prepare(*args),)
+            except Exception as error:  # noqa: BLE001 - a refusal (400), raised in the caller's stream
+                future.set_exception(error)
+                return future
         with self._send_lock:
             if self._closed:
                 future.set_exception(EngineDeadError(f"the engine stopped: {self._dead!r}"))

@@ -16,13 +16,13 @@ from engine.backlog import measure_backlog
 from engine.output_processor import SequenceOutput
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
+from engine.request_preparer import ContextLengthExceededError, PreparedRequest, RequestLimits, RequestPreparer
 from engine.scheduler import Scheduler
 from engine.step_metrics import StepMetrics
 from engine.progress import PrefillProgressLog
 from engine.summary import EngineSummary, redis_shard_names
 from executors import Executor, create_executor, executor_backend
 from kvcache.block_groups import extra_group_specs
-from kvcache.block_hash import hash_full_blocks, root_hash
 from kvcache.coordinator import KVCacheCoordinator
 from kvcache.tiers.cost_model import PrefillFlops
 from model_folder.hf_config import load_architecture
@@ -33,13 +33,10 @@ from protocol.step import PromptLogprobs, SampledToken
 
 logger = logging.getLogger(__name__)
 
+# Raised and returned here; defined beside the preparation that a replica may run on its own.
+__all__ = ["ContextLengthExceededError", "LLMEngine", "PreparedRequest"]
+
 SEED_MODULUS = 2**64  # torch generators take 64-bit seeds; n > 1 seeds seed + index wrap around
-
-
-class ContextLengthExceededError(InvalidParameterError):
-    """The prompt does not fit the model's context; HTTP code `context_length_exceeded`."""
-
-    code = "context_length_exceeded"
 
 
 @dataclass
@@ -63,17 +60,6 @@ class _Sequence:
         self.prompt_logprobs.extend(chunk.tokens[max(0, already) :])
 
 
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A caller's request tokenized, checked and hashed (`LLMEngine.prepare_request`), not queued yet."""
-
-    request_id: str
-    token_ids: list[int]  # the prompt's
-    params: SamplingParams  # the caller's, with the model's end-of-sequence ids
-    chain_root: bytes  # start of its prefix-hash chain (model, KV layout, cache salt)
-    block_hashes: tuple[bytes, ...]  # names of the prompt's full blocks, chained from chain_root
-
-
 class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         start = time.perf_counter()
@@ -95,11 +81,21 @@ class LLMEngine:
         calibrate_restore_estimates(config, self.executor, self.kv_cache, self.architecture.vocab_size,
                                     self.max_model_len)
         self.model_fingerprint = kv_fingerprint(self.architecture.fingerprint(), self.executor.kv_layout)
+        self.preparer = RequestPreparer(self.tokenizer, self._request_limits())
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
         self.prefill_progress = PrefillProgressLog()
         self.step_metrics = StepMetrics(self.kv_cache.metrics.registry)  # exported with the tiers' series
         self.load_seconds = time.perf_counter() - start
+
+    def _request_limits(self) -> RequestLimits:
+        config = self.config
+        return RequestLimits(
+            vocab_size=self.architecture.vocab_size, max_model_len=self.max_model_len, block_size=self.block_size,
+            num_kv_blocks=self.kv_cache.num_blocks, max_waiting_requests=config.scheduler.max_waiting_requests,
+            sequence_parallel_size=config.parallel.sequence_parallel_size,
+            eos_token_ids=tuple(self.tokenizer.eos_token_ids), model_fingerprint=self.model_fingerprint,
+        )  # fmt: skip
 
     # --- requests ------------------------------------------------------------------------
     def add_request(
@@ -114,18 +110,9 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                         cache_salt: str | None = None) -> PreparedRequest:  # fmt: skip
-        """The request's own work, before it meets the engine's state: tokenize, check against the
-        model and the cache's size, name the prompt's full blocks. It reads only what never changes
-        after start-up, so any thread may run it while another steps (the engine loop does, for a
-        33K-token prompt ~2-3 ms of CPU that would otherwise stall the GPU between steps)."""
-        token_ids = self._tokenize(prompt)
-        self._check_against_model(params)
-        self._check_fits_kv_cache(len(token_ids), params)
-        self._check_prompt_logprobs(params)
-        params = dataclasses.replace(params, eos_token_ids=self.tokenizer.eos_token_ids)
-        chain_root = root_hash(self.model_fingerprint, cache_salt)
-        block_hashes = tuple(hash_full_blocks(token_ids, self.block_size, chain_root))
-        return PreparedRequest(request_id, token_ids, params, chain_root, block_hashes)
+        """The request's own work, before it meets the engine's state (engine/request_preparer.py):
+        tokenize, check against the model and the cache's size, name the prompt's full blocks."""
+        return self.preparer.prepare(request_id, prompt, params, cache_salt)
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         """Queue a prepared request's n sequences, all or none (the queue's room, a duplicate id)."""
@@ -143,53 +130,6 @@ class LLMEngine:
             self.abort_request(request_id)
             self._request_groups.pop(request_id, None)
             raise
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if not prompt:  # "" would still encode to a lone BOS token
-            raise InvalidParameterError("prompt", "the prompt is empty")
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not token_ids:
-            raise InvalidParameterError("prompt", "the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ContextLengthExceededError(
-                "prompt",
-                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
-                f"{self.max_model_len} tokens, prompt and output together",
-            )
-        vocab_size = self.architecture.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
-            raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab_size})")
-        return token_ids
-
-    def _check_against_model(self, params: SamplingParams) -> None:
-        """What SamplingParams cannot check alone: ids within the vocabulary, n within the queue."""
-        vocab_size = self.architecture.vocab_size
-        if any(not 0 <= token_id < vocab_size for token_id in params.stop_token_ids):
-            raise InvalidParameterError("stop_token_ids", f"token ids must be in [0, {vocab_size})")
-        if any(token_id >= vocab_size for token_id, _ in params.logit_bias):
-            raise InvalidParameterError("logit_bias", f"token ids must be in [0, {vocab_size})")
-        if params.top_k > vocab_size:
-            raise InvalidParameterError("top_k", f"must be at most the vocabulary size {vocab_size}, got {params.top_k}")
-        if params.n > self.scheduler.settings.max_waiting_requests:
-            raise InvalidParameterError(
-                "n", f"must be at most {self.scheduler.settings.max_waiting_requests} (the queue bound), got {params.n}")
-
-    def _check_fits_kv_cache(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        # A sequence that cannot fit the whole cache alone would be preempted for ever.
-        num_tokens = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
-        num_blocks = -(-num_tokens // self.block_size)
-        if num_blocks > self.kv_cache.num_blocks:
-            capacity = self.kv_cache.num_blocks * self.block_size
-            raise ContextLengthExceededError(
-                "prompt",
-                f"prompt and max_tokens need {num_tokens} tokens of KV cache; this replica holds {capacity}",
-            )
-
-    def _check_prompt_logprobs(self, params: SamplingParams) -> None:
-        if params.prompt_logprobs is not None and self.config.parallel.sequence_parallel_size > 1:
-            raise InvalidParameterError(
-                "prompt_logprobs", "prompt logprobs need parallel.sequence_parallel_size 1 (SP splits the prompt's rows)"
-            )
 
     @staticmethod
     def _sequence_params(params: SamplingParams, index: int) -> SamplingParams:

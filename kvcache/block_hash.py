@@ -64,14 +64,20 @@ def hash_full_blocks(token_ids: Sequence[int], block_size: int, parent: bytes) -
     Every token id is range-checked, the tail's too. To extend a sequence's names, pass the
     tokens after its last full block with that block's name as `parent`.
     """
+    # Encode the whole sequence rather than slice off the tail first: copying (and later freeing)
+    # a 1M-element list costs more than encoding a few extra tokens.
+    return hash_encoded_blocks(encode_token_ids(token_ids), block_size, parent)
+
+
+def hash_encoded_blocks(encoded: bytes, block_size: int, parent: bytes) -> list[bytes]:
+    """`hash_full_blocks` of token ids already encoded (`encode_token_ids`): a caller that needs
+    the encoding anyway (a range check, a pickle) encodes once."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     _check_parent(parent)
-    # Encode the whole sequence rather than slice off the tail first: copying (and later freeing)
-    # a 1M-element list costs more than encoding a few extra tokens.
-    data = encode_token_ids(token_ids)
-    num_full_nbytes = len(token_ids) // block_size * block_size * _TOKEN_NBYTES
-    return _chain_digests(parent, data, block_size * _TOKEN_NBYTES, num_full_nbytes)
+    num_tokens = len(encoded) // _TOKEN_NBYTES
+    num_full_nbytes = num_tokens // block_size * block_size * _TOKEN_NBYTES
+    return _chain_digests(parent, encoded, block_size * _TOKEN_NBYTES, num_full_nbytes)
 
 
 def encode_token_ids(token_ids: Sequence[int]) -> bytes:
@@ -84,6 +90,15 @@ def encode_token_ids(token_ids: Sequence[int]) -> bytes:
     if sys.byteorder == "big":
         encoded.byteswap()
     return encoded.tobytes()
+
+
+def decode_token_ids(encoded: bytes) -> list[int]:
+    """The token ids that `encode_token_ids` encoded."""
+    decoded = array(_U32_TYPECODE)
+    decoded.frombytes(encoded)
+    if sys.byteorder == "big":
+        decoded.byteswap()
+    return decoded.tolist()
 
 
 def _chain_digests(parent: bytes, data: bytes, chunk_nbytes: int, end: int) -> list[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -94,6 +95,27 @@ def test_a_bad_request_raises_invalid_parameter_error_naming_its_param(process_e
         _run(first("Hello", SamplingParams(max_tokens=10**6)))
     assert too_long.value.param == "prompt" and too_long.value.code == "context_length_exceeded"
     assert process_engine.is_alive
+
+
+def test_the_replica_prepares_requests_and_the_child_only_adds_them(process_engine, monkeypatch):
+    """The caller's thread tokenizes, checks and hashes (engine/request_preparer.py), so the
+    child's GIL stays with its step; the child gets `add_prepared` and serves the same tokens."""
+    threads, sent = [], []
+    prepare, send = process_engine._preparer.prepare, process_engine._commands.send
+
+    def recording_prepare(*args):
+        threads.append(threading.current_thread().name)
+        return prepare(*args)
+
+    def recording_send(message):
+        sent.append(message[0])
+        return send(message)
+
+    monkeypatch.setattr(process_engine._preparer, "prepare", recording_prepare)
+    monkeypatch.setattr(process_engine._commands, "send", recording_send, raising=False)
+    tokens = _run(_outputs(process_engine, PROMPTS[:1]))[0][0]
+    assert threads == [threading.current_thread().name] and sent[0] == "add_prepared"
+    assert "add_request" not in sent and len(tokens) == GREEDY.max_tokens
 
 
 def test_closing_a_stream_early_aborts_and_frees_its_request(process_engine):

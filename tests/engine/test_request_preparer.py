@@ -1,19 +1,19 @@
-"""A request's own work (LLMEngine.prepare_request: tokenize, check, hash its blocks) runs on the
-thread that puts it in the engine process (its receiver thread), and the loop only queues the
-result: the engine steps on while a burst of long prompts is prepared. Errors still reach the
-caller, in order. AsyncEngine keeps preparing on its loop thread (its caller shares the GIL)."""
+"""A request's own work (engine/request_preparer.py: tokenize, check, hash its blocks) yields
+the request the engine adds, crosses a pipe as bytes, and refuses ids outside the vocabulary.
+AsyncEngine prepares on its loop thread; ProcessEngine in the replica (tests/engine/test_engine_process.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import dataclasses
+import pickle
 import threading
 
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.engine_loop import EngineLoop
 from engine.offline import generate
+from engine.request_preparer import RequestPreparer
 from kvcache.block_hash import hash_full_blocks
 from protocol.sampling_params import InvalidParameterError, SamplingParams
 
@@ -45,33 +45,37 @@ def _recording_prepare(engine, threads: list[str]) -> None:
     engine.prepare_request = recording
 
 
-def test_the_engine_process_s_loop_prepares_on_the_putting_thread(tiny_model_dir, make_engine_for):
-    """prepare_on_put (the child's receiver thread puts): the request's work is done before it
-    is queued, and the loop thread only adds it; a refusal still resolves on the loop's thread."""
-    engine, threads, resolved_on = make_engine_for(tiny_model_dir), [], []
-    _recording_prepare(engine, threads)
-    loop = EngineLoop(engine, lambda deltas: None, lambda error: None, prepare_on_put=True)
-    runner = threading.Thread(target=loop.run, name="engine-loop")
-    runner.start()
-    futures = []
-    for request_id, prompt in [("bad", [10**9]), ("good", "off the loop")]:
-        future = concurrent.futures.Future()
-        future.add_done_callback(lambda _: resolved_on.append(threading.current_thread().name))
-        loop.put("add_request", (request_id, prompt, PARAMS, None), future)
-        futures.append(future)
-    with pytest.raises(InvalidParameterError) as refused:
-        futures[0].result(timeout=10)
-    assert futures[1].result(timeout=10) is None
-    loop.submit("stop").result(timeout=10)
-    runner.join(timeout=10)
-    assert threads == ["MainThread", "MainThread"]  # the putter's, never the loop's
+def test_a_prepared_request_crosses_a_pipe_as_its_uint32_encoding(tiny_model_dir, make_engine_for):
+    """Pickled as bytes (~4 bytes a token), not as a list of ints (5 bytes a token above 65,535,
+    and ~1 ms of the receiving interpreter's GIL per 33K tokens to rebuild)."""
+    engine = make_engine_for(tiny_model_dir)
+    limits = dataclasses.replace(engine.preparer.limits, vocab_size=2**31, max_model_len=10**6, num_kv_blocks=10**6,
+                                 block_size=1024)  # 19 hashes: the pickle is the tokens
+    preparer = RequestPreparer(engine.tokenizer, limits)
+    prompt = [70_000 + 7 * index for index in range(20_000)]
+    prepared = preparer.prepare("r", prompt, PARAMS, cache_salt="tenant")
+    pickled = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(pickled) < 4 * len(prompt) + 4096
+    copy = pickle.loads(pickled)
+    assert copy == prepared and copy.token_ids == prompt and type(copy.token_ids) is list
+    assert copy.block_hashes == prepared.block_hashes and copy.params == prepared.params
+
+
+@pytest.mark.parametrize("prompt", [[5, -1], [5, 2**33], [5, 2.5], [5, "6"]], ids=["negative", "past-u32", "float", "text"])
+def test_token_ids_that_are_no_vocabulary_ids_are_refused_as_the_prompt_s(prompt, tiny_engine):
+    with pytest.raises(InvalidParameterError, match=r"token ids must be in \[0, ") as refused:
+        tiny_engine.prepare_request("r", prompt, PARAMS)
     assert refused.value.param == "prompt"
-    assert resolved_on == ["engine-loop", "engine-loop"]
+    vocab_size = tiny_engine.architecture.vocab_size
+    with pytest.raises(InvalidParameterError, match="token ids must be in"):
+        tiny_engine.prepare_request("r", [5, vocab_size], PARAMS)
+    assert tiny_engine.prepare_request("r", [5, vocab_size - 1], PARAMS).token_ids == [5, vocab_size - 1]
 
 
 def test_async_engine_prepares_on_its_loop_and_serves_the_same_tokens(tiny_model_dir, make_engine_for):
-    """Without prepare_on_put (AsyncEngine: its caller shares the process and the GIL) the loop
-    thread prepares, as add_request always did; a bad prompt is refused all the same."""
+    """AsyncEngine's caller shares the process and the GIL: the loop thread prepares, as
+    add_request always did (on the caller's thread it convoyed the step, session 14); a bad
+    prompt is refused all the same."""
     offline = generate(make_engine_for(tiny_model_dir), ["off the loop"], PARAMS)[0][0]
     engine, threads = AsyncEngine(make_engine_for(tiny_model_dir)), []
     _recording_prepare(engine.engine, threads)
