@@ -244,8 +244,8 @@ class ServeSettings(_Frozen):
         "streams, talking to it through a pipe. Not with parallel.executor ray (the child is no Ray worker). "
         "auto: process when the engine runs on a GPU with local ranks, thread otherwise."
     )
-    # The engine process's threads beside the step's own (the receiver preparing requests: tokens,
-    # block hashes; the KV tiers' I/O) hold the GIL in turns; the step's thread, back from each
+    # The engine process's threads beside the step's own (the receiver unpickling requests; the KV
+    # tiers' I/O) hold the GIL in turns; the step's thread, back from each
     # CUDA call, waits until the holder lets go, up to the interpreter's switch interval (5 ms by
     # default). bench/step_anatomy.py on an H100 with the Redis tier writing (session 15): a lone
     # 33K prompt's step 9.7 ms at 5 ms, 6.1 at 0.5 ms, 5.4 at 0.1 ms; 4.3 with nothing writing.

@@ -47,7 +47,7 @@ class Request:
     resumed: bool = False  # it paused once: its next admission adds to its hit counts
     block_hashes: list[bytes] = field(init=False)  # one per full block of token_ids
     # Names of the prompt's first full blocks, when the caller computed them already from this
-    # root_hash and block_size (LLMEngine.prepare_request, off the engine loop); the rest are hashed here.
+    # root_hash and block_size (engine/request_preparer.py, perhaps in another process); the rest are hashed here.
     known_block_hashes: InitVar[Sequence[bytes]] = ()
 
     def __post_init__(self, known_block_hashes: Sequence[bytes]) -> None:
