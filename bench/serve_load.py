@@ -156,6 +156,18 @@ def direct_sender(engine) -> Sender:
     return send
 
 
+def http_session(max_connections: int):
+    """The bench's HTTP client (an async context manager), for `http_sender`. aiohttp, not httpx:
+    one client process plays every caller, and httpx spent ~4x the CPU a streamed request (7.6-9.9
+    against 1.8-2.3 ms on the CPU machine, 64 events of a 33K-token prompt; at 16 streams the bench
+    process was ~60% busy on the H100 host, session 16), which delays the callers' next requests:
+    the client's cost, not the server's."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
+                                 timeout=aiohttp.ClientTimeout(total=600))
+
+
 class http_sender:  # noqa: N801 - a Sender, called like direct_sender's
     """Streamed completions through HTTP; `encode` builds a request's body (run_workload calls it
     before the clock starts), the call sends it and times each streamed chunk."""
@@ -477,18 +489,10 @@ SERVED_PATHS = {
 def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, float],
                ab: ArrivalGapAB | None = None) -> dict[str, dict]:  # fmt: skip
     """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
-    import aiohttp
-
     url, model = start_served(config.with_overrides(SERVED_PATHS[path]), direct_ingress=path.startswith("fused_direct"))
     try:
         async def go():
-            # aiohttp, not httpx: one client process plays every caller, and httpx spent ~4x the
-            # CPU a streamed request (7.6-9.9 against 1.8-2.3 ms on the CPU machine, 64 events of
-            # a 33K-token prompt; at 16 streams the bench process was ~60% busy on the H100 host),
-            # which delays the callers' next requests: the client's cost, not the server's.
-            connector = aiohttp.TCPConnector(limit=workloads[-1].max_concurrency + 8)
-            timeout = aiohttp.ClientTimeout(total=600)
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+            async with http_session(workloads[-1].max_concurrency + 8) as client:
                 send = http_sender(client, url, model)
                 if ab is not None:
                     return await run_ab(send, _replica_gap_setter(), ab, slo, f"http_{path}")

@@ -38,6 +38,7 @@ from serve_load import (
     bench_config,
     direct_sender,
     http_sender,
+    http_session,
     make_workload,
     run_served,
 )
@@ -67,7 +68,6 @@ def llm_server_sender(server) -> Sender:
 
 async def run_in_process(config, workloads: list[Workload], slo) -> dict[str, dict[str, dict]]:
     """engine, llm_server and http: one engine in this process, one layer added at a time."""
-    import httpx
     import uvicorn
 
     from deployments.ingress import http_app, served_model_name
@@ -90,8 +90,7 @@ async def run_in_process(config, workloads: list[Workload], slo) -> dict[str, di
     try:
         while not http_server.started:
             await asyncio.sleep(0.01)
-        limits = httpx.Limits(max_connections=workloads[-1].max_concurrency + 8)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async with http_session(workloads[-1].max_concurrency + 8) as client:
             send = http_sender(client, f"http://127.0.0.1:{port}", served_model_name(config))
             rows["http"] = await _run_all(send, workloads, slo)
     finally:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_load import SERVED_PATHS, bench_config, http_sender, make_workload, run_workload, start_served, stop_served
+from serve_load import SERVED_PATHS, bench_config, http_sender, http_session, make_workload, run_workload, start_served, stop_served
 
 SAMPLE_RATE = 250  # py-spy samples a second
 
@@ -99,15 +99,13 @@ def process_ids() -> dict[str, int]:
 
 
 async def profile_load(url: str, model: str, workload, seconds: float, out: Path, pids: dict[str, int]) -> dict:
-    import httpx
-
     recorders = {name: subprocess.Popen([_py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)),
                                          "--rate", str(SAMPLE_RATE), "--format", "raw", "--nonblocking", "--gil",
                                          "--output", str(out / f"{workload.name}-{name}.txt")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for name, pid in pids.items()}  # fmt: skip
     started, requests, cpu_before = time.monotonic(), 0, {name: cpu_seconds(pid) for name, pid in pids.items()}
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=workload.max_concurrency + 8)) as client:
+    async with http_session(workload.max_concurrency + 8) as client:
         send = http_sender(client, url, model)
         while time.monotonic() - started < seconds:
             records, _ = await run_workload(send, workload)
