@@ -222,7 +222,8 @@ def parse_args() -> argparse.Namespace:
         args.preset, args.lengths, args.warmup_lengths = "tiny", [200, 330], [40]
         args.batches, args.profile_lengths, args.output_tokens = ["3x100"], [150], 4
     args.batch_specs, args.batches = args.batches, parse_batches(args.batches)
-    args.max_model_len = max(args.lengths + [max(b) for b in args.batches]) + args.output_tokens + 64
+    longest = max(args.lengths + args.profile_lengths + [max(b) for b in args.batches])
+    args.max_model_len = longest + args.output_tokens + 64
     return args
 
 
