@@ -69,6 +69,19 @@ def shares(raw_path: Path) -> tuple[dict[str, float], int]:
     return {stage: counts[stage] / max(total, 1) for stage, _ in [*STAGES, ("other", ())]}, total
 
 
+def thread_shares(raw_path: Path, top: int = 6) -> dict[str, float]:
+    """Collapsed stacks recorded with --threads -> share of samples per thread (GIL-holding
+    samples, with --gil), named by py-spy's thread frame: its id and name."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        thread = stack.split(";")[0]
+        if thread.startswith("thread"):
+            counts[thread[:80]] += int(count)
+    total = sum(counts.values())
+    return {thread: count / max(total, 1) for thread, count in counts.most_common(top)}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and all its threads so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -100,7 +113,7 @@ def process_ids() -> dict[str, int]:
 
 async def profile_load(url: str, model: str, workload, seconds: float, out: Path, pids: dict[str, int]) -> dict:
     recorders = {name: subprocess.Popen([_py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                                         "--rate", str(SAMPLE_RATE), "--format", "raw", "--nonblocking", "--gil",
+                                         "--rate", str(SAMPLE_RATE), "--format", "raw", "--nonblocking", "--gil", "--threads",
                                          "--output", str(out / f"{workload.name}-{name}.txt")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for name, pid in pids.items()}  # fmt: skip
@@ -121,7 +134,9 @@ async def profile_load(url: str, model: str, workload, seconds: float, out: Path
         report[name] = {"cpu_ms_per_request": cpu_ms / requests, "cpu_cores": cpu_ms / 1e3 / elapsed,
                         "gil_ms_per_request": gil_ms * elapsed / seconds,
                         "stage_gil_ms_per_request": {stage: share * gil_ms * elapsed / seconds
-                                                     for stage, share in stage_shares.items()}}
+                                                     for stage, share in stage_shares.items()},
+                        "thread_gil_ms_per_request": {thread: share * gil_ms * elapsed / seconds for thread, share
+                                                      in thread_shares(out / f"{workload.name}-{name}.txt").items()}}
     return report
 
 
@@ -136,6 +151,23 @@ def print_report(reports: dict[str, dict]) -> None:
             for stage, ms in sorted(figures["stage_gil_ms_per_request"].items(), key=lambda item: -item[1]):
                 if ms >= 0.01:
                     print(f"    {ms:7.2f} ms  {stage}")
+            print("   by thread:")
+            for thread, ms in figures["thread_gil_ms_per_request"].items():
+                print(f"    {ms:7.2f} ms  {thread}")
+
+
+def _model_and_prompt(args) -> tuple[str, dict]:
+    """The model folder (made here) and the prompts' shape; sets the cache and tier arguments."""
+    from model_shards.make_model import make_model
+
+    folder = Path(tempfile.mkdtemp(prefix="longctx-bench-"))
+    if not args.serve_bench_shape:
+        args.block_size, args.num_kv_blocks, args.host_kv_bytes = 16, 4096, 0
+        return str(make_model(folder / "tiny", "tiny")), {"input_len": 256, "vocab_size": 512, "shared_prefix": []}
+    args.block_size, args.num_kv_blocks, args.host_kv_bytes = 64, 0, 8 << 30
+    model_dir = str(make_model(folder / "8b", "llama3-8b-shape", num_hidden_layers=2))
+    shared_prefix = [random.Random(0).randrange(100, 128256) for _ in range(32768)]
+    return model_dir, {"input_len": 256, "vocab_size": 128256, "shared_prefix": shared_prefix}
 
 
 def main() -> None:
@@ -147,11 +179,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--stream-chunks-per-s", type=float, default=None)
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="longctx-serve-profile-"))
+    parser.add_argument("--serve-bench-shape", action="store_true",
+                        help="bench/gpu_serve.sh's load instead of a tiny model: the 8B shape with 2 layers, 32K "
+                             "shared prefix + 256 new tokens a prompt, host tier (8 GiB) and --redis-url")
+    parser.add_argument("--redis-url", action="append", default=[])
     args = parser.parse_args()
-    from model_shards.make_model import make_model
-
-    model_dir = str(make_model(Path(tempfile.mkdtemp(prefix="longctx-bench-")) / "tiny", "tiny"))
-    args.block_size, args.num_kv_blocks, args.host_kv_bytes, args.redis_url = 16, 4096, 0, []
+    model_dir, prompt = _model_and_prompt(args)
     args.num_prompts, args.concurrency = 2 * max(args.levels), args.levels
     config = bench_config(args, model_dir)
     out = Path(args.out)
@@ -163,8 +196,8 @@ def main() -> None:
         reports = {}
         for streams in args.levels:
             for output_len in args.output_lens:
-                workload = make_workload(f"c{streams}-out{output_len}", 2 * streams, 256, output_len, float("inf"),
-                                         streams, 512, streams, [])
+                workload = make_workload(f"c{streams}-out{output_len}", 2 * streams, prompt["input_len"], output_len,
+                                         float("inf"), streams, prompt["vocab_size"], streams, prompt["shared_prefix"])
                 reports[workload.name] = asyncio.run(profile_load(url, model, workload, args.seconds, out, pids))
     finally:
         stop_served()
