@@ -162,9 +162,17 @@ if wanted profile; then
     stamp profile
     python3 -m pip install -q --no-index --target /tmp/pyspy .gpu/extra/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
     profiles=$(cd "$OUT" && pwd)/serve_profile  # before the cd: serve_profile.py runs from bench/
-    (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served ${PROFILE_SERVED:-fused_direct_process} --levels 16 64 \
-        --output-lens 1 64 --seconds 12 --out "$profiles") > "$OUT/serve_profile.log" 2>&1
-    tail -60 "$OUT/serve_profile.log" | cut -c1-200
+    shape=()  # PROFILE_SERVE_SHAPE=1: gpu_serve.sh's load (8B shape, 32K shared prefix, host + Redis tiers)
+    if [ "${PROFILE_SERVE_SHAPE:-0}" = 1 ]; then
+        PROFILE_REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        redis-server --port "$PROFILE_REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
+        shape=(--serve-bench-shape --redis-url "redis://127.0.0.1:$PROFILE_REDIS_PORT")
+    fi
+    (cd bench && timeout ${PROFILE_S:-240} python3 serve_profile.py --served ${PROFILE_SERVED:-fused_direct_process} \
+        --levels ${PROFILE_LEVELS:-16 64} --output-lens ${PROFILE_OUTPUT_LENS:-1 64} --seconds ${PROFILE_SECONDS:-12} \
+        "${shape[@]}" --out "$profiles") > "$OUT/serve_profile.log" 2>&1
+    [ -n "${PROFILE_REDIS_PORT:-}" ] && redis-cli -p "$PROFILE_REDIS_PORT" shutdown nosave >/dev/null 2>&1
+    tail -${PROFILE_TAIL:-60} "$OUT/serve_profile.log" | cut -c1-200
 fi
 if wanted anatomy; then
     stamp anatomy
