@@ -103,7 +103,7 @@ class ModelWorker:
         model.load_weights(WeightReader(self.config.model.path))
         return model.eval()
 
-    def _warm_up_attention(self) -> None:
+    def _warm_up_attention(self, release_memory: bool = True) -> None:
         """Per-shape kernel plans built now rather than inside the first request of each prompt
         length (model_shards/attention/chunked_prefill.py). cuDNN keeps plans per thread: a
         worker stepped from another thread than the one that built it (a serving engine's
@@ -116,7 +116,8 @@ class ModelWorker:
         attention.backend.warm_up(self.device, self.dtype, attention.num_heads, attention.num_kv_heads,
                                   attention.head_dim, self.block_size, self.config.scheduler.max_tokens_per_step,
                                   max_model_len)
-        torch.cuda.empty_cache()
+        if release_memory:  # not once the activations' reserve is taken (a later thread's warm-up)
+            torch.cuda.empty_cache()
 
     def _warm_up_matmuls(self) -> None:
         """Load the GEMM kernels of every step size now, not in a request (matmul_warmup.py)."""
@@ -207,7 +208,7 @@ class ModelWorker:
         model_shards/step_containment.py, its sample) is left out and reported in `failed`; the
         other requests of the step go on as if it were absent."""
         if threading.get_ident() not in self._warm_threads:
-            self._warm_up_attention()
+            self._warm_up_attention(release_memory=False)
         failed: dict[str, str] = {}
         self._apply_changes(step_input, failed)
         kv_report = self._transfer_kv(step_input)  # before the forward pass overwrites evicted blocks

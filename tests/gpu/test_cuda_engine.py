@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -56,8 +57,10 @@ def test_bfloat16_logprobs_stay_close_to_float32(model_dir):
 def test_a_step_budget_sized_prompt_allocates_no_device_memory_in_its_request(tmp_path):
     """The activations' memory is taken at start (ModelWorker._reserve_activation_memory) and kept
     cached: the first prompt of the step budget's size runs inside it, with no cudaMalloc in its
-    request. Without the reserve the warm-ups' empty_cache leaves nothing cached, and this prompt's
-    MLP rows (2040 x 3072 bf16, 12.5 MB: torch's large pool) need new segments."""
+    request, stepped from another thread as a serving engine's loop does (that thread's attention
+    warm-up keeps the reserve). Without the reserve the warm-ups' empty_cache leaves nothing
+    cached, and this prompt's MLP rows (2040 x 3072 bf16, 12.5 MB: torch's large pool) need new
+    segments."""
     folder = str(make_model(tmp_path / "small", "small", seed=5))
     config = LongctxConfig(model=ModelSettings(path=folder, dtype="bfloat16", device="cuda"),
                            cache=CacheSettings(block_size=16, num_device_blocks=512),
@@ -67,6 +70,10 @@ def test_a_step_budget_sized_prompt_allocates_no_device_memory_in_its_request(tm
     assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() >= worker._activation_bytes
     prompt = [random.Random(1).randrange(3, 16000) for _ in range(2040)]
     before = torch.cuda.memory_stats()["segment.large_pool.allocated"]
-    outputs = generate(engine, [prompt], SamplingParams(max_tokens=2, ignore_eos=True))
+    outputs = []
+    loop = threading.Thread(target=lambda: outputs.extend(generate(engine, [prompt], SamplingParams(max_tokens=2,
+                                                                                             ignore_eos=True))))
+    loop.start()
+    loop.join()
     assert len(outputs[0][0].token_ids) == 2
     assert torch.cuda.memory_stats()["segment.large_pool.allocated"] == before

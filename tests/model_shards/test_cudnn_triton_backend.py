@@ -21,9 +21,9 @@ from model_shards.attention.base import AttentionMetadata  # noqa: E402
 from model_shards.attention.chunked_prefill import (PLANNED_MIN_QUERIES, PLANNED_MIN_STEP,  # noqa: E402
                                                     PrefillKernels, bucket_tokens, chunk_attention,
                                                     prefix_pieces, warm_shapes)
-from model_shards.attention.cudnn_triton import CudnnTritonBackend, canonical_device  # noqa: E402
+from model_shards.attention.cudnn_triton import CudnnTritonBackend, canonical_device, warm_up_merges  # noqa: E402
 from model_shards.attention.torch_sdpa import TorchSDPABackend  # noqa: E402
-from model_shards.parallel.lse_attention import reference_attention  # noqa: E402
+from model_shards.parallel.lse_attention import PartialSum, reference_attention  # noqa: E402
 
 
 @given(st.integers(1, 1 << 20))
@@ -248,3 +248,23 @@ def test_eager_steps_launch_one_decode_variant_whatever_their_table_width():
             assert metadata.block_table_tensor.shape[1] % 16 == 0
     assert len(launches.keys[_paged_decode_partials]) == 4
     assert len(set(launches.keys[_paged_decode_partials])) == 1
+
+
+def test_the_merge_warm_up_runs_a_planned_and_an_unplanned_chunk_over_a_prefix(monkeypatch):
+    """warm_up_merges: the kernels a chunk over a cached prefix launches, PartialSum's merge
+    among them, run at start-up at the step budget's bucket (planned) and the smallest (not)."""
+    planned, unplanned = RecordingKernel(), RecordingKernel()
+    kernels = PrefillKernels(planned, unplanned, quantum=32)
+    kernels.mark_planned((256, 256, True))
+    kernels.mark_planned((256, 32, False))
+    merged_rows, merge = [], PartialSum._merge
+
+    def recording_merge(self, start, out, lse):
+        merged_rows.append(out.shape[0])
+        merge(self, start, out, lse)
+
+    monkeypatch.setattr(PartialSum, "_merge", recording_merge)
+    warm_up_merges(kernels, torch.device("cpu"), torch.float32, 4, 2, 32, 16, step_tokens=250)
+    assert unplanned.shapes == [(128, 128, True), (128, 32, False)]
+    assert planned.shapes == [(256, 256, True), (256, 32, False)]
+    assert merged_rows == [128, 256]
