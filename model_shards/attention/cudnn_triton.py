@@ -170,7 +170,10 @@ def warm_up_merges(kernels: PrefillKernels, device: torch.device, dtype: torch.d
     prefix = kernels.quantum  # one prefix piece, planned at every budget's bucket (warm_shapes)
     cache = torch.zeros(-(-prefix // block_size), 2, block_size, kv_heads, head_dim, device=device, dtype=dtype)
     block_ids = torch.arange(cache.shape[0], device=device)  # (blocks,)
-    for count in sorted({bucket_tokens(step_tokens), MIN_QUERY_BUCKET}):
+    counts = {MIN_QUERY_BUCKET}
+    if kernels.planned is not reference_attention:  # the reference would materialise the budget's scores
+        counts.add(bucket_tokens(step_tokens))
+    for count in sorted(counts):
         query = torch.zeros(count, heads, head_dim, device=device, dtype=dtype)  # (n, H, D)
         key, value = (torch.zeros(count, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2))
         chunk_attention(query, key, value, cache, block_ids, prefix, head_dim ** -0.5, kernels)
