@@ -13,8 +13,8 @@ parent fails every open stream with EngineDeadError when the child's event pipe 
 
 The parent prepares each request itself (engine/request_preparer.py: tokens, checks, block
 hashes, from the limits the child sent when ready) and sends `add_prepared`: that Python would
-otherwise hold the child's GIL beside the step thread, and a prepared prompt crosses the pipe as
-bytes, where a list of ints would cost the child ~1 ms a 33K-token prompt to unpickle.
+otherwise hold the child's GIL beside the step thread. A prepared prompt crosses the pipe as its
+uint32 bytes (engine/request_preparer.py `PreparedRequest`).
 """
 
 from __future__ import annotations
@@ -184,7 +184,11 @@ class ProcessEngine(EngineClient):
         # the child: closing the command pipe is what lets the child exit.
         atexit.register(self._close_commands)
         limits, self._stats = self._wait_until_ready()  # the child's start-up errors first (a bad folder)
-        self._preparer = RequestPreparer(Tokenizer.from_folder(config.model.path), limits)
+        try:
+            self._preparer = RequestPreparer(Tokenizer.from_folder(config.model.path), limits)
+        except BaseException:
+            self.shutdown()  # no child left behind a constructor that failed
+            raise
         self.max_model_len = limits.max_model_len
         self.last_step_time = time.monotonic()
         self._reader = threading.Thread(target=self._read_events, name="longctx-engine-events", daemon=True)
