@@ -49,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--host-kv-bytes", type=int, default=0)
     parser.add_argument("--redis-url", action="append", default=[])
     parser.add_argument("--switch-interval-ms", type=float, default=None,
-                        help="the interpreter's GIL switch interval (sys.setswitchinterval; Python's default 5 ms)")
+                        help="the interpreter's GIL switch interval (sys.setswitchinterval); default: the served "
+                             "engine process's (serve.engine_switch_interval_s, 0.5 ms), not Python's 5 ms")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", Path(__file__).resolve().parent / "results"))
                                              / "step_anatomy.json"))
@@ -215,7 +216,13 @@ def main() -> None:
     args = parse_args()
     from model_shards.make_model import make_model
 
-    if args.switch_interval_ms is not None:  # how long a thread that wants the GIL waits for a holder that keeps it
+    # How long a thread that wants the GIL waits for a holder that keeps it: as in the engine
+    # process that serves (engine/engine_process.py), unless asked otherwise.
+    if args.switch_interval_ms is None:
+        from cluster.config import ServeSettings
+
+        sys.setswitchinterval(ServeSettings().engine_switch_interval_s)
+    else:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
 
     if args.smoke:
