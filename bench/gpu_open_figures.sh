@@ -95,6 +95,7 @@ if wanted densetests; then
     stamp densetests
     timeout ${DENSETESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_prefill_plans.py \
         tests/gpu/test_step_uploads.py tests/gpu/test_cuda_engine.py tests/model_shards/test_cuda_graphs.py \
+        tests/engine/test_mixed_step_graphs.py \
         2>&1 | tail -12
 fi
 if wanted graphs; then
@@ -178,24 +179,26 @@ if wanted anatomy; then
     stamp anatomy
     if [ "${ANATOMY_PLAIN:-1}" = 1 ]; then  # 0: only the run with the tiers on (the serve bench's)
         # an empty Triton cache: the first mixed step's compiles are those of a fresh replica
-        TRITON_CACHE_DIR=$(mktemp -d) timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py \
+        TRITON_CACHE_DIR=$(mktemp -d) timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py ${ANATOMY_ARGS:-} \
             --out "$OUT/step_anatomy.json" > "$OUT/step_anatomy.log" 2>&1
-        grep -vE "USDT|^\s*$" "$OUT/step_anatomy.log" | tail -24 | cut -c1-900
+        grep -vE "USDT|^\s*$" "$OUT/step_anatomy.log" | tail -${ANATOMY_TAIL:-24} | cut -c1-900
     fi
-    REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
-    stamp "anatomy, host + Redis tiers on"
-    timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) \
-        --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers.json" > "$OUT/step_anatomy_tiers.log" 2>&1
-    grep -vE "USDT|^\s*$" "$OUT/step_anatomy_tiers.log" | tail -24 | cut -c1-900
-    for interval in ${ANATOMY_SWITCH_MS:-}; do  # the tiers' I/O threads against the step's thread on the GIL
-        stamp "anatomy, tiers on, GIL switch interval $interval ms"
-        timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) --switch-interval-ms "$interval" \
-            --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers_switch$interval.json" \
-            > "$OUT/step_anatomy_tiers_switch$interval.log" 2>&1
-        grep -E "step |first mixed" "$OUT/step_anatomy_tiers_switch$interval.log" | cut -c1-300
-    done
-    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+    if [ "${ANATOMY_TIERS:-1}" = 1 ]; then  # 0: only the plain run
+        REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
+        stamp "anatomy, host + Redis tiers on"
+        timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) \
+            --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers.json" > "$OUT/step_anatomy_tiers.log" 2>&1
+        grep -vE "USDT|^\s*$" "$OUT/step_anatomy_tiers.log" | tail -24 | cut -c1-900
+        for interval in ${ANATOMY_SWITCH_MS:-}; do  # the tiers' I/O threads against the step's thread on the GIL
+            stamp "anatomy, tiers on, GIL switch interval $interval ms"
+            timeout ${ANATOMY_S:-120} python3 bench/step_anatomy.py --host-kv-bytes $((8 << 30)) --switch-interval-ms "$interval" \
+                --redis-url "redis://127.0.0.1:$REDIS_PORT" --out "$OUT/step_anatomy_tiers_switch$interval.json" \
+                > "$OUT/step_anatomy_tiers_switch$interval.log" 2>&1
+            grep -E "step |first mixed" "$OUT/step_anatomy_tiers_switch$interval.log" | cut -c1-300
+        done
+        redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+    fi
 fi
 if wanted engineproc2; then
     # direct against the default served path, ENGINEPROC_REPEATS times in one call: session 15's four

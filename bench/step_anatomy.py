@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prefix-len", type=int, default=32768)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--decode-batch", type=int, default=60, help="requests decoding beside the prompts")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[60],
+                        help="requests decoding beside the prompts (a mixed step's decodes)")
     parser.add_argument("--prompts", type=int, nargs="+", default=[1, 4, 16], help="prompts a step takes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=2)
@@ -51,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="the interpreter's GIL switch interval (sys.setswitchinterval); default: the served "
                              "engine process's (serve.engine_switch_interval_s, 0.5 ms), not Python's 5 ms")
+    parser.add_argument("--whole-eager-ab", action="store_true",
+                        help="each mixed step also with model.mixed_step_graph_max_prompt_tokens 0 (the whole "
+                             "step eager, as before session 17), in this process")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", Path(__file__).resolve().parent / "results"))
                                              / "step_anatomy.json"))
@@ -66,7 +71,7 @@ def make_engine(args, model_dir: str):
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=model_dir, device=device, dtype=dtype, max_model_len=args.prefix_len + 4096),
         cache=CacheSettings(block_size=64, num_device_blocks=None if device == "cuda" else 4096),
-        scheduler=SchedulerSettings(max_num_seqs=max(64, args.decode_batch + max(args.prompts))),
+        scheduler=SchedulerSettings(max_num_seqs=max(64, max(args.decode_batches) + max(args.prompts))),
         kv_tiers=KVTierSettings(host_bytes=args.host_kv_bytes, redis_urls=tuple(args.redis_url)),
     ))
 
@@ -169,7 +174,7 @@ def profile_step(driver: StepDriver, decode_batch: int, prompts: int) -> dict:
         step = driver.timed_step()
     driver.abort(decoding + new)
     averages = profiler.key_averages()
-    device_us = sum(event.self_device_time_total for event in averages) if torch.cuda.is_available() else 0.0
+    device_us = busy_us(profiler.events()) if torch.cuda.is_available() else 0.0
     top_host = sorted(averages, key=lambda event: -event.self_cpu_time_total)[:12]
     top_device = sorted(averages, key=lambda event: -event.self_device_time_total)[:12] if device_us else []
     return {
@@ -179,6 +184,22 @@ def profile_step(driver: StepDriver, decode_batch: int, prompts: int) -> dict:
         "top_device_ops_ms": [(event.key[:80], event.count, round(event.self_device_time_total / 1e3, 3))
                               for event in top_device],
     }
+
+
+def busy_us(events) -> float:
+    """Microseconds in which some kernel or copy ran on the device: the union of their intervals.
+    (A sum over key_averages counts each kernel twice, once as itself and once in its aten op's
+    device time: session 16's "device busy" figures were about twice the real ones.)"""
+    from torch.autograd import DeviceType
+
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in events
+                       if event.device_type == DeviceType.CUDA)
+    busy, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
 
 
 def python_profile(driver: StepDriver, decode_batch: int, prompts: int) -> list[tuple[str, int, float]]:
@@ -198,18 +219,44 @@ def python_profile(driver: StepDriver, decode_batch: int, prompts: int) -> list[
             for (file, line, function), (calls, _, own, _, _) in top]
 
 
-def profiled(rows: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+Scenario = tuple[str, int, int, bool]  # (name, decoding requests, new prompts, whole step eager)
+
+
+def profiled(rows: list[Scenario]) -> list[Scenario]:
     """Decode alone, one prompt alone, and one and (if measured) a few prompts beside a decode."""
-    decode, prefills, mixed = rows[0], [r for r in rows if r[1] == 0], [r for r in rows if r[1] and r[2]]
+    decode, prefills = rows[0], [r for r in rows if r[1] == 0]
+    mixed = [r for r in rows if r[1] and r[2] and not r[3]]
     return [decode, prefills[0], *mixed[:2]]
 
 
-def scenarios(args) -> list[tuple[str, int, int]]:
-    """(name, decoding requests, new prompts) of each step kind measured."""
-    rows = [(f"decode x{args.decode_batch}", args.decode_batch, 0)]
-    rows += [(f"prefill {count}", 0, count) for count in args.prompts]
-    rows += [(f"decode x{args.decode_batch} + prefill {count}", args.decode_batch, count) for count in args.prompts]
+def scenarios(args) -> list[Scenario]:
+    """Each step kind measured. With --whole-eager-ab each mixed step comes twice: its decodes
+    replayed (the default), then the whole step eager."""
+    rows = [(f"decode x{batch}", batch, 0, False) for batch in args.decode_batches]
+    rows += [(f"prefill {count}", 0, count, False) for count in args.prompts]
+    for batch in args.decode_batches:
+        for count in args.prompts:
+            rows.append((f"decode x{batch} + prefill {count}", batch, count, False))
+            if args.whole_eager_ab:
+                rows.append((f"decode x{batch} + prefill {count}, eager", batch, count, True))
     return rows
+
+
+@contextmanager
+def whole_eager(driver: StepDriver, on: bool):
+    """The in-process worker with model.mixed_step_graph_max_prompt_tokens 0 while `on`: a step
+    that mixes decodes with prompts runs wholly eager (the path before session 17)."""
+    worker = getattr(driver.engine.executor, "worker", None)
+    if not on or worker is None:
+        yield
+        return
+    config = worker.config
+    worker.config = config.model_copy(update={"model": config.model.model_copy(
+        update={"mixed_step_graph_max_prompt_tokens": 0})})
+    try:
+        yield
+    finally:
+        worker.config = config
 
 
 def main() -> None:
@@ -226,7 +273,7 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
 
     if args.smoke:
-        args.prefix_len, args.new_tokens, args.decode_batch, args.prompts, args.repeats = 512, 32, 4, [1, 2], 2
+        args.prefix_len, args.new_tokens, args.decode_batches, args.prompts, args.repeats = 512, 32, [4], [1, 2], 2
     preset = "tiny" if args.smoke else "llama3-8b-shape"
     overrides = {} if args.smoke else {"num_hidden_layers": args.layers}
     model_dir = str(make_model(Path(tempfile.mkdtemp(prefix="longctx-anatomy-")) / preset, preset, **overrides))
@@ -235,19 +282,20 @@ def main() -> None:
     driver = StepDriver(engine, prefix, args.new_tokens)
     driver.abort(driver.start_decoding(1))  # the prefix is cached from here on; first-call costs paid
     with TritonCompileLog() as compiles:  # a compile here is one inside the first such request served
-        first = measure(driver, args.decode_batch, max(args.prompts), 1)[0]  # the mixed shapes' first calls too
+        first = measure(driver, args.decode_batches[-1], max(args.prompts), 1)[0]  # the mixed shapes' first calls
     first.update(summarize(compiles.take()))
-    print(f"first mixed step (decode x{args.decode_batch} + prefill {max(args.prompts)}): {first['ms']:.2f} ms, "
+    print(f"first mixed step (decode x{args.decode_batches[-1]} + prefill {max(args.prompts)}): {first['ms']:.2f} ms, "
           f"Triton compiles {first['triton_compiled']} ({first['triton_compile_s']} s)", flush=True)
     rows, profiles = {"first mixed step": {key: round(value, 3) if isinstance(value, float) else value
                                            for key, value in first.items()}}, {}
-    for name, decode_batch, prompts in scenarios(args):
-        rows[name] = median_row(measure(driver, decode_batch, prompts, args.repeats))
+    for name, decode_batch, prompts, eager in scenarios(args):
+        with whole_eager(driver, eager):
+            rows[name] = median_row(measure(driver, decode_batch, prompts, args.repeats))
         row = rows[name]
-        print(f"{name:<28} step {row['ms']:8.2f} ms (max {row['max_ms']:8.2f})   schedule / execute / outputs "
+        print(f"{name:<35} step {row['ms']:8.2f} ms (max {row['max_ms']:8.2f})   schedule / execute / outputs "
               + " / ".join(f"{row[phase]:.2f}" for phase in PHASES) + f" ms; KV transfers {row['kv_ms']:.2f} ms "
               f"({row['saves']:g} saves, {row['write_throughs']:g} write-throughs, {row['loads']:g} loads)", flush=True)
-    for name, decode_batch, prompts in profiled(scenarios(args)):
+    for name, decode_batch, prompts, _ in profiled(scenarios(args)):
         profiles[name] = {**profile_step(driver, decode_batch, prompts),
                           "python_ms": python_profile(driver, decode_batch, prompts)}  # fmt: skip
         report = profiles[name]

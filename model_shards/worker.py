@@ -233,15 +233,46 @@ class ModelWorker:
                              device=self.device)
 
     def _run_model(self, step_input: StepInput) -> tuple[torch.Tensor, StepBatch]:
-        """A step of decodes replays a CUDA graph when one fits; anything else runs eagerly."""
-        if self.decode_graphs is not None and set(step_input.num_scheduled_tokens.values()) == {1}:
-            rows = [self._decode_row(rid) for rid in step_input.num_scheduled_tokens]
-            hidden = self.decode_graphs.run(rows)
-            if hidden is not None:
-                sampling = [j for j, row in enumerate(rows)
-                            if row.position + 1 == len(self.requests[row.request_id].token_ids)]
-                # A decode row predicts no prompt token: no prompt logprobs here.
-                return hidden, StepBatch(None, None, None, sampling, [rows[j].request_id for j in sampling], [])
+        """A step's decodes replay a CUDA graph when one fits; its prompt chunks run eagerly after
+        them (the host launches those while the GPU runs the graph). A step the graphs cannot take
+        runs wholly eager."""
+        schedule = step_input.num_scheduled_tokens
+        decoding = self._graphed_decodes(schedule)
+        graphed = self._replay_decodes(decoding) if decoding else None
+        if graphed is None:
+            return self._run_eager(step_input)
+        if len(decoding) == len(schedule):
+            return graphed
+        taken = set(decoding)
+        rest = _with_schedule(step_input, {rid: num for rid, num in schedule.items() if rid not in taken})
+        return _joined(graphed, self._run_eager(rest))
+
+    def _graphed_decodes(self, schedule: dict[str, int]) -> list[str]:
+        """The requests whose row of this step the decode graphs take: all of a step of single
+        tokens; in a step with prompt chunks of at most `mixed_step_graph_max_prompt_tokens`,
+        the single-token rows that sample (decodes; such a row predicts no prompt token)."""
+        if self.decode_graphs is None:
+            return []
+        single = [rid for rid, num in schedule.items() if num == 1]
+        if len(single) == len(schedule):
+            return single
+        prompt_tokens = sum(num for num in schedule.values() if num > 1)
+        if not single or prompt_tokens > self.config.model.mixed_step_graph_max_prompt_tokens:
+            return []
+        return [rid for rid in single
+                if self.requests[rid].num_computed_tokens + 1 == len(self.requests[rid].token_ids)]
+
+    def _replay_decodes(self, request_ids: list[str]) -> tuple[torch.Tensor, StepBatch] | None:
+        """(hidden (rows, hidden), batch) of one graph replay; None when no graph takes the rows."""
+        rows = [self._decode_row(rid) for rid in request_ids]
+        hidden = self.decode_graphs.run(rows)
+        if hidden is None:
+            return None
+        sampling = [j for j, row in enumerate(rows) if row.position + 1 == len(self.requests[row.request_id].token_ids)]
+        # A decode row predicts no prompt token: no prompt logprobs here.
+        return hidden, StepBatch(None, None, None, sampling, [rows[j].request_id for j in sampling], [])
+
+    def _run_eager(self, step_input: StepInput) -> tuple[torch.Tensor, StepBatch]:
         batch = self._build_batch(step_input)
         return self.model(batch.input_ids, batch.positions, batch.metadata, self.kv_cache), batch
 
@@ -367,3 +398,15 @@ def _without(step_input: StepInput, failed: dict[str, str]) -> StepInput:
 
 def _with_schedule(step_input: StepInput, schedule: dict[str, int]) -> StepInput:
     return dataclasses.replace(step_input, num_scheduled_tokens=schedule)
+
+
+def _joined(first: tuple[torch.Tensor, StepBatch], second: tuple[torch.Tensor, StepBatch]) -> tuple[torch.Tensor, StepBatch]:
+    """Two parts of one step as one: hidden states stacked (first's rows, then second's), every
+    row index of the second shifted past the first's. The first part must score no prompt rows."""
+    (first_hidden, first_batch), (second_hidden, second_batch) = first, second
+    offset = first_hidden.shape[0]
+    prompt_rows = [dataclasses.replace(rows, first_row=rows.first_row + offset) for rows in second_batch.prompt_rows]
+    batch = StepBatch(None, None, None, first_batch.sample_rows + [row + offset for row in second_batch.sample_rows],
+                      first_batch.sample_request_ids + second_batch.sample_request_ids,
+                      first_batch.prompt_rows + prompt_rows)
+    return torch.cat([first_hidden, second_hidden]), batch
