@@ -26,7 +26,8 @@ def engine_counters(exposition: str) -> dict[tuple[str, str], float]:
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             if sample.name.startswith("longctx_engine_") and sample.name.endswith("_total"):
-                label = sample.labels.get("kind") or sample.labels.get("phase") or sample.labels.get("activity", "")
+                labels = sample.labels
+                label = labels.get("kind") or labels.get("phase") or labels.get("activity") or labels.get("generation", "")
                 counters[(sample.name, label)] += sample.value
     return dict(counters)
 
@@ -43,7 +44,10 @@ def step_report(before: dict, after: dict, wall_s: float) -> dict:
     loop = {activity: round(delta("loop_seconds", activity) / wall_s, 4) for activity in ACTIVITIES}
     phases_ms = {phase: round(delta("step_phase_seconds", phase) / max(1, sum(steps.values())) * 1e3, 3)
                  for phase in PHASES}  # fmt: skip
+    gc = {generation: {"collections": int(delta("gc_collections", generation)),
+                       "pause_ms": round(delta("gc_pause_seconds", generation) * 1e3, 3)} for generation in ("0", "1", "2")}
     return {
+        "gc": gc,  # by generation ("2": full): the collections while the loop ran, every thread stopped
         "steps": steps,
         "mean_step_ms": step_ms,
         "mean_step_phase_ms": phases_ms,
@@ -58,4 +62,9 @@ def format_step_report(report: dict) -> str:
     kinds = ", ".join(f"{steps[kind]} {kind} ({step_ms[kind]:.2f} ms)" for kind in KINDS if steps[kind])
     phases = " / ".join(f"{report['mean_step_phase_ms'][phase]:.2f}" for phase in PHASES)
     shares = ", ".join(f"{activity} {loop[activity]:.0%}" for activity in ACTIVITIES if loop[activity] >= 0.005)
-    return f"engine: {sum(steps.values())} steps: {kinds}; schedule / execute / outputs {phases} ms a step; loop: {shares}"
+    gc = report.get("gc", {})
+    collections = sum(entry["collections"] for entry in gc.values())
+    pauses = f"; gc: {collections} collections ({gc['2']['collections']} full), " \
+             f"{sum(entry['pause_ms'] for entry in gc.values()):.1f} ms" if gc else ""
+    return (f"engine: {sum(steps.values())} steps: {kinds}; schedule / execute / outputs {phases} ms a step; "
+            f"loop: {shares}{pauses}")

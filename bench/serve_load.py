@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import os
@@ -299,6 +300,7 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
     """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
     import torch
 
+    from engine.gc_pauses import freeze_startup_objects
     from engine.serving import serving_engine
 
     # The Ray worker runs torch on as many threads as its CPUs (OMP_NUM_THREADS); so does this.
@@ -306,16 +308,16 @@ async def run_direct(config, workloads: list[Workload], slo: tuple[float, float]
     # The replica's serve settings (arrival gathering, pacing), the loop on a thread of this process:
     # the engine driven directly, the reference every served path is measured against.
     engine = serving_engine(config.with_overrides({"serve.engine_loop": "thread"}))
+    freeze_startup_objects()  # as a served engine's process and replica do (engine/gc_pauses.py)
     try:
         if ab is not None:
             return await run_ab(direct_sender(engine), _engine_gap_setter(engine), ab, slo, "direct")
         return await _run_all(direct_sender(engine), workloads, slo, engine.metrics_exposition)
     finally:
+        gc.unfreeze()
         engine.shutdown()
         del engine
         if torch.cuda.is_available():  # the served replicas need the GPU memory this engine held
-            import gc
-
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -489,7 +491,10 @@ SERVED_PATHS = {
 def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, float],
                ab: ArrivalGapAB | None = None) -> dict[str, dict]:  # fmt: skip
     """{workload: summary}; with `ab`, {workload: [each run's summary]} (run_ab)."""
+    from engine.gc_pauses import freeze_startup_objects
+
     url, model = start_served(config.with_overrides(SERVED_PATHS[path]), direct_ingress=path.startswith("fused_direct"))
+    freeze_startup_objects()  # the client's own pauses would count against the served path
     try:
         async def go():
             async with http_session(workloads[-1].max_concurrency + 8) as client:
@@ -500,6 +505,7 @@ def run_served(config, path: str, workloads: list[Workload], slo: tuple[float, f
 
         return asyncio.run(go())
     finally:
+        gc.unfreeze()
         stop_served()
 
 

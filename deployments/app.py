@@ -127,10 +127,10 @@ def build_application(config: LongctxConfig) -> Application:
     config_data = config.model_dump()
     if config.serves_http_from_llm_server:  # one replica: the proxy streams straight from it
         server = serve.deployment(LLMServerWithAPI, name="LLMServer").options(**llm_server_options(config))
-        return server.bind(config_data)
+        return server.bind(config_data, own_process=True)
     llm_server = serve.deployment(LLMServer, name="LLMServer").options(**llm_server_options(config))
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress").options(**ingress_options(config))
-    return ingress.bind(llm_server.bind(config_data), config_data)
+    return ingress.bind(llm_server.bind(config_data, own_process=True), config_data)
 
 
 def llm_server_options(config: LongctxConfig) -> dict[str, Any]:

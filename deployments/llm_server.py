@@ -31,6 +31,7 @@ from deployments.messages import (
     request_failure,
 )
 from engine.async_engine import EngineDeadError
+from engine.gc_pauses import freeze_startup_objects
 from engine.serving import serving_engine
 from engine.outputs import CompletionDelta, RequestFailedError
 from engine.scheduler import QueueFullError
@@ -42,7 +43,9 @@ Reply = list[CompletionDelta] | ServeError
 
 
 class LLMServer:
-    def __init__(self, config: LongctxConfig | dict[str, Any]):
+    def __init__(self, config: LongctxConfig | dict[str, Any], own_process: bool = False):
+        """`own_process`: this replica is what its process is for (a Serve replica, not a test's
+        object): once started, its objects are frozen out of garbage collection (engine/gc_pauses.py)."""
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
         _log_progress_to_stderr()  # first: an engine in a child process logs as this process does
@@ -51,6 +54,8 @@ class LLMServer:
         self.replica_id = _replica_id()
         for line in self.summary_lines():
             logger.info("replica %s: %s", self.replica_id, line)
+        if own_process:
+            freeze_startup_objects()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
         if not self.engine.is_alive:  # it stopped before this request came: another replica can serve it

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from prometheus_client import generate_latest
 
+from engine.gc_pauses import GcPauses
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats
 
@@ -60,6 +61,8 @@ class EngineLoop:
         self.stats: EngineStats = engine.stats()
         self._several_open_at_s = -math.inf  # monotonic: the end of the last step taken with 2+ requests open
         self._stop = threading.Event()
+        # Every garbage collection of this process while the loop runs (engine/gc_pauses.py).
+        self.gc_pauses = GcPauses(engine.step_metrics)
         # Looked up on the engine at each call, as a direct call would (a test may patch them).
         self._handlers: dict[str, Callable[..., Any]] = {
             "add_request": lambda *args: self.engine.add_request(*args),
@@ -110,6 +113,7 @@ class EngineLoop:
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         """Until a `stop` command; a failure reaches `on_failure` and every queued command."""
+        self.gc_pauses.install()
         try:
             while not self._stop.is_set():
                 self._iterate()
@@ -117,6 +121,8 @@ class EngineLoop:
             logger.exception("engine loop failed")
             self.on_failure(error)
             self._fail_queued(EngineDeadError(f"the engine stopped: {error!r}"))
+        finally:
+            self.gc_pauses.uninstall()
 
     def _iterate(self) -> None:
         idle = not self.engine.has_unfinished_requests()

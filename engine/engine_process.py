@@ -35,6 +35,7 @@ from typing import Any
 from cluster.config import LongctxConfig
 from engine.async_engine import EngineClient
 from engine.engine_loop import EngineDeadError, EngineLoop
+from engine.gc_pauses import freeze_startup_objects
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request_preparer import RequestLimits, RequestPreparer
@@ -67,6 +68,7 @@ def run_engine_process(config: LongctxConfig, commands: Connection, events: Conn
         sender.send(("dead", f"the engine failed to start: {error!r}"))
         raise
     child = _ChildLoop(engine, sender, config)
+    freeze_startup_objects()  # this process only serves from here on (engine/gc_pauses.py)
     sender.send(("ready", engine.preparer.limits, child.loop.stats))
     threading.Thread(target=child.receive, args=(commands,), name="longctx-engine-commands", daemon=True).start()
     try:

@@ -24,6 +24,7 @@ STEP_PHASES = ("schedule", "execute", "outputs")
 # tokenizes and checks a prompt); gathering a burst's arrivals (serve.arrival_gap_s); and blocking
 # for a command with no work.
 LOOP_ACTIVITIES = ("step", "publish", "commands", "gather", "idle")
+GC_GENERATIONS = ("0", "1", "2")
 STEP_DURATION_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -49,6 +50,16 @@ class StepMetrics:
                               "request (prompt, output).", ["phase"], registry=registry)  # fmt: skip
         self.loop_seconds = Counter("longctx_engine_loop_seconds", "Wall time of the engine loop, by activity "
                                     "(step, publish, commands, gather, idle).", ["activity"], registry=registry)  # fmt: skip
+        # Garbage collections while the loop runs (engine/gc_pauses.py): every thread stops for them.
+        self.gc_collections = Counter("longctx_engine_gc_collections", "Garbage collections of the engine's "
+                                      "process while its loop runs, by generation (2: full).", ["generation"],
+                                      registry=registry)  # fmt: skip
+        self.gc_pause_seconds = Counter("longctx_engine_gc_pause_seconds", "Wall time of those garbage "
+                                        "collections (every thread of the process stops), by generation.",
+                                        ["generation"], registry=registry)  # fmt: skip
+        for generation in GC_GENERATIONS:
+            self.gc_collections.labels(generation)
+            self.gc_pause_seconds.labels(generation)
         for kind in STEP_KINDS:  # every series exported from the start: rates need a zero to start from
             self.steps.labels(kind)
             self.step_seconds.labels(kind)
@@ -73,3 +84,7 @@ class StepMetrics:
 
     def observe_loop(self, activity: str, seconds: float) -> None:
         self.loop_seconds.labels(activity).inc(seconds)
+
+    def observe_gc(self, generation: int, seconds: float) -> None:
+        self.gc_collections.labels(str(generation)).inc()
+        self.gc_pause_seconds.labels(str(generation)).inc(seconds)

@@ -50,3 +50,18 @@ longctx_kv_hit_tokens_total{tier="device",replica="a"} 9.0
 """
     assert engine_counters(text) == {("longctx_engine_steps_total", "decode"): 7.0,
                                      ("longctx_engine_steps_total", "prefill"): 1.0}  # fmt: skip
+
+
+def test_the_garbage_collections_of_the_workload_are_reported():
+    metrics = StepMetrics(CollectorRegistry())
+    metrics.observe_gc(2, 0.150)  # before the workload
+    before = engine_counters(_exposition(metrics))
+    metrics.observe_step(0, 8, {"schedule": 0.0, "execute": 0.004, "outputs": 0.001})
+    for _ in range(3):
+        metrics.observe_gc(0, 0.0001)
+    metrics.observe_gc(2, 0.080)
+    report = step_report(before, engine_counters(_exposition(metrics)), wall_s=0.1)
+    assert report["gc"]["0"] == {"collections": 3, "pause_ms": 0.3}
+    assert report["gc"]["2"] == {"collections": 1, "pause_ms": 80.0}
+    assert report["gc"]["1"] == {"collections": 0, "pause_ms": 0.0}
+    assert "gc: 4 collections (1 full), 80.3 ms" in format_step_report(report)
