@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 
 from kvcache.block_hash import hash_full_blocks
 from protocol.sampling_params import SamplingParams
+from protocol.token_ids import token_array
 
 
 class RequestStatus(enum.Enum):
@@ -27,14 +29,14 @@ class RequestStatus(enum.Enum):
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]  # held as array("q") (protocol/token_ids.py), never changed
     sampling_params: SamplingParams
     root_hash: bytes  # start of this request's prefix-hash chain: model, KV layout, tenant salt
     block_size: int
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     # Prompt then outputs, appended in place: a 1M-token prompt is never copied per step.
-    token_ids: list[int] = field(init=False)
+    token_ids: array = field(init=False)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (hits included)
     num_prefix_hit_tokens: int = 0  # of the prompt, served from the prefix cache at admission
     num_host_hit_tokens: int = 0  # of those, restored from host memory
@@ -51,7 +53,8 @@ class Request:
     known_block_hashes: InitVar[Sequence[bytes]] = ()
 
     def __post_init__(self, known_block_hashes: Sequence[bytes]) -> None:
-        self.token_ids = list(self.prompt_token_ids)
+        self.prompt_token_ids = token_array(self.prompt_token_ids)
+        self.token_ids = self.prompt_token_ids[:]  # a copy (a slice of an array is one memcpy)
         self.block_hashes = list(known_block_hashes)
         self.extend_block_hashes()
 
@@ -68,7 +71,7 @@ class Request:
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
-    def output_token_ids(self) -> list[int]:
+    def output_token_ids(self) -> array:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property

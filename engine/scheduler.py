@@ -206,7 +206,7 @@ class Scheduler:
     def _new_request_data(self, request: Request) -> NewRequestData:
         return NewRequestData(
             request_id=request.request_id,
-            prompt_token_ids=tuple(request.prompt_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
             output_token_ids=tuple(request.output_token_ids),
             sampling_params=request.sampling_params,
             block_ids=self.kv_cache.block_tables(request.request_id),

@@ -19,7 +19,7 @@ from protocol.step import StepInput
 
 @dataclass
 class RequestState:
-    token_ids: list[int]  # prompt + outputs, grows by the tokens this worker samples
+    token_ids: array  # ('q') prompt + outputs, grows by the tokens this worker samples (protocol/token_ids.py)
     block_table: array  # ('q') block ids: a step copies every row into its padded table (one memcpy each)
     num_computed_tokens: int
     sampling: SamplingState
@@ -43,7 +43,7 @@ def build_batch(requests: dict[str, RequestState], step_input: StepInput, block_
     """The step's rows on one rank (no sequence parallelism); a request samples when its chunk
     reaches its last known token. Its tensors go up in one copy without a host wait (upload_packed),
     so the host builds the next step while the GPU runs this one."""
-    token_ids: list[int] = []
+    token_ids = array("q")  # the step's rows, extended by array slices (memcpy)
     sequences, sample_rows, sample_ids, scored = [], [], [], []
     for request_id, num_new in step_input.num_scheduled_tokens.items():
         state = requests[request_id]

@@ -56,6 +56,7 @@ from protocol.step import (
     StepInput,
     StepOutput,
 )
+from protocol.token_ids import token_array
 from protocol.worker_description import WorkerDescription
 
 logger = logging.getLogger(__name__)
@@ -315,7 +316,8 @@ class ModelWorker:
         grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
                    if params.structured_output is not None and self.layout.is_driver_rank else None)
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.device, grammar)
-        token_ids = list(new.prompt_token_ids) + list(new.output_token_ids)
+        token_ids = token_array(new.prompt_token_ids)[:]  # protocol/token_ids.py: no list for the collector
+        token_ids.extend(new.output_token_ids)
         # A dense model keeps one KV block group (a hybrid model's worker reads the others).
         return RequestState(token_ids, array("q", new.block_ids[0]), new.num_computed_tokens, sampling,
                              len(new.prompt_token_ids))

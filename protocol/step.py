@@ -10,6 +10,7 @@ Ray actors and torch.distributed workers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from protocol.kv_transfer_ops import KVTransferOps, KVTransferReport
@@ -21,7 +22,7 @@ class NewRequestData:
     """A request the workers have not seen (or must rebuild after a preemption)."""
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: Sequence[int]  # the request's array (protocol/token_ids.py); read only
     output_token_ids: tuple[int, ...]  # non-empty when a preempted request resumes
     sampling_params: SamplingParams
     # Its whole block table at this step, one per KV block group (kvcache/block_groups.py):

@@ -157,7 +157,10 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def long_tensor(values: Sequence[int]) -> torch.Tensor:
     """(len,) int64 on the host from Python ints, through an array: 4x faster than torch.tensor
-    on a list (32K token ids: 0.5 against 1.9 ms on the 2-core CI machine)."""
+    on a list (32K token ids: 0.5 against 1.9 ms on the 2-core CI machine). An int64 array (token
+    ids, block tables) is shared, not copied: array("q", an array) would walk it item by item."""
+    if isinstance(values, array) and values.typecode == "q":
+        return _from_int64_array(values)
     return _from_int64_array(array("q", values))
 
 

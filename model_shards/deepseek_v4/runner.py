@@ -11,6 +11,7 @@ num_computed_tokens > 0 (a prefix-cache hit, on a block boundary) reads its pref
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +28,20 @@ from model_shards.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
 from model_shards.step_containment import run_contained
 from model_shards.structured_output import GrammarCompiler
-from protocol.step import CachedRequestData, NewRequestData, PromptLogprobs, SampledToken, StepInput, StepOutput
+from protocol.step import (
+    CachedRequestData,
+    NewRequestData,
+    PromptLogprobs,
+    SampledToken,
+    StepInput,
+    StepOutput,
+)
+from protocol.token_ids import token_array
 
 
 @dataclass
 class _Request:
-    token_ids: list[int]  # prompt + outputs, grows by the tokens this runner samples
+    token_ids: array  # ('q') prompt + outputs, grows by the tokens this runner samples (protocol/token_ids.py)
     block_ids: list[list[int]]  # (compressed, window) block tables; the window's holds -1 where freed
     num_computed_tokens: int  # as the scheduler counts them
     sampling: SamplingState
@@ -135,7 +144,9 @@ class DeepseekV4Runner:
         grammar = (self.grammars.request_grammar(params.structured_output, new.output_token_ids)
                    if params.structured_output is not None and self.layout.is_driver_rank else None)
         sampling = SamplingState(params, new.prompt_token_ids, new.output_token_ids, self.model.device, grammar)
-        return _Request(list(new.prompt_token_ids) + list(new.output_token_ids), [list(g) for g in new.block_ids],
+        token_ids = token_array(new.prompt_token_ids)[:]  # a copy: this runner appends its samples
+        token_ids.extend(new.output_token_ids)
+        return _Request(token_ids, [list(g) for g in new.block_ids],
                         new.num_computed_tokens, sampling,
                         [BlockTableMirror(self.pages.compressed.device) for _ in new.block_ids],
                         self.pages.open_windows.take(self.model.new_state), len(new.prompt_token_ids))

@@ -57,3 +57,32 @@ def test_the_engine_loop_times_the_collections_while_it_runs(tiny_engine):
     loop.run()
     assert _collections(tiny_engine.step_metrics, "2") == before + 1
     assert loop.gc_pauses._on_collection not in gc.callbacks  # a stopped loop leaves no callback behind
+
+
+def _visits(holder) -> int:
+    """The objects a collection visits through `holder` (its type, for an array)."""
+    return len(gc.get_referents(holder))
+
+
+def test_a_request_holds_its_token_ids_where_the_collector_does_not_walk(tiny_model_dir, make_engine_for):
+    """Every long-lived holder of a prompt's ids (the prepared request, the scheduler's request,
+    the worker's state) keeps them in an int64 array, whose ids are no objects for gc to visit: a
+    list of 33K ids costs every collection of its generation 33K visits (protocol/token_ids.py)."""
+    from engine.offline import generate
+    from protocol.sampling_params import SamplingParams
+
+    engine = make_engine_for(tiny_model_dir)
+    prompt = list(range(3, 300))
+    prepared = engine.prepare_request("tracked", prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert _visits(prepared.token_ids) <= 1 and prepared.token_ids.tolist() == prompt
+    engine.add_prepared(prepared)
+    engine.step()
+    request = next(iter(engine.scheduler.requests.values()), None)
+    worker_state = engine.executor.worker.requests.get(request.request_id) if request else None
+    holders = [request.prompt_token_ids, request.token_ids] if request else []
+    holders += [worker_state.token_ids] if worker_state else []
+    assert len(holders) == 3 and all(_visits(holder) <= 1 for holder in holders)  # its type at most
+    assert _visits(prompt) == len(prompt)  # what a list costs each collection
+    deltas = [delta for _ in range(8) for delta in engine.step()]
+    assert [token for delta in deltas for token in delta.token_ids] and deltas[-1].finish_reason == "length"
+    assert generate(engine, [prompt], SamplingParams(max_tokens=2))[0][0].finish_reason == "length"

@@ -4,6 +4,8 @@ AsyncEngine prepares on its loop thread; ProcessEngine in the replica (tests/eng
 
 from __future__ import annotations
 
+from array import array
+
 import asyncio
 import dataclasses
 import pickle
@@ -24,7 +26,7 @@ def test_prepared_then_added_is_the_same_request(tiny_model_dir, make_engine_for
     engine = make_engine_for(tiny_model_dir)
     prompt = list(range(3, 40))
     prepared = engine.prepare_request("r", prompt, PARAMS, cache_salt="tenant")
-    assert prepared.token_ids == prompt and prepared.params.eos_token_ids == engine.tokenizer.eos_token_ids
+    assert list(prepared.token_ids) == prompt and prepared.params.eos_token_ids == engine.tokenizer.eos_token_ids
     assert list(prepared.block_hashes) == hash_full_blocks(prompt, engine.block_size, prepared.chain_root)
     assert len(prepared.block_hashes) == len(prompt) // engine.block_size
     assert not engine.has_unfinished_requests()  # preparing queues nothing
@@ -57,7 +59,9 @@ def test_a_prepared_request_crosses_a_pipe_as_its_uint32_encoding(tiny_model_dir
     pickled = pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL)
     assert len(pickled) < 4 * len(prompt) + 4096
     copy = pickle.loads(pickled)
-    assert copy == prepared and copy.token_ids == prompt and type(copy.token_ids) is list
+    # an int64 array on both sides (protocol/token_ids.py): nothing for the collector to walk
+    assert copy == prepared and list(copy.token_ids) == prompt
+    assert isinstance(copy.token_ids, array) and copy.token_ids.typecode == "q"
     assert copy.block_hashes == prepared.block_hashes and copy.params == prepared.params
 
 
@@ -69,7 +73,7 @@ def test_token_ids_that_are_no_vocabulary_ids_are_refused_as_the_prompt_s(prompt
     vocab_size = tiny_engine.architecture.vocab_size
     with pytest.raises(InvalidParameterError, match="token ids must be in"):
         tiny_engine.prepare_request("r", [5, vocab_size], PARAMS)
-    assert tiny_engine.prepare_request("r", [5, vocab_size - 1], PARAMS).token_ids == [5, vocab_size - 1]
+    assert tiny_engine.prepare_request("r", [5, vocab_size - 1], PARAMS).token_ids.tolist() == [5, vocab_size - 1]
 
 
 def test_async_engine_prepares_on_its_loop_and_serves_the_same_tokens(tiny_model_dir, make_engine_for):
