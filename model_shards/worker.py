@@ -62,6 +62,8 @@ from protocol.worker_description import WorkerDescription
 logger = logging.getLogger(__name__)
 
 FAILED_ROW = -1  # the token id broadcast for a row whose sampling failed
+# A stepping thread's own cuBLAS and cuDNN workspaces (tens of MiB), with room to spare.
+THREAD_WORKSPACE_BYTES = 256 << 20
 
 
 class ModelWorker:
@@ -165,9 +167,12 @@ class ModelWorker:
 
     @property
     def _activation_bytes(self) -> int:
-        """Activations of the largest step: a few (tokens, intermediate) tensors plus the logits."""
+        """Activations of the largest step (a few (tokens, intermediate) tensors plus the logits),
+        and the workspaces of one more stepping thread: cuBLAS and cuDNN keep theirs per thread
+        for good, inside this reserve (an H100, session 17: a serving thread's warm-up left a
+        step-budget prompt one new segment short)."""
         arch, step_tokens = self.architecture, self.config.scheduler.max_tokens_per_step
-        return step_tokens * (4 * arch.intermediate_size + 8 * arch.hidden_size) * 4
+        return step_tokens * (4 * arch.intermediate_size + 8 * arch.hidden_size) * 4 + THREAD_WORKSPACE_BYTES
 
     def _reserve_activation_memory(self) -> None:
         """The memory kept from the KV cache for activations, taken by torch's caching allocator
