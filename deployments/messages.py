@@ -9,6 +9,7 @@ deltas, one `ServeError` that ends the stream.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protocol.sampling_params import SamplingParams
@@ -17,7 +18,7 @@ from protocol.sampling_params import SamplingParams
 @dataclass(frozen=True)
 class GenerateRequest:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]  # array("q") from the API's prompt check (protocol/token_ids.py)
     params: SamplingParams
     cache_salt: str | None = None
     # No max_tokens from the client (chat): the replica lowers the default in params to the room

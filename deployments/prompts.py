@@ -9,13 +9,15 @@ checks again (it is the authority, and other callers bypass the ingress).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from cluster.config import LongctxConfig
 from deployments.errors import APIError
 from deployments.messages import invalid_request
 from engine.request_preparer import encode_vocabulary_ids
+from kvcache.block_hash import decode_token_ids
 from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.sampling_params import InvalidParameterError
@@ -120,8 +122,8 @@ class PromptBuilder:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def prompt_text(self, token_ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    def prompt_text(self, token_ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
     def _check_bytes(self, texts: list[str], param: str) -> None:
         if sum(map(len, texts)) * UTF8_MAX_CHAR_BYTES <= self.max_prompt_bytes:
             return  # the common case, without encoding anything
@@ -129,13 +131,14 @@ class PromptBuilder:
         if num_bytes > self.max_prompt_bytes:
             self._too_long(f"the prompt has {num_bytes} bytes, more than {self.max_model_len} tokens can hold", param)
 
-    def _checked(self, token_ids: list[int], param: str) -> list[int]:
+    def _checked(self, token_ids: list[int], param: str) -> array:
+        """The ids, checked, as the int64 array a request holds them in while it streams (no list
+        for this process's garbage collector to walk: protocol/token_ids.py)."""
         if not token_ids:
             raise InvalidParameterError(param, "the prompt is empty")
         if len(token_ids) >= self.max_model_len:
             self._too_long(f"the prompt has {len(token_ids)} tokens", param)
-        encode_vocabulary_ids(token_ids, self.vocab_size, param)
-        return token_ids
+        return decode_token_ids(encode_vocabulary_ids(token_ids, self.vocab_size, param))
 
     def _too_long(self, what: str, param: str) -> None:
         message = (f"{what}; this model's maximum context length is {self.max_model_len} tokens, "

@@ -99,12 +99,13 @@ class RequestPreparer:
         # As an int64 array (protocol/token_ids.py), from the encoding in one numpy pass.
         return PreparedRequest(request_id, decode_token_ids(encoded), params, chain_root, block_hashes, encoded)
 
-    def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], bytes]:
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[Sequence[int], bytes]:
         """The prompt's token ids and their encoding, checked: not empty, within the context and
         the vocabulary."""
         if not prompt:  # "" would still encode to a lone BOS token
             raise InvalidParameterError("prompt", "the prompt is empty")
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        # Ids as given (a list, or an array from the replica's check): the encoding below checks them.
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if not token_ids:
             raise InvalidParameterError("prompt", "the prompt is empty")
         max_model_len = self.limits.max_model_len

@@ -86,6 +86,8 @@ def hash_encoded_blocks(encoded: bytes, block_size: int, parent: bytes) -> list[
 
 def encode_token_ids(token_ids: Sequence[int]) -> bytes:
     """Token ids as consecutive little-endian uint32, the encoding both hashes above use."""
+    if isinstance(token_ids, array) and token_ids.typecode == TOKEN_TYPECODE:
+        return _encode_int64_array(token_ids)
     # One C-level conversion for the whole sequence; a per-token Python loop is ~10x slower.
     try:
         encoded = array(_U32_TYPECODE, token_ids)
@@ -94,6 +96,15 @@ def encode_token_ids(token_ids: Sequence[int]) -> bytes:
     if sys.byteorder == "big":
         encoded.byteswap()
     return encoded.tobytes()
+
+
+def _encode_int64_array(token_ids: array) -> bytes:
+    """An int64 array (protocol/token_ids.py) narrowed by numpy in one pass: array's own
+    conversion between typecodes walks it item by item (~1.5 ms for 33K ids on the CI machine)."""
+    values = np.frombuffer(token_ids, dtype=np.int64) if token_ids else np.empty(0, dtype=np.int64)
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= 1 << 32):
+        raise ValueError("token ids must be in [0, 2**32)")
+    return values.astype("<u4").tobytes()
 
 
 def decode_token_ids(encoded: bytes) -> array:
