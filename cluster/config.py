@@ -70,15 +70,11 @@ class ModelSettings(_Frozen):
     # A prompt joining a decoding batch made the whole step eager: the decodes' launches and block
     # tables cost host time that the GPU waited for. Replaying the decodes' graph first lets the
     # host launch the prompts' kernels while the GPU runs it; the price is a second read of the
-    # weights, which a few hundred prompt tokens hide and a long chunk does not. On an H100 (session
-    # 17, 2 layers) it won 1.2-3.1 ms a step beside 60 decodes and lost ~0.9 ms beside 15.
+    # weights, which a few hundred prompt tokens hide and a long chunk does not.
     mixed_step_graph_max_prompt_tokens: int = Field(
         2048, ge=0, description="A step that mixes decodes with at most this many prompt tokens replays the "
         "decodes' CUDA graph and runs only the prompt chunks eagerly (model_shards/worker.py); 0: such steps "
         "run wholly eager."
-    )
-    mixed_step_graph_min_decodes: int = Field(
-        32, ge=1, description="...and at least this many decodes: fewer run eagerly with the prompts."
     )
 
 

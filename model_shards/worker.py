@@ -255,20 +255,18 @@ class ModelWorker:
 
     def _graphed_decodes(self, schedule: dict[str, int]) -> list[str]:
         """The requests whose row of this step the decode graphs take: all of a step of single
-        tokens; in a step with prompt chunks of at most `mixed_step_graph_max_prompt_tokens`, the
-        single-token rows that sample (decodes; such a row predicts no prompt token), when there
-        are at least `mixed_step_graph_min_decodes` of them."""
+        tokens; in a step with prompt chunks of at most `mixed_step_graph_max_prompt_tokens`,
+        the single-token rows that sample (decodes; such a row predicts no prompt token)."""
         if self.decode_graphs is None:
             return []
         single = [rid for rid, num in schedule.items() if num == 1]
         if len(single) == len(schedule):
             return single
-        settings = self.config.model
-        if sum(num for num in schedule.values() if num > 1) > settings.mixed_step_graph_max_prompt_tokens:
+        prompt_tokens = sum(num for num in schedule.values() if num > 1)
+        if not single or prompt_tokens > self.config.model.mixed_step_graph_max_prompt_tokens:
             return []
-        decodes = [rid for rid in single
-                   if self.requests[rid].num_computed_tokens + 1 == len(self.requests[rid].token_ids)]
-        return decodes if len(decodes) >= settings.mixed_step_graph_min_decodes else []
+        return [rid for rid in single
+                if self.requests[rid].num_computed_tokens + 1 == len(self.requests[rid].token_ids)]
 
     def _replay_decodes(self, request_ids: list[str]) -> tuple[torch.Tensor, StepBatch] | None:
         """(hidden (rows, hidden), batch) of one graph replay; None when no graph takes the rows."""

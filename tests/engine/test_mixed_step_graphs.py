@@ -37,13 +37,12 @@ class EagerDecodeReplays:
         pass
 
 
-def _engine(model_dir: str, max_prompt_tokens: int, device: str = "cpu", min_decodes: int = 1) -> LLMEngine:
+def _engine(model_dir: str, max_prompt_tokens: int, device: str = "cpu") -> LLMEngine:
     on_gpu = device == "cuda"
     return LLMEngine(LongctxConfig(
         model=ModelSettings(path=model_dir, dtype="bfloat16" if on_gpu else "float32", device=device,
                             attention_backend="cudnn_triton" if on_gpu else "auto", cuda_graph_max_batch=8,
-                            mixed_step_graph_max_prompt_tokens=max_prompt_tokens,
-                            mixed_step_graph_min_decodes=min_decodes),
+                            mixed_step_graph_max_prompt_tokens=max_prompt_tokens),
         cache=CacheSettings(block_size=16 if on_gpu else 4, num_device_blocks=256),
     ))
 
@@ -106,10 +105,8 @@ def test_a_mixed_step_replays_its_decodes_and_runs_its_prompts_eagerly(tiny_mode
     assert len(split.runs) == len(unsplit.runs) + 1
 
 
-@pytest.mark.parametrize("max_prompt_tokens, min_decodes", [(24, 1), (2048, 3)], ids=["prompts", "decodes"])
-def test_too_many_prompt_tokens_or_too_few_decodes_run_the_whole_step_eagerly(tiny_model_dir, max_prompt_tokens,
-                                                                              min_decodes):  # fmt: skip
-    engine = _engine(tiny_model_dir, max_prompt_tokens, min_decodes=min_decodes)  # prompts: 25 + 34 tokens
+def test_prompt_chunks_past_the_limit_run_the_whole_step_eagerly(tiny_model_dir):
+    engine = _engine(tiny_model_dir, 24)  # the joining prompts bring 25 + 34 tokens
     replays = EagerDecodeReplays(engine.executor.worker)
     _run(engine, replays)
     assert replays.runs[2] == ["early-0", "early-1", "joining-0", "joining-1"]
