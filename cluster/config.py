@@ -70,7 +70,8 @@ class ModelSettings(_Frozen):
     # A prompt joining a decoding batch made the whole step eager: the decodes' launches and block
     # tables cost host time that the GPU waited for. Replaying the decodes' graph first lets the
     # host launch the prompts' kernels while the GPU runs it; the price is a second read of the
-    # weights, which a few hundred prompt tokens hide and a long chunk does not.
+    # weights, which a few hundred prompt tokens hide and a long chunk does not. Served on an H100
+    # (session 17) it won beside 15 decodes as well as beside 60 (docs/benchmarks.md).
     mixed_step_graph_max_prompt_tokens: int = Field(
         2048, ge=0, description="A step that mixes decodes with at most this many prompt tokens replays the "
         "decodes' CUDA graph and runs only the prompt chunks eagerly (model_shards/worker.py); 0: such steps "
