@@ -26,3 +26,29 @@ def test_the_smoke_run_times_every_step_kind_and_profiles_four(tmp_path):
         assert row["ms"] > 0 and phases <= row["ms"] * 1.25 + 0.1, (name, row)
     assert list(report["profiles"]) == ["decode x4", "prefill 1", "decode x4 + prefill 1", "decode x4 + prefill 2"]
     assert all(profile["python_ms"] and profile["top_host_ops_ms"] for profile in report["profiles"].values())
+
+
+def test_the_whole_eager_ab_adds_each_mixed_step_run_wholly_eager(tmp_path):
+    out = tmp_path / "anatomy.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--whole-eager-ab", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = list(json.loads(out.read_text())["steps_ms"])
+    assert rows[-4:] == ["decode x4 + prefill 1", "decode x4 + prefill 1, eager", "decode x4 + prefill 2",
+                         "decode x4 + prefill 2, eager"]  # fmt: skip
+
+
+def test_device_busy_time_is_the_union_of_the_kernels_intervals():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(BENCH.parents[1]))
+    from bench.step_anatomy import busy_us
+
+    def event(start, end, device_type=DeviceType.CUDA):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device_type)
+
+    # two overlapping kernels (10-30, 20-40), one inside another (50-60 in 45-70), a host op ignored
+    events = [event(10, 30), event(20, 40), event(45, 70), event(50, 60), event(0, 100, DeviceType.CPU)]
+    assert busy_us(events) == 30 + 25
