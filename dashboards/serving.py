@@ -72,8 +72,9 @@ def _load_panels() -> list:
 def _engine_panels() -> list:
     """What each replica's engine spends its time on (engine/step_metrics.py): mixed steps, a
     prompt's chunk beside decoding requests, are where their time per output token goes; a loop
-    that idles while requests wait points at the HTTP side."""
-    width = FULL_WIDTH // 3
+    that idles while requests wait points at the HTTP side; garbage collections stop every thread
+    of their process (engine/gc_pauses.py)."""
+    width = FULL_WIDTH // 4
     step_seconds = rate("longctx_engine_step_seconds_total", by="replica, kind")
     steps = rate("longctx_engine_steps_total", by="replica, kind")
     return [
@@ -87,6 +88,13 @@ def _engine_panels() -> list:
                          "deltas, running commands (adding requests), gathering a burst, or idle.", "percentunit",
                          [Query(rate("longctx_engine_loop_seconds_total", by="replica, activity"),
                                 "{{activity}} {{replica}}")], width),
+        timeseries_panel("Garbage collection pauses", "Share of wall time each replica's processes spent stopped "
+                         "for Python's garbage collector: the engine's process (while its loop runs) and the "
+                         "replica's own (HTTP, streams), by generation (2: full).", "percentunit",
+                         [Query(rate("longctx_engine_gc_pause_seconds_total", by="replica, generation"),
+                                "engine gen {{generation}} {{replica}}"),
+                          Query(rate("longctx_replica_gc_pause_seconds_total", by="replica, generation"),
+                                "replica gen {{generation}} {{replica}}")], width),
     ]
 
 

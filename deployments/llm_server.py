@@ -31,7 +31,7 @@ from deployments.messages import (
     request_failure,
 )
 from engine.async_engine import EngineDeadError
-from engine.gc_pauses import freeze_startup_objects
+from engine.gc_pauses import ProcessGcMetrics, freeze_startup_objects
 from engine.serving import serving_engine
 from engine.outputs import CompletionDelta, RequestFailedError
 from engine.scheduler import QueueFullError
@@ -45,7 +45,8 @@ Reply = list[CompletionDelta] | ServeError
 class LLMServer:
     def __init__(self, config: LongctxConfig | dict[str, Any], own_process: bool = False):
         """`own_process`: this replica is what its process is for (a Serve replica, not a test's
-        object): once started, its objects are frozen out of garbage collection (engine/gc_pauses.py)."""
+        object): once started, its objects are frozen out of garbage collection, and the process's
+        collections are counted (engine/gc_pauses.py)."""
         self.config = config if isinstance(config, LongctxConfig) else load_config_dict(config)
         settings = self.config.serve
         _log_progress_to_stderr()  # first: an engine in a child process logs as this process does
@@ -54,7 +55,10 @@ class LLMServer:
         self.replica_id = _replica_id()
         for line in self.summary_lines():
             logger.info("replica %s: %s", self.replica_id, line)
-        if own_process:
+        # This process's own collections (HTTP, streams, preparing), exported with the replica's series.
+        self.gc_metrics = ProcessGcMetrics() if own_process else None
+        if self.gc_metrics is not None:
+            self.gc_metrics.pauses.install()
             freeze_startup_objects()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
@@ -132,6 +136,8 @@ class LLMServer:
         them labelled by replica (deployments/metrics.py). Awaited: with the engine in a child
         process the text comes back after the step in progress, and the replica's loop serves on."""
         exposition = await self.engine.metrics_exposition()
+        if self.gc_metrics is not None:
+            exposition += self.gc_metrics.exposition()
         return {**self.stats(), "exposition": exposition}
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -172,6 +178,9 @@ class LLMServer:
             raise RuntimeError(f"the engine has not finished a step for {busy_s:.0f} s while requests wait")
 
     def __del__(self) -> None:
+        gc_metrics = getattr(self, "gc_metrics", None)
+        if gc_metrics is not None:
+            gc_metrics.pauses.uninstall()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

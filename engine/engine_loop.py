@@ -62,7 +62,7 @@ class EngineLoop:
         self._several_open_at_s = -math.inf  # monotonic: the end of the last step taken with 2+ requests open
         self._stop = threading.Event()
         # Every garbage collection of this process while the loop runs (engine/gc_pauses.py).
-        self.gc_pauses = GcPauses(engine.step_metrics)
+        self.gc_pauses = GcPauses(engine.step_metrics.observe_gc)
         # Looked up on the engine at each call, as a direct call would (a test may patch them).
         self._handlers: dict[str, Callable[..., Any]] = {
             "add_request": lambda *args: self.engine.add_request(*args),

@@ -8,9 +8,10 @@ objects live as long as the process, so `freeze_startup_objects` moves them into
 generation (`gc.freeze`, as vLLM and SGLang do after start-up), which collections skip; what
 requests allocate later is still collected as before.
 
-`GcPauses` times each collection (gc.callbacks) into the engine's step metrics, by generation:
-`longctx_engine_gc_collections_total` and `longctx_engine_gc_pause_seconds_total`, so a run's
-pauses show beside its steps (bench/engine_steps.py) and on the dashboards.
+`GcPauses` times each collection (gc.callbacks): the engine loop's go to its step metrics
+(`longctx_engine_gc_collections_total`, `longctx_engine_gc_pause_seconds_total`, by generation),
+so a run's pauses show beside its steps (bench/engine_steps.py); a Serve replica's process counts
+its own (`ProcessGcMetrics`, `longctx_replica_gc_*`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import gc
 import logging
 import time
 
-from engine.step_metrics import StepMetrics
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from engine.step_metrics import GC_GENERATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +44,11 @@ def freeze_startup_objects() -> int:
 
 
 class GcPauses:
-    """Times every garbage collection of this process into `metrics` (the engine's step metrics),
-    from `install` until `uninstall`."""
+    """Times every garbage collection of this process, from `install` until `uninstall`:
+    `observe(generation, seconds)` once per collection, on the thread that triggered it."""
 
-    def __init__(self, metrics: StepMetrics):
-        self.metrics = metrics
+    def __init__(self, observe: Callable[[int, float], None]):
+        self.observe = observe
         self._started: float | None = None
 
     def install(self) -> None:
@@ -55,11 +60,37 @@ class GcPauses:
             gc.callbacks.remove(self._on_collection)
 
     def _on_collection(self, phase: str, info: dict) -> None:
-        """gc's callback: "start" then "stop" of one collection, on the thread that triggered it."""
+        """gc's callback: "start" then "stop" of one collection."""
         if phase == "start":
             self._started = time.perf_counter()
             return
         if self._started is None:  # installed between a start and its stop
             return
-        self.metrics.observe_gc(info["generation"], time.perf_counter() - self._started)
+        self.observe(info["generation"], time.perf_counter() - self._started)
         self._started = None
+
+
+class ProcessGcMetrics:
+    """A serving process's own collections (a Serve replica's: HTTP, streams, preparing requests),
+    whatever thread triggered them: `longctx_replica_gc_collections_total{generation}` and
+    `longctx_replica_gc_pause_seconds_total{generation}` in a registry of their own, exported with
+    the replica's series."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.collections = Counter("longctx_replica_gc_collections", "Garbage collections of the replica's "
+                                   "process, by generation (2: full).", ["generation"], registry=self.registry)
+        self.pause_seconds = Counter("longctx_replica_gc_pause_seconds", "Wall time of those collections (every "
+                                     "thread of the process stops), by generation.", ["generation"],
+                                     registry=self.registry)  # fmt: skip
+        for generation in GC_GENERATIONS:
+            self.collections.labels(generation)
+            self.pause_seconds.labels(generation)
+        self.pauses = GcPauses(self._observe)
+
+    def _observe(self, generation: int, seconds: float) -> None:
+        self.collections.labels(str(generation)).inc()
+        self.pause_seconds.labels(str(generation)).inc(seconds)
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()

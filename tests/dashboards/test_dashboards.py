@@ -14,7 +14,8 @@ from deployments.metrics import DURATION_BUCKETS, REPLICA_GAUGES, TTFT_BUCKETS
 
 CHART_DASHBOARDS = Path(__file__).parents[2] / "helm" / "longctx" / "dashboards"
 SOURCES = [Path(__file__).parents[2] / name
-           for name in ("deployments/metrics.py", "kvcache/tier_metrics.py", "engine/step_metrics.py")]
+           for name in ("deployments/metrics.py", "kvcache/tier_metrics.py", "engine/step_metrics.py",
+                        "engine/gc_pauses.py")]
 SERIES = re.compile(r"\b((?:longctx|ray)_[a-z_]+)\b")
 # Prometheus adds these to the family names the code declares
 SUFFIXES = ("_total", "_bucket", "_count", "_sum")

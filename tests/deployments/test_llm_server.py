@@ -278,3 +278,26 @@ def test_a_forward_pass_that_runs_out_of_memory_fails_its_own_request_through_th
     assert complete(others[0]) == reference[0] and server.engine.is_alive
     assert 'longctx_requests_total{endpoint="completions",status="500"} 2.0' in http.get("/metrics").text
     _wait_until_all_blocks_free(server)
+
+
+def test_a_replica_in_its_own_process_counts_that_process_s_collections(make_config, monkeypatch):
+    """A Serve replica (own_process) freezes its start-up objects (not here: this test process goes on)
+    and exports its process's garbage collections with its series, whatever thread made them."""
+    import gc
+
+    from deployments import llm_server
+
+    frozen = []
+    monkeypatch.setattr(llm_server, "freeze_startup_objects", lambda: frozen.append(True))
+    server = LLMServer(make_config(), own_process=True)
+    try:
+        assert frozen == [True]
+        gc.collect(2)
+        exposition = asyncio.run(server.metrics_snapshot())["exposition"]
+        full = [line for line in exposition.splitlines()
+                if line.startswith('longctx_replica_gc_collections_total{generation="2"}')]
+        assert full and float(full[0].split()[-1]) >= 1
+    finally:
+        server.__del__()
+    assert server.gc_metrics.pauses._on_collection not in gc.callbacks
+    assert LLMServer.__init__.__defaults__ == (False,)  # a test's or a bench's server counts nothing

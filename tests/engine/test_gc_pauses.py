@@ -22,7 +22,7 @@ def _pause_seconds(metrics: StepMetrics, generation: str) -> float:
 
 def test_each_collection_is_timed_by_generation_until_uninstalled():
     metrics = StepMetrics(CollectorRegistry())
-    pauses = GcPauses(metrics)
+    pauses = GcPauses(metrics.observe_gc)
     pauses.install()
     pauses.install()  # once only: a second install adds no second callback
     try:
