@@ -407,7 +407,8 @@ def _with_schedule(step_input: StepInput, schedule: dict[str, int]) -> StepInput
     return dataclasses.replace(step_input, num_scheduled_tokens=schedule)
 
 
-def _joined(first: tuple[torch.Tensor, StepBatch], second: tuple[torch.Tensor, StepBatch]) -> tuple[torch.Tensor, StepBatch]:
+def _joined(first: tuple[torch.Tensor, StepBatch],
+            second: tuple[torch.Tensor, StepBatch]) -> tuple[torch.Tensor, StepBatch]:
     """Two parts of one step as one: hidden states stacked (first's rows, then second's), every
     row index of the second shifted past the first's. The first part must score no prompt rows."""
     (first_hidden, first_batch), (second_hidden, second_batch) = first, second
