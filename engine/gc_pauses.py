@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
