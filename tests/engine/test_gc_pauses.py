@@ -40,7 +40,10 @@ def test_each_collection_is_timed_by_generation_until_uninstalled():
 def test_freezing_moves_live_objects_out_of_collections():
     try:
         frozen = freeze_startup_objects()
-        assert frozen == gc.get_freeze_count() > 1000  # this test process's modules and their objects
+        assert frozen > 1000  # this test process's modules and their objects
+        # A frozen object that dies (here, or on pytest-xdist's execnet thread) leaves the permanent
+        # generation, so the count may only have shrunk since, and by a handful.
+        assert 0 <= frozen - gc.get_freeze_count() < frozen // 100
         cycle = [object()]
         cycle.append(cycle)  # made after the freeze: still collected
         del cycle
