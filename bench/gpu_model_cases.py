@@ -18,14 +18,15 @@ def random_prompt(tokens: int, seed: int, vocab_size: int) -> list[int]:
     return [rng.randrange(100, min(vocab_size, 120_000)) for _ in range(tokens)]
 
 
-def make_engine(model_dir: str, device: torch.device, max_model_len: int):
-    """The engine with every default but the device, dtype and context length: what a user gets."""
+def make_engine(model_dir: str, device: torch.device, max_model_len: int, **model_settings):
+    """The engine with every default but the device, dtype and context length: what a user gets
+    (`model_settings`: other ModelSettings, for an A/B against a default)."""
     from cluster.config import LongctxConfig, ModelSettings
     from engine.llm_engine import LLMEngine
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     return LLMEngine(LongctxConfig(model=ModelSettings(path=model_dir, device=str(device), dtype=dtype,
-                                                       max_model_len=max_model_len)))
+                                                       max_model_len=max_model_len, **model_settings)))
 
 
 def engine_single(engine, tokens: int, output_tokens: int = 32) -> dict:

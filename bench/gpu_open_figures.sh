@@ -95,7 +95,7 @@ if wanted densetests; then
     stamp densetests
     timeout ${DENSETESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_prefill_plans.py \
         tests/gpu/test_step_uploads.py tests/gpu/test_cuda_engine.py tests/model_shards/test_cuda_graphs.py \
-        tests/engine/test_mixed_step_graphs.py \
+        tests/engine/test_mixed_step_graphs.py tests/model_shards/test_layer_kernels.py \
         2>&1 | tail -12
 fi
 if wanted graphs; then

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 from serve_load import (
-    SERVED_PATHS,
     Sender,
     Workload,
     _free_port,

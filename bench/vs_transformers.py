@@ -58,9 +58,9 @@ def parse_batches(specs: list[str]) -> list[list[int]]:
     return batches
 
 
-def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
-    print("longctx: the engine with its defaults", flush=True)
-    engine = model_cases.make_engine(model_dir, device, args.max_model_len)
+def ours_section(args, model_dir: str, device: torch.device, deadline: Deadline, **model_settings) -> dict:
+    print(f"longctx: the engine with its defaults{f', but {model_settings}' if model_settings else ''}", flush=True)
+    engine = model_cases.make_engine(model_dir, device, args.max_model_len, **model_settings)
     report = {"single": {}, "repeat": {}, "batch": {}, "profile": {}, "warmup": {}}
     try:
         for tokens in args.warmup_lengths:  # the first is a fresh server's first request
@@ -192,7 +192,13 @@ def native_context_copy(model_dir: str, context: int) -> str:
     return str(copy)
 
 
-SECTIONS = {"ours": ours_section, "transformers": hf_section}
+def ours_unfused_section(args, model_dir: str, device: torch.device, deadline: Deadline) -> dict:
+    """The engine with torch's elementwise ops in its layers (as before session 18): the fused
+    layer kernels' A/B (model.fused_layer_kernels)."""
+    return ours_section(args, model_dir, device, deadline, fused_layer_kernels=False)
+
+
+SECTIONS = {"ours": ours_section, "ours_unfused": ours_unfused_section, "transformers": hf_section}
 
 
 def batch_name(lengths: list[int]) -> str:
@@ -211,7 +217,8 @@ def parse_args() -> argparse.Namespace:
                         help="lengths profiled last (torch.profiler + cProfile), new tokens: a length run before "
                              "shows the steady state, a new one what a new length costs")
     parser.add_argument("--hf-max-tokens", type=int, default=1 << 21, help="longest prompt given to transformers")
-    parser.add_argument("--sections", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    parser.add_argument("--sections", nargs="+", default=["ours", "transformers"], choices=list(SECTIONS),
+                        help="ours_unfused: ours with model.fused_layer_kernels off, an A/B of the fused kernels")
     parser.add_argument("--budget-s", type=float, default=330, help="cases that would end later are skipped")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # a section's own process: the folder made

@@ -11,7 +11,22 @@ def print_report(report: dict) -> None:
     print_first_requests(ours)
     print_single(ours, hf)
     print_batches(ours, hf)
+    if "ours_unfused" in report:
+        print_fused_ab(ours, report["ours_unfused"])
     print_diagnostic(hf)
+
+
+def print_fused_ab(fused: dict, unfused: dict) -> None:
+    """The fused layer kernels (the default) against torch's elementwise ops, same lengths."""
+    print("\nfused layer kernels (default) / torch's ops: TTFT s new, TTFT s again, TPOT ms; batches: output tok/s")
+    for tokens, mine in fused.get("single", {}).items():
+        theirs, again = unfused.get("single", {}).get(tokens, {}), fused.get("repeat", {}).get(tokens, {})
+        their_again = unfused.get("repeat", {}).get(tokens, {})
+        print(f"{tokens:>8} {seconds(mine, 'ttft_s'):>7} / {seconds(theirs, 'ttft_s'):>7}   "
+              f"{seconds(again, 'ttft_s'):>7} / {seconds(their_again, 'ttft_s'):>7}   "
+              f"{milliseconds(mine):>6} / {milliseconds(theirs):>6}")
+    for name, mine in fused.get("batch", {}).items():
+        print(f"{name:>16} {rate(mine):>10} / {rate(unfused.get('batch', {}).get(name, {})):>10}")
 
 
 def print_single(ours: dict, hf: dict) -> None:

@@ -77,6 +77,13 @@ class ModelSettings(_Frozen):
         "decodes' CUDA graph and runs only the prompt chunks eagerly (model_shards/worker.py); 0: such steps "
         "run wholly eager."
     )
+    # An eager step launched ~34 elementwise kernels a layer (norms, residual adds, RoPE, SiLU),
+    # ~1,000 a step on a 32-layer model at ~4-5 us of host time each; fused they are 4 a layer.
+    fused_layer_kernels: bool = Field(
+        True, description="Llama-family layers run their norms with the residual add, RoPE of q and k, and "
+        "SiLU-and-multiply as three fused Triton kernels (model_shards/layer_kernels.py) on a GPU; false: the "
+        "torch ops, as on a CPU."
+    )
 
 
 class CacheSettings(_Frozen):

@@ -115,6 +115,7 @@ class EngineLoop:
         """Until a `stop` command; a failure reaches `on_failure` and every queued command."""
         self.gc_pauses.install()
         try:
+            self.engine.warm_up_stepping_thread()
             while not self._stop.is_set():
                 self._iterate()
         except BaseException as error:  # noqa: BLE001 - every failure must reach every caller

@@ -304,5 +304,11 @@ class LLMEngine:
             redis_up=self.kv_cache.redis_up, load_seconds=self.load_seconds,
         )  # fmt: skip
 
+    def warm_up_stepping_thread(self) -> None:
+        """Called by the thread that will step this engine, before its first request (a serving
+        loop's thread: engine/engine_loop.py); what a worker prepares per thread is not then
+        paid inside that request's step."""
+        self.executor.warm_up_stepping_thread()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

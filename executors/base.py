@@ -36,5 +36,9 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, step_input: StepInput) -> StepOutput: ...
 
+    def warm_up_stepping_thread(self) -> None:
+        """Prepare the calling thread to step (per-thread kernel plans) before its first request.
+        Workers in processes of their own step on their own threads: nothing to do."""
+
     def shutdown(self) -> None:
         """Release the workers and their memory."""

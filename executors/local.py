@@ -37,6 +37,9 @@ class InProcessExecutor(Executor):
     def execute(self, step_input: StepInput) -> StepOutput:
         return self.worker.execute(step_input)
 
+    def warm_up_stepping_thread(self) -> None:
+        self.worker.warm_up_stepping_thread()
+
     def shutdown(self) -> None:
         from model_shards.rank import stop_worker
 

@@ -42,7 +42,8 @@ class LlamaForCausalLM(nn.Module):
     """Parameters are uninitialized until `load_weights` (or use `from_folder`)."""
 
     def __init__(self, arch: ModelArchitecture, dtype: torch.dtype, device: torch.device | str,
-                 attention_backend: AttentionBackend | str = "torch_sdpa", tp: ParallelGroup | None = None):
+                 attention_backend: AttentionBackend | str = "torch_sdpa", tp: ParallelGroup | None = None,
+                 fused_layer_kernels: bool = True):
         super().__init__()
         self.arch = arch
         self.dtype = dtype
@@ -53,9 +54,9 @@ class LlamaForCausalLM(nn.Module):
         # initialization of billions of parameters that load_weights overwrites would waste minutes.
         with torch.device("meta"):
             self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, self.tp)
-            self.layers = nn.ModuleList(DecoderLayer(arch, self.tp, backend)
+            self.layers = nn.ModuleList(DecoderLayer(arch, self.tp, backend, fused_layer_kernels)
                                         for _ in range(arch.num_hidden_layers))
-            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, fused_layer_kernels)
             # tied: compute_logits reads the embedding matrix itself (one tensor, no copy)
             self.lm_head = None if arch.tie_word_embeddings else VocabParallelEmbedding(
                 arch.vocab_size, arch.hidden_size, self.tp)
@@ -106,10 +107,10 @@ class LlamaForCausalLM(nn.Module):
         self._check_cache(kv_cache)
         cos, sin = self.rotary.cos_sin(positions, metadata.query_start_loc,
                                        metadata.context_lens)  # (T, head_dim // 2) each
-        hidden = self.embed_tokens(input_ids)  # (T, hidden)
+        residual, delta = self.embed_tokens(input_ids), None  # (T, hidden); the stream is residual + delta
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, kv_cache.layer(index), metadata)
-        return self.norm(hidden)
+            residual, delta = layer(residual, delta, cos, sin, kv_cache.layer(index), metadata)
+        return self.norm.add_and_norm(residual, delta)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

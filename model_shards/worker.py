@@ -101,7 +101,8 @@ class ModelWorker:
         if self.layout.sp.size > 1:
             backend = SequenceParallelBackend(self.layout.sp)
         model = LlamaForCausalLM(
-            self.architecture, dtype=self.dtype, device=self.device, attention_backend=backend, tp=self.layout.tp
+            self.architecture, dtype=self.dtype, device=self.device, attention_backend=backend, tp=self.layout.tp,
+            fused_layer_kernels=self.config.model.fused_layer_kernels,
         )
         model.load_weights(WeightReader(self.config.model.path))
         return model.eval()
@@ -122,14 +123,22 @@ class ModelWorker:
         if release_memory:  # not once the activations' reserve is taken (a later thread's warm-up)
             torch.cuda.empty_cache()
 
+    def warm_up_stepping_thread(self) -> None:
+        """The calling thread's per-thread kernel plans (cuDNN's), once per thread: a serving
+        loop calls it when its thread starts, so that its first request does not pay for them."""
+        if threading.get_ident() not in self._warm_threads:
+            self._warm_up_attention(release_memory=False)
+
     def _warm_up_matmuls(self) -> None:
-        """Load the GEMM kernels of every step size now, not in a request (matmul_warmup.py)."""
+        """Load the GEMM kernels of every step size and compile the fused layer kernels now, not in a
+        request (matmul_warmup.py, layer_kernels_triton.py)."""
         if self.device.type != "cuda":
             return
         head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head
         layer_weights = [linear.weight for linear in distinct_linears(self.model.layers[0])]
         warm_up_matmuls(layer_weights, row_count_ladder(self.config.scheduler.max_tokens_per_step))
         warm_up_matmuls([head.weight], row_count_ladder(self.config.scheduler.max_num_seqs))
+        self.model.layers[0].warm_up_fused_kernels()  # compiled once for every layer and step size
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
 
@@ -213,8 +222,7 @@ class ModelWorker:
         """One step. A request whose own handling fails (its sampling state, its forward pass:
         model_shards/step_containment.py, its sample) is left out and reported in `failed`; the
         other requests of the step go on as if it were absent."""
-        if threading.get_ident() not in self._warm_threads:
-            self._warm_up_attention(release_memory=False)
+        self.warm_up_stepping_thread()
         failed: dict[str, str] = {}
         self._apply_changes(step_input, failed)
         kv_report = self._transfer_kv(step_input)  # before the forward pass overwrites evicted blocks

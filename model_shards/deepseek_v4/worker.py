@@ -116,6 +116,9 @@ class DeepseekV4Worker:
         output = self.runner.execute(step_input)
         return output if report is None else dataclasses.replace(output, kv_report=report)
 
+    def warm_up_stepping_thread(self) -> None:
+        """Nothing: V4's kernels keep no per-thread plans (ModelWorker's cuDNN plans are per thread)."""
+
     def _transfer_kv(self, step_input: StepInput) -> KVTransferReport | None:
         if step_input.kv_transfers is None or self.kv_transfer is None:
             return None  # the same on every rank: they all get this StepInput and one host size

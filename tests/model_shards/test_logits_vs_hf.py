@@ -118,6 +118,39 @@ def test_prefill_and_decode_logits_equal_transformers(variant, model_folder):
         assert_close(sequence.step({"s": token})["s"], reference.logits[0], f"decode step {step}")
 
 
+@pytest.fixture
+def kernels_on_the_cpu(monkeypatch):
+    """The fused layer kernels take every call they are enabled for, in Triton's interpreter here;
+    the list of those calls' `enabled`."""
+    from model_shards import layer_kernels
+
+    calls = []
+    monkeypatch.setattr(layer_kernels, "fused_kernels_run", lambda enabled, *tensors: calls.append(enabled) or enabled)
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["gqa_4", "qwen2_qkv_bias", "rope_yarn"])
+def test_fused_layer_kernels_give_transformers_logits(variant, model_folder, kernels_on_the_cpu):
+    """The layers with their norms, residual adds, RoPE and SiLU as the fused kernels
+    (model_shards/layer_kernels.py), prefill then decode: the plumbing of the residual stream
+    between layers and q | k | v out of the fused projection, against transformers."""
+    folder = model_folder(**VARIANTS[variant])
+    hf = load_hf(folder)
+    ours = LlamaForCausalLM.from_folder(folder, dtype=torch.float32)
+    assert all(layer.mlp.fused for layer in ours.layers)
+    sequence = PagedSequences(ours, ours.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE), {"s": scattered_blocks(12, seed=2)})
+    prompt = random_tokens(PROMPT_LEN, ours.arch.vocab_size, seed=1)
+    with torch.no_grad():
+        reference = hf(prompt[None], use_cache=True)
+    assert_close(sequence.step({"s": prompt})["s"], reference.logits[0], "prefill, fused kernels")
+    calls = kernels_on_the_cpu
+    assert len(calls) == 4 * ours.arch.num_hidden_layers + 1 and all(calls)  # 4 a layer, the final norm
+    token = reference.logits[0, -1].argmax().view(1)
+    with torch.no_grad():
+        reference = hf(token[None], past_key_values=reference.past_key_values, use_cache=True)
+    assert_close(sequence.step({"s": token})["s"], reference.logits[0], "decode, fused kernels")
+
+
 def test_flattened_batch_equals_each_sequence_alone(model_folder):
     """Step 1: A's whole prompt + B's first chunk. Step 2: A's first decode token + B's second
     chunk (a chunk at the end of a longer context: the bottom-right-aligned causal mask)."""
