@@ -3,9 +3,9 @@ RoPE of the queries and keys, SiLU-and-multiply. Each computes in float32 and ro
 activations' dtype exactly where torch's ops of the reference form round (one rounding per torch
 op), so the fused and unfused layers agree to the last bit but for the norm's float32 sum order.
 
-Token counts vary step to step: they are never specialized on (a grid size, or `do_not_specialize`), so a kernel
-compiles once per dtype and model shape, at start-up (layer_kernels.warm_up), never mid-request.
-Offsets are int64: a step of a million tokens times 8K channels passes 2**31 elements.
+Token counts vary step to step: each is a grid size or `do_not_specialize`, so a kernel compiles
+once per dtype and model shape, at start-up (DecoderLayer.warm_up_fused_kernels), never inside a
+request. Offsets are int64: a step of a million tokens times 8K channels passes 2**31 elements.
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def launch_rotate_queries_and_keys(qkv: torch.Tensor, cos: torch.Tensor, sin: to
                                    k: torch.Tensor) -> None:
     tokens, num_heads, head_dim = q.shape
     num_kv_heads, half = k.shape[1], head_dim // 2
-    block_heads = 4
+    block_heads = 8  # 8 x 64 pairs of a 128-dim head: a 1 KiB tile of each half a program
     grid = (tokens, triton.cdiv(num_heads + num_kv_heads, block_heads))
     _rotate_queries_and_keys[grid](qkv, cos, sin, q, k, num_heads, num_kv_heads, half,
-                                   BHEADS=block_heads, BH=triton.next_power_of_2(half), num_warps=2)
+                                   BHEADS=block_heads, BH=triton.next_power_of_2(half), num_warps=4)
 
 
 def launch_silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
