@@ -25,6 +25,8 @@ def compile_all() -> None:
                                           {"HAS_DELTA": True, "BR": 1, "BD": 4096}, num_warps=8)),
         ("rms_norm", compile_for_sm90(_add_rms_norm, NORM_NAMES, NORM_TYPES,
                                       {"HAS_DELTA": False, "BR": 1, "BD": 4096}, num_warps=8)),
+        ("add_rms_norm_16k", compile_for_sm90(_add_rms_norm, NORM_NAMES, NORM_TYPES,  # hidden 12288 (Mistral Large)
+                                              {"HAS_DELTA": True, "BR": 1, "BD": 16384}, num_warps=16)),
         ("rotate", compile_for_sm90(_rotate_queries_and_keys, ROPE_NAMES, ROPE_TYPES, {"BHEADS": 8, "BH": 64},
                                     num_warps=4)),
         ("silu_and_mul", compile_for_sm90(_silu_and_mul, SILU_NAMES, SILU_TYPES, {"BLOCK": 1024}, num_warps=4)),
@@ -38,7 +40,7 @@ def compile_all() -> None:
 def test_the_fused_layer_kernels_compile_for_hopper():
     result = run_in_fresh_interpreter(__file__, timeout_s=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("add_rms_norm", "rms_norm", "rotate", "silu_and_mul"):
+    for name in ("add_rms_norm", "rms_norm", "add_rms_norm_16k", "rotate", "silu_and_mul"):
         assert f"{name}: ok" in result.stdout, result.stdout
 
 
