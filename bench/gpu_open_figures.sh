@@ -58,6 +58,11 @@
 #               ~3 min; PROFILE_SERVED, default fused_direct_process: the replica and its engine
 #               child). py-spy is not in the pack: here, before the call,
 #               pip download py-spy --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra
+# Session 18 (no device time) added the fused layer kernels (model.fused_layer_kernels, on by default);
+# their first GPU call, ~6 min: densetests (their tests on CUDA), the anatomy's eager steps fused
+# against torch's ops, the floor with the unfused engine beside the default one:
+#   ANATOMY_ARGS=--unfused-ab ANATOMY_TIERS=0 FLOOR_ARGS="--lengths 4000 8100 32700 130000 --profile-lengths 4000 \
+#     --sections ours ours_unfused transformers" STAGES="densetests anatomy floor" bash bench/gpu_open_figures.sh
 # Run there from the repo root with ".gpu" carried (see ../shared/gpu/README.md):
 #   bash bench/gpu_open_figures.sh                       # stages 1-4 (~7 minutes)
 #   STAGES="floor bursts" bash bench/gpu_open_figures.sh  # stages 6 and 9 (~8 minutes)

@@ -56,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--whole-eager-ab", action="store_true",
                         help="each mixed step also with model.mixed_step_graph_max_prompt_tokens 0 (the whole "
                              "step eager, as before session 17), in this process")
+    parser.add_argument("--unfused-ab", action="store_true",
+                        help="each prefill and mixed step also with the layers' torch elementwise ops instead of "
+                             "the fused kernels (model.fused_layer_kernels off for the eager part; graphs keep theirs)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", Path(__file__).resolve().parent / "results"))
                                              / "step_anatomy.json"))
@@ -219,27 +222,53 @@ def python_profile(driver: StepDriver, decode_batch: int, prompts: int) -> list[
             for (file, line, function), (calls, _, own, _, _) in top]
 
 
-Scenario = tuple[str, int, int, bool]  # (name, decoding requests, new prompts, whole step eager)
+Scenario = tuple[str, int, int, str]  # (name, decoding requests, new prompts, variant: "", "eager" or "unfused")
 
 
 def profiled(rows: list[Scenario]) -> list[Scenario]:
     """Decode alone, one prompt alone, and one and (if measured) a few prompts beside a decode."""
     decode, prefills = rows[0], [r for r in rows if r[1] == 0]
-    mixed = [r for r in rows if r[1] and r[2] and not r[3]]
+    mixed = [r for r in rows if r[1] and r[2] and not r[3]]  # the default variant only
     return [decode, prefills[0], *mixed[:2]]
 
 
 def scenarios(args) -> list[Scenario]:
-    """Each step kind measured. With --whole-eager-ab each mixed step comes twice: its decodes
-    replayed (the default), then the whole step eager."""
-    rows = [(f"decode x{batch}", batch, 0, False) for batch in args.decode_batches]
-    rows += [(f"prefill {count}", 0, count, False) for count in args.prompts]
+    """Each step kind measured. With --whole-eager-ab each mixed step comes again with the whole
+    step eager; with --unfused-ab each prefill and mixed step again with the torch elementwise ops."""
+    rows = [(f"decode x{batch}", batch, 0, "") for batch in args.decode_batches]
+    for count in args.prompts:
+        rows.append((f"prefill {count}", 0, count, ""))
+        if args.unfused_ab:
+            rows.append((f"prefill {count}, unfused", 0, count, "unfused"))
     for batch in args.decode_batches:
         for count in args.prompts:
-            rows.append((f"decode x{batch} + prefill {count}", batch, count, False))
-            if args.whole_eager_ab:
-                rows.append((f"decode x{batch} + prefill {count}, eager", batch, count, True))
+            rows.append((f"decode x{batch} + prefill {count}", batch, count, ""))
+            variants = ["eager"] * args.whole_eager_ab + ["unfused"] * args.unfused_ab
+            rows += [(f"decode x{batch} + prefill {count}, {variant}", batch, count, variant) for variant in variants]
     return rows
+
+
+@contextmanager
+def variant_of(driver: StepDriver, variant: str):
+    """The step's variant while inside: "eager" (whole_eager), "unfused" (unfused_layers) or the default."""
+    with whole_eager(driver, variant == "eager"), unfused_layers(driver, variant == "unfused"):
+        yield
+
+
+@contextmanager
+def unfused_layers(driver: StepDriver, on: bool):
+    """The in-process model's layers with torch's elementwise ops while `on` (norms, residual adds,
+    RoPE, SiLU: model_shards/layer_kernels.py), as before session 18. Captured decode graphs keep
+    the kernels they were captured with: this is the eager part's A/B."""
+    worker = getattr(driver.engine.executor, "worker", None)
+    modules = [(m, m.fused) for m in worker.model.modules() if hasattr(m, "fused")] if on and worker else []
+    for module, _ in modules:
+        module.fused = False
+    try:
+        yield
+    finally:
+        for module, fused in modules:
+            module.fused = fused
 
 
 @contextmanager
@@ -288,8 +317,8 @@ def main() -> None:
           f"Triton compiles {first['triton_compiled']} ({first['triton_compile_s']} s)", flush=True)
     rows, profiles = {"first mixed step": {key: round(value, 3) if isinstance(value, float) else value
                                            for key, value in first.items()}}, {}
-    for name, decode_batch, prompts, eager in scenarios(args):
-        with whole_eager(driver, eager):
+    for name, decode_batch, prompts, variant in scenarios(args):
+        with variant_of(driver, variant):
             rows[name] = median_row(measure(driver, decode_batch, prompts, args.repeats))
         row = rows[name]
         print(f"{name:<35} step {row['ms']:8.2f} ms (max {row['max_ms']:8.2f})   schedule / execute / outputs "

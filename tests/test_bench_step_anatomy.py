@@ -38,6 +38,17 @@ def test_the_whole_eager_ab_adds_each_mixed_step_run_wholly_eager(tmp_path):
                          "decode x4 + prefill 2, eager"]  # fmt: skip
 
 
+def test_the_unfused_ab_adds_each_prefill_and_mixed_step_with_torch_s_elementwise_ops(tmp_path):
+    out = tmp_path / "anatomy.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--smoke", "--unfused-ab", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list(json.loads(out.read_text())["steps_ms"]) == [
+        "first mixed step", "decode x4", "prefill 1", "prefill 1, unfused", "prefill 2", "prefill 2, unfused",
+        "decode x4 + prefill 1", "decode x4 + prefill 1, unfused", "decode x4 + prefill 2",
+        "decode x4 + prefill 2, unfused"]  # fmt: skip
+
+
 def test_device_busy_time_is_the_union_of_the_kernels_intervals():
     from types import SimpleNamespace
 
