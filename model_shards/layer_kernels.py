@@ -19,6 +19,9 @@ kernels handle, the model built with fused kernels on (`model.fused_layer_kernel
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +31,16 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def fused_kernels_run(enabled: bool, *tensors: torch.Tensor) -> bool:
-    """Whether the kernels take this call: on, every tensor on CUDA, contiguous, of one fused dtype."""
+    """Whether the kernels take this call: on, every tensor on CUDA, contiguous, of one fused dtype,
+    and Triton installed (a GPU without it runs the torch forms)."""
     first = tensors[0]
     return (enabled and first.is_cuda and first.dtype in FUSED_DTYPES
-            and all(t.is_contiguous() and t.dtype == first.dtype for t in tensors))
+            and all(t.is_contiguous() and t.dtype == first.dtype for t in tensors) and triton_installed())
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
