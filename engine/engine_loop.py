@@ -61,6 +61,12 @@ class EngineLoop:
         self.stats: EngineStats = engine.stats()
         self._several_open_at_s = -math.inf  # monotonic: the end of the last step taken with 2+ requests open
         self._stop = threading.Event()
+        # When the loop's wait for a command began (perf_counter), None while it works: a reader of
+        # the metrics counts the wait up to its read (`_count_idle_until_now`), so a counter read
+        # while the loop waits is exact. The loop polls every IDLE_POLL_S; before session 18 a read
+        # missed up to that much idle time, which then fell into the next reader's window.
+        self._idle_since: float | None = None
+        self._idle_lock = threading.Lock()
         # Every garbage collection of this process while the loop runs (engine/gc_pauses.py).
         self.gc_pauses = GcPauses(engine.step_metrics.observe_gc)
         # Looked up on the engine at each call, as a direct call would (a test may patch them).
@@ -107,8 +113,19 @@ class EngineLoop:
         self.arrival_gap_s = arrival_gap_s
 
     def metrics_exposition(self) -> str:
-        """The engine's KV-tier Prometheus registry (hit rates, transfers, decisions) as text."""
+        """The engine's Prometheus registry (its steps and loop, the KV tiers) as text; any thread."""
+        self._count_idle_until_now()
         return generate_latest(self.engine.kv_cache.metrics.registry).decode()
+
+    def _count_idle_until_now(self, wait_ends: bool = False) -> float:
+        """Adds the loop's wait so far (if it waits) to its idle time; returns now. A metrics reader
+        moves the wait's start to now; the loop, whose wait ends (`wait_ends`), clears it."""
+        with self._idle_lock:
+            now = time.perf_counter()
+            if self._idle_since is not None:
+                self.engine.step_metrics.observe_loop("idle", now - self._idle_since)
+                self._idle_since = None if wait_ends else now
+            return now
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> None:
@@ -140,13 +157,14 @@ class EngineLoop:
         self._observe("publish", published_from)
 
     def _run_commands(self, block: bool) -> None:
-        waited_from = time.perf_counter()
+        with self._idle_lock:
+            self._idle_since = time.perf_counter()
         try:
             command = self.commands.get(timeout=IDLE_POLL_S) if block else self.commands.get_nowait()
         except queue.Empty:
-            self._observe("idle", waited_from)
+            self._count_idle_until_now(wait_ends=True)
             return
-        started = self._observe("idle", waited_from)
+        started = self._count_idle_until_now(wait_ends=True)
         while True:
             self._run_command(command)
             try:

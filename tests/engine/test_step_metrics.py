@@ -4,6 +4,7 @@ with the tokens it computed, and the loop's wall time is split by activity."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,3 +80,29 @@ def test_the_loop_splits_its_time_by_activity(tiny_model_dir, make_engine_for):
     step_seconds = sum(_value(samples, "longctx_engine_step_seconds_total", kind=kind)
                        for kind in ("prefill", "decode", "mixed"))  # fmt: skip
     assert loop["step"] >= step_seconds  # the loop's step time holds the steps' own
+
+
+def test_a_metrics_read_while_the_loop_waits_counts_the_wait_up_to_the_read(tiny_model_dir, make_engine_for):
+    """The loop polls its commands every IDLE_POLL_S (0.5 s); reading the metrics in between counts
+    the wait so far, so that two reads 0.2 s apart on an idle engine differ by 0.2 s of idle, not
+    0 (or a whole poll's worth that began before the first read: a bench window's false idle)."""
+    engine = AsyncEngine(make_engine_for(tiny_model_dir))
+
+    def idle_seconds() -> float:
+        return _value(_samples_of(engine), "longctx_engine_loop_seconds_total", activity="idle")
+
+    try:
+        time.sleep(0.1)  # the loop is waiting for a command now
+        first = idle_seconds()
+        time.sleep(0.2)
+        second = idle_seconds()
+    finally:
+        engine.shutdown()
+    assert 0.18 <= second - first <= 0.3, (first, second)
+
+
+def _samples_of(engine: AsyncEngine) -> dict[tuple[str, tuple], float]:
+    """The engine's exposition as the bench reads it (AsyncEngine.metrics_exposition), parsed."""
+    text = asyncio.run(engine.metrics_exposition())
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}  # fmt: skip
