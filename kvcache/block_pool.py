@@ -115,15 +115,20 @@ class BlockPool:
         return all(block_hashes[block_id] is not None for block_id in block_ids)
 
     def retain(self, block_ids: Iterable[int]) -> None:
-        """Add a reference to each block; a free one leaves the free queue (a prefix-cache hit)."""
+        """Add a reference to each block; a free one leaves the free queue (a prefix-cache hit).
+        An id out of range raises IndexError before any block is retained. One pass with local
+        names: a 33K-token prompt's hit retains 516 blocks at every admission."""
+        block_ids = self._checked_ids(block_ids)
+        ref_counts, free, first_unused = self._ref_counts, self._free, self._first_unused_id
         for block_id in block_ids:
-            self._check_id(block_id)
-            if self._ref_counts[block_id] == 0:
-                del self._free[block_id]
+            if ref_counts[block_id] == 0:
+                del free[block_id]
                 # (an unused block taken from the middle: count the ones before it as used too, so
                 # that the unused ones left are still the queue's head)
-                self._first_unused_id = max(self._first_unused_id, block_id + 1)
-            self._ref_counts[block_id] += 1
+                if block_id >= first_unused:
+                    first_unused = block_id + 1
+            ref_counts[block_id] += 1
+        self._first_unused_id = first_unused
 
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop a reference from each block; one that reaches 0 joins the free queue's tail.
@@ -132,13 +137,14 @@ class BlockPool:
         private tail goes before its (possibly shared) prefix. Releasing an unreferenced block is
         a caller bug and raises ValueError; blocks before it in `block_ids` stay released.
         """
-        for block_id in block_ids:
-            self._check_id(block_id)
-            if self._ref_counts[block_id] == 0:
+        ref_counts, free = self._ref_counts, self._free
+        for block_id in self._checked_ids(block_ids):
+            count = ref_counts[block_id]
+            if count == 0:
                 raise ValueError(f"block {block_id} released with ref count 0")
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._free[block_id] = None
+            ref_counts[block_id] = count - 1
+            if count == 1:
+                free[block_id] = None
 
     def mark_cached(self, block_id: int, block_hash: bytes) -> bool:
         """Record that a referenced block now holds the full block named `block_hash`.
@@ -185,6 +191,15 @@ class BlockPool:
         self._block_hashes[block_id] = None
         del self._cached[block_hash]
         return block_hash
+
+    def _checked_ids(self, block_ids: Iterable[int]) -> list[int] | tuple[int, ...]:
+        """The ids as a sequence, each checked in range (at C speed: min and max)."""
+        if not isinstance(block_ids, (list, tuple)):
+            block_ids = list(block_ids)
+        if block_ids and (min(block_ids) < 0 or max(block_ids) >= self.num_blocks):
+            bad = next(block_id for block_id in block_ids if not 0 <= block_id < self.num_blocks)
+            raise IndexError(f"block id {bad} out of range [0, {self.num_blocks})")
+        return block_ids
 
     def _check_id(self, block_id: int) -> None:
         # Without this a negative id would silently index from the end of the lists.

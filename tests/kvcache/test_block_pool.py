@@ -116,11 +116,13 @@ def test_misuse_raises():
             pool.release([bad_id])
         with pytest.raises(IndexError):
             pool.retain([bad_id])
+    with pytest.raises(IndexError, match="block id 4"):
+        pool.retain([2, 4, 1])  # checked before any block is taken: nothing changes
     with pytest.raises(ValueError):
         pool.allocate(-1)
     with pytest.raises(ValueError):
         BlockPool(0)
-    assert pool.free_queue() == [0, 1, 2, 3]
+    assert pool.free_queue() == [0, 1, 2, 3] and pool.ref_count(2) == 0
 
 
 def test_unused_blocks_are_the_free_queue_s_head_and_are_counted():
