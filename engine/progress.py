@@ -51,10 +51,12 @@ class PrefillProgressLog:
 
     def observe(self, running: Iterable[Request]) -> None:
         """After a step: update every running request's prefill, log the long ones."""
-        now, current, seen = self.clock(), [], set()
-        for request in running:
+        now, current, seen, started_of = self.clock(), [], set(), self._started
+        for request in running:  # every running request, every step: no object made for a known one
             seen.add(request.request_id)
-            started = self._started.setdefault(request.request_id, _Started(now, request.num_computed_tokens, now))
+            started = started_of.get(request.request_id)
+            if started is None:
+                started = started_of[request.request_id] = _Started(now, request.num_computed_tokens, now)
             if request.num_computed_tokens >= request.num_prompt_tokens:
                 self._finish(request, started, now)
                 continue
@@ -63,8 +65,9 @@ class PrefillProgressLog:
             if now - started.logged_at >= self.interval_s:
                 started.logged_at = now
                 logger.info("request %s: %s", request.request_id, progress.line())
-        for request_id in set(self._started) - seen:  # finished, aborted or preempted
-            del self._started[request_id]
+        if len(started_of) > len(seen):
+            for request_id in set(started_of) - seen:  # finished, aborted or preempted
+                del started_of[request_id]
         self.current = current
 
     def _finish(self, request: Request, started: _Started, now: float) -> None:

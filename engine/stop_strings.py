@@ -24,6 +24,8 @@ class StopStringMatcher:
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """(text to emit, stopped). On a hit the text ends right before the earliest stop string."""
+        if not self.stop:  # no stop strings (most requests): nothing held, nothing to look for
+            return delta, False
         if self.stopped:
             return "", True
         text = self._held + delta
