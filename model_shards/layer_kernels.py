@@ -32,9 +32,9 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def fused_kernels_run(enabled: bool, *tensors: torch.Tensor) -> bool:
     """Whether the kernels take this call: on, every tensor on CUDA, contiguous, of one fused dtype,
-    and Triton installed (a GPU without it runs the torch forms)."""
+    not empty (no zero-size grid), and Triton installed (a GPU without it runs the torch forms)."""
     first = tensors[0]
-    return (enabled and first.is_cuda and first.dtype in FUSED_DTYPES
+    return (enabled and first.is_cuda and first.dtype in FUSED_DTYPES and first.numel() > 0
             and all(t.is_contiguous() and t.dtype == first.dtype for t in tensors) and triton_installed())
 
 

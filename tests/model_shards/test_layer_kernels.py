@@ -98,6 +98,7 @@ def test_the_torch_forms_take_what_the_kernels_do_not():
     assert fused_kernels_run(True, residual) == (DEVICE.type == "cuda")
     assert not fused_kernels_run(True, residual.t())  # not contiguous
     assert not fused_kernels_run(True, residual, weight.to(torch.float16))  # mixed dtypes
+    assert not fused_kernels_run(True, residual[:0])  # no tokens: no zero-size grid
     summed, normed = add_rms_norm(residual, residual, weight, 1e-6, fused=False)
     expected = add_rms_norm_torch(residual, residual, weight, 1e-6)
     assert torch.equal(summed, expected[0]) and torch.equal(normed, expected[1])
