@@ -146,6 +146,43 @@ def bench_short_behind_long(block_size: int = 64, budget: int = 16384) -> dict:
     return {"rows": rows}
 
 
+def bench_per_request_host_work(num_blocks: int = 516, num_running: int = 64, repeats: int = 200) -> dict:
+    """Host work a request costs at admission and at each step (session 18): a 33K-token prompt's
+    cached prefix found, retained and released (516 blocks of 64), the prefill progress log over
+    64 requests past their prefill, and a request's stop-string matcher without stop strings."""
+    from types import SimpleNamespace
+
+    from engine.progress import PrefillProgressLog
+    from engine.stop_strings import StopStringMatcher
+    from kvcache.block_pool import BlockPool
+
+    pool = BlockPool(8 * num_blocks)
+    hashes = [index.to_bytes(8, "little") for index in range(num_blocks)]
+    for block_id, block_hash in zip(pool.allocate(num_blocks), hashes):
+        pool.mark_cached(block_id, block_hash)
+    pool.release(list(range(num_blocks - 1, -1, -1)))
+
+    def admit_and_free() -> None:
+        found = pool.lookup_run(hashes)
+        pool.retain(found)
+        pool.release(found[::-1])
+
+    running = [SimpleNamespace(request_id=f"r{i}", num_computed_tokens=33_000 + i, num_prompt_tokens=33_000)
+               for i in range(num_running)]
+    progress, matcher = PrefillProgressLog(), StopStringMatcher(())
+    progress.observe(running)
+    rows = [
+        {"work": f"lookup + retain + release of {num_blocks} cached blocks", "us": best_of(repeats, admit_and_free) * 1e6},
+        {"work": f"prefill progress over {num_running} running requests", "us": best_of(repeats, lambda: progress.observe(running)) * 1e6},
+        {"work": "stop-string matcher, no stop strings, 1,000 tokens",
+         "us": best_of(repeats, lambda: [matcher.feed(" word") for _ in range(1000)]) * 1e6},
+    ]
+    for row in rows:
+        row["us"] = round(row["us"], 1)
+    print_table(f"host work a request, at admission and a step (best of {repeats})", rows)
+    return {"repeats": repeats, "rows": rows}
+
+
 def machine_info() -> dict:
     return {
         "python": platform.python_version(),
@@ -160,6 +197,7 @@ def main() -> None:
         "prefix_hashing": bench_prefix_hashing(),
         "scheduler_step": [bench_scheduler_step(block_size) for block_size in (16, 64, 256)],
         "short_behind_long": bench_short_behind_long(),
+        "per_request_host_work": bench_per_request_host_work(),
     }
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
