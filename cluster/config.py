@@ -150,6 +150,14 @@ class SchedulerSettings(_Frozen):
     prefill_share_while_waiting: float = Field(
         0.5, gt=0, le=1, description="While a request with less to compute than a running prompt waits to be "
         "admitted, the running prompts' prefill chunks take at most this share of a step's budget (1: no share).")
+    # A step's host work after the device answers (detokenizing, stop strings, the deltas and their
+    # delivery: ~14 us a request, ~0.9 ms at 64 requests on an H100 host, docs/benchmarks.md) runs
+    # while the next step computes (engine/overlapped_work.py); the checks without text (stop token,
+    # length) still end a sequence before the next step is scheduled. A stop string is found one
+    # step late: the next step computes one more token for that sequence, which is dropped.
+    overlap_outputs: bool = Field(
+        True, description="Make and deliver a step's text while the next step runs on the device (serving "
+        "loops); a stop string then costs one dropped token of compute.")
 
 
 class ParallelSettings(_Frozen):

@@ -105,16 +105,20 @@ class _Sender:
 
 
 class _ChildLoop:
-    """The loop plus its pipes. Deltas wait in `_pending` until the turn ends (one message a step)
-    or a reply goes out (an abort's deltas reach the parent before its reply). Every callback runs
-    on the loop's thread: the receiver adds them to a future before queueing it."""
+    """The loop plus its pipes: one message a turn. A step's deltas go out as soon as the engine
+    delivers them, with the stats of the turn before: with scheduler.overlap_outputs they come
+    while the next step runs, and holding them to the turn's end would delay every token by a
+    step. A turn that sent nothing sends its stats at its end, as does one that leaves the engine
+    idle (its final stats). Every callback runs on the loop's thread: the receiver adds them to a
+    future before queueing it; an abort's deltas go out before its reply."""
 
     def __init__(self, engine: LLMEngine, sender: _Sender, config: LongctxConfig):
         self._sender = sender
         self._pending: list[CompletionDelta] = []
+        self._sent_this_turn = False
         settings = config.serve
-        self.loop = EngineLoop(engine, self._pending.extend, self._report_failure, settings.arrival_gap_s,
-                               settings.arrival_max_wait_s, after_iteration=self._publish)
+        self.loop = EngineLoop(engine, self._deliver, self._report_failure, settings.arrival_gap_s,
+                               settings.arrival_max_wait_s, after_iteration=self._end_turn)
 
     def receive(self, commands: Connection) -> None:
         """Receiver thread: drains the command pipe into the loop's queue while the loop steps, so
@@ -134,9 +138,20 @@ class _ChildLoop:
             if name == "stop":
                 return
 
+    def _deliver(self, deltas: list[CompletionDelta]) -> None:
+        if deltas:
+            self._pending.extend(deltas)
+            self._publish()
+
+    def _end_turn(self) -> None:
+        if self._pending or not self._sent_this_turn or not self.loop.engine.has_unfinished_requests():
+            self._publish()
+        self._sent_this_turn = False
+
     def _publish(self) -> None:
         deltas, self._pending[:] = list(self._pending), []
         self._sender.send(("step", deltas, self.loop.stats))
+        self._sent_this_turn = True
 
     def _reply(self, command_id: int, future: concurrent.futures.Future) -> None:
         if self._pending:

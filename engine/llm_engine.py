@@ -9,11 +9,13 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from cluster.config import LongctxConfig
 from engine.calibration import calibrate_restore_estimates
 from engine.backlog import measure_backlog
 from engine.output_processor import SequenceOutput
+from engine.overlapped_work import OverlappedWork
 from engine.outputs import CompletionDelta, EngineStats
 from engine.request import Request, RequestStatus
 from engine.request_preparer import ContextLengthExceededError, PreparedRequest, RequestLimits, RequestPreparer
@@ -29,7 +31,7 @@ from model_folder.hf_config import load_architecture
 from model_folder.tokenizer import Tokenizer
 from protocol.kv_fingerprint import kv_fingerprint
 from protocol.sampling_params import InvalidParameterError, SamplingParams
-from protocol.step import PromptLogprobs, SampledToken
+from protocol.step import PromptLogprobs, SampledToken, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,18 @@ class _Sequence:
         self.prompt_logprobs.extend(chunk.tokens[max(0, already) :])
 
 
+@dataclass(frozen=True)
+class _SampledText:
+    """A sampled token whose text is still to be made. `finish_status`: what the checks without
+    text gave (when set, the scheduler has ended the request); `num_kv_blocks`: the request's KV
+    blocks when the token was taken (its delta reports them)."""
+
+    sequence: _Sequence
+    token: SampledToken
+    finish_status: RequestStatus | None
+    num_kv_blocks: int
+
+
 class LLMEngine:
     def __init__(self, config: LongctxConfig, executor: Executor | None = None):
         start = time.perf_counter()
@@ -85,6 +99,7 @@ class LLMEngine:
         self._sequences: dict[str, _Sequence] = {}  # internal (per-sequence) id -> state
         self._request_groups: dict[str, list[str]] = {}  # caller's id -> internal ids
         self.prefill_progress = PrefillProgressLog()
+        self._unmade_text: OverlappedWork | None = None  # the last step's, with scheduler.overlap_outputs
         self.step_metrics = StepMetrics(self.kv_cache.metrics.registry)  # exported with the tiers' series
         self.load_seconds = time.perf_counter() - start
 
@@ -158,27 +173,56 @@ class LLMEngine:
         return len(self._request_groups)
 
     def has_unfinished_requests(self) -> bool:
-        # Queued tier transfers (the last blocks' write-through) need one more step to reach the worker.
-        return self.scheduler.has_unfinished_requests() or self.kv_cache.has_queued_transfers
+        # Queued tier transfers (the last blocks' write-through) need one more step to reach the
+        # worker; an overlapped step's text, one more call of step.
+        return (self.scheduler.has_unfinished_requests() or self.kv_cache.has_queued_transfers
+                or self._unmade_text is not None)
 
     # --- the step ------------------------------------------------------------------------
-    def step(self) -> list[CompletionDelta]:
+    def step(self, deliver: Callable[[list[CompletionDelta]], None] | None = None) -> list[CompletionDelta]:
+        """One step: schedule -> execute -> outputs; returns the step's deltas. Given `deliver` (a
+        serving loop's), the deltas go there and step returns []; with `scheduler.overlap_outputs`
+        the text of a step's tokens (detokenizing, stop strings, the deltas) is then made and
+        delivered while the next step runs on the device (engine/overlapped_work.py)."""
+        if deliver is not None:
+            self._step(deliver, overlap=self.config.scheduler.overlap_outputs)
+            return []
+        deltas: list[CompletionDelta] = []
+        self._step(deltas.extend, overlap=False)
+        return deltas
+
+    def _step(self, deliver: Callable[[list[CompletionDelta]], None], overlap: bool) -> None:
         start = time.perf_counter()
         step_input = self.scheduler.schedule()
+        earlier, self._unmade_text = self._unmade_text, None  # the last step's text, when overlapped
         if not (step_input.num_scheduled_tokens or step_input.finished_request_ids or step_input.kv_transfers):
-            return []
+            if earlier is not None:
+                earlier.finish()
+            return
         num_prompt_tokens, num_output_tokens = self._count_scheduled_tokens(step_input)
         scheduled = time.perf_counter()
-        step_output = self.executor.execute(step_input)
+        step_output = self._execute(step_input, earlier)
         executed = time.perf_counter()
         self.kv_cache.on_step_done(step_input, step_output.kv_report, executed - scheduled,
                                    synced=bool(step_output.sampled))
-        deltas = self._outputs(step_input, step_output)
+        text = self._take_tokens(step_input, step_output, deliver)
+        if overlap and text is not None:
+            self._unmade_text = text
+        elif text is not None:
+            text.finish()
         if num_prompt_tokens or num_output_tokens:  # a step of tier transfers alone is no step
+            # Overlapped, "outputs" holds the checks alone: the text runs inside the next "execute".
             phases = {"schedule": scheduled - start, "execute": executed - scheduled,
                       "outputs": time.perf_counter() - executed}  # fmt: skip
             self.step_metrics.observe_step(num_prompt_tokens, num_output_tokens, phases)
-        return deltas
+
+    def _execute(self, step_input: StepInput, earlier: OverlappedWork | None) -> StepOutput:
+        """The step; the last step's text (when overlapped) is made while the device computes."""
+        if earlier is None:
+            return self.executor.execute(step_input)
+        step_output = self.executor.execute_overlapping(step_input, earlier)
+        earlier.finish()
+        return step_output
 
     def _count_scheduled_tokens(self, step_input) -> tuple[int, int]:
         """(prompt tokens, output tokens) this step computes: a request's chunk starts at its
@@ -192,23 +236,49 @@ class LLMEngine:
             num_output_tokens += count - prompt_part
         return num_prompt_tokens, num_output_tokens
 
-    def _outputs(self, step_input, step_output) -> list[CompletionDelta]:
-        """The step's deltas, after the scheduler has taken its sampled tokens."""
+    def _take_tokens(self, step_input, step_output, deliver) -> OverlappedWork | None:
+        """The scheduler takes the step's tokens and the checks that need no text end sequences
+        now; returns the work that makes the step's deltas and delivers them (None when the step
+        made none: an idle engine must not wait for one more step)."""
         sampled = self.scheduler.update_from_output(step_input, step_output)
         self.prefill_progress.observe(self.scheduler.running)
         for request_id, chunk in step_output.prompt_logprobs.items():
             if request_id in self._sequences and request_id not in step_output.failed:
                 self._sequences[request_id].absorb_prompt_logprobs(chunk)
         failed = [self._fail(rid, why) for rid, why in step_output.failed.items() if rid in self._sequences]
-        return failed + [self._contained(self._sequences[rid], token) for rid, token in sampled.items()]
+        checked = [self._checked(self._sequences[rid], token) for rid, token in sampled.items()]
+        if not (failed or checked):
+            return None
+        return OverlappedWork(lambda: deliver(failed + self._texts(checked)))
 
-    def _contained(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
+    def _checked(self, sequence: _Sequence, token: SampledToken) -> _SampledText:
+        """A stop token or the length ends the sequence in the scheduler now, before the next
+        step is scheduled (its blocks freed); its bookkeeping and last delta wait for its text."""
+        request = sequence.request
+        num_kv_blocks = self._num_kv_blocks(request.request_id)
+        if sequence.first_token_time is None:
+            sequence.first_token_time = time.monotonic()
+        if request.sampling_params.max_tokens == 0:  # the prompt scored: no output
+            status = RequestStatus.FINISHED_LENGTH
+        else:
+            status = sequence.output.finish_status(request, token.token_id)
+        if status is not None:
+            self.scheduler.finish_request(request.request_id, status)
+        return _SampledText(sequence, token, status, num_kv_blocks)
+
+    def _texts(self, checked: list[_SampledText]) -> list[CompletionDelta]:
+        """The deltas of the sequences not ended since their token was checked (an abort, a
+        failure): an overlapped step's text is made while the next step runs."""
+        return [self._contained(item) for item in checked
+                if self._sequences.get(item.sequence.request.request_id) is item.sequence]
+
+    def _contained(self, item: _SampledText) -> CompletionDelta:
         """The token's delta; a failure here (detokenizing, stop checks) ends this sequence alone."""
         try:
-            return self._process_token(sequence, token)
+            return self._text_delta(item)
         except Exception as error:  # noqa: BLE001 - one request's failure, reported to its caller
-            logger.exception("request %s failed after its token", sequence.request.request_id)
-            return self._fail(sequence.request.request_id, f"its output could not be processed: {error!r}")
+            logger.exception("request %s failed after its token", item.sequence.request.request_id)
+            return self._fail(item.sequence.request.request_id, f"its output could not be processed: {error!r}")
 
     def _fail(self, request_id: str, why: str) -> CompletionDelta:
         logger.error("request %s failed: %s", request_id, why)
@@ -216,21 +286,25 @@ class LLMEngine:
         delta = self._finish(sequence, RequestStatus.FINISHED_FAILED, "", ())
         return dataclasses.replace(delta, error=f"the request failed in the engine: {why}")
 
-    def _process_token(self, sequence: _Sequence, token: SampledToken) -> CompletionDelta:
-        if sequence.first_token_time is None:
-            sequence.first_token_time = time.monotonic()
-            if sequence.request.sampling_params.max_tokens == 0:  # the prompt scored: no output
-                return self._finish(sequence, RequestStatus.FINISHED_LENGTH, "", ())
-        result = sequence.output.process(sequence.request, token)
+    def _text_delta(self, item: _SampledText) -> CompletionDelta:
+        """A stop string found here ends a sequence that the checks let go on: overlapped, the
+        next step computes one more token for it, which is dropped."""
+        sequence, token, num_kv_blocks = item.sequence, item.token, item.num_kv_blocks
+        if sequence.request.sampling_params.max_tokens == 0:
+            return self._finish(sequence, RequestStatus.FINISHED_LENGTH, "", (), num_kv_blocks=num_kv_blocks)
+        result = sequence.output.text(token.token_id, item.finish_status)
         logprobs = (token,) if sequence.request.sampling_params.logprobs is not None else ()
-        if result.finish_status is not None:
-            return self._finish(sequence, result.finish_status, result.text, (token.token_id,), logprobs)
-        return self._delta(sequence, result.text, (token.token_id,), logprobs)
+        if result.finish_status is None:
+            return self._delta(sequence, result.text, (token.token_id,), logprobs, num_kv_blocks=num_kv_blocks)
+        return self._finish(sequence, result.finish_status, result.text, (token.token_id,), logprobs, num_kv_blocks)
 
-    def _finish(self, sequence, status: RequestStatus, text: str, token_ids, logprobs=()) -> CompletionDelta:
+    def _finish(self, sequence, status: RequestStatus, text: str, token_ids, logprobs=(),
+                num_kv_blocks: int | None = None) -> CompletionDelta:  # fmt: skip
         request = sequence.request
-        num_kv_blocks = self._num_kv_blocks(request.request_id)
-        self.scheduler.finish_request(request.request_id, status)
+        if num_kv_blocks is None:
+            num_kv_blocks = self._num_kv_blocks(request.request_id)
+        if not request.status.finished:  # the checks may have ended it in the scheduler already
+            self.scheduler.finish_request(request.request_id, status)
         self._sequences.pop(request.request_id, None)
         group = self._request_groups.get(sequence.user_request_id, [])
         if request.request_id in group:

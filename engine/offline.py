@@ -81,11 +81,14 @@ def generate(
         engine.add_request(request_id, prompt, request_params, cache_salt)
         for index in range(request_params.n):
             results[(request_id, index)] = GenerationResult(request_id, index, start_time=start)
-    while engine.has_unfinished_requests():
-        deltas = engine.step()
-        if on_progress is not None:
-            on_progress(engine.prefill_progress.current)
+
+    def absorb(deltas: list[CompletionDelta]) -> None:
         now = time.monotonic()
         for delta in deltas:
             results[(delta.request_id, delta.index)].absorb(delta, now)
+
+    while engine.has_unfinished_requests():
+        engine.step(absorb)  # scheduler.overlap_outputs: a step's text while the next one runs
+        if on_progress is not None:
+            on_progress(engine.prefill_progress.current)
     return [[results[(rid, i)] for i in range(p.n)] for rid, p in zip(request_ids, params_list)]

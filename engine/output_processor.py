@@ -33,13 +33,29 @@ class SequenceOutput:
 
     def process(self, request: Request, token: SampledToken) -> StepResult:
         """`request` already holds `token` as its last output token."""
-        if self._is_stop_token(request, token.token_id):
+        return self.text(token.token_id, self.finish_status(request, token.token_id))
+
+    def finish_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        """The checks that need no text (a stop token, the length): the engine makes them before
+        it schedules the next step, so a finished request is never scheduled again. A stop string
+        (`text`) may still end a sequence that these let go on."""
+        if self._is_stop_token(request, token_id):
+            return RequestStatus.FINISHED_STOPPED
+        if self._reached_length(request):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def text(self, token_id: int, finish_status: RequestStatus | None) -> StepResult:
+        """The token's text and the sequence's final status, given `finish_status` of the token
+        (which `finish_status` gave). A stop string in the token's text ends the sequence there,
+        also when the length ended it (OpenAI's reason is then "stop")."""
+        if finish_status is RequestStatus.FINISHED_STOPPED:  # a stop token: its text is not shown
             return StepResult(self._final_text(), RequestStatus.FINISHED_STOPPED)
-        text, hit_stop_string = self.stop_matcher.feed(self.detokenizer.append(token.token_id))
+        text, hit_stop_string = self.stop_matcher.feed(self.detokenizer.append(token_id))
         if hit_stop_string:
             return StepResult(text, RequestStatus.FINISHED_STOPPED)
-        if self._reached_length(request):
-            return StepResult(text + self._final_text(), RequestStatus.FINISHED_LENGTH)
+        if finish_status is not None:
+            return StepResult(text + self._final_text(), finish_status)
         return StepResult(text, None)
 
     def _final_text(self) -> str:

@@ -17,12 +17,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 STEP_KINDS = ("prefill", "decode", "mixed")
 # Where a step's wall time goes: choosing the batch, the executor's forward and sample, and
-# turning sampled tokens into deltas (stop checks, detokenizing).
+# turning sampled tokens into deltas (stop checks, detokenizing). With scheduler.overlap_outputs
+# (the default) "outputs" holds the checks without text; the text and its delivery run inside the
+# next step's "execute", while the device computes (engine/overlapped_work.py).
 STEP_PHASES = ("schedule", "execute", "outputs")
-# Where the loop's wall time goes: steps; publishing (handing deltas to the streams, the stats
-# snapshot, in a child process the pipe's message); running callers' commands (add_request
-# tokenizes and checks a prompt); gathering a burst's arrivals (serve.arrival_gap_s); and blocking
-# for a command with no work.
+# Where the loop's wall time goes: steps (their deltas handed to the streams within them);
+# publishing (the stats snapshot, in a child process the turn's message when no step sent one);
+# running callers' commands (add_request tokenizes and checks a prompt); gathering a burst's
+# arrivals (serve.arrival_gap_s); and blocking for a command with no work.
 LOOP_ACTIVITIES = ("step", "publish", "commands", "gather", "idle")
 GC_GENERATIONS = ("0", "1", "2")
 STEP_DURATION_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 4.0, 8.0)

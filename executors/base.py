@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 from protocol.step import StepInput, StepOutput
 from protocol.worker_description import WorkerDescription
@@ -35,6 +36,14 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, step_input: StepInput) -> StepOutput: ...
+
+    def execute_overlapping(self, step_input: StepInput, while_running: Callable[[], None]) -> StepOutput:
+        """`execute`, calling `while_running()` once while the step runs: after the step is sent
+        (its kernels queued), before the wait for its output. `while_running` never raises
+        (engine/overlapped_work.py). This default runs it after the step: no overlap."""
+        step_output = self.execute(step_input)
+        while_running()
+        return step_output
 
     def warm_up_stepping_thread(self) -> None:
         """Prepare the calling thread to step (per-thread kernel plans) before its first request.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from cluster.config import ConfigError, LongctxConfig
 from executors.base import Executor
 from executors.rank_processes import RankProcesses
@@ -37,6 +39,9 @@ class InProcessExecutor(Executor):
     def execute(self, step_input: StepInput) -> StepOutput:
         return self.worker.execute(step_input)
 
+    def execute_overlapping(self, step_input: StepInput, while_running: Callable[[], None]) -> StepOutput:
+        return self.worker.execute(step_input, while_running)  # called at the worker's first wait
+
     def warm_up_stepping_thread(self) -> None:
         self.worker.warm_up_stepping_thread()
 
@@ -68,6 +73,9 @@ class LocalProcessExecutor(Executor):
 
     def execute(self, step_input: StepInput) -> StepOutput:
         return self.processes.call_first(self._execute_step, step_input)
+
+    def execute_overlapping(self, step_input: StepInput, while_running: Callable[[], None]) -> StepOutput:
+        return self.processes.call_first(self._execute_step, step_input, while_waiting=while_running)
 
     def shutdown(self) -> None:
         if self._owns_processes:

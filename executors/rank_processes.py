@@ -62,9 +62,12 @@ class RankProcesses:
         replies = self._collect(set(range(self.world_size)))
         return [replies[rank] for rank in range(self.world_size)]
 
-    def call_first(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run fn on every rank; rank 0's result (the others answer only if they fail)."""
+    def call_first(self, fn: Callable[..., Any], *args: Any, while_waiting: Callable[[], None] | None = None) -> Any:
+        """Run fn on every rank; rank 0's result (the others answer only if they fail).
+        `while_waiting()` runs here once the call is sent, before its answer is awaited."""
         self._send_all(fn, args, reply_all=False)
+        if while_waiting is not None:
+            while_waiting()
         return self._collect({0})[0]
 
     def _send_all(self, fn: Callable[..., Any], args: tuple, reply_all: bool) -> None:

@@ -81,15 +81,25 @@ class RayActorExecutor(Executor):
             raise
 
     def execute(self, step_input: StepInput) -> StepOutput:
+        return self.execute_overlapping(step_input, None)
+
+    def execute_overlapping(self, step_input: StepInput, while_running: Callable[[], None] | None) -> StepOutput:
         # No deadline here (a compiled graph's default is 10 s, less than a long prefill step on
         # a CPU): a step that hangs is the replica health check's to catch (serve.stall_timeout_s).
         if self._compiled_step is not None:
-            return self._compiled_step.execute(step_input).get(timeout=-1)
-        return self._call_all(self._execute_step, ray.put(step_input))[0]
+            reply = self._compiled_step.execute(step_input)
+            if while_running is not None:
+                while_running()
+            return reply.get(timeout=-1)
+        return self._call_all(self._execute_step, ray.put(step_input), while_waiting=while_running)[0]
 
-    def _call_all(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """fn on every rank; results in rank order. Raises as soon as any rank fails."""
+    def _call_all(self, fn: Callable[..., Any], *args: Any,
+                  while_waiting: Callable[[], None] | None = None) -> list[Any]:  # fmt: skip
+        """fn on every rank; results in rank order. Raises as soon as any rank fails.
+        `while_waiting()` runs once the calls are sent, before their answers are awaited."""
         refs = [actor.call.remote(fn, *args) for actor in self._actors]
+        if while_waiting is not None:
+            while_waiting()
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

@@ -50,9 +50,11 @@ def prompt_rows(request_id: str, first_row: int, start: int, num_new: int, token
 
 def compute_prompt_logprobs(hidden: torch.Tensor, spans: Sequence[PromptRows],
                             compute_logits: Callable[[torch.Tensor], torch.Tensor],
-                            keep: bool = True) -> dict[str, PromptLogprobs]:  # fmt: skip
+                            keep: bool = True,
+                            before_sync: Callable[[], None] | None = None) -> dict[str, PromptLogprobs]:  # fmt: skip
     """`hidden` (tokens, hidden). `compute_logits` may be a collective (tensor parallel): every
-    rank calls it for the same rows; only the rank that `keep`s turns them into results."""
+    rank calls it for the same rows; only the rank that `keep`s turns them into results.
+    `before_sync()` runs right before the host waits for them (the engine's overlapped work)."""
     parts: list[torch.Tensor] = []
     for span in spans:
         for first in range(0, span.num_rows, PROMPT_LOGITS_ROWS):
@@ -63,7 +65,10 @@ def compute_prompt_logprobs(hidden: torch.Tensor, spans: Sequence[PromptRows],
                 parts.append(_chunk_logprobs(logits, span.target_ids[first : first + count], span.top_k))
     if not keep or not spans:
         return {}
-    packed = torch.cat(parts).tolist()  # the one device-to-host transfer
+    packed = torch.cat(parts)
+    if before_sync is not None:
+        before_sync()
+    packed = packed.tolist()  # the one device-to-host transfer
     return _unpack(packed, spans)
 
 

@@ -28,7 +28,7 @@ sequences seeds seed, seed + 1, ...) Requests without a seed draw from the globa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +93,10 @@ class SamplingState:
 class Sampler:
     """Samples one token per row of `logits`; stateless, the per-request state is in `states`."""
 
-    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState],
+                 before_sync: Callable[[], None] | None = None) -> list[SampledToken]:  # fmt: skip
+        """One token per row. `before_sync()` runs once the step's kernels are queued, right
+        before the host waits for the tokens (the engine's overlapped host work)."""
         if len(states) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logits rows for {len(states)} sampling states")
         if not states:
@@ -108,7 +111,7 @@ class Sampler:
         logits = _apply_presence_frequency_penalties(logits, states)
         logits = _mask_stop_tokens_before_min_tokens(logits, states)
         token_ids = _choose_tokens(logits, states)  # (num_requests,)
-        return _to_sampled_tokens(token_ids, logprobs, states)
+        return _to_sampled_tokens(token_ids, logprobs, states, before_sync)
 
 
 # --- state construction --------------------------------------------------------------------------
@@ -330,17 +333,19 @@ def _raw_logprobs_for_rows_that_ask(logits: torch.Tensor, states: Sequence[Sampl
     return _RawLogprobs(rows, all_logprobs, top_values, top_ids)
 
 
-def _to_sampled_tokens(
-    token_ids: torch.Tensor, logprobs: _RawLogprobs | None, states: Sequence[SamplingState]
-) -> list[SampledToken]:
+def _to_sampled_tokens(token_ids: torch.Tensor, logprobs: _RawLogprobs | None, states: Sequence[SamplingState],
+                       before_sync: Callable[[], None] | None = None) -> list[SampledToken]:  # fmt: skip
     num_requests = len(states)
     if logprobs is None:
+        _call(before_sync)
         return [SampledToken(token_id) for token_id in token_ids.tolist()]  # the step's one sync
     sampled_ids = token_ids[_to_device(logprobs.rows, torch.long, token_ids.device)]  # (L,)
     sampled_logprobs = logprobs.all_logprobs.gather(1, sampled_ids.unsqueeze(1)).squeeze(1)  # (L,)
     # One float64 vector for one transfer: token ids (< 2**53) survive the round trip exactly.
     parts = [token_ids, sampled_logprobs, logprobs.top_ids.flatten(), logprobs.top_values.flatten()]
-    packed = torch.cat([part.double() for part in parts]).tolist()  # the step's one sync
+    packed = torch.cat([part.double() for part in parts])
+    _call(before_sync)
+    packed = packed.tolist()  # the step's one sync
     tokens = [SampledToken(int(token_id)) for token_id in packed[:num_requests]]
     _fill_logprobs(tokens, packed[num_requests:], logprobs, states)
     return tokens
@@ -359,3 +364,8 @@ def _fill_logprobs(
         values = packed[top_values_start + j * largest_k : top_values_start + j * largest_k + k]
         top = tuple((int(token_id), value) for token_id, value in zip(ids, values))
         tokens[row] = SampledToken(tokens[row].token_id, logprob=packed[j], top_logprobs=top)
+
+
+def _call(work: Callable[[], None] | None) -> None:
+    if work is not None:
+        work()

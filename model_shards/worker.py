@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import threading
 from array import array
+from typing import Callable
 
 import torch
 
@@ -89,6 +90,7 @@ class ModelWorker:
         self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
         self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
+        self._while_running: Callable[[], None] | None = None  # host work handed in for one step
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.requests: dict[str, RequestState] = {}
         self.decode_graphs = self._capture_decode_graphs()
@@ -217,8 +219,22 @@ class ModelWorker:
         self.grammars.close()
 
     # --- one step --------------------------------------------------------------------------
+    def execute(self, step_input: StepInput, while_running: Callable[[], None] | None = None) -> StepOutput:
+        """One step. `while_running()` (the engine's text of the step before) runs once, at the
+        step's first wait for the device (its kernels queued), or at the step's end."""
+        self._while_running = while_running
+        try:
+            return self._execute(step_input)
+        finally:
+            self._run_while_running()
+
+    def _run_while_running(self) -> None:
+        work, self._while_running = self._while_running, None
+        if work is not None:
+            work()
+
     @torch.inference_mode()
-    def execute(self, step_input: StepInput) -> StepOutput:
+    def _execute(self, step_input: StepInput) -> StepOutput:
         """One step. A request whose own handling fails (its sampling state, its forward pass:
         model_shards/step_containment.py, its sample) is left out and reported in `failed`; the
         other requests of the step go on as if it were absent."""
@@ -232,7 +248,8 @@ class ModelWorker:
         sampled, prompt_logprobs = {}, {}
         for schedule, (hidden, batch) in self._contained_forward(step_input, failed):  # hidden: (tokens, hidden)
             prompt_logprobs.update(compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
-                                                           keep=self.layout.is_driver_rank))
+                                                           keep=self.layout.is_driver_rank,
+                                                           before_sync=self._run_while_running))
             sampled.update(self._sample(hidden, batch, failed))
             self._advance(schedule)
         prompt_logprobs = {rid: chunk for rid, chunk in prompt_logprobs.items() if rid not in failed}
@@ -380,7 +397,7 @@ class ModelWorker:
             return None
         states = [self.requests[rid].sampling for rid in batch.sample_request_ids]
         try:
-            return self.sampler(logits, states)
+            return self.sampler(logits, states, before_sync=self._run_while_running)
         except Exception:  # noqa: BLE001 - find the rows at fault; the others still get their token
             return [self._sample_row(logits[row : row + 1], state, request_id, failed)
                     for row, (state, request_id) in enumerate(zip(states, batch.sample_request_ids))]

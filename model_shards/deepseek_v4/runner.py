@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -62,10 +63,25 @@ class DeepseekV4Runner:
         self.layout = layout or ParallelLayout.single()
         self.split_min_tokens = split_min_tokens
         self.sampler = Sampler()
+        self._while_running: Callable[[], None] | None = None  # host work handed in for one step
         self.requests: dict[str, _Request] = {}
 
+    def execute(self, step_input: StepInput, while_running: Callable[[], None] | None = None) -> StepOutput:
+        """One step. `while_running()` (the engine's text of the step before) runs once, at the
+        step's first wait for the device (its kernels queued), or at the step's end."""
+        self._while_running = while_running
+        try:
+            return self._execute(step_input)
+        finally:
+            self._run_while_running()
+
+    def _run_while_running(self) -> None:
+        work, self._while_running = self._while_running, None
+        if work is not None:
+            work()
+
     @torch.inference_mode()
-    def execute(self, step_input: StepInput) -> StepOutput:
+    def _execute(self, step_input: StepInput) -> StepOutput:
         self._apply_changes(step_input)
         failed: dict[str, str] = {}
         sampled: dict[str, SampledToken] = {}
@@ -101,7 +117,8 @@ class DeepseekV4Runner:
                                      request.num_prompt_tokens, request.sampling.params.prompt_logprobs))
             row += count
         spans = [span for span in spans if span is not None]
-        return compute_prompt_logprobs(hidden, spans, self.model.compute_logits, keep=self.layout.is_driver_rank)
+        return compute_prompt_logprobs(hidden, spans, self.model.compute_logits, keep=self.layout.is_driver_rank,
+                                       before_sync=self._run_while_running)
 
     def _advance_and_sample(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, SampledToken]:
         """hidden: (this rank's rows, hidden) of `schedule`'s chunks, in order. A split chunk's last
@@ -220,7 +237,8 @@ class DeepseekV4Runner:
         if self.layout.sp.rank == 0:
             logits = self.model.compute_logits(last_hidden)  # (sampling requests, vocab) float32
         if self.layout.is_driver_rank:
-            tokens = self.sampler(logits, [self.requests[rid].sampling for rid in request_ids])
+            tokens = self.sampler(logits, [self.requests[rid].sampling for rid in request_ids],
+                                  before_sync=self._run_while_running)
         token_ids = self.layout.world.broadcast_ints([t.token_id for t in tokens] if tokens else None,
                                                      len(request_ids))
         for request_id, token_id in zip(request_ids, token_ids):

@@ -5,6 +5,7 @@ executor hosts it unchanged (model_shards/rank.py picks the worker by architectu
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -109,11 +110,11 @@ class DeepseekV4Worker:
                 f"{self.layout.describe()}|compressed={self.pages.compressed.layout.describe()}|"
                 f"window={self.pages.window.layout.describe()}")
 
-    def execute(self, step_input: StepInput) -> StepOutput:
+    def execute(self, step_input: StepInput, while_running: Callable[[], None] | None = None) -> StepOutput:
         """Tier transfers first (protocol/kv_transfer_ops.py: all before the forward pass), then
-        the step's chunks."""
+        the step's chunks; `while_running()` at the step's first wait (runner.py)."""
         report = self._transfer_kv(step_input)
-        output = self.runner.execute(step_input)
+        output = self.runner.execute(step_input, while_running)
         return output if report is None else dataclasses.replace(output, kv_report=report)
 
     def warm_up_stepping_thread(self) -> None:

@@ -81,10 +81,10 @@ def test_a_failure_processing_one_request_s_output_ends_it_alone(tiny_model_dir,
     engine.add_request("broken", PROMPTS["poisoned"], _greedy(8))
     engine.add_request("fine", PROMPTS["first"], _greedy(8))
 
-    def broken_detokenizer(request, token):
+    def broken_detokenizer(token_id, finish_status):
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
 
-    engine._sequences["broken"].output.process = broken_detokenizer
+    engine._sequences["broken"].output.text = broken_detokenizer
     deltas = []
     while engine.has_unfinished_requests():
         deltas += engine.step()
