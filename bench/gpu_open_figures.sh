@@ -58,6 +58,8 @@
 #               ~3 min; PROFILE_SERVED, default fused_direct_process: the replica and its engine
 #               child). py-spy is not in the pack: here, before the call,
 #               pip download py-spy --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra
+#  16. overlap  scheduler.overlap_outputs off against on (session 19: a step's text made while the next
+#               step runs), direct and served (fused_direct_process), OVERLAP_REPEATS pairs (1), ~5 min a pair
 # Session 18 (no device time) added the fused layer kernels (model.fused_layer_kernels, on by default);
 # their first GPU call, ~6 min: densetests (their tests on CUDA), the anatomy's eager steps fused
 # against torch's ops, the floor with the unfused engine beside the default one:
@@ -213,6 +215,19 @@ if wanted engineproc2; then
         GPU_TESTS=0 timeout ${ENGINEPROC2_S:-200} bash bench/gpu_serve.sh --served fused_direct_process \
             --out "$OUT/serve_load_gpu_run$run.json" > "$OUT/serve_engine_process_run$run.log" 2>&1
         grep -E "load_c|against direct" "$OUT/serve_engine_process_run$run.log" | cut -c1-200
+    done
+fi
+if wanted overlap; then
+    # scheduler.overlap_outputs off against on (the default since session 19), direct and served
+    # (the default path), alternating, OVERLAP_REPEATS pairs (1): the same machine for both
+    for run in $(seq 1 ${OVERLAP_REPEATS:-1}); do
+        for choice in off on; do
+            stamp "overlap $choice, run $run"
+            GPU_TESTS=0 timeout ${OVERLAP_S:-200} bash bench/gpu_serve.sh --served fused_direct_process \
+                --overlap-outputs $choice --out "$OUT/serve_overlap_${choice}_run$run.json" \
+                > "$OUT/serve_overlap_${choice}_run$run.log" 2>&1
+            grep -E "load_c|against direct|engine:" "$OUT/serve_overlap_${choice}_run$run.log" | cut -c1-220
+        done
     done
 fi
 if wanted pacing0; then

@@ -275,7 +275,8 @@ def bench_config(args, model_dir: str):
     return LongctxConfig(
         model=ModelSettings(path=model_dir),
         cache=CacheSettings(block_size=args.block_size, num_device_blocks=args.num_kv_blocks or None),
-        scheduler=SchedulerSettings(max_num_seqs=max(64, *args.concurrency), **_while_decoding(args)),
+        scheduler=SchedulerSettings(max_num_seqs=max(64, *args.concurrency), **_while_decoding(args),
+                                    **_overlap_outputs(args)),
         serve=ServeSettings(max_queued_requests=max(256, args.num_prompts), **_stream_pacing(args),
                             **_arrival_gathering(args)),
         kv_tiers=tiers,
@@ -286,6 +287,12 @@ def _while_decoding(args) -> dict:
     """--while-decoding-tokens when given, else the config's default step budget while others decode."""
     tokens = getattr(args, "while_decoding_tokens", None)
     return {} if tokens is None else {"max_tokens_per_step_while_decoding": tokens}
+
+
+def _overlap_outputs(args) -> dict:
+    """--overlap-outputs on / off when given, else the config's default (on)."""
+    choice = getattr(args, "overlap_outputs", None)
+    return {} if choice is None else {"overlap_outputs": choice == "on"}
 
 
 def _stream_pacing(args) -> dict:
@@ -616,6 +623,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--while-decoding-tokens", type=int, default=None,
                         help="scheduler.max_tokens_per_step_while_decoding: how many of a burst's prompts a step "
                         "admits beside decodes (default: the config's)")
+    parser.add_argument("--overlap-outputs", choices=("on", "off"), default=None,
+                        help="scheduler.overlap_outputs: a step's text made while the next step runs (default: "
+                        "the config's)")
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)
