@@ -153,8 +153,9 @@ class SchedulerSettings(_Frozen):
     # A step's host work after the device answers (detokenizing, stop strings, the deltas and their
     # delivery: ~14 us a request, ~0.9 ms at 64 requests on an H100 host, docs/benchmarks.md) runs
     # while the next step computes (engine/overlapped_work.py); the checks without text (stop token,
-    # length) still end a sequence before the next step is scheduled. A stop string is found one
-    # step late: the next step computes one more token for that sequence, which is dropped.
+    # length) still end a sequence before the next step is scheduled, and a first token is made
+    # and delivered at once (TTFT). A stop string is found one step late: the next step computes
+    # one more token for that sequence, which is dropped.
     overlap_outputs: bool = Field(
         True, description="Make and deliver a step's text while the next step runs on the device (serving "
         "loops); a stop string then costs one dropped token of compute.")

@@ -66,12 +66,13 @@ class _Sequence:
 class _SampledText:
     """A sampled token whose text is still to be made. `finish_status`: what the checks without
     text gave (when set, the scheduler has ended the request); `num_kv_blocks`: the request's KV
-    blocks when the token was taken (its delta reports them)."""
+    blocks when the token was taken (its delta reports them); `is_first`: the sequence's first."""
 
     sequence: _Sequence
     token: SampledToken
     finish_status: RequestStatus | None
     num_kv_blocks: int
+    is_first: bool
 
 
 class LLMEngine:
@@ -238,8 +239,9 @@ class LLMEngine:
 
     def _take_tokens(self, step_input, step_output, deliver) -> OverlappedWork | None:
         """The scheduler takes the step's tokens and the checks that need no text end sequences
-        now; returns the work that makes the step's deltas and delivers them (None when the step
-        made none: an idle engine must not wait for one more step)."""
+        now; failures and first tokens are delivered now, and the work that makes the other
+        tokens' deltas and delivers them is returned (None when there are none: an idle engine
+        must not wait for one more step)."""
         sampled = self.scheduler.update_from_output(step_input, step_output)
         self.prefill_progress.observe(self.scheduler.running)
         for request_id, chunk in step_output.prompt_logprobs.items():
@@ -247,16 +249,19 @@ class LLMEngine:
                 self._sequences[request_id].absorb_prompt_logprobs(chunk)
         failed = [self._fail(rid, why) for rid, why in step_output.failed.items() if rid in self._sequences]
         checked = [self._checked(self._sequences[rid], token) for rid, token in sampled.items()]
-        if not (failed or checked):
-            return None
-        return OverlappedWork(lambda: deliver(failed + self._texts(checked)))
+        first = [item for item in checked if item.is_first]
+        if failed or first:  # a first token is not held for a step: TTFT
+            deliver(failed + self._texts(first))
+        later = [item for item in checked if not item.is_first]
+        return OverlappedWork(lambda: deliver(self._texts(later))) if later else None
 
     def _checked(self, sequence: _Sequence, token: SampledToken) -> _SampledText:
         """A stop token or the length ends the sequence in the scheduler now, before the next
         step is scheduled (its blocks freed); its bookkeeping and last delta wait for its text."""
         request = sequence.request
         num_kv_blocks = self._num_kv_blocks(request.request_id)
-        if sequence.first_token_time is None:
+        is_first = sequence.first_token_time is None
+        if is_first:
             sequence.first_token_time = time.monotonic()
         if request.sampling_params.max_tokens == 0:  # the prompt scored: no output
             status = RequestStatus.FINISHED_LENGTH
@@ -264,7 +269,7 @@ class LLMEngine:
             status = sequence.output.finish_status(request, token.token_id)
         if status is not None:
             self.scheduler.finish_request(request.request_id, status)
-        return _SampledText(sequence, token, status, num_kv_blocks)
+        return _SampledText(sequence, token, status, num_kv_blocks, is_first)
 
     def _texts(self, checked: list[_SampledText]) -> list[CompletionDelta]:
         """The deltas of the sequences not ended since their token was checked (an abort, a

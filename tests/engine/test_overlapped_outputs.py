@@ -102,7 +102,8 @@ def _count_scheduled_tokens(engine) -> dict[str, int]:
 
 def test_the_text_is_made_while_the_step_runs_before_its_tokens_are_waited_for(tiny_model_dir, make_engine_for):
     """In the worker's step, after its kernels are queued (the sampler was called), right before
-    the host waits for the tokens: each delivery but the last (no step follows it) happens there."""
+    the host waits for the tokens: each delivery but the first token's (at once: TTFT) and the
+    last (no step follows it) happens there."""
     engine = make_engine_for(tiny_model_dir)
     worker = engine.executor.worker
     sampler, events = worker.sampler, []
@@ -122,11 +123,12 @@ def test_the_text_is_made_while_the_step_runs_before_its_tokens_are_waited_for(t
     engine.add_request("one", PROMPTS[0], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step(lambda deltas: events.append(f"deliver {len(deltas)}"))
-    # Step 1 (the prompt) has nothing to deliver; steps 2-5 deliver tokens 1-4 inside their wait;
-    # token 5 ended the request (its length), so step 6 only tells the worker to drop it, and
-    # delivers token 5 at its end.
-    assert events == (["sampler", "wait begins", "wait ends"]
-                      + ["sampler", "wait begins", "deliver 1", "wait ends"] * 4 + ["deliver 1"])
+    # Step 1 (the prompt) delivers its first token at once (TTFT); step 2 has nothing to deliver;
+    # steps 3-5 deliver tokens 2-4 inside their wait; token 5 ended the request (its length), so
+    # step 6 only tells the worker to drop it, and delivers token 5 at its end.
+    assert events == (["sampler", "wait begins", "wait ends", "deliver 1"]
+                      + ["sampler", "wait begins", "wait ends"]
+                      + ["sampler", "wait begins", "deliver 1", "wait ends"] * 3 + ["deliver 1"])
 
 
 def test_an_abort_while_a_step_s_text_is_unmade_drops_that_text(tiny_model_dir, make_engine_for):
@@ -169,13 +171,13 @@ def test_a_delivery_that_fails_fails_the_step_outside_the_worker(tiny_model_dir,
     not reach them; it is raised by the engine's step, as a delivery outside the step would."""
     engine = make_engine_for(tiny_model_dir)
     engine.add_request("one", PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    engine.step(lambda deltas: None)
+    engine.step(lambda deltas: None)  # step 1: the first token, delivered at once
 
     def failing(deltas):
         raise BrokenPipeError("the stream's reader went away")
 
-    engine.step(failing)  # delivers step 1's deltas (to the first step's deliver)
-    with pytest.raises(BrokenPipeError):  # step 2's, while step 3 runs: lost without the raise
+    engine.step(failing)  # step 2: its token's text is held for the next step
+    with pytest.raises(BrokenPipeError):  # made and delivered while step 3 runs: lost without the raise
         engine.step(failing)
 
 
