@@ -26,6 +26,7 @@ from model_folder.hf_config import load_architecture
 from model_shards.attention import resolve_attention_backend
 from model_shards.cuda_graphs import DecodeGraphs, DecodeRow
 from model_shards.device import host_to_device, resolve_device, resolve_dtype
+from model_shards.host_wait import WorkBeforeHostWait
 from model_shards.kv_cache import KVCacheTensors
 from model_shards.kv_io.kv_transfer import KVTransfer
 from model_shards.kv_io.rank_agreement import RankAgreement
@@ -90,7 +91,7 @@ class ModelWorker:
         self.kv_transfer = KVTransfer.create(config, self.kv_cache, fingerprint)
         self.rank_agreement = RankAgreement()  # used with several ranks only
         self.sampler = Sampler()
-        self._while_running: Callable[[], None] | None = None  # host work handed in for one step
+        self.host_wait = WorkBeforeHostWait()  # the engine's overlapped host work, one step's
         self.grammars = GrammarCompiler(config.model.path, self.architecture.vocab_size)
         self.requests: dict[str, RequestState] = {}
         self.decode_graphs = self._capture_decode_graphs()
@@ -222,16 +223,7 @@ class ModelWorker:
     def execute(self, step_input: StepInput, while_running: Callable[[], None] | None = None) -> StepOutput:
         """One step. `while_running()` (the engine's text of the step before) runs once, at the
         step's first wait for the device (its kernels queued), or at the step's end."""
-        self._while_running = while_running
-        try:
-            return self._execute(step_input)
-        finally:
-            self._run_while_running()
-
-    def _run_while_running(self) -> None:
-        work, self._while_running = self._while_running, None
-        if work is not None:
-            work()
+        return self.host_wait.around(while_running, lambda: self._execute(step_input))
 
     @torch.inference_mode()
     def _execute(self, step_input: StepInput) -> StepOutput:
@@ -249,7 +241,7 @@ class ModelWorker:
         for schedule, (hidden, batch) in self._contained_forward(step_input, failed):  # hidden: (tokens, hidden)
             prompt_logprobs.update(compute_prompt_logprobs(hidden, batch.prompt_rows, self.model.compute_logits,
                                                            keep=self.layout.is_driver_rank,
-                                                           before_sync=self._run_while_running))
+                                                           before_sync=self.host_wait.run))
             sampled.update(self._sample(hidden, batch, failed))
             self._advance(schedule)
         prompt_logprobs = {rid: chunk for rid, chunk in prompt_logprobs.items() if rid not in failed}
@@ -397,7 +389,7 @@ class ModelWorker:
             return None
         states = [self.requests[rid].sampling for rid in batch.sample_request_ids]
         try:
-            return self.sampler(logits, states, before_sync=self._run_while_running)
+            return self.sampler(logits, states, before_sync=self.host_wait.run)
         except Exception:  # noqa: BLE001 - find the rows at fault; the others still get their token
             return [self._sample_row(logits[row : row + 1], state, request_id, failed)
                     for row, (state, request_id) in enumerate(zip(states, batch.sample_request_ids))]

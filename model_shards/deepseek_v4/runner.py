@@ -24,6 +24,7 @@ from model_shards.deepseek_v4.paged_decodes import DecodeBatch, PagedDecode
 from model_shards.deepseek_v4.paged_state import BlockTableMirror, PagedKV
 from model_shards.deepseek_v4.sequence_split import SequenceSplit
 from model_shards.device import host_to_device
+from model_shards.host_wait import WorkBeforeHostWait
 from model_shards.parallel.groups import ParallelLayout
 from model_shards.prompt_logprobs import compute_prompt_logprobs, prompt_rows
 from model_shards.sampler import Sampler, SamplingState
@@ -63,22 +64,13 @@ class DeepseekV4Runner:
         self.layout = layout or ParallelLayout.single()
         self.split_min_tokens = split_min_tokens
         self.sampler = Sampler()
-        self._while_running: Callable[[], None] | None = None  # host work handed in for one step
+        self.host_wait = WorkBeforeHostWait()  # the engine's overlapped host work, one step's
         self.requests: dict[str, _Request] = {}
 
     def execute(self, step_input: StepInput, while_running: Callable[[], None] | None = None) -> StepOutput:
         """One step. `while_running()` (the engine's text of the step before) runs once, at the
         step's first wait for the device (its kernels queued), or at the step's end."""
-        self._while_running = while_running
-        try:
-            return self._execute(step_input)
-        finally:
-            self._run_while_running()
-
-    def _run_while_running(self) -> None:
-        work, self._while_running = self._while_running, None
-        if work is not None:
-            work()
+        return self.host_wait.around(while_running, lambda: self._execute(step_input))
 
     @torch.inference_mode()
     def _execute(self, step_input: StepInput) -> StepOutput:
@@ -118,7 +110,7 @@ class DeepseekV4Runner:
             row += count
         spans = [span for span in spans if span is not None]
         return compute_prompt_logprobs(hidden, spans, self.model.compute_logits, keep=self.layout.is_driver_rank,
-                                       before_sync=self._run_while_running)
+                                       before_sync=self.host_wait.run)
 
     def _advance_and_sample(self, schedule: dict[str, int], hidden: torch.Tensor) -> dict[str, SampledToken]:
         """hidden: (this rank's rows, hidden) of `schedule`'s chunks, in order. A split chunk's last
@@ -238,7 +230,7 @@ class DeepseekV4Runner:
             logits = self.model.compute_logits(last_hidden)  # (sampling requests, vocab) float32
         if self.layout.is_driver_rank:
             tokens = self.sampler(logits, [self.requests[rid].sampling for rid in request_ids],
-                                  before_sync=self._run_while_running)
+                                  before_sync=self.host_wait.run)
         token_ids = self.layout.world.broadcast_ints([t.token_id for t in tokens] if tokens else None,
                                                      len(request_ids))
         for request_id, token_id in zip(request_ids, token_ids):
