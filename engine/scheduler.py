@@ -103,8 +103,9 @@ class Scheduler:
 
     # --- scheduling ----------------------------------------------------------------------
     def schedule(self) -> StepInput:
-        decoding = [r for r in self.running if r.num_uncomputed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        decoding, prefilling = [], []
+        for request in self.running:
+            (decoding if request.num_uncomputed_tokens == 1 else prefilling).append(request)
         budget = self.settings.max_tokens_per_step
         if decoding:
             budget = min(budget, self.settings.max_tokens_per_step_while_decoding)
@@ -131,11 +132,14 @@ class Scheduler:
         return max(1, int(budget * self.settings.prefill_share_while_waiting))
 
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
-        prefilling = request.num_uncomputed_tokens > 1
+        num_uncomputed = request.num_uncomputed_tokens
+        prefilling = num_uncomputed > 1
         if prefilling and plan.prefill_room == 0:
             return
         limit = plan.prefill_room if prefilling else plan.budget
-        num_new = min(request.num_uncomputed_tokens, plan.budget, limit, _tokens_before_pause(request))
+        num_new = min(num_uncomputed, plan.budget, limit)
+        if request.pause_at_tokens is not None:
+            num_new = min(num_new, _tokens_before_pause(request))
         while True:
             new_blocks = self.kv_cache.allocate(request, request.num_computed_tokens + num_new)
             if new_blocks is not None:
@@ -146,7 +150,7 @@ class Scheduler:
                 return
         plan.num_scheduled_tokens[request.request_id] = num_new
         plan.cached_requests.append(CachedRequestData(
-            request.request_id, tuple(tuple(group) for group in new_blocks), request.num_computed_tokens))
+            request.request_id, tuple(map(tuple, new_blocks)), request.num_computed_tokens))
         plan.budget -= num_new
         if prefilling:
             plan.prefill_room -= num_new

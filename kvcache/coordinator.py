@@ -168,6 +168,9 @@ class KVCacheCoordinator:
         On its first allocation `hit` (from `lookup`) heads its tables and its host blocks are
         queued for restore. None when a group is short: nothing changed (a hit's restore is
         released)."""
+        if hit is None and not self.extra_groups:  # a running request's growth: one group, no restore
+            new_blocks = self.device.allocate_slots(request.request_id, num_tokens)  # None: nothing changed
+            return None if new_blocks is None else (new_blocks,)
         device_hits = hit.device_block_ids if hit is not None else ()
         if not self._can_allocate(request, num_tokens, device_hits, len(hit.restore.slots) if hit else 0):
             if hit is not None:

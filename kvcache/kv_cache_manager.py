@@ -86,7 +86,9 @@ class KVCacheManager:
             return self._admit(request_id, num_tokens, cached_block_ids)
         if cached_block_ids:
             raise ValueError(f"request {request_id!r} already has blocks; cached ids come first")
-        num_new = max(0, self._blocks_for(num_tokens) - len(block_table))
+        num_new = self._blocks_for(num_tokens) - len(block_table)
+        if num_new <= 0:  # a decode step inside its last block: most steps
+            return []
         if num_new > self.pool.num_free_blocks:
             return None
         new_block_ids = self.pool.allocate(num_new)
