@@ -98,8 +98,12 @@ def launch_rotate_queries_and_keys(qkv: torch.Tensor, cos: torch.Tensor, sin: to
     num_kv_heads, half = k.shape[1], head_dim // 2
     block_heads = 8  # 8 x 64 pairs of a 128-dim head: a 1 KiB tile of each half a program
     grid = (tokens, triton.cdiv(num_heads + num_kv_heads, block_heads))
+    # No FP fusion: the compiler would turn round(x1 * cos) - round(x2 * sin) into one bf16 FMA,
+    # dropping a rounding torch's ops make (session 19's H100 run: the GPU test failed in bf16; the
+    # PTX had fma.rn.bf16, test_layer_kernels_compile.py now reads it).
     _rotate_queries_and_keys[grid](qkv, cos, sin, q, k, num_heads, num_kv_heads, half,
-                                   BHEADS=block_heads, BH=triton.next_power_of_2(half), num_warps=4)
+                                   BHEADS=block_heads, BH=triton.next_power_of_2(half), num_warps=4,
+                                   enable_fp_fusion=False)
 
 
 def launch_silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,7 +1,9 @@
 """The fused layer kernels (model_shards/layer_kernels_triton.py) compile for Hopper (sm_90) on any
 machine, in bf16 at the 8B shape's sizes (hidden 4096, 128-dim heads, intermediate 14336), without
 spilling registers: the interpreter the other tests use accepts code the compiler rejects
-(sm90_compile.py)."""
+(sm90_compile.py). RoPE and SiLU-and-multiply compile without FMA: the interpreter rounds every
+product, the compiler may fuse one into the next sum, one rounding fewer than torch's ops (session
+19's GPU run of the bf16 RoPE test failed so)."""
 
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ def compile_all() -> None:
         ("add_rms_norm_16k", compile_for_sm90(_add_rms_norm, NORM_NAMES, NORM_TYPES,  # hidden 12288 (Mistral Large)
                                               {"HAS_DELTA": True, "BR": 1, "BD": 16384}, num_warps=16)),
         ("rotate", compile_for_sm90(_rotate_queries_and_keys, ROPE_NAMES, ROPE_TYPES, {"BHEADS": 8, "BH": 64},
-                                    num_warps=4)),
+                                    num_warps=4, enable_fp_fusion=False)),  # as launch_rotate_queries_and_keys
         ("silu_and_mul", compile_for_sm90(_silu_and_mul, SILU_NAMES, SILU_TYPES, {"BLOCK": 1024}, num_warps=4)),
     ]:
         usage = ptxas_usage(compiled)
         assert usage["spill_bytes"] == 0, (name, usage)
+        if name in ("rotate", "silu_and_mul"):  # each product rounded as torch's op rounds it: no FMA
+            assert "fma" not in compiled.asm["ptx"], name
         print(f"{name}: ok, shared {compiled.metadata.shared} bytes, {usage}")
 
 
