@@ -84,8 +84,9 @@ def _engine_panels() -> list:
                          [Query(steps, "{{kind}} {{replica}}")], width),
         timeseries_panel("Mean step time by kind", "Wall time of an engine step, by kind.", "s",
                          [Query(f"{step_seconds} / {steps}", "{{kind}} {{replica}}")], width),
-        timeseries_panel("Engine loop time", "Share of each replica's engine loop spent stepping, publishing "
-                         "deltas, running commands (adding requests), gathering a burst, or idle.", "percentunit",
+        timeseries_panel("Engine loop time", "Share of each replica's engine loop spent stepping (a step's "
+                         "deltas are handed to the streams within it), publishing stats, running commands (adding "
+                         "requests), gathering a burst, or idle.", "percentunit",
                          [Query(rate("longctx_engine_loop_seconds_total", by="replica, activity"),
                                 "{{activity}} {{replica}}")], width),
         timeseries_panel("Garbage collection pauses", "Share of wall time each replica's processes spent stopped "
