@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import Request, RequestStatus
 from engine.stop_strings import StopStringMatcher
-from protocol.step import SampledToken
 
 
 @dataclass
@@ -31,12 +30,8 @@ class SequenceOutput:
         if not params.ignore_eos:
             self.stop_token_ids.update(params.eos_token_ids)
 
-    def process(self, request: Request, token: SampledToken) -> StepResult:
-        """`request` already holds `token` as its last output token."""
-        return self.text(token.token_id, self.finish_status(request, token.token_id))
-
     def finish_status(self, request: Request, token_id: int) -> RequestStatus | None:
-        """The checks that need no text (a stop token, the length): the engine makes them before
+        """`request` already holds the token as its last output token. The checks that need no text (a stop token, the length): the engine makes them before
         it schedules the next step, so a finished request is never scheduled again. A stop string
         (`text`) may still end a sequence that these let go on."""
         if self._is_stop_token(request, token_id):

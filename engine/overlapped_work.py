@@ -28,10 +28,6 @@ class OverlappedWork:
         except BaseException as error:  # noqa: BLE001 - raised by finish(), outside the worker's step
             self._error = error
 
-    @property
-    def done(self) -> bool:
-        return self._work is None
-
     def finish(self) -> None:
         """Run the work if it has not run; raise its error if it failed."""
         self()
