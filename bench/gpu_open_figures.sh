@@ -60,6 +60,8 @@
 #               pip download py-spy --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/extra
 #  16. overlap  scheduler.overlap_outputs off against on (session 19: a step's text made while the next
 #               step runs), direct and served (fused_direct_process), OVERLAP_REPEATS pairs (1), ~5 min a pair
+#  17. overhead  bench/serve_overhead.py on the serve bench's shape and tiers: c1 TTFT and c16 tok/s
+#               layer by layer (loop thread, child process, LLMServer, HTTP, Serve direct ingress), ~4 min
 # Session 18 (no device time) added the fused layer kernels (model.fused_layer_kernels, on by default);
 # their first GPU call, ~6 min: densetests (their tests on CUDA), the anatomy's eager steps fused
 # against torch's ops, the floor with the unfused engine beside the default one:
@@ -229,6 +231,20 @@ if wanted overlap; then
             grep -E "load_c|against direct|engine:" "$OUT/serve_overlap_${choice}_run$run.log" | cut -c1-220
         done
     done
+fi
+if wanted overhead; then
+    # Where served c1 TTFT's extra goes (session 19: +5 ms over direct): bench/serve_overhead.py's
+    # layers one at a time on the serve bench's shape and tiers: the loop on a thread, in the
+    # replica's child process, + LLMServer, + HTTP in process, + Serve's direct ingress
+    stamp overhead
+    OVERHEAD_REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    redis-server --port "$OVERHEAD_REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
+    timeout ${OVERHEAD_S:-300} python3 bench/serve_overhead.py --preset llama3-8b-shape --layers 2 --block-size 64 \
+        --num-kv-blocks 4096 --shared-prefix-len 32768 --input-len 256 --output-len 64 --requests 32 \
+        --concurrency 16 --host-kv-bytes $((8 << 30)) --redis-url "redis://127.0.0.1:$OVERHEAD_REDIS_PORT" \
+        --layers-to-run in_process serve_direct --out "$OUT/serve_overhead.json" > "$OUT/serve_overhead.log" 2>&1
+    redis-cli -p "$OVERHEAD_REDIS_PORT" shutdown nosave >/dev/null 2>&1
+    sed -n '/^layer /,$p' "$OUT/serve_overhead.log" | cut -c1-200
 fi
 if wanted pacing0; then
     stamp pacing0

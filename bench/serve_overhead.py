@@ -4,7 +4,9 @@ Each row adds one layer to the row above it, on the same model in the same run, 
 difference between two rows is that layer's cost (TTFT and TPOT, mean, one request at a time;
 output tokens/s at --concurrency):
 
-    engine          AsyncEngine in this process (what bench/serve_load.py calls `direct`)
+    engine_thread   the engine loop on a thread of this process (what bench/serve_load.py calls `direct`)
+    engine          the engine as a replica builds it (serve.engine_loop auto: a child process on a
+                      GPU, so this row less the one above is the process hop; on a CPU the same thread)
     llm_server      + the replica's LLMServer.generate (admission, one list per step)
     http            + the OpenAI API (FastAPI, JSON, server-sent events) over real HTTP, uvicorn
                       in this process: no Ray
@@ -16,6 +18,7 @@ output tokens/s at --concurrency):
 
     python bench/serve_overhead.py                  # tiny model made in a temp folder, ~3 min on 2 cores
     python bench/serve_overhead.py --preset llama3-8b-shape --layers 2 --shared-prefix-len 32768 --block-size 64
+    # on a GPU, the serve bench's shape with its KV tiers: bench/gpu_open_figures.sh stage `overhead`
 """
 
 from __future__ import annotations
@@ -66,19 +69,38 @@ def llm_server_sender(server) -> Sender:
 
 
 async def run_in_process(config, workloads: list[Workload], slo) -> dict[str, dict[str, dict]]:
-    """engine, llm_server and http: one engine in this process, one layer added at a time."""
+    """engine_thread, engine, llm_server and http: one layer added at a time, in this process."""
+    import torch
+
+    # A replica's torch runs on as many threads as the CPUs it reserves (Ray sets OMP_NUM_THREADS).
+    torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
+    rows = {"engine_thread": await _run_engine_thread(config, workloads, slo)}
+    rows.update(await _run_replica_layers(config, workloads, slo))
+    return rows
+
+
+async def _run_engine_thread(config, workloads: list[Workload], slo) -> dict[str, dict]:
+    """The engine loop on a thread of this process, as serve_load's `direct` drives it."""
+    from engine.serving import serving_engine
+
+    engine = serving_engine(config.with_overrides({"serve.engine_loop": "thread"}))
+    try:
+        await _run_all(direct_sender(engine), workloads[:1], slo)  # warm: no row has a head start
+        return await _run_all(direct_sender(engine), workloads, slo)
+    finally:
+        engine.shutdown()
+
+
+async def _run_replica_layers(config, workloads: list[Workload], slo) -> dict[str, dict[str, dict]]:
+    """engine, llm_server and http: the replica's own engine, then its layers one at a time."""
     import uvicorn
 
     from deployments.ingress import http_app, served_model_name
     from deployments.llm_server import LLMServer
     from deployments.local_backend import LocalBackend
 
-    import torch
-
-    # A replica's torch runs on as many threads as the CPUs it reserves (Ray sets OMP_NUM_THREADS).
-    torch.set_num_threads(max(1, int(config.serve.worker_num_cpus)))
     server = LLMServer(config)
-    await _run_all(direct_sender(server.engine), workloads[:1], slo)  # warm: the first row has no head start
+    await _run_all(direct_sender(server.engine), workloads[:1], slo)
     rows = {"engine": await _run_all(direct_sender(server.engine), workloads, slo)}
     rows["llm_server"] = await _run_all(llm_server_sender(server), workloads, slo)
     port = _free_port()
@@ -115,8 +137,9 @@ def _model_dir(args) -> str:
 def print_breakdown(rows: dict[str, dict[str, dict]], load_name: str) -> None:
     """One line per layer: its figures and what it adds to the layer above."""
     print(f"\n{'layer':<17}{'TTFT ms':>9}{'+ms':>8}{'TPOT ms':>9}{'+ms':>8}{'ITL p50':>9}"
-          f"{load_name + ' tok/s':>17}{'vs engine':>11}")  # fmt: skip
-    previous, engine_rate = None, rows["engine"][load_name]["output_throughput_tok_per_s"]
+          f"{load_name + ' tok/s':>17}{'vs row 1':>11}")  # fmt: skip
+    first = next(iter(rows))
+    previous, engine_rate = None, rows[first][load_name]["output_throughput_tok_per_s"]
     for layer, summaries in rows.items():
         single, load = summaries["overhead"], summaries[load_name]
         ttft, tpot = single["ttft_ms"]["mean"], single["tpot_ms"]["mean"]
@@ -142,12 +165,16 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--num-kv-blocks", type=int, default=4096, help="0: sized from device memory")
     parser.add_argument("--stream-chunks-per-s", type=float, default=None,
                         help="serve.stream_chunks_per_s of the replicas (default: the config's)")
+    parser.add_argument("--host-kv-bytes", type=int, default=0, help="host KV tier (needed by --redis-url)")
+    parser.add_argument("--redis-url", action="append", default=[], help="Redis KV tier (repeatable)")
+    parser.add_argument("--engine-loop", choices=("auto", "thread", "process"), default=None,
+                        help="serve.engine_loop of the replica layers (default: the config's, auto)")
     parser.add_argument("--layers-to-run", nargs="+", default=["in_process", *SERVED_ROWS],
                         choices=["in_process", *SERVED_ROWS])
     parser.add_argument("--out", default=str(RESULTS_PATH))
     args = parser.parse_args()
-    # bench_config reads serve_load's flags; these are the ones the breakdown keeps fixed.
-    args.host_kv_bytes, args.redis_url, args.num_prompts = 0, [], 2 * args.concurrency
+    # bench_config reads serve_load's flags; this is the one the breakdown keeps fixed.
+    args.num_prompts = 2 * args.concurrency
     return args
 
 
@@ -155,6 +182,8 @@ def main() -> None:
     args = _parse_args()
     model_dir = _model_dir(args)
     config = bench_config(argparse.Namespace(**{**vars(args), "concurrency": [args.concurrency]}), model_dir)
+    if args.engine_loop:
+        config = config.with_overrides({"serve.engine_loop": args.engine_loop})
     from model_folder.hf_config import load_architecture
 
     vocab = load_architecture(model_dir).vocab_size
@@ -180,7 +209,7 @@ def main() -> None:
         for name, summary in summaries.items():
             if summary["failed"]:
                 print(f"{layer} {name}: {summary['failed']} failed: {summary['errors']}")
-    if "engine" in rows:
+    if rows:
         print_breakdown(rows, load_name)
     print(f"\nwrote {args.out}")
 
