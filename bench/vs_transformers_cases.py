@@ -28,6 +28,8 @@ import torch
 
 from bench.gpu_model_cases import random_prompt
 
+COMPARED_TOKENS = 8  # greedy tokens compared with transformers' (both sides report these)
+
 
 def distinct_lengths(base: int, count: int) -> list[int]:
     """`count` prompt lengths near `base`, all different (so no two share an exact shape)."""
@@ -45,7 +47,7 @@ def ours_generate(engine, prompts: list[list[int]], output_tokens: int) -> dict:
     elapsed = time.perf_counter() - start
     finished = [group[0] for group in results]
     return {"ttft_s": [r.ttft_s for r in finished], "tpot_ms": [(r.tpot_s or 0.0) * 1e3 for r in finished],
-            "tokens": [list(r.token_ids)[:8] for r in finished],
+            "tokens": [list(r.token_ids)[:COMPARED_TOKENS] for r in finished],
             "output_tok_per_s": sum(len(r.token_ids) for r in finished) / elapsed}
 
 
@@ -130,19 +132,32 @@ def hf_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ou
         torch.cuda.reset_peak_memory_stats(input_ids.device)
     start = time.perf_counter()
     out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=output_tokens,
-                         min_new_tokens=output_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+                         min_new_tokens=output_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
     ttft = clock.stamps[0] - start
     total = clock.stamps[-1] - start
     width = input_ids.shape[1]
     return {"ttft_s": ttft, "tpot_ms": (total - ttft) / max(len(clock.stamps) - 1, 1) * 1e3,
             "output_tok_per_s": input_ids.shape[0] * len(clock.stamps) / total,
-            "tokens": out[:, width:width + 8].tolist(), "peak_GiB": peak_gib(input_ids.device)}
+            "tokens": out.sequences[:, width:width + COMPARED_TOKENS].tolist(),
+            "top": top_logits(out.scores[:COMPARED_TOKENS]), "peak_GiB": peak_gib(input_ids.device)}
+
+
+def top_logits(scores: tuple[torch.Tensor, ...], k: int = 5) -> list[list[list[list[float]]]]:
+    """Per row, per greedy step, transformers' k best [token id, logit]: where our token differs
+    at a step, its logit there says by how much (a near tie of bf16 logits, or a real difference)."""
+    steps = []
+    for step in scores:  # (rows, vocab): the logits greedy search took its token from
+        values, ids = step.float().topk(k, dim=-1)
+        steps.append([[[int(i), round(float(v), 4)] for i, v in zip(row_ids, row_values)]
+                      for row_ids, row_values in zip(ids.tolist(), values.tolist())])
+    return [list(row) for row in zip(*steps)]  # (rows, steps, k, 2)
 
 
 def hf_single(model, tokens: int, output_tokens: int, seed: int, device: torch.device) -> dict:
     ids = torch.tensor([random_prompt(tokens, seed, model.config.vocab_size)], device=device)
     run = hf_generate(model, ids, torch.ones_like(ids), output_tokens)
-    return {**run, "tokens": run["tokens"][0]}
+    return {**run, "tokens": run["tokens"][0], "top": run["top"][0]}
 
 
 def hf_batch(model, lengths: list[int], output_tokens: int, device: torch.device, seed_offset: int = 0) -> dict:
@@ -156,7 +171,7 @@ def hf_batch(model, lengths: list[int], output_tokens: int, device: torch.device
         mask[row, width - n:] = 1
     run = hf_generate(model, ids, mask, output_tokens)
     return {"ttft_mean_s": run["ttft_s"], "ttft_max_s": run["ttft_s"], "output_tok_per_s": run["output_tok_per_s"],
-            "tokens": run["tokens"], "peak_GiB": run["peak_GiB"]}
+            "tokens": run["tokens"], "top": run["top"], "peak_GiB": run["peak_GiB"]}
 
 
 def hf_single_steady(model, tokens: int, output_tokens: int, seed: int, device: torch.device,
@@ -176,7 +191,7 @@ def hf_batch_steady(model, lengths: list[int], output_tokens: int, device: torch
 
 
 def timings(run: dict) -> dict:
-    return {key: value for key, value in run.items() if key not in ("tokens", "peak_GiB")}
+    return {key: value for key, value in run.items() if key not in ("tokens", "top", "peak_GiB")}
 
 
 def sdpa_choices(model, tokens: int, device: torch.device) -> dict:

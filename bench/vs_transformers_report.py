@@ -33,7 +33,7 @@ def print_single(ours: dict, hf: dict) -> None:
     print("\none request: TTFT s (ours: a new length / the same length again), TPOT ms, greedy first 8 equal;"
           "\nHF: transformers at a shape it ran just before (steady state), HF 1st: its first call at that length")
     print(f"{'tokens':>8} {'ours':>7} {'again':>7} {'HF':>7} {'HF 1st':>7} {'HF/again':>8} | {'ours':>6} {'HF':>6} "
-          f"{'HF/ours':>7} {'HF 1st':>7} | same8  HF peak GiB")
+          f"{'HF/ours':>7} {'HF 1st':>7} | same8 (step:logit gap)  HF peak GiB")
     for tokens, mine in ours.get("single", {}).items():
         theirs = hf.get("single", {}).get(tokens, {})
         first = theirs.get("first_call", {})
@@ -41,7 +41,7 @@ def print_single(ours: dict, hf: dict) -> None:
         print(f"{tokens:>8} {seconds(mine, 'ttft_s'):>7} {seconds(again, 'ttft_s'):>7} {seconds(theirs, 'ttft_s'):>7} "
               f"{seconds(first, 'ttft_s'):>7} {ratio(theirs, again, 'ttft_s'):>8} | {milliseconds(mine):>6} "
               f"{milliseconds(theirs):>6} {ratio(theirs, mine, 'tpot_ms'):>7} {milliseconds(first):>7} | "
-              f"{same_tokens(mine, theirs):>5}  {gib(theirs)}")
+              f"{same_tokens(mine, theirs):>9}  {gib(theirs)}")
 
 
 def print_first_requests(ours: dict) -> None:
@@ -107,15 +107,32 @@ def rate(result: dict) -> str:
 
 
 def same_tokens(mine: dict, theirs: dict) -> str:
+    """True, or where ours first differs: `step:gap`, our token's logit below transformers' best
+    at that step in its own logits (a near tie of bf16 logits is a few hundredths), `step:?` when
+    ours is not among its top ones."""
     if "tokens" not in mine or "tokens" not in theirs:
         return "-"
-    return str(mine["tokens"] == theirs["tokens"])
+    return first_difference(mine["tokens"], theirs["tokens"], theirs.get("top"))
+
+
+def first_difference(ours: list[int], theirs: list[int], top: list | None) -> str:
+    step = next((index for index, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if step is None:
+        return "True"
+    logits = dict((int(token), logit) for token, logit in top[step]) if top and step < len(top) else {}
+    if ours[step] not in logits:
+        return f"{step + 1}:?"
+    return f"{step + 1}:{max(logits.values()) - logits[ours[step]]:.3f}"
 
 
 def rows_equal(mine: dict, theirs: dict) -> str:
+    """Rows with equal tokens; then each differing row's `first_difference`."""
     if "tokens" not in mine or "tokens" not in theirs:
         return "-"
-    return f"{sum(a == b for a, b in zip(mine['tokens'], theirs['tokens']))}/{len(mine['tokens'])}"
+    tops = theirs.get("top") or [None] * len(theirs["tokens"])
+    cells = [first_difference(a, b, top) for a, b, top in zip(mine["tokens"], theirs["tokens"], tops)]
+    differing = " ".join(cell for cell in cells if cell != "True")
+    return f"{cells.count('True')}/{len(mine['tokens'])}" + (f" ({differing})" if differing else "")
 
 
 def short(result: dict) -> str:

@@ -88,3 +88,26 @@ def test_sdpa_choices_names_a_backend_for_prefill_and_decode(model):
     choices = cases.sdpa_choices(model, 100, torch.device("cpu"))
     assert {choices["prefill"], choices["decode"]} <= {"FLASH_ATTENTION", "MATH", "EFFICIENT_ATTENTION",
                                                         "CUDNN_ATTENTION"}
+
+
+def test_transformers_best_logits_are_its_greedy_tokens(model):
+    """The top logits kept per step are the ones greedy search took its tokens from."""
+    result = cases.hf_single(model, 50, 4, 50, torch.device("cpu"))
+    assert len(result["top"]) == 4
+    assert [step[0][0] for step in result["top"]] == result["tokens"]
+    assert all(step[0][1] >= step[1][1] >= step[4][1] for step in result["top"])
+    batch = cases.hf_batch(model, [30, 41], 3, torch.device("cpu"))
+    assert [[step[0][0] for step in row] for row in batch["top"]] == batch["tokens"]
+
+
+def test_a_difference_names_its_step_and_how_far_our_token_was_behind():
+    from bench.vs_transformers_report import first_difference, rows_equal
+
+    top = [[[7, 3.5], [9, 3.2]], [[4, 2.0], [5, 1.97], [6, 1.5]], [[1, 0.5], [2, 0.1]]]
+    assert first_difference([7, 4, 1], [7, 4, 1], top) == "True"
+    assert first_difference([7, 5, 2], [7, 4, 1], top) == "2:0.030"  # the first differing step only
+    assert first_difference([7, 8, 1], [7, 4, 1], top) == "2:?"  # not among its best
+    assert first_difference([7, 5], [7, 4], None) == "2:?"
+    mine = {"tokens": [[7, 4, 1], [7, 6, 1]]}
+    theirs = {"tokens": [[7, 4, 1], [7, 4, 1]], "top": [top, top]}
+    assert rows_equal(mine, theirs) == "1/2 (2:0.500)"
