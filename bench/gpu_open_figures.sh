@@ -62,6 +62,8 @@
 #               step runs), direct and served (fused_direct_process), OVERLAP_REPEATS pairs (1), ~5 min a pair
 #  17. overhead  bench/serve_overhead.py on the serve bench's shape and tiers: c1 TTFT and c16 tok/s
 #               layer by layer (loop thread, child process, LLMServer, HTTP, Serve direct ingress), ~4 min
+#  18. path     one served request's TTFT stage by stage (bench/request_path.py), engine in a child process
+#               then on a thread, the serve bench's shape and tiers, ~2 min
 # Session 18 (no device time) added the fused layer kernels (model.fused_layer_kernels, on by default);
 # their first GPU call, ~6 min: densetests (their tests on CUDA), the anatomy's eager steps fused
 # against torch's ops, the floor with the unfused engine beside the default one:
@@ -245,6 +247,21 @@ if wanted overhead; then
         --layers-to-run in_process serve_direct --out "$OUT/serve_overhead.json" > "$OUT/serve_overhead.log" 2>&1
     redis-cli -p "$OVERHEAD_REDIS_PORT" shutdown nosave >/dev/null 2>&1
     sed -n '/^layer /,$p' "$OUT/serve_overhead.log" | cut -c1-200
+fi
+if wanted path; then
+    # One served request's TTFT stage by stage in the replica process (bench/request_path.py), the
+    # serve bench's shape and tiers: the engine in the replica's child process, then on its thread
+    PATH_REDIS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    redis-server --port "$PATH_REDIS_PORT" --save '' --appendonly no --daemonize yes --maxmemory 8gb >/dev/null
+    for loop in process thread; do
+        stamp "path, engine loop $loop"
+        timeout ${PATH_S:-120} python3 bench/request_path.py --preset llama3-8b-shape --layers 2 --block-size 64 \
+            --num-kv-blocks 4096 --shared-prefix-len 32768 --input-len 256 --requests 24 --engine-loop $loop \
+            --host-kv-bytes $((8 << 30)) --redis-url "redis://127.0.0.1:$PATH_REDIS_PORT" \
+            --out "$OUT/request_path_$loop.json" > "$OUT/request_path_$loop.log" 2>&1
+        sed -n '/^stage /,$p' "$OUT/request_path_$loop.log" | cut -c1-240
+    done
+    redis-cli -p "$PATH_REDIS_PORT" shutdown nosave >/dev/null 2>&1
 fi
 if wanted pacing0; then
     stamp pacing0
