@@ -114,7 +114,9 @@ def test_the_replica_prepares_requests_and_the_child_only_adds_them(process_engi
     monkeypatch.setattr(process_engine._preparer, "prepare", recording_prepare)
     monkeypatch.setattr(process_engine._commands, "send", recording_send, raising=False)
     tokens = _run(_outputs(process_engine, PROMPTS[:1]))[0][0]
-    assert threads == [threading.current_thread().name] and sent[0] == "add_prepared"
+    # Counted, not first: the module's engine is shared, and an earlier test's stream closed at
+    # garbage collection sends its "drop" whenever that runs (the likely cause of one failure in session 19).
+    assert threads == [threading.current_thread().name] and sent.count("add_prepared") == 1
     assert "add_request" not in sent and len(tokens) == GREEDY.max_tokens
 
 
