@@ -15,6 +15,11 @@ from collections import defaultdict
 from prometheus_client.parser import text_string_to_metric_families
 
 KINDS = ("prefill", "decode", "mixed")
+# Step durations (engine/step_metrics.py STEP_DURATION_BUCKETS bounds, s) past which a step counts
+# as slow: a mean over 20 mixed steps hides whether one took 100 ms (a first-time compile or
+# plan, a collection) or all took a few ms more.
+SLOW_STEP_BOUNDS_S = ("0.032", "0.128")
+_DURATION_BUCKET = "longctx_engine_step_duration_seconds_bucket"
 ACTIVITIES = ("step", "publish", "commands", "gather", "idle")
 PHASES = ("schedule", "execute", "outputs")
 
@@ -25,10 +30,12 @@ def engine_counters(exposition: str) -> dict[tuple[str, str], float]:
     counters: dict[tuple[str, str], float] = defaultdict(float)
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
+            labels = sample.labels
             if sample.name.startswith("longctx_engine_") and sample.name.endswith("_total"):
-                labels = sample.labels
                 label = labels.get("kind") or labels.get("phase") or labels.get("activity") or labels.get("generation", "")
                 counters[(sample.name, label)] += sample.value
+            elif sample.name == _DURATION_BUCKET and labels.get("le") in SLOW_STEP_BOUNDS_S:
+                counters[(sample.name, labels["le"])] += sample.value  # steps at most that long
     return dict(counters)
 
 
@@ -40,6 +47,8 @@ def step_report(before: dict, after: dict, wall_s: float) -> dict:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     steps = {kind: int(delta("steps", kind)) for kind in KINDS}
+    at_most = {bound: after.get((_DURATION_BUCKET, bound), 0.0) - before.get((_DURATION_BUCKET, bound), 0.0)
+               for bound in SLOW_STEP_BOUNDS_S}  # fmt: skip
     step_ms = {kind: round(delta("step_seconds", kind) / steps[kind] * 1e3, 3) if steps[kind] else 0.0 for kind in KINDS}
     loop = {activity: round(delta("loop_seconds", activity) / wall_s, 4) for activity in ACTIVITIES}
     phases_ms = {phase: round(delta("step_phase_seconds", phase) / max(1, sum(steps.values())) * 1e3, 3)
@@ -49,6 +58,9 @@ def step_report(before: dict, after: dict, wall_s: float) -> dict:
     return {
         "gc": gc,  # by generation ("2": full): the collections while the loop ran, every thread stopped
         "steps": steps,
+        # Steps of any kind longer than each bound, keyed in ms ("32": steps over 32 ms).
+        "steps_over_ms": {str(round(float(bound) * 1e3)): int(sum(steps.values()) - count)
+                          for bound, count in at_most.items()},
         "mean_step_ms": step_ms,
         "mean_step_phase_ms": phases_ms,
         "prompt_tokens": int(delta("step_tokens", "prompt")),
@@ -66,5 +78,7 @@ def format_step_report(report: dict) -> str:
     collections = sum(entry["collections"] for entry in gc.values())
     pauses = f"; gc: {collections} collections ({gc['2']['collections']} full), " \
              f"{sum(entry['pause_ms'] for entry in gc.values()):.1f} ms" if gc else ""
-    return (f"engine: {sum(steps.values())} steps: {kinds}; schedule / execute / outputs {phases} ms a step; "
+    over = report.get("steps_over_ms", {})
+    slow = f", over {' / '.join(over)} ms: {' / '.join(str(n) for n in over.values())}" if any(over.values()) else ""
+    return (f"engine: {sum(steps.values())} steps: {kinds}{slow}; schedule / execute / outputs {phases} ms a step; "
             f"loop: {shares}{pauses}")

@@ -65,3 +65,16 @@ def test_the_garbage_collections_of_the_workload_are_reported():
     assert report["gc"]["2"] == {"collections": 1, "pause_ms": 80.0}
     assert report["gc"]["1"] == {"collections": 0, "pause_ms": 0.0}
     assert "gc: 4 collections (1 full), 80.3 ms" in format_step_report(report)
+
+
+def test_slow_steps_are_counted_apart_from_the_mean():
+    metrics = StepMetrics(CollectorRegistry())
+    metrics.observe_step(128, 8, {"schedule": 0.0, "execute": 0.200, "outputs": 0.0})  # before the workload
+    before = engine_counters(_exposition(metrics))
+    for execute_s in (0.005, 0.006, 0.050, 0.150):
+        metrics.observe_step(128, 8, {"schedule": 0.0, "execute": execute_s, "outputs": 0.0})
+    report = step_report(before, engine_counters(_exposition(metrics)), wall_s=0.3)
+    assert report["steps_over_ms"] == {"32": 2, "128": 1}
+    assert "4 mixed (52.75 ms), over 32 / 128 ms: 2 / 1;" in format_step_report(report)
+    quiet = step_report(before, before, wall_s=0.1)
+    assert quiet["steps_over_ms"] == {"32": 0, "128": 0} and "over" not in format_step_report(quiet)
