@@ -66,12 +66,18 @@ async def _parameter_error(_: Request, error: InvalidParameterError) -> JSONResp
     return error_response(parameter_error(error))
 
 
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     errors = error.errors()
     first = errors[0]
     if first.get("type") == "json_invalid":
         return error_response(invalid_request(f"the request body is not valid JSON: {first.get('msg', '')}"))
     location = [part for part in first.get("loc", ()) if part != "body"]
+    if not location and not _says_json(request.headers.get("content-type")):
+        # FastAPI reads a body as JSON only when its Content-Type says so: `curl -d` sends a JSON
+        # object as a form, which would otherwise be refused as "not a JSON object".
+        sent = request.headers.get("content-type") or "none"
+        return error_response(invalid_request(f"the request body must be JSON sent with Content-Type: "
+                                              f"application/json; this request's Content-Type is {sent!r}"))
     if not location:
         return error_response(invalid_request(f"the request body must be a JSON object: {first.get('msg', '')}"))
     # `param` is the top-level field, as OpenAI reports it; the message has the full path. A
@@ -81,6 +87,12 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
     reasons = "; ".join(dict.fromkeys(e.get("msg", "invalid value") for e in same_field[:4]))
     path = ".".join(str(part) for part in location if not _is_union_tag(part))
     return error_response(invalid_request(f"{path}: {reasons}", param))
+
+
+def _says_json(content_type: str | None) -> bool:
+    """application/json, or a +json type, with any parameters (FastAPI's own rule)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 def _is_union_tag(part) -> bool:

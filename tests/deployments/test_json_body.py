@@ -63,6 +63,26 @@ def test_malformed_json_is_a_400_in_openai_form_in_process(in_process_http):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_without_a_json_content_type_is_told_so(in_process_http, content_type):
+    """`curl -d` sends a form's Content-Type: the 400 names the header, not the JSON."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = in_process_http.post("/v1/completions", content=b'{"prompt": "Hi", "max_tokens": 1}', headers=headers)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and repr(content_type or "none") in message
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_with_parameters_or_suffixes_are_json(in_process_http, content_type):
+    response = in_process_http.post("/v1/completions", content=b'[1, 2]', headers={"content-type": content_type})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("the request body must be a JSON object")
+    ok = in_process_http.post("/v1/completions", content=b'{"prompt": "Hi", "max_tokens": 1}',
+                              headers={"content-type": content_type})
+    assert ok.status_code == 200, ok.text
+
+
 def test_a_long_token_id_prompt_streams_through_the_fast_parser(in_process_http):
     body = {"model": "tiny", "prompt": [100 + i % 500 for i in range(3000)], "max_tokens": 2, "temperature": 0.0}
     response = in_process_http.post("/v1/completions", json=body)
