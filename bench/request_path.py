@@ -66,17 +66,19 @@ class Marks:
 def wrapped(owner, name: str, before=None, after=None):
     """owner.name wrapped: `before(*args)` and `after()` around each call; restored on exit."""
     original = getattr(owner, name)
+    before = before or (lambda *args: None)
+    after = after or (lambda: None)
     if asyncio.iscoroutinefunction(original):
         async def wrapper(*args, **kwargs):
-            before and before(*args)
+            before(*args)
             result = await original(*args, **kwargs)
-            after and after()
+            after()
             return result
     else:
         def wrapper(*args, **kwargs):
-            before and before(*args)
+            before(*args)
             result = original(*args, **kwargs)
-            after and after()
+            after()
             return result
     setattr(owner, name, wrapper)
     try:
@@ -86,25 +88,38 @@ def wrapped(owner, name: str, before=None, after=None):
 
 
 def install_marks(stack: ExitStack, marks: Marks) -> None:
-    """The replica's stages, each marked where it ends (STAGES)."""
+    """The replica's stages, each marked where it ends (STAGES). An engine on a thread delivers
+    through a method bound before these wrappers: its "deltas_back" mark is missing, and the
+    table's engine stage runs on to the event loop's wake-up."""
     import uvicorn.protocols.http.httptools_impl as httptools_impl
 
     from deployments import api, json_body, prompts
     from engine import async_engine, engine_process
 
-    on = lambda name: (lambda *args: marks.mark(name))  # noqa: E731
-    stack.enter_context(wrapped(json_body.FastJSONRequest, "json", on("body_parse_start"), on("body_parsed")))
-    stack.enter_context(wrapped(api.OpenAIService, "completions", on("handler_entered")))
-    stack.enter_context(wrapped(prompts.PromptBuilder, "completion", None, on("prompt_checked")))
+    def at(name: str):
+        return lambda *args: marks.mark(name)
+
+    def on_submit(client, command: str, *args) -> None:
+        if command == "add_request":
+            marks.mark("submit_started")
+
+    def after_submit() -> None:
+        if "submit_started" in marks.current:
+            marks.mark("submitted")
+
+    def on_send(cycle, message: dict) -> None:
+        if message.get("body"):
+            marks.mark("first_body_sent")
+
+    stack.enter_context(wrapped(json_body.FastJSONRequest, "json", at("body_parse_start"), at("body_parsed")))
+    stack.enter_context(wrapped(api.OpenAIService, "completions", at("handler_entered")))
+    stack.enter_context(wrapped(prompts.PromptBuilder, "completion", after=at("prompt_checked")))
     for client in (engine_process.ProcessEngine, async_engine.AsyncEngine):
-        submits = lambda client, name, *args: name == "add_request" and marks.mark("submit_started")  # noqa: E731
-        sent = lambda: "submit_started" in marks.current and marks.mark("submitted")  # noqa: E731
-        stack.enter_context(wrapped(client, "_submit", submits, sent))
-    stack.enter_context(wrapped(async_engine.EngineClient, "_dispatch", on("deltas_back")))
-    stack.enter_context(wrapped(async_engine, "_wake_all", on("loop_woken")))
-    stack.enter_context(wrapped(api, "_events", on("response_created")))  # made once the first deltas are in
-    body_sent = lambda cycle, message: message.get("body") and marks.mark("first_body_sent")  # noqa: E731
-    stack.enter_context(wrapped(httptools_impl.RequestResponseCycle, "send", body_sent))
+        stack.enter_context(wrapped(client, "_submit", on_submit, after_submit))
+    stack.enter_context(wrapped(async_engine.EngineClient, "_dispatch", at("deltas_back")))
+    stack.enter_context(wrapped(async_engine, "_wake_all", at("loop_woken")))
+    stack.enter_context(wrapped(api, "_events", at("response_created")))  # made once the first deltas are in
+    stack.enter_context(wrapped(httptools_impl.RequestResponseCycle, "send", on_send))
 
 
 async def run(config, prompts: list[list[int]], warmup: int, output_len: int) -> tuple[list[dict], str]:
