@@ -157,10 +157,9 @@ def default_pieces() -> int:
 
 
 def encode_in_chunks(backend: BackendTokenizer, text: str, prefix: Sequence[int], pieces: int) -> list[int]:
-    """`prefix` then the ids of `text` without special tokens, from about `pieces` chunks encoded
+    """`prefix` then the ids of `text` without special tokens, from at most `pieces` chunks encoded
     in parallel. Exact only for a backend that `ineligibility_reason` accepts."""
-    bounds = chunk_bounds(text, min(pieces, len(text) // MIN_CHUNK_CHARS))
-    return list(prefix) + _ids_of_chunks(backend, text, bounds)
+    return list(prefix) + _ids_of_chunks(backend, text, chunk_bounds(text, pieces))
 
 
 def _ids_of_chunks(backend: BackendTokenizer, text: str, bounds: list[int]) -> list[int]:
@@ -174,8 +173,10 @@ def _ids_of_chunks(backend: BackendTokenizer, text: str, bounds: list[int]) -> l
 
 
 def chunk_bounds(text: str, pieces: int) -> list[int]:
-    """0, the cuts, len(text): each cut the first safe position at or after its share's nominal
-    end (i * len / pieces) and past the previous cut. Without one, the rest is the last chunk."""
+    """0, the cuts, len(text): at most `pieces` chunks, fewer where shares would be shorter than
+    MIN_CHUNK_CHARS. Each cut is the first safe position at or after its share's nominal end
+    (i * len / pieces) and past the previous cut; without one, the rest is the last chunk."""
+    pieces = min(pieces, len(text) // MIN_CHUNK_CHARS)
     bounds = [0]
     for index in range(1, max(pieces, 1)):
         cut = first_safe_position(text, max(len(text) * index // pieces, bounds[-1] + 1))
