@@ -29,9 +29,9 @@ from model_folder.chunked_encoding import (
     ChunkedEncoder,
     chunk_bounds,
     first_safe_position,
+    fixed_special_prefix,
     ineligibility_reason,
     safe_positions,
-    special_prefix,
 )
 from model_folder.tokenizer import Tokenizer as FolderTokenizer
 from model_folder.tokenizer_training import LLAMA3_SPLIT_PATTERN, trained_tokenizer_json
@@ -161,7 +161,7 @@ class SpyBackend:
 def test_whitelisted_tokenizers_are_eligible_with_their_prefix(backend):
     assert ineligibility_reason(backend) is None
     prefix = backend.encode("", add_special_tokens=True).ids
-    assert special_prefix(backend) == tuple(prefix) and len(prefix) <= 1
+    assert fixed_special_prefix(backend) == tuple(prefix) and len(prefix) <= 1
 
 
 @pytest.mark.parametrize("add_special_tokens", [False, True])
@@ -298,7 +298,7 @@ def test_a_suffix_template_chunks_only_without_special_tokens():
     eot = tokenizer.token_to_id("<|eot_id|>")
     tokenizer.post_processor = processors.TemplateProcessing(single="$A <|eot_id|>",
                                                              special_tokens=[("<|eot_id|>", eot)])
-    assert ineligibility_reason(tokenizer) is None and special_prefix(tokenizer) is None
+    assert ineligibility_reason(tokenizer) is None and fixed_special_prefix(tokenizer) is None
     text = "Some line of text\n" * 8_000  # 144K characters: 8 chunks of at least MIN_CHUNK_CHARS
     for add_special_tokens, method in ((True, "encode"), (False, "encode_batch_fast")):
         spy = SpyBackend(tokenizer)
