@@ -20,6 +20,7 @@ import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
+from model_folder.chunked_encoding import ChunkedEncoder
 from model_folder.deepseek_chat_format import deepseek_chat_template
 from model_folder.errors import ModelFolderError
 
@@ -51,6 +52,7 @@ class Tokenizer:
             sorted(token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special)
         )
         self._compiled_template: jinja2.Template | None = None
+        self._encoder = ChunkedEncoder(backend)  # long texts in parallel chunks, where that is exact
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
@@ -85,8 +87,9 @@ class Tokenizer:
         return max(len(piece.encode("utf-8")) for piece in self.backend.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; `add_special_tokens` applies the post-processor (e.g. a leading BOS)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids; `add_special_tokens` applies the post-processor (e.g. a leading BOS). The same
+        as `backend.encode(...)`, on several cores for a long text (model_folder/chunked_encoding.py)."""
+        return self._encoder.encode(text, add_special_tokens)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         # transformers 5 skips `clean_up_tokenization_spaces` for BPE models, so none is applied here.
