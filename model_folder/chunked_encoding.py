@@ -4,8 +4,11 @@ r"""Exact, parallel tokenizing of long texts: cut them where the tokenizer's own
 whole time to first token of a re-asked, cached 1M-token document. `encode_batch_fast` encodes a
 list of texts on all cores (Rust threads, without the GIL, and without the character offsets that
 `encode` also computes). A long text is cut into chunks at *safe positions*, where the ids of the
-pieces, put end to end, provably are the ids of the whole; a tokenizer for which that cannot be
-argued, and any short text, is encoded with the plain single call.
+pieces, put end to end, provably are the ids of the whole. The cuts follow the text, not its
+length (`chunk_bounds`), so a document asked about again brings the same chunks, whose ids
+`ChunkIdsCache` keeps: only the chunk where the new question starts is encoded again. A long text
+of a tokenizer for which cutting cannot be argued is one call without offsets (one thread); a
+short text is the plain single call.
 
 ## Why a cut is exact
 
@@ -58,15 +61,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
+from model_folder.chunk_ids_cache import ChunkIdsCache
 from model_folder.tokenizer_training import LLAMA3_SPLIT_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -74,10 +77,13 @@ logger = logging.getLogger(__name__)
 # Below this many characters a text is encoded in one call: ~64K tokens take under ~0.1 s on
 # one core, and most prompts stay on exactly the path they always took.
 MIN_CHUNKED_TEXT_CHARS = 256 * 1024
-# A chunk costs a few microseconds of hand-off; ~4K tokens of work each keeps that negligible.
-MIN_CHUNK_CHARS = 16 * 1024
-# Several chunks a core: chunks differ in cost (CJK, digits), so the last thread does not wait.
-PIECES_PER_CORE = 4
+# Chunks are cut where the text says, not where its length says: each cut is the first safe
+# position at least this many characters after the one before, so two prompts that share a
+# document share its chunks (ChunkIdsCache finds them), whatever follows it. ~4-8K tokens a
+# chunk: its hand-off to a thread costs microseconds, a 1M-token text makes ~250 chunks for the
+# cores to share (they differ in cost: CJK, digits), and a re-asked document re-encodes only
+# the chunk its question starts in.
+CHUNK_CHARS = 16 * 1024
 
 # Qwen2's (and Qwen2.5's, Qwen3's) tokenizer.json: Llama 3's with single digits.
 #   contractions | [^\r\n\p{L}\p{N}]?\p{L}+ : the optional prefix excludes \r\n
@@ -117,14 +123,16 @@ _PROBE_TEXT = (
 
 
 class ChunkedEncoder:
-    """A tokenizer's `encode`: long texts in parallel chunks where that is provably exact.
+    """A tokenizer's `encode`: long texts in parallel chunks where that is provably exact, the ids
+    of chunks seen lately taken from `cache` (a re-asked document).
 
     Whether it is exact is decided once, on the first long text (short ones never pay for it)."""
 
-    def __init__(self, backend: BackendTokenizer, pieces: int | None = None,
-                 min_text_chars: int = MIN_CHUNKED_TEXT_CHARS):  # fmt: skip
+    def __init__(self, backend: BackendTokenizer, cache: ChunkIdsCache | None = None,
+                 chunk_chars: int = CHUNK_CHARS, min_text_chars: int = MIN_CHUNKED_TEXT_CHARS):  # fmt: skip
         self.backend = backend
-        self.pieces = pieces or default_pieces()
+        self.cache = cache if cache is not None else ChunkIdsCache()
+        self.chunk_chars = chunk_chars
         self.min_text_chars = min_text_chars
 
     @functools.cached_property
@@ -140,51 +148,62 @@ class ChunkedEncoder:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Exactly `backend.encode(text, add_special_tokens).ids`."""
-        if not self._may_chunk(text, add_special_tokens):
+        if len(text) < self.min_text_chars:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if not self._may_chunk(add_special_tokens):
+            # One text, one thread; without the character offsets, about half the work.
+            return _encode_batch(self.backend)([text], add_special_tokens=add_special_tokens)[0].ids
         prefix = self.special_prefix if add_special_tokens else ()
-        return encode_in_chunks(self.backend, text, prefix, self.pieces)
+        return encode_in_chunks(self.backend, text, prefix, self.chunk_chars, self.cache)
 
-    def _may_chunk(self, text: str, add_special_tokens: bool) -> bool:
-        if len(text) < self.min_text_chars or self.ineligible_reason is not None:
+    def _may_chunk(self, add_special_tokens: bool) -> bool:
+        if self.ineligible_reason is not None:
             return False
         return not add_special_tokens or self.special_prefix is not None
 
 
-def default_pieces() -> int:
-    """Chunks for a long text: rayon runs one thread per core (`encode_batch_fast`)."""
-    return PIECES_PER_CORE * (os.cpu_count() or 1)
-
-
-def encode_in_chunks(backend: BackendTokenizer, text: str, prefix: Sequence[int], pieces: int) -> list[int]:
-    """`prefix` then the ids of `text` without special tokens, from at most `pieces` chunks encoded
-    in parallel. Exact only for a backend that `ineligibility_reason` accepts."""
-    return list(prefix) + _ids_of_chunks(backend, text, chunk_bounds(text, pieces))
+def encode_in_chunks(backend: BackendTokenizer, text: str, prefix: Sequence[int], chunk_chars: int = CHUNK_CHARS,
+                     cache: ChunkIdsCache | None = None) -> list[int]:  # fmt: skip
+    """`prefix` then the ids of `text` without special tokens, from its chunks (`chunk_bounds`):
+    those in `cache` from there, the others encoded in one parallel batch (and cached). Exact
+    only for a backend that `ineligibility_reason` accepts."""
+    bounds = chunk_bounds(text, chunk_chars)
+    chunks = [text[start:end] for start, end in pairwise(bounds)]
+    known = [cache.get(chunk) if cache is not None else None for chunk in chunks]
+    missing = [chunk for chunk, ids in zip(chunks, known) if ids is None]
+    encoded = iter(_encode_batch(backend)(missing, add_special_tokens=False) if missing else ())
+    ids = list(prefix)
+    for chunk, chunk_ids in zip(chunks, known):
+        if chunk_ids is None:
+            chunk_ids = next(encoded).ids
+            if cache is not None:
+                cache.put(chunk, chunk_ids)
+        ids.extend(chunk_ids)
+    return ids
 
 
 def _ids_of_chunks(backend: BackendTokenizer, text: str, bounds: list[int]) -> list[int]:
     """The ids of text[bounds[0]:bounds[1]], text[bounds[1]:bounds[2]], ... end to end, encoded in
     one parallel batch without special tokens."""
     chunks = [text[start:end] for start, end in pairwise(bounds)]
-    # encode_batch_fast (tokenizers >= 0.20) leaves out the character offsets, about half the
-    # work; the ids are the same.
-    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
     ids: list[int] = []
-    for encoding in encode_batch(chunks, add_special_tokens=False):
+    for encoding in _encode_batch(backend)(chunks, add_special_tokens=False):
         ids.extend(encoding.ids)
     return ids
 
 
-def chunk_bounds(text: str, pieces: int) -> list[int]:
-    """0, the cuts, len(text): at most `pieces` chunks, fewer where shares would be shorter than
-    MIN_CHUNK_CHARS. Each cut is the first safe position at or after its share's nominal end
-    (i * len / pieces) and past the previous cut; without one, the rest is the last chunk."""
-    pieces = min(pieces, len(text) // MIN_CHUNK_CHARS)
+def _encode_batch(backend: BackendTokenizer) -> Callable[..., list]:
+    """encode_batch_fast (tokenizers >= 0.20) leaves out the character offsets, about half the
+    work; the ids are the same. Rust threads, without the GIL."""
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+
+def chunk_bounds(text: str, chunk_chars: int = CHUNK_CHARS) -> list[int]:
+    """0, the cuts, len(text). Each cut is the first safe position at least `chunk_chars` after
+    the one before; without one, the rest is the last chunk. A cut depends on the text up to it
+    alone: texts that share a prefix share the chunks that end inside it."""
     bounds = [0]
-    for index in range(1, max(pieces, 1)):
-        cut = first_safe_position(text, max(len(text) * index // pieces, bounds[-1] + 1))
-        if cut is None:
-            break
+    while (cut := first_safe_position(text, bounds[-1] + chunk_chars)) is not None:
         bounds.append(cut)
     bounds.append(len(text))
     return bounds

@@ -22,7 +22,9 @@ from tokenizers import (
     trainers,
 )
 
+from model_folder.chunk_ids_cache import ChunkIdsCache
 from model_folder.chunked_encoding import (
+    CHUNK_CHARS,
     DEEPSEEK_V3_SPLIT_PATTERNS,
     MIN_CHUNKED_TEXT_CHARS,
     QWEN2_SPLIT_PATTERN,
@@ -167,9 +169,30 @@ def test_whitelisted_tokenizers_are_eligible_with_their_prefix(backend):
 @pytest.mark.parametrize("add_special_tokens", [False, True])
 def test_a_long_adversarial_text_encodes_exactly_in_several_chunks(backend, long_text, add_special_tokens):
     spy = SpyBackend(backend)
-    ids = ChunkedEncoder(spy, pieces=8).encode(long_text, add_special_tokens)
+    ids = ChunkedEncoder(spy).encode(long_text, add_special_tokens)
     assert ids == backend.encode(long_text, add_special_tokens=add_special_tokens).ids
-    assert spy.calls_for(long_text) == [("encode_batch_fast", 8)]  # the cuts were used, not a fallback
+    num_chunks = len(chunk_bounds(long_text)) - 1
+    assert num_chunks >= len(long_text) // (2 * CHUNK_CHARS)
+    assert spy.calls_for(long_text) == [("encode_batch_fast", num_chunks)]  # the cuts were used, not a fallback
+
+
+def test_a_document_asked_about_again_encodes_only_the_chunk_its_question_starts_in(backend, long_text):
+    spy, cache = SpyBackend(backend), ChunkIdsCache()
+    encoder = ChunkedEncoder(spy, cache)
+    encoder.encode(long_text)
+    assert len(cache) == len(chunk_bounds(long_text)) - 1 and cache.hits == 0
+    spy.calls.clear()
+    assert encoder.encode(long_text) == backend.encode(long_text).ids  # every chunk from the cache
+    assert spy.calls == []
+    for question in ("\nWhat does the third clause say?", "\nAnd the fourth one?\nAnswer briefly."):
+        asked = long_text + question
+        assert encoder.encode(asked) == backend.encode(asked).ids
+        # Encoded: from the document's last cut on (one chunk, or two if the question's "\n" is a cut).
+        [(method, _, chars)] = spy.calls
+        assert method == "encode_batch_fast" and chars == len(asked) - chunk_bounds(long_text)[-2]
+        spy.calls.clear()
+    edited = long_text[: len(long_text) // 2] + "An edit in the middle.\n" + long_text[len(long_text) // 2 :]
+    assert encoder.encode(edited) == backend.encode(edited).ids  # the chunks after the edit shift: encoded anew
 
 
 def test_cutting_at_every_safe_position_gives_the_same_ids(backend):
@@ -209,18 +232,25 @@ def test_safe_positions_are_a_newline_then_a_letter():
     assert first_safe_position("x\nA", 2) == 2 and first_safe_position("x\nA", 3) is None
 
 
-def test_each_cut_is_the_first_safe_position_after_its_share():
+def test_each_cut_is_the_first_safe_position_a_chunk_after_the_one_before():
     text = ("word " * 30 + "\n") * 2000
-    bounds = chunk_bounds(text, 8)
-    assert len(bounds) == 9 and bounds[0] == 0 and bounds[-1] == len(text)
-    for index, cut in enumerate(bounds[1:-1], start=1):
-        nominal = len(text) * index // 8
-        assert cut == first_safe_position(text, nominal) and cut - nominal <= 151
+    bounds = chunk_bounds(text, 1000)
+    assert len(bounds) > 100 and bounds[0] == 0 and bounds[-1] == len(text)
+    for before, cut in pairwise(bounds[:-1]):
+        assert cut == first_safe_position(text, before + 1000) and 1000 <= cut - before <= 1000 + 151
+    assert first_safe_position(text, bounds[-2] + 1000) is None
+
+
+def test_texts_sharing_a_prefix_share_the_chunks_that_end_inside_it():
+    document = ("A line of a long contract, clause after clause.\n" * 2000)
+    first, second = chunk_bounds(document + "Question one?"), chunk_bounds(document + "Another question, longer?\nYes")
+    shared = [cut for cut in first if cut < len(document)]
+    assert len(shared) > 3 and second[: len(shared)] == shared
 
 
 def test_a_text_without_safe_positions_is_one_chunk():
     text = "one line, no newline before a letter; " * 10_000 + "\n1\n \n"
-    assert chunk_bounds(text, 8) == [0, len(text)]
+    assert chunk_bounds(text) == [0, len(text)]
     spy = SpyBackend(llama3())
     assert ChunkedEncoder(spy).encode(text) == spy._backend.encode(text).ids
     assert spy.calls_for(text) == [("encode_batch_fast", 1)]
@@ -290,7 +320,7 @@ def test_ineligible_tokenizers_fall_back_to_one_exact_call(name, fallback_text):
         return  # its ids are random: no two calls agree
     spy = SpyBackend(tokenizer)
     assert ChunkedEncoder(spy, min_text_chars=len(text)).encode(text) == tokenizer.encode(text).ids
-    assert spy.calls_for(text) == [("encode", 1)]
+    assert spy.calls_for(text) == [("encode_batch_fast", 1)]  # one text: no cuts
 
 
 def test_a_suffix_template_chunks_only_without_special_tokens():
@@ -299,12 +329,12 @@ def test_a_suffix_template_chunks_only_without_special_tokens():
     tokenizer.post_processor = processors.TemplateProcessing(single="$A <|eot_id|>",
                                                              special_tokens=[("<|eot_id|>", eot)])
     assert ineligibility_reason(tokenizer) is None and fixed_special_prefix(tokenizer) is None
-    text = "Some line of text\n" * 8_000  # 144K characters: 8 chunks of at least MIN_CHUNK_CHARS
-    for add_special_tokens, method in ((True, "encode"), (False, "encode_batch_fast")):
+    text = "Some line of text\n" * 8_000  # 144K characters: 9 chunks of CHUNK_CHARS and more
+    for add_special_tokens, num_texts in ((True, 1), (False, 9)):
         spy = SpyBackend(tokenizer)
-        ids = ChunkedEncoder(spy, pieces=8, min_text_chars=len(text)).encode(text, add_special_tokens)
+        ids = ChunkedEncoder(spy, min_text_chars=len(text)).encode(text, add_special_tokens)
         assert ids == tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        assert spy.calls_for(text) == [(method, 1 if method == "encode" else 8)]
+        assert spy.calls_for(text) == [("encode_batch_fast", num_texts)]
 
 
 def test_the_folder_tokenizer_encodes_long_texts_in_chunks(backend, long_text):
