@@ -64,6 +64,9 @@
 #               layer by layer (loop thread, child process, LLMServer, HTTP, Serve direct ingress), ~4 min
 #  18. path     one served request's TTFT stage by stage (bench/request_path.py), engine in a child process
 #               then on a thread, the serve bench's shape and tiers, ~2 min
+#  19. reask    a long text document asked about again: tokenizing in one call against exact parallel
+#               chunks and their cached ids on the host's cores, then the re-ask's TTFT at 128K and 1M
+#               tokens by preparation and engine (bench/tokenize_long.py, bench/reask_document.py), ~3 min
 # Session 18 (no device time) added the fused layer kernels (model.fused_layer_kernels, on by default);
 # their first GPU call, ~6 min: densetests (their tests on CUDA), the anatomy's eager steps fused
 # against torch's ops, the floor with the unfused engine beside the default one:
@@ -247,6 +250,19 @@ if wanted overhead; then
         --layers-to-run in_process serve_direct --out "$OUT/serve_overhead.json" > "$OUT/serve_overhead.log" 2>&1
     redis-cli -p "$OVERHEAD_REDIS_PORT" shutdown nosave >/dev/null 2>&1
     sed -n '/^layer /,$p' "$OUT/serve_overhead.log" | cut -c1-200
+fi
+if wanted reask; then
+    # A long text document asked about again (session 21): tokenizing one call against exact
+    # parallel chunks and their cached ids on this host's cores (bench/tokenize_long.py), then
+    # the re-ask's TTFT on the GPU, split into preparation and engine (bench/reask_document.py)
+    stamp "reask: tokenizing"
+    timeout ${TOKENIZE_S:-90} python3 bench/tokenize_long.py --tokens 250000 1000000 --repeats 3 \
+        --out "$OUT/tokenize_long.json" > "$OUT/tokenize_long.log" 2>&1
+    cat "$OUT/tokenize_long.log" | cut -c1-200
+    stamp "reask: the document asked twice"
+    timeout ${REASK_S:-300} python3 bench/reask_document.py --preset llama3-8b-shape --layers 2 \
+        --tokens ${REASK_TOKENS:-131072 1000000} --out "$OUT/reask_document.json" > "$OUT/reask_document.log" 2>&1
+    tail -12 "$OUT/reask_document.log" | cut -c1-200
 fi
 if wanted path; then
     # One served request's TTFT stage by stage in the replica process (bench/request_path.py), the
