@@ -118,7 +118,8 @@ def main() -> None:
     args = parse_args()
     from model_shards.make_model import make_model
 
-    max_model_len = max(args.tokens) + 1024
+    # The documents' lengths are estimates from a sample (+-1%): room for them and the questions.
+    max_model_len = int(max(args.tokens) * 1.05) + 1024
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         overrides = {"num_hidden_layers": args.layers} if args.layers else {}
@@ -127,8 +128,10 @@ def main() -> None:
         try:
             for num_tokens in args.tokens:
                 rows += measure(engine, num_tokens)
+                print_table(rows[-3:])  # as they come: a later length may not finish in a device call
         finally:
             engine.shutdown()
+    print("all lengths:")
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"preset": args.preset, "layers": args.layers, "cores": os.cpu_count(),
