@@ -126,3 +126,22 @@ def test_schemathesis_finds_no_server_error(client, path):
 
     call()
     assert statuses.count(200) > 5 and statuses.count(400) > 5, sorted(set(statuses))
+
+
+def test_a_long_document_asked_about_twice_is_tokenized_once_and_exactly(client, prompts):
+    """The chat's template text is cut into chunks (model_folder/chunked_encoding.py); the second
+    question finds the document's chunks in the tokenizer's cache and only its own is encoded."""
+    document = "".join(f"Clause {n}: the tenant pays {n * 7} on day {n % 28 + 1}.\nNotes follow here.\n"
+                       for n in range(2_000))  # fmt: skip
+    assert len(document) > 64 * 1024  # long enough to be chunked
+    cache = prompts.tokenizer._encoder.cache
+    counts = []
+    for question in ("Who pays?", "When, for clause 12?"):
+        chat = [{"role": "user", "content": f"{document}\n{question}"}]
+        before = (cache.hits, cache.misses)
+        body = client.post("/tokenize", json={"model": MODEL, "messages": chat}).json()
+        rendered = prompts.tokenizer.apply_chat_template(chat)
+        assert body["tokens"] == prompts.tokenizer.backend.encode(rendered, add_special_tokens=False).ids
+        counts.append((cache.hits - before[0], cache.misses - before[1]))
+    (first_hits, first_misses), (second_hits, second_misses) = counts
+    assert first_misses > 4 and second_hits >= first_misses - 1 and second_misses <= 2
