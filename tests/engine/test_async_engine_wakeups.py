@@ -54,7 +54,7 @@ def test_a_paced_stream_is_woken_once_per_list_not_once_per_step(tiny_model_dir,
     assert len(deltas) == 40 and deltas[-1].finish_reason == "length"
     assert len(lists) < 10  # tokens grouped: 40 steps in a few lists
     # One wake-up for add_request's answer, at most one per list after that (not one per step).
-    assert len(wakeups) <= len(lists) + 1
+    assert len(wakeups) <= _most_wakeups(lists)
 
 
 def test_an_unpaced_stream_gets_every_step_s_delta_as_its_own_list(tiny_model_dir, make_engine_for):
@@ -65,4 +65,12 @@ def test_an_unpaced_stream_gets_every_step_s_delta_as_its_own_list(tiny_model_di
         engine.shutdown()
     assert sum(len(batch) for batch in lists) == 40
     assert len(lists) >= 20  # a waiting stream is woken as each step ends
-    assert len(wakeups) <= len(lists) + 1
+    assert len(wakeups) <= _most_wakeups(lists)
+
+
+def _most_wakeups(lists: list) -> int:
+    """One for add_request's answer and one per list, plus a few spurious ones: a delta put
+    between the stream setting its waiter and looking at its inbox again is taken without a wait,
+    and the engine thread, which saw the waiter, still wakes the loop (session 21's clean-clone
+    run counted 41 wake-ups for 39 lists). Waking once per delta or twice per list still fails."""
+    return len(lists) + 1 + max(1, len(lists) // 10)
