@@ -15,13 +15,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster.config import ServeSettings
 from deployments.batched_prompts import merged_replies, requests_per_prompt
 from deployments.body_limit import BodySizeLimit
+from deployments.disconnects import unless_disconnected
 from deployments.errors import APIError, api_error, install_error_handlers
 from deployments.generation import (
     CLIENT_CLOSED_REQUEST,
@@ -247,11 +248,15 @@ def build_api(service: OpenAIService, api_keys: dict[str, str] | None = None) ->
     app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_request_body_bytes)
     caller = bearer_auth(api_keys) if api_keys else no_auth
 
-    async def completions(body: CompletionRequest, tenant: str | None = Depends(caller)) -> Response:
-        return await service.completions(body, tenant)
+    # A client that leaves before its response (or, streaming, before its first token) stops its
+    # request: deployments/disconnects.py.
+    async def completions(request: Request, body: CompletionRequest,
+                          tenant: str | None = Depends(caller)) -> Response:  # fmt: skip
+        return await unless_disconnected(request, service.completions(body, tenant))
 
-    async def chat_completions(body: ChatCompletionRequest, tenant: str | None = Depends(caller)) -> Response:
-        return await service.chat_completions(body, tenant)
+    async def chat_completions(request: Request, body: ChatCompletionRequest,
+                               tenant: str | None = Depends(caller)) -> Response:  # fmt: skip
+        return await unless_disconnected(request, service.chat_completions(body, tenant))
 
     # Probes stay open: a kubelet or Prometheus carries no API key.
     app.add_api_route("/health", service.health, methods=["GET"], responses=PROBE_RESPONSES)
